@@ -1,0 +1,286 @@
+"""The ``p2prc`` command line: thin, it parses, calls the client or a service, and prints."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                           TransferSpeedColumn)
+
+from p2prc_core import __version__
+from p2prc_core.client import PeerClient, Transfer
+from p2prc_core.config import (CONFIG_FILE, ConfigError, LoadedSettings, default_config_text,
+                               default_home, load_settings, settings_as_dict)
+from p2prc_core.errors import P2PRCError
+from p2prc_core.models import Address, Endpoint, parse_endpoint, parse_size
+from p2prc_core.node import advertisable, local_addresses, ordered_by_preference
+from p2prc_core.output import err_console, human_bytes, print_json, print_table
+from p2prc_core.plugins import PluginHooks, PluginLoadError, make_plugin_manager
+
+
+class Node:
+    """The click context object: this node's home, settings and plugins, built on demand."""
+
+    def __init__(self, home: Path | None):
+        self.home = home or default_home()
+        self.overrides: dict[str, Any] = {}
+        self._loaded: LoadedSettings | None = None
+        self._hooks: PluginHooks | None = None
+
+    @property
+    def loaded(self) -> LoadedSettings:
+        if self._loaded is None:
+            self._loaded = load_settings(self.home, self.overrides)
+        return self._loaded
+
+    @property
+    def hooks(self) -> PluginHooks:
+        if self._hooks is None:
+            self._hooks = make_plugin_manager(disabled=self.loaded.settings.disable_plugins)
+        return self._hooks
+
+    def client(self, peer: str) -> PeerClient:
+        return PeerClient(resolve_peer(peer), timeout=self.loaded.settings.request_timeout)
+
+
+def resolve_peer(text: str) -> Endpoint:
+    """PEER as ADDRESS[:PORT] (IPv6 in brackets)."""
+    try:
+        return parse_endpoint(text)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="PEER") from None
+
+
+class P2PRCGroup(click.Group):
+    """Turns every p2prc error into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (P2PRCError, ConfigError, PluginLoadError) as err:
+            raise click.ClickException(str(err)) from None
+
+
+pass_node = click.make_pass_decorator(Node)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@click.group(cls=P2PRCGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(path_type=Path), envvar="P2PRC_HOME",
+              help="This node's home directory [default: ~/.p2prc; env P2PRC_HOME].")
+@click.option("-s", "serve_flag", is_flag=True, help="Run the peer server (as 'p2prc server').")
+@click.version_option(__version__, "--version", prog_name="p2prc")
+@click.pass_context
+def main(ctx: click.Context, home: Path | None, serve_flag: bool) -> None:
+    """p2prc: connect to a friend's machine, or one close by, and run anything on it."""
+    ctx.obj = Node(home)
+    if serve_flag:
+        if ctx.invoked_subcommand is not None:
+            raise click.UsageError("-s runs the server: give no other command with it")
+        ctx.invoke(server)
+    elif ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+# -- server ------------------------------------------------------------------------------
+
+@main.group(invoke_without_command=True)
+@click.option("--host", help="Address to listen on [default: '::', IPv6 and IPv4].")
+@click.option("--port", type=int, help="TCP port [default: 8088].")
+@click.option("--name", help="The name this node shows to others.")
+@click.option("--workers", type=int, help="gunicorn worker processes.")
+@click.pass_context
+def server(ctx: click.Context, host: str | None = None, port: int | None = None,
+           name: str | None = None, workers: int | None = None) -> None:
+    """Run the peer server (Ctrl-C or SIGTERM stops it)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from p2prc_core.server.run import serve
+
+    node = ctx.find_object(Node)
+    assert node is not None
+    node.overrides.update(host=host, port=port, name=name, workers=workers)
+    settings = node.loaded.settings
+    hooks = node.hooks
+    found = advertisable(local_addresses(), settings)
+    chosen = hooks.select_address(found, "advertise")
+    where = f"[{settings.host}]" if ":" in settings.host else settings.host
+    stack = " (IPv6 and IPv4)" if settings.host == "::" else ""
+
+    def announce() -> None:
+        click.echo(f"p2prc {__version__}: node {settings.display_name!r} serving on "
+                   f"http://{where}:{settings.port}{stack}; advertising "
+                   f"{chosen or 'no routable address'}; home {node.home}", err=True)
+
+    serve(settings, hooks, announce)
+
+
+# -- peers -------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("peer")
+@json_option
+@pass_node
+def specs(node: Node, peer: str, as_json: bool) -> None:
+    """Show a peer's CPU, memory, disk, load and GPUs."""
+    with node.client(peer) as client:
+        data = client.specs()
+    if as_json:
+        print_json(data)
+        return
+    cpu, memory, disk = data.get("cpu", {}), data.get("memory", {}), data.get("disk", {})
+    os_info = data.get("os", {})
+    load = data.get("load", {})
+    rows = [
+        ("host", data.get("hostname")),
+        ("os", f"{os_info.get('name', '?')} ({os_info.get('machine', '?')})"),
+        ("cpu", f"{cpu.get('model', '?')}: {cpu.get('cores', '?')} cores, "
+                f"{cpu.get('threads', '?')} threads, {cpu.get('percent', '?')}% busy"),
+        ("load", f"{load.get('1m', 0):.2f} {load.get('5m', 0):.2f} {load.get('15m', 0):.2f}"),
+        ("memory", f"{human_bytes(memory.get('available'))} free of "
+                   f"{human_bytes(memory.get('total'))}"),
+        ("disk", f"{human_bytes(disk.get('free'))} free of {human_bytes(disk.get('total'))}"),
+    ]
+    gpus = data.get("gpus") or []
+    for gpu in gpus:
+        rows.append((f"gpu {gpu.get('index', '')}",
+                     f"{gpu.get('name')}: {human_bytes(gpu.get('memory_total'))}, driver "
+                     f"{gpu.get('driver')}, {gpu.get('utilization_percent', '?')}% busy"))
+    if not gpus:
+        rows.append(("gpus", "none"))
+    print_table(("", str(client.endpoint)), rows)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+@main.command()
+@click.argument("peer")
+@click.option("--bytes", "size", callback=_size, metavar="SIZE",
+              help="How much to send each way, e.g. 10M [default: speedtest_default_bytes].")
+@click.option("--download-only", is_flag=True, help="Skip the upload.")
+@json_option
+@pass_node
+def speedtest(node: Node, peer: str, size: int | None, download_only: bool,
+              as_json: bool) -> None:
+    """Measure download and upload speed to a peer, in Mbit/s."""
+    total = size if size is not None else node.loaded.settings.speedtest_default_bytes
+    results: list[Transfer] = []
+    with node.client(peer) as client, _progress() as bar:
+        steps: list[tuple[str, Callable[..., Transfer]]] = [("download", client.download)]
+        if not download_only:
+            steps.append(("upload", client.upload))
+        for label, run in steps:
+            task = bar.add_task(label, total=total)
+            results.append(run(total, lambda n, task=task: bar.advance(task, n)))
+    if as_json:
+        print_json({"peer": str(client.endpoint), "transfers": [r.as_dict() for r in results]})
+        return
+    print_table(("direction", "size", "seconds", "Mbit/s"),
+                [(r.direction, human_bytes(r.bytes), f"{r.seconds:.3f}",
+                  f"{r.mbit_per_second:,.1f}") for r in results])
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description:>8}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), console=err_console, transient=True)
+
+
+# -- this node ---------------------------------------------------------------------------
+
+@main.command()
+@json_option
+@pass_node
+def interfaces(node: Node, as_json: bool) -> None:
+    """Every local address, and which one p2prc advertises and why."""
+    from p2prc_plugins.address import explain
+
+    settings = node.loaded.settings
+    found = local_addresses()
+    eligible = advertisable(found, settings)
+    order = ordered_by_preference(node.hooks, eligible, "advertise")
+    chosen = order[0] if order else None
+
+    def why(address: Address) -> str:
+        if address.kind == "loopback" and not settings.allow_loopback:
+            return "never chosen: loopback (set allow_loopback = true for a lab)"
+        return explain(address)
+
+    rows = [{"interface": a.interface, "address": str(a), "version": a.version, "kind": a.kind,
+             "advertised": a == chosen,
+             "preference": order.index(a) + 1 if a in order else None, "why": why(a)}
+            for a in found]
+    if as_json:
+        print_json({"chosen": str(chosen) if chosen else None, "addresses": rows})
+        return
+    print_table(("", "interface", "address", "kind", "rank", "why"),
+                [("*" if r["advertised"] else "", r["interface"], r["address"],
+                  f"IPv{r['version']} {r['kind']}", r["preference"] or "-", r["why"])
+                 for r in rows])
+    if chosen is None:
+        click.echo("No address can be advertised: peers cannot reach this node.", err=True)
+
+
+@main.command()
+@pass_node
+def init(node: Node) -> None:
+    """Create this node's home directory and a commented config.toml."""
+    node.home.mkdir(parents=True, exist_ok=True)
+    os.chmod(node.home, stat.S_IRWXU)
+    path = node.home / CONFIG_FILE
+    if path.exists():
+        click.echo(f"{path} already exists; left as it is")
+    else:
+        path.write_text(default_config_text())
+        click.echo(f"wrote {path}")
+    load_settings(node.home)  # an invalid existing config is reported now, not at first use
+
+
+@main.command("config")
+@json_option
+@pass_node
+def show_config(node: Node, as_json: bool) -> None:
+    """Show the home directory and the effective settings, with where each came from."""
+    loaded = node.loaded
+    values = settings_as_dict(loaded.settings)
+    path = loaded.home / CONFIG_FILE
+    if as_json:
+        print_json({"home": str(loaded.home), "config_file": str(path),
+                    "config_file_exists": path.exists(), "settings": values,
+                    "sources": loaded.sources})
+        return
+    click.echo(f"home:   {loaded.home}")
+    click.echo(f"config: {path}{'' if path.exists() else ' (not created; p2prc init)'}")
+    print_table(("setting", "value", "from"),
+                [(k, _show(v), loaded.sources[k]) for k, v in values.items()])
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(value) or "-"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@main.command()
+@json_option
+@pass_node
+def plugins(node: Node, as_json: bool) -> None:
+    """List every plugin with its distribution, version and hooks."""
+    infos = node.hooks.plugin_info()
+    if as_json:
+        print_json([i.as_dict() for i in infos])
+        return
+    print_table(("plugin", "distribution", "version", "hooks"),
+                [(i.name, i.distribution, i.version, ", ".join(i.hooks)) for i in infos])

@@ -1,0 +1,183 @@
+"""Settings: defaults < ``$P2PRC_HOME/config.toml`` < ``P2PRC_*`` environment < CLI flags."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from p2prc_core.models import DEFAULT_PORT
+
+ENV_PREFIX = "P2PRC_"
+CONFIG_FILE = "config.toml"
+
+
+class ConfigError(Exception):
+    """An invalid setting; the message names where it came from, the key and the problem."""
+
+
+def _setting(default: Any, doc: str, **limits: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc, **limits})
+    return field(default=default, metadata={"doc": doc, **limits})
+
+
+@dataclass
+class Settings:
+    """Every setting of a node. Field docs are what ``p2prc init`` writes as comments."""
+
+    name: str = _setting("", "the name this node shows to others (default: the host name)")
+    host: str = _setting("::", "address the server listens on; '::' is IPv6 and IPv4 at once")
+    port: int = _setting(DEFAULT_PORT, "TCP port of the peer server", min=1, max=65535)
+    workers: int = _setting(2, "gunicorn worker processes", min=1, max=64)
+    threads: int = _setting(8, "threads per worker", min=1, max=256)
+    timeout: int = _setting(60, "seconds a request may take before its worker is restarted",
+                            min=1, max=3600)
+    log_level: str = _setting("info", "one of debug, info, warning, error",
+                              choices=("debug", "info", "warning", "error"))
+    access_log: bool = _setting(True, "log one line per request")
+    max_body_bytes: int = _setting(1 << 20, "largest JSON request body accepted", min=1)
+    speedtest_default_bytes: int = _setting(50 << 20, "bytes a speed-test transfer sends by default",
+                                            min=1)
+    speedtest_max_bytes: int = _setting(1 << 30, "largest speed-test download or upload", min=1)
+    specs_cache_seconds: float = _setting(2.0, "how long collected specs are reused", min=0)
+    allow_loopback: bool = _setting(False, "advertise and accept loopback addresses (labs, tests)")
+    disable_plugins: list[str] = _setting([], "plugin names not to load")
+    request_timeout: float = _setting(10.0, "seconds the client waits for a peer", min=0.1)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or socket.gethostname()
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(ENV_PREFIX + "HOME") or Path.home() / ".p2prc").expanduser()
+
+
+@dataclass
+class LoadedSettings:
+    """Settings with the place each value came from."""
+
+    settings: Settings
+    home: Path
+    sources: dict[str, str]
+
+
+def load_settings(home: Path | None = None, overrides: dict[str, Any] | None = None,
+                  environ: dict[str, str] | None = None) -> LoadedSettings:
+    """Build the effective settings for the node whose home is ``home``.
+
+    :raises ConfigError: naming the file or variable, the key and the problem.
+    """
+    home = home or default_home()
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, Any] = {}
+    sources = {name: "default" for name in _FIELDS}
+
+    path = home / CONFIG_FILE
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        for key, raw in data.items():
+            values[key] = _check(key, raw, str(path))
+            sources[key] = str(path)
+
+    for name in _FIELDS:
+        var = ENV_PREFIX + name.upper()
+        if var in environ and var != ENV_PREFIX + "HOME":
+            values[name] = _check(name, _from_text(name, environ[var], var), var)
+            sources[name] = var
+
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        values[key] = _check(key, raw, "command line")
+        sources[key] = "command line"
+
+    return LoadedSettings(Settings(**values), home, sources)
+
+
+def _from_text(name: str, text: str, where: str) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind == "bool":
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError("expected true or false")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "list[str]":
+            return [part.strip() for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise ConfigError(f"{where}: {name}: {err}") from None
+    return text
+
+
+def _check(key: str, value: Any, where: str) -> Any:
+    spec = _FIELDS.get(key)
+    if spec is None:
+        near = difflib.get_close_matches(key, list(_FIELDS), n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"{where}: unknown setting {key!r}{hint}")
+    kind = spec.type
+    ok = {
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, int | float) and not isinstance(value, bool),
+        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }[str(kind)]
+    if not ok:
+        raise ConfigError(f"{where}: {key}: expected {_KIND_WORDS[str(kind)]}, got {value!r}")
+    meta = spec.metadata
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{where}: {key}: must be at least {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{where}: {key}: must be at most {meta['max']}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{where}: {key}: must be one of {', '.join(meta['choices'])}, "
+                          f"got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+_KIND_WORDS = {"str": "a string", "bool": "true or false", "int": "a whole number",
+               "float": "a number", "list[str]": "a list of strings"}
+
+
+def settings_as_dict(settings: Settings) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in fields(Settings)}
+
+
+def default_config_text() -> str:
+    """The commented config that ``p2prc init`` writes: every setting at its default."""
+    lines = ["# p2prc node settings. Environment variables P2PRC_<NAME> and command-line",
+             "# flags override these. Uncomment a line to change it.", ""]
+    for f in fields(Settings):
+        lines.append(f"# {f.metadata['doc']}")
+        lines.append(f"# {f.name} = {_toml_value(getattr(Settings(), f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

@@ -1,0 +1,90 @@
+"""The hook specifications of p2prc.
+
+Every hook is prefixed ``p2prc_``. Built-in implementations live in
+``p2prc_plugins`` and are marked ``trylast`` so that a third-party plugin can
+override them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from p2prc_core import PROJECT_NAME
+
+if TYPE_CHECKING:
+    import falcon
+
+    from p2prc_core.models import Address, PeerRecord
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+
+@hookspec(firstresult=True)
+def p2prc_select_address(candidates: Sequence[Address], purpose: str) -> Address | None:
+    """Choose which of a node's addresses to advertise or to dial.
+
+    The first plugin that returns an address wins. The built-in choice prefers a
+    global IPv6 address, then a global IPv4 address, then a unique-local or
+    private one, and never picks link-local, loopback or unspecified addresses
+    unless the config allows loopback.
+
+    :param candidates: the addresses to choose from, in no particular order.
+    :param purpose: ``"advertise"`` (what this node tells others) or ``"dial"``
+        (which address of a peer to connect to).
+    :return: the chosen address, or ``None`` to let the next plugin decide.
+    """
+
+
+@hookspec
+def p2prc_score_peer(peer: PeerRecord) -> float | None:
+    """Score a peer: higher is better.
+
+    Every plugin may return a number; the host adds them up to rank peers
+    (``PluginHooks.score_peer``). The built-in score prefers low latency and
+    high bandwidth, and puts unreachable peers last.
+
+    :param peer: the peer record with what this node measured of it.
+    :return: a score contribution, or ``None`` to abstain.
+    """
+
+
+@hookspec
+def p2prc_collect_specs() -> dict[str, Any] | None:
+    """Collect this machine's specifications.
+
+    Each plugin returns its part (for example ``{"cpu": {...}}`` or
+    ``{"gpus": [...]}``); the host merges the parts into one mapping. A plugin
+    must not block on sampling and must not raise because hardware is missing.
+
+    :return: a mapping merged into the node's specs, or ``None``.
+    """
+
+
+@hookspec
+def p2prc_register_backends(register: Callable[[str, Any], None]) -> None:
+    """Register virtualization backends (Docker is built in).
+
+    :param register: call ``register(name, backend)`` once for each backend.
+    """
+
+
+@hookspec
+def p2prc_register_runners(register: Callable[[str, Any], None]) -> None:
+    """Register task runners (Ansible is built in).
+
+    :param register: call ``register(name, runner)`` once for each runner.
+    """
+
+
+@hookspec
+def p2prc_add_routes(app: falcon.App) -> None:
+    """Add REST routes to the peer server (a dashboard, say).
+
+    Routes added here are served next to the built-in ``/v1`` routes and listed
+    in ``/v1/openapi.json``.
+
+    :param app: the Falcon application being built.
+    """

@@ -1,0 +1,169 @@
+"""Plain data shared by the core and the plugins."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_PORT = 8088
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_METADATA_IP = ipaddress.ip_address("169.254.169.254")
+
+
+@dataclass(frozen=True)
+class Address:
+    """One IP address of a node, with the interface it was found on (if local)."""
+
+    ip: IPAddress
+    interface: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, interface: str | None = None) -> Address:
+        """Parse ``text`` as an IPv4 or IPv6 address; a ``%zone`` suffix is dropped."""
+        ip = ipaddress.ip_address(text.split("%", 1)[0].strip("[]"))
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return cls(ip, interface)
+
+    @property
+    def version(self) -> int:
+        return self.ip.version
+
+    @property
+    def kind(self) -> str:
+        """A short word for what sort of address this is."""
+        ip = self.ip
+        if ip.is_unspecified:
+            return "unspecified"
+        if ip.is_loopback:
+            return "loopback"
+        if ip.is_link_local or ip == _METADATA_IP:
+            return "link-local"
+        if ip.is_multicast:
+            return "multicast"
+        if isinstance(ip, ipaddress.IPv6Address) and ip in ipaddress.ip_network("fc00::/7"):
+            return "unique-local"
+        if ip.is_private:
+            return "private"
+        if ip.is_global:
+            return "global"
+        return "reserved"
+
+    def host_for_url(self) -> str:
+        return f"[{self.ip}]" if self.version == 6 else str(self.ip)
+
+    def __str__(self) -> str:
+        return str(self.ip)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to reach a peer server: a host (IP address or name) and a port."""
+
+    host: str
+    port: int = DEFAULT_PORT
+
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$")
+
+
+def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
+    """Parse ``ADDRESS[:PORT]``: IPv4, ``[IPv6]:port``, bare IPv6, or a host name.
+
+    :raises ValueError: with a message that says what is wrong.
+    """
+    text = text.strip()
+    if text.startswith(("http://", "https://")):
+        text = text.split("://", 1)[1].rstrip("/")
+    if not text:
+        raise ValueError("empty address")
+    port_text: str | None = None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r}: expected ':PORT' after ']'")
+            port_text = rest[1:]
+        _check_ip(host, text)
+    elif text.count(":") > 1:
+        host = text  # a bare IPv6 address, no port
+        _check_ip(host, text)
+    else:
+        host, sep, port_part = text.partition(":")
+        port_text = port_part if sep else None
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOSTNAME.match(host):
+                raise ValueError(f"{text!r} is not an IP address or host name") from None
+    port = default_port
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+        port = int(port_text)
+    return Endpoint(host, port)
+
+
+def _check_ip(host: str, text: str) -> None:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+
+
+@dataclass
+class PeerRecord:
+    """What a node knows of a peer: its advertised record and what was measured."""
+
+    node_id: str
+    name: str = ""
+    addresses: list[str] = field(default_factory=list)
+    port: int = DEFAULT_PORT
+    latency_ms: float | None = None
+    bandwidth_mbps: float | None = None
+    failures: int = 0
+    specs: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reachable(self) -> bool:
+        return self.failures == 0 and self.latency_ms is not None
+
+    @property
+    def gpu_count(self) -> int:
+        gpus = self.specs.get("gpus")
+        if isinstance(gpus, int):
+            return gpus
+        return len(gpus) if isinstance(gpus, list) else 0
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,
+               "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+               "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``"512"``, ``"64k"``, ``"10M"``, ``"1G"`` to bytes (binary units).
+
+    :raises ValueError: the text is not a size.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (examples: 512, 64k, 10M, 1G)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])

@@ -1,0 +1,77 @@
+"""This node: its local addresses, the ones it advertises, and its specs."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from p2prc_core.config import Settings
+from p2prc_core.models import Address
+from p2prc_core.plugins import PluginHooks
+
+NEVER_ADVERTISED = ("unspecified", "link-local", "multicast")
+
+
+def local_addresses() -> list[Address]:
+    """Every IP address on this machine's interfaces (netifaces), IPv6 first."""
+    import netifaces
+
+    found: list[Address] = []
+    for iface in netifaces.interfaces():
+        entries = netifaces.ifaddresses(iface)
+        for family in (socket.AF_INET6, socket.AF_INET):
+            for entry in entries.get(family, []):
+                try:
+                    found.append(Address.parse(entry["addr"], iface))
+                except (KeyError, ValueError):
+                    continue
+    return found
+
+
+def advertisable(addresses: list[Address], settings: Settings) -> list[Address]:
+    """Drop what is never advertised, and loopback unless the config allows it."""
+    return [a for a in addresses if a.kind not in NEVER_ADVERTISED
+            and (settings.allow_loopback or a.kind != "loopback")]
+
+
+def ordered_by_preference(hooks: PluginHooks, candidates: list[Address],
+                          purpose: str) -> list[Address]:
+    """Ask ``p2prc_select_address`` again and again to put all ``candidates`` in order."""
+    left = list(dict.fromkeys(candidates))
+    ordered: list[Address] = []
+    while left:
+        choice = hooks.select_address(left, purpose)
+        if choice is None or choice not in left:
+            break
+        ordered.append(choice)
+        left.remove(choice)
+    return ordered
+
+
+class TimedCache:
+    """Keep a value for ``ttl`` seconds. While one thread refreshes it, others get the old one."""
+
+    def __init__(self, produce: Callable[[], Any], ttl: float):
+        self._produce = produce
+        self._ttl = ttl
+        self._value: Any = None
+        self._stamp = float("-inf")
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        if time.monotonic() - self._stamp < self._ttl:
+            return self._value
+        if self._value is not None and not self._lock.acquire(blocking=False):
+            return self._value  # someone else is refreshing: serve the old value
+        if self._value is None:
+            self._lock.acquire()
+        try:
+            if time.monotonic() - self._stamp >= self._ttl or self._value is None:
+                self._value = self._produce()
+                self._stamp = time.monotonic()
+            return self._value
+        finally:
+            self._lock.release()

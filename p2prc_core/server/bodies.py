@@ -1,0 +1,52 @@
+"""Reading request bodies within their size caps."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import falcon
+
+
+def too_large(limit: int) -> falcon.HTTPContentTooLarge:
+    return falcon.HTTPContentTooLarge(
+        title="Request body too large",
+        description=f"This server accepts at most {limit} bytes here.")
+
+
+class BodySizeLimit:
+    """Middleware: refuse a declared body over its cap before reading any of it.
+
+    A resource may raise its own cap with a ``max_body_bytes`` attribute (the
+    speed-test upload does). Bodies without a Content-Length are capped where
+    they are read (``read_json``).
+    """
+
+    def __init__(self, default_limit: int):
+        self.default_limit = default_limit
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response,
+                         resource: Any, params: dict[str, Any]) -> None:
+        limit = getattr(resource, "max_body_bytes", None) or self.default_limit
+        req.context.max_body_bytes = limit
+        if req.content_length is not None and req.content_length > limit:
+            raise too_large(limit)
+
+
+def read_json(req: falcon.Request, limit: int | None = None) -> Any:
+    """The request body parsed as JSON, read up to its cap.
+
+    :raises falcon.HTTPContentTooLarge: the body is over the cap (413).
+    :raises falcon.HTTPBadRequest: the body is empty or not JSON (400).
+    """
+    limit = limit or getattr(req.context, "max_body_bytes", None) or 1 << 20
+    raw = req.bounded_stream.read(limit + 1)
+    if len(raw) > limit:
+        raise too_large(limit)
+    if not raw:
+        raise falcon.HTTPBadRequest(title="Empty body", description="Expected a JSON body.")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise falcon.HTTPBadRequest(title="Malformed JSON",
+                                    description=f"The body is not valid JSON: {err}") from None

@@ -1,0 +1,45 @@
+"""Every error the server sends is JSON with a title and a description."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import falcon
+
+log = logging.getLogger("p2prc.server")
+
+_DESCRIPTIONS = {
+    404: "No such route. The routes this server has are listed at /v1/openapi.json.",
+    405: "This route does not take that method. See /v1/openapi.json.",
+    413: "The request is larger than this server accepts.",
+    400: "The request is malformed.",
+}
+
+
+def serialize_error(req: falcon.Request, resp: falcon.Response,
+                    exception: falcon.HTTPError) -> None:
+    """Always JSON (whatever the client accepts), always with a description."""
+    body: dict[str, Any] = exception.to_dict()
+    if not body.get("description"):
+        body["description"] = _DESCRIPTIONS.get(exception.status_code, exception.title)
+    resp.media = body
+    resp.content_type = falcon.MEDIA_JSON
+    resp.append_header("Vary", "Accept")
+
+
+
+def handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
+                      params: dict[str, Any]) -> None:
+    """A bug must not leak a traceback to a peer; it is logged here instead."""
+    if isinstance(ex, falcon.HTTPError):
+        raise ex
+    log.exception("error while serving %s %s", req.method, req.path)
+    raise falcon.HTTPInternalServerError(
+        title="Internal error",
+        description="The server failed to handle this request; its log has the details.")
+
+
+def install(app: falcon.App) -> None:
+    app.add_error_handler(Exception, handle_unexpected)
+    app.set_error_serializer(serialize_error)

@@ -1,0 +1,61 @@
+"""``/v1/openapi.json``, built from the routes the app really has."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import falcon
+from falcon import constants
+
+from p2prc_core import __version__
+
+_SKIPPED = {"OPTIONS"}  # answered by falcon for every route
+
+
+def routes(app: falcon.App) -> Iterator[tuple[str, str, Any]]:
+    """(uri template, lower-case method, resource) for every responder the app has."""
+    stack = list(app._router._roots)  # type: ignore[attr-defined]
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.resource is None:
+            continue
+        for method in constants.COMBINED_METHODS:
+            if method in _SKIPPED:
+                continue
+            if callable(getattr(node.resource, "on_" + method.lower(), None)):
+                yield node.uri_template, method.lower(), node.resource
+
+
+def build_document(app: falcon.App) -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for template, method, resource in sorted(routes(app), key=lambda r: (r[0], r[1])):
+        declared = dict(getattr(resource, "OPENAPI", {}).get(method, {}))
+        if "summary" not in declared:
+            doc = inspect.getdoc(getattr(resource, "on_" + method)) or ""
+            declared["summary"] = doc.splitlines()[0] if doc else template
+        declared.setdefault("responses", {"200": {"description": "OK"}})
+        declared["operationId"] = f"{method}_{template.strip('/').replace('/', '_') or 'root'}"
+        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in _path_params(template)]
+        if params:
+            declared["parameters"] = params + list(declared.get("parameters", []))
+        paths.setdefault(template, {})[method] = declared
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "p2prc peer API", "version": __version__},
+        "paths": paths,
+        "components": {"schemas": {"Error": {
+            "type": "object", "required": ["title", "description"],
+            "properties": {"title": {"type": "string"}, "description": {"type": "string"}}}}},
+    }
+
+
+def _path_params(template: str) -> list[str]:
+    names = []
+    for segment in template.split("/"):
+        if segment.startswith("{") and segment.endswith("}"):
+            names.append(segment[1:-1].split(":", 1)[0])
+    return names

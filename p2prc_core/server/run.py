@@ -1,0 +1,102 @@
+"""Run the peer server under embedded gunicorn, on one dual-stack socket."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from p2prc_core.config import Settings
+from p2prc_core.errors import P2PRCError
+from p2prc_core.plugins import PluginHooks, make_plugin_manager
+from p2prc_core.server.app import ServerContext, create_app
+
+ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)sms'
+
+
+def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A listening TCP socket; ``::`` takes IPv6 and IPv4 at once.
+
+    :raises P2PRCError: the port is taken, or the address is not on this machine.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise P2PRCError(f"cannot listen on {host!r}: {err.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # Dual stack: also accept IPv4 (as ::ffff:a.b.c.d) whatever the system default.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as err:
+        sock.close()
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if err.errno == errno.EADDRINUSE:
+            raise P2PRCError(f"port {port} is already in use on {shown}: stop the other "
+                             f"server or choose another with --port") from None
+        if err.errno == errno.EADDRNOTAVAIL:
+            raise P2PRCError(f"cannot listen on {shown}: that address is not on this machine "
+                             f"(see 'p2prc interfaces')") from None
+        if err.errno == errno.EACCES:
+            raise P2PRCError(f"cannot listen on {shown}: permission denied (ports below 1024 "
+                             f"need root)") from None
+        raise P2PRCError(f"cannot listen on {shown}: {err.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class PeerServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn, embedded: only known settings, the app built in each worker."""
+
+    def __init__(self, settings: Settings, sock: socket.socket):
+        self.settings = settings
+        self.fd = sock.detach()  # gunicorn takes the descriptor over
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        options: dict[str, Any] = {
+            "bind": [f"fd://{self.fd}"],
+            "workers": s.workers,
+            "worker_class": "gthread",
+            "threads": s.threads,
+            "timeout": s.timeout,
+            "graceful_timeout": 10,
+            "keepalive": 5,
+            "loglevel": s.log_level,
+            "errorlog": "-",
+            "accesslog": "-" if s.access_log else None,
+            "access_log_format": ACCESS_LOG_FORMAT,
+            "proc_name": f"p2prc-server:{s.port}",
+            "limit_request_line": 8190,
+            "control_socket_disable": True,  # gunicorn 24+: no shared socket in ~/.gunicorn
+        }
+        for key, value in options.items():
+            if key in self.cfg.settings:
+                self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        hooks = make_plugin_manager(disabled=self.settings.disable_plugins)
+        return create_app(ServerContext(self.settings, hooks))
+
+
+def serve(settings: Settings, hooks: PluginHooks | None = None,
+          announce: Callable[[], None] | None = None) -> None:
+    """Check the plugins, bind the socket, then hand over to gunicorn until a signal stops it.
+
+    :param announce: called once the socket is bound, before serving (the start-up line).
+    """
+    if hooks is None:
+        hooks = make_plugin_manager(disabled=settings.disable_plugins)
+    sock = bind_socket(settings.host, settings.port)
+    if announce:
+        announce()
+    PeerServer(settings, sock).run()
