@@ -9,13 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                           TransferSpeedColumn)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from p2prc_core import __version__
 from p2prc_core.client import PeerClient, Transfer
-from p2prc_core.config import (CONFIG_FILE, ConfigError, LoadedSettings, default_config_text,
-                               default_home, load_settings, settings_as_dict)
+from p2prc_core.config import (
+    CONFIG_FILE,
+    ConfigError,
+    LoadedSettings,
+    default_config_text,
+    default_home,
+    load_settings,
+    settings_as_dict,
+)
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Address, Endpoint, parse_endpoint, parse_size
 from p2prc_core.node import advertisable, local_addresses, ordered_by_preference

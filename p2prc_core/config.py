@@ -41,8 +41,7 @@ class Settings:
                               choices=("debug", "info", "warning", "error"))
     access_log: bool = _setting(True, "log one line per request")
     max_body_bytes: int = _setting(1 << 20, "largest JSON request body accepted", min=1)
-    speedtest_default_bytes: int = _setting(50 << 20, "bytes a speed-test transfer sends by default",
-                                            min=1)
+    speedtest_default_bytes: int = _setting(50 << 20, "bytes a speed test sends by default", min=1)
     speedtest_max_bytes: int = _setting(1 << 30, "largest speed-test download or upload", min=1)
     specs_cache_seconds: float = _setting(2.0, "how long collected specs are reused", min=0)
     allow_loopback: bool = _setting(False, "advertise and accept loopback addresses (labs, tests)")

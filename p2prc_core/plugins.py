@@ -26,7 +26,8 @@ class PluginLoadError(Exception):
         self.failures = list(failures)
         lines = [str(f) for f in self.failures]
         names = ",".join(f.name for f in self.failures)
-        super().__init__("; ".join(lines) + f" (to start without it: P2PRC_DISABLE_PLUGINS={names})")
+        hint = f" (to start without it: P2PRC_DISABLE_PLUGINS={names})"
+        super().__init__("; ".join(lines) + hint)
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class PluginFailure:
     cause: str
 
     def __str__(self) -> str:
-        return (f"plugin {self.name!r} from {self.distribution} {self.version} "
-                f"failed to load: {self.cause}")
+        origin = f"{self.distribution} {self.version}".strip()
+        return f"plugin {self.name!r} from {origin} failed to load: {self.cause}"
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class PluginInfo:
 
 
 def _cause(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    text = "; ".join(line.strip() for line in str(err).strip().splitlines() if line.strip())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def make_plugin_manager(disabled: Iterable[str] = (), load_entrypoints: bool = True,

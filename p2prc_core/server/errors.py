@@ -20,7 +20,7 @@ _DESCRIPTIONS = {
 def serialize_error(req: falcon.Request, resp: falcon.Response,
                     exception: falcon.HTTPError) -> None:
     """Always JSON (whatever the client accepts), always with a description."""
-    body: dict[str, Any] = exception.to_dict()
+    body: dict[str, Any] = dict(exception.to_dict())
     if not body.get("description"):
         body["description"] = _DESCRIPTIONS.get(exception.status_code, exception.title)
     resp.media = body

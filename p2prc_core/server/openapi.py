@@ -26,7 +26,7 @@ def routes(app: falcon.App) -> Iterator[tuple[str, str, Any]]:
             if method in _SKIPPED:
                 continue
             if callable(getattr(node.resource, "on_" + method.lower(), None)):
-                yield node.uri_template, method.lower(), node.resource
+                yield str(node.uri_template), method.lower(), node.resource
 
 
 def build_document(app: falcon.App) -> dict[str, Any]:

@@ -56,8 +56,10 @@ def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
 class PeerServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, embedded: only known settings, the app built in each worker."""
 
-    def __init__(self, settings: Settings, sock: socket.socket):
+    def __init__(self, settings: Settings, sock: socket.socket,
+                 app_factory: Callable[[Settings], Any] | None = None):
         self.settings = settings
+        self.app_factory = app_factory or build_app
         self.fd = sock.detach()  # gunicorn takes the descriptor over
         super().__init__()
 
@@ -84,8 +86,13 @@ class PeerServer(BaseApplication):  # type: ignore[misc]
                 self.cfg.set(key, value)
 
     def load(self) -> Any:
-        hooks = make_plugin_manager(disabled=self.settings.disable_plugins)
-        return create_app(ServerContext(self.settings, hooks))
+        return self.app_factory(self.settings)
+
+
+def build_app(settings: Settings) -> Any:
+    """The peer app as each worker builds it (plugins are loaded again after the fork)."""
+    hooks = make_plugin_manager(disabled=settings.disable_plugins)
+    return create_app(ServerContext(settings, hooks))
 
 
 def serve(settings: Settings, hooks: PluginHooks | None = None,

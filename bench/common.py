@@ -1,0 +1,71 @@
+"""Helpers shared by the benchmarks: servers in subprocesses, medians, ratios."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+P2PRC = str(Path(sys.executable).with_name("p2prc"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], wait: float = 20) -> None:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer")
+
+
+def start_p2prc(home: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
+    home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([P2PRC, "server", "--port", str(port)],
+                            env={**os.environ, "P2PRC_HOME": str(home),
+                                 "P2PRC_ACCESS_LOG": "false", **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{port}/v1/health", proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def report(title: str, ours_label: str, ours: list[float], base_label: str, base: list[float],
+           unit: str, target: str) -> float:
+    ratio = median(ours) / median(base)
+    print(f"\n{title}")
+    print(f"  {ours_label:<28} median {median(ours):>12,.1f} {unit}  runs "
+          + ", ".join(f"{v:,.0f}" for v in ours))
+    print(f"  {base_label:<28} median {median(base):>12,.1f} {unit}  runs "
+          + ", ".join(f"{v:,.0f}" for v in base))
+    print(f"  ratio {ratio:.2f} (target {target})")
+    return ratio

@@ -1,0 +1,134 @@
+"""Shared fixtures: plugin managers without entry points, test apps, and real servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import p2prc_plugins.address
+import p2prc_plugins.nvidia
+import p2prc_plugins.scoring
+import p2prc_plugins.specs
+from p2prc_core.config import Settings
+from p2prc_core.plugins import PluginHooks, make_plugin_manager
+
+BUILTINS = [("address", p2prc_plugins.address), ("scoring", p2prc_plugins.scoring),
+            ("specs", p2prc_plugins.specs), ("nvidia", p2prc_plugins.nvidia)]
+
+P2PRC = str(Path(sys.executable).with_name("p2prc"))
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a tool an integration test needs is missing, but fail in CI."""
+    if condition:
+        return
+    if os.environ.get("P2PRC_REQUIRE_INTEGRATION") == "1":
+        pytest.fail(f"integration prerequisite missing (P2PRC_REQUIRE_INTEGRATION=1): {reason}")
+    pytest.skip(reason)
+
+
+def ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET6 if ipv6_loopback_works() else socket.AF_INET) as s:
+        s.bind(("", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def hooks() -> PluginHooks:
+    """The built-in plugins, registered directly (no entry points), as devpi's tests do."""
+    return make_plugin_manager(load_entrypoints=False, plugins=BUILTINS)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh node home; P2PRC_* variables from the caller's shell are cleared."""
+    for var in list(os.environ):
+        if var.startswith("P2PRC_") and var != "P2PRC_REQUIRE_INTEGRATION":
+            monkeypatch.delenv(var)
+    path = tmp_path / "home"
+    monkeypatch.setenv("P2PRC_HOME", str(path))
+    return path
+
+
+class LiveServer:
+    """A real ``p2prc server`` process on a free port."""
+
+    def __init__(self, home: Path, port: int, proc: subprocess.Popen[bytes], log: Path):
+        self.home, self.port, self.proc, self.log = home, port, proc, log
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    def peer(self, host: str = "127.0.0.1") -> str:
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(home: Path, *args: str, env: dict[str, str] | None = None,
+                 command: tuple[str, ...] = ("server",), wait: float = 20) -> LiveServer:
+    """Start ``p2prc server`` (or ``command``) with its port set through P2PRC_PORT."""
+    port = free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / "server.log"
+    full_env = {**os.environ, "P2PRC_HOME": str(home), "P2PRC_WORKERS": "1",
+                "P2PRC_PORT": str(port), **(env or {})}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([P2PRC, *command, *args],
+                                stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    server = LiveServer(home, port, proc, log)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
+        try:
+            if httpx.get(server.url() + "/v1/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server did not answer within {wait} s:\n{server.output()}")
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    server = start_server(tmp_path / "server-home")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(name="test-node")

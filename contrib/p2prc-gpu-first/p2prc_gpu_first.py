@@ -1,0 +1,17 @@
+"""Rank peers with GPUs first: each GPU a peer has is worth 200 points of score.
+
+The built-in score gives at most about 100 points for a near peer, so a reachable peer with
+a GPU outranks any peer without one; an unreachable peer still ranks last.
+"""
+
+from p2prc_core import hookimpl
+
+POINTS_PER_GPU = 200.0
+MAX_GPUS_COUNTED = 8
+
+
+@hookimpl
+def p2prc_score_peer(peer):
+    if not peer.reachable:
+        return None
+    return POINTS_PER_GPU * min(peer.gpu_count, MAX_GPUS_COUNTED)

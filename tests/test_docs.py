@@ -1,0 +1,66 @@
+"""The docs stay true to the code: hooks, commands and routes are all documented and tested."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+from falcon import testing
+
+from p2prc_core import hookdocs
+from p2prc_core.cli import main
+from p2prc_core.server import ServerContext, create_app, openapi
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+
+def test_hooks_md_is_generated_from_the_specs() -> None:
+    assert (DOCS / "hooks.md").read_text() == hookdocs.render(), \
+        "docs/hooks.md is stale: python -m p2prc_core.hookdocs > docs/hooks.md"
+
+
+def test_every_hook_is_documented_with_its_parameters() -> None:
+    import inspect
+
+    from p2prc_core import hookspecs
+
+    for name in hookdocs.hook_names():
+        function = getattr(hookspecs, name)
+        doc = inspect.getdoc(function) or ""
+        assert len(doc.splitlines()[0]) > 10, f"{name} has no summary line"
+        for parameter in inspect.signature(function).parameters:
+            assert f":param {parameter}:" in doc, f"{name} does not document {parameter}"
+
+
+def test_every_hook_has_a_test_that_implements_it() -> None:
+    tests = {path.name: path.read_text() for path in (ROOT / "tests").glob("test_*.py")
+             if path.name != Path(__file__).name}
+    for name in hookdocs.hook_names():
+        implemented = [file for file, text in tests.items() if re.search(rf"def {name}\(", text)]
+        assert implemented, f"no test implements {name}"
+
+
+def all_commands(group: click.Group, prefix: str = "") -> list[str]:
+    found = []
+    for name, command in group.commands.items():
+        path = f"{prefix}{name}"
+        found.append(path)
+        if isinstance(command, click.Group):
+            found.extend(all_commands(command, path + " "))
+    return found
+
+
+def test_every_command_is_in_the_cli_docs() -> None:
+    text = (DOCS / "cli.md").read_text()
+    for path in all_commands(main):
+        assert f"p2prc {path}" in text, f"docs/cli.md does not describe 'p2prc {path}'"
+
+
+def test_every_route_is_in_the_api_docs(hooks, settings) -> None:  # type: ignore[no-untyped-def]
+    text = (DOCS / "api.md").read_text()
+    app = create_app(ServerContext(settings, hooks))
+    assert testing.TestClient(app).simulate_get("/v1/health").status_code == 200
+    for template, method, _ in openapi.routes(app):
+        assert f"{method.upper()} {template}" in text, f"docs/api.md lacks {method} {template}"

@@ -1,0 +1,56 @@
+import pytest
+
+from p2prc_core.models import Address, Endpoint, parse_endpoint, parse_size
+
+
+@pytest.mark.parametrize("text, host, port", [
+    ("192.0.2.7", "192.0.2.7", 8088),
+    ("192.0.2.7:9000", "192.0.2.7", 9000),
+    ("[fd00::7]:9000", "fd00::7", 9000),
+    ("[fd00::7]", "fd00::7", 8088),
+    ("fd00::7", "fd00::7", 8088),
+    ("peer.example", "peer.example", 8088),
+    ("http://peer.example:81/", "peer.example", 81),
+])
+def test_parse_endpoint(text: str, host: str, port: int) -> None:
+    assert parse_endpoint(text) == Endpoint(host, port)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "empty"),
+    ("[fd00::7", "missing ']'"),
+    ("[nothex::zz]:1", "not an IPv6"),
+    ("192.0.2.7:0", "port must be"),
+    ("192.0.2.7:70000", "port must be"),
+    ("192.0.2.7:http", "port must be"),
+    ("bad_host!:80", "not an IP address or host name"),
+])
+def test_parse_endpoint_rejects(text: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse_endpoint(text)
+
+
+def test_endpoint_urls_bracket_ipv6() -> None:
+    assert Endpoint("fd00::1", 80).base_url == "http://[fd00::1]:80"
+    assert str(Endpoint("fd00::1", 80)) == "[fd00::1]:80"
+    assert Endpoint("192.0.2.1", 80).base_url == "http://192.0.2.1:80"
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("2001:4860::8888", "global"), ("8.8.8.8", "global"), ("fd00::1", "unique-local"),
+    ("10.1.2.3", "private"), ("::1", "loopback"), ("127.0.0.1", "loopback"),
+    ("fe80::1", "link-local"), ("169.254.169.254", "link-local"), ("::", "unspecified"),
+    ("ff02::1", "multicast"), ("::ffff:127.0.0.1", "loopback"),
+])
+def test_address_kinds(text: str, kind: str) -> None:
+    assert Address.parse(text).kind == kind
+
+
+def test_sizes() -> None:
+    assert parse_size("512") == 512
+    assert parse_size("64k") == 64 * 1024
+    assert parse_size("10M") == 10 * 1024 * 1024
+    assert parse_size("1.5G") == 3 * 1024 ** 3 // 2
+    for bad in ("", "ten", "5 parsecs", "-1"):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_size(bad)

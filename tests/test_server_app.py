@@ -1,0 +1,172 @@
+"""The Falcon app through falcon.testing, with the real built-in plugins."""
+
+from __future__ import annotations
+
+import time
+
+import falcon
+import pytest
+from falcon import testing
+
+from conftest import BUILTINS
+from p2prc_core import __version__, hookimpl
+from p2prc_core.config import Settings
+from p2prc_core.plugins import make_plugin_manager
+from p2prc_core.server import ServerContext, create_app, openapi
+from p2prc_core.server.bodies import read_json
+
+
+class EchoRoute:
+    """A plugin route that reads JSON through the core's capped reader."""
+
+    @hookimpl
+    def p2prc_add_routes(self, app: falcon.App) -> None:
+        class Echo:
+            OPENAPI = {"post": {"summary": "Echo a JSON body"}}
+
+            def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+                resp.media = {"echo": read_json(req)}
+
+        app.add_route("/v1/echo", Echo())
+
+
+@pytest.fixture
+def client() -> testing.TestClient:
+    settings = Settings(name="unit", max_body_bytes=1000, speedtest_max_bytes=10_000,
+                        speedtest_default_bytes=3000)
+    hooks = make_plugin_manager(load_entrypoints=False, plugins=[*BUILTINS, ("echo", EchoRoute())])
+    return testing.TestClient(create_app(ServerContext(settings, hooks)))
+
+
+def assert_json_error(result: testing.Result, status: int, title_words: str = "") -> None:
+    assert result.status_code == status
+    assert result.headers["content-type"].startswith("application/json")
+    body = result.json
+    assert body["title"] and body["description"], body
+    assert title_words.lower() in (body["title"] + body["description"]).lower()
+
+
+def test_health(client: testing.TestClient) -> None:
+    body = client.simulate_get("/v1/health").json
+    assert body["status"] == "ok" and body["version"] == __version__
+    assert body["uptime_seconds"] >= 0
+
+
+def test_node_advertises_what_select_address_chose(client: testing.TestClient) -> None:
+    body = client.simulate_get("/v1/node").json
+    assert body["name"] == "unit" and body["port"] == 8088
+    kinds = [a for a in body["addresses"] if a in ("127.0.0.1", "::1")]
+    assert kinds == [], "loopback is not advertised unless allow_loopback is set"
+    assert body["address"] == (body["addresses"][0] if body["addresses"] else None)
+
+
+def test_node_advertises_loopback_when_allowed() -> None:
+    hooks = make_plugin_manager(load_entrypoints=False, plugins=BUILTINS)
+    client = testing.TestClient(create_app(ServerContext(Settings(allow_loopback=True), hooks)))
+    addresses = client.simulate_get("/v1/node").json["addresses"]
+    assert "::1" in addresses or "127.0.0.1" in addresses
+    # IPv6 loopback before IPv4 loopback, and anything routable before either.
+    if "::1" in addresses and "127.0.0.1" in addresses:
+        assert addresses.index("::1") < addresses.index("127.0.0.1")
+
+
+def test_specs_fields(client: testing.TestClient) -> None:
+    specs = client.simulate_get("/v1/specs").json
+    assert specs["hostname"]
+    assert specs["os"]["system"] == "Linux"
+    assert specs["cpu"]["model"] and specs["cpu"]["cores"] >= 1
+    assert specs["cpu"]["threads"] >= specs["cpu"]["cores"]
+    assert specs["memory"]["total"] > specs["memory"]["available"] > 0
+    assert specs["disk"]["total"] >= specs["disk"]["free"] > 0
+    assert set(specs["load"]) == {"1m", "5m", "15m"}
+    assert specs["gpus"] == []  # no NVIDIA GPU on these machines: an empty list, no error
+
+
+def test_specs_do_not_block_on_sampling(client: testing.TestClient) -> None:
+    started = time.perf_counter()
+    for _ in range(20):
+        assert client.simulate_get("/v1/specs").status_code == 200
+    # Sampling CPU use with an interval would take a second or more per call.
+    assert time.perf_counter() - started < 1.0
+
+
+def test_download_streams_exactly_the_bytes_asked(client: testing.TestClient) -> None:
+    result = client.simulate_get("/v1/speedtest/download", params={"bytes": "2500"})
+    assert result.status_code == 200
+    assert len(result.content) == 2500
+    assert result.headers["content-length"] == "2500"
+    assert result.headers["content-type"] == "application/octet-stream"
+    assert len(client.simulate_get("/v1/speedtest/download").content) == 3000  # the default
+    assert client.simulate_get("/v1/speedtest/download?bytes=0").content == b""
+
+
+@pytest.mark.parametrize("value", ["-5", "ten", "1.5", "1e3", ""])
+def test_download_bytes_must_be_a_whole_number(client: testing.TestClient, value: str) -> None:
+    result = client.simulate_get("/v1/speedtest/download", query_string=f"bytes={value}")
+    assert_json_error(result, 400, "whole number")
+
+
+def test_download_over_the_cap_is_413(client: testing.TestClient) -> None:
+    assert_json_error(client.simulate_get("/v1/speedtest/download?bytes=10001"), 413, "at most")
+
+
+def test_upload_counts_and_discards(client: testing.TestClient) -> None:
+    body = client.simulate_post("/v1/speedtest/upload", body=b"x" * 7777).json
+    assert body["bytes"] == 7777 and body["seconds"] >= 0
+
+
+def test_upload_over_the_cap_is_413(client: testing.TestClient) -> None:
+    assert_json_error(client.simulate_post("/v1/speedtest/upload", body=b"x" * 10_001), 413)
+
+
+def test_unknown_route_is_404_json(client: testing.TestClient) -> None:
+    assert_json_error(client.simulate_get("/v1/nothing-here"), 404, "openapi")
+    assert_json_error(client.simulate_get("/"), 404)
+
+
+def test_wrong_method_is_405_json(client: testing.TestClient) -> None:
+    result = client.simulate_delete("/v1/health")
+    assert_json_error(result, 405, "method")
+    assert "GET" in result.headers["allow"]
+
+
+def test_malformed_json_is_400(client: testing.TestClient) -> None:
+    result = client.simulate_post("/v1/echo", body=b'{"a": 1', content_type="application/json")
+    assert_json_error(result, 400, "not valid JSON")
+    assert_json_error(client.simulate_post("/v1/echo", body=b""), 400, "expected a JSON body")
+    assert_json_error(client.simulate_post("/v1/echo", body=b"\xff\xfe"), 400)
+    assert client.simulate_post("/v1/echo", json={"a": [1, 2]}).json == {"echo": {"a": [1, 2]}}
+
+
+def test_json_body_over_the_cap_is_413(client: testing.TestClient) -> None:
+    assert_json_error(client.simulate_post("/v1/echo", json={"a": "x" * 2000}), 413, "1000 bytes")
+
+
+def test_error_in_a_responder_is_500_json_without_traceback(settings: Settings) -> None:
+    class Boom:
+        @hookimpl
+        def p2prc_add_routes(self, app: falcon.App) -> None:
+            class Fail:
+                def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+                    raise RuntimeError("secret internals")
+            app.add_route("/v1/boom", Fail())
+
+    hooks = make_plugin_manager(load_entrypoints=False, plugins=[*BUILTINS, ("boom", Boom())])
+    result = testing.TestClient(create_app(ServerContext(settings, hooks))).simulate_get("/v1/boom")
+    assert_json_error(result, 500)
+    assert "secret internals" not in result.text
+
+
+def test_openapi_lists_exactly_the_routes_that_exist(client: testing.TestClient) -> None:
+    document = client.simulate_get("/v1/openapi.json").json
+    assert document["openapi"].startswith("3.")
+    declared = {(path, method) for path, ops in document["paths"].items() for method in ops}
+    app = client.app
+    real = {(template, method) for template, method, _ in openapi.routes(app)}
+    assert declared == real
+    assert ("/v1/speedtest/upload", "post") in declared
+    # Every declared operation answers: no 404 or 405 for any of them.
+    for path, method in declared:
+        body = {} if method == "post" else None
+        result = client.simulate_request(method.upper(), path, json=body)
+        assert result.status_code not in (404, 405), (method, path, result.status_code)

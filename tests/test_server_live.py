@@ -1,0 +1,168 @@
+"""A real ``p2prc server`` process, reached over real sockets on 127.0.0.1 and ::1."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import P2PRC, LiveServer, free_port, ipv6_loopback_works, require, start_server
+
+pytestmark = pytest.mark.integration
+
+
+def p2prc(*args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "P2PRC_HOME": str(home)}
+    return subprocess.run([P2PRC, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_reached_over_ipv4_and_ipv6(live_server: LiveServer) -> None:
+    require(ipv6_loopback_works(), "no IPv6 loopback on this machine")
+    for host in ("127.0.0.1", "::1"):
+        health = httpx.get(live_server.url(host) + "/v1/health", timeout=5)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        node = httpx.get(live_server.url(host) + "/v1/node", timeout=5).json()
+        assert node["port"] == live_server.port
+
+
+def test_one_log_line_per_request_and_clean_stop_on_sigterm(live_server: LiveServer) -> None:
+    for path in ("/v1/health", "/v1/specs", "/v1/missing"):
+        httpx.get(live_server.url() + path, timeout=5)
+    assert live_server.stop(signal.SIGTERM) == 0
+    log = live_server.output()
+    assert log.count('"GET /v1/health HTTP/1.1" 200') == 2  # the readiness probe, then ours
+    assert '"GET /v1/specs HTTP/1.1" 200' in log
+    assert '"GET /v1/missing HTTP/1.1" 404' in log
+    assert "Traceback" not in log
+
+
+def test_ctrl_c_stops_it_cleanly(live_server: LiveServer) -> None:
+    assert live_server.stop(signal.SIGINT) == 0
+
+
+def test_errors_are_json_over_the_wire(live_server: LiveServer) -> None:
+    base = live_server.url()
+    missing = httpx.get(base + "/v1/nope", timeout=5)
+    assert missing.status_code == 404 and missing.json()["description"]
+    wrong = httpx.put(base + "/v1/specs", timeout=5)
+    assert wrong.status_code == 405 and wrong.json()["title"]
+    bad = httpx.get(base + "/v1/speedtest/download?bytes=-1", timeout=5)
+    assert bad.status_code == 400
+
+
+def test_oversized_upload_is_refused_before_reading_and_server_keeps_serving(
+        tmp_path: Path) -> None:
+    server = start_server(tmp_path / "home", env={"P2PRC_SPEEDTEST_MAX_BYTES": "100000"})
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            # Declares 10 GB and sends none of it: the answer comes at once.
+            sock.sendall(b"POST /v1/speedtest/upload HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 10000000000\r\n\r\n")
+            head = sock.recv(4096).decode()
+        assert head.startswith("HTTP/1.1 413")
+        too_big = httpx.get(server.url() + "/v1/speedtest/download?bytes=100001", timeout=5)
+        assert too_big.status_code == 413 and "100000" in too_big.json()["description"]
+        assert httpx.get(server.url() + "/v1/health", timeout=5).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_openapi_operations_all_answer_on_the_real_server(live_server: LiveServer) -> None:
+    base = live_server.url()
+    document = httpx.get(base + "/v1/openapi.json", timeout=5).json()
+    assert document["paths"]
+    for path, operations in document["paths"].items():
+        for method in operations:
+            result = httpx.request(method.upper(), base + path, timeout=10,
+                                   params={"bytes": "10"} if "download" in path else None)
+            assert result.status_code == 200, (method, path, result.status_code)
+
+
+def test_speedtest_command_against_the_real_server(live_server: LiveServer,
+                                                   tmp_path: Path) -> None:
+    result = p2prc("speedtest", live_server.peer(), "--bytes", "8M", "--json",
+                   home=tmp_path / "client")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    transfers = {t["direction"]: t for t in report["transfers"]}
+    assert set(transfers) == {"download", "upload"}
+    for transfer in transfers.values():
+        assert transfer["bytes"] == 8 * 1024 * 1024
+        assert transfer["mbit_per_second"] > 0
+    table = p2prc("speedtest", live_server.peer(), "--bytes", "1M", home=tmp_path / "client")
+    assert table.returncode == 0 and "Mbit/s" in table.stdout and "download" in table.stdout
+
+
+def test_speedtest_over_ipv6(live_server: LiveServer, tmp_path: Path) -> None:
+    require(ipv6_loopback_works(), "no IPv6 loopback on this machine")
+    result = p2prc("speedtest", live_server.peer("::1"), "--bytes", "2M", "--download-only",
+                   "--json", home=tmp_path / "client")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["transfers"][0]["bytes"] == 2 * 1024 * 1024
+
+
+def test_specs_command_against_the_real_server(live_server: LiveServer, tmp_path: Path) -> None:
+    result = p2prc("specs", live_server.peer(), "--json", home=tmp_path / "client")
+    assert result.returncode == 0, result.stderr
+    specs = json.loads(result.stdout)
+    assert specs["hostname"] == socket.gethostname() and specs["gpus"] == []
+    table = p2prc("specs", live_server.peer(), home=tmp_path / "client")
+    assert "cores" in table.stdout and "gpus" in table.stdout
+
+
+def test_port_taken_is_one_clear_line(live_server: LiveServer, tmp_path: Path) -> None:
+    result = p2prc("server", "--port", str(live_server.port), home=tmp_path / "other")
+    assert result.returncode == 1
+    assert f"port {live_server.port} is already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert httpx.get(live_server.url() + "/v1/health", timeout=5).status_code == 200
+
+
+def test_address_not_on_this_machine_is_one_clear_line(tmp_path: Path) -> None:
+    result = p2prc("server", "--host", "192.0.2.254", "--port", str(free_port()),
+                   home=tmp_path / "h")
+    assert result.returncode == 1
+    assert "not on this machine" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_original_spelling_dash_s_serves(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "h", command=("-s",))
+    try:
+        assert httpx.get(server.url() + "/v1/node", timeout=5).json()["port"] == server.port
+    finally:
+        assert server.stop() == 0
+
+
+def test_dead_peer_is_one_clear_line(tmp_path: Path) -> None:
+    result = p2prc("specs", f"127.0.0.1:{free_port()}", home=tmp_path / "h")
+    assert result.returncode == 1
+    assert "cannot reach 127.0.0.1:" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def not_a_node() -> Iterator[int]:
+    """A plain HTTP server that is not p2prc."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_something_that_is_not_a_node_is_one_clear_line(not_a_node: int, tmp_path: Path) -> None:
+    result = p2prc("specs", f"127.0.0.1:{not_a_node}", home=tmp_path / "h")
+    assert result.returncode == 1
+    assert "not as a p2prc node" in result.stderr and "Traceback" not in result.stderr
