@@ -96,9 +96,10 @@ class LiveServer:
 
 
 def start_server(home: Path, *args: str, env: dict[str, str] | None = None,
-                 command: tuple[str, ...] = ("server",), wait: float = 20) -> LiveServer:
+                 command: tuple[str, ...] = ("server",), wait: float = 20,
+                 port: int | None = None) -> LiveServer:
     """Start ``p2prc server`` (or ``command``) with its port set through P2PRC_PORT."""
-    port = free_port()
+    port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     log = home / "server.log"
     full_env = {**os.environ, "P2PRC_HOME": str(home), "P2PRC_WORKERS": "1",

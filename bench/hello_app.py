@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import falcon
@@ -14,7 +15,7 @@ class Hello:
         resp.media = {"hello": "world"}
 
 
-def build_hello_app(settings: Settings) -> Any:
+def build_hello_app(settings: Settings, home: Path) -> Any:
     app = falcon.App()
     app.add_route("/v1/specs", Hello())
     return app

@@ -11,5 +11,6 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from hello_app import build_hello_app  # noqa: E402
 
 if __name__ == "__main__":
-    settings = load_settings().settings
-    PeerServer(settings, bind_socket(settings.host, int(sys.argv[1])), build_hello_app).run()
+    loaded = load_settings()
+    sock = bind_socket(loaded.settings.host, int(sys.argv[1]))
+    PeerServer(loaded.settings, loaded.home, sock, build_hello_app).run()

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
 from p2prc_core import transfer
-from p2prc_core.errors import PeerError
+from p2prc_core.errors import PeerError, PeerRefused
+from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
+from p2prc_core.records import RecordError, verify_record
+from p2prc_core.signing import sign_request
 
 Progress = Callable[[int], None]
 
@@ -36,8 +41,10 @@ class Transfer:
 class PeerClient:
     """Talks to one peer server. Every failure becomes a ``PeerError`` with a clear message."""
 
-    def __init__(self, endpoint: Endpoint, timeout: float = 10.0):
+    def __init__(self, endpoint: Endpoint, timeout: float = 10.0,
+                 identity: NodeIdentity | None = None):
         self.endpoint = endpoint
+        self.identity = identity
         self._timeout = timeout
         self._http = httpx.Client(base_url=endpoint.base_url, timeout=timeout,
                                   headers={"User-Agent": "p2prc"}, trust_env=False)
@@ -57,7 +64,13 @@ class PeerClient:
         return self._get_json("/v1/health")
 
     def node(self) -> dict[str, Any]:
-        return self._get_json("/v1/node")
+        """The peer's signed record, verified. :raises PeerError: it does not verify."""
+        record = self._get_json("/v1/node")
+        try:
+            return verify_record(record)
+        except RecordError as err:
+            raise PeerError(f"{self.endpoint} sent a node record that does not verify: "
+                            f"{err}") from None
 
     def specs(self) -> dict[str, Any]:
         return self._get_json("/v1/specs")
@@ -77,6 +90,37 @@ class PeerClient:
         if reply.get("bytes") != size:
             raise PeerError(f"{self.endpoint} received {reply.get('bytes')} bytes of {size}")
         return Transfer("upload", size, seconds)
+
+    # -- signed routes -----------------------------------------------------------------
+
+    def whoami(self) -> dict[str, Any]:
+        """Whether the peer trusts us."""
+        return self.signed("GET", "/v1/trust/me")
+
+    def join(self, secret: str, own_record: dict[str, Any] | None) -> dict[str, Any]:
+        """Redeem an invite; returns the host's verified record."""
+        reply = self.signed("POST", "/v1/trust/join",
+                            {"secret": secret, "record": own_record})
+        try:
+            return verify_record(reply.get("node"))
+        except RecordError as err:
+            raise PeerError(f"{self.endpoint} answered the join with a record that does not "
+                            f"verify: {err}") from None
+
+    def signed(self, method: str, path: str, body: Any = None,
+               params: dict[str, str] | None = None) -> dict[str, Any]:
+        """A request signed with this node's key (created on first use)."""
+        if self.identity is None:
+            raise PeerError("this client has no node key to sign with")
+        raw = b"" if body is None else json.dumps(body).encode()
+        query = urlencode(params or {})
+        headers = sign_request(self.identity, method, path, query, raw)
+        if raw:
+            headers["Content-Type"] = "application/json"
+        with self._guard():
+            resp = self._http.request(method, path + ("?" + query if query else ""),
+                                      content=raw, headers=headers)
+        return self._json(resp)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -110,7 +154,8 @@ class PeerClient:
         except (ValueError, KeyError, TypeError):
             raise PeerError(f"{self.endpoint} answered HTTP {resp.status_code}, and not as a "
                             f"p2prc node (is the port right?)") from None
-        raise PeerError(f"{self.endpoint} refused ({resp.status_code}): {detail}")
+        raise PeerRefused(f"{self.endpoint} refused ({resp.status_code}): {detail}",
+                          resp.status_code)
 
     def _guard(self) -> _Guard:
         return _Guard(self.endpoint, self._http.timeout.read)

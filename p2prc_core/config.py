@@ -47,6 +47,11 @@ class Settings:
     allow_loopback: bool = _setting(False, "advertise and accept loopback addresses (labs, tests)")
     disable_plugins: list[str] = _setting([], "plugin names not to load")
     request_timeout: float = _setting(10.0, "seconds the client waits for a peer", min=0.1)
+    trust_mode: str = _setting("allowlist", "'allowlist': only trusted nodes run work here; "
+                               "'open': anyone who can reach this server can (labs only)",
+                               choices=("allowlist", "open"))
+    clock_window_seconds: int = _setting(60, "how far a signed request's time may be from ours",
+                                         min=5, max=3600)
 
     @property
     def display_name(self) -> str:

@@ -7,3 +7,11 @@ class P2PRCError(Exception):
 
 class PeerError(P2PRCError):
     """A peer could not be reached, or did not answer as a p2prc node."""
+
+
+class PeerRefused(PeerError):
+    """A peer answered, and refused the request (an HTTP error with a JSON reason)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status

@@ -167,3 +167,17 @@ def parse_size(text: str) -> int:
     if not match or unit not in _SIZE_UNITS:
         raise ValueError(f"{text!r} is not a size (examples: 512, 64k, 10M, 1G)")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``"90"`` or ``"90s"``, ``"30m"``, ``"2h"``, ``"7d"`` to seconds.
+
+    :raises ValueError: the text is not a duration.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", text.lower())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r} is not a duration (examples: 90s, 30m, 2h, 7d)")
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from p2prc_core.errors import PeerError
+from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import Endpoint
 
 Progress = Callable[[int], None]
@@ -89,7 +89,7 @@ def _fail(endpoint: Endpoint, response: _Response, sock: socket.socket) -> PeerE
         detail = f"{error['title']}: {error['description']}"
     except (ValueError, KeyError, TypeError):
         return PeerError(f"{endpoint} answered HTTP {response.status}, and not as a p2prc node")
-    return PeerError(f"{endpoint} refused ({response.status}): {detail}")
+    return PeerRefused(f"{endpoint} refused ({response.status}): {detail}", response.status)
 
 
 def download(endpoint: Endpoint, size: int, timeout: float,

@@ -58,9 +58,9 @@ def test_every_command_is_in_the_cli_docs() -> None:
         assert f"p2prc {path}" in text, f"docs/cli.md does not describe 'p2prc {path}'"
 
 
-def test_every_route_is_in_the_api_docs(hooks, settings) -> None:  # type: ignore[no-untyped-def]
+def test_every_route_is_in_the_api_docs(hooks, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     text = (DOCS / "api.md").read_text()
-    app = create_app(ServerContext(settings, hooks))
+    app = create_app(ServerContext(settings, hooks, tmp_path))
     assert testing.TestClient(app).simulate_get("/v1/health").status_code == 200
     for template, method, _ in openapi.routes(app):
         assert f"{method.upper()} {template}" in text, f"docs/api.md lacks {method} {template}"

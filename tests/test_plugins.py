@@ -203,12 +203,12 @@ class Registrations:
         app.add_route("/v1/hello", Hello())
 
 
-def test_register_backends_runners_and_routes(settings) -> None:  # type: ignore[no-untyped-def]
+def test_register_backends_runners_and_routes(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     hooks = make_plugin_manager(load_entrypoints=False,
                                 plugins=[*BUILTINS, ("reg", Registrations())])
     assert list(hooks.backends()) == ["toy"]
     assert list(hooks.runners()) == ["echo"]
-    client = testing.TestClient(create_app(ServerContext(settings, hooks)))
+    client = testing.TestClient(create_app(ServerContext(settings, hooks, tmp_path)))
     assert client.simulate_get("/v1/hello").json == {"hello": "world"}
     assert client.simulate_get("/v1/images").json == {
         "images": [{"backend": "toy", "name": "p2prc/base:latest"}]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import falcon
 import pytest
@@ -31,11 +32,11 @@ class EchoRoute:
 
 
 @pytest.fixture
-def client() -> testing.TestClient:
+def client(tmp_path: Path) -> testing.TestClient:
     settings = Settings(name="unit", max_body_bytes=1000, speedtest_max_bytes=10_000,
                         speedtest_default_bytes=3000)
     hooks = make_plugin_manager(load_entrypoints=False, plugins=[*BUILTINS, ("echo", EchoRoute())])
-    return testing.TestClient(create_app(ServerContext(settings, hooks)))
+    return testing.TestClient(create_app(ServerContext(settings, hooks, tmp_path)))
 
 
 def assert_json_error(result: testing.Result, status: int, title_words: str = "") -> None:
@@ -55,14 +56,15 @@ def test_health(client: testing.TestClient) -> None:
 def test_node_advertises_what_select_address_chose(client: testing.TestClient) -> None:
     body = client.simulate_get("/v1/node").json
     assert body["name"] == "unit" and body["port"] == 8088
-    kinds = [a for a in body["addresses"] if a in ("127.0.0.1", "::1")]
-    assert kinds == [], "loopback is not advertised unless allow_loopback is set"
-    assert body["address"] == (body["addresses"][0] if body["addresses"] else None)
+    loopback = [a for a in body["addresses"] if a in ("127.0.0.1", "::1")]
+    assert loopback == [], "loopback is not advertised unless allow_loopback is set"
+    assert body["version"] == __version__
 
 
-def test_node_advertises_loopback_when_allowed() -> None:
+def test_node_advertises_loopback_when_allowed(tmp_path: Path) -> None:
     hooks = make_plugin_manager(load_entrypoints=False, plugins=BUILTINS)
-    client = testing.TestClient(create_app(ServerContext(Settings(allow_loopback=True), hooks)))
+    context = ServerContext(Settings(allow_loopback=True), hooks, tmp_path)
+    client = testing.TestClient(create_app(context))
     addresses = client.simulate_get("/v1/node").json["addresses"]
     assert "::1" in addresses or "127.0.0.1" in addresses
     # IPv6 loopback before IPv4 loopback, and anything routable before either.
@@ -142,7 +144,8 @@ def test_json_body_over_the_cap_is_413(client: testing.TestClient) -> None:
     assert_json_error(client.simulate_post("/v1/echo", json={"a": "x" * 2000}), 413, "1000 bytes")
 
 
-def test_error_in_a_responder_is_500_json_without_traceback(settings: Settings) -> None:
+def test_error_in_a_responder_is_500_json_without_traceback(settings: Settings,
+                                                             tmp_path: Path) -> None:
     class Boom:
         @hookimpl
         def p2prc_add_routes(self, app: falcon.App) -> None:
@@ -152,7 +155,8 @@ def test_error_in_a_responder_is_500_json_without_traceback(settings: Settings) 
             app.add_route("/v1/boom", Fail())
 
     hooks = make_plugin_manager(load_entrypoints=False, plugins=[*BUILTINS, ("boom", Boom())])
-    result = testing.TestClient(create_app(ServerContext(settings, hooks))).simulate_get("/v1/boom")
+    app = create_app(ServerContext(settings, hooks, tmp_path))
+    result = testing.TestClient(app).simulate_get("/v1/boom")
     assert_json_error(result, 500)
     assert "secret internals" not in result.text
 

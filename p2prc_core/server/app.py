@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import falcon
 
 from p2prc_core import __version__
 from p2prc_core.config import Settings
-from p2prc_core.node import TimedCache, advertisable, local_addresses, ordered_by_preference
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.node import TimedCache, record_fields
+from p2prc_core.peertable import PeerTable
 from p2prc_core.plugins import PluginHooks
+from p2prc_core.records import RecordError, RecordPublisher, verify_record
 from p2prc_core.server import errors, openapi, resources
+from p2prc_core.server.auth import RequestAuth
 from p2prc_core.server.bodies import BodySizeLimit
+from p2prc_core.trust import ServerState, TrustStore
+
+log = logging.getLogger("p2prc.server")
 
 
 @dataclass
@@ -23,48 +32,76 @@ class ServerContext:
 
     settings: Settings
     hooks: PluginHooks
+    home: Path
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self._specs = TimedCache(self._collect_specs_json, self.settings.specs_cache_seconds)
-        self._addresses = TimedCache(self._choose_addresses, 30.0)
+        self.identity = NodeIdentity.load_or_create(self.home)
+        self.publisher = RecordPublisher(self.home, self.identity)
+        self.trust = TrustStore(self.home)
+        self.state = ServerState(self.home)
+        self.peers = PeerTable(self.home, self.identity.node_id)
+        self._specs = TimedCache(self._collect_specs, self.settings.specs_cache_seconds)
+        self._record = TimedCache(self._build_record, 30.0)
         self._backends = TimedCache(self.hooks.backends, float("inf"))
 
-    def _collect_specs_json(self) -> bytes:
-        return json.dumps(self.hooks.collect_specs()).encode()
+    def _collect_specs(self) -> tuple[dict[str, Any], bytes]:
+        specs = self.hooks.collect_specs()
+        return specs, json.dumps(specs).encode()
 
     def specs_json(self) -> bytes:
-        result: bytes = self._specs.get()
+        result: bytes = self._specs.get()[1]
         return result
 
-    def _choose_addresses(self) -> list[str]:
-        found = advertisable(local_addresses(), self.settings)
-        return [str(a) for a in ordered_by_preference(self.hooks, found, "advertise")]
+    def _build_record(self) -> dict[str, Any]:
+        specs = self._specs.get()[0]
+        return self.publisher.current(record_fields(self.settings, self.hooks, specs,
+                                                    __version__))
 
-    def describe_node(self) -> dict[str, Any]:
-        addresses = self._addresses.get()
-        return {"name": self.settings.display_name, "version": __version__,
-                "port": self.settings.port, "address": addresses[0] if addresses else None,
-                "addresses": addresses}
+    def node_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = self._record.get()
+        return record
 
     def backends(self) -> dict[str, Any]:
         result: dict[str, Any] = self._backends.get()
         return result
 
+    def join(self, caller: str, secret: str, caller_record: Any) -> dict[str, Any]:
+        """Redeem an invite for ``caller``; learn the caller's record if it sent a valid one."""
+        self.state.redeem_invite(secret, caller)
+        name = ""
+        if caller_record is not None:
+            try:
+                verify_record(caller_record)
+                if caller_record["node_id"] == caller:
+                    name = caller_record["name"]
+                    self.peers.merge([caller_record])
+            except RecordError as err:
+                log.info("join from %s: its record was not kept: %s", caller, err)
+        self.trust.add(caller, name=name, via="invite")
+        log.info("node %s (%s) joined with an invite and is now trusted", caller, name or "?")
+        return {"trusted": True, "node": self.node_record()}
+
 
 def create_app(context: ServerContext) -> falcon.App:
     settings = context.settings
-    app = falcon.App(middleware=[BodySizeLimit(settings.max_body_bytes)])
+    auth = RequestAuth(context.state, context.trust, settings.clock_window_seconds,
+                       open_mode=settings.trust_mode == "open")
+    middleware: list[Any] = [BodySizeLimit(settings.max_body_bytes), auth]
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     app.add_route("/v1/health", resources.HealthResource(context.started))
-    app.add_route("/v1/node", resources.NodeResource(context.describe_node))
+    app.add_route("/v1/node", resources.NodeResource(context.node_record))
     app.add_route("/v1/specs", resources.SpecsResource(context.specs_json))
     app.add_route("/v1/speedtest/download", resources.SpeedDownloadResource(
         settings.speedtest_default_bytes, settings.speedtest_max_bytes))
     app.add_route("/v1/speedtest/upload",
                   resources.SpeedUploadResource(settings.speedtest_max_bytes))
     app.add_route("/v1/images", resources.ImagesResource(context.backends))
+    app.add_route("/v1/trust/me",
+                  resources.TrustMeResource(context.trust.is_trusted, settings.trust_mode))
+    app.add_route("/v1/trust/join", resources.TrustJoinResource(context.join))
     app.add_route("/v1/openapi.json",
                   resources.OpenAPIResource(lambda: openapi.build_document(app)))
     context.hooks.add_routes(app)

@@ -40,7 +40,9 @@ def read_json(req: falcon.Request, limit: int | None = None) -> Any:
     :raises falcon.HTTPBadRequest: the body is empty or not JSON (400).
     """
     limit = limit or getattr(req.context, "max_body_bytes", None) or 1 << 20
-    raw = req.bounded_stream.read(limit + 1)
+    raw = getattr(req.context, "raw_body", None)  # already read for a signature check
+    if raw is None:
+        raw = req.bounded_stream.read(limit + 1)
     if len(raw) > limit:
         raise too_large(limit)
     if not raw:

@@ -11,7 +11,8 @@ from typing import Any
 import falcon
 
 from p2prc_core import __version__
-from p2prc_core.server.bodies import too_large
+from p2prc_core.server.bodies import read_json, too_large
+from p2prc_core.trust import TrustError
 
 # One block of random bytes, reused for every download: incompressible, generated once.
 _CHUNK = os.urandom(1 << 20)
@@ -29,7 +30,8 @@ class HealthResource:
 
 
 class NodeResource:
-    OPENAPI = {"get": {"summary": "This node: name, version, port and chosen addresses",
+    OPENAPI = {"get": {"summary": "This node's signed record: id, key, name, addresses (IPv6 "
+                                  "first), port, seq, time, short specs",
                        "tags": ["open"]}}
 
     def __init__(self, describe: Callable[[], dict[str, Any]]):
@@ -149,3 +151,46 @@ class OpenAPIResource:
             self._cached = json.dumps(self.document(), indent=1).encode()
         resp.data = self._cached
         resp.content_type = falcon.MEDIA_JSON
+
+
+class TrustMeResource:
+    AUTH = {"get": "signed"}
+    OPENAPI = {"get": {"summary": "Whether this host trusts the (signed) caller",
+                       "tags": ["signed"]}}
+
+    def __init__(self, is_trusted: Callable[[str], bool], trust_mode: str):
+        self.is_trusted = is_trusted
+        self.trust_mode = trust_mode
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        caller = req.context.caller
+        resp.media = {"node_id": caller, "trusted": self.is_trusted(caller),
+                      "trust_mode": self.trust_mode}
+
+
+class TrustJoinResource:
+    AUTH = {"post": "signed"}
+    OPENAPI = {"post": {
+        "summary": "Redeem an invite: the signed caller is trusted from now on",
+        "tags": ["signed"],
+        "requestBody": {"content": {"application/json": {"schema": {
+            "type": "object", "required": ["secret"],
+            "properties": {"secret": {"type": "string"},
+                           "record": {"type": "object",
+                                      "description": "the caller's own signed record"}}}}}},
+        "responses": {"200": {"description": "{trusted: true, node: this host's record}"},
+                      "403": {"description": "the invite is unknown, used or expired"}},
+    }}
+
+    def __init__(self, join: Callable[[str, str, Any], dict[str, Any]]):
+        self.join = join
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_json(req)
+        if not isinstance(body, dict) or not isinstance(body.get("secret"), str):
+            raise falcon.HTTPBadRequest(title="Invalid join",
+                                        description="Expected {\"secret\": \"...\"}.")
+        try:
+            resp.media = self.join(req.context.caller, body["secret"], body.get("record"))
+        except TrustError as err:
+            raise falcon.HTTPForbidden(title="Invite refused", description=str(err)) from None

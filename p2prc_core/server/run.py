@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -56,9 +57,10 @@ def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
 class PeerServer(BaseApplication):  # type: ignore[misc]
     """gunicorn, embedded: only known settings, the app built in each worker."""
 
-    def __init__(self, settings: Settings, sock: socket.socket,
-                 app_factory: Callable[[Settings], Any] | None = None):
+    def __init__(self, settings: Settings, home: Path, sock: socket.socket,
+                 app_factory: Callable[[Settings, Path], Any] | None = None):
         self.settings = settings
+        self.home = home
         self.app_factory = app_factory or build_app
         self.fd = sock.detach()  # gunicorn takes the descriptor over
         super().__init__()
@@ -86,16 +88,16 @@ class PeerServer(BaseApplication):  # type: ignore[misc]
                 self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return self.app_factory(self.settings)
+        return self.app_factory(self.settings, self.home)
 
 
-def build_app(settings: Settings) -> Any:
+def build_app(settings: Settings, home: Path) -> Any:
     """The peer app as each worker builds it (plugins are loaded again after the fork)."""
     hooks = make_plugin_manager(disabled=settings.disable_plugins)
-    return create_app(ServerContext(settings, hooks))
+    return create_app(ServerContext(settings, hooks, home))
 
 
-def serve(settings: Settings, hooks: PluginHooks | None = None,
+def serve(settings: Settings, home: Path, hooks: PluginHooks | None = None,
           announce: Callable[[], None] | None = None) -> None:
     """Check the plugins, bind the socket, then hand over to gunicorn until a signal stops it.
 
@@ -103,7 +105,10 @@ def serve(settings: Settings, hooks: PluginHooks | None = None,
     """
     if hooks is None:
         hooks = make_plugin_manager(disabled=settings.disable_plugins)
+    # Built once before forking, so a bad key or state file is one clear error, not a
+    # worker that fails to boot.
+    ServerContext(settings, hooks, home)
     sock = bind_socket(settings.host, settings.port)
     if announce:
         announce()
-    PeerServer(settings, sock).run()
+    PeerServer(settings, home, sock).run()

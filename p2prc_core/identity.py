@@ -1,0 +1,115 @@
+"""This node's Ed25519 key, its node id, and signing and verifying what nodes say."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from p2prc_core.errors import P2PRCError
+
+KEY_FILE = "node.key"
+NODE_ID_LENGTH = 26  # base32 characters: 130 bits of the key's SHA-256
+
+
+class IdentityError(P2PRCError):
+    """The node key cannot be read or created."""
+
+
+def b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64decode(text: str) -> bytes:
+    """Decode unpadded base64url. :raises ValueError: not base64url."""
+    if not isinstance(text, str) or not text.isascii():
+        raise ValueError("not base64url text")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def canonical_json(data: Any) -> bytes:
+    """The one byte form of ``data`` that is signed: sorted keys, no spaces, UTF-8."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def node_id_for(public_key: bytes) -> str:
+    """A node id: short enough to read out, derived from (and so bound to) the public key."""
+    digest = hashlib.sha256(b"p2prc-node-id\0" + public_key).digest()
+    return base64.b32encode(digest).decode("ascii").lower()[:NODE_ID_LENGTH]
+
+
+def is_node_id(text: str) -> bool:
+    return (isinstance(text, str) and len(text) == NODE_ID_LENGTH
+            and all(c in "abcdefghijklmnopqrstuvwxyz234567" for c in text))
+
+
+def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """True when ``signature`` is ``public_key``'s signature of ``message``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """A node's key pair. ``load_or_create`` keeps it in the home, mode 0600."""
+
+    private_key: Ed25519PrivateKey
+
+    @property
+    def public_key(self) -> bytes:
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    @property
+    def node_id(self) -> str:
+        return node_id_for(self.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self.private_key.sign(message)
+
+    @classmethod
+    def generate(cls) -> NodeIdentity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, home: Path) -> NodeIdentity:
+        """The key in ``home``; created on first use. Two processes racing get the same key."""
+        path = home / KEY_FILE
+        if not path.exists():
+            home.mkdir(parents=True, exist_ok=True)
+            pem = cls.generate().private_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption())
+            tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # fails if another process got there first: use theirs
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as err:
+            raise IdentityError(f"cannot read the node key {path}: {err}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise IdentityError(f"{path} is not an Ed25519 key")
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return cls(key)

@@ -1,0 +1,163 @@
+"""Signed peer records: what a node says about itself, which nobody else can forge."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from p2prc_core.identity import (
+    NodeIdentity,
+    b64decode,
+    b64encode,
+    canonical_json,
+    is_node_id,
+    node_id_for,
+    verify,
+)
+from p2prc_core.storage import atomic_write_json, locked, read_json_file
+
+RECORD_STATE_FILE = "record.json"
+MAX_FUTURE_SECONDS = 600  # a record dated further ahead than this is refused
+MAX_ADDRESSES = 16
+MAX_NAME = 64
+MAX_EXTRA_BYTES = 4096  # specs and metadata together, as canonical JSON
+
+# field name -> accepted types
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "node_id": (str,), "public_key": (str,), "name": (str,), "addresses": (list,),
+    "port": (int,), "seq": (int,), "time": (int,), "specs": (dict,), "metadata": (dict,),
+    "version": (str,), "signature": (str,),
+}
+
+
+class RecordError(ValueError):
+    """A record that must be dropped; ``reason`` is a short word for counting."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _content(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "signature"}
+
+
+def sign_record(identity: NodeIdentity, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with this node's id and key, signed."""
+    record = {**fields, "node_id": identity.node_id, "public_key": b64encode(identity.public_key)}
+    record["signature"] = b64encode(identity.sign(canonical_json(_content(record))))
+    return record
+
+
+def verify_record(record: Any, now: float | None = None) -> dict[str, Any]:
+    """Check a record's form, that its id matches its key, and its signature.
+
+    :return: the record, unchanged.
+    :raises RecordError: with the reason it is dropped.
+    """
+    if not isinstance(record, dict):
+        raise RecordError("malformed", "a record must be a JSON object")
+    for name, kinds in _FIELDS.items():
+        value = record.get(name)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise RecordError("malformed", f"record field {name!r} is missing or of the wrong type")
+    unknown = sorted(set(record) - set(_FIELDS))
+    if unknown:
+        raise RecordError("malformed", f"unknown record fields {unknown}")
+    if not is_node_id(record["node_id"]):
+        raise RecordError("malformed", "node_id is not a node id")
+    if not 0 < record["port"] < 65536 or record["seq"] < 0:
+        raise RecordError("malformed", "port or seq out of range")
+    addresses = record["addresses"]
+    if len(addresses) > MAX_ADDRESSES or not all(isinstance(a, str) and len(a) <= 64
+                                                 for a in addresses):
+        raise RecordError("malformed", f"addresses must be at most {MAX_ADDRESSES} strings")
+    if len(record["name"]) > MAX_NAME:
+        raise RecordError("malformed", f"name longer than {MAX_NAME} characters")
+    try:
+        public_key = b64decode(record["public_key"])
+        signature = b64decode(record["signature"])
+        extra = canonical_json([record["specs"], record["metadata"]])
+        message = canonical_json(_content(record))
+    except ValueError as err:
+        raise RecordError("malformed", f"record cannot be decoded: {err}") from None
+    if len(extra) > MAX_EXTRA_BYTES:
+        raise RecordError("malformed", f"specs and metadata over {MAX_EXTRA_BYTES} bytes")
+    if len(public_key) != 32 or node_id_for(public_key) != record["node_id"]:
+        raise RecordError("id-mismatch", "node_id does not belong to the record's public key")
+    if not verify(public_key, signature, message):
+        raise RecordError("bad-signature", "the record's signature does not verify")
+    if record["time"] > (now if now is not None else time.time()) + MAX_FUTURE_SECONDS:
+        raise RecordError("future", "the record is dated in the future")
+    return record
+
+
+@dataclass
+class MergeResult:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+def merge_records(held: dict[str, dict[str, Any]], incoming: list[Any],
+                  self_id: str | None = None) -> MergeResult:
+    """Merge ``incoming`` into ``held`` (node id -> record), in place.
+
+    A record is dropped when it fails ``verify_record``, is older (lower seq) than the one
+    held, claims the held seq with other content, or is this node's own.
+    """
+    result = MergeResult()
+    for record in incoming:
+        try:
+            verify_record(record)
+        except RecordError as err:
+            result.dropped[err.reason] += 1
+            continue
+        node_id = record["node_id"]
+        if node_id == self_id:
+            result.dropped["self"] += 1
+            continue
+        current = held.get(node_id)
+        if current is None:
+            held[node_id] = record
+            result.added.append(node_id)
+        elif record["seq"] > current["seq"]:
+            held[node_id] = record
+            result.updated.append(node_id)
+        elif record["seq"] < current["seq"]:
+            result.dropped["older"] += 1
+        elif record["signature"] == current["signature"]:
+            result.unchanged += 1
+        else:
+            result.dropped["conflict"] += 1  # same seq, other content: keep the first seen
+    return result
+
+
+class RecordPublisher:
+    """This node's own signed record; its seq grows whenever its content changes."""
+
+    def __init__(self, home: Path, identity: NodeIdentity):
+        self.path = home / RECORD_STATE_FILE
+        self.identity = identity
+
+    def current(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The signed record for ``fields`` (name, addresses, port, specs, metadata, version).
+
+        Safe across processes: the seq and the last record live in ``record.json``.
+        """
+        digest = hashlib.sha256(canonical_json(fields)).hexdigest()
+        with locked(self.path):
+            state = read_json_file(self.path, {})
+            record = state.get("record")
+            if (state.get("digest") == digest and isinstance(record, dict)
+                    and record.get("node_id") == self.identity.node_id):
+                return record
+            seq = int(state.get("seq", 0)) + 1
+            record = sign_record(self.identity, {**fields, "seq": seq, "time": int(time.time())})
+            atomic_write_json(self.path, {"seq": seq, "digest": digest, "record": record})
+            return record

@@ -1,0 +1,67 @@
+"""Signed requests and the allowlist, checked before any resource that changes state.
+
+A resource says what each method needs with an ``AUTH`` mapping, for example
+``AUTH = {"post": "trusted"}``:
+
+- ``"signed"``: a valid signature from any node (redeeming an invite, asking who you are);
+- ``"trusted"``: a valid signature from a node on this host's allowlist (or open mode).
+
+Answers: 401 when the signature is missing, invalid, expired or replayed; 403 when a
+validly signed caller is not trusted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+
+from p2prc_core.signing import SignatureError, check_signature
+from p2prc_core.trust import ServerState, TrustStore
+
+CHALLENGE = ["P2PRC-Signature"]
+
+
+class RequestAuth:
+    def __init__(self, state: ServerState, trust: TrustStore, window: float, open_mode: bool):
+        self.state = state
+        self.trust = trust
+        self.window = window
+        self.open_mode = open_mode
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any,
+                         params: dict[str, Any]) -> None:
+        need = getattr(resource, "AUTH", {}).get(req.method.lower())
+        if need is None:
+            return
+        body = self._read_body(req)
+        try:
+            signed = check_signature(req.get_header, req.method, req.env.get("PATH_INFO", "/"),
+                                     req.query_string, body, self.window)
+        except SignatureError as err:
+            raise falcon.HTTPUnauthorized(title=err.title, description=str(err),
+                                          challenges=CHALLENGE) from None
+        if not self.state.use_nonce(signed.node_id, signed.nonce, 2 * self.window + 1):
+            raise falcon.HTTPUnauthorized(
+                title="Replayed request",
+                description="This request was already received once (its nonce was used); "
+                            "send a new request.", challenges=CHALLENGE)
+        req.context.caller = signed.node_id
+        if need == "trusted" and not self.open_mode and not self.trust.is_trusted(signed.node_id):
+            raise falcon.HTTPForbidden(
+                title="Not trusted",
+                description=f"Node {signed.node_id} is not trusted by this host. Ask its "
+                            f"owner to run 'p2prc trust {signed.node_id}', or for an invite "
+                            f"to redeem with 'p2prc join TOKEN'.")
+
+    @staticmethod
+    def _read_body(req: falcon.Request) -> bytes:
+        """Read the body once, within its cap, so the signature can cover it."""
+        limit: int = getattr(req.context, "max_body_bytes", 1 << 20)
+        body: bytes = req.bounded_stream.read(limit + 1)
+        if len(body) > limit:
+            raise falcon.HTTPContentTooLarge(
+                title="Request body too large",
+                description=f"This server accepts at most {limit} bytes here.")
+        req.context.raw_body = body
+        return body

@@ -1,0 +1,189 @@
+"""Who may run work here: the allowlist, invites, and the nonces already seen."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from p2prc_core.errors import P2PRCError
+from p2prc_core.identity import b64decode, b64encode, canonical_json, is_node_id
+from p2prc_core.storage import atomic_write_json, locked, read_json_file
+
+TRUSTED_FILE = "trusted.json"
+STATE_DB = "server.db"
+TOKEN_PREFIX = "p2prc-invite-"
+
+
+class TrustError(P2PRCError):
+    """A trust operation that cannot be done; the message says why."""
+
+
+class TrustStore:
+    """The allowlist: ``$P2PRC_HOME/trusted.json``, node id -> who and since when.
+
+    Re-read when the file changes, so ``p2prc trust`` takes effect on a running server.
+    """
+
+    def __init__(self, home: Path):
+        self.path = home / TRUSTED_FILE
+        self._cache: tuple[float, int, dict[str, Any]] | None = None
+        self._lock = threading.Lock()
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        with self._lock:
+            key = (stat.st_mtime, stat.st_size)
+            if self._cache is None or self._cache[:2] != key:
+                data = read_json_file(self.path, {})
+                self._cache = (*key, data if isinstance(data, dict) else {})
+            return dict(self._cache[2])
+
+    def is_trusted(self, node_id: str) -> bool:
+        return node_id in self.all()
+
+    def add(self, node_id: str, name: str = "", via: str = "trust") -> bool:
+        """Trust ``node_id``; returns False if it already was."""
+        if not is_node_id(node_id):
+            raise TrustError(f"{node_id!r} is not a node id (26 letters and digits, as "
+                             f"'p2prc id' prints)")
+        with locked(self.path):
+            data = read_json_file(self.path, {})
+            if node_id in data:
+                return False
+            data[node_id] = {"name": name, "since": int(time.time()), "via": via}
+            atomic_write_json(self.path, data)
+            return True
+
+    def remove(self, node_id: str) -> bool:
+        with locked(self.path):
+            data = read_json_file(self.path, {})
+            if data.pop(node_id, None) is None:
+                return False
+            atomic_write_json(self.path, data)
+            return True
+
+
+@dataclass(frozen=True)
+class Invite:
+    """What an invite token carries: where the host is, who it is, and a one-time secret."""
+
+    node_id: str
+    addresses: list[str]
+    port: int
+    secret: str
+    expires: int
+
+    def token(self) -> str:
+        return TOKEN_PREFIX + b64encode(canonical_json(
+            {"n": self.node_id, "a": self.addresses, "p": self.port, "s": self.secret,
+             "e": self.expires}))
+
+    @classmethod
+    def parse(cls, token: str) -> Invite:
+        token = token.strip()
+        if not token.startswith(TOKEN_PREFIX):
+            raise TrustError(f"not an invite token: it should start with {TOKEN_PREFIX!r}")
+        try:
+            data = json.loads(b64decode(token[len(TOKEN_PREFIX):]))
+            invite = cls(str(data["n"]), [str(a) for a in data["a"]], int(data["p"]),
+                         str(data["s"]), int(data["e"]))
+        except (ValueError, KeyError, TypeError):
+            raise TrustError("the invite token is damaged: copy it again, whole") from None
+        if not is_node_id(invite.node_id) or not invite.addresses:
+            raise TrustError("the invite token is damaged: copy it again, whole")
+        return invite
+
+
+def _secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class ServerState:
+    """State that every gunicorn worker and the CLI share, and that outlives a restart.
+
+    SQLite in WAL mode in the home: the nonces seen inside the clock window, and invites.
+    """
+
+    def __init__(self, home: Path):
+        home.mkdir(parents=True, exist_ok=True)
+        self.path = home / STATE_DB
+        self._local = threading.local()
+        with self._db() as db:
+            db.executescript("""
+                CREATE TABLE IF NOT EXISTS nonces (node_id TEXT NOT NULL, nonce TEXT NOT NULL,
+                    expires REAL NOT NULL, PRIMARY KEY (node_id, nonce));
+                CREATE INDEX IF NOT EXISTS nonces_expires ON nonces (expires);
+                CREATE TABLE IF NOT EXISTS invites (secret_hash TEXT PRIMARY KEY,
+                    created REAL NOT NULL, expires REAL NOT NULL, used_by TEXT, used_at REAL);
+            """)
+        os.chmod(self.path, 0o600)
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    def use_nonce(self, node_id: str, nonce: str, keep_seconds: float) -> bool:
+        """Record a nonce; False when it was already used (a replay)."""
+        now = time.time()
+        db = self._db()
+        try:
+            db.execute("INSERT INTO nonces VALUES (?, ?, ?)", (node_id, nonce, now + keep_seconds))
+        except sqlite3.IntegrityError:
+            row = db.execute("SELECT expires FROM nonces WHERE node_id=? AND nonce=?",
+                             (node_id, nonce)).fetchone()
+            if row and row[0] >= now:
+                return False
+            db.execute("UPDATE nonces SET expires=? WHERE node_id=? AND nonce=?",
+                       (now + keep_seconds, node_id, nonce))
+        if secrets.randbelow(64) == 0:
+            db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
+        return True
+
+    def create_invite(self, ttl: float) -> tuple[str, int]:
+        """A new one-time secret; returns it and when it expires."""
+        secret = b64encode(secrets.token_bytes(24))
+        now = time.time()
+        expires = int(now + ttl)
+        self._db().execute("INSERT INTO invites VALUES (?, ?, ?, NULL, NULL)",
+                           (_secret_hash(secret), now, expires))
+        return secret, expires
+
+    def redeem_invite(self, secret: str, node_id: str) -> None:
+        """Use an invite once. :raises TrustError: unknown, expired or already used."""
+        now = time.time()
+        db = self._db()
+        changed = db.execute(
+            "UPDATE invites SET used_by=?, used_at=? WHERE secret_hash=? AND used_by IS NULL "
+            "AND expires >= ?", (node_id, now, _secret_hash(secret), now)).rowcount
+        if changed == 1:
+            return
+        row = db.execute("SELECT expires, used_by FROM invites WHERE secret_hash=?",
+                         (_secret_hash(secret),)).fetchone()
+        if row is None:
+            raise TrustError("this invite is not known here: ask for a new one")
+        if row[1] is not None:
+            raise TrustError("this invite was already used: each invite works once; ask "
+                             "for a new one")
+        raise TrustError("this invite has expired: ask for a new one")
+
+    def invites(self) -> list[dict[str, Any]]:
+        rows = self._db().execute("SELECT created, expires, used_by, used_at FROM invites "
+                                  "ORDER BY created").fetchall()
+        return [{"created": r[0], "expires": r[1], "used_by": r[2], "used_at": r[3]}
+                for r in rows]
