@@ -29,10 +29,20 @@ def b64encode(data: bytes) -> str:
 
 
 def b64decode(text: str) -> bytes:
-    """Decode unpadded base64url. :raises ValueError: not base64url."""
+    """Decode unpadded base64url, in its one canonical spelling.
+
+    :raises ValueError: not base64url, or spelt another way (spare bits set, padding): each
+        value has exactly one accepted text, so a signature cannot be re-spelt.
+    """
     if not isinstance(text, str) or not text.isascii():
         raise ValueError("not base64url text")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"not base64url text: {err}") from None
+    if b64encode(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 def canonical_json(data: Any) -> bytes:

@@ -194,3 +194,13 @@ def test_any_changed_byte_of_a_record_is_rejected(data: dict[str, Any],
         return  # the change spelled the same JSON another way
     with pytest.raises(RecordError):
         verify_record(changed)
+
+
+def test_base64_has_one_spelling() -> None:
+    from p2prc_core.identity import b64decode
+
+    text = b64encode(b"\x00" * 64)  # 86 characters: the last one carries 4 spare bits
+    assert b64decode(text) == b"\x00" * 64
+    for other in (text[:-1] + "B", text + "==", text[:-1] + "A=", " " + text):
+        with pytest.raises(ValueError):
+            b64decode(other)
