@@ -102,8 +102,12 @@ def start_server(home: Path, *args: str, env: dict[str, str] | None = None,
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     log = home / "server.log"
+    # Servers started by tests advertise loopback only, so that nothing a test does dials
+    # this machine's real interfaces; and they refresh their tables only when told to.
     full_env = {**os.environ, "P2PRC_HOME": str(home), "P2PRC_WORKERS": "1",
-                "P2PRC_PORT": str(port), **(env or {})}
+                "P2PRC_PORT": str(port), "P2PRC_ALLOW_LOOPBACK": "true",
+                "P2PRC_ADVERTISE_ADDRESSES": "::1,127.0.0.1" if ipv6_loopback_works()
+                else "127.0.0.1", "P2PRC_REFRESH_SECONDS": "0", **(env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen([P2PRC, *command, *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=full_env)

@@ -23,12 +23,13 @@ from p2prc_core.config import (
     load_settings,
     settings_as_dict,
 )
+from p2prc_core.discovery import Discovery, HttpTransport
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Address, Endpoint, parse_duration, parse_endpoint, parse_size
 from p2prc_core.node import advertisable, local_addresses, ordered_by_preference, record_fields
 from p2prc_core.output import err_console, human_bytes, print_json, print_table
-from p2prc_core.peertable import PeerTable
+from p2prc_core.peertable import PeerTable, TableState, entry_to_peer
 from p2prc_core.plugins import PluginHooks, PluginLoadError, make_plugin_manager
 from p2prc_core.records import RecordPublisher
 from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore
@@ -61,9 +62,45 @@ class Node:
         return NodeIdentity.load_or_create(self.home)
 
     def client(self, peer: str | Endpoint) -> PeerClient:
-        endpoint = peer if isinstance(peer, Endpoint) else resolve_peer(peer)
+        endpoint = peer if isinstance(peer, Endpoint) else self.resolve(peer)
         return PeerClient(endpoint, timeout=self.loaded.settings.request_timeout,
                           identity=self.identity)
+
+    def resolve(self, text: str) -> Endpoint:
+        """PEER: a node id or a name from the table, or ADDRESS[:PORT]."""
+        entry = self.find_peer(text)
+        if entry is not None:
+            measured = entry.get("measured", {})
+            if measured.get("address"):
+                return parse_endpoint(measured["address"])
+            endpoints = self.discovery().endpoints(entry)
+            if endpoints:
+                return endpoints[0]
+            raise P2PRCError(f"{text}: the table has no address this node may dial")
+        return resolve_peer(text)
+
+    def find_peer(self, text: str) -> dict[str, Any] | None:
+        if not (self.home / "peers.json").exists():
+            return None
+        peers = self.table().load()
+        if text in peers:
+            return peers[text]
+        named = [e for e in peers.values() if e["record"].get("name") == text]
+        if len(named) > 1:
+            ids = ", ".join(e["record"]["node_id"] for e in named)
+            raise P2PRCError(f"{len(named)} peers are named {text!r} ({ids}): use a node id")
+        return named[0] if named else None
+
+    def table(self) -> PeerTable:
+        return PeerTable(self.home, self.identity.node_id, self.loaded.settings.allow_loopback)
+
+    def discovery(self) -> Discovery:
+        s = self.loaded.settings
+        return Discovery(self.table(), self.hooks,
+                         HttpTransport(s.request_timeout, s.max_table_bytes), self.own_record,
+                         concurrency=s.update_concurrency, probes=s.latency_probes,
+                         max_failures=s.peer_max_failures,
+                         max_records=s.max_records_per_response)
 
     def own_record(self) -> dict[str, Any]:
         """This node's signed record, as its server would serve it."""
@@ -73,7 +110,7 @@ class Node:
 
 
 def resolve_peer(text: str) -> Endpoint:
-    """PEER as ADDRESS[:PORT] (IPv6 in brackets)."""
+    """ADDRESS[:PORT] (IPv6 in brackets)."""
     try:
         return parse_endpoint(text)
     except ValueError as err:
@@ -99,15 +136,25 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @click.option("--home", type=click.Path(path_type=Path), envvar="P2PRC_HOME",
               help="This node's home directory [default: ~/.p2prc; env P2PRC_HOME].")
 @click.option("-s", "serve_flag", is_flag=True, help="Run the peer server (as 'p2prc server').")
+@click.option("--as", "add_address", metavar="ADDRESS", help="As 'p2prc peers add ADDRESS'.")
+@click.option("--ls", "list_flag", is_flag=True, help="As 'p2prc peers ls'.")
+@click.option("--us", "update_flag", is_flag=True, help="As 'p2prc peers update'.")
 @click.version_option(__version__, "--version", prog_name="p2prc")
 @click.pass_context
-def main(ctx: click.Context, home: Path | None, serve_flag: bool) -> None:
+def main(ctx: click.Context, home: Path | None, serve_flag: bool, add_address: str | None,
+         list_flag: bool, update_flag: bool) -> None:
     """p2prc: connect to a friend's machine, or one close by, and run anything on it."""
     ctx.obj = Node(home)
-    if serve_flag:
-        if ctx.invoked_subcommand is not None:
-            raise click.UsageError("-s runs the server: give no other command with it")
-        ctx.invoke(server)
+    original = [(serve_flag, server, {}), (add_address is not None, peers_add,
+                                           {"address": add_address}),
+                (list_flag, peers_ls, {}), (update_flag, peers_update, {})]
+    chosen = [(command, kwargs) for given, command, kwargs in original if given]
+    if len(chosen) > 1 or (chosen and ctx.invoked_subcommand is not None):
+        raise click.UsageError("-s, --as, --ls and --us each stand alone: give one, and no "
+                               "other command")
+    if chosen:
+        command, kwargs = chosen[0]
+        ctx.invoke(command, **kwargs)
     elif ctx.invoked_subcommand is None:
         click.echo(ctx.get_help())
 
@@ -153,6 +200,120 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
 
 
 # -- peers -------------------------------------------------------------------------------
+
+@main.group()
+def peers() -> None:
+    """The peer table: add peers, list them, and discover more."""
+
+
+@peers.command("add")
+@click.argument("address")
+@json_option
+@pass_node
+def peers_add(node: Node, address: str, as_json: bool = False) -> None:
+    """Add the p2prc node at ADDRESS[:PORT] to the table (and tell it about this node)."""
+    endpoint = resolve_peer(address)
+    with node.client(endpoint) as client:
+        record = client.node()
+    if record["node_id"] == node.identity.node_id:
+        raise P2PRCError(f"{endpoint} is this node itself")
+    summary = node.discovery().add(endpoint, record)
+    entry = node.table().load().get(record["node_id"], {})
+    latency = entry.get("measured", {}).get("latency_ms")
+    if as_json:
+        print_json({"node_id": record["node_id"], "name": record["name"],
+                    "address": str(endpoint), "latency_ms": latency,
+                    "learned": len(summary.added)})
+        return
+    state = "added" if record["node_id"] not in summary.updated else "updated"
+    click.echo(f"{state} {record['name']!r} ({record['node_id']}) at {endpoint}"
+               + (f", {latency:.1f} ms" if latency is not None else "")
+               + (f"; learned of {len(summary.added)} more" if summary.added else ""))
+
+
+@peers.command("ls")
+@json_option
+@pass_node
+def peers_ls(node: Node, as_json: bool = False) -> None:
+    """List known peers, best first (by p2prc_score_peer)."""
+    entries = node.table().load()
+    by_id = {e["record"]["node_id"]: e for e in entries.values()}
+    ranked = node.hooks.rank_peers(entry_to_peer(e) for e in entries.values())
+    rows = []
+    now = time.time()
+    for peer in ranked:
+        entry = by_id[peer.node_id]
+        measured = entry.get("measured", {})
+        rows.append({"name": peer.name, "node_id": peer.node_id,
+                     "address": measured.get("address") or _first_address(node, entry),
+                     "latency_ms": measured.get("latency_ms"),
+                     "bandwidth_mbps": measured.get("bandwidth_mbps"),
+                     "last_seen": measured.get("last_seen"),
+                     "failures": measured.get("failures", 0),
+                     "gpus": entry["record"].get("specs", {}).get("gpus", []),
+                     "score": round(node.hooks.score_peer(peer), 3)})
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo("The table is empty: add a peer with 'p2prc peers add ADDRESS'.")
+        return
+    print_table(("name", "node id", "address", "latency", "bandwidth", "last seen", "gpus"),
+                [(r["name"], r["node_id"], r["address"],
+                  f"{r['latency_ms']:.1f} ms" if r["latency_ms"] is not None else "-",
+                  f"{r['bandwidth_mbps']:,.0f} Mbit/s" if r["bandwidth_mbps"] else "-",
+                  _ago(now, r["last_seen"]) + (f" ({r['failures']} failed)"
+                                               if r["failures"] else ""),
+                  ", ".join(r["gpus"]) or "-") for r in rows])
+
+
+def _first_address(node: Node, entry: dict[str, Any]) -> str:
+    endpoints = node.discovery().endpoints(entry)
+    return str(endpoints[0]) if endpoints else "-"
+
+
+def _ago(now: float, stamp: float | None) -> str:
+    if not stamp:
+        return "never"
+    seconds = max(0, int(now - stamp))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+@peers.command("update")
+@click.option("--hops", type=click.IntRange(0, 16), help="How far to go [default: 3].")
+@json_option
+@pass_node
+def peers_update(node: Node, hops: int | None = None, as_json: bool = False) -> None:
+    """Ask known peers for their tables, then the peers they told of, HOPS deep."""
+    hops = node.loaded.settings.update_hops if hops is None else hops
+    if not node.table().load():
+        raise P2PRCError("the table is empty: add a peer first with 'p2prc peers add ADDRESS'")
+    discovery = node.discovery()
+    with Progress(TextColumn("hop {task.fields[hop]}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} peers"), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task("update", total=None, hop=1)
+
+        def progress(done: int, total: int, hop: int) -> None:
+            bar.update(task, completed=done, total=total, hop=hop)
+
+        summary = discovery.update(hops, progress)
+    if as_json:
+        print_json(summary.as_dict())
+        return
+    parts = [f"asked {summary.asked} peer(s) over {summary.hops} hop(s)",
+             f"{len(summary.added)} added", f"{len(summary.updated)} updated",
+             f"{len(summary.removed)} removed"]
+    if summary.failed:
+        parts.append(f"{len(summary.failed)} did not answer")
+    if summary.dropped:
+        parts.append("dropped " + ", ".join(f"{n} {why}" for why, n in summary.dropped.items()))
+    click.echo("; ".join(parts))
+    for node_id, error in summary.failed.items():
+        click.echo(f"  {node_id}: {error}", err=True)
 
 @main.command()
 @click.argument("peer")
@@ -216,6 +377,16 @@ def speedtest(node: Node, peer: str, size: int | None, download_only: bool,
         for label, run in steps:
             task = bar.add_task(label, total=total)
             results.append(run(total, lambda n, task=task: bar.advance(task, n)))
+    entry = node.find_peer(peer)
+    if entry is not None and results[0].direction == "download":
+        node_id = entry["record"]["node_id"]
+
+        def remember(state: TableState) -> None:
+            if node_id in state.peers:
+                state.peers[node_id].setdefault("measured", {})["bandwidth_mbps"] = round(
+                    results[0].mbit_per_second, 1)
+
+        node.table().update(remember)
     if as_json:
         print_json({"peer": str(client.endpoint), "transfers": [r.as_dict() for r in results]})
         return
@@ -447,7 +618,7 @@ def join(node: Node, token: str, as_json: bool) -> None:
         if record["node_id"] != offer.node_id:
             raise TrustError(f"{endpoint} is not the node the invite names "
                              f"({record['node_id']} instead of {offer.node_id}): not joined")
-        PeerTable(node.home, node.identity.node_id).merge([record])
+        node.discovery().add(endpoint, record)
         if as_json:
             print_json({"joined": record["node_id"], "name": record["name"],
                         "address": str(endpoint)})

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from p2prc_core.models import DEFAULT_PORT
+from p2prc_core.models import DEFAULT_PORT, Address, parse_endpoint
 
 ENV_PREFIX = "P2PRC_"
 CONFIG_FILE = "config.toml"
@@ -52,6 +52,25 @@ class Settings:
                                choices=("allowlist", "open"))
     clock_window_seconds: int = _setting(60, "how far a signed request's time may be from ours",
                                          min=5, max=3600)
+    advertise_addresses: list[str] = _setting([], "addresses to advertise instead of those found "
+                                              "on the interfaces (a public address behind NAT)",
+                                              each=lambda text: Address.parse(text))
+    advertise_port: int = _setting(0, "port to advertise, if not the server's own (a forwarded "
+                                   "port)", min=0, max=65535)
+    bootstrap: list[str] = _setting([], "ADDRESS[:PORT] of peers the server starts from",
+                                    each=lambda text: parse_endpoint(text))
+    refresh_seconds: int = _setting(300, "how often a running server updates its peer table "
+                                    "(0: never)", min=0)
+    update_hops: int = _setting(3, "hops 'peers update' goes by default", min=0, max=16)
+    update_concurrency: int = _setting(16, "peers asked at once during an update", min=1,
+                                       max=256)
+    latency_probes: int = _setting(3, "round trips whose minimum is a peer's latency", min=1,
+                                   max=20)
+    peer_max_failures: int = _setting(3, "failed updates in a row before a peer is removed",
+                                      min=1)
+    max_records_per_response: int = _setting(500, "records one table exchange carries at most",
+                                             min=1)
+    max_table_bytes: int = _setting(4 << 20, "largest table answer a client reads", min=1024)
 
     @property
     def display_name(self) -> str:
@@ -152,6 +171,11 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {key}: must be at least {meta['min']}, got {value!r}")
     if "max" in meta and value > meta["max"]:
         raise ConfigError(f"{where}: {key}: must be at most {meta['max']}, got {value!r}")
+    for item in value if "each" in meta else ():
+        try:
+            meta["each"](item)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {key}: {err}") from None
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{where}: {key}: must be one of {', '.join(meta['choices'])}, "
                           f"got {value!r}")

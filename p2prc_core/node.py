@@ -80,10 +80,14 @@ class TimedCache:
 def record_fields(settings: Settings, hooks: PluginHooks, specs: dict[str, Any],
                   version: str) -> dict[str, Any]:
     """What this node says about itself in its signed record (all but id, key, seq, time)."""
-    found = advertisable(local_addresses(), settings)
-    addresses = [str(a) for a in ordered_by_preference(hooks, found, "advertise")]
+    if settings.advertise_addresses:
+        addresses = [str(Address.parse(a)) for a in settings.advertise_addresses]
+    else:
+        found = advertisable(local_addresses(), settings)
+        addresses = [str(a) for a in ordered_by_preference(hooks, found, "advertise")]
     short = {"cpus": specs.get("cpu", {}).get("threads", 0),
              "memory": specs.get("memory", {}).get("total", 0),
              "gpus": [str(g.get("name", "")) for g in specs.get("gpus", [])][:8]}
     return {"name": settings.display_name[:64], "addresses": addresses[:16],
-            "port": settings.port, "specs": short, "metadata": {}, "version": version}
+            "port": settings.advertise_port or settings.port, "specs": short, "metadata": {},
+            "version": version}

@@ -1,45 +1,171 @@
-"""The IP table: ``$P2PRC_HOME/peers.json``, signed peer records and what was measured."""
+"""The IP table: ``$P2PRC_HOME/peers.json``, signed peer records and what was measured.
+
+One entry per node id::
+
+    {"record": <the node's signed record>,
+     "changed": <this table's clock when the record last changed>,
+     "measured": {"latency_ms", "bandwidth_mbps", "last_seen", "failures", "address",
+                  "cursor"}}
+
+The table's ``clock`` grows with every record change; together with the table's random
+``epoch`` it makes a cursor, so a peer that asks again gets only what changed since.
+"""
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from p2prc_core.models import Address, PeerRecord
 from p2prc_core.records import MergeResult, merge_records
 from p2prc_core.storage import atomic_write_json, locked, read_json_file
 
 PEERS_FILE = "peers.json"
 FORMAT = 1
 
+T = TypeVar("T")
+
+# Never dialled when a remote table offers them, whatever the config says.
+_ALWAYS_REFUSED = ("unspecified", "link-local", "multicast")
+
+
+def dialable(address_text: str, allow_loopback: bool) -> Address | None:
+    """The address, if a table may make us dial it (no loopback unless allowed, no
+    link-local, multicast, unspecified, 169.254.169.254, or IPv4-mapped forms of those)."""
+    try:
+        address = Address.parse(address_text)  # maps ::ffff:a.b.c.d to a.b.c.d
+    except ValueError:
+        return None
+    if address.kind in _ALWAYS_REFUSED or (address.kind == "loopback" and not allow_loopback):
+        return None
+    return address
+
+
+@dataclass
+class TableState:
+    """The whole file, as loaded under the lock."""
+
+    epoch: str
+    clock: int
+    peers: dict[str, dict[str, Any]]
+
+    def cursor(self) -> str:
+        return f"{self.epoch}:{self.clock}"
+
+
+def entry_to_peer(entry: dict[str, Any]) -> PeerRecord:
+    """What scoring plugins see of an entry."""
+    record, measured = entry["record"], entry.get("measured", {})
+    return PeerRecord(node_id=record["node_id"], name=record.get("name", ""),
+                      addresses=list(record.get("addresses", [])), port=record.get("port", 0),
+                      latency_ms=measured.get("latency_ms"),
+                      bandwidth_mbps=measured.get("bandwidth_mbps"),
+                      failures=measured.get("failures", 0), specs=record.get("specs", {}),
+                      metadata=record.get("metadata", {}))
+
 
 class PeerTable:
     """Load, merge and save the table; every change is locked and written atomically."""
 
-    def __init__(self, home: Path, self_id: str | None = None):
+    def __init__(self, home: Path, self_id: str | None = None, allow_loopback: bool = False):
         self.path = home / PEERS_FILE
         self.self_id = self_id
+        self.allow_loopback = allow_loopback
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _read(self) -> TableState:
+        data = read_json_file(self.path, {})
+        if not isinstance(data, dict):
+            data = {}
+        peers = data.get("peers")
+        peers = {k: v for k, v in peers.items()
+                 if isinstance(v, dict) and isinstance(v.get("record"), dict)} \
+            if isinstance(peers, dict) else {}
+        epoch = data.get("epoch") if isinstance(data.get("epoch"), str) else None
+        clock = data.get("clock", 0)
+        clock = clock if isinstance(clock, int) and not isinstance(clock, bool) else 0
+        return TableState(epoch or secrets.token_hex(6), clock, peers)
 
     def load(self) -> dict[str, dict[str, Any]]:
-        """node id -> entry (``record`` and ``measured``)."""
-        data = read_json_file(self.path, {"format": FORMAT, "peers": {}})
-        peers = data.get("peers") if isinstance(data, dict) else None
-        return peers if isinstance(peers, dict) else {}
+        """node id -> entry."""
+        return self._read().peers
+
+    def snapshot(self) -> TableState:
+        return self._read()
 
     def records(self) -> list[dict[str, Any]]:
         return [entry["record"] for entry in self.load().values()]
 
-    def merge(self, incoming: list[Any]) -> MergeResult:
-        """Verify and merge signed records; see ``records.merge_records`` for what is dropped."""
+    def changes_since(self, cursor: str | None, limit: int) -> tuple[list[dict[str, Any]],
+                                                                      str, bool]:
+        """Records changed after ``cursor`` (all, for another epoch or none), oldest change
+        first, at most ``limit``; returns them, the cursor to ask with next, and whether
+        more are waiting."""
+        state = self._read()
+        since = 0
+        if cursor:
+            epoch, _, clock = cursor.partition(":")
+            if epoch == state.epoch and clock.isdigit():
+                since = int(clock)
+        changed = sorted((e.get("changed", 0), node_id) for node_id, e in state.peers.items()
+                         if e.get("changed", 0) > since)
+        page = changed[:limit]
+        more = len(changed) > limit
+        next_clock = page[-1][0] if more else state.clock
+        records = [state.peers[node_id]["record"] for _, node_id in page]
+        return records, f"{state.epoch}:{next_clock}", more
+
+    # -- changing --------------------------------------------------------------------------
+
+    def update(self, change: Callable[[TableState], T]) -> T:
+        """Run ``change`` on the loaded table under the lock, then save it atomically."""
         with locked(self.path):
-            peers = self.load()
-            held = {node_id: entry["record"] for node_id, entry in peers.items()}
-            result = merge_records(held, incoming, self.self_id)
-            for node_id in result.added + result.updated:
-                entry = peers.setdefault(node_id, {"measured": {}})
-                entry["record"] = held[node_id]
-            if result.added or result.updated:
-                self._save(peers)
+            state = self._read()
+            result = change(state)
+            atomic_write_json(self.path, {"format": FORMAT, "epoch": state.epoch,
+                                          "clock": state.clock, "peers": state.peers})
             return result
 
-    def _save(self, peers: dict[str, dict[str, Any]]) -> None:
-        atomic_write_json(self.path, {"format": FORMAT, "peers": peers})
+    def merge(self, incoming: list[Any]) -> MergeResult:
+        """Verify and merge signed records (see ``records.merge_records``); a record with no
+        address this node may dial is dropped as ``no-address``."""
+        return self.update(lambda state: self.merge_into(state, incoming))
+
+    def merge_into(self, state: TableState, incoming: list[Any],
+                   check_addresses: bool = True) -> MergeResult:
+        usable = []
+        dropped_no_address = 0
+        for record in incoming:
+            addresses = record.get("addresses") if isinstance(record, dict) else None
+            if check_addresses and isinstance(addresses, list) and not any(
+                    isinstance(a, str) and dialable(a, self.allow_loopback) for a in addresses):
+                dropped_no_address += 1
+                continue
+            usable.append(record)
+        held = {node_id: entry["record"] for node_id, entry in state.peers.items()}
+        result = merge_records(held, usable, self.self_id)
+        if dropped_no_address:
+            result.dropped["no-address"] += dropped_no_address
+        for node_id in result.added + result.updated:
+            state.clock += 1
+            entry = state.peers.setdefault(node_id, {"measured": {}})
+            entry["record"] = held[node_id]
+            entry["changed"] = state.clock
+        return result
+
+    def remove(self, node_ids: list[str]) -> list[str]:
+        def change(state: TableState) -> list[str]:
+            return [n for n in node_ids if state.peers.pop(n, None) is not None]
+        return self.update(change)
+
+    def dial_addresses(self, record: dict[str, Any]) -> list[Address]:
+        found = []
+        for text in record.get("addresses", []):
+            address = dialable(text, self.allow_loopback) if isinstance(text, str) else None
+            if address is not None and address not in found:
+                found.append(address)
+        return found

@@ -12,8 +12,12 @@ from typing import Any
 import falcon
 
 from p2prc_core import __version__
+from p2prc_core.client import PeerClient
 from p2prc_core.config import Settings
+from p2prc_core.discovery import Discovery, HttpTransport, Refresher, handle_exchange
+from p2prc_core.errors import PeerError
 from p2prc_core.identity import NodeIdentity
+from p2prc_core.models import parse_endpoint
 from p2prc_core.node import TimedCache, record_fields
 from p2prc_core.peertable import PeerTable
 from p2prc_core.plugins import PluginHooks
@@ -40,7 +44,7 @@ class ServerContext:
         self.publisher = RecordPublisher(self.home, self.identity)
         self.trust = TrustStore(self.home)
         self.state = ServerState(self.home)
-        self.peers = PeerTable(self.home, self.identity.node_id)
+        self.peers = PeerTable(self.home, self.identity.node_id, self.settings.allow_loopback)
         self._specs = TimedCache(self._collect_specs, self.settings.specs_cache_seconds)
         self._record = TimedCache(self._build_record, 30.0)
         self._backends = TimedCache(self.hooks.backends, float("inf"))
@@ -65,6 +69,44 @@ class ServerContext:
     def backends(self) -> dict[str, Any]:
         result: dict[str, Any] = self._backends.get()
         return result
+
+    def exchange(self, body: Any) -> dict[str, Any]:
+        return handle_exchange(self.peers, self.node_record(), body,
+                               self.settings.max_records_per_response)
+
+    def table_etag(self) -> str:
+        snapshot = self.peers.snapshot()
+        return f"{snapshot.cursor()}:{self.node_record()['seq']}"
+
+    def discovery(self) -> Discovery:
+        s = self.settings
+        return Discovery(self.peers, self.hooks,
+                         HttpTransport(s.request_timeout, s.max_table_bytes), self.node_record,
+                         concurrency=s.update_concurrency, probes=s.latency_probes,
+                         max_failures=s.peer_max_failures,
+                         max_records=s.max_records_per_response)
+
+    def bootstrap(self) -> None:
+        """Add the configured bootstrap peers that the table does not hold yet."""
+        held = {e.get("measured", {}).get("address") for e in self.peers.load().values()}
+        for text in self.settings.bootstrap:
+            endpoint = parse_endpoint(text)
+            if str(endpoint) in held:
+                continue
+            try:
+                with PeerClient(endpoint, self.settings.request_timeout) as client:
+                    record = client.node()
+                self.discovery().add(endpoint, record)
+            except PeerError as err:
+                log.warning("bootstrap peer %s: %s", endpoint, err)
+
+    def start_refresher(self) -> Refresher | None:
+        if not self.settings.refresh_seconds:
+            return None
+        refresher = Refresher(self.discovery(), self.home, self.settings.refresh_seconds,
+                              self.settings.update_hops, self.bootstrap)
+        refresher.start()
+        return refresher
 
     def join(self, caller: str, secret: str, caller_record: Any) -> dict[str, Any]:
         """Redeem an invite for ``caller``; learn the caller's record if it sent a valid one."""
@@ -99,6 +141,7 @@ def create_app(context: ServerContext) -> falcon.App:
     app.add_route("/v1/speedtest/upload",
                   resources.SpeedUploadResource(settings.speedtest_max_bytes))
     app.add_route("/v1/images", resources.ImagesResource(context.backends))
+    app.add_route("/v1/peers", resources.PeersResource(context.exchange, context.table_etag))
     app.add_route("/v1/trust/me",
                   resources.TrustMeResource(context.trust.is_trusted, settings.trust_mode))
     app.add_route("/v1/trust/join", resources.TrustJoinResource(context.join))

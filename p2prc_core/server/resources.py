@@ -194,3 +194,51 @@ class TrustJoinResource:
             resp.media = self.join(req.context.caller, body["secret"], body.get("record"))
         except TrustError as err:
             raise falcon.HTTPForbidden(title="Invite refused", description=str(err)) from None
+
+
+class PeersResource:
+    """The table exchange. GET reads, POST also hands over the caller's own record."""
+
+    OPENAPI = {
+        "get": {"summary": "This node's peer table: records changed since a cursor",
+                "tags": ["open"],
+                "parameters": [{"name": "since", "in": "query", "required": False,
+                                "schema": {"type": "string"},
+                                "description": "the cursor of an earlier answer"}],
+                "responses": {"200": {"description": "{records, cursor, more, node}"},
+                              "304": {"description": "nothing changed (If-None-Match)"}}},
+        "post": {"summary": "Exchange tables: send your record, get what changed",
+                 "tags": ["open"],
+                 "requestBody": {"content": {"application/json": {"schema": {
+                     "type": "object", "properties": {
+                         "from": {"type": "string"}, "records": {"type": "array"},
+                         "since": {"type": "string"}, "known_seq": {"type": "integer"},
+                         "limit": {"type": "integer"}}}}}},
+                 "responses": {"200": {"description": "{records, cursor, more, node?}"},
+                               "400": {"description": "malformed exchange"}}},
+    }
+
+    def __init__(self, exchange: Callable[[Any], dict[str, Any]], etag: Callable[[], str]):
+        self.exchange = exchange
+        self.etag = etag
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        etag = self.etag()
+        since = req.get_param("since")
+        if since is None and etag in (req.if_none_match or []):
+            resp.status = falcon.HTTP_304
+            resp.etag = etag
+            return
+        try:
+            resp.media = self.exchange({"since": since})
+        except ValueError as err:
+            raise falcon.HTTPBadRequest(title="Invalid request", description=str(err)) from None
+        if since is None:
+            resp.etag = etag
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            resp.media = self.exchange(read_json(req))
+        except ValueError as err:
+            raise falcon.HTTPBadRequest(title="Invalid exchange", description=str(err)) \
+                from None

@@ -94,7 +94,9 @@ class PeerServer(BaseApplication):  # type: ignore[misc]
 def build_app(settings: Settings, home: Path) -> Any:
     """The peer app as each worker builds it (plugins are loaded again after the fork)."""
     hooks = make_plugin_manager(disabled=settings.disable_plugins)
-    return create_app(ServerContext(settings, hooks, home))
+    context = ServerContext(settings, hooks, home)
+    context.start_refresher()
+    return create_app(context)
 
 
 def serve(settings: Settings, home: Path, hooks: PluginHooks | None = None,

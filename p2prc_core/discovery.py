@@ -1,0 +1,387 @@
+"""Discovery: exchange tables with peers hop after hop, measure them, drop the dead.
+
+The same code runs over HTTP (``HttpTransport``) and, for the benchmark, in process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from p2prc_core.errors import PeerError, PeerRefused
+from p2prc_core.models import Address, Endpoint, parse_endpoint
+from p2prc_core.node import ordered_by_preference
+from p2prc_core.peertable import PeerTable, TableState
+from p2prc_core.plugins import PluginHooks
+
+log = logging.getLogger("p2prc.discovery")
+
+MAX_PAGES = 20  # table pages fetched from one peer in one exchange
+
+
+class Transport(Protocol):
+    def call(self, endpoint: Endpoint, body: bytes, probes: int) -> tuple[bytes, float]:
+        """POST ``body`` to the peer's ``/v1/peers``; return the answer and the latency (ms).
+
+        :raises PeerRefused: the peer answered with an error.
+        :raises PeerError: the peer could not be reached at this endpoint.
+        """
+        ...
+
+
+class HttpTransport:
+    """The real thing: one connection per peer for the exchange and the latency probes."""
+
+    def __init__(self, timeout: float, max_bytes: int):
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+
+    def call(self, endpoint: Endpoint, body: bytes, probes: int) -> tuple[bytes, float]:
+        where = str(endpoint)
+        try:
+            with httpx.Client(base_url=endpoint.base_url, timeout=self.timeout,
+                              trust_env=False, headers={"User-Agent": "p2prc"}) as http:
+                with http.stream("POST", "/v1/peers", content=body,
+                                 headers={"Content-Type": "application/json"}) as resp:
+                    data = b""
+                    for chunk in resp.iter_bytes():
+                        data += chunk
+                        if len(data) > self.max_bytes:
+                            raise PeerRefused(f"{where} sent a table over {self.max_bytes} "
+                                              f"bytes", 0)
+                if resp.status_code != 200:
+                    raise PeerRefused(f"{where} answered the exchange with HTTP "
+                                      f"{resp.status_code}", resp.status_code)
+                rtts = []
+                for _ in range(probes):  # the connection is open: these are round trips
+                    started = time.perf_counter()
+                    http.get("/v1/health")
+                    rtts.append((time.perf_counter() - started) * 1000)
+                return data, min(rtts)
+        except httpx.TimeoutException:
+            raise PeerError(f"{where} did not answer within {self.timeout:g} s") from None
+        except httpx.HTTPError as err:
+            raise PeerError(f"cannot reach {where}: {err}") from None
+
+
+@dataclass
+class Outcome:
+    """What one peer's exchange gave."""
+
+    node_id: str
+    ok: bool
+    endpoint: str = ""
+    latency_ms: float | None = None
+    records: list[Any] = field(default_factory=list)
+    node: Any = None
+    cursor: str | None = None
+    error: str = ""
+    sent: int = 0
+    received: int = 0
+
+
+@dataclass
+class UpdateSummary:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    dropped: Counter[str] = field(default_factory=Counter)
+    asked: int = 0
+    hops: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"added": self.added, "updated": self.updated, "removed": self.removed,
+                "failed": self.failed, "dropped": dict(self.dropped), "asked": self.asked,
+                "hops": self.hops, "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received}
+
+
+Progress = Callable[[int, int, int], None]  # done, total in this hop, hop
+
+
+class Discovery:
+    """Runs updates of one node's table."""
+
+    def __init__(self, table: PeerTable, hooks: PluginHooks, transport: Transport,
+                 own_record: Callable[[], dict[str, Any]], *, concurrency: int = 16,
+                 probes: int = 3, max_failures: int = 3, max_records: int = 500):
+        self.table = table
+        self.hooks = hooks
+        self.transport = transport
+        self.own_record = own_record
+        self.concurrency = concurrency
+        self.probes = probes
+        self.max_failures = max_failures
+        self.max_records = max_records
+
+    # -- one peer ---------------------------------------------------------------------------
+
+    def endpoints(self, entry: dict[str, Any]) -> list[Endpoint]:
+        """Where to dial a peer: its addresses, IPv6 first; then the one that worked before."""
+        record = entry["record"]
+        ordered = self._ordered(self.table.dial_addresses(record))
+        found = [Endpoint(str(a), record["port"]) for a in ordered]
+        used = entry.get("measured", {}).get("address")
+        if used:
+            try:
+                endpoint = parse_endpoint(used)
+                if endpoint not in found:
+                    found.append(endpoint)
+            except ValueError:
+                pass
+        return found
+
+    def _ordered(self, addresses: list[Address]) -> list[Address]:
+        return ordered_by_preference(self.hooks, addresses, "dial") or addresses
+
+    def contact(self, entry: dict[str, Any], own: dict[str, Any]) -> Outcome:
+        """Exchange tables with one peer, trying its endpoints in order, and measure it."""
+        record = entry["record"]
+        node_id = record["node_id"]
+        measured = entry.get("measured", {})
+        endpoints = self.endpoints(entry)
+        if not endpoints:
+            return Outcome(node_id, False, error="no address this node may dial")
+        errors = []
+        for endpoint in endpoints:
+            outcome = Outcome(node_id, False, endpoint=str(endpoint))
+            cursor = measured.get("cursor")
+            try:
+                for _ in range(MAX_PAGES):
+                    request = {"from": own["node_id"], "records": [own], "since": cursor,
+                               "known_seq": record["seq"], "limit": self.max_records}
+                    body = json.dumps(request, separators=(",", ":")).encode()
+                    raw, latency = self.transport.call(endpoint, body, self.probes)
+                    outcome.sent += len(body)
+                    outcome.received += len(raw)
+                    page = parse_answer(raw, self.max_records, str(endpoint))
+                    outcome.records.extend(page["records"])
+                    outcome.node = page.get("node") or outcome.node
+                    cursor = page["cursor"]
+                    outcome.latency_ms = latency if outcome.latency_ms is None \
+                        else min(outcome.latency_ms, latency)
+                    if not page["more"]:
+                        break
+            except PeerRefused as err:
+                return Outcome(node_id, False, endpoint=str(endpoint), error=str(err))
+            except PeerError as err:
+                errors.append(str(err))
+                continue
+            outcome.ok = True
+            outcome.cursor = cursor
+            return outcome
+        return Outcome(node_id, False, error="; ".join(errors))
+
+    def add(self, endpoint: Endpoint, record: dict[str, Any]) -> UpdateSummary:
+        """Add the (verified) record fetched from ``endpoint``, remembering that address even
+        if the record does not list it; then exchange tables with it and measure it."""
+        def change(state: TableState) -> None:
+            result = self.table.merge_into(state, [record], check_addresses=False)
+            if result.dropped:
+                reason = ", ".join(result.dropped)
+                raise PeerError(f"{endpoint} sent a record this node refuses ({reason})")
+            entry = state.peers[record["node_id"]]
+            entry.setdefault("measured", {})["address"] = str(endpoint)
+
+        self.table.update(change)
+        return self.update(hops=1, only=[record["node_id"]])
+
+    # -- a whole update ---------------------------------------------------------------------
+
+    def update(self, hops: int, progress: Progress | None = None,
+               only: list[str] | None = None) -> UpdateSummary:
+        """Ask every known peer (or ``only`` these), then those just learned of, ``hops`` deep."""
+        summary = UpdateSummary()
+        own = self.own_record()
+        asked: set[str] = set()
+        peers = self.table.load()
+        frontier = [n for n in (only if only is not None else list(peers)) if n in peers]
+        for hop in range(1, hops + 1):
+            if not frontier:
+                break
+            summary.hops = hop
+            entries = [peers[n] for n in frontier]
+            asked.update(frontier)
+            outcomes = self._contact_all(entries, own, hop, progress)
+            summary.asked += len(outcomes)
+            added = self.table.update(functools.partial(self._apply, outcomes=outcomes,
+                                                        summary=summary))
+            peers = self.table.load()
+            frontier = [n for n in added if n not in asked and n in peers]
+        summary.removed = self.table.update(self._prune)
+        return summary
+
+    def _contact_all(self, entries: list[dict[str, Any]], own: dict[str, Any], hop: int,
+                     progress: Progress | None) -> list[Outcome]:
+        total = len(entries)
+        if progress:
+            progress(0, total, hop)
+        outcomes = []
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, total)) as pool:
+            for done, outcome in enumerate(pool.map(lambda e: self.contact(e, own), entries), 1):
+                outcomes.append(outcome)
+                if progress:
+                    progress(done, total, hop)
+        return outcomes
+
+    def _apply(self, state: TableState, outcomes: list[Outcome],
+               summary: UpdateSummary) -> list[str]:
+        now = int(time.time())
+        added: list[str] = []
+        for outcome in outcomes:
+            summary.bytes_sent += outcome.sent
+            summary.bytes_received += outcome.received
+            entry = state.peers.get(outcome.node_id)
+            if entry is None:
+                continue  # removed meanwhile
+            measured = entry.setdefault("measured", {})
+            if not outcome.ok:
+                measured["failures"] = measured.get("failures", 0) + 1
+                summary.failed[outcome.node_id] = outcome.error
+                continue
+            incoming = list(outcome.records)
+            if outcome.node is not None:
+                if not isinstance(outcome.node, dict) or \
+                        outcome.node.get("node_id") != outcome.node_id:
+                    summary.dropped["impostor"] += 1  # answered at its address as another node
+                else:
+                    incoming.append(outcome.node)
+            result = self.table.merge_into(state, incoming)
+            summary.dropped.update(result.dropped)
+            for node_id in result.added:
+                summary.added.append(node_id)
+                added.append(node_id)
+            summary.updated.extend(n for n in result.updated if n not in summary.updated)
+            measured.update({"latency_ms": round(outcome.latency_ms or 0.0, 3),
+                             "last_seen": now, "failures": 0, "address": outcome.endpoint,
+                             "cursor": outcome.cursor})
+        return added
+
+    def _prune(self, state: TableState) -> list[str]:
+        dead = [n for n, e in state.peers.items()
+                if e.get("measured", {}).get("failures", 0) >= self.max_failures]
+        for node_id in dead:
+            del state.peers[node_id]
+        return dead
+
+
+def parse_answer(raw: bytes, max_records: int, where: str) -> dict[str, Any]:
+    """Check the form of an exchange answer; anything else is a refusal, never a crash."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise PeerRefused(f"{where} answered the exchange with something that is not JSON",
+                          0) from None
+    if not isinstance(data, dict) or not isinstance(data.get("records"), list) \
+            or not isinstance(data.get("cursor"), str) or len(data["cursor"]) > 64:
+        raise PeerRefused(f"{where} answered the exchange in an unknown form", 0)
+    if len(data["records"]) > max_records:
+        raise PeerRefused(f"{where} sent {len(data['records'])} records, over the "
+                          f"{max_records} allowed", 0)
+    data["more"] = data.get("more") is True
+    return data
+
+
+def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
+                    max_records: int) -> dict[str, Any]:
+    """The server's side of an exchange: merge what the caller sent, answer with what
+    changed since its cursor (never the caller's own record), and our record if its seq
+    is newer than the one the caller holds.
+
+    :raises ValueError: the request is malformed (the message says how).
+    """
+    if not isinstance(body, dict):
+        raise ValueError("expected a JSON object")
+    records = body.get("records", [])
+    since = body.get("since")
+    caller = body.get("from")
+    limit = body.get("limit", max_records)
+    known_seq = body.get("known_seq")
+    if not isinstance(records, list) or len(records) > max_records:
+        raise ValueError(f"'records' must be a list of at most {max_records} records")
+    if since is not None and (not isinstance(since, str) or len(since) > 64):
+        raise ValueError("'since' must be a cursor string")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError("'limit' must be a positive whole number")
+    result = table.merge(records) if records else None
+    changed, cursor, more = table.changes_since(since, min(limit, max_records))
+    changed = [r for r in changed if r.get("node_id") != caller]
+    answer: dict[str, Any] = {"records": changed, "cursor": cursor, "more": more}
+    if known_seq != own_record.get("seq"):
+        answer["node"] = own_record
+    if result is not None:
+        answer["accepted"] = len(result.added) + len(result.updated) + result.unchanged
+    return answer
+
+
+class Refresher:
+    """Keeps a running server's table fresh: at most one worker refreshes at a time, and
+    not more often than ``interval`` seconds, whichever worker's turn it is."""
+
+    def __init__(self, discovery: Discovery, home: Path, interval: float, hops: int,
+                 bootstrap: Callable[[], None]):
+        self.discovery = discovery
+        self.stamp = home / "refresh.stamp"
+        self.interval = interval
+        self.hops = hops
+        self.bootstrap = bootstrap
+        self._stop = threading.Event()
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="p2prc-refresh", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        # A little jitter so that workers (and nodes started together) do not all wake at once.
+        self._stop.wait(random.uniform(0.2, 1.0))
+        while not self._stop.is_set():
+            try:
+                self.refresh_if_due()
+            except Exception:  # a bad peer or a full disk must not kill the thread
+                log.exception("peer table refresh failed; trying again later")
+            self._stop.wait(min(self.interval, 30.0) * random.uniform(0.5, 1.0))
+
+    def refresh_if_due(self) -> UpdateSummary | None:
+        lock_path = self.stamp.with_suffix(".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None  # another worker is refreshing
+            try:
+                last = self.stamp.stat().st_mtime
+            except FileNotFoundError:
+                last = 0.0
+            if time.time() - last < self.interval:
+                return None
+            self.bootstrap()
+            summary = self.discovery.update(self.hops)
+            self.stamp.touch()
+            log.info("peer table refreshed: %d asked, %d added, %d updated, %d removed, "
+                     "%d failed", summary.asked, len(summary.added), len(summary.updated),
+                     len(summary.removed), len(summary.failed))
+            return summary
+        finally:
+            os.close(fd)
