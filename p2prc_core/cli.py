@@ -179,8 +179,8 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
     node.overrides.update(host=host, port=port, name=name, workers=workers)
     settings = node.loaded.settings
     hooks = node.hooks
-    found = advertisable(local_addresses(), settings)
-    chosen = hooks.select_address(found, "advertise")
+    advertised = record_fields(settings, hooks, {}, __version__)["addresses"]
+    chosen = advertised[0] if advertised else None
     where = f"[{settings.host}]" if ":" in settings.host else settings.host
     stack = " (IPv6 and IPv4)" if settings.host == "::" else ""
 

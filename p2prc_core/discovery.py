@@ -90,6 +90,7 @@ class Outcome:
     node: Any = None
     cursor: str | None = None
     error: str = ""
+    holds_our_seq: Any = None
     sent: int = 0
     received: int = 0
 
@@ -163,10 +164,13 @@ class Discovery:
         for endpoint in endpoints:
             outcome = Outcome(node_id, False, endpoint=str(endpoint))
             cursor = measured.get("cursor")
+            # Hand over our record only when the peer does not hold this version of it.
+            send_own = measured.get("holds_our_seq") != own["seq"]
             try:
                 for _ in range(MAX_PAGES):
-                    request = {"from": own["node_id"], "records": [own], "since": cursor,
-                               "known_seq": record["seq"], "limit": self.max_records}
+                    request = {"from": own["node_id"], "records": [own] if send_own else [],
+                               "since": cursor, "known_seq": record["seq"],
+                               "limit": self.max_records}
                     body = json.dumps(request, separators=(",", ":")).encode()
                     raw, latency = self.transport.call(endpoint, body, self.probes)
                     outcome.sent += len(body)
@@ -174,6 +178,8 @@ class Discovery:
                     page = parse_answer(raw, self.max_records, str(endpoint))
                     outcome.records.extend(page["records"])
                     outcome.node = page.get("node") or outcome.node
+                    outcome.holds_our_seq = page.get("holds_seq")
+                    send_own = False
                     cursor = page["cursor"]
                     outcome.latency_ms = latency if outcome.latency_ms is None \
                         else min(outcome.latency_ms, latency)
@@ -271,7 +277,7 @@ class Discovery:
             summary.updated.extend(n for n in result.updated if n not in summary.updated)
             measured.update({"latency_ms": round(outcome.latency_ms or 0.0, 3),
                              "last_seen": now, "failures": 0, "address": outcome.endpoint,
-                             "cursor": outcome.cursor})
+                             "cursor": outcome.cursor, "holds_our_seq": outcome.holds_our_seq})
         return added
 
     def _prune(self, state: TableState) -> list[str]:
@@ -328,6 +334,9 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
         answer["node"] = own_record
     if result is not None:
         answer["accepted"] = len(result.added) + len(result.updated) + result.unchanged
+    if isinstance(caller, str):
+        held = table.load().get(caller)
+        answer["holds_seq"] = held["record"]["seq"] if held else None
     return answer
 
 
@@ -385,3 +394,31 @@ class Refresher:
             return summary
         finally:
             os.close(fd)
+
+
+class InProcessTransport:
+    """Runs the exchange in this process against other nodes' tables: the same request and
+    answer bytes as over HTTP, without sockets. For simulations and the benchmark."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[Endpoint, tuple[PeerTable, Callable[[], dict[str, Any]]]] = {}
+        self.down: set[Endpoint] = set()
+        self.latency_ms: dict[Endpoint, float] = {}
+        self.bytes_served: Counter[Endpoint] = Counter()
+        self.max_records = 500
+
+    def serve(self, endpoint: Endpoint, table: PeerTable,
+              own_record: Callable[[], dict[str, Any]]) -> None:
+        self.nodes[endpoint] = (table, own_record)
+
+    def call(self, endpoint: Endpoint, body: bytes, probes: int) -> tuple[bytes, float]:
+        if endpoint not in self.nodes or endpoint in self.down:
+            raise PeerError(f"cannot reach {endpoint}: connection refused")
+        table, own_record = self.nodes[endpoint]
+        try:
+            answer = handle_exchange(table, own_record(), json.loads(body), self.max_records)
+        except ValueError as err:
+            raise PeerRefused(f"{endpoint} refused (400): {err}", 400) from None
+        raw = json.dumps(answer, separators=(",", ":")).encode()
+        self.bytes_served[endpoint] += len(raw)
+        return raw, self.latency_ms.get(endpoint, 1.0)

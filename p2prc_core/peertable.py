@@ -90,6 +90,11 @@ class PeerTable:
         clock = clock if isinstance(clock, int) and not isinstance(clock, bool) else 0
         return TableState(epoch or secrets.token_hex(6), clock, peers)
 
+    def ensure(self) -> None:
+        """Create the file if missing, so that the table's epoch (and cursors) stay put."""
+        if not self.path.exists():
+            self.update(lambda state: None)
+
     def load(self) -> dict[str, dict[str, Any]]:
         """node id -> entry."""
         return self._read().peers

@@ -12,6 +12,7 @@ _RANKS = {
     ("global", 6): (0, "global IPv6 is preferred: reachable without NAT"),
     ("global", 4): (1, "global IPv4: no global IPv6 address"),
     ("unique-local", 6): (2, "unique-local IPv6: no global address"),
+    ("private", 6): (2, "private-use IPv6: no global address"),
     ("private", 4): (3, "private IPv4: no global or unique-local address"),
     ("reserved", 6): (4, "reserved-range IPv6: nothing better"),
     ("reserved", 4): (5, "reserved-range IPv4: nothing better"),

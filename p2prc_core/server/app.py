@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -45,6 +46,7 @@ class ServerContext:
         self.trust = TrustStore(self.home)
         self.state = ServerState(self.home)
         self.peers = PeerTable(self.home, self.identity.node_id, self.settings.allow_loopback)
+        self.peers.ensure()
         self._specs = TimedCache(self._collect_specs, self.settings.specs_cache_seconds)
         self._record = TimedCache(self._build_record, 30.0)
         self._backends = TimedCache(self.hooks.backends, float("inf"))
@@ -132,6 +134,9 @@ def create_app(context: ServerContext) -> falcon.App:
     middleware: list[Any] = [BodySizeLimit(settings.max_body_bytes), auth]
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
+    compact = falcon.media.JSONHandler(dumps=functools.partial(
+        json.dumps, separators=(",", ":"), ensure_ascii=False))
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = compact
     errors.install(app)
     app.add_route("/v1/health", resources.HealthResource(context.started))
     app.add_route("/v1/node", resources.NodeResource(context.node_record))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -99,12 +100,24 @@ def build_app(settings: Settings, home: Path) -> Any:
     return create_app(context)
 
 
+def configure_logging(level: str) -> None:
+    """p2prc's own log lines go to stderr beside gunicorn's, in the same shape."""
+    logger = logging.getLogger("p2prc")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] "
+                                               "%(name)s: %(message)s", "%Y-%m-%d %H:%M:%S %z"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
 def serve(settings: Settings, home: Path, hooks: PluginHooks | None = None,
           announce: Callable[[], None] | None = None) -> None:
     """Check the plugins, bind the socket, then hand over to gunicorn until a signal stops it.
 
     :param announce: called once the socket is bound, before serving (the start-up line).
     """
+    configure_logging(settings.log_level)
     if hooks is None:
         hooks = make_plugin_manager(disabled=settings.disable_plugins)
     # Built once before forking, so a bad key or state file is one clear error, not a

@@ -1,0 +1,303 @@
+"""Discovery logic with the in-process transport (the same exchange code, no sockets), and
+the hostile and crash cases of the table. Real hosts are in test_netns.py."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import BUILTINS
+from p2prc_core.discovery import Discovery, InProcessTransport, handle_exchange
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.models import Endpoint
+from p2prc_core.peertable import PeerTable
+from p2prc_core.plugins import make_plugin_manager
+from p2prc_core.records import RecordPublisher, sign_record
+
+HOOKS = make_plugin_manager(load_entrypoints=False, plugins=BUILTINS)
+
+
+class SimNode:
+    def __init__(self, root: Path, index: int, transport: InProcessTransport,
+                 addresses: list[str] | None = None, max_failures: int = 3):
+        self.home = root / f"node{index}"
+        self.identity = NodeIdentity.load_or_create(self.home)
+        self.addresses = addresses or [f"2001:db8::{index + 1:x}"]
+        self.endpoint = Endpoint(self.addresses[0], 8088)
+        self.publisher = RecordPublisher(self.home, self.identity)
+        self.table = PeerTable(self.home, self.identity.node_id)
+        self.discovery = Discovery(self.table, HOOKS, transport, self.record,
+                                   max_failures=max_failures)
+        transport.serve(self.endpoint, self.table, self.record)
+
+    def record(self) -> dict[str, Any]:
+        return self.publisher.current({"name": f"n{self.home.name}", "addresses": self.addresses,
+                                       "port": 8088, "specs": {}, "metadata": {},
+                                       "version": "test"})
+
+    def knows(self) -> set[str]:
+        return set(self.table.load())
+
+
+@pytest.fixture
+def transport() -> InProcessTransport:
+    return InProcessTransport()
+
+
+def chain(tmp_path: Path, transport: InProcessTransport, count: int) -> list[SimNode]:
+    nodes = [SimNode(tmp_path, i, transport) for i in range(count)]
+    for left, right in zip(nodes, nodes[1:], strict=False):
+        left.table.merge([right.record()])
+    return nodes
+
+
+def test_chain_is_found_whole_with_enough_hops_only(tmp_path: Path,
+                                                    transport: InProcessTransport) -> None:
+    nodes = chain(tmp_path, transport, 5)
+    others = {n.identity.node_id for n in nodes[1:]}
+    nodes[0].discovery.update(hops=1)
+    assert nodes[0].knows() == {nodes[1].identity.node_id, nodes[2].identity.node_id}
+    summary = nodes[0].discovery.update(hops=4)
+    assert nodes[0].knows() == others
+    assert summary.hops == 3  # the last peer learned of was asked; nothing new after that
+    # Every peer asked learned of node 0: each exchange hands over our record.
+    assert nodes[0].identity.node_id in nodes[3].knows()
+
+
+def test_nothing_changed_costs_almost_nothing(tmp_path: Path,
+                                              transport: InProcessTransport) -> None:
+    nodes = chain(tmp_path, transport, 3)
+    hub = nodes[1]
+    for i in range(3, 30):  # the middle node knows many peers
+        hub.table.merge([SimNode(tmp_path, i, transport).record()])
+    first = nodes[0].discovery.update(hops=1)
+    assert first.bytes_received > 25 * 300
+    nodes[0].discovery.update(hops=1)  # the first contact with each of the peers learned of
+    second = nodes[0].discovery.update(hops=1)
+    assert second.asked == 29 and second.added == [] and second.updated == []
+    # Per peer asked: no records either way, only a cursor and a few numbers.
+    assert second.bytes_received / second.asked < 120, "an unchanged table was sent again"
+    assert second.bytes_sent / second.asked < 200, "our unchanged record was sent again"
+
+
+def test_large_tables_come_in_pages(tmp_path: Path, transport: InProcessTransport) -> None:
+    nodes = chain(tmp_path, transport, 2)
+    for i in range(2, 40):
+        nodes[1].table.merge([SimNode(tmp_path, i, transport).record()])
+    transport.max_records = 7
+    nodes[0].discovery.max_records = 7
+    summary = nodes[0].discovery.update(hops=1)
+    assert len(nodes[0].knows()) == 39
+    assert len(summary.added) == 38
+
+
+def test_a_changed_record_is_updated_by_seq(tmp_path: Path,
+                                            transport: InProcessTransport) -> None:
+    nodes = chain(tmp_path, transport, 2)
+    nodes[0].discovery.update(hops=1)
+    nodes[1].addresses.append("2001:db8::99")  # node 1 moves: its seq grows
+    summary = nodes[0].discovery.update(hops=1)
+    assert summary.updated == [nodes[1].identity.node_id]
+    held = nodes[0].table.load()[nodes[1].identity.node_id]["record"]
+    assert "2001:db8::99" in held["addresses"] and held["seq"] == 2
+
+
+def test_a_dead_peer_is_removed_after_the_configured_failures(
+        tmp_path: Path, transport: InProcessTransport) -> None:
+    nodes = [SimNode(tmp_path, i, transport, max_failures=2) for i in range(2)]
+    nodes[0].table.merge([nodes[1].record()])
+    transport.down.add(nodes[1].endpoint)
+    first = nodes[0].discovery.update(hops=1)
+    assert first.removed == [] and nodes[1].identity.node_id in first.failed
+    assert nodes[0].table.load()[nodes[1].identity.node_id]["measured"]["failures"] == 1
+    second = nodes[0].discovery.update(hops=1)
+    assert second.removed == [nodes[1].identity.node_id]
+    assert nodes[0].knows() == set()
+
+
+def test_a_peer_that_answers_again_is_forgiven(tmp_path: Path,
+                                               transport: InProcessTransport) -> None:
+    nodes = [SimNode(tmp_path, i, transport, max_failures=2) for i in range(2)]
+    nodes[0].table.merge([nodes[1].record()])
+    transport.down.add(nodes[1].endpoint)
+    nodes[0].discovery.update(hops=1)
+    transport.down.clear()
+    nodes[0].discovery.update(hops=1)
+    transport.down.add(nodes[1].endpoint)
+    assert nodes[0].discovery.update(hops=1).removed == []  # failures in a row only
+
+
+def test_dialling_falls_back_to_ipv4(tmp_path: Path, transport: InProcessTransport) -> None:
+    dual = SimNode(tmp_path, 1, transport, addresses=["2001:db8::1", "198.51.100.1"])
+    transport.serve(Endpoint("198.51.100.1", 8088), dual.table, dual.record)
+    me = SimNode(tmp_path, 0, transport, addresses=["2001:db8::a"])
+    me.table.merge([dual.record()])
+    me.discovery.update(hops=1)
+    assert me.table.load()[dual.identity.node_id]["measured"]["address"] == "[2001:db8::1]:8088"
+    transport.down.add(dual.endpoint)  # IPv6 breaks
+    me.discovery.update(hops=1)
+    measured = me.table.load()[dual.identity.node_id]["measured"]
+    assert measured["address"] == "198.51.100.1:8088" and measured["failures"] == 0
+
+
+# -- hostile tables ---------------------------------------------------------------------------
+
+HOSTILE = ["127.0.0.1", "::1", "fe80::1", "169.254.169.254", "::ffff:127.0.0.1", "0.0.0.0",
+           "::", "ff02::1", "224.0.0.1", "::ffff:169.254.169.254"]
+
+
+def test_records_that_only_offer_forbidden_addresses_are_not_added(
+        tmp_path: Path, transport: InProcessTransport) -> None:
+    nodes = chain(tmp_path, transport, 2)
+    liars = []
+
+    def plant(state: Any, record: dict[str, Any]) -> None:
+        """Put a record straight into the hostile peer's table, past its own checks."""
+        state.clock += 1
+        state.peers[record["node_id"]] = {"record": record, "changed": state.clock,
+                                          "measured": {}}
+
+    for i, bad in enumerate(HOSTILE):
+        liar = NodeIdentity.generate()
+        liars.append(liar.node_id)
+        record = sign_record(liar, {"name": f"liar{i}", "addresses": [bad], "port": 8088,
+                                    "seq": 1, "time": int(time.time()), "specs": {},
+                                    "metadata": {}, "version": "x"})
+        nodes[1].table.update(lambda state, record=record: plant(state, record))
+    mixed = NodeIdentity.generate()
+    nodes[1].table.merge([sign_record(mixed, {
+        "name": "mixed", "addresses": ["::1", "fe80::2", "2001:db8::77"], "port": 8088,
+        "seq": 1, "time": int(time.time()), "specs": {}, "metadata": {}, "version": "x"})])
+    summary = nodes[0].discovery.update(hops=1)
+    held = nodes[0].table.load()
+    assert not set(liars) & set(held)
+    assert summary.dropped["no-address"] == len(HOSTILE)
+    # The mixed record is kept (it is signed as it is), but only its good address is dialled.
+    endpoints = nodes[0].discovery.endpoints(held[mixed.node_id])
+    assert [str(e) for e in endpoints] == ["[2001:db8::77]:8088"]
+
+
+def test_loopback_is_allowed_when_the_config_says_so(tmp_path: Path) -> None:
+    table = PeerTable(tmp_path, allow_loopback=True)
+    record = sign_record(NodeIdentity.generate(), {
+        "name": "lab", "addresses": ["127.0.0.1", "fe80::1"], "port": 1, "seq": 1,
+        "time": int(time.time()), "specs": {}, "metadata": {}, "version": "x"})
+    assert table.merge([record]).added == [record["node_id"]]
+    assert [str(a) for a in table.dial_addresses(record)] == ["127.0.0.1"]
+
+
+class Liar(InProcessTransport):
+    """Answers with whatever a test gives it."""
+
+    def __init__(self, answer: bytes):
+        super().__init__()
+        self.answer = answer
+
+    def call(self, endpoint: Endpoint, body: bytes, probes: int) -> tuple[bytes, float]:
+        return self.answer, 1.0
+
+
+@pytest.mark.parametrize("answer", [
+    b"not json", b"[]", b'{"records": "x", "cursor": "c"}', b'{"records": []}',
+    json.dumps({"records": [{}] * 501, "cursor": "c"}).encode(),
+    json.dumps({"records": [None, 1, "x", {"node_id": 5}], "cursor": "c"}).encode(),
+    json.dumps({"records": [], "cursor": "c" * 65}).encode(),
+    b'{"records": [], "cursor": "c", "node": "me"}',
+])
+def test_garbage_answers_count_as_failures_and_crash_nothing(tmp_path: Path,
+                                                             answer: bytes) -> None:
+    transport = Liar(answer)
+    me = SimNode(tmp_path, 0, transport)
+    peer = SimNode(tmp_path, 1, InProcessTransport())
+    me.table.merge([peer.record()])
+    summary = me.discovery.update(hops=1)
+    held = me.table.load()
+    assert set(held) == {peer.identity.node_id}
+    failed = summary.failed or summary.dropped
+    assert failed, f"{answer[:40]!r} was accepted"
+
+
+def test_an_answer_claiming_to_be_another_node_is_dropped(tmp_path: Path) -> None:
+    impostor = NodeIdentity.generate()
+    fake = sign_record(impostor, {"name": "x", "addresses": ["2001:db8::5"], "port": 8088,
+                                  "seq": 1, "time": int(time.time()), "specs": {},
+                                  "metadata": {}, "version": "x"})
+    me = SimNode(tmp_path, 0, Liar(json.dumps({"records": [], "cursor": "e:1",
+                                               "node": fake}).encode()))
+    peer = SimNode(tmp_path, 1, InProcessTransport())
+    me.table.merge([peer.record()])
+    summary = me.discovery.update(hops=1)
+    assert summary.dropped["impostor"] == 1 and impostor.node_id not in me.knows()
+
+
+@pytest.mark.parametrize("body, words", [
+    ([], "JSON object"), ({"records": "x"}, "records"), ({"records": [{}] * 501}, "at most"),
+    ({"since": 5}, "cursor"), ({"limit": 0}, "positive"), ({"limit": True}, "positive"),
+])
+def test_malformed_exchanges_are_refused(tmp_path: Path, body: Any, words: str) -> None:
+    me = SimNode(tmp_path, 0, InProcessTransport())
+    with pytest.raises(ValueError, match=words):
+        handle_exchange(me.table, me.record(), body, 500)
+
+
+# -- nothing lost --------------------------------------------------------------------------------
+
+def _merge_many(home: str, seed: int, count: int) -> None:
+    table = PeerTable(Path(home))
+    for i in range(count):
+        table.merge([sign_record(NodeIdentity.generate(), {
+            "name": f"p{seed}-{i}", "addresses": [f"2001:db8::{seed}:{i}"], "port": 8088,
+            "seq": 1, "time": int(time.time()), "specs": {}, "metadata": {}, "version": "x"})])
+
+
+def test_two_updates_at_once_lose_nothing(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_merge_many, args=(str(tmp_path), seed, 15)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    names = {e["record"]["name"] for e in PeerTable(tmp_path).load().values()}
+    assert len(names) == 30
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from p2prc_core.storage import atomic_write_json
+path = Path(sys.argv[1])
+big = {"peers": {str(i): {"record": {"name": "x" * 200}} for i in range(3000)}}
+n = 0
+while True:
+    n += 1
+    big["n"] = n
+    atomic_write_json(path, big)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_a_valid_table(tmp_path: Path) -> None:
+    path = tmp_path / "peers.json"
+    for delay in (0.15, 0.3, 0.45):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        data = json.loads(path.read_text())  # never half-written
+        assert len(data["peers"]) == 3000 and data["n"] >= 1
+    assert PeerTable(tmp_path).load()  # and the table reads it
+
+
+def test_a_corrupt_table_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "peers.json").write_text('{"peers": ')
+    with pytest.raises(ValueError, match="peers.json is not valid JSON"):
+        PeerTable(tmp_path).load()
