@@ -25,12 +25,13 @@ import httpx
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import Address, Endpoint, parse_endpoint
 from p2prc_core.node import ordered_by_preference
-from p2prc_core.peertable import PeerTable, TableState
+from p2prc_core.peertable import TOKEN_CHARS, PeerTable, TableState, record_token
 from p2prc_core.plugins import PluginHooks
 
 log = logging.getLogger("p2prc.discovery")
 
 MAX_PAGES = 20  # table pages fetched from one peer in one exchange
+MAX_HAVE = 4096  # record tokens an asker may send; with more it sends none
 
 
 class Transport(Protocol):
@@ -152,7 +153,7 @@ class Discovery:
     def _ordered(self, addresses: list[Address]) -> list[Address]:
         return ordered_by_preference(self.hooks, addresses, "dial") or addresses
 
-    def contact(self, entry: dict[str, Any], own: dict[str, Any]) -> Outcome:
+    def contact(self, entry: dict[str, Any], own: dict[str, Any], have: str = "") -> Outcome:
         """Exchange tables with one peer, trying its endpoints in order, and measure it."""
         record = entry["record"]
         node_id = record["node_id"]
@@ -171,6 +172,8 @@ class Discovery:
                     request = {"from": own["node_id"], "records": [own] if send_own else [],
                                "since": cursor, "known_seq": record["seq"],
                                "limit": self.max_records}
+                    if have:  # what we hold: the peer leaves those records out
+                        request["have"] = have
                     body = json.dumps(request, separators=(",", ":")).encode()
                     raw, latency = self.transport.call(endpoint, body, self.probes)
                     outcome.sent += len(body)
@@ -225,7 +228,9 @@ class Discovery:
             summary.hops = hop
             entries = [peers[n] for n in frontier]
             asked.update(frontier)
-            outcomes = self._contact_all(entries, own, hop, progress)
+            have = "".join(record_token(e["record"]) for e in peers.values()) \
+                if len(peers) <= MAX_HAVE else ""
+            outcomes = self._contact_all(entries, own, have, hop, progress)
             summary.asked += len(outcomes)
             added = self.table.update(functools.partial(self._apply, outcomes=outcomes,
                                                         summary=summary))
@@ -234,14 +239,15 @@ class Discovery:
         summary.removed = self.table.update(self._prune)
         return summary
 
-    def _contact_all(self, entries: list[dict[str, Any]], own: dict[str, Any], hop: int,
-                     progress: Progress | None) -> list[Outcome]:
+    def _contact_all(self, entries: list[dict[str, Any]], own: dict[str, Any], have: str,
+                     hop: int, progress: Progress | None) -> list[Outcome]:
         total = len(entries)
         if progress:
             progress(0, total, hop)
         outcomes = []
         with ThreadPoolExecutor(max_workers=min(self.concurrency, total)) as pool:
-            for done, outcome in enumerate(pool.map(lambda e: self.contact(e, own), entries), 1):
+            for done, outcome in enumerate(pool.map(lambda e: self.contact(e, own, have),
+                                                    entries), 1):
                 outcomes.append(outcome)
                 if progress:
                     progress(done, total, hop)
@@ -320,6 +326,12 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
     caller = body.get("from")
     limit = body.get("limit", max_records)
     known_seq = body.get("known_seq")
+    have_text = body.get("have", "")
+    if not isinstance(have_text, str) or len(have_text) > TOKEN_CHARS * MAX_HAVE \
+            or len(have_text) % TOKEN_CHARS:
+        raise ValueError(f"'have' must be {TOKEN_CHARS}-character record tokens, at most "
+                         f"{MAX_HAVE} of them")
+    have = frozenset(have_text[i:i + TOKEN_CHARS] for i in range(0, len(have_text), TOKEN_CHARS))
     if not isinstance(records, list) or len(records) > max_records:
         raise ValueError(f"'records' must be a list of at most {max_records} records")
     if since is not None and (not isinstance(since, str) or len(since) > 64):
@@ -327,7 +339,7 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ValueError("'limit' must be a positive whole number")
     result = table.merge(records) if records else None
-    changed, cursor, more = table.changes_since(since, min(limit, max_records))
+    changed, cursor, more = table.changes_since(since, min(limit, max_records), have)
     changed = [r for r in changed if r.get("node_id") != caller]
     answer: dict[str, Any] = {"records": changed, "cursor": cursor, "more": more}
     if known_seq != own_record.get("seq"):

@@ -13,6 +13,8 @@ The table's ``clock`` grows with every record change; together with the table's 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,16 @@ T = TypeVar("T")
 
 # Never dialled when a remote table offers them, whatever the config says.
 _ALWAYS_REFUSED = ("unspecified", "link-local", "multicast")
+
+
+TOKEN_CHARS = 8
+
+
+def record_token(record: dict[str, Any]) -> str:
+    """8 characters that stand for one version (node id and seq) of a record, so an asker can
+    say what it holds in a few bytes instead of whole records."""
+    digest = hashlib.sha256(f"{record.get('node_id')}:{record.get('seq')}".encode()).digest()
+    return base64.urlsafe_b64encode(digest[:6]).decode("ascii")
 
 
 def dialable(address_text: str, allow_loopback: bool) -> Address | None:
@@ -105,11 +117,13 @@ class PeerTable:
     def records(self) -> list[dict[str, Any]]:
         return [entry["record"] for entry in self.load().values()]
 
-    def changes_since(self, cursor: str | None, limit: int) -> tuple[list[dict[str, Any]],
-                                                                      str, bool]:
+    def changes_since(self, cursor: str | None, limit: int,
+                      have: frozenset[str] = frozenset()) -> tuple[list[dict[str, Any]],
+                                                                   str, bool]:
         """Records changed after ``cursor`` (all, for another epoch or none), oldest change
-        first, at most ``limit``; returns them, the cursor to ask with next, and whether
-        more are waiting."""
+        first, at most ``limit``, leaving out those whose ``record_token`` is in ``have``
+        (the asker holds them already); returns them, the cursor to ask with next, and
+        whether more are waiting."""
         state = self._read()
         since = 0
         if cursor:
@@ -118,11 +132,18 @@ class PeerTable:
                 since = int(clock)
         changed = sorted((e.get("changed", 0), node_id) for node_id, e in state.peers.items()
                          if e.get("changed", 0) > since)
-        page = changed[:limit]
-        more = len(changed) > limit
-        next_clock = page[-1][0] if more else state.clock
-        records = [state.peers[node_id]["record"] for _, node_id in page]
-        return records, f"{state.epoch}:{next_clock}", more
+        records: list[dict[str, Any]] = []
+        last, more = since, False
+        for stamp, node_id in changed:
+            if len(records) == limit:
+                more = True
+                break
+            last = stamp
+            record = state.peers[node_id]["record"]
+            if have and record_token(record) in have:
+                continue
+            records.append(record)
+        return records, f"{state.epoch}:{last if more else state.clock}", more
 
     # -- changing --------------------------------------------------------------------------
 

@@ -86,7 +86,19 @@ def test_nothing_changed_costs_almost_nothing(tmp_path: Path,
     assert second.asked == 29 and second.added == [] and second.updated == []
     # Per peer asked: no records either way, only a cursor and a few numbers.
     assert second.bytes_received / second.asked < 120, "an unchanged table was sent again"
-    assert second.bytes_sent / second.asked < 200, "our unchanged record was sent again"
+    # We send a cursor, a few numbers and 8 characters per record we hold, not our record.
+    assert second.bytes_sent / second.asked < 150 + 8 * 29, "our unchanged record was sent again"
+
+
+def test_records_the_asker_holds_are_left_out(tmp_path: Path,
+                                              transport: InProcessTransport) -> None:
+    nodes = chain(tmp_path, transport, 2)
+    shared = [SimNode(tmp_path, i, transport).record() for i in range(2, 22)]
+    nodes[0].table.merge(shared)
+    nodes[1].table.merge(shared)
+    summary = nodes[0].discovery.update(hops=1, only=[nodes[1].identity.node_id])
+    assert summary.added == [] and summary.failed == {}
+    assert summary.bytes_received < 300, "records we hold were sent to us"
 
 
 def test_large_tables_come_in_pages(tmp_path: Path, transport: InProcessTransport) -> None:
@@ -242,6 +254,8 @@ def test_an_answer_claiming_to_be_another_node_is_dropped(tmp_path: Path) -> Non
 @pytest.mark.parametrize("body, words", [
     ([], "JSON object"), ({"records": "x"}, "records"), ({"records": [{}] * 501}, "at most"),
     ({"since": 5}, "cursor"), ({"limit": 0}, "positive"), ({"limit": True}, "positive"),
+    ({"have": "abc"}, "record tokens"), ({"have": 5}, "record tokens"),
+    ({"have": "a" * 8 * 5000}, "at most 4096"),
 ])
 def test_malformed_exchanges_are_refused(tmp_path: Path, body: Any, words: str) -> None:
     me = SimNode(tmp_path, 0, InProcessTransport())
