@@ -23,6 +23,7 @@ from p2prc_core.config import (
     load_settings,
     settings_as_dict,
 )
+from p2prc_core.containers import ContainerService
 from p2prc_core.discovery import Discovery, HttpTransport
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
 from p2prc_core.identity import NodeIdentity
@@ -32,6 +33,8 @@ from p2prc_core.output import err_console, human_bytes, print_json, print_table
 from p2prc_core.peertable import PeerTable, TableState, entry_to_peer
 from p2prc_core.plugins import PluginHooks, PluginLoadError, make_plugin_manager
 from p2prc_core.records import RecordPublisher
+from p2prc_core.sshkeys import ensure_key
+from p2prc_core.tracking import Tracked
 from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore
 
 
@@ -139,19 +142,34 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @click.option("--as", "add_address", metavar="ADDRESS", help="As 'p2prc peers add ADDRESS'.")
 @click.option("--ls", "list_flag", is_flag=True, help="As 'p2prc peers ls'.")
 @click.option("--us", "update_flag", is_flag=True, help="As 'p2prc peers update'.")
+@click.option("--touch", "touch_peer", metavar="PEER", help="As 'p2prc touch PEER'.")
+@click.option("--ports", "touch_ports", type=click.IntRange(0, 64), default=0,
+              help="With --touch: extra TCP ports.")
+@click.option("--gpu", "touch_gpu", is_flag=True, help="With --touch: ask for GPUs.")
+@click.option("--tc", "tracked_flag", is_flag=True, help="As 'p2prc containers ls'.")
+@click.option("--rm", "rm_container", metavar="CONTAINER", help="As 'p2prc rm CONTAINER'.")
 @click.version_option(__version__, "--version", prog_name="p2prc")
 @click.pass_context
 def main(ctx: click.Context, home: Path | None, serve_flag: bool, add_address: str | None,
-         list_flag: bool, update_flag: bool) -> None:
+         list_flag: bool, update_flag: bool, touch_peer: str | None, touch_ports: int,
+         touch_gpu: bool, tracked_flag: bool, rm_container: str | None) -> None:
     """p2prc: connect to a friend's machine, or one close by, and run anything on it."""
     ctx.obj = Node(home)
-    original = [(serve_flag, server, {}), (add_address is not None, peers_add,
+    original: list[tuple[bool, click.Command, dict[str, Any]]] = [
+        (serve_flag, server, {}), (add_address is not None, peers_add,
                                            {"address": add_address}),
-                (list_flag, peers_ls, {}), (update_flag, peers_update, {})]
+                (list_flag, peers_ls, {}), (update_flag, peers_update, {}),
+                (touch_peer is not None, touch,
+                 {"peer": touch_peer, "ports": touch_ports, "gpu": touch_gpu, "image": None,
+                  "cpus": None, "memory": None, "ttl": None, "as_json": True}),
+                (tracked_flag, containers_ls, {}),
+                (rm_container is not None, remove_container, {"container": rm_container})]
     chosen = [(command, kwargs) for given, command, kwargs in original if given]
+    if (touch_ports or touch_gpu) and touch_peer is None:
+        raise click.UsageError("--ports and --gpu go with --touch PEER")
     if len(chosen) > 1 or (chosen and ctx.invoked_subcommand is not None):
-        raise click.UsageError("-s, --as, --ls and --us each stand alone: give one, and no "
-                               "other command")
+        raise click.UsageError("-s, --as, --ls, --us, --touch, --tc and --rm each stand "
+                               "alone: give one, and no other command")
     if chosen:
         command, kwargs = chosen[0]
         ctx.invoke(command, **kwargs)
@@ -634,3 +652,263 @@ def _when(stamp: float | None) -> str:
     if not stamp:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(stamp))
+
+
+# -- containers ------------------------------------------------------------------------------
+
+def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return _size(ctx, param, value)
+
+
+def _ttl(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    return None if value is None else _duration(ctx, param, value)
+
+
+@main.command()
+@click.argument("peer")
+@click.option("--ports", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Extra TCP ports to open, besides SSH.")
+@click.option("--gpu", is_flag=True, help="Ask for the host's NVIDIA GPUs.")
+@click.option("--image", help="An image the host offers [default: its first].")
+@click.option("--cpus", type=float, help="CPUs [default: the host's default].")
+@click.option("--memory", callback=_memory, metavar="SIZE", help="Memory, e.g. 1G.")
+@click.option("--ttl", callback=_ttl, metavar="DURATION", help="Lifetime, e.g. 2h, 7d.")
+@json_option
+@pass_node
+def touch(node: Node, peer: str, ports: int, gpu: bool, image: str | None, cpus: float | None,
+          memory: int | None, ttl: int | None, as_json: bool) -> None:
+    """Start a container on PEER with SSH access (your key) and open ports."""
+    _, public_key = ensure_key(node.home, node.loaded.settings.ssh_key)
+    request: dict[str, Any] = {"ssh_key": public_key, "ports": ports, "gpu": gpu}
+    for name, value in (("image", image), ("cpus", cpus), ("memory", memory), ("ttl", ttl)):
+        if value is not None:
+            request[name] = value
+    with node.client(peer) as client:
+        with err_console.status(f"starting a container on {client.endpoint} ..."):
+            reply = client.create_container(request)
+        endpoint = client.endpoint
+    tracked = {"id": reply["id"], "node_id": reply.get("node_id"), "endpoint": str(endpoint),
+               "host": endpoint.host, "ssh_port": reply["ssh"]["port"],
+               "host_key": reply["ssh"]["host_key"], "ports": reply["ports"],
+               "image": reply["image"], "created": reply["created"],
+               "expires": reply["expires"], "gpu": reply.get("gpu", False)}
+    Tracked(node.home).add(tracked)
+    if as_json:
+        print_json(reply)
+        return
+    extra = ", ".join(f"{p['external']}" for p in reply["ports"][1:]) or "none"
+    click.echo(f"container {reply['id'][:12]} on {endpoint}: ssh port {reply['ssh']['port']}, "
+               f"extra ports {extra}, until {_when(reply['expires'])}")
+    click.echo(f"  host key {reply['ssh']['fingerprint']}")
+    click.echo(f"  log in:  p2prc ssh {reply['id'][:12]}")
+
+
+@main.group("containers", invoke_without_command=True)
+@click.pass_context
+def containers_group(ctx: click.Context) -> None:
+    """Containers this client started (ls)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(containers_ls)
+
+
+@containers_group.command("ls")
+@json_option
+@pass_node
+def containers_ls(node: Node, as_json: bool = False) -> None:
+    """List tracked containers with their live state (asks each host)."""
+    tracked = Tracked(node.home).containers()
+    by_endpoint: dict[str, list[dict[str, Any]]] = {}
+    for container in tracked.values():
+        by_endpoint.setdefault(container["endpoint"], []).append(container)
+    rows = []
+    for endpoint, members in sorted(by_endpoint.items()):
+        try:
+            with node.client(parse_endpoint(endpoint)) as client:
+                live = {c["id"]: c for c in client.list_containers()}
+            problem = None
+        except PeerError as err:
+            live, problem = {}, str(err)
+        for container in members:
+            state = live.get(container["id"], {}).get("state") or \
+                ("unreachable" if problem else "gone")
+            rows.append({**container, "state": state})
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo("No containers: start one with 'p2prc touch PEER'.")
+        return
+    groups = Tracked(node.home).groups()
+    print_table(("id", "host", "state", "ssh", "ports", "expires", "groups"),
+                [(r["id"][:12], r["endpoint"], r["state"], r["ssh_port"],
+                  ", ".join(str(p["external"]) for p in r["ports"][1:]) or "-",
+                  _when(r["expires"]),
+                  ", ".join(g for g, m in groups.items() if r["id"] in m) or "-")
+                 for r in rows])
+
+
+@main.command("rm")
+@click.argument("container")
+@pass_node
+def remove_container(node: Node, container: str) -> None:
+    """Stop and remove a container (or every container of a group) and forget it."""
+    tracked = Tracked(node.home)
+    for entry in tracked.resolve(container):
+        with node.client(parse_endpoint(entry["endpoint"])) as client:
+            try:
+                client.remove_container(entry["id"])
+                click.echo(f"removed {entry['id'][:12]} from {client.endpoint}")
+            except PeerRefused as err:
+                if err.status != 404:
+                    raise
+                click.echo(f"{entry['id'][:12]} was already gone from {client.endpoint}")
+        tracked.forget(entry["id"])
+
+
+@main.command()
+@click.argument("container")
+@click.argument("command", nargs=-1)
+@pass_node
+def ssh(node: Node, container: str, command: tuple[str, ...]) -> None:
+    """Log into a container with your key, checking its pinned host key."""
+    entry = Tracked(node.home).find(container)
+    private, _ = ensure_key(node.home, node.loaded.settings.ssh_key)
+    argv = ssh_command(node.home, entry, private) + list(command)
+    os.execvp(argv[0], argv)
+
+
+def ssh_command(home: Path, entry: dict[str, Any], private_key: Path) -> list[str]:
+    """ssh with the container's host key pinned: no prompt, no trust on first use."""
+    known = home / "ssh" / f"known_hosts_{entry['id'][:12]}"
+    host = entry["host"]
+    bracketed = f"[{host}]:{entry['ssh_port']}"
+    known.parent.mkdir(parents=True, exist_ok=True)
+    known.write_text(f"{bracketed} {entry['host_key']}\n")
+    return ["ssh", "-i", str(private_key), "-p", str(entry["ssh_port"]),
+            "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", f"root@{host}"]
+
+
+@main.group("group")
+def group_group() -> None:
+    """Groups of containers: a group name works wherever a container id does."""
+
+
+@group_group.command("create")
+@click.argument("name")
+@pass_node
+def group_create(node: Node, name: str) -> None:
+    """Make an empty group."""
+    Tracked(node.home).create_group(name)
+    click.echo(f"group {name} created")
+
+
+@group_group.command("add")
+@click.argument("group")
+@click.argument("containers", nargs=-1, required=True)
+@pass_node
+def group_add(node: Node, group: str, containers: tuple[str, ...]) -> None:
+    """Add containers to a group."""
+    for container in containers:
+        container_id = Tracked(node.home).change_group(group, container, add=True)
+        click.echo(f"{container_id[:12]} is in {group}")
+
+
+@group_group.command("rm")
+@click.argument("group")
+@click.argument("containers", nargs=-1)
+@pass_node
+def group_rm(node: Node, group: str, containers: tuple[str, ...]) -> None:
+    """Take containers out of a group; with none given, delete the group (not its
+    containers)."""
+    tracked = Tracked(node.home)
+    if not containers:
+        tracked.delete_group(group)
+        click.echo(f"group {group} deleted")
+    for container in containers:
+        click.echo(f"{tracked.change_group(group, container, add=False)[:12]} left {group}")
+
+
+@group_group.command("ls")
+@json_option
+@pass_node
+def group_ls(node: Node, as_json: bool) -> None:
+    """List groups and their containers."""
+    groups = Tracked(node.home).groups()
+    if as_json:
+        print_json(groups)
+        return
+    if not groups:
+        click.echo("No groups: 'p2prc group create NAME'.")
+        return
+    print_table(("group", "containers"),
+                [(name, ", ".join(m[:12] for m in members) or "-")
+                 for name, members in sorted(groups.items())])
+
+
+# -- the host's own view -----------------------------------------------------------------------
+
+def _local_service(node: Node) -> ContainerService:
+    settings = node.loaded.settings
+    backend = node.hooks.backends().get(settings.backend)
+    if backend is None:
+        raise P2PRCError(f"the {settings.backend!r} backend is not installed or is disabled")
+    return ContainerService.open(settings, backend, node.home, node.identity.node_id)
+
+
+@server.group("containers", invoke_without_command=True)
+@click.pass_context
+def server_containers(ctx: click.Context) -> None:
+    """Every p2prc container on this host, whoever owns it (ls, kill)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(server_containers_ls)
+
+
+@server_containers.command("ls")
+@json_option
+@pass_node
+def server_containers_ls(node: Node, as_json: bool = False) -> None:
+    """List every p2prc container here, with its owner, limits and lease."""
+    leases = _local_service(node).list_leases()
+    if as_json:
+        print_json([lease.as_dict() for lease in leases])
+        return
+    if not leases:
+        click.echo("No p2prc containers on this host.")
+        return
+    names = {k: v.get("name") for k, v in TrustStore(node.home).all().items()}
+    print_table(("id", "owner", "state", "image", "cpus", "memory", "ports", "expires"),
+                [(lease.id[:12], names.get(lease.owner) or lease.owner, lease.state,
+                  lease.image, f"{lease.cpus:g}", human_bytes(lease.memory),
+                  ", ".join(str(p["external"]) for p in lease.ports), _when(lease.expires))
+                 for lease in leases])
+
+
+@server_containers.command("kill")
+@click.argument("container_ids", nargs=-1, required=True)
+@pass_node
+def server_containers_kill(node: Node, container_ids: tuple[str, ...]) -> None:
+    """Stop and remove p2prc containers on this host, whoever owns them."""
+    service = _local_service(node)
+    for container_id in container_ids:
+        lease = service.remove(container_id, owner=None)
+        click.echo(f"killed {lease.id[:12]} (owner {lease.owner})")
+
+
+# -- images ------------------------------------------------------------------------------------
+
+@main.group("image")
+def image_group() -> None:
+    """The base container image."""
+
+
+@image_group.command("build")
+@click.option("--from-debootstrap", is_flag=True,
+              help="Build from a Debian root filesystem (no registry needed; root only).")
+@click.option("--tag", default="p2prc/base:latest", show_default=True)
+@click.option("--force", is_flag=True, help="Build even if the image exists.")
+def image_build(from_debootstrap: bool, tag: str, force: bool) -> None:
+    """Build the base image (sshd, python3, sudo) that containers run by default."""
+    from p2prc_plugins.docker import build_image
+
+    build_image(tag, from_debootstrap, force, say=lambda line: click.echo(line, err=True))

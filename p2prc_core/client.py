@@ -108,7 +108,8 @@ class PeerClient:
                             f"verify: {err}") from None
 
     def signed(self, method: str, path: str, body: Any = None,
-               params: dict[str, str] | None = None) -> dict[str, Any]:
+               params: dict[str, str] | None = None,
+               timeout: float | None = None) -> dict[str, Any]:
         """A request signed with this node's key (created on first use)."""
         if self.identity is None:
             raise PeerError("this client has no node key to sign with")
@@ -119,8 +120,21 @@ class PeerClient:
             headers["Content-Type"] = "application/json"
         with self._guard():
             resp = self._http.request(method, path + ("?" + query if query else ""),
-                                      content=raw, headers=headers)
+                                      content=raw, headers=headers,
+                                      timeout=timeout or self._timeout)
         return self._json(resp)
+
+    def create_container(self, request: dict[str, Any]) -> dict[str, Any]:
+        # Starting a container takes longer than other requests.
+        return self.signed("POST", "/v1/containers", request,
+                           timeout=max(60.0, self._timeout))
+
+    def list_containers(self) -> list[dict[str, Any]]:
+        containers: list[dict[str, Any]] = self.signed("GET", "/v1/containers")["containers"]
+        return containers
+
+    def remove_container(self, container_id: str) -> dict[str, Any]:
+        return self.signed("DELETE", f"/v1/containers/{container_id}")
 
     # -- plumbing ----------------------------------------------------------------------
 

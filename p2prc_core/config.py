@@ -71,6 +71,26 @@ class Settings:
     max_records_per_response: int = _setting(500, "records one table exchange carries at most",
                                              min=1)
     max_table_bytes: int = _setting(4 << 20, "largest table answer a client reads", min=1024)
+    backend: str = _setting("docker", "virtualization backend that runs containers")
+    container_images: list[str] = _setting(["p2prc/base:latest"], "images callers may ask for; "
+                                           "the first is the default")
+    container_default_cpus: float = _setting(1.0, "CPUs a container gets unless it asks", min=0.01)
+    container_max_cpus: float = _setting(2.0, "most CPUs a container may ask for", min=0.01)
+    container_default_memory: int = _setting(512 << 20, "memory (bytes) a container gets unless "
+                                             "it asks", min=16 << 20)
+    container_max_memory: int = _setting(4 << 30, "most memory (bytes) a container may ask for",
+                                         min=16 << 20)
+    container_pids: int = _setting(512, "most processes in one container", min=16)
+    container_max_ports: int = _setting(8, "most extra TCP ports one container may ask for",
+                                        min=0)
+    containers_per_caller: int = _setting(4, "containers one caller may hold at once", min=1)
+    container_default_ttl: int = _setting(86400, "seconds a container lives unless it asks",
+                                          min=60)
+    container_max_ttl: int = _setting(7 * 86400, "most seconds a container may live", min=60)
+    port_range: str = _setting("42000-42999", "host ports the server maps containers' ports to",
+                               check=lambda text: parse_port_range(text))
+    ssh_key: str = _setting("", "the SSH key p2prc logs in with (default: made on first use in "
+                            "$P2PRC_HOME/ssh)")
 
     @property
     def display_name(self) -> str:
@@ -171,6 +191,11 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {key}: must be at least {meta['min']}, got {value!r}")
     if "max" in meta and value > meta["max"]:
         raise ConfigError(f"{where}: {key}: must be at most {meta['max']}, got {value!r}")
+    if "check" in meta:
+        try:
+            meta["check"](value)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {key}: {err}") from None
     for item in value if "each" in meta else ():
         try:
             meta["each"](item)
@@ -184,6 +209,18 @@ def _check(key: str, value: Any, where: str) -> Any:
 
 _KIND_WORDS = {"str": "a string", "bool": "true or false", "int": "a whole number",
                "float": "a number", "list[str]": "a list of strings"}
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``"42000-42999"`` to (42000, 42999). :raises ValueError: not such a range."""
+    first, sep, last = text.partition("-")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        raise ValueError(f"{text!r} is not a port range like 42000-42999")
+    low, high = int(first), int(last)
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"{text!r}: ports must be from 1024 to 65535, the first no larger "
+                         f"than the last")
+    return low, high
 
 
 def settings_as_dict(settings: Settings) -> dict[str, Any]:

@@ -5,19 +5,14 @@ The same code runs over HTTP (``HttpTransport``) and, for the benchmark, in proc
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import logging
-import os
-import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -352,60 +347,17 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
     return answer
 
 
-class Refresher:
-    """Keeps a running server's table fresh: at most one worker refreshes at a time, and
-    not more often than ``interval`` seconds, whichever worker's turn it is."""
-
-    def __init__(self, discovery: Discovery, home: Path, interval: float, hops: int,
-                 bootstrap: Callable[[], None]):
-        self.discovery = discovery
-        self.stamp = home / "refresh.stamp"
-        self.interval = interval
-        self.hops = hops
-        self.bootstrap = bootstrap
-        self._stop = threading.Event()
-
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._run, name="p2prc-refresh", daemon=True)
-        thread.start()
-        return thread
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        # A little jitter so that workers (and nodes started together) do not all wake at once.
-        self._stop.wait(random.uniform(0.2, 1.0))
-        while not self._stop.is_set():
-            try:
-                self.refresh_if_due()
-            except Exception:  # a bad peer or a full disk must not kill the thread
-                log.exception("peer table refresh failed; trying again later")
-            self._stop.wait(min(self.interval, 30.0) * random.uniform(0.5, 1.0))
-
-    def refresh_if_due(self) -> UpdateSummary | None:
-        lock_path = self.stamp.with_suffix(".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return None  # another worker is refreshing
-            try:
-                last = self.stamp.stat().st_mtime
-            except FileNotFoundError:
-                last = 0.0
-            if time.time() - last < self.interval:
-                return None
-            self.bootstrap()
-            summary = self.discovery.update(self.hops)
-            self.stamp.touch()
-            log.info("peer table refreshed: %d asked, %d added, %d updated, %d removed, "
-                     "%d failed", summary.asked, len(summary.added), len(summary.updated),
-                     len(summary.removed), len(summary.failed))
-            return summary
-        finally:
-            os.close(fd)
+def refresh_job(discovery: Discovery, hops: int,
+                bootstrap: Callable[[], None]) -> Callable[[], UpdateSummary]:
+    """What a running server does every ``refresh_seconds`` (see ``periodic.Periodic``)."""
+    def job() -> UpdateSummary:
+        bootstrap()
+        summary = discovery.update(hops)
+        log.info("peer table refreshed: %d asked, %d added, %d updated, %d removed, "
+                 "%d failed", summary.asked, len(summary.added), len(summary.updated),
+                 len(summary.removed), len(summary.failed))
+        return summary
+    return job
 
 
 class InProcessTransport:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import sqlite3
 import threading
@@ -15,7 +14,7 @@ from typing import Any
 
 from p2prc_core.errors import P2PRCError
 from p2prc_core.identity import b64decode, b64encode, canonical_json, is_node_id
-from p2prc_core.storage import atomic_write_json, locked, read_json_file
+from p2prc_core.storage import SharedDB, atomic_write_json, locked, read_json_file
 
 TRUSTED_FILE = "trusted.json"
 STATE_DB = "server.db"
@@ -115,28 +114,20 @@ class ServerState:
     SQLite in WAL mode in the home: the nonces seen inside the clock window, and invites.
     """
 
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS nonces (node_id TEXT NOT NULL, nonce TEXT NOT NULL,
+            expires REAL NOT NULL, PRIMARY KEY (node_id, nonce));
+        CREATE INDEX IF NOT EXISTS nonces_expires ON nonces (expires);
+        CREATE TABLE IF NOT EXISTS invites (secret_hash TEXT PRIMARY KEY,
+            created REAL NOT NULL, expires REAL NOT NULL, used_by TEXT, used_at REAL);
+    """
+
     def __init__(self, home: Path):
-        home.mkdir(parents=True, exist_ok=True)
-        self.path = home / STATE_DB
-        self._local = threading.local()
-        with self._db() as db:
-            db.executescript("""
-                CREATE TABLE IF NOT EXISTS nonces (node_id TEXT NOT NULL, nonce TEXT NOT NULL,
-                    expires REAL NOT NULL, PRIMARY KEY (node_id, nonce));
-                CREATE INDEX IF NOT EXISTS nonces_expires ON nonces (expires);
-                CREATE TABLE IF NOT EXISTS invites (secret_hash TEXT PRIMARY KEY,
-                    created REAL NOT NULL, expires REAL NOT NULL, used_by TEXT, used_at REAL);
-            """)
-        os.chmod(self.path, 0o600)
+        self.shared = SharedDB(home / STATE_DB, self.SCHEMA)
+        self.path = self.shared.path
 
     def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
+        return self.shared.db()
 
     def use_nonce(self, node_id: str, nonce: str, keep_seconds: float) -> bool:
         """Record a nonce; False when it was already used (a replay)."""

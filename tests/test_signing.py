@@ -44,11 +44,13 @@ def test_a_signed_request_verifies() -> None:
     ({"path": "/v1/y"}, "Invalid signature"),
     ({"query": "a=2"}, "Invalid signature"),
     ({"method": "DELETE"}, "Invalid signature"),
-    ({"now": time.time() + 120}, "Signature expired"),
-    ({"now": time.time() - 120}, "Signature expired"),
+    ({"now": 120}, "Signature expired"),
+    ({"now": -120}, "Signature expired"),
 ])
 def test_tampered_or_stale_requests_are_rejected(changed: dict[str, Any], title: str) -> None:
     headers = sign_request(CALLER, "POST", "/v1/x", "a=1", b"{}")
+    if "now" in changed:  # an offset from the time of signing
+        changed = {"now": time.time() + changed["now"]}
     with pytest.raises(SignatureError) as caught:
         check(headers, **changed)
     assert caught.value.title == title

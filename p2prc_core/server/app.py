@@ -15,12 +15,14 @@ import falcon
 from p2prc_core import __version__
 from p2prc_core.client import PeerClient
 from p2prc_core.config import Settings
-from p2prc_core.discovery import Discovery, HttpTransport, Refresher, handle_exchange
+from p2prc_core.containers import ContainerError, ContainerService
+from p2prc_core.discovery import Discovery, HttpTransport, handle_exchange, refresh_job
 from p2prc_core.errors import PeerError
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import parse_endpoint
 from p2prc_core.node import TimedCache, record_fields
 from p2prc_core.peertable import PeerTable
+from p2prc_core.periodic import Periodic
 from p2prc_core.plugins import PluginHooks
 from p2prc_core.records import RecordError, RecordPublisher, verify_record
 from p2prc_core.server import errors, openapi, resources
@@ -50,6 +52,7 @@ class ServerContext:
         self._specs = TimedCache(self._collect_specs, self.settings.specs_cache_seconds)
         self._record = TimedCache(self._build_record, 30.0)
         self._backends = TimedCache(self.hooks.backends, float("inf"))
+        self._containers: ContainerService | None = None
 
     def _collect_specs(self) -> tuple[dict[str, Any], bytes]:
         specs = self.hooks.collect_specs()
@@ -71,6 +74,33 @@ class ServerContext:
     def backends(self) -> dict[str, Any]:
         result: dict[str, Any] = self._backends.get()
         return result
+
+    def containers(self) -> ContainerService:
+        """The container service over the configured backend (built on first use)."""
+        if self._containers is None:
+            backend = self.backends().get(self.settings.backend)
+            if backend is None:
+                raise ContainerError(503, "No backend",
+                                     f"The {self.settings.backend!r} backend is not "
+                                     f"installed or was disabled: this host runs no "
+                                     f"containers.")
+            self._containers = ContainerService.open(self.settings, backend, self.home,
+                                                     self.identity.node_id)
+        return self._containers
+
+    def start_reaper(self) -> Periodic:
+        reaper = Periodic(self.home, "reap", 10.0, self._reap)
+        reaper.start()
+        return reaper
+
+    def _reap(self) -> list[str]:
+        try:
+            removed = self.containers().reap()
+        except ContainerError:
+            return []  # no backend, or the engine is down: nothing to reap now
+        for container_id in removed:
+            log.info("container %s expired and was removed", container_id[:12])
+        return removed
 
     def exchange(self, body: Any) -> dict[str, Any]:
         return handle_exchange(self.peers, self.node_record(), body,
@@ -102,11 +132,11 @@ class ServerContext:
             except PeerError as err:
                 log.warning("bootstrap peer %s: %s", endpoint, err)
 
-    def start_refresher(self) -> Refresher | None:
+    def start_refresher(self) -> Periodic | None:
         if not self.settings.refresh_seconds:
             return None
-        refresher = Refresher(self.discovery(), self.home, self.settings.refresh_seconds,
-                              self.settings.update_hops, self.bootstrap)
+        job = refresh_job(self.discovery(), self.settings.update_hops, self.bootstrap)
+        refresher = Periodic(self.home, "refresh", self.settings.refresh_seconds, job)
         refresher.start()
         return refresher
 
@@ -127,17 +157,29 @@ class ServerContext:
         return {"trusted": True, "node": self.node_record()}
 
 
+class NodeOnRequest:
+    """Middleware: ``req.context.node_id`` is this node's id, for replies that name it."""
+
+    def __init__(self, node_id: str):
+        self.node_id = node_id
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.node_id = self.node_id
+
+
 def create_app(context: ServerContext) -> falcon.App:
     settings = context.settings
     auth = RequestAuth(context.state, context.trust, settings.clock_window_seconds,
                        open_mode=settings.trust_mode == "open")
-    middleware: list[Any] = [BodySizeLimit(settings.max_body_bytes), auth]
+    middleware: list[Any] = [BodySizeLimit(settings.max_body_bytes), auth,
+                             NodeOnRequest(context.identity.node_id)]
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     compact = falcon.media.JSONHandler(dumps=functools.partial(
         json.dumps, separators=(",", ":"), ensure_ascii=False))
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = compact
     errors.install(app)
+    app.add_error_handler(ContainerError, errors.handle_container_error)
     app.add_route("/v1/health", resources.HealthResource(context.started))
     app.add_route("/v1/node", resources.NodeResource(context.node_record))
     app.add_route("/v1/specs", resources.SpecsResource(context.specs_json))
@@ -145,8 +187,12 @@ def create_app(context: ServerContext) -> falcon.App:
         settings.speedtest_default_bytes, settings.speedtest_max_bytes))
     app.add_route("/v1/speedtest/upload",
                   resources.SpeedUploadResource(settings.speedtest_max_bytes))
-    app.add_route("/v1/images", resources.ImagesResource(context.backends))
+    app.add_route("/v1/images", resources.ImagesResource(context.backends,
+                                                         settings.container_images))
     app.add_route("/v1/peers", resources.PeersResource(context.exchange, context.table_etag))
+    app.add_route("/v1/containers", resources.ContainersResource(context.containers))
+    app.add_route("/v1/containers/{container_id}",
+                  resources.ContainerResource(context.containers))
     app.add_route("/v1/trust/me",
                   resources.TrustMeResource(context.trust.is_trusted, settings.trust_mode))
     app.add_route("/v1/trust/join", resources.TrustJoinResource(context.join))

@@ -40,6 +40,13 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
         description="The server failed to handle this request; its log has the details.")
 
 
+def handle_container_error(req: falcon.Request, resp: falcon.Response, ex: Exception,
+                           params: dict[str, Any]) -> None:
+    status = getattr(ex, "status", 500)
+    raise falcon.HTTPError(falcon.code_to_http_status(status), title=getattr(ex, "title", ""),
+                           description=str(ex))
+
+
 def install(app: falcon.App) -> None:
     app.add_error_handler(Exception, handle_unexpected)
     app.set_error_serializer(serialize_error)

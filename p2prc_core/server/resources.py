@@ -11,6 +11,7 @@ from typing import Any
 import falcon
 
 from p2prc_core import __version__
+from p2prc_core.containers import ContainerRequest, ContainerService, Lease
 from p2prc_core.server.bodies import read_json, too_large
 from p2prc_core.trust import TrustError
 
@@ -128,14 +129,17 @@ class ImagesResource:
     OPENAPI = {"get": {"summary": "Container images each virtualization backend offers",
                        "tags": ["open"]}}
 
-    def __init__(self, backends: Callable[[], dict[str, Any]]):
+    def __init__(self, backends: Callable[[], dict[str, Any]], offered: list[str]):
         self.backends = backends
+        self.offered = offered
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Only the images this host offers (``container_images``) and has."""
         images = []
         for name, backend in sorted(self.backends().items()):
             for image in backend.images():
-                images.append({"backend": name, **image})
+                if image.get("name") in self.offered:
+                    images.append({"backend": name, **image})
         resp.media = {"images": images}
 
 
@@ -242,3 +246,74 @@ class PeersResource:
         except ValueError as err:
             raise falcon.HTTPBadRequest(title="Invalid exchange", description=str(err)) \
                 from None
+
+
+def _ssh_host(req: falcon.Request) -> str:
+    """The address the client used to reach us, for the SSH command we hand back."""
+    host = req.host or "localhost"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def lease_reply(lease: Lease, req: falcon.Request) -> dict[str, Any]:
+    reply = lease.as_dict()
+    reply["node_id"] = req.context.node_id
+    host = _ssh_host(req)
+    reply["ssh"] = {"user": "root", "host": host.strip("[]"), "port": lease.ssh_port,
+                    "host_key": lease.host_key,
+                    "fingerprint": reply.pop("host_key_fingerprint"),
+                    "command": f"ssh -p {lease.ssh_port} root@{host.strip('[]')}"}
+    return reply
+
+
+class ContainersResource:
+    AUTH = {"post": "trusted", "get": "signed"}
+    OPENAPI = {
+        "post": {"summary": "Start a container with SSH access and open ports",
+                 "tags": ["signed"],
+                 "requestBody": {"content": {"application/json": {"schema": {
+                     "type": "object", "required": ["ssh_key"],
+                     "properties": {"ssh_key": {"type": "string"},
+                                    "ports": {"type": "integer", "minimum": 0},
+                                    "gpu": {"type": "boolean"}, "image": {"type": "string"},
+                                    "cpus": {"type": "number"},
+                                    "memory": {"type": "integer", "description": "bytes"},
+                                    "ttl": {"type": "integer", "description": "seconds"}},
+                     "additionalProperties": False}}}},
+                 "responses": {"201": {"description": "the container: id, ports, ssh"},
+                               "409": {"description": "a GPU was asked for; there is none"},
+                               "422": {"description": "over a limit, or an image not offered"},
+                               "429": {"description": "too many containers for this caller"}}},
+        "get": {"summary": "The caller's containers here", "tags": ["signed"]},
+    }
+
+    def __init__(self, service: Callable[[], ContainerService]):
+        self.service = service
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        request = ContainerRequest.from_json(read_json(req))
+        lease = self.service().create(req.context.caller, request)
+        resp.status = falcon.HTTP_201
+        resp.media = lease_reply(lease, req)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        leases = self.service().list_leases(req.context.caller)
+        resp.media = {"containers": [lease_reply(lease, req) for lease in leases]}
+
+
+class ContainerResource:
+    AUTH = {"get": "signed", "delete": "signed"}
+    OPENAPI = {"get": {"summary": "One of the caller's containers", "tags": ["signed"]},
+               "delete": {"summary": "Stop and remove one of the caller's containers",
+                          "tags": ["signed"]}}
+
+    def __init__(self, service: Callable[[], ContainerService]):
+        self.service = service
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, container_id: str) -> None:
+        lease = self.service().find(container_id, req.context.caller)
+        [lease] = [x for x in self.service().list_leases(lease.owner) if x.id == lease.id]
+        resp.media = lease_reply(lease, req)
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, container_id: str) -> None:
+        lease = self.service().remove(container_id, req.context.caller)
+        resp.media = {"removed": lease.id}

@@ -97,6 +97,7 @@ def build_app(settings: Settings, home: Path) -> Any:
     hooks = make_plugin_manager(disabled=settings.disable_plugins)
     context = ServerContext(settings, hooks, home)
     context.start_refresher()
+    context.start_reaper()
     return create_app(context)
 
 
@@ -121,8 +122,16 @@ def serve(settings: Settings, home: Path, hooks: PluginHooks | None = None,
     if hooks is None:
         hooks = make_plugin_manager(disabled=settings.disable_plugins)
     # Built once before forking, so a bad key or state file is one clear error, not a
-    # worker that fails to boot.
-    ServerContext(settings, hooks, home)
+    # worker that fails to boot; then the leases are squared with what the engine runs.
+    context = ServerContext(settings, hooks, home)
+    try:
+        changes = context.containers().reconcile()
+        if changes["adopted"] or changes["dropped"]:
+            logging.getLogger("p2prc.server").info(
+                "containers: %d found running again, %d gone since the last run",
+                len(changes["adopted"]), len(changes["dropped"]))
+    except P2PRCError as err:
+        logging.getLogger("p2prc.server").warning("containers unavailable: %s", err)
     sock = bind_socket(settings.host, settings.port)
     if announce:
         announce()

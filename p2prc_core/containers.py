@@ -1,0 +1,402 @@
+"""Containers on this host: requests, limits, the port pool, leases, and reconciling with the
+engine. No engine is imported here: a backend (the Docker plugin) does the work."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import json
+import re
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from p2prc_core.config import Settings, parse_port_range
+from p2prc_core.errors import P2PRCError
+from p2prc_core.storage import SharedDB
+
+LABEL = "org.p2prc"  # every p2prc container carries LABEL=1 and the labels below
+LABEL_OWNER = "org.p2prc.owner"
+LABEL_EXPIRES = "org.p2prc.expires"
+LABEL_PORTS = "org.p2prc.ports"
+LABEL_NODE = "org.p2prc.node"
+SSH_PORT = 22
+
+_ID = re.compile(r"^[0-9a-f]{12,64}$")
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$")
+_SSH_KEY = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|"
+                      r"ecdsa-sha2-nistp521|ssh-rsa) [A-Za-z0-9+/]+={0,3}( [ -~]{0,100})?$")
+_REQUEST_KEYS = {"ports", "gpu", "image", "cpus", "memory", "ttl", "ssh_key"}
+
+
+class ContainerError(P2PRCError):
+    """A container request that cannot be met; ``status`` is its HTTP status."""
+
+    def __init__(self, status: int, title: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.title = title
+
+
+@dataclass(frozen=True)
+class ContainerRequest:
+    """What a caller may ask for. Nothing else reaches the engine."""
+
+    ssh_key: str
+    ports: int = 0
+    gpu: bool = False
+    image: str | None = None
+    cpus: float | None = None
+    memory: int | None = None
+    ttl: int | None = None
+
+    @classmethod
+    def from_json(cls, body: Any) -> ContainerRequest:
+        """:raises ContainerError: 400 for anything malformed or unknown."""
+        if not isinstance(body, dict):
+            raise ContainerError(400, "Invalid request", "Expected a JSON object.")
+        unknown = sorted(set(body) - _REQUEST_KEYS)
+        if unknown:
+            raise ContainerError(400, "Invalid request",
+                                 f"Unknown fields {unknown}: a request may only carry "
+                                 f"{sorted(_REQUEST_KEYS)}.")
+
+        def number(name: str, kind: type, low: float) -> Any:
+            value = body.get(name)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int | float) or \
+                    (kind is int and not isinstance(value, int)) or value < low:
+                raise ContainerError(400, "Invalid request",
+                                     f"{name} must be a {'whole ' if kind is int else ''}"
+                                     f"number from {low:g} up.")
+            return kind(value)
+
+        ssh_key = body.get("ssh_key")
+        if not isinstance(ssh_key, str) or not _SSH_KEY.match(ssh_key.strip()):
+            raise ContainerError(400, "Invalid request",
+                                 "ssh_key must be one OpenSSH public key line.")
+        image = body.get("image")
+        if image is not None and (not isinstance(image, str) or not _IMAGE.match(image)):
+            raise ContainerError(400, "Invalid request", "image is not a valid image name.")
+        gpu = body.get("gpu", False)
+        if not isinstance(gpu, bool):
+            raise ContainerError(400, "Invalid request", "gpu must be true or false.")
+        return cls(ssh_key=ssh_key.strip(), ports=number("ports", int, 0) or 0, gpu=gpu,
+                   image=image, cpus=number("cpus", float, 0.01),
+                   memory=number("memory", int, 1), ttl=number("ttl", int, 1))
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What the service asks a backend to run: limits always set, nothing else allowed."""
+
+    name: str
+    image: str
+    ssh_key: str
+    cpus: float
+    memory: int
+    pids: int
+    ports: list[int]  # host port == container port; the first is SSH's
+    gpu: bool
+    labels: dict[str, str]
+
+
+@dataclass
+class BackendContainer:
+    id: str
+    state: str
+    image: str
+    labels: dict[str, str]
+
+
+class Backend(Protocol):
+    """A virtualization backend, registered through ``p2prc_register_backends``."""
+
+    def create(self, spec: ContainerSpec) -> str: ...
+
+    def host_key(self, container_id: str, timeout: float) -> str: ...
+
+    def remove(self, container_id: str) -> None: ...
+
+    def containers(self) -> list[BackendContainer]: ...
+
+    def inspect(self, container_id: str) -> BackendContainer | None: ...
+
+    def images(self) -> list[dict[str, Any]]: ...
+
+    def gpu_available(self) -> bool: ...
+
+
+@dataclass
+class Lease:
+    id: str
+    owner: str
+    image: str
+    ports: list[dict[str, Any]]
+    created: float
+    expires: float
+    host_key: str = ""
+    gpu: bool = False
+    cpus: float = 0
+    memory: int = 0
+    state: str = "running"
+
+    @property
+    def ssh_port(self) -> int:
+        return int(self.ports[0]["external"])
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["host_key_fingerprint"] = fingerprint(self.host_key) if self.host_key else None
+        return data
+
+
+def fingerprint(host_key: str) -> str:
+    """OpenSSH's SHA256 fingerprint of a public key line."""
+    blob = base64.b64decode(host_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` on this host, on IPv4 or IPv6."""
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind((address, port))
+            except OSError as err:
+                if err.errno == errno.EADDRNOTAVAIL and family == socket.AF_INET6:
+                    continue  # no IPv6 here at all
+                return False
+    return True
+
+
+class ContainerStore:
+    """Leases and the port pool in ``$P2PRC_HOME/server.db``, shared by every worker."""
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS ports (port INTEGER PRIMARY KEY, holder TEXT NOT NULL,
+            reserved REAL NOT NULL);
+        CREATE TABLE IF NOT EXISTS leases (id TEXT PRIMARY KEY, owner TEXT NOT NULL,
+            expires REAL NOT NULL, data TEXT NOT NULL);
+    """
+
+    def __init__(self, home: Path, port_range: tuple[int, int]):
+        self.shared = SharedDB(home / "server.db", self.SCHEMA)
+        self.low, self.high = port_range
+
+    def reserve_ports(self, count: int, holder: str) -> list[int]:
+        """``count`` host ports that no other request or worker holds and nothing listens
+        on. :raises ContainerError: 503 when the pool has too few."""
+        with self.shared.transaction() as db:
+            taken = {row[0] for row in db.execute("SELECT port FROM ports")}
+            chosen: list[int] = []
+            for port in range(self.low, self.high + 1):
+                if port not in taken and port_is_free(port):
+                    chosen.append(port)
+                    if len(chosen) == count:
+                        break
+            if len(chosen) < count:
+                raise ContainerError(503, "No free ports",
+                                     f"This host's port pool ({self.low}-{self.high}) has "
+                                     f"{len(chosen)} free ports; {count} are needed.")
+            now = time.time()
+            db.executemany("INSERT INTO ports VALUES (?, ?, ?)",
+                           [(p, holder, now) for p in chosen])
+            return chosen
+
+    def move_ports(self, holder: str, new_holder: str) -> None:
+        self.shared.db().execute("UPDATE ports SET holder=? WHERE holder=?", (new_holder, holder))
+
+    def release_ports(self, holder: str) -> None:
+        self.shared.db().execute("DELETE FROM ports WHERE holder=?", (holder,))
+
+    def held_ports(self) -> dict[int, str]:
+        return dict(self.shared.db().execute("SELECT port, holder FROM ports").fetchall())
+
+    def put(self, lease: Lease) -> None:
+        self.shared.db().execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)",
+                                 (lease.id, lease.owner, lease.expires,
+                                  json.dumps(asdict(lease))))
+
+    def drop(self, container_id: str) -> None:
+        self.shared.db().execute("DELETE FROM leases WHERE id=?", (container_id,))
+
+    def leases(self, owner: str | None = None) -> list[Lease]:
+        query: str = "SELECT data FROM leases"
+        args: tuple[str, ...] = ()
+        if owner is not None:
+            query, args = query + " WHERE owner=?", (owner,)
+        return [Lease(**json.loads(row[0])) for row in self.shared.db().execute(query, args)]
+
+    def count(self, owner: str) -> int:
+        row = self.shared.db().execute("SELECT COUNT(*) FROM leases WHERE owner=?",
+                                       (owner,)).fetchone()
+        return int(row[0])
+
+
+@dataclass
+class ContainerService:
+    """The server's side: create, list, remove, reap and reconcile p2prc's containers."""
+
+    settings: Settings
+    backend: Backend
+    store: ContainerStore
+    node_id: str
+    host_key_timeout: float = 30.0
+    _started: float = field(default_factory=time.time)
+
+    @classmethod
+    def open(cls, settings: Settings, backend: Backend, home: Path,
+             node_id: str) -> ContainerService:
+        store = ContainerStore(home, parse_port_range(settings.port_range))
+        return cls(settings, backend, store, node_id)
+
+    # -- create ------------------------------------------------------------------------------
+
+    def create(self, owner: str, request: ContainerRequest) -> Lease:
+        s = self.settings
+        image = request.image or s.container_images[0]
+        if image not in s.container_images:
+            raise ContainerError(422, "Image not offered",
+                                 f"This host offers {', '.join(s.container_images)}; "
+                                 f"not {image}.")
+        cpus = request.cpus if request.cpus is not None else s.container_default_cpus
+        memory = request.memory if request.memory is not None else s.container_default_memory
+        ttl = request.ttl if request.ttl is not None else s.container_default_ttl
+        for name, value, limit in (("cpus", cpus, s.container_max_cpus),
+                                   ("memory", memory, s.container_max_memory),
+                                   ("ports", request.ports, s.container_max_ports),
+                                   ("ttl", ttl, s.container_max_ttl)):
+            if value > limit:
+                raise ContainerError(422, "Over a limit",
+                                     f"{name} {value:g} is over this host's limit of "
+                                     f"{limit:g}.")
+        if self.store.count(owner) >= s.containers_per_caller:
+            raise ContainerError(429, "Too many containers",
+                                 f"You hold {s.containers_per_caller} containers here, this "
+                                 f"host's limit per caller: remove one first.")
+        if request.gpu and not self.backend.gpu_available():
+            raise ContainerError(409, "No GPU",
+                                 "This host has no NVIDIA GPU that containers can use (or no "
+                                 "NVIDIA container toolkit).")
+        token = f"pending-{uuid.uuid4().hex}"
+        ports = self.store.reserve_ports(1 + request.ports, token)
+        now = time.time()
+        lease = Lease(id="", owner=owner, image=image, created=now, expires=now + ttl,
+                      gpu=request.gpu, cpus=cpus, memory=memory,
+                      ports=[{"name": "ssh", "internal": SSH_PORT, "external": ports[0]}]
+                      + [{"name": f"port{i}", "internal": p, "external": p}
+                         for i, p in enumerate(ports[1:], 1)])
+        spec = ContainerSpec(
+            name=f"p2prc-{uuid.uuid4().hex[:12]}", image=image, ssh_key=request.ssh_key,
+            cpus=cpus, memory=memory, pids=s.container_pids, ports=ports, gpu=request.gpu,
+            labels={LABEL: "1", LABEL_OWNER: owner, LABEL_EXPIRES: str(int(lease.expires)),
+                    LABEL_NODE: self.node_id,
+                    LABEL_PORTS: json.dumps(lease.ports, separators=(",", ":"))})
+        container_id = ""
+        try:
+            container_id = self.backend.create(spec)
+            lease.id = container_id
+            lease.host_key = self.backend.host_key(container_id, self.host_key_timeout)
+        except BaseException:
+            if container_id:
+                self._remove_quietly(container_id)
+            self.store.release_ports(token)
+            raise
+        self.store.move_ports(token, container_id)
+        self.store.put(lease)
+        return lease
+
+    # -- find, list, remove ------------------------------------------------------------------
+
+    def find(self, container_id: str, owner: str | None) -> Lease:
+        """The lease for ``container_id`` (a full id or a 12+ character prefix).
+
+        :raises ContainerError: 400 malformed id; 404 not p2prc's; 403 not ``owner``'s.
+        """
+        if not isinstance(container_id, str) or not _ID.match(container_id):
+            raise ContainerError(400, "Invalid id",
+                                 "A container id is 12 to 64 lower-case hex characters.")
+        found = [lease for lease in self.store.leases() if lease.id.startswith(container_id)]
+        if len(found) != 1:
+            raise ContainerError(404, "No such container",
+                                 f"No p2prc container {container_id} on this host.")
+        lease = found[0]
+        if owner is not None and lease.owner != owner:
+            raise ContainerError(403, "Not yours",
+                                 f"Container {container_id} belongs to another node.")
+        return lease
+
+    def list_leases(self, owner: str | None = None) -> list[Lease]:
+        live = {c.id: c.state for c in self.backend.containers()}
+        leases = self.store.leases(owner)
+        for lease in leases:
+            lease.state = live.get(lease.id, "gone")
+        return sorted(leases, key=lambda lease: lease.created)
+
+    def remove(self, container_id: str, owner: str | None) -> Lease:
+        """Stop and remove a container; ``owner=None`` is the host, who may remove any."""
+        lease = self.find(container_id, owner)
+        self.backend.remove(lease.id)
+        self.store.drop(lease.id)
+        self.store.release_ports(lease.id)
+        return lease
+
+    def _remove_quietly(self, container_id: str) -> None:
+        try:
+            self.backend.remove(container_id)
+        except Exception:  # noqa: BLE001 - cleaning up after a failure; the first error wins
+            pass
+
+    # -- the host's housekeeping -------------------------------------------------------------
+
+    def reap(self, now: float | None = None) -> list[str]:
+        """Remove every container whose lease has run out."""
+        now = now if now is not None else time.time()
+        expired = [lease.id for lease in self.store.leases() if lease.expires <= now]
+        for container_id in expired:
+            self._remove_quietly(container_id)
+            self.store.drop(container_id)
+            self.store.release_ports(container_id)
+        return expired
+
+    def reconcile(self) -> dict[str, list[str]]:
+        """Make the leases agree with the engine after a restart: adopt this node's labelled
+        containers that have no lease, drop leases whose container is gone, free ports that
+        nothing holds."""
+        live = {c.id: c for c in self.backend.containers()
+                if c.labels.get(LABEL) == "1" and c.labels.get(LABEL_NODE) == self.node_id}
+        leased = {lease.id for lease in self.store.leases()}
+        adopted, dropped = [], []
+        for container_id, container in live.items():
+            if container_id in leased:
+                continue
+            try:
+                ports = json.loads(container.labels.get(LABEL_PORTS, "[]"))
+                expires = float(container.labels[LABEL_EXPIRES])
+                owner = container.labels[LABEL_OWNER]
+            except (ValueError, KeyError):
+                continue
+            self.store.put(Lease(id=container_id, owner=owner, image=container.image,
+                                 ports=ports, created=time.time(), expires=expires))
+            with self.store.shared.transaction() as db:
+                for port in ports:
+                    db.execute("INSERT OR REPLACE INTO ports VALUES (?, ?, ?)",
+                               (port["external"], container_id, time.time()))
+            adopted.append(container_id)
+        for container_id in leased - set(live):
+            self.store.drop(container_id)
+            dropped.append(container_id)
+        holders = set(live) | {lease.id for lease in self.store.leases()}
+        for holder in set(self.store.held_ports().values()):
+            if holder not in holders and not holder.startswith("pending-"):
+                self.store.release_ports(holder)
+        return {"adopted": adopted, "dropped": dropped}

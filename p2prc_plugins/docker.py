@@ -1,0 +1,247 @@
+"""The Docker virtualization backend (docker SDK), and building the base image."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from p2prc_core import hookimpl
+from p2prc_core.containers import LABEL, SSH_PORT, BackendContainer, ContainerError, ContainerSpec
+
+IMAGE_DIR = Path(__file__).with_name("image")
+DEFAULT_TAG = "p2prc/base:latest"
+HOST_KEY_MARK = "P2PRC-HOSTKEY "
+# All that sshd needs to run, take a key login, and drop to the session: everything else is
+# dropped.
+SSHD_CAPABILITIES = ["CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "NET_BIND_SERVICE", "KILL"]
+START_HINT = "dockerd is not running: start it (scripts/docker-engine, or 'dockerd &')"
+
+
+def _docker() -> Any:
+    import docker
+
+    return docker
+
+
+def _unavailable(err: Exception) -> ContainerError:
+    return ContainerError(503, "Docker unavailable", f"{START_HINT} ({err})")
+
+
+class DockerBackend:
+    """Containers through the Docker engine; every one labelled, limited and unprivileged."""
+
+    def __init__(self, client: Any = None):
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            docker = _docker()
+            try:
+                self._client = docker.from_env(timeout=60)
+                self._client.ping()
+            except docker.errors.DockerException as err:
+                self._client = None
+                raise _unavailable(err) from None
+        return self._client
+
+    def create(self, spec: ContainerSpec) -> str:
+        docker = _docker()
+        ports: dict[str, list[tuple[str, int]]] = {
+            f"{SSH_PORT}/tcp": [("0.0.0.0", spec.ports[0]), ("::", spec.ports[0])]}
+        for port in spec.ports[1:]:
+            ports[f"{port}/tcp"] = [("0.0.0.0", port), ("::", port)]
+        options: dict[str, Any] = {
+            "image": spec.image, "name": spec.name, "detach": True, "labels": spec.labels,
+            "environment": {"P2PRC_SSH_KEY": spec.ssh_key}, "ports": ports,
+            "cap_drop": ["ALL"], "cap_add": SSHD_CAPABILITIES,
+            "security_opt": ["no-new-privileges:true"], "privileged": False,
+            "pids_limit": spec.pids, "mem_limit": spec.memory, "memswap_limit": spec.memory,
+            "nano_cpus": int(spec.cpus * 1e9), "network_mode": "bridge", "ipc_mode": "private",
+            "init": False, "stdin_open": False, "tty": False,
+        }
+        if spec.gpu:
+            options["device_requests"] = [docker.types.DeviceRequest(
+                count=-1, capabilities=[["gpu"]])]
+        options.pop("detach")
+        try:
+            # create, not run: run would try to pull a missing image from a registry.
+            self.client.images.get(spec.image)
+            container = self.client.containers.create(**options)
+        except docker.errors.ImageNotFound:
+            raise ContainerError(422, "No such image",
+                                 f"{spec.image} is not on this host: build it with "
+                                 f"'p2prc image build'.") from None
+        except docker.errors.APIError as err:
+            raise ContainerError(500, "Engine refused",
+                                 f"Docker could not start the container: {err.explanation}") \
+                from None
+        except docker.errors.DockerException as err:
+            raise _unavailable(err) from None
+        try:
+            container.start()
+        except docker.errors.APIError as err:
+            container.remove(force=True)
+            raise ContainerError(500, "Engine refused",
+                                 f"Docker could not start the container: {err.explanation}") \
+                from None
+        return str(container.id)
+
+    def host_key(self, container_id: str, timeout: float) -> str:
+        """The container's SSH host key, which its entry script prints before sshd starts."""
+        docker = _docker()
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while time.monotonic() < deadline:
+            try:
+                container = self.client.containers.get(container_id)
+                logs = container.logs(stdout=True, stderr=False).decode(errors="replace")
+            except docker.errors.NotFound:
+                raise ContainerError(500, "Container vanished",
+                                     f"Container {container_id[:12]} is gone.") from None
+            for line in logs.splitlines():
+                if line.startswith(HOST_KEY_MARK):
+                    return " ".join(line[len(HOST_KEY_MARK):].split()[:2])
+            if container.status in ("exited", "dead"):
+                tail = container.logs().decode(errors="replace")[-500:]
+                raise ContainerError(500, "Container failed to start",
+                                     f"The container exited before sshd started: {tail}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+        raise ContainerError(504, "Container too slow",
+                             f"sshd did not start within {timeout:g} s.")
+
+    def remove(self, container_id: str) -> None:
+        docker = _docker()
+        try:
+            self.client.containers.get(container_id).remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as err:
+            raise ContainerError(500, "Engine refused",
+                                 f"Docker could not remove {container_id[:12]}: "
+                                 f"{err.explanation}") from None
+
+    def containers(self) -> list[BackendContainer]:
+        found = self.client.containers.list(all=True, filters={"label": f"{LABEL}=1"})
+        return [BackendContainer(c.id, c.status, _image_name(c), dict(c.labels))
+                for c in found]
+
+    def inspect(self, container_id: str) -> BackendContainer | None:
+        docker = _docker()
+        try:
+            c = self.client.containers.get(container_id)
+        except docker.errors.NotFound:
+            return None
+        return BackendContainer(c.id, c.status, _image_name(c), dict(c.labels))
+
+    def images(self) -> list[dict[str, Any]]:
+        try:
+            found = self.client.images.list()
+        except ContainerError:
+            return []  # no engine: no images, and /v1/images still answers
+        return [{"name": tag, "id": image.short_id, "size": image.attrs.get("Size", 0)}
+                for image in found for tag in image.tags]
+
+    def gpu_available(self) -> bool:
+        """An NVIDIA GPU, and the toolkit that lets the engine give it to containers."""
+        from p2prc_plugins.nvidia import gpus
+
+        if not gpus():
+            return False
+        runtimes = self.client.info().get("Runtimes", {})
+        return "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook") is not None
+
+
+def _image_name(container: Any) -> str:
+    tags = container.attrs.get("Config", {}).get("Image")
+    return str(tags or "")
+
+
+@hookimpl(trylast=True)
+def p2prc_register_backends(register: Callable[[str, Any], None]) -> None:
+    register("docker", DockerBackend())
+
+
+# -- the base image ---------------------------------------------------------------------------
+
+def image_exists(client: Any, tag: str) -> bool:
+    docker = _docker()
+    try:
+        client.images.get(tag)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def build_from_dockerfile(client: Any, tag: str, say: Callable[[str], None]) -> None:
+    """``docker build`` of the shipped Dockerfile: needs a registry for its base image."""
+    docker = _docker()
+    try:
+        for chunk in client.api.build(path=str(IMAGE_DIR), tag=tag, rm=True, decode=True):
+            if "stream" in chunk and chunk["stream"].strip():
+                say(chunk["stream"].strip())
+            if "error" in chunk:
+                raise ContainerError(500, "Build failed",
+                                     f"{chunk['error'].strip()} (no registry? try "
+                                     f"--from-debootstrap)")
+    except docker.errors.DockerException as err:
+        raise _unavailable(err) from None
+
+
+def build_from_debootstrap(client: Any, tag: str, say: Callable[[str], None],
+                           suite: str = "bookworm") -> None:
+    """The same image from a Debian root filesystem, where no registry can be reached."""
+    if os.geteuid() != 0:
+        raise ContainerError(500, "Needs root", "debootstrap must run as root.")
+    if shutil.which("debootstrap") is None:
+        raise ContainerError(500, "No debootstrap",
+                             "debootstrap is not installed: apt-get install -y debootstrap")
+    with tempfile.TemporaryDirectory(prefix="p2prc-rootfs-") as tmp:
+        root = Path(tmp) / "rootfs"
+        say(f"debootstrap {suite} (minbase, openssh-server, python3, sudo): about a minute")
+        result = subprocess.run(
+            ["debootstrap", "--variant=minbase", "--include=openssh-server,python3,sudo",
+             suite, str(root)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ContainerError(500, "debootstrap failed", result.stdout[-800:]
+                                 + result.stderr[-800:])
+        (root / "etc/ssh").mkdir(parents=True, exist_ok=True)
+        for key in (root / "etc/ssh").glob("ssh_host_*"):
+            key.unlink()
+        shutil.copy(IMAGE_DIR / "sshd_config", root / "etc/ssh/sshd_config_p2prc")
+        entry = root / "usr/local/bin/p2prc-entry"
+        shutil.copy(IMAGE_DIR / "entrypoint.sh", entry)
+        entry.chmod(0o755)
+        shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+        (root / "var/lib/apt/lists/partial").mkdir(parents=True)
+        archive = Path(tmp) / "rootfs.tar"
+        say("packing the root filesystem")
+        subprocess.run(["tar", "-C", str(root), "-cf", str(archive), "."], check=True)
+        say(f"importing it as {tag}")
+        repository, _, version = tag.partition(":")
+        client.api.import_image_from_file(
+            str(archive), repository=repository, tag=version or "latest",
+            changes=['CMD ["/usr/local/bin/p2prc-entry"]', "EXPOSE 22",
+                     'LABEL org.p2prc.image="base"'])
+
+
+def build_image(tag: str = DEFAULT_TAG, from_debootstrap: bool = False, force: bool = False,
+                say: Callable[[str], None] = print) -> bool:
+    """Build the base image unless it exists (or ``force``); returns whether it built."""
+    client = DockerBackend().client
+    if image_exists(client, tag) and not force:
+        say(f"{tag} exists already (--force builds it again)")
+        return False
+    if from_debootstrap:
+        build_from_debootstrap(client, tag, say)
+    else:
+        build_from_dockerfile(client, tag, say)
+    say(f"built {tag}")
+    return True

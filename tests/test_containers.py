@@ -1,0 +1,386 @@
+"""Containers against the real Docker engine: touch, ssh, ports, limits, hardening, leases."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import BUILTINS, P2PRC, LiveServer, require, start_server
+from p2prc_core.client import PeerClient
+from p2prc_core.config import Settings
+from p2prc_core.containers import LABEL, ContainerError, ContainerRequest, ContainerService
+from p2prc_core.errors import PeerRefused
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.models import Endpoint
+from p2prc_core.plugins import make_plugin_manager
+from p2prc_core.sshkeys import ensure_key
+from p2prc_core.trust import TrustStore
+
+pytestmark = [pytest.mark.docker, pytest.mark.integration]
+IMAGE = "p2prc/base:latest"
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Any:
+    import docker
+
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except docker.errors.DockerException as err:
+        require(False, f"no Docker engine ({err}): run scripts/docker-engine as root")
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        require(False, f"{IMAGE} is missing: p2prc image build --from-debootstrap")
+    require(shutil.which("ssh") is not None, "the ssh client is missing")
+    return client
+
+
+def p2prc_containers(client: Any) -> set[str]:
+    return {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=1"})}
+
+
+@pytest.fixture
+def host(tmp_path: Path, docker_client: Any) -> Iterator[LiveServer]:
+    """A real server that trusts the node whose home is tmp_path/'me'."""
+    me = NodeIdentity.load_or_create(tmp_path / "me")
+    server_home = tmp_path / "host"
+    server_home.mkdir()
+    TrustStore(server_home).add(me.node_id, "me")
+    server = start_server(server_home, env={"P2PRC_CONTAINER_PIDS": "64",
+                                            "P2PRC_CONTAINERS_PER_CALLER": "3"})
+    before = p2prc_containers(docker_client)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for container_id in p2prc_containers(docker_client) - before:
+            docker_client.containers.get(container_id).remove(force=True)
+
+
+def me(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([P2PRC, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "P2PRC_HOME": str(tmp_path / "me"), **env})
+
+
+def touch(tmp_path: Path, host: LiveServer, *args: str) -> dict[str, Any]:
+    result = me(tmp_path, "touch", host.peer(), "--json", *args)
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+def ssh(tmp_path: Path, container_id: str, command: str, timeout: float = 60,
+        retry: bool = True) -> subprocess.CompletedProcess[str]:
+    deadline = time.monotonic() + (15 if retry else 0)
+    while True:  # sshd may still be binding its port right after start
+        result = subprocess.run([P2PRC, "ssh", container_id[:12], command], capture_output=True,
+                                text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+        if result.returncode != 255 or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
+
+def test_touch_ssh_run_and_rm(tmp_path: Path, host: LiveServer, docker_client: Any) -> None:
+    reply = touch(tmp_path, host, "--ports", "2")
+    assert len(reply["ports"]) == 3 and reply["ports"][0]["internal"] == 22
+    assert reply["ssh"]["fingerprint"].startswith("SHA256:")
+    assert reply["ssh"]["command"] == f"ssh -p {reply['ssh']['port']} root@127.0.0.1"
+    listed = json.loads(me(tmp_path, "containers", "ls", "--json").stdout)
+    assert [c["state"] for c in listed] == ["running"]
+    result = ssh(tmp_path, reply["id"], "echo hello from $(hostname); id -u")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["hello", "from", reply["id"][:12], "0"]
+    assert me(tmp_path, "rm", reply["id"][:12]).returncode == 0
+    assert reply["id"] not in p2prc_containers(docker_client)
+    assert json.loads(me(tmp_path, "containers", "ls", "--json").stdout) == []
+
+
+def test_the_pinned_host_key_is_checked(tmp_path: Path, host: LiveServer) -> None:
+    reply = touch(tmp_path, host)
+    tracked_path = tmp_path / "me" / "containers.json"
+    tracked = json.loads(tracked_path.read_text())
+    other = NodeIdentity.generate()  # any other ed25519 key stands in for an impostor
+    from cryptography.hazmat.primitives import serialization
+    fake = other.private_key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    assert ssh(tmp_path, reply["id"], "true").returncode == 0  # sshd is up, with its own key
+    tracked[reply["id"]]["host_key"] = fake
+    tracked_path.write_text(json.dumps(tracked))
+    result = ssh(tmp_path, reply["id"], "true", retry=False)
+    assert result.returncode == 255
+    assert "host key" in result.stderr.lower()
+
+
+def test_original_spellings_touch_tc_rm(tmp_path: Path, host: LiveServer) -> None:
+    result = me(tmp_path, "--touch", host.peer(), "--ports", "1")
+    assert result.returncode == 0, result.stderr
+    container_id = json.loads(result.stdout)["id"]
+    assert container_id[:12] in me(tmp_path, "--tc").stdout
+    assert me(tmp_path, "--rm", container_id[:12]).returncode == 0
+
+
+def test_groups_stand_for_their_containers(tmp_path: Path, host: LiveServer,
+                                           docker_client: Any) -> None:
+    first, second = touch(tmp_path, host), touch(tmp_path, host)
+    assert me(tmp_path, "group", "create", "pair").returncode == 0
+    assert me(tmp_path, "group", "add", "pair", first["id"][:12],
+              second["id"][:12]).returncode == 0
+    groups = json.loads(me(tmp_path, "group", "ls", "--json").stdout)
+    assert groups == {"pair": [first["id"], second["id"]]}
+    assert me(tmp_path, "rm", "pair").returncode == 0
+    assert not {first["id"], second["id"]} & p2prc_containers(docker_client)
+    assert json.loads(me(tmp_path, "group", "ls", "--json").stdout) == {"pair": []}
+
+
+def test_an_extra_port_is_reachable_from_another_namespace(tmp_path: Path, host: LiveServer,
+                                                           docker_client: Any) -> None:
+    from netlab import NetLab, available
+
+    reason = available()
+    require(reason is None, reason or "")
+    reply = touch(tmp_path, host, "--ports", "1")
+    port = reply["ports"][1]["external"]
+    assert reply["ports"][1]["internal"] == port
+    serve = ssh(tmp_path, reply["id"], f"mkdir -p /srv && echo p2prc-ok > /srv/index.html && "
+                f"cd /srv && (python3 -m http.server {port} --bind :: "
+                f"</dev/null >/dev/null 2>&1 &) ; sleep 1; echo started")
+    assert serve.returncode == 0 and "started" in serve.stdout, serve.stderr
+    lab = NetLab(tmp_path / "lab")
+    try:
+        outside = lab.add_host("outside")
+        for address in (f"{lab.v4_prefix}.1", f"[{lab.v6_prefix}1]"):
+            fetch = subprocess.run(outside.command(
+                "python3", "-c", f"import urllib.request; print(urllib.request.urlopen("
+                f"'http://{address}:{port}/', timeout=10).read().decode())"),
+                capture_output=True, text=True, timeout=30)
+            assert fetch.stdout.strip() == "p2prc-ok", (address, fetch.stderr)
+    finally:
+        lab.close()
+
+
+def test_a_memory_hog_is_stopped_and_the_server_keeps_answering(
+        tmp_path: Path, host: LiveServer) -> None:
+    reply = touch(tmp_path, host, "--memory", "64M")
+    hog = ssh(tmp_path, reply["id"],
+              "python3 -c 'x = bytearray(400 * 1024 * 1024); print(len(x))'; echo exit=$?")
+    assert "exit=137" in hog.stdout or "MemoryError" in hog.stderr, (hog.stdout, hog.stderr)
+    assert str(400 * 1024 * 1024) not in hog.stdout
+    assert httpx.get(host.url() + "/v1/health", timeout=5).status_code == 200
+    # The container itself survives its process being killed.
+    assert ssh(tmp_path, reply["id"], "echo alive").stdout.strip() == "alive"
+
+
+FORK = ("python3 -c \"import os, time\nn = 0\nwhile True:\n    try:\n        pid = os.fork()\n"
+        "    except OSError:\n        print('stopped at', n); break\n    if pid == 0:\n"
+        "        os.closerange(0, 3); time.sleep(20); os._exit(0)\n    n += 1\"")
+
+
+def test_a_fork_bomb_is_stopped_by_the_process_limit(tmp_path: Path, host: LiveServer) -> None:
+    reply = touch(tmp_path, host)
+    bomb = ssh(tmp_path, reply["id"], FORK)
+    assert "stopped at" in bomb.stdout, (bomb.stdout, bomb.stderr)
+    forked = int(bomb.stdout.split()[-1])
+    assert 0 < forked < 64  # P2PRC_CONTAINER_PIDS
+    assert httpx.get(host.url() + "/v1/health", timeout=5).status_code == 200
+
+
+def test_hardening(tmp_path: Path, host: LiveServer, docker_client: Any) -> None:
+    reply = touch(tmp_path, host, "--cpus", "0.5", "--memory", "128M")
+    config = docker_client.api.inspect_container(reply["id"])["HostConfig"]
+    assert config["Privileged"] is False
+    assert config["CapDrop"] == ["ALL"]
+    assert set(config["CapAdd"]) <= {"CHOWN", "SETUID", "SETGID", "SYS_CHROOT",
+                                     "NET_BIND_SERVICE", "KILL"}
+    assert "no-new-privileges:true" in config["SecurityOpt"]
+    assert config["PidsLimit"] == 64
+    assert config["Memory"] == 128 * 1024 * 1024
+    assert config["NanoCpus"] == 500_000_000
+    assert not config.get("Binds") and not config.get("Mounts")
+    assert config["NetworkMode"] == "bridge" and config["PidMode"] == ""
+    assert config["IpcMode"] == "private"
+    mounts = docker_client.api.inspect_container(reply["id"])["Mounts"]
+    assert not any("docker.sock" in m.get("Source", "") for m in mounts)
+    caps = ssh(tmp_path, reply["id"], "grep CapEff /proc/self/status")
+    assert int(caps.stdout.split()[-1], 16) & (1 << 21) == 0  # no CAP_SYS_ADMIN
+
+
+@pytest.fixture
+def signed_client(tmp_path: Path, host: LiveServer) -> Iterator[PeerClient]:
+    identity = NodeIdentity.load_or_create(tmp_path / "me")
+    with PeerClient(Endpoint("127.0.0.1", host.port), timeout=60, identity=identity) as client:
+        yield client
+
+
+def key(tmp_path: Path) -> str:
+    return ensure_key(tmp_path / "me")[1]
+
+
+@pytest.mark.parametrize("extra", [{"privileged": True}, {"volumes": ["/:/host"]},
+                                   {"network_mode": "host"}, {"pid_mode": "host"},
+                                   {"cap_add": ["SYS_ADMIN"]}, {"command": "sh"}])
+def test_no_other_docker_option_can_be_passed(tmp_path: Path, signed_client: PeerClient,
+                                              extra: dict[str, Any]) -> None:
+    with pytest.raises(PeerRefused) as caught:
+        signed_client.create_container({"ssh_key": key(tmp_path), **extra})
+    assert caught.value.status == 400 and "Unknown fields" in str(caught.value)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"image": "../../etc"}, 400, "not a valid image"),
+    ({"image": "debian:bookworm"}, 422, "offers p2prc/base:latest"),
+    ({"cpus": 64}, 422, "limit of 2"),
+    ({"memory": 1 << 40}, 422, "limit of"),
+    ({"ports": 99}, 422, "limit of 8"),
+    ({"ttl": 10**9}, 422, "limit of"),
+    ({"ports": -1}, 400, "from 0 up"),
+    ({"gpu": "yes"}, 400, "true or false"),
+    ({"ssh_key": "not a key"}, 400, "OpenSSH public key"),
+    ({"gpu": True}, 409, "no NVIDIA GPU"),
+])
+def test_requests_over_limits_or_malformed(tmp_path: Path, signed_client: PeerClient,
+                                           docker_client: Any, body: dict[str, Any],
+                                           status: int, words: str) -> None:
+    before = p2prc_containers(docker_client)
+    with pytest.raises(PeerRefused) as caught:
+        signed_client.create_container({"ssh_key": key(tmp_path), **body})
+    assert caught.value.status == status and words in str(caught.value)
+    assert p2prc_containers(docker_client) == before  # nothing left behind
+
+
+def test_too_many_containers_is_429(tmp_path: Path, signed_client: PeerClient) -> None:
+    for _ in range(3):  # P2PRC_CONTAINERS_PER_CALLER
+        signed_client.create_container({"ssh_key": key(tmp_path)})
+    with pytest.raises(PeerRefused) as caught:
+        signed_client.create_container({"ssh_key": key(tmp_path)})
+    assert caught.value.status == 429 and "limit per caller" in str(caught.value)
+
+
+def test_only_p2prc_containers_of_the_caller_can_be_touched(
+        tmp_path: Path, host: LiveServer, signed_client: PeerClient, docker_client: Any) -> None:
+    stranger = docker_client.containers.create(IMAGE, command=["true"])
+    try:
+        for target in (stranger.id, stranger.id[:12]):
+            with pytest.raises(PeerRefused) as caught:
+                signed_client.remove_container(target)
+            assert caught.value.status == 404
+        docker_client.containers.get(stranger.id)  # untouched
+    finally:
+        stranger.remove(force=True)
+    mine = signed_client.create_container({"ssh_key": key(tmp_path)})
+    other = NodeIdentity.generate()
+    TrustStore(host.home).add(other.node_id)
+    with PeerClient(Endpoint("127.0.0.1", host.port), identity=other) as intruder:
+        with pytest.raises(PeerRefused) as caught:
+            intruder.remove_container(mine["id"])
+        assert caught.value.status == 403
+        assert intruder.list_containers() == []
+    with pytest.raises(PeerRefused) as caught:
+        signed_client.remove_container("not-hex-at-all")
+    assert caught.value.status == 400
+
+
+def test_an_untrusted_caller_cannot_start_one(tmp_path: Path, host: LiveServer) -> None:
+    with PeerClient(Endpoint("127.0.0.1", host.port),
+                    identity=NodeIdentity.generate()) as stranger:
+        with pytest.raises(PeerRefused) as caught:
+            stranger.create_container({"ssh_key": key(tmp_path)})
+    assert caught.value.status == 403
+
+
+def test_the_host_sees_and_kills_every_container(tmp_path: Path, host: LiveServer,
+                                                 docker_client: Any) -> None:
+    reply = touch(tmp_path, host)
+    env = {**os.environ, "P2PRC_HOME": str(host.home)}
+    listed = subprocess.run([P2PRC, "server", "containers", "ls", "--json"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    leases = json.loads(listed.stdout)
+    assert [lease["id"] for lease in leases] == [reply["id"]]
+    assert leases[0]["owner"] == NodeIdentity.load_or_create(tmp_path / "me").node_id
+    kill = subprocess.run([P2PRC, "server", "containers", "kill", reply["id"][:12]], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert kill.returncode == 0 and "killed" in kill.stdout
+    assert reply["id"] not in p2prc_containers(docker_client)
+    gone = json.loads(me(tmp_path, "containers", "ls", "--json").stdout)
+    assert [c["state"] for c in gone] == ["gone"]
+
+
+def service(home: Path, **options: Any) -> ContainerService:
+    hooks = make_plugin_manager(load_entrypoints=False, plugins=[
+        *BUILTINS, ("docker", __import__("p2prc_plugins.docker", fromlist=["x"]))])
+    settings = Settings(port_range="42500-42599", **options)
+    return ContainerService.open(settings, hooks.backends()["docker"], home, "n" * 26)
+
+
+def test_twenty_cycles_leak_no_container_port_or_network(tmp_path: Path,
+                                                         docker_client: Any) -> None:
+    svc = service(tmp_path, containers_per_caller=2)
+    networks = len(docker_client.networks.list())
+    before = p2prc_containers(docker_client)
+    request = ContainerRequest(ssh_key=key(tmp_path), ports=2)
+    for _ in range(20):
+        lease = svc.create("a" * 26, request)
+        svc.remove(lease.id, "a" * 26)
+    assert p2prc_containers(docker_client) == before
+    assert svc.store.held_ports() == {} and svc.store.leases() == []
+    assert len(docker_client.networks.list()) == networks
+
+
+def test_a_failed_create_releases_its_ports_and_leaves_nothing(tmp_path: Path,
+                                                               docker_client: Any) -> None:
+    base = docker_client.containers.create(IMAGE, command=["true"])
+    broken = base.commit("p2prc/broken", "test", changes=['CMD ["/bin/false"]'])
+    base.remove()
+    try:
+        svc = service(tmp_path, container_images=["p2prc/broken:test", "p2prc/none:1"])
+        before = p2prc_containers(docker_client)
+        for image, words in (("p2prc/broken:test", "exited before sshd"),
+                             ("p2prc/none:1", "not on this host")):
+            with pytest.raises(ContainerError, match=words):
+                svc.create("a" * 26, ContainerRequest(ssh_key=key(tmp_path), ports=3,
+                                                       image=image))
+            assert svc.store.held_ports() == {} and svc.store.leases() == []
+            assert p2prc_containers(docker_client) == before
+    finally:
+        docker_client.images.remove(broken.id, force=True)
+
+
+def test_expired_leases_are_reaped(tmp_path: Path, docker_client: Any) -> None:
+    svc = service(tmp_path)
+    lease = svc.create("a" * 26, ContainerRequest(ssh_key=key(tmp_path), ttl=120))
+    assert svc.reap() == []
+    assert svc.reap(now=time.time() + 121) == [lease.id]
+    assert lease.id not in p2prc_containers(docker_client)
+    assert svc.store.held_ports() == {}
+
+
+def test_a_restarted_server_finds_its_containers_by_label(tmp_path: Path,
+                                                          docker_client: Any) -> None:
+    svc = service(tmp_path)
+    lease = svc.create("a" * 26, ContainerRequest(ssh_key=key(tmp_path), ports=1))
+    (tmp_path / "server.db").unlink()  # the state is lost; the engine still runs it
+    for leftover in tmp_path.glob("server.db-*"):
+        leftover.unlink()
+    again = service(tmp_path)
+    assert again.reconcile() == {"adopted": [lease.id], "dropped": []}
+    [found] = again.list_leases("a" * 26)
+    assert found.ports == lease.ports and int(found.expires) == int(lease.expires)
+    assert set(again.store.held_ports()) == {p["external"] for p in lease.ports}
+    again.remove(lease.id, "a" * 26)
+    assert again.reconcile() == {"adopted": [], "dropped": []}
+
+
+def test_images_route_lists_the_offered_image(host: LiveServer) -> None:
+    images = httpx.get(host.url() + "/v1/images", timeout=10).json()["images"]
+    assert [(i["backend"], i["name"]) for i in images] == [("docker", IMAGE)]
