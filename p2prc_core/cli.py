@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.live import Live
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
 
 from p2prc_core import __version__
 from p2prc_core.client import PeerClient, Transfer
@@ -34,6 +36,14 @@ from p2prc_core.peertable import PeerTable, TableState, entry_to_peer
 from p2prc_core.plugins import PluginHooks, PluginLoadError, make_plugin_manager
 from p2prc_core.records import RecordPublisher
 from p2prc_core.sshkeys import ensure_key
+from p2prc_core.tasks import (
+    Playbooks,
+    Runs,
+    build_inventory,
+    parse_variables,
+    record_of,
+    reserve_ports,
+)
 from p2prc_core.tracking import Tracked
 from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore
 
@@ -148,11 +158,19 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @click.option("--gpu", "touch_gpu", is_flag=True, help="With --touch: ask for GPUs.")
 @click.option("--tc", "tracked_flag", is_flag=True, help="As 'p2prc containers ls'.")
 @click.option("--rm", "rm_container", metavar="CONTAINER", help="As 'p2prc rm CONTAINER'.")
+@click.option("--pp", "add_playbook", metavar="PATH", help="As 'p2prc playbooks add PATH'.")
+@click.option("--vp", "list_playbooks", is_flag=True, help="As 'p2prc playbooks ls'.")
+@click.option("--rp", "rm_playbook", metavar="NAME", help="As 'p2prc playbooks rm NAME'.")
+@click.option("--plugin", "plugin_name", metavar="NAME", help="With --id: as 'p2prc run NAME'.")
+@click.option("--id", "plugin_ids", multiple=True, metavar="CONTAINER",
+              help="With --plugin: where to run it.")
 @click.version_option(__version__, "--version", prog_name="p2prc")
 @click.pass_context
 def main(ctx: click.Context, home: Path | None, serve_flag: bool, add_address: str | None,
          list_flag: bool, update_flag: bool, touch_peer: str | None, touch_ports: int,
-         touch_gpu: bool, tracked_flag: bool, rm_container: str | None) -> None:
+         touch_gpu: bool, tracked_flag: bool, rm_container: str | None,
+         add_playbook: str | None, list_playbooks: bool, rm_playbook: str | None,
+         plugin_name: str | None, plugin_ids: tuple[str, ...]) -> None:
     """p2prc: connect to a friend's machine, or one close by, and run anything on it."""
     ctx.obj = Node(home)
     original: list[tuple[bool, click.Command, dict[str, Any]]] = [
@@ -163,13 +181,21 @@ def main(ctx: click.Context, home: Path | None, serve_flag: bool, add_address: s
                  {"peer": touch_peer, "ports": touch_ports, "gpu": touch_gpu, "image": None,
                   "cpus": None, "memory": None, "ttl": None, "as_json": True}),
                 (tracked_flag, containers_ls, {}),
-                (rm_container is not None, remove_container, {"container": rm_container})]
+                (rm_container is not None, remove_container, {"container": rm_container}),
+                (add_playbook is not None, playbooks_add, {"source": add_playbook}),
+                (list_playbooks, playbooks_ls, {}),
+                (rm_playbook is not None, playbooks_rm, {"name": rm_playbook}),
+                (plugin_name is not None, run_playbook,
+                 {"playbook": plugin_name, "targets": plugin_ids, "pairs": ()})]
+    if plugin_name is not None and not plugin_ids:
+        raise click.UsageError("--plugin NAME needs --id CONTAINER")
     chosen = [(command, kwargs) for given, command, kwargs in original if given]
     if (touch_ports or touch_gpu) and touch_peer is None:
         raise click.UsageError("--ports and --gpu go with --touch PEER")
     if len(chosen) > 1 or (chosen and ctx.invoked_subcommand is not None):
-        raise click.UsageError("-s, --as, --ls, --us, --touch, --tc and --rm each stand "
-                               "alone: give one, and no other command")
+        raise click.UsageError("the original flags (-s, --as, --ls, --us, --touch, --tc, --rm, "
+                               "--pp, --vp, --rp, --plugin) each stand alone: give one, and "
+                               "no other command")
     if chosen:
         command, kwargs = chosen[0]
         ctx.invoke(command, **kwargs)
@@ -912,3 +938,166 @@ def image_build(from_debootstrap: bool, tag: str, force: bool) -> None:
     from p2prc_plugins.docker import build_image
 
     build_image(tag, from_debootstrap, force, say=lambda line: click.echo(line, err=True))
+
+
+# -- playbooks and runs --------------------------------------------------------------------------
+
+@main.group("playbooks", invoke_without_command=True)
+@click.pass_context
+def playbooks_group(ctx: click.Context) -> None:
+    """Playbook bundles (site.yml + p2prc.toml) installed here."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(playbooks_ls)
+
+
+@playbooks_group.command("add")
+@click.argument("source")
+@click.option("--replace", is_flag=True, help="Replace an installed bundle of that name.")
+@pass_node
+def playbooks_add(node: Node, source: str, replace: bool = False) -> None:
+    """Install a bundle from a directory or a git URL."""
+    bundle = Playbooks(node.home).add(source, replace)
+    click.echo(f"added {bundle.name}: {bundle.description or 'no description'} "
+               f"(needs {bundle.ports} port(s))")
+
+
+@playbooks_group.command("ls")
+@json_option
+@pass_node
+def playbooks_ls(node: Node, as_json: bool = False) -> None:
+    """List installed bundles."""
+    bundles = Playbooks(node.home).all()
+    if as_json:
+        print_json([b.as_dict() for b in bundles])
+        return
+    if not bundles:
+        click.echo("No playbooks: 'p2prc playbooks add PATH_OR_GIT_URL'.")
+        return
+    print_table(("name", "ports", "variables", "description"),
+                [(b.name, b.ports, ", ".join(f"{k}={v}" for k, v in b.variables.items()) or "-",
+                  b.description) for b in bundles])
+
+
+@playbooks_group.command("rm")
+@click.argument("name")
+@pass_node
+def playbooks_rm(node: Node, name: str) -> None:
+    """Remove an installed bundle."""
+    Playbooks(node.home).remove(name)
+    click.echo(f"removed {name}")
+
+
+@main.command("run")
+@click.argument("playbook")
+@click.option("--on", "targets", multiple=True, required=True, metavar="CONTAINER_OR_GROUP",
+              help="Where to run it (repeatable).")
+@click.option("-e", "--extra-var", "pairs", multiple=True, metavar="KEY=VALUE",
+              help="A variable for the playbook (repeatable).")
+@click.option("--runner", default="ansible", show_default=True, help="The task runner.")
+@json_option
+@pass_node
+def run_playbook(node: Node, playbook: str, targets: tuple[str, ...], pairs: tuple[str, ...],
+                 runner: str = "ansible", as_json: bool = False) -> None:
+    """Run a playbook on containers and groups, all at once, with progress per host."""
+    bundle = Playbooks(node.home).get(playbook)
+    tracked = Tracked(node.home)
+    containers: list[dict[str, Any]] = []
+    for target in targets:
+        for container in tracked.resolve(target):
+            if container["id"] not in {c["id"] for c in containers}:
+                containers.append(container)
+    if not containers:
+        raise P2PRCError("no containers to run on (an empty group?)")
+    runners = node.hooks.runners()
+    if runner not in runners:
+        raise P2PRCError(f"no task runner {runner!r} (have: {', '.join(runners) or 'none'})")
+    extravars = {**bundle.variables, **parse_variables(pairs)}
+    private_key, _ = ensure_key(node.home, node.loaded.settings.ssh_key)
+    ports = reserve_ports(tracked, containers, bundle.ports)
+    runs = Runs(node.home)
+    run_id, run_dir = runs.new()
+    inventory = build_inventory(containers, ports, private_key, run_dir / "known_hosts")
+    started = time.time()
+    progress = RunProgress(list(inventory["all"]["hosts"]))
+    with Live(progress.table(), console=err_console, refresh_per_second=8) as live:
+        def on_event(host: str, task: str, status: str) -> None:
+            progress.update(host, task, status)
+            live.update(progress.table())
+
+        result = runners[runner].run(bundle, inventory, extravars, run_dir, on_event)
+    record = record_of(run_id, bundle, result, started, extravars, run_dir)
+    runs.save(run_id, record)
+    if as_json:
+        print_json(record)
+    else:
+        _print_run(record)
+    if not result.succeeded:
+        raise SystemExit(1)
+
+
+class RunProgress:
+    """The live view: each host's latest task and state."""
+
+    def __init__(self, hosts: list[str]):
+        self.state = {host: ("waiting", "") for host in hosts}
+        self.counts = {host: [0, 0] for host in hosts}
+
+    def update(self, host: str, task: str, status: str) -> None:
+        self.state[host] = (status, task)
+        self.counts.setdefault(host, [0, 0])[0 if status in ("ok", "skipped") else 1] += 1
+
+    def table(self) -> Table:
+        table = Table(box=None, header_style="bold")
+        for column in ("host", "state", "task", "done", "failed"):
+            table.add_column(column)
+        for host, (status, task) in self.state.items():
+            done, failed = self.counts[host]
+            table.add_row(host, status, task, str(done), str(failed))
+        return table
+
+
+def _print_run(record: dict[str, Any]) -> None:
+    print_table(("host", "result", "ok", "changed", "failed", "message"),
+                [(name, h["status"], h["ok"], h["changed"], h["failed"], h["message"] or "-")
+                 for name, h in record["hosts"].items()],
+                title=f"run {record['id']} of {record['playbook']}: "
+                      f"{'succeeded' if record['succeeded'] else 'FAILED'}")
+
+
+@main.group("runs", invoke_without_command=True)
+@click.pass_context
+def runs_group(ctx: click.Context) -> None:
+    """Past runs and their artifacts."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(runs_ls)
+
+
+@runs_group.command("ls")
+@json_option
+@pass_node
+def runs_ls(node: Node, as_json: bool = False) -> None:
+    """List past runs."""
+    records = Runs(node.home).all()
+    if as_json:
+        print_json(records)
+        return
+    if not records:
+        click.echo("No runs yet: 'p2prc run PLAYBOOK --on CONTAINER'.")
+        return
+    print_table(("run", "playbook", "started", "hosts", "result"),
+                [(r["id"], r["playbook"], _when(r["started"]), len(r["hosts"]),
+                  "ok" if r["succeeded"] else "failed") for r in records])
+
+
+@runs_group.command("show")
+@click.argument("run_id")
+@json_option
+@pass_node
+def runs_show(node: Node, run_id: str, as_json: bool = False) -> None:
+    """Show one run: each host's result, and where its artifacts are."""
+    record = Runs(node.home).get(run_id)
+    if as_json:
+        print_json(record)
+        return
+    _print_run(record)
+    click.echo(f"artifacts: {record['artifacts']}")

@@ -19,7 +19,8 @@ DEFAULT_TAG = "p2prc/base:latest"
 HOST_KEY_MARK = "P2PRC-HOSTKEY "
 # All that sshd needs to run, take a key login, and drop to the session: everything else is
 # dropped.
-SSHD_CAPABILITIES = ["CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "NET_BIND_SERVICE", "KILL"]
+SSHD_CAPABILITIES = ["CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "NET_BIND_SERVICE", "KILL",
+                     "AUDIT_WRITE"]  # AUDIT_WRITE: sshd logs a login on a terminal
 START_HINT = "dockerd is not running: start it (scripts/docker-engine, or 'dockerd &')"
 
 

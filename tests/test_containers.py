@@ -202,7 +202,7 @@ def test_hardening(tmp_path: Path, host: LiveServer, docker_client: Any) -> None
     assert config["Privileged"] is False
     assert config["CapDrop"] == ["ALL"]
     assert set(config["CapAdd"]) <= {"CHOWN", "SETUID", "SETGID", "SYS_CHROOT",
-                                     "NET_BIND_SERVICE", "KILL"}
+                                     "NET_BIND_SERVICE", "KILL", "AUDIT_WRITE"}
     assert "no-new-privileges:true" in config["SecurityOpt"]
     assert config["PidsLimit"] == 64
     assert config["Memory"] == 128 * 1024 * 1024

@@ -1,0 +1,77 @@
+"""The Ansible task runner (ansible-runner): one playbook on many containers at once."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from p2prc_core import hookimpl
+from p2prc_core.errors import P2PRCError
+from p2prc_core.tasks import Bundle, Event, HostResult, RunResult
+
+_EVENT_STATUS = {"runner_on_ok": "ok", "runner_on_failed": "failed",
+                 "runner_on_unreachable": "unreachable", "runner_on_skipped": "skipped"}
+
+
+class AnsibleRunner:
+    def run(self, bundle: Bundle, inventory: dict[str, Any], extravars: dict[str, Any],
+            run_dir: Path, on_event: Event) -> RunResult:
+        try:
+            import ansible_runner
+        except ImportError:
+            raise P2PRCError("ansible-runner is not installed: pip install ansible-runner "
+                             "ansible-core") from None
+        hosts = inventory["all"]["hosts"]
+        result = RunResult({name: HostResult(name, spec["p2prc_container"])
+                            for name, spec in hosts.items()})
+
+        def handle(event: dict[str, Any]) -> bool:
+            status = _EVENT_STATUS.get(event.get("event", ""))
+            data = event.get("event_data", {})
+            host = data.get("host")
+            if status and host in result.hosts:
+                task = data.get("task", "")
+                if status in ("failed", "unreachable") and not data.get("ignore_errors"):
+                    result.hosts[host].message = _message(data.get("res", {}))
+                on_event(host, task, status)
+            return True
+
+        # ansible-runner starts ansible-playbook: the one beside this Python comes first.
+        bin_dir = str(Path(sys.executable).parent)
+        runner = ansible_runner.run(
+            private_data_dir=str(run_dir), project_dir=str(bundle.path), playbook="site.yml",
+            inventory=inventory, extravars=extravars, forks=max(1, len(hosts)), quiet=True,
+            event_handler=handle,
+            envvars={"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                     "ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_TIMEOUT": "20",
+                     "ANSIBLE_RETRY_FILES_ENABLED": "False", "LC_ALL": "C.UTF-8",
+                     "ANSIBLE_NOCOLOR": "1"})
+        stats = runner.stats or {}
+        for name, host in result.hosts.items():
+            host.ok = stats.get("ok", {}).get(name, 0)
+            host.changed = stats.get("changed", {}).get(name, 0)
+            host.failed = stats.get("failures", {}).get(name, 0)
+            if stats.get("dark", {}).get(name):
+                host.status = "unreachable"
+            elif host.failed:
+                host.status = "failed"
+            elif name in stats.get("ok", {}) or name in stats.get("skipped", {}):
+                host.status = "ok"
+            else:
+                host.status = "failed"
+                host.message = host.message or f"ansible-runner ended {runner.status}: see " \
+                                               f"{run_dir}"
+        return result
+
+
+def _message(res: dict[str, Any]) -> str:
+    text = str(res.get("msg") or res.get("stderr") or res.get("reason") or "").strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+@hookimpl(trylast=True)
+def p2prc_register_runners(register: Callable[[str, Any], None]) -> None:
+    register("ansible", AnsibleRunner())

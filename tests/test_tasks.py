@@ -1,0 +1,242 @@
+"""Playbook bundles, and runs of real Ansible against real containers over SSH."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import P2PRC, LiveServer, require, start_server
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.tasks import BundleError, Playbooks, load_bundle, parse_variables
+from p2prc_core.trust import TrustStore
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTRIB = ROOT / "contrib" / "playbooks"
+
+
+def p2prc(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([P2PRC, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "P2PRC_HOME": str(home)})
+
+
+# -- bundles -------------------------------------------------------------------------------------
+
+def bundle(tmp_path: Path, toml: str, site: str | None = "- hosts: all\n  tasks: []\n") -> Path:
+    path = tmp_path / "bundle"
+    path.mkdir()
+    (path / "p2prc.toml").write_text(toml)
+    if site is not None:
+        (path / "site.yml").write_text(site)
+    return path
+
+
+def test_the_contrib_bundles_are_valid() -> None:
+    names = {load_bundle(path).name for path in CONTRIB.iterdir()}
+    assert names == {"http", "vscode", "twotasks"}
+    assert load_bundle(CONTRIB / "http").ports == 1
+
+
+@pytest.mark.parametrize("toml, site, words", [
+    ('name = "x"\n', None, "has no site.yml"),
+    ('name = "Bad Name"\n', "- hosts: all\n", "name must be"),
+    ('name = "x"\nports = -1\n', "- hosts: all\n", "ports must be"),
+    ('name = "x"\nports = "2"\n', "- hosts: all\n", "ports must be"),
+    ('name = "x"\nextra = 1\n', "- hosts: all\n", "unknown keys"),
+    ('name = "x"\n[variables]\n"1a" = 2\n', "- hosts: all\n", "[variables]"),
+    ("name = \n", "- hosts: all\n", "not valid TOML"),
+    ('name = "x"\n', "hosts: [", "not valid YAML"),
+    ('name = "x"\n', "- tasks: []\n", "each with 'hosts'"),
+    ('name = "x"\n', "just text\n", "list of plays"),
+])
+def test_a_bad_bundle_is_refused_with_the_reason(tmp_path: Path, toml: str, site: str | None,
+                                                 words: str) -> None:
+    path = bundle(tmp_path, toml, site)
+    with pytest.raises(BundleError, match=words.replace("[", r"\[")):
+        Playbooks(tmp_path / "home").add(str(path))
+    assert Playbooks(tmp_path / "home").all() == []
+
+
+def test_playbooks_add_ls_rm_and_original_flags(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    added = p2prc(home, "playbooks", "add", str(CONTRIB / "http"))
+    assert added.returncode == 0 and "added http" in added.stdout
+    again = p2prc(home, "playbooks", "add", str(CONTRIB / "http"))
+    assert again.returncode == 1 and "installed already" in again.stderr
+    assert p2prc(home, "--pp", str(CONTRIB / "twotasks")).returncode == 0
+    listed = json.loads(p2prc(home, "playbooks", "ls", "--json").stdout)
+    assert [b["name"] for b in listed] == ["http", "twotasks"]
+    assert listed[0]["variables"] == {"message": "hello from p2prc"}
+    assert "twotasks" in p2prc(home, "--vp").stdout
+    assert p2prc(home, "--rp", "twotasks").returncode == 0
+    assert p2prc(home, "playbooks", "rm", "http").returncode == 0
+    assert json.loads(p2prc(home, "playbooks", "ls", "--json").stdout) == []
+    missing = p2prc(home, "playbooks", "rm", "http")
+    assert missing.returncode == 1 and "no playbook 'http'" in missing.stderr
+
+
+def test_playbooks_add_from_a_git_url(tmp_path: Path) -> None:
+    require(shutil.which("git") is not None, "git is missing")
+    repo = tmp_path / "repo"
+    shutil.copytree(CONTRIB / "twotasks", repo)
+    for args in (["init", "-q"], ["add", "."],
+                 ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "bundle"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+    home = tmp_path / "home"
+    added = p2prc(home, "playbooks", "add", f"file://{repo}")
+    assert added.returncode == 0, added.stderr
+    assert not (home / "playbooks" / "twotasks" / ".git").exists()
+
+
+def test_variables_from_the_command_line() -> None:
+    assert parse_variables(("a=1", "b=text", "c=[1, 2]", "d=")) == \
+        {"a": 1, "b": "text", "c": [1, 2], "d": ""}
+    with pytest.raises(BundleError, match="KEY=VALUE"):
+        parse_variables(("novalue",))
+
+
+# -- runs against real containers ----------------------------------------------------------------
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[LiveServer]:
+    import docker
+
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+        client.images.get("p2prc/base:latest")
+    except docker.errors.DockerException as err:
+        require(False, f"no Docker engine or base image ({err}): scripts/docker-engine")
+    require(shutil.which("ansible-playbook") is not None or
+            Path(P2PRC).with_name("ansible-playbook").exists(), "ansible-playbook is missing")
+    me = NodeIdentity.load_or_create(tmp_path / "me")
+    TrustStore(tmp_path / "host").add(me.node_id)
+    server = start_server(tmp_path / "host")
+    before = {c.id for c in client.containers.list(all=True, filters={"label": "org.p2prc=1"})}
+    try:
+        yield server
+    finally:
+        server.stop()
+        for c in client.containers.list(all=True, filters={"label": "org.p2prc=1"}):
+            if c.id not in before:
+                c.remove(force=True)
+
+
+def touch(tmp_path: Path, host: LiveServer, ports: int) -> dict[str, Any]:
+    result = p2prc(tmp_path / "me", "touch", host.peer(), "--ports", str(ports), "--json")
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+
+
+@pytest.mark.docker
+@pytest.mark.ansible
+@pytest.mark.integration
+def test_http_bundle_on_a_group_of_two_is_served_to_another_namespace(
+        tmp_path: Path, host: LiveServer) -> None:
+    from netlab import NetLab, available
+
+    reason = available()
+    require(reason is None, reason or "")
+    me = tmp_path / "me"
+    first, second = touch(tmp_path, host, 2), touch(tmp_path, host, 2)
+    assert p2prc(me, "group", "create", "web").returncode == 0
+    assert p2prc(me, "group", "add", "web", first["id"], second["id"]).returncode == 0
+    assert p2prc(me, "playbooks", "add", str(CONTRIB / "http")).returncode == 0
+    run = p2prc(me, "run", "http", "--on", "web", "-e", "message=hi", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    record = json.loads(run.stdout)
+    assert record["succeeded"] and set(record["hosts"]) == {first["id"][:12], second["id"][:12]}
+    assert all(h["status"] == "ok" and h["ok"] >= 4 for h in record["hosts"].values())
+    lab = NetLab(tmp_path / "lab")
+    try:
+        outside = lab.add_host("outside")
+        for container in (first, second):
+            port = container["ports"][1]["external"]
+            fetch = subprocess.run(outside.command(
+                "python3", "-c", "import urllib.request; print(urllib.request.urlopen("
+                f"'http://[{lab.v6_prefix}1]:{port}/', timeout=10).read().decode())"),
+                capture_output=True, text=True, timeout=30)
+            assert fetch.stdout.strip() == f"hi from {container['id'][:12]}", fetch.stderr
+    finally:
+        lab.close()
+    # The run is kept: listed, and shown with its artifacts.
+    runs = json.loads(p2prc(me, "runs", "ls", "--json").stdout)
+    assert [r["id"] for r in runs] == [record["id"]]
+    shown = p2prc(me, "runs", "show", record["id"][:15])
+    assert "succeeded" in shown.stdout and Path(record["artifacts"]).is_dir()
+    # Ports one run used are not handed to the next: the second port now, then none left.
+    again = json.loads(p2prc(me, "run", "http", "--on", first["id"][:12], "--json").stdout)
+    assert again["succeeded"]
+    tracked = json.loads((me / "containers.json").read_text())[first["id"]]
+    assert tracked["used_ports"] == [p["external"] for p in first["ports"][1:]]
+    full = p2prc(me, "run", "http", "--on", first["id"][:12])
+    assert full.returncode == 1 and "has 0 unused extra ports" in full.stderr
+
+
+FAILING = """- hosts: all
+  gather_facts: false
+  tasks:
+    - name: fail on the first host only
+      ansible.builtin.fail:
+        msg: "this host was told to fail"
+      when: inventory_hostname == target
+    - name: then say hello
+      ansible.builtin.command: echo hello
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.ansible
+@pytest.mark.integration
+def test_a_host_that_fails_is_reported_and_the_other_succeeds(tmp_path: Path,
+                                                              host: LiveServer) -> None:
+    me = tmp_path / "me"
+    first, second = touch(tmp_path, host, 0), touch(tmp_path, host, 0)
+    path = bundle(tmp_path, 'name = "half"\n', FAILING)
+    assert p2prc(me, "playbooks", "add", str(path)).returncode == 0
+    run = p2prc(me, "run", "half", "--on", first["id"][:12], "--on", second["id"][:12],
+                "-e", f"target={first['id'][:12]}", "--json")
+    assert run.returncode == 1
+    hosts = json.loads(run.stdout)["hosts"]
+    assert hosts[first["id"][:12]]["status"] == "failed"
+    assert "this host was told to fail" in hosts[first["id"][:12]]["message"]
+    assert hosts[second["id"][:12]]["status"] == "ok"
+    table = p2prc(me, "runs", "show", json.loads(run.stdout)["id"])
+    assert "FAILED" in table.stdout
+
+
+@pytest.mark.docker
+@pytest.mark.ansible
+@pytest.mark.integration
+def test_a_container_that_cannot_be_reached_fails_clearly(tmp_path: Path,
+                                                          host: LiveServer) -> None:
+    me = tmp_path / "me"
+    container = touch(tmp_path, host, 0)
+    kill = subprocess.run([P2PRC, "server", "containers", "kill", container["id"][:12]],
+                          env={**os.environ, "P2PRC_HOME": str(host.home)},
+                          capture_output=True, text=True, timeout=60)
+    assert kill.returncode == 0
+    assert p2prc(me, "playbooks", "add", str(CONTRIB / "twotasks")).returncode == 0
+    run = p2prc(me, "run", "twotasks", "--on", container["id"][:12], "--json")
+    assert run.returncode == 1
+    result = json.loads(run.stdout)["hosts"][container["id"][:12]]
+    assert result["status"] == "unreachable"
+    assert "connect" in result["message"].lower() or "ssh" in result["message"].lower()
+
+
+def test_running_on_nothing_known_is_a_clear_error(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    p2prc(home, "playbooks", "add", str(CONTRIB / "twotasks"))
+    result = p2prc(home, "run", "twotasks", "--on", "abcdef123456")
+    assert result.returncode == 1 and "no tracked container" in result.stderr
+    unknown = p2prc(home, "run", "nope", "--on", "abcdef123456")
+    assert unknown.returncode == 1 and "no playbook 'nope'" in unknown.stderr
