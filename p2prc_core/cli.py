@@ -7,7 +7,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.live import Live
@@ -15,7 +15,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.table import Table
 
 from p2prc_core import __version__
-from p2prc_core.client import PeerClient, Transfer
 from p2prc_core.config import (
     CONFIG_FILE,
     ConfigError,
@@ -26,7 +25,6 @@ from p2prc_core.config import (
     settings_as_dict,
 )
 from p2prc_core.containers import ContainerService
-from p2prc_core.discovery import Discovery, HttpTransport
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Address, Endpoint, parse_duration, parse_endpoint, parse_size
@@ -46,6 +44,10 @@ from p2prc_core.tasks import (
 )
 from p2prc_core.tracking import Tracked
 from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore
+
+if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
+    from p2prc_core.client import PeerClient, Transfer
+    from p2prc_core.discovery import Discovery
 
 
 class Node:
@@ -75,6 +77,8 @@ class Node:
         return NodeIdentity.load_or_create(self.home)
 
     def client(self, peer: str | Endpoint) -> PeerClient:
+        from p2prc_core.client import PeerClient
+
         endpoint = peer if isinstance(peer, Endpoint) else self.resolve(peer)
         return PeerClient(endpoint, timeout=self.loaded.settings.request_timeout,
                           identity=self.identity)
@@ -108,6 +112,8 @@ class Node:
         return PeerTable(self.home, self.identity.node_id, self.loaded.settings.allow_loopback)
 
     def discovery(self) -> Discovery:
+        from p2prc_core.discovery import Discovery, HttpTransport
+
         s = self.loaded.settings
         return Discovery(self.table(), self.hooks,
                          HttpTransport(s.request_timeout, s.max_table_bytes), self.own_record,
@@ -1019,10 +1025,11 @@ def run_playbook(node: Node, playbook: str, targets: tuple[str, ...], pairs: tup
     inventory = build_inventory(containers, ports, private_key, run_dir / "known_hosts")
     started = time.time()
     progress = RunProgress(list(inventory["all"]["hosts"]))
-    with Live(progress.table(), console=err_console, refresh_per_second=8) as live:
+    # Redrawn on each event rather than by a timer thread, which would hold up the end.
+    with Live(progress.table(), console=err_console, auto_refresh=False) as live:
         def on_event(host: str, task: str, status: str) -> None:
             progress.update(host, task, status)
-            live.update(progress.table())
+            live.update(progress.table(), refresh=True)
 
         result = runners[runner].run(bundle, inventory, extravars, run_dir, on_event)
     record = record_of(run_id, bundle, result, started, extravars, run_dir)
