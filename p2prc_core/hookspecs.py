@@ -67,6 +67,11 @@ def p2prc_collect_specs() -> dict[str, Any] | None:
 def p2prc_register_backends(register: Callable[[str, Any], None]) -> None:
     """Register virtualization backends (Docker is built in).
 
+    A backend implements ``p2prc_core.containers.Backend``: ``create(spec)`` starts a
+    container exactly as the ``ContainerSpec`` says (limits, ports, labels, the SSH key) and
+    returns its id; ``host_key``, ``remove``, ``containers``, ``inspect``, ``images`` and
+    ``gpu_available`` do what they say. The server picks one by the ``backend`` setting.
+
     :param register: call ``register(name, backend)`` once for each backend.
     """
 
@@ -74,6 +79,11 @@ def p2prc_register_backends(register: Callable[[str, Any], None]) -> None:
 @hookspec
 def p2prc_register_runners(register: Callable[[str, Any], None]) -> None:
     """Register task runners (Ansible is built in).
+
+    A runner implements ``p2prc_core.tasks.Runner``: ``run(bundle, inventory, extravars,
+    run_dir, on_event)`` runs the bundle's playbook on every host of the inventory, calls
+    ``on_event(host, task, status)`` as it goes, and returns each host's result.
+    ``p2prc run --runner NAME`` picks one.
 
     :param register: call ``register(name, runner)`` once for each runner.
     """
