@@ -87,6 +87,8 @@ class Settings:
     container_default_ttl: int = _setting(86400, "seconds a container lives unless it asks",
                                           min=60)
     container_max_ttl: int = _setting(7 * 86400, "most seconds a container may live", min=60)
+    reap_seconds: float = _setting(10.0, "how often the server looks for expired containers",
+                                   min=0.5)
     port_range: str = _setting("42000-42999", "host ports the server maps containers' ports to",
                                check=lambda text: parse_port_range(text))
     ssh_key: str = _setting("", "the SSH key p2prc logs in with (default: made on first use in "

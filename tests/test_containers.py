@@ -316,6 +316,25 @@ def test_the_host_sees_and_kills_every_container(tmp_path: Path, host: LiveServe
     assert [c["state"] for c in gone] == ["gone"]
 
 
+def test_a_running_server_reaps_an_expired_container(tmp_path: Path,
+                                                     docker_client: Any) -> None:
+    me_id = NodeIdentity.load_or_create(tmp_path / "me").node_id
+    TrustStore(tmp_path / "reaper").add(me_id)
+    server = start_server(tmp_path / "reaper", env={"P2PRC_REAP_SECONDS": "0.5"})
+    try:
+        reply = touch(tmp_path, server, "--ttl", "2s")
+        assert reply["id"] in p2prc_containers(docker_client)
+        deadline = time.monotonic() + 20
+        while reply["id"] in p2prc_containers(docker_client) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert reply["id"] not in p2prc_containers(docker_client), server.output()
+        assert "expired and was removed" in server.output()
+        listed = json.loads(me(tmp_path, "containers", "ls", "--json").stdout)
+        assert [c["state"] for c in listed] == ["gone"]
+    finally:
+        server.stop()
+
+
 def service(home: Path, **options: Any) -> ContainerService:
     hooks = make_plugin_manager(load_entrypoints=False, plugins=[
         *BUILTINS, ("docker", __import__("p2prc_plugins.docker", fromlist=["x"]))])

@@ -89,7 +89,7 @@ class ServerContext:
         return self._containers
 
     def start_reaper(self) -> Periodic:
-        reaper = Periodic(self.home, "reap", 10.0, self._reap)
+        reaper = Periodic(self.home, "reap", self.settings.reap_seconds, self._reap)
         reaper.start()
         return reaper
 
