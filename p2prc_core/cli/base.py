@@ -1,0 +1,242 @@
+"""The ``p2prc`` group, its context object, and what every command shares."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from p2prc_core import __version__
+from p2prc_core.config import (
+    ConfigError,
+    LoadedSettings,
+    default_home,
+    load_settings,
+)
+from p2prc_core.errors import P2PRCError
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.models import Endpoint, parse_duration, parse_endpoint, parse_size
+from p2prc_core.node import record_fields
+from p2prc_core.output import err_console
+from p2prc_core.peertable import PeerTable
+from p2prc_core.plugins import PluginHooks, PluginLoadError, make_plugin_manager
+from p2prc_core.records import RecordPublisher
+
+if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
+    from p2prc_core.client import PeerClient
+    from p2prc_core.discovery import Discovery
+
+
+class Node:
+    """The click context object: this node's home, settings and plugins, built on demand."""
+
+    def __init__(self, home: Path | None):
+        self.home = home or default_home()
+        self.overrides: dict[str, Any] = {}
+        self._loaded: LoadedSettings | None = None
+        self._hooks: PluginHooks | None = None
+
+    @property
+    def loaded(self) -> LoadedSettings:
+        if self._loaded is None:
+            self._loaded = load_settings(self.home, self.overrides)
+        return self._loaded
+
+    @property
+    def hooks(self) -> PluginHooks:
+        if self._hooks is None:
+            self._hooks = make_plugin_manager(disabled=self.loaded.settings.disable_plugins)
+        return self._hooks
+
+    @property
+    def identity(self) -> NodeIdentity:
+        """This node's key, created on first use."""
+        return NodeIdentity.load_or_create(self.home)
+
+    def client(self, peer: str | Endpoint) -> PeerClient:
+        from p2prc_core.client import PeerClient
+
+        endpoint = peer if isinstance(peer, Endpoint) else self.resolve(peer)
+        return PeerClient(endpoint, timeout=self.loaded.settings.request_timeout,
+                          identity=self.identity)
+
+    def resolve(self, text: str) -> Endpoint:
+        """PEER: a node id or a name from the table, or ADDRESS[:PORT]."""
+        entry = self.find_peer(text)
+        if entry is not None:
+            measured = entry.get("measured", {})
+            if measured.get("address"):
+                return parse_endpoint(measured["address"])
+            endpoints = self.discovery().endpoints(entry)
+            if endpoints:
+                return endpoints[0]
+            raise P2PRCError(f"{text}: the table has no address this node may dial")
+        return resolve_peer(text)
+
+    def find_peer(self, text: str) -> dict[str, Any] | None:
+        if not (self.home / "peers.json").exists():
+            return None
+        peers = self.table().load()
+        if text in peers:
+            return peers[text]
+        named = [e for e in peers.values() if e["record"].get("name") == text]
+        if len(named) > 1:
+            ids = ", ".join(e["record"]["node_id"] for e in named)
+            raise P2PRCError(f"{len(named)} peers are named {text!r} ({ids}): use a node id")
+        return named[0] if named else None
+
+    def table(self) -> PeerTable:
+        return PeerTable(self.home, self.identity.node_id, self.loaded.settings.allow_loopback)
+
+    def discovery(self) -> Discovery:
+        from p2prc_core.discovery import Discovery, HttpTransport
+
+        s = self.loaded.settings
+        return Discovery(self.table(), self.hooks,
+                         HttpTransport(s.request_timeout, s.max_table_bytes), self.own_record,
+                         concurrency=s.update_concurrency, probes=s.latency_probes,
+                         max_failures=s.peer_max_failures,
+                         max_records=s.max_records_per_response)
+
+    def own_record(self) -> dict[str, Any]:
+        """This node's signed record, as its server would serve it."""
+        fields = record_fields(self.loaded.settings, self.hooks, self.hooks.collect_specs(),
+                               __version__)
+        return RecordPublisher(self.home, self.identity).current(fields)
+
+
+def resolve_peer(text: str) -> Endpoint:
+    """ADDRESS[:PORT] (IPv6 in brackets)."""
+    try:
+        return parse_endpoint(text)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="PEER") from None
+
+
+class P2PRCGroup(click.Group):
+    """Turns every p2prc error into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (P2PRCError, ConfigError, PluginLoadError) as err:
+            raise click.ClickException(str(err)) from None
+
+
+pass_node = click.make_pass_decorator(Node)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@click.group(cls=P2PRCGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(path_type=Path), envvar="P2PRC_HOME",
+              help="This node's home directory [default: ~/.p2prc; env P2PRC_HOME].")
+@click.option("-s", "serve_flag", is_flag=True, help="Run the peer server (as 'p2prc server').")
+@click.option("--as", "add_address", metavar="ADDRESS", help="As 'p2prc peers add ADDRESS'.")
+@click.option("--ls", "list_flag", is_flag=True, help="As 'p2prc peers ls'.")
+@click.option("--us", "update_flag", is_flag=True, help="As 'p2prc peers update'.")
+@click.option("--touch", "touch_peer", metavar="PEER", help="As 'p2prc touch PEER'.")
+@click.option("--ports", "touch_ports", type=click.IntRange(0, 64), default=0,
+              help="With --touch: extra TCP ports.")
+@click.option("--gpu", "touch_gpu", is_flag=True, help="With --touch: ask for GPUs.")
+@click.option("--tc", "tracked_flag", is_flag=True, help="As 'p2prc containers ls'.")
+@click.option("--rm", "rm_container", metavar="CONTAINER", help="As 'p2prc rm CONTAINER'.")
+@click.option("--pp", "add_playbook", metavar="PATH", help="As 'p2prc playbooks add PATH'.")
+@click.option("--vp", "list_playbooks", is_flag=True, help="As 'p2prc playbooks ls'.")
+@click.option("--rp", "rm_playbook", metavar="NAME", help="As 'p2prc playbooks rm NAME'.")
+@click.option("--plugin", "plugin_name", metavar="NAME", help="With --id: as 'p2prc run NAME'.")
+@click.option("--id", "plugin_ids", multiple=True, metavar="CONTAINER",
+              help="With --plugin: where to run it.")
+@click.version_option(__version__, "--version", prog_name="p2prc")
+@click.pass_context
+def main(ctx: click.Context, home: Path | None, serve_flag: bool, add_address: str | None,
+         list_flag: bool, update_flag: bool, touch_peer: str | None, touch_ports: int,
+         touch_gpu: bool, tracked_flag: bool, rm_container: str | None,
+         add_playbook: str | None, list_playbooks: bool, rm_playbook: str | None,
+         plugin_name: str | None, plugin_ids: tuple[str, ...]) -> None:
+    """p2prc: connect to a friend's machine, or one close by, and run anything on it."""
+    ctx.obj = Node(home)
+    # The commands the original spellings stand for live in the other cli modules.
+    from p2prc_core.cli.containers import containers_ls, remove_container, touch
+    from p2prc_core.cli.local import server
+    from p2prc_core.cli.peers import peers_add, peers_ls, peers_update
+    from p2prc_core.cli.tasks import playbooks_add, playbooks_ls, playbooks_rm, run_playbook
+
+    original: list[tuple[bool, click.Command, dict[str, Any]]] = [
+        (serve_flag, server, {}), (add_address is not None, peers_add,
+                                           {"address": add_address}),
+                (list_flag, peers_ls, {}), (update_flag, peers_update, {}),
+                (touch_peer is not None, touch,
+                 {"peer": touch_peer, "ports": touch_ports, "gpu": touch_gpu, "image": None,
+                  "cpus": None, "memory": None, "ttl": None, "as_json": True}),
+                (tracked_flag, containers_ls, {}),
+                (rm_container is not None, remove_container, {"container": rm_container}),
+                (add_playbook is not None, playbooks_add, {"source": add_playbook}),
+                (list_playbooks, playbooks_ls, {}),
+                (rm_playbook is not None, playbooks_rm, {"name": rm_playbook}),
+                (plugin_name is not None, run_playbook,
+                 {"playbook": plugin_name, "targets": plugin_ids, "pairs": ()})]
+    if plugin_name is not None and not plugin_ids:
+        raise click.UsageError("--plugin NAME needs --id CONTAINER")
+    chosen = [(command, kwargs) for given, command, kwargs in original if given]
+    if (touch_ports or touch_gpu) and touch_peer is None:
+        raise click.UsageError("--ports and --gpu go with --touch PEER")
+    if len(chosen) > 1 or (chosen and ctx.invoked_subcommand is not None):
+        raise click.UsageError("the original flags (-s, --as, --ls, --us, --touch, --tc, --rm, "
+                               "--pp, --vp, --rp, --plugin) each stand alone: give one, and "
+                               "no other command")
+    if chosen:
+        command, kwargs = chosen[0]
+        ctx.invoke(command, **kwargs)
+    elif ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+# -- helpers shared by the commands ---------------------------------------------
+
+def size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def format_ago(now: float, stamp: float | None) -> str:
+    if not stamp:
+        return "never"
+    seconds = max(0, int(now - stamp))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def transfer_progress() -> Progress:
+    return Progress(TextColumn("{task.description:>8}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), console=err_console, transient=True)
+
+
+def duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def format_when(stamp: float | None) -> str:
+    if not stamp:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(stamp))
+
+
+def format_setting(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(value) or "-"
+    return repr(value) if isinstance(value, str) else str(value)

@@ -1,0 +1,208 @@
+"""Containers on peers: touch, containers ls, rm, ssh, group."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from p2prc_core.cli.base import (
+    Node,
+    duration_option,
+    format_when,
+    json_option,
+    main,
+    pass_node,
+    size_option,
+)
+from p2prc_core.errors import PeerError, PeerRefused
+from p2prc_core.models import parse_endpoint
+from p2prc_core.output import err_console, print_json, print_table
+from p2prc_core.sshkeys import ensure_key
+from p2prc_core.tracking import Tracked
+
+# -- containers ------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("peer")
+@click.option("--ports", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Extra TCP ports to open, besides SSH.")
+@click.option("--gpu", is_flag=True, help="Ask for the host's NVIDIA GPUs.")
+@click.option("--image", help="An image the host offers [default: its first].")
+@click.option("--cpus", type=float, help="CPUs [default: the host's default].")
+@click.option("--memory", callback=size_option, metavar="SIZE", help="Memory, e.g. 1G.")
+@click.option("--ttl", callback=duration_option, metavar="DURATION",
+              help="Lifetime, e.g. 2h, 7d.")
+@json_option
+@pass_node
+def touch(node: Node, peer: str, ports: int, gpu: bool, image: str | None, cpus: float | None,
+          memory: int | None, ttl: int | None, as_json: bool) -> None:
+    """Start a container on PEER with SSH access (your key) and open ports."""
+    _, public_key = ensure_key(node.home, node.loaded.settings.ssh_key)
+    request: dict[str, Any] = {"ssh_key": public_key, "ports": ports, "gpu": gpu}
+    for name, value in (("image", image), ("cpus", cpus), ("memory", memory), ("ttl", ttl)):
+        if value is not None:
+            request[name] = value
+    with node.client(peer) as client:
+        with err_console.status(f"starting a container on {client.endpoint} ..."):
+            reply = client.create_container(request)
+        endpoint = client.endpoint
+    tracked = {"id": reply["id"], "node_id": reply.get("node_id"), "endpoint": str(endpoint),
+               "host": endpoint.host, "ssh_port": reply["ssh"]["port"],
+               "host_key": reply["ssh"]["host_key"], "ports": reply["ports"],
+               "image": reply["image"], "created": reply["created"],
+               "expires": reply["expires"], "gpu": reply.get("gpu", False)}
+    Tracked(node.home).add(tracked)
+    if as_json:
+        print_json(reply)
+        return
+    extra = ", ".join(f"{p['external']}" for p in reply["ports"][1:]) or "none"
+    click.echo(f"container {reply['id'][:12]} on {endpoint}: ssh port {reply['ssh']['port']}, "
+               f"extra ports {extra}, until {format_when(reply['expires'])}")
+    click.echo(f"  host key {reply['ssh']['fingerprint']}")
+    click.echo(f"  log in:  p2prc ssh {reply['id'][:12]}")
+
+
+@main.group("containers", invoke_without_command=True)
+@click.pass_context
+def containers_group(ctx: click.Context) -> None:
+    """Containers this client started (ls)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(containers_ls)
+
+
+@containers_group.command("ls")
+@json_option
+@pass_node
+def containers_ls(node: Node, as_json: bool = False) -> None:
+    """List tracked containers with their live state (asks each host)."""
+    tracked = Tracked(node.home).containers()
+    by_endpoint: dict[str, list[dict[str, Any]]] = {}
+    for container in tracked.values():
+        by_endpoint.setdefault(container["endpoint"], []).append(container)
+    rows = []
+    for endpoint, members in sorted(by_endpoint.items()):
+        try:
+            with node.client(parse_endpoint(endpoint)) as client:
+                live = {c["id"]: c for c in client.list_containers()}
+            problem = None
+        except PeerError as err:
+            live, problem = {}, str(err)
+        for container in members:
+            state = live.get(container["id"], {}).get("state") or \
+                ("unreachable" if problem else "gone")
+            rows.append({**container, "state": state})
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo("No containers: start one with 'p2prc touch PEER'.")
+        return
+    groups = Tracked(node.home).groups()
+    print_table(("id", "host", "state", "ssh", "ports", "expires", "groups"),
+                [(r["id"][:12], r["endpoint"], r["state"], r["ssh_port"],
+                  ", ".join(str(p["external"]) for p in r["ports"][1:]) or "-",
+                  format_when(r["expires"]),
+                  ", ".join(g for g, m in groups.items() if r["id"] in m) or "-")
+                 for r in rows])
+
+
+@main.command("rm")
+@click.argument("container")
+@pass_node
+def remove_container(node: Node, container: str) -> None:
+    """Stop and remove a container (or every container of a group) and forget it."""
+    tracked = Tracked(node.home)
+    for entry in tracked.resolve(container):
+        with node.client(parse_endpoint(entry["endpoint"])) as client:
+            try:
+                client.remove_container(entry["id"])
+                click.echo(f"removed {entry['id'][:12]} from {client.endpoint}")
+            except PeerRefused as err:
+                if err.status != 404:
+                    raise
+                click.echo(f"{entry['id'][:12]} was already gone from {client.endpoint}")
+        tracked.forget(entry["id"])
+
+
+@main.command()
+@click.argument("container")
+@click.argument("command", nargs=-1)
+@pass_node
+def ssh(node: Node, container: str, command: tuple[str, ...]) -> None:
+    """Log into a container with your key, checking its pinned host key."""
+    entry = Tracked(node.home).find(container)
+    private, _ = ensure_key(node.home, node.loaded.settings.ssh_key)
+    argv = ssh_command(node.home, entry, private) + list(command)
+    os.execvp(argv[0], argv)
+
+
+def ssh_command(home: Path, entry: dict[str, Any], private_key: Path) -> list[str]:
+    """ssh with the container's host key pinned: no prompt, no trust on first use."""
+    known = home / "ssh" / f"known_hosts_{entry['id'][:12]}"
+    host = entry["host"]
+    bracketed = f"[{host}]:{entry['ssh_port']}"
+    known.parent.mkdir(parents=True, exist_ok=True)
+    known.write_text(f"{bracketed} {entry['host_key']}\n")
+    return ["ssh", "-i", str(private_key), "-p", str(entry["ssh_port"]),
+            "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", f"root@{host}"]
+
+
+@main.group("group")
+def group_group() -> None:
+    """Groups of containers: a group name works wherever a container id does."""
+
+
+@group_group.command("create")
+@click.argument("name")
+@pass_node
+def group_create(node: Node, name: str) -> None:
+    """Make an empty group."""
+    Tracked(node.home).create_group(name)
+    click.echo(f"group {name} created")
+
+
+@group_group.command("add")
+@click.argument("group")
+@click.argument("containers", nargs=-1, required=True)
+@pass_node
+def group_add(node: Node, group: str, containers: tuple[str, ...]) -> None:
+    """Add containers to a group."""
+    for container in containers:
+        container_id = Tracked(node.home).change_group(group, container, add=True)
+        click.echo(f"{container_id[:12]} is in {group}")
+
+
+@group_group.command("rm")
+@click.argument("group")
+@click.argument("containers", nargs=-1)
+@pass_node
+def group_rm(node: Node, group: str, containers: tuple[str, ...]) -> None:
+    """Take containers out of a group; with none given, delete the group (not its
+    containers)."""
+    tracked = Tracked(node.home)
+    if not containers:
+        tracked.delete_group(group)
+        click.echo(f"group {group} deleted")
+    for container in containers:
+        click.echo(f"{tracked.change_group(group, container, add=False)[:12]} left {group}")
+
+
+@group_group.command("ls")
+@json_option
+@pass_node
+def group_ls(node: Node, as_json: bool) -> None:
+    """List groups and their containers."""
+    groups = Tracked(node.home).groups()
+    if as_json:
+        print_json(groups)
+        return
+    if not groups:
+        click.echo("No groups: 'p2prc group create NAME'.")
+        return
+    print_table(("group", "containers"),
+                [(name, ", ".join(m[:12] for m in members) or "-")
+                 for name, members in sorted(groups.items())])

@@ -1,0 +1,213 @@
+"""This node: the server, its interfaces, config and plugins; the host's own view of its
+containers; the base image."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import click
+
+from p2prc_core import __version__
+from p2prc_core.cli.base import Node, format_setting, format_when, json_option, main, pass_node
+from p2prc_core.config import (
+    CONFIG_FILE,
+    default_config_text,
+    load_settings,
+    settings_as_dict,
+)
+from p2prc_core.containers import ContainerService
+from p2prc_core.errors import P2PRCError
+from p2prc_core.models import Address
+from p2prc_core.node import advertisable, local_addresses, ordered_by_preference, record_fields
+from p2prc_core.output import human_bytes, print_json, print_table
+from p2prc_core.trust import TrustStore
+
+# -- server ------------------------------------------------------------------------------
+
+@main.group(invoke_without_command=True)
+@click.option("--host", help="Address to listen on [default: '::', IPv6 and IPv4].")
+@click.option("--port", type=int, help="TCP port [default: 8088].")
+@click.option("--name", help="The name this node shows to others.")
+@click.option("--workers", type=int, help="gunicorn worker processes.")
+@click.pass_context
+def server(ctx: click.Context, host: str | None = None, port: int | None = None,
+           name: str | None = None, workers: int | None = None) -> None:
+    """Run the peer server (Ctrl-C or SIGTERM stops it)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from p2prc_core.server.run import serve
+
+    node = ctx.find_object(Node)
+    assert node is not None
+    node.overrides.update(host=host, port=port, name=name, workers=workers)
+    settings = node.loaded.settings
+    hooks = node.hooks
+    advertised = record_fields(settings, hooks, {}, __version__)["addresses"]
+    chosen = advertised[0] if advertised else None
+    where = f"[{settings.host}]" if ":" in settings.host else settings.host
+    stack = " (IPv6 and IPv4)" if settings.host == "::" else ""
+
+    def announce() -> None:
+        click.echo(f"p2prc {__version__}: node {settings.display_name!r} "
+                   f"({node.identity.node_id}) serving on http://{where}:{settings.port}{stack}; "
+                   f"advertising {chosen or 'no routable address'}; home {node.home}", err=True)
+        if settings.trust_mode == "open":
+            click.echo("WARNING: trust_mode = open: ANYONE who can reach this server can start "
+                       "work on it. Use this only on a lab network you control.", err=True)
+        else:
+            count = len(TrustStore(node.home).all())
+            click.echo(f"trust: allowlist of {count} node(s); add friends with 'p2prc trust "
+                       f"NODE_ID' or 'p2prc invite'", err=True)
+
+    serve(settings, node.home, hooks, announce)
+
+
+# -- this node ---------------------------------------------------------------------------
+
+@main.command()
+@json_option
+@pass_node
+def interfaces(node: Node, as_json: bool) -> None:
+    """Every local address, and which one p2prc advertises and why."""
+    from p2prc_plugins.address import explain
+
+    settings = node.loaded.settings
+    found = local_addresses()
+    eligible = advertisable(found, settings)
+    order = ordered_by_preference(node.hooks, eligible, "advertise")
+    chosen = order[0] if order else None
+
+    def why(address: Address) -> str:
+        if address.kind == "loopback" and not settings.allow_loopback:
+            return "never chosen: loopback (set allow_loopback = true for a lab)"
+        return explain(address)
+
+    rows = [{"interface": a.interface, "address": str(a), "version": a.version, "kind": a.kind,
+             "advertised": a == chosen,
+             "preference": order.index(a) + 1 if a in order else None, "why": why(a)}
+            for a in found]
+    if as_json:
+        print_json({"chosen": str(chosen) if chosen else None, "addresses": rows})
+        return
+    print_table(("", "interface", "address", "kind", "rank", "why"),
+                [("*" if r["advertised"] else "", r["interface"], r["address"],
+                  f"IPv{r['version']} {r['kind']}", r["preference"] or "-", r["why"])
+                 for r in rows])
+    if chosen is None:
+        click.echo("No address can be advertised: peers cannot reach this node.", err=True)
+
+
+@main.command()
+@pass_node
+def init(node: Node) -> None:
+    """Create this node's home directory and a commented config.toml."""
+    node.home.mkdir(parents=True, exist_ok=True)
+    os.chmod(node.home, stat.S_IRWXU)
+    path = node.home / CONFIG_FILE
+    if path.exists():
+        click.echo(f"{path} already exists; left as it is")
+    else:
+        path.write_text(default_config_text())
+        click.echo(f"wrote {path}")
+    load_settings(node.home)  # an invalid existing config is reported now, not at first use
+
+
+@main.command("config")
+@json_option
+@pass_node
+def show_config(node: Node, as_json: bool) -> None:
+    """Show the home directory and the effective settings, with where each came from."""
+    loaded = node.loaded
+    values = settings_as_dict(loaded.settings)
+    path = loaded.home / CONFIG_FILE
+    if as_json:
+        print_json({"home": str(loaded.home), "config_file": str(path),
+                    "config_file_exists": path.exists(), "settings": values,
+                    "sources": loaded.sources})
+        return
+    click.echo(f"home:   {loaded.home}")
+    click.echo(f"config: {path}{'' if path.exists() else ' (not created; p2prc init)'}")
+    print_table(("setting", "value", "from"),
+                [(k, format_setting(v), loaded.sources[k]) for k, v in values.items()])
+
+
+@main.command()
+@json_option
+@pass_node
+def plugins(node: Node, as_json: bool) -> None:
+    """List every plugin with its distribution, version and hooks."""
+    infos = node.hooks.plugin_info()
+    if as_json:
+        print_json([i.as_dict() for i in infos])
+        return
+    print_table(("plugin", "distribution", "version", "hooks"),
+                [(i.name, i.distribution, i.version, ", ".join(i.hooks)) for i in infos])
+
+
+# -- the host's own view -----------------------------------------------------------------------
+
+def _local_service(node: Node) -> ContainerService:
+    settings = node.loaded.settings
+    backend = node.hooks.backends().get(settings.backend)
+    if backend is None:
+        raise P2PRCError(f"the {settings.backend!r} backend is not installed or is disabled")
+    return ContainerService.open(settings, backend, node.home, node.identity.node_id)
+
+
+@server.group("containers", invoke_without_command=True)
+@click.pass_context
+def server_containers(ctx: click.Context) -> None:
+    """Every p2prc container on this host, whoever owns it (ls, kill)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(server_containers_ls)
+
+
+@server_containers.command("ls")
+@json_option
+@pass_node
+def server_containers_ls(node: Node, as_json: bool = False) -> None:
+    """List every p2prc container here, with its owner, limits and lease."""
+    leases = _local_service(node).list_leases()
+    if as_json:
+        print_json([lease.as_dict() for lease in leases])
+        return
+    if not leases:
+        click.echo("No p2prc containers on this host.")
+        return
+    names = {k: v.get("name") for k, v in TrustStore(node.home).all().items()}
+    print_table(("id", "owner", "state", "image", "cpus", "memory", "ports", "expires"),
+                [(lease.id[:12], names.get(lease.owner) or lease.owner, lease.state,
+                  lease.image, f"{lease.cpus:g}", human_bytes(lease.memory),
+                  ", ".join(str(p["external"]) for p in lease.ports), format_when(lease.expires))
+                 for lease in leases])
+
+
+@server_containers.command("kill")
+@click.argument("container_ids", nargs=-1, required=True)
+@pass_node
+def server_containers_kill(node: Node, container_ids: tuple[str, ...]) -> None:
+    """Stop and remove p2prc containers on this host, whoever owns them."""
+    service = _local_service(node)
+    for container_id in container_ids:
+        lease = service.remove(container_id, owner=None)
+        click.echo(f"killed {lease.id[:12]} (owner {lease.owner})")
+
+
+# -- images ------------------------------------------------------------------------------------
+
+@main.group("image")
+def image_group() -> None:
+    """The base container image."""
+
+
+@image_group.command("build")
+@click.option("--from-debootstrap", is_flag=True,
+              help="Build from a Debian root filesystem (no registry needed; root only).")
+@click.option("--tag", default="p2prc/base:latest", show_default=True)
+@click.option("--force", is_flag=True, help="Build even if the image exists.")
+def image_build(from_debootstrap: bool, tag: str, force: bool) -> None:
+    """Build the base image (sshd, python3, sudo) that containers run by default."""
+    from p2prc_plugins.docker import build_image
+
+    build_image(tag, from_debootstrap, force, say=lambda line: click.echo(line, err=True))

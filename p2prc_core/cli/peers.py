@@ -1,0 +1,204 @@
+"""The peer table, and commands that talk to one peer (specs, speedtest)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.progress import BarColumn, Progress, TextColumn
+
+from p2prc_core.cli.base import (
+    Node,
+    format_ago,
+    json_option,
+    main,
+    pass_node,
+    resolve_peer,
+    size_option,
+    transfer_progress,
+)
+from p2prc_core.errors import P2PRCError
+from p2prc_core.output import err_console, human_bytes, print_json, print_table
+from p2prc_core.peertable import TableState, entry_to_peer
+
+if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
+    from p2prc_core.client import Transfer
+
+
+# -- peers -------------------------------------------------------------------------------
+
+@main.group()
+def peers() -> None:
+    """The peer table: add peers, list them, and discover more."""
+
+
+@peers.command("add")
+@click.argument("address")
+@json_option
+@pass_node
+def peers_add(node: Node, address: str, as_json: bool = False) -> None:
+    """Add the p2prc node at ADDRESS[:PORT] to the table (and tell it about this node)."""
+    endpoint = resolve_peer(address)
+    with node.client(endpoint) as client:
+        record = client.node()
+    if record["node_id"] == node.identity.node_id:
+        raise P2PRCError(f"{endpoint} is this node itself")
+    summary = node.discovery().add(endpoint, record)
+    entry = node.table().load().get(record["node_id"], {})
+    latency = entry.get("measured", {}).get("latency_ms")
+    if as_json:
+        print_json({"node_id": record["node_id"], "name": record["name"],
+                    "address": str(endpoint), "latency_ms": latency,
+                    "learned": len(summary.added)})
+        return
+    state = "added" if record["node_id"] not in summary.updated else "updated"
+    click.echo(f"{state} {record['name']!r} ({record['node_id']}) at {endpoint}"
+               + (f", {latency:.1f} ms" if latency is not None else "")
+               + (f"; learned of {len(summary.added)} more" if summary.added else ""))
+
+
+@peers.command("ls")
+@json_option
+@pass_node
+def peers_ls(node: Node, as_json: bool = False) -> None:
+    """List known peers, best first (by p2prc_score_peer)."""
+    entries = node.table().load()
+    by_id = {e["record"]["node_id"]: e for e in entries.values()}
+    ranked = node.hooks.rank_peers(entry_to_peer(e) for e in entries.values())
+    rows = []
+    now = time.time()
+    for peer in ranked:
+        entry = by_id[peer.node_id]
+        measured = entry.get("measured", {})
+        rows.append({"name": peer.name, "node_id": peer.node_id,
+                     "address": measured.get("address") or _first_address(node, entry),
+                     "latency_ms": measured.get("latency_ms"),
+                     "bandwidth_mbps": measured.get("bandwidth_mbps"),
+                     "last_seen": measured.get("last_seen"),
+                     "failures": measured.get("failures", 0),
+                     "gpus": entry["record"].get("specs", {}).get("gpus", []),
+                     "score": round(node.hooks.score_peer(peer), 3)})
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo("The table is empty: add a peer with 'p2prc peers add ADDRESS'.")
+        return
+    print_table(("name", "node id", "address", "latency", "bandwidth", "last seen", "gpus"),
+                [(r["name"], r["node_id"], r["address"],
+                  f"{r['latency_ms']:.1f} ms" if r["latency_ms"] is not None else "-",
+                  f"{r['bandwidth_mbps']:,.0f} Mbit/s" if r["bandwidth_mbps"] else "-",
+                  format_ago(now, r["last_seen"]) + (f" ({r['failures']} failed)"
+                                               if r["failures"] else ""),
+                  ", ".join(r["gpus"]) or "-") for r in rows])
+
+
+def _first_address(node: Node, entry: dict[str, Any]) -> str:
+    endpoints = node.discovery().endpoints(entry)
+    return str(endpoints[0]) if endpoints else "-"
+
+
+@peers.command("update")
+@click.option("--hops", type=click.IntRange(0, 16), help="How far to go [default: 3].")
+@json_option
+@pass_node
+def peers_update(node: Node, hops: int | None = None, as_json: bool = False) -> None:
+    """Ask known peers for their tables, then the peers they told of, HOPS deep."""
+    hops = node.loaded.settings.update_hops if hops is None else hops
+    if not node.table().load():
+        raise P2PRCError("the table is empty: add a peer first with 'p2prc peers add ADDRESS'")
+    discovery = node.discovery()
+    with Progress(TextColumn("hop {task.fields[hop]}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} peers"), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task("update", total=None, hop=1)
+
+        def progress(done: int, total: int, hop: int) -> None:
+            bar.update(task, completed=done, total=total, hop=hop)
+
+        summary = discovery.update(hops, progress)
+    if as_json:
+        print_json(summary.as_dict())
+        return
+    parts = [f"asked {summary.asked} peer(s) over {summary.hops} hop(s)",
+             f"{len(summary.added)} added", f"{len(summary.updated)} updated",
+             f"{len(summary.removed)} removed"]
+    if summary.failed:
+        parts.append(f"{len(summary.failed)} did not answer")
+    if summary.dropped:
+        parts.append("dropped " + ", ".join(f"{n} {why}" for why, n in summary.dropped.items()))
+    click.echo("; ".join(parts))
+    for node_id, error in summary.failed.items():
+        click.echo(f"  {node_id}: {error}", err=True)
+
+@main.command()
+@click.argument("peer")
+@json_option
+@pass_node
+def specs(node: Node, peer: str, as_json: bool) -> None:
+    """Show a peer's CPU, memory, disk, load and GPUs."""
+    with node.client(peer) as client:
+        data = client.specs()
+    if as_json:
+        print_json(data)
+        return
+    cpu, memory, disk = data.get("cpu", {}), data.get("memory", {}), data.get("disk", {})
+    os_info = data.get("os", {})
+    load = data.get("load", {})
+    rows = [
+        ("host", data.get("hostname")),
+        ("os", f"{os_info.get('name', '?')} ({os_info.get('machine', '?')})"),
+        ("cpu", f"{cpu.get('model', '?')}: {cpu.get('cores', '?')} cores, "
+                f"{cpu.get('threads', '?')} threads, {cpu.get('percent', '?')}% busy"),
+        ("load", f"{load.get('1m', 0):.2f} {load.get('5m', 0):.2f} {load.get('15m', 0):.2f}"),
+        ("memory", f"{human_bytes(memory.get('available'))} free of "
+                   f"{human_bytes(memory.get('total'))}"),
+        ("disk", f"{human_bytes(disk.get('free'))} free of {human_bytes(disk.get('total'))}"),
+    ]
+    gpus = data.get("gpus") or []
+    for gpu in gpus:
+        rows.append((f"gpu {gpu.get('index', '')}",
+                     f"{gpu.get('name')}: {human_bytes(gpu.get('memory_total'))}, driver "
+                     f"{gpu.get('driver')}, {gpu.get('utilization_percent', '?')}% busy"))
+    if not gpus:
+        rows.append(("gpus", "none"))
+    print_table(("", str(client.endpoint)), rows)
+
+
+@main.command()
+@click.argument("peer")
+@click.option("--bytes", "size", callback=size_option, metavar="SIZE",
+              help="How much to send each way, e.g. 10M [default: speedtest_default_bytes].")
+@click.option("--download-only", is_flag=True, help="Skip the upload.")
+@json_option
+@pass_node
+def speedtest(node: Node, peer: str, size: int | None, download_only: bool,
+              as_json: bool) -> None:
+    """Measure download and upload speed to a peer, in Mbit/s."""
+    total = size if size is not None else node.loaded.settings.speedtest_default_bytes
+    results: list[Transfer] = []
+    with node.client(peer) as client, transfer_progress() as bar:
+        steps: list[tuple[str, Callable[..., Transfer]]] = [("download", client.download)]
+        if not download_only:
+            steps.append(("upload", client.upload))
+        for label, run in steps:
+            task = bar.add_task(label, total=total)
+            results.append(run(total, lambda n, task=task: bar.advance(task, n)))
+    entry = node.find_peer(peer)
+    if entry is not None and results[0].direction == "download":
+        node_id = entry["record"]["node_id"]
+
+        def remember(state: TableState) -> None:
+            if node_id in state.peers:
+                state.peers[node_id].setdefault("measured", {})["bandwidth_mbps"] = round(
+                    results[0].mbit_per_second, 1)
+
+        node.table().update(remember)
+    if as_json:
+        print_json({"peer": str(client.endpoint), "transfers": [r.as_dict() for r in results]})
+        return
+    print_table(("direction", "size", "seconds", "Mbit/s"),
+                [(r.direction, human_bytes(r.bytes), f"{r.seconds:.3f}",
+                  f"{r.mbit_per_second:,.1f}") for r in results])

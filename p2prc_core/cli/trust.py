@@ -1,0 +1,148 @@
+"""Identity and trust: p2prc id, trust, untrust, invite, join."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from p2prc_core.cli.base import Node, duration_option, format_when, json_option, main, pass_node
+from p2prc_core.errors import PeerError, PeerRefused
+from p2prc_core.models import Address, Endpoint
+from p2prc_core.node import advertisable, local_addresses, ordered_by_preference
+from p2prc_core.output import print_json, print_table
+from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore
+
+# -- identity and trust ------------------------------------------------------------------
+
+@main.command("id")
+@json_option
+@pass_node
+def show_id(node: Node, as_json: bool) -> None:
+    """Print this node's id (the key is created on first use)."""
+    identity = node.identity
+    if as_json:
+        from p2prc_core.identity import b64encode
+
+        print_json({"node_id": identity.node_id, "public_key": b64encode(identity.public_key),
+                    "key_file": str(node.home / "node.key")})
+        return
+    click.echo(identity.node_id)
+
+
+@main.command()
+@click.argument("node_id", required=False)
+@click.option("--name", default="", help="A name to remember this node by.")
+@json_option
+@pass_node
+def trust(node: Node, node_id: str | None, name: str, as_json: bool) -> None:
+    """Let NODE_ID run work here; with no NODE_ID, list the nodes trusted here."""
+    store = TrustStore(node.home)
+    if node_id is None:
+        trusted = store.all()
+        if as_json:
+            print_json(trusted)
+            return
+        if not trusted:
+            click.echo("No node is trusted here yet: 'p2prc trust NODE_ID' or 'p2prc invite'.")
+            return
+        print_table(("node id", "name", "since", "via"),
+                    [(k, v.get("name") or "-", format_when(v.get("since")), v.get("via", "-"))
+                     for k, v in sorted(trusted.items())])
+        return
+    if store.add(node_id.strip().lower(), name=name, via="trust"):
+        click.echo(f"trusted {node_id}: it can now start work on this node")
+    else:
+        click.echo(f"{node_id} was already trusted")
+
+
+@main.command()
+@click.argument("node_id")
+@pass_node
+def untrust(node: Node, node_id: str) -> None:
+    """Stop trusting NODE_ID: its next signed request here gets 403."""
+    if TrustStore(node.home).remove(node_id.strip().lower()):
+        click.echo(f"{node_id} is no longer trusted here")
+    else:
+        raise TrustError(f"{node_id} was not trusted here ('p2prc trust' lists who is)")
+
+
+@main.command()
+@click.option("--ttl", default="24h", callback=duration_option, show_default=True,
+              help="How long the invite works (30m, 2h, 7d).")
+@click.option("--address", "addresses", multiple=True,
+              help="Address the friend should dial (repeatable); default: this node's "
+                   "advertised addresses.")
+@click.option("--port", type=int, help="The server's port [default: the configured port].")
+@json_option
+@pass_node
+def invite(node: Node, ttl: int, addresses: tuple[str, ...], port: int | None,
+           as_json: bool) -> None:
+    """Print a one-time token that lets a friend join: they trust you, you trust them."""
+    settings = node.loaded.settings
+    if addresses:
+        chosen = []
+        for text in addresses:
+            try:
+                chosen.append(str(Address.parse(text)))
+            except ValueError:
+                raise click.BadParameter(f"{text!r} is not an IP address",
+                                         param_hint="--address") from None
+    else:
+        found = advertisable(local_addresses(), settings)
+        chosen = [str(a) for a in ordered_by_preference(node.hooks, found, "advertise")]
+    if not chosen:
+        raise TrustError("this node has no address a friend could dial: pass --address")
+    secret, expires = ServerState(node.home).create_invite(ttl)
+    token = Invite(node.identity.node_id, chosen[:8], port or settings.port, secret,
+                   expires).token()
+    if as_json:
+        print_json({"token": token, "expires": expires, "addresses": chosen[:8],
+                    "port": port or settings.port})
+        return
+    click.echo(token)
+    click.echo(f"Send this to your friend; they run: p2prc join TOKEN. It works once, until "
+               f"{format_when(expires)}.", err=True)
+
+
+@main.command()
+@click.argument("token")
+@json_option
+@pass_node
+def join(node: Node, token: str, as_json: bool) -> None:
+    """Redeem a friend's invite: you are trusted there, and their node joins your table."""
+    offer = Invite.parse(token)
+    if offer.expires < time.time():
+        raise TrustError(f"this invite expired at {format_when(offer.expires)}: ask for a new one")
+    candidates = []
+    for text in offer.addresses:
+        try:
+            candidates.append(Address.parse(text))
+        except ValueError:
+            continue
+    ordered = ordered_by_preference(node.hooks, candidates, "dial") or candidates
+    own = node.own_record()
+    failures = []
+    for address in ordered:
+        endpoint = Endpoint(str(address), offer.port)
+        try:
+            with node.client(endpoint) as client:
+                record = client.join(offer.secret, own)
+        except PeerRefused:
+            raise
+        except PeerError as err:
+            failures.append(str(err))
+            continue
+        if record["node_id"] != offer.node_id:
+            raise TrustError(f"{endpoint} is not the node the invite names "
+                             f"({record['node_id']} instead of {offer.node_id}): not joined")
+        node.discovery().add(endpoint, record)
+        if as_json:
+            print_json({"joined": record["node_id"], "name": record["name"],
+                        "address": str(endpoint)})
+        else:
+            click.echo(f"joined {record['name']!r} ({record['node_id']}) at {endpoint}: you "
+                       f"can start work there, and it is in your peer table")
+        return
+    raise PeerError("could not reach the inviting node at any of its addresses: "
+                    + "; ".join(failures))
