@@ -103,9 +103,10 @@ class DockerBackend:
             try:
                 container = self.client.containers.get(container_id)
                 logs = container.logs(stdout=True, stderr=False).decode(errors="replace")
-            except docker.errors.NotFound:
+            except (docker.errors.NotFound, docker.errors.APIError):
                 raise ContainerError(500, "Container vanished",
-                                     f"Container {container_id[:12]} is gone.") from None
+                                     f"Container {container_id[:12]} is gone, or being "
+                                     f"removed.") from None
             for line in logs.splitlines():
                 if line.startswith(HOST_KEY_MARK):
                     return " ".join(line[len(HOST_KEY_MARK):].split()[:2])

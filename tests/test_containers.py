@@ -17,7 +17,7 @@ import pytest
 from conftest import BUILTINS, P2PRC, LiveServer, require, start_server
 from p2prc_core.client import PeerClient
 from p2prc_core.config import Settings
-from p2prc_core.containers import LABEL, ContainerError, ContainerRequest, ContainerService
+from p2prc_core.containers import LABEL_NODE, ContainerError, ContainerRequest, ContainerService
 from p2prc_core.errors import PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
@@ -46,8 +46,15 @@ def docker_client() -> Any:
     return client
 
 
-def p2prc_containers(client: Any) -> set[str]:
-    return {c.id for c in client.containers.list(all=True, filters={"label": f"{LABEL}=1"})}
+def p2prc_containers(client: Any, node_id: str) -> set[str]:
+    """The p2prc containers that node ``node_id`` started: other test runs on the same
+    engine may have theirs."""
+    found = client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node_id}"})
+    return {c.id for c in found}
+
+
+def node_of(server: LiveServer) -> str:
+    return NodeIdentity.load_or_create(server.home).node_id
 
 
 @pytest.fixture
@@ -59,12 +66,11 @@ def host(tmp_path: Path, docker_client: Any) -> Iterator[LiveServer]:
     TrustStore(server_home).add(me.node_id, "me")
     server = start_server(server_home, env={"P2PRC_CONTAINER_PIDS": "64",
                                             "P2PRC_CONTAINERS_PER_CALLER": "3"})
-    before = p2prc_containers(docker_client)
     try:
         yield server
     finally:
         server.stop()
-        for container_id in p2prc_containers(docker_client) - before:
+        for container_id in p2prc_containers(docker_client, node_of(server)):
             docker_client.containers.get(container_id).remove(force=True)
 
 
@@ -103,7 +109,7 @@ def test_touch_ssh_run_and_rm(tmp_path: Path, host: LiveServer, docker_client: A
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["hello", "from", reply["id"][:12], "0"]
     assert me(tmp_path, "rm", reply["id"][:12]).returncode == 0
-    assert reply["id"] not in p2prc_containers(docker_client)
+    assert reply["id"] not in p2prc_containers(docker_client, node_of(host))
     assert json.loads(me(tmp_path, "containers", "ls", "--json").stdout) == []
 
 
@@ -140,7 +146,7 @@ def test_groups_stand_for_their_containers(tmp_path: Path, host: LiveServer,
     groups = json.loads(me(tmp_path, "group", "ls", "--json").stdout)
     assert groups == {"pair": [first["id"], second["id"]]}
     assert me(tmp_path, "rm", "pair").returncode == 0
-    assert not {first["id"], second["id"]} & p2prc_containers(docker_client)
+    assert not {first["id"], second["id"]} & p2prc_containers(docker_client, node_of(host))
     assert json.loads(me(tmp_path, "group", "ls", "--json").stdout) == {"pair": []}
 
 
@@ -249,14 +255,14 @@ def test_no_other_docker_option_can_be_passed(tmp_path: Path, signed_client: Pee
     ({"ssh_key": "not a key"}, 400, "OpenSSH public key"),
     ({"gpu": True}, 409, "no NVIDIA GPU"),
 ])
-def test_requests_over_limits_or_malformed(tmp_path: Path, signed_client: PeerClient,
-                                           docker_client: Any, body: dict[str, Any],
-                                           status: int, words: str) -> None:
-    before = p2prc_containers(docker_client)
+def test_requests_over_limits_or_malformed(tmp_path: Path, host: LiveServer,
+                                           signed_client: PeerClient, docker_client: Any,
+                                           body: dict[str, Any], status: int, words: str) -> None:
+    before = p2prc_containers(docker_client, node_of(host))
     with pytest.raises(PeerRefused) as caught:
         signed_client.create_container({"ssh_key": key(tmp_path), **body})
     assert caught.value.status == status and words in str(caught.value)
-    assert p2prc_containers(docker_client) == before  # nothing left behind
+    assert p2prc_containers(docker_client, node_of(host)) == before  # nothing left behind
 
 
 def test_too_many_containers_is_429(tmp_path: Path, signed_client: PeerClient) -> None:
@@ -311,7 +317,7 @@ def test_the_host_sees_and_kills_every_container(tmp_path: Path, host: LiveServe
     kill = subprocess.run([P2PRC, "server", "containers", "kill", reply["id"][:12]], env=env,
                           capture_output=True, text=True, timeout=60)
     assert kill.returncode == 0 and "killed" in kill.stdout
-    assert reply["id"] not in p2prc_containers(docker_client)
+    assert reply["id"] not in p2prc_containers(docker_client, node_of(host))
     gone = json.loads(me(tmp_path, "containers", "ls", "--json").stdout)
     assert [c["state"] for c in gone] == ["gone"]
 
@@ -323,11 +329,13 @@ def test_a_running_server_reaps_an_expired_container(tmp_path: Path,
     server = start_server(tmp_path / "reaper", env={"P2PRC_REAP_SECONDS": "0.5"})
     try:
         reply = touch(tmp_path, server, "--ttl", "2s")
-        assert reply["id"] in p2prc_containers(docker_client)
+        assert reply["id"] in p2prc_containers(docker_client, node_of(server))
         deadline = time.monotonic() + 20
-        while reply["id"] in p2prc_containers(docker_client) and time.monotonic() < deadline:
+        running = p2prc_containers(docker_client, node_of(server))
+        while reply["id"] in running and time.monotonic() < deadline:
             time.sleep(0.3)
-        assert reply["id"] not in p2prc_containers(docker_client), server.output()
+            running = p2prc_containers(docker_client, node_of(server))
+        assert reply["id"] not in p2prc_containers(docker_client, node_of(server)), server.output()
         assert "expired and was removed" in server.output()
         listed = json.loads(me(tmp_path, "containers", "ls", "--json").stdout)
         assert [c["state"] for c in listed] == ["gone"]
@@ -335,23 +343,26 @@ def test_a_running_server_reaps_an_expired_container(tmp_path: Path,
         server.stop()
 
 
-def service(home: Path, **options: Any) -> ContainerService:
+def service(home: Path, node_id: str | None = None, **options: Any) -> ContainerService:
+    """The service over the real Docker backend, as a node of its own (a fresh id unless
+    given), so that other test runs on the same engine are not in its way."""
     hooks = make_plugin_manager(load_entrypoints=False, plugins=[
         *BUILTINS, ("docker", __import__("p2prc_plugins.docker", fromlist=["x"]))])
     settings = Settings(port_range="42500-42599", **options)
-    return ContainerService.open(settings, hooks.backends()["docker"], home, "n" * 26)
+    return ContainerService.open(settings, hooks.backends()["docker"], home,
+                                 node_id or NodeIdentity.generate().node_id)
 
 
 def test_twenty_cycles_leak_no_container_port_or_network(tmp_path: Path,
                                                          docker_client: Any) -> None:
     svc = service(tmp_path, containers_per_caller=2)
     networks = len(docker_client.networks.list())
-    before = p2prc_containers(docker_client)
+    before = p2prc_containers(docker_client, svc.node_id)
     request = ContainerRequest(ssh_key=key(tmp_path), ports=2)
     for _ in range(20):
         lease = svc.create("a" * 26, request)
         svc.remove(lease.id, "a" * 26)
-    assert p2prc_containers(docker_client) == before
+    assert p2prc_containers(docker_client, svc.node_id) == before
     assert svc.store.held_ports() == {} and svc.store.leases() == []
     assert len(docker_client.networks.list()) == networks
 
@@ -363,14 +374,14 @@ def test_a_failed_create_releases_its_ports_and_leaves_nothing(tmp_path: Path,
     base.remove()
     try:
         svc = service(tmp_path, container_images=["p2prc/broken:test", "p2prc/none:1"])
-        before = p2prc_containers(docker_client)
+        before = p2prc_containers(docker_client, svc.node_id)
         for image, words in (("p2prc/broken:test", "exited before sshd"),
                              ("p2prc/none:1", "not on this host")):
             with pytest.raises(ContainerError, match=words):
                 svc.create("a" * 26, ContainerRequest(ssh_key=key(tmp_path), ports=3,
                                                        image=image))
             assert svc.store.held_ports() == {} and svc.store.leases() == []
-            assert p2prc_containers(docker_client) == before
+            assert p2prc_containers(docker_client, svc.node_id) == before
     finally:
         docker_client.images.remove(broken.id, force=True)
 
@@ -380,7 +391,7 @@ def test_expired_leases_are_reaped(tmp_path: Path, docker_client: Any) -> None:
     lease = svc.create("a" * 26, ContainerRequest(ssh_key=key(tmp_path), ttl=120))
     assert svc.reap() == []
     assert svc.reap(now=time.time() + 121) == [lease.id]
-    assert lease.id not in p2prc_containers(docker_client)
+    assert lease.id not in p2prc_containers(docker_client, svc.node_id)
     assert svc.store.held_ports() == {}
 
 
@@ -391,7 +402,7 @@ def test_a_restarted_server_finds_its_containers_by_label(tmp_path: Path,
     (tmp_path / "server.db").unlink()  # the state is lost; the engine still runs it
     for leftover in tmp_path.glob("server.db-*"):
         leftover.unlink()
-    again = service(tmp_path)
+    again = service(tmp_path, node_id=svc.node_id)
     assert again.reconcile() == {"adopted": [lease.id], "dropped": []}
     [found] = again.list_leases("a" * 26)
     assert found.ports == lease.ports and int(found.expires) == int(lease.expires)

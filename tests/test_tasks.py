@@ -118,14 +118,13 @@ def host(tmp_path: Path) -> Iterator[LiveServer]:
     me = NodeIdentity.load_or_create(tmp_path / "me")
     TrustStore(tmp_path / "host").add(me.node_id)
     server = start_server(tmp_path / "host")
-    before = {c.id for c in client.containers.list(all=True, filters={"label": "org.p2prc=1"})}
+    node_id = NodeIdentity.load_or_create(tmp_path / "host").node_id
     try:
         yield server
     finally:
-        server.stop()
-        for c in client.containers.list(all=True, filters={"label": "org.p2prc=1"}):
-            if c.id not in before:
-                c.remove(force=True)
+        server.stop()  # then remove what this server started (other runs may share the engine)
+        for c in client.containers.list(all=True, filters={"label": f"org.p2prc.node={node_id}"}):
+            c.remove(force=True)
 
 
 def touch(tmp_path: Path, host: LiveServer, ports: int) -> dict[str, Any]:
