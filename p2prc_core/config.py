@@ -71,6 +71,8 @@ class Settings:
     max_records_per_response: int = _setting(500, "records one table exchange carries at most",
                                              min=1)
     max_table_bytes: int = _setting(4 << 20, "largest table answer a client reads", min=1024)
+    max_table_peers: int = _setting(5000, "most peers the table holds; new ones beyond are "
+                                    "dropped", min=1)
     backend: str = _setting("docker", "virtualization backend that runs containers")
     container_images: list[str] = _setting(["p2prc/base:latest"], "images callers may ask for; "
                                            "the first is the default")

@@ -82,10 +82,12 @@ def entry_to_peer(entry: dict[str, Any]) -> PeerRecord:
 class PeerTable:
     """Load, merge and save the table; every change is locked and written atomically."""
 
-    def __init__(self, home: Path, self_id: str | None = None, allow_loopback: bool = False):
+    def __init__(self, home: Path, self_id: str | None = None, allow_loopback: bool = False,
+                 max_peers: int = 5000):
         self.path = home / PEERS_FILE
         self.self_id = self_id
         self.allow_loopback = allow_loopback
+        self.max_peers = max_peers
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -172,8 +174,20 @@ class PeerTable:
                 dropped_no_address += 1
                 continue
             usable.append(record)
+        room = max(0, self.max_peers - len(state.peers))
+        fresh = {r.get("node_id") for r in usable if isinstance(r, dict)} - set(state.peers)
+        if len(fresh) > room:  # a full table still takes updates of peers it holds
+            allowed = set(sorted(fresh, key=str)[:room])
+            kept = [r for r in usable if not isinstance(r, dict)
+                    or r.get("node_id") in state.peers or r.get("node_id") in allowed]
+            full = len(usable) - len(kept)
+            usable = kept
+        else:
+            full = 0
         held = {node_id: entry["record"] for node_id, entry in state.peers.items()}
         result = merge_records(held, usable, self.self_id)
+        if full:
+            result.dropped["table-full"] += full
         if dropped_no_address:
             result.dropped["no-address"] += dropped_no_address
         for node_id in result.added + result.updated:

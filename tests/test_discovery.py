@@ -198,6 +198,23 @@ def test_records_that_only_offer_forbidden_addresses_are_not_added(
     assert [str(e) for e in endpoints] == ["[2001:db8::77]:8088"]
 
 
+def test_a_full_table_takes_no_new_peers_but_still_updates_known_ones(tmp_path: Path) -> None:
+    table = PeerTable(tmp_path, max_peers=3)
+
+    def record(identity: NodeIdentity, seq: int = 1) -> dict[str, Any]:
+        return sign_record(identity, {"name": "p", "addresses": ["2001:db8::9"], "port": 1,
+                                      "seq": seq, "time": int(time.time()), "specs": {},
+                                      "metadata": {}, "version": "x"})
+
+    known = [NodeIdentity.generate() for _ in range(2)]
+    assert len(table.merge([record(k) for k in known]).added) == 2
+    flood = [record(NodeIdentity.generate()) for _ in range(50)]
+    result = table.merge(flood)
+    assert len(result.added) == 1 and result.dropped["table-full"] == 49
+    assert len(table.load()) == 3
+    assert table.merge([record(known[0], seq=2)]).updated == [known[0].node_id]
+
+
 def test_loopback_is_allowed_when_the_config_says_so(tmp_path: Path) -> None:
     table = PeerTable(tmp_path, allow_loopback=True)
     record = sign_record(NodeIdentity.generate(), {

@@ -89,7 +89,8 @@ class Node:
         return named[0] if named else None
 
     def table(self) -> PeerTable:
-        return PeerTable(self.home, self.identity.node_id, self.loaded.settings.allow_loopback)
+        s = self.loaded.settings
+        return PeerTable(self.home, self.identity.node_id, s.allow_loopback, s.max_table_peers)
 
     def discovery(self) -> Discovery:
         from p2prc_core.discovery import Discovery, HttpTransport

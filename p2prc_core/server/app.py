@@ -47,7 +47,8 @@ class ServerContext:
         self.publisher = RecordPublisher(self.home, self.identity)
         self.trust = TrustStore(self.home)
         self.state = ServerState(self.home)
-        self.peers = PeerTable(self.home, self.identity.node_id, self.settings.allow_loopback)
+        self.peers = PeerTable(self.home, self.identity.node_id, self.settings.allow_loopback,
+                               self.settings.max_table_peers)
         self.peers.ensure()
         self._specs = TimedCache(self._collect_specs, self.settings.specs_cache_seconds)
         self._record = TimedCache(self._build_record, 30.0)
