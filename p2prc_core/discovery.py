@@ -30,8 +30,10 @@ MAX_HAVE = 4096  # record tokens an asker may send; with more it sends none
 
 
 class Transport(Protocol):
-    def call(self, endpoint: Endpoint, body: bytes, probes: int) -> tuple[bytes, float]:
-        """POST ``body`` to the peer's ``/v1/peers``; return the answer and the latency (ms).
+    def call(self, endpoint: Endpoint, body: bytes,
+             probes: int) -> tuple[bytes, float | None]:
+        """POST ``body`` to the peer's ``/v1/peers``; return the answer and the latency (ms),
+        the minimum of ``probes`` round trips (None for none).
 
         :raises PeerRefused: the peer answered with an error.
         :raises PeerError: the peer could not be reached at this endpoint.
@@ -46,14 +48,15 @@ class HttpTransport:
         self.timeout = timeout
         self.max_bytes = max_bytes
 
-    def call(self, endpoint: Endpoint, body: bytes, probes: int) -> tuple[bytes, float]:
+    def call(self, endpoint: Endpoint, body: bytes,
+             probes: int) -> tuple[bytes, float | None]:
         where = str(endpoint)
         try:
             with httpx.Client(base_url=endpoint.base_url, timeout=self.timeout,
                               trust_env=False, headers={"User-Agent": "p2prc"}) as http:
                 with http.stream("POST", "/v1/peers", content=body,
                                  headers={"Content-Type": "application/json"}) as resp:
-                    data = b""
+                    data = bytearray()
                     for chunk in resp.iter_bytes():
                         data += chunk
                         if len(data) > self.max_bytes:
@@ -67,7 +70,7 @@ class HttpTransport:
                     started = time.perf_counter()
                     http.get("/v1/health")
                     rtts.append((time.perf_counter() - started) * 1000)
-                return data, min(rtts)
+                return bytes(data), min(rtts) if rtts else None
         except httpx.TimeoutException:
             raise PeerError(f"{where} did not answer within {self.timeout:g} s") from None
         except httpx.HTTPError as err:
@@ -163,14 +166,16 @@ class Discovery:
             # Hand over our record only when the peer does not hold this version of it.
             send_own = measured.get("holds_our_seq") != own["seq"]
             try:
-                for _ in range(MAX_PAGES):
+                for page_number in range(MAX_PAGES):
                     request = {"from": own["node_id"], "records": [own] if send_own else [],
                                "since": cursor, "known_seq": record["seq"],
                                "limit": self.max_records}
                     if have:  # what we hold: the peer leaves those records out
                         request["have"] = have
                     body = json.dumps(request, separators=(",", ":")).encode()
-                    raw, latency = self.transport.call(endpoint, body, self.probes)
+                    # Latency is probed with the first page only.
+                    probes = self.probes if page_number == 0 else 0
+                    raw, latency = self.transport.call(endpoint, body, probes)
                     outcome.sent += len(body)
                     outcome.received += len(raw)
                     page = parse_answer(raw, self.max_records, str(endpoint))
@@ -179,8 +184,8 @@ class Discovery:
                     outcome.holds_our_seq = page.get("holds_seq")
                     send_own = False
                     cursor = page["cursor"]
-                    outcome.latency_ms = latency if outcome.latency_ms is None \
-                        else min(outcome.latency_ms, latency)
+                    if latency is not None:
+                        outcome.latency_ms = latency
                     if not page["more"]:
                         break
             except PeerRefused as err:
@@ -333,18 +338,24 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
         raise ValueError("'since' must be a cursor string")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
         raise ValueError("'limit' must be a positive whole number")
-    result = table.merge(records) if records else None
-    changed, cursor, more = table.changes_since(since, min(limit, max_records), have)
-    changed = [r for r in changed if r.get("node_id") != caller]
-    answer: dict[str, Any] = {"records": changed, "cursor": cursor, "more": more}
-    if known_seq != own_record.get("seq"):
-        answer["node"] = own_record
-    if result is not None:
-        answer["accepted"] = len(result.added) + len(result.updated) + result.unchanged
-    if isinstance(caller, str):
-        held = table.load().get(caller)
-        answer["holds_seq"] = held["record"]["seq"] if held else None
-    return answer
+
+    def answer(state: TableState) -> dict[str, Any]:
+        """Merge and answer from one reading of the table."""
+        result = table.merge_into(state, records) if records else None
+        changed, cursor, more = state.changes_since(since, min(limit, max_records), have)
+        reply: dict[str, Any] = {"records": [r for r in changed if r.get("node_id") != caller],
+                                 "cursor": cursor, "more": more}
+        if known_seq != own_record.get("seq"):
+            reply["node"] = own_record
+        if result is not None:
+            reply["accepted"] = len(result.added) + len(result.updated) + result.unchanged
+        if isinstance(caller, str):
+            held = state.peers.get(caller)
+            reply["holds_seq"] = held["record"]["seq"] if held else None
+        return reply
+
+    # Only a request that hands over records takes the table's lock (and may write it).
+    return table.update(answer) if records else answer(table.snapshot())
 
 
 def refresh_job(discovery: Discovery, hops: int,
@@ -375,7 +386,8 @@ class InProcessTransport:
               own_record: Callable[[], dict[str, Any]]) -> None:
         self.nodes[endpoint] = (table, own_record)
 
-    def call(self, endpoint: Endpoint, body: bytes, probes: int) -> tuple[bytes, float]:
+    def call(self, endpoint: Endpoint, body: bytes,
+             probes: int) -> tuple[bytes, float | None]:
         if endpoint not in self.nodes or endpoint in self.down:
             raise PeerError(f"cannot reach {endpoint}: connection refused")
         table, own_record = self.nodes[endpoint]
@@ -385,4 +397,4 @@ class InProcessTransport:
             raise PeerRefused(f"{endpoint} refused (400): {err}", 400) from None
         raw = json.dumps(answer, separators=(",", ":")).encode()
         self.bytes_served[endpoint] += len(raw)
-        return raw, self.latency_ms.get(endpoint, 1.0)
+        return raw, self.latency_ms.get(endpoint, 1.0) if probes else None

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from p2prc_core.models import Address, PeerRecord
 from p2prc_core.records import MergeResult, merge_records
-from p2prc_core.storage import atomic_write_json, locked, read_json_file
+from p2prc_core.storage import read_json_object, update_json
 
 PEERS_FILE = "peers.json"
 FORMAT = 1
@@ -64,8 +64,51 @@ class TableState:
     clock: int
     peers: dict[str, dict[str, Any]]
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TableState:
+        """Whatever the file holds, read leniently: entries without a record are dropped,
+        and a table without an epoch gets a new one."""
+        peers = data.get("peers")
+        peers = {k: v for k, v in peers.items()
+                 if isinstance(v, dict) and isinstance(v.get("record"), dict)} \
+            if isinstance(peers, dict) else {}
+        epoch = data.get("epoch")
+        clock = data.get("clock", 0)
+        clock = clock if isinstance(clock, int) and not isinstance(clock, bool) else 0
+        return cls(epoch if isinstance(epoch, str) else secrets.token_hex(6), clock, peers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "epoch": self.epoch, "clock": self.clock, "peers": self.peers}
+
     def cursor(self) -> str:
         return f"{self.epoch}:{self.clock}"
+
+    def changes_since(self, cursor: str | None, limit: int,
+                      have: frozenset[str] = frozenset()) -> tuple[list[dict[str, Any]],
+                                                                   str, bool]:
+        """Records changed after ``cursor`` (all, for another epoch or none), oldest change
+        first, at most ``limit``, leaving out those whose ``record_token`` is in ``have``
+        (the asker holds them already); returns them, the cursor to ask with next, and
+        whether more are waiting."""
+        since = 0
+        if cursor:
+            epoch, _, clock = cursor.partition(":")
+            if epoch == self.epoch and clock.isdigit():
+                since = int(clock)
+        changed = sorted((e.get("changed", 0), node_id) for node_id, e in self.peers.items()
+                         if e.get("changed", 0) > since)
+        records: list[dict[str, Any]] = []
+        last, more = since, False
+        for stamp, node_id in changed:
+            if len(records) == limit:
+                more = True
+                break
+            last = stamp
+            record = self.peers[node_id]["record"]
+            if have and record_token(record) in have:
+                continue
+            records.append(record)
+        return records, f"{self.epoch}:{last if more else self.clock}", more
 
 
 def entry_to_peer(entry: dict[str, Any]) -> PeerRecord:
@@ -91,72 +134,29 @@ class PeerTable:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _read(self) -> TableState:
-        data = read_json_file(self.path, {})
-        if not isinstance(data, dict):
-            data = {}
-        peers = data.get("peers")
-        peers = {k: v for k, v in peers.items()
-                 if isinstance(v, dict) and isinstance(v.get("record"), dict)} \
-            if isinstance(peers, dict) else {}
-        epoch = data.get("epoch") if isinstance(data.get("epoch"), str) else None
-        clock = data.get("clock", 0)
-        clock = clock if isinstance(clock, int) and not isinstance(clock, bool) else 0
-        return TableState(epoch or secrets.token_hex(6), clock, peers)
-
-    def ensure(self) -> None:
-        """Create the file if missing, so that the table's epoch (and cursors) stay put."""
-        if not self.path.exists():
-            self.update(lambda state: None)
+    def snapshot(self) -> TableState:
+        return TableState.from_json(read_json_object(self.path))
 
     def load(self) -> dict[str, dict[str, Any]]:
         """node id -> entry."""
-        return self._read().peers
-
-    def snapshot(self) -> TableState:
-        return self._read()
-
-    def records(self) -> list[dict[str, Any]]:
-        return [entry["record"] for entry in self.load().values()]
-
-    def changes_since(self, cursor: str | None, limit: int,
-                      have: frozenset[str] = frozenset()) -> tuple[list[dict[str, Any]],
-                                                                   str, bool]:
-        """Records changed after ``cursor`` (all, for another epoch or none), oldest change
-        first, at most ``limit``, leaving out those whose ``record_token`` is in ``have``
-        (the asker holds them already); returns them, the cursor to ask with next, and
-        whether more are waiting."""
-        state = self._read()
-        since = 0
-        if cursor:
-            epoch, _, clock = cursor.partition(":")
-            if epoch == state.epoch and clock.isdigit():
-                since = int(clock)
-        changed = sorted((e.get("changed", 0), node_id) for node_id, e in state.peers.items()
-                         if e.get("changed", 0) > since)
-        records: list[dict[str, Any]] = []
-        last, more = since, False
-        for stamp, node_id in changed:
-            if len(records) == limit:
-                more = True
-                break
-            last = stamp
-            record = state.peers[node_id]["record"]
-            if have and record_token(record) in have:
-                continue
-            records.append(record)
-        return records, f"{state.epoch}:{last if more else state.clock}", more
+        return self.snapshot().peers
 
     # -- changing --------------------------------------------------------------------------
 
     def update(self, change: Callable[[TableState], T]) -> T:
-        """Run ``change`` on the loaded table under the lock, then save it atomically."""
-        with locked(self.path):
-            state = self._read()
+        """Run ``change`` on the table under the lock; save it (atomically) if it changed."""
+        def apply(data: dict[str, Any]) -> T:
+            state = TableState.from_json(data)
             result = change(state)
-            atomic_write_json(self.path, {"format": FORMAT, "epoch": state.epoch,
-                                          "clock": state.clock, "peers": state.peers})
+            data.clear()
+            data.update(state.to_json())
             return result
+
+        return update_json(self.path, apply)
+
+    def ensure(self) -> None:
+        """Create the file if missing, so that the table's epoch (and cursors) stay put."""
+        self.update(lambda state: None)
 
     def merge(self, incoming: list[Any]) -> MergeResult:
         """Verify and merge signed records (see ``records.merge_records``); a record with no
@@ -196,11 +196,6 @@ class PeerTable:
             entry["record"] = held[node_id]
             entry["changed"] = state.clock
         return result
-
-    def remove(self, node_ids: list[str]) -> list[str]:
-        def change(state: TableState) -> list[str]:
-            return [n for n in node_ids if state.peers.pop(n, None) is not None]
-        return self.update(change)
 
     def dial_addresses(self, record: dict[str, Any]) -> list[Address]:
         found = []

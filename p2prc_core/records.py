@@ -18,7 +18,7 @@ from p2prc_core.identity import (
     node_id_for,
     verify,
 )
-from p2prc_core.storage import atomic_write_json, locked, read_json_file
+from p2prc_core.storage import update_json
 
 RECORD_STATE_FILE = "record.json"
 MAX_FUTURE_SECONDS = 600  # a record dated further ahead than this is refused
@@ -154,13 +154,15 @@ class RecordPublisher:
         Safe across processes: the seq and the last record live in ``record.json``.
         """
         digest = hashlib.sha256(canonical_json(fields)).hexdigest()
-        with locked(self.path):
-            state = read_json_file(self.path, {})
+
+        def publish(state: dict[str, Any]) -> dict[str, Any]:
             record = state.get("record")
             if (state.get("digest") == digest and isinstance(record, dict)
                     and record.get("node_id") == self.identity.node_id):
                 return record
             seq = int(state.get("seq", 0)) + 1
             record = sign_record(self.identity, {**fields, "seq": seq, "time": int(time.time())})
-            atomic_write_json(self.path, {"seq": seq, "digest": digest, "record": record})
+            state.update(seq=seq, digest=digest, record=record)
             return record
+
+        return update_json(self.path, publish)

@@ -9,9 +9,11 @@ import os
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -57,6 +59,26 @@ def read_json_file(path: Path, default: Any) -> Any:
     except ValueError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); move it aside to start afresh") \
             from None
+
+
+def update_json(path: Path, change: Callable[[dict[str, Any]], T]) -> T:
+    """Read-modify-write a JSON object file under its lock; written (atomically) only when
+    ``change`` altered it. A file that holds something other than an object reads as {}."""
+    with locked(path):
+        data = read_json_file(path, {})
+        if not isinstance(data, dict):
+            data = {}
+        before = json.dumps(data, sort_keys=True)
+        result = change(data)
+        if not path.exists() or json.dumps(data, sort_keys=True) != before:
+            atomic_write_json(path, data)
+        return result
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The file's JSON object; {} when it is missing or holds something else."""
+    data = read_json_file(path, {})
+    return data if isinstance(data, dict) else {}
 
 
 @contextlib.contextmanager

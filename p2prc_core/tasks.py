@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from p2prc_core.errors import P2PRCError
-from p2prc_core.storage import atomic_write_json, locked, read_json_file
-from p2prc_core.tracking import Tracked
+from p2prc_core.storage import atomic_write_json, read_json_file
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -189,31 +188,6 @@ class Runner(Protocol):
 
     def run(self, bundle: Bundle, inventory: dict[str, Any], extravars: dict[str, Any],
             run_dir: Path, on_event: Event) -> RunResult: ...
-
-
-def reserve_ports(tracked: Tracked, containers: list[dict[str, Any]],
-                  count: int) -> dict[str, list[dict[str, int]]]:
-    """Hand each container ``count`` of its extra ports that no earlier run used, and mark
-    them used. :raises BundleError: a container has too few left (nothing is marked)."""
-    if count == 0:
-        return {c["id"]: [] for c in containers}
-    with locked(tracked.containers_path):
-        data = tracked.containers()
-        chosen: dict[str, list[dict[str, int]]] = {}
-        for container in containers:
-            entry = data[container["id"]]
-            used = set(entry.get("used_ports", []))
-            free = [p for p in entry["ports"][1:] if p["external"] not in used]
-            if len(free) < count:
-                raise BundleError(f"container {container['id'][:12]} has {len(free)} unused "
-                                  f"extra ports; the playbook needs {count} (touch a new one "
-                                  f"with --ports {count})")
-            chosen[container["id"]] = [{"internal": p["internal"], "external": p["external"]}
-                                       for p in free[:count]]
-        for container_id, ports in chosen.items():
-            data[container_id].setdefault("used_ports", []).extend(p["external"] for p in ports)
-        atomic_write_json(tracked.containers_path, data)
-        return chosen
 
 
 def build_inventory(containers: list[dict[str, Any]], ports: dict[str, list[dict[str, int]]],

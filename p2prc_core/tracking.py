@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from p2prc_core.errors import P2PRCError
-from p2prc_core.storage import atomic_write_json, locked, read_json_file
+from p2prc_core.storage import read_json_object, update_json
 
 _GROUP = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
@@ -20,26 +20,43 @@ class Tracked:
         self.groups_path = home / "groups.json"
 
     def containers(self) -> dict[str, dict[str, Any]]:
-        data = read_json_file(self.containers_path, {})
-        return data if isinstance(data, dict) else {}
+        return read_json_object(self.containers_path)
 
     def add(self, container: dict[str, Any]) -> None:
-        with locked(self.containers_path):
-            data = self.containers()
-            data[container["id"]] = container
-            atomic_write_json(self.containers_path, data)
+        update_json(self.containers_path, lambda data: data.update({container["id"]: container}))
 
     def forget(self, container_id: str) -> None:
-        with locked(self.containers_path):
-            data = self.containers()
-            data.pop(container_id, None)
-            atomic_write_json(self.containers_path, data)
-        with locked(self.groups_path):
-            groups = self.groups()
+        update_json(self.containers_path, lambda data: data.pop(container_id, None))
+
+        def leave(groups: dict[str, Any]) -> None:
             for members in groups.values():
                 if container_id in members:
                     members.remove(container_id)
-            atomic_write_json(self.groups_path, groups)
+
+        update_json(self.groups_path, leave)
+
+    def reserve_ports(self, containers: list[dict[str, Any]],
+                      count: int) -> dict[str, list[dict[str, int]]]:
+        """Hand each container ``count`` of its extra ports that no earlier run used, and
+        mark them used. :raises P2PRCError: one has too few left (then nothing is marked)."""
+        def reserve(data: dict[str, Any]) -> dict[str, list[dict[str, int]]]:
+            chosen: dict[str, list[dict[str, int]]] = {}
+            for container in containers:
+                entry = data[container["id"]]
+                used = set(entry.get("used_ports", []))
+                free = [p for p in entry["ports"][1:] if p["external"] not in used]
+                if len(free) < count:
+                    raise P2PRCError(f"container {container['id'][:12]} has {len(free)} unused "
+                                     f"extra ports; the playbook needs {count} (touch a new "
+                                     f"one with --ports {count})")
+                chosen[container["id"]] = [{"internal": p["internal"],
+                                            "external": p["external"]} for p in free[:count]]
+            for container_id, ports in chosen.items():
+                data[container_id].setdefault("used_ports", []).extend(
+                    p["external"] for p in ports)
+            return chosen
+
+        return update_json(self.containers_path, reserve)
 
     def find(self, text: str) -> dict[str, Any]:
         """A tracked container by id or unique id prefix (at least 4 characters)."""
@@ -63,8 +80,7 @@ class Tracked:
     # -- groups --------------------------------------------------------------------------------
 
     def groups(self) -> dict[str, list[str]]:
-        data = read_json_file(self.groups_path, {})
-        return data if isinstance(data, dict) else {}
+        return read_json_object(self.groups_path)
 
     def create_group(self, name: str) -> None:
         if not _GROUP.match(name):
@@ -72,19 +88,20 @@ class Tracked:
                              f"'.', '_' or '-')")
         if name in self.containers():
             raise P2PRCError(f"{name!r} is a container id")
-        with locked(self.groups_path):
-            groups = self.groups()
+
+        def create(groups: dict[str, Any]) -> None:
             if name in groups:
                 raise P2PRCError(f"group {name!r} exists already")
             groups[name] = []
-            atomic_write_json(self.groups_path, groups)
+
+        update_json(self.groups_path, create)
 
     def change_group(self, name: str, container: str, add: bool) -> str:
-        with locked(self.groups_path):
-            groups = self.groups()
+        container_id: str = self.find(container)["id"]
+
+        def change(groups: dict[str, Any]) -> None:
             if name not in groups:
                 raise P2PRCError(f"no group {name!r} ('p2prc group create {name}' makes it)")
-            container_id = self.find(container)["id"]
             members = groups[name]
             if add and container_id not in members:
                 members.append(container_id)
@@ -92,12 +109,13 @@ class Tracked:
                 if container_id not in members:
                     raise P2PRCError(f"{container_id[:12]} is not in group {name!r}")
                 members.remove(container_id)
-            atomic_write_json(self.groups_path, groups)
-            return container_id
+
+        update_json(self.groups_path, change)
+        return container_id
 
     def delete_group(self, name: str) -> None:
-        with locked(self.groups_path):
-            groups = self.groups()
+        def delete(groups: dict[str, Any]) -> None:
             if groups.pop(name, None) is None:
                 raise P2PRCError(f"no group {name!r}")
-            atomic_write_json(self.groups_path, groups)
+
+        update_json(self.groups_path, delete)

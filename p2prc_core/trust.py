@@ -14,7 +14,7 @@ from typing import Any
 
 from p2prc_core.errors import P2PRCError
 from p2prc_core.identity import b64decode, b64encode, canonical_json, is_node_id
-from p2prc_core.storage import SharedDB, atomic_write_json, locked, read_json_file
+from p2prc_core.storage import SharedDB, read_json_object, update_json
 
 TRUSTED_FILE = "trusted.json"
 STATE_DB = "server.db"
@@ -44,8 +44,7 @@ class TrustStore:
         with self._lock:
             key = (stat.st_mtime, stat.st_size)
             if self._cache is None or self._cache[:2] != key:
-                data = read_json_file(self.path, {})
-                self._cache = (*key, data if isinstance(data, dict) else {})
+                self._cache = (*key, read_json_object(self.path))
             return dict(self._cache[2])
 
     def is_trusted(self, node_id: str) -> bool:
@@ -56,21 +55,17 @@ class TrustStore:
         if not is_node_id(node_id):
             raise TrustError(f"{node_id!r} is not a node id (26 letters and digits, as "
                              f"'p2prc id' prints)")
-        with locked(self.path):
-            data = read_json_file(self.path, {})
+
+        def add(data: dict[str, Any]) -> bool:
             if node_id in data:
                 return False
             data[node_id] = {"name": name, "since": int(time.time()), "via": via}
-            atomic_write_json(self.path, data)
             return True
 
+        return update_json(self.path, add)
+
     def remove(self, node_id: str) -> bool:
-        with locked(self.path):
-            data = read_json_file(self.path, {})
-            if data.pop(node_id, None) is None:
-                return False
-            atomic_write_json(self.path, data)
-            return True
+        return update_json(self.path, lambda data: data.pop(node_id, None) is not None)
 
 
 @dataclass(frozen=True)

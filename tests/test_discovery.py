@@ -231,7 +231,8 @@ class Liar(InProcessTransport):
         super().__init__()
         self.answer = answer
 
-    def call(self, endpoint: Endpoint, body: bytes, probes: int) -> tuple[bytes, float]:
+    def call(self, endpoint: Endpoint, body: bytes,
+             probes: int) -> tuple[bytes, float | None]:
         return self.answer, 1.0
 
 

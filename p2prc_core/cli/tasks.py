@@ -19,7 +19,6 @@ from p2prc_core.tasks import (
     build_inventory,
     parse_variables,
     record_of,
-    reserve_ports,
 )
 from p2prc_core.tracking import Tracked
 
@@ -96,7 +95,7 @@ def run_playbook(node: Node, playbook: str, targets: tuple[str, ...], pairs: tup
         raise P2PRCError(f"no task runner {runner!r} (have: {', '.join(runners) or 'none'})")
     extravars = {**bundle.variables, **parse_variables(pairs)}
     private_key, _ = ensure_key(node.home, node.loaded.settings.ssh_key)
-    ports = reserve_ports(tracked, containers, bundle.ports)
+    ports = tracked.reserve_ports(containers, bundle.ports)
     runs = Runs(node.home)
     run_id, run_dir = runs.new()
     inventory = build_inventory(containers, ports, private_key, run_dir / "known_hosts")
