@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import httpx
 
 from p2prc_core.errors import PeerError, PeerRefused
-from p2prc_core.models import Address, Endpoint, parse_endpoint
-from p2prc_core.node import ordered_by_preference
+from p2prc_core.models import Endpoint, parse_endpoint
+from p2prc_core.node import dial_order
 from p2prc_core.peertable import TOKEN_CHARS, PeerTable, TableState, record_token
 from p2prc_core.plugins import PluginHooks
 
@@ -136,7 +136,7 @@ class Discovery:
     def endpoints(self, entry: dict[str, Any]) -> list[Endpoint]:
         """Where to dial a peer: its addresses, IPv6 first; then the one that worked before."""
         record = entry["record"]
-        ordered = self._ordered(self.table.dial_addresses(record))
+        ordered = dial_order(self.hooks, self.table.dial_addresses(record))
         found = [Endpoint(str(a), record["port"]) for a in ordered]
         used = entry.get("measured", {}).get("address")
         if used:
@@ -147,9 +147,6 @@ class Discovery:
             except ValueError:
                 pass
         return found
-
-    def _ordered(self, addresses: list[Address]) -> list[Address]:
-        return ordered_by_preference(self.hooks, addresses, "dial") or addresses
 
     def contact(self, entry: dict[str, Any], own: dict[str, Any], have: str = "") -> Outcome:
         """Exchange tables with one peer, trying its endpoints in order, and measure it."""

@@ -53,8 +53,12 @@ class Address:
             return "global"
         return "reserved"
 
-    def host_for_url(self) -> str:
-        return f"[{self.ip}]" if self.version == 6 else str(self.ip)
+    def usable(self, allow_loopback: bool) -> bool:
+        """Whether p2prc may advertise or dial it: never unspecified, link-local (the cloud
+        metadata address included), or multicast; loopback only where the config allows."""
+        if self.kind in ("unspecified", "link-local", "multicast"):
+            return False
+        return allow_loopback or self.kind != "loopback"
 
     def __str__(self) -> str:
         return str(self.ip)

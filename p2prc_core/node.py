@@ -12,8 +12,6 @@ from p2prc_core.config import Settings
 from p2prc_core.models import Address
 from p2prc_core.plugins import PluginHooks
 
-NEVER_ADVERTISED = ("unspecified", "link-local", "multicast")
-
 
 def local_addresses() -> list[Address]:
     """Every IP address on this machine's interfaces (netifaces), IPv6 first."""
@@ -33,8 +31,7 @@ def local_addresses() -> list[Address]:
 
 def advertisable(addresses: list[Address], settings: Settings) -> list[Address]:
     """Drop what is never advertised, and loopback unless the config allows it."""
-    return [a for a in addresses if a.kind not in NEVER_ADVERTISED
-            and (settings.allow_loopback or a.kind != "loopback")]
+    return [a for a in addresses if a.usable(settings.allow_loopback)]
 
 
 def ordered_by_preference(hooks: PluginHooks, candidates: list[Address],
@@ -49,6 +46,20 @@ def ordered_by_preference(hooks: PluginHooks, candidates: list[Address],
         ordered.append(choice)
         left.remove(choice)
     return ordered
+
+
+def dial_order(hooks: PluginHooks, addresses: list[Address]) -> list[Address]:
+    """A peer's addresses in the order to dial them (IPv6 first, by default)."""
+    return ordered_by_preference(hooks, addresses, "dial") or addresses
+
+
+def advertised_addresses(settings: Settings, hooks: PluginHooks) -> list[str]:
+    """What this node tells others: ``advertise_addresses`` if set, else its usable interface
+    addresses in the order ``p2prc_select_address`` prefers."""
+    if settings.advertise_addresses:
+        return [str(Address.parse(a)) for a in settings.advertise_addresses]
+    found = advertisable(local_addresses(), settings)
+    return [str(a) for a in ordered_by_preference(hooks, found, "advertise")]
 
 
 class TimedCache:
@@ -80,11 +91,7 @@ class TimedCache:
 def record_fields(settings: Settings, hooks: PluginHooks, specs: dict[str, Any],
                   version: str) -> dict[str, Any]:
     """What this node says about itself in its signed record (all but id, key, seq, time)."""
-    if settings.advertise_addresses:
-        addresses = [str(Address.parse(a)) for a in settings.advertise_addresses]
-    else:
-        found = advertisable(local_addresses(), settings)
-        addresses = [str(a) for a in ordered_by_preference(hooks, found, "advertise")]
+    addresses = advertised_addresses(settings, hooks)
     short = {"cpus": specs.get("cpu", {}).get("threads", 0),
              "memory": specs.get("memory", {}).get("total", 0),
              "gpus": [str(g.get("name", "")) for g in specs.get("gpus", [])][:8]}

@@ -30,10 +30,6 @@ FORMAT = 1
 
 T = TypeVar("T")
 
-# Never dialled when a remote table offers them, whatever the config says.
-_ALWAYS_REFUSED = ("unspecified", "link-local", "multicast")
-
-
 TOKEN_CHARS = 8
 
 
@@ -51,9 +47,7 @@ def dialable(address_text: str, allow_loopback: bool) -> Address | None:
         address = Address.parse(address_text)  # maps ::ffff:a.b.c.d to a.b.c.d
     except ValueError:
         return None
-    if address.kind in _ALWAYS_REFUSED or (address.kind == "loopback" and not allow_loopback):
-        return None
-    return address
+    return address if address.usable(allow_loopback) else None
 
 
 @dataclass

@@ -165,3 +165,14 @@ def test_invites_are_one_time_under_concurrent_redeems(tmp_path: Path) -> None:
     assert outcomes.count("ok") == 1
     assert all("already used" in o for o in outcomes if o != "ok")
     assert state.invites()[0]["used_by"] == callers[outcomes.index("ok")]
+
+
+def test_invite_carries_the_advertised_addresses(tmp_path: Path) -> None:
+    """Behind NAT, advertise_addresses names the public address: invites carry it too."""
+    result = subprocess.run([P2PRC, "invite", "--json"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "P2PRC_HOME": str(tmp_path),
+                                             "P2PRC_ADVERTISE_ADDRESSES": "203.0.113.7,2001:db8::7",
+                                             "P2PRC_ADVERTISE_PORT": "9999"})
+    assert result.returncode == 0, result.stderr
+    offer = Invite.parse(json.loads(result.stdout)["token"])
+    assert offer.addresses == ["203.0.113.7", "2001:db8::7"] and offer.port == 9999

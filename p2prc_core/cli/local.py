@@ -19,7 +19,12 @@ from p2prc_core.config import (
 from p2prc_core.containers import ContainerService
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Address
-from p2prc_core.node import advertisable, local_addresses, ordered_by_preference, record_fields
+from p2prc_core.node import (
+    advertisable,
+    advertised_addresses,
+    local_addresses,
+    ordered_by_preference,
+)
 from p2prc_core.output import human_bytes, print_json, print_table
 from p2prc_core.trust import TrustStore
 
@@ -43,7 +48,7 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
     node.overrides.update(host=host, port=port, name=name, workers=workers)
     settings = node.loaded.settings
     hooks = node.hooks
-    advertised = record_fields(settings, hooks, {}, __version__)["addresses"]
+    advertised = advertised_addresses(settings, hooks)
     chosen = advertised[0] if advertised else None
     where = f"[{settings.host}]" if ":" in settings.host else settings.host
     stack = " (IPv6 and IPv4)" if settings.host == "::" else ""
@@ -77,6 +82,8 @@ def interfaces(node: Node, as_json: bool) -> None:
     eligible = advertisable(found, settings)
     order = ordered_by_preference(node.hooks, eligible, "advertise")
     chosen = order[0] if order else None
+    if settings.advertise_addresses:  # the config overrides what the interfaces offer
+        chosen = Address.parse(settings.advertise_addresses[0])
 
     def why(address: Address) -> str:
         if address.kind == "loopback" and not settings.allow_loopback:
@@ -88,13 +95,17 @@ def interfaces(node: Node, as_json: bool) -> None:
              "preference": order.index(a) + 1 if a in order else None, "why": why(a)}
             for a in found]
     if as_json:
-        print_json({"chosen": str(chosen) if chosen else None, "addresses": rows})
+        print_json({"chosen": str(chosen) if chosen else None, "addresses": rows,
+                    "advertise_addresses": settings.advertise_addresses})
         return
     print_table(("", "interface", "address", "kind", "rank", "why"),
                 [("*" if r["advertised"] else "", r["interface"], r["address"],
                   f"IPv{r['version']} {r['kind']}", r["preference"] or "-", r["why"])
                  for r in rows])
-    if chosen is None:
+    if settings.advertise_addresses:
+        click.echo(f"advertise_addresses is set: this node advertises "
+                   f"{', '.join(settings.advertise_addresses)}", err=True)
+    elif chosen is None:
         click.echo("No address can be advertised: peers cannot reach this node.", err=True)
 
 

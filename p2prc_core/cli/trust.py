@@ -9,7 +9,7 @@ import click
 from p2prc_core.cli.base import Node, duration_option, format_when, json_option, main, pass_node
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import Address, Endpoint
-from p2prc_core.node import advertisable, local_addresses, ordered_by_preference
+from p2prc_core.node import advertised_addresses, dial_order
 from p2prc_core.output import print_json, print_table
 from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore
 
@@ -89,16 +89,14 @@ def invite(node: Node, ttl: int, addresses: tuple[str, ...], port: int | None,
                 raise click.BadParameter(f"{text!r} is not an IP address",
                                          param_hint="--address") from None
     else:
-        found = advertisable(local_addresses(), settings)
-        chosen = [str(a) for a in ordered_by_preference(node.hooks, found, "advertise")]
+        chosen = advertised_addresses(settings, node.hooks)
     if not chosen:
         raise TrustError("this node has no address a friend could dial: pass --address")
+    port = port or settings.advertise_port or settings.port
     secret, expires = ServerState(node.home).create_invite(ttl)
-    token = Invite(node.identity.node_id, chosen[:8], port or settings.port, secret,
-                   expires).token()
+    token = Invite(node.identity.node_id, chosen[:8], port, secret, expires).token()
     if as_json:
-        print_json({"token": token, "expires": expires, "addresses": chosen[:8],
-                    "port": port or settings.port})
+        print_json({"token": token, "expires": expires, "addresses": chosen[:8], "port": port})
         return
     click.echo(token)
     click.echo(f"Send this to your friend; they run: p2prc join TOKEN. It works once, until "
@@ -120,7 +118,7 @@ def join(node: Node, token: str, as_json: bool) -> None:
             candidates.append(Address.parse(text))
         except ValueError:
             continue
-    ordered = ordered_by_preference(node.hooks, candidates, "dial") or candidates
+    ordered = dial_order(node.hooks, candidates)
     own = node.own_record()
     failures = []
     for address in ordered:
