@@ -11,7 +11,7 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -124,8 +124,6 @@ class Backend(Protocol):
     def remove(self, container_id: str) -> None: ...
 
     def containers(self) -> list[BackendContainer]: ...
-
-    def inspect(self, container_id: str) -> BackendContainer | None: ...
 
     def images(self) -> list[dict[str, Any]]: ...
 
@@ -251,7 +249,6 @@ class ContainerService:
     store: ContainerStore
     node_id: str
     host_key_timeout: float = 30.0
-    _started: float = field(default_factory=time.time)
 
     @classmethod
     def open(cls, settings: Settings, backend: Backend, home: Path,

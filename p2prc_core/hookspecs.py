@@ -69,7 +69,7 @@ def p2prc_register_backends(register: Callable[[str, Any], None]) -> None:
 
     A backend implements ``p2prc_core.containers.Backend``: ``create(spec)`` starts a
     container exactly as the ``ContainerSpec`` says (limits, ports, labels, the SSH key) and
-    returns its id; ``host_key``, ``remove``, ``containers``, ``inspect``, ``images`` and
+    returns its id; ``host_key``, ``remove``, ``containers``, ``images`` and
     ``gpu_available`` do what they say. The server picks one by the ``backend`` setting.
 
     :param register: call ``register(name, backend)`` once for each backend.

@@ -31,9 +31,6 @@ class Periodic:
         thread.start()
         return thread
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _run(self) -> None:
         # A little jitter so that workers (and nodes started together) do not all wake at once.
         self._stop.wait(random.uniform(0.2, 1.0))

@@ -135,14 +135,6 @@ class DockerBackend:
         return [BackendContainer(c.id, c.status, _image_name(c), dict(c.labels))
                 for c in found]
 
-    def inspect(self, container_id: str) -> BackendContainer | None:
-        docker = _docker()
-        try:
-            c = self.client.containers.get(container_id)
-        except docker.errors.NotFound:
-            return None
-        return BackendContainer(c.id, c.status, _image_name(c), dict(c.labels))
-
     def images(self) -> list[dict[str, Any]]:
         try:
             found = self.client.images.list()

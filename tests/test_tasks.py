@@ -103,6 +103,13 @@ def test_variables_from_the_command_line() -> None:
 
 # -- runs against real containers ----------------------------------------------------------------
 
+def on_containers(test: Any) -> Any:
+    """Marks a test that runs real Ansible against real containers."""
+    for mark in (pytest.mark.docker, pytest.mark.ansible, pytest.mark.integration):
+        test = mark(test)
+    return test
+
+
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[LiveServer]:
     import docker
@@ -136,9 +143,7 @@ def touch(tmp_path: Path, host: LiveServer, ports: int) -> dict[str, Any]:
 
 
 
-@pytest.mark.docker
-@pytest.mark.ansible
-@pytest.mark.integration
+@on_containers
 def test_http_bundle_on_a_group_of_two_is_served_to_another_namespace(
         tmp_path: Path, host: LiveServer) -> None:
     from netlab import NetLab, available
@@ -193,9 +198,7 @@ FAILING = """- hosts: all
 """
 
 
-@pytest.mark.docker
-@pytest.mark.ansible
-@pytest.mark.integration
+@on_containers
 def test_a_host_that_fails_is_reported_and_the_other_succeeds(tmp_path: Path,
                                                               host: LiveServer) -> None:
     me = tmp_path / "me"
@@ -213,9 +216,7 @@ def test_a_host_that_fails_is_reported_and_the_other_succeeds(tmp_path: Path,
     assert "FAILED" in table.stdout
 
 
-@pytest.mark.docker
-@pytest.mark.ansible
-@pytest.mark.integration
+@on_containers
 def test_a_container_that_cannot_be_reached_fails_clearly(tmp_path: Path,
                                                           host: LiveServer) -> None:
     me = tmp_path / "me"

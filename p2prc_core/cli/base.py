@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +128,19 @@ class P2PRCGroup(click.Group):
             raise click.ClickException(str(err)) from None
 
 
+class ListingGroup(click.Group):
+    """A group that lists (runs its ``ls``) when given no command: ``p2prc runs``."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs["invoke_without_command"] = True
+        super().__init__(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        if not ctx.protected_args and not ctx.args:
+            return ctx.invoke(self.commands["ls"])
+        return super().invoke(ctx)
+
+
 pass_node = click.make_pass_decorator(Node)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -198,13 +212,20 @@ def main(ctx: click.Context, home: Path | None, serve_flag: bool, add_address: s
 
 # -- helpers shared by the commands ---------------------------------------------
 
-def size_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err)) from None
+def _parsed_by(parse: Callable[[str], int]) -> Callable[..., int | None]:
+    """A click callback that parses an option's text, a ValueError becoming a usage error."""
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err)) from None
+    return callback
+
+
+size_option = _parsed_by(parse_size)  # 512, 64k, 10M, 1G
+duration_option = _parsed_by(parse_duration)  # 90s, 30m, 2h, 7d
 
 
 def format_ago(now: float, stamp: float | None) -> str:
@@ -220,15 +241,6 @@ def format_ago(now: float, stamp: float | None) -> str:
 def transfer_progress() -> Progress:
     return Progress(TextColumn("{task.description:>8}"), BarColumn(), DownloadColumn(),
                     TransferSpeedColumn(), console=err_console, transient=True)
-
-
-def duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err)) from None
 
 
 def format_when(stamp: float | None) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from p2prc_core.cli.base import (
+    ListingGroup,
     Node,
     duration_option,
     format_when,
@@ -65,12 +66,9 @@ def touch(node: Node, peer: str, ports: int, gpu: bool, image: str | None, cpus:
     click.echo(f"  log in:  p2prc ssh {reply['id'][:12]}")
 
 
-@main.group("containers", invoke_without_command=True)
-@click.pass_context
-def containers_group(ctx: click.Context) -> None:
+@main.group("containers", cls=ListingGroup)
+def containers_group() -> None:
     """Containers this client started (ls)."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(containers_ls)
 
 
 @containers_group.command("ls")

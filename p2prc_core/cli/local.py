@@ -9,7 +9,15 @@ import stat
 import click
 
 from p2prc_core import __version__
-from p2prc_core.cli.base import Node, format_setting, format_when, json_option, main, pass_node
+from p2prc_core.cli.base import (
+    ListingGroup,
+    Node,
+    format_setting,
+    format_when,
+    json_option,
+    main,
+    pass_node,
+)
 from p2prc_core.config import (
     CONFIG_FILE,
     default_config_text,
@@ -166,12 +174,9 @@ def _local_service(node: Node) -> ContainerService:
     return ContainerService.open(settings, backend, node.home, node.identity.node_id)
 
 
-@server.group("containers", invoke_without_command=True)
-@click.pass_context
-def server_containers(ctx: click.Context) -> None:
+@server.group("containers", cls=ListingGroup)
+def server_containers() -> None:
     """Every p2prc container on this host, whoever owns it (ls, kill)."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(server_containers_ls)
 
 
 @server_containers.command("ls")

@@ -9,7 +9,7 @@ import click
 from rich.live import Live
 from rich.table import Table
 
-from p2prc_core.cli.base import Node, format_when, json_option, main, pass_node
+from p2prc_core.cli.base import ListingGroup, Node, format_when, json_option, main, pass_node
 from p2prc_core.errors import P2PRCError
 from p2prc_core.output import err_console, print_json, print_table
 from p2prc_core.sshkeys import ensure_key
@@ -24,12 +24,9 @@ from p2prc_core.tracking import Tracked
 
 # -- playbooks and runs --------------------------------------------------------------------------
 
-@main.group("playbooks", invoke_without_command=True)
-@click.pass_context
-def playbooks_group(ctx: click.Context) -> None:
+@main.group("playbooks", cls=ListingGroup)
+def playbooks_group() -> None:
     """Playbook bundles (site.yml + p2prc.toml) installed here."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(playbooks_ls)
 
 
 @playbooks_group.command("add")
@@ -147,12 +144,9 @@ def _print_run(record: dict[str, Any]) -> None:
                       f"{'succeeded' if record['succeeded'] else 'FAILED'}")
 
 
-@main.group("runs", invoke_without_command=True)
-@click.pass_context
-def runs_group(ctx: click.Context) -> None:
+@main.group("runs", cls=ListingGroup)
+def runs_group() -> None:
     """Past runs and their artifacts."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(runs_ls)
 
 
 @runs_group.command("ls")
