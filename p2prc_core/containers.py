@@ -25,6 +25,8 @@ LABEL_EXPIRES = "org.p2prc.expires"
 LABEL_PORTS = "org.p2prc.ports"
 LABEL_NODE = "org.p2prc.node"
 SSH_PORT = 22
+PENDING = "pending-"  # ids of the places held while a container starts
+PENDING_SECONDS = 600
 
 _ID = re.compile(r"^[0-9a-f]{12,64}$")
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$")
@@ -190,10 +192,20 @@ class ContainerStore:
         self.shared = SharedDB(home / "server.db", self.SCHEMA)
         self.low, self.high = port_range
 
-    def reserve_ports(self, count: int, holder: str) -> list[int]:
-        """``count`` host ports that no other request or worker holds and nothing listens
-        on. :raises ContainerError: 503 when the pool has too few."""
+    def reserve(self, owner: str, count: int, per_caller: int, holder: str) -> list[int]:
+        """In one transaction (so no two requests or workers can both pass): check that
+        ``owner`` holds fewer than ``per_caller`` containers (a create under way counts),
+        hold a place for this one, and reserve ``count`` host ports that nothing else holds
+        and nothing listens on.
+
+        :raises ContainerError: 429 over the per-caller limit; 503 too few free ports.
+        """
         with self.shared.transaction() as db:
+            held = db.execute("SELECT COUNT(*) FROM leases WHERE owner=?", (owner,)).fetchone()
+            if held[0] >= per_caller:
+                raise ContainerError(429, "Too many containers",
+                                     f"You hold {per_caller} containers here, this host's "
+                                     f"limit per caller: remove one first.")
             taken = {row[0] for row in db.execute("SELECT port FROM ports")}
             chosen: list[int] = []
             for port in range(self.low, self.high + 1):
@@ -208,36 +220,48 @@ class ContainerStore:
             now = time.time()
             db.executemany("INSERT INTO ports VALUES (?, ?, ?)",
                            [(p, holder, now) for p in chosen])
+            # The place held while the container starts; a crashed create's place runs out.
+            db.execute("INSERT INTO leases VALUES (?, ?, ?, '{}')",
+                       (holder, owner, now + PENDING_SECONDS))
             return chosen
 
-    def move_ports(self, holder: str, new_holder: str) -> None:
-        self.shared.db().execute("UPDATE ports SET holder=? WHERE holder=?", (new_holder, holder))
+    def settle(self, holder: str, lease: Lease) -> None:
+        """The container started: its lease and ports replace the held place."""
+        with self.shared.transaction() as db:
+            db.execute("DELETE FROM leases WHERE id=?", (holder,))
+            db.execute("UPDATE ports SET holder=? WHERE holder=?", (lease.id, holder))
+            db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)",
+                       (lease.id, lease.owner, lease.expires, json.dumps(asdict(lease))))
 
-    def release_ports(self, holder: str) -> None:
-        self.shared.db().execute("DELETE FROM ports WHERE holder=?", (holder,))
+    def forget(self, holder: str) -> None:
+        """Drop a lease (or a held place) and free its ports."""
+        with self.shared.transaction() as db:
+            db.execute("DELETE FROM leases WHERE id=?", (holder,))
+            db.execute("DELETE FROM ports WHERE holder=?", (holder,))
 
     def held_ports(self) -> dict[int, str]:
         return dict(self.shared.db().execute("SELECT port, holder FROM ports").fetchall())
 
-    def put(self, lease: Lease) -> None:
-        self.shared.db().execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)",
-                                 (lease.id, lease.owner, lease.expires,
-                                  json.dumps(asdict(lease))))
-
-    def drop(self, container_id: str) -> None:
-        self.shared.db().execute("DELETE FROM leases WHERE id=?", (container_id,))
+    def adopt(self, lease: Lease) -> None:
+        """Take on a running container found by its labels: its lease and its ports."""
+        with self.shared.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)",
+                       (lease.id, lease.owner, lease.expires, json.dumps(asdict(lease))))
+            db.executemany("INSERT OR REPLACE INTO ports VALUES (?, ?, ?)",
+                           [(p["external"], lease.id, time.time()) for p in lease.ports])
 
     def leases(self, owner: str | None = None) -> list[Lease]:
-        query: str = "SELECT data FROM leases"
+        """Containers' leases (places held by creates under way are not leases)."""
+        query: str = f"SELECT data FROM leases WHERE id NOT LIKE '{PENDING}%'"
         args: tuple[str, ...] = ()
         if owner is not None:
-            query, args = query + " WHERE owner=?", (owner,)
+            query, args = query + " AND owner=?", (owner,)
         return [Lease(**json.loads(row[0])) for row in self.shared.db().execute(query, args)]
 
-    def count(self, owner: str) -> int:
-        row = self.shared.db().execute("SELECT COUNT(*) FROM leases WHERE owner=?",
-                                       (owner,)).fetchone()
-        return int(row[0])
+    def stale_places(self, now: float) -> list[str]:
+        rows = self.shared.db().execute(
+            f"SELECT id FROM leases WHERE id LIKE '{PENDING}%' AND expires < ?", (now,))
+        return [row[0] for row in rows]
 
 
 @dataclass
@@ -276,16 +300,12 @@ class ContainerService:
                 raise ContainerError(422, "Over a limit",
                                      f"{name} {value:g} is over this host's limit of "
                                      f"{limit:g}.")
-        if self.store.count(owner) >= s.containers_per_caller:
-            raise ContainerError(429, "Too many containers",
-                                 f"You hold {s.containers_per_caller} containers here, this "
-                                 f"host's limit per caller: remove one first.")
         if request.gpu and not self.backend.gpu_available():
             raise ContainerError(409, "No GPU",
                                  "This host has no NVIDIA GPU that containers can use (or no "
                                  "NVIDIA container toolkit).")
-        token = f"pending-{uuid.uuid4().hex}"
-        ports = self.store.reserve_ports(1 + request.ports, token)
+        token = f"{PENDING}{uuid.uuid4().hex}"
+        ports = self.store.reserve(owner, 1 + request.ports, s.containers_per_caller, token)
         now = time.time()
         lease = Lease(id="", owner=owner, image=image, created=now, expires=now + ttl,
                       gpu=request.gpu, cpus=cpus, memory=memory,
@@ -306,10 +326,9 @@ class ContainerService:
         except BaseException:
             if container_id:
                 self._remove_quietly(container_id)
-            self.store.release_ports(token)
+            self.store.forget(token)
             raise
-        self.store.move_ports(token, container_id)
-        self.store.put(lease)
+        self.store.settle(token, lease)
         return lease
 
     # -- find, list, remove ------------------------------------------------------------------
@@ -343,8 +362,7 @@ class ContainerService:
         """Stop and remove a container; ``owner=None`` is the host, who may remove any."""
         lease = self.find(container_id, owner)
         self.backend.remove(lease.id)
-        self.store.drop(lease.id)
-        self.store.release_ports(lease.id)
+        self.store.forget(lease.id)
         return lease
 
     def _remove_quietly(self, container_id: str) -> None:
@@ -361,8 +379,9 @@ class ContainerService:
         expired = [lease.id for lease in self.store.leases() if lease.expires <= now]
         for container_id in expired:
             self._remove_quietly(container_id)
-            self.store.drop(container_id)
-            self.store.release_ports(container_id)
+            self.store.forget(container_id)
+        for place in self.store.stale_places(now):  # a create that died half-way
+            self.store.forget(place)
         return expired
 
     def reconcile(self) -> dict[str, list[str]]:
@@ -382,18 +401,14 @@ class ContainerService:
                 owner = container.labels[LABEL_OWNER]
             except (ValueError, KeyError):
                 continue
-            self.store.put(Lease(id=container_id, owner=owner, image=container.image,
-                                 ports=ports, created=time.time(), expires=expires))
-            with self.store.shared.transaction() as db:
-                for port in ports:
-                    db.execute("INSERT OR REPLACE INTO ports VALUES (?, ?, ?)",
-                               (port["external"], container_id, time.time()))
+            self.store.adopt(Lease(id=container_id, owner=owner, image=container.image,
+                                   ports=ports, created=time.time(), expires=expires))
             adopted.append(container_id)
         for container_id in leased - set(live):
-            self.store.drop(container_id)
+            self.store.forget(container_id)
             dropped.append(container_id)
         holders = set(live) | {lease.id for lease in self.store.leases()}
         for holder in set(self.store.held_ports().values()):
-            if holder not in holders and not holder.startswith("pending-"):
-                self.store.release_ports(holder)
+            if holder not in holders and not holder.startswith(PENDING):
+                self.store.forget(holder)
         return {"adopted": adopted, "dropped": dropped}

@@ -367,6 +367,31 @@ def test_twenty_cycles_leak_no_container_port_or_network(tmp_path: Path,
     assert len(docker_client.networks.list()) == networks
 
 
+def test_the_per_caller_limit_holds_under_concurrent_creates(tmp_path: Path,
+                                                            docker_client: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    svc = service(tmp_path, containers_per_caller=2)
+    request = ContainerRequest(ssh_key=key(tmp_path), ports=1)
+
+    def create(_: int) -> str:
+        try:
+            return svc.create("a" * 26, request).id
+        except ContainerError as err:
+            return f"refused {err.status}"
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(create, range(6)))
+    started = [o for o in outcomes if not o.startswith("refused")]
+    assert len(started) == 2 and outcomes.count("refused 429") == 4, outcomes
+    assert p2prc_containers(docker_client, svc.node_id) == set(started)
+    ports = svc.store.held_ports()
+    assert len(ports) == 4 and set(ports.values()) == set(started)  # ssh + 1 each, no more
+    for container_id in started:
+        svc.remove(container_id, "a" * 26)
+    assert svc.store.held_ports() == {}
+
+
 def test_a_failed_create_releases_its_ports_and_leaves_nothing(tmp_path: Path,
                                                                docker_client: Any) -> None:
     base = docker_client.containers.create(IMAGE, command=["true"])
@@ -393,6 +418,12 @@ def test_expired_leases_are_reaped(tmp_path: Path, docker_client: Any) -> None:
     assert svc.reap(now=time.time() + 121) == [lease.id]
     assert lease.id not in p2prc_containers(docker_client, svc.node_id)
     assert svc.store.held_ports() == {}
+    # A create that died half-way (its place and ports held) is cleared once its place
+    # runs out, and no longer counts against its caller.
+    svc.store.reserve("b" * 26, 2, 1, "pending-crashed")
+    assert svc.reap() == [] and len(svc.store.held_ports()) == 2
+    assert svc.reap(now=time.time() + 601) == [] and svc.store.held_ports() == {}
+    svc.store.reserve("b" * 26, 1, 1, "pending-next")  # the caller's one place is free again
 
 
 def test_a_restarted_server_finds_its_containers_by_label(tmp_path: Path,
