@@ -186,8 +186,8 @@ def speedtest(node: Node, peer: str, size: int | None, download_only: bool,
         for label, run in steps:
             task = bar.add_task(label, total=total)
             results.append(run(total, lambda n, task=task: bar.advance(task, n)))
-    entry = node.find_peer(peer)
-    if entry is not None and results[0].direction == "download":
+    entry = node.find_peer(peer)  # a peer from the table remembers its bandwidth
+    if entry is not None:
         node_id = entry["record"]["node_id"]
 
         def remember(state: TableState) -> None:
