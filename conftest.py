@@ -134,6 +134,39 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
         server.stop()
 
 
+# A machine's interfaces as netifaces reports them, for tests of the address rules that must
+# not depend on the machine they run on. "veth-gone" vanishes between listing and reading,
+# as Docker's veths do while containers start.
+FAKE_INTERFACES: dict[str, dict[int, list[dict[str, str]]]] = {
+    "lo": {socket.AF_INET: [{"addr": "127.0.0.1"}], socket.AF_INET6: [{"addr": "::1"}]},
+    "eth0": {socket.AF_INET: [{"addr": "192.168.7.5"}],
+             socket.AF_INET6: [{"addr": "fe80::5%eth0"}, {"addr": "fd42::5"},
+                               {"addr": "2a00:1450:4001::5"}]},
+    "veth-gone": {},
+    "wlan0": {socket.AF_INET: [{"addr": "8.8.4.4"}]},
+}
+
+
+class FakeNetifaces:
+    AF_INET, AF_INET6 = socket.AF_INET, socket.AF_INET6
+
+    @staticmethod
+    def interfaces() -> list[str]:
+        return list(FAKE_INTERFACES)
+
+    @staticmethod
+    def ifaddresses(name: str) -> dict[int, list[dict[str, str]]]:
+        if name == "veth-gone":
+            raise ValueError("You must specify a valid interface name.")
+        return FAKE_INTERFACES[name]
+
+
+@pytest.fixture
+def fake_interfaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process sees FAKE_INTERFACES instead of the machine's own."""
+    monkeypatch.setitem(sys.modules, "netifaces", FakeNetifaces)
+
+
 @pytest.fixture
 def settings() -> Settings:
     return Settings(name="test-node")

@@ -61,9 +61,9 @@ def main() -> None:
             for _ in range(args.rounds):
                 started = time.perf_counter()
                 reply = peer.create_container({"ssh_key": public})
-                wait_for_login(private, reply["ssh"]["port"])
+                wait_for_login(private, reply.ssh_port)
                 ours.append((time.perf_counter() - started) * 1000)
-                peer.remove_container(reply["id"])
+                peer.remove_container(reply.id)
 
                 host_port = free_port()
                 started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,11 +12,12 @@ from urllib.parse import urlencode
 import httpx
 
 from p2prc_core import transfer
-from p2prc_core.errors import PeerError, PeerRefused
+from p2prc_core.errors import PeerError, PeerRefused, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.records import RecordError, verify_record
 from p2prc_core.signing import sign_request
+from p2prc_core.tracking import RemoteContainer
 
 Progress = Callable[[int], None]
 
@@ -124,10 +126,12 @@ class PeerClient:
                                       timeout=timeout or self._timeout)
         return self._json(resp)
 
-    def create_container(self, request: dict[str, Any]) -> dict[str, Any]:
+    def create_container(self, request: dict[str, Any]) -> RemoteContainer:
+        """Start a container; the host's answer is checked before anything uses it."""
         # Starting a container takes longer than other requests.
-        return self.signed("POST", "/v1/containers", request,
-                           timeout=max(60.0, self._timeout))
+        reply = self.signed("POST", "/v1/containers", request,
+                            timeout=max(60.0, self._timeout))
+        return RemoteContainer.from_reply(reply, self.endpoint)
 
     def list_containers(self) -> list[dict[str, Any]]:
         containers: list[dict[str, Any]] = self.signed("GET", "/v1/containers")["containers"]
@@ -176,7 +180,7 @@ class PeerClient:
 
 
 class _Guard:
-    """Turn transport failures into one-line ``PeerError``s."""
+    """Turn transport failures into one-line ``PeerError``s (``errors.unreachable``)."""
 
     def __init__(self, endpoint: Endpoint, timeout: float | None):
         self.endpoint = endpoint
@@ -187,16 +191,23 @@ class _Guard:
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
                  tb: object) -> None:
-        if err is None or not isinstance(err, httpx.HTTPError):
-            return None
-        where = str(self.endpoint)
-        if isinstance(err, httpx.ConnectTimeout | httpx.ReadTimeout | httpx.WriteTimeout):
-            raise PeerError(f"{where} did not answer within {self.timeout:g} s") from None
-        if isinstance(err, httpx.ConnectError):
-            reason = str(err).split("] ")[-1] or "connection failed"
-            raise PeerError(f"cannot reach {where}: {reason} (is 'p2prc server' running "
-                            f"there?)") from None
-        if isinstance(err, httpx.RemoteProtocolError):
-            raise PeerError(f"{where} broke the connection or is not an HTTP server: "
-                            f"{err}") from None
-        raise PeerError(f"talking to {where} failed: {err}") from None
+        if isinstance(err, httpx.HTTPError):
+            raise unreachable(self.endpoint, err, self.timeout) from None
+
+
+def first_reachable(endpoints: list[Endpoint], timeout: float) -> Endpoint:
+    """The first of ``endpoints`` (in dial order) that takes a TCP connection.
+
+    :raises PeerError: none does; the message names each and why.
+    """
+    if len(endpoints) == 1:
+        return endpoints[0]
+    failures = []
+    for endpoint in endpoints:
+        try:
+            socket.create_connection((endpoint.host, endpoint.port),
+                                     timeout=min(timeout, 5.0)).close()
+            return endpoint
+        except OSError as err:
+            failures.append(str(unreachable(endpoint, err, min(timeout, 5.0))))
+    raise PeerError("no address of this peer answers: " + "; ".join(failures))

@@ -11,12 +11,13 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from p2prc_core.config import Settings, parse_port_range
-from p2prc_core.errors import P2PRCError
+from p2prc_core.errors import Refusal
 from p2prc_core.storage import SharedDB
 
 LABEL = "org.p2prc"  # every p2prc container carries LABEL=1 and the labels below
@@ -35,13 +36,11 @@ _SSH_KEY = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|"
 _REQUEST_KEYS = {"ports", "gpu", "image", "cpus", "memory", "ttl", "ssh_key"}
 
 
-class ContainerError(P2PRCError):
+class ContainerError(Refusal):
     """A container request that cannot be met; ``status`` is its HTTP status."""
 
     def __init__(self, status: int, title: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.title = title
+        super().__init__(message, status, title)
 
 
 @dataclass(frozen=True)
@@ -119,17 +118,36 @@ class BackendContainer:
 class Backend(Protocol):
     """A virtualization backend, registered through ``p2prc_register_backends``."""
 
-    def create(self, spec: ContainerSpec) -> str: ...
+    def create(self, spec: ContainerSpec) -> str:
+        """Start a container exactly as ``spec`` says; return its id."""
+        ...
 
-    def host_key(self, container_id: str, timeout: float) -> str: ...
+    def host_key(self, container_id: str, timeout: float) -> str:
+        """The container's SSH host key line (``TYPE BASE64``), waiting up to ``timeout``."""
+        ...
 
-    def remove(self, container_id: str) -> None: ...
+    def remove(self, container_id: str) -> None:
+        """Stop and remove a container; one that is gone already is no error."""
+        ...
 
-    def containers(self) -> list[BackendContainer]: ...
+    def containers(self) -> list[BackendContainer]:
+        """Every container of p2prc's (labelled ``org.p2prc=1``) the engine has."""
+        ...
 
-    def images(self) -> list[dict[str, Any]]: ...
+    def images(self) -> list[dict[str, Any]]:
+        """The images the engine holds: ``{"name", "id", "size"}`` each."""
+        ...
 
-    def gpu_available(self) -> bool: ...
+    def gpu_available(self) -> bool:
+        """Whether the engine can hand this host's GPUs to a container (the host's GPUs
+        themselves come from the ``p2prc_collect_specs`` hook)."""
+        ...
+
+    def build_image(self, tag: str, from_debootstrap: bool, force: bool,
+                    say: Callable[[str], None]) -> bool:
+        """Build p2prc's base image under ``tag`` unless it exists (or ``force``); return
+        whether it built."""
+        ...
 
 
 @dataclass
@@ -272,17 +290,23 @@ class ContainerService:
     backend: Backend
     store: ContainerStore
     node_id: str
+    gpus: Callable[[], list[Any]] = field(default=list)  # this host's GPUs (from the specs)
     host_key_timeout: float = 30.0
 
     @classmethod
-    def open(cls, settings: Settings, backend: Backend, home: Path,
-             node_id: str) -> ContainerService:
+    def open(cls, settings: Settings, backend: Backend, home: Path, node_id: str,
+             gpus: Callable[[], list[Any]] = list) -> ContainerService:
         store = ContainerStore(home, parse_port_range(settings.port_range))
-        return cls(settings, backend, store, node_id)
+        return cls(settings, backend, store, node_id, gpus)
 
     # -- create ------------------------------------------------------------------------------
 
-    def create(self, owner: str, request: ContainerRequest) -> Lease:
+    def granted(self, request: ContainerRequest) -> tuple[str, float, int, int]:
+        """What this host gives for ``request``: image, CPUs, memory and time to live, the
+        host's defaults filling what it left out.
+
+        :raises ContainerError: 422 over a limit or an image not offered; 409 no GPU.
+        """
         s = self.settings
         image = request.image or s.container_images[0]
         if image not in s.container_images:
@@ -300,10 +324,19 @@ class ContainerService:
                 raise ContainerError(422, "Over a limit",
                                      f"{name} {value:g} is over this host's limit of "
                                      f"{limit:g}.")
+        if request.gpu and not self.gpus():
+            raise ContainerError(409, "No GPU", "This host has no NVIDIA GPU.")
         if request.gpu and not self.backend.gpu_available():
             raise ContainerError(409, "No GPU",
-                                 "This host has no NVIDIA GPU that containers can use (or no "
-                                 "NVIDIA container toolkit).")
+                                 "This host has an NVIDIA GPU, but its engine cannot give it to "
+                                 "containers (no NVIDIA container toolkit).")
+        return image, cpus, memory, ttl
+
+    def create(self, owner: str, request: ContainerRequest) -> Lease:
+        """Start a container for ``owner``: within the limits, on ports from the pool, with a
+        lease; a create that fails half-way leaves nothing behind."""
+        s = self.settings
+        image, cpus, memory, ttl = self.granted(request)
         token = f"{PENDING}{uuid.uuid4().hex}"
         ports = self.store.reserve(owner, 1 + request.ports, s.containers_per_caller, token)
         now = time.time()

@@ -5,7 +5,6 @@ The same code runs over HTTP (``HttpTransport``) and, for the benchmark, in proc
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -17,16 +16,26 @@ from typing import Any, Protocol
 
 import httpx
 
-from p2prc_core.errors import PeerError, PeerRefused
+from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal, unreachable
 from p2prc_core.models import Endpoint, parse_endpoint
-from p2prc_core.node import dial_order
-from p2prc_core.peertable import TOKEN_CHARS, PeerTable, TableState, record_token
+from p2prc_core.node import dial_endpoints
+from p2prc_core.peertable import TOKEN_CHARS, PeerEntry, PeerTable, TableState, record_token
 from p2prc_core.plugins import PluginHooks
 
 log = logging.getLogger("p2prc.discovery")
 
 MAX_PAGES = 20  # table pages fetched from one peer in one exchange
 MAX_HAVE = 4096  # record tokens an asker may send; with more it sends none
+
+
+class EmptyTableError(P2PRCError):
+    """An update of a table that holds no peer: there is nobody to ask."""
+
+
+class ExchangeError(Refusal):
+    """A malformed exchange request (400); the message says what is wrong."""
+
+    title = "Invalid exchange"
 
 
 class Transport(Protocol):
@@ -71,10 +80,8 @@ class HttpTransport:
                     http.get("/v1/health")
                     rtts.append((time.perf_counter() - started) * 1000)
                 return bytes(data), min(rtts) if rtts else None
-        except httpx.TimeoutException:
-            raise PeerError(f"{where} did not answer within {self.timeout:g} s") from None
         except httpx.HTTPError as err:
-            raise PeerError(f"cannot reach {where}: {err}") from None
+            raise unreachable(where, err, self.timeout) from None
 
 
 @dataclass
@@ -133,35 +140,26 @@ class Discovery:
 
     # -- one peer ---------------------------------------------------------------------------
 
-    def endpoints(self, entry: dict[str, Any]) -> list[Endpoint]:
-        """Where to dial a peer: its addresses, IPv6 first; then the one that worked before."""
-        record = entry["record"]
-        ordered = dial_order(self.hooks, self.table.dial_addresses(record))
-        found = [Endpoint(str(a), record["port"]) for a in ordered]
-        used = entry.get("measured", {}).get("address")
-        if used:
-            try:
-                endpoint = parse_endpoint(used)
-                if endpoint not in found:
-                    found.append(endpoint)
-            except ValueError:
-                pass
-        return found
+    def endpoints(self, entry: PeerEntry) -> list[Endpoint]:
+        """Where to dial a peer (``node.dial_endpoints``: its addresses, IPv6 first; then the
+        endpoint that answered last time)."""
+        return dial_endpoints(self.hooks, self.table.dial_addresses(entry.record), entry.port,
+                              entry.measured.address)
 
-    def contact(self, entry: dict[str, Any], own: dict[str, Any], have: str = "") -> Outcome:
+    def contact(self, entry: PeerEntry, own: dict[str, Any], have: str = "") -> Outcome:
         """Exchange tables with one peer, trying its endpoints in order, and measure it."""
-        record = entry["record"]
-        node_id = record["node_id"]
-        measured = entry.get("measured", {})
+        record = entry.record
+        node_id = entry.node_id
+        measured = entry.measured
         endpoints = self.endpoints(entry)
         if not endpoints:
             return Outcome(node_id, False, error="no address this node may dial")
         errors = []
         for endpoint in endpoints:
             outcome = Outcome(node_id, False, endpoint=str(endpoint))
-            cursor = measured.get("cursor")
+            cursor = measured.cursor
             # Hand over our record only when the peer does not hold this version of it.
-            send_own = measured.get("holds_our_seq") != own["seq"]
+            send_own = measured.holds_our_seq != own["seq"]
             try:
                 for page_number in range(MAX_PAGES):
                     request = {"from": own["node_id"], "records": [own] if send_own else [],
@@ -203,40 +201,71 @@ class Discovery:
             if result.dropped:
                 reason = ", ".join(result.dropped)
                 raise PeerError(f"{endpoint} sent a record this node refuses ({reason})")
-            entry = state.peers[record["node_id"]]
-            entry.setdefault("measured", {})["address"] = str(endpoint)
+            state.peers[record["node_id"]].measured.address = str(endpoint)
 
         self.table.update(change)
         return self.update(hops=1, only=[record["node_id"]])
+
+    def bootstrap(self, peers: list[str], fetch_record: Callable[[Endpoint],
+                                                                   dict[str, Any]]) -> None:
+        """Add the configured bootstrap peers (``ADDRESS[:PORT]``) that the table does not
+        hold yet; ``fetch_record`` asks one for its verified record."""
+        held = {e.measured.address for e in self.table.load().values()}
+        for text in peers:
+            endpoint = parse_endpoint(text)
+            if str(endpoint) in held:
+                continue
+            try:
+                self.add(endpoint, fetch_record(endpoint))
+            except P2PRCError as err:
+                log.warning("bootstrap peer %s: %s", endpoint, err)
 
     # -- a whole update ---------------------------------------------------------------------
 
     def update(self, hops: int, progress: Progress | None = None,
                only: list[str] | None = None) -> UpdateSummary:
-        """Ask every known peer (or ``only`` these), then those just learned of, ``hops`` deep."""
+        """Ask every known peer (or ``only`` these), then those just learned of, ``hops`` deep.
+
+        The table is read once to start, then read and written once per hop (under its
+        lock, merging what that hop learned); pruning is part of the last write.
+
+        :raises EmptyTableError: the table is empty.
+        """
         summary = UpdateSummary()
         own = self.own_record()
+        state = self.table.snapshot()
+        if not state.peers:
+            raise EmptyTableError("the table is empty: add a peer first with 'p2prc peers "
+                                  "add ADDRESS'")
         asked: set[str] = set()
-        peers = self.table.load()
-        frontier = [n for n in (only if only is not None else list(peers)) if n in peers]
+        frontier = [n for n in (only if only is not None else list(state.peers))
+                    if n in state.peers]
+        pruned = False
         for hop in range(1, hops + 1):
             if not frontier:
                 break
             summary.hops = hop
-            entries = [peers[n] for n in frontier]
+            entries = [state.peers[n] for n in frontier]
             asked.update(frontier)
-            have = "".join(record_token(e["record"]) for e in peers.values()) \
-                if len(peers) <= MAX_HAVE else ""
+            have = "".join(record_token(e.record) for e in state.peers.values()) \
+                if len(state.peers) <= MAX_HAVE else ""
             outcomes = self._contact_all(entries, own, have, hop, progress)
             summary.asked += len(outcomes)
-            added = self.table.update(functools.partial(self._apply, outcomes=outcomes,
-                                                        summary=summary))
-            peers = self.table.load()
-            frontier = [n for n in added if n not in asked and n in peers]
-        summary.removed = self.table.update(self._prune)
+
+            def merge(current: TableState, outcomes: list[Outcome] = outcomes,
+                      last: bool = hop == hops) -> tuple[TableState, list[str], bool]:
+                added = self._apply(current, outcomes, summary)
+                following = [n for n in added if n not in asked and n in current.peers]
+                if last or not following:  # the last write of this update also prunes
+                    summary.removed = self._prune(current)
+                return current, following, last or not following
+
+            state, frontier, pruned = self.table.update(merge)
+        if not pruned:
+            summary.removed = self.table.update(self._prune)
         return summary
 
-    def _contact_all(self, entries: list[dict[str, Any]], own: dict[str, Any], have: str,
+    def _contact_all(self, entries: list[PeerEntry], own: dict[str, Any], have: str,
                      hop: int, progress: Progress | None) -> list[Outcome]:
         total = len(entries)
         if progress:
@@ -260,9 +289,9 @@ class Discovery:
             entry = state.peers.get(outcome.node_id)
             if entry is None:
                 continue  # removed meanwhile
-            measured = entry.setdefault("measured", {})
+            measured = entry.measured
             if not outcome.ok:
-                measured["failures"] = measured.get("failures", 0) + 1
+                measured.failures += 1
                 summary.failed[outcome.node_id] = outcome.error
                 continue
             incoming = list(outcome.records)
@@ -278,14 +307,18 @@ class Discovery:
                 summary.added.append(node_id)
                 added.append(node_id)
             summary.updated.extend(n for n in result.updated if n not in summary.updated)
-            measured.update({"latency_ms": round(outcome.latency_ms or 0.0, 3),
-                             "last_seen": now, "failures": 0, "address": outcome.endpoint,
-                             "cursor": outcome.cursor, "holds_our_seq": outcome.holds_our_seq})
+            measured.latency_ms = round(outcome.latency_ms or 0.0, 3)
+            measured.last_seen = now
+            measured.failures = 0
+            measured.address = outcome.endpoint
+            measured.cursor = outcome.cursor
+            measured.holds_our_seq = outcome.holds_our_seq if isinstance(
+                outcome.holds_our_seq, int) and not isinstance(outcome.holds_our_seq, bool) \
+                else None
         return added
 
     def _prune(self, state: TableState) -> list[str]:
-        dead = [n for n, e in state.peers.items()
-                if e.get("measured", {}).get("failures", 0) >= self.max_failures]
+        dead = [n for n, e in state.peers.items() if e.measured.failures >= self.max_failures]
         for node_id in dead:
             del state.peers[node_id]
         return dead
@@ -314,10 +347,10 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
     changed since its cursor (never the caller's own record), and our record if its seq
     is newer than the one the caller holds.
 
-    :raises ValueError: the request is malformed (the message says how).
+    :raises ExchangeError: the request is malformed (the message says how).
     """
     if not isinstance(body, dict):
-        raise ValueError("expected a JSON object")
+        raise ExchangeError("expected a JSON object")
     records = body.get("records", [])
     since = body.get("since")
     caller = body.get("from")
@@ -326,15 +359,15 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
     have_text = body.get("have", "")
     if not isinstance(have_text, str) or len(have_text) > TOKEN_CHARS * MAX_HAVE \
             or len(have_text) % TOKEN_CHARS:
-        raise ValueError(f"'have' must be {TOKEN_CHARS}-character record tokens, at most "
+        raise ExchangeError(f"'have' must be {TOKEN_CHARS}-character record tokens, at most "
                          f"{MAX_HAVE} of them")
     have = frozenset(have_text[i:i + TOKEN_CHARS] for i in range(0, len(have_text), TOKEN_CHARS))
     if not isinstance(records, list) or len(records) > max_records:
-        raise ValueError(f"'records' must be a list of at most {max_records} records")
+        raise ExchangeError(f"'records' must be a list of at most {max_records} records")
     if since is not None and (not isinstance(since, str) or len(since) > 64):
-        raise ValueError("'since' must be a cursor string")
+        raise ExchangeError("'since' must be a cursor string")
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ValueError("'limit' must be a positive whole number")
+        raise ExchangeError("'limit' must be a positive whole number")
 
     def answer(state: TableState) -> dict[str, Any]:
         """Merge and answer from one reading of the table."""
@@ -348,7 +381,7 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
             reply["accepted"] = len(result.added) + len(result.updated) + result.unchanged
         if isinstance(caller, str):
             held = state.peers.get(caller)
-            reply["holds_seq"] = held["record"]["seq"] if held else None
+            reply["holds_seq"] = held.record["seq"] if held else None
         return reply
 
     # Only a request that hands over records takes the table's lock (and may write it).
@@ -356,11 +389,14 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
 
 
 def refresh_job(discovery: Discovery, hops: int,
-                bootstrap: Callable[[], None]) -> Callable[[], UpdateSummary]:
+                bootstrap: Callable[[], None]) -> Callable[[], UpdateSummary | None]:
     """What a running server does every ``refresh_seconds`` (see ``periodic.Periodic``)."""
-    def job() -> UpdateSummary:
+    def job() -> UpdateSummary | None:
         bootstrap()
-        summary = discovery.update(hops)
+        try:
+            summary = discovery.update(hops)
+        except EmptyTableError:
+            return None  # nobody to ask yet
         log.info("peer table refreshed: %d asked, %d added, %d updated, %d removed, "
                  "%d failed", summary.asked, len(summary.added), len(summary.updated),
                  len(summary.removed), len(summary.failed))
@@ -390,7 +426,7 @@ class InProcessTransport:
         table, own_record = self.nodes[endpoint]
         try:
             answer = handle_exchange(table, own_record(), json.loads(body), self.max_records)
-        except ValueError as err:
+        except ExchangeError as err:
             raise PeerRefused(f"{endpoint} refused (400): {err}", 400) from None
         raw = json.dumps(answer, separators=(",", ":")).encode()
         self.bytes_served[endpoint] += len(raw)

@@ -1,8 +1,26 @@
-"""Errors that reach the user as one clear line."""
+"""Errors that reach the user as one clear line, and the one mapping of transport failures
+to them."""
+
+from __future__ import annotations
 
 
 class P2PRCError(Exception):
     """Base of every error p2prc reports to a user; the message says what to do next."""
+
+
+class Refusal(P2PRCError):
+    """A request this node refuses. The server answers it with ``status`` and ``title``
+    (one error handler maps every ``Refusal`` to HTTP); the CLI prints the message."""
+
+    status = 400
+    title = "Invalid request"
+
+    def __init__(self, message: str, status: int | None = None, title: str | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        if title is not None:
+            self.title = title
 
 
 class PeerError(P2PRCError):
@@ -15,3 +33,21 @@ class PeerRefused(PeerError):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
+
+
+def unreachable(where: object, err: BaseException, timeout: float | None) -> PeerError:
+    """The one mapping of a failure to reach or talk to a peer (httpx's errors and socket
+    errors alike) to a one-line ``PeerError``."""
+    import httpx
+
+    wait = f"{timeout:g} s" if timeout is not None else "the time allowed"
+    if isinstance(err, httpx.TimeoutException | TimeoutError):
+        return PeerError(f"{where} did not answer within {wait}")
+    if isinstance(err, httpx.ConnectError | ConnectionRefusedError | OSError) and \
+            not isinstance(err, ConnectionResetError | BrokenPipeError):
+        reason = (err.strerror if isinstance(err, OSError) else None) or \
+            str(err).split("] ")[-1] or "connection failed"
+        return PeerError(f"cannot reach {where}: {reason} (is 'p2prc server' running there?)")
+    if isinstance(err, httpx.RemoteProtocolError | ConnectionResetError | BrokenPipeError):
+        return PeerError(f"{where} broke the connection or is not an HTTP server: {err}")
+    return PeerError(f"talking to {where} failed: {err}")

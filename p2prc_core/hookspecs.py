@@ -17,7 +17,9 @@ from p2prc_core import PROJECT_NAME
 if TYPE_CHECKING:
     import falcon
 
+    from p2prc_core.containers import Backend
     from p2prc_core.models import Address, PeerRecord
+    from p2prc_core.tasks import Runner
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 
@@ -64,25 +66,26 @@ def p2prc_collect_specs() -> dict[str, Any] | None:
 
 
 @hookspec
-def p2prc_register_backends(register: Callable[[str, Any], None]) -> None:
+def p2prc_register_backends(register: Callable[[str, Backend], None]) -> None:
     """Register virtualization backends (Docker is built in).
 
     A backend implements ``p2prc_core.containers.Backend``: ``create(spec)`` starts a
     container exactly as the ``ContainerSpec`` says (limits, ports, labels, the SSH key) and
-    returns its id; ``host_key``, ``remove``, ``containers``, ``images`` and
-    ``gpu_available`` do what they say. The server picks one by the ``backend`` setting.
+    returns its id; ``host_key``, ``remove``, ``containers``, ``images``, ``gpu_available``
+    and ``build_image`` do what they say. The server picks one by the ``backend`` setting.
 
     :param register: call ``register(name, backend)`` once for each backend.
     """
 
 
 @hookspec
-def p2prc_register_runners(register: Callable[[str, Any], None]) -> None:
+def p2prc_register_runners(register: Callable[[str, Runner], None]) -> None:
     """Register task runners (Ansible is built in).
 
-    A runner implements ``p2prc_core.tasks.Runner``: ``run(bundle, inventory, extravars,
-    run_dir, on_event)`` runs the bundle's playbook on every host of the inventory, calls
-    ``on_event(host, task, status)`` as it goes, and returns each host's result.
+    A runner implements ``p2prc_core.tasks.Runner``: ``run(bundle, targets, extravars,
+    run_dir, on_event)`` runs the bundle's playbook on every ``RunTarget`` (address, SSH
+    port, user, key, pinned host key, handed ports) at once, calls
+    ``on_event(host, task, status)`` as it goes, and returns each target's result.
     ``p2prc run --runner NAME`` picks one.
 
     :param register: call ``register(name, runner)`` once for each runner.

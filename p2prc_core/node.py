@@ -9,17 +9,50 @@ from collections.abc import Callable
 from typing import Any
 
 from p2prc_core.config import Settings
-from p2prc_core.models import Address
+from p2prc_core.models import Address, Endpoint, parse_endpoint
 from p2prc_core.plugins import PluginHooks
+
+# (kind, IP version) -> rank: lower is better. Kinds not listed are never chosen. The
+# built-in address plugin chooses by this; 'p2prc interfaces' explains with it.
+_RANKS = {
+    ("global", 6): (0, "global IPv6 is preferred: reachable without NAT"),
+    ("global", 4): (1, "global IPv4: no global IPv6 address"),
+    ("unique-local", 6): (2, "unique-local IPv6: no global address"),
+    ("private", 6): (2, "private-use IPv6: no global address"),
+    ("private", 4): (3, "private IPv4: no global or unique-local address"),
+    ("reserved", 6): (4, "reserved-range IPv6: nothing better"),
+    ("reserved", 4): (5, "reserved-range IPv4: nothing better"),
+    ("loopback", 6): (6, "loopback IPv6: only this machine can reach it"),
+    ("loopback", 4): (7, "loopback IPv4: only this machine can reach it"),
+}
+
+NEVER = {"unspecified": "unspecified address", "link-local": "link-local: needs an interface zone",
+         "multicast": "multicast address"}
+
+
+def rank(address: Address) -> tuple[int, str] | None:
+    """The default rank of ``address`` (lower is better) and why, or ``None`` if it is never
+    chosen."""
+    return _RANKS.get((address.kind, address.version))
+
+
+def explain(address: Address) -> str:
+    """Why the default rule ranks ``address`` as it does."""
+    ranked = rank(address)
+    return ranked[1] if ranked else "never chosen: " + NEVER.get(address.kind, address.kind)
 
 
 def local_addresses() -> list[Address]:
-    """Every IP address on this machine's interfaces (netifaces), IPv6 first."""
+    """Every IP address on this machine's interfaces (netifaces), IPv6 first. An interface
+    that vanishes while it is read (Docker's veths come and go) is skipped."""
     import netifaces
 
     found: list[Address] = []
     for iface in netifaces.interfaces():
-        entries = netifaces.ifaddresses(iface)
+        try:
+            entries = netifaces.ifaddresses(iface)
+        except (ValueError, OSError):
+            continue  # gone since interfaces() listed it
         for family in (socket.AF_INET6, socket.AF_INET):
             for entry in entries.get(family, []):
                 try:
@@ -51,6 +84,22 @@ def ordered_by_preference(hooks: PluginHooks, candidates: list[Address],
 def dial_order(hooks: PluginHooks, addresses: list[Address]) -> list[Address]:
     """A peer's addresses in the order to dial them (IPv6 first, by default)."""
     return ordered_by_preference(hooks, addresses, "dial") or addresses
+
+
+def dial_endpoints(hooks: PluginHooks, addresses: list[Address], port: int,
+                   remembered: str | None = None) -> list[Endpoint]:
+    """The one rule for where to dial a peer: its addresses in ``p2prc_select_address``'s
+    order (IPv6 first, by default), then the endpoint that answered last time if it is not
+    among them (an address the peer does not know it has, behind NAT, say)."""
+    found = [Endpoint(str(a), port) for a in dial_order(hooks, addresses)]
+    if remembered:
+        try:
+            endpoint = parse_endpoint(remembered)
+        except ValueError:
+            return found
+        if endpoint not in found:
+            found.append(endpoint)
+    return found
 
 
 def advertised_addresses(settings: Settings, hooks: PluginHooks) -> list[str]:

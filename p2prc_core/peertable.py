@@ -1,11 +1,11 @@
 """The IP table: ``$P2PRC_HOME/peers.json``, signed peer records and what was measured.
 
-One entry per node id::
+One entry per node id (a ``PeerEntry``)::
 
     {"record": <the node's signed record>,
      "changed": <this table's clock when the record last changed>,
      "measured": {"latency_ms", "bandwidth_mbps", "last_seen", "failures", "address",
-                  "cursor"}}
+                  "cursor", "holds_our_seq"}}
 
 The table's ``clock`` grows with every record change; together with the table's random
 ``epoch`` it makes a cursor, so a peer that asks again gets only what changed since.
@@ -17,7 +17,7 @@ import base64
 import hashlib
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,29 +50,112 @@ def dialable(address_text: str, allow_loopback: bool) -> Address | None:
     return address if address.usable(allow_loopback) else None
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else None
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass
+class Measured:
+    """What this node measured of a peer, and where the exchange with it stands."""
+
+    latency_ms: float | None = None
+    bandwidth_mbps: float | None = None
+    last_seen: int | None = None
+    failures: int = 0
+    address: str | None = None  # the endpoint that answered last
+    cursor: str | None = None  # where our next exchange with it starts
+    holds_our_seq: int | None = None  # the seq of our record it holds
+
+    @classmethod
+    def from_json(cls, data: Any) -> Measured:
+        """Read leniently: a field of the wrong type is as if absent."""
+        if not isinstance(data, dict):
+            return cls()
+        text = {k: data.get(k) if isinstance(data.get(k), str) else None
+                for k in ("address", "cursor")}
+        return cls(latency_ms=_number(data.get("latency_ms")),
+                   bandwidth_mbps=_number(data.get("bandwidth_mbps")),
+                   last_seen=_whole(data.get("last_seen")),
+                   failures=_whole(data.get("failures")) or 0,
+                   holds_our_seq=_whole(data.get("holds_our_seq")), **text)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+
+@dataclass
+class PeerEntry:
+    """One peer in the table: its signed record and what was measured of it."""
+
+    record: dict[str, Any]
+    changed: int = 0
+    measured: Measured = field(default_factory=Measured)
+
+    @property
+    def node_id(self) -> str:
+        return str(self.record["node_id"])
+
+    @property
+    def name(self) -> str:
+        return str(self.record.get("name", ""))
+
+    @property
+    def port(self) -> int:
+        return int(self.record.get("port", 0))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PeerEntry:
+        changed = _whole(data.get("changed")) or 0
+        return cls(data["record"], changed, Measured.from_json(data.get("measured")))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"record": self.record, "changed": self.changed,
+                "measured": self.measured.to_json()}
+
+    def to_peer(self) -> PeerRecord:
+        """What scoring plugins see of an entry."""
+        record, measured = self.record, self.measured
+        return PeerRecord(node_id=self.node_id, name=self.name,
+                          addresses=list(record.get("addresses", [])), port=self.port,
+                          latency_ms=measured.latency_ms,
+                          bandwidth_mbps=measured.bandwidth_mbps,
+                          failures=measured.failures, specs=record.get("specs", {}),
+                          metadata=record.get("metadata", {}))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class TableState:
     """The whole file, as loaded under the lock."""
 
     epoch: str
     clock: int
-    peers: dict[str, dict[str, Any]]
+    peers: dict[str, PeerEntry]
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TableState:
         """Whatever the file holds, read leniently: entries without a record are dropped,
         and a table without an epoch gets a new one."""
-        peers = data.get("peers")
-        peers = {k: v for k, v in peers.items()
+        found = data.get("peers")
+        peers = {k: PeerEntry.from_json(v) for k, v in found.items()
                  if isinstance(v, dict) and isinstance(v.get("record"), dict)} \
-            if isinstance(peers, dict) else {}
+            if isinstance(found, dict) else {}
         epoch = data.get("epoch")
         clock = data.get("clock", 0)
         clock = clock if isinstance(clock, int) and not isinstance(clock, bool) else 0
         return cls(epoch if isinstance(epoch, str) else secrets.token_hex(6), clock, peers)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "epoch": self.epoch, "clock": self.clock, "peers": self.peers}
+        return {"format": FORMAT, "epoch": self.epoch, "clock": self.clock,
+                "peers": {k: e.to_json() for k, e in self.peers.items()}}
 
     def cursor(self) -> str:
         return f"{self.epoch}:{self.clock}"
@@ -89,8 +172,8 @@ class TableState:
             epoch, _, clock = cursor.partition(":")
             if epoch == self.epoch and clock.isdigit():
                 since = int(clock)
-        changed = sorted((e.get("changed", 0), node_id) for node_id, e in self.peers.items()
-                         if e.get("changed", 0) > since)
+        changed = sorted((e.changed, node_id) for node_id, e in self.peers.items()
+                         if e.changed > since)
         records: list[dict[str, Any]] = []
         last, more = since, False
         for stamp, node_id in changed:
@@ -98,22 +181,11 @@ class TableState:
                 more = True
                 break
             last = stamp
-            record = self.peers[node_id]["record"]
+            record = self.peers[node_id].record
             if have and record_token(record) in have:
                 continue
             records.append(record)
         return records, f"{self.epoch}:{last if more else self.clock}", more
-
-
-def entry_to_peer(entry: dict[str, Any]) -> PeerRecord:
-    """What scoring plugins see of an entry."""
-    record, measured = entry["record"], entry.get("measured", {})
-    return PeerRecord(node_id=record["node_id"], name=record.get("name", ""),
-                      addresses=list(record.get("addresses", [])), port=record.get("port", 0),
-                      latency_ms=measured.get("latency_ms"),
-                      bandwidth_mbps=measured.get("bandwidth_mbps"),
-                      failures=measured.get("failures", 0), specs=record.get("specs", {}),
-                      metadata=record.get("metadata", {}))
 
 
 class PeerTable:
@@ -131,7 +203,7 @@ class PeerTable:
     def snapshot(self) -> TableState:
         return TableState.from_json(read_json_object(self.path))
 
-    def load(self) -> dict[str, dict[str, Any]]:
+    def load(self) -> dict[str, PeerEntry]:
         """node id -> entry."""
         return self.snapshot().peers
 
@@ -178,7 +250,7 @@ class PeerTable:
             usable = kept
         else:
             full = 0
-        held = {node_id: entry["record"] for node_id, entry in state.peers.items()}
+        held = {node_id: entry.record for node_id, entry in state.peers.items()}
         result = merge_records(held, usable, self.self_id)
         if full:
             result.dropped["table-full"] += full
@@ -186,10 +258,20 @@ class PeerTable:
             result.dropped["no-address"] += dropped_no_address
         for node_id in result.added + result.updated:
             state.clock += 1
-            entry = state.peers.setdefault(node_id, {"measured": {}})
-            entry["record"] = held[node_id]
-            entry["changed"] = state.clock
+            entry = state.peers.setdefault(node_id, PeerEntry(held[node_id]))
+            entry.record = held[node_id]
+            entry.changed = state.clock
         return result
+
+    def record_bandwidth(self, node_id: str, mbit_per_second: float) -> bool:
+        """Remember a speed test's result for a peer; False if the table does not hold it."""
+        def remember(state: TableState) -> bool:
+            entry = state.peers.get(node_id)
+            if entry is not None:
+                entry.measured.bandwidth_mbps = round(mbit_per_second, 1)
+            return entry is not None
+
+        return self.update(remember)
 
     def dial_addresses(self, record: dict[str, Any]) -> list[Address]:
         found = []

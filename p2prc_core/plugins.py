@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
@@ -14,9 +14,12 @@ from p2prc_core import PROJECT_NAME, __version__, hookspecs
 if TYPE_CHECKING:
     import falcon
 
+    from p2prc_core.containers import Backend
     from p2prc_core.models import Address, PeerRecord
+    from p2prc_core.tasks import Runner
 
 ENTRY_POINT_GROUP = PROJECT_NAME
+T = TypeVar("T")
 
 
 class PluginLoadError(Exception):
@@ -143,13 +146,15 @@ class PluginHooks:
                 merged.update(part)
         return merged
 
-    def backends(self) -> dict[str, Any]:
-        found: dict[str, Any] = {}
+    def backends(self) -> dict[str, Backend]:
+        """Every registered virtualization backend by name."""
+        found: dict[str, Backend] = {}
         self.pm.hook.p2prc_register_backends(register=_registrar(found, "backend"))
         return found
 
-    def runners(self) -> dict[str, Any]:
-        found: dict[str, Any] = {}
+    def runners(self) -> dict[str, Runner]:
+        """Every registered task runner by name."""
+        found: dict[str, Runner] = {}
         self.pm.hook.p2prc_register_runners(register=_registrar(found, "runner"))
         return found
 
@@ -167,8 +172,8 @@ class PluginHooks:
         return sorted(infos, key=lambda i: (i.distribution != PROJECT_NAME, i.name))
 
 
-def _registrar(found: dict[str, Any], what: str) -> Any:
-    def register(name: str, obj: Any) -> None:
+def _registrar(found: dict[str, T], what: str) -> Callable[[str, T], None]:
+    def register(name: str, obj: T) -> None:
         # Plugins are called third-party first: the first to claim a name keeps it.
         found.setdefault(name, obj)
     register.__doc__ = f"Register a {what} under ``name``."

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from p2prc_core.errors import P2PRCError
 from p2prc_core.storage import atomic_write_json, read_json_file
+from p2prc_core.tracking import RemoteContainer, Tracked
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -183,33 +184,29 @@ class RunResult:
 Event = Callable[[str, str, str], None]  # host, task, status
 
 
+@dataclass(frozen=True)
+class RunTarget:
+    """One container a run works on, as a runner needs it: how to log in over SSH (with the
+    host key pinned) and the extra ports handed to this run."""
+
+    name: str  # the host's name in events and results: the short container id
+    container_id: str
+    address: str
+    port: int
+    user: str
+    private_key: Path
+    host_key: str  # one OpenSSH public key line, pinned
+    ports: list[dict[str, int]]  # [{"internal", "external"}]
+
+
 class Runner(Protocol):
     """A task runner, registered through ``p2prc_register_runners``."""
 
-    def run(self, bundle: Bundle, inventory: dict[str, Any], extravars: dict[str, Any],
-            run_dir: Path, on_event: Event) -> RunResult: ...
-
-
-def build_inventory(containers: list[dict[str, Any]], ports: dict[str, list[dict[str, int]]],
-                    private_key: Path, known_hosts: Path) -> dict[str, Any]:
-    """An Ansible inventory of the containers: SSH with our key and their pinned host keys
-    (host-key checking stays on), and each host's ``p2prc_ports``."""
-    lines = []
-    hosts: dict[str, Any] = {}
-    for container in containers:
-        host, port = container["host"], container["ssh_port"]
-        lines.append(f"[{host}]:{port} {container['host_key']}")
-        hosts[container["id"][:12]] = {
-            "ansible_host": host, "ansible_port": port, "ansible_user": "root",
-            "ansible_ssh_private_key_file": str(private_key),
-            "ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts} "
-                                       f"-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes",
-            "ansible_python_interpreter": "/usr/bin/python3",
-            "p2prc_container": container["id"], "p2prc_ports": ports[container["id"]],
-        }
-    known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    known_hosts.write_text("\n".join(lines) + "\n")
-    return {"all": {"hosts": hosts}}
+    def run(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
+            run_dir: Path, on_event: Event) -> RunResult:
+        """Run ``bundle`` on every target at once; call ``on_event(host, task, status)`` as
+        it goes; return each target's result under its ``name``."""
+        ...
 
 
 class Runs:
@@ -243,6 +240,61 @@ class Runs:
             raise P2PRCError(f"no run {run_id!r} ('p2prc runs ls' lists them)" if not matches
                              else f"{run_id!r} matches {len(matches)} runs")
         return matches[0]
+
+
+class RunService:
+    """Runs a bundle on tracked containers and groups: resolves the targets, hands out
+    ports, calls the runner, and keeps the run's record."""
+
+    def __init__(self, playbooks: Playbooks, tracked: Tracked, history: Runs,
+                 runners: Callable[[], dict[str, Runner]], private_key: Callable[[], Path]):
+        self.playbooks = playbooks
+        self.tracked = tracked
+        self.history = history
+        self.runners = runners
+        self.private_key = private_key
+
+    def run(self, playbook: str, on: list[str], variables: dict[str, Any],
+            runner: str = "ansible", on_event: Event | None = None) -> dict[str, Any]:
+        """Run ``playbook`` on the containers and groups named in ``on``; return the run's
+        record. Ports handed to a host that did not succeed are given back.
+
+        :raises P2PRCError: an unknown playbook, container, group or runner; no targets.
+        """
+        bundle = self.playbooks.get(playbook)
+        containers: list[RemoteContainer] = []
+        for name in on:
+            for container in self.tracked.resolve(name):
+                if container.id not in {c.id for c in containers}:
+                    containers.append(container)
+        if not containers:
+            raise P2PRCError("no containers to run on (an empty group?)")
+        runners = self.runners()
+        if runner not in runners:
+            raise P2PRCError(f"no task runner {runner!r} (have: {', '.join(runners) or 'none'})")
+        extravars = {**bundle.variables, **variables}
+        private_key = self.private_key()
+        handed = self.tracked.reserve_ports(containers, bundle.ports)
+        targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host,
+                             port=c.ssh_port, user="root", private_key=private_key,
+                             host_key=c.host_key, ports=handed[c.id]) for c in containers]
+        event = on_event or (lambda host, task, status: None)
+        started = time.time()
+        try:
+            for target in targets:
+                event(target.name, "", "waiting")
+            run_id, run_dir = self.history.new()
+            result = runners[runner].run(bundle, targets, extravars, run_dir, event)
+        except BaseException:
+            self.tracked.release_ports(handed)
+            raise
+        failed = {t.container_id: handed[t.container_id] for t in targets
+                  if result.hosts.get(t.name, HostResult(t.name, "")).status != "ok"}
+        if failed:
+            self.tracked.release_ports(failed)
+        record = record_of(run_id, bundle, result, started, extravars, run_dir)
+        self.history.save(run_id, record)
+        return record
 
 
 def record_of(run_id: str, bundle: Bundle, result: RunResult, started: float,

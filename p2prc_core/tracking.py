@@ -3,13 +3,111 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from p2prc_core.errors import P2PRCError
+from p2prc_core.errors import P2PRCError, PeerError
+from p2prc_core.models import Endpoint
 from p2prc_core.storage import read_json_object, update_json
 
 _GROUP = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
+_HOST_KEY = re.compile(r"(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) [A-Za-z0-9+/]+={0,3}")
+_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,255}")
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+        return value
+    raise ValueError(f"{value!r} is not a port")
+
+
+def _time(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    raise ValueError(f"{value!r} is not a time")
+
+
+@dataclass
+class RemoteContainer:
+    """A container this client started on a peer: where it is and how to log in."""
+
+    id: str
+    endpoint: str  # the peer server that runs it, as this client dialled it
+    host: str  # the address to reach its ports at
+    ssh_port: int
+    host_key: str  # pinned: the reply came from the host that runs it
+    ports: list[dict[str, Any]]  # [{"name", "internal", "external"}]; the first is SSH's
+    image: str
+    created: float
+    expires: float
+    node_id: str | None = None
+    gpu: bool = False
+    used_ports: list[int] = field(default_factory=list)  # extra ports runs were handed
+
+    @classmethod
+    def from_reply(cls, reply: Any, endpoint: Endpoint) -> RemoteContainer:
+        """Check a host's answer to a create before anything of it is kept or used.
+
+        :raises PeerError: the answer is not a container as p2prc describes one.
+        """
+        try:
+            if not isinstance(reply, dict) or not isinstance(reply.get("ssh"), dict):
+                raise ValueError("not a container")
+            container_id, host_key = reply.get("id"), reply["ssh"].get("host_key")
+            if not isinstance(container_id, str) or not _CONTAINER_ID.fullmatch(container_id):
+                raise ValueError("its id is not 12 to 64 lower-case hex characters")
+            if not isinstance(host_key, str) or not _HOST_KEY.fullmatch(host_key):
+                raise ValueError("its host key is not one OpenSSH public key")
+            ports = reply.get("ports")
+            if not isinstance(ports, list) or not ports or len(ports) > 65:
+                raise ValueError("it lists no ports")
+            checked = [{"name": str(p["name"])[:32], "internal": _port(p["internal"]),
+                        "external": _port(p["external"])}
+                       for p in ports if isinstance(p, dict)]
+            if len(checked) != len(ports) or checked[0]["external"] != \
+                    _port(reply["ssh"].get("port")):
+                raise ValueError("its ports are malformed")
+            image = reply.get("image")
+            if not isinstance(image, str) or not _IMAGE.fullmatch(image):
+                raise ValueError("its image name is malformed")
+            node_id = reply.get("node_id")
+            return cls(id=container_id, endpoint=str(endpoint), host=endpoint.host,
+                       ssh_port=checked[0]["external"], host_key=host_key, ports=checked,
+                       image=image, created=_time(reply.get("created")),
+                       expires=_time(reply.get("expires")),
+                       node_id=node_id if isinstance(node_id, str) else None,
+                       gpu=reply.get("gpu") is True)
+        except (ValueError, KeyError, TypeError) as err:
+            raise PeerError(f"{endpoint} answered the create with something that is not a "
+                            f"container ({err})") from None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RemoteContainer:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def as_dict(self) -> dict[str, Any]:
+        """What ``--json`` listings show: the kept fields, and how to log in."""
+        from p2prc_core.containers import fingerprint
+
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return {**self.to_json(),
+                "ssh": {"user": "root", "host": self.host, "port": self.ssh_port,
+                        "host_key": self.host_key, "fingerprint": fingerprint(self.host_key),
+                        "command": f"ssh -p {self.ssh_port} root@{host}"}}
+
+    @property
+    def extra_ports(self) -> list[dict[str, Any]]:
+        return self.ports[1:]
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
 
 
 class Tracked:
@@ -19,11 +117,14 @@ class Tracked:
         self.containers_path = home / "containers.json"
         self.groups_path = home / "groups.json"
 
-    def containers(self) -> dict[str, dict[str, Any]]:
-        return read_json_object(self.containers_path)
+    def containers(self) -> dict[str, RemoteContainer]:
+        return {k: RemoteContainer.from_json(v)
+                for k, v in read_json_object(self.containers_path).items()
+                if isinstance(v, dict)}
 
-    def add(self, container: dict[str, Any]) -> None:
-        update_json(self.containers_path, lambda data: data.update({container["id"]: container}))
+    def add(self, container: RemoteContainer) -> None:
+        update_json(self.containers_path,
+                    lambda data: data.update({container.id: container.to_json()}))
 
     def forget(self, container_id: str) -> None:
         update_json(self.containers_path, lambda data: data.pop(container_id, None))
@@ -35,22 +136,21 @@ class Tracked:
 
         update_json(self.groups_path, leave)
 
-    def reserve_ports(self, containers: list[dict[str, Any]],
+    def reserve_ports(self, containers: list[RemoteContainer],
                       count: int) -> dict[str, list[dict[str, int]]]:
         """Hand each container ``count`` of its extra ports that no earlier run used, and
         mark them used. :raises P2PRCError: one has too few left (then nothing is marked)."""
         def reserve(data: dict[str, Any]) -> dict[str, list[dict[str, int]]]:
             chosen: dict[str, list[dict[str, int]]] = {}
             for container in containers:
-                entry = data[container["id"]]
-                used = set(entry.get("used_ports", []))
-                free = [p for p in entry["ports"][1:] if p["external"] not in used]
+                entry = RemoteContainer.from_json(data[container.id])
+                free = [p for p in entry.extra_ports if p["external"] not in entry.used_ports]
                 if len(free) < count:
-                    raise P2PRCError(f"container {container['id'][:12]} has {len(free)} unused "
+                    raise P2PRCError(f"container {container.short_id} has {len(free)} unused "
                                      f"extra ports; the playbook needs {count} (touch a new "
                                      f"one with --ports {count})")
-                chosen[container["id"]] = [{"internal": p["internal"],
-                                            "external": p["external"]} for p in free[:count]]
+                chosen[container.id] = [{"internal": p["internal"], "external": p["external"]}
+                                        for p in free[:count]]
             for container_id, ports in chosen.items():
                 data[container_id].setdefault("used_ports", []).extend(
                     p["external"] for p in ports)
@@ -58,7 +158,18 @@ class Tracked:
 
         return update_json(self.containers_path, reserve)
 
-    def find(self, text: str) -> dict[str, Any]:
+    def release_ports(self, handed: dict[str, list[dict[str, int]]]) -> None:
+        """Give back ports that ``reserve_ports`` handed out (to a run that failed)."""
+        def release(data: dict[str, Any]) -> None:
+            for container_id, ports in handed.items():
+                entry = data.get(container_id)
+                if isinstance(entry, dict) and isinstance(entry.get("used_ports"), list):
+                    back = {p["external"] for p in ports}
+                    entry["used_ports"] = [p for p in entry["used_ports"] if p not in back]
+
+        update_json(self.containers_path, release)
+
+    def find(self, text: str) -> RemoteContainer:
         """A tracked container by id or unique id prefix (at least 4 characters)."""
         data = self.containers()
         if text in data:
@@ -70,7 +181,7 @@ class Tracked:
             raise P2PRCError(f"{text!r} matches {len(found)} containers: give more of the id")
         raise P2PRCError(f"no tracked container {text!r} ('p2prc containers ls' lists them)")
 
-    def resolve(self, text: str) -> list[dict[str, Any]]:
+    def resolve(self, text: str) -> list[RemoteContainer]:
         """A container id, or a group name standing for its members."""
         groups = self.groups()
         if text in groups:
@@ -97,7 +208,7 @@ class Tracked:
         update_json(self.groups_path, create)
 
     def change_group(self, name: str, container: str, add: bool) -> str:
-        container_id: str = self.find(container)["id"]
+        container_id = self.find(container).id
 
         def change(groups: dict[str, Any]) -> None:
             if name not in groups:

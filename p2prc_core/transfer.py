@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from p2prc_core.errors import PeerError, PeerRefused
+from p2prc_core.errors import PeerError, PeerRefused, unreachable
 from p2prc_core.models import Endpoint
 
 Progress = Callable[[int], None]
@@ -32,12 +32,8 @@ class _Response:
 def _connect(endpoint: Endpoint, timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
-    except TimeoutError:
-        raise PeerError(f"{endpoint} did not answer within {timeout:g} s") from None
     except OSError as err:
-        reason = err.strerror or str(err)
-        raise PeerError(f"cannot reach {endpoint}: {reason} (is 'p2prc server' running "
-                        f"there?)") from None
+        raise unreachable(endpoint, err, timeout) from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
     return sock
 
@@ -118,10 +114,8 @@ def download(endpoint: Endpoint, size: int, timeout: float,
                 if progress and pending >= _PROGRESS_EVERY:
                     progress(pending)
                     pending = 0
-        except TimeoutError:
-            raise PeerError(f"{endpoint} stopped sending for {timeout:g} s") from None
-        except (ConnectionError, OSError) as err:
-            raise PeerError(f"the connection to {endpoint} broke: {err}") from None
+        except OSError as err:
+            raise unreachable(endpoint, err, timeout) from None
     seconds = time.perf_counter() - started
     if progress and pending:
         progress(pending)
@@ -147,10 +141,8 @@ def upload(endpoint: Endpoint, size: int, timeout: float,
             if response.status != 200:
                 raise _fail(endpoint, response, sock)
             body = _read_small_body(sock, response)
-        except TimeoutError:
-            raise PeerError(f"{endpoint} stopped reading for {timeout:g} s") from None
-        except (ConnectionError, OSError) as err:
-            raise PeerError(f"the connection to {endpoint} broke: {err}") from None
+        except OSError as err:
+            raise unreachable(endpoint, err, timeout) from None
     seconds = time.perf_counter() - started
     try:
         reply: dict[str, Any] = json.loads(body)

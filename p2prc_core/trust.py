@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import sqlite3
 import threading
@@ -12,17 +13,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p2prc_core.errors import P2PRCError
+from p2prc_core.errors import Refusal
 from p2prc_core.identity import b64decode, b64encode, canonical_json, is_node_id
+from p2prc_core.peertable import PeerTable
+from p2prc_core.records import RecordError, verify_record
 from p2prc_core.storage import SharedDB, read_json_object, update_json
+
+log = logging.getLogger("p2prc.trust")
 
 TRUSTED_FILE = "trusted.json"
 STATE_DB = "server.db"
 TOKEN_PREFIX = "p2prc-invite-"
 
 
-class TrustError(P2PRCError):
-    """A trust operation that cannot be done; the message says why."""
+class TrustError(Refusal):
+    """A trust operation that cannot be done; the message says why (403 from the server)."""
+
+    status = 403
+    title = "Invite refused"
 
 
 class TrustStore:
@@ -124,9 +132,11 @@ class ServerState:
     def _db(self) -> sqlite3.Connection:
         return self.shared.db()
 
-    def use_nonce(self, node_id: str, nonce: str, keep_seconds: float) -> bool:
-        """Record a nonce; False when it was already used (a replay)."""
-        now = time.time()
+    def use_nonce(self, node_id: str, nonce: str, keep_seconds: float,
+                  now: float | None = None) -> bool:
+        """Record a nonce for ``keep_seconds``; False when it was already used inside that
+        time (a replay)."""
+        now = time.time() if now is None else now
         db = self._db()
         try:
             db.execute("INSERT INTO nonces VALUES (?, ?, ?)", (node_id, nonce, now + keep_seconds))
@@ -173,3 +183,25 @@ class ServerState:
                                   "ORDER BY created").fetchall()
         return [{"created": r[0], "expires": r[1], "used_by": r[2], "used_at": r[3]}
                 for r in rows]
+
+
+def accept_invite(state: ServerState, trust: TrustStore, table: PeerTable, caller: str,
+                  secret: str, caller_record: Any) -> str:
+    """Redeem an invite for ``caller`` (a verified signer): trust it, and learn its record if
+    it sent a valid one of its own. Returns the name it is trusted under.
+
+    :raises TrustError: the invite is unknown, used or expired.
+    """
+    state.redeem_invite(secret, caller)
+    name = ""
+    if caller_record is not None:
+        try:
+            verify_record(caller_record)
+            if caller_record["node_id"] == caller:
+                name = caller_record["name"]
+                table.merge([caller_record])
+        except RecordError as err:
+            log.info("join from %s: its record was not kept: %s", caller, err)
+    trust.add(caller, name=name, via="invite")
+    log.info("node %s (%s) joined with an invite and is now trusted", caller, name or "?")
+    return name

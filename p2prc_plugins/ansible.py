@@ -10,23 +10,44 @@ from typing import Any
 
 from p2prc_core import hookimpl
 from p2prc_core.errors import P2PRCError
-from p2prc_core.tasks import Bundle, Event, HostResult, RunResult
+from p2prc_core.tasks import Bundle, Event, HostResult, Runner, RunResult, RunTarget
 
 _EVENT_STATUS = {"runner_on_ok": "ok", "runner_on_failed": "failed",
                  "runner_on_unreachable": "unreachable", "runner_on_skipped": "skipped"}
 
 
+def build_inventory(targets: list[RunTarget], known_hosts: Path) -> dict[str, Any]:
+    """An Ansible inventory of the targets: SSH with our key and their pinned host keys
+    (host-key checking stays on, against ``known_hosts``), and each host's ``p2prc_ports``."""
+    lines = []
+    hosts: dict[str, Any] = {}
+    for target in targets:
+        lines.append(f"[{target.address}]:{target.port} {target.host_key}")
+        hosts[target.name] = {
+            "ansible_host": target.address, "ansible_port": target.port,
+            "ansible_user": target.user,
+            "ansible_ssh_private_key_file": str(target.private_key),
+            "ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts} "
+                                       f"-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes",
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "p2prc_container": target.container_id, "p2prc_ports": target.ports,
+        }
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    known_hosts.write_text("\n".join(lines) + "\n")
+    return {"all": {"hosts": hosts}}
+
+
 class AnsibleRunner:
-    def run(self, bundle: Bundle, inventory: dict[str, Any], extravars: dict[str, Any],
+    def run(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
             run_dir: Path, on_event: Event) -> RunResult:
         try:
             import ansible_runner
         except ImportError:
             raise P2PRCError("ansible-runner is not installed: pip install ansible-runner "
                              "ansible-core") from None
+        inventory = build_inventory(targets, run_dir / "known_hosts")
         hosts = inventory["all"]["hosts"]
-        result = RunResult({name: HostResult(name, spec["p2prc_container"])
-                            for name, spec in hosts.items()})
+        result = RunResult({t.name: HostResult(t.name, t.container_id) for t in targets})
 
         def handle(event: dict[str, Any]) -> bool:
             status = _EVENT_STATUS.get(event.get("event", ""))
@@ -73,5 +94,5 @@ def _message(res: dict[str, Any]) -> str:
 
 
 @hookimpl(trylast=True)
-def p2prc_register_runners(register: Callable[[str, Any], None]) -> None:
+def p2prc_register_runners(register: Callable[[str, Runner], None]) -> None:
     register("ansible", AnsibleRunner())

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from p2prc_core import hookimpl
-from p2prc_core.containers import LABEL, SSH_PORT, BackendContainer, ContainerError, ContainerSpec
+from p2prc_core.containers import (
+    LABEL,
+    SSH_PORT,
+    Backend,
+    BackendContainer,
+    ContainerError,
+    ContainerSpec,
+)
 
 IMAGE_DIR = Path(__file__).with_name("image")
 DEFAULT_TAG = "p2prc/base:latest"
@@ -144,13 +151,13 @@ class DockerBackend:
                 for image in found for tag in image.tags]
 
     def gpu_available(self) -> bool:
-        """An NVIDIA GPU, and the toolkit that lets the engine give it to containers."""
-        from p2prc_plugins.nvidia import gpus
-
-        if not gpus():
-            return False
+        """Whether the engine can give GPUs to containers: NVIDIA's container toolkit."""
         runtimes = self.client.info().get("Runtimes", {})
         return "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook") is not None
+
+    def build_image(self, tag: str, from_debootstrap: bool, force: bool,
+                    say: Callable[[str], None]) -> bool:
+        return build_image(tag, from_debootstrap, force, say)
 
 
 def _image_name(container: Any) -> str:
@@ -159,7 +166,7 @@ def _image_name(container: Any) -> str:
 
 
 @hookimpl(trylast=True)
-def p2prc_register_backends(register: Callable[[str, Any], None]) -> None:
+def p2prc_register_backends(register: Callable[[str, Backend], None]) -> None:
     register("docker", DockerBackend())
 
 

@@ -6,11 +6,10 @@ import json
 import stat
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from p2prc_core.cli import main
-from p2prc_core.models import Address
-from p2prc_plugins import address
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -61,29 +60,31 @@ def test_invalid_config_is_one_line_for_every_command(home: Path) -> None:
                           f"did you mean 'port'?"
 
 
+@pytest.mark.usefixtures("fake_interfaces")
 def test_interfaces_explains_the_choice(home: Path) -> None:
     code, out, _ = run("interfaces", "--json")
-    assert code == 0
+    assert code == 0  # an interface that vanished while it was read is skipped
     data = json.loads(out)
-    rows = data["addresses"]
-    assert any(r["address"] == "127.0.0.1" for r in rows)
-    loopback = next(r for r in rows if r["address"] == "127.0.0.1")
-    assert not loopback["advertised"] and "allow_loopback" in loopback["why"]
-    chosen = [r for r in rows if r["advertised"]]
-    if data["chosen"]:
-        assert [r["address"] for r in chosen] == [data["chosen"]]
-        assert chosen[0]["preference"] == 1
-        # Nothing that ranks better was passed over.
-        ranks = [address.rank(Address.parse(r["address"])) for r in rows
-                 if r["preference"] is not None]
-        assert address.rank(Address.parse(data["chosen"])) == min(r for r in ranks if r)
+    rows = {r["address"]: r for r in data["addresses"]}
+    assert set(rows) == {"127.0.0.1", "::1", "192.168.7.5", "fe80::5", "fd42::5",
+                         "2a00:1450:4001::5", "8.8.4.4"}
+    assert data["chosen"] == "2a00:1450:4001::5"
+    assert [a for a, r in rows.items() if r["advertised"]] == ["2a00:1450:4001::5"]
+    assert {a: r["preference"] for a, r in rows.items()} == {
+        "2a00:1450:4001::5": 1, "8.8.4.4": 2, "fd42::5": 3, "192.168.7.5": 4,
+        "127.0.0.1": None, "::1": None, "fe80::5": None}
+    assert "allow_loopback" in rows["127.0.0.1"]["why"]
+    assert "global IPv6 is preferred" in rows["2a00:1450:4001::5"]["why"]
+    assert "never chosen: link-local" in rows["fe80::5"]["why"]
 
 
+@pytest.mark.usefixtures("fake_interfaces")
 def test_interfaces_with_loopback_allowed(home: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("P2PRC_ALLOW_LOOPBACK", "true")
     data = json.loads(run("interfaces", "--json")[1])
-    loopback = next(r for r in data["addresses"] if r["address"] == "127.0.0.1")
-    assert loopback["preference"] is not None and "loopback" in loopback["why"]
+    rows = {r["address"]: r for r in data["addresses"]}
+    assert (rows["::1"]["preference"], rows["127.0.0.1"]["preference"]) == (5, 6)
+    assert "loopback IPv4" in rows["127.0.0.1"]["why"]
 
 
 def test_bad_peer_address_is_a_usage_error(home: Path) -> None:

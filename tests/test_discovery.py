@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ from typing import Any
 import pytest
 
 from conftest import BUILTINS
-from p2prc_core.discovery import Discovery, InProcessTransport, handle_exchange
+from p2prc_core.discovery import Discovery, ExchangeError, InProcessTransport, handle_exchange
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
-from p2prc_core.peertable import PeerTable
+from p2prc_core.peertable import PeerEntry, PeerTable, TableState
 from p2prc_core.plugins import make_plugin_manager
 from p2prc_core.records import RecordPublisher, sign_record
 
@@ -119,7 +120,7 @@ def test_a_changed_record_is_updated_by_seq(tmp_path: Path,
     nodes[1].addresses.append("2001:db8::99")  # node 1 moves: its seq grows
     summary = nodes[0].discovery.update(hops=1)
     assert summary.updated == [nodes[1].identity.node_id]
-    held = nodes[0].table.load()[nodes[1].identity.node_id]["record"]
+    held = nodes[0].table.load()[nodes[1].identity.node_id].record
     assert "2001:db8::99" in held["addresses"] and held["seq"] == 2
 
 
@@ -130,7 +131,7 @@ def test_a_dead_peer_is_removed_after_the_configured_failures(
     transport.down.add(nodes[1].endpoint)
     first = nodes[0].discovery.update(hops=1)
     assert first.removed == [] and nodes[1].identity.node_id in first.failed
-    assert nodes[0].table.load()[nodes[1].identity.node_id]["measured"]["failures"] == 1
+    assert nodes[0].table.load()[nodes[1].identity.node_id].measured.failures == 1
     second = nodes[0].discovery.update(hops=1)
     assert second.removed == [nodes[1].identity.node_id]
     assert nodes[0].knows() == set()
@@ -154,11 +155,11 @@ def test_dialling_falls_back_to_ipv4(tmp_path: Path, transport: InProcessTranspo
     me = SimNode(tmp_path, 0, transport, addresses=["2001:db8::a"])
     me.table.merge([dual.record()])
     me.discovery.update(hops=1)
-    assert me.table.load()[dual.identity.node_id]["measured"]["address"] == "[2001:db8::1]:8088"
+    assert me.table.load()[dual.identity.node_id].measured.address == "[2001:db8::1]:8088"
     transport.down.add(dual.endpoint)  # IPv6 breaks
     me.discovery.update(hops=1)
-    measured = me.table.load()[dual.identity.node_id]["measured"]
-    assert measured["address"] == "198.51.100.1:8088" and measured["failures"] == 0
+    measured = me.table.load()[dual.identity.node_id].measured
+    assert measured.address == "198.51.100.1:8088" and measured.failures == 0
 
 
 # -- hostile tables ---------------------------------------------------------------------------
@@ -175,8 +176,7 @@ def test_records_that_only_offer_forbidden_addresses_are_not_added(
     def plant(state: Any, record: dict[str, Any]) -> None:
         """Put a record straight into the hostile peer's table, past its own checks."""
         state.clock += 1
-        state.peers[record["node_id"]] = {"record": record, "changed": state.clock,
-                                          "measured": {}}
+        state.peers[record["node_id"]] = PeerEntry(record, state.clock)
 
     for i, bad in enumerate(HOSTILE):
         liar = NodeIdentity.generate()
@@ -277,11 +277,46 @@ def test_an_answer_claiming_to_be_another_node_is_dropped(tmp_path: Path) -> Non
 ])
 def test_malformed_exchanges_are_refused(tmp_path: Path, body: Any, words: str) -> None:
     me = SimNode(tmp_path, 0, InProcessTransport())
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(ExchangeError, match=words):
         handle_exchange(me.table, me.record(), body, 500)
 
 
+def test_a_three_hop_update_on_a_chain_of_five_reads_and_writes_once_per_hop(
+        tmp_path: Path, transport: InProcessTransport,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2prc_core import storage
+
+    nodes = chain(tmp_path, transport, 5)
+    mine = nodes[0].table.path
+    reads, writes = [], []
+    real_read, real_write = storage.read_json_file, storage.atomic_write_json
+
+    def counted_read(path: Path, default: Any) -> Any:
+        if path == mine:
+            reads.append(path)
+        return real_read(path, default)
+
+    def counted_write(path: Path, data: Any, mode: int = 0o600) -> None:
+        if path == mine:
+            writes.append(path)
+        real_write(path, data, mode)
+
+    monkeypatch.setattr(storage, "read_json_file", counted_read)
+    monkeypatch.setattr(storage, "atomic_write_json", counted_write)
+    summary = nodes[0].discovery.update(hops=3)
+    # One read to start, then one locked read and one write per hop (pruning included).
+    assert (len(reads), len(writes)) == (4, 3)
+    assert summary.hops == 3 and nodes[0].knows() == {n.identity.node_id for n in nodes[1:]}
+
+
 # -- nothing lost --------------------------------------------------------------------------------
+
+def make_record(identity: NodeIdentity, name: str,
+                address: str = "2001:db8::99") -> dict[str, Any]:
+    return sign_record(identity, {"name": name, "addresses": [address], "port": 8088, "seq": 1,
+                                  "time": int(time.time()), "specs": {}, "metadata": {},
+                                  "version": "x"})
+
 
 def _merge_many(home: str, seed: int, count: int) -> None:
     table = PeerTable(Path(home))
@@ -292,6 +327,32 @@ def _merge_many(home: str, seed: int, count: int) -> None:
 
 
 def test_two_updates_at_once_lose_nothing(tmp_path: Path) -> None:
+    """The second writer starts its update while the first is inside its own: without the
+    lock it would read the table before the first writes, and lose the first's record."""
+    table = PeerTable(tmp_path)
+    first_inside, second_read = threading.Event(), threading.Event()
+    first, second = make_record(NodeIdentity.generate(), "first"), \
+        make_record(NodeIdentity.generate(), "second")
+
+    def slow_merge(state: TableState) -> None:
+        first_inside.set()
+        # Without the lock the second writer reads now; with it, it waits for our write.
+        second_read.wait(timeout=1.0)
+        table.merge_into(state, [first])
+
+    def quick_merge(state: TableState) -> None:
+        second_read.set()
+        table.merge_into(state, [second])
+
+    writer = threading.Thread(target=table.update, args=(slow_merge,))
+    writer.start()
+    assert first_inside.wait(timeout=30)
+    table.update(quick_merge)  # starts while the first update holds the table
+    writer.join(30)
+    assert {e.name for e in table.load().values()} == {"first", "second"}
+
+
+def test_many_updates_from_two_processes_lose_nothing(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_merge_many, args=(str(tmp_path), seed, 15)) for seed in (1, 2)]
     for p in procs:
@@ -299,7 +360,7 @@ def test_two_updates_at_once_lose_nothing(tmp_path: Path) -> None:
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    names = {e["record"]["name"] for e in PeerTable(tmp_path).load().values()}
+    names = {e.name for e in PeerTable(tmp_path).load().values()}
     assert len(names) == 30
 
 
@@ -319,13 +380,22 @@ while True:
 
 def test_a_writer_killed_mid_write_leaves_a_valid_table(tmp_path: Path) -> None:
     path = tmp_path / "peers.json"
-    for delay in (0.15, 0.3, 0.45):
+    for writes in (2, 5, 9):  # killed at different points of its writing
+        path.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
-        time.sleep(delay)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if path.exists() and json.loads(path.read_text())["n"] >= writes:
+                    break  # every read of the file is whole, even while it is rewritten
+                time.sleep(0.01)
+            else:
+                pytest.fail(f"the writer did not write {writes} times")
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
         data = json.loads(path.read_text())  # never half-written
-        assert len(data["peers"]) == 3000 and data["n"] >= 1
+        assert len(data["peers"]) == 3000 and data["n"] >= writes
     assert PeerTable(tmp_path).load()  # and the table reads it
 
 

@@ -10,7 +10,8 @@ from falcon import testing
 
 from p2prc_core import hookdocs
 from p2prc_core.cli import main
-from p2prc_core.server import ServerContext, create_app, openapi
+from p2prc_core.server import create_app, openapi
+from p2prc_core.services import NodeServices
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -60,7 +61,7 @@ def test_every_command_is_in_the_cli_docs() -> None:
 
 def test_every_route_is_in_the_api_docs(hooks, settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     text = (DOCS / "api.md").read_text()
-    app = create_app(ServerContext(settings, hooks, tmp_path))
+    app = create_app(NodeServices(settings, tmp_path, hooks))
     assert testing.TestClient(app).simulate_get("/v1/health").status_code == 200
     for template, method, _ in openapi.routes(app):
         assert f"{method.upper()} {template}" in text, f"docs/api.md lacks {method} {template}"

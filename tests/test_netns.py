@@ -155,5 +155,5 @@ def test_loopback_and_link_local_from_a_table_are_never_added(lab: NetLab) -> No
     assert set(table) == ids(mixed)  # liar, heard of through mixed, was not added
     assert update["dropped"]["no-address"] == 1
     entry = PeerTable(client.home).load()[next(iter(ids(mixed)))]
-    dialled = [str(a) for a in PeerTable(client.home).dial_addresses(entry["record"])]
+    dialled = [str(a) for a in PeerTable(client.home).dial_addresses(entry.record)]
     assert dialled == [mixed.ipv6]

@@ -16,7 +16,8 @@ from conftest import BUILTINS, P2PRC
 from p2prc_core import hookimpl
 from p2prc_core.models import Address, PeerRecord
 from p2prc_core.plugins import PluginLoadError, make_plugin_manager
-from p2prc_core.server import ServerContext, create_app
+from p2prc_core.server import create_app
+from p2prc_core.services import NodeServices
 from p2prc_plugins import scoring
 
 
@@ -42,10 +43,14 @@ def run_p2prc(*args: str, path: Path | None = None, env: dict[str, str] | None =
 
 def test_entry_points_load_every_builtin() -> None:
     hooks = make_plugin_manager()
-    names = {i.name: i for i in hooks.plugin_info()}
-    assert {"address", "scoring", "specs", "nvidia"} <= set(names)
-    assert names["scoring"].distribution == "p2prc"
-    assert names["scoring"].hooks == ("p2prc_score_peer",)
+    builtins = {i.name: i.hooks for i in hooks.plugin_info() if i.distribution == "p2prc"}
+    assert builtins == {"address": ("p2prc_select_address",),
+                        "scoring": ("p2prc_score_peer",),
+                        "specs": ("p2prc_collect_specs",),
+                        "nvidia": ("p2prc_collect_specs",),
+                        "docker": ("p2prc_register_backends",),
+                        "ansible": ("p2prc_register_runners",)}
+    assert set(hooks.backends()) >= {"docker"} and set(hooks.runners()) >= {"ansible"}
 
 
 def test_disabled_plugins_are_not_loaded() -> None:
@@ -170,11 +175,19 @@ def test_collect_specs_merges_every_part(hooks) -> None:  # type: ignore[no-unty
         def p2prc_collect_specs(self):  # type: ignore[no-untyped-def]
             return {"rack": "b4", "hostname": "overridden"}
 
+    class FakeGPUs:
+        @hookimpl
+        def p2prc_collect_specs(self):  # type: ignore[no-untyped-def]
+            return {"gpus": [{"index": 0, "name": "Fake GPU"}]}
+
     hooks.pm.register(Extra(), name="extra")
+    hooks.pm.register(FakeGPUs(), name="fake-gpus")
     specs = hooks.collect_specs()
     assert specs["rack"] == "b4"
     assert specs["hostname"] == "overridden"  # a third-party part wins over the built-in
-    assert specs["cpu"]["threads"] >= 1 and specs["gpus"] == []
+    assert specs["cpu"]["threads"] >= 1
+    # The fake's GPUs replace whatever the machine's NVML reports (none, or real ones).
+    assert specs["gpus"] == [{"index": 0, "name": "Fake GPU"}]
 
 
 # -- p2prc_register_backends, p2prc_register_runners, p2prc_add_routes -------------------------
@@ -208,7 +221,7 @@ def test_register_backends_runners_and_routes(settings, tmp_path) -> None:  # ty
                                 plugins=[*BUILTINS, ("reg", Registrations())])
     assert list(hooks.backends()) == ["toy"]
     assert list(hooks.runners()) == ["echo"]
-    client = testing.TestClient(create_app(ServerContext(settings, hooks, tmp_path)))
+    client = testing.TestClient(create_app(NodeServices(settings, tmp_path, hooks)))
     assert client.simulate_get("/v1/hello").json == {"hello": "world"}
     assert client.simulate_get("/v1/images").json == {
         "images": [{"backend": "toy", "name": "p2prc/base:latest"}]}
@@ -226,3 +239,18 @@ def test_builtins_are_trylast() -> None:
 
 def test_sys_executable_has_p2prc() -> None:
     assert Path(P2PRC).exists(), f"p2prc is not installed beside {sys.executable}"
+
+
+def test_the_core_never_imports_a_builtin_plugin() -> None:
+    """Built-ins are plugins like any other: the core reaches them only through hooks, so
+    P2PRC_DISABLE_PLUGINS really turns them off."""
+    import ast
+
+    core = Path(__file__).resolve().parent.parent / "p2prc_core"
+    offenders = []
+    for path in sorted(core.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("p2prc_plugins")]
+    assert offenders == []

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Any
 
 import falcon
 import pytest
@@ -13,8 +13,9 @@ from conftest import BUILTINS
 from p2prc_core import __version__, hookimpl
 from p2prc_core.config import Settings
 from p2prc_core.plugins import make_plugin_manager
-from p2prc_core.server import ServerContext, create_app, openapi
+from p2prc_core.server import create_app, openapi
 from p2prc_core.server.bodies import read_json
+from p2prc_core.services import NodeServices
 
 
 class EchoRoute:
@@ -36,7 +37,7 @@ def client(tmp_path: Path) -> testing.TestClient:
     settings = Settings(name="unit", max_body_bytes=1000, speedtest_max_bytes=10_000,
                         speedtest_default_bytes=3000)
     hooks = make_plugin_manager(load_entrypoints=False, plugins=[*BUILTINS, ("echo", EchoRoute())])
-    return testing.TestClient(create_app(ServerContext(settings, hooks, tmp_path)))
+    return testing.TestClient(create_app(NodeServices(settings, tmp_path, hooks)))
 
 
 def assert_json_error(result: testing.Result, status: int, title_words: str = "") -> None:
@@ -53,23 +54,27 @@ def test_health(client: testing.TestClient) -> None:
     assert body["uptime_seconds"] >= 0
 
 
+ADVERTISED = ["2a00:1450:4001::5", "8.8.4.4", "fd42::5", "192.168.7.5"]
+
+
+@pytest.mark.usefixtures("fake_interfaces")
 def test_node_advertises_what_select_address_chose(client: testing.TestClient) -> None:
     body = client.simulate_get("/v1/node").json
     assert body["name"] == "unit" and body["port"] == 8088
-    loopback = [a for a in body["addresses"] if a in ("127.0.0.1", "::1")]
-    assert loopback == [], "loopback is not advertised unless allow_loopback is set"
+    # Global IPv6, global IPv4, unique-local, private; never link-local; no loopback unless
+    # allowed; an interface that vanished while it was read is skipped.
+    assert body["addresses"] == ADVERTISED
     assert body["version"] == __version__
 
 
+@pytest.mark.usefixtures("fake_interfaces")
 def test_node_advertises_loopback_when_allowed(tmp_path: Path) -> None:
     hooks = make_plugin_manager(load_entrypoints=False, plugins=BUILTINS)
-    context = ServerContext(Settings(allow_loopback=True), hooks, tmp_path)
+    context = NodeServices(Settings(allow_loopback=True), tmp_path, hooks)
     client = testing.TestClient(create_app(context))
-    addresses = client.simulate_get("/v1/node").json["addresses"]
-    assert "::1" in addresses or "127.0.0.1" in addresses
-    # IPv6 loopback before IPv4 loopback, and anything routable before either.
-    if "::1" in addresses and "127.0.0.1" in addresses:
-        assert addresses.index("::1") < addresses.index("127.0.0.1")
+    # Anything routable first, then IPv6 loopback before IPv4 loopback.
+    assert client.simulate_get("/v1/node").json["addresses"] == [*ADVERTISED, "::1",
+                                                                 "127.0.0.1"]
 
 
 def test_specs_fields(client: testing.TestClient) -> None:
@@ -81,15 +86,35 @@ def test_specs_fields(client: testing.TestClient) -> None:
     assert specs["memory"]["total"] > specs["memory"]["available"] > 0
     assert specs["disk"]["total"] >= specs["disk"]["free"] > 0
     assert set(specs["load"]) == {"1m", "5m", "15m"}
-    assert specs["gpus"] == []  # no NVIDIA GPU on these machines: an empty list, no error
+    # Whatever GPUs this machine has (none, or some): a list of them, never an error.
+    assert isinstance(specs["gpus"], list)
+    for gpu in specs["gpus"]:
+        assert {"index", "name", "memory_total", "driver"} <= set(gpu)
 
 
-def test_specs_do_not_block_on_sampling(client: testing.TestClient) -> None:
-    started = time.perf_counter()
+class CountingGPUs:
+    """A GPU plugin that says what it has, and counts how often it was asked."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def p2prc_collect_specs(self) -> dict[str, Any]:
+        self.calls += 1
+        return {"gpus": [{"index": 0, "name": "Fake H200", "memory_total": 141 << 30,
+                          "driver": "580.0"}]}
+
+
+def test_specs_are_collected_once_and_served_from_the_cache(tmp_path: Path) -> None:
+    gpus = CountingGPUs()
+    hooks = make_plugin_manager(load_entrypoints=False, plugins=[*BUILTINS, ("gpus", gpus)])
+    settings = Settings(specs_cache_seconds=3600)
+    client = testing.TestClient(create_app(NodeServices(settings, tmp_path, hooks)))
     for _ in range(20):
-        assert client.simulate_get("/v1/specs").status_code == 200
-    # Sampling CPU use with an interval would take a second or more per call.
-    assert time.perf_counter() - started < 1.0
+        specs = client.simulate_get("/v1/specs").json
+        assert specs["gpus"][0]["name"] == "Fake H200"  # a third-party part wins a clash
+    # Sampling (CPU use, GPUs) happens once per specs_cache_seconds, not per request.
+    assert gpus.calls == 1
 
 
 def test_download_streams_exactly_the_bytes_asked(client: testing.TestClient) -> None:
@@ -155,7 +180,7 @@ def test_error_in_a_responder_is_500_json_without_traceback(settings: Settings,
             app.add_route("/v1/boom", Fail())
 
     hooks = make_plugin_manager(load_entrypoints=False, plugins=[*BUILTINS, ("boom", Boom())])
-    app = create_app(ServerContext(settings, hooks, tmp_path))
+    app = create_app(NodeServices(settings, tmp_path, hooks))
     result = testing.TestClient(app).simulate_get("/v1/boom")
     assert_json_error(result, 500)
     assert "secret internals" not in result.text

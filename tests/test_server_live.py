@@ -118,9 +118,21 @@ def test_specs_command_against_the_real_server(live_server: LiveServer, tmp_path
     result = p2prc("specs", live_server.peer(), "--json", home=tmp_path / "client")
     assert result.returncode == 0, result.stderr
     specs = json.loads(result.stdout)
-    assert specs["hostname"] == socket.gethostname() and specs["gpus"] == []
+    assert specs["hostname"] == socket.gethostname() and isinstance(specs["gpus"], list)
     table = p2prc("specs", live_server.peer(), home=tmp_path / "client")
-    assert "cores" in table.stdout and "gpus" in table.stdout
+    assert "cores" in table.stdout and "gpu" in table.stdout
+
+
+def test_a_server_without_the_gpu_plugin_reports_no_gpus(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "host", env={"P2PRC_DISABLE_PLUGINS": "nvidia"})
+    try:
+        result = p2prc("specs", server.peer(), "--json", home=tmp_path / "client")
+        assert result.returncode == 0, result.stderr
+        assert "gpus" not in json.loads(result.stdout)  # not probed at all, on any machine
+        table = p2prc("specs", server.peer(), home=tmp_path / "client")
+        assert "gpus" in table.stdout and "none" in table.stdout
+    finally:
+        server.stop()
 
 
 def test_port_taken_is_one_clear_line(live_server: LiveServer, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from p2prc_core import hookimpl
 from p2prc_core.config import Settings
 from p2prc_core.identity import NodeIdentity, b64encode
 from p2prc_core.plugins import make_plugin_manager
-from p2prc_core.server import ServerContext, create_app
+from p2prc_core.server import create_app
+from p2prc_core.services import NodeServices
 from p2prc_core.signing import SignatureError, check_signature, sign_request
 from p2prc_core.trust import ServerState, TrustStore
 
@@ -130,7 +131,7 @@ class WorkRoute:
 
 def make_client(home: Path, **options: Any) -> testing.TestClient:
     hooks = make_plugin_manager(load_entrypoints=False, plugins=[*BUILTINS, ("w", WorkRoute())])
-    return testing.TestClient(create_app(ServerContext(Settings(**options), hooks, home)))
+    return testing.TestClient(create_app(NodeServices(Settings(**options), home, hooks)))
 
 
 def signed(client: testing.TestClient, identity: NodeIdentity, body: Any,
@@ -202,11 +203,12 @@ def test_signed_body_over_the_cap_is_413(tmp_path: Path) -> None:
 
 def test_nonce_store_expires_old_nonces(tmp_path: Path) -> None:
     state = ServerState(tmp_path)
-    assert state.use_nonce(CALLER.node_id, "n" * 20, keep_seconds=0.05)
-    assert not state.use_nonce(CALLER.node_id, "n" * 20, keep_seconds=0.05)
-    time.sleep(0.1)
+    start = time.time()
+    assert state.use_nonce(CALLER.node_id, "n" * 20, keep_seconds=10, now=start)
+    assert not state.use_nonce(CALLER.node_id, "n" * 20, keep_seconds=10, now=start + 9)
+    assert state.use_nonce(OTHER.node_id, "n" * 20, keep_seconds=10, now=start + 9)
     # Outside the window the timestamp check refuses it anyway; the store may forget it.
-    assert state.use_nonce(CALLER.node_id, "n" * 20, keep_seconds=0.05)
+    assert state.use_nonce(CALLER.node_id, "n" * 20, keep_seconds=10, now=start + 11)
 
 
 # -- real server processes sharing one home ------------------------------------------------

@@ -14,31 +14,30 @@ from p2prc_core import __version__
 from p2prc_core.config import (
     ConfigError,
     LoadedSettings,
+    Settings,
     default_home,
     load_settings,
 )
 from p2prc_core.errors import P2PRCError
-from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint, parse_duration, parse_endpoint, parse_size
-from p2prc_core.node import record_fields
 from p2prc_core.output import err_console
-from p2prc_core.peertable import PeerTable
 from p2prc_core.plugins import PluginHooks, PluginLoadError, make_plugin_manager
-from p2prc_core.records import RecordPublisher
+from p2prc_core.services import NodeServices
 
 if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
     from p2prc_core.client import PeerClient
-    from p2prc_core.discovery import Discovery
 
 
 class Node:
-    """The click context object: this node's home, settings and plugins, built on demand."""
+    """The click context object: this node's home, settings and plugins, and the
+    ``NodeServices`` over them, each built on demand (after options have set overrides)."""
 
     def __init__(self, home: Path | None):
         self.home = home or default_home()
         self.overrides: dict[str, Any] = {}
         self._loaded: LoadedSettings | None = None
         self._hooks: PluginHooks | None = None
+        self._services: NodeServices | None = None
 
     @property
     def loaded(self) -> LoadedSettings:
@@ -47,67 +46,28 @@ class Node:
         return self._loaded
 
     @property
+    def settings(self) -> Settings:
+        return self.loaded.settings
+
+    @property
     def hooks(self) -> PluginHooks:
         if self._hooks is None:
-            self._hooks = make_plugin_manager(disabled=self.loaded.settings.disable_plugins)
+            self._hooks = make_plugin_manager(disabled=self.settings.disable_plugins)
         return self._hooks
 
     @property
-    def identity(self) -> NodeIdentity:
-        """This node's key, created on first use."""
-        return NodeIdentity.load_or_create(self.home)
+    def services(self) -> NodeServices:
+        if self._services is None:
+            self._services = NodeServices(self.settings, self.home, self.hooks)
+        return self._services
 
     def client(self, peer: str | Endpoint) -> PeerClient:
-        from p2prc_core.client import PeerClient
-
-        endpoint = peer if isinstance(peer, Endpoint) else self.resolve(peer)
-        return PeerClient(endpoint, timeout=self.loaded.settings.request_timeout,
-                          identity=self.identity)
-
-    def resolve(self, text: str) -> Endpoint:
-        """PEER: a node id or a name from the table, or ADDRESS[:PORT]."""
-        entry = self.find_peer(text)
-        if entry is not None:
-            measured = entry.get("measured", {})
-            if measured.get("address"):
-                return parse_endpoint(measured["address"])
-            endpoints = self.discovery().endpoints(entry)
-            if endpoints:
-                return endpoints[0]
-            raise P2PRCError(f"{text}: the table has no address this node may dial")
-        return resolve_peer(text)
-
-    def find_peer(self, text: str) -> dict[str, Any] | None:
-        if not (self.home / "peers.json").exists():
-            return None
-        peers = self.table().load()
-        if text in peers:
-            return peers[text]
-        named = [e for e in peers.values() if e["record"].get("name") == text]
-        if len(named) > 1:
-            ids = ", ".join(e["record"]["node_id"] for e in named)
-            raise P2PRCError(f"{len(named)} peers are named {text!r} ({ids}): use a node id")
-        return named[0] if named else None
-
-    def table(self) -> PeerTable:
-        s = self.loaded.settings
-        return PeerTable(self.home, self.identity.node_id, s.allow_loopback, s.max_table_peers)
-
-    def discovery(self) -> Discovery:
-        from p2prc_core.discovery import Discovery, HttpTransport
-
-        s = self.loaded.settings
-        return Discovery(self.table(), self.hooks,
-                         HttpTransport(s.request_timeout, s.max_table_bytes), self.own_record,
-                         concurrency=s.update_concurrency, probes=s.latency_probes,
-                         max_failures=s.peer_max_failures,
-                         max_records=s.max_records_per_response)
-
-    def own_record(self) -> dict[str, Any]:
-        """This node's signed record, as its server would serve it."""
-        fields = record_fields(self.loaded.settings, self.hooks, self.hooks.collect_specs(),
-                               __version__)
-        return RecordPublisher(self.home, self.identity).current(fields)
+        """A client for PEER; an argument that is neither a known peer nor an address is a
+        usage error."""
+        try:
+            return self.services.client(peer)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="PEER") from None
 
 
 def resolve_peer(text: str) -> Endpoint:

@@ -18,11 +18,11 @@ from p2prc_core.cli.base import (
     pass_node,
     size_option,
 )
+from p2prc_core.containers import fingerprint
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import parse_endpoint
 from p2prc_core.output import err_console, print_json, print_table
-from p2prc_core.sshkeys import ensure_key
-from p2prc_core.tracking import Tracked
+from p2prc_core.tracking import RemoteContainer
 
 # -- containers ------------------------------------------------------------------------------
 
@@ -41,29 +41,24 @@ from p2prc_core.tracking import Tracked
 def touch(node: Node, peer: str, ports: int, gpu: bool, image: str | None, cpus: float | None,
           memory: int | None, ttl: int | None, as_json: bool) -> None:
     """Start a container on PEER with SSH access (your key) and open ports."""
-    _, public_key = ensure_key(node.home, node.loaded.settings.ssh_key)
+    _, public_key = node.services.ssh_key()
     request: dict[str, Any] = {"ssh_key": public_key, "ports": ports, "gpu": gpu}
     for name, value in (("image", image), ("cpus", cpus), ("memory", memory), ("ttl", ttl)):
         if value is not None:
             request[name] = value
     with node.client(peer) as client:
         with err_console.status(f"starting a container on {client.endpoint} ..."):
-            reply = client.create_container(request)
-        endpoint = client.endpoint
-    tracked = {"id": reply["id"], "node_id": reply.get("node_id"), "endpoint": str(endpoint),
-               "host": endpoint.host, "ssh_port": reply["ssh"]["port"],
-               "host_key": reply["ssh"]["host_key"], "ports": reply["ports"],
-               "image": reply["image"], "created": reply["created"],
-               "expires": reply["expires"], "gpu": reply.get("gpu", False)}
-    Tracked(node.home).add(tracked)
+            container = client.create_container(request)
+    node.services.tracked.add(container)
     if as_json:
-        print_json(reply)
+        print_json(container.as_dict())
         return
-    extra = ", ".join(f"{p['external']}" for p in reply["ports"][1:]) or "none"
-    click.echo(f"container {reply['id'][:12]} on {endpoint}: ssh port {reply['ssh']['port']}, "
-               f"extra ports {extra}, until {format_when(reply['expires'])}")
-    click.echo(f"  host key {reply['ssh']['fingerprint']}")
-    click.echo(f"  log in:  p2prc ssh {reply['id'][:12]}")
+    extra = ", ".join(f"{p['external']}" for p in container.extra_ports) or "none"
+    click.echo(f"container {container.short_id} on {container.endpoint}: ssh port "
+               f"{container.ssh_port}, extra ports {extra}, until "
+               f"{format_when(container.expires)}")
+    click.echo(f"  host key {fingerprint(container.host_key)}")
+    click.echo(f"  log in:  p2prc ssh {container.short_id}")
 
 
 @main.group("containers", cls=ListingGroup)
@@ -76,10 +71,10 @@ def containers_group() -> None:
 @pass_node
 def containers_ls(node: Node, as_json: bool = False) -> None:
     """List tracked containers with their live state (asks each host)."""
-    tracked = Tracked(node.home).containers()
-    by_endpoint: dict[str, list[dict[str, Any]]] = {}
+    tracked = node.services.tracked.containers()
+    by_endpoint: dict[str, list[RemoteContainer]] = {}
     for container in tracked.values():
-        by_endpoint.setdefault(container["endpoint"], []).append(container)
+        by_endpoint.setdefault(container.endpoint, []).append(container)
     rows = []
     for endpoint, members in sorted(by_endpoint.items()):
         try:
@@ -89,16 +84,16 @@ def containers_ls(node: Node, as_json: bool = False) -> None:
         except PeerError as err:
             live, problem = {}, str(err)
         for container in members:
-            state = live.get(container["id"], {}).get("state") or \
+            state = live.get(container.id, {}).get("state") or \
                 ("unreachable" if problem else "gone")
-            rows.append({**container, "state": state})
+            rows.append({**container.as_dict(), "state": state})
     if as_json:
         print_json(rows)
         return
     if not rows:
         click.echo("No containers: start one with 'p2prc touch PEER'.")
         return
-    groups = Tracked(node.home).groups()
+    groups = node.services.tracked.groups()
     print_table(("id", "host", "state", "ssh", "ports", "expires", "groups"),
                 [(r["id"][:12], r["endpoint"], r["state"], r["ssh_port"],
                   ", ".join(str(p["external"]) for p in r["ports"][1:]) or "-",
@@ -112,17 +107,17 @@ def containers_ls(node: Node, as_json: bool = False) -> None:
 @pass_node
 def remove_container(node: Node, container: str) -> None:
     """Stop and remove a container (or every container of a group) and forget it."""
-    tracked = Tracked(node.home)
+    tracked = node.services.tracked
     for entry in tracked.resolve(container):
-        with node.client(parse_endpoint(entry["endpoint"])) as client:
+        with node.client(parse_endpoint(entry.endpoint)) as client:
             try:
-                client.remove_container(entry["id"])
-                click.echo(f"removed {entry['id'][:12]} from {client.endpoint}")
+                client.remove_container(entry.id)
+                click.echo(f"removed {entry.short_id} from {client.endpoint}")
             except PeerRefused as err:
                 if err.status != 404:
                     raise
-                click.echo(f"{entry['id'][:12]} was already gone from {client.endpoint}")
-        tracked.forget(entry["id"])
+                click.echo(f"{entry.short_id} was already gone from {client.endpoint}")
+        tracked.forget(entry.id)
 
 
 @main.command()
@@ -131,20 +126,20 @@ def remove_container(node: Node, container: str) -> None:
 @pass_node
 def ssh(node: Node, container: str, command: tuple[str, ...]) -> None:
     """Log into a container with your key, checking its pinned host key."""
-    entry = Tracked(node.home).find(container)
-    private, _ = ensure_key(node.home, node.loaded.settings.ssh_key)
+    entry = node.services.tracked.find(container)
+    private, _ = node.services.ssh_key()
     argv = ssh_command(node.home, entry, private) + list(command)
     os.execvp(argv[0], argv)
 
 
-def ssh_command(home: Path, entry: dict[str, Any], private_key: Path) -> list[str]:
+def ssh_command(home: Path, entry: RemoteContainer, private_key: Path) -> list[str]:
     """ssh with the container's host key pinned: no prompt, no trust on first use."""
-    known = home / "ssh" / f"known_hosts_{entry['id'][:12]}"
-    host = entry["host"]
-    bracketed = f"[{host}]:{entry['ssh_port']}"
+    known = home / "ssh" / f"known_hosts_{entry.short_id}"
+    host = entry.host
+    bracketed = f"[{host}]:{entry.ssh_port}"
     known.parent.mkdir(parents=True, exist_ok=True)
-    known.write_text(f"{bracketed} {entry['host_key']}\n")
-    return ["ssh", "-i", str(private_key), "-p", str(entry["ssh_port"]),
+    known.write_text(f"{bracketed} {entry.host_key}\n")
+    return ["ssh", "-i", str(private_key), "-p", str(entry.ssh_port),
             "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
             "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", f"root@{host}"]
 
@@ -159,7 +154,7 @@ def group_group() -> None:
 @pass_node
 def group_create(node: Node, name: str) -> None:
     """Make an empty group."""
-    Tracked(node.home).create_group(name)
+    node.services.tracked.create_group(name)
     click.echo(f"group {name} created")
 
 
@@ -170,7 +165,7 @@ def group_create(node: Node, name: str) -> None:
 def group_add(node: Node, group: str, containers: tuple[str, ...]) -> None:
     """Add containers to a group."""
     for container in containers:
-        container_id = Tracked(node.home).change_group(group, container, add=True)
+        container_id = node.services.tracked.change_group(group, container, add=True)
         click.echo(f"{container_id[:12]} is in {group}")
 
 
@@ -181,7 +176,7 @@ def group_add(node: Node, group: str, containers: tuple[str, ...]) -> None:
 def group_rm(node: Node, group: str, containers: tuple[str, ...]) -> None:
     """Take containers out of a group; with none given, delete the group (not its
     containers)."""
-    tracked = Tracked(node.home)
+    tracked = node.services.tracked
     if not containers:
         tracked.delete_group(group)
         click.echo(f"group {group} deleted")
@@ -194,7 +189,7 @@ def group_rm(node: Node, group: str, containers: tuple[str, ...]) -> None:
 @pass_node
 def group_ls(node: Node, as_json: bool) -> None:
     """List groups and their containers."""
-    groups = Tracked(node.home).groups()
+    groups = node.services.tracked.groups()
     if as_json:
         print_json(groups)
         return

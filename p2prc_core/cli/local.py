@@ -25,16 +25,15 @@ from p2prc_core.config import (
     settings_as_dict,
 )
 from p2prc_core.containers import ContainerService
-from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Address
 from p2prc_core.node import (
     advertisable,
     advertised_addresses,
+    explain,
     local_addresses,
     ordered_by_preference,
 )
 from p2prc_core.output import human_bytes, print_json, print_table
-from p2prc_core.trust import TrustStore
 
 # -- server ------------------------------------------------------------------------------
 
@@ -54,26 +53,27 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
     node = ctx.find_object(Node)
     assert node is not None
     node.overrides.update(host=host, port=port, name=name, workers=workers)
-    settings = node.loaded.settings
-    hooks = node.hooks
-    advertised = advertised_addresses(settings, hooks)
+    settings = node.settings
+    services = node.services
+    advertised = advertised_addresses(settings, services.hooks)
     chosen = advertised[0] if advertised else None
     where = f"[{settings.host}]" if ":" in settings.host else settings.host
     stack = " (IPv6 and IPv4)" if settings.host == "::" else ""
 
     def announce() -> None:
         click.echo(f"p2prc {__version__}: node {settings.display_name!r} "
-                   f"({node.identity.node_id}) serving on http://{where}:{settings.port}{stack}; "
+                   f"({services.identity.node_id}) serving on "
+                   f"http://{where}:{settings.port}{stack}; "
                    f"advertising {chosen or 'no routable address'}; home {node.home}", err=True)
         if settings.trust_mode == "open":
             click.echo("WARNING: trust_mode = open: ANYONE who can reach this server can start "
                        "work on it. Use this only on a lab network you control.", err=True)
         else:
-            count = len(TrustStore(node.home).all())
+            count = len(services.trust.all())
             click.echo(f"trust: allowlist of {count} node(s); add friends with 'p2prc trust "
                        f"NODE_ID' or 'p2prc invite'", err=True)
 
-    serve(settings, node.home, hooks, announce)
+    serve(services, announce)
 
 
 # -- this node ---------------------------------------------------------------------------
@@ -83,9 +83,7 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
 @pass_node
 def interfaces(node: Node, as_json: bool) -> None:
     """Every local address, and which one p2prc advertises and why."""
-    from p2prc_plugins.address import explain
-
-    settings = node.loaded.settings
+    settings = node.settings
     found = local_addresses()
     eligible = advertisable(found, settings)
     order = ordered_by_preference(node.hooks, eligible, "advertise")
@@ -167,11 +165,7 @@ def plugins(node: Node, as_json: bool) -> None:
 # -- the host's own view -----------------------------------------------------------------------
 
 def _local_service(node: Node) -> ContainerService:
-    settings = node.loaded.settings
-    backend = node.hooks.backends().get(settings.backend)
-    if backend is None:
-        raise P2PRCError(f"the {settings.backend!r} backend is not installed or is disabled")
-    return ContainerService.open(settings, backend, node.home, node.identity.node_id)
+    return node.services.containers()  # a ContainerError (no backend) is one line, as others
 
 
 @server.group("containers", cls=ListingGroup)
@@ -191,7 +185,7 @@ def server_containers_ls(node: Node, as_json: bool = False) -> None:
     if not leases:
         click.echo("No p2prc containers on this host.")
         return
-    names = {k: v.get("name") for k, v in TrustStore(node.home).all().items()}
+    names = {k: v.get("name") for k, v in node.services.trust.all().items()}
     print_table(("id", "owner", "state", "image", "cpus", "memory", "ports", "expires"),
                 [(lease.id[:12], names.get(lease.owner) or lease.owner, lease.state,
                   lease.image, f"{lease.cpus:g}", human_bytes(lease.memory),
@@ -222,8 +216,9 @@ def image_group() -> None:
               help="Build from a Debian root filesystem (no registry needed; root only).")
 @click.option("--tag", default="p2prc/base:latest", show_default=True)
 @click.option("--force", is_flag=True, help="Build even if the image exists.")
-def image_build(from_debootstrap: bool, tag: str, force: bool) -> None:
-    """Build the base image (sshd, python3, sudo) that containers run by default."""
-    from p2prc_plugins.docker import build_image
-
-    build_image(tag, from_debootstrap, force, say=lambda line: click.echo(line, err=True))
+@pass_node
+def image_build(node: Node, from_debootstrap: bool, tag: str, force: bool) -> None:
+    """Build the base image (sshd, python3, sudo) that containers run by default, with the
+    configured backend."""
+    node.services.backend().build_image(tag, from_debootstrap, force,
+                                        lambda line: click.echo(line, err=True))

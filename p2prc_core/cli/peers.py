@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 from rich.progress import BarColumn, Progress, TextColumn
@@ -21,7 +21,6 @@ from p2prc_core.cli.base import (
 )
 from p2prc_core.errors import P2PRCError
 from p2prc_core.output import err_console, human_bytes, print_json, print_table
-from p2prc_core.peertable import TableState, entry_to_peer
 
 if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
     from p2prc_core.client import Transfer
@@ -41,13 +40,13 @@ def peers() -> None:
 def peers_add(node: Node, address: str, as_json: bool = False) -> None:
     """Add the p2prc node at ADDRESS[:PORT] to the table (and tell it about this node)."""
     endpoint = resolve_peer(address)
-    with node.client(endpoint) as client:
-        record = client.node()
-    if record["node_id"] == node.identity.node_id:
+    services = node.services
+    record = services.fetch_record(endpoint)
+    if record["node_id"] == services.identity.node_id:
         raise P2PRCError(f"{endpoint} is this node itself")
-    summary = node.discovery().add(endpoint, record)
-    entry = node.table().load().get(record["node_id"], {})
-    latency = entry.get("measured", {}).get("latency_ms")
+    summary = services.discovery.add(endpoint, record)
+    entry = services.table.load().get(record["node_id"])
+    latency = entry.measured.latency_ms if entry else None
     if as_json:
         print_json({"node_id": record["node_id"], "name": record["name"],
                     "address": str(endpoint), "latency_ms": latency,
@@ -64,21 +63,21 @@ def peers_add(node: Node, address: str, as_json: bool = False) -> None:
 @pass_node
 def peers_ls(node: Node, as_json: bool = False) -> None:
     """List known peers, best first (by p2prc_score_peer)."""
-    entries = node.table().load()
-    by_id = {e["record"]["node_id"]: e for e in entries.values()}
-    ranked = node.hooks.rank_peers(entry_to_peer(e) for e in entries.values())
+    services = node.services
+    entries = services.table.load()
+    ranked = node.hooks.rank_peers(e.to_peer() for e in entries.values())
     rows = []
     now = time.time()
     for peer in ranked:
-        entry = by_id[peer.node_id]
-        measured = entry.get("measured", {})
+        entry = entries[peer.node_id]
+        measured = entry.measured
+        endpoints = [] if measured.address else services.discovery.endpoints(entry)
         rows.append({"name": peer.name, "node_id": peer.node_id,
-                     "address": measured.get("address") or _first_address(node, entry),
-                     "latency_ms": measured.get("latency_ms"),
-                     "bandwidth_mbps": measured.get("bandwidth_mbps"),
-                     "last_seen": measured.get("last_seen"),
-                     "failures": measured.get("failures", 0),
-                     "gpus": entry["record"].get("specs", {}).get("gpus", []),
+                     "address": measured.address or (str(endpoints[0]) if endpoints else "-"),
+                     "latency_ms": measured.latency_ms,
+                     "bandwidth_mbps": measured.bandwidth_mbps,
+                     "last_seen": measured.last_seen, "failures": measured.failures,
+                     "gpus": entry.record.get("specs", {}).get("gpus", []),
                      "score": round(node.hooks.score_peer(peer), 3)})
     if as_json:
         print_json(rows)
@@ -95,21 +94,14 @@ def peers_ls(node: Node, as_json: bool = False) -> None:
                   ", ".join(r["gpus"]) or "-") for r in rows])
 
 
-def _first_address(node: Node, entry: dict[str, Any]) -> str:
-    endpoints = node.discovery().endpoints(entry)
-    return str(endpoints[0]) if endpoints else "-"
-
-
 @peers.command("update")
 @click.option("--hops", type=click.IntRange(0, 16), help="How far to go [default: 3].")
 @json_option
 @pass_node
 def peers_update(node: Node, hops: int | None = None, as_json: bool = False) -> None:
     """Ask known peers for their tables, then the peers they told of, HOPS deep."""
-    hops = node.loaded.settings.update_hops if hops is None else hops
-    if not node.table().load():
-        raise P2PRCError("the table is empty: add a peer first with 'p2prc peers add ADDRESS'")
-    discovery = node.discovery()
+    hops = node.settings.update_hops if hops is None else hops
+    discovery = node.services.discovery
     with Progress(TextColumn("hop {task.fields[hop]}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} peers"), console=err_console,
                   transient=True) as bar:
@@ -177,7 +169,7 @@ def specs(node: Node, peer: str, as_json: bool) -> None:
 def speedtest(node: Node, peer: str, size: int | None, download_only: bool,
               as_json: bool) -> None:
     """Measure download and upload speed to a peer, in Mbit/s."""
-    total = size if size is not None else node.loaded.settings.speedtest_default_bytes
+    total = size if size is not None else node.settings.speedtest_default_bytes
     results: list[Transfer] = []
     with node.client(peer) as client, transfer_progress() as bar:
         steps: list[tuple[str, Callable[..., Transfer]]] = [("download", client.download)]
@@ -186,16 +178,9 @@ def speedtest(node: Node, peer: str, size: int | None, download_only: bool,
         for label, run in steps:
             task = bar.add_task(label, total=total)
             results.append(run(total, lambda n, task=task: bar.advance(task, n)))
-    entry = node.find_peer(peer)  # a peer from the table remembers its bandwidth
+    entry = node.services.find_peer(peer)  # a peer from the table remembers its bandwidth
     if entry is not None:
-        node_id = entry["record"]["node_id"]
-
-        def remember(state: TableState) -> None:
-            if node_id in state.peers:
-                state.peers[node_id].setdefault("measured", {})["bandwidth_mbps"] = round(
-                    results[0].mbit_per_second, 1)
-
-        node.table().update(remember)
+        node.services.table.record_bandwidth(entry.node_id, results[0].mbit_per_second)
     if as_json:
         print_json({"peer": str(client.endpoint), "transfers": [r.as_dict() for r in results]})
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import click
@@ -10,17 +9,8 @@ from rich.live import Live
 from rich.table import Table
 
 from p2prc_core.cli.base import ListingGroup, Node, format_when, json_option, main, pass_node
-from p2prc_core.errors import P2PRCError
 from p2prc_core.output import err_console, print_json, print_table
-from p2prc_core.sshkeys import ensure_key
-from p2prc_core.tasks import (
-    Playbooks,
-    Runs,
-    build_inventory,
-    parse_variables,
-    record_of,
-)
-from p2prc_core.tracking import Tracked
+from p2prc_core.tasks import parse_variables
 
 # -- playbooks and runs --------------------------------------------------------------------------
 
@@ -35,7 +25,7 @@ def playbooks_group() -> None:
 @pass_node
 def playbooks_add(node: Node, source: str, replace: bool = False) -> None:
     """Install a bundle from a directory or a git URL."""
-    bundle = Playbooks(node.home).add(source, replace)
+    bundle = node.services.playbooks.add(source, replace)
     click.echo(f"added {bundle.name}: {bundle.description or 'no description'} "
                f"(needs {bundle.ports} port(s))")
 
@@ -45,7 +35,7 @@ def playbooks_add(node: Node, source: str, replace: bool = False) -> None:
 @pass_node
 def playbooks_ls(node: Node, as_json: bool = False) -> None:
     """List installed bundles."""
-    bundles = Playbooks(node.home).all()
+    bundles = node.services.playbooks.all()
     if as_json:
         print_json([b.as_dict() for b in bundles])
         return
@@ -62,7 +52,7 @@ def playbooks_ls(node: Node, as_json: bool = False) -> None:
 @pass_node
 def playbooks_rm(node: Node, name: str) -> None:
     """Remove an installed bundle."""
-    Playbooks(node.home).remove(name)
+    node.services.playbooks.remove(name)
     click.echo(f"removed {name}")
 
 
@@ -78,53 +68,35 @@ def playbooks_rm(node: Node, name: str) -> None:
 def run_playbook(node: Node, playbook: str, targets: tuple[str, ...], pairs: tuple[str, ...],
                  runner: str = "ansible", as_json: bool = False) -> None:
     """Run a playbook on containers and groups, all at once, with progress per host."""
-    bundle = Playbooks(node.home).get(playbook)
-    tracked = Tracked(node.home)
-    containers: list[dict[str, Any]] = []
-    for target in targets:
-        for container in tracked.resolve(target):
-            if container["id"] not in {c["id"] for c in containers}:
-                containers.append(container)
-    if not containers:
-        raise P2PRCError("no containers to run on (an empty group?)")
-    runners = node.hooks.runners()
-    if runner not in runners:
-        raise P2PRCError(f"no task runner {runner!r} (have: {', '.join(runners) or 'none'})")
-    extravars = {**bundle.variables, **parse_variables(pairs)}
-    private_key, _ = ensure_key(node.home, node.loaded.settings.ssh_key)
-    ports = tracked.reserve_ports(containers, bundle.ports)
-    runs = Runs(node.home)
-    run_id, run_dir = runs.new()
-    inventory = build_inventory(containers, ports, private_key, run_dir / "known_hosts")
-    started = time.time()
-    progress = RunProgress(list(inventory["all"]["hosts"]))
+    progress = RunProgress()
     # Redrawn on each event rather than by a timer thread, which would hold up the end.
     with Live(progress.table(), console=err_console, auto_refresh=False) as live:
         def on_event(host: str, task: str, status: str) -> None:
             progress.update(host, task, status)
             live.update(progress.table(), refresh=True)
 
-        result = runners[runner].run(bundle, inventory, extravars, run_dir, on_event)
-    record = record_of(run_id, bundle, result, started, extravars, run_dir)
-    runs.save(run_id, record)
+        record = node.services.runs.run(playbook, list(targets), parse_variables(pairs),
+                                        runner, on_event)
     if as_json:
         print_json(record)
     else:
         _print_run(record)
-    if not result.succeeded:
+    if not record["succeeded"]:
         raise SystemExit(1)
 
 
 class RunProgress:
     """The live view: each host's latest task and state."""
 
-    def __init__(self, hosts: list[str]):
-        self.state = {host: ("waiting", "") for host in hosts}
-        self.counts = {host: [0, 0] for host in hosts}
+    def __init__(self) -> None:
+        self.state: dict[str, tuple[str, str]] = {}
+        self.counts: dict[str, list[int]] = {}
 
     def update(self, host: str, task: str, status: str) -> None:
         self.state[host] = (status, task)
-        self.counts.setdefault(host, [0, 0])[0 if status in ("ok", "skipped") else 1] += 1
+        counts = self.counts.setdefault(host, [0, 0])
+        if status != "waiting":
+            counts[0 if status in ("ok", "skipped") else 1] += 1
 
     def table(self) -> Table:
         table = Table(box=None, header_style="bold")
@@ -154,7 +126,7 @@ def runs_group() -> None:
 @pass_node
 def runs_ls(node: Node, as_json: bool = False) -> None:
     """List past runs."""
-    records = Runs(node.home).all()
+    records = node.services.runs.history.all()
     if as_json:
         print_json(records)
         return
@@ -172,7 +144,7 @@ def runs_ls(node: Node, as_json: bool = False) -> None:
 @pass_node
 def runs_show(node: Node, run_id: str, as_json: bool = False) -> None:
     """Show one run: each host's result, and where its artifacts are."""
-    record = Runs(node.home).get(run_id)
+    record = node.services.runs.history.get(run_id)
     if as_json:
         print_json(record)
         return

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 
 from p2prc_core.cli.base import Node, duration_option, format_when, json_option, main, pass_node
-from p2prc_core.errors import PeerError, PeerRefused
-from p2prc_core.models import Address, Endpoint
-from p2prc_core.node import advertised_addresses, dial_order
+from p2prc_core.models import Address
+from p2prc_core.node import advertised_addresses
 from p2prc_core.output import print_json, print_table
-from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore
+from p2prc_core.trust import Invite, TrustError
 
 # -- identity and trust ------------------------------------------------------------------
 
@@ -20,7 +17,7 @@ from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore
 @pass_node
 def show_id(node: Node, as_json: bool) -> None:
     """Print this node's id (the key is created on first use)."""
-    identity = node.identity
+    identity = node.services.identity
     if as_json:
         from p2prc_core.identity import b64encode
 
@@ -37,7 +34,7 @@ def show_id(node: Node, as_json: bool) -> None:
 @pass_node
 def trust(node: Node, node_id: str | None, name: str, as_json: bool) -> None:
     """Let NODE_ID run work here; with no NODE_ID, list the nodes trusted here."""
-    store = TrustStore(node.home)
+    store = node.services.trust
     if node_id is None:
         trusted = store.all()
         if as_json:
@@ -61,7 +58,7 @@ def trust(node: Node, node_id: str | None, name: str, as_json: bool) -> None:
 @pass_node
 def untrust(node: Node, node_id: str) -> None:
     """Stop trusting NODE_ID: its next signed request here gets 403."""
-    if TrustStore(node.home).remove(node_id.strip().lower()):
+    if node.services.trust.remove(node_id.strip().lower()):
         click.echo(f"{node_id} is no longer trusted here")
     else:
         raise TrustError(f"{node_id} was not trusted here ('p2prc trust' lists who is)")
@@ -79,7 +76,7 @@ def untrust(node: Node, node_id: str) -> None:
 def invite(node: Node, ttl: int, addresses: tuple[str, ...], port: int | None,
            as_json: bool) -> None:
     """Print a one-time token that lets a friend join: they trust you, you trust them."""
-    settings = node.loaded.settings
+    settings = node.settings
     if addresses:
         chosen = []
         for text in addresses:
@@ -93,8 +90,8 @@ def invite(node: Node, ttl: int, addresses: tuple[str, ...], port: int | None,
     if not chosen:
         raise TrustError("this node has no address a friend could dial: pass --address")
     port = port or settings.advertise_port or settings.port
-    secret, expires = ServerState(node.home).create_invite(ttl)
-    token = Invite(node.identity.node_id, chosen[:8], port, secret, expires).token()
+    secret, expires = node.services.state.create_invite(ttl)
+    token = Invite(node.services.identity.node_id, chosen[:8], port, secret, expires).token()
     if as_json:
         print_json({"token": token, "expires": expires, "addresses": chosen[:8], "port": port})
         return
@@ -109,38 +106,10 @@ def invite(node: Node, ttl: int, addresses: tuple[str, ...], port: int | None,
 @pass_node
 def join(node: Node, token: str, as_json: bool) -> None:
     """Redeem a friend's invite: you are trusted there, and their node joins your table."""
-    offer = Invite.parse(token)
-    if offer.expires < time.time():
-        raise TrustError(f"this invite expired at {format_when(offer.expires)}: ask for a new one")
-    candidates = []
-    for text in offer.addresses:
-        try:
-            candidates.append(Address.parse(text))
-        except ValueError:
-            continue
-    ordered = dial_order(node.hooks, candidates)
-    own = node.own_record()
-    failures = []
-    for address in ordered:
-        endpoint = Endpoint(str(address), offer.port)
-        try:
-            with node.client(endpoint) as client:
-                record = client.join(offer.secret, own)
-        except PeerRefused:
-            raise
-        except PeerError as err:
-            failures.append(str(err))
-            continue
-        if record["node_id"] != offer.node_id:
-            raise TrustError(f"{endpoint} is not the node the invite names "
-                             f"({record['node_id']} instead of {offer.node_id}): not joined")
-        node.discovery().add(endpoint, record)
-        if as_json:
-            print_json({"joined": record["node_id"], "name": record["name"],
-                        "address": str(endpoint)})
-        else:
-            click.echo(f"joined {record['name']!r} ({record['node_id']}) at {endpoint}: you "
-                       f"can start work there, and it is in your peer table")
-        return
-    raise PeerError("could not reach the inviting node at any of its addresses: "
-                    + "; ".join(failures))
+    record, endpoint = node.services.join(token)
+    if as_json:
+        print_json({"joined": record["node_id"], "name": record["name"],
+                    "address": str(endpoint)})
+    else:
+        click.echo(f"joined {record['name']!r} ({record['node_id']}) at {endpoint}: you "
+                   f"can start work there, and it is in your peer table")

@@ -1,5 +1,5 @@
 """The peer server: a Falcon app (``create_app``) served by embedded gunicorn (``serve``)."""
 
-from p2prc_core.server.app import ServerContext, create_app
+from p2prc_core.server.app import create_app
 
-__all__ = ["ServerContext", "create_app"]
+__all__ = ["create_app"]

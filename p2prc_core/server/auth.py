@@ -16,6 +16,7 @@ from typing import Any
 
 import falcon
 
+from p2prc_core.server.bodies import too_large
 from p2prc_core.signing import SignatureError, check_signature
 from p2prc_core.trust import ServerState, TrustStore
 
@@ -60,8 +61,6 @@ class RequestAuth:
         limit: int = getattr(req.context, "max_body_bytes", 1 << 20)
         body: bytes = req.bounded_stream.read(limit + 1)
         if len(body) > limit:
-            raise falcon.HTTPContentTooLarge(
-                title="Request body too large",
-                description=f"This server accepts at most {limit} bytes here.")
+            raise too_large(limit)
         req.context.raw_body = body
         return body

@@ -40,8 +40,10 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
         description="The server failed to handle this request; its log has the details.")
 
 
-def handle_container_error(req: falcon.Request, resp: falcon.Response, ex: Exception,
-                           params: dict[str, Any]) -> None:
+def handle_refusal(req: falcon.Request, resp: falcon.Response, ex: Exception,
+                   params: dict[str, Any]) -> None:
+    """Every ``Refusal`` (a container request that cannot be met, a refused invite, a
+    malformed exchange) is answered with its own status, title and message."""
     status = getattr(ex, "status", 500)
     raise falcon.HTTPError(falcon.code_to_http_status(status), title=getattr(ex, "title", ""),
                            description=str(ex))

@@ -13,7 +13,6 @@ import falcon
 from p2prc_core import __version__
 from p2prc_core.containers import ContainerRequest, ContainerService, Lease
 from p2prc_core.server.bodies import read_json, too_large
-from p2prc_core.trust import TrustError
 
 # One block of random bytes, reused for every download: incompressible, generated once.
 _CHUNK = os.urandom(1 << 20)
@@ -194,10 +193,7 @@ class TrustJoinResource:
         if not isinstance(body, dict) or not isinstance(body.get("secret"), str):
             raise falcon.HTTPBadRequest(title="Invalid join",
                                         description="Expected {\"secret\": \"...\"}.")
-        try:
-            resp.media = self.join(req.context.caller, body["secret"], body.get("record"))
-        except TrustError as err:
-            raise falcon.HTTPForbidden(title="Invite refused", description=str(err)) from None
+        resp.media = self.join(req.context.caller, body["secret"], body.get("record"))
 
 
 class PeersResource:
@@ -233,19 +229,12 @@ class PeersResource:
             resp.status = falcon.HTTP_304
             resp.etag = etag
             return
-        try:
-            resp.media = self.exchange({"since": since})
-        except ValueError as err:
-            raise falcon.HTTPBadRequest(title="Invalid request", description=str(err)) from None
+        resp.media = self.exchange({"since": since})
         if since is None:
             resp.etag = etag
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        try:
-            resp.media = self.exchange(read_json(req))
-        except ValueError as err:
-            raise falcon.HTTPBadRequest(title="Invalid exchange", description=str(err)) \
-                from None
+        resp.media = self.exchange(read_json(req))
 
 
 def _ssh_host(req: falcon.Request) -> str:

@@ -13,8 +13,12 @@ from gunicorn.app.base import BaseApplication
 
 from p2prc_core.config import Settings
 from p2prc_core.errors import P2PRCError
-from p2prc_core.plugins import PluginHooks, make_plugin_manager
-from p2prc_core.server.app import ServerContext, create_app
+from p2prc_core.periodic import Periodic
+from p2prc_core.plugins import make_plugin_manager
+from p2prc_core.server.app import create_app
+from p2prc_core.services import NodeServices
+
+log = logging.getLogger("p2prc.server")
 
 ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)sms'
 
@@ -92,13 +96,32 @@ class PeerServer(BaseApplication):  # type: ignore[misc]
         return self.app_factory(self.settings, self.home)
 
 
+def start_background_jobs(node: NodeServices) -> list[Periodic]:
+    """Reaping expired containers and refreshing the table from peers, each on its own
+    interval; ``Periodic`` lets one worker at a time do a job that is due."""
+    from p2prc_core.discovery import refresh_job
+
+    def reap() -> list[str]:
+        removed = node.reap()
+        for container_id in removed:
+            log.info("container %s expired and was removed", container_id[:12])
+        return removed
+
+    jobs = [Periodic(node.home, "reap", node.settings.reap_seconds, reap)]
+    if node.settings.refresh_seconds:
+        jobs.append(Periodic(node.home, "refresh", node.settings.refresh_seconds,
+                             refresh_job(node.discovery, node.settings.update_hops,
+                                         node.bootstrap)))
+    for job in jobs:
+        job.start()
+    return jobs
+
+
 def build_app(settings: Settings, home: Path) -> Any:
     """The peer app as each worker builds it (plugins are loaded again after the fork)."""
-    hooks = make_plugin_manager(disabled=settings.disable_plugins)
-    context = ServerContext(settings, hooks, home)
-    context.start_refresher()
-    context.start_reaper()
-    return create_app(context)
+    node = NodeServices(settings, home, make_plugin_manager(disabled=settings.disable_plugins))
+    start_background_jobs(node)
+    return create_app(node)
 
 
 def configure_logging(level: str) -> None:
@@ -112,27 +135,23 @@ def configure_logging(level: str) -> None:
     logger.setLevel(level.upper())
 
 
-def serve(settings: Settings, home: Path, hooks: PluginHooks | None = None,
-          announce: Callable[[], None] | None = None) -> None:
+def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> None:
     """Check the plugins, bind the socket, then hand over to gunicorn until a signal stops it.
 
+    :param node: the node's services, built (plugins loaded and checked) before the fork, so
+        a bad key or state file is one clear error, not a worker that fails to boot.
     :param announce: called once the socket is bound, before serving (the start-up line).
     """
+    settings = node.settings
     configure_logging(settings.log_level)
-    if hooks is None:
-        hooks = make_plugin_manager(disabled=settings.disable_plugins)
-    # Built once before forking, so a bad key or state file is one clear error, not a
-    # worker that fails to boot; then the leases are squared with what the engine runs.
-    context = ServerContext(settings, hooks, home)
-    try:
-        changes = context.containers().reconcile()
+    try:  # the leases are squared with what the engine runs
+        changes = node.containers().reconcile()
         if changes["adopted"] or changes["dropped"]:
-            logging.getLogger("p2prc.server").info(
-                "containers: %d found running again, %d gone since the last run",
-                len(changes["adopted"]), len(changes["dropped"]))
+            log.info("containers: %d found running again, %d gone since the last run",
+                     len(changes["adopted"]), len(changes["dropped"]))
     except P2PRCError as err:
-        logging.getLogger("p2prc.server").warning("containers unavailable: %s", err)
+        log.warning("containers unavailable: %s", err)
     sock = bind_socket(settings.host, settings.port)
     if announce:
         announce()
-    PeerServer(settings, home, sock).run()
+    PeerServer(settings, node.home, sock).run()
