@@ -1,0 +1,310 @@
+"""The host's container rules without Docker: a fake backend, registered through
+``p2prc_register_backends`` like any plugin, driven through the real app (falcon.testing) with
+signed requests. What the real engine does is tested in test_containers.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from falcon import testing
+
+from conftest import BUILTINS
+from p2prc_core import hookimpl
+from p2prc_core.config import Settings
+from p2prc_core.containers import (
+    LABEL,
+    LABEL_EXPIRES,
+    LABEL_NODE,
+    LABEL_OWNER,
+    LABEL_PORTS,
+    BackendContainer,
+    ContainerError,
+    ContainerSpec,
+)
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.plugins import make_plugin_manager
+from p2prc_core.server import create_app
+from p2prc_core.services import NodeServices
+from p2prc_core.signing import sign_request
+from p2prc_core.trust import TrustStore
+
+ALICE, BOB = NodeIdentity.generate(), NodeIdentity.generate()
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHxzX3ZkbnRmZXJ0eW9wYXNkZmdoamtsenhjdmJubTEy me"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJq0aXzLw3DYCr4tUJqlzCw1zFyW4rsH4FkvKcsh1L2a"
+
+
+class FakeBackend:
+    """An engine in memory: what the service asked for, and what it runs."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, BackendContainer] = {}
+        self.specs: dict[str, ContainerSpec] = {}
+        self.gpu_support = False
+        self.fail_create: str | None = None
+        self.fail_host_key = False
+        self.removed: list[str] = []
+        self.built: list[tuple[str, bool]] = []
+
+    def create(self, spec: ContainerSpec) -> str:
+        if self.fail_create:
+            raise ContainerError(500, "Engine refused", self.fail_create)
+        container_id = hashlib.sha256(spec.name.encode()).hexdigest()
+        self.specs[container_id] = spec
+        self.running[container_id] = BackendContainer(container_id, "running", spec.image,
+                                                      dict(spec.labels))
+        return container_id
+
+    def host_key(self, container_id: str, timeout: float) -> str:
+        if self.fail_host_key:
+            raise ContainerError(504, "Container too slow", "sshd did not start")
+        return HOST_KEY
+
+    def remove(self, container_id: str) -> None:
+        self.removed.append(container_id)
+        self.running.pop(container_id, None)
+
+    def containers(self) -> list[BackendContainer]:
+        return list(self.running.values())
+
+    def images(self) -> list[dict[str, Any]]:
+        return [{"name": "p2prc/base:latest", "id": "sha256:1", "size": 1},
+                {"name": "someone/else:1", "id": "sha256:2", "size": 1}]
+
+    def gpu_available(self) -> bool:
+        return self.gpu_support
+
+    def build_image(self, tag: str, from_debootstrap: bool, force: bool,
+                    say: Callable[[str], None]) -> bool:
+        self.built.append((tag, from_debootstrap))
+        return True
+
+
+class FakeBackendPlugin:
+    def __init__(self, backend: FakeBackend):
+        self.backend = backend
+
+    @hookimpl
+    def p2prc_register_backends(self, register: Callable[[str, Any], None]) -> None:
+        register("fake", self.backend)
+
+
+class FakeGPUs:
+    @hookimpl
+    def p2prc_collect_specs(self) -> dict[str, Any]:
+        return {"gpus": [{"index": 0, "name": "Fake GPU", "memory_total": 1 << 30}]}
+
+
+class Host:
+    """A host's app over a fake backend, and signed requests to it."""
+
+    def __init__(self, home: Path, gpus: bool = False, **options: Any):
+        self.backend = FakeBackend()
+        plugins: list[tuple[str, object]] = [
+            (n, m) for n, m in BUILTINS if n != "nvidia"]  # GPUs only from FakeGPUs
+        plugins.append(("fake-backend", FakeBackendPlugin(self.backend)))
+        if gpus:
+            plugins.append(("fake-gpus", FakeGPUs()))
+        settings = Settings(**{"backend": "fake", "port_range": "47100-47119",
+                               "containers_per_caller": 3, **options})
+        self.node = NodeServices(settings, home, make_plugin_manager(load_entrypoints=False,
+                                                                    plugins=plugins))
+        self.client = testing.TestClient(create_app(self.node))
+        TrustStore(home).add(ALICE.node_id, "alice")
+
+    def request(self, method: str, path: str, body: Any = None,
+                who: NodeIdentity = ALICE) -> testing.Result:
+        raw = b"" if body is None else json.dumps(body).encode()
+        headers = sign_request(who, method, path, "", raw)
+        if raw:
+            headers["Content-Type"] = "application/json"
+        return self.client.simulate_request(method, path, body=raw, headers=headers)
+
+    def create(self, who: NodeIdentity = ALICE, **fields: Any) -> testing.Result:
+        return self.request("POST", "/v1/containers", {"ssh_key": SSH_KEY, **fields}, who)
+
+    def held_ports(self) -> dict[int, str]:
+        return self.node.containers().store.held_ports()
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(tmp_path / "host")
+
+
+def assert_refused(result: testing.Result, status: int, words: str) -> None:
+    assert result.status_code == status, result.json
+    assert words in result.json["description"], result.json
+
+
+def test_a_create_runs_exactly_the_spec_and_answers_how_to_log_in(host: Host) -> None:
+    result = host.create(ports=2, cpus=0.5, memory=128 << 20, ttl=600)
+    assert result.status_code == 201, result.json
+    reply = result.json
+    [(container_id, spec)] = host.backend.specs.items()
+    assert reply["id"] == container_id and reply["node_id"] == host.node.identity.node_id
+    assert (spec.cpus, spec.memory, spec.pids, spec.gpu) == (0.5, 128 << 20, 512, False)
+    assert spec.ssh_key == SSH_KEY and spec.image == "p2prc/base:latest"
+    assert len(spec.ports) == 3 and all(47100 <= p <= 47119 for p in spec.ports)
+    assert spec.labels[LABEL] == "1" and spec.labels[LABEL_OWNER] == ALICE.node_id
+    assert spec.labels[LABEL_NODE] == host.node.identity.node_id
+    assert json.loads(spec.labels[LABEL_PORTS]) == reply["ports"]
+    assert int(spec.labels[LABEL_EXPIRES]) == int(reply["expires"])
+    assert reply["ports"][0] == {"name": "ssh", "internal": 22, "external": spec.ports[0]}
+    assert reply["ssh"]["host_key"] == HOST_KEY
+    assert reply["ssh"]["fingerprint"].startswith("SHA256:")
+    assert reply["expires"] - reply["created"] == pytest.approx(600)
+    assert set(host.held_ports()) == set(spec.ports)
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"privileged": True}, "Unknown fields ['privileged']"),
+    ({"ssh_key": "not a key"}, "one OpenSSH public key"),
+    ({"image": "../../etc"}, "not a valid image"),
+    ({"gpu": "yes"}, "true or false"),
+    ({"ports": -1}, "from 0 up"),
+    ({"ports": 1.5}, "whole number"),
+    ({"cpus": True}, "cpus must be a number"),
+    ({"memory": "1G"}, "memory must be a whole number"),
+    ({"ttl": 0}, "from 1 up"),
+])
+def test_malformed_requests_are_400_and_start_nothing(host: Host, fields: dict[str, Any],
+                                                      words: str) -> None:
+    assert_refused(host.create(**fields), 400, words)
+    assert host.backend.specs == {} and host.held_ports() == {}
+
+
+def test_a_body_that_is_not_an_object_is_400(host: Host) -> None:
+    assert_refused(host.request("POST", "/v1/containers", ["ports"]), 400, "JSON object")
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"cpus": 64}, "cpus 64 is over this host's limit of 2"),
+    ({"memory": 1 << 40}, "memory"),
+    ({"ports": 9}, "ports 9 is over this host's limit of 8"),
+    ({"ttl": 10**9}, "ttl"),
+    ({"image": "someone/else:1"}, "This host offers p2prc/base:latest"),
+])
+def test_requests_over_a_limit_are_422_and_start_nothing(host: Host, fields: dict[str, Any],
+                                                         words: str) -> None:
+    assert_refused(host.create(**fields), 422, words)
+    assert host.backend.specs == {} and host.held_ports() == {}
+
+
+def test_a_gpu_is_409_without_one_and_given_with_one(tmp_path: Path) -> None:
+    without = Host(tmp_path / "plain")
+    assert_refused(without.create(gpu=True), 409, "no NVIDIA GPU")
+    no_toolkit = Host(tmp_path / "gpu", gpus=True)
+    assert_refused(no_toolkit.create(gpu=True), 409, "no NVIDIA container toolkit")
+    no_toolkit.backend.gpu_support = True
+    assert no_toolkit.create(gpu=True).status_code == 201
+    [spec] = no_toolkit.backend.specs.values()
+    assert spec.gpu is True
+
+
+def test_the_per_caller_limit_is_429_and_a_removal_frees_a_place(host: Host) -> None:
+    ids = [host.create().json["id"] for _ in range(3)]
+    assert_refused(host.create(), 429, "limit per caller")
+    TrustStore(host.node.home).add(BOB.node_id)
+    assert host.create(who=BOB).status_code == 201  # the limit is per caller
+    assert host.request("DELETE", f"/v1/containers/{ids[0]}").status_code == 200
+    assert host.create().status_code == 201
+
+
+def test_an_exhausted_port_pool_is_503(tmp_path: Path) -> None:
+    host = Host(tmp_path / "host", port_range="47120-47122")
+    assert host.create(ports=2).status_code == 201
+    assert_refused(host.create(), 503, "0 free ports; 1 are needed")
+
+
+def test_callers_see_and_remove_only_their_own(host: Host) -> None:
+    TrustStore(host.node.home).add(BOB.node_id)
+    mine = host.create().json["id"]
+    theirs = host.create(who=BOB).json["id"]
+    listed = host.request("GET", "/v1/containers").json["containers"]
+    assert [c["id"] for c in listed] == [mine] and listed[0]["state"] == "running"
+    assert host.request("GET", f"/v1/containers/{mine[:12]}").json["id"] == mine
+    assert_refused(host.request("DELETE", f"/v1/containers/{theirs}"), 403, "another node")
+    assert_refused(host.request("DELETE", f"/v1/containers/{'e' * 64}"), 404, "No p2prc")
+    assert_refused(host.request("DELETE", "/v1/containers/not-hex"), 400, "lower-case hex")
+    assert theirs in host.backend.running
+    removed = host.request("DELETE", f"/v1/containers/{mine}")
+    assert removed.json == {"removed": mine} and mine not in host.backend.running
+    assert_refused(host.request("GET", f"/v1/containers/{mine}"), 404, "No p2prc")
+
+
+def test_an_untrusted_or_unsigned_caller_starts_nothing(host: Host) -> None:
+    assert_refused(host.create(who=BOB), 403, f"p2prc trust {BOB.node_id}")
+    unsigned = host.client.simulate_post("/v1/containers", json={"ssh_key": SSH_KEY})
+    assert unsigned.status_code == 401
+    assert host.backend.specs == {}
+
+
+def test_a_failed_create_releases_its_place_and_ports(host: Host) -> None:
+    host.backend.fail_create = "no space left on device"
+    assert_refused(host.create(ports=3), 500, "no space left on device")
+    assert host.held_ports() == {} and host.node.containers().store.leases() == []
+    host.backend.fail_create = None
+    host.backend.fail_host_key = True  # started, but sshd never came up
+    assert_refused(host.create(ports=1), 504, "sshd did not start")
+    assert host.backend.running == {} and host.held_ports() == {}
+    host.backend.fail_host_key = False
+    assert [host.create().status_code for _ in range(3)] == [201] * 3  # no place was lost
+
+
+def test_expired_leases_are_reaped_and_their_ports_freed(host: Host) -> None:
+    short = host.create(ttl=60).json["id"]
+    long = host.create(ttl=3600).json["id"]
+    service = host.node.containers()
+    assert service.reap() == []
+    assert service.reap(now=time.time() + 61) == [short]
+    assert set(host.backend.running) == {long}
+    assert set(host.held_ports().values()) == {long}
+    assert [c["id"] for c in host.request("GET", "/v1/containers").json["containers"]] == [long]
+
+
+def test_a_create_that_died_half_way_is_cleared_by_the_reaper(host: Host) -> None:
+    store = host.node.containers().store
+    store.reserve(ALICE.node_id, 2, 3, "pending-crashed")
+    assert len(host.held_ports()) == 2
+    assert host.node.containers().reap(now=time.time() + 601) == []
+    assert host.held_ports() == {}
+
+
+def test_a_lease_whose_container_vanished_shows_gone(host: Host) -> None:
+    container_id = host.create().json["id"]
+    del host.backend.running[container_id]  # removed behind p2prc's back
+    [listed] = host.request("GET", "/v1/containers").json["containers"]
+    assert listed["state"] == "gone"
+
+
+def test_reconcile_adopts_labelled_containers_and_drops_vanished_leases(host: Host) -> None:
+    service = host.node.containers()
+    kept = host.create(ports=1).json
+    vanished = host.create().json["id"]
+    del host.backend.running[vanished]
+    # The state is lost (a new home would be the same): the engine still runs `kept`.
+    service.store.forget(kept["id"])
+    foreign = BackendContainer("f" * 64, "running", "x", {LABEL: "1", LABEL_NODE: "other"})
+    host.backend.running[foreign.id] = foreign
+    assert service.reconcile() == {"adopted": [kept["id"]], "dropped": [vanished]}
+    [lease] = service.list_leases(ALICE.node_id)
+    assert lease.id == kept["id"] and lease.ports == kept["ports"]
+    assert set(host.held_ports()) == {p["external"] for p in kept["ports"]}
+    assert service.reconcile() == {"adopted": [], "dropped": []}
+
+
+def test_no_backend_is_503_with_the_reason(tmp_path: Path) -> None:
+    host = Host(tmp_path / "host", backend="nothing")
+    assert_refused(host.create(), 503, "'nothing' backend is not installed")
+    assert host.node.reap() == []  # the reaper has nothing to do, and does not fail
+
+
+def test_the_images_route_lists_only_offered_images(host: Host) -> None:
+    images = host.client.simulate_get("/v1/images").json["images"]
+    assert [(i["backend"], i["name"]) for i in images] == [("fake", "p2prc/base:latest")]

@@ -1,0 +1,199 @@
+"""Run orchestration without Ansible: a fake runner, registered through
+``p2prc_register_runners``, behind the real run service (targets, ports, records). Real
+Ansible against real containers is tested in test_tasks.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import BUILTINS
+from p2prc_core import hookimpl
+from p2prc_core.config import Settings
+from p2prc_core.errors import P2PRCError
+from p2prc_core.models import Endpoint
+from p2prc_core.plugins import make_plugin_manager
+from p2prc_core.services import NodeServices
+from p2prc_core.tasks import Bundle, Event, HostResult, RunResult, RunTarget
+from p2prc_core.tracking import RemoteContainer
+from p2prc_plugins.ansible import build_inventory
+
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "playbooks"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJq0aXzLw3DYCr4tUJqlzCw1zFyW4rsH4FkvKcsh1L2a"
+
+
+class FakeRunner:
+    """Says each host's result as told; remembers what it was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[RunTarget], dict[str, Any]]] = []
+        self.fail: set[str] = set()
+        self.crash: Exception | None = None
+
+    def run(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
+            run_dir: Path, on_event: Event) -> RunResult:
+        self.calls.append((bundle.name, targets, extravars))
+        if self.crash is not None:
+            raise self.crash
+        result = RunResult()
+        for target in targets:
+            failed = target.container_id in self.fail
+            on_event(target.name, "serve", "failed" if failed else "ok")
+            result.hosts[target.name] = HostResult(
+                target.name, target.container_id, "failed" if failed else "ok",
+                ok=0 if failed else 2, failed=1 if failed else 0,
+                message="port in use" if failed else "")
+        return result
+
+
+class FakeRunnerPlugin:
+    def __init__(self, runner: FakeRunner):
+        self.runner = runner
+
+    @hookimpl
+    def p2prc_register_runners(self, register: Callable[[str, Any], None]) -> None:
+        register("fake", self.runner)
+
+
+def container(index: int, extra_ports: int = 2) -> RemoteContainer:
+    ssh = 42000 + index * 10
+    return RemoteContainer(
+        id=f"{index:x}" * 64 if index < 16 else f"{index:064x}",
+        endpoint="[fd42::1]:8088", host="fd42::1", ssh_port=ssh, host_key=HOST_KEY,
+        ports=[{"name": "ssh", "internal": 22, "external": ssh}]
+        + [{"name": f"port{i}", "internal": ssh + i, "external": ssh + i}
+           for i in range(1, extra_ports + 1)],
+        image="p2prc/base:latest", created=1.0, expires=2.0)
+
+
+@pytest.fixture
+def runner() -> FakeRunner:
+    return FakeRunner()
+
+
+@pytest.fixture
+def node(tmp_path: Path, runner: FakeRunner) -> NodeServices:
+    hooks = make_plugin_manager(load_entrypoints=False,
+                                plugins=[*BUILTINS, ("fake-runner", FakeRunnerPlugin(runner))])
+    services = NodeServices(Settings(), tmp_path / "home", hooks)
+    services.playbooks.add(str(CONTRIB / "http"))
+    for index in (1, 2):
+        services.tracked.add(container(index))
+    services.tracked.create_group("web")
+    for index in (1, 2):
+        services.tracked.change_group("web", container(index).id, add=True)
+    return services
+
+
+def test_a_run_hands_each_target_its_login_and_unused_ports(node: NodeServices,
+                                                            runner: FakeRunner) -> None:
+    events: list[tuple[str, str, str]] = []
+    record = node.runs.run("http", ["web"], {"message": "hi"}, "fake",
+                           lambda *event: events.append(event))
+    [(name, targets, extravars)] = runner.calls
+    assert name == "http" and extravars["message"] == "hi"
+    first = targets[0]
+    assert (first.name, first.address, first.port, first.user, first.host_key) == \
+        (container(1).short_id, "fd42::1", 42010, "root", HOST_KEY)
+    assert first.private_key == node.ssh_key()[0] and first.private_key.exists()
+    assert first.ports == [{"internal": 42011, "external": 42011}]
+    assert events[:2] == [(t.name, "", "waiting") for t in targets]
+    assert record["succeeded"] and set(record["hosts"]) == {t.name for t in targets}
+    assert node.runs.history.get(record["id"][:10]) == record  # kept, found by prefix
+    # The next run gets the ports no run used before.
+    node.runs.run("http", [container(1).id], {}, "fake")
+    assert runner.calls[1][1][0].ports == [{"internal": 42012, "external": 42012}]
+
+
+def test_a_third_run_finds_no_unused_port_and_says_so(node: NodeServices) -> None:
+    node.runs.run("http", ["web"], {}, "fake")
+    node.runs.run("http", ["web"], {}, "fake")
+    with pytest.raises(P2PRCError, match="0 unused extra ports; the playbook needs 1"):
+        node.runs.run("http", ["web"], {}, "fake")
+
+
+def test_ports_handed_to_a_host_that_failed_are_released(node: NodeServices,
+                                                         runner: FakeRunner) -> None:
+    runner.fail = {container(2).id}
+    record = node.runs.run("http", ["web"], {}, "fake")
+    assert not record["succeeded"]
+    assert record["hosts"][container(2).short_id]["message"] == "port in use"
+    tracked = node.tracked.containers()
+    assert tracked[container(1).id].used_ports == [42011]  # kept: it is serving there
+    assert tracked[container(2).id].used_ports == []  # given back
+    runner.fail = set()
+    node.runs.run("http", ["web"], {}, "fake")
+    assert runner.calls[1][1][1].ports == [{"internal": 42021, "external": 42021}]
+
+
+def test_a_runner_that_crashes_gives_every_port_back(node: NodeServices,
+                                                     runner: FakeRunner) -> None:
+    runner.crash = RuntimeError("runner broke")
+    with pytest.raises(RuntimeError, match="runner broke"):
+        node.runs.run("http", ["web"], {}, "fake")
+    assert all(c.used_ports == [] for c in node.tracked.containers().values())
+
+
+@pytest.mark.parametrize("playbook, on, runner_name, words", [
+    ("nope", ["web"], "fake", "no playbook 'nope'"),
+    ("http", ["nobody"], "fake", "no tracked container 'nobody'"),
+    ("http", ["web"], "chef", "no task runner 'chef' (have: fake)"),
+])
+def test_what_cannot_run_is_a_clear_error(node: NodeServices, runner: FakeRunner,
+                                          playbook: str, on: list[str], runner_name: str,
+                                          words: str) -> None:
+    with pytest.raises(P2PRCError, match=re.escape(words)):
+        node.runs.run(playbook, on, {}, runner_name)
+    assert runner.calls == []
+    assert all(c.used_ports == [] for c in node.tracked.containers().values())
+
+
+def test_an_empty_group_is_a_clear_error(node: NodeServices) -> None:
+    node.tracked.create_group("empty")
+    with pytest.raises(P2PRCError, match="no containers to run on"):
+        node.runs.run("http", ["empty"], {}, "fake")
+
+
+def test_the_ansible_inventory_pins_host_keys_and_hands_out_ports(tmp_path: Path) -> None:
+    targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host, port=c.ssh_port,
+                         user="root", private_key=tmp_path / "key", host_key=c.host_key,
+                         ports=[{"internal": 7, "external": 7}])
+               for c in (container(1), container(2))]
+    known_hosts = tmp_path / "run" / "known_hosts"
+    inventory = build_inventory(targets, known_hosts)
+    hosts = inventory["all"]["hosts"]
+    assert list(hosts) == [t.name for t in targets]
+    first = hosts[targets[0].name]
+    assert (first["ansible_host"], first["ansible_port"], first["ansible_user"]) == \
+        ("fd42::1", 42010, "root")
+    assert "StrictHostKeyChecking=yes" in first["ansible_ssh_common_args"]
+    assert f"UserKnownHostsFile={known_hosts}" in first["ansible_ssh_common_args"]
+    assert first["p2prc_ports"] == [{"internal": 7, "external": 7}]
+    assert known_hosts.read_text().splitlines() == [f"[fd42::1]:42010 {HOST_KEY}",
+                                                    f"[fd42::1]:42020 {HOST_KEY}"]
+
+
+def test_a_container_reply_is_checked_before_it_is_kept() -> None:
+    from p2prc_core.errors import PeerError
+
+    good = {"id": "a" * 64, "node_id": "x", "image": "p2prc/base:latest", "created": 1,
+            "expires": 2, "gpu": False,
+            "ports": [{"name": "ssh", "internal": 22, "external": 42000}],
+            "ssh": {"port": 42000, "host_key": HOST_KEY}}
+    endpoint = Endpoint("fd42::1", 8088)
+    kept = RemoteContainer.from_reply(good, endpoint)
+    assert (kept.id, kept.host, kept.ssh_port, kept.endpoint) == \
+        ("a" * 64, "fd42::1", 42000, "[fd42::1]:8088")
+    assert json.loads(json.dumps(kept.as_dict()))["ssh"]["command"] == \
+        "ssh -p 42000 root@[fd42::1]"
+    for bad in ({"id": "/../../x"}, {"ports": [{"name": "ssh", "internal": 22,
+                                               "external": "{{ lookup('pipe', 'id') }}"}]},
+                {"ssh": {"port": 42000, "host_key": "ssh-ed25519 AAAA\nevil"}},
+                {"expires": "soon"}, {"ports": []}):
+        with pytest.raises(PeerError, match="not a container"):
+            RemoteContainer.from_reply({**good, **bad}, endpoint)
