@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import time
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 import p2prc_plugins.address
 import p2prc_plugins.nvidia
 import p2prc_plugins.scoring
 import p2prc_plugins.specs
 from p2prc_core.config import Settings
+from p2prc_core.identity import NodeIdentity
 from p2prc_core.plugins import PluginHooks, make_plugin_manager
+from p2prc_core.tls import client_context
 
 BUILTINS = [("address", p2prc_plugins.address), ("scoring", p2prc_plugins.scoring),
             ("specs", p2prc_plugins.specs), ("nvidia", p2prc_plugins.nvidia)]
@@ -69,14 +73,26 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+# For tests that speak to a server's API directly, as any HTTP client could: TLS 1.3 without
+# checking the node key (the p2prc client checks it; tests of that use the client).
+web = httpx.Client(verify=client_context(), trust_env=False,
+                   limits=httpx.Limits(max_keepalive_connections=0))
+
+
 class LiveServer:
     """A real ``p2prc server`` process on a free port."""
 
-    def __init__(self, home: Path, port: int, proc: subprocess.Popen[bytes], log: Path):
+    def __init__(self, home: Path, port: int, proc: subprocess.Popen[bytes], log: Path,
+                 scheme: str = "https"):
         self.home, self.port, self.proc, self.log = home, port, proc, log
+        self.scheme = scheme
+
+    @property
+    def node_id(self) -> str:
+        return NodeIdentity.load_or_create(self.home).node_id
 
     def url(self, host: str = "127.0.0.1") -> str:
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return f"{self.scheme}://{self.peer(host)}"
 
     def peer(self, host: str = "127.0.0.1") -> str:
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
@@ -111,18 +127,32 @@ def start_server(home: Path, *args: str, env: dict[str, str] | None = None,
     with open(log, "wb") as out:
         proc = subprocess.Popen([P2PRC, *command, *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=full_env)
-    server = LiveServer(home, port, proc, log)
+    scheme = "http" if full_env.get("P2PRC_TRANSPORT") == "http" else "https"
+    server = LiveServer(home, port, proc, log, scheme)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.output()}")
         try:
-            if httpx.get(server.url() + "/v1/health", timeout=1).status_code == 200:
+            if web.get(server.url() + "/v1/health", timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"server did not answer within {wait} s:\n{server.output()}")
+
+
+def serve_tls(server: socketserver.BaseServer, identity: NodeIdentity, home: Path) -> None:
+    """Make a test's own HTTP server speak TLS as node ``identity`` would."""
+    from p2prc_core.identity import KEY_FILE
+    from p2prc_core.tls import server_context, server_files
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / KEY_FILE).write_bytes(identity.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    context = server_context(*server_files(home, identity))
+    server.socket = context.wrap_socket(server.socket, server_side=True)  # type: ignore[attr-defined]
 
 
 @pytest.fixture

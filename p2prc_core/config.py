@@ -50,6 +50,9 @@ class Settings:
     trust_mode: str = _setting("allowlist", "'allowlist': only trusted nodes run work here; "
                                "'open': anyone who can reach this server can (labs only)",
                                choices=("allowlist", "open"))
+    transport: str = _setting("tls", "'tls': every connection between peers is TLS 1.3 bound to "
+                              "node keys; 'http': plain text, for a lab you control",
+                              choices=("tls", "http"))
     clock_window_seconds: int = _setting(60, "how far a signed request's time may be from ours",
                                          min=5, max=3600)
     advertise_addresses: list[str] = _setting([], "addresses to advertise instead of those found "
@@ -57,7 +60,7 @@ class Settings:
                                               each=lambda text: Address.parse(text))
     advertise_port: int = _setting(0, "port to advertise, if not the server's own (a forwarded "
                                    "port)", min=0, max=65535)
-    bootstrap: list[str] = _setting([], "ADDRESS[:PORT] of peers the server starts from",
+    bootstrap: list[str] = _setting([], "[NODE_ID@]ADDRESS[:PORT] of peers the server starts from",
                                     each=lambda text: parse_endpoint(text))
     refresh_seconds: int = _setting(300, "how often a running server updates its peer table "
                                     "(0: never)", min=0)

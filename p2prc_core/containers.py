@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from p2prc_core.config import Settings, parse_port_range
 from p2prc_core.errors import Refusal
+from p2prc_core.models import CONTAINER_ID, KEY_LINE
 from p2prc_core.storage import SharedDB
 
 LABEL = "org.p2prc"  # every p2prc container carries LABEL=1 and the labels below
@@ -29,10 +30,7 @@ SSH_PORT = 22
 PENDING = "pending-"  # ids of the places held while a container starts
 PENDING_SECONDS = 600
 
-_ID = re.compile(r"^[0-9a-f]{12,64}$")
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$")
-_SSH_KEY = re.compile(r"^(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|"
-                      r"ecdsa-sha2-nistp521|ssh-rsa) [A-Za-z0-9+/]+={0,3}( [ -~]{0,100})?$")
 _REQUEST_KEYS = {"ports", "gpu", "image", "cpus", "memory", "ttl", "ssh_key"}
 
 
@@ -78,7 +76,7 @@ class ContainerRequest:
             return kind(value)
 
         ssh_key = body.get("ssh_key")
-        if not isinstance(ssh_key, str) or not _SSH_KEY.match(ssh_key.strip()):
+        if not isinstance(ssh_key, str) or not KEY_LINE.fullmatch(ssh_key.strip()):
             raise ContainerError(400, "Invalid request",
                                  "ssh_key must be one OpenSSH public key line.")
         image = body.get("image")
@@ -371,7 +369,7 @@ class ContainerService:
 
         :raises ContainerError: 400 malformed id; 404 not p2prc's; 403 not ``owner``'s.
         """
-        if not isinstance(container_id, str) or not _ID.match(container_id):
+        if not isinstance(container_id, str) or not CONTAINER_ID.fullmatch(container_id):
             raise ContainerError(400, "Invalid id",
                                  "A container id is 12 to 64 lower-case hex characters.")
         found = [lease for lease in self.store.leases() if lease.id.startswith(container_id)]

@@ -16,11 +16,13 @@ from typing import Any, Protocol
 
 import httpx
 
+from p2prc_core.channel import Channel
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal, unreachable
 from p2prc_core.models import Endpoint, parse_endpoint
 from p2prc_core.node import dial_endpoints
 from p2prc_core.peertable import TOKEN_CHARS, PeerEntry, PeerTable, TableState, record_token
 from p2prc_core.plugins import PluginHooks
+from p2prc_core.tls import NodeMismatch
 
 log = logging.getLogger("p2prc.discovery")
 
@@ -45,24 +47,26 @@ class Transport(Protocol):
         the minimum of ``probes`` round trips (None for none).
 
         :raises PeerRefused: the peer answered with an error.
-        :raises PeerError: the peer could not be reached at this endpoint.
+        :raises PeerError: the peer could not be reached at this endpoint, or another node
+            than ``endpoint.node_id`` answered there.
         """
         ...
 
 
 class HttpTransport:
-    """The real thing: one connection per peer for the exchange and the latency probes."""
+    """The real thing: one connection per peer (one TLS handshake, the peer's key checked
+    against its node id) for the exchange and the latency probes."""
 
-    def __init__(self, timeout: float, max_bytes: int):
+    def __init__(self, timeout: float, max_bytes: int, secure: bool = True):
         self.timeout = timeout
         self.max_bytes = max_bytes
+        self.secure = secure
 
     def call(self, endpoint: Endpoint, body: bytes,
              probes: int) -> tuple[bytes, float | None]:
         where = str(endpoint)
         try:
-            with httpx.Client(base_url=endpoint.base_url, timeout=self.timeout,
-                              trust_env=False, headers={"User-Agent": "p2prc"}) as http:
+            with Channel(endpoint, self.secure).http(self.timeout) as http:
                 with http.stream("POST", "/v1/peers", content=body,
                                  headers={"Content-Type": "application/json"}) as resp:
                     data = bytearray()
@@ -144,7 +148,7 @@ class Discovery:
         """Where to dial a peer (``node.dial_endpoints``: its addresses, IPv6 first; then the
         endpoint that answered last time)."""
         return dial_endpoints(self.hooks, self.table.dial_addresses(entry.record), entry.port,
-                              entry.measured.address)
+                              entry.measured.address, entry.node_id)
 
     def contact(self, entry: PeerEntry, own: dict[str, Any], have: str = "") -> Outcome:
         """Exchange tables with one peer, trying its endpoints in order, and measure it."""
@@ -298,9 +302,13 @@ class Discovery:
             if outcome.node is not None:
                 if not isinstance(outcome.node, dict) or \
                         outcome.node.get("node_id") != outcome.node_id:
-                    summary.dropped["impostor"] += 1  # answered at its address as another node
-                else:
-                    incoming.append(outcome.node)
+                    # Another node answered at its address (only possible without TLS): take
+                    # nothing from it, and count it as a failure of the peer we meant.
+                    summary.dropped["impostor"] += 1
+                    measured.failures += 1
+                    summary.failed[outcome.node_id] = f"{outcome.endpoint} is another node"
+                    continue
+                incoming.append(outcome.node)
             result = self.table.merge_into(state, incoming)
             summary.dropped.update(result.dropped)
             for node_id in result.added:
@@ -424,6 +432,9 @@ class InProcessTransport:
         if endpoint not in self.nodes or endpoint in self.down:
             raise PeerError(f"cannot reach {endpoint}: connection refused")
         table, own_record = self.nodes[endpoint]
+        presented = own_record()["node_id"]  # what a TLS handshake would show
+        if endpoint.node_id is not None and presented != endpoint.node_id:
+            raise NodeMismatch(endpoint, endpoint.node_id, presented)
         try:
             answer = handle_exchange(table, own_record(), json.loads(body), self.max_records)
         except ExchangeError as err:

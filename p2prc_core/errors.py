@@ -38,12 +38,13 @@ class PeerRefused(PeerError):
 def unreachable(where: object, err: BaseException, timeout: float | None) -> PeerError:
     """The one mapping of a failure to reach or talk to a peer (httpx's errors and socket
     errors alike) to a one-line ``PeerError``."""
+    import httpcore
     import httpx
 
     wait = f"{timeout:g} s" if timeout is not None else "the time allowed"
-    if isinstance(err, httpx.TimeoutException | TimeoutError):
+    if isinstance(err, httpx.TimeoutException | httpcore.TimeoutException | TimeoutError):
         return PeerError(f"{where} did not answer within {wait}")
-    if isinstance(err, httpx.ConnectError | ConnectionRefusedError | OSError) and \
+    if isinstance(err, httpx.ConnectError | httpcore.ConnectError | OSError) and \
             not isinstance(err, ConnectionResetError | BrokenPipeError):
         reason = (err.strerror if isinstance(err, OSError) else None) or \
             str(err).split("] ")[-1] or "connection failed"

@@ -66,15 +66,20 @@ class Address:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where to reach a peer server: a host (IP address or name) and a port."""
+    """Where to reach a peer server: a host (IP address or name) and a port, and the node id
+    expected there when it is known (it takes no part in comparing endpoints)."""
 
     host: str
     port: int = DEFAULT_PORT
+    node_id: str | None = field(default=None, compare=False)
 
-    @property
-    def base_url(self) -> str:
+    def url(self, scheme: str = "https") -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{scheme}://{host}:{self.port}"
+
+    def expecting(self, node_id: str | None) -> Endpoint:
+        """The same address, with the node id expected there."""
+        return Endpoint(self.host, self.port, node_id)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -84,14 +89,31 @@ class Endpoint:
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$")
 
 
+_NODE_ID = re.compile(r"[a-z2-7]{26}")
+
+# What a container is called and how an OpenSSH public key is written: one rule for the host
+# that checks a request and the client that checks a reply (use ``fullmatch``).
+CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")  # a full id, or a 12+ character prefix
+PUBLIC_KEY = re.compile(r"(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) "
+                        r"[A-Za-z0-9+/]+={0,3}")
+KEY_LINE = re.compile(PUBLIC_KEY.pattern + r"( [ -~]{0,100})?")  # with a comment
+
+
 def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
-    """Parse ``ADDRESS[:PORT]``: IPv4, ``[IPv6]:port``, bare IPv6, or a host name.
+    """Parse ``[NODE_ID@]ADDRESS[:PORT]``: IPv4, ``[IPv6]:port``, bare IPv6, or a host name;
+    with ``NODE_ID@`` in front, the node that must answer there.
 
     :raises ValueError: with a message that says what is wrong.
     """
     text = text.strip()
     if text.startswith(("http://", "https://")):
         text = text.split("://", 1)[1].rstrip("/")
+    node_id, at, rest = text.partition("@")
+    if at:
+        if not _NODE_ID.fullmatch(node_id.lower()):
+            raise ValueError(f"{node_id!r} is not a node id (26 letters and digits, as "
+                             f"'p2prc id' prints)")
+        return parse_endpoint(rest, default_port).expecting(node_id.lower())
     if not text:
         raise ValueError("empty address")
     port_text: str | None = None
@@ -117,7 +139,7 @@ def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
                 raise ValueError(f"{text!r} is not an IP address or host name") from None
     port = default_port
     if port_text is not None:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
         port = int(port_text)
     return Endpoint(host, port)

@@ -87,14 +87,16 @@ def dial_order(hooks: PluginHooks, addresses: list[Address]) -> list[Address]:
 
 
 def dial_endpoints(hooks: PluginHooks, addresses: list[Address], port: int,
-                   remembered: str | None = None) -> list[Endpoint]:
+                   remembered: str | None = None,
+                   node_id: str | None = None) -> list[Endpoint]:
     """The one rule for where to dial a peer: its addresses in ``p2prc_select_address``'s
     order (IPv6 first, by default), then the endpoint that answered last time if it is not
-    among them (an address the peer does not know it has, behind NAT, say)."""
-    found = [Endpoint(str(a), port) for a in dial_order(hooks, addresses)]
+    among them (an address the peer does not know it has, behind NAT, say). Each endpoint
+    expects ``node_id`` to answer there."""
+    found = [Endpoint(str(a), port, node_id) for a in dial_order(hooks, addresses)]
     if remembered:
         try:
-            endpoint = parse_endpoint(remembered)
+            endpoint = parse_endpoint(remembered).expecting(node_id)
         except ValueError:
             return found
         if endpoint not in found:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,3 +40,10 @@ def human_bytes(count: float | int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def format_when(stamp: float | None) -> str:
+    """A moment as people read it, in local time with its zone."""
+    if not stamp:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(stamp))

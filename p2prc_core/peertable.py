@@ -9,6 +9,8 @@ One entry per node id (a ``PeerEntry``)::
 
 The table's ``clock`` grows with every record change; together with the table's random
 ``epoch`` it makes a cursor, so a peer that asks again gets only what changed since.
+``pins`` maps an ``ADDRESS:PORT`` to the node id whose key answered there (over TLS): a
+later answer there with another key is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import base64
 import hashlib
 import secrets
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,28 +67,33 @@ class Measured:
 
     latency_ms: float | None = None
     bandwidth_mbps: float | None = None
-    last_seen: int | None = None
+    last_seen: float | None = None
     failures: int = 0
     address: str | None = None  # the endpoint that answered last
     cursor: str | None = None  # where our next exchange with it starts
     holds_our_seq: int | None = None  # the seq of our record it holds
+    extra: dict[str, Any] = field(default_factory=dict)  # what another version wrote
 
     @classmethod
     def from_json(cls, data: Any) -> Measured:
-        """Read leniently: a field of the wrong type is as if absent."""
+        """Read leniently: a field of the wrong type is as if absent; fields this version
+        does not know are kept as they are."""
         if not isinstance(data, dict):
             return cls()
         text = {k: data.get(k) if isinstance(data.get(k), str) else None
                 for k in ("address", "cursor")}
         return cls(latency_ms=_number(data.get("latency_ms")),
                    bandwidth_mbps=_number(data.get("bandwidth_mbps")),
-                   last_seen=_whole(data.get("last_seen")),
+                   last_seen=_number(data.get("last_seen")),
                    failures=_whole(data.get("failures")) or 0,
-                   holds_our_seq=_whole(data.get("holds_our_seq")), **text)
+                   holds_our_seq=_whole(data.get("holds_our_seq")),
+                   extra={k: v for k, v in data.items()
+                          if k not in {f.name for f in fields(cls)}}, **text)
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) is not None}
+        known = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.name != "extra" and getattr(self, f.name) is not None}
+        return {**self.extra, **known}
 
 
 @dataclass
@@ -96,6 +103,7 @@ class PeerEntry:
     record: dict[str, Any]
     changed: int = 0
     measured: Measured = field(default_factory=Measured)
+    extra: dict[str, Any] = field(default_factory=dict)  # what another version wrote
 
     @property
     def node_id(self) -> str:
@@ -112,10 +120,11 @@ class PeerEntry:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PeerEntry:
         changed = _whole(data.get("changed")) or 0
-        return cls(data["record"], changed, Measured.from_json(data.get("measured")))
+        extra = {k: v for k, v in data.items() if k not in ("record", "changed", "measured")}
+        return cls(data["record"], changed, Measured.from_json(data.get("measured")), extra)
 
     def to_json(self) -> dict[str, Any]:
-        return {"record": self.record, "changed": self.changed,
+        return {**self.extra, "record": self.record, "changed": self.changed,
                 "measured": self.measured.to_json()}
 
     def to_peer(self) -> PeerRecord:
@@ -128,9 +137,6 @@ class PeerEntry:
                           failures=measured.failures, specs=record.get("specs", {}),
                           metadata=record.get("metadata", {}))
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class TableState:
@@ -139,6 +145,7 @@ class TableState:
     epoch: str
     clock: int
     peers: dict[str, PeerEntry]
+    pins: dict[str, str] = field(default_factory=dict)  # ADDRESS:PORT -> node id seen there
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TableState:
@@ -151,11 +158,15 @@ class TableState:
         epoch = data.get("epoch")
         clock = data.get("clock", 0)
         clock = clock if isinstance(clock, int) and not isinstance(clock, bool) else 0
-        return cls(epoch if isinstance(epoch, str) else secrets.token_hex(6), clock, peers)
+        found_pins = data.get("pins")
+        pins = {k: v for k, v in found_pins.items() if isinstance(v, str)} \
+            if isinstance(found_pins, dict) else {}
+        return cls(epoch if isinstance(epoch, str) else secrets.token_hex(6), clock, peers,
+                   pins)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "epoch": self.epoch, "clock": self.clock,
-                "peers": {k: e.to_json() for k, e in self.peers.items()}}
+                "peers": {k: e.to_json() for k, e in self.peers.items()}, "pins": self.pins}
 
     def cursor(self) -> str:
         return f"{self.epoch}:{self.clock}"
@@ -170,7 +181,7 @@ class TableState:
         since = 0
         if cursor:
             epoch, _, clock = cursor.partition(":")
-            if epoch == self.epoch and clock.isdigit():
+            if epoch == self.epoch and clock.isascii() and clock.isdigit():
                 since = int(clock)
         changed = sorted((e.changed, node_id) for node_id, e in self.peers.items()
                          if e.changed > since)
@@ -262,6 +273,26 @@ class PeerTable:
             entry.record = held[node_id]
             entry.changed = state.clock
         return result
+
+    def pin(self, address: str, node_id: str) -> str | None:
+        """Remember that ``node_id`` answered at ``address`` (trust on first use, or the
+        user's NODE_ID@ADDRESS); returns the node pinned there before, if another."""
+        def change(state: TableState) -> str | None:
+            before = state.pins.get(address)
+            state.pins[address] = node_id
+            return before if before != node_id else None
+
+        return self.update(change)
+
+    def forget(self, node_id: str) -> bool:
+        """Drop a peer and every address pinned to it; False if there was nothing to drop."""
+        def change(state: TableState) -> bool:
+            pinned = [a for a, n in state.pins.items() if n == node_id]
+            for address in pinned:
+                del state.pins[address]
+            return state.peers.pop(node_id, None) is not None or bool(pinned)
+
+        return self.update(change)
 
     def record_bandwidth(self, node_id: str, mbit_per_second: float) -> bool:
         """Remember a speed test's result for a peer; False if the table does not hold it."""

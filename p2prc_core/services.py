@@ -5,7 +5,10 @@ trust) is put together twice."""
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,18 +19,22 @@ from p2prc_core.containers import Backend, ContainerError, ContainerService
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Address, Endpoint, parse_endpoint
-from p2prc_core.node import TimedCache, dial_endpoints, record_fields
+from p2prc_core.node import TimedCache, advertised_addresses, dial_endpoints, record_fields
+from p2prc_core.output import format_when
 from p2prc_core.peertable import PeerEntry, PeerTable
 from p2prc_core.plugins import PluginHooks
 from p2prc_core.records import RecordPublisher
 from p2prc_core.sshkeys import ensure_key
 from p2prc_core.tasks import Playbooks, Runs, RunService
-from p2prc_core.tracking import Tracked
+from p2prc_core.tls import NodeMismatch
+from p2prc_core.tracking import RemoteContainer, Tracked
 from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore, accept_invite
 
 if TYPE_CHECKING:  # httpx and what uses it load only where a node talks to peers
-    from p2prc_core.client import PeerClient
-    from p2prc_core.discovery import Discovery
+    from p2prc_core.client import PeerClient, Transfer
+    from p2prc_core.discovery import Discovery, UpdateSummary
+
+log = logging.getLogger("p2prc")
 
 RECORD_SECONDS = 30.0  # how long a built record is served before it is built again
 
@@ -35,14 +42,17 @@ RECORD_SECONDS = 30.0  # how long a built record is served before it is built ag
 class NodeServices:
     """This node's objects, each built on first use from its settings, home and plugins."""
 
-    def __init__(self, settings: Settings, home: Path, hooks: PluginHooks):
+    def __init__(self, settings: Settings, home: Path, hooks: PluginHooks,
+                 notice: Callable[[str], None] | None = None):
         self.settings = settings
         self.home = home
         self.hooks = hooks
+        self.notice = notice or log.info  # what a user should see (the CLI prints it)
         self.started = time.monotonic()
         self._specs = TimedCache(self._collect_specs, settings.specs_cache_seconds)
         self._record = TimedCache(self._build_record, RECORD_SECONDS)
         self._containers: ContainerService | None = None
+        self._containers_lock = threading.Lock()  # gunicorn's threads build it once
 
     # -- who this node is ----------------------------------------------------------------------
 
@@ -99,7 +109,8 @@ class NodeServices:
 
         s = self.settings
         return Discovery(self.table, self.hooks,
-                         HttpTransport(s.request_timeout, s.max_table_bytes), self.own_record,
+                         HttpTransport(s.request_timeout, s.max_table_bytes, self.secure),
+                         self.own_record,
                          concurrency=s.update_concurrency, probes=s.latency_probes,
                          max_failures=s.peer_max_failures,
                          max_records=s.max_records_per_response)
@@ -120,36 +131,105 @@ class NodeServices:
             raise P2PRCError(f"{len(named)} peers are named {text!r} ({ids}): use a node id")
         return named[0] if named else None
 
-    def resolve(self, peer: str | Endpoint) -> Endpoint:
-        """PEER (a node id or a name from the table, or ADDRESS[:PORT]) to the endpoint to
-        dial: for a peer in the table, the first of its endpoints that takes a connection.
+    @property
+    def secure(self) -> bool:
+        """TLS between peers (``transport = "tls"``, the default)."""
+        return self.settings.transport == "tls"
+
+    def resolve(self, peer: str | Endpoint) -> list[Endpoint]:
+        """PEER (a node id or a name from the table, NODE_ID@ADDRESS[:PORT], or
+        ADDRESS[:PORT]) to where to dial it, each endpoint with the node id expected there:
+        a peer from the table at its addresses in dial order; a bare address with the node
+        pinned there, if one is (none on first contact).
 
         :raises ValueError: ``peer`` is neither in the table nor an address.
-        :raises PeerError: no endpoint of the peer answers.
+        :raises PeerError: the table has no address of the peer this node may dial.
         """
         if isinstance(peer, Endpoint):
-            return peer
-        entry = self.find_peer(peer)
-        if entry is None:
-            return parse_endpoint(peer)
-        endpoints = self.discovery.endpoints(entry)
-        if not endpoints:
-            raise PeerError(f"{peer}: the table has no address this node may dial")
-        from p2prc_core.client import first_reachable
+            endpoint = peer
+        else:
+            entry = self.find_peer(peer)
+            if entry is not None:
+                endpoints = self.discovery.endpoints(entry)
+                if not endpoints:
+                    raise PeerError(f"{peer}: the table has no address this node may dial")
+                return endpoints
+            endpoint = parse_endpoint(peer)
+        if endpoint.node_id is None:
+            endpoint = endpoint.expecting(self.pinned(endpoint))
+        return [endpoint]
 
-        return first_reachable(endpoints, self.settings.request_timeout)
+    def pinned(self, endpoint: Endpoint) -> str | None:
+        """The node id this node has seen answer at ``endpoint`` (trust on first use)."""
+        if not self.table.path.exists():
+            return None
+        state = self.table.snapshot()
+        address = str(endpoint)
+        if address in state.pins:
+            return state.pins[address]
+        found = [e.node_id for e in state.peers.values() if e.measured.address == address]
+        return found[0] if len(found) == 1 else None
+
+    def _contact(self, endpoint: Endpoint, presented: str) -> None:
+        """A channel opened: pin the node that answered, and say so on first contact."""
+        if endpoint.node_id is not None and endpoint.node_id == self.pinned(endpoint):
+            return  # the node we expected, where we expected it: nothing new
+        if endpoint.node_id is None and presented == self.identity.node_id:
+            return  # ourselves
+        before = self.table.pin(str(endpoint), presented)
+        if endpoint.node_id is None:
+            self.notice(f"first contact with {endpoint}: node {presented} (pinned: another "
+                        f"key there will be refused)")
+        elif before is not None:
+            self.notice(f"{endpoint} is now pinned to node {presented} (was {before})")
 
     def client(self, peer: str | Endpoint) -> PeerClient:
-        """A client for PEER that signs with this node's key."""
+        """A client for PEER over a checked channel, signing with this node's key."""
         from p2prc_core.client import PeerClient
 
         return PeerClient(self.resolve(peer), timeout=self.settings.request_timeout,
-                          identity=self.identity)
+                          identity=self.identity, secure=self.secure,
+                          on_contact=self._contact if self.secure else None)
 
     def fetch_record(self, endpoint: Endpoint) -> dict[str, Any]:
         """The verified record of the node at ``endpoint``."""
         with self.client(endpoint) as client:
             return client.node()
+
+    def add_peer(self, peer: str | Endpoint) -> tuple[PeerEntry, UpdateSummary, Endpoint]:
+        """Add the node at ``peer`` (ADDRESS[:PORT], or NODE_ID@ADDRESS[:PORT]) to the
+        table, exchange tables with it and measure it; returns its entry, what the exchange
+        brought, and the endpoint it was added at.
+
+        :raises P2PRCError: it is this node, or it cannot be reached.
+        """
+        with self.client(peer) as client:
+            record = client.node()
+            endpoint = client.endpoint
+        if record["node_id"] == self.identity.node_id:
+            raise P2PRCError(f"{endpoint} is this node itself")
+        summary = self.discovery.add(endpoint, record)
+        return self.table.load()[record["node_id"]], summary, endpoint
+
+    def speedtest(self, peer: str, size: int, download_only: bool = False,
+                  progress: Callable[[str, int], Callable[[int], None]] | None = None
+                  ) -> tuple[Endpoint, list[Transfer]]:
+        """Download (and upload) ``size`` bytes to PEER; a peer from the table remembers
+        the download's bandwidth. ``progress(direction, total)`` returns what to call with
+        each count of bytes moved."""
+        results: list[Transfer] = []
+        with self.client(peer) as client:
+            steps = [("download", client.download)]
+            if not download_only:
+                steps.append(("upload", client.upload))
+            for direction, move in steps:
+                advance = progress(direction, size) if progress else None
+                results.append(move(size, advance))
+            endpoint = client.endpoint
+        entry = self.find_peer(peer)
+        if entry is not None:
+            self.table.record_bandwidth(entry.node_id, results[0].mbit_per_second)
+        return endpoint, results
 
     def bootstrap(self) -> None:
         """Add the configured ``bootstrap`` peers the table does not hold yet."""
@@ -172,6 +252,23 @@ class NodeServices:
         accept_invite(self.state, self.trust, self.table, caller, secret, caller_record)
         return {"trusted": True, "node": self.own_record()}
 
+    def create_invite(self, ttl: int, addresses: list[str] | None = None,
+                      port: int | None = None) -> Invite:
+        """A one-time invite to this node, naming its id, where to dial it (``addresses``,
+        or what it advertises) and its port.
+
+        :raises ValueError: an address is not an IP address.
+        :raises TrustError: there is no address a friend could dial.
+        """
+        chosen = [str(Address.parse(a)) for a in addresses] if addresses else \
+            advertised_addresses(self.settings, self.hooks)
+        if not chosen:
+            raise TrustError("this node has no address a friend could dial: pass --address")
+        secret, expires = self.state.create_invite(ttl)
+        return Invite(self.identity.node_id, chosen[:8],
+                      port or self.settings.advertise_port or self.settings.port, secret,
+                      expires)
+
     def join(self, token: str) -> tuple[dict[str, Any], Endpoint]:
         """Redeem a friend's invite at the first of its addresses that answers: we are
         trusted there, and its node joins our table. Returns its record and where it was.
@@ -181,9 +278,8 @@ class NodeServices:
         """
         offer = Invite.parse(token)
         if offer.expires < time.time():
-            raise TrustError(f"this invite expired at "
-                             f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(offer.expires))}"
-                             f": ask for a new one")
+            raise TrustError(f"this invite expired at {format_when(offer.expires)}: ask for a "
+                             f"new one")
         candidates = []
         for text in offer.addresses:
             try:
@@ -192,12 +288,18 @@ class NodeServices:
                 continue
         failures = []
         own = self.own_record()
-        for endpoint in dial_endpoints(self.hooks, candidates, offer.port):
+        # The token names the node: only it can answer (TLS), whoever else has the address.
+        for endpoint in dial_endpoints(self.hooks, candidates, offer.port,
+                                       node_id=offer.node_id):
             try:
                 with self.client(endpoint) as client:
                     record = client.join(offer.secret, own)
             except PeerRefused:
                 raise
+            except NodeMismatch as err:
+                raise TrustError(f"{endpoint} is not the node the invite names "
+                                 f"({err.presented} instead of {offer.node_id}): not "
+                                 f"joined") from None
             except PeerError as err:
                 failures.append(str(err))
                 continue
@@ -229,10 +331,11 @@ class NodeServices:
 
     def containers(self) -> ContainerService:
         """The host's container service over the configured backend (built on first use)."""
-        if self._containers is None:
-            self._containers = ContainerService.open(self.settings, self.backend(), self.home,
-                                                     self.identity.node_id, self.gpus)
-        return self._containers
+        with self._containers_lock:
+            if self._containers is None:
+                self._containers = ContainerService.open(
+                    self.settings, self.backend(), self.home, self.identity.node_id, self.gpus)
+            return self._containers
 
     def reap(self) -> list[str]:
         """Remove the containers whose lease ran out; none when there is no engine."""
@@ -244,6 +347,71 @@ class NodeServices:
     def ssh_key(self) -> tuple[Path, str]:
         """The client's SSH key: the private key's path and the public key line."""
         return ensure_key(self.home, self.settings.ssh_key)
+
+    def touch(self, peer: str, request: dict[str, Any]) -> RemoteContainer:
+        """Start a container on PEER with our SSH key (``request`` holds what else was asked:
+        ports, gpu, image, cpus, memory, ttl) and keep it as tracked."""
+        _, public_key = self.ssh_key()
+        with self.client(peer) as client:
+            container = client.create_container({"ssh_key": public_key, **request})
+        self.tracked.add(container)
+        return container
+
+    def container_states(self) -> list[tuple[RemoteContainer, str]]:
+        """Each tracked container and its state as its host tells (``unreachable`` when the
+        host cannot be asked, ``gone`` when it no longer runs it)."""
+        by_host: dict[str, list[RemoteContainer]] = {}
+        for container in self.tracked.containers().values():
+            by_host.setdefault(container.endpoint, []).append(container)
+        found = []
+        for _, members in sorted(by_host.items()):
+            try:
+                with self.client(members[0].host_endpoint) as client:
+                    live: dict[str, str] | None = {c["id"]: c["state"]
+                                                   for c in client.list_containers()}
+            except PeerError:
+                live = None
+            for container in members:
+                state = "unreachable" if live is None else live.get(container.id, "gone")
+                found.append((container, state))
+        return found
+
+    def remove_container(self, container: RemoteContainer) -> bool:
+        """Remove a container from its host and forget it; False if the host had removed it
+        already."""
+        with self.client(container.host_endpoint) as client:
+            try:
+                client.remove_container(container.id)
+                removed = True
+            except PeerRefused as err:
+                if err.status != 404:
+                    raise
+                removed = False
+        self.tracked.forget(container.id)
+        return removed
+
+    def check_alive(self, containers: list[RemoteContainer]) -> None:
+        """Ask each host whether our containers there still run, before anything logs in:
+        a port the host gave to someone else since must not be mistaken for ours.
+
+        :raises P2PRCError: ``CONTAINER is gone``, or its host cannot be asked.
+        """
+        by_host: dict[str, list[RemoteContainer]] = {}
+        for container in containers:
+            by_host.setdefault(container.endpoint, []).append(container)
+        for members in by_host.values():
+            with self.client(members[0].host_endpoint) as client:
+                live = {c.get("id"): c.get("state") for c in client.list_containers()
+                        if isinstance(c, dict)}
+            for container in members:
+                if container.id not in live:
+                    raise P2PRCError(f"{container.short_id} is gone from "
+                                     f"{container.endpoint} (removed by its host, or its "
+                                     f"lease ran out): 'p2prc rm {container.short_id}' forgets "
+                                     f"it")
+                if live[container.id] != "running":
+                    raise P2PRCError(f"{container.short_id} on {container.endpoint} is "
+                                     f"{live[container.id]}, not running")
 
     @cached_property
     def tracked(self) -> Tracked:
@@ -257,4 +425,4 @@ class NodeServices:
     @cached_property
     def runs(self) -> RunService:
         return RunService(self.playbooks, self.tracked, Runs(self.home), self.hooks.runners,
-                          lambda: self.ssh_key()[0])
+                          lambda: self.ssh_key()[0], self.check_alive)

@@ -1,4 +1,6 @@
-"""Signed requests: the caller's key signs the method, path, query, time, a nonce and the body.
+"""Signed requests: the caller's key signs the node the request is for, the method, path,
+query, time, a nonce and the body. Naming the target means a request captured on its way to
+one host cannot be replayed to another that trusts the same caller.
 
 The client signs by itself (``sign_request``); the server checks with ``check_signature``
 and then that the nonce is new (``trust.ServerState.use_nonce``).
@@ -19,23 +21,25 @@ KEY = "X-P2PRC-Key"
 TIME = "X-P2PRC-Time"
 NONCE = "X-P2PRC-Nonce"
 SIGNATURE = "X-P2PRC-Signature"
-HEADERS = (NODE, KEY, TIME, NONCE, SIGNATURE)
+TARGET = "X-P2PRC-Target"
+HEADERS = (NODE, KEY, TIME, NONCE, SIGNATURE, TARGET)
 
 
-def request_message(method: str, path: str, query: str, timestamp: str, nonce: str,
-                    body: bytes) -> bytes:
-    return "\n".join(["p2prc-request-v1", method.upper(), path, query, timestamp, nonce,
-                      hashlib.sha256(body).hexdigest()]).encode("utf-8")
+def request_message(target: str, method: str, path: str, query: str, timestamp: str,
+                    nonce: str, body: bytes) -> bytes:
+    return "\n".join(["p2prc-request-v2", target, method.upper(), path, query, timestamp,
+                      nonce, hashlib.sha256(body).hexdigest()]).encode("utf-8")
 
 
 def sign_request(identity: NodeIdentity, method: str, path: str, query: str, body: bytes,
-                 now: float | None = None) -> dict[str, str]:
-    """The headers that make this request signed by ``identity``."""
+                 target: str, now: float | None = None) -> dict[str, str]:
+    """The headers that make this request signed by ``identity``, for node ``target`` only."""
     timestamp = str(int(now if now is not None else time.time()))
     nonce = b64encode(os.urandom(18))
-    signature = identity.sign(request_message(method, path, query, timestamp, nonce, body))
+    signature = identity.sign(request_message(target, method, path, query, timestamp, nonce,
+                                              body))
     return {NODE: identity.node_id, KEY: b64encode(identity.public_key), TIME: timestamp,
-            NONCE: nonce, SIGNATURE: b64encode(signature)}
+            NONCE: nonce, SIGNATURE: b64encode(signature), TARGET: target}
 
 
 class SignatureError(Exception):
@@ -54,11 +58,13 @@ class SignedBy:
 
 
 def check_signature(header: Callable[[str], str | None], method: str, path: str, query: str,
-                    body: bytes, window: float, now: float | None = None) -> SignedBy:
-    """Verify the signature headers of a request.
+                    body: bytes, window: float, own_node_id: str,
+                    now: float | None = None) -> SignedBy:
+    """Verify the signature headers of a request made to node ``own_node_id``.
 
     :param header: looks up a request header by name (``None`` when absent).
-    :raises SignatureError: missing, malformed, wrong key, bad signature, outside the window.
+    :raises SignatureError: missing, malformed, wrong key, signed for another node, bad
+        signature, outside the window.
     """
     values = {name: header(name) for name in HEADERS}
     missing = [name for name, value in values.items() if not value]
@@ -79,14 +85,19 @@ def check_signature(header: Callable[[str], str | None], method: str, path: str,
         raise SignatureError("Malformed signature", "The node id or nonce is malformed.")
     if len(public_key) != 32 or node_id_for(public_key) != node_id:
         raise SignatureError("Wrong key", f"The key sent does not belong to node {node_id}.")
+    if values[TARGET] != own_node_id:
+        raise SignatureError("Signed for another node",
+                             f"This request was signed for node {values[TARGET]!r}, not for "
+                             f"this node ({own_node_id}): a request is good only at the node "
+                             f"it was signed for.")
     now = now if now is not None else time.time()
     if abs(now - timestamp) > window:
         raise SignatureError("Signature expired",
                              f"The request was signed {now - timestamp:+.0f} s from this "
                              f"server's clock, outside the {window:g} s window: check the "
                              f"clocks of both machines.")
-    if not verify(public_key, signature,
-                  request_message(method, path, query, time_text, nonce, body)):
+    if not verify(public_key, signature, request_message(own_node_id, method, path, query,
+                                                         time_text, nonce, body)):
         raise SignatureError("Invalid signature",
                              "The signature does not match this request: it was changed on "
                              "the way, or signed with another key.")

@@ -36,3 +36,13 @@ def ensure_key(home: Path, configured: str = "") -> tuple[Path, str]:
     if not public.exists():
         raise P2PRCError(f"{public} is missing: p2prc needs the public half of {private}")
     return private, public.read_text().strip()
+
+
+def login_command(host: str, port: int, user: str = "root") -> str:
+    """The plain ssh command line for a container (an IPv6 host goes without brackets)."""
+    return f"ssh -p {port} {user}@{host.strip('[]')}"
+
+
+def known_hosts_line(host: str, port: int, host_key: str) -> str:
+    """One known_hosts line pinning ``host_key`` at ``host``:``port``."""
+    return f"[{host.strip('[]')}]:{port} {host_key}\n"

@@ -13,7 +13,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from p2prc_core.errors import P2PRCError
+
 T = TypeVar("T")
+
+
+class CorruptFile(P2PRCError, ValueError):
+    """A state file that cannot be read; the message names it and what to do."""
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -57,7 +63,7 @@ def read_json_file(path: Path, default: Any) -> Any:
     try:
         return json.loads(text)
     except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); move it aside to start afresh") \
+        raise CorruptFile(f"{path} is not valid JSON ({err}); move it aside to start afresh") \
             from None
 
 

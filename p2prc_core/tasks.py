@@ -247,12 +247,14 @@ class RunService:
     ports, calls the runner, and keeps the run's record."""
 
     def __init__(self, playbooks: Playbooks, tracked: Tracked, history: Runs,
-                 runners: Callable[[], dict[str, Runner]], private_key: Callable[[], Path]):
+                 runners: Callable[[], dict[str, Runner]], private_key: Callable[[], Path],
+                 check_alive: Callable[[list[RemoteContainer]], None] = lambda found: None):
         self.playbooks = playbooks
         self.tracked = tracked
         self.history = history
         self.runners = runners
         self.private_key = private_key
+        self.check_alive = check_alive  # raises for a container its host no longer runs
 
     def run(self, playbook: str, on: list[str], variables: dict[str, Any],
             runner: str = "ansible", on_event: Event | None = None) -> dict[str, Any]:
@@ -274,6 +276,7 @@ class RunService:
             raise P2PRCError(f"no task runner {runner!r} (have: {', '.join(runners) or 'none'})")
         extravars = {**bundle.variables, **variables}
         private_key = self.private_key()
+        self.check_alive(containers)
         handed = self.tracked.reserve_ports(containers, bundle.ports)
         targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host,
                              port=c.ssh_port, user="root", private_key=private_key,

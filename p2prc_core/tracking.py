@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from p2prc_core.errors import P2PRCError, PeerError
-from p2prc_core.models import Endpoint
+from p2prc_core.models import CONTAINER_ID, PUBLIC_KEY, Endpoint
 from p2prc_core.storage import read_json_object, update_json
 
 _GROUP = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-_CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")
-_HOST_KEY = re.compile(r"(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) [A-Za-z0-9+/]+={0,3}")
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,255}")
 
 
@@ -56,9 +54,9 @@ class RemoteContainer:
             if not isinstance(reply, dict) or not isinstance(reply.get("ssh"), dict):
                 raise ValueError("not a container")
             container_id, host_key = reply.get("id"), reply["ssh"].get("host_key")
-            if not isinstance(container_id, str) or not _CONTAINER_ID.fullmatch(container_id):
+            if not isinstance(container_id, str) or not CONTAINER_ID.fullmatch(container_id):
                 raise ValueError("its id is not 12 to 64 lower-case hex characters")
-            if not isinstance(host_key, str) or not _HOST_KEY.fullmatch(host_key):
+            if not isinstance(host_key, str) or not PUBLIC_KEY.fullmatch(host_key):
                 raise ValueError("its host key is not one OpenSSH public key")
             ports = reply.get("ports")
             if not isinstance(ports, list) or not ports or len(ports) > 65:
@@ -84,9 +82,18 @@ class RemoteContainer:
                             f"container ({err})") from None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RemoteContainer:
+    def from_json(cls, data: dict[str, Any]) -> RemoteContainer | None:
+        """What ``to_json`` wrote; None for an entry that is damaged (it is not used)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            container = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError:
+            return None
+        if not isinstance(container.host_key, str) or \
+                not PUBLIC_KEY.fullmatch(container.host_key) or \
+                not isinstance(container.ports, list) or not container.ports:
+            return None
+        return container
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -94,12 +101,19 @@ class RemoteContainer:
     def as_dict(self) -> dict[str, Any]:
         """What ``--json`` listings show: the kept fields, and how to log in."""
         from p2prc_core.containers import fingerprint
+        from p2prc_core.sshkeys import login_command
 
-        host = f"[{self.host}]" if ":" in self.host else self.host
         return {**self.to_json(),
                 "ssh": {"user": "root", "host": self.host, "port": self.ssh_port,
                         "host_key": self.host_key, "fingerprint": fingerprint(self.host_key),
-                        "command": f"ssh -p {self.ssh_port} root@{host}"}}
+                        "command": login_command(self.host, self.ssh_port)}}
+
+    @property
+    def host_endpoint(self) -> Endpoint:
+        """The peer server that runs it, and the node that must answer there."""
+        from p2prc_core.models import parse_endpoint
+
+        return parse_endpoint(self.endpoint).expecting(self.node_id)
 
     @property
     def extra_ports(self) -> list[dict[str, Any]]:
@@ -118,9 +132,13 @@ class Tracked:
         self.groups_path = home / "groups.json"
 
     def containers(self) -> dict[str, RemoteContainer]:
-        return {k: RemoteContainer.from_json(v)
-                for k, v in read_json_object(self.containers_path).items()
-                if isinstance(v, dict)}
+        """The tracked containers; a damaged entry is left out (and left in the file)."""
+        found = {}
+        for key, value in read_json_object(self.containers_path).items():
+            container = RemoteContainer.from_json(value) if isinstance(value, dict) else None
+            if container is not None:
+                found[key] = container
+        return found
 
     def add(self, container: RemoteContainer) -> None:
         update_json(self.containers_path,
@@ -143,8 +161,8 @@ class Tracked:
         def reserve(data: dict[str, Any]) -> dict[str, list[dict[str, int]]]:
             chosen: dict[str, list[dict[str, int]]] = {}
             for container in containers:
-                entry = RemoteContainer.from_json(data[container.id])
-                free = [p for p in entry.extra_ports if p["external"] not in entry.used_ports]
+                used = data[container.id].get("used_ports", [])
+                free = [p for p in container.extra_ports if p["external"] not in used]
                 if len(free) < count:
                     raise P2PRCError(f"container {container.short_id} has {len(free)} unused "
                                      f"extra ports; the playbook needs {count} (touch a new "

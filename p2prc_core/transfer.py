@@ -1,4 +1,4 @@
-"""Speed-test transfers over a plain socket.
+"""Speed-test transfers over a plain socket (TLS-wrapped and checked, see ``channel``).
 
 A speed test measures the path to a peer, not an HTTP library: a general client parses and
 copies every 64 KiB block, which on a fast link costs more than the link itself. This module
@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from p2prc_core.errors import PeerError, PeerRefused, unreachable
+from p2prc_core.channel import Channel
+from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import Endpoint
 
 Progress = Callable[[int], None]
@@ -29,11 +30,8 @@ class _Response:
         self.status, self.headers, self.leftover = status, headers, leftover
 
 
-def _connect(endpoint: Endpoint, timeout: float) -> socket.socket:
-    try:
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
-    except OSError as err:
-        raise unreachable(endpoint, err, timeout) from None
+def _connect(channel: Channel, timeout: float) -> socket.socket:
+    sock = channel.connect(timeout)  # TLS, the peer's key checked before anything is sent
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUFFER)
     return sock
 
@@ -88,11 +86,12 @@ def _fail(endpoint: Endpoint, response: _Response, sock: socket.socket) -> PeerE
     return PeerRefused(f"{endpoint} refused ({response.status}): {detail}", response.status)
 
 
-def download(endpoint: Endpoint, size: int, timeout: float,
+def download(channel: Channel, size: int, timeout: float,
              progress: Progress | None = None) -> float:
     """Receive ``size`` bytes from the peer's download route; returns the seconds taken."""
+    endpoint = channel.endpoint
     started = time.perf_counter()
-    with _connect(endpoint, timeout) as sock:
+    with _connect(channel, timeout) as sock:
         try:
             sock.sendall(_request_head("GET", endpoint, f"/v1/speedtest/download?bytes={size}",
                                        None))
@@ -114,20 +113,23 @@ def download(endpoint: Endpoint, size: int, timeout: float,
                 if progress and pending >= _PROGRESS_EVERY:
                     progress(pending)
                     pending = 0
+        except TimeoutError:
+            raise PeerError(f"{endpoint} stopped sending for {timeout:g} s") from None
         except OSError as err:
-            raise unreachable(endpoint, err, timeout) from None
+            raise PeerError(f"the connection to {endpoint} broke: {err}") from None
     seconds = time.perf_counter() - started
     if progress and pending:
         progress(pending)
     return seconds
 
 
-def upload(endpoint: Endpoint, size: int, timeout: float,
+def upload(channel: Channel, size: int, timeout: float,
            progress: Progress | None = None) -> tuple[float, dict[str, Any]]:
     """Send ``size`` bytes to the peer's upload route; returns the seconds and its answer."""
+    endpoint = channel.endpoint
     block = memoryview(os.urandom(min(_BUFFER, max(size, 1))))
     started = time.perf_counter()
-    with _connect(endpoint, timeout) as sock:
+    with _connect(channel, timeout) as sock:
         try:
             sock.sendall(_request_head("POST", endpoint, "/v1/speedtest/upload", size))
             left = size
@@ -141,8 +143,10 @@ def upload(endpoint: Endpoint, size: int, timeout: float,
             if response.status != 200:
                 raise _fail(endpoint, response, sock)
             body = _read_small_body(sock, response)
+        except TimeoutError:
+            raise PeerError(f"{endpoint} stopped reading for {timeout:g} s") from None
         except OSError as err:
-            raise unreachable(endpoint, err, timeout) from None
+            raise PeerError(f"the connection to {endpoint} broke: {err}") from None
     seconds = time.perf_counter() - started
     try:
         reply: dict[str, Any] = json.loads(body)

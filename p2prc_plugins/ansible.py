@@ -10,19 +10,22 @@ from typing import Any
 
 from p2prc_core import hookimpl
 from p2prc_core.errors import P2PRCError
+from p2prc_core.sshkeys import known_hosts_line
 from p2prc_core.tasks import Bundle, Event, HostResult, Runner, RunResult, RunTarget
 
 _EVENT_STATUS = {"runner_on_ok": "ok", "runner_on_failed": "failed",
                  "runner_on_unreachable": "unreachable", "runner_on_skipped": "skipped"}
 
 
-def build_inventory(targets: list[RunTarget], known_hosts: Path) -> dict[str, Any]:
-    """An Ansible inventory of the targets: SSH with our key and their pinned host keys
-    (host-key checking stays on, against ``known_hosts``), and each host's ``p2prc_ports``."""
-    lines = []
+def build_inventory(targets: list[RunTarget], run_dir: Path) -> dict[str, Any]:
+    """An Ansible inventory of the targets: SSH with our key, host-key checking on against
+    one known_hosts file per container (``known_hosts_NAME``: two containers that had the same
+    address and port one after the other never share one), and each host's ``p2prc_ports``."""
     hosts: dict[str, Any] = {}
+    run_dir.mkdir(parents=True, exist_ok=True)
     for target in targets:
-        lines.append(f"[{target.address}]:{target.port} {target.host_key}")
+        known_hosts = run_dir / f"known_hosts_{target.name}"
+        known_hosts.write_text(known_hosts_line(target.address, target.port, target.host_key))
         hosts[target.name] = {
             "ansible_host": target.address, "ansible_port": target.port,
             "ansible_user": target.user,
@@ -32,8 +35,6 @@ def build_inventory(targets: list[RunTarget], known_hosts: Path) -> dict[str, An
             "ansible_python_interpreter": "/usr/bin/python3",
             "p2prc_container": target.container_id, "p2prc_ports": target.ports,
         }
-    known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    known_hosts.write_text("\n".join(lines) + "\n")
     return {"all": {"hosts": hosts}}
 
 
@@ -45,7 +46,7 @@ class AnsibleRunner:
         except ImportError:
             raise P2PRCError("ansible-runner is not installed: pip install ansible-runner "
                              "ansible-core") from None
-        inventory = build_inventory(targets, run_dir / "known_hosts")
+        inventory = build_inventory(targets, run_dir)
         hosts = inventory["all"]["hosts"]
         result = RunResult({t.name: HostResult(t.name, t.container_id) for t in targets})
 

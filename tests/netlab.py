@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from p2prc_core.tls import client_context
+
 P2PRC = str(Path(sys.executable).with_name("p2prc"))
 
 
@@ -77,7 +79,8 @@ class Host:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                httpx.get(f"http://{host}:{port}/v1/health", timeout=1)
+                httpx.get(f"https://{host}:{port}/v1/health", timeout=1,
+                          verify=client_context())
                 return
             except httpx.HTTPError:
                 time.sleep(0.1)

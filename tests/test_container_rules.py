@@ -120,7 +120,7 @@ class Host:
     def request(self, method: str, path: str, body: Any = None,
                 who: NodeIdentity = ALICE) -> testing.Result:
         raw = b"" if body is None else json.dumps(body).encode()
-        headers = sign_request(who, method, path, "", raw)
+        headers = sign_request(who, method, path, "", raw, self.node.identity.node_id)
         if raw:
             headers["Content-Type"] = "application/json"
         return self.client.simulate_request(method, path, body=raw, headers=headers)
@@ -130,6 +130,13 @@ class Host:
 
     def held_ports(self) -> dict[int, str]:
         return self.node.containers().store.held_ports()
+
+
+@pytest.fixture(autouse=True)
+def ports_are_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's ports count as free whatever this machine runs (the fake engine binds
+    nothing; the real one is tested with real ports in test_containers.py)."""
+    monkeypatch.setattr("p2prc_core.containers.port_is_free", lambda port: True)
 
 
 @pytest.fixture

@@ -11,10 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from conftest import BUILTINS, P2PRC, LiveServer, require, start_server
+from conftest import BUILTINS, P2PRC, LiveServer, require, start_server, web
 from p2prc_core.client import PeerClient
 from p2prc_core.config import Settings
 from p2prc_core.containers import LABEL_NODE, ContainerError, ContainerRequest, ContainerService
@@ -68,8 +67,11 @@ def host(tmp_path: Path, docker_client: Any) -> Iterator[LiveServer]:
     server_home = tmp_path / "host"
     server_home.mkdir()
     TrustStore(server_home).add(me.node_id, "me")
+    # Without the GPU plugin the host has no GPU, on any machine (GPU hosts are tested by
+    # scripts and test_container_rules.py).
     server = start_server(server_home, env={"P2PRC_CONTAINER_PIDS": "64",
-                                            "P2PRC_CONTAINERS_PER_CALLER": "3"})
+                                            "P2PRC_CONTAINERS_PER_CALLER": "3",
+                                            "P2PRC_DISABLE_PLUGINS": "nvidia"})
     try:
         yield server
     finally:
@@ -188,7 +190,7 @@ def test_a_memory_hog_is_stopped_and_the_server_keeps_answering(
               "python3 -c 'x = bytearray(400 * 1024 * 1024); print(len(x))'; echo exit=$?")
     assert "exit=137" in hog.stdout or "MemoryError" in hog.stderr, (hog.stdout, hog.stderr)
     assert str(400 * 1024 * 1024) not in hog.stdout
-    assert httpx.get(host.url() + "/v1/health", timeout=5).status_code == 200
+    assert web.get(host.url() + "/v1/health", timeout=5).status_code == 200
     # The container itself survives its process being killed.
     assert ssh(tmp_path, reply["id"], "echo alive").stdout.strip() == "alive"
 
@@ -204,7 +206,7 @@ def test_a_fork_bomb_is_stopped_by_the_process_limit(tmp_path: Path, host: LiveS
     assert "stopped at" in bomb.stdout, (bomb.stdout, bomb.stderr)
     forked = int(bomb.stdout.split()[-1])
     assert 0 < forked < 64  # P2PRC_CONTAINER_PIDS
-    assert httpx.get(host.url() + "/v1/health", timeout=5).status_code == 200
+    assert web.get(host.url() + "/v1/health", timeout=5).status_code == 200
 
 
 def test_hardening(tmp_path: Path, host: LiveServer, docker_client: Any) -> None:
@@ -258,7 +260,7 @@ def test_no_other_docker_option_can_be_passed(tmp_path: Path, signed_client: Pee
     ({"ports": -1}, 400, "from 0 up"),
     ({"gpu": "yes"}, 400, "true or false"),
     ({"ssh_key": "not a key"}, 400, "OpenSSH public key"),
-    ({"gpu": True}, 409, "GPU"),  # none here, or no way to hand it to a container
+    ({"gpu": True}, 409, "no NVIDIA GPU"),
 ])
 def test_requests_over_limits_or_malformed(tmp_path: Path, host: LiveServer,
                                            signed_client: PeerClient, docker_client: Any,
@@ -448,5 +450,5 @@ def test_a_restarted_server_finds_its_containers_by_label(tmp_path: Path,
 
 
 def test_images_route_lists_the_offered_image(host: LiveServer) -> None:
-    images = httpx.get(host.url() + "/v1/images", timeout=10).json()["images"]
+    images = web.get(host.url() + "/v1/images", timeout=10).json()["images"]
     assert [(i["backend"], i["name"]) for i in images] == [("docker", IMAGE)]

@@ -334,10 +334,22 @@ def test_two_updates_at_once_lose_nothing(tmp_path: Path) -> None:
     first, second = make_record(NodeIdentity.generate(), "first"), \
         make_record(NodeIdentity.generate(), "second")
 
+    lock_inode = None
+
+    def second_is_waiting() -> bool:
+        """The kernel lists a blocked request (``->``) for the table's lock file."""
+        with open("/proc/locks") as locks:
+            return any("->" in line and f":{lock_inode} " in line for line in locks)
+
     def slow_merge(state: TableState) -> None:
+        nonlocal lock_inode
+        lock_inode = os.stat(str(table.path) + ".lock").st_ino
         first_inside.set()
         # Without the lock the second writer reads now; with it, it waits for our write.
-        second_read.wait(timeout=1.0)
+        deadline = time.monotonic() + 30
+        while not (second_read.is_set() or second_is_waiting()):
+            assert time.monotonic() < deadline, "the second writer never started"
+            time.sleep(0.005)
         table.merge_into(state, [first])
 
     def quick_merge(state: TableState) -> None:

@@ -31,9 +31,18 @@ def test_parse_endpoint_rejects(text: str, words: str) -> None:
 
 
 def test_endpoint_urls_bracket_ipv6() -> None:
-    assert Endpoint("fd00::1", 80).base_url == "http://[fd00::1]:80"
+    assert Endpoint("fd00::1", 80).url() == "https://[fd00::1]:80"
     assert str(Endpoint("fd00::1", 80)) == "[fd00::1]:80"
-    assert Endpoint("192.0.2.1", 80).base_url == "http://192.0.2.1:80"
+    assert Endpoint("192.0.2.1", 80).url("http") == "http://192.0.2.1:80"
+
+
+def test_node_id_at_address_names_the_node_expected_there() -> None:
+    node = "a" * 26
+    endpoint = parse_endpoint(f"{node.upper()}@[fd00::1]:8100")
+    assert (endpoint.host, endpoint.port, endpoint.node_id) == ("fd00::1", 8100, node)
+    assert str(endpoint) == "[fd00::1]:8100" and endpoint == Endpoint("fd00::1", 8100)
+    with pytest.raises(ValueError, match="is not a node id"):
+        parse_endpoint("alice@10.0.0.1")
 
 
 @pytest.mark.parametrize("text, kind", [

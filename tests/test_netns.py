@@ -8,11 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from netlab import Host, NetLab, available
 
-from conftest import require
+from conftest import require, web
 from p2prc_core.peertable import PeerTable
 from p2prc_core.records import verify_record
 
@@ -33,11 +32,11 @@ def lab(tmp_path: Path) -> Iterator[NetLab]:
 
 
 def url(host: Host, port: int = 8088, v6: bool = True) -> str:
-    return f"http://[{host.ipv6}]:{port}" if v6 and host.ipv6 else f"http://{host.ipv4}:{port}"
+    return f"https://[{host.ipv6}]:{port}" if v6 and host.ipv6 else f"https://{host.ipv4}:{port}"
 
 
 def record_of(host: Host, port: int = 8088, v6: bool = True) -> dict[str, Any]:
-    return verify_record(httpx.get(url(host, port, v6) + "/v1/node", timeout=5).json())
+    return verify_record(web.get(url(host, port, v6) + "/v1/node", timeout=5).json())
 
 
 def seed(host: Host, *others: Host) -> None:

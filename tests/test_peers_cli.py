@@ -11,10 +11,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import P2PRC, LiveServer, free_port, start_server
+from conftest import P2PRC, LiveServer, free_port, serve_tls, start_server, web
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +138,9 @@ def test_an_oversized_table_is_cut_off_and_nothing_breaks(tmp_path: Path) -> Non
     from p2prc_core.records import sign_record
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flood)
-    Flood.record = sign_record(NodeIdentity.generate(), {
+    flood = NodeIdentity.generate()
+    serve_tls(server, flood, tmp_path / "flood")  # a node with a valid key, and a flood
+    Flood.record = sign_record(flood, {
         "name": "flood", "addresses": ["127.0.0.1"], "port": server.server_address[1],
         "seq": 1, "time": int(time.time()), "specs": {}, "metadata": {}, "version": "x"})
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -160,14 +161,14 @@ def test_an_oversized_table_is_cut_off_and_nothing_breaks(tmp_path: Path) -> Non
 
 def test_unchanged_table_is_304_with_an_etag(servers: list[LiveServer]) -> None:
     url = servers[0].url() + "/v1/peers"
-    first = httpx.get(url, timeout=5)
+    first = web.get(url, timeout=5)
     assert first.status_code == 200 and first.headers["etag"]
-    again = httpx.get(url, headers={"If-None-Match": first.headers["etag"]}, timeout=5)
+    again = web.get(url, headers={"If-None-Match": first.headers["etag"]}, timeout=5)
     assert again.status_code == 304 and again.content == b""
     p2prc(servers[0].home, "peers", "add", servers[1].peer())
-    changed = httpx.get(url, headers={"If-None-Match": first.headers["etag"]}, timeout=5)
+    changed = web.get(url, headers={"If-None-Match": first.headers["etag"]}, timeout=5)
     assert changed.status_code == 200 and len(changed.json()["records"]) == 1
-    since = httpx.get(url, params={"since": changed.json()["cursor"]}, timeout=5).json()
+    since = web.get(url, params={"since": changed.json()["cursor"]}, timeout=5).json()
     assert since["records"] == []
 
 

@@ -81,6 +81,16 @@ def node(tmp_path: Path, runner: FakeRunner) -> NodeServices:
     hooks = make_plugin_manager(load_entrypoints=False,
                                 plugins=[*BUILTINS, ("fake-runner", FakeRunnerPlugin(runner))])
     services = NodeServices(Settings(), tmp_path / "home", hooks)
+    # Whether the hosts still run these containers is asked over the network; here every
+    # one runs, but those named in `gone` (the real check is tested against real hosts).
+    services.gone = set()  # type: ignore[attr-defined]
+
+    def check_alive(containers: list[RemoteContainer]) -> None:
+        for c in containers:
+            if c.id in services.gone:  # type: ignore[attr-defined]
+                raise P2PRCError(f"{c.short_id} is gone from {c.endpoint}")
+
+    services.check_alive = check_alive  # type: ignore[method-assign]
     services.playbooks.add(str(CONTRIB / "http"))
     for index in (1, 2):
         services.tracked.add(container(index))
@@ -153,6 +163,14 @@ def test_what_cannot_run_is_a_clear_error(node: NodeServices, runner: FakeRunner
     assert all(c.used_ports == [] for c in node.tracked.containers().values())
 
 
+def test_a_container_that_is_gone_is_not_run_on(node: NodeServices, runner: FakeRunner) -> None:
+    node.gone = {container(2).id}  # type: ignore[attr-defined]
+    with pytest.raises(P2PRCError, match=f"{container(2).short_id} is gone"):
+        node.runs.run("http", ["web"], {}, "fake")
+    assert runner.calls == []
+    assert all(c.used_ports == [] for c in node.tracked.containers().values())
+
+
 def test_an_empty_group_is_a_clear_error(node: NodeServices) -> None:
     node.tracked.create_group("empty")
     with pytest.raises(P2PRCError, match="no containers to run on"):
@@ -164,18 +182,20 @@ def test_the_ansible_inventory_pins_host_keys_and_hands_out_ports(tmp_path: Path
                          user="root", private_key=tmp_path / "key", host_key=c.host_key,
                          ports=[{"internal": 7, "external": 7}])
                for c in (container(1), container(2))]
-    known_hosts = tmp_path / "run" / "known_hosts"
-    inventory = build_inventory(targets, known_hosts)
+    run_dir = tmp_path / "run"
+    inventory = build_inventory(targets, run_dir)
     hosts = inventory["all"]["hosts"]
     assert list(hosts) == [t.name for t in targets]
-    first = hosts[targets[0].name]
-    assert (first["ansible_host"], first["ansible_port"], first["ansible_user"]) == \
-        ("fd42::1", 42010, "root")
-    assert "StrictHostKeyChecking=yes" in first["ansible_ssh_common_args"]
-    assert f"UserKnownHostsFile={known_hosts}" in first["ansible_ssh_common_args"]
-    assert first["p2prc_ports"] == [{"internal": 7, "external": 7}]
-    assert known_hosts.read_text().splitlines() == [f"[fd42::1]:42010 {HOST_KEY}",
-                                                    f"[fd42::1]:42020 {HOST_KEY}"]
+    for target, port in zip(targets, (42010, 42020), strict=True):
+        host = hosts[target.name]
+        assert (host["ansible_host"], host["ansible_port"], host["ansible_user"]) == \
+            ("fd42::1", port, "root")
+        assert "StrictHostKeyChecking=yes" in host["ansible_ssh_common_args"]
+        assert host["p2prc_ports"] == [{"internal": 7, "external": 7}]
+        # One known_hosts per container: a key pinned for one never vouches for another.
+        known_hosts = run_dir / f"known_hosts_{target.name}"
+        assert f"UserKnownHostsFile={known_hosts}" in host["ansible_ssh_common_args"]
+        assert known_hosts.read_text() == f"[fd42::1]:{port} {HOST_KEY}\n"
 
 
 def test_a_container_reply_is_checked_before_it_is_kept() -> None:
@@ -190,7 +210,7 @@ def test_a_container_reply_is_checked_before_it_is_kept() -> None:
     assert (kept.id, kept.host, kept.ssh_port, kept.endpoint) == \
         ("a" * 64, "fd42::1", 42000, "[fd42::1]:8088")
     assert json.loads(json.dumps(kept.as_dict()))["ssh"]["command"] == \
-        "ssh -p 42000 root@[fd42::1]"
+        "ssh -p 42000 root@fd42::1"  # OpenSSH takes an IPv6 host without brackets
     for bad in ({"id": "/../../x"}, {"ports": [{"name": "ssh", "internal": 22,
                                                "external": "{{ lookup('pipe', 'id') }}"}]},
                 {"ssh": {"port": 42000, "host_key": "ssh-ed25519 AAAA\nevil"}},

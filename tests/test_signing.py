@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import falcon
-import httpx
 import pytest
 from falcon import testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import BUILTINS, start_server
+from conftest import BUILTINS, start_server, web
 from p2prc_core import hookimpl
 from p2prc_core.config import Settings
 from p2prc_core.identity import NodeIdentity, b64encode
@@ -26,17 +25,18 @@ from p2prc_core.trust import ServerState, TrustStore
 
 CALLER = NodeIdentity.generate()
 OTHER = NodeIdentity.generate()
+HOST = NodeIdentity.generate().node_id  # the node the unit tests' requests are for
 
 
 def check(headers: dict[str, str], method: str = "POST", path: str = "/v1/x",
           query: str = "a=1", body: bytes = b"{}", now: float | None = None) -> str:
     lower = {k.lower(): v for k, v in headers.items()}
     return check_signature(lambda name: lower.get(name.lower()), method, path, query, body,
-                           60, now).node_id
+                           60, HOST, now).node_id
 
 
 def test_a_signed_request_verifies() -> None:
-    headers = sign_request(CALLER, "POST", "/v1/x", "a=1", b"{}")
+    headers = sign_request(CALLER, "POST", "/v1/x", "a=1", b"{}", HOST)
     assert check(headers) == CALLER.node_id
 
 
@@ -49,7 +49,7 @@ def test_a_signed_request_verifies() -> None:
     ({"now": -120}, "Signature expired"),
 ])
 def test_tampered_or_stale_requests_are_rejected(changed: dict[str, Any], title: str) -> None:
-    headers = sign_request(CALLER, "POST", "/v1/x", "a=1", b"{}")
+    headers = sign_request(CALLER, "POST", "/v1/x", "a=1", b"{}", HOST)
     if "now" in changed:  # an offset from the time of signing
         changed = {"now": time.time() + changed["now"]}
     with pytest.raises(SignatureError) as caught:
@@ -58,20 +58,31 @@ def test_tampered_or_stale_requests_are_rejected(changed: dict[str, Any], title:
 
 
 def test_wrong_key_is_rejected() -> None:
-    headers = sign_request(CALLER, "POST", "/v1/x", "a=1", b"{}")
+    headers = sign_request(CALLER, "POST", "/v1/x", "a=1", b"{}", HOST)
     headers["X-P2PRC-Key"] = b64encode(OTHER.public_key)
     with pytest.raises(SignatureError, match="does not belong"):
         check(headers)
     # Signed by another key but claiming the caller's id and key: the signature fails.
-    forged = sign_request(OTHER, "POST", "/v1/x", "a=1", b"{}")
+    forged = sign_request(OTHER, "POST", "/v1/x", "a=1", b"{}", HOST)
     forged.update({"X-P2PRC-Node": CALLER.node_id,
                    "X-P2PRC-Key": b64encode(CALLER.public_key)})
     with pytest.raises(SignatureError, match="does not match"):
         check(forged)
 
 
+def test_a_request_signed_for_another_node_is_rejected() -> None:
+    headers = sign_request(CALLER, "POST", "/v1/x", "a=1", b"{}", OTHER.node_id)
+    with pytest.raises(SignatureError, match=f"signed for node '{OTHER.node_id}'") as caught:
+        check(headers)
+    assert caught.value.title == "Signed for another node"
+    # Claiming this node as the target without re-signing breaks the signature.
+    headers["X-P2PRC-Target"] = HOST
+    with pytest.raises(SignatureError, match="does not match"):
+        check(headers)
+
+
 def test_missing_headers_are_named() -> None:
-    headers = sign_request(CALLER, "POST", "/v1/x", "a=1", b"{}")
+    headers = sign_request(CALLER, "POST", "/v1/x", "a=1", b"{}", HOST)
     del headers["X-P2PRC-Nonce"]
     with pytest.raises(SignatureError, match="missing X-P2PRC-Nonce"):
         check(headers)
@@ -82,14 +93,14 @@ def test_missing_headers_are_named() -> None:
        st.text(max_size=30), st.binary(max_size=200))
 def test_signing_then_checking_always_holds(method: str, path: str, query: str,
                                             body: bytes) -> None:
-    headers = sign_request(CALLER, method, path, query, body)
+    headers = sign_request(CALLER, method, path, query, body, HOST)
     assert check(headers, method, path, query, body) == CALLER.node_id
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=1, max_size=100), st.data())
 def test_any_changed_byte_of_a_body_is_rejected(body: bytes, data: st.DataObject) -> None:
-    headers = sign_request(CALLER, "POST", "/v1/x", "", body)
+    headers = sign_request(CALLER, "POST", "/v1/x", "", body, HOST)
     index = data.draw(st.integers(0, len(body) - 1))
     changed = bytearray(body)
     changed[index] ^= data.draw(st.integers(1, 255))
@@ -100,7 +111,7 @@ def test_any_changed_byte_of_a_body_is_rejected(body: bytes, data: st.DataObject
 @settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_any_changed_byte_of_a_signature_header_is_rejected(data: st.DataObject) -> None:
-    headers = sign_request(CALLER, "POST", "/v1/x", "q=1", b"body")
+    headers = sign_request(CALLER, "POST", "/v1/x", "q=1", b"body", HOST)
     name = data.draw(st.sampled_from(sorted(headers)))
     value = bytearray(headers[name].encode())
     index = data.draw(st.integers(0, len(value) - 1))
@@ -129,16 +140,32 @@ class WorkRoute:
         app.add_route("/v1/work", Work())
 
 
-def make_client(home: Path, **options: Any) -> testing.TestClient:
+class NodeClient(testing.TestClient):
+    """A test client of one node's app, knowing that node's id (what requests are for)."""
+
+    node_id: str
+
+
+def make_client(home: Path, **options: Any) -> NodeClient:
     hooks = make_plugin_manager(load_entrypoints=False, plugins=[*BUILTINS, ("w", WorkRoute())])
-    return testing.TestClient(create_app(NodeServices(Settings(**options), home, hooks)))
+    node = NodeServices(Settings(**options), home, hooks)
+    client = NodeClient(create_app(node))
+    client.node_id = node.identity.node_id
+    return client
 
 
-def signed(client: testing.TestClient, identity: NodeIdentity, body: Any,
+def node_of(home: Path) -> str:
+    return NodeIdentity.load_or_create(home).node_id
+
+
+def signed(client: NodeClient, identity: NodeIdentity, body: Any,
            path: str = "/v1/work", now: float | None = None,
-           headers: dict[str, str] | None = None, raw: bytes | None = None) -> testing.Result:
+           headers: dict[str, str] | None = None, raw: bytes | None = None,
+           target: str | None = None) -> testing.Result:
+    """A request signed for the app's node (or ``target``)."""
     payload = raw if raw is not None else json.dumps(body).encode()
-    signature = sign_request(identity, "POST", path, "", json.dumps(body).encode(), now)
+    target = target or client.node_id
+    signature = sign_request(identity, "POST", path, "", json.dumps(body).encode(), target, now)
     return client.simulate_post(path, body=payload,
                                 headers={**signature, "Content-Type": "application/json",
                                          **(headers or {})})
@@ -185,7 +212,7 @@ def test_unsigned_tampered_stale_and_replayed_get_401(tmp_path: Path) -> None:
     wrong = signed(client, CALLER, {}, headers={"X-P2PRC-Key": b64encode(OTHER.public_key)})
     assert wrong.status_code == 401 and wrong.json["title"] == "Wrong key"
     body = json.dumps({}).encode()
-    headers = {**sign_request(CALLER, "POST", "/v1/work", "", body),
+    headers = {**sign_request(CALLER, "POST", "/v1/work", "", body, node_of(tmp_path)),
                "Content-Type": "application/json"}
     assert client.simulate_post("/v1/work", body=body, headers=headers).status_code == 200
     replay = client.simulate_post("/v1/work", body=body, headers=headers)
@@ -218,22 +245,22 @@ def test_replay_is_refused_across_processes_and_a_restart(tmp_path: Path) -> Non
     """Two gunicorn masters on one home stand for any two workers: they share only files."""
     home = tmp_path / "server"
     first, second = start_server(home), start_server(home, env={"P2PRC_WORKERS": "2"})
-    headers = sign_request(CALLER, "GET", "/v1/trust/me", "", b"")
+    headers = sign_request(CALLER, "GET", "/v1/trust/me", "", b"", node_of(home))
     try:
-        answer = httpx.get(first.url() + "/v1/trust/me", headers=headers, timeout=5)
+        answer = web.get(first.url() + "/v1/trust/me", headers=headers, timeout=5)
         assert answer.status_code == 200 and answer.json()["trusted"] is False
         for server in (second, first, second):
-            again = httpx.get(server.url() + "/v1/trust/me", headers=headers, timeout=5)
+            again = web.get(server.url() + "/v1/trust/me", headers=headers, timeout=5)
             assert again.status_code == 401 and again.json()["title"] == "Replayed request"
     finally:
         second.stop()
     assert first.stop() == 0
     restarted = start_server(home, port=first.port)
     try:
-        replay = httpx.get(restarted.url() + "/v1/trust/me", headers=headers, timeout=5)
+        replay = web.get(restarted.url() + "/v1/trust/me", headers=headers, timeout=5)
         assert replay.status_code == 401
-        fresh = sign_request(CALLER, "GET", "/v1/trust/me", "", b"")
-        assert httpx.get(restarted.url() + "/v1/trust/me", headers=fresh,
+        fresh = sign_request(CALLER, "GET", "/v1/trust/me", "", b"", node_of(home))
+        assert web.get(restarted.url() + "/v1/trust/me", headers=fresh,
                          timeout=5).status_code == 200
     finally:
         restarted.stop()

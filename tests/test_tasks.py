@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import P2PRC, LiveServer, require, start_server
+from conftest import P2PRC, LiveServer, free_port, require, start_server
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.tasks import BundleError, Playbooks, load_bundle, parse_variables
 from p2prc_core.trust import TrustStore
@@ -221,16 +221,28 @@ def test_a_container_that_cannot_be_reached_fails_clearly(tmp_path: Path,
                                                           host: LiveServer) -> None:
     me = tmp_path / "me"
     container = touch(tmp_path, host, 0)
-    kill = subprocess.run([P2PRC, "server", "containers", "kill", container["id"][:12]],
+    short = container["id"][:12]
+    assert p2prc(me, "playbooks", "add", str(CONTRIB / "twotasks")).returncode == 0
+    # Its host runs it, but its SSH port cannot be reached (a firewall, a NAT): Ansible
+    # reports the host unreachable.
+    tracked_path = me / "containers.json"
+    tracked = json.loads(tracked_path.read_text())
+    tracked[container["id"]]["ssh_port"] = free_port()
+    tracked_path.write_text(json.dumps(tracked))
+    run = p2prc(me, "run", "twotasks", "--on", short, "--json")
+    assert run.returncode == 1
+    result = json.loads(run.stdout)["hosts"][short]
+    assert result["status"] == "unreachable"
+    assert "connect" in result["message"].lower() or "ssh" in result["message"].lower()
+    # Once the host killed it, nothing is run there: its port may be another's container.
+    kill = subprocess.run([P2PRC, "server", "containers", "kill", short],
                           env={**os.environ, "P2PRC_HOME": str(host.home)},
                           capture_output=True, text=True, timeout=60)
     assert kill.returncode == 0
-    assert p2prc(me, "playbooks", "add", str(CONTRIB / "twotasks")).returncode == 0
-    run = p2prc(me, "run", "twotasks", "--on", container["id"][:12], "--json")
-    assert run.returncode == 1
-    result = json.loads(run.stdout)["hosts"][container["id"][:12]]
-    assert result["status"] == "unreachable"
-    assert "connect" in result["message"].lower() or "ssh" in result["message"].lower()
+    gone = p2prc(me, "run", "twotasks", "--on", short)
+    assert gone.returncode == 1 and f"{short} is gone from" in gone.stderr
+    ssh = p2prc(me, "ssh", short, "true")
+    assert ssh.returncode == 1 and f"{short} is gone from" in ssh.stderr
 
 
 def test_running_on_nothing_known_is_a_clear_error(tmp_path: Path) -> None:

@@ -9,10 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import P2PRC, LiveServer
+from conftest import P2PRC, LiveServer, web
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.signing import sign_request
 from p2prc_core.trust import Invite, ServerState, TrustStore
@@ -53,8 +52,8 @@ def test_trust_on_a_running_server_takes_effect_at_once(live_server: LiveServer,
     caller = NodeIdentity.generate()
 
     def trusted() -> bool:
-        headers = sign_request(caller, "GET", "/v1/trust/me", "", b"")
-        reply = httpx.get(live_server.url() + "/v1/trust/me", headers=headers, timeout=5)
+        headers = sign_request(caller, "GET", "/v1/trust/me", "", b"", live_server.node_id)
+        reply = web.get(live_server.url() + "/v1/trust/me", headers=headers, timeout=5)
         result: bool = reply.json()["trusted"]
         return result
 
@@ -87,8 +86,8 @@ def test_invite_then_join_trusts_both_ways(live_server: LiveServer, tmp_path: Pa
     trusted = TrustStore(live_server.home).all()
     assert trusted[friend_id]["via"] == "invite"
     identity = NodeIdentity.load_or_create(friend)
-    headers = sign_request(identity, "GET", "/v1/trust/me", "", b"")
-    me = httpx.get(live_server.url() + "/v1/trust/me", headers=headers, timeout=5).json()
+    headers = sign_request(identity, "GET", "/v1/trust/me", "", b"", live_server.node_id)
+    me = web.get(live_server.url() + "/v1/trust/me", headers=headers, timeout=5).json()
     assert me == {"node_id": friend_id, "trusted": True, "trust_mode": "allowlist"}
     # The host is in the friend's table, the friend in the host's.
     friend_table = json.loads((friend / "peers.json").read_text())["peers"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,7 +57,8 @@ class Node:
     @property
     def services(self) -> NodeServices:
         if self._services is None:
-            self._services = NodeServices(self.settings, self.home, self.hooks)
+            self._services = NodeServices(self.settings, self.home, self.hooks,
+                                          notice=lambda line: click.echo(line, err=True))
         return self._services
 
     def client(self, peer: str | Endpoint) -> PeerClient:
@@ -201,12 +201,6 @@ def format_ago(now: float, stamp: float | None) -> str:
 def transfer_progress() -> Progress:
     return Progress(TextColumn("{task.description:>8}"), BarColumn(), DownloadColumn(),
                     TransferSpeedColumn(), console=err_console, transient=True)
-
-
-def format_when(stamp: float | None) -> str:
-    if not stamp:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(stamp))
 
 
 def format_setting(value: Any) -> str:

@@ -12,16 +12,14 @@ from p2prc_core.cli.base import (
     ListingGroup,
     Node,
     duration_option,
-    format_when,
     json_option,
     main,
     pass_node,
     size_option,
 )
 from p2prc_core.containers import fingerprint
-from p2prc_core.errors import PeerError, PeerRefused
-from p2prc_core.models import parse_endpoint
-from p2prc_core.output import err_console, print_json, print_table
+from p2prc_core.output import err_console, format_when, print_json, print_table
+from p2prc_core.sshkeys import known_hosts_line
 from p2prc_core.tracking import RemoteContainer
 
 # -- containers ------------------------------------------------------------------------------
@@ -41,15 +39,15 @@ from p2prc_core.tracking import RemoteContainer
 def touch(node: Node, peer: str, ports: int, gpu: bool, image: str | None, cpus: float | None,
           memory: int | None, ttl: int | None, as_json: bool) -> None:
     """Start a container on PEER with SSH access (your key) and open ports."""
-    _, public_key = node.services.ssh_key()
-    request: dict[str, Any] = {"ssh_key": public_key, "ports": ports, "gpu": gpu}
+    request: dict[str, Any] = {"ports": ports, "gpu": gpu}
     for name, value in (("image", image), ("cpus", cpus), ("memory", memory), ("ttl", ttl)):
         if value is not None:
             request[name] = value
-    with node.client(peer) as client:
-        with err_console.status(f"starting a container on {client.endpoint} ..."):
-            container = client.create_container(request)
-    node.services.tracked.add(container)
+    with err_console.status(f"starting a container on {peer} ..."):
+        try:
+            container = node.services.touch(peer, request)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="PEER") from None
     if as_json:
         print_json(container.as_dict())
         return
@@ -71,22 +69,8 @@ def containers_group() -> None:
 @pass_node
 def containers_ls(node: Node, as_json: bool = False) -> None:
     """List tracked containers with their live state (asks each host)."""
-    tracked = node.services.tracked.containers()
-    by_endpoint: dict[str, list[RemoteContainer]] = {}
-    for container in tracked.values():
-        by_endpoint.setdefault(container.endpoint, []).append(container)
-    rows = []
-    for endpoint, members in sorted(by_endpoint.items()):
-        try:
-            with node.client(parse_endpoint(endpoint)) as client:
-                live = {c["id"]: c for c in client.list_containers()}
-            problem = None
-        except PeerError as err:
-            live, problem = {}, str(err)
-        for container in members:
-            state = live.get(container.id, {}).get("state") or \
-                ("unreachable" if problem else "gone")
-            rows.append({**container.as_dict(), "state": state})
+    rows = [{**container.as_dict(), "state": state}
+            for container, state in node.services.container_states()]
     if as_json:
         print_json(rows)
         return
@@ -107,17 +91,11 @@ def containers_ls(node: Node, as_json: bool = False) -> None:
 @pass_node
 def remove_container(node: Node, container: str) -> None:
     """Stop and remove a container (or every container of a group) and forget it."""
-    tracked = node.services.tracked
-    for entry in tracked.resolve(container):
-        with node.client(parse_endpoint(entry.endpoint)) as client:
-            try:
-                client.remove_container(entry.id)
-                click.echo(f"removed {entry.short_id} from {client.endpoint}")
-            except PeerRefused as err:
-                if err.status != 404:
-                    raise
-                click.echo(f"{entry.short_id} was already gone from {client.endpoint}")
-        tracked.forget(entry.id)
+    for entry in node.services.tracked.resolve(container):
+        if node.services.remove_container(entry):
+            click.echo(f"removed {entry.short_id} from {entry.endpoint}")
+        else:
+            click.echo(f"{entry.short_id} was already gone from {entry.endpoint}")
 
 
 @main.command()
@@ -127,18 +105,19 @@ def remove_container(node: Node, container: str) -> None:
 def ssh(node: Node, container: str, command: tuple[str, ...]) -> None:
     """Log into a container with your key, checking its pinned host key."""
     entry = node.services.tracked.find(container)
+    node.services.check_alive([entry])  # its port may be someone else's container by now
     private, _ = node.services.ssh_key()
     argv = ssh_command(node.home, entry, private) + list(command)
     os.execvp(argv[0], argv)
 
 
 def ssh_command(home: Path, entry: RemoteContainer, private_key: Path) -> list[str]:
-    """ssh with the container's host key pinned: no prompt, no trust on first use."""
+    """ssh with the container's host key pinned, in a known_hosts file of its own: no prompt,
+    no trust on first use. The key came over the channel to its host, checked by node id."""
     known = home / "ssh" / f"known_hosts_{entry.short_id}"
     host = entry.host
-    bracketed = f"[{host}]:{entry.ssh_port}"
     known.parent.mkdir(parents=True, exist_ok=True)
-    known.write_text(f"{bracketed} {entry.host_key}\n")
+    known.write_text(known_hosts_line(host, entry.ssh_port, entry.host_key))
     return ["ssh", "-i", str(private_key), "-p", str(entry.ssh_port),
             "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
             "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", f"root@{host}"]

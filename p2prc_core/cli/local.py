@@ -13,7 +13,6 @@ from p2prc_core.cli.base import (
     ListingGroup,
     Node,
     format_setting,
-    format_when,
     json_option,
     main,
     pass_node,
@@ -25,6 +24,7 @@ from p2prc_core.config import (
     settings_as_dict,
 )
 from p2prc_core.containers import ContainerService
+from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Address
 from p2prc_core.node import (
     advertisable,
@@ -33,7 +33,7 @@ from p2prc_core.node import (
     local_addresses,
     ordered_by_preference,
 )
-from p2prc_core.output import human_bytes, print_json, print_table
+from p2prc_core.output import format_when, human_bytes, print_json, print_table
 
 # -- server ------------------------------------------------------------------------------
 
@@ -63,8 +63,15 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
     def announce() -> None:
         click.echo(f"p2prc {__version__}: node {settings.display_name!r} "
                    f"({services.identity.node_id}) serving on "
-                   f"http://{where}:{settings.port}{stack}; "
+                   f"{'https' if settings.transport == 'tls' else 'http'}://{where}:"
+                   f"{settings.port}{stack}; "
                    f"advertising {chosen or 'no routable address'}; home {node.home}", err=True)
+        if settings.transport == "http":
+            click.echo("WARNING: transport = http: connections to and from this node are "
+                       "plain text; anyone on the path can read and change them. Use this "
+                       "only on a lab network you control.", err=True)
+        else:
+            click.echo("transport: TLS 1.3, certificate bound to this node's key", err=True)
         if settings.trust_mode == "open":
             click.echo("WARNING: trust_mode = open: ANYONE who can reach this server can start "
                        "work on it. Use this only on a lab network you control.", err=True)
@@ -90,6 +97,8 @@ def interfaces(node: Node, as_json: bool) -> None:
     chosen = order[0] if order else None
     if settings.advertise_addresses:  # the config overrides what the interfaces offer
         chosen = Address.parse(settings.advertise_addresses[0])
+    transport = ("TLS 1.3, certificate bound to the node key" if settings.transport == "tls"
+                 else "plain HTTP (transport = http: labs only)")
 
     def why(address: Address) -> str:
         if address.kind == "loopback" and not settings.allow_loopback:
@@ -102,7 +111,8 @@ def interfaces(node: Node, as_json: bool) -> None:
             for a in found]
     if as_json:
         print_json({"chosen": str(chosen) if chosen else None, "addresses": rows,
-                    "advertise_addresses": settings.advertise_addresses})
+                    "advertise_addresses": settings.advertise_addresses,
+                    "transport": settings.transport})
         return
     print_table(("", "interface", "address", "kind", "rank", "why"),
                 [("*" if r["advertised"] else "", r["interface"], r["address"],
@@ -113,6 +123,8 @@ def interfaces(node: Node, as_json: bool) -> None:
                    f"{', '.join(settings.advertise_addresses)}", err=True)
     elif chosen is None:
         click.echo("No address can be advertised: peers cannot reach this node.", err=True)
+    click.echo(f"transport: {transport}, port {settings.advertise_port or settings.port}",
+               err=True)
 
 
 @main.command()
@@ -220,5 +232,8 @@ def image_group() -> None:
 def image_build(node: Node, from_debootstrap: bool, tag: str, force: bool) -> None:
     """Build the base image (sshd, python3, sudo) that containers run by default, with the
     configured backend."""
-    node.services.backend().build_image(tag, from_debootstrap, force,
-                                        lambda line: click.echo(line, err=True))
+    backend = node.services.backend()
+    build = getattr(backend, "build_image", None)  # a plugin's backend may not build images
+    if build is None:
+        raise P2PRCError(f"the {node.settings.backend!r} backend cannot build images")
+    build(tag, from_debootstrap, force, lambda line: click.echo(line, err=True))

@@ -23,7 +23,7 @@ from p2prc_core.errors import P2PRCError
 from p2prc_core.output import err_console, human_bytes, print_json, print_table
 
 if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
-    from p2prc_core.client import Transfer
+    pass
 
 
 # -- peers -------------------------------------------------------------------------------
@@ -38,24 +38,33 @@ def peers() -> None:
 @json_option
 @pass_node
 def peers_add(node: Node, address: str, as_json: bool = False) -> None:
-    """Add the p2prc node at ADDRESS[:PORT] to the table (and tell it about this node)."""
-    endpoint = resolve_peer(address)
-    services = node.services
-    record = services.fetch_record(endpoint)
-    if record["node_id"] == services.identity.node_id:
-        raise P2PRCError(f"{endpoint} is this node itself")
-    summary = services.discovery.add(endpoint, record)
-    entry = services.table.load().get(record["node_id"])
-    latency = entry.measured.latency_ms if entry else None
+    """Add the p2prc node at [NODE_ID@]ADDRESS[:PORT] to the table (and tell it about this
+    node). Without NODE_ID@, the node that answers is pinned at that address."""
+    entry, summary, endpoint = node.services.add_peer(resolve_peer(address))
+    latency = entry.measured.latency_ms
     if as_json:
-        print_json({"node_id": record["node_id"], "name": record["name"],
-                    "address": str(endpoint), "latency_ms": latency,
-                    "learned": len(summary.added)})
+        print_json({"node_id": entry.node_id, "name": entry.name, "address": str(endpoint),
+                    "latency_ms": latency, "learned": len(summary.added)})
         return
-    state = "added" if record["node_id"] not in summary.updated else "updated"
-    click.echo(f"{state} {record['name']!r} ({record['node_id']}) at {endpoint}"
+    state = "added" if entry.node_id not in summary.updated else "updated"
+    click.echo(f"{state} {entry.name!r} ({entry.node_id}) at {endpoint}"
                + (f", {latency:.1f} ms" if latency is not None else "")
                + (f"; learned of {len(summary.added)} more" if summary.added else ""))
+
+
+@peers.command("rm")
+@click.argument("peer")
+@pass_node
+def peers_rm(node: Node, peer: str) -> None:
+    """Forget a peer (a node id or a name from the table), and the addresses pinned to it."""
+    services = node.services
+    entry = services.find_peer(peer)
+    node_id = entry.node_id if entry is not None else peer
+    if not services.table.forget(node_id):
+        raise P2PRCError(f"no peer {peer!r} in the table ('p2prc peers ls' lists them)")
+    name = f" {entry.name!r}" if entry is not None and entry.name else ""
+    click.echo(f"forgot{name} ({node_id}): a node answering at its addresses is a stranger "
+               f"again")
 
 
 @peers.command("ls")
@@ -170,19 +179,17 @@ def speedtest(node: Node, peer: str, size: int | None, download_only: bool,
               as_json: bool) -> None:
     """Measure download and upload speed to a peer, in Mbit/s."""
     total = size if size is not None else node.settings.speedtest_default_bytes
-    results: list[Transfer] = []
-    with node.client(peer) as client, transfer_progress() as bar:
-        steps: list[tuple[str, Callable[..., Transfer]]] = [("download", client.download)]
-        if not download_only:
-            steps.append(("upload", client.upload))
-        for label, run in steps:
-            task = bar.add_task(label, total=total)
-            results.append(run(total, lambda n, task=task: bar.advance(task, n)))
-    entry = node.services.find_peer(peer)  # a peer from the table remembers its bandwidth
-    if entry is not None:
-        node.services.table.record_bandwidth(entry.node_id, results[0].mbit_per_second)
+    with transfer_progress() as bar:
+        def progress(direction: str, size: int) -> Callable[[int], None]:
+            task = bar.add_task(direction, total=size)
+            return lambda count: bar.advance(task, count)
+
+        try:
+            endpoint, results = node.services.speedtest(peer, total, download_only, progress)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="PEER") from None
     if as_json:
-        print_json({"peer": str(client.endpoint), "transfers": [r.as_dict() for r in results]})
+        print_json({"peer": str(endpoint), "transfers": [r.as_dict() for r in results]})
         return
     print_table(("direction", "size", "seconds", "Mbit/s"),
                 [(r.direction, human_bytes(r.bytes), f"{r.seconds:.3f}",

@@ -8,8 +8,8 @@ import click
 from rich.live import Live
 from rich.table import Table
 
-from p2prc_core.cli.base import ListingGroup, Node, format_when, json_option, main, pass_node
-from p2prc_core.output import err_console, print_json, print_table
+from p2prc_core.cli.base import ListingGroup, Node, json_option, main, pass_node
+from p2prc_core.output import err_console, format_when, print_json, print_table
 from p2prc_core.tasks import parse_variables
 
 # -- playbooks and runs --------------------------------------------------------------------------
@@ -69,14 +69,21 @@ def run_playbook(node: Node, playbook: str, targets: tuple[str, ...], pairs: tup
                  runner: str = "ansible", as_json: bool = False) -> None:
     """Run a playbook on containers and groups, all at once, with progress per host."""
     progress = RunProgress()
-    # Redrawn on each event rather than by a timer thread, which would hold up the end.
-    with Live(progress.table(), console=err_console, auto_refresh=False) as live:
-        def on_event(host: str, task: str, status: str) -> None:
-            progress.update(host, task, status)
-            live.update(progress.table(), refresh=True)
+    # Shown from the first event (an error before it is one line, not under a table), and
+    # redrawn on each event rather than by a timer thread, which would hold up the end.
+    live = Live(console=err_console, auto_refresh=False)
 
+    def on_event(host: str, task: str, status: str) -> None:
+        progress.update(host, task, status)
+        if not live.is_started:
+            live.start()
+        live.update(progress.table(), refresh=True)
+
+    try:
         record = node.services.runs.run(playbook, list(targets), parse_variables(pairs),
                                         runner, on_event)
+    finally:
+        live.stop()
     if as_json:
         print_json(record)
     else:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import click
 
-from p2prc_core.cli.base import Node, duration_option, format_when, json_option, main, pass_node
-from p2prc_core.models import Address
-from p2prc_core.node import advertised_addresses
-from p2prc_core.output import print_json, print_table
-from p2prc_core.trust import Invite, TrustError
+from p2prc_core.cli.base import Node, duration_option, json_option, main, pass_node
+from p2prc_core.output import format_when, print_json, print_table
+from p2prc_core.trust import TrustError
 
 # -- identity and trust ------------------------------------------------------------------
 
@@ -16,15 +14,21 @@ from p2prc_core.trust import Invite, TrustError
 @json_option
 @pass_node
 def show_id(node: Node, as_json: bool) -> None:
-    """Print this node's id (the key is created on first use)."""
+    """Print this node's id (the key is created on first use) and, on stderr, the
+    fingerprint of the TLS certificate its server presents."""
+    from p2prc_core import tls
+
     identity = node.services.identity
+    certificate = tls.fingerprint(tls.certificate(identity))
     if as_json:
         from p2prc_core.identity import b64encode
 
         print_json({"node_id": identity.node_id, "public_key": b64encode(identity.public_key),
-                    "key_file": str(node.home / "node.key")})
+                    "key_file": str(node.home / "node.key"),
+                    "certificate_fingerprint": certificate})
         return
     click.echo(identity.node_id)
+    click.echo(f"TLS certificate {certificate} (self-signed by the node key)", err=True)
 
 
 @main.command()
@@ -76,28 +80,18 @@ def untrust(node: Node, node_id: str) -> None:
 def invite(node: Node, ttl: int, addresses: tuple[str, ...], port: int | None,
            as_json: bool) -> None:
     """Print a one-time token that lets a friend join: they trust you, you trust them."""
-    settings = node.settings
-    if addresses:
-        chosen = []
-        for text in addresses:
-            try:
-                chosen.append(str(Address.parse(text)))
-            except ValueError:
-                raise click.BadParameter(f"{text!r} is not an IP address",
-                                         param_hint="--address") from None
-    else:
-        chosen = advertised_addresses(settings, node.hooks)
-    if not chosen:
-        raise TrustError("this node has no address a friend could dial: pass --address")
-    port = port or settings.advertise_port or settings.port
-    secret, expires = node.services.state.create_invite(ttl)
-    token = Invite(node.services.identity.node_id, chosen[:8], port, secret, expires).token()
+    try:
+        offer = node.services.create_invite(ttl, list(addresses), port)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--address") from None
+    token = offer.token()
     if as_json:
-        print_json({"token": token, "expires": expires, "addresses": chosen[:8], "port": port})
+        print_json({"token": token, "expires": offer.expires, "addresses": offer.addresses,
+                    "port": offer.port, "node_id": offer.node_id})
         return
     click.echo(token)
     click.echo(f"Send this to your friend; they run: p2prc join TOKEN. It works once, until "
-               f"{format_when(expires)}.", err=True)
+               f"{format_when(offer.expires)}.", err=True)
 
 
 @main.command()

@@ -33,7 +33,7 @@ def create_app(node: NodeServices) -> falcon.App:
     settings = node.settings
     node.table.ensure()  # so the table's epoch, and every cursor handed out, stays put
     auth = RequestAuth(node.state, node.trust, settings.clock_window_seconds,
-                       open_mode=settings.trust_mode == "open")
+                       open_mode=settings.trust_mode == "open", node_id=node.identity.node_id)
     middleware: list[Any] = [BodySizeLimit(settings.max_body_bytes), auth,
                              NodeOnRequest(node.identity.node_id)]
     app = falcon.App(middleware=middleware)

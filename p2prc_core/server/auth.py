@@ -24,7 +24,9 @@ CHALLENGE = ["P2PRC-Signature"]
 
 
 class RequestAuth:
-    def __init__(self, state: ServerState, trust: TrustStore, window: float, open_mode: bool):
+    def __init__(self, state: ServerState, trust: TrustStore, window: float, open_mode: bool,
+                 node_id: str):
+        self.node_id = node_id  # a signature must name this node
         self.state = state
         self.trust = trust
         self.window = window
@@ -38,7 +40,7 @@ class RequestAuth:
         body = self._read_body(req)
         try:
             signed = check_signature(req.get_header, req.method, req.env.get("PATH_INFO", "/"),
-                                     req.query_string, body, self.window)
+                                     req.query_string, body, self.window, self.node_id)
         except SignatureError as err:
             raise falcon.HTTPUnauthorized(title=err.title, description=str(err),
                                           challenges=CHALLENGE) from None

@@ -13,6 +13,7 @@ import falcon
 from p2prc_core import __version__
 from p2prc_core.containers import ContainerRequest, ContainerService, Lease
 from p2prc_core.server.bodies import read_json, too_large
+from p2prc_core.sshkeys import login_command
 
 # One block of random bytes, reused for every download: incompressible, generated once.
 _CHUNK = os.urandom(1 << 20)
@@ -73,7 +74,7 @@ class SpeedDownloadResource:
         raw = req.get_param("bytes")
         if raw is None:
             count = min(self.default_bytes, self.max_bytes)
-        elif not raw.isdigit():
+        elif not (raw.isascii() and raw.isdigit()):
             raise falcon.HTTPBadRequest(
                 title="Invalid bytes",
                 description=f"bytes must be a whole number of bytes from 0 up, got {raw!r}.")
@@ -246,11 +247,11 @@ def _ssh_host(req: falcon.Request) -> str:
 def lease_reply(lease: Lease, req: falcon.Request) -> dict[str, Any]:
     reply = lease.as_dict()
     reply["node_id"] = req.context.node_id
-    host = _ssh_host(req)
-    reply["ssh"] = {"user": "root", "host": host.strip("[]"), "port": lease.ssh_port,
+    host = _ssh_host(req).strip("[]")
+    reply["ssh"] = {"user": "root", "host": host, "port": lease.ssh_port,
                     "host_key": lease.host_key,
                     "fingerprint": reply.pop("host_key_fingerprint"),
-                    "command": f"ssh -p {lease.ssh_port} root@{host.strip('[]')}"}
+                    "command": login_command(host, lease.ssh_port)}
     return reply
 
 

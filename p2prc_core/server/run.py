@@ -11,6 +11,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from p2prc_core import tls
 from p2prc_core.config import Settings
 from p2prc_core.errors import P2PRCError
 from p2prc_core.periodic import Periodic
@@ -88,12 +89,25 @@ class PeerServer(BaseApplication):  # type: ignore[misc]
             "limit_request_line": 8190,
             "control_socket_disable": True,  # gunicorn 24+: no shared socket in ~/.gunicorn
         }
+        if s.transport == "tls":
+            options.update(tls_options(self.home))
         for key, value in options.items():
             if key in self.cfg.settings:
                 self.cfg.set(key, value)
 
     def load(self) -> Any:
         return self.app_factory(self.settings, self.home)
+
+
+def tls_options(home: Path) -> dict[str, Any]:
+    """gunicorn's TLS settings: the node key and its certificate, TLS 1.3 only, and one
+    context for every connection (gunicorn's default builds one per connection)."""
+    from p2prc_core.identity import NodeIdentity
+
+    cert, key = tls.server_files(home, NodeIdentity.load_or_create(home))
+    context = tls.server_context(cert, key)
+    return {"certfile": str(cert), "keyfile": str(key),
+            "ssl_context": lambda config, default_factory: context}
 
 
 def start_background_jobs(node: NodeServices) -> list[Periodic]:
@@ -144,6 +158,12 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
     """
     settings = node.settings
     configure_logging(settings.log_level)
+    # Everything a worker opens is opened once here first, so that a bad key, trust file,
+    # state database or table is one clear error now rather than "Worker failed to boot".
+    _ = node.identity
+    node.trust.all()
+    node.state.invites()
+    node.table.ensure()
     try:  # the leases are squared with what the engine runs
         changes = node.containers().reconcile()
         if changes["adopted"] or changes["dropped"]:

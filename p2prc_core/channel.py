@@ -1,0 +1,178 @@
+"""Connections to one peer: TLS checked against the node id it must present, for httpx (the
+API) and for plain sockets (the speed test) alike.
+
+A ``Channel`` knows the peer's address, the node id expected there (``None`` on first
+contact, when the id presented is taken and reported to ``on_contact``), and whether the
+network runs TLS (the default) or plain HTTP (``transport = "http"``, a lab). Every new
+connection is checked right after its handshake, before a byte of a request is sent.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import httpcore
+import httpx
+
+from p2prc_core import tls
+from p2prc_core.errors import PeerError, unreachable
+from p2prc_core.models import Endpoint
+
+Contact = Callable[[Endpoint, str], None]  # the endpoint, the node id it presented
+T = TypeVar("T")
+
+
+class Channel:
+    """How to reach one peer, and who must answer there. A peer with several addresses is
+    dialled at each in turn (in dial order) until one takes the connection; the one that
+    did is used for every later connection."""
+
+    def __init__(self, endpoints: Endpoint | list[Endpoint], secure: bool = True,
+                 on_contact: Contact | None = None):
+        self.candidates = [endpoints] if isinstance(endpoints, Endpoint) else list(endpoints)
+        if not self.candidates:
+            raise PeerError("no address to dial")
+        self.endpoint = self.candidates[0]
+        self.secure = secure
+        self.node_id = self.endpoint.node_id  # expected; on first contact, the one presented
+        self.on_contact = on_contact
+
+    def dial(self, open_one: Callable[[Endpoint, float], T], timeout: float) -> T:
+        """Open a connection: to the endpoint that answered last, then to the others.
+
+        :raises PeerError: none took it; the message names each and why.
+        """
+        order = [self.endpoint] + [e for e in self.candidates if e != self.endpoint]
+        failures: list[str] = []
+        for index, endpoint in enumerate(order):
+            # An address that drops packets must not eat the whole wait when others remain.
+            wait = timeout if index == len(order) - 1 else min(timeout, 3.0)
+            try:
+                opened = open_one(endpoint, wait)
+            except (OSError, httpcore.ConnectError, httpcore.ConnectTimeout) as err:
+                failure = unreachable(endpoint, err, wait)
+                if len(order) == 1:
+                    raise failure from None
+                failures.append(str(failure))
+                continue
+            self.endpoint = endpoint
+            return opened
+        raise PeerError("no address of this peer answers: " + "; ".join(failures))
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.secure else "http"
+
+    def check(self, ssl_object: Any) -> None:
+        """The one check of every new TLS connection (see ``tls.check_peer``)."""
+        presented = tls.check_peer(ssl_object, self.node_id, self.endpoint)
+        if self.node_id is None:
+            self.node_id = presented
+        if self.on_contact is not None:
+            self.on_contact(self.endpoint, presented)
+
+    def wrap(self, sock: socket.socket, timeout: float) -> socket.socket:
+        """TLS over a connected socket, checked; the socket itself in a plain-HTTP lab.
+
+        :raises PeerError: the handshake failed, or another node answered.
+        """
+        if not self.secure:
+            return sock
+        try:
+            wrapped = tls.client_context().wrap_socket(sock)
+        except (ssl.SSLError, OSError) as err:
+            sock.close()
+            raise handshake_failed(self.endpoint, err, timeout) from None
+        try:
+            self.check(wrapped)
+        except BaseException:
+            wrapped.close()
+            raise
+        return wrapped
+
+    def connect(self, timeout: float) -> socket.socket:
+        """A new connection, TLS checked (for the speed test's plain socket)."""
+        sock = self.dial(lambda endpoint, wait: socket.create_connection(
+            (endpoint.host, endpoint.port), timeout=wait), timeout)
+        sock.settimeout(timeout)
+        return self.wrap(sock, timeout)
+
+    def http(self, timeout: float, **options: Any) -> httpx.Client:
+        """An httpx client whose every connection goes through ``dial`` and, over TLS, is
+        checked before it carries a request."""
+        transport = httpx.HTTPTransport(verify=tls.client_context())
+        # httpx offers no setting for httpcore's network backend: give its pool ours.
+        transport._pool = httpcore.ConnectionPool(
+            ssl_context=tls.client_context(), network_backend=_ChannelBackend(self))
+        return httpx.Client(base_url=self.endpoint.url(self.scheme), timeout=timeout,
+                            transport=transport, trust_env=False,
+                            headers={"User-Agent": "p2prc"}, **options)
+
+
+def handshake_failed(where: object, err: BaseException, timeout: float | None) -> PeerError:
+    """A failed TLS handshake, said as what it most likely is."""
+    if isinstance(err, ssl.SSLError):
+        return PeerError(f"{where} did not complete a TLS handshake ({err.reason or err}): "
+                         f"not a p2prc node, or one that runs transport = \"http\"")
+    return unreachable(where, err, timeout)
+
+
+class _CheckingStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream, channel: Channel):
+        self._inner = inner
+        self._channel = channel
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, timeout)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        try:
+            stream = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        except httpcore.ConnectError as err:
+            self._inner.close()
+            cause = err.__cause__ if isinstance(err.__cause__, ssl.SSLError) else err
+            raise handshake_failed(self._channel.endpoint, cause, timeout) from None
+        try:
+            self._channel.check(stream.get_extra_info("ssl_object"))
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+
+class _ChannelBackend(httpcore.NetworkBackend):
+    """httpcore's own sockets, dialled by the channel (whatever host the URL names), with
+    the peer's key checked after each TLS handshake."""
+
+    def __init__(self, channel: Channel):
+        self._channel = channel
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        stream = self._channel.dial(lambda endpoint, wait: self._inner.connect_tcp(
+            endpoint.host, endpoint.port, wait, local_address, socket_options),
+            timeout if timeout is not None else 10.0)
+        return _CheckingStream(stream, self._channel)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None
+                            ) -> httpcore.NetworkStream:
+        raise PeerError("p2prc peers are reached over TCP only")
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)

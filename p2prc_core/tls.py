@@ -1,0 +1,135 @@
+"""TLS between peers, bound to node identity.
+
+A node's certificate is self-signed by its own Ed25519 node key: the key in the certificate
+*is* the node key, so the node id follows from it (``identity.node_id_for``). TLS 1.3 makes
+the server prove that it holds that key (CertificateVerify) during the handshake. A client
+does not look at names, dates or issuers; right after the handshake, before it sends a byte
+of its request, it checks that the key presented is the key of the node it meant to reach
+(``check_peer``). The certificate is deterministic (fixed serial, dates, Ed25519), so its
+fingerprint is stable and ``p2prc id`` can print it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ssl
+from pathlib import Path
+from typing import Any
+
+from p2prc_core.errors import PeerError
+from p2prc_core.identity import KEY_FILE, NodeIdentity, node_id_for
+from p2prc_core.storage import atomic_write
+
+CERT_FILE = "node.crt"
+_VALID_FROM = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
+_VALID_TO = datetime.datetime(9999, 12, 31, tzinfo=datetime.UTC)
+
+
+class NodeMismatch(PeerError):
+    """The peer presented another node's key than the one we meant to reach."""
+
+    def __init__(self, where: object, expected: str, presented: str):
+        super().__init__(
+            f"{where} presented node {presented}, not {expected}, the node this client meant "
+            f"to reach: nothing was sent. If {expected} changed its key (or another node now "
+            f"has that address), 'p2prc peers rm {expected}' forgets the old one, or use "
+            f"{presented}@ADDRESS to reach the new one.")
+        self.expected = expected
+        self.presented = presented
+
+
+def certificate(identity: NodeIdentity) -> bytes:
+    """This node's certificate (PEM), self-signed by its node key; the same every time."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.node_id),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "p2prc node")])
+    serial = int.from_bytes(hashlib.sha256(identity.public_key).digest()[:16], "big") >> 1
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(identity.private_key.public_key()).serial_number(serial)
+            .not_valid_before(_VALID_FROM).not_valid_after(_VALID_TO)
+            .sign(identity.private_key, None))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """SHA-256 of the certificate's DER bytes, as ``SHA256:hex``."""
+    der = ssl.PEM_cert_to_DER_cert(cert_pem.decode("ascii"))
+    return "SHA256:" + hashlib.sha256(der).hexdigest()
+
+
+def server_files(home: Path, identity: NodeIdentity) -> tuple[Path, Path]:
+    """The certificate and key files a TLS server loads: the node key itself (PKCS8 PEM,
+    0600) and its certificate, written next to it when missing or stale."""
+    cert_path = home / CERT_FILE
+    pem = certificate(identity)
+    try:
+        current = cert_path.read_bytes()
+    except FileNotFoundError:
+        current = b""
+    if current != pem:
+        atomic_write(cert_path, pem, mode=0o644)
+    return cert_path, home / KEY_FILE
+
+
+def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    """TLS 1.3 only; no client certificates (callers prove who they are by signing)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(certfile=str(cert_path), keyfile=str(key_path))
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+_CLIENT_CONTEXT: ssl.SSLContext | None = None
+
+
+def client_context() -> ssl.SSLContext:
+    """TLS 1.3 only. Names, dates and issuers are not checked: ``check_peer`` checks the one
+    thing that matters, the node key, right after the handshake."""
+    global _CLIENT_CONTEXT
+    if _CLIENT_CONTEXT is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["http/1.1"])
+        _CLIENT_CONTEXT = context
+    return _CLIENT_CONTEXT
+
+
+def presented_node(ssl_object: Any, where: object) -> str:
+    """The node id of the key the peer's certificate carries.
+
+    :raises PeerError: no certificate, or a key that is not an Ed25519 node key.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    der = ssl_object.getpeercert(True) if ssl_object is not None else None  # binary form
+    if not der:
+        raise PeerError(f"{where} presented no certificate: not a p2prc node")
+    try:
+        key = x509.load_der_x509_certificate(der).public_key()
+    except ValueError:
+        raise PeerError(f"{where} presented a certificate that cannot be read") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise PeerError(f"{where} presented a certificate without a node key: not a p2prc "
+                        f"node (or something in between)")
+    return node_id_for(key.public_bytes(serialization.Encoding.Raw,
+                                        serialization.PublicFormat.Raw))
+
+
+def check_peer(ssl_object: Any, expected: str | None, where: object) -> str:
+    """Check the peer's key right after the handshake; returns the node id it presented.
+
+    :raises NodeMismatch: ``expected`` is set and the peer is another node.
+    """
+    presented = presented_node(ssl_object, where)
+    if expected is not None and presented != expected:
+        raise NodeMismatch(where, expected, presented)
+    return presented
