@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from p2prc_core.tls import client_context
+
 ROOT = Path(__file__).resolve().parent.parent
 P2PRC = str(Path(sys.executable).with_name("p2prc"))
 
@@ -29,7 +31,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], wait: float = 20) -> None
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}")
         try:
-            httpx.get(url, timeout=1)
+            httpx.get(url, timeout=1, verify=client_context())
             return
         except httpx.HTTPError:
             time.sleep(0.1)
@@ -42,7 +44,8 @@ def start_p2prc(home: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
                             env={**os.environ, "P2PRC_HOME": str(home),
                                  "P2PRC_ACCESS_LOG": "false", **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_http(f"http://127.0.0.1:{port}/v1/health", proc)
+    scheme = "http" if env.get("P2PRC_TRANSPORT") == "http" else "https"
+    wait_http(f"{scheme}://127.0.0.1:{port}/v1/health", proc)
     return proc
 
 
