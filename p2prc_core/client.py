@@ -17,6 +17,7 @@ from p2prc_core.channel import Channel, Contact
 from p2prc_core.errors import PeerError, PeerRefused, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import CONTAINER_ID, Endpoint
+from p2prc_core.output import clean
 from p2prc_core.records import RecordError, verify_record
 from p2prc_core.signing import sign_request
 from p2prc_core.tracking import RemoteContainer
@@ -229,7 +230,7 @@ class PeerClient:
             resp.read()
         try:
             body = resp.json()
-            detail = f"{body['title']}: {body['description']}"
+            detail = clean(f"{body['title']}: {body['description']}", 500)
         except (ValueError, KeyError, TypeError):
             raise PeerError(f"{self.endpoint} answered HTTP {resp.status_code}, and not as a "
                             f"p2prc node (is the port right?)") from None

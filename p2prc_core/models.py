@@ -97,6 +97,7 @@ CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")  # a full id, or a 12+ character p
 PUBLIC_KEY = re.compile(r"(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) "
                         r"[A-Za-z0-9+/]+={0,3}")
 KEY_LINE = re.compile(PUBLIC_KEY.pattern + r"( [ -~]{0,100})?")  # with a comment
+LOCAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a user's name for a peer
 
 
 def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
@@ -143,6 +144,21 @@ def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
             raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
         port = int(port_text)
     return Endpoint(host, port)
+
+
+def looks_like_address(text: str) -> bool:
+    """Whether PEER text is an address rather than a name: an IP address (bracketed or not,
+    with or without a port) or ``NODE_ID@...``. Such text is never looked up as a name, so a
+    peer cannot choose a name that redirects what the user typed as an address."""
+    text = text.strip()
+    if "@" in text or text.startswith("["):
+        return True
+    host = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _check_ip(host: str, text: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -10,10 +11,23 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+# ANSI escape sequences (CSI, OSC and single-character ones), then every other control
+# character: what a peer says must not move the cursor, recolour or retitle a terminal.
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 # Piped output is not folded at 80 columns: tables stay one row a line.
 console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False)
+
+
+def clean(text: object, limit: int = 1000) -> str:
+    """``text`` safe to show in a terminal: escape sequences and control characters (and
+    bidirectional overrides) removed, at most ``limit`` characters."""
+    shown = _CONTROL.sub(" ", _ESCAPES.sub("", str(text)))
+    return shown if len(shown) <= limit else shown[:limit - 1] + "…"
 
 
 def print_json(data: Any) -> None:
@@ -22,12 +36,14 @@ def print_json(data: Any) -> None:
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
                 title: str | None = None) -> None:
-    table = Table(title=title, title_justify="left", header_style="bold", box=None,
-                  pad_edge=False)
+    """Cells are shown as they are: never read as rich markup (``[fd42::1]:8088`` and a
+    peer's ``[bold]`` alike), and cleaned of escape sequences and control characters."""
+    table = Table(title=Text(clean(title)) if title else None, title_justify="left",
+                  header_style="bold", box=None, pad_edge=False)
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
+        table.add_row(*(Text("" if cell is None else clean(cell)) for cell in row))
     console.print(table)
 
 

@@ -103,6 +103,7 @@ class PeerEntry:
     record: dict[str, Any]
     changed: int = 0
     measured: Measured = field(default_factory=Measured)
+    local_name: str | None = None  # the user's own name for it (wins over the record's)
     extra: dict[str, Any] = field(default_factory=dict)  # what another version wrote
 
     @property
@@ -120,12 +121,18 @@ class PeerEntry:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PeerEntry:
         changed = _whole(data.get("changed")) or 0
-        extra = {k: v for k, v in data.items() if k not in ("record", "changed", "measured")}
-        return cls(data["record"], changed, Measured.from_json(data.get("measured")), extra)
+        local = data.get("local_name")
+        extra = {k: v for k, v in data.items()
+                 if k not in ("record", "changed", "measured", "local_name")}
+        return cls(data["record"], changed, Measured.from_json(data.get("measured")),
+                   local if isinstance(local, str) else None, extra)
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.extra, "record": self.record, "changed": self.changed,
+        data = {**self.extra, "record": self.record, "changed": self.changed,
                 "measured": self.measured.to_json()}
+        if self.local_name:
+            data["local_name"] = self.local_name
+        return data
 
     def to_peer(self) -> PeerRecord:
         """What scoring plugins see of an entry."""
@@ -293,6 +300,17 @@ class PeerTable:
             return state.peers.pop(node_id, None) is not None or bool(pinned)
 
         return self.update(change)
+
+    def name(self, node_id: str, local_name: str) -> None:
+        """Give a peer the user's own name for it; no other peer keeps that name."""
+        def change(state: TableState) -> None:
+            for entry in state.peers.values():
+                if entry.local_name == local_name:
+                    entry.local_name = None
+            if node_id in state.peers:
+                state.peers[node_id].local_name = local_name
+
+        self.update(change)
 
     def record_bandwidth(self, node_id: str, mbit_per_second: float) -> bool:
         """Remember a speed test's result for a peer; False if the table does not hold it."""

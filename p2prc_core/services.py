@@ -18,7 +18,7 @@ from p2prc_core.config import Settings
 from p2prc_core.containers import Backend, ContainerError, ContainerService
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
 from p2prc_core.identity import NodeIdentity
-from p2prc_core.models import Address, Endpoint, parse_endpoint
+from p2prc_core.models import Address, Endpoint, looks_like_address, parse_endpoint
 from p2prc_core.node import TimedCache, advertised_addresses, dial_endpoints, record_fields
 from p2prc_core.output import format_when
 from p2prc_core.peertable import PeerEntry, PeerTable
@@ -116,20 +116,36 @@ class NodeServices:
                          max_records=s.max_records_per_response)
 
     def find_peer(self, text: str) -> PeerEntry | None:
-        """A table entry by node id or name; None when neither matches.
+        """A table entry for PEER; None when nothing in the table matches. In order: an IP
+        address (with a port or a NODE_ID@) is an address, never a name; a node id or a
+        unique prefix of one (4+ characters); a name the user gave (``peers add --name``);
+        a name a peer chose itself, when only one peer has it.
 
-        :raises P2PRCError: several peers carry that name.
+        :raises P2PRCError: the prefix or the name fits several peers.
         """
-        if not self.table.path.exists():
+        if looks_like_address(text) or not self.table.path.exists():
             return None
         peers = self.table.load()
         if text in peers:
             return peers[text]
-        named = [e for e in peers.values() if e.name == text]
-        if len(named) > 1:
-            ids = ", ".join(e.node_id for e in named)
-            raise P2PRCError(f"{len(named)} peers are named {text!r} ({ids}): use a node id")
-        return named[0] if named else None
+        lowered = text.lower()
+        if len(lowered) >= 4 and lowered.isalnum():
+            by_prefix = [e for node_id, e in peers.items() if node_id.startswith(lowered)]
+            if len(by_prefix) == 1:
+                return by_prefix[0]
+            if len(by_prefix) > 1:
+                raise P2PRCError(f"{text!r} is the start of {len(by_prefix)} node ids: give "
+                                 f"more of it")
+        for chooser in (lambda e: e.local_name, lambda e: e.name):
+            named = [e for e in peers.values() if chooser(e) == text]
+            if len(named) > 1:
+                ids = ", ".join(e.node_id for e in named)
+                raise P2PRCError(f"{len(named)} peers are named {text!r} ({ids}): use a node "
+                                 f"id, or name one yourself with 'p2prc peers add ADDRESS "
+                                 f"--name NAME'")
+            if named:
+                return named[0]
+        return None
 
     @property
     def secure(self) -> bool:
@@ -196,10 +212,12 @@ class NodeServices:
         with self.client(endpoint) as client:
             return client.node()
 
-    def add_peer(self, peer: str | Endpoint) -> tuple[PeerEntry, UpdateSummary, Endpoint]:
+    def add_peer(self, peer: str | Endpoint,
+                 local_name: str | None = None) -> tuple[PeerEntry, UpdateSummary, Endpoint]:
         """Add the node at ``peer`` (ADDRESS[:PORT], or NODE_ID@ADDRESS[:PORT]) to the
         table, exchange tables with it and measure it; returns its entry, what the exchange
-        brought, and the endpoint it was added at.
+        brought, and the endpoint it was added at. ``local_name`` is the user's own name for
+        it (taken from any peer that had it).
 
         :raises P2PRCError: it is this node, or it cannot be reached.
         """
@@ -209,6 +227,8 @@ class NodeServices:
         if record["node_id"] == self.identity.node_id:
             raise P2PRCError(f"{endpoint} is this node itself")
         summary = self.discovery.add(endpoint, record)
+        if local_name:
+            self.table.name(record["node_id"], local_name)
         return self.table.load()[record["node_id"]], summary, endpoint
 
     def speedtest(self, peer: str, size: int, download_only: bool = False,

@@ -14,6 +14,7 @@ The run itself is a runner's (``p2prc_register_runners``; Ansible is built in).
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -30,8 +31,16 @@ from p2prc_core.errors import P2PRCError
 from p2prc_core.storage import atomic_write_json, read_json_file
 from p2prc_core.tracking import RemoteContainer, Tracked
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# Variables that decide how or where Ansible connects, or that Ansible and p2prc set
+# themselves: a bundle or -e must not set them (ansible_connection=local ran every task on
+# the client while the container was reported ok).
+_RESERVED = re.compile(r"(ansible_|p2prc_).*|hostvars|groups|group_names|inventory_.*|"
+                       r"playbook_dir|role_path|omit|environment|vars")
+# Keywords that make a task or play run somewhere other than the target containers.
+_ELSEWHERE = ("delegate_to", "local_action", "connection")
+GROUP = "p2prc"  # the inventory group of a run's containers; plays may name it or "all"
 MAX_BUNDLE_BYTES = 50 << 20
 
 
@@ -66,7 +75,7 @@ def load_bundle(path: Path) -> Bundle:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{manifest}: not valid TOML: {err}") from None
     name = data.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise BundleError(f"{manifest}: name must be lower-case letters, digits, '-' or '_' "
                           f"(got {name!r})")
     description = data.get("description", "")
@@ -76,13 +85,53 @@ def load_bundle(path: Path) -> Bundle:
         raise BundleError(f"{manifest}: description must be a string")
     if not isinstance(ports, int) or isinstance(ports, bool) or not 0 <= ports <= 64:
         raise BundleError(f"{manifest}: ports must be a whole number from 0 to 64")
-    if not isinstance(variables, dict) or not all(_VARIABLE.match(k) for k in variables):
+    if not isinstance(variables, dict) or not all(_VARIABLE.fullmatch(k) for k in variables):
         raise BundleError(f"{manifest}: [variables] must be a table of identifier = value")
+    reserved = sorted(k for k in variables if _RESERVED.fullmatch(k))
+    if reserved:
+        raise BundleError(f"{manifest}: [variables] may not set {', '.join(reserved)}: they "
+                          f"decide how and where Ansible connects, or are Ansible's own")
     unknown = sorted(set(data) - {"name", "description", "ports", "variables"})
     if unknown:
         raise BundleError(f"{manifest}: unknown keys {unknown}")
     _check_playbook(playbook)
     return Bundle(name, description, ports, variables, path)
+
+
+def code_outside_the_containers(path: Path) -> list[str]:
+    """Where a bundle's YAML would run something other than on the run's containers: a
+    ``delegate_to``, ``local_action`` or ``connection`` keyword, an ``ansible_*`` variable,
+    or a play for hosts other than ``all`` or the p2prc group. Each finding says where."""
+    import yaml
+
+    findings: list[str] = []
+
+    def scan(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(key, str) and (key in _ELSEWHERE or key.startswith("ansible_")):
+                    findings.append(f"{where}: {key}")
+                scan(value, where)
+        elif isinstance(node, list):
+            for item in node:
+                scan(item, where)
+
+    for file in sorted(list(path.rglob("*.yml")) + list(path.rglob("*.yaml"))):
+        where = str(file.relative_to(path))
+        try:
+            documents = list(yaml.safe_load_all(file.read_text()))
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            findings.append(f"{where}: not readable YAML")
+            continue
+        for document in documents:
+            scan(document, where)
+            if file.name == "site.yml" and isinstance(document, list):
+                for play in document:
+                    hosts = play.get("hosts") if isinstance(play, dict) else None
+                    if hosts is not None and hosts not in ("all", GROUP):
+                        findings.append(f"{where}: hosts: {hosts!r} (only 'all' or "
+                                        f"'{GROUP}': the run's containers)")
+    return findings
 
 
 def _check_playbook(path: Path) -> None:
@@ -116,42 +165,81 @@ class Playbooks:
 
     def get(self, name: str) -> Bundle:
         path = self.root / name
-        if not _NAME.match(name) or not path.is_dir():
+        if not _NAME.fullmatch(name) or not path.is_dir():
             names = ", ".join(b.name for b in self.all()) or "none yet"
             raise BundleError(f"no playbook {name!r} (installed: {names}; add one with "
                               f"'p2prc playbooks add PATH_OR_GIT_URL')")
         return load_bundle(path)
 
     def add(self, source: str, replace: bool = False) -> Bundle:
-        """Install a bundle from a directory or a git URL (cloned, shallow)."""
+        """Install a bundle from a directory or a git URL (cloned, shallow). Links that leave
+        the bundle are refused, and its size is counted while it is copied.
+
+        :raises BundleError: with the reason.
+        """
+        if source.startswith("-"):
+            raise BundleError(f"{source!r} is not a directory or a git URL")
         with tempfile.TemporaryDirectory(prefix="p2prc-bundle-") as tmp:
             local = Path(source).expanduser()
             if not local.exists() and _looks_like_git(source):
                 local = Path(tmp) / "clone"
-                result = subprocess.run(["git", "clone", "--depth", "1", "--quiet", source,
-                                         str(local)], capture_output=True, text=True,
+                result = subprocess.run(["git", "clone", "--depth", "1", "--quiet", "--",
+                                         source, str(local)], capture_output=True, text=True,
                                         timeout=300)
                 if result.returncode != 0:
                     raise BundleError(f"git clone {source} failed: {result.stderr.strip()}")
-            bundle = load_bundle(local)
-            size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
-            if size > MAX_BUNDLE_BYTES:
-                raise BundleError(f"{source} is {size} bytes, over {MAX_BUNDLE_BYTES}")
-            target = self.root / bundle.name
-            if target.exists() and not replace:
-                raise BundleError(f"playbook {bundle.name!r} is installed already "
-                                  f"(--replace to install this one instead)")
-            staging = self.root / f".{bundle.name}.{secrets.token_hex(4)}"
+            if not local.is_dir():
+                raise BundleError(f"{source} is not a directory (or a git URL)")
             self.root.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(local, staging, ignore=shutil.ignore_patterns(".git"))
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
+            staging = self.root / f".staging.{secrets.token_hex(4)}"
+            try:
+                _copy_bundle(local, staging, source)
+                bundle = load_bundle(staging)
+                target = self.root / bundle.name
+                if target.exists() and not replace:
+                    raise BundleError(f"playbook {bundle.name!r} is installed already "
+                                      f"(--replace to install this one instead)")
+                if target.exists():
+                    shutil.rmtree(target)
+                staging.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return load_bundle(target)
 
     def remove(self, name: str) -> None:
         bundle = self.get(name)
         shutil.rmtree(bundle.path)
+
+
+def _copy_bundle(source: Path, target: Path, shown: str) -> None:
+    """Copy a bundle without following links out of it, and stop at MAX_BUNDLE_BYTES.
+
+    A link to a file inside the bundle is copied as that file; any other link is refused
+    (a link to ~/.p2prc/node.key would copy the node key into the bundle).
+    """
+    root = source.resolve()
+    total = 0
+    for directory, folders, files in os.walk(source, followlinks=False):
+        here = Path(directory)
+        relative = here.relative_to(source)
+        folders[:] = [f for f in folders if f != ".git"]
+        for folder in list(folders):
+            if (here / folder).is_symlink():
+                raise BundleError(f"{shown}: {relative / folder} is a link to a directory: "
+                                  f"bundles may not contain those")
+        (target / relative).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            path = here / name
+            if path.is_symlink():
+                resolved = path.resolve()
+                if not resolved.is_relative_to(root) or not resolved.is_file():
+                    raise BundleError(f"{shown}: {relative / name} links outside the bundle")
+            elif not path.is_file():
+                continue  # sockets, fifos: not part of a bundle
+            total += path.stat().st_size
+            if total > MAX_BUNDLE_BYTES:
+                raise BundleError(f"{shown} is over {MAX_BUNDLE_BYTES} bytes")
+            shutil.copyfile(path, target / relative / name)
 
 
 def _looks_like_git(source: str) -> bool:
@@ -257,13 +345,25 @@ class RunService:
         self.check_alive = check_alive  # raises for a container its host no longer runs
 
     def run(self, playbook: str, on: list[str], variables: dict[str, Any],
-            runner: str = "ansible", on_event: Event | None = None) -> dict[str, Any]:
+            runner: str = "ansible", on_event: Event | None = None,
+            allow_local: bool = False) -> dict[str, Any]:
         """Run ``playbook`` on the containers and groups named in ``on``; return the run's
-        record. Ports handed to a host that did not succeed are given back.
+        record. Ports handed to a host that did not succeed are given back. A bundle whose
+        YAML would run anything elsewhere than on the containers (see
+        ``code_outside_the_containers``) runs only with ``allow_local``.
 
-        :raises P2PRCError: an unknown playbook, container, group or runner; no targets.
+        :raises P2PRCError: an unknown playbook, container, group or runner; no targets; a
+            bundle that reaches outside its containers.
         """
         bundle = self.playbooks.get(playbook)
+        elsewhere = [] if allow_local else code_outside_the_containers(bundle.path)
+        if elsewhere:
+            raise BundleError(f"playbook {bundle.name!r} would run outside its containers ("
+                              + "; ".join(elsewhere[:5])
+                              + (f"; and {len(elsewhere) - 5} more" if len(elsewhere) > 5
+                                 else "")
+                              + "): a bundle is code that runs on this machine; if you trust "
+                                "it, pass --allow-local")
         containers: list[RemoteContainer] = []
         for name in on:
             for container in self.tracked.resolve(name):
@@ -313,8 +413,11 @@ def parse_variables(pairs: tuple[str, ...]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not _VARIABLE.match(key):
+        if not sep or not _VARIABLE.fullmatch(key):
             raise BundleError(f"-e {pair!r}: expected KEY=VALUE")
+        if _RESERVED.fullmatch(key):
+            raise BundleError(f"-e {key}: may not be set: it decides how or where Ansible "
+                              f"connects, or is Ansible's own")
         try:
             found[key] = json.loads(value)
         except ValueError:

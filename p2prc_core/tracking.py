@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,7 +23,8 @@ def _port(value: Any) -> int:
 
 
 def _time(value: Any) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int | float) and not isinstance(value, bool) and \
+            math.isfinite(value) and value >= 0:
         return float(value)
     raise ValueError(f"{value!r} is not a time")
 

@@ -18,6 +18,7 @@ from typing import Any
 from p2prc_core.channel import Channel
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import Endpoint
+from p2prc_core.output import clean
 
 Progress = Callable[[int], None]
 _BUFFER = 4 << 20
@@ -80,7 +81,7 @@ def _fail(endpoint: Endpoint, response: _Response, sock: socket.socket) -> PeerE
     body = _read_small_body(sock, response)
     try:
         error = json.loads(body)
-        detail = f"{error['title']}: {error['description']}"
+        detail = clean(f"{error['title']}: {error['description']}", 500)
     except (ValueError, KeyError, TypeError):
         return PeerError(f"{endpoint} answered HTTP {response.status}, and not as a p2prc node")
     return PeerRefused(f"{endpoint} refused ({response.status}): {detail}", response.status)

@@ -11,7 +11,7 @@ from typing import Any
 from p2prc_core import hookimpl
 from p2prc_core.errors import P2PRCError
 from p2prc_core.sshkeys import known_hosts_line
-from p2prc_core.tasks import Bundle, Event, HostResult, Runner, RunResult, RunTarget
+from p2prc_core.tasks import GROUP, Bundle, Event, HostResult, Runner, RunResult, RunTarget
 
 _EVENT_STATUS = {"runner_on_ok": "ok", "runner_on_failed": "failed",
                  "runner_on_unreachable": "unreachable", "runner_on_skipped": "skipped"}
@@ -35,7 +35,7 @@ def build_inventory(targets: list[RunTarget], run_dir: Path) -> dict[str, Any]:
             "ansible_python_interpreter": "/usr/bin/python3",
             "p2prc_container": target.container_id, "p2prc_ports": target.ports,
         }
-    return {"all": {"hosts": hosts}}
+    return {"all": {"children": {GROUP: {"hosts": hosts}}}}
 
 
 class AnsibleRunner:
@@ -47,7 +47,7 @@ class AnsibleRunner:
             raise P2PRCError("ansible-runner is not installed: pip install ansible-runner "
                              "ansible-core") from None
         inventory = build_inventory(targets, run_dir)
-        hosts = inventory["all"]["hosts"]
+        hosts = inventory["all"]["children"][GROUP]["hosts"]
         result = RunResult({t.name: HostResult(t.name, t.container_id) for t in targets})
 
         def handle(event: dict[str, Any]) -> bool:

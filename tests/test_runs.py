@@ -184,7 +184,7 @@ def test_the_ansible_inventory_pins_host_keys_and_hands_out_ports(tmp_path: Path
                for c in (container(1), container(2))]
     run_dir = tmp_path / "run"
     inventory = build_inventory(targets, run_dir)
-    hosts = inventory["all"]["hosts"]
+    hosts = inventory["all"]["children"]["p2prc"]["hosts"]
     assert list(hosts) == [t.name for t in targets]
     for target, port in zip(targets, (42010, 42020), strict=True):
         host = hosts[target.name]

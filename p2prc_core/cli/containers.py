@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.text import Text
 
 from p2prc_core.cli.base import (
     ListingGroup,
@@ -18,7 +19,7 @@ from p2prc_core.cli.base import (
     size_option,
 )
 from p2prc_core.containers import fingerprint
-from p2prc_core.output import err_console, format_when, print_json, print_table
+from p2prc_core.output import clean, err_console, format_when, print_json, print_table
 from p2prc_core.sshkeys import known_hosts_line
 from p2prc_core.tracking import RemoteContainer
 
@@ -43,7 +44,7 @@ def touch(node: Node, peer: str, ports: int, gpu: bool, image: str | None, cpus:
     for name, value in (("image", image), ("cpus", cpus), ("memory", memory), ("ttl", ttl)):
         if value is not None:
             request[name] = value
-    with err_console.status(f"starting a container on {peer} ..."):
+    with err_console.status(Text(f"starting a container on {clean(peer)} ...")):
         try:
             container = node.services.touch(peer, request)
         except ValueError as err:

@@ -20,6 +20,7 @@ from p2prc_core.cli.base import (
     transfer_progress,
 )
 from p2prc_core.errors import P2PRCError
+from p2prc_core.models import LOCAL_NAME, looks_like_address
 from p2prc_core.output import err_console, human_bytes, print_json, print_table
 
 if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
@@ -35,19 +36,27 @@ def peers() -> None:
 
 @peers.command("add")
 @click.argument("address")
+@click.option("--name", "local_name", metavar="NAME",
+              help="Your own name for it: wins over the name the peer gives itself.")
 @json_option
 @pass_node
-def peers_add(node: Node, address: str, as_json: bool = False) -> None:
+def peers_add(node: Node, address: str, local_name: str | None = None,
+              as_json: bool = False) -> None:
     """Add the p2prc node at [NODE_ID@]ADDRESS[:PORT] to the table (and tell it about this
     node). Without NODE_ID@, the node that answers is pinned at that address."""
-    entry, summary, endpoint = node.services.add_peer(resolve_peer(address))
+    if local_name is not None and (not LOCAL_NAME.fullmatch(local_name)
+                                   or looks_like_address(local_name)):
+        raise click.BadParameter("a name is a letter or digit, then letters, digits, '.', "
+                                 "'_' or '-' (at most 64), and not an address",
+                                 param_hint="--name")
+    entry, summary, endpoint = node.services.add_peer(resolve_peer(address), local_name)
     latency = entry.measured.latency_ms
     if as_json:
         print_json({"node_id": entry.node_id, "name": entry.name, "address": str(endpoint),
                     "latency_ms": latency, "learned": len(summary.added)})
         return
     state = "added" if entry.node_id not in summary.updated else "updated"
-    click.echo(f"{state} {entry.name!r} ({entry.node_id}) at {endpoint}"
+    click.echo(f"{state} {entry.local_name or entry.name!r} ({entry.node_id}) at {endpoint}"
                + (f", {latency:.1f} ms" if latency is not None else "")
                + (f"; learned of {len(summary.added)} more" if summary.added else ""))
 
@@ -81,7 +90,8 @@ def peers_ls(node: Node, as_json: bool = False) -> None:
         entry = entries[peer.node_id]
         measured = entry.measured
         endpoints = [] if measured.address else services.discovery.endpoints(entry)
-        rows.append({"name": peer.name, "node_id": peer.node_id,
+        rows.append({"name": entry.local_name or peer.name, "node_id": peer.node_id,
+                     "own_name": peer.name,
                      "address": measured.address or (str(endpoints[0]) if endpoints else "-"),
                      "latency_ms": measured.latency_ms,
                      "bandwidth_mbps": measured.bandwidth_mbps,

@@ -7,9 +7,10 @@ from typing import Any
 import click
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from p2prc_core.cli.base import ListingGroup, Node, json_option, main, pass_node
-from p2prc_core.output import err_console, format_when, print_json, print_table
+from p2prc_core.output import clean, err_console, format_when, print_json, print_table
 from p2prc_core.tasks import parse_variables
 
 # -- playbooks and runs --------------------------------------------------------------------------
@@ -63,10 +64,14 @@ def playbooks_rm(node: Node, name: str) -> None:
 @click.option("-e", "--extra-var", "pairs", multiple=True, metavar="KEY=VALUE",
               help="A variable for the playbook (repeatable).")
 @click.option("--runner", default="ansible", show_default=True, help="The task runner.")
+@click.option("--allow-local", is_flag=True,
+              help="Run a bundle even if it delegates to this machine, changes the connection, "
+                   "or targets other hosts (it is code that runs here: trust it first).")
 @json_option
 @pass_node
 def run_playbook(node: Node, playbook: str, targets: tuple[str, ...], pairs: tuple[str, ...],
-                 runner: str = "ansible", as_json: bool = False) -> None:
+                 runner: str = "ansible", allow_local: bool = False,
+                 as_json: bool = False) -> None:
     """Run a playbook on containers and groups, all at once, with progress per host."""
     progress = RunProgress()
     # Shown from the first event (an error before it is one line, not under a table), and
@@ -81,7 +86,7 @@ def run_playbook(node: Node, playbook: str, targets: tuple[str, ...], pairs: tup
 
     try:
         record = node.services.runs.run(playbook, list(targets), parse_variables(pairs),
-                                        runner, on_event)
+                                        runner, on_event, allow_local)
     finally:
         live.stop()
     if as_json:
@@ -111,7 +116,7 @@ class RunProgress:
             table.add_column(column)
         for host, (status, task) in self.state.items():
             done, failed = self.counts[host]
-            table.add_row(host, status, task, str(done), str(failed))
+            table.add_row(*(Text(clean(cell)) for cell in (host, status, task, done, failed)))
         return table
 
 

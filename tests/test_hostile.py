@@ -1,0 +1,261 @@
+"""Every peer is a stranger: what a peer says (its name, its replies) cannot redirect the
+user, run code, write outside the home, or garble or crash the user's terminal."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import P2PRC, LiveServer, serve_tls
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.peertable import PeerTable
+from p2prc_core.records import sign_record
+
+pytestmark = pytest.mark.integration
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJq0aXzLw3DYCr4tUJqlzCw1zFyW4rsH4FkvKcsh1L2a"
+
+
+def p2prc(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([P2PRC, *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "P2PRC_HOME": str(home)})
+
+
+def record(name: str, addresses: list[str], port: int = 8088,
+           identity: NodeIdentity | None = None) -> dict[str, Any]:
+    return sign_record(identity or NodeIdentity.generate(), {
+        "name": name, "addresses": addresses, "port": port, "seq": 1,
+        "time": int(time.time()), "specs": {"gpus": ["[blink]GPU[/]"]}, "metadata": {},
+        "version": "x"})
+
+
+def plant(home: Path, *records: dict[str, Any]) -> None:
+    """Records in the user's table, as discovery would put them there."""
+    PeerTable(home, NodeIdentity.load_or_create(home).node_id).merge(list(records))
+
+
+def test_peer_names_are_shown_as_they_are_and_cannot_crash_a_listing(tmp_path: Path) -> None:
+    me = tmp_path / "me"
+    plant(me, record("[/]", ["fd42::1"]), record("[bold red]x[/] (verified)", ["fd42::2"]),
+          record("\x1b[2J\x1b]0;owned\x07evil\u202egnp.exe", ["fd42::3"]))
+    listed = p2prc(me, "peers", "ls")
+    assert listed.returncode == 0, listed.stderr
+    assert "[/]" in listed.stdout and "[bold red]x[/] (verified)" in listed.stdout
+    assert "[blink]GPU[/]" in listed.stdout
+    assert "\x1b" not in listed.stdout and "\x07" not in listed.stdout
+    assert "\u202e" not in listed.stdout and "evil" in listed.stdout
+
+
+def test_ipv6_endpoints_show_whole_in_tables(tmp_path: Path, live_server: LiveServer) -> None:
+    me = tmp_path / "me"
+    added = p2prc(me, "peers", "add", live_server.peer("::1"))
+    assert added.returncode == 0, added.stderr
+    listed = p2prc(me, "peers", "ls")
+    assert f"[::1]:{live_server.port}" in listed.stdout
+
+
+def test_a_name_that_reads_as_an_address_never_redirects(tmp_path: Path,
+                                                        live_server: LiveServer) -> None:
+    me = tmp_path / "me"
+    # A stranger's record named as the user's peer address, pointing somewhere else.
+    plant(me, record(live_server.peer(), ["fd42::dead"]))
+    result = p2prc(me, "specs", live_server.peer(), "--json")
+    assert result.returncode == 0, result.stderr  # the address the user typed was used
+    assert json.loads(result.stdout)["hostname"]
+
+
+def test_names_resolve_only_when_unambiguous_and_the_users_own_win(
+        tmp_path: Path, live_server: LiveServer) -> None:
+    me = tmp_path / "me"
+    twin_a, twin_b = record("twin", ["fd42::a"]), record("twin", ["fd42::b"])
+    impostor = record("friend", ["fd42::c"])
+    plant(me, twin_a, twin_b, impostor)
+    ambiguous = p2prc(me, "specs", "twin")
+    assert ambiguous.returncode == 1 and "2 peers are named 'twin'" in ambiguous.stderr
+    # The user names the real server "friend": that wins over the stranger's own name.
+    added = p2prc(me, "peers", "add", live_server.peer(), "--name", "friend")
+    assert added.returncode == 0, added.stderr
+    specs = p2prc(me, "specs", "friend", "--json")
+    assert specs.returncode == 0, specs.stderr
+    by_prefix = p2prc(me, "specs", live_server.node_id[:8], "--json")
+    assert by_prefix.returncode == 0, by_prefix.stderr
+    listed = json.loads(p2prc(me, "peers", "ls", "--json").stdout)
+    mine = next(p for p in listed if p["node_id"] == live_server.node_id)
+    assert mine["name"] == "friend"
+    bad = p2prc(me, "peers", "add", live_server.peer(), "--name", "10.0.0.1")
+    assert bad.returncode == 2 and "not an address" in bad.stderr
+
+
+class FakeHost(http.server.BaseHTTPRequestHandler):
+    """A host with a valid node key whose answers to a create are lies."""
+
+    reply: dict[str, Any] = {}
+    deleted: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._send({"status": "ok"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(self.reply, 201)
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        FakeHost.deleted.append(self.path)
+        self._send({"removed": self.path})
+
+    def _send(self, body: dict[str, Any], status: int = 200) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_host(tmp_path: Path) -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHost)
+    serve_tls(server, NodeIdentity.generate(), tmp_path / "fake")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    FakeHost.deleted = []
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+GOOD = {"id": "a" * 64, "image": "p2prc/base:latest", "created": 1, "expires": 2,
+        "ports": [{"name": "ssh", "internal": 22, "external": 42000}],
+        "ssh": {"port": 42000, "host_key": HOST_KEY}}
+
+
+@pytest.mark.parametrize("lie", [
+    {"ssh": {"port": "{{ lookup('pipe', 'touch /tmp/p2prc-owned') }}", "host_key": HOST_KEY},
+     "ports": [{"name": "ssh", "internal": 22,
+                "external": "{{ lookup('pipe', 'touch /tmp/p2prc-owned') }}"}]},
+    {"id": "/../../../xy"},
+    {"ssh": {"port": 42000, "host_key": HOST_KEY + "\n[evil]:22 ssh-ed25519 AAAA"}},
+    {"image": "x\x1b[2J"},
+    {"expires": float("inf")},
+])
+def test_a_lying_reply_to_touch_is_refused_and_nothing_is_kept(
+        tmp_path: Path, fake_host: int, lie: dict[str, Any]) -> None:
+    FakeHost.reply = json.loads(json.dumps({**GOOD, **lie}, allow_nan=True))
+    me = tmp_path / "me"
+    result = p2prc(me, "touch", f"127.0.0.1:{fake_host}")
+    assert result.returncode == 1
+    assert "is not a container" in result.stderr and "Traceback" not in result.stderr
+    assert not (me / "containers.json").exists() or \
+        json.loads((me / "containers.json").read_text()) == {}
+    assert not list(tmp_path.glob("**/xy*")) and not Path("/tmp/p2prc-owned").exists()
+    # What the host did start is removed only when its id is well-formed.
+    well_formed = isinstance(FakeHost.reply.get("id"), str) and FakeHost.reply["id"] == "a" * 64
+    assert FakeHost.deleted == ([f"/v1/containers/{'a' * 64}"] if well_formed else [])
+
+
+# -- bundles are code that runs on the client ----------------------------------------------------
+
+def bundle(root: Path, site: str, toml: str = 'name = "b"\n') -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "p2prc.toml").write_text(toml)
+    (root / "site.yml").write_text(site)
+    return root
+
+
+TASK = "  tasks:\n    - command: id\n"
+
+
+@pytest.mark.parametrize("site, found", [
+    ("- hosts: all\n  tasks:\n    - command: id\n      delegate_to: localhost\n",
+     "site.yml: delegate_to"),
+    ("- hosts: all\n  tasks:\n    - local_action: command id\n", "site.yml: local_action"),
+    ("- hosts: all\n  connection: local\n" + TASK, "site.yml: connection"),
+    ("- hosts: localhost\n" + TASK, "hosts: 'localhost'"),
+    ("- hosts: all\n  vars:\n    ansible_connection: local\n" + TASK,
+     "site.yml: ansible_connection"),
+])
+def test_a_bundle_that_reaches_outside_its_containers_runs_only_when_allowed(
+        tmp_path: Path, site: str, found: str) -> None:
+    me = tmp_path / "me"
+    assert p2prc(me, "playbooks", "add", str(bundle(tmp_path / "b", site))).returncode == 0
+    refused = p2prc(me, "run", "b", "--on", "abcdef123456")
+    assert refused.returncode == 1
+    assert "would run outside its containers" in refused.stderr and found in refused.stderr
+    assert "--allow-local" in refused.stderr
+    allowed = p2prc(me, "run", "b", "--on", "abcdef123456", "--allow-local")
+    assert allowed.returncode == 1 and "no tracked container" in allowed.stderr
+
+
+def test_included_task_files_are_checked_too(tmp_path: Path) -> None:
+    path = bundle(tmp_path / "b", "- hosts: all\n  tasks:\n    - include_tasks: more.yml\n")
+    (path / "more.yml").write_text("- command: cat /etc/hostname\n  delegate_to: 127.0.0.1\n")
+    me = tmp_path / "me"
+    assert p2prc(me, "playbooks", "add", str(path)).returncode == 0
+    refused = p2prc(me, "run", "b", "--on", "abcdef123456")
+    assert refused.returncode == 1 and "more.yml: delegate_to" in refused.stderr
+
+
+@pytest.mark.parametrize("variable", ["ansible_connection", "ansible_host", "p2prc_ports",
+                                      "hostvars", "inventory_hostname"])
+def test_variables_that_change_where_ansible_connects_are_refused(tmp_path: Path,
+                                                                  variable: str) -> None:
+    me = tmp_path / "me"
+    path = bundle(tmp_path / "b", "- hosts: all\n" + TASK,
+                  f'name = "b"\n[variables]\n{variable} = "local"\n')
+    added = p2prc(me, "playbooks", "add", str(path))
+    assert added.returncode == 1 and f"may not set {variable}" in added.stderr
+    good = bundle(tmp_path / "good", "- hosts: all\n" + TASK, 'name = "good"\n')
+    assert p2prc(me, "playbooks", "add", str(good)).returncode == 0
+    extra = p2prc(me, "run", "good", "--on", "abcdef123456", "-e", f"{variable}=local")
+    assert extra.returncode == 1 and f"-e {variable}: may not be set" in extra.stderr
+
+
+def test_links_out_of_a_bundle_are_refused(tmp_path: Path) -> None:
+    me = tmp_path / "me"
+    secret = NodeIdentity.load_or_create(me)  # the node key a link would copy
+    assert secret.node_id
+    to_key = bundle(tmp_path / "key", "- hosts: all\n" + TASK)
+    (to_key / "files").mkdir()
+    (to_key / "files" / "k").symlink_to(me / "node.key")
+    result = p2prc(me, "playbooks", "add", str(to_key))
+    assert result.returncode == 1 and "files/k links outside the bundle" in result.stderr
+    to_dir = bundle(tmp_path / "dir", "- hosts: all\n" + TASK)
+    (to_dir / "everything").symlink_to("/usr")
+    result = p2prc(me, "playbooks", "add", str(to_dir))
+    assert result.returncode == 1 and "link to a directory" in result.stderr
+    assert not (me / "playbooks" / "b").exists()
+    inside = bundle(tmp_path / "inside", "- hosts: all\n" + TASK)
+    (inside / "also.yml").symlink_to(inside / "site.yml")  # a link within: copied as a file
+    assert p2prc(me, "playbooks", "add", str(inside)).returncode == 0
+    copied = me / "playbooks" / "b" / "also.yml"
+    assert copied.is_file() and not copied.is_symlink()
+
+
+@pytest.mark.parametrize("source, words", [
+    ("--upload-pack=touch /tmp/p2prc-owned", "is not a directory or a git URL"),
+    ("-u", "is not a directory or a git URL"),
+])
+def test_a_source_is_never_an_option_to_git(tmp_path: Path, source: str, words: str) -> None:
+    result = p2prc(tmp_path / "me", "playbooks", "add", "--", source)
+    assert result.returncode == 1 and words in result.stderr
+    assert not Path("/tmp/p2prc-owned").exists()
+
+
+def test_names_match_whole(tmp_path: Path) -> None:
+    path = bundle(tmp_path / "b", "- hosts: all\n" + TASK, 'name = "http\\n"\n')
+    result = p2prc(tmp_path / "me", "playbooks", "add", str(path))
+    assert result.returncode == 1 and "name must be" in result.stderr
+    assert p2prc(tmp_path / "me", "run", "http\n", "--on", "x").returncode == 1
