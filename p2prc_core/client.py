@@ -16,7 +16,7 @@ from p2prc_core import transfer
 from p2prc_core.channel import Channel, Contact
 from p2prc_core.errors import PeerError, PeerRefused, unreachable
 from p2prc_core.identity import NodeIdentity
-from p2prc_core.models import CONTAINER_ID, Endpoint
+from p2prc_core.models import CONTAINER_ID, Endpoint, loads_strict
 from p2prc_core.output import clean
 from p2prc_core.records import RecordError, verify_record
 from p2prc_core.signing import sign_request
@@ -212,7 +212,7 @@ class PeerClient:
     def _json(self, resp: httpx.Response) -> dict[str, Any]:
         self._raise_for_status(resp)
         try:
-            data = resp.json()
+            data = loads_strict(resp.content)
         except ValueError:
             raise self._not_a_node() from None
         if not isinstance(data, dict):
@@ -229,7 +229,7 @@ class PeerClient:
         if read:
             resp.read()
         try:
-            body = resp.json()
+            body = loads_strict(resp.content)
             detail = clean(f"{body['title']}: {body['description']}", 500)
         except (ValueError, KeyError, TypeError):
             raise PeerError(f"{self.endpoint} answered HTTP {resp.status_code}, and not as a "

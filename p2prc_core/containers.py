@@ -29,6 +29,7 @@ LABEL_NODE = "org.p2prc.node"
 SSH_PORT = 22
 PENDING = "pending-"  # ids of the places held while a container starts
 PENDING_SECONDS = 600
+MIN_MEMORY = 16 << 20  # below this the engine refuses to start a container, or sshd dies
 
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$")
 _REQUEST_KEYS = {"ports", "gpu", "image", "cpus", "memory", "ttl", "ssh_key"}
@@ -314,6 +315,10 @@ class ContainerService:
         cpus = request.cpus if request.cpus is not None else s.container_default_cpus
         memory = request.memory if request.memory is not None else s.container_default_memory
         ttl = request.ttl if request.ttl is not None else s.container_default_ttl
+        if memory < MIN_MEMORY:
+            raise ContainerError(422, "Under a limit",
+                                 f"memory {memory} bytes is below this host's minimum of "
+                                 f"{MIN_MEMORY >> 20} MiB.")
         for name, value, limit in (("cpus", cpus, s.container_max_cpus),
                                    ("memory", memory, s.container_max_memory),
                                    ("ports", request.ports, s.container_max_ports),

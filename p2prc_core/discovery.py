@@ -18,7 +18,7 @@ import httpx
 
 from p2prc_core.channel import Channel
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal, unreachable
-from p2prc_core.models import Endpoint, parse_endpoint
+from p2prc_core.models import Endpoint, loads_strict, parse_endpoint
 from p2prc_core.node import dial_endpoints
 from p2prc_core.peertable import TOKEN_CHARS, PeerEntry, PeerTable, TableState, record_token
 from p2prc_core.plugins import PluginHooks
@@ -335,10 +335,10 @@ class Discovery:
 def parse_answer(raw: bytes, max_records: int, where: str) -> dict[str, Any]:
     """Check the form of an exchange answer; anything else is a refusal, never a crash."""
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise PeerRefused(f"{where} answered the exchange with something that is not JSON",
-                          0) from None
+        data = loads_strict(raw)
+    except ValueError:
+        raise PeerRefused(f"{where} answered the exchange with something that is not JSON "
+                          f"(or nested too deep)", 0) from None
     if not isinstance(data, dict) or not isinstance(data.get("records"), list) \
             or not isinstance(data.get("cursor"), str) or len(data["cursor"]) > 64:
         raise PeerRefused(f"{where} answered the exchange in an unknown form", 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,13 @@ DEFAULT_PORT = 8088
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _METADATA_IP = ipaddress.ip_address("169.254.169.254")
+# Cloud metadata services (AWS over IPv6, Alibaba): a table must never make a node dial them.
+_METADATA = {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
+_ZERO_NET = ipaddress.ip_network("0.0.0.0/8")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+NEVER_DIALLED = ("unspecified", "link-local", "multicast", "metadata", "broadcast")
 
 
 @dataclass(frozen=True)
@@ -37,12 +45,16 @@ class Address:
     def kind(self) -> str:
         """A short word for what sort of address this is."""
         ip = self.ip
-        if ip.is_unspecified:
+        if ip.is_unspecified or (isinstance(ip, ipaddress.IPv4Address) and ip in _ZERO_NET):
             return "unspecified"
         if ip.is_loopback:
             return "loopback"
         if ip.is_link_local or ip == _METADATA_IP:
             return "link-local"
+        if ip in _METADATA:
+            return "metadata"
+        if ip == ipaddress.IPv4Address("255.255.255.255"):
+            return "broadcast"
         if ip.is_multicast:
             return "multicast"
         if isinstance(ip, ipaddress.IPv6Address) and ip in ipaddress.ip_network("fc00::/7"):
@@ -53,10 +65,26 @@ class Address:
             return "global"
         return "reserved"
 
+    def embedded_ipv4(self) -> Address | None:
+        """The IPv4 address inside a NAT64 (64:ff9b::/96), 6to4 (2002::/16) or
+        IPv4-compatible (::a.b.c.d) IPv6 address: it reaches that IPv4 host."""
+        ip = self.ip
+        if not isinstance(ip, ipaddress.IPv6Address):
+            return None
+        if ip in _NAT64 or (ip in _V4_COMPATIBLE and int(ip) > 1):
+            return Address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip in _SIX_TO_FOUR:
+            return Address(ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF))
+        return None
+
     def usable(self, allow_loopback: bool) -> bool:
-        """Whether p2prc may advertise or dial it: never unspecified, link-local (the cloud
-        metadata address included), or multicast; loopback only where the config allows."""
-        if self.kind in ("unspecified", "link-local", "multicast"):
+        """Whether p2prc may advertise or dial it: never unspecified (0.0.0.0/8 included),
+        link-local, multicast, broadcast or a cloud metadata address, nor an IPv6 spelling
+        of such an IPv4 address; loopback only where the config allows."""
+        if self.kind in NEVER_DIALLED:
+            return False
+        embedded = self.embedded_ipv4()
+        if embedded is not None and not embedded.usable(allow_loopback):
             return False
         return allow_loopback or self.kind != "loopback"
 
@@ -223,3 +251,38 @@ def parse_duration(text: str) -> int:
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"{text!r} is not a duration (examples: 90s, 30m, 2h, 7d)")
     return int(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+MAX_JSON_DEPTH = 32
+
+
+def json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (counted without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_strict(raw: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON from a peer: no NaN or Infinity, and nesting at most ``max_depth`` deep.
+
+    :raises ValueError: anything else (too deep, not JSON, not UTF-8), said plainly.
+    """
+    try:
+        value = json.loads(raw, parse_constant=_no_constants)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {max_depth} levels") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8: {err}") from None
+    if json_depth(value) > max_depth:
+        raise ValueError(f"nested deeper than {max_depth} levels")
+    return value

@@ -27,7 +27,8 @@ _RANKS = {
 }
 
 NEVER = {"unspecified": "unspecified address", "link-local": "link-local: needs an interface zone",
-         "multicast": "multicast address"}
+         "multicast": "multicast address", "metadata": "a cloud metadata service",
+         "broadcast": "the broadcast address"}
 
 
 def rank(address: Address) -> tuple[int, str] | None:

@@ -18,6 +18,7 @@ from p2prc_core.identity import (
     node_id_for,
     verify,
 )
+from p2prc_core.models import json_depth
 from p2prc_core.storage import update_json
 
 RECORD_STATE_FILE = "record.json"
@@ -25,6 +26,7 @@ MAX_FUTURE_SECONDS = 600  # a record dated further ahead than this is refused
 MAX_ADDRESSES = 16
 MAX_NAME = 64
 MAX_EXTRA_BYTES = 4096  # specs and metadata together, as canonical JSON
+MAX_EXTRA_DEPTH = 8  # and how deeply they may nest
 
 # field name -> accepted types
 _FIELDS: dict[str, tuple[type, ...]] = {
@@ -78,6 +80,9 @@ def verify_record(record: Any, now: float | None = None) -> dict[str, Any]:
         raise RecordError("malformed", f"addresses must be at most {MAX_ADDRESSES} strings")
     if len(record["name"]) > MAX_NAME:
         raise RecordError("malformed", f"name longer than {MAX_NAME} characters")
+    if json_depth([record["specs"], record["metadata"]]) > MAX_EXTRA_DEPTH:
+        raise RecordError("malformed", f"specs or metadata nested deeper than "
+                                       f"{MAX_EXTRA_DEPTH} levels")
     try:
         public_key = b64decode(record["public_key"])
         signature = b64decode(record["signature"])

@@ -188,10 +188,8 @@ class NodeServices:
 
     def _contact(self, endpoint: Endpoint, presented: str) -> None:
         """A channel opened: pin the node that answered, and say so on first contact."""
-        if endpoint.node_id is not None and endpoint.node_id == self.pinned(endpoint):
-            return  # the node we expected, where we expected it: nothing new
-        if endpoint.node_id is None and presented == self.identity.node_id:
-            return  # ourselves
+        if presented == self.pinned(endpoint) or presented == self.identity.node_id:
+            return  # the node pinned there already (or this node itself): nothing new
         before = self.table.pin(str(endpoint), presented)
         if endpoint.node_id is None:
             self.notice(f"first contact with {endpoint}: node {presented} (pinned: another "

@@ -8,7 +8,6 @@ body, connection closed) and receives straight into one reused buffer.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 from p2prc_core.channel import Channel
 from p2prc_core.errors import PeerError, PeerRefused
-from p2prc_core.models import Endpoint
+from p2prc_core.models import Endpoint, loads_strict
 from p2prc_core.output import clean
 
 Progress = Callable[[int], None]
@@ -80,7 +79,7 @@ def _read_small_body(sock: socket.socket, response: _Response, limit: int = 1 <<
 def _fail(endpoint: Endpoint, response: _Response, sock: socket.socket) -> PeerError:
     body = _read_small_body(sock, response)
     try:
-        error = json.loads(body)
+        error = loads_strict(body)
         detail = clean(f"{error['title']}: {error['description']}", 500)
     except (ValueError, KeyError, TypeError):
         return PeerError(f"{endpoint} answered HTTP {response.status}, and not as a p2prc node")
@@ -150,7 +149,7 @@ def upload(channel: Channel, size: int, timeout: float,
             raise PeerError(f"the connection to {endpoint} broke: {err}") from None
     seconds = time.perf_counter() - started
     try:
-        reply: dict[str, Any] = json.loads(body)
+        reply: dict[str, Any] = loads_strict(body)
     except ValueError:
         raise PeerError(f"{endpoint} answered the upload, but not as a p2prc node") from None
     return seconds, reply

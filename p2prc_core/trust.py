@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
 import sqlite3
@@ -15,6 +14,7 @@ from typing import Any
 
 from p2prc_core.errors import Refusal
 from p2prc_core.identity import b64decode, b64encode, canonical_json, is_node_id
+from p2prc_core.models import loads_strict
 from p2prc_core.peertable import PeerTable
 from p2prc_core.records import RecordError, verify_record
 from p2prc_core.storage import SharedDB, read_json_object, update_json
@@ -97,7 +97,7 @@ class Invite:
         if not token.startswith(TOKEN_PREFIX):
             raise TrustError(f"not an invite token: it should start with {TOKEN_PREFIX!r}")
         try:
-            data = json.loads(b64decode(token[len(TOKEN_PREFIX):]))
+            data = loads_strict(b64decode(token[len(TOKEN_PREFIX):]))
             invite = cls(str(data["n"]), [str(a) for a in data["a"]], int(data["p"]),
                          str(data["s"]), int(data["e"]))
         except (ValueError, KeyError, TypeError):

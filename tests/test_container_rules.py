@@ -196,6 +196,7 @@ def test_a_body_that_is_not_an_object_is_400(host: Host) -> None:
     ({"ports": 9}, "ports 9 is over this host's limit of 8"),
     ({"ttl": 10**9}, "ttl"),
     ({"image": "someone/else:1"}, "This host offers p2prc/base:latest"),
+    ({"memory": 1}, "below this host's minimum of 16 MiB"),  # the engine would refuse it
 ])
 def test_requests_over_a_limit_are_422_and_start_nothing(host: Host, fields: dict[str, Any],
                                                          words: str) -> None:

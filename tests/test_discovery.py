@@ -165,7 +165,11 @@ def test_dialling_falls_back_to_ipv4(tmp_path: Path, transport: InProcessTranspo
 # -- hostile tables ---------------------------------------------------------------------------
 
 HOSTILE = ["127.0.0.1", "::1", "fe80::1", "169.254.169.254", "::ffff:127.0.0.1", "0.0.0.0",
-           "::", "ff02::1", "224.0.0.1", "::ffff:169.254.169.254"]
+           "::", "ff02::1", "224.0.0.1", "::ffff:169.254.169.254",
+           # cloud metadata elsewhere, 0/8, broadcast, and IPv6 spellings of forbidden IPv4
+           "fd00:ec2::254", "100.100.100.200", "0.1.2.3", "255.255.255.255",
+           "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "2002:7f00:1::", "2002:a9fe:a9fe::1",
+           "::127.0.0.1", "::169.254.169.254"]
 
 
 def test_records_that_only_offer_forbidden_addresses_are_not_added(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -15,10 +16,13 @@ from typing import Any
 
 import pytest
 
-from conftest import P2PRC, LiveServer, serve_tls
+from conftest import P2PRC, LiveServer, serve_tls, web
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.peertable import PeerTable
 from p2prc_core.records import sign_record
+from p2prc_core.signing import sign_request
+from p2prc_core.tls import client_context
+from p2prc_core.trust import TrustStore
 
 pytestmark = pytest.mark.integration
 
@@ -149,15 +153,17 @@ GOOD = {"id": "a" * 64, "image": "p2prc/base:latest", "created": 1, "expires": 2
     {"id": "/../../../xy"},
     {"ssh": {"port": 42000, "host_key": HOST_KEY + "\n[evil]:22 ssh-ed25519 AAAA"}},
     {"image": "x\x1b[2J"},
-    {"expires": float("inf")},
+    {"expires": -5},
+    {"created": "yesterday"},
 ])
 def test_a_lying_reply_to_touch_is_refused_and_nothing_is_kept(
         tmp_path: Path, fake_host: int, lie: dict[str, Any]) -> None:
-    FakeHost.reply = json.loads(json.dumps({**GOOD, **lie}, allow_nan=True))
+    FakeHost.reply = {**GOOD, **lie}
     me = tmp_path / "me"
     result = p2prc(me, "touch", f"127.0.0.1:{fake_host}")
     assert result.returncode == 1
     assert "is not a container" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("first contact") == 1
     assert not (me / "containers.json").exists() or \
         json.loads((me / "containers.json").read_text()) == {}
     assert not list(tmp_path.glob("**/xy*")) and not Path("/tmp/p2prc-owned").exists()
@@ -259,3 +265,52 @@ def test_names_match_whole(tmp_path: Path) -> None:
     result = p2prc(tmp_path / "me", "playbooks", "add", str(path))
     assert result.returncode == 1 and "name must be" in result.stderr
     assert p2prc(tmp_path / "me", "run", "http\n", "--on", "x").returncode == 1
+
+
+# -- no 500s from input ------------------------------------------------------------------------
+
+def test_hostile_input_is_a_clear_4xx_never_a_500(tmp_path: Path,
+                                                  live_server: LiveServer) -> None:
+    base = live_server.url()
+    deep = web.post(base + "/v1/peers", content=b"[" * 100_000, timeout=10,
+                    headers={"Content-Type": "application/json"})
+    assert deep.status_code == 400 and "deeper" in deep.json()["description"]
+    for count in ("²", "١٠", "1e3", "-1"):
+        answer = web.get(base + "/v1/speedtest/download", params={"bytes": count}, timeout=5)
+        assert answer.status_code == 400, count
+    cursor = web.get(base + "/v1/peers", timeout=5).json()["cursor"]
+    epoch = cursor.split(":")[0]
+    for since in (f"{epoch}:²", f"{epoch}:١٠", "x" * 65):
+        answer = web.get(base + "/v1/peers", params={"since": since}, timeout=5)
+        assert answer.status_code in (200, 400), since
+    nested: Any = {}
+    for _ in range(20):
+        nested = {"n": nested}
+    sneaky = record("deep", ["fd42::9"])
+    sneaky["metadata"] = nested  # (the signature no longer matches either: dropped)
+    exchange = web.post(base + "/v1/peers", json={"records": [sneaky]}, timeout=5)
+    assert exchange.status_code == 200 and exchange.json()["accepted"] == 0
+    caller = NodeIdentity.generate()
+    TrustStore(live_server.home).add(caller.node_id, "caller")
+    body = b'{"ssh_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA x", "cpus": NaN}'
+    headers = {**sign_request(caller, "POST", "/v1/containers", "", body, live_server.node_id),
+               "Content-Type": "application/json"}
+    nan = web.post(base + "/v1/containers", content=body, headers=headers, timeout=5)
+    assert nan.status_code == 400 and "NaN is not a JSON number" in nan.json()["description"]
+    assert "Traceback" not in live_server.output() and '" 500 ' not in live_server.output()
+
+
+def test_chunked_bodies_are_read_and_bodies_without_a_length_refused(
+        live_server: LiveServer) -> None:
+    base = live_server.url()
+    chunks = (b"x" * 10_000 for _ in range(30))  # no Content-Length: sent in chunks
+    upload = web.post(base + "/v1/speedtest/upload", content=chunks, timeout=10)
+    assert upload.status_code == 200 and upload.json()["bytes"] == 300_000
+    parts = (part for part in (b'{"records": [', b"], ", b'"since": null}'))
+    exchange = web.post(base + "/v1/peers", content=parts, timeout=5,
+                        headers={"Content-Type": "application/json"})
+    assert exchange.status_code == 200 and "cursor" in exchange.json()
+    with client_context().wrap_socket(socket.create_connection(
+            ("127.0.0.1", live_server.port), timeout=5)) as raw:
+        raw.sendall(b"POST /v1/speedtest/upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert raw.recv(4096).startswith(b"HTTP/1.1 411")

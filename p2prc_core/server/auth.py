@@ -16,7 +16,7 @@ from typing import Any
 
 import falcon
 
-from p2prc_core.server.bodies import too_large
+from p2prc_core.server.bodies import read_body, too_large
 from p2prc_core.signing import SignatureError, check_signature
 from p2prc_core.trust import ServerState, TrustStore
 
@@ -61,7 +61,7 @@ class RequestAuth:
     def _read_body(req: falcon.Request) -> bytes:
         """Read the body once, within its cap, so the signature can cover it."""
         limit: int = getattr(req.context, "max_body_bytes", 1 << 20)
-        body: bytes = req.bounded_stream.read(limit + 1)
+        body = read_body(req, limit)
         if len(body) > limit:
             raise too_large(limit)
         req.context.raw_body = body

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import falcon
+
+from p2prc_core.models import loads_strict
 
 
 def too_large(limit: int) -> falcon.HTTPContentTooLarge:
@@ -33,6 +34,25 @@ class BodySizeLimit:
             raise too_large(limit)
 
 
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The request body, read up to ``limit`` + 1 bytes: by its Content-Length, or decoded
+    from chunks (the WSGI server decodes them) when it has none. Never taken as empty when
+    it is not."""
+    if req.content_length is not None:
+        body: bytes = req.bounded_stream.read(limit + 1)
+        return body
+    if "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
+        chunks, size = [], 0
+        while size <= limit:
+            block = req.stream.read(min(65536, limit + 1 - size))
+            if not block:
+                break
+            chunks.append(block)
+            size += len(block)
+        return b"".join(chunks)
+    return b""
+
+
 def read_json(req: falcon.Request, limit: int | None = None) -> Any:
     """The request body parsed as JSON, read up to its cap.
 
@@ -42,13 +62,13 @@ def read_json(req: falcon.Request, limit: int | None = None) -> Any:
     limit = limit or getattr(req.context, "max_body_bytes", None) or 1 << 20
     raw = getattr(req.context, "raw_body", None)  # already read for a signature check
     if raw is None:
-        raw = req.bounded_stream.read(limit + 1)
+        raw = read_body(req, limit)
     if len(raw) > limit:
         raise too_large(limit)
     if not raw:
         raise falcon.HTTPBadRequest(title="Empty body", description="Expected a JSON body.")
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
+        return loads_strict(raw)
+    except ValueError as err:
         raise falcon.HTTPBadRequest(title="Malformed JSON",
                                     description=f"The body is not valid JSON: {err}") from None

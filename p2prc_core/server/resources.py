@@ -105,6 +105,7 @@ class SpeedUploadResource:
         "tags": ["open"],
         "requestBody": {"content": {"application/octet-stream": {}}},
         "responses": {"200": {"description": "{bytes, seconds}"},
+                      "411": {"description": "neither a Content-Length nor chunks"},
                       "413": {"description": "the body is over the server's cap"}},
     }}
 
@@ -114,7 +115,15 @@ class SpeedUploadResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         received = 0
         started = time.perf_counter()
-        stream = req.bounded_stream
+        stream: Any
+        if req.content_length is not None:
+            stream = req.bounded_stream
+        elif "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
+            stream = req.stream  # the WSGI server decodes the chunks
+        else:
+            raise falcon.HTTPLengthRequired(
+                title="Length required",
+                description="Send the body with a Content-Length or in chunks.")
         while True:
             block = stream.read(1 << 20)
             if not block:
