@@ -21,7 +21,8 @@ from p2prc_core import tls
 from p2prc_core.errors import PeerError, unreachable
 from p2prc_core.models import Endpoint
 
-Contact = Callable[[Endpoint, str], None]  # the endpoint, the node id it presented
+# The endpoint, the node id it presented, and the IP address actually connected to.
+Contact = Callable[[Endpoint, str, str | None], None]
 T = TypeVar("T")
 
 
@@ -66,13 +67,14 @@ class Channel:
     def scheme(self) -> str:
         return "https" if self.secure else "http"
 
-    def check(self, ssl_object: Any) -> None:
-        """The one check of every new TLS connection (see ``tls.check_peer``)."""
+    def check(self, ssl_object: Any, peer_ip: str | None) -> None:
+        """The one check of every new TLS connection (see ``tls.check_peer``); then
+        ``on_contact``, which may refuse it too (a node pinned at the address dialled)."""
         presented = tls.check_peer(ssl_object, self.node_id, self.endpoint)
+        if self.on_contact is not None:
+            self.on_contact(self.endpoint, presented, peer_ip)
         if self.node_id is None:
             self.node_id = presented
-        if self.on_contact is not None:
-            self.on_contact(self.endpoint, presented)
 
     def wrap(self, sock: socket.socket, timeout: float) -> socket.socket:
         """TLS over a connected socket, checked; the socket itself in a plain-HTTP lab.
@@ -87,7 +89,7 @@ class Channel:
             sock.close()
             raise handshake_failed(self.endpoint, err, timeout) from None
         try:
-            self.check(wrapped)
+            self.check(wrapped, str(wrapped.getpeername()[0]))
         except BaseException:
             wrapped.close()
             raise
@@ -145,8 +147,10 @@ class _CheckingStream(httpcore.NetworkStream):
             self._inner.close()
             cause = err.__cause__ if isinstance(err.__cause__, ssl.SSLError) else err
             raise handshake_failed(self._channel.endpoint, cause, timeout) from None
+        address = stream.get_extra_info("server_addr")
         try:
-            self._channel.check(stream.get_extra_info("ssl_object"))
+            self._channel.check(stream.get_extra_info("ssl_object"),
+                                str(address[0]) if address else None)
         except BaseException:
             stream.close()
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from p2prc_core.signing import sign_request
 from p2prc_core.tracking import RemoteContainer
 
 Progress = Callable[[int], None]
+MAX_REPLY = 4 << 20  # the largest API answer read from a peer
 
 
 @dataclass(frozen=True)
@@ -111,8 +113,10 @@ class PeerClient:
     def upload(self, size: int, progress: Progress | None = None) -> Transfer:
         """Send ``size`` bytes and time it, from request to the server's answer."""
         seconds, reply = transfer.upload(self.channel, size, self._timeout, progress)
-        if reply.get("bytes") != size:
-            raise PeerError(f"{self.endpoint} received {reply.get('bytes')} bytes of {size}")
+        received = reply.get("bytes") if isinstance(reply, dict) else None
+        if received != size:
+            raise PeerError(f"{self.endpoint} says it received {clean(received, 40)} bytes of "
+                            f"{size}")
         return Transfer("upload", size, seconds)
 
     # -- signed routes -----------------------------------------------------------------
@@ -142,11 +146,8 @@ class PeerClient:
         headers = sign_request(self.identity, method, path, query, raw, self._target())
         if raw:
             headers["Content-Type"] = "application/json"
-        with self._guard():
-            resp = self._http.request(method, path + ("?" + query if query else ""),
-                                      content=raw, headers=headers,
-                                      timeout=timeout or self._timeout)
-        return self._json(resp)
+        return self._json(self._fetch(method, path + ("?" + query if query else ""), raw,
+                                      headers, timeout or self._timeout))
 
     def _target(self) -> str:
         """The node a signature is for: known from the channel once it is open, so on first
@@ -205,9 +206,27 @@ class PeerClient:
     # -- plumbing ----------------------------------------------------------------------
 
     def _get_json(self, path: str) -> dict[str, Any]:
+        return self._json(self._fetch("GET", path, b"", {}, self._timeout))
+
+    def _fetch(self, method: str, target: str, body: bytes, headers: dict[str, str],
+               timeout: float) -> httpx.Response:
+        """One request, its answer read whole within twice ``timeout`` from the start and
+        at most MAX_REPLY bytes: a peer that trickles or floods an answer is cut off."""
+        deadline = time.monotonic() + 2 * timeout
         with self._guard():
-            resp = self._http.get(path)
-        return self._json(resp)
+            with self._http.stream(method, target, content=body, headers=headers,
+                                   timeout=timeout) as resp:
+                data = bytearray()
+                for chunk in resp.iter_bytes():
+                    data += chunk
+                    if len(data) > MAX_REPLY:
+                        raise PeerError(f"{self.endpoint} sent an answer over {MAX_REPLY} "
+                                        f"bytes")
+                    if time.monotonic() > deadline:
+                        raise PeerError(f"{self.endpoint} did not finish its answer within "
+                                        f"{2 * timeout:g} s")
+        resp._content = bytes(data)  # read here, within the limits, for resp.content
+        return resp
 
     def _json(self, resp: httpx.Response) -> dict[str, Any]:
         self._raise_for_status(resp)

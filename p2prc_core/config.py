@@ -76,6 +76,14 @@ class Settings:
     max_table_bytes: int = _setting(4 << 20, "largest table answer a client reads", min=1024)
     max_table_peers: int = _setting(5000, "most peers the table holds; new ones beyond are "
                                     "dropped", min=1)
+    max_unverified_peers: int = _setting(1000, "most peers that never answered the table "
+                                         "holds; the oldest give way to newer ones", min=1)
+    exchange_newcomers_per_minute: int = _setting(60, "new peers one source (an IPv4 /24 or "
+                                                  "IPv6 /64) may add to the table per minute; "
+                                                  "also, per update, from one peer's answer",
+                                                  min=0)
+    peer_time_budget: float = _setting(15.0, "seconds an update spends on one peer, all its "
+                                       "addresses and pages together", min=0.5)
     backend: str = _setting("docker", "virtualization backend that runs containers")
     container_images: list[str] = _setting(["p2prc/base:latest"], "images callers may ask for; "
                                            "the first is the default")

@@ -41,10 +41,11 @@ class ExchangeError(Refusal):
 
 
 class Transport(Protocol):
-    def call(self, endpoint: Endpoint, body: bytes,
-             probes: int) -> tuple[bytes, float | None]:
+    def call(self, endpoint: Endpoint, body: bytes, probes: int,
+             timeout: float | None = None) -> tuple[bytes, float | None]:
         """POST ``body`` to the peer's ``/v1/peers``; return the answer and the latency (ms),
-        the minimum of ``probes`` round trips (None for none).
+        the minimum of ``probes`` round trips (None for none). ``timeout`` (seconds) bounds
+        the whole call, when given.
 
         :raises PeerRefused: the peer answered with an error.
         :raises PeerError: the peer could not be reached at this endpoint, or another node
@@ -62,11 +63,13 @@ class HttpTransport:
         self.max_bytes = max_bytes
         self.secure = secure
 
-    def call(self, endpoint: Endpoint, body: bytes,
-             probes: int) -> tuple[bytes, float | None]:
+    def call(self, endpoint: Endpoint, body: bytes, probes: int,
+             timeout: float | None = None) -> tuple[bytes, float | None]:
         where = str(endpoint)
+        wait = min(self.timeout, timeout) if timeout is not None else self.timeout
+        give_up = time.monotonic() + wait
         try:
-            with Channel(endpoint, self.secure).http(self.timeout) as http:
+            with Channel(endpoint, self.secure).http(wait) as http:
                 with http.stream("POST", "/v1/peers", content=body,
                                  headers={"Content-Type": "application/json"}) as resp:
                     data = bytearray()
@@ -75,17 +78,22 @@ class HttpTransport:
                         if len(data) > self.max_bytes:
                             raise PeerRefused(f"{where} sent a table over {self.max_bytes} "
                                               f"bytes", 0)
+                        if time.monotonic() > give_up:
+                            raise PeerError(f"{where} did not finish its answer within "
+                                            f"{wait:g} s")
                 if resp.status_code != 200:
                     raise PeerRefused(f"{where} answered the exchange with HTTP "
                                       f"{resp.status_code}", resp.status_code)
                 rtts = []
                 for _ in range(probes):  # the connection is open: these are round trips
+                    if time.monotonic() >= give_up:
+                        break
                     started = time.perf_counter()
                     http.get("/v1/health")
                     rtts.append((time.perf_counter() - started) * 1000)
                 return bytes(data), min(rtts) if rtts else None
         except httpx.HTTPError as err:
-            raise unreachable(where, err, self.timeout) from None
+            raise unreachable(where, err, wait) from None
 
 
 @dataclass
@@ -132,7 +140,8 @@ class Discovery:
 
     def __init__(self, table: PeerTable, hooks: PluginHooks, transport: Transport,
                  own_record: Callable[[], dict[str, Any]], *, concurrency: int = 16,
-                 probes: int = 3, max_failures: int = 3, max_records: int = 500):
+                 probes: int = 3, max_failures: int = 3, max_records: int = 500,
+                 newcomers_per_peer: int | None = None, peer_budget: float = 15.0):
         self.table = table
         self.hooks = hooks
         self.transport = transport
@@ -141,6 +150,8 @@ class Discovery:
         self.probes = probes
         self.max_failures = max_failures
         self.max_records = max_records
+        self.newcomers_per_peer = newcomers_per_peer  # new peers one answer may bring
+        self.peer_budget = peer_budget  # seconds for one peer, all addresses and pages
 
     # -- one peer ---------------------------------------------------------------------------
 
@@ -159,13 +170,20 @@ class Discovery:
         if not endpoints:
             return Outcome(node_id, False, error="no address this node may dial")
         errors = []
+        deadline = time.monotonic() + self.peer_budget
         for endpoint in endpoints:
+            if time.monotonic() >= deadline:
+                errors.append(f"gave up after {self.peer_budget:g} s")
+                break
             outcome = Outcome(node_id, False, endpoint=str(endpoint))
             cursor = measured.cursor
             # Hand over our record only when the peer does not hold this version of it.
             send_own = measured.holds_our_seq != own["seq"]
             try:
                 for page_number in range(MAX_PAGES):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise PeerError(f"{endpoint}: gave up after {self.peer_budget:g} s")
                     request = {"from": own["node_id"], "records": [own] if send_own else [],
                                "since": cursor, "known_seq": record["seq"],
                                "limit": self.max_records}
@@ -174,7 +192,7 @@ class Discovery:
                     body = json.dumps(request, separators=(",", ":")).encode()
                     # Latency is probed with the first page only.
                     probes = self.probes if page_number == 0 else 0
-                    raw, latency = self.transport.call(endpoint, body, probes)
+                    raw, latency = self.transport.call(endpoint, body, probes, left)
                     outcome.sent += len(body)
                     outcome.received += len(raw)
                     page = parse_answer(raw, self.max_records, str(endpoint))
@@ -309,7 +327,7 @@ class Discovery:
                     summary.failed[outcome.node_id] = f"{outcome.endpoint} is another node"
                     continue
                 incoming.append(outcome.node)
-            result = self.table.merge_into(state, incoming)
+            result = self.table.merge_into(state, incoming, admit=self._admit_from_a_peer)
             summary.dropped.update(result.dropped)
             for node_id in result.added:
                 summary.added.append(node_id)
@@ -324,6 +342,11 @@ class Discovery:
                 outcome.holds_our_seq, int) and not isinstance(outcome.holds_our_seq, bool) \
                 else None
         return added
+
+    def _admit_from_a_peer(self, wanted: int) -> int:
+        """How many new peers one peer's answer may bring into the table in one update."""
+        limit = self.newcomers_per_peer
+        return wanted if limit is None else min(wanted, limit)
 
     def _prune(self, state: TableState) -> list[str]:
         dead = [n for n, e in state.peers.items() if e.measured.failures >= self.max_failures]
@@ -350,7 +373,8 @@ def parse_answer(raw: bytes, max_records: int, where: str) -> dict[str, Any]:
 
 
 def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
-                    max_records: int) -> dict[str, Any]:
+                    max_records: int, admit: Callable[[int], int] | None = None
+                    ) -> dict[str, Any]:
     """The server's side of an exchange: merge what the caller sent, answer with what
     changed since its cursor (never the caller's own record), and our record if its seq
     is newer than the one the caller holds.
@@ -379,7 +403,7 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
 
     def answer(state: TableState) -> dict[str, Any]:
         """Merge and answer from one reading of the table."""
-        result = table.merge_into(state, records) if records else None
+        result = table.merge_into(state, records, admit=admit) if records else None
         changed, cursor, more = state.changes_since(since, min(limit, max_records), have)
         reply: dict[str, Any] = {"records": [r for r in changed if r.get("node_id") != caller],
                                  "cursor": cursor, "more": more}
@@ -427,8 +451,8 @@ class InProcessTransport:
               own_record: Callable[[], dict[str, Any]]) -> None:
         self.nodes[endpoint] = (table, own_record)
 
-    def call(self, endpoint: Endpoint, body: bytes,
-             probes: int) -> tuple[bytes, float | None]:
+    def call(self, endpoint: Endpoint, body: bytes, probes: int,
+             timeout: float | None = None) -> tuple[bytes, float | None]:
         if endpoint not in self.nodes or endpoint in self.down:
             raise PeerError(f"cannot reach {endpoint}: connection refused")
         table, own_record = self.nodes[endpoint]

@@ -100,14 +100,22 @@ class Endpoint:
     host: str
     port: int = DEFAULT_PORT
     node_id: str | None = field(default=None, compare=False)
+    # The user named that node here (NODE_ID@ADDRESS, an invite): its pin may be rewritten.
+    named: bool = field(default=False, compare=False)
 
     def url(self, scheme: str = "https") -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}"
 
-    def expecting(self, node_id: str | None) -> Endpoint:
+    def expecting(self, node_id: str | None, named: bool = False) -> Endpoint:
         """The same address, with the node id expected there."""
-        return Endpoint(self.host, self.port, node_id)
+        return Endpoint(self.host, self.port, node_id, named)
+
+    @property
+    def pin_key(self) -> str:
+        """How pins name this address: one spelling for each (IPv4-mapped IPv6 as IPv4,
+        IPv6 compressed and lower-case, host names lower-case)."""
+        return pin_key(self.host, self.port)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -142,7 +150,7 @@ def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
         if not _NODE_ID.fullmatch(node_id.lower()):
             raise ValueError(f"{node_id!r} is not a node id (26 letters and digits, as "
                              f"'p2prc id' prints)")
-        return parse_endpoint(rest, default_port).expecting(node_id.lower())
+        return parse_endpoint(rest, default_port).expecting(node_id.lower(), named=True)
     if not text:
         raise ValueError("empty address")
     port_text: str | None = None
@@ -166,6 +174,11 @@ def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
         except ValueError:
             if not _HOSTNAME.match(host):
                 raise ValueError(f"{text!r} is not an IP address or host name") from None
+            if re.fullmatch(r"[0-9.]+|0[xX][0-9a-fA-F.]*", host):
+                # 127.1, 2130706433, 0x7f000001: other spellings of an IP address, which
+                # would dodge the pin on the usual one.
+                raise ValueError(f"{text!r}: write an IPv4 address as four numbers, "
+                                 f"a.b.c.d") from None
     port = default_port
     if port_text is not None:
         if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
@@ -174,19 +187,21 @@ def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
     return Endpoint(host, port)
 
 
-def looks_like_address(text: str) -> bool:
-    """Whether PEER text is an address rather than a name: an IP address (bracketed or not,
-    with or without a port) or ``NODE_ID@...``. Such text is never looked up as a name, so a
-    peer cannot choose a name that redirects what the user typed as an address."""
-    text = text.strip()
-    if "@" in text or text.startswith("["):
-        return True
-    host = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+def pin_key(host: str, port: int) -> str:
     try:
-        ipaddress.ip_address(host.split("%", 1)[0])
+        host = str(Address.parse(host))
     except ValueError:
-        return False
-    return True
+        host = host.lower()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def looks_like_address(text: str) -> bool:
+    """Whether PEER text is an address rather than a name: anything with a port, a dot, an
+    ``@`` or brackets (``10.0.0.7``, ``nas.lan``, ``localhost:9001``, ``ID@host``), an IPv6
+    address, or ``localhost``. Such text is never looked up among names, so a peer cannot
+    choose a name that redirects what the user typed as an address; names are single words."""
+    text = text.strip()
+    return any(mark in text for mark in ":.@[") or text.lower() == "localhost"
 
 
 def _check_ip(host: str, text: str) -> None:

@@ -16,6 +16,7 @@ later answer there with another key is refused.
 from __future__ import annotations
 
 import base64
+import bisect
 import hashlib
 import secrets
 from collections.abc import Callable
@@ -153,6 +154,7 @@ class TableState:
     clock: int
     peers: dict[str, PeerEntry]
     pins: dict[str, str] = field(default_factory=dict)  # ADDRESS:PORT -> node id seen there
+    _order: list[tuple[int, str]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TableState:
@@ -190,8 +192,10 @@ class TableState:
             epoch, _, clock = cursor.partition(":")
             if epoch == self.epoch and clock.isascii() and clock.isdigit():
                 since = int(clock)
-        changed = sorted((e.changed, node_id) for node_id, e in self.peers.items()
-                         if e.changed > since)
+        if self._order is None:  # kept while the state is (a cached snapshot is not changed)
+            self._order = sorted((e.changed, node_id) for node_id, e in self.peers.items())
+        start = bisect.bisect_right(self._order, (since, "\uffff"))
+        changed = self._order[start:]
         records: list[dict[str, Any]] = []
         last, more = since, False
         for stamp, node_id in changed:
@@ -210,16 +214,30 @@ class PeerTable:
     """Load, merge and save the table; every change is locked and written atomically."""
 
     def __init__(self, home: Path, self_id: str | None = None, allow_loopback: bool = False,
-                 max_peers: int = 5000):
+                 max_peers: int = 5000, max_unverified: int | None = None):
         self.path = home / PEERS_FILE
         self.self_id = self_id
         self.allow_loopback = allow_loopback
         self.max_peers = max_peers
+        self.max_unverified = max_unverified if max_unverified is not None else max_peers
+        self._cached: tuple[tuple[int, int, int], TableState] | None = None
 
     # -- reading ---------------------------------------------------------------------------
 
     def snapshot(self) -> TableState:
-        return TableState.from_json(read_json_object(self.path))
+        """The table as it is on disk, parsed once per change of the file: a server answers
+        many reads of a large table from one parse. Treat it as read-only."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return TableState.from_json({})
+        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        cached = self._cached
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        state = TableState.from_json(read_json_object(self.path))
+        self._cached = (key, state)
+        return state
 
     def load(self) -> dict[str, PeerEntry]:
         """node id -> entry."""
@@ -248,7 +266,13 @@ class PeerTable:
         return self.update(lambda state: self.merge_into(state, incoming))
 
     def merge_into(self, state: TableState, incoming: list[Any],
-                   check_addresses: bool = True) -> MergeResult:
+                   check_addresses: bool = True,
+                   admit: Callable[[int], int] | None = None) -> MergeResult:
+        """Verify and merge records (see ``merge_records``). Records of peers the table does
+        not hold yet are newcomers: ``admit(n)`` says how many of ``n`` one source may add
+        (the rest are dropped as ``rate-limited``); newcomers go to the part of the table for
+        peers that never answered, which holds at most ``max_unverified`` and gives way,
+        oldest first, to newer ones; peers that answered are never pushed out."""
         usable = []
         dropped_no_address = 0
         for record in incoming:
@@ -258,18 +282,24 @@ class PeerTable:
                 dropped_no_address += 1
                 continue
             usable.append(record)
-        room = max(0, self.max_peers - len(state.peers))
-        fresh = {r.get("node_id") for r in usable if isinstance(r, dict)} - set(state.peers)
-        if len(fresh) > room:  # a full table still takes updates of peers it holds
-            allowed = set(sorted(fresh, key=str)[:room])
-            kept = [r for r in usable if not isinstance(r, dict)
-                    or r.get("node_id") in state.peers or r.get("node_id") in allowed]
-            full = len(usable) - len(kept)
-            usable = kept
-        else:
-            full = 0
+        fresh = list(dict.fromkeys(r.get("node_id") for r in usable if isinstance(r, dict)
+                                   and isinstance(r.get("node_id"), str)
+                                   and r.get("node_id") not in state.peers
+                                   and r.get("node_id") != self.self_id))
+        limited = full = 0
+        if fresh:
+            granted = admit(len(fresh)) if admit is not None else len(fresh)
+            limited = len(fresh) - granted
+            allowed = set(fresh[:granted])
+            room = self._make_room(state, len(allowed))
+            full = len(allowed) - room
+            allowed = set(fresh[:room])
+            usable = [r for r in usable if not isinstance(r, dict)
+                      or r.get("node_id") not in set(fresh) or r.get("node_id") in allowed]
         held = {node_id: entry.record for node_id, entry in state.peers.items()}
         result = merge_records(held, usable, self.self_id)
+        if limited:
+            result.dropped["rate-limited"] += limited
         if full:
             result.dropped["table-full"] += full
         if dropped_no_address:
@@ -280,6 +310,17 @@ class PeerTable:
             entry.record = held[node_id]
             entry.changed = state.clock
         return result
+
+    def _make_room(self, state: TableState, wanted: int) -> int:
+        """Room for up to ``wanted`` newcomers: free places first, then places of peers that
+        never answered (oldest first). Returns how many newcomers fit."""
+        unverified = sorted((e.changed, node_id) for node_id, e in state.peers.items()
+                            if e.measured.last_seen is None)
+        free = min(self.max_peers - len(state.peers), self.max_unverified - len(unverified))
+        evict = max(0, min(wanted - max(free, 0), len(unverified)))
+        for _, node_id in unverified[:evict]:
+            del state.peers[node_id]
+        return max(0, min(wanted, max(free, 0) + evict))
 
     def pin(self, address: str, node_id: str) -> str | None:
         """Remember that ``node_id`` answered at ``address`` (trust on first use, or the
@@ -294,7 +335,7 @@ class PeerTable:
     def forget(self, node_id: str) -> bool:
         """Drop a peer and every address pinned to it; False if there was nothing to drop."""
         def change(state: TableState) -> bool:
-            pinned = [a for a, n in state.pins.items() if n == node_id]
+            pinned = [a for a, n in state.pins.items() if n == node_id]  # every spelling
             for address in pinned:
                 del state.pins[address]
             return state.peers.pop(node_id, None) is not None or bool(pinned)

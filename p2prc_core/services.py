@@ -18,7 +18,8 @@ from p2prc_core.config import Settings
 from p2prc_core.containers import Backend, ContainerError, ContainerService
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
 from p2prc_core.identity import NodeIdentity
-from p2prc_core.models import Address, Endpoint, looks_like_address, parse_endpoint
+from p2prc_core.intake import IntakeLimit, source_prefix
+from p2prc_core.models import Address, Endpoint, looks_like_address, parse_endpoint, pin_key
 from p2prc_core.node import TimedCache, advertised_addresses, dial_endpoints, record_fields
 from p2prc_core.output import format_when
 from p2prc_core.peertable import PeerEntry, PeerTable
@@ -101,7 +102,8 @@ class NodeServices:
     @cached_property
     def table(self) -> PeerTable:
         s = self.settings
-        return PeerTable(self.home, self.identity.node_id, s.allow_loopback, s.max_table_peers)
+        return PeerTable(self.home, self.identity.node_id, s.allow_loopback, s.max_table_peers,
+                         s.max_unverified_peers)
 
     @cached_property
     def discovery(self) -> Discovery:
@@ -113,7 +115,9 @@ class NodeServices:
                          self.own_record,
                          concurrency=s.update_concurrency, probes=s.latency_probes,
                          max_failures=s.peer_max_failures,
-                         max_records=s.max_records_per_response)
+                         max_records=s.max_records_per_response,
+                         newcomers_per_peer=s.exchange_newcomers_per_minute,
+                         peer_budget=s.peer_time_budget)
 
     def find_peer(self, text: str) -> PeerEntry | None:
         """A table entry for PEER; None when nothing in the table matches. In order: an IP
@@ -175,27 +179,45 @@ class NodeServices:
             endpoint = endpoint.expecting(self.pinned(endpoint))
         return [endpoint]
 
-    def pinned(self, endpoint: Endpoint) -> str | None:
-        """The node id this node has seen answer at ``endpoint`` (trust on first use)."""
+    def pinned(self, endpoint: Endpoint, *also: str) -> str | None:
+        """The node id this node has seen answer at ``endpoint`` (trust on first use), by
+        its one spelling (``pin_key``), or at any of the ``also`` pin keys."""
         if not self.table.path.exists():
             return None
         state = self.table.snapshot()
-        address = str(endpoint)
-        if address in state.pins:
-            return state.pins[address]
-        found = [e.node_id for e in state.peers.values() if e.measured.address == address]
-        return found[0] if len(found) == 1 else None
+        for key in (endpoint.pin_key, *also):
+            if key in state.pins:
+                return state.pins[key]
+        found = {e.node_id for e in state.peers.values()
+                 if e.measured.address and e.measured.address in (str(endpoint), *also)}
+        return found.pop() if len(found) == 1 else None
 
-    def _contact(self, endpoint: Endpoint, presented: str) -> None:
-        """A channel opened: pin the node that answered, and say so on first contact."""
-        if presented == self.pinned(endpoint) or presented == self.identity.node_id:
-            return  # the node pinned there already (or this node itself): nothing new
-        before = self.table.pin(str(endpoint), presented)
+    def _contact(self, endpoint: Endpoint, presented: str, peer_ip: str | None) -> None:
+        """A TLS channel opened. On first contact at ``endpoint`` (however its address was
+        written, and whatever name it was dialled by), refuse a node other than the one
+        pinned at the IP address actually reached; otherwise pin the node that answered and
+        say so. Pins change only there, or where the user named the node (NODE_ID@, an
+        invite); a peer reached through the table never moves another node's pin.
+
+        :raises NodeMismatch: another node is pinned at the address reached.
+        """
+        if endpoint.node_id is not None and not endpoint.named:
+            return
+        keys = [endpoint.pin_key]
+        if peer_ip is not None:
+            keys.append(pin_key(peer_ip, endpoint.port))
+        pinned = self.pinned(endpoint, *keys[1:])
+        if endpoint.node_id is None and pinned is not None and pinned != presented:
+            raise NodeMismatch(endpoint, pinned, presented)
+        if pinned == presented or presented == self.identity.node_id:
+            return
+        for key in dict.fromkeys(keys):
+            self.table.pin(key, presented)
         if endpoint.node_id is None:
             self.notice(f"first contact with {endpoint}: node {presented} (pinned: another "
                         f"key there will be refused)")
-        elif before is not None:
-            self.notice(f"{endpoint} is now pinned to node {presented} (was {before})")
+        elif pinned is not None:
+            self.notice(f"{endpoint} is now pinned to node {presented} (was {pinned})")
 
     def client(self, peer: str | Endpoint) -> PeerClient:
         """A client for PEER over a checked channel, signing with this node's key."""
@@ -253,12 +275,19 @@ class NodeServices:
         """Add the configured ``bootstrap`` peers the table does not hold yet."""
         self.discovery.bootstrap(self.settings.bootstrap, self.fetch_record)
 
-    def exchange(self, body: Any) -> dict[str, Any]:
-        """The server's side of a table exchange (``discovery.handle_exchange``)."""
+    @cached_property
+    def intake(self) -> IntakeLimit:
+        return IntakeLimit(self.home, self.settings.exchange_newcomers_per_minute)
+
+    def exchange(self, body: Any, source: str | None = None) -> dict[str, Any]:
+        """The server's side of a table exchange (``discovery.handle_exchange``); the new
+        peers a caller hands over count against its source's allowance."""
         from p2prc_core.discovery import handle_exchange
 
+        prefix = source_prefix(source)
         return handle_exchange(self.table, self.own_record(), body,
-                               self.settings.max_records_per_response)
+                               self.settings.max_records_per_response,
+                               admit=lambda wanted: self.intake.admit(prefix, wanted))
 
     def table_etag(self) -> str:
         return f"{self.table.snapshot().cursor()}:{self.own_record()['seq']}"
@@ -309,6 +338,7 @@ class NodeServices:
         # The token names the node: only it can answer (TLS), whoever else has the address.
         for endpoint in dial_endpoints(self.hooks, candidates, offer.port,
                                        node_id=offer.node_id):
+            endpoint = endpoint.expecting(offer.node_id, named=True)  # pinned on success
             try:
                 with self.client(endpoint) as client:
                     record = client.join(offer.secret, own)

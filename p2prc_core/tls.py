@@ -75,9 +75,24 @@ def server_files(home: Path, identity: NodeIdentity) -> tuple[Path, Path]:
     return cert_path, home / KEY_FILE
 
 
-def server_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
-    """TLS 1.3 only; no client certificates (callers prove who they are by signing)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+class _ServerContext(ssl.SSLContext):
+    """Gives every accepted connection a socket timeout before its handshake: gunicorn's
+    threads otherwise wait forever on a client that sends one byte and stops, and a few such
+    connections take every thread."""
+
+    socket_timeout = 30.0
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        sock.settimeout(self.socket_timeout)
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def server_context(cert_path: Path, key_path: Path,
+                   socket_timeout: float = 30.0) -> ssl.SSLContext:
+    """TLS 1.3 only; no client certificates (callers prove who they are by signing); a
+    connection that stalls for ``socket_timeout`` seconds is dropped."""
+    context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    context.socket_timeout = socket_timeout
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(certfile=str(cert_path), keyfile=str(key_path))
     context.set_alpn_protocols(["http/1.1"])

@@ -56,12 +56,16 @@ def _read_head(sock: socket.socket, endpoint: Endpoint) -> _Response:
     head, _, leftover = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or \
+            not (parts[1].isascii() and parts[1].isdigit()):
         raise PeerError(f"{endpoint} is not an HTTP server (is the port right?)")
     headers = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
+    length = headers.get("content-length", "0")
+    if not (length.isascii() and length.isdigit()):
+        raise PeerError(f"{endpoint} sent a malformed Content-Length: not a p2prc node?")
     return _Response(int(parts[1]), headers, leftover)
 
 

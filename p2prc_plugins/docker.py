@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +30,9 @@ HOST_KEY_MARK = "P2PRC-HOSTKEY "
 SSHD_CAPABILITIES = ["CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "NET_BIND_SERVICE", "KILL",
                      "AUDIT_WRITE"]  # AUDIT_WRITE: sshd logs a login on a terminal
 START_HINT = "dockerd is not running: start it (scripts/docker-engine, or 'dockerd &')"
+NETWORK = "p2prc"  # every p2prc container's network: no traffic between containers
+BRIDGE = "p2prc0"  # its bridge on the host; nothing from it may open a connection to the host
+log = logging.getLogger("p2prc.docker")
 
 
 def _docker() -> Any:
@@ -46,6 +50,7 @@ class DockerBackend:
 
     def __init__(self, client: Any = None):
         self._client = client
+        self._network_ready = False
 
     @property
     def client(self) -> Any:
@@ -71,7 +76,7 @@ class DockerBackend:
             "cap_drop": ["ALL"], "cap_add": SSHD_CAPABILITIES,
             "security_opt": ["no-new-privileges:true"], "privileged": False,
             "pids_limit": spec.pids, "mem_limit": spec.memory, "memswap_limit": spec.memory,
-            "nano_cpus": int(spec.cpus * 1e9), "network_mode": "bridge", "ipc_mode": "private",
+            "nano_cpus": int(spec.cpus * 1e9), "network": self.network(), "ipc_mode": "private",
             "init": False, "stdin_open": False, "tty": False,
         }
         if spec.gpu:
@@ -100,6 +105,31 @@ class DockerBackend:
                                  f"Docker could not start the container: {err.explanation}") \
                 from None
         return str(container.id)
+
+    def network(self) -> str:
+        """p2prc's own bridge network, made once: inter-container traffic off (one lease's
+        container cannot reach another's sshd), and the host closed to new connections from
+        it (a container cannot reach the host's p2prc API, or anything else the host
+        serves, through the bridge's gateway or any host address)."""
+        if self._network_ready:
+            return NETWORK
+        docker = _docker()
+        try:
+            self.client.networks.get(NETWORK)
+        except docker.errors.NotFound:
+            try:
+                self.client.networks.create(NETWORK, driver="bridge", labels={LABEL: "1"},
+                                            options={"com.docker.network.bridge.enable_icc":
+                                                     "false",
+                                                     "com.docker.network.bridge.name": BRIDGE})
+            except docker.errors.APIError as err:
+                if "already exists" not in str(err):
+                    raise ContainerError(500, "Engine refused",
+                                         f"Docker could not make the {NETWORK} network: "
+                                         f"{err.explanation}") from None
+        _close_host_to(BRIDGE)
+        self._network_ready = True
+        return NETWORK
 
     def host_key(self, container_id: str, timeout: float) -> str:
         """The container's SSH host key, which its entry script prints before sshd starts."""
@@ -158,6 +188,22 @@ class DockerBackend:
     def build_image(self, tag: str, from_debootstrap: bool, force: bool,
                     say: Callable[[str], None]) -> bool:
         return build_image(tag, from_debootstrap, force, say)
+
+
+def _close_host_to(bridge: str) -> None:
+    """Refuse new connections from ``bridge`` to this host (IPv4 and IPv6), once; replies to
+    the host's own connections (the published ports' proxy) still pass."""
+    rule = ["INPUT", "-i", bridge, "-m", "conntrack", "--ctstate", "NEW", "-j", "REJECT"]
+    for tool in ("iptables", "ip6tables"):
+        if shutil.which(tool) is None:
+            log.warning("%s is missing: containers can reach this host's services", tool)
+            continue
+        if subprocess.run([tool, "-C", *rule], capture_output=True).returncode == 0:
+            continue
+        added = subprocess.run([tool, "-I", *rule], capture_output=True, text=True)
+        if added.returncode != 0:
+            log.warning("could not close this host to its containers (%s): %s", tool,
+                        added.stderr.strip())
 
 
 def _image_name(container: Any) -> str:

@@ -221,12 +221,36 @@ def test_hardening(tmp_path: Path, host: LiveServer, docker_client: Any) -> None
     assert config["Memory"] == 128 * 1024 * 1024
     assert config["NanoCpus"] == 500_000_000
     assert not config.get("Binds") and not config.get("Mounts")
-    assert config["NetworkMode"] == "bridge" and config["PidMode"] == ""
+    assert config["NetworkMode"] == "p2prc" and config["PidMode"] == ""
     assert config["IpcMode"] == "private"
     mounts = docker_client.api.inspect_container(reply["id"])["Mounts"]
     assert not any("docker.sock" in m.get("Source", "") for m in mounts)
     caps = ssh(tmp_path, reply["id"], "grep CapEff /proc/self/status")
     assert int(caps.stdout.split()[-1], 16) & (1 << 21) == 0  # no CAP_SYS_ADMIN
+
+
+PROBE = ("python3 -c 'import socket, sys\ntry:\n    socket.create_connection((sys.argv[1], "
+         "int(sys.argv[2])), 5).close(); print(\"open\")\nexcept OSError as err: "
+         "print(\"closed\", err)' {host} {port}")
+
+
+def test_containers_reach_neither_the_hosts_api_nor_each_other(
+        tmp_path: Path, host: LiveServer, docker_client: Any) -> None:
+    first, second = touch(tmp_path, host), touch(tmp_path, host)
+    networks = docker_client.api.inspect_container(first["id"])["NetworkSettings"]["Networks"]
+    [(name, network)] = networks.items()
+    assert name == "p2prc"
+    gateway = network["Gateway"]
+    other = docker_client.api.inspect_container(
+        second["id"])["NetworkSettings"]["Networks"]["p2prc"]["IPAddress"]
+    # The host's p2prc API, through the bridge's gateway and through loopback's twin, the
+    # host's other bridge: refused. Another lease's sshd: unreachable.
+    for target, port in ((gateway, host.port), (gateway, 22), (other, 22)):
+        probe = ssh(tmp_path, first["id"], PROBE.format(host=target, port=port))
+        assert probe.returncode == 0, probe.stderr
+        assert probe.stdout.startswith("closed"), (target, port, probe.stdout)
+    # Its own published ports still work from outside: that is how its owner gets in.
+    assert ssh(tmp_path, second["id"], "true").returncode == 0
 
 
 @pytest.fixture
@@ -363,6 +387,7 @@ def service(home: Path, node_id: str | None = None, **options: Any) -> Container
 def test_twenty_cycles_leak_no_container_port_or_network(tmp_path: Path,
                                                          docker_client: Any) -> None:
     svc = service(tmp_path, containers_per_caller=2)
+    svc.backend.network()  # p2prc's one network, made once (by whichever create comes first)
     networks = len(docker_client.networks.list())
     before = p2prc_containers(docker_client, svc.node_id)
     request = ContainerRequest(ssh_key=key(tmp_path), ports=2)

@@ -202,8 +202,9 @@ def test_records_that_only_offer_forbidden_addresses_are_not_added(
     assert [str(e) for e in endpoints] == ["[2001:db8::77]:8088"]
 
 
-def test_a_full_table_takes_no_new_peers_but_still_updates_known_ones(tmp_path: Path) -> None:
-    table = PeerTable(tmp_path, max_peers=3)
+def test_a_full_table_keeps_peers_that_answered_and_turns_over_the_others(
+        tmp_path: Path) -> None:
+    table = PeerTable(tmp_path, max_peers=4, max_unverified=2)
 
     def record(identity: NodeIdentity, seq: int = 1) -> dict[str, Any]:
         return sign_record(identity, {"name": "p", "addresses": ["2001:db8::9"], "port": 1,
@@ -212,11 +213,30 @@ def test_a_full_table_takes_no_new_peers_but_still_updates_known_ones(tmp_path: 
 
     known = [NodeIdentity.generate() for _ in range(2)]
     assert len(table.merge([record(k) for k in known]).added) == 2
-    flood = [record(NodeIdentity.generate()) for _ in range(50)]
-    result = table.merge(flood)
-    assert len(result.added) == 1 and result.dropped["table-full"] == 49
-    assert len(table.load()) == 3
+
+    def answered(state: TableState) -> None:
+        for identity in known:
+            state.peers[identity.node_id].measured.last_seen = time.time()
+
+    table.update(answered)
+    first = [record(NodeIdentity.generate()) for _ in range(50)]
+    result = table.merge(first)
+    assert len(result.added) == 2 and result.dropped["table-full"] == 48
+    second = [record(NodeIdentity.generate()) for _ in range(3)]
+    result = table.merge(second)
+    # The newest strangers push out older strangers, never the peers that answered.
+    assert len(result.added) == 2 and result.dropped["table-full"] == 1
+    held = set(table.load())
+    assert {k.node_id for k in known} <= held and len(held) == 4
+    assert not held & {r["node_id"] for r in first}
     assert table.merge([record(known[0], seq=2)]).updated == [known[0].node_id]
+
+
+def test_one_source_adds_only_what_it_is_admitted(tmp_path: Path) -> None:
+    table = PeerTable(tmp_path)
+    flood = [make_record(NodeIdentity.generate(), f"junk{i}") for i in range(30)]
+    result = table.update(lambda state: table.merge_into(state, flood, admit=lambda n: 5))
+    assert len(result.added) == 5 and result.dropped["rate-limited"] == 25
 
 
 def test_loopback_is_allowed_when_the_config_says_so(tmp_path: Path) -> None:
@@ -235,8 +255,8 @@ class Liar(InProcessTransport):
         super().__init__()
         self.answer = answer
 
-    def call(self, endpoint: Endpoint, body: bytes,
-             probes: int) -> tuple[bytes, float | None]:
+    def call(self, endpoint: Endpoint, body: bytes, probes: int,
+             timeout: float | None = None) -> tuple[bytes, float | None]:
         return self.answer, 1.0
 
 

@@ -314,3 +314,115 @@ def test_chunked_bodies_are_read_and_bodies_without_a_length_refused(
             ("127.0.0.1", live_server.port), timeout=5)) as raw:
         raw.sendall(b"POST /v1/speedtest/upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert raw.recv(4096).startswith(b"HTTP/1.1 411")
+
+
+# -- table poisoning ------------------------------------------------------------------------------
+
+def test_one_source_adds_only_its_allowance_of_new_peers(tmp_path: Path) -> None:
+    from conftest import start_server
+
+    server = start_server(tmp_path / "host", env={"P2PRC_EXCHANGE_NEWCOMERS_PER_MINUTE": "20"})
+    try:
+        known = record("known", ["2001:db8::1"])
+        first = web.post(server.url() + "/v1/peers", json={"records": [known]}, timeout=5)
+        assert first.status_code == 200 and first.json()["accepted"] == 1
+        for batch in range(3):
+            junk = [record(f"junk{batch}-{i}", [f"2001:db8::{batch}:{i}"]) for i in range(50)]
+            answer = web.post(server.url() + "/v1/peers", json={"records": junk}, timeout=10)
+            assert answer.status_code == 200
+        held = PeerTable(server.home).load()
+        assert len(held) == 20  # the known peer and 19 of 150 junk records
+    finally:
+        server.stop()
+
+
+def test_an_update_spends_a_bounded_time_on_each_peer(tmp_path: Path) -> None:
+    """16 junk peers, each with 8 addresses where something accepts a connection and never
+    answers: the update ends within one peer's time budget, not 16 x 8 timeouts."""
+    tarpit = socket.create_server(("0.0.0.0", 0))
+    held: list[socket.socket] = []
+
+    def swallow() -> None:
+        while True:
+            try:
+                held.append(tarpit.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=swallow, daemon=True).start()
+    port = tarpit.getsockname()[1]
+    me = tmp_path / "me"
+    table = PeerTable(me, NodeIdentity.load_or_create(me).node_id, allow_loopback=True)
+    table.merge([record(f"tarpit{i}", [f"127.0.0.{a}" for a in range(2, 10)], port)
+                 for i in range(16)])
+    try:
+        started = time.monotonic()
+        update = subprocess.run(
+            [P2PRC, "peers", "update", "--hops", "1", "--json"], capture_output=True,
+            text=True, timeout=120, env={**os.environ, "P2PRC_HOME": str(me),
+                                         "P2PRC_ALLOW_LOOPBACK": "true",
+                                         "P2PRC_REQUEST_TIMEOUT": "1",
+                                         "P2PRC_PEER_TIME_BUDGET": "2"})
+        took = time.monotonic() - started
+        failed = json.loads(update.stdout)["failed"]
+        assert len(failed) == 16 and all("gave up after 2 s" in f for f in failed.values())
+        assert took < 8, took  # without the budget: 8 addresses x 1 s, for each hop's peers
+    finally:
+        tarpit.close()
+        for conn in held:
+            conn.close()
+
+
+class Trickle(http.server.BaseHTTPRequestHandler):
+    """A node with a valid key that answers one byte a second, or the upload with a list."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/v1/speedtest/download"):  # this much, it answers well
+            size = int(self.path.rsplit("=", 1)[1])
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            self.wfile.write(b"\0" * size)
+            return
+        body = json.dumps({"hostname": "x" * 200}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        for byte in body:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(0.5)
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length", 0))
+        while length > 0:
+            length -= len(self.rfile.read(min(length, 65536)))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_peer_that_trickles_or_answers_oddly_is_cut_off_in_time(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    serve_tls(server, NodeIdentity.generate(), tmp_path / "trickle")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    peer = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        started = time.monotonic()
+        result = subprocess.run([P2PRC, "specs", peer], capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "P2PRC_HOME": str(tmp_path / "me"),
+                                                 "P2PRC_REQUEST_TIMEOUT": "1"})
+        assert result.returncode == 1 and "did not finish its answer within 2 s" in \
+            result.stderr
+        assert time.monotonic() - started < 10
+        upload = p2prc(tmp_path / "me", "speedtest", peer, "--bytes", "10k")
+        assert upload.returncode == 1 and "says it received None bytes" in upload.stderr
+        assert "Traceback" not in upload.stderr
+    finally:
+        server.shutdown()
+        server.server_close()

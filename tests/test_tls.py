@@ -365,3 +365,68 @@ class Capture:
         self.thread.join(5)
         self.sock.close()
         return bytes(self.frames)
+
+
+def test_a_pin_holds_however_the_address_is_written_and_whoever_is_asked(
+        tmp_path: Path) -> None:
+    me = tmp_path / "me"
+    first = start_server(tmp_path / "first")
+    port = first.port
+    try:
+        assert p2prc(me, "peers", "add", first.peer()).returncode == 0  # pinned there
+    finally:
+        first.stop()
+    # Another node at the same address, and in the user's table with a record that claims
+    # that address: asking it by id must not move the first node's pin.
+    mallory = start_server(tmp_path / "mallory", port=port)
+    try:
+        record = verify_record(web.get(mallory.url() + "/v1/node", timeout=5).json())
+        PeerTable(me, NodeIdentity.load_or_create(me).node_id,
+                  allow_loopback=True).merge([record])
+        asked = p2prc(me, "specs", mallory.node_id, P2PRC_ALLOW_LOOPBACK="true")
+        assert asked.returncode == 0 and "pinned" not in asked.stderr
+        for spelling in (f"127.0.0.1:{port}", f"[::ffff:127.0.0.1]:{port}",
+                         f"[::FFFF:7f00:1]:{port}", f"localhost:{port}"):
+            refused = p2prc(me, "specs", spelling)
+            assert refused.returncode == 1, (spelling, refused.stdout)
+            assert f"presented node {mallory.node_id}, not {first.node_id}" in \
+                refused.stderr, spelling
+        for other in (f"127.1:{port}", f"2130706433:{port}", f"127.0.0.01:{port}"):
+            odd = p2prc(me, "specs", other)
+            assert odd.returncode == 2 and "four numbers" in odd.stderr, other
+    finally:
+        mallory.stop()
+
+
+def test_a_peers_chosen_name_never_stands_for_an_address(tmp_path: Path,
+                                                        live_server: LiveServer) -> None:
+    me = tmp_path / "me"
+    target = f"{live_server.node_id}@{live_server.peer()}"
+    liar = start_server(tmp_path / "liar", env={"P2PRC_NAME": target})
+    try:
+        assert p2prc(me, "peers", "add", liar.peer()).returncode == 0
+        result = p2prc(me, "specs", target, "--json")
+        assert result.returncode == 0, result.stderr
+        node = json.loads(p2prc(live_server.home, "id", "--json").stdout)
+        assert node["node_id"] == live_server.node_id
+        assert "GET /v1/specs" not in liar.output()  # the liar was not asked
+    finally:
+        liar.stop()
+
+
+def test_a_stalled_handshake_does_not_hold_a_server(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "host", env={"P2PRC_THREADS": "2",
+                                                  "P2PRC_REQUEST_TIMEOUT": "1"})
+    stalled = []
+    try:
+        for _ in range(6):  # more than the server has threads: each sends a byte and stops
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"\x16")
+            stalled.append(sock)
+        # They are dropped after the connection timeout (3 x request_timeout), and then the
+        # server answers again.
+        assert web.get(server.url() + "/v1/health", timeout=30).status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.stop()

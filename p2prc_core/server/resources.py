@@ -228,7 +228,7 @@ class PeersResource:
                                "400": {"description": "malformed exchange"}}},
     }
 
-    def __init__(self, exchange: Callable[[Any], dict[str, Any]], etag: Callable[[], str]):
+    def __init__(self, exchange: Callable[..., dict[str, Any]], etag: Callable[[], str]):
         self.exchange = exchange
         self.etag = etag
 
@@ -244,7 +244,7 @@ class PeersResource:
             resp.etag = etag
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self.exchange(read_json(req))
+        resp.media = self.exchange(read_json(req), req.remote_addr)
 
 
 def _ssh_host(req: falcon.Request) -> str:

@@ -90,7 +90,7 @@ class PeerServer(BaseApplication):  # type: ignore[misc]
             "control_socket_disable": True,  # gunicorn 24+: no shared socket in ~/.gunicorn
         }
         if s.transport == "tls":
-            options.update(tls_options(self.home))
+            options.update(tls_options(self.home, s.request_timeout * 3))
         for key, value in options.items():
             if key in self.cfg.settings:
                 self.cfg.set(key, value)
@@ -99,13 +99,14 @@ class PeerServer(BaseApplication):  # type: ignore[misc]
         return self.app_factory(self.settings, self.home)
 
 
-def tls_options(home: Path) -> dict[str, Any]:
-    """gunicorn's TLS settings: the node key and its certificate, TLS 1.3 only, and one
-    context for every connection (gunicorn's default builds one per connection)."""
+def tls_options(home: Path, socket_timeout: float) -> dict[str, Any]:
+    """gunicorn's TLS settings: the node key and its certificate, TLS 1.3 only, one context
+    for every connection (gunicorn's default builds one per connection), and a timeout on
+    every connection's socket (gthread's threads have none of their own)."""
     from p2prc_core.identity import NodeIdentity
 
     cert, key = tls.server_files(home, NodeIdentity.load_or_create(home))
-    context = tls.server_context(cert, key)
+    context = tls.server_context(cert, key, socket_timeout)
     return {"certfile": str(cert), "keyfile": str(key),
             "ssl_context": lambda config, default_factory: context}
 
