@@ -36,7 +36,10 @@ def build_document(app: falcon.App) -> dict[str, Any]:
         if "summary" not in declared:
             doc = inspect.getdoc(getattr(resource, "on_" + method)) or ""
             declared["summary"] = doc.splitlines()[0] if doc else template
-        declared.setdefault("responses", {"200": {"description": "OK"}})
+        responses = dict(declared.get("responses", {"200": {"description": "OK"}}))
+        for status, description in _answers(getattr(resource, "AUTH", {}).get(method), method):
+            responses.setdefault(status, {"description": description})
+        declared["responses"] = responses
         declared["operationId"] = f"{method}_{template.strip('/').replace('/', '_') or 'root'}"
         params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                   for name in _path_params(template)]
@@ -51,6 +54,20 @@ def build_document(app: falcon.App) -> dict[str, Any]:
             "type": "object", "required": ["title", "description"],
             "properties": {"title": {"type": "string"}, "description": {"type": "string"}}}}},
     }
+
+
+def _answers(need: str | None, method: str) -> list[tuple[str, str]]:
+    """The errors every such route can give, whatever its resource declares."""
+    found = []
+    if need is not None:
+        found.append(("401", "not validly signed: missing, malformed, expired, replayed, or "
+                             "signed for another node"))
+    if need == "trusted":
+        found.append(("403", "validly signed by a node this host does not trust"))
+    if method in ("post", "put", "patch") or need is not None:
+        found += [("400", "malformed input (the description says what)"),
+                  ("413", "a body over this server's cap")]
+    return found
 
 
 def _path_params(template: str) -> list[str]:

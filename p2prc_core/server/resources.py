@@ -216,7 +216,8 @@ class PeersResource:
                                 "schema": {"type": "string"},
                                 "description": "the cursor of an earlier answer"}],
                 "responses": {"200": {"description": "{records, cursor, more, node}"},
-                              "304": {"description": "nothing changed (If-None-Match)"}}},
+                              "304": {"description": "nothing changed (If-None-Match)"},
+                              "400": {"description": "since is not a cursor"}}},
         "post": {"summary": "Exchange tables: send your record, get what changed",
                  "tags": ["open"],
                  "requestBody": {"content": {"application/json": {"schema": {
