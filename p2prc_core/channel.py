@@ -9,10 +9,13 @@ connection is checked right after its handshake, before a byte of a request is s
 
 from __future__ import annotations
 
+import queue
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpcore
 import httpx
@@ -42,26 +45,56 @@ class Channel:
         self.on_contact = on_contact
 
     def dial(self, open_one: Callable[[Endpoint, float], T], timeout: float) -> T:
-        """Open a connection: to the endpoint that answered last, then to the others.
+        """Open a connection, happy-eyeballs style (RFC 8305): to the endpoint that answered
+        last, then, every STAGGER seconds or at once when an attempt fails, to the next in
+        dial order, all racing; the first to connect wins and the others are closed. A peer
+        with many dead addresses costs one timeout, not one per address.
 
         :raises PeerError: none took it; the message names each and why.
         """
         order = [self.endpoint] + [e for e in self.candidates if e != self.endpoint]
-        failures: list[str] = []
-        for index, endpoint in enumerate(order):
-            # An address that drops packets must not eat the whole wait when others remain.
-            wait = timeout if index == len(order) - 1 else min(timeout, 3.0)
+        if len(order) == 1:
             try:
-                opened = open_one(endpoint, wait)
+                return open_one(order[0], timeout)
             except (OSError, httpcore.ConnectError, httpcore.ConnectTimeout) as err:
-                failure = unreachable(endpoint, err, wait)
-                if len(order) == 1:
-                    raise failure from None
-                failures.append(str(failure))
-                continue
-            self.endpoint = endpoint
-            return opened
-        raise PeerError("no address of this peer answers: " + "; ".join(failures))
+                raise unreachable(order[0], err, timeout) from None
+        results: queue.Queue[tuple[Endpoint, Any, BaseException | None]] = queue.Queue()
+
+        def attempt(endpoint: Endpoint) -> None:
+            try:
+                results.put((endpoint, open_one(endpoint, timeout), None))
+            except BaseException as err:  # noqa: BLE001 - reported to the dialling thread
+                results.put((endpoint, None, err))
+
+        deadline = time.monotonic() + timeout
+        started = finished = 0
+        failures: list[str] = []
+        while finished < len(order):
+            if started < len(order) and started == finished:
+                threading.Thread(target=attempt, args=(order[started],), daemon=True).start()
+                started += 1
+            wait = STAGGER if started < len(order) else deadline - time.monotonic()
+            try:
+                endpoint, opened, failed = results.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                if started < len(order):
+                    threading.Thread(target=attempt, args=(order[started],),
+                                     daemon=True).start()
+                    started += 1
+                    continue
+                break
+            finished += 1
+            if failed is None:
+                self.endpoint = endpoint
+                threading.Thread(target=_close_the_rest, args=(results, started - finished),
+                                 daemon=True).start()
+                return cast(T, opened)
+            if not isinstance(failed, OSError | httpcore.ConnectError | httpcore.ConnectTimeout):
+                raise failed
+            failures.append(str(unreachable(endpoint, failed, timeout)))
+        raise PeerError("no address of this peer answers: " + "; ".join(failures)
+                        if failures else f"no address of this peer answered within "
+                        f"{timeout:g} s")
 
     @property
     def scheme(self) -> str:
@@ -112,6 +145,18 @@ class Channel:
         return httpx.Client(base_url=self.endpoint.url(self.scheme), timeout=timeout,
                             transport=transport, trust_env=False,
                             headers={"User-Agent": "p2prc"}, **options)
+
+
+STAGGER = 0.25  # seconds between the start of one address's attempt and the next's
+
+
+def _close_the_rest(results: queue.Queue[tuple[Endpoint, Any, BaseException | None]],
+                    pending: int) -> None:
+    """Close connections that lost the race as they come in."""
+    for _ in range(pending):
+        _, opened, _ = results.get()
+        if opened is not None:
+            opened.close()
 
 
 def handshake_failed(where: object, err: BaseException, timeout: float | None) -> PeerError:

@@ -155,18 +155,25 @@ class Discovery:
 
     # -- one peer ---------------------------------------------------------------------------
 
-    def endpoints(self, entry: PeerEntry) -> list[Endpoint]:
+    def endpoints(self, entry: PeerEntry,
+                  own: dict[str, Any] | None = None) -> list[Endpoint]:
         """Where to dial a peer (``node.dial_endpoints``: its addresses, IPv6 first; then the
-        endpoint that answered last time)."""
-        return dial_endpoints(self.hooks, self.table.dial_addresses(entry.record), entry.port,
-                              entry.measured.address, entry.node_id)
+        endpoint that answered last time), leaving out this node's own server (``own``, its
+        record), which a peer's record may list to make us dial ourselves."""
+        found = dial_endpoints(self.hooks, self.table.dial_addresses(entry.record),
+                               entry.port, entry.measured.address, entry.node_id)
+        if own is None:
+            return found
+        ours = {Endpoint(a, own["port"]).pin_key for a in own.get("addresses", [])
+                if isinstance(a, str)}
+        return [e for e in found if e.pin_key not in ours]
 
     def contact(self, entry: PeerEntry, own: dict[str, Any], have: str = "") -> Outcome:
         """Exchange tables with one peer, trying its endpoints in order, and measure it."""
         record = entry.record
         node_id = entry.node_id
         measured = entry.measured
-        endpoints = self.endpoints(entry)
+        endpoints = self.endpoints(entry, own)
         if not endpoints:
             return Outcome(node_id, False, error="no address this node may dial")
         errors = []

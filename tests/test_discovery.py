@@ -439,3 +439,13 @@ def test_a_corrupt_table_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "peers.json").write_text('{"peers": ')
     with pytest.raises(ValueError, match="peers.json is not valid JSON"):
         PeerTable(tmp_path).load()
+
+
+def test_a_record_that_points_at_this_node_itself_is_never_dialled(
+        tmp_path: Path, transport: InProcessTransport) -> None:
+    me, friend = chain(tmp_path, transport, 2)
+    mirror = make_record(NodeIdentity.generate(), "mirror", me.addresses[0])  # our address
+    friend.table.merge([mirror])
+    summary = me.discovery.update(hops=2)
+    assert summary.failed[mirror["node_id"]] == "no address this node may dial"
+    assert transport.bytes_served[me.endpoint] == 0  # we were never asked by ourselves
