@@ -279,6 +279,7 @@ def test_no_other_docker_option_can_be_passed(tmp_path: Path, signed_client: Pee
     ({"image": "debian:bookworm"}, 422, "offers p2prc/base:latest"),
     ({"cpus": 64}, 422, "limit of 2"),
     ({"memory": 1 << 40}, 422, "limit of"),
+    ({"memory": 1}, 422, "below this host's minimum"),  # the engine would refuse it: no 500
     ({"ports": 99}, 422, "limit of 8"),
     ({"ttl": 10**9}, 422, "limit of"),
     ({"ports": -1}, 400, "from 0 up"),
