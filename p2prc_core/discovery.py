@@ -18,7 +18,7 @@ import httpx
 
 from p2prc_core.channel import Channel
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal, unreachable
-from p2prc_core.models import Endpoint, loads_strict, parse_endpoint
+from p2prc_core.models import Address, Endpoint, loads_strict, parse_endpoint
 from p2prc_core.node import dial_endpoints
 from p2prc_core.peertable import TOKEN_CHARS, PeerEntry, PeerTable, TableState, record_token
 from p2prc_core.plugins import PluginHooks
@@ -109,6 +109,7 @@ class Outcome:
     cursor: str | None = None
     error: str = ""
     holds_our_seq: Any = None
+    observed: str | None = None  # the address the peer saw our request come from
     sent: int = 0
     received: int = 0
 
@@ -124,12 +125,13 @@ class UpdateSummary:
     hops: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    observed: Counter[str] = field(default_factory=Counter)  # our address, as peers saw it
 
     def as_dict(self) -> dict[str, Any]:
         return {"added": self.added, "updated": self.updated, "removed": self.removed,
                 "failed": self.failed, "dropped": dict(self.dropped), "asked": self.asked,
                 "hops": self.hops, "bytes_sent": self.bytes_sent,
-                "bytes_received": self.bytes_received}
+                "bytes_received": self.bytes_received, "observed": dict(self.observed)}
 
 
 Progress = Callable[[int, int, int], None]  # done, total in this hop, hop
@@ -206,6 +208,7 @@ class Discovery:
                     outcome.records.extend(page["records"])
                     outcome.node = page.get("node") or outcome.node
                     outcome.holds_our_seq = page.get("holds_seq")
+                    outcome.observed = page.get("observed") or outcome.observed
                     send_own = False
                     cursor = page["cursor"]
                     if latency is not None:
@@ -340,6 +343,9 @@ class Discovery:
                 summary.added.append(node_id)
                 added.append(node_id)
             summary.updated.extend(n for n in result.updated if n not in summary.updated)
+            if outcome.observed is not None:
+                summary.observed[outcome.observed] += 1
+                state.observe(outcome.observed, outcome.node_id, now)
             measured.latency_ms = round(outcome.latency_ms or 0.0, 3)
             measured.last_seen = now
             measured.failures = 0
@@ -376,12 +382,18 @@ def parse_answer(raw: bytes, max_records: int, where: str) -> dict[str, Any]:
         raise PeerRefused(f"{where} sent {len(data['records'])} records, over the "
                           f"{max_records} allowed", 0)
     data["more"] = data.get("more") is True
+    observed = data.get("observed")
+    try:  # a peer's word for our address: an IP address, or nothing
+        data["observed"] = str(Address.parse(observed)) \
+            if isinstance(observed, str) and len(observed) <= 64 else None
+    except ValueError:
+        data["observed"] = None
     return data
 
 
 def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
-                    max_records: int, admit: Callable[[int], int] | None = None
-                    ) -> dict[str, Any]:
+                    max_records: int, admit: Callable[[int], int] | None = None,
+                    observed: str | None = None) -> dict[str, Any]:
     """The server's side of an exchange: merge what the caller sent, answer with what
     changed since its cursor (never the caller's own record), and our record if its seq
     is newer than the one the caller holds.
@@ -421,6 +433,8 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
         if isinstance(caller, str):
             held = state.peers.get(caller)
             reply["holds_seq"] = held.record["seq"] if held else None
+        if observed is not None:
+            reply["observed"] = observed  # the address the caller's request came from
         return reply
 
     # Only a request that hands over records takes the table's lock (and may write it).

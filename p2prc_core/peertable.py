@@ -154,6 +154,8 @@ class TableState:
     clock: int
     peers: dict[str, PeerEntry]
     pins: dict[str, str] = field(default_factory=dict)  # ADDRESS:PORT -> node id seen there
+    # Our own address as peers saw our requests come from it: address -> {"by", "last"}.
+    observed: dict[str, dict[str, Any]] = field(default_factory=dict)
     _order: list[tuple[int, str]] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -170,12 +172,26 @@ class TableState:
         found_pins = data.get("pins")
         pins = {k: v for k, v in found_pins.items() if isinstance(v, str)} \
             if isinstance(found_pins, dict) else {}
+        found_observed = data.get("observed")
+        observed = {k: v for k, v in found_observed.items() if isinstance(v, dict)} \
+            if isinstance(found_observed, dict) else {}
         return cls(epoch if isinstance(epoch, str) else secrets.token_hex(6), clock, peers,
-                   pins)
+                   pins, observed)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "epoch": self.epoch, "clock": self.clock,
-                "peers": {k: e.to_json() for k, e in self.peers.items()}, "pins": self.pins}
+                "peers": {k: e.to_json() for k, e in self.peers.items()}, "pins": self.pins,
+                "observed": self.observed}
+
+    def observe(self, address: str, by: str, now: float) -> None:
+        """A peer saw our request come from ``address``: kept for the 8 most recent
+        addresses, with the last time and the last few peers that said so."""
+        seen = self.observed.setdefault(address, {"by": [], "last": now})
+        seen["last"] = now
+        seen["by"] = ([b for b in seen.get("by", []) if b != by] + [by])[-4:]
+        if len(self.observed) > 8:
+            oldest = min(self.observed, key=lambda a: self.observed[a].get("last", 0))
+            del self.observed[oldest]
 
     def cursor(self) -> str:
         return f"{self.epoch}:{self.clock}"

@@ -449,3 +449,14 @@ def test_a_record_that_points_at_this_node_itself_is_never_dialled(
     summary = me.discovery.update(hops=2)
     assert summary.failed[mirror["node_id"]] == "no address this node may dial"
     assert transport.bytes_served[me.endpoint] == 0  # we were never asked by ourselves
+
+
+@pytest.mark.parametrize("observed, kept", [
+    ("203.0.113.9", "203.0.113.9"), ("::ffff:198.51.100.4", "198.51.100.4"),
+    ("[bold]x[/]", None), ("2001:db8::1" * 10, None), (17, None), (None, None)])
+def test_a_peers_word_for_our_address_is_an_ip_address_or_nothing(observed: Any,
+                                                                  kept: str | None) -> None:
+    from p2prc_core.discovery import parse_answer
+
+    raw = json.dumps({"records": [], "cursor": "c", "observed": observed}).encode()
+    assert parse_answer(raw, 10, "peer")["observed"] == kept

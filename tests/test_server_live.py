@@ -195,3 +195,27 @@ def test_something_that_is_not_a_node_is_one_clear_line(not_a_node: int, tmp_pat
     result = p2prc("specs", f"127.0.0.1:{not_a_node}", home=tmp_path / "h")
     assert result.returncode == 1
     assert "not a p2prc node" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_status_says_whether_the_server_runs_and_how_peers_see_this_node(
+        tmp_path: Path, live_server: LiveServer) -> None:
+    env = {**os.environ, "P2PRC_HOME": str(live_server.home),
+           "P2PRC_PORT": str(live_server.port)}  # as the server was started
+    own = json.loads(subprocess.run([P2PRC, "status", "--json"], capture_output=True,
+                                    text=True, env=env, timeout=60).stdout)
+    assert own["server"]["running"] is True and own["node_id"] == live_server.node_id
+    assert own["transport"] == "tls"
+    me = tmp_path / "me"
+    stopped = json.loads(p2prc("status", "--json", home=me).stdout)
+    assert stopped["server"]["running"] is False and "cannot reach" in stopped["server"]["why"]
+    assert p2prc("peers", "add", live_server.peer(), home=me).returncode == 0
+    # The peer saw this node's request come from 127.0.0.1, which it does not advertise.
+    env = {**os.environ, "P2PRC_HOME": str(me), "P2PRC_ADVERTISE_ADDRESSES": "2001:db8::77"}
+    seen = json.loads(subprocess.run([P2PRC, "status", "--json"], capture_output=True,
+                                     text=True, env=env, timeout=60).stdout)
+    assert [o["address"] for o in seen["observed"]] == ["127.0.0.1"]
+    assert seen["observed"][0]["by"] == [live_server.node_id] and seen["behind_nat"] is True
+    assert seen["peers"] == {"known": 1, "answering": 1, "never_answered": 0}
+    table = subprocess.run([P2PRC, "status"], capture_output=True, text=True, env=env,
+                           timeout=60).stdout
+    assert "seen as" in table and "behind NAT" in table

@@ -128,6 +128,44 @@ def interfaces(node: Node, as_json: bool) -> None:
 
 
 @main.command()
+@json_option
+@pass_node
+def status(node: Node, as_json: bool) -> None:
+    """This node at a glance: id, server, transport, addresses as peers see them, peers,
+    containers and GPUs."""
+    state = node.services.status()
+    if as_json:
+        print_json(state)
+        return
+    server = state["server"]
+    containers = state["containers"]
+    peers = state["peers"]
+    rows = [
+        ("node", f"{state['name']} ({state['node_id']})"),
+        ("server", f"running at {server['at']}, up {int(server['uptime_seconds'] or 0)} s"
+         if server["running"] else f"not running ({server['why']})"),
+        ("transport", f"{state['transport']}, port {state['port']}"),
+    ]
+    for address in state["addresses"]:
+        rows.append(("address", f"{address['address']}"
+                     + (" (peers see this one)" if address["seen_by_peers"] else "")))
+    for seen in state["observed"]:
+        if not seen["advertised"]:
+            rows.append(("seen as", f"{seen['address']} by {len(seen['by'])} peer(s), "
+                                    f"{format_when(seen['last'])}"))
+    if state["behind_nat"]:
+        rows.append(("reach", "behind NAT: peers see another address than the ones this "
+                              "node advertises"))
+    rows.append(("peers", f"{peers['known']} known, {peers['answering']} answering, "
+                          f"{peers['never_answered']} never answered"))
+    rows.append(("containers", f"{containers['running']} running of {containers['leases']}"
+                 if containers["engine"] == "up" else f"engine unavailable "
+                 f"({containers['why']})"))
+    rows.append(("gpus", ", ".join(state["gpus"]) or "none"))
+    print_table(("", "status"), rows)
+
+
+@main.command()
 @pass_node
 def init(node: Node) -> None:
     """Create this node's home directory and a commented config.toml."""
