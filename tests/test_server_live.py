@@ -219,3 +219,25 @@ def test_status_says_whether_the_server_runs_and_how_peers_see_this_node(
     table = subprocess.run([P2PRC, "status"], capture_output=True, text=True, env=env,
                            timeout=60).stdout
     assert "seen as" in table and "behind NAT" in table
+
+
+def test_doctor_names_each_problem_with_its_fix(tmp_path: Path,
+                                                live_server: LiveServer) -> None:
+    me = tmp_path / "me"
+    assert p2prc("peers", "add", live_server.peer(), home=me).returncode == 0
+    env = {**os.environ, "P2PRC_HOME": str(me), "P2PRC_BACKEND": "none",
+           "P2PRC_ADVERTISE_ADDRESSES": "2001:db8::77",
+           "P2PRC_PORT": str(live_server.port)}  # another node's server holds this port
+    result = subprocess.run([P2PRC, "doctor", "--json"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 1, result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["container engine"]["result"] == "fail"
+    assert "'none' backend is not installed" in checks["container engine"]["detail"]
+    assert checks["server"]["result"] == "fail" and "--port" in checks["server"]["fix"]
+    assert checks["clock"]["result"] == "ok" and "1 peer" in checks["clock"]["detail"]
+    assert checks["reach"]["result"] == "fail" and "127.0.0.1" in checks["reach"]["detail"]
+    assert "advertise_addresses" in checks["reach"]["fix"]
+    table = subprocess.run([P2PRC, "doctor"], capture_output=True, text=True, env=env,
+                           timeout=120)
+    assert table.returncode == 1 and "behind NAT" in table.stdout

@@ -166,6 +166,24 @@ def status(node: Node, as_json: bool) -> None:
 
 
 @main.command()
+@json_option
+@pass_node
+def doctor(node: Node, as_json: bool) -> None:
+    """Check what this node needs to work well, with a fix for each problem; exit 1 if any
+    check fails."""
+    from p2prc_core.doctor import diagnose
+
+    checks = diagnose(node.services)
+    if as_json:
+        print_json([c.as_dict() for c in checks])
+    else:
+        print_table(("check", "result", "detail", "fix"),
+                    [(c.name, c.result, c.detail, c.fix or "-") for c in checks])
+    if any(c.result == "fail" for c in checks):
+        raise SystemExit(1)
+
+
+@main.command()
 @pass_node
 def init(node: Node) -> None:
     """Create this node's home directory and a commented config.toml."""

@@ -20,13 +20,14 @@ _CHUNK = os.urandom(1 << 20)
 
 
 class HealthResource:
-    OPENAPI = {"get": {"summary": "Liveness: status, version and uptime", "tags": ["open"]}}
+    OPENAPI = {"get": {"summary": "Liveness: status, version, this server's clock and uptime",
+                       "tags": ["open"]}}
 
     def __init__(self, started: float):
         self.started = started
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"status": "ok", "version": __version__,
+        resp.media = {"status": "ok", "version": __version__, "time": round(time.time(), 3),
                       "uptime_seconds": round(time.monotonic() - self.started, 3)}
 
 
