@@ -174,6 +174,7 @@ FAKE_INTERFACES: dict[str, dict[int, list[dict[str, str]]]] = {
                                {"addr": "2a00:1450:4001::5"}]},
     "veth-gone": {},
     "wlan0": {socket.AF_INET: [{"addr": "8.8.4.4"}]},
+    "docker0": {socket.AF_INET: [{"addr": "172.17.0.1"}]},  # never advertised
 }
 
 

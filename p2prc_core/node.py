@@ -63,9 +63,41 @@ def local_addresses() -> list[Address]:
     return found
 
 
+# Bridges that container engines and VM managers make: their addresses reach this machine's
+# guests, never this machine from outside.
+_GUEST_BRIDGES = ("docker", "br-", "veth", "p2prc0", "virbr", "cni", "flannel", "lxcbr",
+                  "lxdbr", "podman")
+
+
+def guest_bridge(interface: str | None) -> bool:
+    return bool(interface) and str(interface).startswith(_GUEST_BRIDGES)
+
+
+def interfaces_down() -> set[str]:
+    """Names of the interfaces the system reports down (none when it cannot tell)."""
+    try:
+        import psutil
+
+        return {name for name, stats in psutil.net_if_stats().items() if not stats.isup}
+    except (ImportError, OSError):
+        return set()
+
+
+def why_not_advertised(address: Address, down: set[str]) -> str | None:
+    """Why an address of this machine is not advertised whatever it is, or None."""
+    if guest_bridge(address.interface):
+        return "never chosen: a container or VM bridge (only this machine's guests reach it)"
+    if address.interface in down:
+        return "never chosen: its interface is down"
+    return None
+
+
 def advertisable(addresses: list[Address], settings: Settings) -> list[Address]:
-    """Drop what is never advertised, and loopback unless the config allows it."""
-    return [a for a in addresses if a.usable(settings.allow_loopback)]
+    """Drop what is never advertised: loopback unless the config allows it, container and
+    VM bridges (docker0, br-..., p2prc0, virbr0), and interfaces that are down."""
+    down = interfaces_down()
+    return [a for a in addresses if a.usable(settings.allow_loopback)
+            and why_not_advertised(a, down) is None]
 
 
 def ordered_by_preference(hooks: PluginHooks, candidates: list[Address],

@@ -67,12 +67,13 @@ def test_interfaces_explains_the_choice(home: Path) -> None:
     data = json.loads(out)
     rows = {r["address"]: r for r in data["addresses"]}
     assert set(rows) == {"127.0.0.1", "::1", "192.168.7.5", "fe80::5", "fd42::5",
-                         "2a00:1450:4001::5", "8.8.4.4"}
+                         "2a00:1450:4001::5", "8.8.4.4", "172.17.0.1"}
     assert data["chosen"] == "2a00:1450:4001::5"
     assert [a for a, r in rows.items() if r["advertised"]] == ["2a00:1450:4001::5"]
     assert {a: r["preference"] for a, r in rows.items()} == {
         "2a00:1450:4001::5": 1, "8.8.4.4": 2, "fd42::5": 3, "192.168.7.5": 4,
-        "127.0.0.1": None, "::1": None, "fe80::5": None}
+        "127.0.0.1": None, "::1": None, "fe80::5": None, "172.17.0.1": None}
+    assert "container or VM bridge" in rows["172.17.0.1"]["why"]
     assert "allow_loopback" in rows["127.0.0.1"]["why"]
     assert "global IPv6 is preferred" in rows["2a00:1450:4001::5"]["why"]
     assert "never chosen: link-local" in rows["fe80::5"]["why"]

@@ -30,8 +30,10 @@ from p2prc_core.node import (
     advertisable,
     advertised_addresses,
     explain,
+    interfaces_down,
     local_addresses,
     ordered_by_preference,
+    why_not_advertised,
 )
 from p2prc_core.output import format_when, human_bytes, print_json, print_table
 
@@ -100,7 +102,12 @@ def interfaces(node: Node, as_json: bool) -> None:
     transport = ("TLS 1.3, certificate bound to the node key" if settings.transport == "tls"
                  else "plain HTTP (transport = http: labs only)")
 
+    down = interfaces_down()
+
     def why(address: Address) -> str:
+        excluded = why_not_advertised(address, down)
+        if excluded is not None:
+            return excluded
         if address.kind == "loopback" and not settings.allow_loopback:
             return "never chosen: loopback (set allow_loopback = true for a lab)"
         return explain(address)
