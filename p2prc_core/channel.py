@@ -86,12 +86,13 @@ class Channel:
             finished += 1
             if failed is None:
                 self.endpoint = endpoint
-                threading.Thread(target=_close_the_rest, args=(results, started - finished),
-                                 daemon=True).start()
+                _close_later(results, started - finished)
                 return cast(T, opened)
             if not isinstance(failed, OSError | httpcore.ConnectError | httpcore.ConnectTimeout):
+                _close_later(results, started - finished)
                 raise failed
             failures.append(str(unreachable(endpoint, failed, timeout)))
+        _close_later(results, started - finished)  # attempts still under way, if any
         raise PeerError("no address of this peer answers: " + "; ".join(failures)
                         if failures else f"no address of this peer answered within "
                         f"{timeout:g} s")
@@ -150,13 +151,17 @@ class Channel:
 STAGGER = 0.25  # seconds between the start of one address's attempt and the next's
 
 
-def _close_the_rest(results: queue.Queue[tuple[Endpoint, Any, BaseException | None]],
-                    pending: int) -> None:
-    """Close connections that lost the race as they come in."""
-    for _ in range(pending):
-        _, opened, _ = results.get()
-        if opened is not None:
-            opened.close()
+def _close_later(results: queue.Queue[tuple[Endpoint, Any, BaseException | None]],
+                 pending: int) -> None:
+    """Close the connections of attempts still under way as they come in (they lost)."""
+    def close_them() -> None:
+        for _ in range(pending):
+            _, opened, _ = results.get()
+            if opened is not None:
+                opened.close()
+
+    if pending > 0:
+        threading.Thread(target=close_them, daemon=True).start()
 
 
 def handshake_failed(where: object, err: BaseException, timeout: float | None) -> PeerError:

@@ -79,7 +79,7 @@ class Settings:
     max_unverified_peers: int = _setting(1000, "most peers that never answered the table "
                                          "holds; the oldest give way to newer ones", min=1)
     exchange_newcomers_per_minute: int = _setting(60, "new peers one source (an IPv4 /24 or "
-                                                  "IPv6 /64) may add to the table per minute; "
+                                                  "IPv6 /48) may add to the table per minute; "
                                                   "also, per update, from one peer's answer",
                                                   min=0)
     peer_time_budget: float = _setting(15.0, "seconds an update spends on one peer, all its "

@@ -315,6 +315,12 @@ class Discovery:
                summary: UpdateSummary) -> list[str]:
         now = int(time.time())
         added: list[str] = []
+        for outcome in outcomes:  # first: every peer that answered as itself has answered,
+            entry = state.peers.get(outcome.node_id)  # so no newcomer pushes it out below
+            if entry is not None and outcome.ok and (
+                    not isinstance(outcome.node, dict)
+                    or outcome.node.get("node_id") == outcome.node_id):
+                entry.measured.last_seen = now
         for outcome in outcomes:
             summary.bytes_sent += outcome.sent
             summary.bytes_received += outcome.received
@@ -350,7 +356,8 @@ class Discovery:
             measured.last_seen = now
             measured.failures = 0
             measured.address = outcome.endpoint
-            measured.cursor = outcome.cursor
+            if not result.dropped.get("rate-limited"):  # else ask again from the old cursor
+                measured.cursor = outcome.cursor
             measured.holds_our_seq = outcome.holds_our_seq if isinstance(
                 outcome.holds_our_seq, int) and not isinstance(outcome.holds_our_seq, bool) \
                 else None

@@ -1,7 +1,7 @@
 """How many new peers one source may add to this node's table through exchanges.
 
 ``POST /v1/peers`` is open, and keys are free: one client made 1,617 junk records a second.
-Each source (an IPv4 /24 or an IPv6 /64: a home or a provider's customer) may add at most
+Each source (an IPv4 /24 or an IPv6 /48: a home or a provider's customer) may add at most
 ``exchange_newcomers_per_minute`` peers the table did not hold; updates of known peers are
 not counted. The count lives in ``server.db``, shared by every worker.
 """
@@ -16,14 +16,14 @@ from p2prc_core.storage import SharedDB
 
 
 def source_prefix(remote: str | None) -> str:
-    """The prefix a client address counts under: its /24 (IPv4) or /64 (IPv6)."""
+    """The prefix a client address counts under: its /24 (IPv4) or /48 (IPv6)."""
     try:
         ip = ipaddress.ip_address((remote or "").split("%", 1)[0])
     except ValueError:
         return "unknown"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    prefix = 24 if ip.version == 4 else 64
+    prefix = 24 if ip.version == 4 else 48  # a customer often holds a /48 (or a /56)
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 

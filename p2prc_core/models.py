@@ -16,7 +16,8 @@ _METADATA_IP = ipaddress.ip_address("169.254.169.254")
 # Cloud metadata services (AWS over IPv6, Alibaba): a table must never make a node dial them.
 _METADATA = {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
 _ZERO_NET = ipaddress.ip_network("0.0.0.0/8")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"),
+          ipaddress.ip_network("::ffff:0:0:0/96"))  # well-known, local-use, SIIT
 _SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
 _V4_COMPATIBLE = ipaddress.ip_network("::/96")
 NEVER_DIALLED = ("unspecified", "link-local", "multicast", "metadata", "broadcast")
@@ -66,12 +67,13 @@ class Address:
         return "reserved"
 
     def embedded_ipv4(self) -> Address | None:
-        """The IPv4 address inside a NAT64 (64:ff9b::/96), 6to4 (2002::/16) or
-        IPv4-compatible (::a.b.c.d) IPv6 address: it reaches that IPv4 host."""
+        """The IPv4 address inside a NAT64 (64:ff9b::/96, 64:ff9b:1::/48), SIIT
+        (::ffff:0:a.b.c.d), 6to4 (2002::/16) or IPv4-compatible (::a.b.c.d) IPv6 address
+        (its last 32 bits; 6to4's after the prefix): it reaches that IPv4 host."""
         ip = self.ip
         if not isinstance(ip, ipaddress.IPv6Address):
             return None
-        if ip in _NAT64 or (ip in _V4_COMPATIBLE and int(ip) > 1):
+        if any(ip in net for net in _NAT64) or (ip in _V4_COMPATIBLE and int(ip) > 1):
             return Address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
         if ip in _SIX_TO_FOUR:
             return Address(ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF))

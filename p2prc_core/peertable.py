@@ -19,13 +19,14 @@ import base64
 import bisect
 import hashlib
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from p2prc_core.models import Address, PeerRecord
-from p2prc_core.records import MergeResult, merge_records
+from p2prc_core.records import MergeResult, RecordError, merge_records, verify_record
 from p2prc_core.storage import read_json_object, update_json
 
 PEERS_FILE = "peers.json"
@@ -226,6 +227,14 @@ class TableState:
         return records, f"{self.epoch}:{last if more else self.clock}", more
 
 
+def _verifies(record: dict[str, Any]) -> bool:
+    try:
+        verify_record(record)
+    except RecordError:
+        return False
+    return True
+
+
 class PeerTable:
     """Load, merge and save the table; every change is locked and written atomically."""
 
@@ -249,10 +258,13 @@ class PeerTable:
             return TableState.from_json({})
         key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         cached = self._cached
-        if cached is not None and cached[0] == key:
+        # A file changed in the last two seconds is read again: two writes inside one clock
+        # tick can leave mtime, size and (a reused) inode all the same.
+        settled = time.time() - stat.st_mtime > 2.0
+        if settled and cached is not None and cached[0] == key:
             return cached[1]
         state = TableState.from_json(read_json_object(self.path))
-        self._cached = (key, state)
+        self._cached = (key, state) if settled else None
         return state
 
     def load(self) -> dict[str, PeerEntry]:
@@ -290,30 +302,38 @@ class PeerTable:
         peers that never answered, which holds at most ``max_unverified`` and gives way,
         oldest first, to newer ones; peers that answered are never pushed out."""
         usable = []
-        dropped_no_address = 0
+        dropped_no_address = malformed = 0
         for record in incoming:
-            addresses = record.get("addresses") if isinstance(record, dict) else None
+            if not isinstance(record, dict) or not isinstance(record.get("node_id"), str):
+                malformed += 1  # counted here: nothing below may trip over its shape
+                continue
+            addresses = record.get("addresses")
             if check_addresses and isinstance(addresses, list) and not any(
                     isinstance(a, str) and dialable(a, self.allow_loopback) for a in addresses):
                 dropped_no_address += 1
                 continue
             usable.append(record)
-        fresh = list(dict.fromkeys(r.get("node_id") for r in usable if isinstance(r, dict)
-                                   and isinstance(r.get("node_id"), str)
-                                   and r.get("node_id") not in state.peers
-                                   and r.get("node_id") != self.self_id))
+        fresh_records = [r for r in usable if r["node_id"] not in state.peers
+                         and r["node_id"] != self.self_id]
+        fresh = list(dict.fromkeys(r["node_id"] for r in fresh_records))
         limited = full = 0
         if fresh:
             granted = admit(len(fresh)) if admit is not None else len(fresh)
             limited = len(fresh) - granted
-            allowed = set(fresh[:granted])
-            room = self._make_room(state, len(allowed))
-            full = len(allowed) - room
-            allowed = set(fresh[:room])
-            usable = [r for r in usable if not isinstance(r, dict)
-                      or r.get("node_id") not in set(fresh) or r.get("node_id") in allowed]
+            # Only records that verify may push out others (a copied signature must not).
+            genuine = [n for n in dict.fromkeys(r["node_id"] for r in fresh_records
+                                                if r["node_id"] in set(fresh[:granted])
+                                                and _verifies(r))]
+            room = self._make_room(state, len(genuine))
+            full = len(genuine) - room
+            # Left out: those over the source's allowance, and genuine ones with no room;
+            # the rest go on to merge_records, which drops forgeries with their reason.
+            left_out = set(fresh[granted:]) | set(genuine[room:])
+            usable = [r for r in usable if r["node_id"] not in left_out]
         held = {node_id: entry.record for node_id, entry in state.peers.items()}
         result = merge_records(held, usable, self.self_id)
+        if malformed:
+            result.dropped["malformed"] += malformed
         if limited:
             result.dropped["rate-limited"] += limited
         if full:

@@ -120,10 +120,10 @@ class NodeServices:
                          peer_budget=s.peer_time_budget)
 
     def find_peer(self, text: str) -> PeerEntry | None:
-        """A table entry for PEER; None when nothing in the table matches. In order: an IP
-        address (with a port or a NODE_ID@) is an address, never a name; a node id or a
-        unique prefix of one (4+ characters); a name the user gave (``peers add --name``);
-        a name a peer chose itself, when only one peer has it.
+        """A table entry for PEER; None when nothing in the table matches. In order: text
+        that reads as an address is an address, never a name; a node id; a name the user
+        gave (``peers add --name``); a unique prefix of a node id (4+ characters); a name a
+        peer chose itself, when only one peer has it.
 
         :raises P2PRCError: the prefix or the name fits several peers.
         """
@@ -132,6 +132,9 @@ class NodeServices:
         peers = self.table.load()
         if text in peers:
             return peers[text]
+        mine = [e for e in peers.values() if e.local_name == text]  # the user's names first
+        if mine:
+            return mine[0]
         lowered = text.lower()
         if len(lowered) >= 4 and lowered.isalnum():
             by_prefix = [e for node_id, e in peers.items() if node_id.startswith(lowered)]
@@ -140,15 +143,14 @@ class NodeServices:
             if len(by_prefix) > 1:
                 raise P2PRCError(f"{text!r} is the start of {len(by_prefix)} node ids: give "
                                  f"more of it")
-        for chooser in (lambda e: e.local_name, lambda e: e.name):
-            named = [e for e in peers.values() if chooser(e) == text]
-            if len(named) > 1:
-                ids = ", ".join(e.node_id for e in named)
-                raise P2PRCError(f"{len(named)} peers are named {text!r} ({ids}): use a node "
-                                 f"id, or name one yourself with 'p2prc peers add ADDRESS "
-                                 f"--name NAME'")
-            if named:
-                return named[0]
+        named = [e for e in peers.values() if e.name == text]
+        if len(named) > 1:
+            ids = ", ".join(e.node_id for e in named)
+            raise P2PRCError(f"{len(named)} peers are named {text!r} ({ids}): use a node "
+                             f"id, or name one yourself with 'p2prc peers add ADDRESS "
+                             f"--name NAME'")
+        if named:
+            return named[0]
         return None
 
     @property

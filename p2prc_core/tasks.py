@@ -98,10 +98,19 @@ def load_bundle(path: Path) -> Bundle:
     return Bundle(name, description, ports, variables, path)
 
 
+# What makes Ansible run Python or read settings on this machine: refused in a bundle.
+_CONTROLLER_PARTS = ("ansible.cfg", "library", "module_utils", "group_vars", "host_vars")
+_DATA_FOLDERS = ("files", "templates")  # copied or templated into the containers, not run
+
+
 def code_outside_the_containers(path: Path) -> list[str]:
-    """Where a bundle's YAML would run something other than on the run's containers: a
-    ``delegate_to``, ``local_action`` or ``connection`` keyword, an ``ansible_*`` variable,
-    or a play for hosts other than ``all`` or the p2prc group. Each finding says where."""
+    """Where a bundle would run something other than on the run's containers: Python for
+    the controller (``*_plugins/``, ``library/``, ``module_utils/``, ``ansible.cfg``),
+    variables Ansible reads on its own (``group_vars/``, ``host_vars/``), and in any file that
+    reads as YAML (whatever its name, since any can be included), a ``delegate_to``,
+    ``local_action`` or ``connection`` keyword, an ``ansible_*`` variable, or a play for
+    hosts other than ``all`` or the p2prc group. Each finding says where. (The Ansible runner
+    also forces the connection to SSH and limits every run to the p2prc group.)"""
     import yaml
 
     findings: list[str] = []
@@ -115,22 +124,31 @@ def code_outside_the_containers(path: Path) -> list[str]:
         elif isinstance(node, list):
             for item in node:
                 scan(item, where)
+        elif isinstance(node, str) and re.search(r"\bansible_\w+\s*=", node):
+            findings.append(f"{where}: sets an ansible_ variable ({node[:40]!r})")
 
-    for file in sorted(list(path.rglob("*.yml")) + list(path.rglob("*.yaml"))):
-        where = str(file.relative_to(path))
+    for file in sorted(p for p in path.rglob("*") if ".git" not in p.parts):
+        relative = file.relative_to(path)
+        where = str(relative)
+        if any(part in _CONTROLLER_PARTS or part.endswith("_plugins")
+               for part in relative.parts):
+            findings.append(f"{where}: runs or configures Ansible on this machine")
+            continue
+        if not file.is_file() or relative.parts[0] in _DATA_FOLDERS or file.name in (
+                "p2prc.toml",) or file.stat().st_size > 1 << 20:
+            continue
         try:
             documents = list(yaml.safe_load_all(file.read_text()))
         except (yaml.YAMLError, UnicodeDecodeError, OSError):
-            findings.append(f"{where}: not readable YAML")
-            continue
+            continue  # not YAML: Ansible cannot read tasks or plays from it either
         for document in documents:
             scan(document, where)
-            if file.name == "site.yml" and isinstance(document, list):
-                for play in document:
-                    hosts = play.get("hosts") if isinstance(play, dict) else None
-                    if hosts is not None and hosts not in ("all", GROUP):
-                        findings.append(f"{where}: hosts: {hosts!r} (only 'all' or "
-                                        f"'{GROUP}': the run's containers)")
+            for play in document if isinstance(document, list) else []:
+                hosts = play.get("hosts") if isinstance(play, dict) else None
+                named = hosts if isinstance(hosts, list) else [hosts]
+                if hosts is not None and not all(h in ("all", GROUP) for h in named):
+                    findings.append(f"{where}: hosts: {hosts!r} (only 'all' or "
+                                    f"'{GROUP}': the run's containers)")
     return findings
 
 
@@ -291,9 +309,11 @@ class Runner(Protocol):
     """A task runner, registered through ``p2prc_register_runners``."""
 
     def run(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
-            run_dir: Path, on_event: Event) -> RunResult:
+            run_dir: Path, on_event: Event, confined: bool = True) -> RunResult:
         """Run ``bundle`` on every target at once; call ``on_event(host, task, status)`` as
-        it goes; return each target's result under its ``name``."""
+        it goes; return each target's result under its ``name``. ``confined``: keep every
+        task on the targets (not this machine), whatever the bundle says; False only when
+        the user passed --allow-local."""
         ...
 
 
@@ -387,7 +407,8 @@ class RunService:
             for target in targets:
                 event(target.name, "", "waiting")
             run_id, run_dir = self.history.new()
-            result = runners[runner].run(bundle, targets, extravars, run_dir, event)
+            result = runners[runner].run(bundle, targets, extravars, run_dir, event,
+                                         confined=not allow_local)
         except BaseException:
             self.tracked.release_ports(handed)
             raise

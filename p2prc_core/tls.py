@@ -75,16 +75,31 @@ def server_files(home: Path, identity: NodeIdentity) -> tuple[Path, Path]:
     return cert_path, home / KEY_FILE
 
 
+class _TimedSocket(ssl.SSLSocket):
+    """An accepted TLS connection that keeps its timeout: gunicorn's gthread worker calls
+    ``setblocking(True)`` before each request on a kept-alive connection, which would
+    otherwise clear it and let a client that stops half-way hold a thread for ever."""
+
+    socket_timeout = 30.0
+
+    def setblocking(self, flag: bool) -> None:
+        super().setblocking(flag)
+        if flag:
+            self.settimeout(self.socket_timeout)
+
+
 class _ServerContext(ssl.SSLContext):
-    """Gives every accepted connection a socket timeout before its handshake: gunicorn's
-    threads otherwise wait forever on a client that sends one byte and stops, and a few such
-    connections take every thread."""
+    """Gives every accepted connection a socket timeout, before its handshake and for every
+    read after: gunicorn's threads otherwise wait for ever on a client that sends one byte
+    and stops, and a few such connections take every thread."""
 
     socket_timeout = 30.0
 
     def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         sock.settimeout(self.socket_timeout)
-        return super().wrap_socket(sock, *args, **kwargs)
+        wrapped = super().wrap_socket(sock, *args, **kwargs)
+        wrapped.socket_timeout = self.socket_timeout  # type: ignore[attr-defined]
+        return wrapped
 
 
 def server_context(cert_path: Path, key_path: Path,
@@ -93,6 +108,7 @@ def server_context(cert_path: Path, key_path: Path,
     connection that stalls for ``socket_timeout`` seconds is dropped."""
     context = _ServerContext(ssl.PROTOCOL_TLS_SERVER)
     context.socket_timeout = socket_timeout
+    context.sslsocket_class = _TimedSocket
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(certfile=str(cert_path), keyfile=str(key_path))
     context.set_alpn_protocols(["http/1.1"])

@@ -40,7 +40,7 @@ def build_inventory(targets: list[RunTarget], run_dir: Path) -> dict[str, Any]:
 
 class AnsibleRunner:
     def run(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
-            run_dir: Path, on_event: Event) -> RunResult:
+            run_dir: Path, on_event: Event, confined: bool = True) -> RunResult:
         try:
             import ansible_runner
         except ImportError:
@@ -63,10 +63,14 @@ class AnsibleRunner:
 
         # ansible-runner starts ansible-playbook: the one beside this Python comes first.
         bin_dir = str(Path(sys.executable).parent)
+        if confined:
+            # Extra vars outrank everything a bundle can set (group_vars, set_fact, play
+            # vars, the connection keyword), and the limit drops plays for any other host.
+            extravars = {**extravars, "ansible_connection": "ssh"}
         runner = ansible_runner.run(
             private_data_dir=str(run_dir), project_dir=str(bundle.path), playbook="site.yml",
             inventory=inventory, extravars=extravars, forks=max(1, len(hosts)), quiet=True,
-            event_handler=handle,
+            event_handler=handle, limit=GROUP if confined else None,
             envvars={"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                      "ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_TIMEOUT": "20",
                      "ANSIBLE_RETRY_FILES_ENABLED": "False", "LC_ALL": "C.UTF-8",

@@ -110,25 +110,43 @@ class DockerBackend:
         """p2prc's own bridge network, made once: inter-container traffic off (one lease's
         container cannot reach another's sshd), and the host closed to new connections from
         it (a container cannot reach the host's p2prc API, or anything else the host
-        serves, through the bridge's gateway or any host address)."""
-        if self._network_ready:
-            return NETWORK
+        serves, through the bridge's gateway or any host address). Checked before every
+        container starts; when the host cannot be closed, no container starts.
+
+        :raises ContainerError: the network has other settings, or the firewall rule cannot
+            be put in place.
+        """
         docker = _docker()
-        try:
-            self.client.networks.get(NETWORK)
-        except docker.errors.NotFound:
+        if not self._network_ready:
             try:
-                self.client.networks.create(NETWORK, driver="bridge", labels={LABEL: "1"},
-                                            options={"com.docker.network.bridge.enable_icc":
-                                                     "false",
-                                                     "com.docker.network.bridge.name": BRIDGE})
-            except docker.errors.APIError as err:
-                if "already exists" not in str(err):
-                    raise ContainerError(500, "Engine refused",
-                                         f"Docker could not make the {NETWORK} network: "
-                                         f"{err.explanation}") from None
-        _close_host_to(BRIDGE)
-        self._network_ready = True
+                options = self.client.networks.get(NETWORK).attrs.get("Options") or {}
+            except docker.errors.NotFound:
+                options = None
+            if options is None:
+                try:
+                    self.client.networks.create(
+                        NETWORK, driver="bridge", labels={LABEL: "1"},
+                        options={"com.docker.network.bridge.enable_icc": "false",
+                                 "com.docker.network.bridge.name": BRIDGE})
+                except docker.errors.APIError as err:
+                    if "already exists" not in str(err):
+                        raise ContainerError(500, "Engine refused",
+                                             f"Docker could not make the {NETWORK} network: "
+                                             f"{err.explanation}") from None
+            elif options.get("com.docker.network.bridge.name") != BRIDGE or \
+                    options.get("com.docker.network.bridge.enable_icc") != "false":
+                raise ContainerError(500, "Network misconfigured",
+                                     f"The {NETWORK} network exists with other settings than "
+                                     f"p2prc's (bridge {BRIDGE}, no inter-container "
+                                     f"traffic): remove it with 'docker network rm "
+                                     f"{NETWORK}'.")
+            self._network_ready = True
+        problem = _close_host_to(BRIDGE)  # every time: a firewall reload drops the rule
+        if problem:
+            raise ContainerError(503, "Host not closed",
+                                 f"Cannot close this host to its containers ({problem}): no "
+                                 f"container is started. Run the server as root where "
+                                 f"iptables works.")
         return NETWORK
 
     def host_key(self, container_id: str, timeout: float) -> str:
@@ -190,20 +208,25 @@ class DockerBackend:
         return build_image(tag, from_debootstrap, force, say)
 
 
-def _close_host_to(bridge: str) -> None:
-    """Refuse new connections from ``bridge`` to this host (IPv4 and IPv6), once; replies to
-    the host's own connections (the published ports' proxy) still pass."""
+def _close_host_to(bridge: str) -> str | None:
+    """Refuse new connections from ``bridge`` to this host; replies to the host's own
+    connections (the published ports' proxy) still pass. Returns what went wrong, or None.
+    IPv4 must work; IPv6 is best effort (p2prc's network has no IPv6)."""
     rule = ["INPUT", "-i", bridge, "-m", "conntrack", "--ctstate", "NEW", "-j", "REJECT"]
     for tool in ("iptables", "ip6tables"):
         if shutil.which(tool) is None:
-            log.warning("%s is missing: containers can reach this host's services", tool)
+            if tool == "iptables":
+                return "iptables is not installed"
             continue
         if subprocess.run([tool, "-C", *rule], capture_output=True).returncode == 0:
             continue
         added = subprocess.run([tool, "-I", *rule], capture_output=True, text=True)
         if added.returncode != 0:
-            log.warning("could not close this host to its containers (%s): %s", tool,
+            if tool == "iptables":
+                return f"iptables: {added.stderr.strip() or 'failed'}"
+            log.warning("could not close this host to its containers over IPv6: %s",
                         added.stderr.strip())
+    return None
 
 
 def _image_name(container: Any) -> str:

@@ -169,7 +169,7 @@ HOSTILE = ["127.0.0.1", "::1", "fe80::1", "169.254.169.254", "::ffff:127.0.0.1",
            # cloud metadata elsewhere, 0/8, broadcast, and IPv6 spellings of forbidden IPv4
            "fd00:ec2::254", "100.100.100.200", "0.1.2.3", "255.255.255.255",
            "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "2002:7f00:1::", "2002:a9fe:a9fe::1",
-           "::127.0.0.1", "::169.254.169.254"]
+           "::127.0.0.1", "::169.254.169.254", "64:ff9b:1::a9fe:a9fe", "::ffff:0:7f00:1"]
 
 
 def test_records_that_only_offer_forbidden_addresses_are_not_added(
@@ -460,3 +460,35 @@ def test_a_peers_word_for_our_address_is_an_ip_address_or_nothing(observed: Any,
 
     raw = json.dumps({"records": [], "cursor": "c", "observed": observed}).encode()
     assert parse_answer(raw, 10, "peer")["observed"] == kept
+
+
+def test_records_of_odd_shapes_are_dropped_and_the_rest_merged(tmp_path: Path) -> None:
+    table = PeerTable(tmp_path)
+    good = make_record(NodeIdentity.generate(), "good")
+    odd = [{"node_id": [], "addresses": ["2001:db8::2"]}, {"node_id": {"a": 1}}, 7, None]
+    result = table.merge([good, *odd])
+    assert result.added == [good["node_id"]] and result.dropped["malformed"] == 4
+
+
+def test_forgeries_push_out_nobody(tmp_path: Path) -> None:
+    table = PeerTable(tmp_path, max_unverified=5)
+    genuine = [make_record(NodeIdentity.generate(), f"real{i}") for i in range(5)]
+    table.merge(genuine)
+    # Copied signatures on new ids: they fail verification, so they take no one's place.
+    forged = [{**genuine[0], "node_id": NodeIdentity.generate().node_id} for _ in range(20)]
+    result = table.merge(forged)
+    assert result.added == [] and set(table.load()) == {r["node_id"] for r in genuine}
+
+
+def test_newcomers_held_back_by_the_limit_come_on_later_updates(
+        tmp_path: Path, transport: InProcessTransport) -> None:
+    me, friend = chain(tmp_path, transport, 2)
+    friend.table.merge([make_record(NodeIdentity.generate(), f"p{i}", f"2001:db8::1:{i:x}")
+                        for i in range(30)])
+    limited = Discovery(me.table, HOOKS, transport, me.record, newcomers_per_peer=10,
+                        max_failures=100)  # the learned ones are made up: they never answer
+    sizes = []
+    for _ in range(4):
+        limited.update(hops=1)
+        sizes.append(len(me.table.load()))
+    assert sizes == [11, 21, 31, 31]  # the friend, then 10 more each time, until all are in

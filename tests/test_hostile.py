@@ -426,3 +426,42 @@ def test_a_peer_that_trickles_or_answers_oddly_is_cut_off_in_time(tmp_path: Path
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("files, found", [
+    ({"site.yml": "- import_playbook: other.yml\n",
+      "other.yml": "- hosts: localhost\n" + TASK}, "other.yml: hosts: 'localhost'"),
+    ({"group_vars/all.json": '{"ansible_connection": "local"}'}, "group_vars"),
+    ({"group_vars/p2prc": "ansible_connection: local\n"}, "group_vars"),
+    ({"v.json": '{"ansible_connection": "local"}',
+      "site.yml": "- hosts: all\n  vars_files: [v.json]\n" + TASK}, "v.json: ansible_connection"),
+    ({"site.yml": "- hosts: all\n  tasks:\n    - set_fact: ansible_connection=local\n"},
+     "sets an ansible_ variable"),
+    ({"evil.txt": "- command: id\n  delegate_to: localhost\n",
+      "site.yml": "- hosts: all\n  tasks:\n    - include_tasks: evil.txt\n"},
+     "evil.txt: delegate_to"),
+    ({"filter_plugins/x.py": "import os\n"}, "filter_plugins/x.py: runs or configures"),
+    ({"ansible.cfg": "[defaults]\n"}, "ansible.cfg: runs or configures"),
+])
+def test_every_way_a_bundle_reaches_this_machine_is_refused(
+        tmp_path: Path, files: dict[str, str], found: str) -> None:
+    path = bundle(tmp_path / "b", files.pop("site.yml", "- hosts: all\n" + TASK))
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    me = tmp_path / "me"
+    assert p2prc(me, "playbooks", "add", str(path)).returncode == 0
+    refused = p2prc(me, "run", "b", "--on", "abcdef123456")
+    assert refused.returncode == 1 and found in refused.stderr, refused.stderr
+
+
+def test_data_files_and_host_lists_of_the_group_are_fine(tmp_path: Path) -> None:
+    path = bundle(tmp_path / "b", "- hosts: [all]\n" + TASK)
+    (path / "templates").mkdir()
+    (path / "templates" / "conf.j2").write_text("connection: local\n{% for x in y %}{% endfor %}")
+    (path / "files").mkdir()
+    (path / "files" / "data.yml").write_text("delegate_to: here, as data\n")
+    me = tmp_path / "me"
+    assert p2prc(me, "playbooks", "add", str(path)).returncode == 0
+    allowed = p2prc(me, "run", "b", "--on", "abcdef123456")
+    assert allowed.returncode == 1 and "no tracked container" in allowed.stderr

@@ -36,7 +36,7 @@ class FakeRunner:
         self.crash: Exception | None = None
 
     def run(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
-            run_dir: Path, on_event: Event) -> RunResult:
+            run_dir: Path, on_event: Event, confined: bool = True) -> RunResult:
         self.calls.append((bundle.name, targets, extravars))
         if self.crash is not None:
             raise self.crash

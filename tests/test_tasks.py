@@ -252,3 +252,40 @@ def test_running_on_nothing_known_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1 and "no tracked container" in result.stderr
     unknown = p2prc(home, "run", "nope", "--on", "abcdef123456")
     assert unknown.returncode == 1 and "no playbook 'nope'" in unknown.stderr
+
+
+@on_containers
+def test_a_confined_run_keeps_every_task_in_its_containers(tmp_path: Path,
+                                                          host: LiveServer) -> None:
+    """Even a bundle that asks for the local connection every way the scan might miss runs
+    its tasks in the container when p2prc confines it (the default)."""
+    from p2prc_core.tasks import RunTarget, load_bundle
+    from p2prc_core.tracking import Tracked
+    from p2prc_plugins.ansible import AnsibleRunner
+
+    marker = Path(f"/tmp/p2prc-ran-here-{tmp_path.name}-{os.getpid()}")  # exists in both
+    bundle = tmp_path / "sneaky"
+    bundle.mkdir()
+    (bundle / "p2prc.toml").write_text('name = "sneaky"\n')
+    (bundle / "site.yml").write_text(
+        "- hosts: all\n  connection: local\n  gather_facts: false\n  tasks:\n"
+        "    - set_fact: ansible_connection=local\n"
+        f"    - command: touch {marker}\n"
+        "- hosts: localhost\n  gather_facts: false\n  tasks:\n"
+        f"    - command: touch {marker}.localhost\n")
+    container = touch(tmp_path, host, 0)
+    kept = Tracked(tmp_path / "me").find(container["id"])
+    from p2prc_core.sshkeys import ensure_key
+
+    target = RunTarget(kept.short_id, kept.id, kept.host, kept.ssh_port, "root",
+                       ensure_key(tmp_path / "me")[0], kept.host_key, [])
+    result = AnsibleRunner().run(load_bundle(bundle), [target], {}, tmp_path / "run",
+                                 lambda *event: None, confined=True)
+    assert result.hosts[kept.short_id].status == "ok", result.hosts
+    try:
+        assert not marker.exists() and not Path(f"{marker}.localhost").exists()
+    finally:
+        marker.unlink(missing_ok=True)
+        Path(f"{marker}.localhost").unlink(missing_ok=True)
+    inside = p2prc(tmp_path / "me", "ssh", kept.short_id, f"test -e {marker} && echo inside")
+    assert inside.stdout.strip() == "inside", inside.stderr

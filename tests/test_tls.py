@@ -430,3 +430,22 @@ def test_a_stalled_handshake_does_not_hold_a_server(tmp_path: Path) -> None:
         for sock in stalled:
             sock.close()
         server.stop()
+
+
+def test_a_kept_alive_connection_that_stalls_does_not_hold_a_server(tmp_path: Path) -> None:
+    server = start_server(tmp_path / "host", env={"P2PRC_THREADS": "2",
+                                                  "P2PRC_REQUEST_TIMEOUT": "1"})
+    stalled = []
+    try:
+        for _ in range(4):  # a whole request first (kept alive), then half of one, then silence
+            sock = tls.client_context().wrap_socket(
+                socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHo")
+            stalled.append(sock)
+        assert web.get(server.url() + "/v1/health", timeout=30).status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.stop()
