@@ -73,6 +73,7 @@ def tarpit_update(root: Path) -> None:
     print(f"\npeers update with 16 peers of 8 addresses each that accept and never answer "
           f"(defaults: request_timeout 10 s, peer_time_budget 15 s): {took:.1f} s, "
           f"{failed} failed")
+    tarpit.shutdown(socket.SHUT_RDWR)
     tarpit.close()
     for conn in held:
         conn.close()

@@ -389,7 +389,7 @@ def test_two_updates_at_once_lose_nothing(tmp_path: Path) -> None:
 
 
 def test_many_updates_from_two_processes_lose_nothing(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_merge_many, args=(str(tmp_path), seed, 15)) for seed in (1, 2)]
     for p in procs:
         p.start()

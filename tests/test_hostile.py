@@ -368,6 +368,7 @@ def test_an_update_spends_a_bounded_time_on_each_peer(tmp_path: Path) -> None:
         assert len(failed) == 16 and all("gave up after 2 s" in f for f in failed.values())
         assert took < 8, took  # without the budget: 8 addresses x 1 s, for each hop's peers
     finally:
+        tarpit.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept
         tarpit.close()
         for conn in held:
             conn.close()

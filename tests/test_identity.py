@@ -48,8 +48,8 @@ def _load_id(home: str, queue: Any) -> None:
 
 
 def test_processes_racing_to_create_the_key_agree(tmp_path: Path) -> None:
-    queue: Any = multiprocessing.get_context("fork").Queue()
-    procs = [multiprocessing.get_context("fork").Process(target=_load_id,
+    queue: Any = multiprocessing.get_context("spawn").Queue()
+    procs = [multiprocessing.get_context("spawn").Process(target=_load_id,
                                                          args=(str(tmp_path), queue))
              for _ in range(6)]
     for p in procs:

@@ -160,7 +160,7 @@ def test_invites_are_one_time_under_concurrent_redeems(tmp_path: Path) -> None:
     state = ServerState(tmp_path)
     secret, _ = state.create_invite(60)
     callers = [letter * 26 for letter in "abcdefgh"]
-    with multiprocessing.get_context("fork").Pool(8) as pool:
+    with multiprocessing.get_context("spawn").Pool(8) as pool:
         outcomes = pool.map(_redeem, [(str(tmp_path), secret, c) for c in callers])
     assert outcomes.count("ok") == 1
     assert all("already used" in o for o in outcomes if o != "ok")
