@@ -12,28 +12,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from common import P2PRC, free_port, report, start_p2prc, stop
+from common import P2PRC, free_port, iperf3_download, report, start_p2prc, stop
 
 from p2prc_core.models import parse_size
-
-
-def iperf3(port: int, size: int) -> float:
-    server = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(50):
-            client = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-R",
-                                     "-n", str(size), "-J"], capture_output=True, text=True)
-            data = json.loads(client.stdout or "{}")
-            if "error" not in data and client.returncode == 0:
-                return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
-            time.sleep(0.1)  # the server was not listening yet
-        raise SystemExit(f"iperf3 failed: {client.stdout} {client.stderr}")
-    finally:
-        server.wait(10)
 
 
 def p2prc_download(port: int, size: int, home: Path) -> float:
@@ -58,7 +41,7 @@ def main() -> None:
         ours, base = [], []
         for _ in range(args.rounds):
             ours.append(p2prc_download(port, size, home / "client"))
-            base.append(iperf3(free_port(), size))
+            base.append(iperf3_download("127.0.0.1", free_port(), size))
         report(f"download of {args.size} over 127.0.0.1, {args.rounds} rounds",
                "p2prc speedtest", ours, "iperf3 -R", base, "Mbit/s", ">= 0.50")
     finally:

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import free_port, report, start_p2prc, stop
+from common import free_port, iperf3_download, report, start_p2prc, stop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from netlab import NetLab, available  # noqa: E402
@@ -57,7 +55,8 @@ def main() -> None:
             if out.returncode != 0:
                 raise SystemExit(out.stderr)
             ours.append(float(json.loads(out.stdout)["transfers"][0]["mbit_per_second"]))
-            base.append(iperf3(friend, address, iperf_port, size))
+            base.append(iperf3_download(address, iperf_port, size,
+                                        friend.command(), bind=address))
         report(f"Speed-test download over TLS vs iperf3 -R, {args.size} on a veth shaped to "
                f"{args.rate} (tbf)", "p2prc speedtest (TLS)", ours, "iperf3 -R", base,
                "Mbit/s", ">= 0.90")
@@ -66,23 +65,6 @@ def main() -> None:
             stop(server)
         lab.close()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def iperf3(friend: object, address: str, port: int, size: int) -> float:
-    listener = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port), "-B", address],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(50):
-            client = subprocess.run(friend.command(  # type: ignore[attr-defined]
-                "iperf3", "-c", address, "-p", str(port), "-R", "-n", str(size), "-J"),
-                capture_output=True, text=True, env=os.environ)
-            data = json.loads(client.stdout or "{}")
-            if "error" not in data and client.returncode == 0:
-                return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
-            time.sleep(0.1)  # the server was not listening yet
-        raise SystemExit(f"iperf3 failed: {client.stdout} {client.stderr}")
-    finally:
-        listener.wait(30)
 
 
 if __name__ == "__main__":

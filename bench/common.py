@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -72,3 +73,24 @@ def report(title: str, ours_label: str, ours: list[float], base_label: str, base
           + ", ".join(f"{v:,.0f}" for v in base))
     print(f"  ratio {ratio:.2f} (target {target})")
     return ratio
+
+
+def iperf3_download(address: str, port: int, size: int, client_prefix: list[str] | None = None,
+                    bind: str | None = None) -> float:
+    """``iperf3 -R`` of ``size`` bytes from a one-off iperf3 server on ``port``; Mbit/s.
+    ``client_prefix`` runs the client elsewhere (``ip netns exec NAME``)."""
+    server = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(port),
+                               *(["-B", bind] if bind else [])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            client = subprocess.run([*(client_prefix or []), "iperf3", "-c", address, "-p",
+                                     str(port), "-R", "-n", str(size), "-J"],
+                                    capture_output=True, text=True)
+            data = json.loads(client.stdout or "{}")
+            if "error" not in data and client.returncode == 0:
+                return float(data["end"]["sum_received"]["bits_per_second"]) / 1e6
+            time.sleep(0.1)  # the server was not listening yet
+        raise SystemExit(f"iperf3 failed: {client.stdout} {client.stderr}")
+    finally:
+        server.wait(30)
