@@ -1,4 +1,5 @@
-"""``p2prc doctor``: what stands between this node and working well, each with its fix."""
+"""How this node stands (``p2prc status``) and what stands between it and working well,
+each with its fix (``p2prc doctor``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from p2prc_core.errors import P2PRCError
-from p2prc_core.node import local_addresses
+from p2prc_core.models import Endpoint
+from p2prc_core.node import advertised_addresses, local_addresses
 
 if TYPE_CHECKING:
     from p2prc_core.services import NodeServices
@@ -24,6 +26,59 @@ class Check:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def node_status(node: NodeServices) -> dict[str, Any]:
+    """This node at a glance: who it is, whether its server answers, its addresses and
+    how peers see it, its peers, containers, engine and GPUs. Never raises for a part
+    that is missing; it says so."""
+    s = node.settings
+    state = node.table.snapshot()
+    now = time.time()
+    advertised = advertised_addresses(s, node.hooks)
+    seen = {a: v for a, v in state.observed.items() if isinstance(v.get("last"), int | float)}
+    answering = [e for e in state.peers.values()
+                 if e.measured.failures == 0 and e.measured.last_seen is not None]
+    return {
+        "node_id": node.identity.node_id, "name": s.display_name, "transport": s.transport,
+        "port": s.advertise_port or s.port, "server": _server_state(node),
+        "addresses": [{"address": a, "seen_by_peers": a in seen} for a in advertised],
+        "observed": [{"address": a, "last": v["last"], "by": v.get("by", []),
+                      "advertised": a in advertised}
+                     for a, v in sorted(seen.items(), key=lambda i: -i[1]["last"])],
+        "behind_nat": bool(seen) and not any(a in advertised for a in seen),
+        "peers": {"known": len(state.peers), "answering": len(answering),
+                  "never_answered": sum(1 for e in state.peers.values()
+                                        if e.measured.last_seen is None)},
+        "containers": _container_state(node), "gpus": [g.get("name") for g in node.gpus()
+                                                        if isinstance(g, dict)],
+        "checked": now}
+
+
+def _server_state(node: NodeServices) -> dict[str, Any]:
+    """Whether this node's own server answers on its port, as this node's key."""
+    from p2prc_core.client import PeerClient
+
+    host = node.settings.host
+    host = "::1" if host == "::" else "127.0.0.1" if host == "0.0.0.0" else host
+    endpoint = Endpoint(host, node.settings.port, node.identity.node_id)
+    try:
+        with PeerClient(endpoint, timeout=2.0, secure=node.secure) as client:
+            health = client.health()
+        return {"running": True, "at": str(endpoint), "version": health.get("version"),
+                "uptime_seconds": health.get("uptime_seconds")}
+    except P2PRCError as err:
+        return {"running": False, "at": str(endpoint), "why": str(err)}
+
+
+def _container_state(node: NodeServices) -> dict[str, Any]:
+    try:
+        leases = node.containers().list_leases()
+    except P2PRCError as err:
+        return {"engine": "unavailable", "why": str(err)}
+    return {"engine": "up", "running": sum(1 for lease in leases
+                                           if lease.state == "running"),
+            "leases": len(leases)}
 
 
 def diagnose(node: NodeServices) -> list[Check]:

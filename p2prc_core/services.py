@@ -299,57 +299,11 @@ class NodeServices:
     def table_etag(self) -> str:
         return f"{self.table.snapshot().cursor()}:{self.own_record()['seq']}"
 
-    # -- how this node stands -------------------------------------------------------------------
-
     def status(self) -> dict[str, Any]:
-        """This node at a glance: who it is, whether its server answers, its addresses and
-        how peers see it, its peers, containers, engine and GPUs. Never raises for a part
-        that is missing; it says so."""
-        s = self.settings
-        state = self.table.snapshot()
-        now = time.time()
-        advertised = advertised_addresses(s, self.hooks)
-        seen = {a: v for a, v in state.observed.items() if isinstance(v.get("last"), int | float)}
-        answering = [e for e in state.peers.values()
-                     if e.measured.failures == 0 and e.measured.last_seen is not None]
-        return {
-            "node_id": self.identity.node_id, "name": s.display_name, "transport": s.transport,
-            "port": s.advertise_port or s.port, "server": self._server_state(),
-            "addresses": [{"address": a, "seen_by_peers": a in seen} for a in advertised],
-            "observed": [{"address": a, "last": v["last"], "by": v.get("by", []),
-                          "advertised": a in advertised}
-                         for a, v in sorted(seen.items(), key=lambda i: -i[1]["last"])],
-            "behind_nat": bool(seen) and not any(a in advertised for a in seen),
-            "peers": {"known": len(state.peers), "answering": len(answering),
-                      "never_answered": sum(1 for e in state.peers.values()
-                                            if e.measured.last_seen is None)},
-            "containers": self._container_state(), "gpus": [g.get("name") for g in self.gpus()
-                                                            if isinstance(g, dict)],
-            "checked": now}
+        """This node at a glance (``doctor.node_status``)."""
+        from p2prc_core.doctor import node_status
 
-    def _server_state(self) -> dict[str, Any]:
-        """Whether this node's own server answers on its port, as this node's key."""
-        from p2prc_core.client import PeerClient
-
-        host = self.settings.host
-        host = "::1" if host == "::" else "127.0.0.1" if host == "0.0.0.0" else host
-        endpoint = Endpoint(host, self.settings.port, self.identity.node_id)
-        try:
-            with PeerClient(endpoint, timeout=2.0, secure=self.secure) as client:
-                health = client.health()
-            return {"running": True, "at": str(endpoint), "version": health.get("version"),
-                    "uptime_seconds": health.get("uptime_seconds")}
-        except P2PRCError as err:
-            return {"running": False, "at": str(endpoint), "why": str(err)}
-
-    def _container_state(self) -> dict[str, Any]:
-        try:
-            leases = self.containers().list_leases()
-        except P2PRCError as err:
-            return {"engine": "unavailable", "why": str(err)}
-        return {"engine": "up", "running": sum(1 for lease in leases
-                                               if lease.state == "running"),
-                "leases": len(leases)}
+        return node_status(self)
 
     # -- trust ---------------------------------------------------------------------------------
 
