@@ -113,6 +113,13 @@ class Outcome:
     sent: int = 0
     received: int = 0
 
+    @property
+    def as_itself(self) -> bool:
+        """Whether the node that answered is the one asked (no record sent counts as yes:
+        it is sent only when it changed). Only without TLS can it be another."""
+        return self.node is None or (isinstance(self.node, dict)
+                                     and self.node.get("node_id") == self.node_id)
+
 
 @dataclass
 class UpdateSummary:
@@ -317,9 +324,7 @@ class Discovery:
         added: list[str] = []
         for outcome in outcomes:  # first: every peer that answered as itself has answered,
             entry = state.peers.get(outcome.node_id)  # so no newcomer pushes it out below
-            if entry is not None and outcome.ok and (
-                    not isinstance(outcome.node, dict)
-                    or outcome.node.get("node_id") == outcome.node_id):
+            if entry is not None and outcome.ok and outcome.as_itself:
                 entry.measured.last_seen = now
         for outcome in outcomes:
             summary.bytes_sent += outcome.sent
@@ -334,8 +339,7 @@ class Discovery:
                 continue
             incoming = list(outcome.records)
             if outcome.node is not None:
-                if not isinstance(outcome.node, dict) or \
-                        outcome.node.get("node_id") != outcome.node_id:
+                if not outcome.as_itself:
                     # Another node answered at its address (only possible without TLS): take
                     # nothing from it, and count it as a failure of the peer we meant.
                     summary.dropped["impostor"] += 1

@@ -47,9 +47,13 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
     console.print(table)
 
 
-def human_bytes(count: float | int | None) -> str:
+def human_bytes(count: Any) -> str:
+    """A size as people read it; anything that is not a number (a peer's say) is '?'."""
     if count is None:
         return "-"
+    if isinstance(count, bool) or not isinstance(count, int | float) or count != count \
+            or count in (float("inf"), float("-inf")):
+        return "?"
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":

@@ -89,13 +89,16 @@ class Measured:
                    last_seen=_number(data.get("last_seen")),
                    failures=_whole(data.get("failures")) or 0,
                    holds_our_seq=_whole(data.get("holds_our_seq")),
-                   extra={k: v for k, v in data.items()
-                          if k not in {f.name for f in fields(cls)}}, **text)
+                   extra={k: v for k, v in data.items() if k not in _MEASURED_FIELDS},
+                   **text)
 
     def to_json(self) -> dict[str, Any]:
         known = {f.name: getattr(self, f.name) for f in fields(self)
                  if f.name != "extra" and getattr(self, f.name) is not None}
         return {**self.extra, **known}
+
+
+_MEASURED_FIELDS = frozenset(f.name for f in fields(Measured))  # (read for every entry)
 
 
 @dataclass
@@ -358,15 +361,14 @@ class PeerTable:
             del state.peers[node_id]
         return max(0, min(wanted, max(free, 0) + evict))
 
-    def pin(self, address: str, node_id: str) -> str | None:
-        """Remember that ``node_id`` answered at ``address`` (trust on first use, or the
-        user's NODE_ID@ADDRESS); returns the node pinned there before, if another."""
-        def change(state: TableState) -> str | None:
-            before = state.pins.get(address)
-            state.pins[address] = node_id
-            return before if before != node_id else None
+    def pin(self, addresses: list[str], node_id: str) -> None:
+        """Remember that ``node_id`` answered at ``addresses`` (the spellings of one
+        endpoint: trust on first use, or the user's NODE_ID@ADDRESS), in one write."""
+        def change(state: TableState) -> None:
+            for address in addresses:
+                state.pins[address] = node_id
 
-        return self.update(change)
+        self.update(change)
 
     def forget(self, node_id: str) -> bool:
         """Drop a peer and every address pinned to it; False if there was nothing to drop."""

@@ -213,8 +213,7 @@ class NodeServices:
             raise NodeMismatch(endpoint, pinned, presented)
         if pinned == presented or presented == self.identity.node_id:
             return
-        for key in dict.fromkeys(keys):
-            self.table.pin(key, presented)
+        self.table.pin(list(dict.fromkeys(keys)), presented)
         if endpoint.node_id is None:
             self.notice(f"first contact with {endpoint}: node {presented} (pinned: another "
                         f"key there will be refused)")

@@ -59,6 +59,19 @@ def test_peer_names_are_shown_as_they_are_and_cannot_crash_a_listing(tmp_path: P
     assert "\u202e" not in listed.stdout and "evil" in listed.stdout
 
 
+def test_specs_of_odd_shapes_in_records_list_without_a_crash(tmp_path: Path) -> None:
+    me = tmp_path / "me"
+    for gpus in ([1, {"x": 1}, "real GPU"], "abc", 7):
+        odd = record(f"odd-{type(gpus).__name__}", ["fd42::7"])
+        odd = sign_record(NodeIdentity.generate(), {
+            **{k: odd[k] for k in ("name", "addresses", "port", "seq", "time", "metadata",
+                                   "version")}, "specs": {"gpus": gpus}})
+        plant(me, odd)
+    listed = p2prc(me, "peers", "ls")
+    assert listed.returncode == 0, listed.stderr
+    assert "real GPU" in listed.stdout and "Traceback" not in listed.stderr
+
+
 def test_ipv6_endpoints_show_whole_in_tables(tmp_path: Path, live_server: LiveServer) -> None:
     me = tmp_path / "me"
     added = p2prc(me, "peers", "add", live_server.peer("::1"))
@@ -104,9 +117,10 @@ class FakeHost(http.server.BaseHTTPRequestHandler):
 
     reply: dict[str, Any] = {}
     deleted: list[str] = []
+    specs: dict[str, Any] = {}
 
     def do_GET(self) -> None:  # noqa: N802
-        self._send({"status": "ok"})
+        self._send(self.specs if self.path == "/v1/specs" else {"status": "ok"})
 
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -372,6 +386,16 @@ def test_an_update_spends_a_bounded_time_on_each_peer(tmp_path: Path) -> None:
         tarpit.close()
         for conn in held:
             conn.close()
+
+
+def test_specs_a_host_sends_in_odd_shapes_print_without_a_crash(tmp_path: Path,
+                                                                 fake_host: int) -> None:
+    FakeHost.specs = {"hostname": "[b]x", "cpu": "fast", "memory": {"total": "lots"},
+                      "load": {"1m": "high", "5m": None}, "disk": [1], "os": 3,
+                      "gpus": [{"index": 0, "name": "G", "memory_total": "big"}, "junk"]}
+    result = p2prc(tmp_path / "me", "specs", f"127.0.0.1:{fake_host}")
+    assert result.returncode == 0, result.stderr
+    assert "[b]x" in result.stdout and "gpu 0" in result.stdout and "?" in result.stdout
 
 
 class Trickle(http.server.BaseHTTPRequestHandler):

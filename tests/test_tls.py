@@ -12,6 +12,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -420,36 +421,31 @@ def test_a_peers_chosen_name_never_stands_for_an_address(tmp_path: Path,
         liar.stop()
 
 
-def test_a_stalled_handshake_does_not_hold_a_server(tmp_path: Path) -> None:
+def stall_in_the_handshake(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"\x16")  # the first byte of a ClientHello, then silence
+    return sock
+
+
+def stall_on_a_kept_alive_connection(port: int) -> socket.socket:
+    sock = tls.client_context().wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=10))
+    sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # kept alive: gthread resets it
+    sock.sendall(b"GET /v1/health HTTP/1.1\r\nHo")  # then half a request, and silence
+    return sock
+
+
+@pytest.mark.parametrize("stall", [stall_in_the_handshake, stall_on_a_kept_alive_connection])
+def test_a_stalled_connection_does_not_hold_a_server(tmp_path: Path, stall: Any) -> None:
     server = start_server(tmp_path / "host", env={"P2PRC_THREADS": "2",
                                                   "P2PRC_REQUEST_TIMEOUT": "1"})
     stalled = []
     try:
-        for _ in range(6):  # more than the server has threads: each sends a byte and stops
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-            sock.sendall(b"\x16")
-            stalled.append(sock)
+        for _ in range(6):  # more than the server has threads
+            stalled.append(stall(server.port))
         # They are dropped after the connection timeout (3 x request_timeout), and then the
         # server answers again.
-        assert web.get(server.url() + "/v1/health", timeout=30).status_code == 200
-    finally:
-        for sock in stalled:
-            sock.close()
-        server.stop()
-
-
-def test_a_kept_alive_connection_that_stalls_does_not_hold_a_server(tmp_path: Path) -> None:
-    server = start_server(tmp_path / "host", env={"P2PRC_THREADS": "2",
-                                                  "P2PRC_REQUEST_TIMEOUT": "1"})
-    stalled = []
-    try:
-        for _ in range(4):  # a whole request first (kept alive), then half of one, then silence
-            sock = tls.client_context().wrap_socket(
-                socket.create_connection(("127.0.0.1", server.port), timeout=10))
-            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
-            sock.sendall(b"GET /v1/health HTTP/1.1\r\nHo")
-            stalled.append(sock)
         assert web.get(server.url() + "/v1/health", timeout=30).status_code == 200
     finally:
         for sock in stalled:

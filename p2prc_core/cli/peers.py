@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.progress import BarColumn, Progress, TextColumn
@@ -84,7 +84,7 @@ def peers_ls(node: Node, as_json: bool = False) -> None:
     services = node.services
     entries = services.table.load()
     ranked = node.hooks.rank_peers(e.to_peer() for e in entries.values())
-    rows = []
+    rows: list[dict[str, Any]] = []
     now = time.time()
     for peer in ranked:
         entry = entries[peer.node_id]
@@ -96,7 +96,7 @@ def peers_ls(node: Node, as_json: bool = False) -> None:
                      "latency_ms": measured.latency_ms,
                      "bandwidth_mbps": measured.bandwidth_mbps,
                      "last_seen": measured.last_seen, "failures": measured.failures,
-                     "gpus": entry.record.get("specs", {}).get("gpus", []),
+                     "gpus": _gpu_names(entry.record.get("specs")),
                      "score": round(node.hooks.score_peer(peer), 3)})
     if as_json:
         print_json(rows)
@@ -155,20 +155,21 @@ def specs(node: Node, peer: str, as_json: bool) -> None:
     if as_json:
         print_json(data)
         return
-    cpu, memory, disk = data.get("cpu", {}), data.get("memory", {}), data.get("disk", {})
-    os_info = data.get("os", {})
-    load = data.get("load", {})
+    # A peer's specs: each part read only where it has the expected shape.
+    cpu, memory, disk, os_info, load = (_part(data, k) for k in
+                                        ("cpu", "memory", "disk", "os", "load"))
     rows = [
         ("host", data.get("hostname")),
         ("os", f"{os_info.get('name', '?')} ({os_info.get('machine', '?')})"),
         ("cpu", f"{cpu.get('model', '?')}: {cpu.get('cores', '?')} cores, "
                 f"{cpu.get('threads', '?')} threads, {cpu.get('percent', '?')}% busy"),
-        ("load", f"{load.get('1m', 0):.2f} {load.get('5m', 0):.2f} {load.get('15m', 0):.2f}"),
+        ("load", " ".join(_two_places(load.get(k)) for k in ("1m", "5m", "15m"))),
         ("memory", f"{human_bytes(memory.get('available'))} free of "
                    f"{human_bytes(memory.get('total'))}"),
         ("disk", f"{human_bytes(disk.get('free'))} free of {human_bytes(disk.get('total'))}"),
     ]
-    gpus = data.get("gpus") or []
+    gpus = [g for g in data.get("gpus") or [] if isinstance(g, dict)] \
+        if isinstance(data.get("gpus"), list) else []
     for gpu in gpus:
         rows.append((f"gpu {gpu.get('index', '')}",
                      f"{gpu.get('name')}: {human_bytes(gpu.get('memory_total'))}, driver "
@@ -176,6 +177,22 @@ def specs(node: Node, peer: str, as_json: bool) -> None:
     if not gpus:
         rows.append(("gpus", "none"))
     print_table(("", str(client.endpoint)), rows)
+
+
+def _gpu_names(specs: Any) -> list[str]:
+    """The GPU names a peer's signed record lists: strings only, at most 8."""
+    gpus = specs.get("gpus") if isinstance(specs, dict) else None
+    return [g for g in gpus if isinstance(g, str)][:8] if isinstance(gpus, list) else []
+
+
+def _part(data: dict[str, Any], key: str) -> dict[str, Any]:
+    part = data.get(key)
+    return part if isinstance(part, dict) else {}
+
+
+def _two_places(value: Any) -> str:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return f"{value:.2f}" if number else "?"
 
 
 @main.command()
