@@ -23,6 +23,7 @@ import httpx
 from p2prc_core import tls
 from p2prc_core.errors import PeerError, unreachable
 from p2prc_core.models import Endpoint
+from p2prc_core.upgrades import upgrade_sync
 
 # The endpoint, the node id it presented, and the IP address actually connected to.
 Contact = Callable[[Endpoint, str, str | None], None]
@@ -88,12 +89,15 @@ class Channel:
                 self.endpoint = endpoint
                 _close_later(results, started - finished)
                 return cast(T, opened)
+            if isinstance(failed, PeerError) and not isinstance(failed, tls.NodeMismatch):
+                failures.append(str(failed))  # a relay that refused, or is unreachable
+                continue
             if not isinstance(failed, OSError | httpcore.ConnectError | httpcore.ConnectTimeout):
                 _close_later(results, started - finished)
                 raise failed
             failures.append(str(unreachable(endpoint, failed, timeout)))
         _close_later(results, started - finished)  # attempts still under way, if any
-        raise PeerError("no address of this peer answers: " + "; ".join(failures)
+        raise PeerError("no path to this peer works: " + "; ".join(failures)
                         if failures else f"no address of this peer answered within "
                         f"{timeout:g} s")
 
@@ -103,9 +107,10 @@ class Channel:
 
     def check(self, ssl_object: Any, peer_ip: str | None) -> None:
         """The one check of every new TLS connection (see ``tls.check_peer``); then
-        ``on_contact``, which may refuse it too (a node pinned at the address dialled)."""
+        ``on_contact``, which may refuse it too (a node pinned at the address dialled). A
+        relayed connection always expects a known node, and pins nothing."""
         presented = tls.check_peer(ssl_object, self.node_id, self.endpoint)
-        if self.on_contact is not None:
+        if self.on_contact is not None and not self.endpoint.relay:
             self.on_contact(self.endpoint, presented, peer_ip)
         if self.node_id is None:
             self.node_id = presented
@@ -131,10 +136,23 @@ class Channel:
 
     def connect(self, timeout: float) -> socket.socket:
         """A new connection, TLS checked (for the speed test's plain socket)."""
-        sock = self.dial(lambda endpoint, wait: socket.create_connection(
-            (endpoint.host, endpoint.port), timeout=wait), timeout)
+        def open_one(endpoint: Endpoint, wait: float) -> Any:
+            if endpoint.relay:
+                return relayed(endpoint, wait, self.secure)
+            return socket.create_connection((endpoint.host, endpoint.port), timeout=wait)
+
+        sock = self.dial(open_one, timeout)
+        if isinstance(sock, httpcore.NetworkStream):  # through a relay: TLS inside its stream
+            return cast(socket.socket, StreamSocket(self.start_tls(sock, timeout), timeout))
         sock.settimeout(timeout)
         return self.wrap(sock, timeout)
+
+    def start_tls(self, stream: httpcore.NetworkStream, timeout: float | None
+                  ) -> httpcore.NetworkStream:
+        """TLS over a stream (a relay's), the node checked as after every handshake."""
+        if not self.secure:
+            return stream
+        return _CheckingStream(stream, self).start_tls(tls.client_context(), None, timeout)
 
     def http(self, timeout: float, **options: Any) -> httpx.Client:
         """An httpx client whose every connection goes through ``dial`` and, over TLS, is
@@ -218,9 +236,13 @@ class _ChannelBackend(httpcore.NetworkBackend):
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                     local_address: str | None = None,
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        stream = self._channel.dial(lambda endpoint, wait: self._inner.connect_tcp(
-            endpoint.host, endpoint.port, wait, local_address, socket_options),
-            timeout if timeout is not None else 10.0)
+        def open_one(endpoint: Endpoint, wait: float) -> httpcore.NetworkStream:
+            if endpoint.relay:
+                return relayed(endpoint, wait, self._channel.secure)
+            return self._inner.connect_tcp(endpoint.host, endpoint.port, wait, local_address,
+                                           socket_options)
+
+        stream = self._channel.dial(open_one, timeout if timeout is not None else 10.0)
         return _CheckingStream(stream, self._channel)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
@@ -230,3 +252,88 @@ class _ChannelBackend(httpcore.NetworkBackend):
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
+
+
+def relayed(endpoint: Endpoint, timeout: float, secure: bool = True) -> httpcore.NetworkStream:
+    """A stream to ``endpoint.node_id`` through the relay at ``endpoint`` (whose own key is
+    checked first): the relay joins it to the node's waiting connection. What goes over it
+    next is TLS to the node itself, which the relay cannot read.
+
+    :raises PeerError: the relay cannot be reached or is another node; PeerRefused: it
+        refused (the node does not wait there, or it is full).
+    """
+    relay = Endpoint(endpoint.host, endpoint.port, endpoint.relay)
+    where = f"relay {relay}"
+    try:
+        stream = httpcore.SyncBackend().connect_tcp(endpoint.host, endpoint.port, timeout)
+    except (httpcore.ConnectError, httpcore.ConnectTimeout) as err:
+        raise unreachable(where, err.__cause__ or err, timeout) from None
+    try:
+        if secure:
+            try:
+                stream = stream.start_tls(tls.client_context(), None, timeout)
+            except httpcore.ConnectError as err:
+                cause = err.__cause__ if isinstance(err.__cause__, ssl.SSLError) else err
+                raise handshake_failed(where, cause, timeout) from None
+            tls.check_peer(stream.get_extra_info("ssl_object"), endpoint.relay, where)
+        leftover = upgrade_sync(lambda: stream.read(65536, timeout),
+                                lambda data: stream.write(data, timeout), where,
+                                f"/v1/relay/connect?node={endpoint.node_id}", relay.address)
+        if leftover:
+            raise PeerError(f"{where} sent bytes the node could not have sent yet")
+    except BaseException:
+        stream.close()
+        raise
+    return stream
+
+
+class StreamSocket:
+    """The few socket calls the speed test makes, over an httpcore stream (TLS inside a
+    relay's stream, which no socket object can carry)."""
+
+    def __init__(self, stream: httpcore.NetworkStream, timeout: float):
+        self.stream = stream
+        self.timeout = timeout
+        self._buffer = b""
+
+    def recv(self, size: int) -> bytes:
+        if self._buffer:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+            return data
+        try:
+            data = self.stream.read(max(size, 1), self.timeout)
+        except httpcore.ReadTimeout:
+            raise TimeoutError from None
+        except httpcore.ReadError as err:
+            raise OSError(str(err)) from None
+        if len(data) > size:
+            data, self._buffer = data[:size], data[size:]
+        return data
+
+    def recv_into(self, buffer: Any, size: int = 0) -> int:
+        data = self.recv(size or len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def sendall(self, data: bytes | memoryview) -> None:
+        try:
+            self.stream.write(bytes(data), self.timeout)
+        except httpcore.WriteTimeout:
+            raise TimeoutError from None
+        except httpcore.WriteError as err:
+            raise OSError(str(err)) from None
+
+    def setsockopt(self, *args: Any) -> None:
+        pass  # the buffers are the relay connection's
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeout = timeout or self.timeout
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __enter__(self) -> StreamSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

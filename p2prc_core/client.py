@@ -25,6 +25,7 @@ from p2prc_core.tracking import RemoteContainer
 
 Progress = Callable[[int], None]
 MAX_REPLY = 4 << 20  # the largest API answer read from a peer
+RELAY_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,29 @@ class PeerClient:
             raise PeerError(f"{self.endpoint} answered the join with a record that does not "
                             f"verify: {err}") from None
 
+    def relay_wait(self, seconds: float) -> str | None:
+        """Wait at this relay for a client (a long poll); the token to accept it with, or
+        None when none came."""
+        reply = self.signed("GET", "/v1/relay/wait", timeout=seconds + self._timeout)
+        token = reply.get("token")
+        if token is None and not reply:
+            return None
+        if not isinstance(token, str) or not RELAY_TOKEN.fullmatch(token):
+            raise PeerError(f"{self.endpoint} answered the relay wait in an unknown form")
+        return token
+
+    def reach_check(self, port: int) -> dict[str, Any]:
+        """Ask the peer to dial this node back at the address it sees us from, at ``port``:
+        ``{"reachable": bool, "address": str, "error": str | None}``, checked."""
+        reply = self.signed("POST", "/v1/reach", {"port": port})
+        reachable, address, error = (reply.get("reachable"), reply.get("address"),
+                                     reply.get("error"))
+        if not isinstance(reachable, bool) or not isinstance(address, str) or \
+                not (error is None or isinstance(error, str)):
+            raise PeerError(f"{self.endpoint} answered the reach check in an unknown form")
+        return {"reachable": reachable, "address": clean(address, 64),
+                "error": None if error is None else clean(error, 200)}
+
     def signed(self, method: str, path: str, body: Any = None,
                params: dict[str, str] | None = None,
                timeout: float | None = None) -> dict[str, Any]:
@@ -230,6 +254,8 @@ class PeerClient:
 
     def _json(self, resp: httpx.Response) -> dict[str, Any]:
         self._raise_for_status(resp)
+        if resp.status_code == 204:
+            return {}
         try:
             data = loads_strict(resp.content)
         except ValueError:

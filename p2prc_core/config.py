@@ -84,6 +84,22 @@ class Settings:
                                                   min=0)
     peer_time_budget: float = _setting(15.0, "seconds an update spends on one peer, all its "
                                        "addresses and pages together", min=0.5)
+    upnp: bool = _setting(True, "ask the home router (UPnP IGD) to forward the server's port, "
+                          "and advertise the address it gives")
+    use_relay: str = _setting("auto", "'auto': keep a connection to a relay and drop it once "
+                              "a peer could dial this node back; 'always'; 'never'",
+                              choices=("auto", "always", "never"))
+    relays: list[str] = _setting([], "NODE_ID@ADDRESS[:PORT] of relays to use, in order "
+                                 "(default: peers in the table that offer to relay)",
+                                 each=lambda text: _relay_endpoint(text))
+    relay: bool = _setting(False, "offer to relay for nodes that cannot be dialled (needs an "
+                           "address others can reach)")
+    relay_open: bool = _setting(False, "relay for any node, not only trusted ones")
+    relay_max_nodes: int = _setting(16, "most nodes this relay holds at once", min=1)
+    relay_max_connections: int = _setting(64, "most connections this relay carries at once",
+                                          min=1)
+    relay_mbit: float = _setting(0.0, "bandwidth cap of one relayed connection, each way, in "
+                                 "Mbit/s (0: none)", min=0)
     backend: str = _setting("docker", "virtualization backend that runs containers")
     container_images: list[str] = _setting(["p2prc/base:latest"], "images callers may ask for; "
                                            "the first is the default")
@@ -224,6 +240,14 @@ def _check(key: str, value: Any, where: str) -> Any:
 
 _KIND_WORDS = {"str": "a string", "bool": "true or false", "int": "a whole number",
                "float": "a number", "list[str]": "a list of strings"}
+
+
+def _relay_endpoint(text: str) -> Any:
+    endpoint = parse_endpoint(text)
+    if endpoint.node_id is None:
+        raise ValueError(f"{text!r}: name the relay's node as NODE_ID@ADDRESS[:PORT], so that "
+                         f"no other node can pose as it")
+    return endpoint
 
 
 def parse_port_range(text: str) -> tuple[int, int]:

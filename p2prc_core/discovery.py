@@ -170,7 +170,8 @@ class Discovery:
         endpoint that answered last time), leaving out this node's own server (``own``, its
         record), which a peer's record may list to make us dial ourselves."""
         found = dial_endpoints(self.hooks, self.table.dial_addresses(entry.record),
-                               entry.port, entry.measured.address, entry.node_id)
+                               entry.port, entry.measured.address, entry.node_id,
+                               self.table.relays(entry.record))
         if own is None:
             return found
         ours = {Endpoint(a, own["port"]).pin_key for a in own.get("addresses", [])
@@ -191,7 +192,7 @@ class Discovery:
             if time.monotonic() >= deadline:
                 errors.append(f"gave up after {self.peer_budget:g} s")
                 break
-            outcome = Outcome(node_id, False, endpoint=str(endpoint))
+            outcome = Outcome(node_id, False, endpoint=endpoint.path)
             cursor = measured.cursor
             # Hand over our record only when the peer does not hold this version of it.
             send_own = measured.holds_our_seq != own["seq"]
@@ -223,7 +224,7 @@ class Discovery:
                     if not page["more"]:
                         break
             except PeerRefused as err:
-                return Outcome(node_id, False, endpoint=str(endpoint), error=str(err))
+                return Outcome(node_id, False, endpoint=endpoint.path, error=str(err))
             except PeerError as err:
                 errors.append(str(err))
                 continue
@@ -240,7 +241,7 @@ class Discovery:
             if result.dropped:
                 reason = ", ".join(result.dropped)
                 raise PeerError(f"{endpoint} sent a record this node refuses ({reason})")
-            state.peers[record["node_id"]].measured.address = str(endpoint)
+            state.peers[record["node_id"]].measured.address = endpoint.path
 
         self.table.update(change)
         return self.update(hops=1, only=[record["node_id"]])
@@ -252,7 +253,7 @@ class Discovery:
         held = {e.measured.address for e in self.table.load().values()}
         for text in peers:
             endpoint = parse_endpoint(text)
-            if str(endpoint) in held:
+            if endpoint.path in held:
                 continue
             try:
                 self.add(endpoint, fetch_record(endpoint))

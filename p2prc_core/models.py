@@ -97,13 +97,17 @@ class Address:
 @dataclass(frozen=True)
 class Endpoint:
     """Where to reach a peer server: a host (IP address or name) and a port, and the node id
-    expected there when it is known (it takes no part in comparing endpoints)."""
+    expected there when it is known (it takes no part in comparing endpoints).
+
+    A relayed endpoint (``relay`` set) is a relay's address: the connection goes to the
+    relay, whose node id is ``relay``, and through it, end to end, to ``node_id``."""
 
     host: str
     port: int = DEFAULT_PORT
     node_id: str | None = field(default=None, compare=False)
     # The user named that node here (NODE_ID@ADDRESS, an invite): its pin may be rewritten.
     named: bool = field(default=False, compare=False)
+    relay: str | None = None
 
     def url(self, scheme: str = "https") -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -111,7 +115,14 @@ class Endpoint:
 
     def expecting(self, node_id: str | None, named: bool = False) -> Endpoint:
         """The same address, with the node id expected there."""
-        return Endpoint(self.host, self.port, node_id, named)
+        return Endpoint(self.host, self.port, node_id, named, self.relay)
+
+    def through(self, node_id: str) -> Endpoint:
+        """This relay's address, as a way to reach ``node_id`` (this endpoint names the
+        relay's own id)."""
+        if self.node_id is None:
+            raise ValueError("a relay is used only with its node id known")
+        return Endpoint(self.host, self.port, node_id, False, self.node_id)
 
     @property
     def pin_key(self) -> str:
@@ -119,9 +130,31 @@ class Endpoint:
         IPv6 compressed and lower-case, host names lower-case)."""
         return pin_key(self.host, self.port)
 
-    def __str__(self) -> str:
+    @property
+    def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def path(self) -> str:
+        """How this endpoint is reached, as ``peers ls`` shows it and the table keeps it:
+        ``ADDRESS`` direct, or ``relay RELAY_ID@ADDRESS``."""
+        return f"relay {self.relay}@{self.address}" if self.relay else self.address
+
+    def __str__(self) -> str:
+        return f"{self.address} (relay)" if self.relay else self.address
+
+
+def parse_path(text: str, node_id: str | None) -> Endpoint:
+    """An ``Endpoint.path`` back to the endpoint that reaches ``node_id``.
+
+    :raises ValueError: it is neither form.
+    """
+    if text.startswith("relay "):
+        if node_id is None:
+            raise ValueError("a relayed path is for a known node only")
+        return parse_endpoint(text[6:]).through(node_id)
+    return parse_endpoint(text).expecting(node_id)
 
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from p2prc_core.config import Settings
-from p2prc_core.models import Address, Endpoint, parse_endpoint
+from p2prc_core.models import Address, Endpoint, parse_path
 from p2prc_core.plugins import PluginHooks
 
 # (kind, IP version) -> rank: lower is better. Kinds not listed are never chosen. The
@@ -121,18 +121,27 @@ def dial_order(hooks: PluginHooks, addresses: list[Address]) -> list[Address]:
 
 def dial_endpoints(hooks: PluginHooks, addresses: list[Address], port: int,
                    remembered: str | None = None,
-                   node_id: str | None = None) -> list[Endpoint]:
-    """The one rule for where to dial a peer: its addresses in ``p2prc_select_address``'s
-    order (IPv6 first, by default), then the endpoint that answered last time if it is not
-    among them (an address the peer does not know it has, behind NAT, say). Each endpoint
-    expects ``node_id`` to answer there."""
+                   node_id: str | None = None,
+                   relays: list[Endpoint] | None = None) -> list[Endpoint]:
+    """The one rule for where to dial a peer (the dial ladder): its addresses in
+    ``p2prc_select_address``'s order (IPv6 first, by default), the endpoint that answered
+    last time if it is not among them (an address the peer does not know it has, behind
+    NAT, say), then the relays its record names; a relay that answered last time goes first
+    (the peer could not be dialled directly then). Each endpoint expects ``node_id`` to
+    answer there."""
     found = [Endpoint(str(a), port, node_id) for a in dial_order(hooks, addresses)]
+    if node_id is not None:
+        found += [relay.through(node_id) for relay in relays or []
+                  if relay.node_id not in (None, node_id)]
     if remembered:
         try:
-            endpoint = parse_endpoint(remembered).expecting(node_id)
+            endpoint = parse_path(remembered, node_id)
         except ValueError:
             return found
-        if endpoint not in found:
+        if endpoint.relay and endpoint in found:
+            found.remove(endpoint)
+            found.insert(0, endpoint)
+        elif not endpoint.relay and endpoint not in found:
             found.append(endpoint)
     return found
 
@@ -156,6 +165,10 @@ class TimedCache:
         self._stamp = float("-inf")
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        """Produce the value again on the next ``get``."""
+        self._stamp = float("-inf")
+
     def get(self) -> Any:
         if time.monotonic() - self._stamp < self._ttl:
             return self._value
@@ -173,12 +186,24 @@ class TimedCache:
 
 
 def record_fields(settings: Settings, hooks: PluginHooks, specs: dict[str, Any],
-                  version: str) -> dict[str, Any]:
-    """What this node says about itself in its signed record (all but id, key, seq, time)."""
+                  version: str, reach: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What this node says about itself in its signed record (all but id, key, seq, time).
+    ``reach`` is what the server learnt of how to reach it (``reach.ReachState``): the
+    address its router maps for it, and the relay it waits at."""
     addresses = advertised_addresses(settings, hooks)
+    reach = reach or {}
+    mapped = reach.get("upnp") or {}
+    if isinstance(mapped.get("external_ip"), str) and not settings.advertise_addresses and \
+            mapped["external_ip"] not in addresses:
+        addresses.insert(0, mapped["external_ip"])
     short = {"cpus": specs.get("cpu", {}).get("threads", 0),
              "memory": specs.get("memory", {}).get("total", 0),
              "gpus": [str(g.get("name", "")) for g in specs.get("gpus", [])][:8]}
-    return {"name": settings.display_name[:64], "addresses": addresses[:16],
-            "port": settings.advertise_port or settings.port, "specs": short, "metadata": {},
-            "version": version}
+    fields = {"name": settings.display_name[:64], "addresses": addresses[:16],
+              "port": settings.advertise_port or settings.port, "specs": short, "metadata": {},
+              "version": version}
+    if isinstance(reach.get("relay"), str):
+        fields["relays"] = [reach["relay"]]
+    if settings.relay:
+        fields["relay"] = True
+    return fields

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from p2prc_core.models import Address, PeerRecord
+from p2prc_core.models import Address, Endpoint, PeerRecord, parse_endpoint
 from p2prc_core.records import MergeResult, RecordError, merge_records, verify_record
 from p2prc_core.storage import read_json_object, update_json
 
@@ -400,6 +400,18 @@ class PeerTable:
             return entry is not None
 
         return self.update(remember)
+
+    def relays(self, record: dict[str, Any]) -> list[Endpoint]:
+        """The relays a (verified) record names, at addresses this node may dial."""
+        found = []
+        for text in record.get("relays", []):
+            try:
+                endpoint = parse_endpoint(text)
+            except ValueError:
+                continue
+            if dialable(endpoint.host, self.allow_loopback) is not None:
+                found.append(endpoint)
+        return found
 
     def dial_addresses(self, record: dict[str, Any]) -> list[Address]:
         found = []

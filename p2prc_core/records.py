@@ -18,7 +18,7 @@ from p2prc_core.identity import (
     node_id_for,
     verify,
 )
-from p2prc_core.models import json_depth
+from p2prc_core.models import json_depth, parse_endpoint
 from p2prc_core.storage import update_json
 
 RECORD_STATE_FILE = "record.json"
@@ -34,6 +34,11 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "port": (int,), "seq": (int,), "time": (int,), "specs": (dict,), "metadata": (dict,),
     "version": (str,), "signature": (str,),
 }
+
+
+# optional fields: older records lack them
+_OPTIONAL: dict[str, tuple[type, ...]] = {"relays": (list,), "relay": (bool,)}
+MAX_RELAYS = 4
 
 
 class RecordError(ValueError):
@@ -67,7 +72,10 @@ def verify_record(record: Any, now: float | None = None) -> dict[str, Any]:
         value = record.get(name)
         if not isinstance(value, kinds) or isinstance(value, bool):
             raise RecordError("malformed", f"record field {name!r} is missing or of the wrong type")
-    unknown = sorted(set(record) - set(_FIELDS))
+    for name, kinds in _OPTIONAL.items():
+        if name in record and not isinstance(record[name], kinds):
+            raise RecordError("malformed", f"record field {name!r} is of the wrong type")
+    unknown = sorted(set(record) - set(_FIELDS) - set(_OPTIONAL))
     if unknown:
         raise RecordError("malformed", f"unknown record fields {unknown}")
     if not is_node_id(record["node_id"]):
@@ -78,6 +86,11 @@ def verify_record(record: Any, now: float | None = None) -> dict[str, Any]:
     if len(addresses) > MAX_ADDRESSES or not all(isinstance(a, str) and len(a) <= 64
                                                  for a in addresses):
         raise RecordError("malformed", f"addresses must be at most {MAX_ADDRESSES} strings")
+    relays = record.get("relays", [])
+    if len(relays) > MAX_RELAYS or not all(isinstance(r, str) and len(r) <= 96
+                                           and _is_relay(r) for r in relays):
+        raise RecordError("malformed", f"relays must be at most {MAX_RELAYS} "
+                                       f"NODE_ID@ADDRESS:PORT strings")
     if len(record["name"]) > MAX_NAME:
         raise RecordError("malformed", f"name longer than {MAX_NAME} characters")
     if json_depth([record["specs"], record["metadata"]]) > MAX_EXTRA_DEPTH:
@@ -99,6 +112,14 @@ def verify_record(record: Any, now: float | None = None) -> dict[str, Any]:
     if record["time"] > (now if now is not None else time.time()) + MAX_FUTURE_SECONDS:
         raise RecordError("future", "the record is dated in the future")
     return record
+
+
+def _is_relay(text: str) -> bool:
+    try:
+        endpoint = parse_endpoint(text)
+    except ValueError:
+        return False
+    return endpoint.node_id is not None
 
 
 @dataclass

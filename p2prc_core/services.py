@@ -52,6 +52,7 @@ class NodeServices:
         self.started = time.monotonic()
         self._specs = TimedCache(self._collect_specs, settings.specs_cache_seconds)
         self._record = TimedCache(self._build_record, RECORD_SECONDS)
+        self._reach_stamp = 0
         self._containers: ContainerService | None = None
         self._containers_lock = threading.Lock()  # gunicorn's threads build it once
 
@@ -89,11 +90,21 @@ class NodeServices:
         return gpus if isinstance(gpus, list) else []
 
     def _build_record(self) -> dict[str, Any]:
-        fields = record_fields(self.settings, self.hooks, self.specs(), __version__)
+        from p2prc_core.reach import ReachState
+
+        fields = record_fields(self.settings, self.hooks, self.specs(), __version__,
+                               ReachState(self.home).read())
         return RecordPublisher(self.home, self.identity).current(fields)
 
     def own_record(self) -> dict[str, Any]:
-        """This node's signed record, as its server serves it."""
+        """This node's signed record, as its server serves it (built again at once when
+        the server learnt a new way to reach it: a relay, a mapped port)."""
+        from p2prc_core.reach import ReachState
+
+        stamp = ReachState(self.home).stamp()
+        if stamp != self._reach_stamp:
+            self._reach_stamp = stamp
+            self._record.clear()
         record: dict[str, Any] = self._record.get()
         return record
 
@@ -191,7 +202,7 @@ class NodeServices:
             if key in state.pins:
                 return state.pins[key]
         found = {e.node_id for e in state.peers.values()
-                 if e.measured.address and e.measured.address in (str(endpoint), *also)}
+                 if e.measured.address and e.measured.address in (endpoint.path, *also)}
         return found.pop() if len(found) == 1 else None
 
     def _contact(self, endpoint: Endpoint, presented: str, peer_ip: str | None) -> None:
@@ -220,11 +231,13 @@ class NodeServices:
         elif pinned is not None:
             self.notice(f"{endpoint} is now pinned to node {presented} (was {pinned})")
 
-    def client(self, peer: str | Endpoint) -> PeerClient:
-        """A client for PEER over a checked channel, signing with this node's key."""
+    def client(self, peer: str | Endpoint | list[Endpoint]) -> PeerClient:
+        """A client for PEER (or for the paths given) over a checked channel, signing with
+        this node's key."""
         from p2prc_core.client import PeerClient
 
-        return PeerClient(self.resolve(peer), timeout=self.settings.request_timeout,
+        paths = peer if isinstance(peer, list) else self.resolve(peer)
+        return PeerClient(paths, timeout=self.settings.request_timeout,
                           identity=self.identity, secure=self.secure,
                           on_contact=self._contact if self.secure else None)
 
@@ -426,7 +439,7 @@ class NodeServices:
         found = []
         for _, members in sorted(by_host.items()):
             try:
-                with self.client(members[0].host_endpoint) as client:
+                with self.client(self.paths_to(members[0])) as client:
                     live: dict[str, str] | None = {c["id"]: c["state"]
                                                    for c in client.list_containers()}
             except PeerError:
@@ -439,7 +452,7 @@ class NodeServices:
     def remove_container(self, container: RemoteContainer) -> bool:
         """Remove a container from its host and forget it; False if the host had removed it
         already."""
-        with self.client(container.host_endpoint) as client:
+        with self.client(self.paths_to(container)) as client:
             try:
                 client.remove_container(container.id)
                 removed = True
@@ -449,6 +462,43 @@ class NodeServices:
                 removed = False
         self.tracked.forget(container.id)
         return removed
+
+    def paths_to(self, container: RemoteContainer) -> list[Endpoint]:
+        """Every way to reach a container's host: where it was started, then the host's dial
+        ladder from the table (its addresses now, and its relays)."""
+        paths = [container.host_endpoint]
+        entry = self.table.load().get(container.node_id or "") if self.table.path.exists() \
+            else None
+        if entry is not None:
+            paths += [e for e in self.discovery.endpoints(entry) if e not in paths]
+        return paths
+
+    def tunnel_stdio(self, container: RemoteContainer, port: int) -> None:
+        """Join standard input and output to ``port`` of the container, through its host's
+        p2prc port (OpenSSH's ProxyCommand)."""
+        import asyncio
+
+        from p2prc_core import tunnel
+
+        asyncio.run(tunnel.stdio(self.paths_to(container), self.identity,
+                                 f"/v1/containers/{container.id}/tunnel", f"port={port}",
+                                 self.settings.request_timeout, self.secure))
+
+    def forward(self, container: RemoteContainer, port: int, local_port: int,
+                ready: Callable[[int], None]) -> None:
+        """Serve 127.0.0.1:``local_port`` as ``port`` of the container until interrupted."""
+        import asyncio
+
+        from p2prc_core import tunnel
+
+        if port not in [p["internal"] for p in container.ports]:
+            raise P2PRCError(f"{container.short_id} has ports "
+                             f"{', '.join(str(p['internal']) for p in container.ports)}, "
+                             f"not {port}")
+        asyncio.run(tunnel.forward(self.paths_to(container), self.identity,
+                                   f"/v1/containers/{container.id}/tunnel", f"port={port}",
+                                   self.settings.request_timeout, self.secure, local_port,
+                                   ready))
 
     def check_alive(self, containers: list[RemoteContainer]) -> None:
         """Ask each host whether our containers there still run, before anything logs in:
@@ -460,7 +510,7 @@ class NodeServices:
         for container in containers:
             by_host.setdefault(container.endpoint, []).append(container)
         for members in by_host.values():
-            with self.client(members[0].host_endpoint) as client:
+            with self.client(self.paths_to(members[0])) as client:
                 live = {c.get("id"): c.get("state") for c in client.list_containers()
                         if isinstance(c, dict)}
             for container in members:
@@ -484,5 +534,8 @@ class NodeServices:
 
     @cached_property
     def runs(self) -> RunService:
+        from p2prc_core.tunnel import helper_command as tunnel_command
+
         return RunService(self.playbooks, self.tracked, Runs(self.home), self.hooks.runners,
-                          lambda: self.ssh_key()[0], self.check_alive)
+                          lambda: self.ssh_key()[0], self.check_alive,
+                          lambda c: tunnel_command(self.home, c.id, 22))

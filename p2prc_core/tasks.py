@@ -303,6 +303,9 @@ class RunTarget:
     private_key: Path
     host_key: str  # one OpenSSH public key line, pinned
     ports: list[dict[str, int]]  # [{"internal", "external"}]
+    # When set, SSH reaches the container through this command (OpenSSH's ProxyCommand:
+    # a tunnel through the host's p2prc port); ``address``/``port`` are then not dialled.
+    proxy_command: str | None = None
 
 
 class Runner(Protocol):
@@ -356,8 +359,10 @@ class RunService:
 
     def __init__(self, playbooks: Playbooks, tracked: Tracked, history: Runs,
                  runners: Callable[[], dict[str, Runner]], private_key: Callable[[], Path],
-                 check_alive: Callable[[list[RemoteContainer]], None] = lambda found: None):
+                 check_alive: Callable[[list[RemoteContainer]], None] = lambda found: None,
+                 proxy: Callable[[RemoteContainer], str | None] = lambda found: None):
         self.playbooks = playbooks
+        self.proxy = proxy  # how SSH reaches a container (None: its published port)
         self.tracked = tracked
         self.history = history
         self.runners = runners
@@ -400,7 +405,8 @@ class RunService:
         handed = self.tracked.reserve_ports(containers, bundle.ports)
         targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host,
                              port=c.ssh_port, user="root", private_key=private_key,
-                             host_key=c.host_key, ports=handed[c.id]) for c in containers]
+                             host_key=c.host_key, ports=handed[c.id],
+                             proxy_command=self.proxy(c)) for c in containers]
         event = on_event or (lambda host, task, status: None)
         started = time.time()
         try:

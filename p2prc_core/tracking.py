@@ -73,7 +73,7 @@ class RemoteContainer:
             if not isinstance(image, str) or not _IMAGE.fullmatch(image):
                 raise ValueError("its image name is malformed")
             node_id = reply.get("node_id")
-            return cls(id=container_id, endpoint=str(endpoint), host=endpoint.host,
+            return cls(id=container_id, endpoint=endpoint.path, host=endpoint.host,
                        ssh_port=checked[0]["external"], host_key=host_key, ports=checked,
                        image=image, created=_time(reply.get("created")),
                        expires=_time(reply.get("expires")),
@@ -113,9 +113,9 @@ class RemoteContainer:
     @property
     def host_endpoint(self) -> Endpoint:
         """The peer server that runs it, and the node that must answer there."""
-        from p2prc_core.models import parse_endpoint
+        from p2prc_core.models import parse_path
 
-        return parse_endpoint(self.endpoint).expecting(self.node_id)
+        return parse_path(self.endpoint, self.node_id)
 
     @property
     def extra_ports(self) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,13 +26,21 @@ def build_inventory(targets: list[RunTarget], run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     for target in targets:
         known_hosts = run_dir / f"known_hosts_{target.name}"
-        known_hosts.write_text(known_hosts_line(target.address, target.port, target.host_key))
+        common = f"-o UserKnownHostsFile={known_hosts} -o StrictHostKeyChecking=yes " \
+                 f"-o IdentitiesOnly=yes"
+        address, port = target.address, target.port
+        if target.proxy_command:  # through the host's p2prc port; the key under an alias
+            address, port = f"p2prc-{target.name}", 22
+            known_hosts.write_text(f"{address} {target.host_key}\n")
+            common += f" -o HostKeyAlias={address} -o " + \
+                shlex.quote(f"ProxyCommand={target.proxy_command}")
+        else:
+            known_hosts.write_text(known_hosts_line(address, port, target.host_key))
         hosts[target.name] = {
-            "ansible_host": target.address, "ansible_port": target.port,
+            "ansible_host": address, "ansible_port": port,
             "ansible_user": target.user,
             "ansible_ssh_private_key_file": str(target.private_key),
-            "ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts} "
-                                       f"-o StrictHostKeyChecking=yes -o IdentitiesOnly=yes",
+            "ansible_ssh_common_args": common,
             "ansible_python_interpreter": "/usr/bin/python3",
             "p2prc_container": target.container_id, "p2prc_ports": target.ports,
         }

@@ -56,5 +56,5 @@ def test_every_address_failing_is_one_error_that_names_each() -> None:
     with pytest.raises(PeerError) as caught:
         channel.connect(timeout=5)
     message = str(caught.value)
-    assert message.startswith("no address of this peer answers")
+    assert message.startswith("no path to this peer works")
     assert all(f"127.0.0.1:{port}" in message for port in closed)

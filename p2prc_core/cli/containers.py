@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,11 @@ from p2prc_core.cli.base import (
     pass_node,
     size_option,
 )
-from p2prc_core.containers import fingerprint
+from p2prc_core.containers import fingerprint, port_is_free
 from p2prc_core.output import clean, err_console, format_when, print_json, print_table
 from p2prc_core.sshkeys import known_hosts_line
 from p2prc_core.tracking import RemoteContainer
+from p2prc_core.tunnel import helper_command
 
 # -- containers ------------------------------------------------------------------------------
 
@@ -99,29 +101,73 @@ def remove_container(node: Node, container: str) -> None:
             click.echo(f"{entry.short_id} was already gone from {entry.endpoint}")
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--direct", is_flag=True,
+              help="Use the container's published SSH port instead of the tunnel through the "
+                   "host's p2prc port.")
 @click.argument("container")
-@click.argument("command", nargs=-1)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_node
-def ssh(node: Node, container: str, command: tuple[str, ...]) -> None:
-    """Log into a container with your key, checking its pinned host key."""
+def ssh(node: Node, direct: bool, container: str, command: tuple[str, ...]) -> None:
+    """Log into a container with your key, checking its pinned host key. SSH goes through
+    the host's p2prc port (and its relay, if it has one): nothing else need be open."""
     entry = node.services.tracked.find(container)
     node.services.check_alive([entry])  # its port may be someone else's container by now
     private, _ = node.services.ssh_key()
-    argv = ssh_command(node.home, entry, private) + list(command)
+    argv = ssh_command(node.home, entry, private, tunnel=not direct) + list(command)
     os.execvp(argv[0], argv)
 
 
-def ssh_command(home: Path, entry: RemoteContainer, private_key: Path) -> list[str]:
+def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
+                tunnel: bool = True) -> list[str]:
     """ssh with the container's host key pinned, in a known_hosts file of its own: no prompt,
-    no trust on first use. The key came over the channel to its host, checked by node id."""
+    no trust on first use. The key came over the channel to its host, checked by node id.
+    Through the tunnel, the host key is pinned under an alias (``p2prc-ID``)."""
     known = home / "ssh" / f"known_hosts_{entry.short_id}"
-    host = entry.host
     known.parent.mkdir(parents=True, exist_ok=True)
-    known.write_text(known_hosts_line(host, entry.ssh_port, entry.host_key))
-    return ["ssh", "-i", str(private_key), "-p", str(entry.ssh_port),
-            "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", f"root@{host}"]
+    common = ["-i", str(private_key), "-o", f"UserKnownHostsFile={known}",
+              "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+              "-o", "LogLevel=ERROR"]
+    if tunnel:
+        alias = f"p2prc-{entry.short_id}"
+        known.write_text(f"{alias} {entry.host_key}\n")
+        return ["ssh", *common, "-o", f"HostKeyAlias={alias}",
+                "-o", f"ProxyCommand={helper_command(home, entry.id, 22)}", f"root@{alias}"]
+    known.write_text(known_hosts_line(entry.host, entry.ssh_port, entry.host_key))
+    return ["ssh", *common, "-p", str(entry.ssh_port), f"root@{entry.host}"]
+
+
+@main.command(hidden=True)
+@click.argument("container")
+@click.argument("port", type=click.IntRange(1, 65535), default=22)
+@pass_node
+def tunnel(node: Node, container: str, port: int) -> None:
+    """Join standard input and output to PORT of CONTAINER, through its host's p2prc port
+    (what 'p2prc ssh' gives OpenSSH as its ProxyCommand)."""
+    entry = node.services.tracked.find(container)
+    node.services.tunnel_stdio(entry, port)
+
+
+@main.command()
+@click.argument("container")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.argument("local_port", type=click.IntRange(0, 65535), required=False)
+@pass_node
+def forward(node: Node, container: str, port: int, local_port: int | None) -> None:
+    """Serve PORT of CONTAINER on 127.0.0.1:LOCAL_PORT (default: the same number if free,
+    else any), through the host's p2prc port, until Ctrl-C."""
+    entry = node.services.tracked.find(container)
+    node.services.check_alive([entry])
+    if local_port is None:
+        local_port = port if port >= 1024 and port_is_free(port) else 0
+
+    def ready(bound: int) -> None:
+        click.echo(f"forwarding 127.0.0.1:{bound} to port {port} of {entry.short_id} on "
+                   f"{entry.endpoint} (Ctrl-C stops)", err=True)
+        click.echo(f"127.0.0.1:{bound}")
+
+    with contextlib.suppress(KeyboardInterrupt):
+        node.services.forward(entry, port, local_port, ready)
 
 
 @main.group("group")

@@ -10,7 +10,8 @@ from typing import Any
 import falcon
 
 from p2prc_core.errors import Refusal
-from p2prc_core.server import errors, openapi, resources
+from p2prc_core.relayhub import RelayHub
+from p2prc_core.server import errors, openapi, resources, streams
 from p2prc_core.server.auth import RequestAuth
 from p2prc_core.server.bodies import BodySizeLimit
 from p2prc_core.services import NodeServices
@@ -56,6 +57,14 @@ def create_app(node: NodeServices) -> falcon.App:
     app.add_route("/v1/containers", resources.ContainersResource(node.containers))
     app.add_route("/v1/containers/{container_id}",
                   resources.ContainerResource(node.containers))
+    app.add_route("/v1/containers/{container_id}/tunnel",
+                  streams.TunnelResource(node.containers))
+    hub = RelayHub(node.home, settings.relay_max_nodes, settings.relay_max_connections)
+    app.add_route("/v1/relay/wait", streams.RelayWaitResource(settings, hub,
+                                                              node.trust.is_trusted))
+    app.add_route("/v1/relay/accept", streams.RelayAcceptResource(settings, hub))
+    app.add_route("/v1/relay/connect", streams.RelayConnectResource(settings, hub))
+    app.add_route("/v1/reach", streams.ReachCheckResource(node.secure))
     app.add_route("/v1/trust/me",
                   resources.TrustMeResource(node.trust.is_trusted, settings.trust_mode))
     app.add_route("/v1/trust/join", resources.TrustJoinResource(node.accept_invite))

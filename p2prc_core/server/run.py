@@ -11,11 +11,12 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from p2prc_core import tls
+from p2prc_core import reach, tls
 from p2prc_core.config import Settings
 from p2prc_core.errors import P2PRCError
 from p2prc_core.periodic import Periodic
 from p2prc_core.plugins import make_plugin_manager
+from p2prc_core.server import upgrade
 from p2prc_core.server.app import create_app
 from p2prc_core.services import NodeServices
 
@@ -88,6 +89,8 @@ class PeerServer(BaseApplication):  # type: ignore[misc]
             "proc_name": f"p2prc-server:{s.port}",
             "limit_request_line": 8190,
             "control_socket_disable": True,  # gunicorn 24+: no shared socket in ~/.gunicorn
+            "post_worker_init": lambda worker: upgrade.set_worker(worker),
+            "worker_exit": lambda server, worker: reach.stop_all(),
         }
         if s.transport == "tls":
             options.update(tls_options(self.home, s.request_timeout * 3))
@@ -136,7 +139,8 @@ def build_app(settings: Settings, home: Path) -> Any:
     """The peer app as each worker builds it (plugins are loaded again after the fork)."""
     node = NodeServices(settings, home, make_plugin_manager(disabled=settings.disable_plugins))
     start_background_jobs(node)
-    return create_app(node)
+    reach.start(node)
+    return upgrade.Upgrades(create_app(node))
 
 
 def configure_logging(level: str) -> None:

@@ -1,0 +1,355 @@
+"""How others reach this node, kept up by the running server: the dial ladder's server side.
+
+One worker at a time (a lock in the home) runs the ``ReachAgent``:
+
+1. **UPnP**: ask the home router to forward the server's port (``upnp``), renew the
+   mapping, remove it on stop; the external address goes into the signed record.
+2. **Relay**: keep a connection to a relay (``relays``, or a peer that offers to relay), so
+   that clients can reach this node through it; the relay goes into the signed record.
+   If the relay goes away, move to the next one.
+3. **Dial-back**: ask a peer to dial this node back. Reachable, and ``use_relay = "auto"``:
+   the relay is dropped. It is asked again now and then.
+
+What it found is in ``$P2PRC_HOME/reach.json``, read by the record and ``p2prc status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from p2prc_core import tls
+from p2prc_core.errors import P2PRCError, PeerError
+from p2prc_core.models import Endpoint, parse_endpoint
+from p2prc_core.relayhub import WAIT_SECONDS
+from p2prc_core.signing import sign_request
+from p2prc_core.splice import splice
+from p2prc_core.storage import read_json_object, update_json
+from p2prc_core.upgrades import upgrade_sync
+
+if TYPE_CHECKING:
+    from p2prc_core.services import NodeServices
+
+log = logging.getLogger("p2prc.reach")
+
+STATE_FILE = "reach.json"
+CHECK_SECONDS = 120.0  # how often reachability is asked again
+RETRY_SECONDS = 2.0  # after a relay failed, before the next try
+FAILURES_BEFORE_MOVING = 2  # failed polls in a row before another relay is tried
+
+
+class ReachState:
+    """``reach.json``: {"upnp": {...} | null, "relay": "ID@ADDR" | null, "relay_since",
+    "reachable": {"result", "address", "by", "checked", "error"} | null, "tried": [...]}."""
+
+    def __init__(self, home: Path):
+        self.path = home / STATE_FILE
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return read_json_object(self.path)
+        except (OSError, ValueError):
+            return {}
+
+    def stamp(self) -> int:
+        try:
+            return self.path.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def update(self, **changes: Any) -> None:
+        def change(state: dict[str, Any]) -> None:
+            state.update(changes)
+
+        update_json(self.path, change)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class ReachAgent:
+    def __init__(self, node: NodeServices):
+        self.node = node
+        self.settings = node.settings
+        self.state = ReachState(node.home)
+        self._stop = threading.Event()
+        self._lock_fd: int | None = None
+        self._mapping: Any = None
+        self._relay: Endpoint | None = None
+        self.thread: threading.Thread | None = None
+
+    # -- life ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="p2prc-reach", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop relaying and remove the UPnP mapping (the server stops)."""
+        self._stop.set()
+        if self._lock_fd is None:
+            return
+        if self._mapping is not None:
+            with contextlib.suppress(Exception):
+                from p2prc_core.upnp import PortMapper
+
+                PortMapper().unmap(self._mapping)
+                log.info("removed the UPnP mapping of port %d", self._mapping.external_port)
+        self.state.update(upnp=None, relay=None)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def _run(self) -> None:
+        lock = self.node.home / "reach.lock"
+        while not self._stop.is_set():
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._stop.wait(5.0)  # another worker does it
+                continue
+            self._lock_fd = fd
+            try:
+                self._serve()
+            except Exception:  # a bad peer or a full disk must not end it for good
+                log.exception("reach agent failed; starting again")
+                self._stop.wait(RETRY_SECONDS)
+            if self._lock_fd is not None and self._stop.is_set():
+                return
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self._lock_fd = None
+
+    def _serve(self) -> None:
+        self.state.update(upnp=None, relay=None, reachable=None, tried=[])
+        if not self._wait_for_server():
+            return
+        if self.settings.upnp:
+            self._map_port()
+        next_check = 0.0
+        failures = 0
+        tried: list[str] = []
+        while not self._stop.is_set():
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + CHECK_SECONDS
+                self._check_reach()
+            if not self._wants_relay():
+                self._use_relay(None)
+                self._stop.wait(5.0)
+                continue
+            if self._relay is None:
+                relay = self._pick_relay(tried)
+                if relay is None:
+                    tried = []
+                    self._stop.wait(RETRY_SECONDS * 5)
+                    continue
+                self._use_relay(relay)
+                failures = 0
+            assert self._relay is not None
+            try:
+                with self.node.client(self._relay) as client:
+                    while not self._stop.is_set() and self._wants_relay() and \
+                            time.monotonic() < next_check:
+                        token = client.relay_wait(WAIT_SECONDS)
+                        failures = 0
+                        if token is not None:
+                            threading.Thread(target=self._accept, args=(self._relay, token),
+                                             daemon=True).start()
+            except P2PRCError as err:
+                failures += 1
+                log.warning("relay %s: %s", self._relay, err)
+                if failures >= FAILURES_BEFORE_MOVING:
+                    tried.append(self._relay.path)
+                    self._use_relay(None)
+                self._stop.wait(RETRY_SECONDS)
+
+    # -- the pieces --------------------------------------------------------------------------
+
+    def _local(self) -> tuple[str, int]:
+        host = self.settings.host
+        if host in ("", "::", "0.0.0.0"):
+            host = "127.0.0.1"
+        return host, self.settings.port
+
+    def _wait_for_server(self) -> bool:
+        deadline = time.monotonic() + 60
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                socket.create_connection(self._local(), timeout=1).close()
+                return True
+            except OSError:
+                self._stop.wait(0.1)
+        return False
+
+    def _map_port(self) -> None:
+        try:
+            from p2prc_core.upnp import PortMapper
+        except ImportError:
+            return
+        mapper = PortMapper()
+        try:
+            if not mapper.discover():
+                log.info("no UPnP gateway answered: the port is not mapped")
+                return
+            mapping = mapper.map(self.settings.port, self.settings.port,
+                                 description=f"p2prc {self.node.identity.node_id[:8]}")
+        except P2PRCError as err:
+            log.warning("UPnP: %s", err)
+            return
+        if mapping.external_port != self.settings.port:
+            # The record has one port for all its addresses.
+            log.warning("UPnP gave port %d, not %d: not advertised", mapping.external_port,
+                        self.settings.port)
+            with contextlib.suppress(P2PRCError):
+                mapper.unmap(mapping)
+            return
+        self._mapping = mapping
+        self.state.update(upnp={"external_ip": mapping.external_ip,
+                                "external_port": mapping.external_port,
+                                "gateway": mapping.gateway})
+        log.info("UPnP: %s forwards %s:%d to this server", mapping.gateway,
+                 mapping.external_ip, mapping.external_port)
+        threading.Thread(target=self._renew, args=(mapper,), daemon=True).start()
+
+    def _renew(self, mapper: Any) -> None:
+        while self._mapping is not None and not self._stop.wait(
+                max(30.0, self._mapping.lease_seconds / 2 or 1800)):
+            try:
+                self._mapping = mapper.renew(self._mapping)
+            except P2PRCError as err:
+                log.warning("UPnP renewal failed: %s", err)
+
+    def _candidates(self) -> list[Endpoint]:
+        """Relays to use: the configured ones, then peers that offer to relay and answered."""
+        found = [parse_endpoint(text) for text in self.settings.relays]
+        own = self.node.identity.node_id
+        for entry in self.node.table.load().values():
+            if entry.record.get("relay") is True and entry.node_id != own and \
+                    entry.measured.last_seen:
+                for endpoint in self.node.discovery.endpoints(entry):
+                    if not endpoint.relay:
+                        found.append(endpoint)
+                        break
+        return found
+
+    def _pick_relay(self, tried: list[str]) -> Endpoint | None:
+        for endpoint in self._candidates():
+            if endpoint.path not in tried:
+                return endpoint
+        return None
+
+    def _use_relay(self, relay: Endpoint | None) -> None:
+        if relay == self._relay:
+            return
+        self._relay = relay
+        self.state.update(relay=None if relay is None else f"{relay.node_id}@{relay.address}",
+                          relay_since=time.time() if relay else None)
+        if relay is not None:
+            log.info("reachable through relay %s", relay.path)
+            threading.Thread(target=self._announce, args=(relay,), daemon=True).start()
+
+    def _announce(self, relay: Endpoint) -> None:
+        """Hand the relay (and so the network) the record that names it."""
+        time.sleep(0.2)  # the first poll is open by then
+        try:
+            if relay.node_id not in self.node.table.load():
+                self.node.add_peer(relay)
+            else:
+                self.node.discovery.update(hops=1, only=[relay.node_id])
+        except P2PRCError as err:
+            log.warning("could not hand relay %s our record: %s", relay, err)
+
+    def _wants_relay(self) -> bool:
+        mode = self.settings.use_relay
+        if mode == "never":
+            return False
+        if mode == "always":
+            return True
+        reachable = (self.state.read().get("reachable") or {}).get("result")
+        return reachable is not True
+
+    def _check_reach(self) -> None:
+        """Ask a peer (the relay, else one that answered lately) to dial us back."""
+        askers = ([self._relay] if self._relay else []) + self._candidates()
+        if not askers:
+            askers = [e for entry in self.node.table.load().values() if entry.measured.last_seen
+                      for e in self.node.discovery.endpoints(entry)[:1]]
+        for asker in askers[:3]:
+            try:
+                with self.node.client(asker) as client:
+                    answer = client.reach_check(self.settings.advertise_port
+                                                or self.settings.port)
+            except PeerError as err:
+                log.debug("reach check by %s failed: %s", asker, err)
+                continue
+            self.state.update(reachable={**answer, "by": asker.node_id,
+                                         "checked": time.time()})
+            log.info("dialled back by %s at %s: %s", asker, answer["address"],
+                     "reachable" if answer["reachable"] else "NOT reachable")
+            return
+
+    def _accept(self, relay: Endpoint, token: str) -> None:
+        """Take the client a relay told us of, and join it to our own server."""
+        try:
+            outer = self._open_accept(relay, token)
+        except (P2PRCError, OSError, ssl.SSLError) as err:
+            log.warning("relay %s: could not accept a client: %s", relay, err)
+            return
+        try:
+            local = socket.create_connection(self._local(), timeout=5)
+        except OSError as err:
+            outer.close()
+            log.warning("relayed client: our own server does not answer: %s", err)
+            return
+        local.settimeout(None)
+        splice(outer, local, alive=lambda: not self._stop.is_set())
+
+    def _open_accept(self, relay: Endpoint, token: str) -> socket.socket:
+        timeout = self.settings.request_timeout
+        sock = socket.create_connection((relay.host, relay.port), timeout=timeout)
+        secure = self.node.secure
+        if secure:
+            try:
+                sock = tls.client_context().wrap_socket(sock)
+                tls.check_peer(sock, relay.node_id, f"relay {relay}")
+            except BaseException:
+                sock.close()
+                raise
+        path, query = "/v1/relay/accept", f"token={token}"
+        headers = sign_request(self.node.identity, "POST", path, query, b"",
+                               relay.node_id or "")
+        try:
+            leftover = upgrade_sync(lambda: sock.recv(65536), sock.sendall, f"relay {relay}",
+                                    f"{path}?{query}", relay.address, headers)
+        except BaseException:
+            sock.close()
+            raise
+        if leftover:
+            sock.close()
+            raise PeerError(f"relay {relay} sent bytes before the client could")
+        return sock
+
+
+_agents: list[ReachAgent] = []
+
+
+def start(node: NodeServices) -> ReachAgent:
+    agent = ReachAgent(node)
+    _agents.append(agent)
+    agent.start()
+    return agent
+
+
+def stop_all() -> None:
+    """Stop this process's agents (a worker exits)."""
+    for agent in _agents:
+        agent.stop()

@@ -1,0 +1,210 @@
+"""A relay's side: nodes that cannot be dialled wait here, and clients are joined to them.
+
+The flow, all of it on the relay's p2prc port (TLS), in plain HTTP requests:
+
+1. A node behind NAT keeps a signed long poll open: ``GET /v1/relay/wait``.
+2. A client asks ``POST /v1/relay/connect?node=ID`` with ``Upgrade``. The relay picks a
+   token, answers the node's poll with it, and holds the client.
+3. The node opens a second connection, ``POST /v1/relay/accept?token=T`` (signed, with
+   ``Upgrade``), and the relay switches both to streams and joins them.
+4. The client then speaks TLS to the node through the joined streams, checked against the
+   node's id: the relay carries only ciphertext.
+
+gunicorn runs several worker processes, and each step may land in another one. They meet
+over abstract Unix sockets (Linux; no file, so no stale path and no length limit), found by
+small marker files under ``$P2PRC_HOME/relay``: ``w.NODE.NAME`` for a waiting poll,
+``c.PID.TOKEN`` for a joined connection (counted against the limits while its process
+lives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from p2prc_core.errors import Refusal
+
+TOKEN_BYTES = 16
+WAIT_SECONDS = 20.0  # a poll is answered at the latest after this (204: nothing came)
+ACCEPT_SECONDS = 10.0  # how long a client is held for the node to come and accept
+FIND_SECONDS = 3.0  # how long a client waits for the node's next poll to appear
+
+
+class RelayRefusal(Refusal):
+    title = "Relay refused"
+
+
+def _abstract(name: str) -> str:
+    return "\0p2prc-relay-" + name
+
+
+class RelayHub:
+    def __init__(self, home: Path, max_nodes: int, max_connections: int):
+        self.dir = home / "relay"
+        self.max_nodes = max_nodes
+        self.max_connections = max_connections
+
+    # -- the node's poll -----------------------------------------------------------------
+
+    def wait(self, node_id: str, seconds: float = WAIT_SECONDS,
+             alive: Callable[[], bool] = lambda: True) -> str | None:
+        """Wait for a client for ``node_id``; the token for its ``accept``, or None."""
+        self.dir.mkdir(exist_ok=True)
+        waiting = self.waiting_nodes()
+        if node_id not in waiting and len(waiting) >= self.max_nodes:
+            raise RelayRefusal(f"This relay holds {len(waiting)} nodes, its limit: try "
+                               f"another relay.", 503, "Relay full")
+        name = secrets.token_hex(8)
+        marker = self.dir / f"w.{node_id}.{name}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(_abstract(name))
+            listener.listen(8)
+            listener.settimeout(0.5)
+            marker.touch()
+            try:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline and alive():
+                    try:
+                        conn, _ = listener.accept()
+                    except TimeoutError:
+                        continue
+                    with conn:
+                        token = _read_token(conn)
+                        if token is not None:
+                            conn.sendall(b"ok")
+                            return token
+                return None
+            finally:
+                marker.unlink(missing_ok=True)
+
+    def waiting_nodes(self) -> set[str]:
+        found = set()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.dir):
+                parts = entry.name.split(".")
+                if len(parts) == 3 and parts[0] == "w":
+                    found.add(parts[1])
+        return found
+
+    # -- the client's connect ------------------------------------------------------------
+
+    def connect(self, node_id: str) -> socket.socket:
+        """A stream to ``node_id`` through this relay (the node's accept, joined).
+
+        :raises RelayRefusal: 404 the node does not wait here; 504 it did not come to
+            accept; 503 the relay carries as many connections as it may.
+        """
+        if self.connections() >= self.max_connections:
+            raise RelayRefusal(f"This relay carries {self.max_connections} connections, its "
+                               f"limit: try again later.", 503, "Relay busy")
+        token = secrets.token_hex(TOKEN_BYTES)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(_abstract(f"t-{node_id}-{token}"))
+            listener.listen(1)
+            if not self._tell(node_id, token):
+                raise RelayRefusal(f"Node {node_id} does not keep a connection to this "
+                                   f"relay.", 404, "Not relayed here")
+            listener.settimeout(ACCEPT_SECONDS)
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                raise RelayRefusal(f"Node {node_id} was told, but did not come to accept "
+                                   f"within {ACCEPT_SECONDS:g} s.", 504,
+                                   "Node did not answer") from None
+        return conn
+
+    def _tell(self, node_id: str, token: str) -> bool:
+        """Hand ``token`` to one of the node's waiting polls (its next one, if it is just
+        between two)."""
+        deadline = time.monotonic() + FIND_SECONDS
+        while True:
+            for marker in sorted(self.dir.glob(f"w.{node_id}.*")):
+                name = marker.name.split(".")[2]
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                    conn.settimeout(2.0)
+                    try:
+                        conn.connect(_abstract(name))
+                        conn.sendall(token.encode() + b"\n")
+                        if conn.recv(2) == b"ok":
+                            return True
+                    except OSError:
+                        continue
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+    # -- the node's accept ---------------------------------------------------------------
+
+    def accept(self, node_id: str, token: str) -> socket.socket:
+        """The client connection that ``token`` was made for; only ``node_id`` can take it.
+
+        :raises RelayRefusal: 404 no such token for this node (used, expired or another's).
+        """
+        if len(token) != 2 * TOKEN_BYTES or not all(c in "0123456789abcdef" for c in token):
+            raise RelayRefusal("A relay token is 32 lower-case hex characters.", 400,
+                               "Invalid token")
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(_abstract(f"t-{node_id}-{token}"))
+        except OSError:
+            conn.close()
+            raise RelayRefusal("No client waits for this token (it was used, it expired, or "
+                               "it is another node's).", 404, "Unknown token") from None
+        return conn
+
+    # -- the limits ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """Count a joined connection against ``max_connections`` while it lasts."""
+        self.dir.mkdir(exist_ok=True)
+        marker = self.dir / f"c.{os.getpid()}.{secrets.token_hex(8)}"
+        marker.touch()
+        try:
+            yield
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def connections(self) -> int:
+        count = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.dir):
+                parts = entry.name.split(".")
+                if len(parts) == 3 and parts[0] == "c" and parts[1].isdigit():
+                    if _alive(int(parts[1])):
+                        count += 1
+                    else:
+                        Path(entry.path).unlink(missing_ok=True)  # its worker died
+        return count
+
+
+def _read_token(conn: socket.socket) -> str | None:
+    conn.settimeout(2.0)
+    data = b""
+    try:
+        while not data.endswith(b"\n") and len(data) <= 2 * TOKEN_BYTES:
+            block = conn.recv(64)
+            if not block:
+                return None
+            data += block
+    except OSError:
+        return None
+    token = data.strip().decode("ascii", "replace")
+    if len(token) == 2 * TOKEN_BYTES and all(c in "0123456789abcdef" for c in token):
+        return token
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,246 @@
+"""Routes that switch a connection to a byte stream (see ``upgrade``): a tunnel into one of
+the caller's containers, and a relay's three routes. Plus the dial-back check, which tells a
+node whether it can be dialled at all."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import falcon
+
+from p2prc_core import tls
+from p2prc_core.config import Settings
+from p2prc_core.containers import ContainerService
+from p2prc_core.identity import is_node_id
+from p2prc_core.relayhub import RelayHub, RelayRefusal
+from p2prc_core.server.bodies import read_json
+from p2prc_core.server.upgrade import serving, switch, wants_upgrade
+from p2prc_core.splice import splice
+
+log = logging.getLogger("p2prc.server")
+
+TUNNEL_IDLE_SECONDS = 3600.0  # a tunnel with no byte either way for this long is closed
+
+
+def _dial_local(port: int, timeout: float = 5.0) -> socket.socket:
+    """This host's own service on ``port`` (a container's published port), IPv4 or IPv6
+    loopback."""
+    last: OSError | None = None
+    for host in ("127.0.0.1", "::1"):
+        try:
+            return socket.create_connection((host, port), timeout=timeout)
+        except OSError as err:
+            last = err
+    raise falcon.HTTPBadGateway(title="Container not answering",
+                                description=f"Nothing answers on the container's port "
+                                            f"({last}).")
+
+
+class TunnelResource:
+    """``POST /v1/containers/{id}/tunnel?port=N``: a stream to port N of one of the caller's
+    containers (22, its sshd, by default), so that SSH, Ansible and forwarded services need
+    nothing open on the host but its p2prc port."""
+
+    AUTH = {"post": "signed"}
+    OPENAPI = {"post": {
+        "summary": "Switch to a byte stream joined to a port of one of the caller's containers",
+        "tags": ["signed"],
+        "parameters": [{"name": "port", "in": "query", "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "description": "the container's port (default 22, its sshd)"}],
+        "responses": {"101": {"description": "the stream follows"},
+                      "400": {"description": "not an upgrade, or a port the container "
+                                             "does not have"},
+                      "501": {"description": "this server cannot switch to a stream"},
+                      "502": {"description": "nothing answers on the container's port"}},
+    }}
+
+    def __init__(self, service: Callable[[], ContainerService]):
+        self.service = service
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, container_id: str) -> None:
+        wants_upgrade(req)
+        lease = self.service().find(container_id, req.context.caller)
+        port = req.get_param_as_int("port", min_value=1, max_value=65535, default=22)
+        external = {int(p["internal"]): int(p["external"]) for p in lease.ports}
+        if port not in external:
+            raise falcon.HTTPBadRequest(
+                title="No such port",
+                description=f"Container {lease.id[:12]} has ports "
+                            f"{', '.join(str(p) for p in sorted(external))}, not {port}.")
+        target = _dial_local(external[port])
+        log.info("tunnel to %s port %d for %s", lease.id[:12], port, req.context.caller)
+        switch(req, resp, lambda sock: _join(sock, target, TUNNEL_IDLE_SECONDS))
+
+
+def _join(sock: socket.socket, other: socket.socket, idle: float | None,
+          bytes_per_second: float | None = None) -> None:
+    other.settimeout(None)
+    done = splice(sock, other, idle_seconds=idle, alive=serving,
+                  bytes_per_second=bytes_per_second)
+    log.debug("stream closed (%s): %d bytes in, %d out", done.reason, done.a_to_b,
+              done.b_to_a)
+
+
+class RelayWaitResource:
+    """``GET /v1/relay/wait``: a node that cannot be dialled waits for a client here."""
+
+    AUTH = {"get": "signed"}
+    OPENAPI = {"get": {
+        "summary": "Relay: wait (long poll) for a client that wants to reach the caller",
+        "tags": ["signed"],
+        "responses": {"200": {"description": "{token}: accept it with POST /v1/relay/accept"},
+                      "204": {"description": "no client came; poll again"},
+                      "403": {"description": "this node is not a relay, or not for the caller"},
+                      "503": {"description": "the relay holds as many nodes as it may"}},
+    }}
+
+    def __init__(self, settings: Settings, hub: RelayHub, is_trusted: Callable[[str], bool]):
+        self.settings = settings
+        self.hub = hub
+        self.is_trusted = is_trusted
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        caller = req.context.caller
+        _relaying(self.settings)
+        if not self.settings.relay_open and not self.is_trusted(caller):
+            raise falcon.HTTPForbidden(
+                title="Not relayed",
+                description=f"This relay carries only nodes its owner trusts; node {caller} "
+                            f"is not one ('p2prc trust {caller}' on the relay, or "
+                            f"relay_open = true).")
+        token = self.hub.wait(caller, alive=serving)
+        if token is None:
+            resp.status = falcon.HTTP_204
+            return
+        resp.media = {"token": token}
+
+
+class RelayAcceptResource:
+    """``POST /v1/relay/accept?token=T``: the waiting node takes the client it was told of."""
+
+    AUTH = {"post": "signed"}
+    OPENAPI = {"post": {
+        "summary": "Relay: switch to the stream of the client a token names",
+        "tags": ["signed"],
+        "parameters": [{"name": "token", "in": "query", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"101": {"description": "the client's stream follows"},
+                      "403": {"description": "this node is not a relay"},
+                      "404": {"description": "no client waits with this token for the "
+                                             "caller"},
+                      "501": {"description": "this server cannot switch to a stream"}},
+    }}
+
+    def __init__(self, settings: Settings, hub: RelayHub):
+        self.settings = settings
+        self.hub = hub
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _relaying(self.settings)
+        wants_upgrade(req)
+        token = req.get_param("token", required=True)
+        client = self.hub.accept(req.context.caller, token)
+        switch(req, resp, lambda sock: _join(sock, client, None))
+
+
+class RelayConnectResource:
+    """``POST /v1/relay/connect?node=ID``: a stream to a node that waits here. Open to any
+    caller: what it carries is TLS to that node, which the node checks."""
+
+    OPENAPI = {"post": {
+        "summary": "Relay: switch to a stream to a node that waits here",
+        "tags": ["open"],
+        "parameters": [{"name": "node", "in": "query", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"101": {"description": "the node's stream follows (speak TLS to it)"},
+                      "403": {"description": "this node is not a relay"},
+                      "404": {"description": "the node does not wait here"},
+                      "501": {"description": "this server cannot switch to a stream"},
+                      "503": {"description": "the relay carries as many connections as it "
+                                             "may"},
+                      "504": {"description": "the node did not come to accept"}},
+    }}
+
+    def __init__(self, settings: Settings, hub: RelayHub):
+        self.settings = settings
+        self.hub = hub
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _relaying(self.settings)
+        wants_upgrade(req)
+        node_id = req.get_param("node", required=True)
+        if not is_node_id(node_id):
+            raise falcon.HTTPBadRequest(title="Invalid node",
+                                        description="node is a node id (26 letters and "
+                                                    "digits).")
+        node = self.hub.connect(node_id)
+        rate = self.settings.relay_mbit * 125_000 or None
+
+        def carry(sock: socket.socket) -> None:
+            with self.hub.counted():
+                _join(sock, node, None, rate)
+
+        switch(req, resp, carry)
+
+
+def _relaying(settings: Settings) -> None:
+    if not settings.relay:
+        raise RelayRefusal("This node does not relay (its owner set relay = false).", 403,
+                           "Not a relay")
+
+
+class ReachCheckResource:
+    """``POST /v1/reach``: dial the caller back, at the address its request came from and the
+    port it names, and say whether its server answered there as itself. Only that address
+    is ever dialled, once, with a short timeout: nobody can aim this at a third host."""
+
+    AUTH = {"post": "signed"}
+    OPENAPI = {"post": {
+        "summary": "Dial the caller back: can its server be reached from here?",
+        "tags": ["signed"],
+        "requestBody": {"content": {"application/json": {"schema": {
+            "type": "object", "required": ["port"],
+            "properties": {"port": {"type": "integer", "minimum": 1, "maximum": 65535}},
+            "additionalProperties": False}}}},
+        "responses": {"200": {"description": "{reachable, address, error}"}},
+    }}
+
+    def __init__(self, secure: bool, timeout: float = 2.0):
+        self.secure = secure
+        self.timeout = timeout
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body = read_json(req)
+        port = body.get("port") if isinstance(body, dict) else None
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536 \
+                or set(body) != {"port"}:
+            raise falcon.HTTPBadRequest(title="Invalid reach check",
+                                        description="Expected {\"port\": 1-65535}.")
+        ip = str(req.remote_addr or "")
+        if ip.startswith("::ffff:"):
+            ip = ip[7:]
+        resp.media = dial_back(ip, port, req.context.caller, self.secure, self.timeout)
+
+
+def dial_back(ip: str, port: int, node_id: str, secure: bool, timeout: float
+              ) -> dict[str, Any]:
+    where = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    answer: dict[str, Any] = {"reachable": False, "address": where, "error": None}
+    try:
+        with socket.create_connection((ip, port), timeout=timeout) as sock:
+            if secure:
+                with tls.client_context().wrap_socket(sock) as wrapped:
+                    presented = tls.check_peer(wrapped, node_id, where)
+                    answer["reachable"] = presented == node_id
+            else:
+                answer["reachable"] = True
+    except (OSError, ssl.SSLError, ValueError) as err:
+        answer["error"] = str(err)[:200] or type(err).__name__
+    except Exception as err:  # noqa: BLE001 - another node answered there, say so
+        answer["error"] = str(err)[:200]
+    return answer

@@ -1,0 +1,89 @@
+"""HTTP/1.1 Upgrade (RFC 9110, section 7.8) on the peer port: a checked request becomes a
+raw byte stream, for tunnels to containers and for relays.
+
+A resource checks the request as usual (signature, owner, limits), then calls ``switch``
+with what to do with the connection. Falcon answers ``101 Switching Protocols``;
+``Upgrades``, around the whole WSGI app, has gunicorn send that answer and then hands the
+connection (TLS already there) to the resource's function. The client waits for the 101
+before it sends a byte of the stream, so nothing of it sits in gunicorn's buffers.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import falcon
+
+Take = Callable[[socket.socket], None]
+ENV_KEY = "p2prc.upgrade"
+PROTOCOL = "p2prc-stream/1"  # the Upgrade token a client sends and a 101 names
+
+
+def wants_upgrade(req: falcon.Request) -> None:
+    """Refuse a request that did not ask to switch to a stream (400), or a server that
+    cannot hand over its connection (501: only gunicorn's can)."""
+    connection = {t.strip().lower() for t in (req.get_header("Connection") or "").split(",")}
+    if "upgrade" not in connection or (req.get_header("Upgrade") or "").lower() != PROTOCOL:
+        raise falcon.HTTPBadRequest(
+            title="Not an upgrade",
+            description=f"This route switches the connection to a byte stream: send "
+                        f"'Connection: Upgrade' and 'Upgrade: {PROTOCOL}'.")
+    if req.env.get("gunicorn.socket") is None or req.env.get("HTTP2_STREAM_ID"):
+        raise falcon.HTTPNotImplemented(
+            title="No upgrade here",
+            description="This server cannot switch a connection to a stream (it is not "
+                        "p2prc's gunicorn server over HTTP/1.1).")
+
+
+def switch(req: falcon.Request, resp: falcon.Response, take: Take) -> None:
+    """Answer 101 and have ``take`` run with the connection once the answer is sent."""
+    resp.status = falcon.HTTP_101
+    resp.set_header("Connection", "Upgrade")
+    resp.set_header("Upgrade", PROTOCOL)
+    req.env[ENV_KEY] = take
+
+
+class Upgrades:
+    """WSGI middleware: after the app answered 101 for a route that switched, run the
+    route's function on the connection (in the request's own gunicorn thread)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
+                 ) -> Iterable[bytes]:
+        result = self.app(environ, start_response)
+        take: Take | None = environ.get(ENV_KEY)
+        if take is None:
+            return result  # type: ignore[no-any-return]
+        if hasattr(result, "close"):
+            result.close()
+        # gunicorn must not read another request from this connection afterwards: its
+        # response object (start_response is its method) closes the connection.
+        force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+        if force_close is not None:
+            force_close()
+        return _then(take, environ["gunicorn.socket"])
+
+    def __getattr__(self, name: str) -> Any:  # the Falcon app's own attributes, for tests
+        return getattr(self.app, name)
+
+
+def _then(take: Take, sock: socket.socket) -> Iterator[bytes]:
+    yield b""  # gunicorn sends the 101 and its headers on the first write
+    take(sock)
+
+
+_worker: Any = None  # this process's gunicorn worker, set after it starts (see run.py)
+
+
+def serving() -> bool:
+    """False once this worker is stopping: long streams and polls end then."""
+    return _worker is None or bool(getattr(_worker, "alive", True))
+
+
+def set_worker(worker: Any) -> None:
+    global _worker
+    _worker = worker
