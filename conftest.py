@@ -119,8 +119,10 @@ def start_server(home: Path, *args: str, env: dict[str, str] | None = None,
     home.mkdir(parents=True, exist_ok=True)
     log = home / "server.log"
     # Servers started by tests advertise loopback only, so that nothing a test does dials
-    # this machine's real interfaces; and they refresh their tables only when told to.
+    # this machine's real interfaces (nor asks its router for a port: no UPnP); and they
+    # refresh their tables only when told to.
     full_env = {**os.environ, "P2PRC_HOME": str(home), "P2PRC_WORKERS": "1",
+                "P2PRC_UPNP": "false",
                 "P2PRC_PORT": str(port), "P2PRC_ALLOW_LOOPBACK": "true",
                 "P2PRC_ADVERTISE_ADDRESSES": "::1,127.0.0.1" if ipv6_loopback_works()
                 else "127.0.0.1", "P2PRC_REFRESH_SECONDS": "0", **(env or {})}

@@ -48,7 +48,7 @@ FAILURES_BEFORE_MOVING = 2  # failed polls in a row before another relay is trie
 
 class ReachState:
     """``reach.json``: {"upnp": {...} | null, "relay": "ID@ADDR" | null, "relay_since",
-    "reachable": {"result", "address", "by", "checked", "error"} | null, "tried": [...]}."""
+    "reachable": {"reachable", "address", "by", "checked", "error"} | null}."""
 
     def __init__(self, home: Path):
         self.path = home / STATE_FILE
@@ -130,7 +130,7 @@ class ReachAgent:
             self._lock_fd = None
 
     def _serve(self) -> None:
-        self.state.update(upnp=None, relay=None, reachable=None, tried=[])
+        self.state.update(upnp=None, relay=None, reachable=None)
         if not self._wait_for_server():
             return
         if self.settings.upnp:
@@ -274,7 +274,7 @@ class ReachAgent:
             return False
         if mode == "always":
             return True
-        reachable = (self.state.read().get("reachable") or {}).get("result")
+        reachable = (self.state.read().get("reachable") or {}).get("reachable")
         return reachable is not True
 
     def _check_reach(self) -> None:

@@ -53,7 +53,7 @@ class Host:
 
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, "P2PRC_HOME": str(self.home), "P2PRC_REFRESH_SECONDS": "0",
-                "P2PRC_WORKERS": "1", **extra}
+                "P2PRC_WORKERS": "1", "P2PRC_UPNP": "false", **extra}
 
     def command(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.namespace, *args]

@@ -1,0 +1,286 @@
+"""Relays, the dial-back check and the reach agent, with real servers over loopback.
+
+A relay here is a real ``p2prc server`` with ``relay = true``; the node behind it is one
+with ``use_relay = "always"`` (on loopback every node can be dialled, so "auto" would drop
+the relay: a test says so). The NAT-lab tests (test_natlab.py) put the same pieces behind
+real NAT.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import LiveServer, start_server, web
+from p2prc_core.client import PeerClient
+from p2prc_core.errors import PeerError, PeerRefused
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.models import Endpoint
+
+pytestmark = pytest.mark.integration
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def reach_of(server: LiveServer) -> dict[str, Any]:
+    try:
+        return json.loads((server.home / "reach.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def relayed(relay: LiveServer, node: LiveServer, port: int | None = None) -> Endpoint:
+    return Endpoint("127.0.0.1", port or relay.port, node.node_id, False, relay.node_id)
+
+
+def start_relay(tmp_path: Path, name: str, **env: str) -> LiveServer:
+    return start_server(tmp_path / name, env={"P2PRC_RELAY": "true",
+                                              "P2PRC_RELAY_OPEN": "true", **env})
+
+
+def start_behind(tmp_path: Path, name: str, *relays: str, mode: str = "always",
+                 **env: str) -> LiveServer:
+    return start_server(tmp_path / name, env={"P2PRC_USE_RELAY": mode,
+                                              "P2PRC_RELAYS": ",".join(relays), **env})
+
+
+def waits_at(relay: LiveServer, node: LiveServer) -> bool:
+    return any((relay.home / "relay").glob(f"w.{node.node_id}.*"))
+
+
+class Recorder:
+    """A TCP proxy on loopback that keeps every byte it carries, both ways."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.seen = bytearray()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                with self.lock:
+                    self.seen += data
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[LiveServer]]:
+    started: list[LiveServer] = []
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+def test_through_a_relay_end_to_end_and_the_relay_sees_only_ciphertext(
+        tmp_path: Path, servers: list[LiveServer]) -> None:
+    relay = start_relay(tmp_path, "relay")
+    servers.append(relay)
+    recorder = Recorder(relay.port)  # both legs, the node's and the client's, pass here
+    try:
+        home = start_behind(tmp_path, "home", f"{relay.node_id}@127.0.0.1:{recorder.port}")
+        servers.append(home)
+        wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
+        # Home's signed record names the relay, so peers learn the way to it.
+        record = web.get(home.url() + "/v1/node", timeout=5).json()
+        assert record["relays"] == [f"{relay.node_id}@127.0.0.1:{recorder.port}"]
+
+        me = NodeIdentity.load_or_create(tmp_path / "client")
+        path = relayed(relay, home, recorder.port)
+        with PeerClient([path], timeout=10, identity=me) as client:
+            assert client.health()["status"] == "ok"
+            assert client.node()["node_id"] == home.node_id  # TLS to home itself
+            assert client.whoami() == {"node_id": me.node_id, "trusted": False,
+                                       "trust_mode": "allowlist"}
+            assert client.download(1 << 20).bytes == 1 << 20
+            assert client.upload(1 << 20).bytes == 1 << 20
+        assert len(recorder.seen) > 2 << 20
+        # No HTTP in the clear on the relay's links: not the client's to home (inner TLS),
+        # not the relay's own routes (outer TLS).
+        for plaintext in (b"HTTP/1.1", b"/v1/", b"trust/me", b"speedtest", me.node_id.encode()):
+            assert plaintext not in recorder.seen, plaintext
+    finally:
+        recorder.close()
+
+
+def test_a_relay_cannot_pose_as_the_node_behind_it(tmp_path: Path,
+                                                  servers: list[LiveServer]) -> None:
+    relay = start_relay(tmp_path, "relay")
+    servers.append(relay)
+    home = start_behind(tmp_path, "home", f"{relay.node_id}@127.0.0.1:{relay.port}")
+    servers.append(home)
+    # Dialling the relay's address while expecting home's key: the relay's own key answers.
+    with pytest.raises(PeerError, match=home.node_id):
+        with PeerClient([Endpoint("127.0.0.1", relay.port, home.node_id)], timeout=5) as c:
+            c.health()
+    # A relay that names another relay id than the one that answers is refused too.
+    wrong = Endpoint("127.0.0.1", relay.port, home.node_id, False, home.node_id)
+    with pytest.raises(PeerError, match=f"presented node {relay.node_id}"):
+        with PeerClient([wrong], timeout=5) as c:
+            c.health()
+
+
+def test_relay_refuses_an_untrusted_node_and_the_node_moves_to_the_next_relay(
+        tmp_path: Path, servers: list[LiveServer]) -> None:
+    closed = start_relay(tmp_path, "closed", P2PRC_RELAY_OPEN="false")
+    open_ = start_relay(tmp_path, "open")
+    servers += [closed, open_]
+    home = start_behind(tmp_path, "home", f"{closed.node_id}@127.0.0.1:{closed.port}",
+                        f"{open_.node_id}@127.0.0.1:{open_.port}")
+    servers.append(home)
+    wait_for(lambda: waits_at(open_, home), what="home moved to the open relay")
+    assert reach_of(home)["relay"] == f"{open_.node_id}@127.0.0.1:{open_.port}"
+    assert not waits_at(closed, home)
+    assert "not trusted" in home.output() or "Not relayed" in home.output()
+    with PeerClient([relayed(open_, home)], timeout=10) as client:
+        assert client.health()["status"] == "ok"
+    # Through the relay that refused it, home is not reachable: said in one line.
+    with pytest.raises(PeerError, match="Not relayed here|does not keep a connection"):
+        with PeerClient([relayed(closed, home)], timeout=10) as client:
+            client.health()
+
+
+def test_when_its_relay_stops_the_node_moves_to_another(tmp_path: Path,
+                                                        servers: list[LiveServer]) -> None:
+    first = start_relay(tmp_path, "first")
+    second = start_relay(tmp_path, "second")
+    servers += [first, second]
+    home = start_behind(tmp_path, "home", f"{first.node_id}@127.0.0.1:{first.port}",
+                        f"{second.node_id}@127.0.0.1:{second.port}")
+    servers.append(home)
+    wait_for(lambda: waits_at(first, home), what="home waits at the first relay")
+    first.stop()
+    wait_for(lambda: waits_at(second, home), timeout=30, what="home moved to the second")
+    wait_for(lambda: reach_of(home).get("relay", "").startswith(second.node_id),
+             what="home's record names the second relay")
+    record = web.get(home.url() + "/v1/node", timeout=5).json()
+    assert record["relays"] == [f"{second.node_id}@127.0.0.1:{second.port}"]
+    with PeerClient([relayed(first, home), relayed(second, home)], timeout=10) as client:
+        assert client.health()["status"] == "ok"
+        assert client.endpoint.relay == second.node_id
+    # With no relay left, the client says which paths it tried and why.
+    second.stop()
+    with pytest.raises(PeerError) as failed:
+        with PeerClient([relayed(first, home), relayed(second, home)], timeout=5) as client:
+            client.health()
+    message = str(failed.value)
+    assert message.startswith("no path to this peer works")
+    assert f"relay 127.0.0.1:{first.port}" in message
+    assert f"relay 127.0.0.1:{second.port}" in message
+
+
+def test_relay_limits_on_nodes_and_connections(tmp_path: Path,
+                                               servers: list[LiveServer]) -> None:
+    relay = start_relay(tmp_path, "relay", P2PRC_RELAY_MAX_NODES="1",
+                        P2PRC_RELAY_MAX_CONNECTIONS="1")
+    servers.append(relay)
+    at = f"{relay.node_id}@127.0.0.1:{relay.port}"
+    home = start_behind(tmp_path, "home", at)
+    servers.append(home)
+    wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
+    # A second node: the relay is full.
+    other = NodeIdentity.load_or_create(tmp_path / "other")
+    with PeerClient(Endpoint("127.0.0.1", relay.port, relay.node_id), timeout=5,
+                    identity=other) as client:
+        with pytest.raises(PeerRefused) as full:
+            client.relay_wait(1)
+    assert full.value.status == 503 and "limit" in str(full.value)
+    # One connection is carried; a second at once is refused, and works once the first ends.
+    from p2prc_core.channel import Channel
+
+    held = Channel(relayed(relay, home)).connect(10)
+    try:
+        wait_for(lambda: any((relay.home / "relay").glob("c.*")), what="a counted connection")
+        with pytest.raises(PeerError, match="503|busy"):
+            with PeerClient([relayed(relay, home)], timeout=5) as client:
+                client.health()
+    finally:
+        held.close()
+    wait_for(lambda: not any((relay.home / "relay").glob("c.*")), what="the count drops")
+    with PeerClient([relayed(relay, home)], timeout=5) as client:
+        assert client.health()["status"] == "ok"
+
+
+def test_a_node_that_is_not_a_relay_says_so(live_server: LiveServer, tmp_path: Path) -> None:
+    node = start_server(tmp_path / "somebody")
+    try:
+        with pytest.raises(PeerError, match="Not a relay"):
+            with PeerClient([relayed(live_server, node)], timeout=5) as client:
+                client.health()
+    finally:
+        node.stop()
+
+
+def test_dial_back_says_reachable_and_auto_drops_the_relay(tmp_path: Path,
+                                                           servers: list[LiveServer]) -> None:
+    relay = start_relay(tmp_path, "relay")
+    servers.append(relay)
+    home = start_behind(tmp_path, "home", f"{relay.node_id}@127.0.0.1:{relay.port}",
+                        mode="auto")
+    servers.append(home)
+    state = wait_for(lambda: (reach_of(home).get("reachable") or {}).get("checked")
+                     and reach_of(home), what="home was dialled back")
+    assert state["reachable"]["reachable"] is True
+    assert state["reachable"]["by"] == relay.node_id
+    wait_for(lambda: reach_of(home).get("relay") is None and not waits_at(relay, home),
+             what="auto mode drops the relay of a reachable node")
+    assert "relays" not in web.get(home.url() + "/v1/node", timeout=5).json()
+
+
+def test_dial_back_of_a_port_where_no_node_answers(live_server: LiveServer,
+                                                   tmp_path: Path) -> None:
+    me = NodeIdentity.load_or_create(tmp_path / "client")
+    with socket.create_server(("127.0.0.1", 0)) as not_a_node:  # accepts, speaks no TLS
+        port = not_a_node.getsockname()[1]
+        with PeerClient(Endpoint("127.0.0.1", live_server.port, live_server.node_id),
+                        timeout=10, identity=me) as client:
+            answer = client.reach_check(port)
+            assert answer["reachable"] is False and answer["error"]
+            assert answer["address"].endswith(f":{port}")
+            # Only {"port": N} is taken: no other host can be named.
+            with pytest.raises(PeerRefused) as refused:
+                client.signed("POST", "/v1/reach", {"port": port, "host": "10.1.2.3"})
+            assert refused.value.status == 400
+            with pytest.raises(PeerRefused):
+                client.signed("POST", "/v1/reach", {"port": 0})
