@@ -50,9 +50,31 @@ def node_status(node: NodeServices) -> dict[str, Any]:
         "peers": {"known": len(state.peers), "answering": len(answering),
                   "never_answered": sum(1 for e in state.peers.values()
                                         if e.measured.last_seen is None)},
+        "reach": _reach_state(node),
         "containers": _container_state(node), "gpus": [g.get("name") for g in node.gpus()
                                                         if isinstance(g, dict)],
         "checked": now}
+
+
+def _reach_state(node: NodeServices) -> dict[str, Any]:
+    """What the running server learnt of how others reach it (``reach.ReachState``): the
+    dial-back result, the UPnP mapping, the relay in use; and a one-word summary."""
+    from p2prc_core.reach import ReachState
+
+    state = ReachState(node.home).read()
+    checked = state.get("reachable") if isinstance(state.get("reachable"), dict) else None
+    upnp = state.get("upnp") if isinstance(state.get("upnp"), dict) else None
+    relay = state.get("relay") if isinstance(state.get("relay"), str) else None
+    if checked and checked.get("reachable") is True:
+        summary = "direct"
+    elif relay:
+        summary = "relay"
+    elif checked:
+        summary = "unreachable"
+    else:
+        summary = "unknown"
+    return {"summary": summary, "dial_back": checked, "upnp": upnp, "relay": relay,
+            "use_relay": node.settings.use_relay, "relay_offered": node.settings.relay}
 
 
 def _server_state(node: NodeServices) -> dict[str, Any]:
@@ -168,6 +190,20 @@ def _ipv6() -> Check:
 
 
 def _reach(node: NodeServices, status: dict[str, Any]) -> Check:
+    reach = status["reach"]
+    if reach["summary"] == "direct":
+        return Check("reach", "ok", f"a peer dialled this node back at "
+                                    f"{reach['dial_back']['address']}")
+    if reach["summary"] == "relay":
+        return Check("reach", "warn", f"peers cannot dial this node; they reach it through "
+                                      f"relay {reach['relay']}",
+                     f"forward port {status['port']} on your router (or enable UPnP on it) "
+                     f"for direct, faster connections")
+    if reach["summary"] == "unreachable":
+        return Check("reach", "fail", f"a peer could not dial this node back at "
+                                      f"{reach['dial_back']['address']}, and it has no relay",
+                     "add a relay: relays = [\"NODE_ID@ADDRESS:PORT\"] (a friend's node with "
+                     "relay = true), or forward the port on your router, or enable UPnP")
     if not status["observed"]:
         return Check("reach", "skip", "no peer has told this node how it sees it yet",
                      "p2prc peers update")

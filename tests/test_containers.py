@@ -478,3 +478,76 @@ def test_a_restarted_server_finds_its_containers_by_label(tmp_path: Path,
 def test_images_route_lists_the_offered_image(host: LiveServer) -> None:
     images = web.get(host.url() + "/v1/images", timeout=10).json()["images"]
     assert [(i["backend"], i["name"]) for i in images] == [("docker", IMAGE)]
+
+
+# -- tunnels through the host's p2prc port --------------------------------------------------
+
+def test_ssh_goes_through_the_hosts_p2prc_port(tmp_path: Path, host: LiveServer) -> None:
+    reply = touch(tmp_path, host)
+    result = ssh(tmp_path, reply["id"], "hostname")
+    assert result.returncode == 0 and result.stdout.strip() == reply["id"][:12], result.stderr
+    # The host joined an upgraded request on its own port to the container's sshd.
+    assert f"tunnel to {reply['id'][:12]} port 22" in host.output()
+    # The published port still works, with --direct.
+    direct = subprocess.run([P2PRC, "ssh", "--direct", reply["id"][:12], "echo direct"],
+                            capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+    assert direct.returncode == 0 and direct.stdout.strip() == "direct", direct.stderr
+
+
+def test_forward_serves_a_containers_port_locally(tmp_path: Path, host: LiveServer) -> None:
+    reply = touch(tmp_path, host, "--ports", "1")
+    port = reply["ports"][1]["internal"]
+    started = ssh(tmp_path, reply["id"], f"cd /etc && (setsid python3 -m http.server {port} "
+                                         f">/dev/null 2>&1 </dev/null &); "
+                                         + WAIT_FOR_PORT.format(port=port))
+    assert started.returncode == 0, started.stderr
+    proc = subprocess.Popen([P2PRC, "forward", reply["id"][:12], str(port), "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().strip()  # printed once it listens
+        assert address.startswith("127.0.0.1:"), proc.stderr.read() if proc.stderr else ""
+        for _ in range(3):  # each request is its own stream
+            answer = web.get(f"http://{address}/hostname", timeout=10)
+            assert answer.status_code == 200 and answer.text.strip() == reply["id"][:12]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    refused = me(tmp_path, "forward", reply["id"][:12], "9")
+    assert refused.returncode == 1 and "not 9" in refused.stderr
+
+
+def test_a_tunnel_is_only_for_the_containers_owner_and_its_ports(
+        tmp_path: Path, host: LiveServer, signed_client: PeerClient) -> None:
+    import asyncio
+
+    from p2prc_core.tunnel import open_stream
+
+    mine = signed_client.create_container({"ssh_key": key(tmp_path)})
+    path = f"/v1/containers/{mine.id}/tunnel"
+    at = [Endpoint("127.0.0.1", host.port, host.node_id)]
+
+    def opened(identity: NodeIdentity, query: str) -> bytes:
+        async def go() -> bytes:
+            reader, writer, first, _ = await open_stream(at, identity, path, query, 10)
+            first += await asyncio.wait_for(reader.read(64), 10)  # sshd speaks first
+            writer.close()
+            return first
+        return asyncio.run(go())
+
+    assert opened(NodeIdentity.load_or_create(tmp_path / "me"), "port=22").startswith(b"SSH-2.0")
+    other = NodeIdentity.generate()
+    TrustStore(host.home).add(other.node_id)
+    with pytest.raises(PeerRefused) as caught:
+        opened(other, "port=22")
+    assert caught.value.status == 403
+    with pytest.raises(PeerRefused) as caught:
+        opened(NodeIdentity.load_or_create(tmp_path / "me"), "port=8080")
+    assert caught.value.status == 400 and "not 8080" in str(caught.value)
+    # A plain request (no Upgrade) is refused, not hung.
+    with pytest.raises(PeerRefused) as caught:
+        signed_client.signed("POST", path)
+    assert caught.value.status == 400 and "Upgrade" in str(caught.value)

@@ -284,3 +284,33 @@ def test_dial_back_of_a_port_where_no_node_answers(live_server: LiveServer,
             assert refused.value.status == 400
             with pytest.raises(PeerRefused):
                 client.signed("POST", "/v1/reach", {"port": 0})
+
+
+def test_status_tells_how_the_node_is_reached(tmp_path: Path,
+                                              servers: list[LiveServer]) -> None:
+    import os
+    import subprocess
+
+    from conftest import P2PRC
+
+    relay = start_relay(tmp_path, "relay")
+    servers.append(relay)
+    at = f"{relay.node_id}@127.0.0.1:{relay.port}"
+    home = start_behind(tmp_path, "home", at)
+    servers.append(home)
+    wait_for(lambda: (reach_of(home).get("reachable") or {}).get("checked"),
+             what="home was dialled back")
+    env = {**os.environ, "P2PRC_HOME": str(home.home), "P2PRC_PORT": str(home.port),
+           "P2PRC_USE_RELAY": "always", "P2PRC_RELAYS": at}
+    status = json.loads(subprocess.run([P2PRC, "status", "--json"], capture_output=True,
+                                       text=True, env=env, timeout=60).stdout)
+    reach = status["reach"]
+    assert reach["relay"] == at and reach["dial_back"]["reachable"] is True
+    assert reach["summary"] == "direct" and reach["use_relay"] == "always"
+    table = subprocess.run([P2PRC, "status"], capture_output=True, text=True, env=env,
+                           timeout=60).stdout
+    assert "dialled back at 127.0.0.1" in table
+    relay_status = json.loads(subprocess.run(
+        [P2PRC, "status", "--json"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "P2PRC_HOME": str(relay.home), "P2PRC_RELAY": "true"}).stdout)
+    assert relay_status["reach"]["relay_offered"] is True

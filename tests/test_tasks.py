@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import P2PRC, LiveServer, free_port, require, start_server
+from conftest import P2PRC, LiveServer, require, start_server
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.tasks import BundleError, Playbooks, load_bundle, parse_variables
 from p2prc_core.trust import TrustStore
@@ -223,17 +223,18 @@ def test_a_container_that_cannot_be_reached_fails_clearly(tmp_path: Path,
     container = touch(tmp_path, host, 0)
     short = container["id"][:12]
     assert p2prc(me, "playbooks", "add", str(CONTRIB / "twotasks")).returncode == 0
-    # Its host runs it, but its SSH port cannot be reached (a firewall, a NAT): Ansible
-    # reports the host unreachable.
+    # Its host runs it, but SSH cannot log in there (what answers is not the container
+    # whose key is pinned): Ansible reports the host unreachable, and runs nothing.
     tracked_path = me / "containers.json"
     tracked = json.loads(tracked_path.read_text())
-    tracked[container["id"]]["ssh_port"] = free_port()
+    tracked[container["id"]]["host_key"] = \
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHzF2tyCSpt4mWBSQwh5BLLvXXHdsOpbS0wNd/XTvLsx"
     tracked_path.write_text(json.dumps(tracked))
     run = p2prc(me, "run", "twotasks", "--on", short, "--json")
     assert run.returncode == 1
     result = json.loads(run.stdout)["hosts"][short]
     assert result["status"] == "unreachable"
-    assert "connect" in result["message"].lower() or "ssh" in result["message"].lower()
+    assert "host key" in result["message"].lower() or "ssh" in result["message"].lower()
     # Once the host killed it, nothing is run there: its port may be another's container.
     kill = subprocess.run([P2PRC, "server", "containers", "kill", short],
                           env={**os.environ, "P2PRC_HOME": str(host.home)},

@@ -161,8 +161,23 @@ def status(node: Node, as_json: bool) -> None:
             rows.append(("seen as", f"{seen['address']} by {len(seen['by'])} peer(s), "
                                     f"{format_when(seen['last'])}"))
     if state["behind_nat"]:
-        rows.append(("reach", "behind NAT: peers see another address than the ones this "
-                              "node advertises"))
+        rows.append(("NAT", "behind NAT: peers see another address than the ones this "
+                            "node advertises"))
+    reach = state["reach"]
+    checked = reach["dial_back"]
+    rows.append(("reach", {
+        "direct": f"direct: dialled back at {checked and checked['address']}",
+        "relay": f"through relay {reach['relay']} only (peers cannot dial this node)",
+        "unreachable": f"NOT reachable: dialled back at {checked and checked['address']} "
+                       f"without an answer, and no relay",
+        "unknown": "not checked yet (the server checks once it runs and knows a peer)",
+    }[reach["summary"]]))
+    if reach["upnp"]:
+        rows.append(("UPnP", f"{reach['upnp'].get('gateway')} forwards "
+                             f"{reach['upnp'].get('external_ip')}:"
+                             f"{reach['upnp'].get('external_port')} here"))
+    if reach["relay_offered"]:
+        rows.append(("relay", "offered to other nodes (relay = true)"))
     rows.append(("peers", f"{peers['known']} known, {peers['answering']} answering, "
                           f"{peers['never_answered']} never answered"))
     rows.append(("containers", f"{containers['running']} running of {containers['leases']}"

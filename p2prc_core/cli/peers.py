@@ -90,9 +90,12 @@ def peers_ls(node: Node, as_json: bool = False) -> None:
         entry = entries[peer.node_id]
         measured = entry.measured
         endpoints = [] if measured.address else services.discovery.endpoints(entry)
+        address = measured.address or (endpoints[0].path if endpoints else "-")
         rows.append({"name": entry.local_name or peer.name, "node_id": peer.node_id,
-                     "own_name": peer.name,
-                     "address": measured.address or (str(endpoints[0]) if endpoints else "-"),
+                     "own_name": peer.name, "address": address,
+                     "path": "relay" if address.startswith("relay ") else
+                     "direct" if measured.address else "-",
+                     "relays": [r.node_id for r in services.table.relays(entry.record)],
                      "latency_ms": measured.latency_ms,
                      "bandwidth_mbps": measured.bandwidth_mbps,
                      "last_seen": measured.last_seen, "failures": measured.failures,
@@ -105,12 +108,20 @@ def peers_ls(node: Node, as_json: bool = False) -> None:
         click.echo("The table is empty: add a peer with 'p2prc peers add ADDRESS'.")
         return
     print_table(("name", "node id", "address", "latency", "bandwidth", "last seen", "gpus"),
-                [(r["name"], r["node_id"], r["address"],
+                [(r["name"], r["node_id"], _shown_path(r["address"]),
                   f"{r['latency_ms']:.1f} ms" if r["latency_ms"] is not None else "-",
                   f"{r['bandwidth_mbps']:,.0f} Mbit/s" if r["bandwidth_mbps"] else "-",
                   format_ago(now, r["last_seen"]) + (f" ({r['failures']} failed)"
                                                if r["failures"] else ""),
                   ", ".join(r["gpus"]) or "-") for r in rows])
+
+
+def _shown_path(address: str) -> str:
+    """``relay ID@ADDR`` as ``ADDR via relay IDPREFIX``, short enough for a table."""
+    if not address.startswith("relay "):
+        return address
+    relay_id, _, where = address[6:].partition("@")
+    return f"{where} (relay {relay_id[:8]})"
 
 
 @peers.command("update")
