@@ -35,7 +35,11 @@ def node_status(node: NodeServices) -> dict[str, Any]:
     s = node.settings
     state = node.table.snapshot()
     now = time.time()
+    reach = _reach_state(node)
     advertised = advertised_addresses(s, node.hooks)
+    mapped = (reach["upnp"] or {}).get("external_ip")
+    if isinstance(mapped, str) and mapped not in advertised and not s.advertise_addresses:
+        advertised.insert(0, mapped)  # as the record says (node.record_fields)
     seen = {a: v for a, v in state.observed.items() if isinstance(v.get("last"), int | float)}
     answering = [e for e in state.peers.values()
                  if e.measured.failures == 0 and e.measured.last_seen is not None]
@@ -50,7 +54,7 @@ def node_status(node: NodeServices) -> dict[str, Any]:
         "peers": {"known": len(state.peers), "answering": len(answering),
                   "never_answered": sum(1 for e in state.peers.values()
                                         if e.measured.last_seen is None)},
-        "reach": _reach_state(node),
+        "reach": reach,
         "containers": _container_state(node), "gpus": [g.get("name") for g in node.gpus()
                                                         if isinstance(g, dict)],
         "checked": now}

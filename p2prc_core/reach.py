@@ -31,7 +31,7 @@ from p2prc_core.errors import P2PRCError, PeerError
 from p2prc_core.models import Endpoint, parse_endpoint
 from p2prc_core.relayhub import WAIT_SECONDS
 from p2prc_core.signing import sign_request
-from p2prc_core.splice import splice
+from p2prc_core.splice import no_delay, splice
 from p2prc_core.storage import read_json_object, update_json
 from p2prc_core.upgrades import upgrade_sync
 
@@ -135,22 +135,24 @@ class ReachAgent:
             return
         if self.settings.upnp:
             self._map_port()
-        next_check = 0.0
+        # "auto" needs the answer first; otherwise the relay comes first (time to reachable).
+        next_check = 0.0 if self.settings.use_relay == "auto" else time.monotonic() + 2.0
         failures = 0
         tried: list[str] = []
         while not self._stop.is_set():
             if time.monotonic() >= next_check:
-                next_check = time.monotonic() + CHECK_SECONDS
-                self._check_reach()
+                # No peer to ask yet (the table fills after the start): ask again soon.
+                next_check = time.monotonic() + (CHECK_SECONDS if self._check_reach()
+                                                 else 2.0)
             if not self._wants_relay():
                 self._use_relay(None)
                 self._stop.wait(5.0)
                 continue
             if self._relay is None:
                 relay = self._pick_relay(tried)
-                if relay is None:
+                if relay is None:  # none yet: the table may learn of one any moment
                     tried = []
-                    self._stop.wait(RETRY_SECONDS * 5)
+                    self._stop.wait(1.0)
                     continue
                 self._use_relay(relay)
                 failures = 0
@@ -267,6 +269,8 @@ class ReachAgent:
                 self.node.discovery.update(hops=1, only=[relay.node_id])
         except P2PRCError as err:
             log.warning("could not hand relay %s our record: %s", relay, err)
+        if not self.state.read().get("reachable"):
+            self._check_reach()  # the loop is in the relay's long poll
 
     def _wants_relay(self) -> bool:
         mode = self.settings.use_relay
@@ -277,8 +281,9 @@ class ReachAgent:
         reachable = (self.state.read().get("reachable") or {}).get("reachable")
         return reachable is not True
 
-    def _check_reach(self) -> None:
-        """Ask a peer (the relay, else one that answered lately) to dial us back."""
+    def _check_reach(self) -> bool:
+        """Ask a peer (the relay, else one that answered lately) to dial us back; False when
+        no peer could be asked."""
         askers = ([self._relay] if self._relay else []) + self._candidates()
         if not askers:
             askers = [e for entry in self.node.table.load().values() if entry.measured.last_seen
@@ -295,7 +300,8 @@ class ReachAgent:
                                          "checked": time.time()})
             log.info("dialled back by %s at %s: %s", asker, answer["address"],
                      "reachable" if answer["reachable"] else "NOT reachable")
-            return
+            return True
+        return False
 
     def _accept(self, relay: Endpoint, token: str) -> None:
         """Take the client a relay told us of, and join it to our own server."""
@@ -305,7 +311,7 @@ class ReachAgent:
             log.warning("relay %s: could not accept a client: %s", relay, err)
             return
         try:
-            local = socket.create_connection(self._local(), timeout=5)
+            local = no_delay(socket.create_connection(self._local(), timeout=5))
         except OSError as err:
             outer.close()
             log.warning("relayed client: our own server does not answer: %s", err)
@@ -315,7 +321,7 @@ class ReachAgent:
 
     def _open_accept(self, relay: Endpoint, token: str) -> socket.socket:
         timeout = self.settings.request_timeout
-        sock = socket.create_connection((relay.host, relay.port), timeout=timeout)
+        sock = no_delay(socket.create_connection((relay.host, relay.port), timeout=timeout))
         secure = self.node.secure
         if secure:
             try:

@@ -52,8 +52,11 @@ class RelayHub:
     # -- the node's poll -----------------------------------------------------------------
 
     def wait(self, node_id: str, seconds: float = WAIT_SECONDS,
-             alive: Callable[[], bool] = lambda: True) -> str | None:
-        """Wait for a client for ``node_id``; the token for its ``accept``, or None."""
+             alive: Callable[[], bool] = lambda: True,
+             gone: Callable[[], bool] = lambda: False) -> str | None:
+        """Wait for a client for ``node_id``; the token for its ``accept``, or None. Ends
+        at once when ``gone()`` says the node's poll went away (it restarted, say), so no
+        client is handed to a poll nobody reads."""
         self.dir.mkdir(exist_ok=True)
         waiting = self.waiting_nodes()
         if node_id not in waiting and len(waiting) >= self.max_nodes:
@@ -68,14 +71,14 @@ class RelayHub:
             marker.touch()
             try:
                 deadline = time.monotonic() + seconds
-                while time.monotonic() < deadline and alive():
+                while time.monotonic() < deadline and alive() and not gone():
                     try:
                         conn, _ = listener.accept()
                     except TimeoutError:
                         continue
                     with conn:
                         token = _read_token(conn)
-                        if token is not None:
+                        if token is not None and not gone():
                             conn.sendall(b"ok")
                             return token
                 return None

@@ -143,6 +143,17 @@ def _wait(selector: selectors.BaseSelector, sides: tuple[_Side, _Side]) -> None:
         selector.select(0.5)
 
 
+def no_delay(sock: socket.socket) -> socket.socket:
+    """Send each write at once (no Nagle): a relayed answer is several small TLS records,
+    and waiting for the first one's ACK costs a delayed-ACK timeout (~40 ms) each."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+    return sock
+
+
 def _close(sock: socket.socket) -> None:
     try:
         sock.close()

@@ -551,3 +551,47 @@ def test_a_tunnel_is_only_for_the_containers_owner_and_its_ports(
     with pytest.raises(PeerRefused) as caught:
         signed_client.signed("POST", path)
     assert caught.value.status == 400 and "Upgrade" in str(caught.value)
+
+
+def test_a_tunnel_through_a_relay_reaches_the_containers_sshd(
+        tmp_path: Path, docker_client: Any) -> None:
+    """A host that only a relay reaches: SSH's stream goes client -> relay -> host ->
+    container, TLS to the host inside the relay's TLS."""
+    import asyncio
+
+    from p2prc_core.tunnel import open_stream
+
+    me_id = NodeIdentity.load_or_create(tmp_path / "me")
+    relay = start_server(tmp_path / "relay", env={"P2PRC_RELAY": "true",
+                                                  "P2PRC_RELAY_OPEN": "true"})
+    host_home = tmp_path / "host"
+    host_home.mkdir()
+    TrustStore(host_home).add(me_id.node_id)
+    host = start_server(host_home, env={"P2PRC_USE_RELAY": "always", "P2PRC_DISABLE_PLUGINS":
+                                        "nvidia",
+                                        "P2PRC_RELAYS": f"{relay.node_id}@127.0.0.1:"
+                                                        f"{relay.port}"})
+    try:
+        deadline = time.monotonic() + 20
+        while not any((relay.home / "relay").glob(f"w.{host.node_id}.*")):
+            assert time.monotonic() < deadline, "the host never waited at the relay"
+            time.sleep(0.05)
+        through = Endpoint("127.0.0.1", relay.port, host.node_id, False, relay.node_id)
+        with PeerClient([through], timeout=60, identity=me_id) as client:
+            container = client.create_container({"ssh_key": key(tmp_path)})
+
+        async def banner() -> bytes:
+            reader, writer, first, used = await open_stream(
+                [through], me_id, f"/v1/containers/{container.id}/tunnel", "port=22", 20)
+            assert used.relay == relay.node_id
+            while b"\n" not in first:
+                first += await asyncio.wait_for(reader.read(64), 10)
+            writer.close()
+            return first
+
+        assert asyncio.run(banner()).startswith(b"SSH-2.0")
+    finally:
+        host.stop()
+        relay.stop()
+        for container_id in p2prc_containers(docker_client, host.node_id):
+            docker_client.containers.get(container_id).remove(force=True)

@@ -5,6 +5,7 @@ node whether it can be dialled at all."""
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from p2prc_core.identity import is_node_id
 from p2prc_core.relayhub import RelayHub, RelayRefusal
 from p2prc_core.server.bodies import read_json
 from p2prc_core.server.upgrade import serving, switch, wants_upgrade
-from p2prc_core.splice import splice
+from p2prc_core.splice import no_delay, splice
 
 log = logging.getLogger("p2prc.server")
 
@@ -32,7 +33,7 @@ def _dial_local(port: int, timeout: float = 5.0) -> socket.socket:
     last: OSError | None = None
     for host in ("127.0.0.1", "::1"):
         try:
-            return socket.create_connection((host, port), timeout=timeout)
+            return no_delay(socket.create_connection((host, port), timeout=timeout))
         except OSError as err:
             last = err
     raise falcon.HTTPBadGateway(title="Container not answering",
@@ -80,6 +81,8 @@ class TunnelResource:
 def _join(sock: socket.socket, other: socket.socket, idle: float | None,
           bytes_per_second: float | None = None) -> None:
     other.settimeout(None)
+    for each in (sock, other):
+        no_delay(each)
     done = splice(sock, other, idle_seconds=idle, alive=serving,
                   bytes_per_second=bytes_per_second)
     log.debug("stream closed (%s): %d bytes in, %d out", done.reason, done.a_to_b,
@@ -113,7 +116,10 @@ class RelayWaitResource:
                 description=f"This relay carries only nodes its owner trusts; node {caller} "
                             f"is not one ('p2prc trust {caller}' on the relay, or "
                             f"relay_open = true).")
-        token = self.hub.wait(caller, alive=serving)
+        sock = req.env.get("gunicorn.socket")
+        # A polling node sends nothing while it waits: readable means it closed.
+        token = self.hub.wait(caller, alive=serving, gone=lambda: sock is not None and bool(
+            select.select([sock], [], [], 0)[0]))
         if token is None:
             resp.status = falcon.HTTP_204
             return
