@@ -57,6 +57,9 @@ def _interpret(conn: h11.Connection, where: str, feed: Callable[[], bytes]) -> b
                 break
     except h11.RemoteProtocolError as err:
         raise PeerError(f"{where} did not answer as an HTTP server: {err}") from None
+    if status < 400:
+        raise PeerError(f"{where} answered HTTP {status} instead of switching to a stream "
+                        f"(not p2prc, or an older one)")
     try:
         error = loads_strict(body)
         detail = clean(f"{error['title']}: {error['description']}", 500)

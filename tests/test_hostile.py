@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -490,3 +491,122 @@ def test_data_files_and_host_lists_of_the_group_are_fine(tmp_path: Path) -> None
     assert p2prc(me, "playbooks", "add", str(path)).returncode == 0
     allowed = p2prc(me, "run", "b", "--on", "abcdef123456")
     assert allowed.returncode == 1 and "no tracked container" in allowed.stderr
+
+
+# -- relays, tunnels and the dial-back ------------------------------------------------------
+
+def test_records_with_malformed_relays_are_dropped_and_odd_relays_never_dialled(
+        tmp_path: Path) -> None:
+    from p2prc_core.discovery import Discovery
+    from p2prc_core.plugins import make_plugin_manager
+    from p2prc_core.records import RecordError, verify_record
+
+    relay_id = NodeIdentity.generate().node_id
+    base = record("r", ["fd42::9"])
+    fields = {k: base[k] for k in ("name", "addresses", "port", "seq", "time", "specs",
+                                   "metadata", "version")}
+    for relays in ("x", [1], ["1.2.3.4:8088"], [f"{relay_id}@"], ["a" * 97],
+                   [f"{relay_id}@fd42::{i}" for i in range(5)]):
+        with pytest.raises(RecordError):
+            verify_record(sign_record(NodeIdentity.generate(), {**fields, "relays": relays}))
+    with pytest.raises(RecordError):
+        verify_record(sign_record(NodeIdentity.generate(), {**fields, "relay": "yes"}))
+    # Well-formed, but a relay at loopback, one at a metadata address, and the node itself
+    # as its own relay: kept in the record, never dialled.
+    me = tmp_path / "me"
+    odd = NodeIdentity.generate()
+    plant(me, sign_record(odd, {**fields, "relays": [
+        f"{relay_id}@127.0.0.1:8088", f"{relay_id}@169.254.169.254:80",
+        f"{odd.node_id}@[fd42::5]:8088", f"{relay_id}@[fd42::6]:8088"]}))
+    table = PeerTable(me, NodeIdentity.load_or_create(me).node_id)
+    entry = table.load()[odd.node_id]
+    hooks = make_plugin_manager()
+    paths = Discovery(table, hooks, None, dict).endpoints(entry)  # type: ignore[arg-type]
+    relayed = [p for p in paths if p.relay]
+    assert [(p.host, p.port, p.relay) for p in relayed] == [("fd42::6", 8088, relay_id)]
+    listed = p2prc(me, "peers", "ls", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout)[0]["path"] == "-"
+
+
+def test_hostile_relay_requests_are_clear_refusals(tmp_path: Path) -> None:
+    from conftest import start_server
+    from p2prc_core.client import PeerClient
+    from p2prc_core.errors import PeerRefused
+    from p2prc_core.models import Endpoint
+
+    relay = start_server(tmp_path / "relay", env={"P2PRC_RELAY": "true"})
+    try:
+        stranger = NodeIdentity.generate()
+        with PeerClient(Endpoint("127.0.0.1", relay.port, relay.node_id), timeout=5,
+                        identity=stranger) as client:
+            with pytest.raises(PeerRefused) as refused:  # not trusted, relay_open false
+                client.relay_wait(1)
+            assert refused.value.status == 403 and "trust" in str(refused.value)
+            for token in ("../../etc/passwd", "0" * 31, "Z" * 32, "\x00" * 32):
+                query = urlencode({"token": token})
+                answer = web.post(relay.url() + "/v1/relay/accept?" + query,
+                                  headers=sign_request(stranger, "POST", "/v1/relay/accept",
+                                                       query, b"", relay.node_id)
+                                  | {"Connection": "Upgrade",
+                                     "Upgrade": "p2prc-stream/1"}, timeout=5)
+                assert answer.status_code in (400, 404), (token, answer.status_code)
+        for node in ("", "x" * 26, "../a", NodeIdentity.generate().node_id):
+            answer = web.post(relay.url() + "/v1/relay/connect", params={"node": node},
+                              headers={"Connection": "Upgrade", "Upgrade": "p2prc-stream/1"},
+                              timeout=10)
+            assert answer.status_code in (400, 404), (node, answer.status_code)
+            assert answer.json()["title"]
+        # Without the upgrade headers: 400, nothing held open.
+        answer = web.post(relay.url() + "/v1/relay/connect",
+                          params={"node": NodeIdentity.generate().node_id}, timeout=5)
+        assert answer.status_code == 400 and "Upgrade" in answer.json()["description"]
+        assert "Traceback" not in relay.output()
+    finally:
+        relay.stop()
+
+
+class FakeRelay(http.server.BaseHTTPRequestHandler):
+    """A 'relay' that lies: it answers 101 and then speaks first, or answers oddly."""
+
+    mode = "speaks-first"
+
+    def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+        if self.mode == "speaks-first":
+            self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                             b"Upgrade: p2prc-stream/1\r\n\r\nHELLO I AM THE NODE")
+        elif self.mode == "200":
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+        else:
+            self.wfile.write(b"garbage\r\n\r\n")
+        self.close_connection = True
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode, said", [("speaks-first", "could not have sent yet"),
+                                        ("200", "HTTP 200 instead of switching"),
+                                        ("garbage", "did not answer as an HTTP server")])
+def test_a_lying_relay_is_refused_in_one_line(tmp_path: Path, mode: str, said: str) -> None:
+    from p2prc_core.client import PeerClient
+    from p2prc_core.errors import PeerError
+    from p2prc_core.models import Endpoint
+
+    liar = NodeIdentity.generate()
+    handler = type("Handler", (FakeRelay,), {"mode": mode})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    serve_tls(server, liar, tmp_path / "liar")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        path = Endpoint("127.0.0.1", server.server_address[1], NodeIdentity.generate().node_id,
+                        False, liar.node_id)
+        with pytest.raises(PeerError, match=said):
+            with PeerClient([path], timeout=5) as client:
+                client.health()
+    finally:
+        server.shutdown()
+        server.server_close()
