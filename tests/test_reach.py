@@ -314,3 +314,22 @@ def test_status_tells_how_the_node_is_reached(tmp_path: Path,
         [P2PRC, "status", "--json"], capture_output=True, text=True, timeout=60,
         env={**os.environ, "P2PRC_HOME": str(relay.home), "P2PRC_RELAY": "true"}).stdout)
     assert relay_status["reach"]["relay_offered"] is True
+
+
+def test_a_restarted_node_is_reached_at_once_not_through_its_old_poll(
+        tmp_path: Path, servers: list[LiveServer]) -> None:
+    relay = start_relay(tmp_path, "relay")
+    servers.append(relay)
+    at = f"{relay.node_id}@127.0.0.1:{relay.port}"
+    home = start_behind(tmp_path, "home", at)
+    wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
+    home.stop()
+    # The relay notices the poll went away: its marker goes, long before the poll's 20 s.
+    wait_for(lambda: not waits_at(relay, home), timeout=5, what="the old poll ended")
+    again = start_behind(tmp_path, "home", at)
+    servers.append(again)
+    wait_for(lambda: waits_at(relay, again), what="the restarted home waits again")
+    started = time.monotonic()
+    with PeerClient([relayed(relay, again)], timeout=10) as client:
+        assert client.health()["status"] == "ok"
+    assert time.monotonic() - started < 5
