@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from conftest import BUILTINS, P2PRC, LiveServer, require, start_server, web
+from conftest import BUILTINS, P2PRC, LiveServer, free_port, require, start_server, web
 from p2prc_core.client import PeerClient
 from p2prc_core.config import Settings
 from p2prc_core.containers import LABEL_NODE, ContainerError, ContainerRequest, ContainerService
@@ -26,6 +26,7 @@ from p2prc_core.trust import TrustStore
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 IMAGE = "p2prc/base:latest"
+HOST_KEY_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJq0aXzLw3DYCr4tUJqlzCw1zFyW4rsH4FkvKcsh1L2a"
 # Inside a container: wait (up to 30 s) until something listens on the port.
 WAIT_FOR_PORT = ("python3 -c 'import socket, time\nfor _ in range(300):\n    try:\n"
                  "        socket.create_connection((\"127.0.0.1\", {port}), 1).close(); break\n"
@@ -52,8 +53,10 @@ def docker_client() -> Any:
 def p2prc_containers(client: Any, node_id: str) -> set[str]:
     """The p2prc containers that node ``node_id`` started: other test runs on the same
     engine may have theirs."""
-    found = client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={node_id}"})
-    return {c.id for c in found}
+    # The low-level call lists in one request: containers.list() inspects each one after,
+    # and fails on one removed in between (the reaper at work).
+    found = client.api.containers(all=True, filters={"label": f"{LABEL_NODE}={node_id}"})
+    return {c["Id"] for c in found}
 
 
 def node_of(server: LiveServer) -> str:
@@ -107,6 +110,7 @@ def ssh(tmp_path: Path, container_id: str, command: str, timeout: float = 60,
 def test_touch_ssh_run_and_rm(tmp_path: Path, host: LiveServer, docker_client: Any) -> None:
     reply = touch(tmp_path, host, "--ports", "2")
     assert len(reply["ports"]) == 3 and reply["ports"][0]["internal"] == 22
+    assert reply["published_reachable"] is True  # on loopback, the published port answers
     assert reply["ssh"]["fingerprint"].startswith("SHA256:")
     assert reply["ssh"]["command"] == f"ssh -p {reply['ssh']['port']} root@127.0.0.1"
     listed = json.loads(me(tmp_path, "containers", "ls", "--json").stdout)
@@ -595,3 +599,15 @@ def test_a_tunnel_through_a_relay_reaches_the_containers_sshd(
         relay.stop()
         for container_id in p2prc_containers(docker_client, host.node_id):
             docker_client.containers.get(container_id).remove(force=True)
+
+
+def test_touch_says_when_published_ports_cannot_be_reached(tmp_path: Path) -> None:
+    from p2prc_core.cli.containers import published_reachable
+    from p2prc_core.tracking import RemoteContainer
+
+    closed = free_port()
+    container = RemoteContainer(id="a" * 64, endpoint="127.0.0.1:8088", host="127.0.0.1",
+                                ssh_port=closed, host_key=HOST_KEY_LINE, ports=[
+                                    {"name": "ssh", "internal": 22, "external": closed}],
+                                image=IMAGE, created=0, expires=1)
+    assert published_reachable(container, timeout=0.5) is False

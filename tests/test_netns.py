@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,27 @@ def test_loopback_and_link_local_from_a_table_are_never_added(lab: NetLab) -> No
     entry = PeerTable(client.home).load()[next(iter(ids(mixed)))]
     dialled = [str(a) for a in PeerTable(client.home).dial_addresses(entry.record)]
     assert dialled == [mixed.ipv6]
+
+
+def test_a_node_with_reachable_ipv6_is_dialled_directly_not_through_its_relay(
+        lab: NetLab) -> None:
+    relay, home, friend = (lab.add_host(n) for n in ("relay", "home", "friend"))
+    relay.serve(P2PRC_RELAY="true", P2PRC_RELAY_OPEN="true")
+    relay.wait_ready()
+    relay_id = relay.p2prc("id").stdout.split()[0]
+    home.serve(P2PRC_USE_RELAY="auto", P2PRC_RELAYS=f"{relay_id}@[{relay.ipv6}]:8088")
+    home.wait_ready()
+    deadline = time.monotonic() + 20
+    while True:  # home asks the relay to dial it back, over IPv6, and keeps no relay
+        state = json.loads(home.p2prc("status", "--json").stdout)["reach"]
+        if state["dial_back"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert state["summary"] == "direct" and state["relay"] is None, state
+    assert state["dial_back"]["address"] == f"[{home.ipv6}]:8088"
+    assert "relays" not in record_of(home)
+    assert friend.p2prc("peers", "add", f"[{home.ipv6}]:8088").returncode == 0
+    entry = known(friend)[record_of(home)["node_id"]]
+    assert entry["address"] == f"[{home.ipv6}]:8088"
+    assert friend.p2prc("specs", entry["node_id"]).returncode == 0
+    assert not any((relay.home / "relay").glob("w.*"))  # nothing waits at the relay

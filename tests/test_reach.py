@@ -333,3 +333,18 @@ def test_a_restarted_node_is_reached_at_once_not_through_its_old_poll(
     with PeerClient([relayed(relay, again)], timeout=10) as client:
         assert client.health()["status"] == "ok"
     assert time.monotonic() - started < 5
+
+
+def test_relay_mbit_caps_each_relayed_connection(tmp_path: Path,
+                                                 servers: list[LiveServer]) -> None:
+    relay = start_relay(tmp_path, "relay", P2PRC_RELAY_MBIT="16")
+    servers.append(relay)
+    home = start_behind(tmp_path, "home", f"{relay.node_id}@127.0.0.1:{relay.port}")
+    servers.append(home)
+    wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
+    with PeerClient([relayed(relay, home)], timeout=20) as client:
+        capped = client.download(4 << 20)
+    with PeerClient([Endpoint("127.0.0.1", home.port, home.node_id)], timeout=20) as client:
+        direct = client.download(4 << 20)
+    assert capped.mbit_per_second < 16 * 1.25, capped.mbit_per_second
+    assert direct.mbit_per_second > 4 * capped.mbit_per_second

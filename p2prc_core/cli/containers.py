@@ -51,15 +51,35 @@ def touch(node: Node, peer: str, ports: int, gpu: bool, image: str | None, cpus:
             container = node.services.touch(peer, request)
         except ValueError as err:
             raise click.BadParameter(str(err), param_hint="PEER") from None
+    published = published_reachable(container)
     if as_json:
-        print_json(container.as_dict())
+        print_json({**container.as_dict(), "published_reachable": published})
         return
     extra = ", ".join(f"{p['external']}" for p in container.extra_ports) or "none"
-    click.echo(f"container {container.short_id} on {container.endpoint}: ssh port "
-               f"{container.ssh_port}, extra ports {extra}, until "
+    click.echo(f"container {container.short_id} on {container.endpoint}, until "
                f"{format_when(container.expires)}")
     click.echo(f"  host key {fingerprint(container.host_key)}")
-    click.echo(f"  log in:  p2prc ssh {container.short_id}")
+    click.echo(f"  log in:  p2prc ssh {container.short_id}   (through the host's p2prc port)")
+    where = f"{container.host}: ssh {container.ssh_port}, extra {extra}"
+    if published:
+        click.echo(f"  published ports on {where} (reachable from here)")
+    else:
+        click.echo(f"  published ports on {where}: NOT reachable from here (a firewall or "
+                   f"NAT); use 'p2prc ssh' and 'p2prc forward {container.short_id} PORT'")
+
+
+def published_reachable(container: RemoteContainer, timeout: float = 1.0) -> bool:
+    """Whether the container's published SSH port takes a connection from here (the host
+    may publish on an address this client cannot reach: NAT, a firewall, a relay)."""
+    import socket
+
+    if container.host_endpoint.relay:
+        return False
+    try:
+        socket.create_connection((container.host, container.ssh_port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 @main.group("containers", cls=ListingGroup)
@@ -128,12 +148,12 @@ def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
     common = ["-i", str(private_key), "-o", f"UserKnownHostsFile={known}",
               "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
               "-o", "LogLevel=ERROR"]
+    alias = f"p2prc-{entry.short_id}"
+    known.write_text(f"{alias} {entry.host_key}\n"
+                     + known_hosts_line(entry.host, entry.ssh_port, entry.host_key))
     if tunnel:
-        alias = f"p2prc-{entry.short_id}"
-        known.write_text(f"{alias} {entry.host_key}\n")
         return ["ssh", *common, "-o", f"HostKeyAlias={alias}",
                 "-o", f"ProxyCommand={helper_command(home, entry.id, 22)}", f"root@{alias}"]
-    known.write_text(known_hosts_line(entry.host, entry.ssh_port, entry.host_key))
     return ["ssh", *common, "-p", str(entry.ssh_port), f"root@{entry.host}"]
 
 
