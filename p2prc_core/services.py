@@ -538,4 +538,6 @@ class NodeServices:
 
         return RunService(self.playbooks, self.tracked, Runs(self.home), self.hooks.runners,
                           lambda: self.ssh_key()[0], self.check_alive,
-                          lambda c: tunnel_command(self.home, c.id, 22))
+                          lambda c: tunnel_command(self.home, c.id, 22, self.paths_to(c),
+                                                   self.settings.request_timeout,
+                                                   self.secure))

@@ -187,9 +187,54 @@ async def forward(endpoints: list[Endpoint], identity: NodeIdentity, path: str, 
             await stop.wait()
 
 
-def helper_command(home: Path, container_id: str, port: int) -> str:
-    """The command line of ``p2prc tunnel``, for OpenSSH's ProxyCommand (and Ansible's)."""
+def helper_command(home: Path, container_id: str, port: int,
+                   paths: list[Endpoint] | None = None, timeout: float = 10.0,
+                   secure: bool = True) -> str:
+    """The command line for OpenSSH's ProxyCommand (and Ansible's). With the host's
+    ``paths`` known already, this module itself (``python -m p2prc_core.tunnel``), which
+    starts in a fraction of the time the whole CLI takes; else ``p2prc tunnel``."""
+    if paths:
+        words = [sys.executable, "-m", "p2prc_core.tunnel", "--home", str(home),
+                 "--node", paths[0].node_id or "", "--timeout", f"{timeout:g}",
+                 *([] if secure else ["--plain"])]
+        for path in paths:
+            words += ["--path", path.path]
+        return shlex.join([*words, container_id, str(port)])
     beside = Path(sys.executable).with_name("p2prc")
     program = [str(beside)] if beside.exists() else \
         ([found] if (found := shutil.which("p2prc")) else [sys.executable, "-m", "p2prc_core"])
     return shlex.join([*program, "--home", str(home), "tunnel", container_id, str(port)])
+
+
+def helper_main(argv: list[str] | None = None) -> int:
+    """``python -m p2prc_core.tunnel --home H --node ID --path P [--path P ...] CONTAINER
+    PORT``: the stream on standard input and output, through the paths given to the host
+    ``ID``. Errors are one line on standard error (OpenSSH shows it)."""
+    import argparse
+
+    from p2prc_core.models import parse_path
+
+    parser = argparse.ArgumentParser(prog="p2prc-tunnel")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--path", action="append", required=True)
+    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--plain", action="store_true")
+    parser.add_argument("container")
+    parser.add_argument("port", type=int)
+    args = parser.parse_args(argv)
+    try:
+        identity = NodeIdentity.load_or_create(args.home)
+        endpoints = [parse_path(p, args.node or None) for p in args.path]
+        asyncio.run(stdio(endpoints, identity, f"/v1/containers/{args.container}/tunnel",
+                          f"port={args.port}", args.timeout, not args.plain))
+    except (PeerError, ValueError, OSError) as err:
+        print(f"p2prc tunnel: {err}", file=sys.stderr)
+        return 255
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(helper_main())

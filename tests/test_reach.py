@@ -348,3 +348,23 @@ def test_relay_mbit_caps_each_relayed_connection(tmp_path: Path,
         direct = client.download(4 << 20)
     assert capped.mbit_per_second < 16 * 1.25, capped.mbit_per_second
     assert direct.mbit_per_second > 4 * capped.mbit_per_second
+
+
+def test_the_ssh_helper_says_in_one_line_why_no_path_works(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    node = NodeIdentity.generate().node_id
+    relay = NodeIdentity.generate().node_id
+    closed = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "p2prc_core.tunnel", "--home", str(tmp_path / "me"),
+         "--node", node, "--timeout", "2", "--path", f"127.0.0.1:{closed}",
+         "--path", f"relay {relay}@127.0.0.1:{closed}", "a" * 64, "22"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 255
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("p2prc tunnel: no path to the host works")
+    assert f"127.0.0.1:{closed}" in lines[0] and "relay" in lines[0]

@@ -20,6 +20,7 @@ from p2prc_core.cli.base import (
     size_option,
 )
 from p2prc_core.containers import fingerprint, port_is_free
+from p2prc_core.models import Endpoint
 from p2prc_core.output import clean, err_console, format_when, print_json, print_table
 from p2prc_core.sshkeys import known_hosts_line
 from p2prc_core.tracking import RemoteContainer
@@ -134,12 +135,15 @@ def ssh(node: Node, direct: bool, container: str, command: tuple[str, ...]) -> N
     entry = node.services.tracked.find(container)
     node.services.check_alive([entry])  # its port may be someone else's container by now
     private, _ = node.services.ssh_key()
-    argv = ssh_command(node.home, entry, private, tunnel=not direct) + list(command)
+    services = node.services
+    argv = ssh_command(node.home, entry, private, not direct, services.paths_to(entry),
+                       services.settings.request_timeout, services.secure) + list(command)
     os.execvp(argv[0], argv)
 
 
 def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
-                tunnel: bool = True) -> list[str]:
+                tunnel: bool = True, paths: list[Endpoint] | None = None,
+                timeout: float = 10.0, secure: bool = True) -> list[str]:
     """ssh with the container's host key pinned, in a known_hosts file of its own: no prompt,
     no trust on first use. The key came over the channel to its host, checked by node id.
     Through the tunnel, the host key is pinned under an alias (``p2prc-ID``)."""
@@ -153,7 +157,8 @@ def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
                      + known_hosts_line(entry.host, entry.ssh_port, entry.host_key))
     if tunnel:
         return ["ssh", *common, "-o", f"HostKeyAlias={alias}",
-                "-o", f"ProxyCommand={helper_command(home, entry.id, 22)}", f"root@{alias}"]
+                "-o", f"ProxyCommand={helper_command(home, entry.id, 22, paths, timeout, secure)}",
+                f"root@{alias}"]
     return ["ssh", *common, "-p", str(entry.ssh_port), f"root@{entry.host}"]
 
 
