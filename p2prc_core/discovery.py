@@ -155,6 +155,7 @@ class Discovery:
         self.hooks = hooks
         self.transport = transport
         self.own_record = own_record
+        self.publish: Callable[[], bool] = lambda: True  # whether our record is handed over
         self.concurrency = concurrency
         self.probes = probes
         self.max_failures = max_failures
@@ -194,8 +195,9 @@ class Discovery:
                 break
             outcome = Outcome(node_id, False, endpoint=endpoint.path)
             cursor = measured.cursor
-            # Hand over our record only when the peer does not hold this version of it.
-            send_own = measured.holds_our_seq != own["seq"]
+            # Hand over our record only when the peer does not hold this version of it, and
+            # only when a server of ours runs to be dialled at it.
+            send_own = measured.holds_our_seq != own["seq"] and self.publish()
             try:
                 for page_number in range(MAX_PAGES):
                     left = deadline - time.monotonic()

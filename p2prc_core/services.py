@@ -4,8 +4,10 @@ trust) is put together twice."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +55,7 @@ class NodeServices:
         self._specs = TimedCache(self._collect_specs, settings.specs_cache_seconds)
         self._record = TimedCache(self._build_record, RECORD_SECONDS)
         self._reach_stamp = 0
+        self.serving = False  # this process is the node's server (see announce_server)
         self._containers: ContainerService | None = None
         self._containers_lock = threading.Lock()  # gunicorn's threads build it once
 
@@ -89,10 +92,50 @@ class NodeServices:
         gpus = self.specs().get("gpus")
         return gpus if isinstance(gpus, list) else []
 
+    SERVER_FILE = "server.json"
+
+    def running_server(self) -> dict[str, Any] | None:
+        """The server that runs for this home (``{"pid", "port", "host"}``), if one does: a
+        command run beside it learns its real port (``p2prc server --port N``) here."""
+        from p2prc_core.storage import read_json_object
+
+        try:
+            found = read_json_object(self.home / self.SERVER_FILE)
+            pid, port = found.get("pid"), found.get("port")
+            if not isinstance(pid, int) or not isinstance(port, int) or not 0 < port < 65536:
+                return None
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return found
+
+    def announce_server(self) -> None:
+        """Say, for commands run beside it, that this process serves this home, and where."""
+        from p2prc_core.storage import atomic_write
+
+        self.serving = True
+        atomic_write(self.home / self.SERVER_FILE, json.dumps(
+            {"pid": os.getpid(), "port": self.settings.port, "host": self.settings.host,
+             "started": time.time()}).encode())
+
+    def withdraw_server(self) -> None:
+        running = self.running_server()
+        if running is not None and running.get("pid") == os.getpid():
+            (self.home / self.SERVER_FILE).unlink(missing_ok=True)
+
+    @property
+    def served_settings(self) -> Settings:
+        """The settings, with the port of the server that runs for this home (the one that
+        peers must dial), when this process is not that server."""
+        running = None if self.serving else self.running_server()
+        if running is None or running["port"] == self.settings.port:
+            return self.settings
+        return dataclasses.replace(self.settings, port=running["port"])
+
     def _build_record(self) -> dict[str, Any]:
         from p2prc_core.reach import ReachState
 
-        fields = record_fields(self.settings, self.hooks, self.specs(), __version__,
+        fields = record_fields(self.served_settings, self.hooks, self.specs(), __version__,
                                ReachState(self.home).read())
         return RecordPublisher(self.home, self.identity).current(fields)
 
@@ -121,14 +164,17 @@ class NodeServices:
         from p2prc_core.discovery import Discovery, HttpTransport
 
         s = self.settings
-        return Discovery(self.table, self.hooks,
-                         HttpTransport(s.request_timeout, s.max_table_bytes, self.secure),
-                         self.own_record,
-                         concurrency=s.update_concurrency, probes=s.latency_probes,
-                         max_failures=s.peer_max_failures,
-                         max_records=s.max_records_per_response,
-                         newcomers_per_peer=s.exchange_newcomers_per_minute,
-                         peer_budget=s.peer_time_budget)
+        discovery = Discovery(self.table, self.hooks,
+                              HttpTransport(s.request_timeout, s.max_table_bytes, self.secure),
+                              self.own_record,
+                              concurrency=s.update_concurrency, probes=s.latency_probes,
+                              max_failures=s.peer_max_failures,
+                              max_records=s.max_records_per_response,
+                              newcomers_per_peer=s.exchange_newcomers_per_minute,
+                              peer_budget=s.peer_time_budget)
+        # A node whose server does not run is not handed to peers as one to dial.
+        discovery.publish = lambda: self.serving or self.running_server() is not None
+        return discovery
 
     def find_peer(self, text: str) -> PeerEntry | None:
         """A table entry for PEER; None when nothing in the table matches. In order: text
@@ -337,9 +383,9 @@ class NodeServices:
         if not chosen:
             raise TrustError("this node has no address a friend could dial: pass --address")
         secret, expires = self.state.create_invite(ttl)
+        served = self.served_settings
         return Invite(self.identity.node_id, chosen[:8],
-                      port or self.settings.advertise_port or self.settings.port, secret,
-                      expires)
+                      port or served.advertise_port or served.port, secret, expires)
 
     def join(self, token: str) -> tuple[dict[str, Any], Endpoint]:
         """Redeem a friend's invite at the first of its addresses that answers: we are

@@ -243,3 +243,34 @@ def test_doctor_names_each_problem_with_its_fix(tmp_path: Path,
     table = subprocess.run([P2PRC, "doctor"], capture_output=True, text=True, env=env,
                            timeout=120)
     assert table.returncode == 1 and "behind NAT" in table.stdout
+
+
+def test_commands_beside_a_server_use_its_real_port_and_clients_are_not_servers(
+        tmp_path: Path) -> None:
+    from p2prc_core.peertable import PeerTable
+
+    node = start_server(tmp_path / "node")  # port from P2PRC_PORT, not its config's 8088
+    peer = start_server(tmp_path / "peer")
+    try:
+        beside = {**os.environ, "P2PRC_HOME": str(node.home), "P2PRC_ALLOW_LOOPBACK": "true",
+                  "P2PRC_ADVERTISE_ADDRESSES": "127.0.0.1"}  # as a user's shell: no port
+        invite = subprocess.run([P2PRC, "invite", "--json"], capture_output=True, text=True,
+                                env=beside, timeout=60)
+        assert json.loads(invite.stdout)["port"] == node.port and "WARNING" not in \
+            invite.stderr
+        added = subprocess.run([P2PRC, "peers", "add", peer.peer()], capture_output=True,
+                               text=True, env=beside, timeout=60)
+        assert added.returncode == 0, added.stderr
+        held = PeerTable(peer.home, peer.node_id).load()
+        assert held[node.node_id].port == node.port  # what the peer will dial
+        # A client with no server of its own is not recorded as one to dial.
+        client = tmp_path / "client"
+        assert p2prc("peers", "add", peer.peer(), home=client).returncode == 0
+        client_id = json.loads(p2prc("id", "--json", home=client).stdout)["node_id"]
+        assert client_id not in PeerTable(peer.home, peer.node_id).load()
+        lonely = p2prc("invite", home=client)
+        assert "no p2prc server runs for this node" in lonely.stderr
+    finally:
+        node.stop()
+        peer.stop()
+    assert not (node.home / "server.json").exists()  # gone with the server

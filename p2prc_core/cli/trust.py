@@ -92,6 +92,9 @@ def invite(node: Node, ttl: int, addresses: tuple[str, ...], port: int | None,
     click.echo(token)
     click.echo(f"Send this to your friend; they run: p2prc join TOKEN. It works once, until "
                f"{format_when(offer.expires)}.", err=True)
+    if node.services.running_server() is None:
+        click.echo(f"WARNING: no p2prc server runs for this node: start it ('p2prc server') "
+                   f"before your friend joins, on port {offer.port}.", err=True)
 
 
 @main.command()

@@ -177,6 +177,10 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
     except P2PRCError as err:
         log.warning("containers unavailable: %s", err)
     sock = bind_socket(settings.host, settings.port)
+    node.announce_server()  # commands run beside it learn its real port
     if announce:
         announce()
-    PeerServer(settings, node.home, sock).run()
+    try:
+        PeerServer(settings, node.home, sock).run()
+    finally:
+        node.withdraw_server()
