@@ -67,3 +67,11 @@ def format_when(stamp: float | None) -> str:
     if not stamp:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(stamp))
+
+
+def did_you_mean(text: str, choices: list[str]) -> str:
+    """``" (did you mean 'alice'?)"`` for the closest of ``choices``, or nothing."""
+    import difflib
+
+    near = difflib.get_close_matches(text, [c for c in choices if c], n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""

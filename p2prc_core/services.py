@@ -210,6 +210,51 @@ class NodeServices:
             return named[0]
         return None
 
+    def _unknown_peer(self, text: str) -> str:
+        from p2prc_core.output import did_you_mean
+
+        names = []
+        if self.table.path.exists():
+            for e in self.table.load().values():
+                names += [e.local_name or "", e.name]
+        return (f"no peer is named {text!r}{did_you_mean(text, names)}: 'p2prc peers ls' "
+                f"lists them (a node id, or a unique start of one, works too)")
+
+    def node_id_of(self, text: str) -> str:
+        """NODE as a node id: a node id; a name given on this node (to a trusted node, or
+        to a peer with 'peers add --name'); a peer's own name; a unique prefix of a trusted
+        node's or a peer's id (4+ characters).
+
+        :raises P2PRCError: nothing fits (with the nearest name), or several do.
+        """
+        from p2prc_core.identity import is_node_id
+        from p2prc_core.output import did_you_mean
+
+        text = text.strip()
+        lowered = text.lower()
+        if is_node_id(lowered):
+            return lowered
+        trusted = self.trust.all()
+        named = [node_id for node_id, v in trusted.items() if v.get("name") == text]
+        if len(named) == 1:
+            return named[0]
+        entry = self.find_peer(text)
+        if entry is not None:
+            return entry.node_id
+        if len(lowered) >= 4 and lowered.isalnum():
+            found = [node_id for node_id in trusted if node_id.startswith(lowered)]
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise P2PRCError(f"{text!r} is the start of {len(found)} node ids: give "
+                                 f"more of it")
+        names = [str(v.get("name") or "") for v in trusted.values()]
+        if self.table.path.exists():
+            for e in self.table.load().values():
+                names += [e.local_name or "", e.name]
+        raise P2PRCError(f"no node is known as {text!r}{did_you_mean(text, names)}: give "
+                         f"its node id, or a name from 'p2prc trust' or 'p2prc peers ls'")
+
     @property
     def secure(self) -> bool:
         """TLS between peers (``transport = "tls"``, the default)."""
@@ -233,6 +278,8 @@ class NodeServices:
                 if not endpoints:
                     raise PeerError(f"{peer}: the table has no address this node may dial")
                 return endpoints
+            if _bare_word(peer):  # no peer is called that, and it is no host name either
+                raise P2PRCError(self._unknown_peer(peer))
             endpoint = parse_endpoint(peer)
         if endpoint.node_id is None:
             endpoint = endpoint.expecting(self.pinned(endpoint))
@@ -587,3 +634,9 @@ class NodeServices:
                           lambda c: tunnel_command(self.home, c.id, 22, self.paths_to(c),
                                                    self.settings.request_timeout,
                                                    self.secure))
+
+
+def _bare_word(text: str) -> bool:
+    """A single word that is not an address: a peer's name, not a host to look up (a host
+    name to dial has a dot, or is localhost; an address has digits and dots or colons)."""
+    return bool(text.strip()) and not looks_like_address(text)

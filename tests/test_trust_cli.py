@@ -44,7 +44,7 @@ def test_trust_untrust_and_list(tmp_path: Path) -> None:
     again = p2prc(tmp_path, "untrust", friend)
     assert again.returncode == 1 and "was not trusted" in again.stderr
     bad = p2prc(tmp_path, "trust", "not-a-node")
-    assert bad.returncode == 1 and "is not a node id" in bad.stderr
+    assert bad.returncode == 1 and "no node is known as 'not-a-node'" in bad.stderr
 
 
 def test_trust_on_a_running_server_takes_effect_at_once(live_server: LiveServer,
@@ -176,3 +176,22 @@ def test_invite_carries_the_advertised_addresses(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     offer = Invite.parse(json.loads(result.stdout)["token"])
     assert offer.addresses == ["203.0.113.7", "2001:db8::7"] and offer.port == 9999
+
+
+def test_nodes_are_named_by_name_or_id_prefix_and_unknown_names_get_a_hint(
+        tmp_path: Path) -> None:
+    friend = NodeIdentity.generate().node_id
+    assert p2prc(tmp_path, "trust", friend, "--name", "bob").returncode == 0
+    # untrust by the name trust lists, and by a unique start of the id
+    gone = p2prc(tmp_path, "untrust", "bob")
+    assert gone.returncode == 0 and friend in gone.stdout, gone.stderr
+    assert p2prc(tmp_path, "trust", friend, "--name", "bob").returncode == 0
+    assert p2prc(tmp_path, "untrust", friend[:6]).returncode == 0
+    assert friend not in p2prc(tmp_path, "trust").stdout
+    # a name nobody has: said so, with the nearest one
+    assert p2prc(tmp_path, "trust", friend, "--name", "alice").returncode == 0
+    wrong = p2prc(tmp_path, "untrust", "alcie")
+    assert wrong.returncode == 1 and "did you mean 'alice'?" in wrong.stderr
+    peer = p2prc(tmp_path, "specs", "alcie")
+    assert peer.returncode == 1 and "no peer is named 'alcie'" in peer.stderr
+    assert "name resolution" not in peer.stderr and "Traceback" not in peer.stderr

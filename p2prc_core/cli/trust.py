@@ -32,12 +32,13 @@ def show_id(node: Node, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("node_id", required=False)
+@click.argument("node_id", required=False, metavar="[NODE]")
 @click.option("--name", default="", help="A name to remember this node by.")
 @json_option
 @pass_node
 def trust(node: Node, node_id: str | None, name: str, as_json: bool) -> None:
-    """Let NODE_ID run work here; with no NODE_ID, list the nodes trusted here."""
+    """Let NODE (a node id, or a peer's name from the table) run work here; with no NODE,
+    list the nodes trusted here."""
     store = node.services.trust
     if node_id is None:
         trusted = store.all()
@@ -51,21 +52,26 @@ def trust(node: Node, node_id: str | None, name: str, as_json: bool) -> None:
                     [(k, v.get("name") or "-", format_when(v.get("since")), v.get("via", "-"))
                      for k, v in sorted(trusted.items())])
         return
-    if store.add(node_id.strip().lower(), name=name, via="trust"):
-        click.echo(f"trusted {node_id}: it can now start work on this node")
+    resolved = node.services.node_id_of(node_id)
+    shown = resolved if resolved == node_id.strip().lower() else f"{node_id} ({resolved})"
+    if store.add(resolved, name=name, via="trust"):
+        click.echo(f"trusted {shown}: it can now start work on this node")
     else:
-        click.echo(f"{node_id} was already trusted")
+        click.echo(f"{shown} was already trusted")
 
 
 @main.command()
-@click.argument("node_id")
+@click.argument("node_id", metavar="NODE")
 @pass_node
 def untrust(node: Node, node_id: str) -> None:
-    """Stop trusting NODE_ID: its next signed request here gets 403."""
-    if node.services.trust.remove(node_id.strip().lower()):
-        click.echo(f"{node_id} is no longer trusted here")
+    """Stop trusting NODE (its id, a unique start of it, or its name): its next signed
+    request here gets 403."""
+    resolved = node.services.node_id_of(node_id)
+    shown = resolved if resolved == node_id.strip().lower() else f"{node_id} ({resolved})"
+    if node.services.trust.remove(resolved):
+        click.echo(f"{shown} is no longer trusted here")
     else:
-        raise TrustError(f"{node_id} was not trusted here ('p2prc trust' lists who is)")
+        raise TrustError(f"{shown} was not trusted here ('p2prc trust' lists who is)")
 
 
 @main.command()
