@@ -350,9 +350,13 @@ def test_the_host_sees_and_kills_every_container(tmp_path: Path, host: LiveServe
     leases = json.loads(listed.stdout)
     assert [lease["id"] for lease in leases] == [reply["id"]]
     assert leases[0]["owner"] == NodeIdentity.load_or_create(tmp_path / "me").node_id
-    kill = subprocess.run([P2PRC, "server", "containers", "kill", reply["id"][:12]], env=env,
+    short = subprocess.run([P2PRC, "server", "containers", "kill", "ab"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert short.returncode == 2 and "at least 4 characters" in short.stderr
+    # A prefix works, as for 'p2prc rm'; the owner is named as 'ls' names it.
+    kill = subprocess.run([P2PRC, "server", "containers", "kill", reply["id"][:4]], env=env,
                           capture_output=True, text=True, timeout=60)
-    assert kill.returncode == 0 and "killed" in kill.stdout
+    assert kill.returncode == 0 and f"killed {reply['id'][:12]} (owner me (" in kill.stdout
     assert reply["id"] not in p2prc_containers(docker_client, node_of(host))
     gone = json.loads(me(tmp_path, "containers", "ls", "--json").stdout)
     assert [c["state"] for c in gone] == ["gone"]
@@ -492,6 +496,11 @@ def test_ssh_goes_through_the_hosts_p2prc_port(tmp_path: Path, host: LiveServer)
     assert result.returncode == 0 and result.stdout.strip() == reply["id"][:12], result.stderr
     # The host joined an upgraded request on its own port to the container's sshd.
     assert f"tunnel to {reply['id'][:12]} port 22" in host.output()
+    # Everything after the container is the remote command, options too.
+    flags = subprocess.run([P2PRC, "ssh", reply["id"][:12], "uname", "-a"],
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                           env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+    assert flags.returncode == 0 and flags.stdout.startswith("Linux "), flags.stderr
     # The published port still works, with --direct.
     direct = subprocess.run([P2PRC, "ssh", "--direct", reply["id"][:12], "echo direct"],
                             capture_output=True, text=True, timeout=60,

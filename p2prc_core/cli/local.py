@@ -289,9 +289,25 @@ def server_containers_ls(node: Node, as_json: bool = False) -> None:
 def server_containers_kill(node: Node, container_ids: tuple[str, ...]) -> None:
     """Stop and remove p2prc containers on this host, whoever owns them."""
     service = _local_service(node)
-    for container_id in container_ids:
-        lease = service.remove(container_id, owner=None)
-        click.echo(f"killed {lease.id[:12]} (owner {lease.owner})")
+    names = {k: v.get("name") for k, v in node.services.trust.all().items()}
+    for text in container_ids:
+        lease = service.remove(_lease_id(service, text), owner=None)
+        owner = names.get(lease.owner)
+        click.echo(f"killed {lease.id[:12]} (owner "
+                   f"{f'{owner} ({lease.owner})' if owner else lease.owner})")
+
+
+def _lease_id(service: ContainerService, text: str) -> str:
+    """A container here by a unique start of its id (4+ characters, as 'p2prc rm' takes)."""
+    text = text.strip().lower()
+    if len(text) < 4:
+        raise click.BadParameter(f"{text!r}: give at least 4 characters of the id",
+                                 param_hint="CONTAINER_IDS")
+    found = [lease.id for lease in service.list_leases() if lease.id.startswith(text)]
+    if len(found) > 1:
+        raise click.BadParameter(f"{text!r} is the start of {len(found)} containers' ids: "
+                                 f"give more of it", param_hint="CONTAINER_IDS")
+    return found[0] if found else text  # none: the service says it is not here
 
 
 # -- images ------------------------------------------------------------------------------------
