@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from p2prc_core.config import Settings, parse_port_range
 from p2prc_core.errors import Refusal
 from p2prc_core.models import CONTAINER_ID, KEY_LINE
+from p2prc_core.output import human_bytes, human_duration
 from p2prc_core.storage import SharedDB
 
 LABEL = "org.p2prc"  # every p2prc container carries LABEL=1 and the labels below
@@ -173,6 +174,10 @@ class Lease:
         return data
 
 
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
 def fingerprint(host_key: str) -> str:
     """OpenSSH's SHA256 fingerprint of a public key line."""
     blob = base64.b64decode(host_key.split()[1])
@@ -319,14 +324,16 @@ class ContainerService:
             raise ContainerError(422, "Under a limit",
                                  f"memory {memory} bytes is below this host's minimum of "
                                  f"{MIN_MEMORY >> 20} MiB.")
-        for name, value, limit in (("cpus", cpus, s.container_max_cpus),
-                                   ("memory", memory, s.container_max_memory),
-                                   ("ports", request.ports, s.container_max_ports),
-                                   ("ttl", ttl, s.container_max_ttl)):
+        for name, value, limit, say in (("cpus", cpus, s.container_max_cpus, _number),
+                                        ("memory", memory, s.container_max_memory,
+                                         human_bytes),
+                                        ("ports", request.ports, s.container_max_ports,
+                                         _number),
+                                        ("ttl", ttl, s.container_max_ttl, human_duration)):
             if value > limit:
                 raise ContainerError(422, "Over a limit",
-                                     f"{name} {value:g} is over this host's limit of "
-                                     f"{limit:g}.")
+                                     f"{name} {say(value)} is over this host's limit of "
+                                     f"{say(limit)}.")
         if request.gpu and not self.gpus():
             raise ContainerError(409, "No GPU", "This host has no NVIDIA GPU.")
         if request.gpu and not self.backend.gpu_available():

@@ -57,9 +57,26 @@ def human_bytes(count: Any) -> str:
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            return f"{value:.0f} {unit}" if unit == "B" else f"{_short(value)} {unit}"
         value /= 1024
-    return f"{value:.1f} TiB"
+    return f"{_short(value)} TiB"
+
+
+def _short(value: float) -> str:
+    """1 decimal, none when it is 0: 512 MiB, 1.5 GiB."""
+    text = f"{value:.1f}"
+    return text[:-2] if text.endswith(".0") else text
+
+
+def human_duration(seconds: float) -> str:
+    """A duration as people say it: 90 s, 45 min, 2 h, 30 days (the largest unit that
+    gives at least 1)."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            count = seconds / size
+            name = "day" if unit == "days" and _short(count) == "1" else unit
+            return f"{_short(count)} {name}"
+    return f"{_short(seconds)} s"
 
 
 def format_when(stamp: float | None) -> str:

@@ -106,3 +106,13 @@ def test_dash_s_with_a_command_is_refused(home: Path) -> None:
 def test_no_command_prints_help(home: Path) -> None:
     code, out, _ = run()
     assert code == 0 and "speedtest" in out and "interfaces" in out
+
+
+def test_sizes_and_durations_read_as_people_write_them() -> None:
+    from p2prc_core.output import human_bytes, human_duration
+
+    assert human_bytes(100 << 30) == "100 GiB" and human_bytes(1536 << 20) == "1.5 GiB"
+    assert human_bytes(1 << 30) == "1 GiB" and human_bytes(512) == "512 B"
+    assert human_duration(30 * 86400) == "30 days" and human_duration(86400) == "1 day"
+    assert human_duration(7200) == "2 h" and human_duration(90) == "1.5 min"
+    assert human_duration(42) == "42 s"

@@ -166,7 +166,8 @@ def test_malformed_json_is_400(client: testing.TestClient) -> None:
 
 
 def test_json_body_over_the_cap_is_413(client: testing.TestClient) -> None:
-    assert_json_error(client.simulate_post("/v1/echo", json={"a": "x" * 2000}), 413, "1000 bytes")
+    assert_json_error(client.simulate_post("/v1/echo", json={"a": "x" * 2000}), 413,
+                      "at most 1000 B here")
 
 
 def test_error_in_a_responder_is_500_json_without_traceback(settings: Settings,

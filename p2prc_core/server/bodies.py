@@ -7,12 +7,13 @@ from typing import Any
 import falcon
 
 from p2prc_core.models import loads_strict
+from p2prc_core.output import human_bytes
 
 
 def too_large(limit: int) -> falcon.HTTPContentTooLarge:
     return falcon.HTTPContentTooLarge(
         title="Request body too large",
-        description=f"This server accepts at most {limit} bytes here.")
+        description=f"This server accepts at most {human_bytes(limit)} here.")
 
 
 class BodySizeLimit:

@@ -12,6 +12,7 @@ import falcon
 
 from p2prc_core import __version__
 from p2prc_core.containers import ContainerRequest, ContainerService, Lease
+from p2prc_core.output import human_bytes
 from p2prc_core.server.bodies import read_json, too_large
 from p2prc_core.sshkeys import login_command
 
@@ -84,8 +85,8 @@ class SpeedDownloadResource:
             if count > self.max_bytes:
                 raise falcon.HTTPContentTooLarge(
                     title="Download too large",
-                    description=f"This server sends at most {self.max_bytes} bytes "
-                                f"in one speed test; asked for {count}.")
+                    description=f"This server sends at most {human_bytes(self.max_bytes)} "
+                                f"in one speed test; asked for {human_bytes(count)}.")
         resp.content_type = "application/octet-stream"
         resp.content_length = count
         resp.cache_control = ["no-store"]
