@@ -10,9 +10,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from p2prc_core.models import DEFAULT_PORT, Address, parse_endpoint
+from p2prc_core.models import DEFAULT_PORT, Address, parse_duration, parse_endpoint, parse_size
 
 ENV_PREFIX = "P2PRC_"
+# P2PRC_ variables that are not settings, yet mean something
+NOT_SETTINGS = {"P2PRC_HOME", "P2PRC_REQUIRE_INTEGRATION"}
 CONFIG_FILE = "config.toml"
 
 
@@ -40,9 +42,12 @@ class Settings:
     log_level: str = _setting("info", "one of debug, info, warning, error",
                               choices=("debug", "info", "warning", "error"))
     access_log: bool = _setting(True, "log one line per request")
-    max_body_bytes: int = _setting(1 << 20, "largest JSON request body accepted", min=1)
-    speedtest_default_bytes: int = _setting(50 << 20, "bytes a speed test sends by default", min=1)
-    speedtest_max_bytes: int = _setting(1 << 30, "largest speed-test download or upload", min=1)
+    max_body_bytes: int = _setting(1 << 20, "largest JSON request body accepted", min=1,
+                                   unit="size")
+    speedtest_default_bytes: int = _setting(50 << 20, "bytes a speed test sends by default",
+                                            min=1, unit="size")
+    speedtest_max_bytes: int = _setting(1 << 30, "largest speed-test download or upload",
+                                        min=1, unit="size")
     specs_cache_seconds: float = _setting(2.0, "how long collected specs are reused", min=0)
     allow_loopback: bool = _setting(False, "advertise and accept loopback addresses (labs, tests)")
     disable_plugins: list[str] = _setting([], "plugin names not to load")
@@ -73,7 +78,8 @@ class Settings:
                                       min=1)
     max_records_per_response: int = _setting(500, "records one table exchange carries at most",
                                              min=1)
-    max_table_bytes: int = _setting(4 << 20, "largest table answer a client reads", min=1024)
+    max_table_bytes: int = _setting(4 << 20, "largest table answer a client reads", min=1024,
+                                    unit="size")
     max_table_peers: int = _setting(5000, "most peers the table holds; new ones beyond are "
                                     "dropped", min=1)
     max_unverified_peers: int = _setting(1000, "most peers that never answered the table "
@@ -106,16 +112,17 @@ class Settings:
     container_default_cpus: float = _setting(1.0, "CPUs a container gets unless it asks", min=0.01)
     container_max_cpus: float = _setting(2.0, "most CPUs a container may ask for", min=0.01)
     container_default_memory: int = _setting(512 << 20, "memory (bytes) a container gets unless "
-                                             "it asks", min=16 << 20)
+                                             "it asks", min=16 << 20, unit="size")
     container_max_memory: int = _setting(4 << 30, "most memory (bytes) a container may ask for",
-                                         min=16 << 20)
+                                         min=16 << 20, unit="size")
     container_pids: int = _setting(512, "most processes in one container", min=16)
     container_max_ports: int = _setting(8, "most extra TCP ports one container may ask for",
                                         min=0)
     containers_per_caller: int = _setting(4, "containers one caller may hold at once", min=1)
     container_default_ttl: int = _setting(86400, "seconds a container lives unless it asks",
-                                          min=60)
-    container_max_ttl: int = _setting(7 * 86400, "most seconds a container may live", min=60)
+                                          min=60, unit="duration")
+    container_max_ttl: int = _setting(7 * 86400, "most seconds a container may live", min=60,
+                                      unit="duration")
     reap_seconds: float = _setting(10.0, "how often the server looks for expired containers",
                                    min=0.5)
     port_range: str = _setting("42000-42999", "host ports the server maps containers' ports to",
@@ -142,6 +149,7 @@ class LoadedSettings:
     settings: Settings
     home: Path
     sources: dict[str, str]
+    warnings: list[str] = field(default_factory=list)  # P2PRC_ variables that set nothing
 
 
 def load_settings(home: Path | None = None, overrides: dict[str, Any] | None = None,
@@ -165,6 +173,13 @@ def load_settings(home: Path | None = None, overrides: dict[str, Any] | None = N
             values[key] = _check(key, raw, str(path))
             sources[key] = str(path)
 
+    warnings = []
+    known = {ENV_PREFIX + name.upper() for name in _FIELDS} | NOT_SETTINGS
+    for var in sorted(environ):
+        if var.startswith(ENV_PREFIX) and var not in known:
+            near = difflib.get_close_matches(var, sorted(known), n=1)
+            warnings.append(f"{var} is not a p2prc setting and is ignored"
+                            + (f"; did you mean {near[0]}?" if near else ""))
     for name in _FIELDS:
         var = ENV_PREFIX + name.upper()
         if var in environ and var != ENV_PREFIX + "HOME":
@@ -177,7 +192,7 @@ def load_settings(home: Path | None = None, overrides: dict[str, Any] | None = N
         values[key] = _check(key, raw, "command line")
         sources[key] = "command line"
 
-    return LoadedSettings(Settings(**values), home, sources)
+    return LoadedSettings(Settings(**values), home, sources, warnings)
 
 
 def _from_text(name: str, text: str, where: str) -> Any:
@@ -191,9 +206,16 @@ def _from_text(name: str, text: str, where: str) -> Any:
                 return False
             raise ValueError("expected true or false")
         if kind == "int":
+            if _FIELDS[name].metadata.get("unit"):
+                return text  # "4G", "7d": read by _check, as in config.toml
+            if not text.strip().lstrip("-").isdigit():
+                raise ValueError(f"expected a whole number, got {text!r}")
             return int(text)
         if kind == "float":
-            return float(text)
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"expected a number, got {text!r}") from None
         if kind == "list[str]":
             return [part.strip() for part in text.split(",") if part.strip()]
     except ValueError as err:
@@ -208,6 +230,12 @@ def _check(key: str, value: Any, where: str) -> Any:
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise ConfigError(f"{where}: unknown setting {key!r}{hint}")
     kind = spec.type
+    unit = spec.metadata.get("unit")
+    if unit and isinstance(value, str):  # "4G", "512M"; "7d", "2h"
+        try:
+            value = parse_size(value) if unit == "size" else parse_duration(value)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {key}: {err}") from None
     ok = {
         "str": isinstance(value, str),
         "bool": isinstance(value, bool),
@@ -272,16 +300,17 @@ def default_config_text() -> str:
              "# flags override these. Uncomment a line to change it.", ""]
     for f in fields(Settings):
         lines.append(f"# {f.metadata['doc']}")
-        lines.append(f"# {f.name} = {_toml_value(getattr(Settings(), f.name))}")
+        lines.append(f"# {f.name} = {toml_value(getattr(Settings(), f.name))}")
         lines.append("")
     return "\n".join(lines)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A value as config.toml writes it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)

@@ -1,7 +1,10 @@
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from conftest import P2PRC
 from p2prc_core.config import ConfigError, default_config_text, load_settings
 
 
@@ -66,3 +69,31 @@ def test_default_config_text_is_valid_once_uncommented(tmp_path: Path) -> None:
     loaded = load_settings(tmp_path, environ={})
     assert loaded.settings.port == 8088
     assert loaded.sources["port"].endswith("config.toml")
+
+
+def test_sizes_and_durations_as_people_write_them(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('container_max_memory = "4G"\n'
+                                          'container_max_ttl = "7d"\n')
+    loaded = load_settings(tmp_path, environ={"P2PRC_CONTAINER_DEFAULT_MEMORY": "512M"})
+    assert loaded.settings.container_max_memory == 4 << 30
+    assert loaded.settings.container_max_ttl == 7 * 86400
+    assert loaded.settings.container_default_memory == 512 << 20
+    (tmp_path / "config.toml").write_text('container_max_memory = "4X"\n')
+    with pytest.raises(ConfigError, match="container_max_memory: '4X' is not a size"):
+        load_settings(tmp_path, environ={})
+
+
+def test_a_malformed_or_mistyped_variable_is_said_plainly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="P2PRC_PORT: port: expected a whole number, "
+                                          "got 'abc'"):
+        load_settings(tmp_path, environ={"P2PRC_PORT": "abc"})
+    loaded = load_settings(tmp_path, environ={"P2PRC_PROT": "9000",
+                                              "P2PRC_REQUIRE_INTEGRATION": "1"})
+    assert loaded.warnings == ["P2PRC_PROT is not a p2prc setting and is ignored; did you "
+                               "mean P2PRC_PORT?"]
+    shown = subprocess.run([P2PRC, "config"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "P2PRC_HOME": str(tmp_path),
+                                "P2PRC_NAME": "alice", "P2PRC_PROT": "9000"})
+    assert "did you mean P2PRC_PORT?" in shown.stderr
+    assert '"alice"' in shown.stdout and "'alice'" not in shown.stdout
+    assert " true " in shown.stdout and " True " not in shown.stdout

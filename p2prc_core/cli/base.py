@@ -42,6 +42,8 @@ class Node:
     def loaded(self) -> LoadedSettings:
         if self._loaded is None:
             self._loaded = load_settings(self.home, self.overrides)
+            for warning in self._loaded.warnings:
+                click.echo(f"warning: {warning}", err=True)
         return self._loaded
 
     @property
@@ -204,6 +206,7 @@ def transfer_progress() -> Progress:
 
 
 def format_setting(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(value) or "-"
-    return repr(value) if isinstance(value, str) else str(value)
+    """A setting's value as config.toml would write it."""
+    from p2prc_core.config import toml_value
+
+    return toml_value(value)
