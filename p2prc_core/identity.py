@@ -98,7 +98,7 @@ class NodeIdentity:
         """The key in ``home``; created on first use. Two processes racing get the same key."""
         path = home / KEY_FILE
         if not path.exists():
-            home.mkdir(parents=True, exist_ok=True)
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
             pem = cls.generate().private_key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption())

@@ -55,6 +55,7 @@ class NodeServices:
         self._specs = TimedCache(self._collect_specs, settings.specs_cache_seconds)
         self._record = TimedCache(self._build_record, RECORD_SECONDS)
         self._reach_stamp = 0
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)  # as 'p2prc init' makes it
         self.serving = False  # this process is the node's server (see announce_server)
         self._containers: ContainerService | None = None
         self._containers_lock = threading.Lock()  # gunicorn's threads build it once
@@ -539,6 +540,8 @@ class NodeServices:
                 live = None
             for container in members:
                 state = "unreachable" if live is None else live.get(container.id, "gone")
+                if state == "gone" and container.expires <= time.time():
+                    state = "expired"  # its lease ran out and the host removed it
                 found.append((container, state))
         return found
 
@@ -554,6 +557,7 @@ class NodeServices:
                     raise
                 removed = False
         self.tracked.forget(container.id)
+        (self.home / "ssh" / f"known_hosts_{container.short_id}").unlink(missing_ok=True)
         return removed
 
     def paths_to(self, container: RemoteContainer) -> list[Endpoint]:

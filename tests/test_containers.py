@@ -118,7 +118,10 @@ def test_touch_ssh_run_and_rm(tmp_path: Path, host: LiveServer, docker_client: A
     result = ssh(tmp_path, reply["id"], "echo hello from $(hostname); id -u")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["hello", "from", reply["id"][:12], "0"]
+    known_hosts = tmp_path / "me" / "ssh" / f"known_hosts_{reply['id'][:12]}"
+    assert known_hosts.exists()
     assert me(tmp_path, "rm", reply["id"][:12]).returncode == 0
+    assert not known_hosts.exists()  # nothing of it is left behind
     assert reply["id"] not in p2prc_containers(docker_client, node_of(host))
     assert json.loads(me(tmp_path, "containers", "ls", "--json").stdout) == []
 
@@ -378,7 +381,7 @@ def test_a_running_server_reaps_an_expired_container(tmp_path: Path,
         assert reply["id"] not in p2prc_containers(docker_client, node_of(server)), server.output()
         assert "expired and was removed" in server.output()
         listed = json.loads(me(tmp_path, "containers", "ls", "--json").stdout)
-        assert [c["state"] for c in listed] == ["gone"]
+        assert [c["state"] for c in listed] == ["expired"]  # not just "gone": its lease ran out
     finally:
         server.stop()
 

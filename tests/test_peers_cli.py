@@ -194,3 +194,15 @@ def test_a_running_server_refreshes_from_its_bootstrap_peers(servers: list[LiveS
         assert "peer table refreshed" in fresh.output()
     finally:
         fresh.stop()
+
+
+def test_adding_a_known_peer_says_so_and_homes_are_private(servers: list[LiveServer],
+                                                           tmp_path: Path) -> None:
+    import stat
+
+    me = tmp_path / "fresh" / "me"
+    first = p2prc(me, "peers", "add", servers[0].peer())
+    assert first.returncode == 0 and first.stdout.startswith("added "), first.stderr
+    again = p2prc(me, "peers", "add", servers[0].peer())
+    assert again.returncode == 0 and again.stdout.startswith("already known, updated ")
+    assert stat.S_IMODE(me.stat().st_mode) == 0o700  # made on first use, as init makes it

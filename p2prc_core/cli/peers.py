@@ -49,13 +49,16 @@ def peers_add(node: Node, address: str, local_name: str | None = None,
         raise click.BadParameter("a name is a letter or digit, then letters, digits, '.', "
                                  "'_' or '-' (at most 64), and not an address",
                                  param_hint="--name")
-    entry, summary, endpoint = node.services.add_peer(resolve_peer(address), local_name)
+    services = node.services
+    known = set(services.table.load()) if services.table.path.exists() else set()
+    entry, summary, endpoint = services.add_peer(resolve_peer(address), local_name)
     latency = entry.measured.latency_ms
+    state = "already known, updated" if entry.node_id in known else "added"
     if as_json:
         print_json({"node_id": entry.node_id, "name": entry.name, "address": str(endpoint),
-                    "latency_ms": latency, "learned": len(summary.added)})
+                    "latency_ms": latency, "learned": len(summary.added),
+                    "new": entry.node_id not in known})
         return
-    state = "added" if entry.node_id not in summary.updated else "updated"
     click.echo(f"{state} {entry.local_name or entry.name!r} ({entry.node_id}) at {endpoint}"
                + (f", {latency:.1f} ms" if latency is not None else "")
                + (f"; learned of {len(summary.added)} more" if summary.added else ""))
