@@ -276,6 +276,8 @@ class HostResult:
     changed: int = 0
     failed: int = 0
     message: str = ""
+    task: str = ""  # the task that failed, if one did
+    ports: list[dict[str, Any]] = field(default_factory=list)  # handed: internal, external, at
 
 
 @dataclass
@@ -346,7 +348,11 @@ class Runs:
         return records
 
     def get(self, run_id: str) -> dict[str, Any]:
-        matches = [r for r in self.all() if r["id"].startswith(run_id)] if run_id else []
+        """A run by id, a unique start of one, or ``last``."""
+        every = self.all()
+        if run_id == "last" and every:
+            return max(every, key=lambda r: r.get("started", 0))
+        matches = [r for r in every if r["id"].startswith(run_id)] if run_id else []
         if len(matches) != 1:
             raise P2PRCError(f"no run {run_id!r} ('p2prc runs ls' lists them)" if not matches
                              else f"{run_id!r} matches {len(matches)} runs")
@@ -402,7 +408,7 @@ class RunService:
         extravars = {**bundle.variables, **variables}
         private_key = self.private_key()
         self.check_alive(containers)
-        handed = self.tracked.reserve_ports(containers, bundle.ports)
+        handed, newly = self.tracked.reserve_ports(containers, bundle.ports, bundle.name)
         targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host,
                              port=c.ssh_port, user="root", private_key=private_key,
                              host_key=c.host_key, ports=handed[c.id],
@@ -416,12 +422,17 @@ class RunService:
             result = runners[runner].run(bundle, targets, extravars, run_dir, event,
                                          confined=not allow_local)
         except BaseException:
-            self.tracked.release_ports(handed)
+            self.tracked.release_ports(newly)
             raise
-        failed = {t.container_id: handed[t.container_id] for t in targets
+        failed = {t.container_id: newly[t.container_id] for t in targets
                   if result.hosts.get(t.name, HostResult(t.name, "")).status != "ok"}
         if failed:
             self.tracked.release_ports(failed)
+        for container in containers:  # where each host's ports can be reached
+            host = result.hosts.get(container.short_id)
+            if host is not None:
+                host.ports = [{**p, "at": f"{container.host}:{p['external']}"}
+                              for p in handed[container.id]]
         record = record_of(run_id, bundle, result, started, extravars, run_dir)
         self.history.save(run_id, record)
         return record

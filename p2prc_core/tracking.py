@@ -156,36 +156,57 @@ class Tracked:
 
         update_json(self.groups_path, leave)
 
-    def reserve_ports(self, containers: list[RemoteContainer],
-                      count: int) -> dict[str, list[dict[str, int]]]:
-        """Hand each container ``count`` of its extra ports that no earlier run used, and
-        mark them used. :raises P2PRCError: one has too few left (then nothing is marked)."""
-        def reserve(data: dict[str, Any]) -> dict[str, list[dict[str, int]]]:
+    def reserve_ports(self, containers: list[RemoteContainer], count: int,
+                      bundle: str = "") -> tuple[dict[str, list[dict[str, int]]],
+                                                 dict[str, list[dict[str, int]]]]:
+        """Hand each container ``count`` of its extra ports: those an earlier run of the
+        same ``bundle`` had (a re-run serves on the same ports), then ports no run used.
+        Returns what each got, and which of those are newly taken (what a failed run gives
+        back). :raises P2PRCError: one has too few left (then nothing is marked)."""
+        def reserve(data: dict[str, Any]) -> tuple[dict[str, list[dict[str, int]]],
+                                                   dict[str, list[dict[str, int]]]]:
             chosen: dict[str, list[dict[str, int]]] = {}
+            newly: dict[str, list[dict[str, int]]] = {}
             for container in containers:
-                used = data[container.id].get("used_ports", [])
+                entry = data[container.id]
+                used = entry.get("used_ports", [])
+                owners = entry.get("port_owners", {})
+                mine = [p for p in container.extra_ports
+                        if bundle and owners.get(str(p["external"])) == bundle]
                 free = [p for p in container.extra_ports if p["external"] not in used]
-                if len(free) < count:
+                if len(mine) + len(free) < count:
                     raise P2PRCError(f"container {container.short_id} has {len(free)} unused "
                                      f"extra ports; the playbook needs {count} (touch a new "
                                      f"one with --ports {count})")
+                picked = (mine + free)[:count]
                 chosen[container.id] = [{"internal": p["internal"], "external": p["external"]}
-                                        for p in free[:count]]
-            for container_id, ports in chosen.items():
-                data[container_id].setdefault("used_ports", []).extend(
-                    p["external"] for p in ports)
-            return chosen
+                                        for p in picked]
+                newly[container.id] = [p for p in chosen[container.id] if p["external"] not in
+                                       {m["external"] for m in mine}]
+            for container_id, ports in newly.items():
+                entry = data[container_id]
+                entry.setdefault("used_ports", []).extend(p["external"] for p in ports)
+                if bundle:
+                    owners = entry.setdefault("port_owners", {})
+                    owners.update({str(p["external"]): bundle for p in ports})
+            return chosen, newly
 
-        return update_json(self.containers_path, reserve)
+        found: tuple[dict[str, list[dict[str, int]]], dict[str, list[dict[str, int]]]] = \
+            update_json(self.containers_path, reserve)
+        return found
 
     def release_ports(self, handed: dict[str, list[dict[str, int]]]) -> None:
-        """Give back ports that ``reserve_ports`` handed out (to a run that failed)."""
+        """Give back ports that ``reserve_ports`` newly handed out (to a run that failed)."""
         def release(data: dict[str, Any]) -> None:
             for container_id, ports in handed.items():
                 entry = data.get(container_id)
                 if isinstance(entry, dict) and isinstance(entry.get("used_ports"), list):
                     back = {p["external"] for p in ports}
                     entry["used_ports"] = [p for p in entry["used_ports"] if p not in back]
+                    owners = entry.get("port_owners")
+                    if isinstance(owners, dict):
+                        for port in back:
+                            owners.pop(str(port), None)
 
         update_json(self.containers_path, release)
 

@@ -67,6 +67,7 @@ class AnsibleRunner:
                 task = data.get("task", "")
                 if status in ("failed", "unreachable") and not data.get("ignore_errors"):
                     result.hosts[host].message = _message(data.get("res", {}))
+                    result.hosts[host].task = str(task)[:200]
                 on_event(host, task, status)
             return True
 
@@ -103,8 +104,16 @@ class AnsibleRunner:
 
 
 def _message(res: dict[str, Any]) -> str:
-    text = str(res.get("msg") or res.get("stderr") or res.get("reason") or "").strip()
-    return text.splitlines()[0][:300] if text else ""
+    """Why a task failed, in a line: its message, and what the command wrote to stderr
+    (Ansible's "non-zero return code" alone says nothing)."""
+    parts = []
+    for key in ("msg", "reason", "stderr"):
+        text = str(res.get(key) or "").strip()
+        if text and text not in parts:
+            parts.append(text.splitlines()[-1] if key == "stderr" else text.splitlines()[0])
+    if isinstance(res.get("rc"), int) and res.get("rc"):
+        parts.insert(1 if parts else 0, f"exit {res['rc']}")
+    return ": ".join(parts)[:400]
 
 
 @hookimpl(trylast=True)

@@ -115,16 +115,30 @@ def test_a_run_hands_each_target_its_login_and_unused_ports(node: NodeServices,
     assert events[:2] == [(t.name, "", "waiting") for t in targets]
     assert record["succeeded"] and set(record["hosts"]) == {t.name for t in targets}
     assert node.runs.history.get(record["id"][:10]) == record  # kept, found by prefix
-    # The next run gets the ports no run used before.
-    node.runs.run("http", [container(1).id], {}, "fake")
-    assert runner.calls[1][1][0].ports == [{"internal": 42012, "external": 42012}]
+    # A re-run of the same playbook serves on the same port; the record says which.
+    again = node.runs.run("http", [container(1).id], {}, "fake")
+    assert runner.calls[1][1][0].ports == [{"internal": 42011, "external": 42011}]
+    assert again["hosts"][first.name]["ports"] == [
+        {"internal": 42011, "external": 42011, "at": "fd42::1:42011"}]
+    assert node.runs.history.get("last")["id"] == again["id"]
 
 
-def test_a_third_run_finds_no_unused_port_and_says_so(node: NodeServices) -> None:
-    node.runs.run("http", ["web"], {}, "fake")
-    node.runs.run("http", ["web"], {}, "fake")
-    with pytest.raises(P2PRCError, match="0 unused extra ports; the playbook needs 1"):
+def test_other_playbooks_get_unused_ports_until_none_is_left(node: NodeServices,
+                                                             runner: FakeRunner) -> None:
+    import shutil
+
+    for name in ("http2", "http3"):  # the same bundle under other names
+        copy = node.home / "src" / name
+        shutil.copytree(CONTRIB / "http", copy)
+        toml = copy / "p2prc.toml"
+        toml.write_text(toml.read_text().replace('name = "http"', f'name = "{name}"'))
+        node.playbooks.add(str(copy))
+    for _ in range(3):  # re-runs never eat ports
         node.runs.run("http", ["web"], {}, "fake")
+    node.runs.run("http2", ["web"], {}, "fake")
+    assert runner.calls[-1][1][0].ports == [{"internal": 42012, "external": 42012}]
+    with pytest.raises(P2PRCError, match="0 unused extra ports; the playbook needs 1"):
+        node.runs.run("http3", ["web"], {}, "fake")
 
 
 def test_ports_handed_to_a_host_that_failed_are_released(node: NodeServices,

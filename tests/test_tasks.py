@@ -177,13 +177,19 @@ def test_http_bundle_on_a_group_of_two_is_served_to_another_namespace(
     assert [r["id"] for r in runs] == [record["id"]]
     shown = p2prc(me, "runs", "show", record["id"][:15])
     assert "succeeded" in shown.stdout and Path(record["artifacts"]).is_dir()
-    # Ports one run used are not handed to the next: the second port now, then none left.
-    again = json.loads(p2prc(me, "run", "http", "--on", first["id"][:12], "--json").stdout)
-    assert again["succeeded"]
+    # A re-run serves on the same port (the page changes, no second server, no port eaten),
+    # and says which port each host used.
+    for message in ("again", "and again"):
+        rerun = p2prc(me, "run", "http", "--on", first["id"][:12], "-e",
+                      f"message={message}", "--json")
+        again = json.loads(rerun.stdout)
+        assert again["succeeded"], rerun.stderr
+        port = first["ports"][1]["external"]
+        assert [p["external"] for p in again["hosts"][first["id"][:12]]["ports"]] == [port]
     tracked = json.loads((me / "containers.json").read_text())[first["id"]]
-    assert tracked["used_ports"] == [p["external"] for p in first["ports"][1:]]
-    full = p2prc(me, "run", "http", "--on", first["id"][:12])
-    assert full.returncode == 1 and "has 0 unused extra ports" in full.stderr
+    assert tracked["used_ports"] == [first["ports"][1]["external"]]
+    last = p2prc(me, "runs", "show", "last")
+    assert again["id"] in last.stdout and f":{port}" in last.stdout
 
 
 FAILING = """- hosts: all
@@ -195,11 +201,14 @@ FAILING = """- hosts: all
       when: inventory_hostname == target
     - name: then say hello
       ansible.builtin.command: echo hello
+    - name: a command that fails on the second host
+      ansible.builtin.shell: echo "disk full on $(hostname)" >&2; exit 3
+      when: inventory_hostname != target
 """
 
 
 @on_containers
-def test_a_host_that_fails_is_reported_and_the_other_succeeds(tmp_path: Path,
+def test_failed_hosts_say_which_task_and_why(tmp_path: Path,
                                                               host: LiveServer) -> None:
     me = tmp_path / "me"
     first, second = touch(tmp_path, host, 0), touch(tmp_path, host, 0)
@@ -211,9 +220,15 @@ def test_a_host_that_fails_is_reported_and_the_other_succeeds(tmp_path: Path,
     hosts = json.loads(run.stdout)["hosts"]
     assert hosts[first["id"][:12]]["status"] == "failed"
     assert "this host was told to fail" in hosts[first["id"][:12]]["message"]
-    assert hosts[second["id"][:12]]["status"] == "ok"
+    assert hosts[first["id"][:12]]["task"] == "fail on the first host only"
+    # A failed command says what it wrote to stderr, not only "non-zero return code".
+    failed = hosts[second["id"][:12]]
+    assert failed["status"] == "failed" and failed["ok"] >= 1
+    assert failed["task"] == "a command that fails on the second host"
+    assert "exit 3" in failed["message"]
+    assert f"disk full on {second['id'][:12]}" in failed["message"]
     table = p2prc(me, "runs", "show", json.loads(run.stdout)["id"])
-    assert "FAILED" in table.stdout
+    assert "FAILED" in table.stdout and "disk full on" in table.stdout
 
 
 @on_containers

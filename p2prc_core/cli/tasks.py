@@ -121,8 +121,12 @@ class RunProgress:
 
 
 def _print_run(record: dict[str, Any]) -> None:
-    print_table(("host", "result", "ok", "changed", "failed", "message"),
-                [(name, h["status"], h["ok"], h["changed"], h["failed"], h["message"] or "-")
+    print_table(("host", "result", "ok", "changed", "failed", "ports", "failed task: why"),
+                [(name, h["status"], h["ok"], h["changed"], h["failed"],
+                  ", ".join(str(p.get("at") or p.get("external")) for p in h.get("ports", []))
+                  or "-",
+                  (f"{h.get('task')}: " if h.get("task") else "") + (h["message"] or "")
+                  or "-")
                  for name, h in record["hosts"].items()],
                 title=f"run {record['id']} of {record['playbook']}: "
                       f"{'succeeded' if record['succeeded'] else 'FAILED'}")
@@ -151,7 +155,7 @@ def runs_ls(node: Node, as_json: bool = False) -> None:
 
 
 @runs_group.command("show")
-@click.argument("run_id")
+@click.argument("run_id", metavar="RUN_ID|last")
 @json_option
 @pass_node
 def runs_show(node: Node, run_id: str, as_json: bool = False) -> None:
