@@ -34,16 +34,24 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+WHOLE = {"node id", "id", "owner", "container", "host", "run"}  # columns never wrapped
+
+
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
                 title: str | None = None) -> None:
     """Cells are shown as they are: never read as rich markup (``[fd42::1]:8088`` and a
     peer's ``[bold]`` alike), and cleaned of escape sequences and control characters."""
     table = Table(title=Text(clean(title)) if title else None, title_justify="left",
                   header_style="bold", box=None, pad_edge=False)
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(Text("" if cell is None else clean(cell)) for cell in row))
+    cells = [[Text("" if cell is None else clean(cell)) for cell in row] for row in rows]
+    for index, column in enumerate(columns):
+        if column in WHOLE:  # ids are copied and pasted: never wrapped or cut
+            table.add_column(column, no_wrap=True, overflow="ignore", min_width=max(
+                (len(row[index]) for row in cells if index < len(row)), default=0))
+        else:
+            table.add_column(column, overflow="fold")
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
 
 

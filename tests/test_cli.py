@@ -116,3 +116,28 @@ def test_sizes_and_durations_read_as_people_write_them() -> None:
     assert human_duration(30 * 86400) == "30 days" and human_duration(86400) == "1 day"
     assert human_duration(7200) == "2 h" and human_duration(90) == "1.5 min"
     assert human_duration(42) == "42 s"
+
+
+def test_peers_and_group_list_like_the_other_groups(home: Path) -> None:
+    for words in (("peers",), ("group",), ("containers",), ("runs",), ("playbooks",)):
+        code, out, err = run(*words)
+        assert code == 0, (words, err)
+        assert out.strip(), words  # a listing, or what to do when it is empty
+
+
+def test_ids_are_never_wrapped_in_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from p2prc_core import output
+    from p2prc_core.identity import NodeIdentity
+
+    node_id = NodeIdentity.generate().node_id
+    screen = io.StringIO()
+    monkeypatch.setattr(output, "console", Console(file=screen, width=60, highlight=False,
+                                                   soft_wrap=False))
+    output.print_table(("name", "node id", "gpus"),
+                       [("a-peer-with-a-rather-long-name-indeed", node_id,
+                         "NVIDIA H200 with a long product name")])
+    assert node_id in screen.getvalue()  # whole, on one line: it can be copied

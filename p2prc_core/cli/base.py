@@ -98,7 +98,11 @@ class ListingGroup(click.Group):
         super().__init__(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
-        if not ctx.protected_args and not ctx.args:
+        # click 8.2 keeps the subcommand in _protected_args (protected_args is deprecated)
+        protected = getattr(ctx, "_protected_args", None)
+        if protected is None:
+            protected = ctx.protected_args
+        if not protected and not ctx.args:
             return ctx.invoke(self.commands["ls"])
         return super().invoke(ctx)
 

@@ -195,9 +195,10 @@ def forward(node: Node, container: str, port: int, local_port: int | None) -> No
         node.services.forward(entry, port, local_port, ready)
 
 
-@main.group("group")
+@main.group("group", cls=ListingGroup)
 def group_group() -> None:
-    """Groups of containers: a group name works wherever a container id does."""
+    """Groups of containers: a group name works wherever a container id does (ls is the
+    default)."""
 
 
 @group_group.command("create")

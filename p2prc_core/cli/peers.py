@@ -10,6 +10,7 @@ import click
 from rich.progress import BarColumn, Progress, TextColumn
 
 from p2prc_core.cli.base import (
+    ListingGroup,
     Node,
     format_ago,
     json_option,
@@ -29,9 +30,9 @@ if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to 
 
 # -- peers -------------------------------------------------------------------------------
 
-@main.group()
+@main.group(cls=ListingGroup)
 def peers() -> None:
-    """The peer table: add peers, list them, and discover more."""
+    """The peer table: add peers, list them (the default), and discover more."""
 
 
 @peers.command("add")
