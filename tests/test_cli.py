@@ -141,3 +141,18 @@ def test_ids_are_never_wrapped_in_a_narrow_terminal(monkeypatch: pytest.MonkeyPa
                        [("a-peer-with-a-rather-long-name-indeed", node_id,
                          "NVIDIA H200 with a long product name")])
     assert node_id in screen.getvalue()  # whole, on one line: it can be copied
+
+
+def test_version_and_this_machines_specs(home: Path) -> None:
+    import platform
+
+    from p2prc_core import __version__
+
+    code, out, _ = run("version", "--json")
+    found = json.loads(out)
+    assert code == 0 and found["p2prc"] == __version__
+    assert found["python"] == platform.python_version() and "docker" in found["plugins"]
+    assert found["docker engine"]  # a version, or why there is none
+    code, out, _ = run("specs", "--json")
+    mine = json.loads(out)
+    assert code == 0 and mine["cpu"]["threads"] >= 1 and mine["memory"]["total"] > 0

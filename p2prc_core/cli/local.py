@@ -242,6 +242,36 @@ def show_config(node: Node, as_json: bool) -> None:
 @main.command()
 @json_option
 @pass_node
+def version(node: Node, as_json: bool) -> None:
+    """Versions of p2prc, Python, the Docker engine, Ansible and each plugin."""
+    import platform
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def package(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    try:
+        engine = str(node.services.backend().client.version().get("Version"))  # type: ignore[attr-defined]
+    except Exception as err:  # noqa: BLE001 - no engine, or another backend: say why
+        engine = f"unavailable ({str(err).splitlines()[0][:80]})"
+    found = {"p2prc": __version__, "python": platform.python_version(),
+             "docker engine": engine, "ansible-core": package("ansible-core"),
+             "ansible-runner": package("ansible-runner")}
+    plugins_found = {i.name: i.version for i in node.hooks.plugin_info()}
+    if as_json:
+        print_json({**found, "plugins": plugins_found})
+        return
+    print_table(("", "version"), [*found.items(), *((f"plugin {k}", v)
+                                                    for k, v in plugins_found.items())])
+
+
+@main.command()
+@json_option
+@pass_node
 def plugins(node: Node, as_json: bool) -> None:
     """List every plugin with its distribution, version and hooks."""
     infos = node.hooks.plugin_info()

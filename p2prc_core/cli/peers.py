@@ -160,13 +160,17 @@ def peers_update(node: Node, hops: int | None = None, as_json: bool = False) -> 
         click.echo(f"  {node_id}: {error}", err=True)
 
 @main.command()
-@click.argument("peer")
+@click.argument("peer", required=False)
 @json_option
 @pass_node
-def specs(node: Node, peer: str, as_json: bool) -> None:
-    """Show a peer's CPU, memory, disk, load and GPUs."""
-    with node.client(peer) as client:
-        data = client.specs()
+def specs(node: Node, peer: str | None, as_json: bool) -> None:
+    """Show a peer's CPU, memory, disk, load and GPUs; with no PEER, this machine's."""
+    if peer is None:
+        data, where = node.services.specs(), "this machine"
+    else:
+        with node.client(peer) as client:
+            data = client.specs()
+            where = str(client.endpoint)
     if as_json:
         print_json(data)
         return
@@ -191,7 +195,7 @@ def specs(node: Node, peer: str, as_json: bool) -> None:
                      f"{gpu.get('driver')}, {gpu.get('utilization_percent', '?')}% busy"))
     if not gpus:
         rows.append(("gpus", "none"))
-    print_table(("", str(client.endpoint)), rows)
+    print_table(("", where), rows)
 
 
 def _gpu_names(specs: Any) -> list[str]:
