@@ -623,3 +623,33 @@ def test_touch_says_when_published_ports_cannot_be_reached(tmp_path: Path) -> No
                                     {"name": "ssh", "internal": 22, "external": closed}],
                                 image=IMAGE, created=0, expires=1)
     assert published_reachable(container, timeout=0.5) is False
+
+
+def test_ssh_config_lets_plain_ssh_and_scp_in_through_the_tunnel(tmp_path: Path,
+                                                               host: LiveServer) -> None:
+    reply = touch(tmp_path, host)
+    short = reply["id"][:12]
+    written = me(tmp_path, "ssh-config", "--write")
+    assert written.returncode == 0 and "Include" in written.stdout, written.stderr
+    config = tmp_path / "me" / "ssh" / "config"
+    assert f"Host p2prc-{short}" in config.read_text()
+    assert "ProxyCommand" in config.read_text() and "StrictHostKeyChecking yes" in \
+        config.read_text()
+    deadline = time.monotonic() + 15
+    while True:  # plain OpenSSH, nothing but the config
+        result = subprocess.run(["ssh", "-F", str(config), f"p2prc-{short}", "hostname"],
+                                capture_output=True, text=True, timeout=60,
+                                stdin=subprocess.DEVNULL)
+        if result.returncode != 255 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert result.returncode == 0 and result.stdout.strip() == short, result.stderr
+    local = tmp_path / "note.txt"
+    local.write_text("copied through the tunnel\n")
+    copied = subprocess.run(["scp", "-F", str(config), str(local), f"p2prc-{short}:/tmp/"],
+                            capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert copied.returncode == 0, copied.stderr
+    back = subprocess.run(["ssh", "-F", str(config), f"p2prc-{short}", "cat /tmp/note.txt"],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert back.stdout == "copied through the tunnel\n"

@@ -162,6 +162,43 @@ def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
     return ["ssh", *common, "-p", str(entry.ssh_port), f"root@{entry.host}"]
 
 
+@main.command("ssh-config")
+@click.argument("containers", nargs=-1)
+@click.option("--write", is_flag=True,
+              help="Write $P2PRC_HOME/ssh/config (to Include from ~/.ssh/config) instead of "
+                   "printing it.")
+@pass_node
+def ssh_config(node: Node, containers: tuple[str, ...], write: bool) -> None:
+    """OpenSSH Host entries (p2prc-ID) for your containers, through the tunnel with the
+    pinned host keys: for scp, rsync, VS Code Remote, or ssh itself."""
+    services = node.services
+    tracked = services.tracked
+    entries = [e for name in containers for e in tracked.resolve(name)] if containers \
+        else list(tracked.containers().values())
+    private, _ = services.ssh_key()
+    blocks = []
+    for entry in entries:
+        argv = ssh_command(node.home, entry, private, True, services.paths_to(entry),
+                           services.settings.request_timeout, services.secure)
+        lines = [f"Host p2prc-{entry.short_id}", f"    HostName p2prc-{entry.short_id}",
+                 "    User root", f"    IdentityFile {private}"]
+        for option in (argv[i + 1] for i, word in enumerate(argv[:-1]) if word == "-o"):
+            key, _, value = option.partition("=")  # ssh_config expands %: keep it literal
+            lines.append(f"    {key} {value.replace('%', '%%')}")
+        blocks.append("\n".join(lines))
+    text = "\n\n".join(blocks) + ("\n" if blocks else "")
+    if not write:
+        click.echo(text, nl=False)
+        if not blocks:
+            click.echo("# no containers: 'p2prc touch PEER' starts one", err=True)
+        return
+    path = node.home / "ssh" / "config"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_text(text)
+    click.echo(f"wrote {len(blocks)} Host entries to {path}; add this line to the top of "
+               f"~/.ssh/config:\n    Include {path}")
+
+
 @main.command(hidden=True)
 @click.argument("container")
 @click.argument("port", type=click.IntRange(1, 65535), default=22)
