@@ -198,6 +198,27 @@ class DockerBackend:
         return [{"name": tag, "id": image.short_id, "size": image.attrs.get("Size", 0)}
                 for image in found for tag in image.tags]
 
+    def usage(self, container_id: str) -> dict[str, float]:
+        """What the container uses now, as 'docker stats' shows it: ``cpu_percent`` (of one
+        CPU: 200 is two busy CPUs) and ``memory`` (bytes, page cache left out)."""
+        docker = _docker()
+        try:
+            stats = self.client.api.stats(container_id, stream=False)
+        except docker.errors.DockerException as err:
+            raise ContainerError(404, "No such container", f"{container_id[:12]}: {err}") \
+                from None
+        cpu, before = stats.get("cpu_stats") or {}, stats.get("precpu_stats") or {}
+        used = (cpu.get("cpu_usage") or {}).get("total_usage", 0) - \
+            (before.get("cpu_usage") or {}).get("total_usage", 0)
+        system = cpu.get("system_cpu_usage", 0) - before.get("system_cpu_usage", 0)
+        cpus = cpu.get("online_cpus") or len((cpu.get("cpu_usage") or {}).get(
+            "percpu_usage") or []) or 1
+        memory = stats.get("memory_stats") or {}
+        details = memory.get("stats") or {}
+        cache = details.get("inactive_file", details.get("total_inactive_file", 0))
+        return {"cpu_percent": round(used / system * cpus * 100, 1) if system > 0 else 0.0,
+                "memory": max(0, memory.get("usage", 0) - cache)}
+
     def gpu_available(self) -> bool:
         """Whether the engine can give GPUs to containers: NVIDIA's container toolkit."""
         runtimes = self.client.info().get("Runtimes", {})

@@ -353,6 +353,20 @@ def test_the_host_sees_and_kills_every_container(tmp_path: Path, host: LiveServe
     leases = json.loads(listed.stdout)
     assert [lease["id"] for lease in leases] == [reply["id"]]
     assert leases[0]["owner"] == NodeIdentity.load_or_create(tmp_path / "me").node_id
+    # Live use, as 'docker stats' shows it: a busy loop is seen using a CPU.
+    busy = ssh(tmp_path, reply["id"], "nohup sh -c 'while :; do :; done' >/dev/null 2>&1 &")
+    assert busy.returncode == 0, busy.stderr
+    deadline = time.monotonic() + 30
+    while True:
+        listed = subprocess.run([P2PRC, "server", "containers", "ls", "--json"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        usage = json.loads(listed.stdout)[0]["usage"]
+        if usage["cpu_percent"] > 50 or time.monotonic() > deadline:
+            break
+    assert usage["cpu_percent"] > 50 and 0 < usage["memory"] < leases[0]["memory"], usage
+    table = subprocess.run([P2PRC, "server", "containers", "ls"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert "% of 1" in table.stdout and " of 512 MiB" in table.stdout
     short = subprocess.run([P2PRC, "server", "containers", "kill", "ab"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert short.returncode == 2 and "at least 4 characters" in short.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 import click
 
@@ -298,19 +299,48 @@ def server_containers() -> None:
 @pass_node
 def server_containers_ls(node: Node, as_json: bool = False) -> None:
     """List every p2prc container here, with its owner, limits and lease."""
-    leases = _local_service(node).list_leases()
+    service = _local_service(node)
+    leases = service.list_leases()
+    usage = _usage(service.backend, [lease.id for lease in leases if lease.state == "running"])
     if as_json:
-        print_json([lease.as_dict() for lease in leases])
+        print_json([{**lease.as_dict(), "usage": usage.get(lease.id)} for lease in leases])
         return
     if not leases:
         click.echo("No p2prc containers on this host.")
         return
     names = {k: v.get("name") for k, v in node.services.trust.all().items()}
-    print_table(("id", "owner", "state", "image", "cpus", "memory", "ports", "expires"),
+
+    def used(lease: Any) -> tuple[str, str]:
+        now = usage.get(lease.id)
+        if now is None:
+            return "-", f"- of {human_bytes(lease.memory)}"
+        return (f"{now['cpu_percent']:g}% of {lease.cpus:g}",
+                f"{human_bytes(now['memory'])} of {human_bytes(lease.memory)}")
+
+    print_table(("id", "owner", "state", "image", "cpu", "memory", "ports", "expires"),
                 [(lease.id[:12], names.get(lease.owner) or lease.owner, lease.state,
-                  lease.image, f"{lease.cpus:g}", human_bytes(lease.memory),
+                  lease.image, *used(lease),
                   ", ".join(str(p["external"]) for p in lease.ports), format_when(lease.expires))
                  for lease in leases])
+
+
+def _usage(backend: Any, container_ids: list[str]) -> dict[str, dict[str, float]]:
+    """Each running container's CPU and memory use now, asked of the engine all at once (a
+    backend that cannot tell gives none)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    measure = getattr(backend, "usage", None)
+    if measure is None or not container_ids:
+        return {}
+
+    def one(container_id: str) -> tuple[str, dict[str, float] | None]:
+        try:
+            return container_id, measure(container_id)
+        except P2PRCError:
+            return container_id, None
+
+    with ThreadPoolExecutor(max_workers=min(16, len(container_ids))) as pool:
+        return {k: v for k, v in pool.map(one, container_ids) if v is not None}
 
 
 @server_containers.command("kill")
