@@ -156,3 +156,16 @@ def test_version_and_this_machines_specs(home: Path) -> None:
     code, out, _ = run("specs", "--json")
     mine = json.loads(out)
     assert code == 0 and mine["cpu"]["threads"] >= 1 and mine["memory"]["total"] > 0
+
+
+def test_help_leads_with_commands_and_examples_and_cuts_nothing(home: Path) -> None:
+    code, out, _ = run("--help")
+    assert code == 0 and "..." not in out.split("\n", 1)[1]  # past the usage line
+    assert out.index("Get started:") < out.index("Examples:") < out.index("Options:") < \
+        out.index("The original P2PRC's flags")
+    original = out[out.index("The original P2PRC's flags"):]
+    for flag in ("--as", "--ls", "--us", "--tc", "--pp", "--vp", "--rp"):
+        assert flag in original and flag not in out[out.index("Options:"):
+                                                     out.index("The original")]
+    for command in ("server", "invite", "touch", "ssh", "forward", "run", "version"):
+        assert f"\n  {command} " in out

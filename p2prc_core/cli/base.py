@@ -80,14 +80,73 @@ def resolve_peer(text: str) -> Endpoint:
         raise click.BadParameter(str(err), param_hint="PEER") from None
 
 
+# How 'p2prc --help' groups the commands (any command not named here goes under "More").
+SECTIONS = [
+    ("Get started", ["init", "server", "status", "doctor", "id", "invite", "join"]),
+    ("Peers", ["peers", "specs", "speedtest", "trust", "untrust", "interfaces"]),
+    ("Containers", ["touch", "ssh", "forward", "ssh-config", "containers", "rm", "group"]),
+    ("Tasks", ["playbooks", "run", "runs"]),
+    ("This node", ["config", "plugins", "image", "version"]),
+]
+EXAMPLES = """\
+  p2prc server                       run your peer server (keep it running)
+  p2prc invite                       a token for a friend; they run: p2prc join TOKEN
+  p2prc peers update && p2prc peers  learn of more peers; list them, near and fast first
+  p2prc touch alice --ports 1        a container on alice's machine
+  p2prc ssh 3f2a9c1d0b7e             log in (through alice's p2prc port)
+  p2prc run http --on 3f2a9c1d0b7e   an Ansible playbook on containers
+"""
+# The original P2PRC's flags, shown in a section of their own.
+ORIGINAL_FLAGS = {"serve_flag", "add_address", "list_flag", "update_flag", "touch_peer",
+                  "touch_ports", "touch_gpu", "tracked_flag", "rm_container", "add_playbook",
+                  "list_playbooks", "rm_playbook", "plugin_name", "plugin_ids"}
+
+
 class P2PRCGroup(click.Group):
-    """Turns every p2prc error into one line on stderr and a non-zero exit."""
+    """Turns every p2prc error into one line on stderr and a non-zero exit; its help leads
+    with the commands, by topic and whole, and a few examples."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (P2PRCError, ConfigError, PluginLoadError) as err:
             raise click.ClickException(str(err)) from None
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        self.format_commands(ctx, formatter)
+        with formatter.section("Examples"):
+            formatter.write(EXAMPLES)
+        self.format_options(ctx, formatter)
+        self.format_epilog(ctx, formatter)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        listed: set[str] = set()
+        commands = {name: self.get_command(ctx, name) for name in self.list_commands(ctx)}
+        for title, names in SECTIONS + [("More", sorted(commands))]:
+            rows = []
+            for name in names:
+                command = commands.get(name)
+                if command is None or command.hidden or name in listed:
+                    continue
+                listed.add(name)
+                rows.append((name, command.get_short_help_str(limit=300)))
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        ours: list[tuple[str, str]] = []
+        original: list[tuple[str, str]] = []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                (original if param.name in ORIGINAL_FLAGS else ours).append(record)
+        with formatter.section("Options"):
+            formatter.write_dl(ours)
+        with formatter.section("The original P2PRC's flags (each stands alone)"):
+            formatter.write_dl(original)
 
 
 class ListingGroup(click.Group):
