@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import click
+import pytest
 from falcon import testing
 
 from p2prc_core import hookdocs
@@ -65,3 +66,36 @@ def test_every_route_is_in_the_api_docs(hooks, settings, tmp_path) -> None:  # t
     assert testing.TestClient(app).simulate_get("/v1/health").status_code == 200
     for template, method, _ in openapi.routes(app):
         assert f"{method.upper()} {template}" in text, f"docs/api.md lacks {method} {template}"
+
+
+def test_the_systemd_unit_parses(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not on this machine")
+    unit = (ROOT / "contrib" / "systemd" / "p2prc.service").read_text()
+    assert "ExecStart=/opt/p2prc/.venv/bin/p2prc server" in unit  # as its comment says
+    here = tmp_path / "p2prc.service"  # this checkout's p2prc, so the command exists
+    here.write_text(unit.replace("/opt/p2prc/.venv/bin/p2prc",
+                                 str(Path(sys.executable).with_name("p2prc"))))
+    checked = subprocess.run(["systemd-analyze", "verify", str(here)], capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    broken = tmp_path / "broken.service"
+    broken.write_text(unit.replace("/opt/p2prc/.venv/bin/p2prc", "no/such/p2prc"))
+    assert subprocess.run(["systemd-analyze", "verify", str(broken)],
+                          capture_output=True, timeout=60).returncode != 0
+
+
+def test_shell_completion_completes_commands() -> None:
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([str(Path(sys.executable).with_name("p2prc"))],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "_P2PRC_COMPLETE": "bash_complete",
+                                 "COMP_WORDS": "p2prc pe", "COMP_CWORD": "1"})
+    assert "plain,peers" in result.stdout.split()  # click: TYPE,VALUE a line
