@@ -33,6 +33,7 @@ TOKEN_BYTES = 16
 WAIT_SECONDS = 20.0  # a poll is answered at the latest after this (204: nothing came)
 ACCEPT_SECONDS = 10.0  # how long a client is held for the node to come and accept
 FIND_SECONDS = 3.0  # how long a client waits for the node's next poll to appear
+WAITS_PER_NODE = 2  # polls one node may hold open at once (one, and the next overlapping)
 
 
 class RelayRefusal(Refusal):
@@ -58,6 +59,9 @@ class RelayHub:
         at once when ``gone()`` says the node's poll went away (it restarted, say), so no
         client is handed to a poll nobody reads."""
         self.dir.mkdir(exist_ok=True)
+        if len(list(self.dir.glob(f"w.{node_id}.*"))) >= WAITS_PER_NODE:
+            raise RelayRefusal(f"Node {node_id} already waits here {WAITS_PER_NODE} times: "
+                               f"one poll at a time.", 429, "Already waiting")
         waiting = self.waiting_nodes()
         if node_id not in waiting and len(waiting) >= self.max_nodes:
             raise RelayRefusal(f"This relay holds {len(waiting)} nodes, its limit: try "

@@ -368,3 +368,59 @@ def test_the_ssh_helper_says_in_one_line_why_no_path_works(tmp_path: Path) -> No
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("p2prc tunnel: no path to the host works")
     assert f"127.0.0.1:{closed}" in lines[0] and "relay" in lines[0]
+
+
+def test_waiting_nodes_never_take_every_thread_of_a_relay(tmp_path: Path,
+                                                          servers: list[LiveServer]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    # One worker with 4 threads: at most 2 may be held by polls and streams.
+    relay = start_relay(tmp_path, "relay", P2PRC_THREADS="4")
+    servers.append(relay)
+    at = Endpoint("127.0.0.1", relay.port, relay.node_id)
+
+    def wait_as(identity: NodeIdentity) -> str:
+        try:
+            with PeerClient(at, timeout=5, identity=identity) as client:
+                client.relay_wait(20)
+            return "answered"
+        except PeerRefused as err:
+            return str(err.status)
+        except PeerError:
+            return "closed"  # the relay stopped
+
+    nodes = [NodeIdentity.generate() for _ in range(2)]
+    with ThreadPoolExecutor(4) as pool:
+        holding = [pool.submit(wait_as, n) for n in nodes]
+        wait_for(lambda: len(list((relay.home / "relay").glob("w.*"))) == 2,
+                 what="two nodes wait")
+        assert wait_as(NodeIdentity.generate()) == "503"  # no third: threads are kept
+        started = time.monotonic()
+        assert web.get(relay.url() + "/v1/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 2  # the relay still answers everything else
+        relay.stop()  # ends the polls
+        assert {f.result(timeout=30) for f in holding} <= {"answered", "closed"}
+
+
+def test_one_node_holds_at_most_two_polls(tmp_path: Path) -> None:
+    from p2prc_core.relayhub import RelayHub, RelayRefusal
+
+    hub = RelayHub(tmp_path, max_nodes=4, max_connections=4)
+    node = NodeIdentity.generate().node_id
+    ready = threading.Barrier(3)
+
+    def poll() -> None:
+        ready.wait()
+        hub.wait(node, seconds=3)
+
+    threads = [threading.Thread(target=poll) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    wait_for(lambda: len(list((tmp_path / "relay").glob(f"w.{node}.*"))) == 2,
+             what="two polls")
+    with pytest.raises(RelayRefusal) as refused:
+        hub.wait(node, seconds=1)
+    assert refused.value.status == 429
+    for thread in threads:
+        thread.join(10)

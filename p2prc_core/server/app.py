@@ -14,6 +14,7 @@ from p2prc_core.relayhub import RelayHub
 from p2prc_core.server import errors, openapi, resources, streams
 from p2prc_core.server.auth import RequestAuth
 from p2prc_core.server.bodies import BodySizeLimit
+from p2prc_core.server.upgrade import Held
 from p2prc_core.services import NodeServices
 
 log = logging.getLogger("p2prc.server")
@@ -57,14 +58,17 @@ def create_app(node: NodeServices) -> falcon.App:
     app.add_route("/v1/containers", resources.ContainersResource(node.containers))
     app.add_route("/v1/containers/{container_id}",
                   resources.ContainerResource(node.containers))
+    # Streams, relay polls and dial-backs each hold a thread: two are always left for the
+    # rest (gthread's threads are a fixed number per worker).
+    held = Held(settings.threads - 2)
     app.add_route("/v1/containers/{container_id}/tunnel",
-                  streams.TunnelResource(node.containers))
+                  streams.TunnelResource(node.containers, held))
     hub = RelayHub(node.home, settings.relay_max_nodes, settings.relay_max_connections)
     app.add_route("/v1/relay/wait", streams.RelayWaitResource(settings, hub,
-                                                              node.trust.is_trusted))
-    app.add_route("/v1/relay/accept", streams.RelayAcceptResource(settings, hub))
-    app.add_route("/v1/relay/connect", streams.RelayConnectResource(settings, hub))
-    app.add_route("/v1/reach", streams.ReachCheckResource(node.secure))
+                                                              node.trust.is_trusted, held))
+    app.add_route("/v1/relay/accept", streams.RelayAcceptResource(settings, hub, held))
+    app.add_route("/v1/relay/connect", streams.RelayConnectResource(settings, hub, held))
+    app.add_route("/v1/reach", streams.ReachCheckResource(node.secure, held))
     app.add_route("/v1/trust/me",
                   resources.TrustMeResource(node.trust.is_trusted, settings.trust_mode))
     app.add_route("/v1/trust/join", resources.TrustJoinResource(node.accept_invite))

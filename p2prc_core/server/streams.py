@@ -19,7 +19,7 @@ from p2prc_core.containers import ContainerService
 from p2prc_core.identity import is_node_id
 from p2prc_core.relayhub import RelayHub, RelayRefusal
 from p2prc_core.server.bodies import read_json
-from p2prc_core.server.upgrade import serving, switch, wants_upgrade
+from p2prc_core.server.upgrade import Held, serving, switch, wants_upgrade
 from p2prc_core.splice import no_delay, splice
 
 log = logging.getLogger("p2prc.server")
@@ -60,8 +60,9 @@ class TunnelResource:
                       "502": {"description": "nothing answers on the container's port"}},
     }}
 
-    def __init__(self, service: Callable[[], ContainerService]):
+    def __init__(self, service: Callable[[], ContainerService], held: Held):
         self.service = service
+        self.held = held
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, container_id: str) -> None:
         wants_upgrade(req)
@@ -73,9 +74,14 @@ class TunnelResource:
                 title="No such port",
                 description=f"Container {lease.id[:12]} has ports "
                             f"{', '.join(str(p) for p in sorted(external))}, not {port}.")
-        target = _dial_local(external[port])
+        release = self.held.acquire("a tunnel")
+        try:
+            target = _dial_local(external[port])
+        except BaseException:
+            release()
+            raise
         log.info("tunnel to %s port %d for %s", lease.id[:12], port, req.context.caller)
-        switch(req, resp, lambda sock: _join(sock, target, TUNNEL_IDLE_SECONDS))
+        switch(req, resp, lambda sock: _join(sock, target, TUNNEL_IDLE_SECONDS), release)
 
 
 def _join(sock: socket.socket, other: socket.socket, idle: float | None,
@@ -98,14 +104,17 @@ class RelayWaitResource:
         "tags": ["signed"],
         "responses": {"200": {"description": "{token}: accept it with POST /v1/relay/accept"},
                       "204": {"description": "no client came; poll again"},
+                      "429": {"description": "the caller already waits here twice"},
                       "403": {"description": "this node is not a relay, or not for the caller"},
                       "503": {"description": "the relay holds as many nodes as it may"}},
     }}
 
-    def __init__(self, settings: Settings, hub: RelayHub, is_trusted: Callable[[str], bool]):
+    def __init__(self, settings: Settings, hub: RelayHub, is_trusted: Callable[[str], bool],
+                 held: Held):
         self.settings = settings
         self.hub = hub
         self.is_trusted = is_trusted
+        self.held = held
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = req.context.caller
@@ -117,9 +126,13 @@ class RelayWaitResource:
                             f"is not one ('p2prc trust {caller}' on the relay, or "
                             f"relay_open = true).")
         sock = req.env.get("gunicorn.socket")
-        # A polling node sends nothing while it waits: readable means it closed.
-        token = self.hub.wait(caller, alive=serving, gone=lambda: sock is not None and bool(
-            select.select([sock], [], [], 0)[0]))
+        release = self.held.acquire("a relay poll")
+        try:
+            # A polling node sends nothing while it waits: readable means it closed.
+            token = self.hub.wait(caller, alive=serving, gone=lambda: sock is not None and
+                                  bool(select.select([sock], [], [], 0)[0]))
+        finally:
+            release()
         if token is None:
             resp.status = falcon.HTTP_204
             return
@@ -142,16 +155,22 @@ class RelayAcceptResource:
                       "501": {"description": "this server cannot switch to a stream"}},
     }}
 
-    def __init__(self, settings: Settings, hub: RelayHub):
+    def __init__(self, settings: Settings, hub: RelayHub, held: Held):
         self.settings = settings
         self.hub = hub
+        self.held = held
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         _relaying(self.settings)
         wants_upgrade(req)
         token = req.get_param("token", required=True)
-        client = self.hub.accept(req.context.caller, token)
-        switch(req, resp, lambda sock: _join(sock, client, None))
+        release = self.held.acquire("a relayed connection")
+        try:
+            client = self.hub.accept(req.context.caller, token)
+        except BaseException:
+            release()
+            raise
+        switch(req, resp, lambda sock: _join(sock, client, None), release)
 
 
 class RelayConnectResource:
@@ -172,9 +191,10 @@ class RelayConnectResource:
                       "504": {"description": "the node did not come to accept"}},
     }}
 
-    def __init__(self, settings: Settings, hub: RelayHub):
+    def __init__(self, settings: Settings, hub: RelayHub, held: Held):
         self.settings = settings
         self.hub = hub
+        self.held = held
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         _relaying(self.settings)
@@ -184,14 +204,19 @@ class RelayConnectResource:
             raise falcon.HTTPBadRequest(title="Invalid node",
                                         description="node is a node id (26 letters and "
                                                     "digits).")
-        node = self.hub.connect(node_id)
+        release = self.held.acquire("a relayed connection")
+        try:
+            node = self.hub.connect(node_id)
+        except BaseException:
+            release()
+            raise
         rate = self.settings.relay_mbit * 125_000 or None
 
         def carry(sock: socket.socket) -> None:
             with self.hub.counted():
                 _join(sock, node, None, rate)
 
-        switch(req, resp, carry)
+        switch(req, resp, carry, release)
 
 
 def _relaying(settings: Settings) -> None:
@@ -216,8 +241,9 @@ class ReachCheckResource:
         "responses": {"200": {"description": "{reachable, address, error}"}},
     }}
 
-    def __init__(self, secure: bool, timeout: float = 2.0):
+    def __init__(self, secure: bool, held: Held, timeout: float = 2.0):
         self.secure = secure
+        self.held = held
         self.timeout = timeout
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -230,7 +256,11 @@ class ReachCheckResource:
         ip = str(req.remote_addr or "")
         if ip.startswith("::ffff:"):
             ip = ip[7:]
-        resp.media = dial_back(ip, port, req.context.caller, self.secure, self.timeout)
+        release = self.held.acquire("a dial-back")
+        try:
+            resp.media = dial_back(ip, port, req.context.caller, self.secure, self.timeout)
+        finally:
+            release()
 
 
 def dial_back(ip: str, port: int, node_id: str, secure: bool, timeout: float

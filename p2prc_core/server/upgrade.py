@@ -11,6 +11,7 @@ before it sends a byte of the stream, so nothing of it sits in gunicorn's buffer
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -37,12 +38,45 @@ def wants_upgrade(req: falcon.Request) -> None:
                         "p2prc's gunicorn server over HTTP/1.1).")
 
 
-def switch(req: falcon.Request, resp: falcon.Response, take: Take) -> None:
-    """Answer 101 and have ``take`` run with the connection once the answer is sent."""
+def switch(req: falcon.Request, resp: falcon.Response, take: Take,
+           release: Callable[[], None] | None = None) -> None:
+    """Answer 101 and have ``take`` run with the connection once the answer is sent;
+    ``release`` runs after it, also when the connection broke before (see ``Held``)."""
     resp.status = falcon.HTTP_101
     resp.set_header("Connection", "Upgrade")
     resp.set_header("Upgrade", PROTOCOL)
     req.env[ENV_KEY] = take
+    req.env[ENV_KEY + ".release"] = release
+
+
+class Held:
+    """Requests that hold a gunicorn thread for long (streams, relay polls, dial-backs), in
+    this worker: at most ``limit`` at once, so that ordinary requests always find a thread
+    (gthread has a fixed number). Beyond it: 503 with Retry-After."""
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, what: str) -> Callable[[], None]:
+        """A slot, or 503; returns what gives it back (once, whatever calls it)."""
+        with self._lock:
+            if self.count >= self.limit:
+                raise falcon.HTTPServiceUnavailable(
+                    title="Busy", retry_after=2,
+                    description=f"This node carries {self.count} long-lived requests "
+                                f"(streams, relay polls) per worker, its limit ({what}): try "
+                                f"again shortly.")
+            self.count += 1
+        done = threading.Event()
+
+        def release() -> None:
+            if not done.is_set():
+                done.set()
+                with self._lock:
+                    self.count -= 1
+        return release
 
 
 class Upgrades:
@@ -65,15 +99,20 @@ class Upgrades:
         force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
         if force_close is not None:
             force_close()
-        return _then(take, environ["gunicorn.socket"])
+        return _then(take, environ["gunicorn.socket"], environ.get(ENV_KEY + ".release"))
 
     def __getattr__(self, name: str) -> Any:  # the Falcon app's own attributes, for tests
         return getattr(self.app, name)
 
 
-def _then(take: Take, sock: socket.socket) -> Iterator[bytes]:
-    yield b""  # gunicorn sends the 101 and its headers on the first write
-    take(sock)
+def _then(take: Take, sock: socket.socket,
+          release: Callable[[], None] | None) -> Iterator[bytes]:
+    try:
+        yield b""  # gunicorn sends the 101 and its headers on the first write
+        take(sock)
+    finally:  # also when the client left before the 101 went out
+        if release is not None:
+            release()
 
 
 _worker: Any = None  # this process's gunicorn worker, set after it starts (see run.py)
