@@ -133,8 +133,8 @@ class ReachAgent:
         self.state.update(upnp=None, relay=None, reachable=None)
         if not self._wait_for_server():
             return
-        if self.settings.upnp:
-            self._map_port()
+        if self.settings.upnp:  # beside the rest: finding no gateway takes seconds
+            threading.Thread(target=self._map_port, name="p2prc-upnp", daemon=True).start()
         # "auto" needs the answer first; otherwise the relay comes first (time to reachable).
         next_check = 0.0 if self.settings.use_relay == "auto" else time.monotonic() + 2.0
         failures = 0
