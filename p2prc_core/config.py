@@ -247,9 +247,11 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {key}: expected {_KIND_WORDS[str(kind)]}, got {value!r}")
     meta = spec.metadata
     if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{where}: {key}: must be at least {meta['min']}, got {value!r}")
+        raise ConfigError(f"{where}: {key}: must be at least {_said(meta['min'], unit)}, got "
+                          f"{_said(value, unit)}")
     if "max" in meta and value > meta["max"]:
-        raise ConfigError(f"{where}: {key}: must be at most {meta['max']}, got {value!r}")
+        raise ConfigError(f"{where}: {key}: must be at most {_said(meta['max'], unit)}, got "
+                          f"{_said(value, unit)}")
     if "check" in meta:
         try:
             meta["check"](value)
@@ -264,6 +266,18 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {key}: must be one of {', '.join(meta['choices'])}, "
                           f"got {value!r}")
     return float(value) if kind == "float" else value
+
+
+def _said(value: Any, unit: str | None) -> str:
+    """A limit as people write it: 16M (bytes), 60s; else as it is."""
+    if unit == "size" and isinstance(value, int):
+        for suffix, size in (("G", 1 << 30), ("M", 1 << 20), ("k", 1 << 10)):
+            if value >= size and value % size == 0:
+                return f"{value // size}{suffix} ({value} bytes)"
+        return f"{value} bytes"
+    if unit == "duration" and isinstance(value, int):
+        return f"{value}s"
+    return repr(value)
 
 
 _KIND_WORDS = {"str": "a string", "bool": "true or false", "int": "a whole number",

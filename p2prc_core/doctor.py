@@ -85,9 +85,10 @@ def _server_state(node: NodeServices) -> dict[str, Any]:
     """Whether this node's own server answers on its port, as this node's key."""
     from p2prc_core.client import PeerClient
 
-    host = node.settings.host
+    served = node.served_settings  # a server started with --port says where, in server.json
+    host = served.host
     host = "::1" if host == "::" else "127.0.0.1" if host == "0.0.0.0" else host
-    endpoint = Endpoint(host, node.settings.port, node.identity.node_id)
+    endpoint = Endpoint(host, served.port, node.identity.node_id)
     try:
         with PeerClient(endpoint, timeout=2.0, secure=node.secure) as client:
             health = client.health()
@@ -195,6 +196,9 @@ def _ipv6() -> Check:
 
 def _reach(node: NodeServices, status: dict[str, Any]) -> Check:
     reach = status["reach"]
+    if not status["server"]["running"] and not status["behind_nat"]:
+        return Check("reach", "skip", "no server runs here: a client only, nothing to reach",
+                     "p2prc server, to host containers for friends")
     if reach["summary"] == "direct":
         return Check("reach", "ok", f"a peer dialled this node back at "
                                     f"{reach['dial_back']['address']}")

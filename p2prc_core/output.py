@@ -45,11 +45,12 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
                   header_style="bold", box=None, pad_edge=False)
     cells = [[Text("" if cell is None else clean(cell)) for cell in row] for row in rows]
     for index, column in enumerate(columns):
+        header = Text(clean(column))  # '[fd42::1]:8088' is an address, not markup
         if column in WHOLE:  # ids are copied and pasted: never wrapped or cut
-            table.add_column(column, no_wrap=True, overflow="ignore", min_width=max(
+            table.add_column(header, no_wrap=True, overflow="ignore", min_width=max(
                 (len(row[index]) for row in cells if index < len(row)), default=0))
         else:
-            table.add_column(column, overflow="fold")
+            table.add_column(header, overflow="fold")
     for row in cells:
         table.add_row(*row)
     console.print(table)

@@ -129,9 +129,12 @@ class NodeServices:
         """The settings, with the port of the server that runs for this home (the one that
         peers must dial), when this process is not that server."""
         running = None if self.serving else self.running_server()
-        if running is None or running["port"] == self.settings.port:
+        if running is None or (running["port"], running.get("host")) == \
+                (self.settings.port, self.settings.host):
             return self.settings
-        return dataclasses.replace(self.settings, port=running["port"])
+        host = running.get("host")
+        return dataclasses.replace(self.settings, port=running["port"],
+                                   host=host if isinstance(host, str) else self.settings.host)
 
     def _build_record(self) -> dict[str, Any]:
         from p2prc_core.reach import ReachState
@@ -453,7 +456,9 @@ class NodeServices:
             except ValueError:
                 continue
         failures = []
-        own = self.own_record()
+        # Our record goes along only when a server of ours runs: else the host would keep
+        # dialling an address where nothing answers.
+        own = self.own_record() if self.serving or self.running_server() else None
         # The token names the node: only it can answer (TLS), whoever else has the address.
         for endpoint in dial_endpoints(self.hooks, candidates, offer.port,
                                        node_id=offer.node_id):
@@ -582,7 +587,8 @@ class NodeServices:
                                  self.settings.request_timeout, self.secure))
 
     def forward(self, container: RemoteContainer, port: int, local_port: int,
-                ready: Callable[[int], None]) -> None:
+                ready: Callable[[int], None],
+                failed: Callable[[str], None] | None = None) -> None:
         """Serve 127.0.0.1:``local_port`` as ``port`` of the container until interrupted."""
         import asyncio
 
@@ -595,7 +601,7 @@ class NodeServices:
         asyncio.run(tunnel.forward(self.paths_to(container), self.identity,
                                    f"/v1/containers/{container.id}/tunnel", f"port={port}",
                                    self.settings.request_timeout, self.secure, local_port,
-                                   ready))
+                                   ready, failed=failed))
 
     def check_alive(self, containers: list[RemoteContainer]) -> None:
         """Ask each host whether our containers there still run, before anything logs in:

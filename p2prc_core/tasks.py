@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from p2prc_core.errors import P2PRCError
+from p2prc_core.models import Endpoint
 from p2prc_core.storage import atomic_write_json, read_json_file
 from p2prc_core.tracking import RemoteContainer, Tracked
 
@@ -431,7 +432,7 @@ class RunService:
         for container in containers:  # where each host's ports can be reached
             host = result.hosts.get(container.short_id)
             if host is not None:
-                host.ports = [{**p, "at": f"{container.host}:{p['external']}"}
+                host.ports = [{**p, "at": Endpoint(container.host, p["external"]).address}
                               for p in handed[container.id]]
         record = record_of(run_id, bundle, result, started, extravars, run_dir)
         self.history.save(run_id, record)

@@ -151,7 +151,8 @@ async def stdio(endpoints: list[Endpoint], identity: NodeIdentity, path: str, qu
 async def forward(endpoints: list[Endpoint], identity: NodeIdentity, path: str, query: str,
                   timeout: float, secure: bool, local_port: int,
                   ready: Callable[[int], None],
-                  stop: asyncio.Event | None = None) -> None:
+                  stop: asyncio.Event | None = None,
+                  failed: Callable[[str], None] | None = None) -> None:
     """Listen on 127.0.0.1:``local_port`` (0: any free port) and carry each connection to
     the container through its own stream, until ``stop`` is set."""
     paths = list(endpoints)
@@ -162,7 +163,7 @@ async def forward(endpoints: list[Endpoint], identity: NodeIdentity, path: str, 
             reader, writer, first, used = await open_stream(paths, identity, path, query,
                                                             timeout, secure)
         except PeerError as err:
-            log.warning("forward: %s", err)
+            (failed or log.warning)(f"a connection could not be forwarded: {err}")
             local_writer.close()
             return
         if used in paths and paths[0] != used:  # the path that worked goes first next time

@@ -169,3 +169,17 @@ def test_help_leads_with_commands_and_examples_and_cuts_nothing(home: Path) -> N
                                                      out.index("The original")]
     for command in ("server", "invite", "touch", "ssh", "forward", "run", "version"):
         assert f"\n  {command} " in out
+
+
+def test_an_ipv6_address_as_a_table_header_is_shown_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from p2prc_core import output
+
+    screen = io.StringIO()
+    monkeypatch.setattr(output, "console", Console(file=screen, width=100))
+    output.print_table(("", "[fd42:7:7::1]:18300"), [("host", "vm")])
+    assert "[fd42:7:7::1]:18300" in screen.getvalue()

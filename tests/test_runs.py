@@ -119,7 +119,7 @@ def test_a_run_hands_each_target_its_login_and_unused_ports(node: NodeServices,
     again = node.runs.run("http", [container(1).id], {}, "fake")
     assert runner.calls[1][1][0].ports == [{"internal": 42011, "external": 42011}]
     assert again["hosts"][first.name]["ports"] == [
-        {"internal": 42011, "external": 42011, "at": "fd42::1:42011"}]
+        {"internal": 42011, "external": 42011, "at": "[fd42::1]:42011"}]
     assert node.runs.history.get("last")["id"] == again["id"]
 
 

@@ -81,7 +81,7 @@ def test_oversized_upload_is_refused_before_reading_and_server_keeps_serving(
             head = sock.recv(4096).decode()
         assert head.startswith("HTTP/1.1 413")
         too_big = web.get(server.url() + "/v1/speedtest/download?bytes=100001", timeout=5)
-        assert too_big.status_code == 413 and "100000" in too_big.json()["description"]
+        assert too_big.status_code == 413 and "97.7 KiB" in too_big.json()["description"]
         assert web.get(server.url() + "/v1/health", timeout=5).status_code == 200
     finally:
         server.stop()
@@ -254,6 +254,11 @@ def test_commands_beside_a_server_use_its_real_port_and_clients_are_not_servers(
     try:
         beside = {**os.environ, "P2PRC_HOME": str(node.home), "P2PRC_ALLOW_LOOPBACK": "true",
                   "P2PRC_ADVERTISE_ADDRESSES": "127.0.0.1"}  # as a user's shell: no port
+        status = json.loads(subprocess.run([P2PRC, "status", "--json"], capture_output=True,
+                                           text=True, env=beside, timeout=60).stdout)
+        assert status["server"]["running"] is True, status["server"]  # found on its port
+        with pytest.raises(RuntimeError, match="already runs for this home"):
+            start_server(node.home)  # a second server for the same node is refused
         invite = subprocess.run([P2PRC, "invite", "--json"], capture_output=True, text=True,
                                 env=beside, timeout=60)
         assert json.loads(invite.stdout)["port"] == node.port and "WARNING" not in \

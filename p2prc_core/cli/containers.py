@@ -195,11 +195,12 @@ def ssh_config(node: Node, containers: tuple[str, ...], write: bool) -> None:
     path = node.home / "ssh" / "config"
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.write_text(text)
-    click.echo(f"wrote {len(blocks)} Host entries to {path}; add this line to the top of "
+    click.echo(f"wrote {len(blocks)} Host {'entry' if len(blocks) == 1 else 'entries'} to "
+               f"{path}; add this line to the top of "
                f"~/.ssh/config:\n    Include {path}")
 
 
-@main.command(hidden=True)
+@main.command()
 @click.argument("container")
 @click.argument("port", type=click.IntRange(1, 65535), default=22)
 @pass_node
@@ -229,7 +230,8 @@ def forward(node: Node, container: str, port: int, local_port: int | None) -> No
         click.echo(f"127.0.0.1:{bound}")
 
     with contextlib.suppress(KeyboardInterrupt):
-        node.services.forward(entry, port, local_port, ready)
+        node.services.forward(entry, port, local_port, ready,
+                              lambda why: click.echo(why, err=True))
 
 
 @main.group("group", cls=ListingGroup)

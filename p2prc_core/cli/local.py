@@ -59,7 +59,7 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
     settings = node.settings
     services = node.services
     advertised = advertised_addresses(settings, services.hooks)
-    chosen = advertised[0] if advertised else None
+    chosen = ", ".join(advertised) if advertised else None
     where = f"[{settings.host}]" if ":" in settings.host else settings.host
     stack = " (IPv6 and IPv4)" if settings.host == "::" else ""
 
@@ -361,12 +361,11 @@ def _lease_id(service: ContainerService, text: str) -> str:
     """A container here by a unique start of its id (4+ characters, as 'p2prc rm' takes)."""
     text = text.strip().lower()
     if len(text) < 4:
-        raise click.BadParameter(f"{text!r}: give at least 4 characters of the id",
-                                 param_hint="CONTAINER_IDS")
+        raise P2PRCError(f"{text!r}: give at least 4 characters of the container's id")
     found = [lease.id for lease in service.list_leases() if lease.id.startswith(text)]
     if len(found) > 1:
-        raise click.BadParameter(f"{text!r} is the start of {len(found)} containers' ids: "
-                                 f"give more of it", param_hint="CONTAINER_IDS")
+        raise P2PRCError(f"{text!r} is the start of {len(found)} containers' ids: give more "
+                         f"of it")
     return found[0] if found else text  # none: the service says it is not here
 
 

@@ -129,7 +129,11 @@ def _print_run(record: dict[str, Any]) -> None:
                   or "-")
                  for name, h in record["hosts"].items()],
                 title=f"run {record['id']} of {record['playbook']}: "
-                      f"{'succeeded' if record['succeeded'] else 'FAILED'}")
+                      f"{'succeeded' if record['succeeded'] else 'FAILED'}, started "
+                      f"{format_when(record.get('started'))}"
+                      + (", with " + ", ".join(f"{k}={v}" for k, v in
+                                               sorted(record.get("variables", {}).items()))
+                         if record.get("variables") else ""))
 
 
 @main.group("runs", cls=ListingGroup)

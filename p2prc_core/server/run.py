@@ -176,6 +176,11 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
                      len(changes["adopted"]), len(changes["dropped"]))
     except P2PRCError as err:
         log.warning("containers unavailable: %s", err)
+    running = node.running_server()
+    if running is not None:
+        raise P2PRCError(f"a p2prc server already runs for this home ({node.home}): pid "
+                         f"{running['pid']}, port {running['port']}; stop it first, or give "
+                         f"this one another home (--home)")
     sock = bind_socket(settings.host, settings.port)
     node.announce_server()  # commands run beside it learn its real port
     if announce:
