@@ -276,9 +276,13 @@ def relayed(endpoint: Endpoint, timeout: float, secure: bool = True) -> httpcore
                 cause = err.__cause__ if isinstance(err.__cause__, ssl.SSLError) else err
                 raise handshake_failed(where, cause, timeout) from None
             tls.check_peer(stream.get_extra_info("ssl_object"), endpoint.relay, where)
-        leftover = upgrade_sync(lambda: stream.read(65536, timeout),
-                                lambda data: stream.write(data, timeout), where,
-                                f"/v1/relay/connect?node={endpoint.node_id}", relay.address)
+        try:
+            leftover = upgrade_sync(lambda: stream.read(65536, timeout),
+                                    lambda data: stream.write(data, timeout), where,
+                                    f"/v1/relay/connect?node={endpoint.node_id}",
+                                    relay.address, timeout=timeout)
+        except (httpcore.NetworkError, httpcore.TimeoutException) as err:
+            raise unreachable(where, err, timeout) from None
         if leftover:
             raise PeerError(f"{where} sent bytes the node could not have sent yet")
     except BaseException:

@@ -36,7 +36,8 @@ class Settings:
     host: str = _setting("::", "address the server listens on; '::' is IPv6 and IPv4 at once")
     port: int = _setting(DEFAULT_PORT, "TCP port of the peer server", min=1, max=65535)
     workers: int = _setting(2, "gunicorn worker processes", min=1, max=64)
-    threads: int = _setting(8, "threads per worker", min=1, max=256)
+    threads: int = _setting(8, "threads per worker (two are kept for ordinary requests: "
+                            "streams and relay polls take the rest)", min=3, max=256)
     timeout: int = _setting(60, "seconds a request may take before its worker is restarted",
                             min=1, max=3600)
     log_level: str = _setting("info", "one of debug, info, warning, error",

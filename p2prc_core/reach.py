@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2prc_core import tls
 from p2prc_core.errors import P2PRCError, PeerError
-from p2prc_core.models import Endpoint, parse_endpoint
+from p2prc_core.models import Address, Endpoint, parse_endpoint
 from p2prc_core.relayhub import WAIT_SECONDS
 from p2prc_core.signing import sign_request
 from p2prc_core.splice import no_delay, splice
@@ -44,6 +44,7 @@ STATE_FILE = "reach.json"
 CHECK_SECONDS = 120.0  # how often reachability is asked again
 RETRY_SECONDS = 2.0  # after a relay failed, before the next try
 FAILURES_BEFORE_MOVING = 2  # failed polls in a row before another relay is tried
+MAX_ACCEPTING = 16  # relayed clients this node carries at once
 
 
 class ReachState:
@@ -81,6 +82,12 @@ class ReachAgent:
         self.settings = node.settings
         self.state = ReachState(node.home)
         self._stop = threading.Event()
+        # Clients taken from a relay at once: a relay that hands out tokens without end
+        # must not make this node open connections without end.
+        # Each takes a thread of this node's own server too: at most half of them.
+        self.max_accepting = max(1, min(MAX_ACCEPTING, (self.settings.threads - 2)
+                                        * self.settings.workers // 2))
+        self._accepting = threading.BoundedSemaphore(self.max_accepting)
         self._lock_fd: int | None = None
         self._mapping: Any = None
         self._relay: Endpoint | None = None
@@ -163,9 +170,14 @@ class ReachAgent:
                             time.monotonic() < next_check:
                         token = client.relay_wait(WAIT_SECONDS)
                         failures = 0
-                        if token is not None:
-                            threading.Thread(target=self._accept, args=(self._relay, token),
-                                             daemon=True).start()
+                        if token is None:
+                            continue
+                        if not self._accepting.acquire(blocking=False):
+                            log.warning("relay %s hands out more clients than %d at once: "
+                                        "one left waiting", self._relay, self.max_accepting)
+                            continue
+                        threading.Thread(target=self._accept, args=(self._relay, token),
+                                         daemon=True).start()
             except P2PRCError as err:
                 failures += 1
                 log.warning("relay %s: %s", self._relay, err)
@@ -206,6 +218,18 @@ class ReachAgent:
                                  description=f"p2prc {self.node.identity.node_id[:8]}")
         except P2PRCError as err:
             log.warning("UPnP: %s", err)
+            return
+        try:
+            kind = Address.parse(mapping.external_ip).kind
+        except ValueError:
+            kind = "invalid"
+        if kind != "global":
+            # A private or shared (carrier-grade NAT) address: a second NAT beyond this
+            # router, nobody outside can dial it. Not advertised.
+            log.warning("UPnP: the router's external address %s is not a public one: not "
+                        "advertised", mapping.external_ip)
+            with contextlib.suppress(P2PRCError):
+                mapper.unmap(mapping)
             return
         if mapping.external_port != self.settings.port:
             # The record has one port for all its addresses.
@@ -305,6 +329,12 @@ class ReachAgent:
 
     def _accept(self, relay: Endpoint, token: str) -> None:
         """Take the client a relay told us of, and join it to our own server."""
+        try:
+            self._carry(relay, token)
+        finally:
+            self._accepting.release()
+
+    def _carry(self, relay: Endpoint, token: str) -> None:
         try:
             outer = self._open_accept(relay, token)
         except (P2PRCError, OSError, ssl.SSLError) as err:

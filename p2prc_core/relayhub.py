@@ -23,6 +23,7 @@ import contextlib
 import os
 import secrets
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,6 +82,8 @@ class RelayHub:
                     except TimeoutError:
                         continue
                     with conn:
+                        if not _ours(conn):
+                            continue
                         token = _read_token(conn)
                         if token is not None and not gone():
                             conn.sendall(b"ok")
@@ -116,14 +119,18 @@ class RelayHub:
             if not self._tell(node_id, token):
                 raise RelayRefusal(f"Node {node_id} does not keep a connection to this "
                                    f"relay.", 404, "Not relayed here")
-            listener.settimeout(ACCEPT_SECONDS)
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                raise RelayRefusal(f"Node {node_id} was told, but did not come to accept "
-                                   f"within {ACCEPT_SECONDS:g} s.", 504,
-                                   "Node did not answer") from None
-        return conn
+            deadline = time.monotonic() + ACCEPT_SECONDS
+            while True:
+                listener.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    raise RelayRefusal(f"Node {node_id} was told, but did not come to accept "
+                                       f"within {ACCEPT_SECONDS:g} s.", 504,
+                                       "Node did not answer") from None
+                if _ours(conn):
+                    return conn
+                conn.close()  # another user's process on this machine: not the node
 
     def _tell(self, node_id: str, token: str) -> bool:
         """Hand ``token`` to one of the node's waiting polls (its next one, if it is just
@@ -205,6 +212,14 @@ def _read_token(conn: socket.socket) -> str | None:
     if len(token) == 2 * TOKEN_BYTES and all(c in "0123456789abcdef" for c in token):
         return token
     return None
+
+
+def _ours(conn: socket.socket) -> bool:
+    """Whether the other end of a Unix socket runs as this user (abstract sockets have no
+    file permissions: any local user could connect)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid == os.getuid()
 
 
 def _alive(pid: int) -> bool:

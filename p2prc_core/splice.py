@@ -54,11 +54,16 @@ def splice(a: socket.socket, b: socket.socket, idle_seconds: float | None = None
         side.sock.setblocking(False)
     last_move = time.monotonic()
     started = last_move
+    # Under a cap, small reads: the cap is kept to within one read.
+    block = _BLOCK if not bytes_per_second else \
+        int(min(_BLOCK, max(4096, bytes_per_second / 50)))
     try:
         while True:
             moved = False
-            for source, sink in ((sides[0], sides[1]), (sides[1], sides[0])):
-                moved |= _read(source, sink, done, source is sides[0])
+            pause = _ahead(done, bytes_per_second, started)
+            if pause <= 0:  # under the cap (if any): read on
+                for source, sink in ((sides[0], sides[1]), (sides[1], sides[0])):
+                    moved |= _read(source, sink, done, source is sides[0], block)
             for side in sides:
                 moved |= _write(side)
             if any(s.eof for s in sides):
@@ -68,11 +73,10 @@ def splice(a: socket.socket, b: socket.socket, idle_seconds: float | None = None
                     return done
             if moved:
                 last_move = time.monotonic()
-                if bytes_per_second:
-                    ahead = max(done.a_to_b, done.b_to_a) / bytes_per_second - \
-                        (last_move - started)
-                    if ahead > 0:
-                        time.sleep(min(ahead, 1.0))
+                continue
+            if pause > 0:  # what waits is still written above; no reading till then
+                time.sleep(min(pause, 0.05))
+                last_move = time.monotonic()  # held back by the cap, not idle
                 continue
             if idle_seconds is not None and time.monotonic() - last_move > idle_seconds:
                 done.reason = "idle"
@@ -90,11 +94,19 @@ def splice(a: socket.socket, b: socket.socket, idle_seconds: float | None = None
             _close(side.sock)
 
 
-def _read(source: _Side, sink: _Side, done: Spliced, forward: bool) -> bool:
+def _ahead(done: Spliced, bytes_per_second: float | None, started: float) -> float:
+    """Seconds the busier direction is ahead of ``bytes_per_second`` (0 without a cap)."""
+    if not bytes_per_second:
+        return 0.0
+    return max(done.a_to_b, done.b_to_a) / bytes_per_second - (time.monotonic() - started)
+
+
+def _read(source: _Side, sink: _Side, done: Spliced, forward: bool,
+          block: int = _BLOCK) -> bool:
     moved = False
-    while not source.eof and len(sink.outbox) < _HIGH_WATER:
+    while not source.eof and len(sink.outbox) < min(_HIGH_WATER, 4 * block):
         try:
-            data = source.sock.recv(_BLOCK)
+            data = source.sock.recv(block)
         except _WOULD_BLOCK:
             break
         if not data:

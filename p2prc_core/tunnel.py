@@ -51,8 +51,8 @@ async def open_stream(endpoints: list[Endpoint], identity: NodeIdentity, path: s
                 raise
             failures.append(str(err))  # this relay does not carry the host (any more)
         except PeerError as err:
-            if isinstance(err, tls.NodeMismatch):
-                raise
+            if isinstance(err, tls.NodeMismatch) and endpoint.named:
+                raise  # where the user said this node is: that is news, not a bad path
             failures.append(str(err))
         except (TimeoutError, OSError, ssl.SSLError) as err:
             failures.append(str(unreachable(endpoint, err, timeout)))

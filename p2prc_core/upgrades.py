@@ -6,6 +6,7 @@ into a container."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import h11
@@ -47,6 +48,9 @@ def _interpret(conn: h11.Connection, where: str, feed: Callable[[], bytes]) -> b
             if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
                 trailing, _ = conn.trailing_data
                 return bytes(trailing)
+            if isinstance(event, h11.InformationalResponse):
+                raise PeerError(f"{where} answered {event.status_code} instead of switching "
+                                f"to a stream")
             if isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.Data):
@@ -69,12 +73,20 @@ def _interpret(conn: h11.Connection, where: str, feed: Callable[[], bytes]) -> b
 
 
 def upgrade_sync(read: Callable[[], bytes], write: Callable[[bytes], None], where: str,
-                 target: str, host: str, headers: dict[str, str] | None = None) -> bytes:
+                 target: str, host: str, headers: dict[str, str] | None = None,
+                 timeout: float = 10.0) -> bytes:
     """Ask for ``target`` as a stream over an open connection; the stream's first bytes
-    (normally none) are returned."""
+    (normally none) are returned. The whole answer must come within ``timeout``."""
     conn, data = _request(target, host, headers or {})
     write(data)
-    return _interpret(conn, where, read)
+    deadline = time.monotonic() + timeout
+
+    def read_in_time() -> bytes:
+        if time.monotonic() > deadline:
+            raise PeerError(f"{where} did not finish its answer within {timeout:g} s")
+        return read()
+
+    return _interpret(conn, where, read_in_time)
 
 
 async def upgrade_async(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

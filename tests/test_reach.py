@@ -8,7 +8,9 @@ real NAT.
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
 import socket
 import threading
 import time
@@ -424,3 +426,81 @@ def test_one_node_holds_at_most_two_polls(tmp_path: Path) -> None:
     assert refused.value.status == 429
     for thread in threads:
         thread.join(10)
+
+
+class TokenFlood(http.server.BaseHTTPRequestHandler):
+    """A hostile relay: every poll gets a token at once, every accept a 101 that then
+    holds the connection open."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        body = json.dumps({"token": os.urandom(16).hex()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                         b"Upgrade: p2prc-stream/1\r\n\r\n")
+        self.wfile.flush()
+        time.sleep(30)
+        self.close_connection = True
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_relay_that_floods_tokens_cannot_exhaust_the_node(tmp_path: Path,
+                                                            servers: list[LiveServer]) -> None:
+    import psutil
+
+    from conftest import serve_tls
+
+    liar = NodeIdentity.generate()
+    fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TokenFlood)
+    fake.daemon_threads = True
+    serve_tls(fake, liar, tmp_path / "liar")
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    try:
+        home = start_behind(tmp_path, "home", f"{liar.node_id}@127.0.0.1:"
+                                              f"{fake.server_address[1]}")
+        servers.append(home)
+        wait_for(lambda: "one left waiting" in home.output(), what="the cap is reached")
+        processes = [psutil.Process(home.proc.pid), *psutil.Process(home.proc.pid).children()]
+        assert sum(p.num_threads() for p in processes) < 100
+        started = time.monotonic()
+        assert web.get(home.url() + "/v1/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 2
+    finally:
+        fake.shutdown()
+        fake.server_close()
+
+
+def test_no_dial_back_for_a_request_from_this_machine(tmp_path: Path,
+                                                      servers: list[LiveServer]) -> None:
+    # As a request through a relay arrives: from the node's own loopback.
+    node = start_server(tmp_path / "node", env={"P2PRC_ALLOW_LOOPBACK": "false"})
+    servers.append(node)
+    me = NodeIdentity.generate()
+    with PeerClient(Endpoint("127.0.0.1", node.port, node.node_id), timeout=5,
+                    identity=me) as client:
+        with pytest.raises(PeerRefused) as refused:
+            client.reach_check(22)
+    assert refused.value.status == 403 and "nothing to dial back" in str(refused.value)
+
+
+def test_markers_of_a_killed_relay_are_cleared_when_it_starts(
+        tmp_path: Path, servers: list[LiveServer]) -> None:
+    stale = tmp_path / "relay" / "relay"
+    stale.mkdir(parents=True)
+    for n in range(3):
+        (stale / f"w.{NodeIdentity.generate().node_id}.{n:016x}").touch()
+    relay = start_relay(tmp_path, "relay", P2PRC_RELAY_MAX_NODES="2")
+    servers.append(relay)
+    assert not any(stale.glob("w.*"))
+    home = start_behind(tmp_path, "home", f"{relay.node_id}@127.0.0.1:{relay.port}")
+    servers.append(home)
+    wait_for(lambda: waits_at(relay, home), what="a node waits: the relay is not 'full'")

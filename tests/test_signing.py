@@ -244,7 +244,11 @@ def test_nonce_store_expires_old_nonces(tmp_path: Path) -> None:
 def test_replay_is_refused_across_processes_and_a_restart(tmp_path: Path) -> None:
     """Two gunicorn masters on one home stand for any two workers: they share only files."""
     home = tmp_path / "server"
-    first, second = start_server(home), start_server(home, env={"P2PRC_WORKERS": "2"})
+    first = start_server(home)
+    # A second server for a home is refused (server.json names the first); this test wants
+    # one on purpose, to stand for another worker, so it takes that file away.
+    (home / "server.json").unlink()
+    second = start_server(home, env={"P2PRC_WORKERS": "2"})
     headers = sign_request(CALLER, "GET", "/v1/trust/me", "", b"", node_of(home))
     try:
         answer = web.get(first.url() + "/v1/trust/me", headers=headers, timeout=5)

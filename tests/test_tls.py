@@ -438,11 +438,11 @@ def stall_on_a_kept_alive_connection(port: int) -> socket.socket:
 
 @pytest.mark.parametrize("stall", [stall_in_the_handshake, stall_on_a_kept_alive_connection])
 def test_a_stalled_connection_does_not_hold_a_server(tmp_path: Path, stall: Any) -> None:
-    server = start_server(tmp_path / "host", env={"P2PRC_THREADS": "2",
+    server = start_server(tmp_path / "host", env={"P2PRC_THREADS": "3",
                                                   "P2PRC_REQUEST_TIMEOUT": "1"})
     stalled = []
     try:
-        for _ in range(6):  # more than the server has threads
+        for _ in range(6):  # more than the server has threads (3)
             stalled.append(stall(server.port))
         # They are dropped after the connection timeout (3 x request_timeout), and then the
         # server answers again.

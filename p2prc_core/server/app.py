@@ -68,7 +68,8 @@ def create_app(node: NodeServices) -> falcon.App:
                                                               node.trust.is_trusted, held))
     app.add_route("/v1/relay/accept", streams.RelayAcceptResource(settings, hub, held))
     app.add_route("/v1/relay/connect", streams.RelayConnectResource(settings, hub, held))
-    app.add_route("/v1/reach", streams.ReachCheckResource(node.secure, held))
+    app.add_route("/v1/reach", streams.ReachCheckResource(node.secure, Held(2),
+                                                          settings.allow_loopback))
     app.add_route("/v1/trust/me",
                   resources.TrustMeResource(node.trust.is_trusted, settings.trust_mode))
     app.add_route("/v1/trust/join", resources.TrustJoinResource(node.accept_invite))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -183,6 +184,8 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
                          f"this one another home (--home)")
     sock = bind_socket(settings.host, settings.port)
     node.announce_server()  # commands run beside it learn its real port
+    # Relay markers of a server that was killed (not stopped) would count forever.
+    shutil.rmtree(node.home / "relay", ignore_errors=True)
     if announce:
         announce()
     try:

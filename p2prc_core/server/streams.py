@@ -17,6 +17,7 @@ from p2prc_core import tls
 from p2prc_core.config import Settings
 from p2prc_core.containers import ContainerService
 from p2prc_core.identity import is_node_id
+from p2prc_core.models import Address
 from p2prc_core.relayhub import RelayHub, RelayRefusal
 from p2prc_core.server.bodies import read_json
 from p2prc_core.server.upgrade import Held, serving, switch, wants_upgrade
@@ -170,7 +171,7 @@ class RelayAcceptResource:
         except BaseException:
             release()
             raise
-        switch(req, resp, lambda sock: _join(sock, client, None), release)
+        switch(req, resp, lambda sock: _join(sock, client, TUNNEL_IDLE_SECONDS), release)
 
 
 class RelayConnectResource:
@@ -204,6 +205,9 @@ class RelayConnectResource:
             raise falcon.HTTPBadRequest(title="Invalid node",
                                         description="node is a node id (26 letters and "
                                                     "digits).")
+        if node_id not in self.hub.waiting_nodes():  # before it takes a thread's slot
+            raise RelayRefusal(f"Node {node_id} does not keep a connection to this relay.",
+                               404, "Not relayed here")
         release = self.held.acquire("a relayed connection")
         try:
             node = self.hub.connect(node_id)
@@ -214,7 +218,7 @@ class RelayConnectResource:
 
         def carry(sock: socket.socket) -> None:
             with self.hub.counted():
-                _join(sock, node, None, rate)
+                _join(sock, node, TUNNEL_IDLE_SECONDS, rate)
 
         switch(req, resp, carry, release)
 
@@ -238,12 +242,17 @@ class ReachCheckResource:
             "type": "object", "required": ["port"],
             "properties": {"port": {"type": "integer", "minimum": 1, "maximum": 65535}},
             "additionalProperties": False}}}},
-        "responses": {"200": {"description": "{reachable, address, error}"}},
+        "responses": {"200": {"description": "{reachable, address, error}"},
+                      "403": {"description": "the request came through a relay or from this "
+                                             "machine: nothing to dial back"},
+                      "503": {"description": "too many dial-backs at once; try again"}},
     }}
 
-    def __init__(self, secure: bool, held: Held, timeout: float = 2.0):
+    def __init__(self, secure: bool, held: Held, allow_loopback: bool = False,
+                 timeout: float = 2.0):
         self.secure = secure
-        self.held = held
+        self.held = held  # a budget of its own: a flood of checks never blocks tunnels
+        self.allow_loopback = allow_loopback
         self.timeout = timeout
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -256,6 +265,17 @@ class ReachCheckResource:
         ip = str(req.remote_addr or "")
         if ip.startswith("::ffff:"):
             ip = ip[7:]
+        try:
+            loopback = Address.parse(ip).kind == "loopback"
+        except ValueError:
+            loopback = True
+        if loopback and not self.allow_loopback:
+            # Relayed requests come from this node's own loopback: a dial-back there would
+            # probe this machine's own ports for a stranger.
+            raise falcon.HTTPForbidden(title="No dial-back here",
+                                       description="This request came through a relay (or "
+                                                   "from this machine): there is nothing to "
+                                                   "dial back.")
         release = self.held.acquire("a dial-back")
         try:
             resp.media = dial_back(ip, port, req.context.caller, self.secure, self.timeout)
