@@ -67,6 +67,7 @@ def main() -> None:
     env = {**os.environ, "P2PRC_HOME": str(me), "P2PRC_ALLOW_LOOPBACK": "true"}
     server = start_p2prc(root / "host", port, P2PRC_PORT_RANGE="43100-43199",
                          P2PRC_REFRESH_SECONDS="0", P2PRC_UPNP="false")
+    container_id = ""
     try:
         touched = subprocess.run([P2PRC, "touch", f"127.0.0.1:{port}", "--json"], env=env,
                                  capture_output=True, text=True, check=True)
@@ -100,8 +101,9 @@ def main() -> None:
             print(f"  {label:<28} median {median(values):.3f} ms, p90 "
                   f"{ordered[int(len(ordered) * 0.9)]:.3f} ms")
         print(f"  ratio {median(ours_echo) / median(base_echo):.2f} (report)")
-        subprocess.run([P2PRC, "rm", container_id[:12]], env=env, capture_output=True)
     finally:
+        if container_id:  # also when a measurement failed: nothing is left running
+            subprocess.run([P2PRC, "rm", container_id[:12]], env=env, capture_output=True)
         stop(server)
 
 
