@@ -21,6 +21,7 @@ from p2prc_core.containers import (
     ContainerError,
     ContainerSpec,
 )
+from p2prc_plugins.nvidia_driver import find_driver
 
 IMAGE_DIR = Path(__file__).with_name("image")
 DEFAULT_TAG = "p2prc/base:latest"
@@ -80,8 +81,7 @@ class DockerBackend:
             "init": False, "stdin_open": False, "tty": False,
         }
         if spec.gpu:
-            options["device_requests"] = [docker.types.DeviceRequest(
-                count=-1, capabilities=[["gpu"]])]
+            options.update(self.gpu_options())
         options.pop("detach")
         try:
             # create, not run: run would try to pull a missing image from a registry.
@@ -219,10 +219,31 @@ class DockerBackend:
         return {"cpu_percent": round(used / system * cpus * 100, 1) if system > 0 else 0.0,
                 "memory": max(0, memory.get("usage", 0) - cache)}
 
-    def gpu_available(self) -> bool:
-        """Whether the engine can give GPUs to containers: NVIDIA's container toolkit."""
+    def has_toolkit(self) -> bool:
+        """Whether NVIDIA's container toolkit is there for the engine to use."""
         runtimes = self.client.info().get("Runtimes", {})
         return "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook") is not None
+
+    def gpu_options(self) -> dict[str, Any]:
+        """How a container gets this host's GPUs: the toolkit's device request where it is
+        installed; otherwise the driver's device nodes and its files, read-only.
+
+        :raises ContainerError: 409, naming what is missing.
+        """
+        docker = _docker()
+        if self.has_toolkit():
+            return {"device_requests": [docker.types.DeviceRequest(
+                count=-1, capabilities=[["gpu"]])]}
+        driver, missing = find_driver()
+        if driver is None:
+            raise ContainerError(409, "No GPU", f"This host cannot give a GPU to containers: "
+                                                f"{missing}.")
+        return {"devices": driver.devices(), "volumes": driver.volumes()}
+
+    def gpu_available(self) -> bool:
+        """Whether the engine can give GPUs to containers: with NVIDIA's container toolkit,
+        or with the driver's device nodes and files (see ``nvidia_driver``)."""
+        return self.has_toolkit() or find_driver()[0] is not None
 
     def build_image(self, tag: str, from_debootstrap: bool, force: bool,
                     say: Callable[[str], None]) -> bool:
