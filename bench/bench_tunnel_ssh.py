@@ -73,7 +73,7 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
         container_id = json.loads(touched.stdout)["id"]
         entry = Tracked(me).find(container_id[:12])
-        tunnel = ssh_command(me, entry, private, True, [entry.host_endpoint])
+        tunnel = ssh_command(me, entry, private, tunnel=True)
         direct = ssh_command(me, entry, private, tunnel=False)
         tunnel_env = direct_env = env
         for argv, run_env in ((tunnel, tunnel_env), (direct, direct_env)):  # sshd is up

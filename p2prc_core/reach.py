@@ -72,9 +72,6 @@ class ReachState:
 
         update_json(self.path, change)
 
-    def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 class ReachAgent:
     def __init__(self, node: NodeServices):
@@ -285,7 +282,6 @@ class ReachAgent:
 
     def _announce(self, relay: Endpoint) -> None:
         """Hand the relay (and so the network) the record that names it."""
-        time.sleep(0.2)  # the first poll is open by then
         try:
             if relay.node_id not in self.node.table.load():
                 self.node.add_peer(relay)

@@ -214,15 +214,19 @@ class NodeServices:
             return named[0]
         return None
 
+    def _peer_names(self) -> list[str]:
+        """Every name the table knows: the user's own, and the ones peers gave themselves."""
+        if not self.table.path.exists():
+            return []
+        return [name for e in self.table.load().values() for name in (e.local_name, e.name)
+                if name]
+
     def _unknown_peer(self, text: str) -> str:
         from p2prc_core.output import did_you_mean
 
-        names = []
-        if self.table.path.exists():
-            for e in self.table.load().values():
-                names += [e.local_name or "", e.name]
-        return (f"no peer is named {text!r}{did_you_mean(text, names)}: 'p2prc peers ls' "
-                f"lists them (a node id, or a unique start of one, works too)")
+        return (f"no peer is named {text!r}{did_you_mean(text, self._peer_names())}: "
+                f"'p2prc peers ls' lists them (a node id, or a unique start of one, works "
+                f"too)")
 
     def node_id_of(self, text: str) -> str:
         """NODE as a node id: a node id; a name given on this node (to a trusted node, or
@@ -252,10 +256,7 @@ class NodeServices:
             if len(found) > 1:
                 raise P2PRCError(f"{text!r} is the start of {len(found)} node ids: give "
                                  f"more of it")
-        names = [str(v.get("name") or "") for v in trusted.values()]
-        if self.table.path.exists():
-            for e in self.table.load().values():
-                names += [e.local_name or "", e.name]
+        names = [str(v.get("name") or "") for v in trusted.values()] + self._peer_names()
         raise P2PRCError(f"no node is known as {text!r}{did_you_mean(text, names)}: give "
                          f"its node id, or a name from 'p2prc trust' or 'p2prc peers ls'")
 

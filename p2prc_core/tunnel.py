@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import shlex
-import shutil
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
@@ -188,23 +187,17 @@ async def forward(endpoints: list[Endpoint], identity: NodeIdentity, path: str, 
             await stop.wait()
 
 
-def helper_command(home: Path, container_id: str, port: int,
-                   paths: list[Endpoint] | None = None, timeout: float = 10.0,
-                   secure: bool = True) -> str:
-    """The command line for OpenSSH's ProxyCommand (and Ansible's). With the host's
-    ``paths`` known already, this module itself (``python -m p2prc_core.tunnel``), which
-    starts in a fraction of the time the whole CLI takes; else ``p2prc tunnel``."""
-    if paths:
-        words = [sys.executable, "-m", "p2prc_core.tunnel", "--home", str(home),
-                 "--node", paths[0].node_id or "", "--timeout", f"{timeout:g}",
-                 *([] if secure else ["--plain"])]
-        for path in paths:
-            words += ["--path", path.path]
-        return shlex.join([*words, container_id, str(port)])
-    beside = Path(sys.executable).with_name("p2prc")
-    program = [str(beside)] if beside.exists() else \
-        ([found] if (found := shutil.which("p2prc")) else [sys.executable, "-m", "p2prc_core"])
-    return shlex.join([*program, "--home", str(home), "tunnel", container_id, str(port)])
+def helper_command(home: Path, container_id: str, port: int, paths: list[Endpoint],
+                   timeout: float = 10.0, secure: bool = True) -> str:
+    """The command line for OpenSSH's ProxyCommand (and Ansible's): this module itself
+    (``python -m p2prc_core.tunnel``), given the host's ``paths``, which starts in a
+    fraction of the time the whole CLI (``p2prc tunnel``) takes."""
+    words = [sys.executable, "-m", "p2prc_core.tunnel", "--home", str(home),
+             "--node", paths[0].node_id or "", "--timeout", f"{timeout:g}",
+             *([] if secure else ["--plain"])]
+    for path in paths:
+        words += ["--path", path.path]
+    return shlex.join([*words, container_id, str(port)])
 
 
 def helper_main(argv: list[str] | None = None) -> int:

@@ -361,9 +361,11 @@ def test_the_host_sees_and_kills_every_container(tmp_path: Path, host: LiveServe
         listed = subprocess.run([P2PRC, "server", "containers", "ls", "--json"], env=env,
                                 capture_output=True, text=True, timeout=60)
         usage = json.loads(listed.stdout)[0]["usage"]
-        if usage["cpu_percent"] > 50 or time.monotonic() > deadline:
+        if usage["cpu_percent"] > 25 or time.monotonic() > deadline:
             break
-    assert usage["cpu_percent"] > 50 and 0 < usage["memory"] < leases[0]["memory"], usage
+    # An idle container shows about 0 %; a busy loop, a good part of a CPU even when this
+    # machine is loaded.
+    assert usage["cpu_percent"] > 25 and 0 < usage["memory"] < leases[0]["memory"], usage
     table = subprocess.run([P2PRC, "server", "containers", "ls"], env=env,
                            capture_output=True, text=True, timeout=60)
     assert "% of 1" in table.stdout and " of 512 MiB" in table.stdout

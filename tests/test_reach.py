@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_tls import Proxy
 
 from conftest import LiveServer, start_server, web
 from p2prc_core.client import PeerClient
@@ -65,46 +66,6 @@ def waits_at(relay: LiveServer, node: LiveServer) -> bool:
     return any((relay.home / "relay").glob(f"w.{node.node_id}.*"))
 
 
-class Recorder:
-    """A TCP proxy on loopback that keeps every byte it carries, both ways."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.seen = bytearray()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                with self.lock:
-                    self.seen += data
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 @pytest.fixture
 def servers() -> Iterator[list[LiveServer]]:
     started: list[LiveServer] = []
@@ -119,7 +80,8 @@ def test_through_a_relay_end_to_end_and_the_relay_sees_only_ciphertext(
         tmp_path: Path, servers: list[LiveServer]) -> None:
     relay = start_relay(tmp_path, "relay")
     servers.append(relay)
-    recorder = Recorder(relay.port)  # both legs, the node's and the client's, pass here
+    # Both legs, the node's and the client's, pass through a proxy that keeps every byte.
+    recorder = Proxy(relay.port, None, tmp_path / "proxy", timeout=None)
     try:
         home = start_behind(tmp_path, "home", f"{relay.node_id}@127.0.0.1:{recorder.port}")
         servers.append(home)

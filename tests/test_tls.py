@@ -39,8 +39,9 @@ class Proxy:
     It counts what clients sent it after the handshake."""
 
     def __init__(self, target_port: int, identity: NodeIdentity | None, home: Path,
-                 port: int = 0):
+                 port: int = 0, timeout: float | None = 10):
         self.target_port = target_port
+        self.timeout = timeout  # None: a link that may idle (a relay's long poll)
         self.context = None
         if identity is not None:
             home.mkdir(parents=True, exist_ok=True)
@@ -73,12 +74,13 @@ class Proxy:
     def _serve(self, client: socket.socket) -> None:
         upstream: socket.socket | None = None
         try:
-            client.settimeout(10)
+            client.settimeout(self.timeout)
             if self.context is not None:
                 client = self.context.wrap_socket(client, server_side=True)
                 with self._lock:
                     self.handshakes += 1
-            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            upstream = socket.create_connection(("127.0.0.1", self.target_port),
+                                                timeout=self.timeout)
             if self.context is not None:
                 upstream = tls.client_context().wrap_socket(upstream)
             threading.Thread(target=self._pump, args=(upstream, client, False),

@@ -157,7 +157,8 @@ def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
                      + known_hosts_line(entry.host, entry.ssh_port, entry.host_key))
     if tunnel:
         return ["ssh", *common, "-o", f"HostKeyAlias={alias}",
-                "-o", f"ProxyCommand={helper_command(home, entry.id, 22, paths, timeout, secure)}",
+                "-o", "ProxyCommand=" + helper_command(
+                    home, entry.id, 22, paths or [entry.host_endpoint], timeout, secure),
                 f"root@{alias}"]
     return ["ssh", *common, "-p", str(entry.ssh_port), f"root@{entry.host}"]
 

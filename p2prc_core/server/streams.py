@@ -75,12 +75,7 @@ class TunnelResource:
                 title="No such port",
                 description=f"Container {lease.id[:12]} has ports "
                             f"{', '.join(str(p) for p in sorted(external))}, not {port}.")
-        release = self.held.acquire("a tunnel")
-        try:
-            target = _dial_local(external[port])
-        except BaseException:
-            release()
-            raise
+        target, release = self.held.opening("a tunnel", lambda: _dial_local(external[port]))
         log.info("tunnel to %s port %d for %s", lease.id[:12], port, req.context.caller)
         switch(req, resp, lambda sock: _join(sock, target, TUNNEL_IDLE_SECONDS), release)
 
@@ -165,12 +160,8 @@ class RelayAcceptResource:
         _relaying(self.settings)
         wants_upgrade(req)
         token = req.get_param("token", required=True)
-        release = self.held.acquire("a relayed connection")
-        try:
-            client = self.hub.accept(req.context.caller, token)
-        except BaseException:
-            release()
-            raise
+        client, release = self.held.opening(
+            "a relayed connection", lambda: self.hub.accept(req.context.caller, token))
         switch(req, resp, lambda sock: _join(sock, client, TUNNEL_IDLE_SECONDS), release)
 
 
@@ -208,12 +199,8 @@ class RelayConnectResource:
         if node_id not in self.hub.waiting_nodes():  # before it takes a thread's slot
             raise RelayRefusal(f"Node {node_id} does not keep a connection to this relay.",
                                404, "Not relayed here")
-        release = self.held.acquire("a relayed connection")
-        try:
-            node = self.hub.connect(node_id)
-        except BaseException:
-            release()
-            raise
+        node, release = self.held.opening("a relayed connection",
+                                          lambda: self.hub.connect(node_id))
         rate = self.settings.relay_mbit * 125_000 or None
 
         def carry(sock: socket.socket) -> None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import falcon
 
 Take = Callable[[socket.socket], None]
+T = TypeVar("T")
 ENV_KEY = "p2prc.upgrade"
 PROTOCOL = "p2prc-stream/1"  # the Upgrade token a client sends and a 101 names
 
@@ -78,6 +79,16 @@ class Held:
                     self.count -= 1
         return release
 
+    def opening(self, what: str, open_it: Callable[[], T]) -> tuple[T, Callable[[], None]]:
+        """A slot, then ``open_it()`` (the other end of a stream); the slot is given back at
+        once if that fails, else by the returned function (``switch``'s ``release``)."""
+        release = self.acquire(what)
+        try:
+            return open_it(), release
+        except BaseException:
+            release()
+            raise
+
 
 class Upgrades:
     """WSGI middleware: after the app answered 101 for a route that switched, run the
@@ -100,9 +111,6 @@ class Upgrades:
         if force_close is not None:
             force_close()
         return _then(take, environ["gunicorn.socket"], environ.get(ENV_KEY + ".release"))
-
-    def __getattr__(self, name: str) -> Any:  # the Falcon app's own attributes, for tests
-        return getattr(self.app, name)
 
 
 def _then(take: Take, sock: socket.socket,
