@@ -120,6 +120,8 @@ class Settings:
     container_max_ports: int = _setting(8, "most extra TCP ports one container may ask for",
                                         min=0)
     containers_per_caller: int = _setting(4, "containers one caller may hold at once", min=1)
+    gpu_share: bool = _setting(False, "let several containers hold one GPU at once (else each "
+                               "GPU has one holder)")
     container_default_ttl: int = _setting(86400, "seconds a container lives unless it asks",
                                           min=60, unit="duration")
     container_max_ttl: int = _setting(7 * 86400, "most seconds a container may live", min=60,

@@ -27,10 +27,12 @@ LABEL_OWNER = "org.p2prc.owner"
 LABEL_EXPIRES = "org.p2prc.expires"
 LABEL_PORTS = "org.p2prc.ports"
 LABEL_NODE = "org.p2prc.node"
+LABEL_GPUS = "org.p2prc.gpus"
 SSH_PORT = 22
 PENDING = "pending-"  # ids of the places held while a container starts
 PENDING_SECONDS = 600
 MIN_MEMORY = 16 << 20  # below this the engine refuses to start a container, or sshd dies
+MAX_GPUS = 64  # most GPUs a request may name, and the highest index + 1
 
 _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$")
 _REQUEST_KEYS = {"ports", "gpu", "image", "cpus", "memory", "ttl", "ssh_key"}
@@ -45,11 +47,14 @@ class ContainerError(Refusal):
 
 @dataclass(frozen=True)
 class ContainerRequest:
-    """What a caller may ask for. Nothing else reaches the engine."""
+    """What a caller may ask for. Nothing else reaches the engine.
+
+    ``gpu``: False (none), True (every GPU free now, at least one), a count, or the indexes
+    of the GPUs wanted (a sorted tuple)."""
 
     ssh_key: str
     ports: int = 0
-    gpu: bool = False
+    gpu: bool | int | tuple[int, ...] = False
     image: str | None = None
     cpus: float | None = None
     memory: int | None = None
@@ -84,12 +89,48 @@ class ContainerRequest:
         image = body.get("image")
         if image is not None and (not isinstance(image, str) or not _IMAGE.match(image)):
             raise ContainerError(400, "Invalid request", "image is not a valid image name.")
-        gpu = body.get("gpu", False)
-        if not isinstance(gpu, bool):
-            raise ContainerError(400, "Invalid request", "gpu must be true or false.")
+        gpu = parse_gpu_ask(body.get("gpu", False))
         return cls(ssh_key=ssh_key.strip(), ports=number("ports", int, 0) or 0, gpu=gpu,
                    image=image, cpus=number("cpus", float, 0.01),
                    memory=number("memory", int, 1), ttl=number("ttl", int, 1))
+
+
+def parse_gpu_ask(value: Any) -> bool | int | tuple[int, ...]:
+    """A request's ``gpu``: true or false, a count from 1, or a list of distinct indexes.
+
+    :raises ContainerError: 400 for anything else.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and 1 <= value <= MAX_GPUS:
+        return value
+    if isinstance(value, list) and 1 <= len(value) <= MAX_GPUS and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_GPUS
+            for i in value) and len(set(value)) == len(value):
+        return tuple(sorted(value))
+    raise ContainerError(400, "Invalid request",
+                         f"gpu must be true or false, a count from 1 to {MAX_GPUS}, or a list "
+                         f"of distinct GPU indexes (0 to {MAX_GPUS - 1}).")
+
+
+def parse_gpu_text(text: str) -> bool | int | list[int]:
+    """What ``--gpu`` says, as a request's ``gpu``: ``all`` (every free GPU), ``N`` (a
+    count), or ``I,J`` / ``device=I[,J]`` (those GPUs, by the host's index).
+
+    :raises ValueError: anything else.
+    """
+    given = text.strip().lower()
+    if given in ("", "all", "true", "yes"):
+        return True
+    indexes = given.removeprefix("device=")
+    if indexes != given or "," in indexes:
+        parts = [p.strip() for p in indexes.split(",") if p.strip()]
+        if parts and all(p.isdigit() for p in parts):
+            return [int(p) for p in parts]
+    elif given.isdigit() and int(given) > 0:
+        return int(given)
+    raise ValueError(f"{text!r} is not 'all', a count (2), or GPU indexes (0,1 or device=1); "
+                     f"give --gpu after PEER")
 
 
 @dataclass(frozen=True)
@@ -105,6 +146,9 @@ class ContainerSpec:
     ports: list[int]  # host port == container port; the first is SSH's
     gpu: bool
     labels: dict[str, str]
+    # The GPUs given, each {"index": NVML's index, "minor": /dev/nvidiaN's N}; with gpu and
+    # none listed, a backend gives every GPU.
+    gpus: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -160,6 +204,7 @@ class Lease:
     expires: float
     host_key: str = ""
     gpu: bool = False
+    gpus: list[int] = field(default_factory=list)  # the indexes of the GPUs it holds
     cpus: float = 0
     memory: int = 0
     state: str = "running"
@@ -172,6 +217,12 @@ class Lease:
         data = asdict(self)
         data["host_key_fingerprint"] = fingerprint(self.host_key) if self.host_key else None
         return data
+
+
+def _minor(gpu: dict[str, Any]) -> int:
+    """The N of the GPU's /dev/nvidiaN: NVML's minor number where the specs have it."""
+    minor = gpu.get("minor")
+    return minor if isinstance(minor, int) and minor >= 0 else int(gpu["index"])
 
 
 def _number(value: float) -> str:
@@ -208,23 +259,30 @@ class ContainerStore:
             reserved REAL NOT NULL);
         CREATE TABLE IF NOT EXISTS leases (id TEXT PRIMARY KEY, owner TEXT NOT NULL,
             expires REAL NOT NULL, data TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS gpus (gpu INTEGER NOT NULL, holder TEXT NOT NULL,
+            PRIMARY KEY (gpu, holder));
     """
 
     def __init__(self, home: Path, port_range: tuple[int, int]):
         self.shared = SharedDB(home / "server.db", self.SCHEMA)
         self.low, self.high = port_range
 
-    def reserve(self, owner: str, count: int, per_caller: int, holder: str) -> list[int]:
+    def reserve(self, owner: str, count: int, per_caller: int, holder: str,
+                gpu: bool | int | tuple[int, ...] = False, host_gpus: list[int] | None = None,
+                share: bool = False) -> list[int]:
         """In one transaction (so no two requests or workers can both pass): check that
         ``owner`` holds fewer than ``per_caller`` containers (a create under way counts),
-        hold a place for this one, and reserve ``count`` host ports that nothing else holds
-        and nothing listens on.
+        hold a place for this one, reserve ``count`` host ports that nothing else holds and
+        nothing listens on, and the GPUs ``gpu`` asks for among ``host_gpus`` (see
+        ``choose_gpus``; ``gpus_of(holder)`` says which).
 
-        :raises ContainerError: 429 over the per-caller limit; 503 too few free ports.
+        :raises ContainerError: 429 over the per-caller limit; 503 too few free ports; 409 or
+            422 GPUs that cannot be given.
         """
         with self.shared.transaction() as db:
-            held = db.execute("SELECT COUNT(*) FROM leases WHERE owner=?", (owner,)).fetchone()
-            if held[0] >= per_caller:
+            places = db.execute("SELECT COUNT(*) FROM leases WHERE owner=?",
+                                (owner,)).fetchone()
+            if places[0] >= per_caller:
                 raise ContainerError(429, "Too many containers",
                                      f"You hold {per_caller} containers here, this host's "
                                      f"limit per caller: remove one first.")
@@ -239,6 +297,11 @@ class ContainerStore:
                 raise ContainerError(503, "No free ports",
                                      f"This host's port pool ({self.low}-{self.high}) has "
                                      f"{len(chosen)} free ports; {count} are needed.")
+            if gpu is not False:
+                held: dict[int, int] = dict(db.execute(
+                    "SELECT gpu, COUNT(*) FROM gpus GROUP BY gpu").fetchall())
+                db.executemany("INSERT INTO gpus VALUES (?, ?)", [
+                    (g, holder) for g in choose_gpus(gpu, host_gpus or [], held, share)])
             now = time.time()
             db.executemany("INSERT INTO ports VALUES (?, ?, ?)",
                            [(p, holder, now) for p in chosen])
@@ -252,6 +315,7 @@ class ContainerStore:
         with self.shared.transaction() as db:
             db.execute("DELETE FROM leases WHERE id=?", (holder,))
             db.execute("UPDATE ports SET holder=? WHERE holder=?", (lease.id, holder))
+            db.execute("UPDATE gpus SET holder=? WHERE holder=?", (lease.id, holder))
             db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)",
                        (lease.id, lease.owner, lease.expires, json.dumps(asdict(lease))))
 
@@ -260,9 +324,27 @@ class ContainerStore:
         with self.shared.transaction() as db:
             db.execute("DELETE FROM leases WHERE id=?", (holder,))
             db.execute("DELETE FROM ports WHERE holder=?", (holder,))
+            db.execute("DELETE FROM gpus WHERE holder=?", (holder,))
 
     def held_ports(self) -> dict[int, str]:
         return dict(self.shared.db().execute("SELECT port, holder FROM ports").fetchall())
+
+    def gpu_holders(self) -> dict[int, list[str]]:
+        """Each held GPU's index and who holds it (containers, or creates under way)."""
+        found: dict[int, list[str]] = {}
+        for gpu, holder in self.shared.db().execute(
+                "SELECT gpu, holder FROM gpus ORDER BY gpu, holder"):
+            found.setdefault(gpu, []).append(holder)
+        return found
+
+    def gpus_of(self, holder: str) -> list[int]:
+        return [row[0] for row in self.shared.db().execute(
+            "SELECT gpu FROM gpus WHERE holder=? ORDER BY gpu", (holder,))]
+
+    def holders(self) -> set[str]:
+        """Whoever holds a port or a GPU."""
+        return {row[0] for row in self.shared.db().execute(
+            "SELECT holder FROM ports UNION SELECT holder FROM gpus")}
 
     def adopt(self, lease: Lease) -> None:
         """Take on a running container found by its labels: its lease and its ports."""
@@ -271,6 +353,8 @@ class ContainerStore:
                        (lease.id, lease.owner, lease.expires, json.dumps(asdict(lease))))
             db.executemany("INSERT OR REPLACE INTO ports VALUES (?, ?, ?)",
                            [(p["external"], lease.id, time.time()) for p in lease.ports])
+            db.executemany("INSERT OR REPLACE INTO gpus VALUES (?, ?)",
+                           [(g, lease.id) for g in lease.gpus])
 
     def leases(self, owner: str | None = None) -> list[Lease]:
         """Containers' leases (places held by creates under way are not leases)."""
@@ -284,6 +368,57 @@ class ContainerStore:
         rows = self.shared.db().execute(
             f"SELECT id FROM leases WHERE id LIKE '{PENDING}%' AND expires < ?", (now,))
         return [row[0] for row in rows]
+
+
+def choose_gpus(ask: bool | int | tuple[int, ...], host: list[int], held: dict[int, int],
+                share: bool) -> list[int]:
+    """Which of the host's GPUs (``host``: their indexes) to give for ``ask`` (True: every
+    free one, at least one; a count; or those indexes), when ``held`` says how many holders
+    each has. Unless ``share``, a GPU has one holder at a time; with it, the least held are
+    given first.
+
+    :raises ContainerError: 409 none, or too few, free; 422 more, or others, than the host
+        has.
+    """
+    if not host:
+        raise ContainerError(409, "No GPU", "This host has no NVIDIA GPU.")
+    listing = f"this host has {_count(len(host), 'GPU')} ({_indexes(host)})"
+    free = sorted(host, key=lambda g: (held.get(g, 0), g)) if share else \
+        [g for g in sorted(host) if not held.get(g)]
+    if isinstance(ask, tuple):
+        missing = [g for g in ask if g not in host]
+        if missing:
+            raise ContainerError(422, "No such GPU", f"No GPU {_indexes(missing)} here: "
+                                                     f"{listing}.")
+        taken = [g for g in ask if g not in free]
+        if taken:
+            raise ContainerError(409, "GPU taken",
+                                 f"GPU {_indexes(taken)} {'is' if len(taken) == 1 else 'are'} "
+                                 f"held by another container; free now: "
+                                 f"{_indexes(free) or 'none'}.")
+        return list(ask)
+    if ask is True:
+        if not free:
+            raise ContainerError(409, "GPUs all taken",
+                                 f"All of this host's GPUs are held by other containers "
+                                 f"({listing}); try later.")
+        return sorted(free)
+    if ask > len(host):
+        raise ContainerError(422, "Too many GPUs", f"{_count(ask, 'GPU')} asked for: "
+                                                   f"{listing}.")
+    if len(free) < ask:
+        raise ContainerError(409, "GPUs taken",
+                             f"{_count(ask, 'GPU')} asked for, {len(free)} free now "
+                             f"({listing}; the others are held by other containers).")
+    return sorted(free[:ask])
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _indexes(gpus: list[int] | tuple[int, ...]) -> str:
+    return ", ".join(str(g) for g in gpus)
 
 
 @dataclass
@@ -334,9 +469,9 @@ class ContainerService:
                 raise ContainerError(422, "Over a limit",
                                      f"{name} {say(value)} is over this host's limit of "
                                      f"{say(limit)}.")
-        if request.gpu and not self.gpus():
+        if request.gpu is not False and not self.gpus():
             raise ContainerError(409, "No GPU", "This host has no NVIDIA GPU.")
-        if request.gpu and not self.backend.gpu_available():
+        if request.gpu is not False and not self.backend.gpu_available():
             raise ContainerError(409, "No GPU",
                                  "This host has an NVIDIA GPU, but its engine cannot give it to "
                                  "containers (no NVIDIA container toolkit).")
@@ -348,19 +483,26 @@ class ContainerService:
         s = self.settings
         image, cpus, memory, ttl = self.granted(request)
         token = f"{PENDING}{uuid.uuid4().hex}"
-        ports = self.store.reserve(owner, 1 + request.ports, s.containers_per_caller, token)
+        # Each GPU by its index (a specs plugin that gives none: its place in the list).
+        host_gpus = {g["index"] if isinstance(g.get("index"), int) else i: {"index": i, **g}
+                     for i, g in enumerate(self.gpus()) if isinstance(g, dict)}
+        ports = self.store.reserve(owner, 1 + request.ports, s.containers_per_caller, token,
+                                   request.gpu, sorted(host_gpus), s.gpu_share)
+        gpus = self.store.gpus_of(token)
         now = time.time()
         lease = Lease(id="", owner=owner, image=image, created=now, expires=now + ttl,
-                      gpu=request.gpu, cpus=cpus, memory=memory,
+                      gpu=bool(gpus), gpus=gpus, cpus=cpus, memory=memory,
                       ports=[{"name": "ssh", "internal": SSH_PORT, "external": ports[0]}]
                       + [{"name": f"port{i}", "internal": p, "external": p}
                          for i, p in enumerate(ports[1:], 1)])
         spec = ContainerSpec(
             name=f"p2prc-{uuid.uuid4().hex[:12]}", image=image, ssh_key=request.ssh_key,
-            cpus=cpus, memory=memory, pids=s.container_pids, ports=ports, gpu=request.gpu,
+            cpus=cpus, memory=memory, pids=s.container_pids, ports=ports, gpu=bool(gpus),
             labels={LABEL: "1", LABEL_OWNER: owner, LABEL_EXPIRES: str(int(lease.expires)),
                     LABEL_NODE: self.node_id,
-                    LABEL_PORTS: json.dumps(lease.ports, separators=(",", ":"))})
+                    LABEL_PORTS: json.dumps(lease.ports, separators=(",", ":")),
+                    **({LABEL_GPUS: json.dumps(gpus)} if gpus else {})},
+            gpus=[{"index": g, "minor": _minor(host_gpus[g])} for g in gpus])
         container_id = ""
         try:
             container_id = self.backend.create(spec)
@@ -442,16 +584,21 @@ class ContainerService:
                 ports = json.loads(container.labels.get(LABEL_PORTS, "[]"))
                 expires = float(container.labels[LABEL_EXPIRES])
                 owner = container.labels[LABEL_OWNER]
+                gpus = json.loads(container.labels.get(LABEL_GPUS, "[]"))
+                if not isinstance(gpus, list) or not all(
+                        isinstance(g, int) and 0 <= g < MAX_GPUS for g in gpus):
+                    raise ValueError(gpus)
             except (ValueError, KeyError):
                 continue
             self.store.adopt(Lease(id=container_id, owner=owner, image=container.image,
-                                   ports=ports, created=time.time(), expires=expires))
+                                   ports=ports, created=time.time(), expires=expires,
+                                   gpu=bool(gpus), gpus=gpus))
             adopted.append(container_id)
         for container_id in leased - set(live):
             self.store.forget(container_id)
             dropped.append(container_id)
         holders = set(live) | {lease.id for lease in self.store.leases()}
-        for holder in set(self.store.held_ports().values()):
+        for holder in self.store.holders():
             if holder not in holders and not holder.startswith(PENDING):
                 self.store.forget(holder)
         return {"adopted": adopted, "dropped": dropped}

@@ -267,9 +267,20 @@ class PeerRecord:
     @property
     def gpu_count(self) -> int:
         gpus = self.specs.get("gpus")
-        if isinstance(gpus, int):
-            return gpus
-        return len(gpus) if isinstance(gpus, list) else 0
+        if isinstance(gpus, int) and not isinstance(gpus, bool):
+            return max(0, min(gpus, 64))
+        return min(len(gpus), 64) if isinstance(gpus, list) else 0
+
+    @property
+    def free_gpus(self) -> int:
+        """The GPUs the peer says no container holds now (its record's ``gpus_free``; a
+        record that does not say, from an older peer, counts them all)."""
+        if "gpus_free" not in self.specs:
+            return self.gpu_count
+        free = self.specs["gpus_free"]
+        if isinstance(free, int) and not isinstance(free, bool):
+            return max(0, min(free, self.gpu_count))
+        return 0
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,

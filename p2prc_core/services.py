@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2prc_core import __version__
-from p2prc_core.config import Settings
-from p2prc_core.containers import Backend, ContainerError, ContainerService
+from p2prc_core.config import Settings, parse_port_range
+from p2prc_core.containers import Backend, ContainerError, ContainerService, ContainerStore
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.intake import IntakeLimit, source_prefix
@@ -54,7 +54,7 @@ class NodeServices:
         self.started = time.monotonic()
         self._specs = TimedCache(self._collect_specs, settings.specs_cache_seconds)
         self._record = TimedCache(self._build_record, RECORD_SECONDS)
-        self._reach_stamp = 0
+        self._reach_stamp: object = None
         home.mkdir(mode=0o700, parents=True, exist_ok=True)  # as 'p2prc init' makes it
         self.serving = False  # this process is the node's server (see announce_server)
         self._containers: ContainerService | None = None
@@ -86,12 +86,39 @@ class NodeServices:
         return result
 
     def specs_json(self) -> bytes:
-        result: bytes = self._specs.get()[1]
-        return result
+        """The specs as the server answers them: each GPU says whether it is free now."""
+        specs, cached = self._specs.get()
+        if not self.gpus():
+            return bytes(cached)
+        return json.dumps(self.specs_now()).encode()
+
+    def specs_now(self) -> dict[str, Any]:
+        """The specs, each GPU with ``free`` (no container holds it, or ``gpu_share``)."""
+        specs = dict(self.specs())
+        held = self.gpu_holders()
+        share = self.settings.gpu_share
+        specs["gpus"] = [{**g, "free": share or not held.get(g.get("index", -1))}
+                         if isinstance(g, dict) else g for g in self.gpus()]
+        return specs
 
     def gpus(self) -> list[Any]:
         gpus = self.specs().get("gpus")
         return gpus if isinstance(gpus, list) else []
+
+    def gpu_holders(self) -> dict[int, list[str]]:
+        """Which containers (or creates under way) hold each held GPU of this host's."""
+        if not (self.home / "server.db").exists():
+            return {}  # this node never ran a container
+        return self.container_store.gpu_holders()
+
+    def free_gpus(self) -> int:
+        held = self.gpu_holders()
+        return sum(1 for g in self.gpus() if isinstance(g, dict) and
+                   (self.settings.gpu_share or not held.get(g.get("index", -1))))
+
+    @cached_property
+    def container_store(self) -> ContainerStore:
+        return ContainerStore(self.home, parse_port_range(self.settings.port_range))
 
     SERVER_FILE = "server.json"
 
@@ -141,14 +168,17 @@ class NodeServices:
 
         fields = record_fields(self.served_settings, self.hooks, self.specs(), __version__,
                                ReachState(self.home).read())
+        if self.gpus():
+            fields["specs"]["gpus_free"] = self.free_gpus()
         return RecordPublisher(self.home, self.identity).current(fields)
 
     def own_record(self) -> dict[str, Any]:
         """This node's signed record, as its server serves it (built again at once when
-        the server learnt a new way to reach it: a relay, a mapped port)."""
+        the server learnt a new way to reach it, a relay or a mapped port, and when a GPU
+        was taken or freed)."""
         from p2prc_core.reach import ReachState
 
-        stamp = ReachState(self.home).stamp()
+        stamp = (ReachState(self.home).stamp(), self.free_gpus() if self.gpus() else None)
         if stamp != self._reach_stamp:
             self._reach_stamp = stamp
             self._record.clear()
@@ -506,8 +536,9 @@ class NodeServices:
         """The host's container service over the configured backend (built on first use)."""
         with self._containers_lock:
             if self._containers is None:
-                self._containers = ContainerService.open(
-                    self.settings, self.backend(), self.home, self.identity.node_id, self.gpus)
+                self._containers = ContainerService(
+                    self.settings, self.backend(), self.container_store,
+                    self.identity.node_id, self.gpus)
             return self._containers
 
     def reap(self) -> list[str]:

@@ -44,6 +44,7 @@ class RemoteContainer:
     expires: float
     node_id: str | None = None
     gpu: bool = False
+    gpus: list[int] = field(default_factory=list)  # the host's indexes of the GPUs it holds
     used_ports: list[int] = field(default_factory=list)  # extra ports runs were handed
 
     @classmethod
@@ -73,12 +74,17 @@ class RemoteContainer:
             if not isinstance(image, str) or not _IMAGE.fullmatch(image):
                 raise ValueError("its image name is malformed")
             node_id = reply.get("node_id")
+            gpus = reply.get("gpus", [])
+            if not isinstance(gpus, list) or len(gpus) > 64 or not all(
+                    isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64
+                    for g in gpus):
+                raise ValueError("its GPUs are not a list of GPU indexes")
             return cls(id=container_id, endpoint=endpoint.path, host=endpoint.host,
                        ssh_port=checked[0]["external"], host_key=host_key, ports=checked,
                        image=image, created=_time(reply.get("created")),
                        expires=_time(reply.get("expires")),
                        node_id=node_id if isinstance(node_id, str) else None,
-                       gpu=reply.get("gpu") is True)
+                       gpu=reply.get("gpu") is True, gpus=sorted(set(gpus)))
         except (ValueError, KeyError, TypeError) as err:
             raise PeerError(f"{endpoint} answered the create with something that is not a "
                             f"container ({err})") from None

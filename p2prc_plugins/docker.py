@@ -81,7 +81,7 @@ class DockerBackend:
             "init": False, "stdin_open": False, "tty": False,
         }
         if spec.gpu:
-            options.update(self.gpu_options())
+            options.update(self.gpu_options(spec.gpus or None))
         options.pop("detach")
         try:
             # create, not run: run would try to pull a missing image from a registry.
@@ -224,21 +224,31 @@ class DockerBackend:
         runtimes = self.client.info().get("Runtimes", {})
         return "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook") is not None
 
-    def gpu_options(self) -> dict[str, Any]:
-        """How a container gets this host's GPUs: the toolkit's device request where it is
-        installed; otherwise the driver's device nodes and its files, read-only.
+    def gpu_options(self, gpus: list[dict[str, int]] | None = None) -> dict[str, Any]:
+        """How a container gets the GPUs ``gpus`` (``{"index", "minor"}`` each; every GPU
+        when None): the toolkit's device request where it is installed; otherwise those
+        GPUs' device nodes, the driver's control nodes, and its files, read-only.
 
         :raises ContainerError: 409, naming what is missing.
         """
         docker = _docker()
         if self.has_toolkit():
+            if gpus is None:
+                return {"device_requests": [docker.types.DeviceRequest(
+                    count=-1, capabilities=[["gpu"]])]}
             return {"device_requests": [docker.types.DeviceRequest(
-                count=-1, capabilities=[["gpu"]])]}
+                device_ids=[str(g["index"]) for g in gpus], capabilities=[["gpu"]])]}
         driver, missing = find_driver()
         if driver is None:
             raise ContainerError(409, "No GPU", f"This host cannot give a GPU to containers: "
                                                 f"{missing}.")
-        return {"devices": driver.devices(), "volumes": driver.volumes()}
+        minors = None if gpus is None else [g["minor"] for g in gpus]
+        if minors is not None and len(driver.devices(minors)) - len(driver.controls) < \
+                len(minors):
+            raise ContainerError(409, "No GPU", f"This host has no device node for GPU "
+                                                f"{', '.join(map(str, minors))} "
+                                                f"(/dev/nvidiaN).")
+        return {"devices": driver.devices(minors), "volumes": driver.volumes()}
 
     def gpu_available(self) -> bool:
         """Whether the engine can give GPUs to containers: with NVIDIA's container toolkit,

@@ -43,7 +43,12 @@ def gpus() -> list[dict[str, Any]]:
                 utilization = nvml.nvmlDeviceGetUtilizationRates(handle).gpu
             except nvml.NVMLError:
                 utilization = None
-            found.append({"index": index, "name": _text(nvml.nvmlDeviceGetName(handle)),
+            try:
+                minor = int(nvml.nvmlDeviceGetMinorNumber(handle))  # /dev/nvidia<minor>
+            except nvml.NVMLError:
+                minor = index
+            found.append({"index": index, "minor": minor,
+                          "name": _text(nvml.nvmlDeviceGetName(handle)),
                           "memory_total": memory.total, "memory_used": memory.used,
                           "driver": driver, "utilization_percent": utilization})
     except nvml.NVMLError:

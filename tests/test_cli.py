@@ -183,3 +183,19 @@ def test_an_ipv6_address_as_a_table_header_is_shown_whole(
     monkeypatch.setattr(output, "console", Console(file=screen, width=100))
     output.print_table(("", "[fd42:7:7::1]:18300"), [("host", "vm")])
     assert "[fd42:7:7::1]:18300" in screen.getvalue()
+
+
+@pytest.mark.parametrize("text, ask", [("all", True), ("", True), ("2", 2), ("0,1", [0, 1]),
+                                       ("device=1", [1]), ("1,", [1]), (" 3 , 0 ", [3, 0])])
+def test_gpu_asks_read_as_people_write_them(text: str, ask: object) -> None:
+    from p2prc_core.containers import parse_gpu_text
+
+    assert parse_gpu_text(text) == ask
+
+
+def test_a_gpu_option_that_reads_as_a_peer_says_where_it_goes(home: Path) -> None:
+    code, _, err = run("touch", "--gpu", "friend")
+    assert code == 2 and "'friend' is not 'all', a count" in err and "after PEER" in err
+    for bad in ("0", "device=", "1,a", "two"):
+        code, _, err = run("touch", "friend", "--gpu", bad)
+        assert code == 2 and "is not 'all', a count (2), or GPU indexes" in err, err

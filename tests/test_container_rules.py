@@ -95,21 +95,28 @@ class FakeBackendPlugin:
 
 
 class FakeGPUs:
+    """``count`` GPUs, as NVML lists them; GPU i is /dev/nvidia(i + 4) (minor numbers need
+    not be the indexes)."""
+
+    def __init__(self, count: int):
+        self.count = count
+
     @hookimpl
     def p2prc_collect_specs(self) -> dict[str, Any]:
-        return {"gpus": [{"index": 0, "name": "Fake GPU", "memory_total": 1 << 30}]}
+        return {"gpus": [{"index": i, "minor": i + 4, "name": "Fake GPU",
+                          "memory_total": 1 << 30} for i in range(self.count)]}
 
 
 class Host:
     """A host's app over a fake backend, and signed requests to it."""
 
-    def __init__(self, home: Path, gpus: bool = False, **options: Any):
+    def __init__(self, home: Path, gpus: int = 0, **options: Any):
         self.backend = FakeBackend()
         plugins: list[tuple[str, object]] = [
             (n, m) for n, m in BUILTINS if n != "nvidia"]  # GPUs only from FakeGPUs
         plugins.append(("fake-backend", FakeBackendPlugin(self.backend)))
         if gpus:
-            plugins.append(("fake-gpus", FakeGPUs()))
+            plugins.append(("fake-gpus", FakeGPUs(gpus)))
         settings = Settings(**{"backend": "fake", "port_range": "47100-47119",
                                "containers_per_caller": 3, **options})
         self.node = NodeServices(settings, home, make_plugin_manager(load_entrypoints=False,
@@ -207,12 +214,90 @@ def test_requests_over_a_limit_are_422_and_start_nothing(host: Host, fields: dic
 def test_a_gpu_is_409_without_one_and_given_with_one(tmp_path: Path) -> None:
     without = Host(tmp_path / "plain")
     assert_refused(without.create(gpu=True), 409, "no NVIDIA GPU")
-    no_toolkit = Host(tmp_path / "gpu", gpus=True)
+    no_toolkit = Host(tmp_path / "gpu", gpus=1)
     assert_refused(no_toolkit.create(gpu=True), 409, "no NVIDIA container toolkit")
     no_toolkit.backend.gpu_support = True
     assert no_toolkit.create(gpu=True).status_code == 201
     [spec] = no_toolkit.backend.specs.values()
-    assert spec.gpu is True
+    assert spec.gpu is True and spec.gpus == [{"index": 0, "minor": 4}]
+
+
+@pytest.fixture
+def gpu_host(tmp_path: Path) -> Host:
+    host = Host(tmp_path / "gpus", gpus=2)
+    host.backend.gpu_support = True
+    TrustStore(host.node.home).add(BOB.node_id, "bob")
+    return host
+
+
+def free_gpus(host: Host) -> list[bool]:
+    """What /v1/specs says of each GPU, as a peer sees it."""
+    return [g["free"] for g in host.request("GET", "/v1/specs").json["gpus"]]
+
+
+def test_each_gpu_has_one_holder_and_the_host_says_which(gpu_host: Host) -> None:
+    first = gpu_host.create(gpu=1)
+    assert first.status_code == 201 and first.json["gpus"] == [0], first.json
+    assert free_gpus(gpu_host) == [False, True]
+    assert gpu_host.node.own_record()["specs"]["gpus_free"] == 1
+    assert_refused(gpu_host.create(who=BOB, gpu=[0]), 409, "GPU 0 is held by another "
+                                                           "container; free now: 1")
+    assert_refused(gpu_host.create(who=BOB, gpu=2), 409, "2 GPUs asked for, 1 free now")
+    second = gpu_host.create(who=BOB, gpu=True)  # every free GPU: GPU 1
+    assert second.json["gpus"] == [1]
+    assert gpu_host.backend.specs[second.json["id"]].gpus == [{"index": 1, "minor": 5}]
+    assert_refused(gpu_host.create(gpu=True), 409, "held by other containers")
+    assert gpu_host.node.own_record()["specs"]["gpus_free"] == 0
+    assert gpu_host.create().status_code == 201  # no GPU asked for: still served
+    assert len(gpu_host.backend.specs) == 3  # the refused creates started nothing
+    assert gpu_host.request("DELETE", f"/v1/containers/{first.json['id']}").status_code == 200
+    assert free_gpus(gpu_host) == [True, False]
+    assert gpu_host.create(gpu=[0]).json["gpus"] == [0]
+
+
+def test_gpus_the_host_has_not_are_422(gpu_host: Host) -> None:
+    assert_refused(gpu_host.create(gpu=[2]), 422, "No GPU 2 here: this host has 2 GPUs (0, 1)")
+    assert_refused(gpu_host.create(gpu=3), 422, "3 GPUs asked for")
+    assert gpu_host.backend.specs == {} and gpu_host.held_ports() == {}
+
+
+@pytest.mark.parametrize("gpu", ["yes", 0, -1, 65, [], [1, 1], [-1], [True], [0.5], {"n": 1},
+                                 list(range(65))])
+def test_a_malformed_gpu_ask_is_400(gpu_host: Host, gpu: Any) -> None:
+    assert_refused(gpu_host.create(gpu=gpu), 400, "gpu must be true or false, a count")
+
+
+def test_reaping_and_reconciling_free_and_retake_gpus(gpu_host: Host) -> None:
+    service = gpu_host.node.containers()
+    short = gpu_host.create(gpu=1, ttl=60).json["id"]
+    kept = gpu_host.create(who=BOB, gpu=1, ttl=3600).json["id"]
+    assert service.store.gpu_holders() == {0: [short], 1: [kept]}
+    assert service.reap(now=time.time() + 61) == [short]
+    assert service.store.gpu_holders() == {1: [kept]}
+    service.store.forget(kept)  # the host's state is lost; the engine still runs it
+    assert service.store.gpu_holders() == {}
+    assert service.reconcile()["adopted"] == [kept]
+    assert service.store.gpu_holders() == {1: [kept]}
+    assert_refused(gpu_host.create(gpu=[1]), 409, "GPU 1 is held")
+
+
+def test_a_failed_create_frees_its_gpus(gpu_host: Host) -> None:
+    gpu_host.backend.fail_host_key = True
+    assert_refused(gpu_host.create(gpu=2), 504, "sshd did not start")
+    assert gpu_host.node.containers().store.gpu_holders() == {}
+    gpu_host.backend.fail_host_key = False
+    assert gpu_host.create(gpu=2).json["gpus"] == [0, 1]
+
+
+def test_gpu_share_gives_one_gpu_to_several_least_held_first(tmp_path: Path) -> None:
+    host = Host(tmp_path / "shared", gpus=2, gpu_share=True)
+    host.backend.gpu_support = True
+    TrustStore(host.node.home).add(BOB.node_id, "bob")
+    assert host.create(gpu=[0]).json["gpus"] == [0]
+    assert host.create(who=BOB, gpu=[0]).json["gpus"] == [0]
+    assert host.create(gpu=1).json["gpus"] == [1]  # the less held one
+    assert free_gpus(host) == [True, True]
+    assert host.create(who=BOB, gpu=True).json["gpus"] == [0, 1]
 
 
 def test_the_per_caller_limit_is_429_and_a_removal_frees_a_place(host: Host) -> None:

@@ -20,7 +20,8 @@ from p2prc_core.models import PeerRecord
 from p2prc_core.plugins import make_plugin_manager
 hooks = make_plugin_manager()
 peers = [PeerRecord("near-cpu", latency_ms=1.0),
-         PeerRecord("far-gpu", latency_ms=60.0, specs={"gpus": [{"name": "A100"}]}),
+         PeerRecord("far-gpu", latency_ms=60.0, specs={"gpus": ["A100"], "gpus_free": 1}),
+         PeerRecord("busy-gpu", latency_ms=0.5, specs={"gpus": ["H200"], "gpus_free": 0}),
          PeerRecord("dead-gpu", latency_ms=None, failures=3, specs={"gpus": [{"name": "X"}]})]
 print(json.dumps([p.node_id for p in hooks.rank_peers(peers)]))
 """
@@ -61,8 +62,9 @@ def test_contrib_plugin_score_is_used(installed: Path, tmp_path: Path) -> None:
         ranked: list[str] = json.loads(out)
         return ranked
 
-    assert ranking(None) == ["near-cpu", "far-gpu", "dead-gpu"]
-    assert ranking(installed) == ["far-gpu", "near-cpu", "dead-gpu"]
+    assert ranking(None) == ["busy-gpu", "near-cpu", "far-gpu", "dead-gpu"]
+    # A free GPU outranks nearness; a GPU that containers hold all of counts for nothing.
+    assert ranking(installed) == ["far-gpu", "busy-gpu", "near-cpu", "dead-gpu"]
 
 
 @pytest.mark.integration

@@ -11,20 +11,21 @@ from typing import Any
 
 import pytest
 
-from conftest import require
+from conftest import P2PRC, require
 from p2prc_plugins.nvidia_driver import Driver, find_driver
 
 
-def fake_driver(root: Path) -> tuple[Path, str, Path]:
-    """A /dev with nvidia0, nvidiactl, nvidia-uvm (character devices, as /dev/null is) and
-    a plain file called nvidia1; libraries and ldconfig's listing of them; nvidia-smi."""
+def fake_driver(root: Path, gpus: int = 1) -> tuple[Path, str, Path]:
+    """A /dev with nvidia0 ... (``gpus`` of them), nvidiactl, nvidia-uvm (character devices,
+    as /dev/null is) and a plain file called nvidia<gpus>; libraries and ldconfig's listing
+    of them; nvidia-smi."""
     require(os.geteuid() == 0, "making device nodes needs root")
     dev, lib, bin_ = root / "dev", root / "lib", root / "bin"
     for folder in (dev, lib, bin_):
         folder.mkdir(parents=True)
-    for name in ("nvidia0", "nvidiactl", "nvidia-uvm"):
+    for name in (*(f"nvidia{i}" for i in range(gpus)), "nvidiactl", "nvidia-uvm"):
         os.mknod(dev / name, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    (dev / "nvidia1").write_text("not a device")
+    (dev / f"nvidia{gpus}").write_text("not a device")
     (lib / "libnvidia-ml.so.580.1").write_text("fake NVML")
     (lib / "libnvidia-ml.so.1").symlink_to("libnvidia-ml.so.580.1")
     (lib / "libcuda.so.1").write_text("fake CUDA")
@@ -109,3 +110,75 @@ def test_a_gpu_container_gets_the_nodes_and_the_files_read_only(
         assert write.exit_code != 0 and b"Read-only" in write.output
     finally:
         containers.remove(lease.id, owner=None)
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_each_container_gets_only_the_gpus_it_holds_and_its_login_can_use_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    import docker
+    from test_containers import service
+
+    from p2prc_core.containers import ContainerError, ContainerRequest
+    from p2prc_core.sshkeys import ensure_key, known_hosts_line
+
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+        client.images.get("p2prc/base:latest")
+    except docker.errors.DockerException as err:
+        require(False, f"no Docker engine or base image ({err})")
+    dev, listing, bin_ = fake_driver(tmp_path / "driver", gpus=2)
+    driver, _ = find_driver(dev, listing, str(bin_))
+    assert isinstance(driver, Driver)
+    monkeypatch.setattr("p2prc_plugins.docker.DockerBackend.has_toolkit", lambda self: False)
+    monkeypatch.setattr("p2prc_plugins.docker.find_driver", lambda: (driver, ""))
+    containers = service(tmp_path / "host")
+    # NVML's GPU 0 is /dev/nvidia1 here: its order need not be the device nodes'.
+    containers.gpus = lambda: [{"index": 0, "minor": 1, "name": "Fake"},
+                               {"index": 1, "minor": 0, "name": "Fake"}]
+    private, public = ensure_key(tmp_path / "me")
+    owner = "me" * 13
+    first = containers.create(owner, ContainerRequest.from_json(
+        {"ssh_key": public, "gpu": [0]}))
+    try:
+        second = containers.create(owner, ContainerRequest.from_json(
+            {"ssh_key": public, "gpu": True}))  # every free one: GPU 1
+        try:
+            assert (first.gpus, second.gpus) == ([0], [1])
+            for lease, node in ((first, "nvidia1"), (second, "nvidia0")):
+                found = client.containers.get(lease.id)
+                devices = {d["PathOnHost"] for d in found.attrs["HostConfig"]["Devices"]}
+                assert devices == {str(dev / node), *driver.controls}
+            with pytest.raises(ContainerError) as refused:
+                containers.create(owner, ContainerRequest.from_json(
+                    {"ssh_key": public, "gpu": 1}))
+            assert refused.value.status == 409 and "0 free now" in str(refused.value)
+            # The user who logs in (root, every capability dropped) can open its GPU's node
+            # and run the driver's program; the other GPU's node is not there.
+            known = tmp_path / "known_hosts"
+            known.write_text(known_hosts_line("127.0.0.1", first.ssh_port, first.host_key))
+            login = subprocess.run(
+                ["ssh", "-i", str(private), "-p", str(first.ssh_port), "-o", "BatchMode=yes",
+                 "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+                 "-o", "ConnectTimeout=20", "root@127.0.0.1",
+                 f"test -r {dev}/nvidia1 && test -w {dev}/nvidia1 && "
+                 f"! test -e {dev}/nvidia0 && {bin_}/nvidia-smi"],
+                capture_output=True, text=True, timeout=60)
+            assert login.returncode == 0, login.stderr
+            assert login.stdout.strip() == "GPU 0: Fake"
+            # The host sees which container holds which GPU.
+            shown = subprocess.run([P2PRC, "server", "containers", "ls"], capture_output=True,
+                                   text=True, timeout=60,
+                                   env={**os.environ, "P2PRC_HOME": str(tmp_path / "host")})
+            rows = {line.split()[0]: line for line in shown.stdout.splitlines()[1:]}
+            assert rows[first.id[:12]].split()[-4] == "0", shown.stdout  # gpus, then expires
+            assert rows[second.id[:12]].split()[-4] == "1", shown.stdout
+        finally:
+            containers.remove(second.id, owner=None)
+        assert containers.store.gpu_holders() == {0: [first.id]}  # a removal frees its GPU
+    finally:
+        containers.remove(first.id, owner=None)
+    assert containers.store.gpu_holders() == {}

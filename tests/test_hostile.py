@@ -73,6 +73,23 @@ def test_specs_of_odd_shapes_in_records_list_without_a_crash(tmp_path: Path) -> 
     assert "real GPU" in listed.stdout and "Traceback" not in listed.stderr
 
 
+def test_a_peers_free_gpu_count_is_believed_only_within_its_gpus(tmp_path: Path) -> None:
+    me = tmp_path / "me"
+    for name, free in (("many", 10**9), ("minus", -5), ("text", "all of them"), ("yes", True),
+                       ("two", 2)):
+        plant(me, sign_record(NodeIdentity.generate(), {
+            "name": name, "addresses": ["fd42::8"], "port": 8088, "seq": 1,
+            "time": int(time.time()), "metadata": {}, "version": "x",
+            "specs": {"gpus": ["H200", "H200", "H200"], "gpus_free": free}}))
+    listed = p2prc(me, "peers", "ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {r["name"]: r["gpus_free"] for r in json.loads(listed.stdout)} == \
+        {"many": 3, "minus": 0, "text": 0, "yes": 0, "two": 2}
+    table = p2prc(me, "peers", "ls", "--gpu")
+    assert "3x H200 (3 free)" in table.stdout and "3x H200 (2 free)" in table.stdout
+    assert "minus" not in table.stdout and "(0 free)" not in table.stdout
+
+
 def test_ipv6_endpoints_show_whole_in_tables(tmp_path: Path, live_server: LiveServer) -> None:
     me = tmp_path / "me"
     added = p2prc(me, "peers", "add", live_server.peer("::1"))
@@ -393,10 +410,15 @@ def test_specs_a_host_sends_in_odd_shapes_print_without_a_crash(tmp_path: Path,
                                                                  fake_host: int) -> None:
     FakeHost.specs = {"hostname": "[b]x", "cpu": "fast", "memory": {"total": "lots"},
                       "load": {"1m": "high", "5m": None}, "disk": [1], "os": 3,
-                      "gpus": [{"index": 0, "name": "G", "memory_total": "big"}, "junk"]}
+                      "gpus": [{"index": 0, "name": "G", "memory_total": "big"}, "junk",
+                               {"index": [1], "name": "H", "free": [True]},
+                               {"index": 2, "name": "I", "free": False}]}
     result = p2prc(tmp_path / "me", "specs", f"127.0.0.1:{fake_host}")
     assert result.returncode == 0, result.stderr
     assert "[b]x" in result.stdout and "gpu 0" in result.stdout and "?" in result.stdout
+    shown = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert "gpu 2 I: -, driver None, ?% busy, in use" in shown
+    assert "gpu ? H: -, driver None, ?% busy" in shown
 
 
 class Trickle(http.server.BaseHTTPRequestHandler):

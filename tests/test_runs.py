@@ -221,6 +221,7 @@ def test_a_container_reply_is_checked_before_it_is_kept() -> None:
             "ssh": {"port": 42000, "host_key": HOST_KEY}}
     endpoint = Endpoint("fd42::1", 8088)
     kept = RemoteContainer.from_reply(good, endpoint)
+    assert RemoteContainer.from_reply({**good, "gpus": [1, 0, 1]}, endpoint).gpus == [0, 1]
     assert (kept.id, kept.host, kept.ssh_port, kept.endpoint) == \
         ("a" * 64, "fd42::1", 42000, "[fd42::1]:8088")
     assert json.loads(json.dumps(kept.as_dict()))["ssh"]["command"] == \
@@ -228,6 +229,7 @@ def test_a_container_reply_is_checked_before_it_is_kept() -> None:
     for bad in ({"id": "/../../x"}, {"ports": [{"name": "ssh", "internal": 22,
                                                "external": "{{ lookup('pipe', 'id') }}"}]},
                 {"ssh": {"port": 42000, "host_key": "ssh-ed25519 AAAA\nevil"}},
-                {"expires": "soon"}, {"ports": []}):
+                {"expires": "soon"}, {"ports": []}, {"gpus": ["0; rm -rf /"]},
+                {"gpus": [True]}, {"gpus": [-1]}, {"gpus": 3}, {"gpus": list(range(65))}):
         with pytest.raises(PeerError, match="not a container"):
             RemoteContainer.from_reply({**good, **bad}, endpoint)

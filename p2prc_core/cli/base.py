@@ -17,6 +17,7 @@ from p2prc_core.config import (
     default_home,
     load_settings,
 )
+from p2prc_core.containers import parse_gpu_text
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Endpoint, parse_duration, parse_endpoint, parse_size
 from p2prc_core.output import err_console
@@ -237,9 +238,9 @@ def main(ctx: click.Context, home: Path | None, serve_flag: bool, add_address: s
 
 # -- helpers shared by the commands ---------------------------------------------
 
-def _parsed_by(parse: Callable[[str], int]) -> Callable[..., int | None]:
+def _parsed_by(parse: Callable[[str], Any]) -> Callable[..., Any]:
     """A click callback that parses an option's text, a ValueError becoming a usage error."""
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
         if value is None:
             return None
         try:
@@ -251,6 +252,7 @@ def _parsed_by(parse: Callable[[str], int]) -> Callable[..., int | None]:
 
 size_option = _parsed_by(parse_size)  # 512, 64k, 10M, 1G
 duration_option = _parsed_by(parse_duration)  # 90s, 30m, 2h, 7d
+gpu_option = _parsed_by(parse_gpu_text)  # all, 2, 0,1, device=1
 
 
 def format_ago(now: float, stamp: float | None) -> str:

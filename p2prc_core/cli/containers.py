@@ -14,6 +14,7 @@ from p2prc_core.cli.base import (
     ListingGroup,
     Node,
     duration_option,
+    gpu_option,
     json_option,
     main,
     pass_node,
@@ -32,7 +33,10 @@ from p2prc_core.tunnel import helper_command
 @click.argument("peer")
 @click.option("--ports", type=click.IntRange(0, 64), default=0, show_default=True,
               help="Extra TCP ports to open, besides SSH.")
-@click.option("--gpu", is_flag=True, help="Ask for the host's NVIDIA GPUs.")
+@click.option("--gpu", is_flag=False, flag_value="all", default=None, metavar="[N|I,J]",
+              callback=gpu_option,
+              help="Ask for NVIDIA GPUs: every free one (--gpu), a count (--gpu 2), or "
+                   "those by index (--gpu 0,1 or --gpu device=1).")
 @click.option("--image", help="An image the host offers [default: its first].")
 @click.option("--cpus", type=float, help="CPUs [default: the host's default].")
 @click.option("--memory", callback=size_option, metavar="SIZE", help="Memory, e.g. 1G.")
@@ -40,10 +44,11 @@ from p2prc_core.tunnel import helper_command
               help="Lifetime, e.g. 2h, 7d.")
 @json_option
 @pass_node
-def touch(node: Node, peer: str, ports: int, gpu: bool, image: str | None, cpus: float | None,
-          memory: int | None, ttl: int | None, as_json: bool) -> None:
+def touch(node: Node, peer: str, ports: int, gpu: bool | int | list[int] | None,
+          image: str | None, cpus: float | None, memory: int | None, ttl: int | None,
+          as_json: bool) -> None:
     """Start a container on PEER with SSH access (your key) and open ports."""
-    request: dict[str, Any] = {"ports": ports, "gpu": gpu}
+    request: dict[str, Any] = {"ports": ports, "gpu": gpu if gpu is not None else False}
     for name, value in (("image", image), ("cpus", cpus), ("memory", memory), ("ttl", ttl)):
         if value is not None:
             request[name] = value
@@ -60,6 +65,10 @@ def touch(node: Node, peer: str, ports: int, gpu: bool, image: str | None, cpus:
     click.echo(f"container {container.short_id} on {container.endpoint}, until "
                f"{format_when(container.expires)}")
     click.echo(f"  host key {fingerprint(container.host_key)}")
+    if container.gpus:
+        click.echo(f"  GPU{'s' if len(container.gpus) > 1 else ''} "
+                   f"{', '.join(map(str, container.gpus))} (the host's numbering; "
+                   f"'nvidia-smi' in the container lists them from 0)")
     click.echo(f"  log in:  p2prc ssh {container.short_id}   (through the host's p2prc port)")
     where = f"{container.host}: ssh {container.ssh_port}, extra {extra}"
     if published:
@@ -102,10 +111,10 @@ def containers_ls(node: Node, as_json: bool = False) -> None:
         click.echo("No containers: start one with 'p2prc touch PEER'.")
         return
     groups = node.services.tracked.groups()
-    print_table(("id", "host", "state", "ssh", "ports", "expires", "groups"),
+    print_table(("id", "host", "state", "ssh", "ports", "gpus", "expires", "groups"),
                 [(r["id"][:12], r["endpoint"], r["state"], r["ssh_port"],
                   ", ".join(str(p["external"]) for p in r["ports"][1:]) or "-",
-                  format_when(r["expires"]),
+                  ", ".join(map(str, r["gpus"])) or "-", format_when(r["expires"]),
                   ", ".join(g for g, m in groups.items() if r["id"] in m) or "-")
                  for r in rows])
 

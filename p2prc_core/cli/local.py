@@ -317,10 +317,11 @@ def server_containers_ls(node: Node, as_json: bool = False) -> None:
         return (f"{now['cpu_percent']:g}% of {lease.cpus:g}",
                 f"{human_bytes(now['memory'])} of {human_bytes(lease.memory)}")
 
-    print_table(("id", "owner", "state", "image", "cpu", "memory", "ports", "expires"),
+    print_table(("id", "owner", "state", "image", "cpu", "memory", "ports", "gpus", "expires"),
                 [(lease.id[:12], names.get(lease.owner) or lease.owner, lease.state,
                   lease.image, *used(lease),
-                  ", ".join(str(p["external"]) for p in lease.ports), format_when(lease.expires))
+                  ", ".join(str(p["external"]) for p in lease.ports),
+                  ", ".join(map(str, lease.gpus)) or "-", format_when(lease.expires))
                  for lease in leases])
 
 

@@ -81,13 +81,16 @@ def peers_rm(node: Node, peer: str) -> None:
 
 
 @peers.command("ls")
+@click.option("--gpu", "with_gpu", is_flag=True,
+              help="Only peers that say they have a free GPU.")
 @json_option
 @pass_node
-def peers_ls(node: Node, as_json: bool = False) -> None:
+def peers_ls(node: Node, with_gpu: bool = False, as_json: bool = False) -> None:
     """List known peers, best first (by p2prc_score_peer)."""
     services = node.services
     entries = services.table.load()
-    ranked = node.hooks.rank_peers(e.to_peer() for e in entries.values())
+    ranked = node.hooks.rank_peers(e.to_peer() for e in entries.values()
+                                   if not with_gpu or e.to_peer().free_gpus > 0)
     rows: list[dict[str, Any]] = []
     now = time.time()
     for peer in ranked:
@@ -104,12 +107,14 @@ def peers_ls(node: Node, as_json: bool = False) -> None:
                      "bandwidth_mbps": measured.bandwidth_mbps,
                      "last_seen": measured.last_seen, "failures": measured.failures,
                      "gpus": _gpu_names(entry.record.get("specs")),
+                     "gpus_free": peer.free_gpus,
                      "score": round(node.hooks.score_peer(peer), 3)})
     if as_json:
         print_json(rows)
         return
     if not rows:
-        click.echo("The table is empty: add a peer with 'p2prc peers add ADDRESS'.")
+        click.echo("No peer in the table says it has a free GPU." if with_gpu and entries else
+                   "The table is empty: add a peer with 'p2prc peers add ADDRESS'.")
         return
     print_table(("name", "node id", "address", "latency", "bandwidth", "last seen", "gpus"),
                 [(r["name"], r["node_id"], _shown_path(r["address"]),
@@ -117,7 +122,18 @@ def peers_ls(node: Node, as_json: bool = False) -> None:
                   f"{r['bandwidth_mbps']:,.0f} Mbit/s" if r["bandwidth_mbps"] else "-",
                   format_ago(now, r["last_seen"]) + (f" ({r['failures']} failed)"
                                                if r["failures"] else ""),
-                  ", ".join(r["gpus"]) or "-") for r in rows])
+                  _gpus_shown(r["gpus"], r["gpus_free"])) for r in rows])
+
+
+def _gpus_shown(names: list[str], free: int) -> str:
+    """``2x H200 (1 free)``: the names a record lists, and how many it says are free."""
+    if not names:
+        return "-"
+    counted: dict[str, int] = {}
+    for name in names:
+        counted[name] = counted.get(name, 0) + 1
+    shown = ", ".join(name if n == 1 else f"{n}x {name}" for name, n in counted.items())
+    return f"{shown} ({free} free)"
 
 
 def _shown_path(address: str) -> str:
@@ -165,8 +181,10 @@ def peers_update(node: Node, hops: int | None = None, as_json: bool = False) -> 
 @pass_node
 def specs(node: Node, peer: str | None, as_json: bool) -> None:
     """Show a peer's CPU, memory, disk, load and GPUs; with no PEER, this machine's."""
+    holders: dict[int, list[str]] = {}
     if peer is None:
-        data, where = node.services.specs(), "this machine"
+        data, where = node.services.specs_now(), "this machine"
+        holders = node.services.gpu_holders()
     else:
         with node.client(peer) as client:
             data = client.specs()
@@ -190,9 +208,15 @@ def specs(node: Node, peer: str | None, as_json: bool) -> None:
     gpus = [g for g in data.get("gpus") or [] if isinstance(g, dict)] \
         if isinstance(data.get("gpus"), list) else []
     for gpu in gpus:
-        rows.append((f"gpu {gpu.get('index', '')}",
+        free = gpu.get("free")  # a peer's: shown only as true or false
+        use = ", free" if free is True else ", in use" if free is False else ""
+        held = holders.get(gpu.get("index", -1)) if peer is None else None  # ours
+        if held:
+            use = ", held by " + ", ".join(h[:12] for h in held)
+        index = gpu.get("index")
+        rows.append((f"gpu {index if isinstance(index, int) else '?'}",
                      f"{gpu.get('name')}: {human_bytes(gpu.get('memory_total'))}, driver "
-                     f"{gpu.get('driver')}, {gpu.get('utilization_percent', '?')}% busy"))
+                     f"{gpu.get('driver')}, {gpu.get('utilization_percent', '?')}% busy{use}"))
     if not gpus:
         rows.append(("gpus", "none"))
     print_table(("", where), rows)

@@ -276,14 +276,25 @@ class ContainersResource:
                      "type": "object", "required": ["ssh_key"],
                      "properties": {"ssh_key": {"type": "string"},
                                     "ports": {"type": "integer", "minimum": 0},
-                                    "gpu": {"type": "boolean"}, "image": {"type": "string"},
+                                    "gpu": {"oneOf": [
+                                        {"type": "boolean"},
+                                        {"type": "integer", "minimum": 1, "maximum": 64},
+                                        {"type": "array", "minItems": 1, "maxItems": 64,
+                                         "uniqueItems": True, "items": {
+                                             "type": "integer", "minimum": 0,
+                                             "maximum": 63}}],
+                                        "description": "true: every free GPU; a count; "
+                                                       "or GPU indexes"},
+                                    "image": {"type": "string"},
                                     "cpus": {"type": "number"},
                                     "memory": {"type": "integer", "description": "bytes"},
                                     "ttl": {"type": "integer", "description": "seconds"}},
                      "additionalProperties": False}}}},
                  "responses": {"201": {"description": "the container: id, ports, ssh"},
-                               "409": {"description": "a GPU was asked for; there is none"},
-                               "422": {"description": "over a limit, or an image not offered"},
+                               "409": {"description": "a GPU was asked for; there is none, "
+                                                      "or those asked for are held"},
+                               "422": {"description": "over a limit, an image not offered, "
+                                                      "or GPUs this host has not"},
                                "429": {"description": "too many containers for this caller"}}},
         "get": {"summary": "The caller's containers here", "tags": ["signed"]},
     }
