@@ -24,11 +24,11 @@ from pathlib import Path
 
 from common import P2PRC, free_port, median, report, start_p2prc, stop
 
-from p2prc_core.cli.containers import ssh_command
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.sshkeys import ensure_key
 from p2prc_core.tracking import Tracked
 from p2prc_core.trust import TrustStore
+from p2prc_core.tunnel import ssh_command
 
 
 def echo_rtts(argv: list[str], count: int) -> list[float]:

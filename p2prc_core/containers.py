@@ -602,3 +602,22 @@ class ContainerService:
             if holder not in holders and not holder.startswith(PENDING):
                 self.store.forget(holder)
         return {"adopted": adopted, "dropped": dropped}
+
+
+def usage_of(backend: Any, container_ids: list[str]) -> dict[str, dict[str, float]]:
+    """Each running container's CPU and memory use now, asked of the engine all at once (a
+    backend that cannot tell gives none)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    measure = getattr(backend, "usage", None)
+    if measure is None or not container_ids:
+        return {}
+
+    def one(container_id: str) -> tuple[str, dict[str, float] | None]:
+        try:
+            return container_id, measure(container_id)
+        except Refusal:
+            return container_id, None
+
+    with ThreadPoolExecutor(max_workers=min(16, len(container_ids))) as pool:
+        return {k: v for k, v in pool.map(one, container_ids) if v is not None}

@@ -42,6 +42,12 @@ log = logging.getLogger("p2prc")
 RECORD_SECONDS = 30.0  # how long a built record is served before it is built again
 
 
+def _whole(value: Any) -> int | None:
+    """A count or size a peer's record gives: a whole number from 0, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
 class NodeServices:
     """This node's objects, each built on first use from its settings, home and plugins."""
 
@@ -192,6 +198,42 @@ class NodeServices:
         s = self.settings
         return PeerTable(self.home, self.identity.node_id, s.allow_loopback, s.max_table_peers,
                          s.max_unverified_peers)
+
+    def peer_rows(self, with_gpu: bool = False) -> list[dict[str, Any]]:
+        """The table as ``peers ls`` shows it, best first (by ``p2prc_score_peer``): each
+        peer's names, the path that answered last, latency, bandwidth, when last seen, GPUs
+        (and how many its record says are free), memory and CPUs its record gives, and the
+        name it is trusted under (None: not trusted). ``with_gpu``: only peers with a free
+        GPU. Whatever a record says is checked for its type here."""
+        entries = self.table.load()
+        trusted = {k: v.get("name") or k[:8] for k, v in self.trust.all().items()}
+        ranked = self.hooks.rank_peers(e.to_peer() for e in entries.values()
+                                       if not with_gpu or e.to_peer().free_gpus > 0)
+        rows: list[dict[str, Any]] = []
+        for peer in ranked:
+            entry = entries[peer.node_id]
+            measured = entry.measured
+            endpoints = [] if measured.address else self.discovery.endpoints(entry)
+            address = measured.address or (endpoints[0].path if endpoints else "-")
+            specs = entry.record.get("specs")
+            specs = specs if isinstance(specs, dict) else {}
+            gpus = specs.get("gpus")
+            rows.append({"name": entry.local_name or peer.name, "node_id": peer.node_id,
+                         "own_name": peer.name, "address": address,
+                         "path": "relay" if address.startswith("relay ") else
+                         "direct" if measured.address else "-",
+                         "relays": [r.node_id for r in self.table.relays(entry.record)],
+                         "latency_ms": measured.latency_ms,
+                         "bandwidth_mbps": measured.bandwidth_mbps,
+                         "last_seen": measured.last_seen, "failures": measured.failures,
+                         "gpus": [g for g in gpus if isinstance(g, str)][:8]
+                         if isinstance(gpus, list) else [],
+                         "gpus_free": peer.free_gpus,
+                         "memory": _whole(specs.get("memory")),
+                         "cpus": _whole(specs.get("cpus")),
+                         "trusted": trusted.get(peer.node_id),
+                         "score": round(self.hooks.score_peer(peer), 3)})
+        return rows
 
     @cached_property
     def discovery(self) -> Discovery:

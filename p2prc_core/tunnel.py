@@ -18,13 +18,18 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from p2prc_core import tls
 from p2prc_core.errors import PeerError, PeerRefused, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.signing import sign_request
+from p2prc_core.sshkeys import known_hosts_line
 from p2prc_core.upgrades import upgrade_async
+
+if TYPE_CHECKING:
+    from p2prc_core.tracking import RemoteContainer
 
 log = logging.getLogger("p2prc")
 
@@ -228,6 +233,29 @@ def helper_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+
+def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
+                tunnel: bool = True, paths: list[Endpoint] | None = None,
+                timeout: float = 10.0, secure: bool = True) -> list[str]:
+    """ssh with the container's host key pinned, in a known_hosts file of its own: no prompt,
+    no trust on first use. The key came over the channel to its host, checked by node id.
+    Through the tunnel, the host key is pinned under an alias (``p2prc-ID``)."""
+    known = home / "ssh" / f"known_hosts_{entry.short_id}"
+    known.parent.mkdir(parents=True, exist_ok=True)
+    common = ["-i", str(private_key), "-o", f"UserKnownHostsFile={known}",
+              "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+              "-o", "LogLevel=ERROR"]
+    alias = f"p2prc-{entry.short_id}"
+    known.write_text(f"{alias} {entry.host_key}\n"
+                     + known_hosts_line(entry.host, entry.ssh_port, entry.host_key))
+    if tunnel:
+        return ["ssh", *common, "-o", f"HostKeyAlias={alias}",
+                "-o", "ProxyCommand=" + helper_command(
+                    home, entry.id, 22, paths or [entry.host_endpoint], timeout, secure),
+                f"root@{alias}"]
+    return ["ssh", *common, "-p", str(entry.ssh_port), f"root@{entry.host}"]
 
 
 if __name__ == "__main__":

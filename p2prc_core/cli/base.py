@@ -87,7 +87,7 @@ SECTIONS = [
     ("Peers", ["peers", "specs", "speedtest", "trust", "untrust", "interfaces"]),
     ("Containers", ["touch", "ssh", "forward", "ssh-config", "containers", "rm", "group"]),
     ("Tasks", ["playbooks", "run", "runs"]),
-    ("This node", ["config", "plugins", "image", "version"]),
+    ("This node", ["ui", "config", "plugins", "image", "version"]),
 ]
 EXAMPLES = """\
   p2prc server                       run your peer server (keep it running)

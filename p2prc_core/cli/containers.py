@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Any
 
 import click
@@ -21,11 +20,9 @@ from p2prc_core.cli.base import (
     size_option,
 )
 from p2prc_core.containers import fingerprint, port_is_free
-from p2prc_core.models import Endpoint
 from p2prc_core.output import clean, err_console, format_when, print_json, print_table
-from p2prc_core.sshkeys import known_hosts_line
 from p2prc_core.tracking import RemoteContainer
-from p2prc_core.tunnel import helper_command
+from p2prc_core.tunnel import ssh_command
 
 # -- containers ------------------------------------------------------------------------------
 
@@ -148,28 +145,6 @@ def ssh(node: Node, direct: bool, container: str, command: tuple[str, ...]) -> N
     argv = ssh_command(node.home, entry, private, not direct, services.paths_to(entry),
                        services.settings.request_timeout, services.secure) + list(command)
     os.execvp(argv[0], argv)
-
-
-def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
-                tunnel: bool = True, paths: list[Endpoint] | None = None,
-                timeout: float = 10.0, secure: bool = True) -> list[str]:
-    """ssh with the container's host key pinned, in a known_hosts file of its own: no prompt,
-    no trust on first use. The key came over the channel to its host, checked by node id.
-    Through the tunnel, the host key is pinned under an alias (``p2prc-ID``)."""
-    known = home / "ssh" / f"known_hosts_{entry.short_id}"
-    known.parent.mkdir(parents=True, exist_ok=True)
-    common = ["-i", str(private_key), "-o", f"UserKnownHostsFile={known}",
-              "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
-              "-o", "LogLevel=ERROR"]
-    alias = f"p2prc-{entry.short_id}"
-    known.write_text(f"{alias} {entry.host_key}\n"
-                     + known_hosts_line(entry.host, entry.ssh_port, entry.host_key))
-    if tunnel:
-        return ["ssh", *common, "-o", f"HostKeyAlias={alias}",
-                "-o", "ProxyCommand=" + helper_command(
-                    home, entry.id, 22, paths or [entry.host_endpoint], timeout, secure),
-                f"root@{alias}"]
-    return ["ssh", *common, "-p", str(entry.ssh_port), f"root@{entry.host}"]
 
 
 @main.command("ssh-config")

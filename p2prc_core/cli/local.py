@@ -24,7 +24,7 @@ from p2prc_core.config import (
     load_settings,
     settings_as_dict,
 )
-from p2prc_core.containers import ContainerService
+from p2prc_core.containers import ContainerService, usage_of
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Address
 from p2prc_core.node import (
@@ -301,7 +301,7 @@ def server_containers_ls(node: Node, as_json: bool = False) -> None:
     """List every p2prc container here, with its owner, limits and lease."""
     service = _local_service(node)
     leases = service.list_leases()
-    usage = _usage(service.backend, [lease.id for lease in leases if lease.state == "running"])
+    usage = usage_of(service.backend, [lease.id for lease in leases if lease.state == "running"])
     if as_json:
         print_json([{**lease.as_dict(), "usage": usage.get(lease.id)} for lease in leases])
         return
@@ -323,25 +323,6 @@ def server_containers_ls(node: Node, as_json: bool = False) -> None:
                   ", ".join(str(p["external"]) for p in lease.ports),
                   ", ".join(map(str, lease.gpus)) or "-", format_when(lease.expires))
                  for lease in leases])
-
-
-def _usage(backend: Any, container_ids: list[str]) -> dict[str, dict[str, float]]:
-    """Each running container's CPU and memory use now, asked of the engine all at once (a
-    backend that cannot tell gives none)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    measure = getattr(backend, "usage", None)
-    if measure is None or not container_ids:
-        return {}
-
-    def one(container_id: str) -> tuple[str, dict[str, float] | None]:
-        try:
-            return container_id, measure(container_id)
-        except P2PRCError:
-            return container_id, None
-
-    with ThreadPoolExecutor(max_workers=min(16, len(container_ids))) as pool:
-        return {k: v for k, v in pool.map(one, container_ids) if v is not None}
 
 
 @server_containers.command("kill")
@@ -391,3 +372,37 @@ def image_build(node: Node, from_debootstrap: bool, tag: str, force: bool) -> No
     if build is None:
         raise P2PRCError(f"the {node.settings.backend!r} backend cannot build images")
     build(tag, from_debootstrap, force, lambda line: click.echo(line, err=True))
+
+
+# -- the dashboard -----------------------------------------------------------------------------
+
+@main.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=0,
+              help="Port to serve on [default: any free one].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on. Keep it on loopback: whoever has the printed "
+                   "address (with its token) controls this node.")
+@click.option("--no-browser", is_flag=True, help="Print the address; do not open a browser.")
+@pass_node
+def ui(node: Node, port: int, host: str, no_browser: bool) -> None:
+    """Serve a local web dashboard: peers, your containers, this host's containers and
+    trusted nodes, runs, and specs."""
+    import threading
+    import webbrowser
+
+    from p2prc_ui import serve
+
+    def ready(url: str) -> None:
+        click.echo(url)
+        click.echo("Open that address (it carries this dashboard's access token); Ctrl-C "
+                   "stops the dashboard.", err=True)
+        if not no_browser:
+            threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
+
+    try:
+        serve(node.services, host, port, ready)
+    except OSError as err:
+        raise P2PRCError(f"cannot serve the dashboard on {host}:{port}: {err.strerror}") \
+            from None
+    except KeyboardInterrupt:
+        pass

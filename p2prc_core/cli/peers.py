@@ -87,33 +87,14 @@ def peers_rm(node: Node, peer: str) -> None:
 @pass_node
 def peers_ls(node: Node, with_gpu: bool = False, as_json: bool = False) -> None:
     """List known peers, best first (by p2prc_score_peer)."""
-    services = node.services
-    entries = services.table.load()
-    ranked = node.hooks.rank_peers(e.to_peer() for e in entries.values()
-                                   if not with_gpu or e.to_peer().free_gpus > 0)
-    rows: list[dict[str, Any]] = []
+    rows = node.services.peer_rows(with_gpu=with_gpu)
     now = time.time()
-    for peer in ranked:
-        entry = entries[peer.node_id]
-        measured = entry.measured
-        endpoints = [] if measured.address else services.discovery.endpoints(entry)
-        address = measured.address or (endpoints[0].path if endpoints else "-")
-        rows.append({"name": entry.local_name or peer.name, "node_id": peer.node_id,
-                     "own_name": peer.name, "address": address,
-                     "path": "relay" if address.startswith("relay ") else
-                     "direct" if measured.address else "-",
-                     "relays": [r.node_id for r in services.table.relays(entry.record)],
-                     "latency_ms": measured.latency_ms,
-                     "bandwidth_mbps": measured.bandwidth_mbps,
-                     "last_seen": measured.last_seen, "failures": measured.failures,
-                     "gpus": _gpu_names(entry.record.get("specs")),
-                     "gpus_free": peer.free_gpus,
-                     "score": round(node.hooks.score_peer(peer), 3)})
     if as_json:
         print_json(rows)
         return
     if not rows:
-        click.echo("No peer in the table says it has a free GPU." if with_gpu and entries else
+        click.echo("No peer in the table says it has a free GPU." if with_gpu and
+                   node.services.table.load() else
                    "The table is empty: add a peer with 'p2prc peers add ADDRESS'.")
         return
     print_table(("name", "node id", "address", "latency", "bandwidth", "last seen", "gpus"),
@@ -220,12 +201,6 @@ def specs(node: Node, peer: str | None, as_json: bool) -> None:
     if not gpus:
         rows.append(("gpus", "none"))
     print_table(("", where), rows)
-
-
-def _gpu_names(specs: Any) -> list[str]:
-    """The GPU names a peer's signed record lists: strings only, at most 8."""
-    gpus = specs.get("gpus") if isinstance(specs, dict) else None
-    return [g for g in gpus if isinstance(g, str)][:8] if isinstance(gpus, list) else []
 
 
 def _part(data: dict[str, Any], key: str) -> dict[str, Any]:

@@ -1,0 +1,446 @@
+"""The objects of ``import p2prc``: a node's home, its peers, containers and runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from p2prc_core.config import Settings, default_home, load_settings
+from p2prc_core.errors import P2PRCError
+from p2prc_core.models import parse_duration, parse_size
+from p2prc_core.output import format_when, human_bytes
+from p2prc_core.plugins import make_plugin_manager
+from p2prc_core.services import NodeServices
+from p2prc_core.tracking import RemoteContainer
+from p2prc_core.tunnel import ssh_command
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    """An HTML table for a notebook; every cell escaped (peers choose their names)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer in this node's table, as ``p2prc peers ls`` shows it. What its record says
+    (GPUs, memory, CPUs) is its own claim, checked for type only."""
+
+    node_id: str
+    name: str
+    address: str
+    path: str  # direct, relay, or - (never answered)
+    latency_ms: float | None
+    bandwidth_mbps: float | None
+    last_seen: float | None
+    failures: int
+    gpus: tuple[str, ...]
+    gpus_free: int
+    memory: int | None  # bytes, as its record says
+    cpus: int | None
+    trusted: str | None  # the name you trust it under; None: not trusted
+    score: float
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Peer:
+        return cls(node_id=row["node_id"], name=row["name"], address=row["address"],
+                   path=row["path"], latency_ms=row["latency_ms"],
+                   bandwidth_mbps=row["bandwidth_mbps"], last_seen=row["last_seen"],
+                   failures=row["failures"], gpus=tuple(row["gpus"]),
+                   gpus_free=row["gpus_free"], memory=row["memory"], cpus=row["cpus"],
+                   trusted=row["trusted"], score=row["score"])
+
+    @property
+    def reachable(self) -> bool:
+        return self.failures == 0 and self.latency_ms is not None
+
+    def _cells(self) -> tuple[Any, ...]:
+        return (self.name, self.node_id, self.address,
+                f"{self.latency_ms:.1f} ms" if self.latency_ms is not None else "-",
+                ", ".join(self.gpus) + f" ({self.gpus_free} free)" if self.gpus else "-",
+                human_bytes(self.memory) if self.memory else "-", self.trusted or "-")
+
+    _HEADERS = ("name", "node id", "address", "latency", "gpus", "memory", "trusted as")
+
+    def __str__(self) -> str:
+        latency = f", {self.latency_ms:.1f} ms" if self.latency_ms is not None else ""
+        return f"{self.name or '(no name)'} ({self.node_id}) at {self.address}{latency}"
+
+    def _repr_html_(self) -> str:
+        return _table(self._HEADERS, [self._cells()])
+
+
+class Peers(list[Peer]):
+    """Peers, best first; a notebook shows them as a table."""
+
+    def _repr_html_(self) -> str:
+        return _table(Peer._HEADERS, [p._cells() for p in self])
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command run in a container gave."""
+
+    command: str
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def check(self) -> CommandResult:
+        """This result, or P2PRCError when the command failed (its exit code and stderr)."""
+        if self.returncode != 0:
+            raise P2PRCError(f"{self.command!r} exited {self.returncode}: "
+                             f"{self.stderr.strip()[-500:]}")
+        return self
+
+
+@dataclass(frozen=True)
+class HostRun:
+    """One container's part of a run."""
+
+    name: str
+    container: str
+    status: str  # ok, failed, unreachable
+    ok: int
+    changed: int
+    failed: int
+    message: str
+    task: str  # the task that failed, if one did
+    ports: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A playbook's run on containers, as ``p2prc runs show`` shows it."""
+
+    id: str
+    playbook: str
+    succeeded: bool
+    started: float
+    finished: float
+    variables: dict[str, Any]
+    artifacts: Path
+    hosts: dict[str, HostRun]
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Run:
+        hosts = {name: HostRun(name=name, container=str(h.get("container", "")),
+                               status=str(h.get("status", "")), ok=int(h.get("ok", 0)),
+                               changed=int(h.get("changed", 0)),
+                               failed=int(h.get("failed", 0)),
+                               message=str(h.get("message", "")), task=str(h.get("task", "")),
+                               ports=list(h.get("ports", [])))
+                 for name, h in (record.get("hosts") or {}).items()}
+        return cls(id=record["id"], playbook=record["playbook"],
+                   succeeded=bool(record.get("succeeded")), started=record.get("started", 0),
+                   finished=record.get("finished", 0), variables=record.get("variables", {}),
+                   artifacts=Path(record.get("artifacts", "")), hosts=hosts)
+
+    def _repr_html_(self) -> str:
+        title = (f"<p>run {html.escape(self.id)} of {html.escape(self.playbook)}: "
+                 f"{'succeeded' if self.succeeded else 'failed'}</p>")
+        return title + _table(("host", "status", "ok", "changed", "failed", "failed task"),
+                              [(h.name, h.status, h.ok, h.changed, h.failed, h.task or "-")
+                               for h in self.hosts.values()])
+
+
+class Container:
+    """A container this node started on a peer: log in, run commands, forward ports."""
+
+    def __init__(self, node: Node, remote: RemoteContainer, state: str | None = None):
+        self._node = node
+        self.remote = remote
+        self.state = state
+
+    id = property(lambda self: self.remote.id)
+    short_id = property(lambda self: self.remote.short_id)
+    host = property(lambda self: self.remote.endpoint, doc="its host's p2prc server")
+    ports = property(lambda self: list(self.remote.ports))
+    gpus = property(lambda self: list(self.remote.gpus), doc="the host's indexes of its GPUs")
+    expires = property(lambda self: self.remote.expires)
+
+    def ssh_command(self, direct: bool = False) -> list[str]:
+        """The ssh command line that logs in (through the host's p2prc port unless
+        ``direct``), with the container's host key pinned."""
+        services = self._node.services
+        private, _ = services.ssh_key()
+        return ssh_command(services.home, self.remote, private, not direct,
+                           services.paths_to(self.remote), services.settings.request_timeout,
+                           services.secure)
+
+    def run(self, command: str, timeout: float | None = 300, check: bool = False,
+            direct: bool = False) -> CommandResult:
+        """Run ``command`` (a shell line) in the container over SSH; its output and exit
+        code. ``check``: raise P2PRCError if it fails.
+
+        :raises P2PRCError: ssh cannot be run, or the command outlived ``timeout``.
+        """
+        try:
+            done = subprocess.run([*self.ssh_command(direct), command], capture_output=True,
+                                  text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise P2PRCError("ssh is not installed (the OpenSSH client)") from None
+        except subprocess.TimeoutExpired:
+            raise P2PRCError(f"{command!r} in {self.short_id} ran past {timeout:g} s") \
+                from None
+        result = CommandResult(command, done.returncode, done.stdout, done.stderr)
+        if done.returncode == 255 and not done.stdout:  # ssh's own failure
+            raise P2PRCError(f"cannot log into {self.short_id}: {done.stderr.strip()[-300:]}")
+        return result.check() if check else result
+
+    @contextlib.contextmanager
+    def forward(self, port: int, local_port: int = 0) -> Iterator[int]:
+        """Serve ``port`` of the container on 127.0.0.1 while the ``with`` block runs;
+        yields the local port (any free one unless ``local_port``).
+
+        :raises P2PRCError: the container has no such port, or the local port is taken.
+        """
+        services = self._node.services
+        ready = threading.Event()
+        found: dict[str, Any] = {}
+
+        def started(bound: int) -> None:
+            found["port"] = bound
+            ready.set()
+
+        def serve() -> None:
+            async def main() -> None:
+                found["loop"], found["stop"] = asyncio.get_running_loop(), asyncio.Event()
+                from p2prc_core import tunnel
+
+                await tunnel.forward(services.paths_to(self.remote), services.identity,
+                                     f"/v1/containers/{self.id}/tunnel", f"port={port}",
+                                     services.settings.request_timeout, services.secure,
+                                     local_port, started, stop=found["stop"])
+            try:
+                asyncio.run(main())
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                found["error"] = err
+                ready.set()
+
+        if port not in [p["internal"] for p in self.remote.ports]:
+            raise P2PRCError(f"{self.short_id} has ports "
+                             f"{', '.join(str(p['internal']) for p in self.remote.ports)}, "
+                             f"not {port}")
+        thread = threading.Thread(target=serve, name=f"p2prc-forward-{port}", daemon=True)
+        thread.start()
+        ready.wait()
+        if "error" in found:
+            raise P2PRCError(f"cannot serve 127.0.0.1:{local_port}: {found['error']}")
+        try:
+            yield int(found["port"])
+        finally:
+            found["loop"].call_soon_threadsafe(found["stop"].set)
+            thread.join(timeout=10)
+
+    def remove(self) -> bool:
+        """Stop and remove the container on its host, and forget it; False if the host had
+        removed it already."""
+        return self._node.services.remove_container(self.remote)
+
+    def __repr__(self) -> str:
+        return (f"<Container {self.short_id} on {self.host}"
+                + (f", {self.state}" if self.state else "")
+                + f", until {format_when(self.expires)}>")
+
+    def _repr_html_(self) -> str:
+        return _table(("id", "host", "state", "ports", "gpus", "expires"),
+                      [(self.short_id, self.host, self.state or "-",
+                        ", ".join(str(p["external"]) for p in self.ports),
+                        ", ".join(map(str, self.gpus)) or "-", format_when(self.expires))])
+
+
+class Node:
+    """A p2prc node's home (its key, peer table, containers and runs), as the command line
+    uses it. Open one with ``Node.open()``."""
+
+    def __init__(self, services: NodeServices):
+        self.services = services
+
+    @classmethod
+    def open(cls, home: str | Path | None = None, **settings: Any) -> Node:
+        """The node whose home is ``home`` ($P2PRC_HOME, or ~/.p2prc, by default), made if
+        it does not exist; ``settings`` override its config.toml (``request_timeout=5``).
+
+        :raises P2PRCError: a config that does not parse, or an unknown setting.
+        """
+        where = Path(home).expanduser() if home is not None else default_home()
+        loaded = load_settings(where, settings)
+        hooks = make_plugin_manager(disabled=loaded.settings.disable_plugins)
+        return cls(NodeServices(loaded.settings, where, hooks, notice=lambda line: None))
+
+    @property
+    def node_id(self) -> str:
+        return self.services.identity.node_id
+
+    @property
+    def home(self) -> Path:
+        return self.services.home
+
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
+
+    # -- peers ---------------------------------------------------------------------------
+
+    def peers(self, gpu: bool = False, min_memory: int | str | None = None,
+              min_free_memory: int | str | None = None,
+              max_latency_ms: float | None = None, reachable: bool = False) -> Peers:
+        """The peer table, best first (by the ``p2prc_score_peer`` hooks). Filters:
+        ``gpu`` (a free GPU, as its record says), ``min_memory`` (memory its record gives,
+        bytes or "16G"), ``max_latency_ms``, ``reachable`` (answered last time), and
+        ``min_free_memory`` (asks each remaining peer for its specs now; a peer that does
+        not answer is left out)."""
+        rows = self.services.peer_rows(with_gpu=gpu)
+        found = Peers(Peer.from_row(r) for r in rows)
+        if min_memory is not None:
+            least = _size(min_memory)
+            found = Peers(p for p in found if p.memory is not None and p.memory >= least)
+        if max_latency_ms is not None:
+            found = Peers(p for p in found if p.latency_ms is not None
+                          and p.latency_ms <= max_latency_ms)
+        if reachable:
+            found = Peers(p for p in found if p.reachable)
+        if min_free_memory is not None and found:
+            least = _size(min_free_memory)
+
+            def free(peer: Peer) -> int:
+                try:
+                    memory = self.specs(peer).get("memory")
+                    available = memory.get("available") if isinstance(memory, dict) else None
+                    return available if isinstance(available, int) else -1
+                except P2PRCError:
+                    return -1
+
+            with ThreadPoolExecutor(max_workers=min(16, len(found))) as pool:
+                have = list(pool.map(free, found))
+            found = Peers(p for p, n in zip(found, have, strict=True) if n >= least)
+        return found
+
+    def peer(self, text: str) -> Peer:
+        """A peer by node id, unique start of one, or name.
+
+        :raises P2PRCError: no such peer (with the nearest name), or more than one.
+        """
+        node_id = self.services.node_id_of(text)
+        for row in self.services.peer_rows():
+            if row["node_id"] == node_id:
+                return Peer.from_row(row)
+        raise P2PRCError(f"no peer {text!r} in the table")
+
+    def add_peer(self, address: str, name: str | None = None) -> Peer:
+        """Add the node at ``address`` (ADDRESS[:PORT]) to the table, exchange tables with it
+        and measure it.
+
+        :raises PeerError: it cannot be reached, or it is this node.
+        """
+        entry, _, _ = self.services.add_peer(address, name)
+        return self.peer(entry.node_id)
+
+    def update(self, hops: int | None = None,
+               progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+        """Ask known peers for their tables, ``hops`` deep (``update_hops`` by default);
+        ``progress(done, total, hop)`` is called as peers answer. Returns what changed:
+        ``added``, ``updated``, ``removed``, ``failed`` ({node id: why}) and counts."""
+        hops = self.settings.update_hops if hops is None else hops
+        return self.services.discovery.update(hops, progress).as_dict()
+
+    def specs(self, peer: Peer | str | None = None) -> dict[str, Any]:
+        """A peer's specs (CPU, memory, disk, load, GPUs with ``free``), as it sends them;
+        this machine's with no ``peer``."""
+        if peer is None:
+            return self.services.specs_now()
+        with self.services.client(_peer_text(peer)) as client:
+            return client.specs()
+
+    # -- containers ----------------------------------------------------------------------
+
+    def touch(self, peer: Peer | str, ports: int = 0, gpu: bool | int | list[int] = False,
+              image: str | None = None, cpus: float | None = None,
+              memory: int | str | None = None, ttl: int | str | None = None) -> Container:
+        """Start a container on ``peer`` with SSH access (this node's key) and ``ports``
+        extra TCP ports. ``gpu``: True (every free GPU), a count, or the host's GPU indexes.
+        ``memory`` in bytes or "2G"; ``ttl`` in seconds or "2h".
+
+        :raises PeerRefused: the host said no (its message names why: a limit, no GPU free,
+            not trusted); PeerError: it cannot be reached.
+        """
+        request: dict[str, Any] = {"ports": ports, "gpu": gpu}
+        if image is not None:
+            request["image"] = image
+        if cpus is not None:
+            request["cpus"] = cpus
+        if memory is not None:
+            request["memory"] = _size(memory)
+        if ttl is not None:
+            request["ttl"] = _duration(ttl)
+        return Container(self, self.services.touch(_peer_text(peer), request), "running")
+
+    def containers(self) -> list[Container]:
+        """The containers this node started, each with its state as its host tells it
+        (running, gone, expired, unreachable)."""
+        return [Container(self, remote, state)
+                for remote, state in self.services.container_states()]
+
+    def container(self, text: str) -> Container:
+        """A container this node started, by id or unique start of one (4 characters+).
+
+        :raises P2PRCError: none or several match.
+        """
+        return Container(self, self.services.tracked.find(text))
+
+    # -- runs ----------------------------------------------------------------------------
+
+    def run_playbook(self, playbook: str, on: list[Container | str],
+                     variables: dict[str, Any] | None = None,
+                     on_event: Callable[[str, str, str], None] | None = None) -> Run:
+        """Run an installed playbook bundle on containers (or group names); returns the
+        run with each host's result. ``on_event(host, task, status)`` follows it live.
+
+        :raises P2PRCError: an unknown playbook or container, or a bundle that would run
+            code outside its containers.
+        """
+        names = [c.id if isinstance(c, Container) else c for c in on]
+        return Run.from_record(self.services.runs.run(playbook, names, variables or {},
+                                                      on_event=on_event))
+
+    def runs(self) -> list[Run]:
+        """Every run so far, oldest first."""
+        return [Run.from_record(r) for r in self.services.runs.history.all()]
+
+    def __repr__(self) -> str:
+        return f"<p2prc Node {self.node_id} at {self.home}>"
+
+
+def _size(value: int | str) -> int:
+    """Bytes, or a size as people write it ("2G"); P2PRCError for anything else."""
+    try:
+        return value if isinstance(value, int) else parse_size(value)
+    except ValueError as err:
+        raise P2PRCError(str(err)) from None
+
+
+def _duration(value: int | str) -> int:
+    """Seconds, or a duration as people write it ("2h"); P2PRCError for anything else."""
+    try:
+        return value if isinstance(value, int) else parse_duration(value)
+    except ValueError as err:
+        raise P2PRCError(str(err)) from None
+
+
+def _peer_text(peer: Peer | str) -> str:
+    return peer.node_id if isinstance(peer, Peer) else peer

@@ -1,0 +1,485 @@
+"""The dashboard: server-rendered pages (Jinja2, autoescaped) over this node's services.
+
+Who may use it: whoever holds the random token ``p2prc ui`` printed. The token in the URL
+becomes a cookie (HttpOnly, SameSite=Strict) and leaves the address bar. Every request
+must carry the cookie and name this server in its Host header (no DNS rebinding); every
+form that changes something carries a CSRF token derived from the access token, and a
+cross-site Origin is refused. Pages send a strict Content-Security-Policy: scripts and
+styles only from this server, no inline script.
+
+Whatever a peer sent (names, GPU names, messages) is text: Jinja escapes it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import logging
+import mimetypes
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import falcon
+import jinja2
+
+from p2prc_core.containers import ContainerError, fingerprint, usage_of
+from p2prc_core.errors import P2PRCError
+from p2prc_core.output import format_when, human_bytes, human_duration
+from p2prc_core.services import NodeServices
+
+HERE = Path(__file__).parent
+COOKIE = "p2prc_ui_"  # and a hash of the token: two dashboards on one host keep their own
+MAX_FORM = 16 << 10  # bytes of a form body
+SORTS = {"score", "name", "latency", "bandwidth", "last_seen", "gpus", "trusted"}
+log = logging.getLogger("p2prc.ui")
+
+
+@dataclass
+class UpdateJob:
+    """A 'peers update' running in the background, with its progress."""
+
+    hops: int
+    started: float = field(default_factory=time.time)
+    done: int = 0
+    total: int = 0
+    hop: int = 1
+    finished: float | None = None
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class Dashboard:
+    """The dashboard's state: the node's services, the access token, notes shown once
+    after a form, and the update running in the background."""
+
+    def __init__(self, services: NodeServices, token: str | None = None,
+                 hosts: tuple[str, ...] = ()):
+        self.services = services
+        self.token = token or secrets.token_urlsafe(24)
+        self.csrf = hmac.new(self.token.encode(), b"csrf", hashlib.sha256).hexdigest()
+        self.cookie = COOKIE + hashlib.sha256(self.token.encode()).hexdigest()[:12]
+        self.hosts = set(hosts)  # Host headers this server answers to (set by serve())
+        self.notes: dict[str, tuple[str, str, dict[str, Any]]] = {}
+        self.job: UpdateJob | None = None
+        self._lock = threading.Lock()
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+            undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
+        self.env.filters.update(bytes=human_bytes, when=format_when, ago=_ago,
+                                duration=human_duration, fingerprint=fingerprint)
+
+    # -- rendering -------------------------------------------------------------------------
+
+    def render(self, resp: falcon.Response, template: str, page: str, **values: Any) -> None:
+        note = values.pop("note", None)
+        resp.content_type = falcon.MEDIA_HTML
+        resp.text = self.env.get_template(template).render(
+            page=page, csrf=self.csrf, note=note, node_id=self.services.identity.node_id,
+            name=self.services.settings.display_name, now=time.time(), **values)
+
+    def note(self, kind: str, text: str, **extra: Any) -> str:
+        """Keep a message for the page a form redirects to; returns its id."""
+        key = uuid.uuid4().hex[:16]
+        with self._lock:
+            self.notes[key] = (kind, text, extra)
+            while len(self.notes) > 64:
+                self.notes.pop(next(iter(self.notes)))
+        return key
+
+    def take_note(self, req: falcon.Request) -> dict[str, Any] | None:
+        key = req.get_param("note") or ""
+        with self._lock:
+            found = self.notes.pop(key, None)
+        if found is None:
+            return None
+        kind, text, extra = found
+        return {"kind": kind, "text": text, **extra}
+
+    # -- the background update -------------------------------------------------------------
+
+    def start_update(self, hops: int) -> bool:
+        """Start a table update unless one runs; False when one does."""
+        with self._lock:
+            if self.job is not None and self.job.finished is None:
+                return False
+            job = self.job = UpdateJob(hops)
+
+        def progress(done: int, total: int, hop: int) -> None:
+            job.done, job.total, job.hop = done, total, hop
+
+        def run() -> None:
+            try:
+                job.summary = self.services.discovery.update(hops, progress).as_dict()
+            except Exception as err:  # noqa: BLE001 - shown on the page
+                job.error = str(err)
+            finally:
+                job.finished = time.time()
+
+        threading.Thread(target=run, name="p2prc-ui-update", daemon=True).start()
+        return True
+
+
+def _ago(stamp: float | None) -> str:
+    if not stamp:
+        return "never"
+    seconds = max(0, int(time.time() - stamp))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+# -- access ----------------------------------------------------------------------------------
+
+class Access:
+    """The token, the Host header, and CSRF, checked before any resource runs."""
+
+    def __init__(self, board: Dashboard):
+        self.board = board
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        board = self.board
+        host = req.get_header("Host") or ""
+        if board.hosts and host not in board.hosts:
+            raise falcon.HTTPForbidden(title="Wrong host",
+                                       description="This dashboard answers only at the "
+                                                   "address p2prc ui printed.")
+        given = req.get_param("token")
+        if given is not None and hmac.compare_digest(given, board.token):
+            # The token leaves the address bar (and the history) for a cookie.
+            query = {k: v for k, v in req.params.items() if k != "token"}
+            target = req.path + ("?" + urlencode(query, doseq=True) if query else "")
+            resp.set_cookie(board.cookie, board.token, http_only=True, same_site="Strict",
+                            secure=False, path="/")
+            raise falcon.HTTPSeeOther(target)
+        cookie = req.cookies.get(board.cookie, "")
+        if not hmac.compare_digest(cookie, board.token):
+            raise falcon.HTTPForbidden(title="No access",
+                                       description="Open the address 'p2prc ui' printed (it "
+                                                   "carries this dashboard's token).")
+        if req.method == "POST":
+            origin = req.get_header("Origin")
+            if origin and origin.split("://", 1)[-1] not in board.hosts | {host}:
+                raise falcon.HTTPForbidden(title="Cross-site request",
+                                           description="A form from another site.")
+            if req.content_length and req.content_length > MAX_FORM:
+                raise falcon.HTTPContentTooLarge(description="That form is too large.")
+            form = falcon.uri.parse_query_string(req.bounded_stream.read(MAX_FORM).decode(
+                errors="replace"), keep_blank=True)
+            req.context.form = {k: v if isinstance(v, str) else v[0] for k, v in form.items()}
+            if not hmac.compare_digest(req.context.form.get("csrf", ""), board.csrf):
+                raise falcon.HTTPForbidden(title="Stale form",
+                                           description="Reload the page and try again.")
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response,
+                         resource: Any, req_succeeded: bool) -> None:
+        resp.set_header("Content-Security-Policy",
+                        "default-src 'none'; script-src 'self'; style-src 'self'; "
+                        "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+                        "frame-ancestors 'none'; base-uri 'none'")
+        resp.set_header("X-Content-Type-Options", "nosniff")
+        resp.set_header("Referrer-Policy", "same-origin")  # no-referrer makes Origin null
+        if req.path.startswith("/static/"):
+            resp.set_header("Cache-Control", "max-age=3600")
+        else:
+            resp.set_header("Cache-Control", "no-store")
+        # Pages of a large table shrink about tenfold.
+        if "gzip" in (req.get_header("Accept-Encoding") or "") and isinstance(resp.text, str) \
+                and len(resp.text) > 2048:
+            resp.data = gzip.compress(resp.text.encode(), compresslevel=5)
+            resp.text = None
+            resp.set_header("Content-Encoding", "gzip")
+            resp.append_header("Vary", "Accept-Encoding")
+
+
+def _form(req: falcon.Request, name: str, default: str = "") -> str:
+    return str(req.context.form.get(name, default)).strip()
+
+
+def _back(board: Dashboard, path: str, kind: str, text: str, **extra: Any) -> falcon.HTTPSeeOther:
+    return falcon.HTTPSeeOther(f"{path}?note={board.note(kind, text, **extra)}")
+
+
+# -- pages -----------------------------------------------------------------------------------
+
+class Home:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        raise falcon.HTTPSeeOther("/peers")
+
+
+class PeersPage:
+    def __init__(self, board: Dashboard):
+        self.board = board
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        sort = req.get_param("sort") or "score"
+        sort = sort if sort in SORTS else "score"
+        descending = req.get_param("order") == "desc"
+        gpu = req.get_param_as_bool("gpu") or False
+        rows = self.board.services.peer_rows(with_gpu=gpu)
+        if sort != "score":
+            def key(row: dict[str, Any]) -> tuple[bool, Any]:
+                value = {"gpus": row["gpus_free"], "trusted": row["trusted"] or "",
+                         "name": (row["name"] or "").lower()}.get(sort, row.get(sort))
+                return value is None, value
+            present = [r for r in rows if key(r)[0] is False]
+            missing = [r for r in rows if key(r)[0] is True]
+            rows = sorted(present, key=key, reverse=descending) + missing  # "-" always last
+        self.board.render(resp, "peers.html", "peers", rows=rows, sort=sort,
+                          descending=descending, gpu=gpu, job=self.board.job,
+                          note=self.board.take_note(req))
+
+    def on_post_add(self, req: falcon.Request, resp: falcon.Response) -> None:
+        address, name = _form(req, "address"), _form(req, "name") or None
+        if not address:
+            raise _back(self.board, "/peers", "error", "Give the peer's address.")
+        try:
+            entry, summary, endpoint = self.board.services.add_peer(address, name)
+        except (P2PRCError, ValueError) as err:
+            raise _back(self.board, "/peers", "error", f"Could not add {address}: {err}") \
+                from None
+        raise _back(self.board, "/peers", "ok",
+                    f"Added {entry.local_name or entry.name or entry.node_id} at {endpoint}; "
+                    f"learned of {len(summary.added)} more.")
+
+    def on_post_update(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            hops = max(1, min(8, int(_form(req, "hops") or
+                                     self.board.services.settings.update_hops)))
+        except ValueError:
+            raise _back(self.board, "/peers", "error", "Hops is a number from 1 to 8.") \
+                from None
+        if not self.board.start_update(hops):
+            raise _back(self.board, "/peers", "error", "An update is running already.")
+        raise falcon.HTTPSeeOther("/peers")
+
+
+class ContainersPage:
+    def __init__(self, board: Dashboard):
+        self.board = board
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        states = self.board.services.container_states()
+        groups = self.board.services.tracked.groups()
+        self.board.render(resp, "containers.html", "containers", containers=[
+            {"c": c, "state": state, "groups": [g for g, m in groups.items() if c.id in m]}
+            for c, state in states], note=self.board.take_note(req))
+
+    def on_post_remove(self, req: falcon.Request, resp: falcon.Response) -> None:
+        text = _form(req, "id")
+        try:
+            entry = self.board.services.tracked.find(text)
+            gone = not self.board.services.remove_container(entry)
+        except P2PRCError as err:
+            raise _back(self.board, "/containers", "error", f"Could not remove {text}: {err}") \
+                from None
+        raise _back(self.board, "/containers", "ok",
+                    f"{entry.short_id} was already gone from {entry.endpoint}; forgotten."
+                    if gone else f"Removed {entry.short_id} from {entry.endpoint}.")
+
+
+class HostPage:
+    def __init__(self, board: Dashboard):
+        self.board = board
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        services = self.board.services
+        leases, usage, problem = [], {}, None
+        try:
+            service = services.containers()
+            leases = service.list_leases()
+            usage = usage_of(service.backend, [lease.id for lease in leases
+                                               if lease.state == "running"])
+        except ContainerError as err:
+            problem = str(err)
+        trusted = services.trust.all()
+        self.board.render(resp, "host.html", "host", leases=leases, usage=usage,
+                          problem=problem, trusted=trusted,
+                          server=services.running_server(), note=self.board.take_note(req))
+
+    def on_post_kill(self, req: falcon.Request, resp: falcon.Response) -> None:
+        text = _form(req, "id")
+        try:
+            lease = self.board.services.containers().remove(text, owner=None)
+        except P2PRCError as err:
+            raise _back(self.board, "/host", "error", f"Could not kill {text}: {err}") \
+                from None
+        raise _back(self.board, "/host", "ok", f"Killed {lease.id[:12]}.")
+
+    def on_post_invite(self, req: falcon.Request, resp: falcon.Response) -> None:
+        from p2prc_core.models import parse_duration
+
+        try:
+            ttl = parse_duration(_form(req, "ttl") or "24h")
+            address = _form(req, "address")
+            offer = self.board.services.create_invite(ttl, [address] if address else None)
+        except (P2PRCError, ValueError) as err:
+            raise _back(self.board, "/host", "error", f"No invite: {err}") from None
+        token = offer.token()
+        raise _back(self.board, "/host", "invite", "An invite for a friend: it works once, "
+                    f"until {format_when(offer.expires)}.", token=token, qr=_qr_svg(token))
+
+
+def _qr_svg(text: str) -> str:
+    """The QR code of ``text`` as an SVG data URI (made here, from our own token)."""
+    import segno
+
+    return str(segno.make(text, error="m").svg_data_uri(scale=4, border=2))
+
+
+class RunsPage:
+    def __init__(self, board: Dashboard):
+        self.board = board
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        runs = list(reversed(self.board.services.runs.history.all()))[:200]
+        self.board.render(resp, "runs.html", "runs", runs=runs)
+
+    def on_get_one(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
+        run = self._run(run_id)
+        root = Path(run.get("artifacts", ""))
+        files = []
+        if root.is_dir():
+            for path in sorted(root.rglob("*"))[:500]:
+                if path.is_file() and not path.is_symlink():
+                    name = str(path.relative_to(root))
+                    files.append({"path": name, "size": path.stat().st_size,
+                                  "event": "/job_events/" in name})
+        self.board.render(resp, "run.html", "runs", run=run, files=files)
+
+    def on_get_file(self, req: falcon.Request, resp: falcon.Response, run_id: str,
+                    name: str) -> None:
+        run = self._run(run_id)
+        root = Path(run.get("artifacts", "")).resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise falcon.HTTPNotFound(description=f"No file {name} in run {run_id}.")
+        resp.content_type = "text/plain; charset=utf-8"  # never rendered as a page
+        resp.set_header("Content-Disposition", "inline")
+        with path.open("rb") as f:
+            resp.data = f.read(4 << 20)
+
+    def _run(self, run_id: str) -> dict[str, Any]:
+        try:
+            return self.board.services.runs.history.get(run_id)
+        except P2PRCError as err:
+            raise falcon.HTTPNotFound(description=str(err)) from None
+
+
+class SpecsPage:
+    def __init__(self, board: Dashboard):
+        self.board = board
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        peer = (req.get_param("peer") or "").strip()
+        error, specs, where = None, {}, "this machine"
+        holders: dict[int, list[str]] = {}
+        if peer:
+            try:
+                with self.board.services.client(peer) as client:
+                    specs, where = client.specs(), str(client.endpoint)
+            except (P2PRCError, ValueError) as err:
+                error = str(err)
+        else:
+            specs, holders = self.board.services.specs_now(), self.board.services.gpu_holders()
+        entries = list(self.board.services.table.load().values())[:200]
+        names = sorted({str(e.local_name or e.name or e.node_id) for e in entries})
+        self.board.render(resp, "specs.html", "specs", peer=peer, specs=_shaped(specs),
+                          where=where, error=error, holders=holders, names=names)
+
+
+def _shaped(specs: Any) -> dict[str, Any]:
+    """A peer's specs, each part kept only in the shape the page expects."""
+    specs = specs if isinstance(specs, dict) else {}
+
+    def part(name: str) -> dict[str, Any]:
+        value = specs.get(name)
+        return value if isinstance(value, dict) else {}
+
+    gpus = specs.get("gpus")
+    return {"hostname": specs.get("hostname"), "os": part("os"), "cpu": part("cpu"),
+            "memory": part("memory"), "disk": part("disk"), "load": part("load"),
+            "gpus": [g for g in gpus if isinstance(g, dict)] if isinstance(gpus, list)
+            else []}
+
+
+class Static:
+    FILES = {p.name for p in (HERE / "static").iterdir()}
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        if name not in self.FILES:
+            raise falcon.HTTPNotFound()
+        resp.content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        resp.text = (HERE / "static" / name).read_text()
+
+
+def _error(req: falcon.Request, resp: falcon.Response, err: falcon.HTTPError,
+           params: Any) -> None:
+    resp.status = err.status
+    resp.content_type = falcon.MEDIA_HTML
+    title = jinja2.filters.escape(err.title or "Error")
+    text = jinja2.filters.escape(err.description or "")
+    resp.text = (f"<!doctype html><meta charset=utf-8><title>{title}</title>"
+                 f"<h1>{title}</h1><p>{text}</p><p><a href=/peers>p2prc dashboard</a></p>")
+    for key, value in dict(err.headers or {}).items():
+        resp.set_header(key, value)
+
+
+def create_app(board: Dashboard) -> falcon.App:
+    app = falcon.App(middleware=[Access(board)])
+    app.req_options.auto_parse_form_urlencoded = False
+    app.add_error_handler(falcon.HTTPError, _error)  # type: ignore[arg-type]
+    peers, containers, host, runs = (PeersPage(board), ContainersPage(board), HostPage(board),
+                                     RunsPage(board))
+    app.add_route("/", Home())
+    app.add_route("/peers", peers)
+    app.add_route("/peers/add", peers, suffix="add")
+    app.add_route("/peers/update", peers, suffix="update")
+    app.add_route("/containers", containers)
+    app.add_route("/containers/remove", containers, suffix="remove")
+    app.add_route("/host", host)
+    app.add_route("/host/kill", host, suffix="kill")
+    app.add_route("/host/invite", host, suffix="invite")
+    app.add_route("/runs", runs)
+    app.add_route("/runs/{run_id}", runs, suffix="one")
+    app.add_route("/runs/{run_id}/files/{name:path}", runs, suffix="file")
+    app.add_route("/specs", SpecsPage(board))
+    app.add_route("/static/{name}", Static())
+    return app
+
+
+def serve(services: NodeServices, host: str = "127.0.0.1", port: int = 0,
+          ready: Callable[[str], None] | None = None) -> None:
+    """Serve the dashboard until interrupted; ``ready(url)`` gets the address to open (with
+    the token)."""
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            log.debug(format, *args)
+
+    class Threaded(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = __import__("socket").AF_INET6 if ":" in host else \
+            __import__("socket").AF_INET
+
+    board = Dashboard(services)
+    with make_server(host, port, create_app(board), server_class=Threaded,
+                     handler_class=Quiet) as server:
+        bound = server.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        board.hosts = {f"{shown}:{bound}", f"localhost:{bound}"}
+        if host in ("127.0.0.1", "::1"):
+            board.hosts |= {f"127.0.0.1:{bound}", f"[::1]:{bound}"}
+        if ready:
+            ready(f"http://{shown}:{bound}/?token={board.token}")
+        server.serve_forever()

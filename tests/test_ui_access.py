@@ -1,0 +1,133 @@
+"""Who may use the dashboard, and what it does with what peers sent: the real app, driven
+through falcon's test client (the browser tests are in test_ui.py)."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import time
+from pathlib import Path
+
+import pytest
+from falcon import testing
+
+from conftest import BUILTINS
+from p2prc_core.config import Settings
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.peertable import PeerTable
+from p2prc_core.plugins import make_plugin_manager
+from p2prc_core.records import sign_record
+from p2prc_core.services import NodeServices
+from p2prc_ui import Dashboard, create_app
+
+HOST = "127.0.0.1:8555"
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> Dashboard:
+    hooks = make_plugin_manager(load_entrypoints=False, plugins=list(BUILTINS))
+    services = NodeServices(Settings(allow_loopback=True), tmp_path / "me", hooks)
+    return Dashboard(services, hosts=(HOST,))
+
+
+def client(board: Dashboard) -> testing.TestClient:
+    return testing.TestClient(create_app(board), headers={"Host": HOST})
+
+
+def signed_in(board: Dashboard) -> testing.TestClient:
+    found = client(board)
+    found.simulate_get("/peers", params={"token": board.token})
+    return found
+
+
+def cookie(board: Dashboard) -> dict[str, str]:
+    return {"Cookie": f"{board.cookie}={board.token}"}
+
+
+def test_nothing_without_the_token_and_the_token_leaves_the_url(board: Dashboard) -> None:
+    web = client(board)
+    assert web.simulate_get("/peers").status_code == 403
+    guessed = {"Cookie": f"{board.cookie}=guess"}
+    assert web.simulate_get("/peers", headers=guessed).status_code == 403
+    assert web.simulate_get("/peers", params={"token": "guess"}).status_code == 403
+    entered = web.simulate_get("/peers", params={"token": board.token, "sort": "latency"})
+    assert entered.status_code == 303
+    assert entered.headers["Location"].endswith("/peers?sort=latency")  # no token left
+    assert "HttpOnly" in entered.headers["Set-Cookie"]
+    assert "SameSite=Strict" in entered.headers["Set-Cookie"]
+    page = web.simulate_get("/peers", headers=cookie(board))
+    assert page.status_code == 200 and "The table is empty" in page.text
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    assert page.headers["Referrer-Policy"] == "same-origin"
+
+
+def test_another_host_name_is_refused(board: Dashboard) -> None:
+    # DNS rebinding: a page on evil.example whose name now points at 127.0.0.1.
+    rebound = client(board).simulate_get("/peers", headers={**cookie(board),
+                                                            "Host": "evil.example:8555"})
+    assert rebound.status_code == 403 and "Wrong host" in rebound.text
+
+
+def test_a_form_needs_its_csrf_token_and_this_origin(board: Dashboard) -> None:
+    web = client(board)
+    form = {**cookie(board), "Content-Type": "application/x-www-form-urlencoded"}
+    body = "address=127.0.0.1:1"
+    assert web.simulate_post("/peers/add", body=body, headers=form).status_code == 403
+    assert web.simulate_post("/peers/add", body=f"{body}&csrf=x", headers=form).status_code \
+        == 403
+    cross = web.simulate_post("/peers/add", body=f"{body}&csrf={board.csrf}",
+                              headers={**form, "Origin": "http://evil.example"})
+    assert cross.status_code == 403 and "Cross-site" in cross.text
+    big = web.simulate_post("/peers/add", body="x=" + "a" * (20 << 10) + f"&csrf={board.csrf}",
+                            headers=form)
+    assert big.status_code == 413
+    # A good form that fails says why on the page it goes back to, and changes nothing.
+    done = web.simulate_post("/peers/add", body=f"{body}&csrf={board.csrf}",
+                             headers={**form, "Origin": f"http://{HOST}"})
+    assert done.status_code == 303
+    said = web.simulate_get(done.headers["Location"], headers=cookie(board))
+    assert "Could not add 127.0.0.1:1" in said.text
+    assert board.services.table.load() == {}
+
+
+def test_what_peers_send_is_shown_as_text(board: Dashboard) -> None:
+    hostile = sign_record(NodeIdentity.generate(), {
+        "name": "<script>alert(1)</script>", "addresses": ["127.0.0.1"], "port": 1, "seq": 1,
+        "time": int(time.time()), "metadata": {}, "version": "x",
+        "specs": {"gpus": ["<img src=x onerror=alert(2)>"], "gpus_free": 1}})
+    PeerTable(board.services.home, board.services.identity.node_id,
+              allow_loopback=True).merge([hostile])
+    page = client(board).simulate_get("/peers", headers=cookie(board)).text
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+    # The only scripts are the dashboard's own file.
+    assert re.findall(r"<script[^>]*>", page) == ['<script src="/static/p2prc.js" defer>']
+    specs = client(board).simulate_get("/specs", headers=cookie(board)).text
+    assert '<option value="&lt;script&gt;alert(1)&lt;/script&gt;">' in specs
+    squeezed = client(board).simulate_get("/peers", headers={**cookie(board),
+                                                             "Accept-Encoding": "gzip"})
+    assert squeezed.headers["Content-Encoding"] == "gzip"
+    assert "&lt;script&gt;" in gzip.decompress(squeezed.content).decode()
+
+
+def test_unknown_things_are_clear_and_files_stay_in_their_run(board: Dashboard,
+                                                               tmp_path: Path) -> None:
+    web = client(board)
+    form = {**cookie(board), "Content-Type": "application/x-www-form-urlencoded"}
+    removed = web.simulate_post("/containers/remove", body=f"id=abcdef123456&csrf={board.csrf}",
+                                headers=form)
+    said = web.simulate_get(removed.headers["Location"], headers=cookie(board))
+    assert "Could not remove abcdef123456" in said.text
+    assert web.simulate_get("/runs/nope", headers=cookie(board)).status_code == 404
+    runs = board.services.runs.history
+    run_id, run_dir = runs.new()
+    (run_dir / "stdout").write_text("<b>ansible said</b>")
+    runs.save(run_id, {"id": run_id, "playbook": "p", "started": time.time(),
+                       "finished": time.time(), "succeeded": True, "variables": {},
+                       "artifacts": str(run_dir), "hosts": {}})
+    (tmp_path / "secret").write_text("not yours")
+    shown = web.simulate_get(f"/runs/{run_id}/files/stdout", headers=cookie(board))
+    assert shown.status_code == 200 and shown.headers["Content-Type"].startswith("text/plain")
+    for escape in ("../../../secret", "..%2F..%2F..%2Fsecret", "/etc/passwd"):
+        assert web.simulate_get(f"/runs/{run_id}/files/{escape}",
+                                headers=cookie(board)).status_code == 404
