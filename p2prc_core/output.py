@@ -63,7 +63,10 @@ def human_bytes(count: Any) -> str:
     if isinstance(count, bool) or not isinstance(count, int | float) or count != count \
             or count in (float("inf"), float("-inf")):
         return "?"
-    value = float(count)
+    try:
+        value = float(count)
+    except OverflowError:  # a whole number past any float
+        return "?"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{_short(value)} {unit}"
@@ -88,11 +91,24 @@ def human_duration(seconds: float) -> str:
     return f"{_short(seconds)} s"
 
 
+def two_places(value: Any) -> str:
+    """A number (a peer's say) to two places; anything else, or past a float, is '?'."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "?"
+    try:
+        return f"{float(value):.2f}"
+    except OverflowError:
+        return "?"
+
+
 def format_when(stamp: float | None) -> str:
     """A moment as people read it, in local time with its zone."""
     if not stamp:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(stamp))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(stamp))
+    except (OverflowError, OSError, ValueError, TypeError):  # past what the clock can show
+        return "?"
 
 
 def did_you_mean(text: str, choices: list[str]) -> str:

@@ -22,9 +22,12 @@ def _port(value: Any) -> int:
     raise ValueError(f"{value!r} is not a port")
 
 
+MAX_TIME = 253402300799  # 9999-12-31: any later time a host sends is no time
+
+
 def _time(value: Any) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and \
-            math.isfinite(value) and value >= 0:
+            math.isfinite(value) and 0 <= value <= MAX_TIME:
         return float(value)
     raise ValueError(f"{value!r} is not a time")
 

@@ -1,7 +1,8 @@
 """The dashboard: server-rendered pages (Jinja2, autoescaped) over this node's services.
 
 Who may use it: whoever holds the random token ``p2prc ui`` printed. The token in the URL
-becomes a cookie (HttpOnly, SameSite=Strict) and leaves the address bar. Every request
+becomes a cookie (HttpOnly, SameSite=Strict) and leaves the address bar (``p2prc ui`` opens
+the browser through a private file, so the token is on no command line). Every request
 must carry the cookie and name this server in its Host header (no DNS rebinding); every
 form that changes something carries a CSRF token derived from the access token, and a
 cross-site Origin is refused. Pages send a strict Content-Security-Policy: scripts and
@@ -15,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import hmac
+import itertools
 import logging
 import mimetypes
 import secrets
@@ -32,12 +34,13 @@ import jinja2
 
 from p2prc_core.containers import ContainerError, fingerprint, usage_of
 from p2prc_core.errors import P2PRCError
-from p2prc_core.output import format_when, human_bytes, human_duration
+from p2prc_core.output import format_when, human_bytes, human_duration, two_places
 from p2prc_core.services import NodeServices
 
 HERE = Path(__file__).parent
 COOKIE = "p2prc_ui_"  # and a hash of the token: two dashboards on one host keep their own
 MAX_FORM = 16 << 10  # bytes of a form body
+MAX_CONNECTIONS = 64  # requests served at once; more are closed at once
 SORTS = {"score", "name", "latency", "bandwidth", "last_seen", "gpus", "trusted"}
 log = logging.getLogger("p2prc.ui")
 
@@ -74,7 +77,8 @@ class Dashboard:
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
             undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
         self.env.filters.update(bytes=human_bytes, when=format_when, ago=_ago,
-                                duration=human_duration, fingerprint=fingerprint)
+                                duration=human_duration, fingerprint=fingerprint,
+                                two=two_places)
 
     # -- rendering -------------------------------------------------------------------------
 
@@ -152,16 +156,24 @@ class Access:
             raise falcon.HTTPForbidden(title="Wrong host",
                                        description="This dashboard answers only at the "
                                                    "address p2prc ui printed.")
+        # A request a page of another origin made the browser send (another port of
+        # 127.0.0.1 is "same-site", and gets our cookie): refused, reads included.
+        fetched = req.get_header("Sec-Fetch-Site")
+        if fetched is not None and fetched not in ("same-origin", "none"):
+            raise falcon.HTTPForbidden(title="Cross-site request",
+                                       description="Open the dashboard's address directly.")
         given = req.get_param("token")
-        if given is not None and hmac.compare_digest(given, board.token):
-            # The token leaves the address bar (and the history) for a cookie.
+        if given is not None and _same(given, board.token):
+            # The token leaves the address bar for a cookie (a browser's history keeps the
+            # first address: it is the user's own).
             query = {k: v for k, v in req.params.items() if k != "token"}
-            target = req.path + ("?" + urlencode(query, doseq=True) if query else "")
+            target = "/" + req.path.lstrip("/\\") + ("?" + urlencode(query, doseq=True)
+                                                     if query else "")
             resp.set_cookie(board.cookie, board.token, http_only=True, same_site="Strict",
                             secure=False, path="/")
             raise falcon.HTTPSeeOther(target)
         cookie = req.cookies.get(board.cookie, "")
-        if not hmac.compare_digest(cookie, board.token):
+        if not _same(cookie, board.token):
             raise falcon.HTTPForbidden(title="No access",
                                        description="Open the address 'p2prc ui' printed (it "
                                                    "carries this dashboard's token).")
@@ -175,7 +187,7 @@ class Access:
             form = falcon.uri.parse_query_string(req.bounded_stream.read(MAX_FORM).decode(
                 errors="replace"), keep_blank=True)
             req.context.form = {k: v if isinstance(v, str) else v[0] for k, v in form.items()}
-            if not hmac.compare_digest(req.context.form.get("csrf", ""), board.csrf):
+            if not _same(req.context.form.get("csrf", ""), board.csrf):
                 raise falcon.HTTPForbidden(title="Stale form",
                                            description="Reload the page and try again.")
 
@@ -198,6 +210,11 @@ class Access:
             resp.text = None
             resp.set_header("Content-Encoding", "gzip")
             resp.append_header("Vary", "Accept-Encoding")
+
+
+def _same(given: str, secret: str) -> bool:
+    """Constant-time equality of what a request carried and a secret (any text)."""
+    return hmac.compare_digest(given.encode(errors="replace"), secret.encode())
 
 
 def _form(req: falcon.Request, name: str, default: str = "") -> str:
@@ -345,10 +362,10 @@ class RunsPage:
 
     def on_get_one(self, req: falcon.Request, resp: falcon.Response, run_id: str) -> None:
         run = self._run(run_id)
-        root = Path(run.get("artifacts", ""))
+        root = self._artifacts(run_id, run)
         files = []
-        if root.is_dir():
-            for path in sorted(root.rglob("*"))[:500]:
+        if root is not None:
+            for path in sorted(itertools.islice(root.rglob("*"), 2000))[:500]:
                 if path.is_file() and not path.is_symlink():
                     name = str(path.relative_to(root))
                     files.append({"path": name, "size": path.stat().st_size,
@@ -357,15 +374,24 @@ class RunsPage:
 
     def on_get_file(self, req: falcon.Request, resp: falcon.Response, run_id: str,
                     name: str) -> None:
-        run = self._run(run_id)
-        root = Path(run.get("artifacts", "")).resolve()
-        path = (root / name).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+        root = self._artifacts(run_id, self._run(run_id))
+        path = (root / name).resolve() if root is not None else None
+        if path is None or root is None or not path.is_relative_to(root) or \
+                not path.is_file():
             raise falcon.HTTPNotFound(description=f"No file {name} in run {run_id}.")
         resp.content_type = "text/plain; charset=utf-8"  # never rendered as a page
         resp.set_header("Content-Disposition", "inline")
         with path.open("rb") as f:
             resp.data = f.read(4 << 20)
+
+    def _artifacts(self, run_id: str, run: dict[str, Any]) -> Path | None:
+        """The run's artifacts folder, only where it is inside this run's own folder."""
+        own = (self.board.services.runs.history.root / run_id).resolve()
+        where = run.get("artifacts")
+        if not isinstance(where, str) or not where:
+            return None
+        found = Path(where).resolve()
+        return found if found.is_relative_to(own) and found.is_dir() else None
 
     def _run(self, run_id: str) -> dict[str, Any]:
         try:
@@ -464,11 +490,26 @@ def serve(services: NodeServices, host: str = "127.0.0.1", port: int = 0,
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     class Quiet(WSGIRequestHandler):
+        timeout = 15  # seconds a connection may stay silent (slow or half-sent requests)
+
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug(format, *args)
 
     class Threaded(socketserver.ThreadingMixIn, WSGIServer):
         daemon_threads = True
+        slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not self.slots.acquire(blocking=False):  # too many at once: this one waits
+                self.shutdown_request(request)
+                return
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
         address_family = __import__("socket").AF_INET6 if ":" in host else \
             __import__("socket").AF_INET
 

@@ -409,15 +409,17 @@ def test_an_update_spends_a_bounded_time_on_each_peer(tmp_path: Path) -> None:
 def test_specs_a_host_sends_in_odd_shapes_print_without_a_crash(tmp_path: Path,
                                                                  fake_host: int) -> None:
     FakeHost.specs = {"hostname": "[b]x", "cpu": "fast", "memory": {"total": "lots"},
-                      "load": {"1m": "high", "5m": None}, "disk": [1], "os": 3,
+                      "load": {"1m": "high", "5m": None, "15m": 10 ** 400}, "disk": [1],
+                      "os": 3,
                       "gpus": [{"index": 0, "name": "G", "memory_total": "big"}, "junk",
                                {"index": [1], "name": "H", "free": [True]},
-                               {"index": 2, "name": "I", "free": False}]}
+                               {"index": 2, "name": "I", "free": False,
+                                "memory_total": 10 ** 400}]}
     result = p2prc(tmp_path / "me", "specs", f"127.0.0.1:{fake_host}")
     assert result.returncode == 0, result.stderr
     assert "[b]x" in result.stdout and "gpu 0" in result.stdout and "?" in result.stdout
     shown = [" ".join(line.split()) for line in result.stdout.splitlines()]
-    assert "gpu 2 I: -, driver None, ?% busy, in use" in shown
+    assert "gpu 2 I: ?, driver None, ?% busy, in use" in shown  # a size past any float
     assert "gpu ? H: -, driver None, ?% busy" in shown
 
 

@@ -229,7 +229,7 @@ def test_a_container_reply_is_checked_before_it_is_kept() -> None:
     for bad in ({"id": "/../../x"}, {"ports": [{"name": "ssh", "internal": 22,
                                                "external": "{{ lookup('pipe', 'id') }}"}]},
                 {"ssh": {"port": 42000, "host_key": "ssh-ed25519 AAAA\nevil"}},
-                {"expires": "soon"}, {"ports": []}, {"gpus": ["0; rm -rf /"]},
+                {"expires": "soon"}, {"expires": 1e20}, {"ports": []}, {"gpus": ["0; rm -rf /"]},
                 {"gpus": [True]}, {"gpus": [-1]}, {"gpus": 3}, {"gpus": list(range(65))}):
         with pytest.raises(PeerError, match="not a container"):
             RemoteContainer.from_reply({**good, **bad}, endpoint)

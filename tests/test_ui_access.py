@@ -131,3 +131,94 @@ def test_unknown_things_are_clear_and_files_stay_in_their_run(board: Dashboard,
     for escape in ("../../../secret", "..%2F..%2F..%2Fsecret", "/etc/passwd"):
         assert web.simulate_get(f"/runs/{run_id}/files/{escape}",
                                 headers=cookie(board)).status_code == 404
+
+
+def test_requests_another_origin_made_the_browser_send_are_refused(board: Dashboard) -> None:
+    web = client(board)
+    for where, status in (("same-site", 403), ("cross-site", 403), ("same-origin", 200),
+                          ("none", 200)):
+        got = web.simulate_get("/specs", headers={**cookie(board), "Sec-Fetch-Site": where})
+        assert got.status_code == status, where  # 127.0.0.1:OTHER_PORT is "same-site"
+
+
+def test_odd_secrets_and_paths_are_refused_not_crashed_on(board: Dashboard) -> None:
+    web = client(board)
+    assert web.simulate_get("/peers", params={"token": "é"}).status_code == 403
+    assert web.simulate_get("/peers", headers={"Cookie": f"{board.cookie}=é"}).status_code == 403
+    form = {**cookie(board), "Content-Type": "application/x-www-form-urlencoded"}
+    assert web.simulate_post("/peers/update", body="csrf=%C3%A9",
+                             headers=form).status_code == 403
+    away = web.simulate_get("/\\evil.example/", params={"token": board.token})
+    assert away.status_code == 303
+    location = away.headers["Location"].split("://", 1)[-1].split("/", 1)[1]
+    assert location == "evil.example/"  # a path on this server, not another host
+
+
+def test_a_run_whose_artifacts_are_elsewhere_shows_none(board: Dashboard,
+                                                        tmp_path: Path) -> None:
+    runs = board.services.runs.history
+    web = client(board)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "key").write_text("not the run's")
+    for artifacts in (None, "", str(tmp_path / "elsewhere"), 7):
+        run_id, _ = runs.new()
+        runs.save(run_id, {"id": run_id, "playbook": "p", "artifacts": artifacts})
+        page = web.simulate_get(f"/runs/{run_id}", headers=cookie(board))
+        assert page.status_code == 200 and "None kept." in page.text
+        assert web.simulate_get(f"/runs/{run_id}/files/key",
+                                headers=cookie(board)).status_code == 404
+
+
+def test_specs_past_any_float_show_as_unknown(board: Dashboard,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    huge = 10 ** 400
+    monkeypatch.setattr(board.services, "specs_now", lambda: {
+        "memory": {"total": huge, "available": huge}, "load": {"1m": huge, "5m": [1]},
+        "disk": {"free": 1e308 * 10}, "cpu": ["x"],
+        "gpus": [{"index": 0, "memory_total": huge, "free": "yes"}, [0]]})
+    page = client(board).simulate_get("/specs", headers=cookie(board))
+    assert page.status_code == 200 and "? free of ?" in page.text
+
+
+def test_too_many_connections_at_once_are_closed_and_it_keeps_answering(
+        tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import urllib.request
+
+    from conftest import P2PRC
+    from p2prc_ui.app import MAX_CONNECTIONS
+
+    ui = subprocess.Popen([P2PRC, "ui", "--no-browser"], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True,
+                          env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+    held: list[socket.socket] = []
+    try:
+        assert ui.stdout is not None
+        url = ui.stdout.readline().strip()
+        port = int(url.split(":")[2].split("/")[0])
+        for _ in range(MAX_CONNECTIONS):  # silent: each holds a thread until it times out
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        held.append(extra)
+        extra.sendall(b"GET /peers HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        assert extra.recv(100) == b""  # closed at once, not queued behind the others
+        for conn in held:
+            conn.close()
+        held.clear()
+        deadline = time.monotonic() + 30
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        while True:  # the held threads end as their sockets close
+            try:
+                with browser.open(url, timeout=10) as reply:
+                    assert reply.status == 200 and b"The table is empty" in reply.read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        for conn in held:
+            conn.close()
+        ui.terminate()
+        ui.wait(15)

@@ -397,7 +397,16 @@ def ui(node: Node, port: int, host: str, no_browser: bool) -> None:
         click.echo("Open that address (it carries this dashboard's access token); Ctrl-C "
                    "stops the dashboard.", err=True)
         if not no_browser:
-            threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
+            # Through a private file that sends the browser on: the token is then on no
+            # command line another user could read.
+            from p2prc_core.storage import atomic_write
+
+            opener = node.home / "ui-open.html"
+            atomic_write(opener, f'<!doctype html><meta http-equiv="refresh" content="0;url='
+                                 f'{url}"><a href="{url}">p2prc dashboard</a>\n'.encode(),
+                         mode=0o600)
+            threading.Thread(target=webbrowser.open, args=(opener.as_uri(),),
+                             daemon=True).start()
 
     try:
         serve(node.services, host, port, ready)

@@ -22,7 +22,7 @@ from p2prc_core.cli.base import (
 )
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import LOCAL_NAME, looks_like_address
-from p2prc_core.output import err_console, human_bytes, print_json, print_table
+from p2prc_core.output import err_console, human_bytes, print_json, print_table, two_places
 
 if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
     pass
@@ -181,7 +181,7 @@ def specs(node: Node, peer: str | None, as_json: bool) -> None:
         ("os", f"{os_info.get('name', '?')} ({os_info.get('machine', '?')})"),
         ("cpu", f"{cpu.get('model', '?')}: {cpu.get('cores', '?')} cores, "
                 f"{cpu.get('threads', '?')} threads, {cpu.get('percent', '?')}% busy"),
-        ("load", " ".join(_two_places(load.get(k)) for k in ("1m", "5m", "15m"))),
+        ("load", " ".join(two_places(load.get(k)) for k in ("1m", "5m", "15m"))),
         ("memory", f"{human_bytes(memory.get('available'))} free of "
                    f"{human_bytes(memory.get('total'))}"),
         ("disk", f"{human_bytes(disk.get('free'))} free of {human_bytes(disk.get('total'))}"),
@@ -206,11 +206,6 @@ def specs(node: Node, peer: str | None, as_json: bool) -> None:
 def _part(data: dict[str, Any], key: str) -> dict[str, Any]:
     part = data.get(key)
     return part if isinstance(part, dict) else {}
-
-
-def _two_places(value: Any) -> str:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return f"{value:.2f}" if number else "?"
 
 
 @main.command()
