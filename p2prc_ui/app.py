@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import hmac
+import html
 import itertools
 import logging
 import mimetypes
@@ -156,22 +157,30 @@ class Access:
             raise falcon.HTTPForbidden(title="Wrong host",
                                        description="This dashboard answers only at the "
                                                    "address p2prc ui printed.")
+        given = req.get_param("token")
+        if given is not None and req.method == "GET" and _same(given, board.token):
+            # The token is exchanged for a cookie, and leaves the address bar (a browser's
+            # history keeps the first address: it is the user's own). The page moves on by
+            # itself: a navigation this origin starts, which carries the SameSite=Strict
+            # cookie even where the address was opened from elsewhere (a file, a terminal).
+            query = {k: v for k, v in req.params.items() if k != "token"}
+            target = "/" + req.path.lstrip("/\\") + ("?" + urlencode(query, doseq=True)
+                                                     if query else "")
+            resp.set_cookie(board.cookie, board.token, http_only=True, same_site="Strict",
+                            secure=False, path="/")
+            shown = html.escape(target)
+            resp.content_type = falcon.MEDIA_HTML
+            resp.text = (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" '
+                         f'content="0;url={shown}"><title>p2prc</title>'
+                         f'<p><a href="{shown}">Open the dashboard</a></p>')
+            resp.complete = True
+            return
         # A request a page of another origin made the browser send (another port of
         # 127.0.0.1 is "same-site", and gets our cookie): refused, reads included.
         fetched = req.get_header("Sec-Fetch-Site")
         if fetched is not None and fetched not in ("same-origin", "none"):
             raise falcon.HTTPForbidden(title="Cross-site request",
                                        description="Open the dashboard's address directly.")
-        given = req.get_param("token")
-        if given is not None and _same(given, board.token):
-            # The token leaves the address bar for a cookie (a browser's history keeps the
-            # first address: it is the user's own).
-            query = {k: v for k, v in req.params.items() if k != "token"}
-            target = "/" + req.path.lstrip("/\\") + ("?" + urlencode(query, doseq=True)
-                                                     if query else "")
-            resp.set_cookie(board.cookie, board.token, http_only=True, same_site="Strict",
-                            secure=False, path="/")
-            raise falcon.HTTPSeeOther(target)
         cookie = req.cookies.get(board.cookie, "")
         if not _same(cookie, board.token):
             raise falcon.HTTPForbidden(title="No access",

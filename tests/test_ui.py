@@ -70,10 +70,13 @@ def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 class UI:
     """``p2prc ui`` for a home, on a free port; its printed address carries the token."""
 
-    def __init__(self, home: Path):
-        self.proc = subprocess.Popen([P2PRC, "ui", "--no-browser"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "P2PRC_HOME": str(home)})
+    def __init__(self, home: Path, opens: bool = False):
+        # opens: as a user runs it, opening "the browser" (here a program that does
+        # nothing: the test's browser opens the file it was handed).
+        self.proc = subprocess.Popen([P2PRC, "ui", *([] if opens else ["--no-browser"])],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "P2PRC_HOME": str(home),
+                                                     "BROWSER": "true"})
         lines: queue.Queue[str] = queue.Queue()
         assert self.proc.stdout is not None
         threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()),  # type: ignore
@@ -190,7 +193,7 @@ def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, brows
     run = node.run_playbook("half", [first])
     assert not run.succeeded and run.hosts[first.short_id].status == "failed"
     assert run.hosts[first.short_id].task == "a task that fails"
-    mine, hosts = UI(me), UI(host.home)
+    mine, hosts = UI(me, opens=True), UI(host.home)
     try:
         def page(ui: UI, path: str, shot: str | None = None) -> str:
             browser.get(ui.base + path)
@@ -200,8 +203,14 @@ def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, brows
                 browser.save_screenshot(str(shots / f"{shot}.png"))
             return str(text)
 
-        browser.get(mine.url)  # the token becomes a cookie and leaves the address bar
-        wait_for("the peers page", lambda: browser.current_url == mine.base + "/peers")
+        # As 'p2prc ui' opens it: a private file that sends the browser on with the
+        # token, which becomes a cookie and leaves the address bar.
+        opener = me / "ui-open.html"
+        assert mine.url in wait_for("the opener file", opener.read_text)
+        assert opener.stat().st_mode & 0o077 == 0
+        browser.get(opener.as_uri())
+        wait_for("the peers page", lambda: browser.current_url == mine.base + "/peers",
+                 browser=browser)
         peers = page(mine, "/peers", "peers")
         assert "alice" in peers and alice.node_id in peers and "ms" in peers
         assert "me" not in browser.find_element(By.CSS_SELECTOR, "#peers tbody").text.split()
@@ -297,9 +306,9 @@ def test_pages_read_without_javascript(tmp_path: Path, host: LiveServer) -> None
     try:
         opener = urllib.request.build_opener(
             urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
-        with opener.open(ui.url, timeout=30) as reply:  # follows the redirect, keeps the cookie
+        opener.open(ui.url, timeout=30).close()  # the token, for a cookie
+        with opener.open(ui.base + "/peers", timeout=30) as reply:
             text = reply.read().decode()
-        assert reply.url == ui.base + "/peers"
         assert "alice" in text and host.node_id in text
         with opener.open(ui.base + "/peers?sort=latency&order=desc", timeout=30) as reply:
             assert 'class="sorted desc"' in reply.read().decode()
