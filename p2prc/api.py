@@ -7,13 +7,14 @@ import contextlib
 import html
 import subprocess
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from p2prc_core.config import Settings, default_home, load_settings
+from p2prc_core.config import ConfigError, Settings, default_home, load_settings
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import parse_duration, parse_size
 from p2prc_core.output import format_when, human_bytes
@@ -240,7 +241,8 @@ class Container:
         thread.start()
         ready.wait()
         if "error" in found:
-            raise P2PRCError(f"cannot serve 127.0.0.1:{local_port}: {found['error']}")
+            raise P2PRCError(f"cannot forward port {port} of {self.short_id} to "
+                             f"127.0.0.1:{local_port or 'any port'}: {found['error']}")
         try:
             yield int(found["port"])
         finally:
@@ -279,9 +281,17 @@ class Node:
         :raises P2PRCError: a config that does not parse, or an unknown setting.
         """
         where = Path(home).expanduser() if home is not None else default_home()
-        loaded = load_settings(where, settings)
-        hooks = make_plugin_manager(disabled=loaded.settings.disable_plugins)
-        return cls(NodeServices(loaded.settings, where, hooks, notice=lambda line: None))
+        try:
+            loaded = load_settings(where, settings)
+            for warning in loaded.warnings:  # a P2PRC_ variable that sets nothing: a typo?
+                warnings.warn(warning, stacklevel=2)
+            hooks = make_plugin_manager(disabled=loaded.settings.disable_plugins)
+            return cls(NodeServices(loaded.settings, where, hooks, notice=lambda line: None))
+        except ConfigError as err:
+            raise P2PRCError(str(err)) from None
+        except OSError as err:
+            raise P2PRCError(f"cannot open {where} as a node's home: {err.strerror}") \
+                from None
 
     @property
     def node_id(self) -> str:
@@ -331,24 +341,26 @@ class Node:
             found = Peers(p for p, n in zip(found, have, strict=True) if n >= least)
         return found
 
-    def peer(self, text: str) -> Peer:
-        """A peer by node id, unique start of one, or name.
+    def peer(self, text: Peer | str) -> Peer:
+        """A peer by node id, unique start of one, or name (a ``Peer``: as it is now).
 
         :raises P2PRCError: no such peer (with the nearest name), or more than one.
         """
-        node_id = self.services.node_id_of(text)
+        node_id = self.services.node_id_of(_peer_text(text))
         for row in self.services.peer_rows():
             if row["node_id"] == node_id:
                 return Peer.from_row(row)
         raise P2PRCError(f"no peer {text!r} in the table")
 
     def add_peer(self, address: str, name: str | None = None) -> Peer:
-        """Add the node at ``address`` (ADDRESS[:PORT]) to the table, exchange tables with it
-        and measure it.
+        """Add the node at ``address`` (ADDRESS[:PORT], or NODE_ID@ADDRESS[:PORT]) to the
+        table, exchange tables with it and measure it; ``name`` is your own name for it.
 
-        :raises PeerError: it cannot be reached, or it is this node.
+        :raises PeerError: it cannot be reached; P2PRCError: a malformed address, or it is
+            this node.
         """
-        entry, _, _ = self.services.add_peer(address, name)
+        with _as_p2prc_errors():
+            entry, _, _ = self.services.add_peer(_text(address, "address"), name)
         return self.peer(entry.node_id)
 
     def update(self, hops: int | None = None,
@@ -357,6 +369,8 @@ class Node:
         ``progress(done, total, hop)`` is called as peers answer. Returns what changed:
         ``added``, ``updated``, ``removed``, ``failed`` ({node id: why}) and counts."""
         hops = self.settings.update_hops if hops is None else hops
+        if isinstance(hops, bool) or not isinstance(hops, int) or hops < 0:
+            raise P2PRCError(f"hops is a whole number from 0, not {hops!r}")
         return self.services.discovery.update(hops, progress).as_dict()
 
     def specs(self, peer: Peer | str | None = None) -> dict[str, Any]:
@@ -364,7 +378,7 @@ class Node:
         this machine's with no ``peer``."""
         if peer is None:
             return self.services.specs_now()
-        with self.services.client(_peer_text(peer)) as client:
+        with _as_p2prc_errors(), self.services.client(_peer_text(peer)) as client:
             return client.specs()
 
     # -- containers ----------------------------------------------------------------------
@@ -388,7 +402,8 @@ class Node:
             request["memory"] = _size(memory)
         if ttl is not None:
             request["ttl"] = _duration(ttl)
-        return Container(self, self.services.touch(_peer_text(peer), request), "running")
+        with _as_p2prc_errors():
+            return Container(self, self.services.touch(_peer_text(peer), request), "running")
 
     def containers(self) -> list[Container]:
         """The containers this node started, each with its state as its host tells it
@@ -426,21 +441,45 @@ class Node:
         return f"<p2prc Node {self.node_id} at {self.home}>"
 
 
+def _whole(value: Any, parse: Callable[[str], int], what: str) -> int:
+    """A whole number (a float that is one will do), or text ``parse`` reads."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        try:
+            return parse(value)
+        except ValueError as err:
+            raise P2PRCError(str(err)) from None
+    raise P2PRCError(f"{what} is a whole number or text like {'2G' if what == 'a size' else '2h'}"
+                     f", not {value!r}")
+
+
 def _size(value: int | str) -> int:
     """Bytes, or a size as people write it ("2G"); P2PRCError for anything else."""
-    try:
-        return value if isinstance(value, int) else parse_size(value)
-    except ValueError as err:
-        raise P2PRCError(str(err)) from None
+    return _whole(value, parse_size, "a size")
 
 
 def _duration(value: int | str) -> int:
     """Seconds, or a duration as people write it ("2h"); P2PRCError for anything else."""
-    try:
-        return value if isinstance(value, int) else parse_duration(value)
-    except ValueError as err:
-        raise P2PRCError(str(err)) from None
+    return _whole(value, parse_duration, "a duration")
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise P2PRCError(f"{what} must be text like 192.0.2.7:8088, not {value!r}")
+    return value
 
 
 def _peer_text(peer: Peer | str) -> str:
-    return peer.node_id if isinstance(peer, Peer) else peer
+    return peer.node_id if isinstance(peer, Peer) else _text(peer, "a peer")
+
+
+@contextlib.contextmanager
+def _as_p2prc_errors() -> Iterator[None]:
+    """A malformed address (the services' ValueError) as the P2PRCError users catch."""
+    try:
+        yield
+    except ValueError as err:
+        raise P2PRCError(str(err)) from None

@@ -156,3 +156,18 @@ def test_peers_filter_and_errors_read_as_the_cli_says_them(tmp_path: Path) -> No
         node.peers(min_memory="lots")
     with pytest.raises(p2prc.P2PRCError, match="not a duration"):
         node.touch("big", ttl="a while")
+    assert node.peer(node.peer("big")).name == "big"  # a Peer will do where text does
+    # Every mistake is a P2PRCError with a message, never a TypeError from deep inside.
+    for mistake in (lambda: node.add_peer("127.0.0.1:99999"), lambda: node.add_peer(""),
+                    lambda: node.add_peer(None),  # type: ignore[arg-type]
+                    lambda: node.specs("[fd00::1"), lambda: node.touch("big", memory=1.5),
+                    lambda: node.touch("big", ttl=True), lambda: node.update(hops="x"),
+                    lambda: node.update(hops=-1), lambda: node.peers(min_memory=[1]),
+                    lambda: p2prc.Node.open(tmp_path / "me", no_such_setting=1),
+                    lambda: p2prc.Node.open(tmp_path / "me", request_timeout="fast")):
+        with pytest.raises(p2prc.P2PRCError) as caught:
+            mistake()
+        assert type(caught.value).__module__.startswith("p2prc"), caught.value
+    (tmp_path / "file").write_text("not a home")
+    with pytest.raises(p2prc.P2PRCError, match="as a node's home"):
+        p2prc.Node.open(tmp_path / "file")
