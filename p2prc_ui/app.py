@@ -230,6 +230,13 @@ def _form(req: falcon.Request, name: str, default: str = "") -> str:
     return str(req.context.form.get(name, default)).strip()
 
 
+def _confirm(board: Dashboard, resp: falcon.Response, action: str, item: str, question: str,
+             detail: str, button: str, back: str) -> None:
+    """Ask before a destructive action (the script asks in a dialog instead)."""
+    board.render(resp, "confirm.html", back.strip("/"), action=action, item=item,
+                 question=question, detail=detail, button=button, back=back)
+
+
 def _back(board: Dashboard, path: str, kind: str, text: str, **extra: Any) -> falcon.HTTPSeeOther:
     return falcon.HTTPSeeOther(f"{path}?note={board.note(kind, text, **extra)}")
 
@@ -252,9 +259,12 @@ class PeersPage:
         gpu = req.get_param_as_bool("gpu") or False
         rows = self.board.services.peer_rows(with_gpu=gpu)
         if sort != "score":
+            field_of = {"latency": "latency_ms", "bandwidth": "bandwidth_mbps"}
+
             def key(row: dict[str, Any]) -> tuple[bool, Any]:
                 value = {"gpus": row["gpus_free"], "trusted": row["trusted"] or "",
-                         "name": (row["name"] or "").lower()}.get(sort, row.get(sort))
+                         "name": (row["name"] or "").lower()}.get(
+                             sort, row.get(field_of.get(sort, sort)))
                 return value is None, value
             present = [r for r in rows if key(r)[0] is False]
             missing = [r for r in rows if key(r)[0] is True]
@@ -270,8 +280,8 @@ class PeersPage:
         try:
             entry, summary, endpoint = self.board.services.add_peer(address, name)
         except (P2PRCError, ValueError) as err:
-            raise _back(self.board, "/peers", "error", f"Could not add {address}: {err}") \
-                from None
+            raise _back(self.board, "/peers", "error", f"Could not add {address}: {err}",
+                        address=address, given_name=name or "") from None
         raise _back(self.board, "/peers", "ok",
                     f"Added {entry.local_name or entry.name or entry.node_id} at {endpoint}; "
                     f"learned of {len(summary.added)} more.")
@@ -295,12 +305,20 @@ class ContainersPage:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         states = self.board.services.container_states()
         groups = self.board.services.tracked.groups()
+        names = {e.node_id: e.local_name or e.name
+                 for e in self.board.services.table.load().values()}
         self.board.render(resp, "containers.html", "containers", containers=[
-            {"c": c, "state": state, "groups": [g for g, m in groups.items() if c.id in m]}
+            {"c": c, "state": state, "host": names.get(c.node_id or ""),
+             "groups": [g for g, m in groups.items() if c.id in m]}
             for c, state in states], note=self.board.take_note(req))
 
     def on_post_remove(self, req: falcon.Request, resp: falcon.Response) -> None:
         text = _form(req, "id")
+        if _form(req, "confirmed") != "1":
+            _confirm(self.board, resp, "/containers/remove", text, f"Remove {text[:12]}?",
+                     "It is stopped and removed on its host; what it held is lost.",
+                     "Remove", "/containers")
+            return
         try:
             entry = self.board.services.tracked.find(text)
             gone = not self.board.services.remove_container(entry)
@@ -333,6 +351,11 @@ class HostPage:
 
     def on_post_kill(self, req: falcon.Request, resp: falcon.Response) -> None:
         text = _form(req, "id")
+        if _form(req, "confirmed") != "1":
+            _confirm(self.board, resp, "/host/kill", text, f"Kill {text[:12]}?",
+                     "It is stopped and removed at once, whoever started it.", "Kill",
+                     "/host")
+            return
         try:
             lease = self.board.services.containers().remove(text, owner=None)
         except P2PRCError as err:
@@ -350,8 +373,12 @@ class HostPage:
         except (P2PRCError, ValueError) as err:
             raise _back(self.board, "/host", "error", f"No invite: {err}") from None
         token = offer.token()
-        raise _back(self.board, "/host", "invite", "An invite for a friend: it works once, "
-                    f"until {format_when(offer.expires)}.", token=token, qr=_qr_svg(token))
+        text = (f"An invite for a friend: it works once, until {format_when(offer.expires)}. "
+                f"Copy it now: it is shown only here.")
+        if self.board.services.running_server() is None:
+            text += (f" No p2prc server runs for this node: start it ('p2prc server') before "
+                     f"your friend joins, on port {offer.port}.")
+        raise _back(self.board, "/host", "invite", text, token=token, qr=_qr_svg(token))
 
 
 def _qr_svg(text: str) -> str:
@@ -418,9 +445,10 @@ class SpecsPage:
         error, specs, where = None, {}, "this machine"
         holders: dict[int, list[str]] = {}
         if peer:
+            where = peer
             try:
                 with self.board.services.client(peer) as client:
-                    specs, where = client.specs(), str(client.endpoint)
+                    specs, where = client.specs(), f"{peer} ({client.endpoint})"
             except (P2PRCError, ValueError) as err:
                 error = str(err)
         else:

@@ -212,7 +212,7 @@ def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, brows
         wait_for("the peers page", lambda: browser.current_url == mine.base + "/peers",
                  browser=browser)
         peers = page(mine, "/peers", "peers")
-        assert "alice" in peers and alice.node_id in peers and "ms" in peers
+        assert "alice" in peers and alice.node_id[:12] in peers and "ms" in peers
         assert "me" not in browser.find_element(By.CSS_SELECTOR, "#peers tbody").text.split()
 
         listed = page(mine, "/containers", "containers")
@@ -220,6 +220,7 @@ def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, brows
         assert f"p2prc ssh {first.short_id}" in listed
         port = first.ports[1]["internal"]
         assert f"p2prc forward {first.short_id} {port}" in listed
+        assert browser.find_element(By.CSS_SELECTOR, "button.copy").is_displayed()  # JS on
 
         runs = page(mine, "/runs", "runs")
         assert "half" in runs and "failed" in runs
@@ -230,7 +231,7 @@ def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, brows
         browser.save_screenshot(str(shots / "run.png"))
 
         specs = page(mine, "/specs?peer=alice", "specs")
-        assert "Specs of 127.0.0.1:" in specs and "cores" in specs
+        assert "Specs of alice (127.0.0.1:" in specs and "cores" in specs
 
         # Remove, from the page; the engine no longer has it.
         page(mine, "/containers")
@@ -250,6 +251,10 @@ def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, brows
         wait_for("the kill's note", lambda: f"Killed {second.id[:12]}" in browser.find_element(
             By.TAG_NAME, "main").text)
         assert not alive(docker_client, second.id)
+        # Its owner's page says so, and offers to forget it rather than to log in.
+        owners = page(mine, "/containers")
+        assert "its host no longer runs it" in owners and "Forget" in owners
+        browser.get(hosts.base + "/host")
 
         # An invite made on the page, redeemed from another home.
         browser.find_element(By.CSS_SELECTOR, "form[action='/host/invite'] button").click()

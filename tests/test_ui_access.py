@@ -115,7 +115,8 @@ def test_unknown_things_are_clear_and_files_stay_in_their_run(board: Dashboard,
                                                                tmp_path: Path) -> None:
     web = client(board)
     form = {**cookie(board), "Content-Type": "application/x-www-form-urlencoded"}
-    removed = web.simulate_post("/containers/remove", body=f"id=abcdef123456&csrf={board.csrf}",
+    removed = web.simulate_post("/containers/remove",
+                                body=f"id=abcdef123456&confirmed=1&csrf={board.csrf}",
                                 headers=form)
     said = web.simulate_get(removed.headers["Location"], headers=cookie(board))
     assert "Could not remove abcdef123456" in said.text
@@ -226,3 +227,42 @@ def test_too_many_connections_at_once_are_closed_and_it_keeps_answering(
             conn.close()
         ui.terminate()
         ui.wait(15)
+
+
+def test_destructive_forms_ask_first_without_javascript(board: Dashboard) -> None:
+    web = client(board)
+    form = {**cookie(board), "Content-Type": "application/x-www-form-urlencoded"}
+    for action, button in (("/containers/remove", "Remove"), ("/host/kill", "Kill")):
+        asked = web.simulate_post(action, body=f"id=abcdef123456&csrf={board.csrf}",
+                                  headers=form)
+        assert asked.status_code == 200  # a page that asks; nothing was done
+        assert f'<form method="post" action="{action}"' in asked.text
+        assert '<input type="hidden" name="confirmed" value="1">' in asked.text
+        assert f">{button}</button>" in asked.text
+
+
+def test_columns_sort_by_what_they_show_and_links_keep_the_filter(
+        board: Dashboard, monkeypatch: pytest.MonkeyPatch) -> None:
+    def row(name: str, latency: float | None, bandwidth: float | None) -> dict[str, object]:
+        return {"name": name, "node_id": name * 13, "own_name": name, "address": "fd42::1",
+                "path": "direct", "relays": [], "latency_ms": latency,
+                "bandwidth_mbps": bandwidth, "last_seen": time.time(), "failures": 0,
+                "gpus": ["A100"], "gpus_free": 1, "memory": None, "cpus": None,
+                "trusted": None, "score": 0.0}
+
+    rows = [row("aa", 9.0, 10.0), row("bb", 1.0, None), row("cc", 5.0, 900.0)]
+    monkeypatch.setattr(board.services, "peer_rows", lambda with_gpu=False: list(rows))
+    web = client(board)
+
+    def order(query: str) -> list[str]:
+        page = web.simulate_get("/peers", query_string=query, headers=cookie(board)).text
+        return re.findall(r'<tr>\s*<td>(\w\w)</td>', page)
+
+    assert order("sort=latency&order=asc") == ["bb", "cc", "aa"]
+    assert order("sort=latency&order=desc") == ["aa", "cc", "bb"]
+    assert order("sort=bandwidth&order=desc") == ["cc", "aa", "bb"]  # none last
+    page = web.simulate_get("/peers", query_string="gpu=1&sort=latency&order=desc",
+                            headers=cookie(board)).text
+    assert "&amp;amp;" not in page
+    assert 'href="/peers?sort=bandwidth&amp;order=desc&amp;gpu=1"' in page
+    assert 'href="/peers?sort=latency&amp;order=desc">All peers</a>' in page

@@ -34,8 +34,22 @@
       setTimeout(function () { button.textContent = "Copy"; }, 1500);
     });
   });
+  // Copy buttons work only with this script: shown by it.
+  function showCopies() {
+    document.querySelectorAll("button.copy[hidden]").forEach(function (b) { b.hidden = false; });
+  }
+  showCopies();
+  document.addEventListener("p2prc:updated", showCopies);
+  // Asked here, in a dialog; without this script the server asks on a page of its own.
   document.addEventListener("submit", function (event) {
-    const question = event.target.dataset.confirm;
-    if (question && !window.confirm(question)) event.preventDefault();
+    const form = event.target;
+    const question = form.dataset.confirm;
+    if (!question) return;
+    if (!window.confirm(question)) { event.preventDefault(); return; }
+    const confirmed = document.createElement("input");
+    confirmed.type = "hidden";
+    confirmed.name = "confirmed";
+    confirmed.value = "1";
+    form.appendChild(confirmed);
   });
 })();
