@@ -166,6 +166,40 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
         server.stop()
 
 
+@pytest.fixture
+def engine() -> object:
+    """The Docker engine (a docker SDK client), with p2prc's base image."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+        client.images.get("p2prc/base:latest")
+    except docker.errors.DockerException as err:
+        require(False, f"no Docker engine or base image ({err}): scripts/docker-engine")
+    return client
+
+
+@pytest.fixture
+def friend(tmp_path: Path, engine: object) -> Iterator[LiveServer]:
+    """A real server named alice (home tmp_path/'host', no GPU plugin) that trusts the node
+    whose home is tmp_path/'me'; the containers it started are removed after."""
+    from p2prc_core.trust import TrustStore
+
+    me = NodeIdentity.load_or_create(tmp_path / "me")
+    TrustStore(tmp_path / "host").add(me.node_id, "me")
+    server = start_server(tmp_path / "host", env={"P2PRC_DISABLE_PLUGINS": "nvidia",
+                                                  "P2PRC_NAME": "alice"})
+    node_id = server.node_id
+    try:
+        yield server
+    finally:
+        server.stop()
+        for c in engine.containers.list(  # type: ignore[attr-defined]
+                all=True, filters={"label": f"org.p2prc.node={node_id}"}):
+            c.remove(force=True)
+
+
 # A machine's interfaces as netifaces reports them, for tests of the address rules that must
 # not depend on the machine they run on. "veth-gone" vanishes between listing and reading,
 # as Docker's veths do while containers start.

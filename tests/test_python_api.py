@@ -10,48 +10,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import LiveServer, require, start_server
+from conftest import LiveServer
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.peertable import PeerTable
 from p2prc_core.records import sign_record
-from p2prc_core.trust import TrustStore
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def docker_client() -> Any:
-    import docker
-
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-        client.images.get("p2prc/base:latest")
-    except docker.errors.DockerException as err:
-        require(False, f"no Docker engine or base image ({err}): scripts/docker-engine")
-    return client
-
-
-@pytest.fixture
-def host(tmp_path: Path, docker_client: Any) -> Iterator[LiveServer]:
-    me = NodeIdentity.load_or_create(tmp_path / "me")
-    TrustStore(tmp_path / "host").add(me.node_id, "me")
-    server = start_server(tmp_path / "host", env={"P2PRC_DISABLE_PLUGINS": "nvidia",
-                                                  "P2PRC_NAME": "friend"})
-    node_id = server.node_id
-    try:
-        yield server
-    finally:
-        server.stop()
-        for c in docker_client.containers.list(
-                all=True, filters={"label": f"org.p2prc.node={node_id}"}):
-            c.remove(force=True)
 
 
 def example() -> str:
@@ -64,20 +33,20 @@ def example() -> str:
 
 @pytest.mark.docker
 @pytest.mark.integration
-def test_the_documented_example_runs(tmp_path: Path, host: LiveServer,
-                                     docker_client: Any) -> None:
+def test_the_documented_example_runs(tmp_path: Path, friend: LiveServer,
+                                     engine: Any) -> None:
     script = tmp_path / "example.py"
     script.write_text(example())
     ran = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "P2PRC_HOME": str(tmp_path / "me"),
-                                           "FRIEND": host.peer()})
+                                           "FRIEND": friend.peer()})
     assert ran.returncode == 0, ran.stderr
     lines = ran.stdout.splitlines()
-    assert lines[0].startswith(f"using friend ({host.node_id}) at 127.0.0.1:{host.port}")
+    assert lines[0].startswith(f"using friend ({friend.node_id}) at 127.0.0.1:{friend.port}")
     assert lines[1] == f"Linux {os.uname().machine}"  # uname -sm, in the container
     # It cleaned up: nothing of this host's left on the engine, nothing tracked.
-    assert docker_client.containers.list(
-        all=True, filters={"label": f"org.p2prc.node={host.node_id}"}) == []
+    assert engine.containers.list(
+        all=True, filters={"label": f"org.p2prc.node={friend.node_id}"}) == []
     import p2prc
 
     assert p2prc.Node.open(tmp_path / "me").containers() == []
@@ -85,13 +54,13 @@ def test_the_documented_example_runs(tmp_path: Path, host: LiveServer,
 
 @pytest.mark.docker
 @pytest.mark.integration
-def test_a_container_runs_commands_and_forwards_a_port(tmp_path: Path, host: LiveServer,
-                                                       docker_client: Any) -> None:
+def test_a_container_runs_commands_and_forwards_a_port(tmp_path: Path, friend: LiveServer,
+                                                       engine: Any) -> None:
     import p2prc
 
     node = p2prc.Node.open(tmp_path / "me")
-    friend = node.add_peer(host.peer())
-    box = node.touch(friend, ports=1, memory="256M", ttl="10m")
+    alice = node.add_peer(friend.peer())
+    box = node.touch(alice, ports=1, memory="256M", ttl="10m")
     try:
         assert [c.id for c in node.containers()] == [box.id]
         assert node.containers()[0].state == "running"
@@ -120,7 +89,7 @@ def test_a_container_runs_commands_and_forwards_a_port(tmp_path: Path, host: Liv
         assert "<td>" in box._repr_html_() and box.short_id in repr(box)
     finally:
         assert box.remove() is True
-    assert docker_client.containers.list(all=True, filters={"id": box.id}) == []
+    assert engine.containers.list(all=True, filters={"id": box.id}) == []
     with pytest.raises(p2prc.P2PRCError):
         node.container(box.id)  # forgotten
 

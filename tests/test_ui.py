@@ -20,11 +20,10 @@ from typing import Any
 
 import pytest
 
-from conftest import P2PRC, LiveServer, require, start_server
+from conftest import P2PRC, LiveServer, require
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.peertable import PeerTable
 from p2prc_core.records import sign_record
-from p2prc_core.trust import TrustStore
 
 pytestmark = [pytest.mark.docker, pytest.mark.ansible, pytest.mark.integration]
 
@@ -122,36 +121,6 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def docker_client() -> Any:
-    import docker
-
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-        client.images.get("p2prc/base:latest")
-    except docker.errors.DockerException as err:
-        require(False, f"no Docker engine or base image ({err}): scripts/docker-engine")
-    return client
-
-
-@pytest.fixture
-def host(tmp_path: Path, docker_client: Any) -> Iterator[LiveServer]:
-    """A real server, named alice, that trusts the node whose home is tmp_path/'me'."""
-    me = NodeIdentity.load_or_create(tmp_path / "me")
-    TrustStore(tmp_path / "host").add(me.node_id, "me")
-    server = start_server(tmp_path / "host", env={"P2PRC_DISABLE_PLUGINS": "nvidia",
-                                                  "P2PRC_NAME": "alice"})
-    node_id = server.node_id
-    try:
-        yield server
-    finally:
-        server.stop()
-        for c in docker_client.containers.list(
-                all=True, filters={"label": f"org.p2prc.node={node_id}"}):
-            c.remove(force=True)
-
-
-@pytest.fixture
 def shots(tmp_path: Path) -> Path:
     folder = Path(os.environ.get("P2PRC_UI_SCREENSHOTS") or tmp_path / "screenshots")
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,15 +144,15 @@ def click_and_confirm(browser: Any, form_selector: str) -> None:
     wait_for("the confirmation", lambda: browser.switch_to.alert).accept()
 
 
-def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, browser: Any,
-                                         docker_client: Any, shots: Path) -> None:
+def test_every_page_against_real_servers(tmp_path: Path, friend: LiveServer, browser: Any,
+                                         engine: Any, shots: Path) -> None:
     from selenium.webdriver.common.by import By
 
     import p2prc
 
     me = tmp_path / "me"
     node = p2prc.Node.open(me)
-    alice = node.add_peer(host.peer(), name="alice")
+    alice = node.add_peer(friend.peer(), name="alice")
     first, second = node.touch(alice, ports=1), node.touch(alice)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -193,7 +162,7 @@ def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, brows
     run = node.run_playbook("half", [first])
     assert not run.succeeded and run.hosts[first.short_id].status == "failed"
     assert run.hosts[first.short_id].task == "a task that fails"
-    mine, hosts = UI(me, opens=True), UI(host.home)
+    mine, hosts = UI(me, opens=True), UI(friend.home)
     try:
         def page(ui: UI, path: str, shot: str | None = None) -> str:
             browser.get(ui.base + path)
@@ -238,7 +207,7 @@ def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, brows
         click_and_confirm(browser, f"form[data-confirm='Remove {first.short_id}?']")
         wait_for("the removal's note", lambda: f"Removed {first.short_id}" in browser.find_element(
             By.TAG_NAME, "main").text, browser=browser)
-        assert not alive(docker_client, first.id)
+        assert not alive(engine, first.id)
         assert first.short_id not in browser.find_element(By.ID, "containers").text
 
         # The host's own view: the other container, its owner under the name trusted.
@@ -250,7 +219,7 @@ def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, brows
         click_and_confirm(browser, f"form[data-confirm='Kill {second.id[:12]}?']")
         wait_for("the kill's note", lambda: f"Killed {second.id[:12]}" in browser.find_element(
             By.TAG_NAME, "main").text)
-        assert not alive(docker_client, second.id)
+        assert not alive(engine, second.id)
         # Its owner's page says so, and offers to forget it rather than to log in.
         owners = page(mine, "/containers")
         assert "its host no longer runs it" in owners and "Forget" in owners
@@ -300,13 +269,13 @@ def test_every_page_against_real_servers(tmp_path: Path, host: LiveServer, brows
         hosts.stop()
 
 
-def test_pages_read_without_javascript(tmp_path: Path, host: LiveServer) -> None:
+def test_pages_read_without_javascript(tmp_path: Path, friend: LiveServer) -> None:
     """What a browser without JavaScript (or curl) gets: the whole table, server-rendered."""
     import http.cookiejar
     import urllib.request
 
     me = tmp_path / "me"
-    assert cli(me, "peers", "add", host.peer()).returncode == 0
+    assert cli(me, "peers", "add", friend.peer()).returncode == 0
     ui = UI(me)
     try:
         opener = urllib.request.build_opener(
@@ -314,7 +283,7 @@ def test_pages_read_without_javascript(tmp_path: Path, host: LiveServer) -> None
         opener.open(ui.url, timeout=30).close()  # the token, for a cookie
         with opener.open(ui.base + "/peers", timeout=30) as reply:
             text = reply.read().decode()
-        assert "alice" in text and host.node_id in text
+        assert "alice" in text and friend.node_id in text
         with opener.open(ui.base + "/peers?sort=latency&order=desc", timeout=30) as reply:
             assert 'class="sorted desc"' in reply.read().decode()
     finally:
