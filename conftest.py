@@ -166,7 +166,7 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
         server.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def engine() -> object:
     """The Docker engine (a docker SDK client), with p2prc's base image."""
     import docker

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import html
 import subprocess
@@ -210,8 +209,7 @@ class Container:
 
         :raises P2PRCError: the container has no such port, or the local port is taken.
         """
-        services = self._node.services
-        ready = threading.Event()
+        ready, stop = threading.Event(), threading.Event()
         found: dict[str, Any] = {}
 
         def started(bound: int) -> None:
@@ -219,24 +217,13 @@ class Container:
             ready.set()
 
         def serve() -> None:
-            async def main() -> None:
-                found["loop"], found["stop"] = asyncio.get_running_loop(), asyncio.Event()
-                from p2prc_core import tunnel
-
-                await tunnel.forward(services.paths_to(self.remote), services.identity,
-                                     f"/v1/containers/{self.id}/tunnel", f"port={port}",
-                                     services.settings.request_timeout, services.secure,
-                                     local_port, started, stop=found["stop"])
             try:
-                asyncio.run(main())
+                self._node.services.forward(self.remote, port, local_port, started,
+                                            stop=stop)
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
                 found["error"] = err
                 ready.set()
 
-        if port not in [p["internal"] for p in self.remote.ports]:
-            raise P2PRCError(f"{self.short_id} has ports "
-                             f"{', '.join(str(p['internal']) for p in self.remote.ports)}, "
-                             f"not {port}")
         thread = threading.Thread(target=serve, name=f"p2prc-forward-{port}", daemon=True)
         thread.start()
         ready.wait()
@@ -246,7 +233,7 @@ class Container:
         try:
             yield int(found["port"])
         finally:
-            found["loop"].call_soon_threadsafe(found["stop"].set)
+            stop.set()
             thread.join(timeout=10)
 
     def remove(self) -> bool:

@@ -91,6 +91,17 @@ def human_duration(seconds: float) -> str:
     return f"{_short(seconds)} s"
 
 
+def format_ago(stamp: float | None, now: float | None = None) -> str:
+    """How long ago ``stamp`` was: ``5m ago``, ``never``."""
+    if not stamp:
+        return "never"
+    seconds = max(0, int((time.time() if now is None else now) - stamp))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
 def two_places(value: Any) -> str:
     """A number (a peer's say) to two places; anything else, or past a float, is '?'."""
     if isinstance(value, bool) or not isinstance(value, int | float):

@@ -4,6 +4,7 @@ trust) is put together twice."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -207,8 +208,8 @@ class NodeServices:
         GPU. Whatever a record says is checked for its type here."""
         entries = self.table.load()
         trusted = {k: v.get("name") or k[:8] for k, v in self.trust.all().items()}
-        ranked = self.hooks.rank_peers(e.to_peer() for e in entries.values()
-                                       if not with_gpu or e.to_peer().free_gpus > 0)
+        peers = (e.to_peer() for e in entries.values())
+        ranked = self.hooks.rank_peers(p for p in peers if not with_gpu or p.free_gpus > 0)
         rows: list[dict[str, Any]] = []
         for peer in ranked:
             entry = entries[peer.node_id]
@@ -662,8 +663,10 @@ class NodeServices:
 
     def forward(self, container: RemoteContainer, port: int, local_port: int,
                 ready: Callable[[int], None],
-                failed: Callable[[str], None] | None = None) -> None:
-        """Serve 127.0.0.1:``local_port`` as ``port`` of the container until interrupted."""
+                failed: Callable[[str], None] | None = None,
+                stop: threading.Event | None = None) -> None:
+        """Serve 127.0.0.1:``local_port`` as ``port`` of the container until interrupted, or
+        until ``stop`` is set (from another thread)."""
         import asyncio
 
         from p2prc_core import tunnel
@@ -672,10 +675,24 @@ class NodeServices:
             raise P2PRCError(f"{container.short_id} has ports "
                              f"{', '.join(str(p['internal']) for p in container.ports)}, "
                              f"not {port}")
-        asyncio.run(tunnel.forward(self.paths_to(container), self.identity,
-                                   f"/v1/containers/{container.id}/tunnel", f"port={port}",
-                                   self.settings.request_timeout, self.secure, local_port,
-                                   ready, failed=failed))
+
+        async def serve() -> None:
+            stopped = None
+            if stop is not None:
+                stopped, loop = asyncio.Event(), asyncio.get_running_loop()
+
+                def relay_stop() -> None:
+                    stop.wait()
+                    with contextlib.suppress(RuntimeError):  # the loop ended first
+                        loop.call_soon_threadsafe(stopped.set)
+
+                threading.Thread(target=relay_stop, daemon=True).start()
+            await tunnel.forward(self.paths_to(container), self.identity,
+                                 f"/v1/containers/{container.id}/tunnel", f"port={port}",
+                                 self.settings.request_timeout, self.secure, local_port,
+                                 ready, stop=stopped, failed=failed)
+
+        asyncio.run(serve())
 
     def check_alive(self, containers: list[RemoteContainer]) -> None:
         """Ask each host whether our containers there still run, before anything logs in:

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -33,9 +33,9 @@ from urllib.parse import urlencode
 import falcon
 import jinja2
 
-from p2prc_core.containers import ContainerError, fingerprint, usage_of
+from p2prc_core.containers import ContainerError, usage_of
 from p2prc_core.errors import P2PRCError
-from p2prc_core.output import format_when, human_bytes, human_duration, two_places
+from p2prc_core.output import format_ago, format_when, human_bytes, two_places
 from p2prc_core.services import NodeServices
 
 HERE = Path(__file__).parent
@@ -51,7 +51,6 @@ class UpdateJob:
     """A 'peers update' running in the background, with its progress."""
 
     hops: int
-    started: float = field(default_factory=time.time)
     done: int = 0
     total: int = 0
     hop: int = 1
@@ -77,8 +76,7 @@ class Dashboard:
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
             undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
-        self.env.filters.update(bytes=human_bytes, when=format_when, ago=_ago,
-                                duration=human_duration, fingerprint=fingerprint,
+        self.env.filters.update(bytes=human_bytes, when=format_when, ago=format_ago,
                                 two=two_places)
 
     # -- rendering -------------------------------------------------------------------------
@@ -88,7 +86,7 @@ class Dashboard:
         resp.content_type = falcon.MEDIA_HTML
         resp.text = self.env.get_template(template).render(
             page=page, csrf=self.csrf, note=note, node_id=self.services.identity.node_id,
-            name=self.services.settings.display_name, now=time.time(), **values)
+            name=self.services.settings.display_name, **values)
 
     def note(self, kind: str, text: str, **extra: Any) -> str:
         """Keep a message for the page a form redirects to; returns its id."""
@@ -130,16 +128,6 @@ class Dashboard:
 
         threading.Thread(target=run, name="p2prc-ui-update", daemon=True).start()
         return True
-
-
-def _ago(stamp: float | None) -> str:
-    if not stamp:
-        return "never"
-    seconds = max(0, int(time.time() - stamp))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
 
 
 # -- access ----------------------------------------------------------------------------------
@@ -259,16 +247,12 @@ class PeersPage:
         gpu = req.get_param_as_bool("gpu") or False
         rows = self.board.services.peer_rows(with_gpu=gpu)
         if sort != "score":
-            field_of = {"latency": "latency_ms", "bandwidth": "bandwidth_mbps"}
-
-            def key(row: dict[str, Any]) -> tuple[bool, Any]:
-                value = {"gpus": row["gpus_free"], "trusted": row["trusted"] or "",
-                         "name": (row["name"] or "").lower()}.get(
-                             sort, row.get(field_of.get(sort, sort)))
-                return value is None, value
-            present = [r for r in rows if key(r)[0] is False]
-            missing = [r for r in rows if key(r)[0] is True]
-            rows = sorted(present, key=key, reverse=descending) + missing  # "-" always last
+            column = {"latency": "latency_ms", "bandwidth": "bandwidth_mbps",
+                      "gpus": "gpus_free"}.get(sort, sort)
+            valued = [(_sortable(r[column]), r) for r in rows]
+            rows = [r for _, r in sorted(((v, r) for v, r in valued if v is not None),
+                                         key=lambda pair: pair[0], reverse=descending)]
+            rows += [r for v, r in valued if v is None]  # "-" always last
         self.board.render(resp, "peers.html", "peers", rows=rows, sort=sort,
                           descending=descending, gpu=gpu, job=self.board.job,
                           note=self.board.take_note(req))
@@ -296,6 +280,11 @@ class PeersPage:
         if not self.board.start_update(hops):
             raise _back(self.board, "/peers", "error", "An update is running already.")
         raise falcon.HTTPSeeOther("/peers")
+
+
+def _sortable(value: Any) -> Any:
+    """A column's value as it sorts: text without case; none (or empty text) is None."""
+    return (value.lower() or None) if isinstance(value, str) else value
 
 
 class ContainersPage:
@@ -411,9 +400,8 @@ class RunsPage:
     def on_get_file(self, req: falcon.Request, resp: falcon.Response, run_id: str,
                     name: str) -> None:
         root = self._artifacts(run_id, self._run(run_id))
-        path = (root / name).resolve() if root is not None else None
-        if path is None or root is None or not path.is_relative_to(root) or \
-                not path.is_file():
+        path = (root / name).resolve() if root is not None else Path("/nonexistent")
+        if root is None or not path.is_relative_to(root) or not path.is_file():
             raise falcon.HTTPNotFound(description=f"No file {name} in run {run_id}.")
         resp.content_type = "text/plain; charset=utf-8"  # never rendered as a page
         resp.set_header("Content-Disposition", "inline")

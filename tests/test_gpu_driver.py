@@ -72,32 +72,35 @@ def test_what_is_missing_is_named(tmp_path: Path, break_it: Any, says: str) -> N
     assert driver is None and says in missing
 
 
-@pytest.mark.docker
-@pytest.mark.integration
-def test_a_gpu_container_gets_the_nodes_and_the_files_read_only(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import docker
-    from test_containers import key, service
+def gpu_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+             gpus: int) -> tuple[Path, Path, Driver, Any]:
+    """The container service over the real engine on a host whose driver is a fake layout
+    with ``gpus`` GPUs (and no NVIDIA toolkit): its /dev, its programs, the driver, and the
+    service."""
+    from test_containers import service
 
-    from p2prc_core.containers import ContainerRequest
-
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-        client.images.get("p2prc/base:latest")
-    except docker.errors.DockerException as err:
-        require(False, f"no Docker engine or base image ({err})")
-    dev, listing, bin_ = fake_driver(tmp_path / "driver")
+    dev, listing, bin_ = fake_driver(tmp_path / "driver", gpus=gpus)
     driver, _ = find_driver(dev, listing, str(bin_))
     assert isinstance(driver, Driver)
     monkeypatch.setattr("p2prc_plugins.docker.DockerBackend.has_toolkit", lambda self: False)
     monkeypatch.setattr("p2prc_plugins.docker.find_driver", lambda: (driver, ""))
-    containers = service(tmp_path / "host")
+    return dev, bin_, driver, service(tmp_path / "host")
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_a_gpu_container_gets_the_nodes_and_the_files_read_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: Any) -> None:
+    from test_containers import key
+
+    from p2prc_core.containers import ContainerRequest
+
+    dev, bin_, driver, containers = gpu_host(tmp_path, monkeypatch, gpus=1)
     containers.gpus = lambda: [{"name": "Fake GPU"}]
     lease = containers.create("me" * 13, ContainerRequest.from_json(
         {"ssh_key": key(tmp_path), "gpu": True}))
     try:
-        found = client.containers.get(lease.id)
+        found = engine.containers.get(lease.id)
         devices = {d["PathOnHost"] for d in found.attrs["HostConfig"]["Devices"]}
         assert devices == set(driver.gpus + driver.controls)
         mounts = {m["Source"]: m for m in found.attrs["Mounts"]}
@@ -115,27 +118,13 @@ def test_a_gpu_container_gets_the_nodes_and_the_files_read_only(
 @pytest.mark.docker
 @pytest.mark.integration
 def test_each_container_gets_only_the_gpus_it_holds_and_its_login_can_use_them(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: Any) -> None:
     import subprocess
-
-    import docker
-    from test_containers import service
 
     from p2prc_core.containers import ContainerError, ContainerRequest
     from p2prc_core.sshkeys import ensure_key, known_hosts_line
 
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-        client.images.get("p2prc/base:latest")
-    except docker.errors.DockerException as err:
-        require(False, f"no Docker engine or base image ({err})")
-    dev, listing, bin_ = fake_driver(tmp_path / "driver", gpus=2)
-    driver, _ = find_driver(dev, listing, str(bin_))
-    assert isinstance(driver, Driver)
-    monkeypatch.setattr("p2prc_plugins.docker.DockerBackend.has_toolkit", lambda self: False)
-    monkeypatch.setattr("p2prc_plugins.docker.find_driver", lambda: (driver, ""))
-    containers = service(tmp_path / "host")
+    dev, bin_, driver, containers = gpu_host(tmp_path, monkeypatch, gpus=2)
     # NVML's GPU 0 is /dev/nvidia1 here: its order need not be the device nodes'.
     containers.gpus = lambda: [{"index": 0, "minor": 1, "name": "Fake"},
                                {"index": 1, "minor": 0, "name": "Fake"}]
@@ -149,7 +138,7 @@ def test_each_container_gets_only_the_gpus_it_holds_and_its_login_can_use_them(
         try:
             assert (first.gpus, second.gpus) == ([0], [1])
             for lease, node in ((first, "nvidia1"), (second, "nvidia0")):
-                found = client.containers.get(lease.id)
+                found = engine.containers.get(lease.id)
                 devices = {d["PathOnHost"] for d in found.attrs["HostConfig"]["Devices"]}
                 assert devices == {str(dev / node), *driver.controls}
             with pytest.raises(ContainerError) as refused:

@@ -56,6 +56,11 @@ def start_relay(tmp_path: Path, name: str, **env: str) -> LiveServer:
                                               "P2PRC_RELAY_OPEN": "true", **env})
 
 
+def named(relay: LiveServer) -> str:
+    """How a node names ``relay`` in its ``relays`` setting."""
+    return f"{relay.node_id}@127.0.0.1:{relay.port}"
+
+
 def start_behind(tmp_path: Path, name: str, *relays: str, mode: str = "always",
                  **env: str) -> LiveServer:
     return start_server(tmp_path / name, env={"P2PRC_USE_RELAY": mode,
@@ -112,7 +117,7 @@ def test_a_relay_cannot_pose_as_the_node_behind_it(tmp_path: Path,
                                                   servers: list[LiveServer]) -> None:
     relay = start_relay(tmp_path, "relay")
     servers.append(relay)
-    home = start_behind(tmp_path, "home", f"{relay.node_id}@127.0.0.1:{relay.port}")
+    home = start_behind(tmp_path, "home", named(relay))
     servers.append(home)
     # Dialling the relay's address while expecting home's key: the relay's own key answers.
     with pytest.raises(PeerError, match=home.node_id):
@@ -130,11 +135,11 @@ def test_relay_refuses_an_untrusted_node_and_the_node_moves_to_the_next_relay(
     closed = start_relay(tmp_path, "closed", P2PRC_RELAY_OPEN="false")
     open_ = start_relay(tmp_path, "open")
     servers += [closed, open_]
-    home = start_behind(tmp_path, "home", f"{closed.node_id}@127.0.0.1:{closed.port}",
-                        f"{open_.node_id}@127.0.0.1:{open_.port}")
+    home = start_behind(tmp_path, "home", named(closed),
+                        named(open_))
     servers.append(home)
     wait_for(lambda: waits_at(open_, home), what="home moved to the open relay")
-    assert reach_of(home)["relay"] == f"{open_.node_id}@127.0.0.1:{open_.port}"
+    assert reach_of(home)["relay"] == named(open_)
     assert not waits_at(closed, home)
     assert "not trusted" in home.output() or "Not relayed" in home.output()
     with PeerClient([relayed(open_, home)], timeout=10) as client:
@@ -150,8 +155,8 @@ def test_when_its_relay_stops_the_node_moves_to_another(tmp_path: Path,
     first = start_relay(tmp_path, "first")
     second = start_relay(tmp_path, "second")
     servers += [first, second]
-    home = start_behind(tmp_path, "home", f"{first.node_id}@127.0.0.1:{first.port}",
-                        f"{second.node_id}@127.0.0.1:{second.port}")
+    home = start_behind(tmp_path, "home", named(first),
+                        named(second))
     servers.append(home)
     wait_for(lambda: waits_at(first, home), what="home waits at the first relay")
     first.stop()
@@ -159,7 +164,7 @@ def test_when_its_relay_stops_the_node_moves_to_another(tmp_path: Path,
     wait_for(lambda: reach_of(home).get("relay", "").startswith(second.node_id),
              what="home's record names the second relay")
     record = web.get(home.url() + "/v1/node", timeout=5).json()
-    assert record["relays"] == [f"{second.node_id}@127.0.0.1:{second.port}"]
+    assert record["relays"] == [named(second)]
     with PeerClient([relayed(first, home), relayed(second, home)], timeout=10) as client:
         assert client.health()["status"] == "ok"
         assert client.endpoint.relay == second.node_id
@@ -179,7 +184,7 @@ def test_relay_limits_on_nodes_and_connections(tmp_path: Path,
     relay = start_relay(tmp_path, "relay", P2PRC_RELAY_MAX_NODES="1",
                         P2PRC_RELAY_MAX_CONNECTIONS="1")
     servers.append(relay)
-    at = f"{relay.node_id}@127.0.0.1:{relay.port}"
+    at = named(relay)
     home = start_behind(tmp_path, "home", at)
     servers.append(home)
     wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
@@ -220,7 +225,7 @@ def test_dial_back_says_reachable_and_auto_drops_the_relay(tmp_path: Path,
                                                            servers: list[LiveServer]) -> None:
     relay = start_relay(tmp_path, "relay")
     servers.append(relay)
-    home = start_behind(tmp_path, "home", f"{relay.node_id}@127.0.0.1:{relay.port}",
+    home = start_behind(tmp_path, "home", named(relay),
                         mode="auto")
     servers.append(home)
     state = wait_for(lambda: (reach_of(home).get("reachable") or {}).get("checked")
@@ -259,7 +264,7 @@ def test_status_tells_how_the_node_is_reached(tmp_path: Path,
 
     relay = start_relay(tmp_path, "relay")
     servers.append(relay)
-    at = f"{relay.node_id}@127.0.0.1:{relay.port}"
+    at = named(relay)
     home = start_behind(tmp_path, "home", at)
     servers.append(home)
     wait_for(lambda: (reach_of(home).get("reachable") or {}).get("checked"),
@@ -284,7 +289,7 @@ def test_a_restarted_node_is_reached_at_once_not_through_its_old_poll(
         tmp_path: Path, servers: list[LiveServer]) -> None:
     relay = start_relay(tmp_path, "relay")
     servers.append(relay)
-    at = f"{relay.node_id}@127.0.0.1:{relay.port}"
+    at = named(relay)
     home = start_behind(tmp_path, "home", at)
     wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
     home.stop()
@@ -303,7 +308,7 @@ def test_relay_mbit_caps_each_relayed_connection(tmp_path: Path,
                                                  servers: list[LiveServer]) -> None:
     relay = start_relay(tmp_path, "relay", P2PRC_RELAY_MBIT="16")
     servers.append(relay)
-    home = start_behind(tmp_path, "home", f"{relay.node_id}@127.0.0.1:{relay.port}")
+    home = start_behind(tmp_path, "home", named(relay))
     servers.append(home)
     wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
     with PeerClient([relayed(relay, home)], timeout=20) as client:
@@ -463,6 +468,6 @@ def test_markers_of_a_killed_relay_are_cleared_when_it_starts(
     relay = start_relay(tmp_path, "relay", P2PRC_RELAY_MAX_NODES="2")
     servers.append(relay)
     assert not any(stale.glob("w.*"))
-    home = start_behind(tmp_path, "home", f"{relay.node_id}@127.0.0.1:{relay.port}")
+    home = start_behind(tmp_path, "home", named(relay))
     servers.append(home)
     wait_for(lambda: waits_at(relay, home), what="a node waits: the relay is not 'full'")

@@ -6,16 +6,13 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import P2PRC, LiveServer, require, start_server
-from p2prc_core.identity import NodeIdentity
+from conftest import P2PRC, LiveServer, require
 from p2prc_core.tasks import BundleError, Playbooks, load_bundle, parse_variables
-from p2prc_core.trust import TrustStore
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib" / "playbooks"
@@ -111,27 +108,11 @@ def on_containers(test: Any) -> Any:
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> Iterator[LiveServer]:
-    import docker
-
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-        client.images.get("p2prc/base:latest")
-    except docker.errors.DockerException as err:
-        require(False, f"no Docker engine or base image ({err}): scripts/docker-engine")
+def host(friend: LiveServer) -> LiveServer:
+    """A real server that trusts tmp_path/'me' (conftest's friend), where Ansible runs."""
     require(shutil.which("ansible-playbook") is not None or
             Path(P2PRC).with_name("ansible-playbook").exists(), "ansible-playbook is missing")
-    me = NodeIdentity.load_or_create(tmp_path / "me")
-    TrustStore(tmp_path / "host").add(me.node_id)
-    server = start_server(tmp_path / "host")
-    node_id = NodeIdentity.load_or_create(tmp_path / "host").node_id
-    try:
-        yield server
-    finally:
-        server.stop()  # then remove what this server started (other runs may share the engine)
-        for c in client.containers.list(all=True, filters={"label": f"org.p2prc.node={node_id}"}):
-            c.remove(force=True)
+    return friend
 
 
 def touch(tmp_path: Path, host: LiveServer, ports: int) -> dict[str, Any]:

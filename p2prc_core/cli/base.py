@@ -255,16 +255,6 @@ duration_option = _parsed_by(parse_duration)  # 90s, 30m, 2h, 7d
 gpu_option = _parsed_by(parse_gpu_text)  # all, 2, 0,1, device=1
 
 
-def format_ago(now: float, stamp: float | None) -> str:
-    if not stamp:
-        return "never"
-    seconds = max(0, int(now - stamp))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
-
-
 def transfer_progress() -> Progress:
     return Progress(TextColumn("{task.description:>8}"), BarColumn(), DownloadColumn(),
                     TransferSpeedColumn(), console=err_console, transient=True)

@@ -12,7 +12,6 @@ from rich.progress import BarColumn, Progress, TextColumn
 from p2prc_core.cli.base import (
     ListingGroup,
     Node,
-    format_ago,
     json_option,
     main,
     pass_node,
@@ -22,7 +21,14 @@ from p2prc_core.cli.base import (
 )
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import LOCAL_NAME, looks_like_address
-from p2prc_core.output import err_console, human_bytes, print_json, print_table, two_places
+from p2prc_core.output import (
+    err_console,
+    format_ago,
+    human_bytes,
+    print_json,
+    print_table,
+    two_places,
+)
 
 if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
     pass
@@ -101,7 +107,7 @@ def peers_ls(node: Node, with_gpu: bool = False, as_json: bool = False) -> None:
                 [(r["name"], r["node_id"], _shown_path(r["address"]),
                   f"{r['latency_ms']:.1f} ms" if r["latency_ms"] is not None else "-",
                   f"{r['bandwidth_mbps']:,.0f} Mbit/s" if r["bandwidth_mbps"] else "-",
-                  format_ago(now, r["last_seen"]) + (f" ({r['failures']} failed)"
+                  format_ago(r["last_seen"], now) + (f" ({r['failures']} failed)"
                                                if r["failures"] else ""),
                   _gpus_shown(r["gpus"], r["gpus_free"])) for r in rows])
 

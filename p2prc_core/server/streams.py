@@ -135,7 +135,17 @@ class RelayWaitResource:
         resp.media = {"token": token}
 
 
-class RelayAcceptResource:
+class _RelayStream:
+    """What the relay's two stream routes are built from: the settings that say whether this
+    node relays, the hub where nodes wait, and the budget of streams held at once."""
+
+    def __init__(self, settings: Settings, hub: RelayHub, held: Held):
+        self.settings = settings
+        self.hub = hub
+        self.held = held
+
+
+class RelayAcceptResource(_RelayStream):
     """``POST /v1/relay/accept?token=T``: the waiting node takes the client it was told of."""
 
     AUTH = {"post": "signed"}
@@ -151,11 +161,6 @@ class RelayAcceptResource:
                       "501": {"description": "this server cannot switch to a stream"}},
     }}
 
-    def __init__(self, settings: Settings, hub: RelayHub, held: Held):
-        self.settings = settings
-        self.hub = hub
-        self.held = held
-
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         _relaying(self.settings)
         wants_upgrade(req)
@@ -165,7 +170,7 @@ class RelayAcceptResource:
         switch(req, resp, lambda sock: _join(sock, client, TUNNEL_IDLE_SECONDS), release)
 
 
-class RelayConnectResource:
+class RelayConnectResource(_RelayStream):
     """``POST /v1/relay/connect?node=ID``: a stream to a node that waits here. Open to any
     caller: what it carries is TLS to that node, which the node checks."""
 
@@ -182,11 +187,6 @@ class RelayConnectResource:
                                              "may"},
                       "504": {"description": "the node did not come to accept"}},
     }}
-
-    def __init__(self, settings: Settings, hub: RelayHub, held: Held):
-        self.settings = settings
-        self.hub = hub
-        self.held = held
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         _relaying(self.settings)

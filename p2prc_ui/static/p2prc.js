@@ -3,9 +3,9 @@
 "use strict";
 (function () {
   // A region marked data-live="N" is fetched again every N seconds (the same page, parsed
-  // here), unless the tab is hidden or a field inside it has the focus.
-  const regions = document.querySelectorAll("[data-live]");
-  async function refresh(region) {
+  // here), unless the tab is hidden or a field inside it has the focus. A fresh copy without
+  // data-live (an update that finished) ends its polling.
+  async function refresh(region, timer) {
     if (document.hidden || region.contains(document.activeElement)) return;
     try {
       const reply = await fetch(location.href, {credentials: "same-origin",
@@ -13,26 +13,17 @@
       if (!reply.ok) return;
       const page = new DOMParser().parseFromString(await reply.text(), "text/html");
       const fresh = page.getElementById(region.id);
-      if (fresh && fresh.innerHTML !== region.innerHTML) {
+      if (!fresh) return;
+      if (fresh.innerHTML !== region.innerHTML) {
         region.innerHTML = fresh.innerHTML;
         region.dispatchEvent(new CustomEvent("p2prc:updated", {bubbles: true}));
       }
+      if (!fresh.hasAttribute("data-live")) clearInterval(timer);
     } catch (err) { /* the next tick tries again */ }
   }
-  regions.forEach(function (region) {
+  document.querySelectorAll("[data-live]").forEach(function (region) {
     const seconds = Math.max(1, parseInt(region.dataset.live, 10) || 5);
-    setInterval(function () { refresh(region); }, seconds * 1000);
-  });
-  document.addEventListener("click", function (event) {
-    const button = event.target.closest("button.copy");
-    if (!button) return;
-    const source = document.querySelector(button.dataset.copy);
-    if (!source) return;
-    const text = source.value !== undefined ? source.value : source.textContent;
-    navigator.clipboard.writeText(text.trim()).then(function () {
-      button.textContent = "Copied";
-      setTimeout(function () { button.textContent = "Copy"; }, 1500);
-    });
+    const timer = setInterval(function () { refresh(region, timer); }, seconds * 1000);
   });
   // Copy buttons work only with this script: shown by it.
   function showCopies() {
