@@ -5,6 +5,12 @@ A ``Channel`` knows the peer's address, the node id expected there (``None`` on 
 contact, when the id presented is taken and reported to ``on_contact``), and whether the
 network runs TLS (the default) or plain HTTP (``transport = "http"``, a lab). Every new
 connection is checked right after its handshake, before a byte of a request is sent.
+
+A request has one absolute deadline (``within``): read timeouts alone restart with every
+byte, so a peer that drips its answer a byte every few seconds would hold a client for ever.
+Inside ``within``, every connection a channel opens in this thread, and every read and write
+on one, waits at most what is left of the deadline; when nothing is left, the request fails
+with one clear ``PeerError``.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar, cast
 
 import httpcore
@@ -22,7 +30,9 @@ import httpx
 
 from p2prc_core import tls
 from p2prc_core.errors import PeerError, unreachable
+from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
+from p2prc_core.signing import sign_request
 from p2prc_core.upgrades import upgrade_sync
 
 # The endpoint, the node id it presented, and the IP address actually connected to.
@@ -36,7 +46,7 @@ class Channel:
     did is used for every later connection."""
 
     def __init__(self, endpoints: Endpoint | list[Endpoint], secure: bool = True,
-                 on_contact: Contact | None = None):
+                 on_contact: Contact | None = None, identity: NodeIdentity | None = None):
         self.candidates = [endpoints] if isinstance(endpoints, Endpoint) else list(endpoints)
         if not self.candidates:
             raise PeerError("no address to dial")
@@ -44,6 +54,7 @@ class Channel:
         self.secure = secure
         self.node_id = self.endpoint.node_id  # expected; on first contact, the one presented
         self.on_contact = on_contact
+        self.identity = identity  # signs what a relay is asked (see ``relayed``)
 
     def dial(self, open_one: Callable[[Endpoint, float], T], timeout: float) -> T:
         """Open a connection, happy-eyeballs style (RFC 8305): to the endpoint that answered
@@ -138,7 +149,7 @@ class Channel:
         """A new connection, TLS checked (for the speed test's plain socket)."""
         def open_one(endpoint: Endpoint, wait: float) -> Any:
             if endpoint.relay:
-                return relayed(endpoint, wait, self.secure)
+                return relayed(endpoint, wait, self.secure, self.identity)
             return socket.create_connection((endpoint.host, endpoint.port), timeout=wait)
 
         sock = self.dial(open_one, timeout)
@@ -190,16 +201,85 @@ def handshake_failed(where: object, err: BaseException, timeout: float | None) -
     return unreachable(where, err, timeout)
 
 
+class Deadline:
+    """The instant by which a whole request must be done: connection, head and body."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.ends = time.monotonic() + seconds
+        self.received = 0  # bytes of answers read so far
+
+    def left(self) -> float:
+        return self.ends - time.monotonic()
+
+    def run(self, step: Callable[[float], T], timeout: float | None, where: object) -> T:
+        """``step(wait)``, ``wait`` the shorter of ``timeout`` and what is left; a timeout
+        of the step when what was left was the shorter is this deadline's error.
+
+        :raises PeerError: nothing is left (``expired``).
+        """
+        left = self.left()
+        if left <= 0:
+            raise self.expired(where)
+        if timeout is not None and timeout < left:
+            return step(timeout)
+        try:
+            return step(left)
+        except (httpcore.TimeoutException, TimeoutError):
+            raise self.expired(where) from None
+
+    def expired(self, where: object) -> PeerError:
+        """The one-line error of a request to ``where`` whose time ran out."""
+        seconds = f"{round(self.seconds, 1):g} s"
+        if not self.received:
+            return PeerError(f"{where} did not answer within {seconds}")
+        return PeerError(f"{where} did not finish its answer within {seconds} (it sent it too "
+                         f"slowly): {self.received} bytes came in that time")
+
+
+_DEADLINE: ContextVar[Deadline | None] = ContextVar("p2prc_request_deadline", default=None)
+
+
+@contextmanager
+def within(seconds: float) -> Iterator[Deadline]:
+    """Every connection a channel opens in this thread inside the block, and every read and
+    write on one, ends ``seconds`` from now (or by an enclosing deadline, if that is
+    earlier): one deadline for a whole request, however slowly the peer answers."""
+    outer = _DEADLINE.get()
+    deadline = Deadline(seconds)
+    if outer is not None and outer.ends < deadline.ends:
+        deadline = outer
+    token = _DEADLINE.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _bounded(step: Callable[[float | None], T], timeout: float | None, where: object) -> T:
+    """``step`` within the deadline of the request in progress, if there is one."""
+    deadline = _DEADLINE.get()
+    return step(timeout) if deadline is None else deadline.run(step, timeout, where)
+
+
 class _CheckingStream(httpcore.NetworkStream):
+    """A connection to the peer: checked after its TLS handshake, and every read and write
+    (the handshake too) within the deadline of the request in progress (``within``)."""
+
     def __init__(self, inner: httpcore.NetworkStream, channel: Channel):
         self._inner = inner
         self._channel = channel
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, timeout)
+        data = _bounded(lambda wait: self._inner.read(max_bytes, wait), timeout,
+                        self._channel.endpoint)
+        deadline = _DEADLINE.get()
+        if deadline is not None:
+            deadline.received += len(data)
+        return data
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, timeout)
+        _bounded(lambda wait: self._inner.write(buffer, wait), timeout, self._channel.endpoint)
 
     def close(self) -> None:
         self._inner.close()
@@ -210,11 +290,16 @@ class _CheckingStream(httpcore.NetworkStream):
     def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore.NetworkStream:
         try:
-            stream = self._inner.start_tls(ssl_context, server_hostname, timeout)
+            stream = _bounded(lambda wait: self._inner.start_tls(ssl_context, server_hostname,
+                                                                 wait),
+                              timeout, self._channel.endpoint)
         except httpcore.ConnectError as err:
             self._inner.close()
             cause = err.__cause__ if isinstance(err.__cause__, ssl.SSLError) else err
             raise handshake_failed(self._channel.endpoint, cause, timeout) from None
+        except PeerError:
+            self._inner.close()
+            raise
         address = stream.get_extra_info("server_addr")
         try:
             self._channel.check(stream.get_extra_info("ssl_object"),
@@ -222,7 +307,7 @@ class _CheckingStream(httpcore.NetworkStream):
         except BaseException:
             stream.close()
             raise
-        return stream
+        return _CheckingStream(stream, self._channel)  # its reads keep to the deadline too
 
 
 class _ChannelBackend(httpcore.NetworkBackend):
@@ -238,11 +323,12 @@ class _ChannelBackend(httpcore.NetworkBackend):
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
         def open_one(endpoint: Endpoint, wait: float) -> httpcore.NetworkStream:
             if endpoint.relay:
-                return relayed(endpoint, wait, self._channel.secure)
+                return relayed(endpoint, wait, self._channel.secure, self._channel.identity)
             return self._inner.connect_tcp(endpoint.host, endpoint.port, wait, local_address,
                                            socket_options)
 
-        stream = self._channel.dial(open_one, timeout if timeout is not None else 10.0)
+        stream = _bounded(lambda wait: self._channel.dial(
+            open_one, wait if wait is not None else 10.0), timeout, self._channel.endpoint)
         return _CheckingStream(stream, self._channel)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
@@ -254,16 +340,24 @@ class _ChannelBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def relayed(endpoint: Endpoint, timeout: float, secure: bool = True) -> httpcore.NetworkStream:
+def relayed(endpoint: Endpoint, timeout: float, secure: bool = True,
+            identity: NodeIdentity | None = None) -> httpcore.NetworkStream:
     """A stream to ``endpoint.node_id`` through the relay at ``endpoint`` (whose own key is
     checked first): the relay joins it to the node's waiting connection. What goes over it
     next is TLS to the node itself, which the relay cannot read.
 
+    The connect is signed by ``identity`` (the relay bounds the streams of one key, and of
+    one network); a caller without one (a script) signs with a key made for this stream, a
+    stranger to the relay.
+
     :raises PeerError: the relay cannot be reached or is another node; PeerRefused: it
-        refused (the node does not wait there, or it is full).
+        refused (the node does not wait there, it is full, or the caller holds its most).
     """
     relay = Endpoint(endpoint.host, endpoint.port, endpoint.relay)
     where = f"relay {relay}"
+    path, query = "/v1/relay/connect", f"node={endpoint.node_id}"
+    signed = sign_request(identity or NodeIdentity.generate(), "POST", path, query, b"",
+                          endpoint.relay or "")
     try:
         stream = httpcore.SyncBackend().connect_tcp(endpoint.host, endpoint.port, timeout)
     except (httpcore.ConnectError, httpcore.ConnectTimeout) as err:
@@ -279,8 +373,7 @@ def relayed(endpoint: Endpoint, timeout: float, secure: bool = True) -> httpcore
         try:
             leftover = upgrade_sync(lambda: stream.read(65536, timeout),
                                     lambda data: stream.write(data, timeout), where,
-                                    f"/v1/relay/connect?node={endpoint.node_id}",
-                                    relay.address, timeout=timeout)
+                                    f"{path}?{query}", relay.address, signed, timeout=timeout)
         except (httpcore.NetworkError, httpcore.TimeoutException) as err:
             raise unreachable(where, err, timeout) from None
         if leftover:

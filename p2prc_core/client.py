@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,7 @@ from urllib.parse import urlencode
 import httpx
 
 from p2prc_core import transfer
-from p2prc_core.channel import Channel, Contact
+from p2prc_core.channel import Channel, Contact, within
 from p2prc_core.errors import PeerError, PeerRefused, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import CONTAINER_ID, Endpoint, loads_strict
@@ -55,7 +54,7 @@ class PeerClient:
                  identity: NodeIdentity | None = None, secure: bool = True,
                  on_contact: Contact | None = None):
         self.identity = identity
-        self.channel = Channel(endpoint, secure, on_contact)
+        self.channel = Channel(endpoint, secure, on_contact, identity)
         self._timeout = timeout
         self._http = self.channel.http(timeout)
 
@@ -234,10 +233,10 @@ class PeerClient:
 
     def _fetch(self, method: str, target: str, body: bytes, headers: dict[str, str],
                timeout: float) -> httpx.Response:
-        """One request, its answer read whole within twice ``timeout`` from the start and
-        at most MAX_REPLY bytes: a peer that trickles or floods an answer is cut off."""
-        deadline = time.monotonic() + 2 * timeout
-        with self._guard():
+        """One request, done whole (connection, head and body) within ``timeout`` from the
+        start and at most MAX_REPLY bytes: a peer that drips or floods an answer is cut
+        off (``channel.within``)."""
+        with self._guard(timeout), within(timeout):
             with self._http.stream(method, target, content=body, headers=headers,
                                    timeout=timeout) as resp:
                 data = bytearray()
@@ -246,9 +245,6 @@ class PeerClient:
                     if len(data) > MAX_REPLY:
                         raise PeerError(f"{self.endpoint} sent an answer over {MAX_REPLY} "
                                         f"bytes")
-                    if time.monotonic() > deadline:
-                        raise PeerError(f"{self.endpoint} did not finish its answer within "
-                                        f"{2 * timeout:g} s")
         resp._content = bytes(data)  # read here, within the limits, for resp.content
         return resp
 
@@ -282,8 +278,8 @@ class PeerClient:
         raise PeerRefused(f"{self.endpoint} refused ({resp.status_code}): {detail}",
                           resp.status_code)
 
-    def _guard(self) -> _Guard:
-        return _Guard(self.endpoint, self._http.timeout.read)
+    def _guard(self, timeout: float) -> _Guard:
+        return _Guard(self.endpoint, timeout)
 
 
 class _Guard:

@@ -37,9 +37,16 @@ class Settings:
     port: int = _setting(DEFAULT_PORT, "TCP port of the peer server", min=1, max=65535)
     workers: int = _setting(2, "gunicorn worker processes", min=1, max=64)
     threads: int = _setting(8, "threads per worker (two are kept for ordinary requests: "
-                            "streams and relay polls take the rest)", min=3, max=256)
+                            "tunnels into containers take the rest; a relay has threads of "
+                            "its own on top)", min=3, max=256)
     timeout: int = _setting(60, "seconds a request may take before its worker is restarted",
                             min=1, max=3600)
+    request_head_seconds: float = _setting(10.0, "seconds a connection has to send a request "
+                                           "head (TLS handshake included) and a small body",
+                                           min=1)
+    connections_per_source: int = _setting(32, "connections one address (an IPv6 /64) may "
+                                           "hold to each worker at once (loopback: no limit)",
+                                           min=1)
     log_level: str = _setting("info", "one of debug, info, warning, error",
                               choices=("debug", "info", "warning", "error"))
     access_log: bool = _setting(True, "log one line per request")
@@ -107,6 +114,25 @@ class Settings:
                                           min=1)
     relay_mbit: float = _setting(0.0, "bandwidth cap of one relayed connection, each way, in "
                                  "Mbit/s (0: none)", min=0)
+    relay_poll_threads: int = _setting(12, "a relay's threads per worker, on top of 'threads', "
+                                       "for the polls of waiting nodes; nodes it does not "
+                                       "trust get at most half", min=2, max=1024)
+    relay_stream_threads: int = _setting(32, "a relay's threads per worker, on top of "
+                                         "'threads', for relayed streams: half for the "
+                                         "clients' ends, half for the nodes' (each stream "
+                                         "takes one of each); the streams to one node get at "
+                                         "most half", min=2, max=1024)
+    relay_streams_per_key: int = _setting(3, "relayed streams one client key may hold at once, "
+                                          "in each worker", min=1)
+    relay_streams_per_network: int = _setting(4, "relayed streams one source network (an IPv4 "
+                                              "/24 or IPv6 /64) may hold at once, in each "
+                                              "worker", min=1)
+    relay_polls_per_network: int = _setting(4, "polls of nodes the relay does not trust that "
+                                            "one source network may hold at once, in each "
+                                            "worker", min=1)
+    relay_idle_seconds: int = _setting(300, "a relayed stream with no byte either way for this "
+                                       "long is closed (ssh through a relay sends keepalives)",
+                                       min=1, unit="duration")
     backend: str = _setting("docker", "virtualization backend that runs containers")
     container_images: list[str] = _setting(["p2prc/base:latest"], "images callers may ask for; "
                                            "the first is the default")
@@ -119,15 +145,38 @@ class Settings:
     container_pids: int = _setting(512, "most processes in one container", min=16)
     container_max_ports: int = _setting(8, "most extra TCP ports one container may ask for",
                                         min=0)
+    publish_ports: str = _setting("loopback", "'loopback': containers' ports are published on "
+                                  "this host's loopback only and reached through the tunnel "
+                                  "(p2prc ssh, forward, run); 'all': also on every address of "
+                                  "this host, open to anyone on its networks",
+                                  choices=("loopback", "all"))
+    container_disk: int = _setting(10 << 30, "most disk (bytes) a container may write: its "
+                                   "writable layer where the engine's storage can limit it, "
+                                   "else a read-only root with this much writable space", min=0,
+                                   unit="size")
+    container_log_bytes: int = _setting(10 << 20, "most bytes the engine keeps of a "
+                                        "container's output (its log)", min=1 << 20,
+                                        unit="size")
+    min_free_disk: int = _setting(2 << 30, "creates are refused while the engine's disk has "
+                                  "less free than this (bytes)", min=0, unit="size")
+    containers_reach_lan: bool = _setting(True, "let containers open connections to this "
+                                          "host's networks (private addresses); cloud metadata "
+                                          "services are refused either way")
     containers_per_caller: int = _setting(4, "containers one caller may hold at once", min=1)
     gpu_share: bool = _setting(False, "let several containers hold one GPU at once (else each "
                                "GPU has one holder)")
+    gpus_per_caller: int = _setting(1, "GPUs one caller may hold at once, all its containers "
+                                    "together (0: no limit)", min=0)
     container_default_ttl: int = _setting(86400, "seconds a container lives unless it asks",
                                           min=60, unit="duration")
     container_max_ttl: int = _setting(7 * 86400, "most seconds a container may live", min=60,
                                       unit="duration")
-    reap_seconds: float = _setting(10.0, "how often the server looks for expired containers",
-                                   min=0.5)
+    reap_seconds: float = _setting(10.0, "how often the server looks for expired or stopped "
+                                   "containers", min=0.5)
+    container_exited_grace: int = _setting(300, "seconds a stopped container (its main process "
+                                           "ended, or was killed for memory) keeps its ports, "
+                                           "GPUs and place before it is removed", min=0,
+                                           unit="duration")
     port_range: str = _setting("42000-42999", "host ports the server maps containers' ports to",
                                check=lambda text: parse_port_range(text))
     ssh_key: str = _setting("", "the SSH key p2prc logs in with (default: made on first use in "

@@ -16,8 +16,9 @@ from typing import Any, Protocol
 
 import httpx
 
-from p2prc_core.channel import Channel
+from p2prc_core.channel import Channel, within
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal, unreachable
+from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Address, Endpoint, loads_strict, parse_endpoint
 from p2prc_core.node import dial_endpoints
 from p2prc_core.peertable import TOKEN_CHARS, PeerEntry, PeerTable, TableState, record_token
@@ -58,18 +59,23 @@ class HttpTransport:
     """The real thing: one connection per peer (one TLS handshake, the peer's key checked
     against its node id) for the exchange and the latency probes."""
 
-    def __init__(self, timeout: float, max_bytes: int, secure: bool = True):
+    def __init__(self, timeout: float, max_bytes: int, secure: bool = True,
+                 identity: NodeIdentity | None = None):
         self.timeout = timeout
         self.max_bytes = max_bytes
         self.secure = secure
+        self.identity = identity  # signs a relay's connect, for a peer reached through one
 
     def call(self, endpoint: Endpoint, body: bytes, probes: int,
              timeout: float | None = None) -> tuple[bytes, float | None]:
+        """The whole call (connection, exchange, probes) ends within ``timeout`` or the
+        transport's own, whichever is shorter, however slowly the peer answers
+        (``channel.within``)."""
         where = str(endpoint)
         wait = min(self.timeout, timeout) if timeout is not None else self.timeout
-        give_up = time.monotonic() + wait
         try:
-            with Channel(endpoint, self.secure).http(wait) as http:
+            channel = Channel(endpoint, self.secure, identity=self.identity)
+            with within(wait) as deadline, channel.http(wait) as http:
                 with http.stream("POST", "/v1/peers", content=body,
                                  headers={"Content-Type": "application/json"}) as resp:
                     data = bytearray()
@@ -78,15 +84,12 @@ class HttpTransport:
                         if len(data) > self.max_bytes:
                             raise PeerRefused(f"{where} sent a table over {self.max_bytes} "
                                               f"bytes", 0)
-                        if time.monotonic() > give_up:
-                            raise PeerError(f"{where} did not finish its answer within "
-                                            f"{wait:g} s")
                 if resp.status_code != 200:
                     raise PeerRefused(f"{where} answered the exchange with HTTP "
                                       f"{resp.status_code}", resp.status_code)
                 rtts = []
                 for _ in range(probes):  # the connection is open: these are round trips
-                    if time.monotonic() >= give_up:
+                    if deadline.left() <= 0:
                         break
                     started = time.perf_counter()
                     http.get("/v1/health")

@@ -15,15 +15,16 @@ from pathlib import Path
 from p2prc_core.storage import SharedDB
 
 
-def source_prefix(remote: str | None) -> str:
-    """The prefix a client address counts under: its /24 (IPv4) or /48 (IPv6)."""
+def source_prefix(remote: str | None, ipv6_bits: int = 48) -> str:
+    """The prefix a client address counts under: its /24 (IPv4) or /48 (IPv6; another
+    size with ``ipv6_bits``)."""
     try:
         ip = ipaddress.ip_address((remote or "").split("%", 1)[0])
     except ValueError:
         return "unknown"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    prefix = 24 if ip.version == 4 else 48  # a customer often holds a /48 (or a /56)
+    prefix = 24 if ip.version == 4 else ipv6_bits  # a customer often holds a /48
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 

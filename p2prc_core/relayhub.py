@@ -55,16 +55,17 @@ class RelayHub:
 
     def wait(self, node_id: str, seconds: float = WAIT_SECONDS,
              alive: Callable[[], bool] = lambda: True,
-             gone: Callable[[], bool] = lambda: False) -> str | None:
+             gone: Callable[[], bool] = lambda: False, trusted: bool = False) -> str | None:
         """Wait for a client for ``node_id``; the token for its ``accept``, or None. Ends
         at once when ``gone()`` says the node's poll went away (it restarted, say), so no
-        client is handed to a poll nobody reads."""
+        client is handed to a poll nobody reads. A node the relay's owner trusts may wait
+        beyond ``max_nodes``: strangers' keys (free to make) cannot fill the relay for it."""
         self.dir.mkdir(exist_ok=True)
         if len(list(self.dir.glob(f"w.{node_id}.*"))) >= WAITS_PER_NODE:
             raise RelayRefusal(f"Node {node_id} already waits here {WAITS_PER_NODE} times: "
                                f"one poll at a time.", 429, "Already waiting")
         waiting = self.waiting_nodes()
-        if node_id not in waiting and len(waiting) >= self.max_nodes:
+        if not trusted and node_id not in waiting and len(waiting) >= self.max_nodes:
             raise RelayRefusal(f"This relay holds {len(waiting)} nodes, its limit: try "
                                f"another relay.", 503, "Relay full")
         name = secrets.token_hex(8)

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -242,7 +242,8 @@ class NodeServices:
 
         s = self.settings
         discovery = Discovery(self.table, self.hooks,
-                              HttpTransport(s.request_timeout, s.max_table_bytes, self.secure),
+                              HttpTransport(s.request_timeout, s.max_table_bytes, self.secure,
+                                            self.identity),
                               self.own_record,
                               concurrency=s.update_concurrency, probes=s.latency_probes,
                               max_failures=s.peer_max_failures,
@@ -376,12 +377,14 @@ class NodeServices:
                  if e.measured.address and e.measured.address in (endpoint.path, *also)}
         return found.pop() if len(found) == 1 else None
 
-    def _contact(self, endpoint: Endpoint, presented: str, peer_ip: str | None) -> None:
+    def _contact(self, endpoint: Endpoint, presented: str, peer_ip: str | None,
+                 pin: bool = True) -> None:
         """A TLS channel opened. On first contact at ``endpoint`` (however its address was
         written, and whatever name it was dialled by), refuse a node other than the one
         pinned at the IP address actually reached; otherwise pin the node that answered and
         say so. Pins change only there, or where the user named the node (NODE_ID@, an
         invite); a peer reached through the table never moves another node's pin.
+        ``pin=False``: check the same, pin nothing (a read).
 
         :raises NodeMismatch: another node is pinned at the address reached.
         """
@@ -393,7 +396,7 @@ class NodeServices:
         pinned = self.pinned(endpoint, *keys[1:])
         if endpoint.node_id is None and pinned is not None and pinned != presented:
             raise NodeMismatch(endpoint, pinned, presented)
-        if pinned == presented or presented == self.identity.node_id:
+        if not pin or pinned == presented or presented == self.identity.node_id:
             return
         self.table.pin(list(dict.fromkeys(keys)), presented)
         if endpoint.node_id is None:
@@ -402,15 +405,18 @@ class NodeServices:
         elif pinned is not None:
             self.notice(f"{endpoint} is now pinned to node {presented} (was {pinned})")
 
-    def client(self, peer: str | Endpoint | list[Endpoint]) -> PeerClient:
+    def client(self, peer: str | Endpoint | list[Endpoint], pin: bool = True) -> PeerClient:
         """A client for PEER (or for the paths given) over a checked channel, signing with
-        this node's key."""
+        this node's key. ``pin=False`` for a read that must change nothing (the dashboard's
+        pages): a node other than the one pinned is refused all the same, and a first
+        contact pins nothing."""
         from p2prc_core.client import PeerClient
 
         paths = peer if isinstance(peer, list) else self.resolve(peer)
+        contact = partial(self._contact, pin=pin)
         return PeerClient(paths, timeout=self.settings.request_timeout,
                           identity=self.identity, secure=self.secure,
-                          on_contact=self._contact if self.secure else None)
+                          on_contact=contact if self.secure else None)
 
     def fetch_record(self, endpoint: Endpoint) -> dict[str, Any]:
         """The verified record of the node at ``endpoint``."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +79,34 @@ def server_files(home: Path, identity: NodeIdentity) -> tuple[Path, Path]:
 class _TimedSocket(ssl.SSLSocket):
     """An accepted TLS connection that keeps its timeout: gunicorn's gthread worker calls
     ``setblocking(True)`` before each request on a kept-alive connection, which would
-    otherwise clear it and let a client that stops half-way hold a thread for ever."""
+    otherwise clear it and let a client that stops half-way hold a thread for ever. With a
+    ``deadline`` (the server's front sets one for each request it hands to a thread), each
+    read waits only for what is left of it: a client that drips its body a byte at a time
+    is cut off at the deadline, not after a timeout per byte."""
 
     socket_timeout = 30.0
+    deadline: float | None = None
 
     def setblocking(self, flag: bool) -> None:
         super().setblocking(flag)
         if flag:
             self.settimeout(self.socket_timeout)
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        if self.deadline is not None:
+            self.settimeout(time_left(self.deadline, self.socket_timeout))
+        return super().read(len, buffer)
+
+
+def time_left(deadline: float, most: float) -> float:
+    """Seconds until ``deadline``, at most ``most``.
+
+    :raises TimeoutError: the deadline has passed.
+    """
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the request did not arrive in time")
+    return min(most, left)
 
 
 class _ServerContext(ssl.SSLContext):

@@ -44,15 +44,24 @@ def _request_head(method: str, endpoint: Endpoint, target: str, length: int | No
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
-def _read_head(sock: socket.socket, endpoint: Endpoint) -> _Response:
+def _read_head(sock: socket.socket, endpoint: Endpoint, timeout: float) -> _Response:
+    """The answer's head, whole within ``timeout`` (a peer may drip it a byte at a time:
+    each read waits only for what is left); the socket keeps ``timeout`` per read after."""
+    deadline = time.monotonic() + timeout
     data = b""
     while b"\r\n\r\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerError(f"{endpoint} did not finish its answer within {timeout:g} s (it "
+                            f"sent it too slowly)")
+        sock.settimeout(min(timeout, left))
         block = sock.recv(_MAX_HEAD)
         if not block:
             raise PeerError(f"{endpoint} closed the connection without an answer")
         data += block
         if len(data) > _MAX_HEAD and b"\r\n\r\n" not in data:
             raise PeerError(f"{endpoint} sent an oversized header: not a p2prc node?")
+    sock.settimeout(timeout)
     head, _, leftover = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
@@ -99,7 +108,7 @@ def download(channel: Channel, size: int, timeout: float,
         try:
             sock.sendall(_request_head("GET", endpoint, f"/v1/speedtest/download?bytes={size}",
                                        None))
-            response = _read_head(sock, endpoint)
+            response = _read_head(sock, endpoint, timeout)
             if response.status != 200:
                 raise _fail(endpoint, response, sock)
             if int(response.headers.get("content-length", -1)) != size:
@@ -143,7 +152,7 @@ def upload(channel: Channel, size: int, timeout: float,
                 left -= len(piece)
                 if progress:
                     progress(len(piece))
-            response = _read_head(sock, endpoint)
+            response = _read_head(sock, endpoint, timeout)
             if response.status != 200:
                 raise _fail(endpoint, response, sock)
             body = _read_small_body(sock, response)

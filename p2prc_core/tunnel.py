@@ -75,9 +75,12 @@ async def _open_one(endpoint: Endpoint, identity: NodeIdentity, path: str, query
             where = f"relay {endpoint.address}"
             if secure:
                 tls.check_peer(writer.get_extra_info("ssl_object"), endpoint.relay, where)
+            relay_query = f"node={endpoint.node_id}"
+            signed = sign_request(identity, "POST", "/v1/relay/connect", relay_query, b"",
+                                  endpoint.relay)
             leftover = await upgrade_async(reader, writer, where,
-                                           f"/v1/relay/connect?node={endpoint.node_id}",
-                                           endpoint.address, timeout=timeout)
+                                           f"/v1/relay/connect?{relay_query}",
+                                           endpoint.address, signed, timeout)
             if leftover:
                 raise PeerError(f"{where} sent bytes the host could not have sent yet")
             if secure:
@@ -251,7 +254,8 @@ def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
     known.write_text(f"{alias} {entry.host_key}\n"
                      + known_hosts_line(entry.host, entry.ssh_port, entry.host_key))
     if tunnel:
-        return ["ssh", *common, "-o", f"HostKeyAlias={alias}",
+        # Keepalives: a relay on the way closes a stream idle for relay_idle_seconds.
+        return ["ssh", *common, "-o", f"HostKeyAlias={alias}", "-o", "ServerAliveInterval=60",
                 "-o", "ProxyCommand=" + helper_command(
                     home, entry.id, 22, paths or [entry.host_endpoint], timeout, secure),
                 f"root@{alias}"]

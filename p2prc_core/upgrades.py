@@ -98,15 +98,21 @@ async def upgrade_async(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     await writer.drain()
     # h11 pulls; asyncio pushes: read the head here (an answer is small), then let h11 parse.
     buffered = bytearray()
-    while True:
-        chunk = await asyncio.wait_for(reader.read(65536), timeout)
-        buffered += chunk
-        if not chunk or b"\r\n\r\n" in buffered:
-            head_end = buffered.find(b"\r\n\r\n")
-            if head_end >= 0 and buffered.startswith(b"HTTP/1.1 101"):
-                break
-            if not chunk or len(buffered) > _MAX_ANSWER or _complete(bytes(buffered)):
-                break
+    try:
+        async with asyncio.timeout(timeout):  # the whole answer: a peer may drip it
+            while True:
+                chunk = await reader.read(65536)
+                buffered += chunk
+                if not chunk or b"\r\n\r\n" in buffered:
+                    head_end = buffered.find(b"\r\n\r\n")
+                    if head_end >= 0 and buffered.startswith(b"HTTP/1.1 101"):
+                        break
+                    if not chunk or len(buffered) > _MAX_ANSWER or \
+                            _complete(bytes(buffered)):
+                        break
+    except TimeoutError:
+        raise PeerError(f"{where} did not finish its answer within {timeout:g} s (it sent "
+                        f"it too slowly, or not at all)") from None
     pending = [bytes(buffered)]
 
     def feed() -> bytes:

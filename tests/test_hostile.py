@@ -467,7 +467,7 @@ def test_a_peer_that_trickles_or_answers_oddly_is_cut_off_in_time(tmp_path: Path
         result = subprocess.run([P2PRC, "specs", peer], capture_output=True, text=True,
                                 timeout=60, env={**os.environ, "P2PRC_HOME": str(tmp_path / "me"),
                                                  "P2PRC_REQUEST_TIMEOUT": "1"})
-        assert result.returncode == 1 and "did not finish its answer within 2 s" in \
+        assert result.returncode == 1 and "did not finish its answer within 1 s" in \
             result.stderr
         assert time.monotonic() - started < 10
         upload = p2prc(tmp_path / "me", "speedtest", peer, "--bytes", "10k")
@@ -575,14 +575,19 @@ def test_hostile_relay_requests_are_clear_refusals(tmp_path: Path) -> None:
                                      "Upgrade": "p2prc-stream/1"}, timeout=5)
                 assert answer.status_code in (400, 404), (token, answer.status_code)
         for node in ("", "x" * 26, "../a", NodeIdentity.generate().node_id):
-            answer = web.post(relay.url() + "/v1/relay/connect", params={"node": node},
-                              headers={"Connection": "Upgrade", "Upgrade": "p2prc-stream/1"},
+            query = urlencode({"node": node})
+            answer = web.post(relay.url() + "/v1/relay/connect?" + query,
+                              headers=sign_request(stranger, "POST", "/v1/relay/connect",
+                                                   query, b"", relay.node_id)
+                              | {"Connection": "Upgrade", "Upgrade": "p2prc-stream/1"},
                               timeout=10)
             assert answer.status_code in (400, 404), (node, answer.status_code)
             assert answer.json()["title"]
         # Without the upgrade headers: 400, nothing held open.
-        answer = web.post(relay.url() + "/v1/relay/connect",
-                          params={"node": NodeIdentity.generate().node_id}, timeout=5)
+        query = urlencode({"node": NodeIdentity.generate().node_id})
+        answer = web.post(relay.url() + "/v1/relay/connect?" + query,
+                          headers=sign_request(stranger, "POST", "/v1/relay/connect", query,
+                                               b"", relay.node_id), timeout=5)
         assert answer.status_code == 400 and "Upgrade" in answer.json()["description"]
         assert "Traceback" not in relay.output()
     finally:

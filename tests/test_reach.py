@@ -343,8 +343,9 @@ def test_waiting_nodes_never_take_every_thread_of_a_relay(tmp_path: Path,
                                                           servers: list[LiveServer]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    # One worker with 4 threads: at most 2 may be held by polls and streams.
-    relay = start_relay(tmp_path, "relay", P2PRC_THREADS="4")
+    # One worker with 4 threads for polls: nodes the relay does not trust (these fresh keys)
+    # take at most 2 of them; the rest are kept for nodes it trusts (test_relay_limits).
+    relay = start_relay(tmp_path, "relay", P2PRC_THREADS="4", P2PRC_RELAY_POLL_THREADS="4")
     servers.append(relay)
     at = Endpoint("127.0.0.1", relay.port, relay.node_id)
 

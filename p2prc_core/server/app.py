@@ -9,6 +9,7 @@ from typing import Any
 
 import falcon
 
+from p2prc_core.config import Settings
 from p2prc_core.errors import Refusal
 from p2prc_core.relayhub import RelayHub
 from p2prc_core.server import errors, openapi, resources, streams
@@ -28,6 +29,16 @@ class NodeOnRequest:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.node_id = self.node_id
+
+
+DIAL_BACKS = 2  # dial-backs (POST /v1/reach) at once per worker, on threads of their own
+
+
+def worker_threads(settings: Settings) -> int:
+    """gunicorn's threads per worker: ``threads``, the dial-backs' own, and a relay's own for
+    its polls and streams (budgets apart in ``create_app``)."""
+    relaying = settings.relay_poll_threads + settings.relay_stream_threads
+    return settings.threads + DIAL_BACKS + (relaying if settings.relay else 0)
 
 
 def create_app(node: NodeServices) -> falcon.App:
@@ -58,18 +69,25 @@ def create_app(node: NodeServices) -> falcon.App:
     app.add_route("/v1/containers", resources.ContainersResource(node.containers))
     app.add_route("/v1/containers/{container_id}",
                   resources.ContainerResource(node.containers))
-    # Streams, relay polls and dial-backs each hold a thread: two are always left for the
-    # rest (gthread's threads are a fixed number per worker).
-    held = Held(settings.threads - 2)
+    # Tunnels, relay polls, relayed streams and dial-backs each hold a thread, each kind
+    # from a budget of its own (gthread's threads are a fixed number per worker): relay
+    # traffic never takes the threads of this host's own tunnels, nor polls the streams'.
+    # Two of 'threads' are always left for the rest; a relay has threads of its own on top
+    # (see worker_threads).
+    tunnels = Held(settings.threads - 2, "tunnels")
     app.add_route("/v1/containers/{container_id}/tunnel",
-                  streams.TunnelResource(node.containers, held))
+                  streams.TunnelResource(node.containers, tunnels))
     hub = RelayHub(node.home, settings.relay_max_nodes, settings.relay_max_connections)
+    polls = Held(settings.relay_poll_threads, "relay polls")
+    legs = settings.relay_stream_threads // 2  # a relayed stream holds one for each end
+    clients = Held(legs, "relayed streams")
+    nodes = Held(legs, "relayed streams (the nodes' ends)")
     app.add_route("/v1/relay/wait", streams.RelayWaitResource(settings, hub,
-                                                              node.trust.is_trusted, held))
-    app.add_route("/v1/relay/accept", streams.RelayAcceptResource(settings, hub, held))
-    app.add_route("/v1/relay/connect", streams.RelayConnectResource(settings, hub, held))
-    app.add_route("/v1/reach", streams.ReachCheckResource(node.secure, Held(2),
-                                                          settings.allow_loopback))
+                                                              node.trust.is_trusted, polls))
+    app.add_route("/v1/relay/accept", streams.RelayAcceptResource(settings, hub, nodes))
+    app.add_route("/v1/relay/connect", streams.RelayConnectResource(settings, hub, clients))
+    app.add_route("/v1/reach", streams.ReachCheckResource(
+        node.secure, Held(DIAL_BACKS, "dial-backs"), settings.allow_loopback))
     app.add_route("/v1/trust/me",
                   resources.TrustMeResource(node.trust.is_trusted, settings.trust_mode))
     app.add_route("/v1/trust/join", resources.TrustJoinResource(node.accept_invite))

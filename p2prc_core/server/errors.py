@@ -49,6 +49,19 @@ def handle_refusal(req: falcon.Request, resp: falcon.Response, ex: Exception,
                            description=str(ex))
 
 
+def handle_too_slow(req: falcon.Request, resp: falcon.Response, ex: Exception,
+                    params: dict[str, Any]) -> None:
+    """A body that stalled, or did not arrive by the request's deadline (see
+    ``server.front``): 408 and one line in the log, the connection closed."""
+    log.info("%s %s: the body did not arrive in time (%s)", req.method, req.path,
+             ex or "timed out")
+    resp.set_header("Connection", "close")
+    raise falcon.HTTPError(
+        falcon.HTTP_408, title="Request too slow",
+        description="The request's body did not arrive in time; send it again, faster.")
+
+
 def install(app: falcon.App) -> None:
     app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(TimeoutError, handle_too_slow)
     app.set_error_serializer(serialize_error)

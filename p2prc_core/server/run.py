@@ -18,7 +18,8 @@ from p2prc_core.errors import P2PRCError
 from p2prc_core.periodic import Periodic
 from p2prc_core.plugins import make_plugin_manager
 from p2prc_core.server import upgrade
-from p2prc_core.server.app import create_app
+from p2prc_core.server.app import create_app, worker_threads
+from p2prc_core.server.front import FrontWorker
 from p2prc_core.services import NodeServices
 
 log = logging.getLogger("p2prc.server")
@@ -78,8 +79,11 @@ class PeerServer(BaseApplication):  # type: ignore[misc]
         options: dict[str, Any] = {
             "bind": [f"fd://{self.fd}"],
             "workers": s.workers,
-            "worker_class": "gthread",
-            "threads": s.threads,
+            # gthread, with request heads read in its event loop (see server.front)
+            "worker_class": FrontWorker.configure(s.request_head_seconds,
+                                                  s.connections_per_source,
+                                                  s.request_timeout * 3),
+            "threads": worker_threads(s),  # a relay's own on top
             "timeout": s.timeout,
             "graceful_timeout": 10,
             "keepalive": 5,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import falcon
@@ -21,6 +23,7 @@ Take = Callable[[socket.socket], None]
 T = TypeVar("T")
 ENV_KEY = "p2prc.upgrade"
 PROTOCOL = "p2prc-stream/1"  # the Upgrade token a client sends and a 101 names
+RETRY_SECONDS = 2  # the Retry-After of a refusal for want of a slot
 
 
 def wants_upgrade(req: falcon.Request) -> None:
@@ -50,44 +53,79 @@ def switch(req: falcon.Request, resp: falcon.Response, take: Take,
     req.env[ENV_KEY + ".release"] = release
 
 
-class Held:
-    """Requests that hold a gunicorn thread for long (streams, relay polls, dial-backs), in
-    this worker: at most ``limit`` at once, so that ordinary requests always find a thread
-    (gthread has a fixed number). Beyond it: 503 with Retry-After."""
+@dataclass(frozen=True)
+class Share:
+    """At most ``most`` of a budget's slots held at once by one holder: a caller's key, a
+    network, a node, or a group of callers (``holder`` names it in the answer). Beyond it:
+    ``status`` (429: the caller's own use; 503: what it asks for is busy), with
+    Retry-After."""
 
-    def __init__(self, limit: int):
+    holder: str
+    most: int
+    status: int = 429
+
+
+class Held:
+    """Requests that hold a gunicorn thread for long, of one kind (tunnels, relay polls,
+    relayed streams, dial-backs), in this worker: at most ``limit`` at once, so that one kind
+    never takes the threads of another nor of ordinary requests (gthread has a fixed number).
+    Beyond it: 503 with Retry-After. ``Share``s bound what one holder may take of it."""
+
+    def __init__(self, limit: int, name: str = "long-lived requests"):
         self.limit = max(1, limit)
+        self.name = name  # what it holds, for the answers: "relayed streams"
         self.count = 0
+        self._by_holder: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def acquire(self, what: str) -> Callable[[], None]:
-        """A slot, or 503; returns what gives it back (once, whatever calls it)."""
+    def acquire(self, what: str, shares: Sequence[Share] = ()) -> Callable[[], None]:
+        """A slot, or 429/503; returns what gives it back (once, whatever calls it)."""
         with self._lock:
+            for share in shares:
+                if self._by_holder[share.holder] >= share.most:
+                    raise self._beyond(share)
             if self.count >= self.limit:
                 raise falcon.HTTPServiceUnavailable(
-                    title="Busy", retry_after=2,
-                    description=f"This node carries {self.count} long-lived requests "
-                                f"(streams, relay polls) per worker, its limit ({what}): try "
-                                f"again shortly.")
+                    title="Busy", retry_after=RETRY_SECONDS,
+                    description=f"This node carries {self.count} {self.name} per worker, its "
+                                f"limit ({what}): try again shortly.")
             self.count += 1
-        done = threading.Event()
+            self._by_holder.update(share.holder for share in shares)
+        given_back = False
 
         def release() -> None:
-            if not done.is_set():
-                done.set()
-                with self._lock:
-                    self.count -= 1
+            nonlocal given_back
+            with self._lock:
+                if given_back:
+                    return
+                given_back = True
+                self.count -= 1
+                self._by_holder.subtract(share.holder for share in shares)
+                for share in shares:
+                    if self._by_holder[share.holder] <= 0:
+                        del self._by_holder[share.holder]
         return release
 
-    def opening(self, what: str, open_it: Callable[[], T]) -> tuple[T, Callable[[], None]]:
+    def opening(self, what: str, open_it: Callable[[], T], shares: Sequence[Share] = ()
+                ) -> tuple[T, Callable[[], None]]:
         """A slot, then ``open_it()`` (the other end of a stream); the slot is given back at
         once if that fails, else by the returned function (``switch``'s ``release``)."""
-        release = self.acquire(what)
+        release = self.acquire(what, shares)
         try:
             return open_it(), release
         except BaseException:
             release()
             raise
+
+    def _beyond(self, share: Share) -> falcon.HTTPError:
+        description = (f"At most {share.most} {self.name} at once for {share.holder} here "
+                       f"(in each worker), and they are taken: close one, or try again in a "
+                       f"few seconds.")
+        if share.status == 429:
+            return falcon.HTTPTooManyRequests(title="Too many at once", description=description,
+                                              retry_after=RETRY_SECONDS)
+        return falcon.HTTPServiceUnavailable(title="Busy", description=description,
+                                             retry_after=RETRY_SECONDS)
 
 
 class Upgrades:
@@ -117,6 +155,8 @@ def _then(take: Take, sock: socket.socket,
           release: Callable[[], None] | None) -> Iterator[bytes]:
     try:
         yield b""  # gunicorn sends the 101 and its headers on the first write
+        if getattr(sock, "deadline", None) is not None:
+            sock.deadline = None  # type: ignore[attr-defined]  # a stream has its own rules
         take(sock)
     finally:  # also when the client left before the 101 went out
         if release is not None:
