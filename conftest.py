@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -184,12 +185,19 @@ def engine() -> object:
 def friend(tmp_path: Path, engine: object) -> Iterator[LiveServer]:
     """A real server named alice (home tmp_path/'host', no GPU plugin) that trusts the node
     whose home is tmp_path/'me'; the containers it started are removed after."""
+    with friend_with(tmp_path, engine) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def friend_with(tmp_path: Path, engine: object, **env: str) -> Iterator[LiveServer]:
+    """``friend``, with settings ``env`` (P2PRC_PUBLISH_PORTS="all", say)."""
     from p2prc_core.trust import TrustStore
 
     me = NodeIdentity.load_or_create(tmp_path / "me")
     TrustStore(tmp_path / "host").add(me.node_id, "me")
     server = start_server(tmp_path / "host", env={"P2PRC_DISABLE_PLUGINS": "nvidia",
-                                                  "P2PRC_NAME": "alice"})
+                                                  "P2PRC_NAME": "alice", **env})
     node_id = server.node_id
     try:
         yield server

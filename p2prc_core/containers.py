@@ -7,8 +7,10 @@ import base64
 import errno
 import hashlib
 import json
+import logging
 import re
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -28,13 +30,18 @@ LABEL_EXPIRES = "org.p2prc.expires"
 LABEL_PORTS = "org.p2prc.ports"
 LABEL_NODE = "org.p2prc.node"
 LABEL_GPUS = "org.p2prc.gpus"
+LABEL_DIRECT = "org.p2prc.direct"  # "1": published on every host address
 SSH_PORT = 22
 PENDING = "pending-"  # ids of the places held while a container starts
 PENDING_SECONDS = 600
 MIN_MEMORY = 16 << 20  # below this the engine refuses to start a container, or sshd dies
 MAX_GPUS = 64  # most GPUs a request may name, and the highest index + 1
+# What the engine says of a container whose main process ended (it exited, or the kernel
+# killed it for memory), and what a lease's container is when the engine has it no more.
+STOPPED = ("exited", "dead", "gone")
 
-_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$")
+log = logging.getLogger("p2prc.containers")
+_IMAGE = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?")
 _REQUEST_KEYS = {"ports", "gpu", "image", "cpus", "memory", "ttl", "ssh_key"}
 
 
@@ -87,7 +94,7 @@ class ContainerRequest:
             raise ContainerError(400, "Invalid request",
                                  "ssh_key must be one OpenSSH public key line.")
         image = body.get("image")
-        if image is not None and (not isinstance(image, str) or not _IMAGE.match(image)):
+        if image is not None and (not isinstance(image, str) or not _IMAGE.fullmatch(image)):
             raise ContainerError(400, "Invalid request", "image is not a valid image name.")
         gpu = parse_gpu_ask(body.get("gpu", False))
         return cls(ssh_key=ssh_key.strip(), ports=number("ports", int, 0) or 0, gpu=gpu,
@@ -149,6 +156,11 @@ class ContainerSpec:
     # The GPUs given, each {"index": NVML's index, "minor": /dev/nvidiaN's N}; with gpu and
     # none listed, a backend gives every GPU.
     gpus: list[dict[str, int]] = field(default_factory=list)
+    publish_all: bool = False  # ports on every host address too, not only on loopback
+    disk: int = 0  # most bytes it may write (0: no limit)
+    log_bytes: int = 10 << 20  # most bytes of its output the engine keeps
+    min_free_disk: int = 0  # refuse to start it while the engine's disk has less free
+    reach_lan: bool = True  # may open connections to the host's private networks
 
 
 @dataclass
@@ -208,6 +220,7 @@ class Lease:
     cpus: float = 0
     memory: int = 0
     state: str = "running"
+    direct: bool = False  # its ports are published on the host's addresses, not loopback only
 
     @property
     def ssh_port(self) -> int:
@@ -261,6 +274,7 @@ class ContainerStore:
             expires REAL NOT NULL, data TEXT NOT NULL);
         CREATE TABLE IF NOT EXISTS gpus (gpu INTEGER NOT NULL, holder TEXT NOT NULL,
             PRIMARY KEY (gpu, holder));
+        CREATE TABLE IF NOT EXISTS stopped (id TEXT PRIMARY KEY, since REAL NOT NULL);
     """
 
     def __init__(self, home: Path, port_range: tuple[int, int]):
@@ -269,14 +283,15 @@ class ContainerStore:
 
     def reserve(self, owner: str, count: int, per_caller: int, holder: str,
                 gpu: bool | int | tuple[int, ...] = False, host_gpus: list[int] | None = None,
-                share: bool = False) -> list[int]:
+                share: bool = False, gpus_per_caller: int = 0) -> list[int]:
         """In one transaction (so no two requests or workers can both pass): check that
         ``owner`` holds fewer than ``per_caller`` containers (a create under way counts),
         hold a place for this one, reserve ``count`` host ports that nothing else holds and
         nothing listens on, and the GPUs ``gpu`` asks for among ``host_gpus`` (see
-        ``choose_gpus``; ``gpus_of(holder)`` says which).
+        ``choose_gpus``; ``gpus_of(holder)`` says which), ``owner`` holding no more than
+        ``gpus_per_caller`` in all (0: no limit).
 
-        :raises ContainerError: 429 over the per-caller limit; 503 too few free ports; 409 or
+        :raises ContainerError: 429 over a per-caller limit; 503 too few free ports; 409 or
             422 GPUs that cannot be given.
         """
         with self.shared.transaction() as db:
@@ -300,8 +315,9 @@ class ContainerStore:
             if gpu is not False:
                 held: dict[int, int] = dict(db.execute(
                     "SELECT gpu, COUNT(*) FROM gpus GROUP BY gpu").fetchall())
+                room = _gpu_room(gpu, _gpus_held_by(db, owner), gpus_per_caller)
                 db.executemany("INSERT INTO gpus VALUES (?, ?)", [
-                    (g, holder) for g in choose_gpus(gpu, host_gpus or [], held, share)])
+                    (g, holder) for g in choose_gpus(gpu, host_gpus or [], held, share, room)])
             now = time.time()
             db.executemany("INSERT INTO ports VALUES (?, ?, ?)",
                            [(p, holder, now) for p in chosen])
@@ -320,11 +336,31 @@ class ContainerStore:
                        (lease.id, lease.owner, lease.expires, json.dumps(asdict(lease))))
 
     def forget(self, holder: str) -> None:
-        """Drop a lease (or a held place) and free its ports."""
+        """Drop a lease (or a held place) and free its ports and GPUs."""
         with self.shared.transaction() as db:
             db.execute("DELETE FROM leases WHERE id=?", (holder,))
             db.execute("DELETE FROM ports WHERE holder=?", (holder,))
             db.execute("DELETE FROM gpus WHERE holder=?", (holder,))
+            db.execute("DELETE FROM stopped WHERE id=?", (holder,))
+
+    def note_stopped(self, stopped: set[str], now: float) -> dict[str, float]:
+        """Record that the containers ``stopped`` are seen stopped (from ``now``, unless seen
+        so before) and that no others are; return when each was first seen so."""
+        with self.shared.transaction() as db:
+            before = self._stopped(db)
+            db.executemany("DELETE FROM stopped WHERE id=?",
+                           [(i,) for i in set(before) - stopped])
+            db.executemany("INSERT OR IGNORE INTO stopped VALUES (?, ?)",
+                           [(i, now) for i in stopped])
+            return self._stopped(db)
+
+    def stopped_since(self) -> dict[str, float]:
+        """When each container last seen stopped by the reaper was first seen so."""
+        return self._stopped(self.shared.db())
+
+    @staticmethod
+    def _stopped(db: sqlite3.Connection) -> dict[str, float]:
+        return dict(db.execute("SELECT id, since FROM stopped").fetchall())
 
     def held_ports(self) -> dict[int, str]:
         return dict(self.shared.db().execute("SELECT port, holder FROM ports").fetchall())
@@ -371,11 +407,11 @@ class ContainerStore:
 
 
 def choose_gpus(ask: bool | int | tuple[int, ...], host: list[int], held: dict[int, int],
-                share: bool) -> list[int]:
+                share: bool, room: int | None = None) -> list[int]:
     """Which of the host's GPUs (``host``: their indexes) to give for ``ask`` (True: every
-    free one, at least one; a count; or those indexes), when ``held`` says how many holders
-    each has. Unless ``share``, a GPU has one holder at a time; with it, the least held are
-    given first.
+    free one, at least one, and at most ``room`` where it is given; a count; or those
+    indexes), when ``held`` says how many holders each has. Unless ``share``, a GPU has one
+    holder at a time; with it, the least held are given first.
 
     :raises ContainerError: 409 none, or too few, free; 422 more, or others, than the host
         has.
@@ -402,7 +438,7 @@ def choose_gpus(ask: bool | int | tuple[int, ...], host: list[int], held: dict[i
             raise ContainerError(409, "GPUs all taken",
                                  f"All of this host's GPUs are held by other containers "
                                  f"({listing}); try later.")
-        return sorted(free)
+        return sorted(free[:room])
     if ask > len(host):
         raise ContainerError(422, "Too many GPUs", f"{_count(ask, 'GPU')} asked for: "
                                                    f"{listing}.")
@@ -411,6 +447,32 @@ def choose_gpus(ask: bool | int | tuple[int, ...], host: list[int], held: dict[i
                              f"{_count(ask, 'GPU')} asked for, {len(free)} free now "
                              f"({listing}; the others are held by other containers).")
     return sorted(free[:ask])
+
+
+def _gpus_held_by(db: sqlite3.Connection, owner: str) -> int:
+    """The GPUs ``owner``'s containers and creates under way hold (one a container each)."""
+    row = db.execute("SELECT COUNT(*) FROM gpus WHERE holder IN "
+                     "(SELECT id FROM leases WHERE owner=?)", (owner,)).fetchone()
+    return int(row[0])
+
+
+def _gpu_room(ask: bool | int | tuple[int, ...], held: int, limit: int) -> int | None:
+    """How many more GPUs a caller who holds ``held`` may take under ``limit`` (0: no limit,
+    and None back).
+
+    :raises ContainerError: 429 when ``ask`` wants more than that.
+    """
+    if not limit:
+        return None
+    wanted = len(ask) if isinstance(ask, tuple) else 1 if ask is True else int(ask)
+    if held + wanted > limit:
+        hint = "remove a container that holds one first" if held else \
+            f"ask for at most {limit}"
+        raise ContainerError(429, "Over the GPU limit",
+                             f"{_count(wanted, 'GPU')} asked for and {held} held here: over "
+                             f"this host's limit of {_count(limit, 'GPU')} per caller "
+                             f"(gpus_per_caller); {hint}.")
+    return limit - held
 
 
 def _count(n: int, what: str) -> str:
@@ -487,11 +549,13 @@ class ContainerService:
         host_gpus = {g["index"] if isinstance(g.get("index"), int) else i: {"index": i, **g}
                      for i, g in enumerate(self.gpus()) if isinstance(g, dict)}
         ports = self.store.reserve(owner, 1 + request.ports, s.containers_per_caller, token,
-                                   request.gpu, sorted(host_gpus), s.gpu_share)
+                                   request.gpu, sorted(host_gpus), s.gpu_share,
+                                   s.gpus_per_caller)
         gpus = self.store.gpus_of(token)
         now = time.time()
+        direct = s.publish_ports == "all"
         lease = Lease(id="", owner=owner, image=image, created=now, expires=now + ttl,
-                      gpu=bool(gpus), gpus=gpus, cpus=cpus, memory=memory,
+                      gpu=bool(gpus), gpus=gpus, cpus=cpus, memory=memory, direct=direct,
                       ports=[{"name": "ssh", "internal": SSH_PORT, "external": ports[0]}]
                       + [{"name": f"port{i}", "internal": p, "external": p}
                          for i, p in enumerate(ports[1:], 1)])
@@ -501,8 +565,11 @@ class ContainerService:
             labels={LABEL: "1", LABEL_OWNER: owner, LABEL_EXPIRES: str(int(lease.expires)),
                     LABEL_NODE: self.node_id,
                     LABEL_PORTS: json.dumps(lease.ports, separators=(",", ":")),
-                    **({LABEL_GPUS: json.dumps(gpus)} if gpus else {})},
-            gpus=[{"index": g, "minor": _minor(host_gpus[g])} for g in gpus])
+                    **({LABEL_GPUS: json.dumps(gpus)} if gpus else {}),
+                    **({LABEL_DIRECT: "1"} if direct else {})},
+            gpus=[{"index": g, "minor": _minor(host_gpus[g])} for g in gpus],
+            publish_all=direct, disk=s.container_disk, log_bytes=s.container_log_bytes,
+            min_free_disk=s.min_free_disk, reach_lan=s.containers_reach_lan)
         container_id = ""
         try:
             container_id = self.backend.create(spec)
@@ -521,20 +588,22 @@ class ContainerService:
     def find(self, container_id: str, owner: str | None) -> Lease:
         """The lease for ``container_id`` (a full id or a 12+ character prefix).
 
-        :raises ContainerError: 400 malformed id; 404 not p2prc's; 403 not ``owner``'s.
+        Only ``owner``'s are looked at (``None``: the host, every one), so another owner's
+        container answers as an unknown one does: nothing tells that it exists, nor its id.
+
+        :raises ContainerError: 400 malformed id; 404 none (of ``owner``'s) or several.
         """
         if not isinstance(container_id, str) or not CONTAINER_ID.fullmatch(container_id):
             raise ContainerError(400, "Invalid id",
                                  "A container id is 12 to 64 lower-case hex characters.")
-        found = [lease for lease in self.store.leases() if lease.id.startswith(container_id)]
+        found = [lease for lease in self.store.leases(owner)
+                 if lease.id.startswith(container_id)]
         if len(found) != 1:
             raise ContainerError(404, "No such container",
+                                 "No p2prc container of yours has that id on this host."
+                                 if owner is not None else
                                  f"No p2prc container {container_id} on this host.")
-        lease = found[0]
-        if owner is not None and lease.owner != owner:
-            raise ContainerError(403, "Not yours",
-                                 f"Container {container_id} belongs to another node.")
-        return lease
+        return found[0]
 
     def list_leases(self, owner: str | None = None) -> list[Lease]:
         live = {c.id: c.state for c in self.backend.containers()}
@@ -542,6 +611,12 @@ class ContainerService:
         for lease in leases:
             lease.state = live.get(lease.id, "gone")
         return sorted(leases, key=lambda lease: lease.created)
+
+    def freed_at(self) -> dict[str, tuple[float, float]]:
+        """Each container the reaper saw stopped: since when, and when it will be removed
+        (``container_exited_grace`` later, at the reaper's next pass)."""
+        grace = self.settings.container_exited_grace
+        return {i: (since, since + grace) for i, since in self.store.stopped_since().items()}
 
     def remove(self, container_id: str, owner: str | None) -> Lease:
         """Stop and remove a container; ``owner=None`` is the host, who may remove any."""
@@ -559,7 +634,9 @@ class ContainerService:
     # -- the host's housekeeping -------------------------------------------------------------
 
     def reap(self, now: float | None = None) -> list[str]:
-        """Remove every container whose lease has run out."""
+        """Remove every container whose lease has run out (their ids are returned), and each
+        that stopped (``STOPPED``) ``container_exited_grace`` ago or more (logged here):
+        their ports, GPUs and places are free again."""
         now = now if now is not None else time.time()
         expired = [lease.id for lease in self.store.leases() if lease.expires <= now]
         for container_id in expired:
@@ -567,7 +644,28 @@ class ContainerService:
             self.store.forget(container_id)
         for place in self.store.stale_places(now):  # a create that died half-way
             self.store.forget(place)
+        self._reap_stopped(now)
         return expired
+
+    def _reap_stopped(self, now: float) -> None:
+        # The leases are read before the engine's list, so that one settled in between is
+        # not taken for gone.
+        leases = {lease.id: lease for lease in self.store.leases()}
+        try:
+            live = {c.id: c.state for c in self.backend.containers()}
+        except Exception as err:  # noqa: BLE001 - no engine now: none is known to have stopped
+            log.warning("cannot ask the engine which containers stopped: %s", err)
+            return
+        states = {i: live.get(i, "gone") for i in leases}
+        since = self.store.note_stopped({i for i, s in states.items() if s in STOPPED}, now)
+        for container_id, first_seen in since.items():
+            if now - first_seen < self.settings.container_exited_grace:
+                continue
+            self._remove_quietly(container_id)
+            self.store.forget(container_id)
+            log.info("container %s of %s stopped (%s) %s ago and was removed; its ports, "
+                     "GPUs and place are free", container_id[:12], leases[container_id].owner,
+                     states[container_id], human_duration(now - first_seen))
 
     def reconcile(self) -> dict[str, list[str]]:
         """Make the leases agree with the engine after a restart: adopt this node's labelled
@@ -592,7 +690,8 @@ class ContainerService:
                 continue
             self.store.adopt(Lease(id=container_id, owner=owner, image=container.image,
                                    ports=ports, created=time.time(), expires=expires,
-                                   gpu=bool(gpus), gpus=gpus))
+                                   gpu=bool(gpus), gpus=gpus,
+                                   direct=container.labels.get(LABEL_DIRECT) == "1"))
             adopted.append(container_id)
         for container_id in leased - set(live):
             self.store.forget(container_id)

@@ -12,7 +12,7 @@ from p2prc_core.errors import P2PRCError, PeerError
 from p2prc_core.models import CONTAINER_ID, PUBLIC_KEY, Endpoint
 from p2prc_core.storage import read_json_object, update_json
 
-_GROUP = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_GROUP = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,255}")
 
 
@@ -49,6 +49,7 @@ class RemoteContainer:
     gpu: bool = False
     gpus: list[int] = field(default_factory=list)  # the host's indexes of the GPUs it holds
     used_ports: list[int] = field(default_factory=list)  # extra ports runs were handed
+    direct: bool = False  # the host publishes its ports on its addresses, not loopback only
 
     @classmethod
     def from_reply(cls, reply: Any, endpoint: Endpoint) -> RemoteContainer:
@@ -82,12 +83,15 @@ class RemoteContainer:
                     isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64
                     for g in gpus):
                 raise ValueError("its GPUs are not a list of GPU indexes")
+            direct = reply.get("direct", False)
+            if not isinstance(direct, bool):
+                raise ValueError("'direct' is not true or false")
             return cls(id=container_id, endpoint=endpoint.path, host=endpoint.host,
                        ssh_port=checked[0]["external"], host_key=host_key, ports=checked,
                        image=image, created=_time(reply.get("created")),
                        expires=_time(reply.get("expires")),
                        node_id=node_id if isinstance(node_id, str) else None,
-                       gpu=reply.get("gpu") is True, gpus=sorted(set(gpus)))
+                       gpu=reply.get("gpu") is True, gpus=sorted(set(gpus)), direct=direct)
         except (ValueError, KeyError, TypeError) as err:
             raise PeerError(f"{endpoint} answered the create with something that is not a "
                             f"container ({err})") from None
@@ -117,7 +121,8 @@ class RemoteContainer:
         return {**self.to_json(),
                 "ssh": {"user": "root", "host": self.host, "port": self.ssh_port,
                         "host_key": self.host_key, "fingerprint": fingerprint(self.host_key),
-                        "command": login_command(self.host, self.ssh_port)}}
+                        "command": login_command(self.host, self.ssh_port) if self.direct
+                        else f"p2prc ssh {self.short_id}"}}
 
     @property
     def host_endpoint(self) -> Endpoint:
@@ -244,7 +249,7 @@ class Tracked:
         return read_json_object(self.groups_path)
 
     def create_group(self, name: str) -> None:
-        if not _GROUP.match(name):
+        if not _GROUP.fullmatch(name):
             raise P2PRCError(f"{name!r} is not a group name (a letter, then letters, digits, "
                              f"'.', '_' or '-')")
         if name in self.containers():

@@ -21,6 +21,9 @@ from p2prc_core.containers import (
     ContainerError,
     ContainerSpec,
 )
+from p2prc_core.output import human_bytes
+from p2prc_plugins import docker_firewall
+from p2prc_plugins.docker_disk import READONLY_LABEL, DiskLimit
 from p2prc_plugins.nvidia_driver import find_driver
 
 IMAGE_DIR = Path(__file__).with_name("image")
@@ -52,6 +55,8 @@ class DockerBackend:
     def __init__(self, client: Any = None):
         self._client = client
         self._network_ready = False
+        self.disk = DiskLimit(lambda: self.client)
+        self._root_dir: str | None = None
 
     @property
     def client(self) -> Any:
@@ -67,18 +72,23 @@ class DockerBackend:
 
     def create(self, spec: ContainerSpec) -> str:
         docker = _docker()
+        self.check_free_disk(spec.min_free_disk)
+        addresses = ["0.0.0.0", "::"] if spec.publish_all else ["127.0.0.1", "::1"]
         ports: dict[str, list[tuple[str, int]]] = {
-            f"{SSH_PORT}/tcp": [("0.0.0.0", spec.ports[0]), ("::", spec.ports[0])]}
+            f"{SSH_PORT}/tcp": [(address, spec.ports[0]) for address in addresses]}
         for port in spec.ports[1:]:
-            ports[f"{port}/tcp"] = [("0.0.0.0", port), ("::", port)]
+            ports[f"{port}/tcp"] = [(address, port) for address in addresses]
         options: dict[str, Any] = {
             "image": spec.image, "name": spec.name, "detach": True, "labels": spec.labels,
             "environment": {"P2PRC_SSH_KEY": spec.ssh_key}, "ports": ports,
             "cap_drop": ["ALL"], "cap_add": SSHD_CAPABILITIES,
             "security_opt": ["no-new-privileges:true"], "privileged": False,
             "pids_limit": spec.pids, "mem_limit": spec.memory, "memswap_limit": spec.memory,
-            "nano_cpus": int(spec.cpus * 1e9), "network": self.network(), "ipc_mode": "private",
-            "init": False, "stdin_open": False, "tty": False,
+            "nano_cpus": int(spec.cpus * 1e9), "network": self.network(spec.reach_lan),
+            "ipc_mode": "private", "init": False, "stdin_open": False, "tty": False,
+            # What the engine keeps of its output: one file, at most log_bytes.
+            "log_config": docker.types.LogConfig(type="json-file", config={
+                "max-size": str(spec.log_bytes), "max-file": "1"}),
         }
         if spec.gpu:
             options.update(self.gpu_options(spec.gpus or None))
@@ -86,7 +96,15 @@ class DockerBackend:
         try:
             # create, not run: run would try to pull a missing image from a registry.
             self.client.images.get(spec.image)
-            container = self.client.containers.create(**options)
+            options.update(self.disk.options(spec.image, spec.disk))
+            try:
+                container = self.client.containers.create(**options)
+            except docker.errors.APIError as err:
+                if "storage_opt" not in options or not self.disk.refused(err):
+                    raise
+                options.pop("storage_opt")
+                options.update(self.disk.options(spec.image, spec.disk))
+                container = self.client.containers.create(**options)
         except docker.errors.ImageNotFound:
             raise ContainerError(422, "No such image",
                                  f"{spec.image} is not on this host: build it with "
@@ -106,12 +124,35 @@ class DockerBackend:
                 from None
         return str(container.id)
 
-    def network(self) -> str:
+    def check_free_disk(self, floor: int) -> None:
+        """Refuse a create while the engine's disk (its data root) has less than ``floor``
+        bytes free: a full disk stops the host, not only its guests.
+
+        :raises ContainerError: 507, with what is free and the floor.
+        """
+        if floor <= 0:
+            return
+        if self._root_dir is None:
+            self._root_dir = str(self.client.info().get("DockerRootDir") or "/var/lib/docker")
+        try:
+            stats = os.statvfs(self._root_dir)
+        except OSError:
+            return  # an engine on another machine (or out of our sight): its own business
+        free = stats.f_bavail * stats.f_frsize
+        if free < floor:
+            raise ContainerError(507, "Host disk low",
+                                 f"This host's disk for containers has {human_bytes(free)} "
+                                 f"free, under its floor of {human_bytes(floor)}: no container "
+                                 f"is started until space is freed.")
+
+    def network(self, reach_lan: bool = True) -> str:
         """p2prc's own bridge network, made once: inter-container traffic off (one lease's
         container cannot reach another's sshd), and the host closed to new connections from
         it (a container cannot reach the host's p2prc API, or anything else the host
-        serves, through the bridge's gateway or any host address). Checked before every
-        container starts; when the host cannot be closed, no container starts.
+        serves, through the bridge's gateway or any host address), cloud metadata services
+        refused, and the host's private networks too unless ``reach_lan`` (see
+        ``docker_firewall``). Checked before every container starts; when the host cannot be
+        closed, no container starts.
 
         :raises ContainerError: the network has other settings, or the firewall rule cannot
             be put in place.
@@ -141,7 +182,7 @@ class DockerBackend:
                                      f"traffic): remove it with 'docker network rm "
                                      f"{NETWORK}'.")
             self._network_ready = True
-        problem = _close_host_to(BRIDGE)  # every time: a firewall reload drops the rule
+        problem = docker_firewall.guard(BRIDGE, reach_lan)  # every time: a reload drops them
         if problem:
             raise ContainerError(503, "Host not closed",
                                  f"Cannot close this host to its containers ({problem}): no "
@@ -260,27 +301,6 @@ class DockerBackend:
         return build_image(tag, from_debootstrap, force, say)
 
 
-def _close_host_to(bridge: str) -> str | None:
-    """Refuse new connections from ``bridge`` to this host; replies to the host's own
-    connections (the published ports' proxy) still pass. Returns what went wrong, or None.
-    IPv4 must work; IPv6 is best effort (p2prc's network has no IPv6)."""
-    rule = ["INPUT", "-i", bridge, "-m", "conntrack", "--ctstate", "NEW", "-j", "REJECT"]
-    for tool in ("iptables", "ip6tables"):
-        if shutil.which(tool) is None:
-            if tool == "iptables":
-                return "iptables is not installed"
-            continue
-        if subprocess.run([tool, "-C", *rule], capture_output=True).returncode == 0:
-            continue
-        added = subprocess.run([tool, "-I", *rule], capture_output=True, text=True)
-        if added.returncode != 0:
-            if tool == "iptables":
-                return f"iptables: {added.stderr.strip() or 'failed'}"
-            log.warning("could not close this host to its containers over IPv6: %s",
-                        added.stderr.strip())
-    return None
-
-
 def _image_name(container: Any) -> str:
     tags = container.attrs.get("Config", {}).get("Image")
     return str(tags or "")
@@ -293,13 +313,15 @@ def p2prc_register_backends(register: Callable[[str, Backend], None]) -> None:
 
 # -- the base image ---------------------------------------------------------------------------
 
-def image_exists(client: Any, tag: str) -> bool:
+def image_state(client: Any, tag: str) -> str:
+    """"missing", "outdated" (built by an older p2prc: it cannot run with a read-only
+    root), or "current"."""
     docker = _docker()
     try:
-        client.images.get(tag)
-        return True
+        labels = client.images.get(tag).labels or {}
     except docker.errors.ImageNotFound:
-        return False
+        return "missing"
+    return "current" if labels.get(READONLY_LABEL) == "1" else "outdated"
 
 
 def build_from_dockerfile(client: Any, tag: str, say: Callable[[str], None]) -> None:
@@ -351,16 +373,19 @@ def build_from_debootstrap(client: Any, tag: str, say: Callable[[str], None],
         client.api.import_image_from_file(
             str(archive), repository=repository, tag=version or "latest",
             changes=['CMD ["/usr/local/bin/p2prc-entry"]', "EXPOSE 22",
-                     'LABEL org.p2prc.image="base"'])
+                     f'LABEL org.p2prc.image="base" {READONLY_LABEL}="1"'])
 
 
 def build_image(tag: str = DEFAULT_TAG, from_debootstrap: bool = False, force: bool = False,
                 say: Callable[[str], None] = print) -> bool:
     """Build the base image unless it exists (or ``force``); returns whether it built."""
     client = DockerBackend().client
-    if image_exists(client, tag) and not force:
+    state = image_state(client, tag)
+    if state == "current" and not force:
         say(f"{tag} exists already (--force builds it again)")
         return False
+    if state == "outdated":
+        say(f"{tag} was built by an older p2prc (no read-only root): building it again")
     if from_debootstrap:
         build_from_debootstrap(client, tag, say)
     else:

@@ -1,5 +1,5 @@
 """``p2prc ui``: a local web dashboard for this node (server-rendered, no build step)."""
 
-from p2prc_ui.app import Dashboard, create_app, serve
+from p2prc_ui.app import Dashboard, Served, create_app, serve
 
-__all__ = ["Dashboard", "create_app", "serve"]
+__all__ = ["Dashboard", "Served", "create_app", "serve"]

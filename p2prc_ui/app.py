@@ -1,12 +1,16 @@
 """The dashboard: server-rendered pages (Jinja2, autoescaped) over this node's services.
 
-Who may use it: whoever holds the random token ``p2prc ui`` printed. The token in the URL
-becomes a cookie (HttpOnly, SameSite=Strict) and leaves the address bar (``p2prc ui`` opens
-the browser through a private file, so the token is on no command line). Every request
-must carry the cookie and name this server in its Host header (no DNS rebinding); every
-form that changes something carries a CSRF token derived from the access token, and a
-cross-site Origin is refused. Pages send a strict Content-Security-Policy: scripts and
-styles only from this server, no inline script.
+Who may use it: whoever holds the random token ``p2prc ui`` printed. It serves on an address
+of its own (a random 127.A.B.C), so its cookie goes to no other local service. The token in
+the URL becomes a cookie (HttpOnly, SameSite=Strict) and leaves the address bar, but only
+where the user opened that address (a page of another origin cannot sign the browser in);
+``p2prc ui`` opens the browser through a private file carrying a code that works once, so
+the token is on no command line. Every request must carry the cookie and name this server
+in its Host header (no DNS rebinding); every form that changes something carries a CSRF
+token derived from the access token, and a cross-site Origin is refused; no page (a GET)
+changes anything. Pages send a strict Content-Security-Policy: scripts and styles only from
+this server, no inline script. Connections are capped in all and per source address, and a
+request head must arrive within a few seconds.
 
 Whatever a peer sent (names, GPU names, messages) is text: Jinja escapes it.
 """
@@ -37,11 +41,11 @@ from p2prc_core.containers import ContainerError, usage_of
 from p2prc_core.errors import P2PRCError
 from p2prc_core.output import format_ago, format_when, human_bytes, two_places
 from p2prc_core.services import NodeServices
+from p2prc_ui.serving import Served, bind, hosts
 
 HERE = Path(__file__).parent
 COOKIE = "p2prc_ui_"  # and a hash of the token: two dashboards on one host keep their own
 MAX_FORM = 16 << 10  # bytes of a form body
-MAX_CONNECTIONS = 64  # requests served at once; more are closed at once
 SORTS = {"score", "name", "latency", "bandwidth", "last_seen", "gpus", "trusted"}
 log = logging.getLogger("p2prc.ui")
 
@@ -70,6 +74,7 @@ class Dashboard:
         self.csrf = hmac.new(self.token.encode(), b"csrf", hashlib.sha256).hexdigest()
         self.cookie = COOKIE + hashlib.sha256(self.token.encode()).hexdigest()[:12]
         self.hosts = set(hosts)  # Host headers this server answers to (set by serve())
+        self.once: str | None = None  # the code the opened browser comes in with, once
         self.notes: dict[str, tuple[str, str, dict[str, Any]]] = {}
         self.job: UpdateJob | None = None
         self._lock = threading.Lock()
@@ -78,6 +83,21 @@ class Dashboard:
             undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
         self.env.filters.update(bytes=human_bytes, when=format_when, ago=format_ago,
                                 two=two_places)
+
+    def open_once(self) -> str:
+        """A new code that signs one browser in, once, whichever page sent it here (the
+        private file ``p2prc ui`` opens the browser with); the one before no longer works."""
+        with self._lock:
+            self.once = secrets.token_urlsafe(24)
+            return self.once
+
+    def take_once(self, given: str) -> bool:
+        """Whether ``given`` is the code of ``open_once``; it works no more."""
+        with self._lock:
+            found = self.once is not None and _same(given, self.once)
+            if found:
+                self.once = None
+            return found
 
     # -- rendering -------------------------------------------------------------------------
 
@@ -145,26 +165,11 @@ class Access:
             raise falcon.HTTPForbidden(title="Wrong host",
                                        description="This dashboard answers only at the "
                                                    "address p2prc ui printed.")
-        given = req.get_param("token")
-        if given is not None and req.method == "GET" and _same(given, board.token):
-            # The token is exchanged for a cookie, and leaves the address bar (a browser's
-            # history keeps the first address: it is the user's own). The page moves on by
-            # itself: a navigation this origin starts, which carries the SameSite=Strict
-            # cookie even where the address was opened from elsewhere (a file, a terminal).
-            query = {k: v for k, v in req.params.items() if k != "token"}
-            target = "/" + req.path.lstrip("/\\") + ("?" + urlencode(query, doseq=True)
-                                                     if query else "")
-            resp.set_cookie(board.cookie, board.token, http_only=True, same_site="Strict",
-                            secure=False, path="/")
-            shown = html.escape(target)
-            resp.content_type = falcon.MEDIA_HTML
-            resp.text = (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" '
-                         f'content="0;url={shown}"><title>p2prc</title>'
-                         f'<p><a href="{shown}">Open the dashboard</a></p>')
-            resp.complete = True
+        if req.method == "GET" and self._signs_in(req):
+            self._sign_in(req, resp)
             return
-        # A request a page of another origin made the browser send (another port of
-        # 127.0.0.1 is "same-site", and gets our cookie): refused, reads included.
+        # A request a page of another origin made the browser send (a page on another port
+        # of this address is "same-site", and gets our cookie): refused, reads included.
         fetched = req.get_header("Sec-Fetch-Site")
         if fetched is not None and fetched not in ("same-origin", "none"):
             raise falcon.HTTPForbidden(title="Cross-site request",
@@ -188,6 +193,40 @@ class Access:
                 raise falcon.HTTPForbidden(title="Stale form",
                                            description="Reload the page and try again.")
 
+    def _signs_in(self, req: falcon.Request) -> bool:
+        """Whether this request exchanges a secret for the cookie: the token, where the user
+        opened its address, or the code the opened browser comes in with (once).
+
+        :raises falcon.HTTPForbidden: the token, sent here by a page of another origin.
+        """
+        token, once = req.get_param("token"), req.get_param("open")
+        if token is not None and _same(token, self.board.token):
+            if not _users_own(req):
+                raise falcon.HTTPForbidden(
+                    title="Not opened by you",
+                    description="Another page sent your browser here with the dashboard's "
+                                "token: paste the address 'p2prc ui' printed into the "
+                                "address bar yourself.")
+            return True
+        return once is not None and _top_level(req) and self.board.take_once(once)
+
+    def _sign_in(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """The cookie, and a page that moves on to the address asked for, without the
+        secret (a browser's history keeps the first address: it is the user's own). The
+        page moves on by itself: a navigation this origin starts, which carries the
+        SameSite=Strict cookie even where the address was opened from elsewhere (a file)."""
+        query = {k: v for k, v in req.params.items() if k not in ("token", "open")}
+        target = "/" + req.path.lstrip("/\\") + ("?" + urlencode(query, doseq=True)
+                                                 if query else "")
+        resp.set_cookie(self.board.cookie, self.board.token, http_only=True,
+                        same_site="Strict", secure=False, path="/")
+        shown = html.escape(target)
+        resp.content_type = falcon.MEDIA_HTML
+        resp.text = (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" '
+                     f'content="0;url={shown}"><title>p2prc</title>'
+                     f'<p><a href="{shown}">Open the dashboard</a></p>')
+        resp.complete = True
+
     def process_response(self, req: falcon.Request, resp: falcon.Response,
                          resource: Any, req_succeeded: bool) -> None:
         resp.set_header("Content-Security-Policy",
@@ -207,6 +246,20 @@ class Access:
             resp.text = None
             resp.set_header("Content-Encoding", "gzip")
             resp.append_header("Vary", "Accept-Encoding")
+
+
+def _users_own(req: falcon.Request) -> bool:
+    """A navigation the user made (typed, pasted, a bookmark, the browser started on it:
+    ``Sec-Fetch-Site: none``) or a tool that is no browser made (no ``Sec-Fetch-Site``),
+    not one a page made the browser make (a file:// page's counts as cross-site)."""
+    return req.get_header("Sec-Fetch-Site") in (None, "none") and _top_level(req) and \
+        req.get_header("Sec-Fetch-User") in (None, "?1")
+
+
+def _top_level(req: falcon.Request) -> bool:
+    """A page loaded in a tab, where the browser says (not an image, a fetch or a frame)."""
+    return req.get_header("Sec-Fetch-Mode") in (None, "navigate") and \
+        req.get_header("Sec-Fetch-Dest") in (None, "document")
 
 
 def _same(given: str, secret: str) -> bool:
@@ -435,7 +488,7 @@ class SpecsPage:
         if peer:
             where = peer
             try:
-                with self.board.services.client(peer) as client:
+                with self.board.services.client(peer, pin=False) as client:
                     specs, where = client.specs(), f"{peer} ({client.endpoint})"
             except (P2PRCError, ValueError) as err:
                 error = str(err)
@@ -507,45 +560,18 @@ def create_app(board: Dashboard) -> falcon.App:
     return app
 
 
-def serve(services: NodeServices, host: str = "127.0.0.1", port: int = 0,
-          ready: Callable[[str], None] | None = None) -> None:
-    """Serve the dashboard until interrupted; ``ready(url)`` gets the address to open (with
-    the token)."""
-    import socketserver
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-    class Quiet(WSGIRequestHandler):
-        timeout = 15  # seconds a connection may stay silent (slow or half-sent requests)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            log.debug(format, *args)
-
-    class Threaded(socketserver.ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-        slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-
-        def process_request(self, request: Any, client_address: Any) -> None:
-            if not self.slots.acquire(blocking=False):  # too many at once: this one waits
-                self.shutdown_request(request)
-                return
-            super().process_request(request, client_address)
-
-        def process_request_thread(self, request: Any, client_address: Any) -> None:
-            try:
-                super().process_request_thread(request, client_address)
-            finally:
-                self.slots.release()
-        address_family = __import__("socket").AF_INET6 if ":" in host else \
-            __import__("socket").AF_INET
-
+def serve(services: NodeServices, host: str | None = None, port: int = 0,
+          ready: Callable[[Served], None] | None = None) -> None:
+    """Serve the dashboard until interrupted, on ``host`` or else an address of its own;
+    ``ready`` is told where (the addresses to open, with the token and with a code that
+    works once)."""
     board = Dashboard(services)
-    with make_server(host, port, create_app(board), server_class=Threaded,
-                     handler_class=Quiet) as server:
-        bound = server.server_address[1]
-        shown = f"[{host}]" if ":" in host else host
-        board.hosts = {f"{shown}:{bound}", f"localhost:{bound}"}
-        if host in ("127.0.0.1", "::1"):
-            board.hosts |= {f"127.0.0.1:{bound}", f"[::1]:{bound}"}
+    server, warning = bind(host, port, create_app(board))
+    with server:
+        address, bound = server.server_address[:2]
+        board.hosts = hosts(address, bound)
+        base = f"http://[{address}]:{bound}" if ":" in address else f"http://{address}:{bound}"
         if ready:
-            ready(f"http://{shown}:{bound}/?token={board.token}")
+            ready(Served(f"{base}/?token={board.token}", f"{base}/?open={board.open_once()}",
+                         warning))
         server.serve_forever()

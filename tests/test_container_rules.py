@@ -224,7 +224,7 @@ def test_a_gpu_is_409_without_one_and_given_with_one(tmp_path: Path) -> None:
 
 @pytest.fixture
 def gpu_host(tmp_path: Path) -> Host:
-    host = Host(tmp_path / "gpus", gpus=2)
+    host = Host(tmp_path / "gpus", gpus=2, gpus_per_caller=0)  # holders, not a caller's share
     host.backend.gpu_support = True
     TrustStore(host.node.home).add(BOB.node_id, "bob")
     return host
@@ -290,7 +290,7 @@ def test_a_failed_create_frees_its_gpus(gpu_host: Host) -> None:
 
 
 def test_gpu_share_gives_one_gpu_to_several_least_held_first(tmp_path: Path) -> None:
-    host = Host(tmp_path / "shared", gpus=2, gpu_share=True)
+    host = Host(tmp_path / "shared", gpus=2, gpu_share=True, gpus_per_caller=0)
     host.backend.gpu_support = True
     TrustStore(host.node.home).add(BOB.node_id, "bob")
     assert host.create(gpu=[0]).json["gpus"] == [0]
@@ -322,7 +322,7 @@ def test_callers_see_and_remove_only_their_own(host: Host) -> None:
     listed = host.request("GET", "/v1/containers").json["containers"]
     assert [c["id"] for c in listed] == [mine] and listed[0]["state"] == "running"
     assert host.request("GET", f"/v1/containers/{mine[:12]}").json["id"] == mine
-    assert_refused(host.request("DELETE", f"/v1/containers/{theirs}"), 403, "another node")
+    assert_refused(host.request("DELETE", f"/v1/containers/{theirs}"), 404, "No p2prc")
     assert_refused(host.request("DELETE", f"/v1/containers/{'e' * 64}"), 404, "No p2prc")
     assert_refused(host.request("DELETE", "/v1/containers/not-hex"), 400, "lower-case hex")
     assert theirs in host.backend.running
@@ -401,3 +401,81 @@ def test_no_backend_is_503_with_the_reason(tmp_path: Path) -> None:
 def test_the_images_route_lists_only_offered_images(host: Host) -> None:
     images = host.client.simulate_get("/v1/images").json["images"]
     assert [(i["backend"], i["name"]) for i in images] == [("fake", "p2prc/base:latest")]
+
+
+# -- stopped containers, GPUs per caller, other owners' ids -----------------------------------
+
+def test_a_stopped_container_is_removed_after_the_grace_with_all_it_held(
+        tmp_path: Path) -> None:
+    host = Host(tmp_path / "host", gpus=1, containers_per_caller=2,
+                container_exited_grace=300)
+    host.backend.gpu_support = True
+    service = host.node.containers()
+    stopped = host.create(ports=1, gpu=True).json["id"]
+    kept = host.create().json["id"]
+    host.backend.running[stopped].state = "exited"  # its PID 1 ended, or the OOM killer
+    now = time.time()
+    assert service.reap(now=now) == []  # seen stopped: its grace starts now
+    assert service.reap(now=now + 299) == [] and stopped in host.backend.running
+    states = {c["id"]: c["state"] for c in host.request("GET", "/v1/containers").json[
+        "containers"]}
+    assert states == {stopped: "exited", kept: "running"}
+    assert_refused(host.create(), 429, "limit per caller")  # it still holds its place
+    service.reap(now=now + 301)
+    assert stopped in host.backend.removed and set(host.held_ports().values()) == {kept}
+    assert service.store.gpu_holders() == {}
+    assert [c["id"] for c in host.request("GET", "/v1/containers").json["containers"]] == [kept]
+    assert host.create(gpu=True).status_code == 201  # its place and its GPU are free again
+
+
+def test_a_container_that_runs_again_or_vanished_is_timed_from_when_seen_stopped(
+        host: Host) -> None:
+    service = host.node.containers()
+    restarted, vanished = host.create().json["id"], host.create().json["id"]
+    now = time.time()
+    host.backend.running[restarted].state = "exited"
+    service.reap(now=now)
+    host.backend.running[restarted].state = "running"  # the host started it again
+    service.reap(now=now + 1)
+    host.backend.running[restarted].state = "exited"
+    del host.backend.running[vanished]  # removed behind p2prc's back
+    service.reap(now=now + 2)
+    service.reap(now=now + 300)  # the default grace is 5 minutes from when seen stopped
+    assert restarted in host.backend.running and len(host.held_ports()) == 2
+    service.reap(now=now + 303)
+    assert host.backend.running == {} and host.held_ports() == {}
+    assert host.node.containers().store.leases() == []
+
+
+def test_gpus_per_caller_caps_what_one_caller_holds(tmp_path: Path) -> None:
+    host = Host(tmp_path / "gpus", gpus=3)  # gpus_per_caller: 1 by default
+    host.backend.gpu_support = True
+    TrustStore(host.node.home).add(BOB.node_id, "bob")
+    assert host.create(gpu=True).json["gpus"] == [0]  # every free GPU it may hold: one
+    for ask in (True, 1, [2]):
+        assert_refused(host.create(gpu=ask), 429, "limit of 1 GPU per caller "
+                                                  "(gpus_per_caller)")
+    assert host.create().status_code == 201  # a container without a GPU is still given
+    assert_refused(host.create(who=BOB, gpu=2), 429, "limit of 1 GPU per caller")
+    assert host.create(who=BOB, gpu=[2]).json["gpus"] == [2]
+    assert sorted(host.node.containers().store.gpu_holders()) == [0, 2]
+    wide = Host(tmp_path / "wide", gpus=3, gpus_per_caller=2)
+    wide.backend.gpu_support = True
+    assert wide.create(gpu=True).json["gpus"] == [0, 1]
+    assert_refused(wide.create(gpu=1), 429, "limit of 2 GPUs per caller")
+    unlimited = Host(tmp_path / "unlimited", gpus=3, gpus_per_caller=0)
+    unlimited.backend.gpu_support = True
+    assert unlimited.create(gpu=True).json["gpus"] == [0, 1, 2]
+
+
+def test_another_callers_container_is_no_such_container(host: Host) -> None:
+    TrustStore(host.node.home).add(BOB.node_id)
+    theirs = host.create(who=BOB).json["id"]
+    unknown = "e" * 64
+    for method in ("GET", "DELETE"):
+        for given in (theirs[:12], theirs):
+            answer = host.request(method, f"/v1/containers/{given}")
+            assert answer.status_code == 404, answer.json
+            assert theirs[:12] not in answer.text  # nothing of its id comes back
+            assert answer.json == host.request(method, f"/v1/containers/{unknown}").json
+    assert theirs in host.backend.running

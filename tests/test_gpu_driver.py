@@ -84,7 +84,7 @@ def gpu_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert isinstance(driver, Driver)
     monkeypatch.setattr("p2prc_plugins.docker.DockerBackend.has_toolkit", lambda self: False)
     monkeypatch.setattr("p2prc_plugins.docker.find_driver", lambda: (driver, ""))
-    return dev, bin_, driver, service(tmp_path / "host")
+    return dev, bin_, driver, service(tmp_path / "host", gpus_per_caller=0)  # one caller
 
 
 @pytest.mark.docker

@@ -191,6 +191,13 @@ def test_an_empty_group_is_a_clear_error(node: NodeServices) -> None:
         node.runs.run("http", ["empty"], {}, "fake")
 
 
+@pytest.mark.parametrize("name", ["web\n", "web\nall", "", "1web", "a" * 65, "web;id"])
+def test_a_group_name_is_checked_whole(node: NodeServices, name: str) -> None:
+    with pytest.raises(P2PRCError, match="is not a group name"):
+        node.tracked.create_group(name)
+    assert name not in node.tracked.groups()
+
+
 def test_the_ansible_inventory_pins_host_keys_and_hands_out_ports(tmp_path: Path) -> None:
     targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host, port=c.ssh_port,
                          user="root", private_key=tmp_path / "key", host_key=c.host_key,
@@ -224,12 +231,16 @@ def test_a_container_reply_is_checked_before_it_is_kept() -> None:
     assert RemoteContainer.from_reply({**good, "gpus": [1, 0, 1]}, endpoint).gpus == [0, 1]
     assert (kept.id, kept.host, kept.ssh_port, kept.endpoint) == \
         ("a" * 64, "fd42::1", 42000, "[fd42::1]:8088")
-    assert json.loads(json.dumps(kept.as_dict()))["ssh"]["command"] == \
+    # Published on the host's loopback (the default): in through the host's p2prc port.
+    assert json.loads(json.dumps(kept.as_dict()))["ssh"]["command"] == "p2prc ssh aaaaaaaaaaaa"
+    direct = RemoteContainer.from_reply({**good, "direct": True}, endpoint)
+    assert json.loads(json.dumps(direct.as_dict()))["ssh"]["command"] == \
         "ssh -p 42000 root@fd42::1"  # OpenSSH takes an IPv6 host without brackets
     for bad in ({"id": "/../../x"}, {"ports": [{"name": "ssh", "internal": 22,
                                                "external": "{{ lookup('pipe', 'id') }}"}]},
                 {"ssh": {"port": 42000, "host_key": "ssh-ed25519 AAAA\nevil"}},
                 {"expires": "soon"}, {"expires": 1e20}, {"ports": []}, {"gpus": ["0; rm -rf /"]},
-                {"gpus": [True]}, {"gpus": [-1]}, {"gpus": 3}, {"gpus": list(range(65))}):
+                {"gpus": [True]}, {"gpus": [-1]}, {"gpus": 3}, {"gpus": list(range(65))},
+                {"direct": "yes"}, {"direct": 1}):
         with pytest.raises(PeerError, match="not a container"):
             RemoteContainer.from_reply({**good, **bad}, endpoint)

@@ -6,12 +6,13 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import P2PRC, LiveServer, require
+from conftest import P2PRC, LiveServer, friend_with, require
 from p2prc_core.tasks import BundleError, Playbooks, load_bundle, parse_variables
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,13 +125,23 @@ def touch(tmp_path: Path, host: LiveServer, ports: int) -> dict[str, Any]:
 
 
 
+@pytest.fixture
+def publishing_host(tmp_path: Path, engine: object) -> Iterator[LiveServer]:
+    """``host``, publishing its containers' ports on its addresses (publish_ports = "all")."""
+    require(shutil.which("ansible-playbook") is not None or
+            Path(P2PRC).with_name("ansible-playbook").exists(), "ansible-playbook is missing")
+    with friend_with(tmp_path, engine, P2PRC_PUBLISH_PORTS="all") as server:
+        yield server
+
+
 @on_containers
 def test_http_bundle_on_a_group_of_two_is_served_to_another_namespace(
-        tmp_path: Path, host: LiveServer) -> None:
+        tmp_path: Path, publishing_host: LiveServer) -> None:
     from netlab import NetLab, available
 
     reason = available()
     require(reason is None, reason or "")
+    host = publishing_host
     me = tmp_path / "me"
     first, second = touch(tmp_path, host, 2), touch(tmp_path, host, 2)
     assert p2prc(me, "group", "create", "web").returncode == 0

@@ -15,8 +15,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -85,8 +87,11 @@ class UI:
         except queue.Empty:
             self.proc.kill()
             raise AssertionError("p2prc ui printed no address") from None
-        assert self.url.startswith("http://127.0.0.1:"), self.url
+        # An address of its own in 127.0.0.0/8: its cookie goes to no other local service.
+        host = urlsplit(self.url).hostname or ""
+        assert host.startswith("127.") and host != "127.0.0.1", self.url
         self.base = self.url.split("/?", 1)[0]
+        self.token = self.url.split("token=", 1)[1]
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -172,10 +177,11 @@ def test_every_page_against_real_servers(tmp_path: Path, friend: LiveServer, bro
                 browser.save_screenshot(str(shots / f"{shot}.png"))
             return str(text)
 
-        # As 'p2prc ui' opens it: a private file that sends the browser on with the
-        # token, which becomes a cookie and leaves the address bar.
+        # As 'p2prc ui' opens it: a private file that sends the browser on with a code that
+        # works once (not the token), which becomes a cookie and leaves the address bar.
         opener = me / "ui-open.html"
-        assert mine.url in wait_for("the opener file", opener.read_text)
+        assert mine.base + "/?open=" in wait_for("the opener file", opener.read_text)
+        assert mine.token not in opener.read_text()
         assert opener.stat().st_mode & 0o077 == 0
         browser.get(opener.as_uri())
         wait_for("the peers page", lambda: browser.current_url == mine.base + "/peers",
@@ -288,3 +294,76 @@ def test_pages_read_without_javascript(tmp_path: Path, friend: LiveServer) -> No
             assert 'class="sorted desc"' in reply.read().decode()
     finally:
         ui.stop()
+
+
+class Stranger:
+    """Another web server on 127.0.0.1 (a port 'p2prc forward' serves from a peer's
+    container, say): the cookies it was sent, and a page that sends the browser to
+    ``target``."""
+
+    def __init__(self) -> None:
+        self.cookies: list[str] = []
+        self.target = "about:blank"
+        stranger = self
+
+        class Page(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                stranger.cookies.append(self.headers.get("Cookie") or "")
+                body = (f'<meta http-equiv="refresh" content="0;url={stranger.target}">'
+                        if self.path == "/go" else "<p>a stranger's page</p>").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_token_and_its_cookie_stay_with_the_dashboard(tmp_path: Path, browser: Any,
+                                                          live_server: LiveServer) -> None:
+    """A page that learned the dashboard's token (a service on 127.0.0.1 the cookie went
+    to, once) cannot sign the browser in with it, nor make the dashboard dial and pin a
+    peer; the user's own ways in work; and the cookie goes to no other local service."""
+    from selenium.webdriver.common.by import By
+
+    me = tmp_path / "me"
+    ui, stranger = UI(me, opens=True), Stranger()
+    try:
+        def shown() -> str:
+            return str(browser.find_element(By.TAG_NAME, "body").text)
+
+        # The stranger's page sends the browser to the dashboard with the token, on to a
+        # page that would dial a peer the user never chose.
+        stranger.target = f"{ui.base}/specs?token={ui.token}&peer={live_server.peer()}"
+        browser.get(stranger.url + "/go")
+        wait_for("the refusal", lambda: "paste the address" in shown(), browser=browser)
+        browser.get(ui.base + "/peers")
+        wait_for("no access", lambda: "No access" in shown(), browser=browser)
+        assert not (me / "peers.json").exists() or live_server.node_id not in (
+            me / "peers.json").read_text()
+
+        # The user's own ways in: the page 'p2prc ui' opened (a file), the address typed.
+        browser.get((me / "ui-open.html").as_uri())
+        wait_for("the peers page", lambda: browser.current_url == ui.base + "/peers",
+                 browser=browser)
+        browser.delete_all_cookies()
+        browser.get(ui.url)
+        wait_for("the peers page again", lambda: browser.current_url == ui.base + "/peers"
+                 and "Peers" in shown(), browser=browser)
+
+        # Another local service gets none of the dashboard's cookies.
+        browser.get(stranger.url + "/look")
+        wait_for("the stranger's page", lambda: "a stranger's page" in shown())
+        assert not any("p2prc_ui_" in sent for sent in stranger.cookies), stranger.cookies
+    finally:
+        ui.stop()
+        stranger.close()

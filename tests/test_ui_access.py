@@ -4,16 +4,28 @@ through falcon's test client (the browser tests are in test_ui.py)."""
 from __future__ import annotations
 
 import gzip
+import http.cookiejar
+import ipaddress
+import os
 import re
+import select
+import socket
+import subprocess
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from falcon import testing
 
-from conftest import BUILTINS
+from conftest import BUILTINS, P2PRC, LiveServer
 from p2prc_core.config import Settings
 from p2prc_core.identity import NodeIdentity
+from p2prc_core.models import parse_endpoint
 from p2prc_core.peertable import PeerTable
 from p2prc_core.plugins import make_plugin_manager
 from p2prc_core.records import sign_record
@@ -152,10 +164,6 @@ def test_odd_secrets_and_paths_are_refused_not_crashed_on(board: Dashboard) -> N
                              headers=form).status_code == 403
     away = web.simulate_get("/\\evil.example/", params={"token": board.token})
     assert 'content="0;url=/evil.example/"' in away.text  # a path here, not another host
-    # A valid token opened from elsewhere (a file, another site) still lets the user in.
-    opened = web.simulate_get("/", params={"token": board.token},
-                              headers={"Sec-Fetch-Site": "cross-site"})
-    assert opened.status_code == 200 and "Set-Cookie" in opened.headers
 
 
 def test_a_run_whose_artifacts_are_elsewhere_shows_none(board: Dashboard,
@@ -184,49 +192,218 @@ def test_specs_past_any_float_show_as_unknown(board: Dashboard,
     assert page.status_code == 200 and "? free of ?" in page.text
 
 
-def test_too_many_connections_at_once_are_closed_and_it_keeps_answering(
-        tmp_path: Path) -> None:
-    import os
-    import socket
-    import subprocess
-    import urllib.request
+def test_the_token_is_taken_only_from_the_users_own_navigation(board: Dashboard) -> None:
+    """The token becomes a cookie only where the user opened its address (typed, pasted, the
+    browser started on it: Sec-Fetch-Site "none") or a tool that is no browser did (no
+    Sec-Fetch-* at all): a page that learned the token can neither sign the browser in nor
+    send it on to a page of its choice."""
+    web = client(board)
+    typed = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-User": "?1",
+             "Sec-Fetch-Dest": "document"}  # what Chromium sends then (see test_ui.py)
+    for headers in (typed, {}):
+        entered = web.simulate_get("/peers", params={"token": board.token}, headers=headers)
+        assert entered.status_code == 200 and board.cookie in entered.headers["Set-Cookie"]
+    linked = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate",
+              "Sec-Fetch-Dest": "document"}  # a page of another origin sent the browser here
+    for headers in (linked, {**linked, "Sec-Fetch-Site": "same-site"},
+                    {**linked, "Sec-Fetch-Site": "same-origin"},
+                    {**typed, "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"},
+                    {**typed, "Sec-Fetch-Dest": "iframe"}):
+        refused = web.simulate_get("/specs", params={"token": board.token,
+                                                     "peer": "127.0.0.1:1"}, headers=headers)
+        assert refused.status_code == 403, headers
+        assert "Set-Cookie" not in refused.headers and "/specs" not in refused.text
+        assert "paste the address" in refused.text
+    # The page 'p2prc ui' opens through a private file arrives from file:// (cross-site,
+    # without the user's activation): it carries a code that works once, not the token.
+    code = board.open_once()
+    first = web.simulate_get("/peers", params={"open": code, "sort": "name"}, headers=linked)
+    assert first.status_code == 200 and board.cookie in first.headers["Set-Cookie"]
+    assert code not in first.text and 'content="0;url=/peers?sort=name"' in first.text
+    again = web.simulate_get("/peers", params={"open": code}, headers=linked)
+    assert again.status_code == 403 and "Set-Cookie" not in again.headers
 
-    from conftest import P2PRC
-    from p2prc_ui.app import MAX_CONNECTIONS
 
+def test_no_page_changes_the_table_or_pins(board: Dashboard, live_server: LiveServer) -> None:
+    """Pages are reads (a link, a prefetch or a page's own refresh may load them): showing a
+    peer's specs dials it, but pins it nowhere, and no page writes a file of the node's."""
+    home = board.services.home
+    web = client(board)
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(home)): p.read_bytes() for p in sorted(home.rglob("*"))
+                if p.is_file()}
+
+    assert board.services.identity.node_id  # the node's key, made as the node first starts
+    before = files()
+    first_contact, named = live_server.peer(), f"{live_server.node_id}@{live_server.peer()}"
+    for path, query in (("/peers", ""), ("/peers", "gpu=1&sort=latency"), ("/containers", ""),
+                        ("/host", ""), ("/runs", ""), ("/specs", ""),
+                        ("/specs", f"peer={first_contact}"), ("/specs", f"peer={named}")):
+        page = web.simulate_get(path, query_string=query, headers=cookie(board))
+        assert page.status_code == 200, (path, query)
+    assert f"Specs of {named} (" in page.text and "cores" in page.text  # it answered
+    assert files() == before
+    assert board.services.pinned(parse_endpoint(first_contact)) is None
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[str]:
+    """``p2prc ui`` for a fresh home, as a user starts it; the address it printed."""
     ui = subprocess.Popen([P2PRC, "ui", "--no-browser"], stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True,
                           env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
-    held: list[socket.socket] = []
     try:
         assert ui.stdout is not None
         url = ui.stdout.readline().strip()
-        port = int(url.split(":")[2].split("/")[0])
-        for _ in range(MAX_CONNECTIONS):  # silent: each holds a thread until it times out
-            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
-        held.append(extra)
-        extra.sendall(b"GET /peers HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        assert extra.recv(100) == b""  # closed at once, not queued behind the others
-        for conn in held:
-            conn.close()
-        held.clear()
-        deadline = time.monotonic() + 30
-        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-        while True:  # the held threads end as their sockets close
-            try:
-                browser.open(url, timeout=10).close()  # the token, for a cookie
-                with browser.open(url.split("?")[0] + "peers", timeout=10) as reply:
-                    assert reply.status == 200 and b"The table is empty" in reply.read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        assert url.startswith("http://"), f"p2prc ui printed no address (exit {ui.poll()})"
+        yield url
     finally:
-        for conn in held:
-            conn.close()
         ui.terminate()
         ui.wait(15)
+
+
+def test_the_dashboard_has_an_address_and_a_cookie_of_its_own(served: str) -> None:
+    """A browser sends a host's cookies to each of its ports: on 127.0.0.1 the dashboard's
+    would go to every local service (a port 'p2prc forward' serves from a stranger's
+    container included). The dashboard takes an address of its own in 127.0.0.0/8."""
+    where = urlsplit(served)
+    assert where.hostname is not None and where.port is not None
+    own = ipaddress.ip_address(where.hostname)
+    assert own in ipaddress.ip_network("127.0.0.0/8") and str(own) != "127.0.0.1", served
+    try:  # nothing of the dashboard's answers at 127.0.0.1
+        with urllib.request.urlopen(served.replace(where.hostname, "127.0.0.1"),
+                                    timeout=10) as reply:
+            cookies = reply.headers.get_all("Set-Cookie") or []
+    except urllib.error.HTTPError as err:
+        cookies = err.headers.get_all("Set-Cookie") or []
+    except OSError:
+        cookies = []
+    assert not any(c.startswith("p2prc_ui_") for c in cookies)
+    jar = http.cookiejar.CookieJar()
+    urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar)).open(
+        served, timeout=10).close()
+    assert [c.domain for c in jar] == [where.hostname]
+    for elsewhere in (f"http://127.0.0.1:{where.port + 1}/", "http://localhost:8080/",
+                      f"http://{where.hostname}:{where.port}/peers"):
+        asked = urllib.request.Request(elsewhere)
+        jar.add_cookie_header(asked)
+        sent = asked.get_header("Cookie") or ""
+        assert ("p2prc_ui_" in sent) == elsewhere.endswith("/peers"), elsewhere
+
+
+def test_where_no_address_of_its_own_can_be_had_it_says_so(
+        board: Dashboard, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loopback on macOS is 127.0.0.1 alone: the dashboard serves there, and warns."""
+    from p2prc_ui import serving
+
+    monkeypatch.setattr(serving, "own_address", lambda: "192.0.2.1")  # no interface has it
+    server, warning = serving.bind(None, 0, create_app(board))
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        assert warning is not None and "192.0.2.1" in warning and "--host" in warning
+    finally:
+        server.server_close()
+
+
+class Drips:
+    """``count`` connections that send a request head a byte a second and never finish it,
+    each opened again when the dashboard closes it (an attacker holds them open), until
+    stopped; how long each lasted."""
+
+    HEAD = b"GET /peers HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 4096
+
+    def __init__(self, where: tuple[str, int], count: int):
+        self.where = where
+        self.opened = {self._open(): time.monotonic() for _ in range(count)}
+        self.first = set(self.opened)
+        self.lasted: dict[socket.socket, float] = {}
+        self.lock = threading.Lock()
+        self.rounds = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _open(self) -> socket.socket:
+        return socket.create_connection(self.where, timeout=10)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            for conn, since in list(self.opened.items()):
+                try:
+                    conn.sendall(self.HEAD[self.rounds % len(self.HEAD):][:1])
+                    if select.select([conn], [], [], 0)[0] and not conn.recv(4096):
+                        raise ConnectionResetError
+                except OSError:  # closed by the dashboard: how long it held, and again
+                    with self.lock:
+                        self.lasted[conn] = time.monotonic() - since
+                    conn.close()
+                    del self.opened[conn]
+                    self.opened[self._open()] = time.monotonic()
+            self.rounds += 1
+            self.stop.wait(1)
+
+    def first_cut(self) -> list[float]:
+        """How long each of the first connections lasted, of those cut off so far."""
+        with self.lock:
+            return [self.lasted[conn] for conn in self.first if conn in self.lasted]
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(15)
+        for conn in self.opened:
+            conn.close()
+
+
+def test_a_request_head_must_come_within_a_few_seconds(served: str) -> None:
+    """A client that sends its request a byte a second (never silent for 15 s) is cut off
+    once HEAD_SECONDS have passed, though nothing else crowds it."""
+    from p2prc_ui.serving import HEAD_SECONDS
+
+    where = urlsplit(served)
+    assert where.hostname is not None and where.port is not None
+    drip = Drips((where.hostname, where.port), 1)
+    try:
+        deadline = time.monotonic() + HEAD_SECONDS + 15
+        while not drip.first_cut():
+            assert time.monotonic() < deadline, "a dripping request was never cut off"
+            time.sleep(0.2)
+        assert HEAD_SECONDS - 1 < drip.first_cut()[0] < HEAD_SECONDS + 3
+    finally:
+        drip.close()
+
+
+def test_slow_clients_do_not_lock_the_user_out(served: str) -> None:
+    """Seventy connections dripping their request a byte a second, more than the dashboard
+    serves at once: the user's own requests are still answered at once, and each dripping
+    connection is cut off after a few seconds (not held while it keeps sending)."""
+    from p2prc_ui.serving import MAX_CONNECTIONS
+
+    where = urlsplit(served)
+    assert where.hostname is not None and where.port is not None
+    drips = Drips((where.hostname, where.port), MAX_CONNECTIONS + 6)
+    try:
+        for _ in range(3):
+            seen = drips.rounds
+            deadline = time.monotonic() + 30
+            while drips.rounds < seen + 2:  # the drips go on while the user asks
+                assert time.monotonic() < deadline, "the dripping stopped"
+                time.sleep(0.1)
+            started = time.monotonic()
+            browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+            browser.open(served, timeout=10).close()  # the token, for a cookie
+            with browser.open(f"http://{where.netloc}/peers", timeout=10) as reply:
+                assert reply.status == 200 and b"The table is empty" in reply.read()
+            assert time.monotonic() - started < 3, "the dashboard answered slowly"
+        deadline = time.monotonic() + 30
+        while len(drips.first_cut()) < len(drips.first):
+            cut = len(drips.first_cut())
+            assert time.monotonic() < deadline, f"only {cut} of the first drips were cut off"
+            time.sleep(0.2)
+        assert max(drips.first_cut()) < 10  # each within a few seconds
+    finally:
+        drips.close()
 
 
 def test_destructive_forms_ask_first_without_javascript(board: Dashboard) -> None:

@@ -68,7 +68,11 @@ def touch(node: Node, peer: str, ports: int, gpu: bool | int | list[int] | None,
                    f"'nvidia-smi' in the container lists them from 0)")
     click.echo(f"  log in:  p2prc ssh {container.short_id}   (through the host's p2prc port)")
     where = f"{container.host}: ssh {container.ssh_port}, extra {extra}"
-    if published:
+    if not container.direct:
+        click.echo(f"  ports: ssh {container.ssh_port}, extra {extra}, on the host's loopback "
+                   f"only; reach them with 'p2prc ssh' and 'p2prc forward "
+                   f"{container.short_id} PORT'")
+    elif published:
         click.echo(f"  published ports on {where} (reachable from here)")
     else:
         click.echo(f"  published ports on {where}: NOT reachable from here (a firewall or "
@@ -76,11 +80,12 @@ def touch(node: Node, peer: str, ports: int, gpu: bool | int | list[int] | None,
 
 
 def published_reachable(container: RemoteContainer, timeout: float = 1.0) -> bool:
-    """Whether the container's published SSH port takes a connection from here (the host
-    may publish on an address this client cannot reach: NAT, a firewall, a relay)."""
+    """Whether the container's published SSH port takes a connection from here: only where
+    its host publishes on its addresses (``publish_ports = "all"``), and even then it may be
+    one this client cannot reach (NAT, a firewall, a relay)."""
     import socket
 
-    if container.host_endpoint.relay:
+    if not container.direct or container.host_endpoint.relay:
         return False
     try:
         socket.create_connection((container.host, container.ssh_port), timeout=timeout).close()
@@ -131,7 +136,7 @@ def remove_container(node: Node, container: str) -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--direct", is_flag=True,
               help="Use the container's published SSH port instead of the tunnel through the "
-                   "host's p2prc port.")
+                   "host's p2prc port (only where the host publishes on its addresses).")
 @click.argument("container")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_node
@@ -139,6 +144,11 @@ def ssh(node: Node, direct: bool, container: str, command: tuple[str, ...]) -> N
     """Log into a container with your key, checking its pinned host key. SSH goes through
     the host's p2prc port (and its relay, if it has one): nothing else need be open."""
     entry = node.services.tracked.find(container)
+    if direct and not entry.direct:
+        raise click.ClickException(
+            f"{entry.short_id}'s host publishes its ports on its loopback only (its "
+            f"publish_ports setting): --direct cannot reach them; 'p2prc ssh "
+            f"{entry.short_id}' goes through the host's p2prc port")
     node.services.check_alive([entry])  # its port may be someone else's container by now
     private, _ = node.services.ssh_key()
     services = node.services

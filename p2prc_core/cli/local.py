@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from typing import Any
 
 import click
@@ -24,7 +25,7 @@ from p2prc_core.config import (
     load_settings,
     settings_as_dict,
 )
-from p2prc_core.containers import ContainerService, usage_of
+from p2prc_core.containers import STOPPED, ContainerService, Lease, usage_of
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Address
 from p2prc_core.node import (
@@ -36,7 +37,14 @@ from p2prc_core.node import (
     ordered_by_preference,
     why_not_advertised,
 )
-from p2prc_core.output import format_when, human_bytes, print_json, print_table
+from p2prc_core.output import (
+    format_ago,
+    format_when,
+    human_bytes,
+    human_duration,
+    print_json,
+    print_table,
+)
 
 # -- server ------------------------------------------------------------------------------
 
@@ -298,17 +306,32 @@ def server_containers() -> None:
 @json_option
 @pass_node
 def server_containers_ls(node: Node, as_json: bool = False) -> None:
-    """List every p2prc container here, with its owner, limits and lease."""
+    """List every p2prc container here, with its owner, state, limits and lease: a stopped
+    one with when it is freed, a running one that uses no CPU now as idle."""
     service = _local_service(node)
     leases = service.list_leases()
     usage = usage_of(service.backend, [lease.id for lease in leases if lease.state == "running"])
+    stopped_now = {lease.id for lease in leases if lease.state in STOPPED}
+    stopped = {i: times for i, times in service.freed_at().items() if i in stopped_now}
     if as_json:
-        print_json([{**lease.as_dict(), "usage": usage.get(lease.id)} for lease in leases])
+        print_json([{**lease.as_dict(), "usage": usage.get(lease.id),
+                     "idle": _idle(lease, usage),
+                     "stopped_since": stopped.get(lease.id, (None, None))[0],
+                     "freed_at": stopped.get(lease.id, (None, None))[1]} for lease in leases])
         return
     if not leases:
         click.echo("No p2prc containers on this host.")
         return
     names = {k: v.get("name") for k, v in node.services.trust.all().items()}
+    moment = time.time()
+
+    def state(lease: Lease) -> str:
+        if lease.id in stopped:
+            since, freed = stopped[lease.id]
+            return f"{lease.state} {format_ago(since, moment)}, " + (
+                f"freed in {human_duration(freed - moment)}" if freed > moment
+                else "being freed")
+        return f"{lease.state}, idle" if _idle(lease, usage) else lease.state
 
     def used(lease: Any) -> tuple[str, str]:
         now = usage.get(lease.id)
@@ -318,11 +341,27 @@ def server_containers_ls(node: Node, as_json: bool = False) -> None:
                 f"{human_bytes(now['memory'])} of {human_bytes(lease.memory)}")
 
     print_table(("id", "owner", "state", "image", "cpu", "memory", "ports", "gpus", "expires"),
-                [(lease.id[:12], names.get(lease.owner) or lease.owner, lease.state,
+                [(lease.id[:12], names.get(lease.owner) or lease.owner, state(lease),
                   lease.image, *used(lease),
                   ", ".join(str(p["external"]) for p in lease.ports),
                   ", ".join(map(str, lease.gpus)) or "-", format_when(lease.expires))
                  for lease in leases])
+    holding = sum(lease.state in STOPPED for lease in leases)
+    if holding:
+        click.echo(f"{holding} stopped container{'s' if holding > 1 else ''} still "
+                   f"hold{'' if holding > 1 else 's'} ports and GPUs: freed "
+                   f"{human_duration(node.settings.container_exited_grace)} after stopping "
+                   f"(container_exited_grace) while the server runs; 'p2prc server "
+                   f"containers kill ID' frees one now.")
+
+
+IDLE_PERCENT = 1.0  # a running container that uses less of a CPU than this now is idle
+
+
+def _idle(lease: Lease, usage: dict[str, dict[str, float]]) -> bool | None:
+    """Whether a running container uses next to no CPU now (None: not running, or unknown)."""
+    now = usage.get(lease.id)
+    return None if now is None else now["cpu_percent"] < IDLE_PERCENT
 
 
 @server_containers.command("kill")
@@ -379,29 +418,34 @@ def image_build(node: Node, from_debootstrap: bool, tag: str, force: bool) -> No
 @main.command()
 @click.option("--port", type=click.IntRange(0, 65535), default=0,
               help="Port to serve on [default: any free one].")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to serve on. Keep it on loopback: whoever has the printed "
-                   "address (with its token) controls this node.")
+@click.option("--host", default=None,
+              help="Address to serve on [default: one of its own in 127.0.0.0/8, whose "
+                   "cookie no other local service gets]. Keep it on loopback: whoever has "
+                   "the printed address (with its token) controls this node.")
 @click.option("--no-browser", is_flag=True, help="Print the address; do not open a browser.")
 @pass_node
-def ui(node: Node, port: int, host: str, no_browser: bool) -> None:
+def ui(node: Node, port: int, host: str | None, no_browser: bool) -> None:
     """Serve a local web dashboard: peers, your containers, this host's containers and
     trusted nodes, runs, and specs."""
     import threading
     import webbrowser
 
-    from p2prc_ui import serve
+    from p2prc_ui import Served, serve
 
-    def ready(url: str) -> None:
-        click.echo(url)
+    def ready(served: Served) -> None:
+        if served.warning:
+            click.echo(f"WARNING: {served.warning}", err=True)
+        click.echo(served.url)
         click.echo("Open that address (it carries this dashboard's access token); Ctrl-C "
                    "stops the dashboard.", err=True)
         if not no_browser:
-            # Through a private file that sends the browser on: the token is then on no
-            # command line another user could read.
+            # Through a private file that sends the browser on with a code that works once:
+            # nothing is on a command line another user could read, and the token is
+            # taken only from an address the user opens (a file's page counts as another
+            # site's).
             from p2prc_core.storage import atomic_write
 
-            opener = node.home / "ui-open.html"
+            opener, url = node.home / "ui-open.html", served.opener
             atomic_write(opener, f'<!doctype html><meta http-equiv="refresh" content="0;url='
                                  f'{url}"><a href="{url}">p2prc dashboard</a>\n'.encode(),
                          mode=0o600)
@@ -411,7 +455,7 @@ def ui(node: Node, port: int, host: str, no_browser: bool) -> None:
     try:
         serve(node.services, host, port, ready)
     except OSError as err:
-        raise P2PRCError(f"cannot serve the dashboard on {host}:{port}: {err.strerror}") \
-            from None
+        where = f"{host}:{port}" if host else f"port {port}" if port else "loopback"
+        raise P2PRCError(f"cannot serve the dashboard on {where}: {err.strerror}") from None
     except KeyboardInterrupt:
         pass

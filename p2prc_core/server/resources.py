@@ -263,7 +263,8 @@ def lease_reply(lease: Lease, req: falcon.Request) -> dict[str, Any]:
     reply["ssh"] = {"user": "root", "host": host, "port": lease.ssh_port,
                     "host_key": lease.host_key,
                     "fingerprint": reply.pop("host_key_fingerprint"),
-                    "command": login_command(host, lease.ssh_port)}
+                    "command": login_command(host, lease.ssh_port) if lease.direct
+                    else f"p2prc ssh {lease.id[:12]}"}
     return reply
 
 
@@ -290,12 +291,17 @@ class ContainersResource:
                                     "memory": {"type": "integer", "description": "bytes"},
                                     "ttl": {"type": "integer", "description": "seconds"}},
                      "additionalProperties": False}}}},
-                 "responses": {"201": {"description": "the container: id, ports, ssh"},
+                 "responses": {"201": {"description": "the container: id, ports, ssh, and "
+                                                      "direct (published on the host's "
+                                                      "addresses, or on loopback only)"},
                                "409": {"description": "a GPU was asked for; there is none, "
                                                       "or those asked for are held"},
                                "422": {"description": "over a limit, an image not offered, "
                                                       "or GPUs this host has not"},
-                               "429": {"description": "too many containers for this caller"}}},
+                               "429": {"description": "too many containers (or GPUs) for "
+                                                      "this caller"},
+                               "507": {"description": "this host's disk for containers is "
+                                                      "low"}}},
         "get": {"summary": "The caller's containers here", "tags": ["signed"]},
     }
 

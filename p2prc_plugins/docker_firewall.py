@@ -1,0 +1,100 @@
+"""What p2prc's containers may reach, as firewall rules on their bridge.
+
+Docker's own rules let a container open connections anywhere the host can route: to the
+host itself, to the host's LAN, and to a cloud's metadata service (169.254.169.254 and its
+kin), which hands out the host's credentials to whoever asks from the host. These rules,
+put in place before every container starts (a firewall reload drops them), close:
+
+- the host to its containers (INPUT: no new connection from the bridge);
+- the metadata services, always (in DOCKER-USER, which Docker evaluates first and keeps
+  across restarts, or FORWARD where there is none);
+- container to container over IPv6 (IPv4 is closed by the network's enable_icc=false; IPv6
+  only by Docker's default of no IPv6 in containers, which a daemon setting can change);
+- the host's private networks, when the host says so (``containers_reach_lan = false``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+
+log = logging.getLogger("p2prc.docker")
+
+# Cloud metadata services: AWS, GCP, Azure, OpenStack and most others answer at the
+# link-local 169.254.169.254 (the whole link-local block is refused), Alibaba at
+# 100.100.100.200, AWS over IPv6 at fd00:ec2::254.
+METADATA_V4 = ("169.254.0.0/16", "100.100.100.200/32")
+METADATA_V6 = ("fd00:ec2::254/128", "fe80::/10")
+PRIVATE_V4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+PRIVATE_V6 = ("fc00::/7",)
+
+
+def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool, *args], capture_output=True, text=True)
+
+
+def _chain(tool: str) -> str:
+    """DOCKER-USER where Docker made it (its rules come after ours there), else FORWARD."""
+    return "DOCKER-USER" if _run(tool, "-nL", "DOCKER-USER").returncode == 0 else "FORWARD"
+
+
+def _tagged(rule: list[str]) -> list[str]:
+    """The rule with a comment naming it, so that one listing tells which are in place."""
+    tag = "p2prc-" + hashlib.sha256(" ".join(rule[1:]).encode()).hexdigest()[:12]
+    return [*rule, "-m", "comment", "--comment", tag]
+
+
+def _tag(rule: list[str]) -> str:
+    return rule[-1]
+
+
+def rules(bridge: str, reach_lan: bool, chain: str = "FORWARD",
+          v6: bool = False) -> list[tuple[bool, list[str]]]:
+    """One tool's rules as (wanted, rule): wanted ones are put in, others taken out."""
+    metadata, private = (METADATA_V6, PRIVATE_V6) if v6 else (METADATA_V4, PRIVATE_V4)
+    found = [(True, ["INPUT", "-i", bridge, "-m", "conntrack", "--ctstate", "NEW", "-j",
+                     "REJECT"])]
+    found += [(True, [chain, "-i", bridge, "-d", net, "-j", "REJECT"]) for net in metadata]
+    found += [(not reach_lan, [chain, "-i", bridge, "!", "-o", bridge, "-d", net, "-m",
+                               "conntrack", "--ctstate", "NEW", "-j", "REJECT"])
+              for net in private]
+    if v6:
+        found.append((True, [chain, "-i", bridge, "-o", bridge, "-j", "DROP"]))
+    return [(want, _tagged(rule)) for want, rule in found]
+
+
+def _apply(tool: str, bridge: str, reach_lan: bool) -> str | None:
+    """Bring one tool's rules in line; one listing when they are already (every create)."""
+    listing = _run(tool, "-S").stdout
+    wanted = rules(bridge, reach_lan, "FORWARD", tool == "ip6tables")
+    if all((_tag(rule) in listing) == want for want, rule in wanted):
+        return None
+    chain = _chain(tool)
+    for want, rule in rules(bridge, reach_lan, chain, tool == "ip6tables"):
+        if not want:
+            for _ in range(16):  # put in more than once: take each out
+                if _run(tool, "-D", *rule).returncode != 0:
+                    break
+        elif _run(tool, "-C", *rule).returncode != 0:
+            added = _run(tool, "-I", *rule)
+            if added.returncode != 0:
+                return added.stderr.strip() or "failed"
+    return None
+
+
+def guard(bridge: str, reach_lan: bool = True) -> str | None:
+    """Put the rules in place for ``bridge``; returns what went wrong, or None. IPv4 must
+    work; IPv6 is best effort (p2prc's network has no IPv6 unless the daemon gives it)."""
+    for tool in ("iptables", "ip6tables"):
+        if shutil.which(tool) is None:
+            if tool == "iptables":
+                return "iptables is not installed"
+            continue
+        problem = _apply(tool, bridge, reach_lan)
+        if problem and tool == "iptables":
+            return f"iptables: {problem}"
+        if problem:
+            log.warning("could not put in place the IPv6 rules for containers: %s", problem)
+    return None
