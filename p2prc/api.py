@@ -16,17 +16,23 @@ from typing import Any
 from p2prc_core.config import ConfigError, Settings, default_home, load_settings
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import parse_duration, parse_size
-from p2prc_core.output import format_when, human_bytes
+from p2prc_core.output import clean, format_when, human_bytes
 from p2prc_core.plugins import make_plugin_manager
 from p2prc_core.services import NodeServices
 from p2prc_core.tracking import RemoteContainer
 from p2prc_core.tunnel import ssh_command
 
 
+def _html(text: object) -> str:
+    """Text for a notebook: cleaned as the CLI cleans it (no escape sequences or control
+    characters: peers choose their names), then escaped (no markup)."""
+    return html.escape(clean(text))
+
+
 def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
-    """An HTML table for a notebook; every cell escaped (peers choose their names)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+    """An HTML table for a notebook; every cell cleaned and escaped."""
+    head = "".join(f"<th>{_html(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_html(c)}</td>" for c in row) + "</tr>"
                    for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -73,8 +79,9 @@ class Peer:
     _HEADERS = ("name", "node id", "address", "latency", "gpus", "memory", "trusted as")
 
     def __str__(self) -> str:
+        """As ``print`` shows it: cleaned as the CLI cleans a peer's words."""
         latency = f", {self.latency_ms:.1f} ms" if self.latency_ms is not None else ""
-        return f"{self.name or '(no name)'} ({self.node_id}) at {self.address}{latency}"
+        return clean(f"{self.name or '(no name)'} ({self.node_id}) at {self.address}{latency}")
 
     def _repr_html_(self) -> str:
         return _table(self._HEADERS, [self._cells()])
@@ -151,7 +158,7 @@ class Run:
                    artifacts=Path(record.get("artifacts", "")), hosts=hosts)
 
     def _repr_html_(self) -> str:
-        title = (f"<p>run {html.escape(self.id)} of {html.escape(self.playbook)}: "
+        title = (f"<p>run {_html(self.id)} of {_html(self.playbook)}: "
                  f"{'succeeded' if self.succeeded else 'failed'}</p>")
         return title + _table(("host", "status", "ok", "changed", "failed", "failed task"),
                               [(h.name, h.status, h.ok, h.changed, h.failed, h.task or "-")
@@ -242,9 +249,9 @@ class Container:
         return self._node.services.remove_container(self.remote)
 
     def __repr__(self) -> str:
-        return (f"<Container {self.short_id} on {self.host}"
-                + (f", {self.state}" if self.state else "")
-                + f", until {format_when(self.expires)}>")
+        return clean(f"<Container {self.short_id} on {self.host}"
+                     + (f", {self.state}" if self.state else "")
+                     + f", until {format_when(self.expires)}>")
 
     def _repr_html_(self) -> str:
         return _table(("id", "host", "state", "ports", "gpus", "expires"),
@@ -425,7 +432,7 @@ class Node:
         return [Run.from_record(r) for r in self.services.runs.history.all()]
 
     def __repr__(self) -> str:
-        return f"<p2prc Node {self.node_id} at {self.home}>"
+        return clean(f"<p2prc Node {self.node_id} at {self.home}>")
 
 
 def _whole(value: Any, parse: Callable[[str], int], what: str) -> int:

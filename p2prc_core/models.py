@@ -157,7 +157,9 @@ def parse_path(text: str, node_id: str | None) -> Endpoint:
     return parse_endpoint(text).expecting(node_id)
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*$")
+# Each pattern below is used with ``fullmatch`` (``$`` would let a trailing line break in).
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9-]{1,63})*")
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # fe80::1%eth0: an interface's name or number
 
 
 _NODE_ID = re.compile(r"[a-z2-7]{26}")
@@ -182,6 +184,9 @@ def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
         text = text.split("://", 1)[1].rstrip("/")
     node_id, at, rest = text.partition("@")
     if at:
+        if "@" in rest:
+            raise ValueError(f"{text!r} names more than one node id: write "
+                             f"NODE_ID@ADDRESS[:PORT] with one")
         if not _NODE_ID.fullmatch(node_id.lower()):
             raise ValueError(f"{node_id!r} is not a node id (26 letters and digits, as "
                              f"'p2prc id' prints)")
@@ -207,7 +212,7 @@ def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            if not _HOSTNAME.match(host):
+            if not _HOSTNAME.fullmatch(host):
                 raise ValueError(f"{text!r} is not an IP address or host name") from None
             if re.fullmatch(r"[0-9.]+|0[xX][0-9a-fA-F.]*", host):
                 # 127.1, 2130706433, 0x7f000001: other spellings of an IP address, which
@@ -240,10 +245,13 @@ def looks_like_address(text: str) -> bool:
 
 
 def _check_ip(host: str, text: str) -> None:
+    address, percent, zone = host.partition("%")
     try:
-        ipaddress.ip_address(host.split("%", 1)[0])
+        ipaddress.ip_address(address)
     except ValueError:
         raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    if percent and not _ZONE.fullmatch(zone):
+        raise ValueError(f"{text!r}: {zone!r} after '%' is not an interface's name")
 
 
 @dataclass

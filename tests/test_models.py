@@ -63,3 +63,22 @@ def test_sizes() -> None:
     for bad in ("", "ten", "5 parsecs", "-1"):
         with pytest.raises(ValueError, match="not a size"):
             parse_size(bad)
+
+
+@pytest.mark.parametrize("text", [
+    "1.2.3.4\n:8088", "nas.lan\n:9000", "peer.example\n:1", "a" * 26 + "@1.2.3.4\n:8088",
+    "[fe80::1%eth0\n]:8088", "fe80::1%a\x1b]0;x\x07", "[fe80::1%a b]:80", "[fd00::1%]:80",
+])
+def test_a_line_break_or_control_in_an_address_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_endpoint(text)
+
+
+def test_a_zone_is_an_interface_name() -> None:
+    assert parse_endpoint("[fe80::1%eth0]:80").host == "fe80::1%eth0"
+
+
+def test_two_node_ids_are_refused_not_one_kept() -> None:
+    first, second = "a" * 26, "b" * 26
+    with pytest.raises(ValueError, match="more than one node id"):
+        parse_endpoint(f"{first}@{second}@10.0.0.1:8088")

@@ -140,3 +140,36 @@ def test_peers_filter_and_errors_read_as_the_cli_says_them(tmp_path: Path) -> No
     (tmp_path / "file").write_text("not a home")
     with pytest.raises(p2prc.P2PRCError, match="as a node's home"):
         p2prc.Node.open(tmp_path / "file")
+
+
+# What a peer chose (its name, GPU names), or a host said, reaches a terminal or a notebook
+# through print(), repr() and _repr_html_: title, clear-screen, clipboard writes (OSC 52),
+# bidirectional overrides.
+HOSTILE = "evil\x1b]0;pwned\x07\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07\u202e\x9b31m\n"
+
+
+def shows_nothing_hostile(text: str) -> None:
+    assert not any(c in text for c in "\x1b\x07\x9b\u202e\n"), repr(text)
+    assert "evil" in text
+
+
+def test_what_a_peer_chose_is_printed_clean(tmp_path: Path) -> None:
+    import p2prc
+    from p2prc.api import Container, Run
+    from p2prc_core.tracking import RemoteContainer
+
+    node = p2prc.Node.open(tmp_path / "me")
+    plant(node.home, node.node_id, HOSTILE, gpus=[HOSTILE], gpus_free=1)
+    [peer] = node.peers()
+    for shown in (str(peer), repr(peer), f"using {peer}", peer._repr_html_(),
+                  node.peers()._repr_html_()):
+        shows_nothing_hostile(shown)
+    remote = RemoteContainer(id="ab" * 32, endpoint=HOSTILE, host="127.0.0.1", ssh_port=42000,
+                             host_key="ssh-ed25519 AAAA", ports=[], image="x", created=0,
+                             expires=0)
+    container = Container(node, remote, state=HOSTILE)
+    for shown in (repr(container), str(container), container._repr_html_()):
+        shows_nothing_hostile(shown)
+    run = Run.from_record({"id": "1", "playbook": HOSTILE, "hosts": {
+        HOSTILE: {"container": "ab" * 6, "status": HOSTILE, "task": HOSTILE}}})
+    shows_nothing_hostile(run._repr_html_())
