@@ -55,40 +55,60 @@ def request_ms(port: int, count: int, timeout: float) -> tuple[list[float], int]
 
 
 class Strangers:
-    """Dripping TLS connections and silent TCP ones, kept up (reopened when closed)."""
+    """Dripping TLS connections and silent TCP ones, opened as an attacker would (all at
+    once, none waiting for the server) and kept up (reopened when closed), from threads of
+    their own."""
 
     def __init__(self, port: int, drippers: int, silent: int):
         self.port = port
-        self.silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(silent)]
-        self.drippers = [self._dripper() for _ in range(drippers)]
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._drip, daemon=True)
-        self.thread.start()
+        self.socks: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._silent, daemon=True)
+                        for _ in range(silent)]
+        self.threads += [threading.Thread(target=self._drip, daemon=True)
+                         for _ in range(drippers)]
+        for thread in self.threads:
+            thread.start()
 
-    def _dripper(self) -> tuple[socket.socket, list[int]]:
-        sock = client_context().wrap_socket(socket.create_connection(("127.0.0.1", self.port)))
-        return sock, [0]
+    def _silent(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            except OSError:
+                continue
+            self.socks.append(sock)
+            sock.settimeout(0.5)
+            while not self.stopping.is_set():
+                try:
+                    if sock.recv(1) == b"":
+                        break  # closed by the server: open another
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
 
     def _drip(self) -> None:
-        while not self.stopping.wait(0.5):
-            for i, (sock, sent) in enumerate(self.drippers):
+        while not self.stopping.is_set():
+            try:
+                sock = client_context().wrap_socket(
+                    socket.create_connection(("127.0.0.1", self.port), timeout=5))
+            except OSError:
+                continue
+            self.socks.append(sock)
+            sent = 0
+            while not self.stopping.wait(0.5):
                 try:
-                    sock.send(HEAD[sent[0] % (len(HEAD) - 1):][:1])
-                    sent[0] += 1
+                    sock.send(HEAD[sent % (len(HEAD) - 1):][:1])  # never the last byte
+                    sent += 1
                 except OSError:
-                    sock.close()
-                    try:
-                        self.drippers[i] = self._dripper()
-                    except OSError:
-                        pass
+                    break
 
     def close(self) -> None:
         self.stopping.set()
-        self.thread.join(5)
-        for sock, _ in self.drippers:
+        for sock in list(self.socks):
             sock.close()
-        for sock in self.silent:
-            sock.close()
+        for thread in self.threads:
+            thread.join(6)
 
 
 def main() -> None:
@@ -99,6 +119,8 @@ def main() -> None:
     parser.add_argument("--silent", type=int, default=60)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds the strangers connect before requests are timed")
     args = parser.parse_args()
     quiet: dict[str, list[float]] = {"front": [], "gthread": []}
     loaded: dict[str, list[float]] = {"front": [], "gthread": []}
@@ -111,6 +133,7 @@ def main() -> None:
                     took, _ = request_ms(port, args.requests, args.timeout)
                     quiet[worker].append(median(took))
                     strangers = Strangers(port, args.drippers, args.silent)
+                    time.sleep(args.warmup)  # the attack builds up
                     try:
                         took, failed = request_ms(port, args.requests, args.timeout)
                     finally:
