@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+import shlex
 import shutil
 import subprocess
 
@@ -29,6 +31,7 @@ METADATA_V4 = ("169.254.0.0/16", "100.100.100.200/32")
 METADATA_V6 = ("fd00:ec2::254/128", "fe80::/10")
 PRIVATE_V4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
 PRIVATE_V6 = ("fc00::/7",)
+_TAG = re.compile(r'--comment "?(p2prc-[0-9a-f]{12})"?')
 
 
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -65,10 +68,24 @@ def rules(bridge: str, reach_lan: bool, chain: str = "FORWARD",
     return [(want, _tagged(rule)) for want, rule in found]
 
 
+def _stale(listing: str, known: set[str]) -> list[list[str]]:
+    """Rules of p2prc's (by their tag) that it no longer makes: an older version's, or one
+    for another bridge; each as the arguments that delete it."""
+    found = []
+    for line in listing.splitlines():
+        tag = _TAG.search(line)
+        if tag and tag.group(1) not in known and line.startswith("-A "):
+            found.append(["-D", *shlex.split(line)[1:]])
+    return found
+
+
 def _apply(tool: str, bridge: str, reach_lan: bool) -> str | None:
     """Bring one tool's rules in line; one listing when they are already (every create)."""
     listing = _run(tool, "-S").stdout
     wanted = rules(bridge, reach_lan, "FORWARD", tool == "ip6tables")
+    stale = _stale(listing, {_tag(rule) for _, rule in wanted})
+    for rule in stale:
+        _run(tool, *rule)
     if all((_tag(rule) in listing) == want for want, rule in wanted):
         return None
     chain = _chain(tool)

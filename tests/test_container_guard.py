@@ -287,3 +287,27 @@ def test_the_firewall_rules_cover_every_metadata_address() -> None:
     assert "-o p2prc0 -j DROP" in v6  # container to container over IPv6
     lan = [rule for want, rule in rules("p2prc0", False) if "10.0.0.0/8" in rule]
     assert lan and all(want for want, rule in rules("p2prc0", False) if rule in lan)
+
+
+def test_rules_p2prc_no_longer_makes_are_taken_out(engine: Any) -> None:
+    """A rule an older version tagged, that this one does not make, goes at the next create
+    (here: the next guard); the wanted ones stay, and a second guard changes nothing."""
+    import shutil
+
+    from p2prc_plugins.docker_firewall import guard
+
+    require(os.geteuid() == 0 and shutil.which("iptables") is not None,
+            "iptables as root is needed")
+    old = ["DOCKER-USER", "-i", "p2prc0", "-d", "192.0.2.1/32", "-m", "comment",
+           "--comment", "p2prc-000000000000", "-j", "REJECT"]
+    assert subprocess.run(["iptables", "-I", *old]).returncode == 0
+    try:
+        assert guard("p2prc0", True) is None
+        listing = subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout
+        assert "p2prc-000000000000" not in listing
+        assert all(rule[-1] in listing for want, rule in rules("p2prc0", True) if want)
+        assert guard("p2prc0", True) is None
+        assert subprocess.run(["iptables", "-S"], capture_output=True,
+                              text=True).stdout == listing
+    finally:
+        subprocess.run(["iptables", "-D", *old], capture_output=True)
