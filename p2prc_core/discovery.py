@@ -362,7 +362,8 @@ class Discovery:
             if outcome.observed is not None:
                 summary.observed[outcome.observed] += 1
                 state.observe(outcome.observed, outcome.node_id, now)
-            measured.latency_ms = round(outcome.latency_ms or 0.0, 3)
+            if outcome.latency_ms is not None:  # unmeasured (no time left to probe): the
+                measured.latency_ms = round(outcome.latency_ms, 3)  # last figure stands
             measured.last_seen = now
             measured.failures = 0
             measured.address = outcome.endpoint

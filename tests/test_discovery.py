@@ -260,6 +260,35 @@ class Liar(InProcessTransport):
         return self.answer, 1.0
 
 
+class Unprobed(InProcessTransport):
+    """Answers, but while ``probing`` is off (a peer that used up its time on the exchange)
+    with no latency."""
+
+    probing = False
+
+    def call(self, endpoint: Endpoint, body: bytes, probes: int,
+             timeout: float | None = None) -> tuple[bytes, float | None]:
+        return super().call(endpoint, body, probes if self.probing else 0, timeout)
+
+
+def test_a_peer_whose_latency_went_unmeasured_is_not_ranked_as_the_fastest(
+        tmp_path: Path) -> None:
+    """A peer that drips its answer leaves no time for latency probes: its latency stays
+    what it was (unknown at first, which ranks last), never 0 ms, which would rank first."""
+    transport = Unprobed()
+    me, slow = SimNode(tmp_path, 0, transport), SimNode(tmp_path, 1, transport)
+    me.table.merge([slow.record()])
+    me.discovery.update(hops=1)
+    assert me.table.load()[slow.identity.node_id].measured.latency_ms is None
+    transport.latency_ms[slow.endpoint] = 42.0
+    transport.probing = True
+    me.discovery.update(hops=1)
+    assert me.table.load()[slow.identity.node_id].measured.latency_ms == 42.0
+    transport.probing = False
+    me.discovery.update(hops=1)  # not probed again: the last figure stands
+    assert me.table.load()[slow.identity.node_id].measured.latency_ms == 42.0
+
+
 @pytest.mark.parametrize("answer", [
     b"not json", b"[]", b'{"records": "x", "cursor": "c"}', b'{"records": []}',
     json.dumps({"records": [{}] * 501, "cursor": "c"}).encode(),
