@@ -80,10 +80,13 @@ class ReachAgent:
         self.state = ReachState(node.home)
         self._stop = threading.Event()
         # Clients taken from a relay at once: a relay that hands out tokens without end
-        # must not make this node open connections without end.
-        # Each takes a thread of this node's own server too: at most half of them.
+        # must not make this node open connections without end. A relayed client holds a
+        # thread of this node's server only while a request of its runs, or a tunnel (whose
+        # budget is threads - 2 per worker): request heads are read without one (see
+        # server.front). So as many as the tunnels' budget, which a relay's per-network
+        # share of streams (relay_streams_per_network) stays well under.
         self.max_accepting = max(1, min(MAX_ACCEPTING, (self.settings.threads - 2)
-                                        * self.settings.workers // 2))
+                                        * self.settings.workers))
         self._accepting = threading.BoundedSemaphore(self.max_accepting)
         self._lock_fd: int | None = None
         self._mapping: Any = None

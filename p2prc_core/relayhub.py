@@ -34,6 +34,7 @@ TOKEN_BYTES = 16
 WAIT_SECONDS = 20.0  # a poll is answered at the latest after this (204: nothing came)
 ACCEPT_SECONDS = 10.0  # how long a client is held for the node to come and accept
 FIND_SECONDS = 3.0  # how long a client waits for the node's next poll to appear
+SEEN_SECONDS = 30.0  # a node that polled this recently is still taken to be here
 WAITS_PER_NODE = 2  # polls one node may hold open at once (one, and the next overlapping)
 
 
@@ -70,6 +71,7 @@ class RelayHub:
                                f"another relay.", 503, "Relay full")
         name = secrets.token_hex(8)
         marker = self.dir / f"w.{node_id}.{name}"
+        self._seen(node_id)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
             listener.bind(_abstract(name))
             listener.listen(8)
@@ -101,6 +103,28 @@ class RelayHub:
                 if len(parts) == 3 and parts[0] == "w":
                     found.add(parts[1])
         return found
+
+    def _seen(self, node_id: str) -> None:
+        """Note that ``node_id`` polled now (see ``known``); forget those that stopped."""
+        now = time.time()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.dir):
+                if entry.name.startswith("s.") and now - entry.stat().st_mtime > SEEN_SECONDS:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+        (self.dir / f"s.{node_id}").touch()
+
+    def known(self, node_id: str) -> bool:
+        """Whether ``node_id`` waits here, or did a moment ago: between two polls (one
+        taken by a client, the next not yet come) a node waits nowhere for an instant, and
+        a client that comes then is not turned away (``connect`` waits for the next)."""
+        if node_id in self.waiting_nodes():
+            return True
+        try:
+            seen = (self.dir / f"s.{node_id}").stat().st_mtime
+        except FileNotFoundError:
+            return False
+        return time.time() - seen < SEEN_SECONDS
 
     # -- the client's connect ------------------------------------------------------------
 

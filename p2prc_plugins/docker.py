@@ -29,6 +29,8 @@ from p2prc_plugins.nvidia_driver import find_driver
 IMAGE_DIR = Path(__file__).with_name("image")
 DEFAULT_TAG = "p2prc/base:latest"
 HOST_KEY_MARK = "P2PRC-HOSTKEY "
+SSHD_LISTENING = "Server listening on"  # what sshd -e says once it takes connections
+LISTEN_GRACE = 5.0  # seconds to wait for it after the host key
 # All that sshd needs to run, take a key login, and drop to the session: everything else is
 # dropped.
 SSHD_CAPABILITIES = ["CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "NET_BIND_SERVICE", "KILL",
@@ -191,21 +193,28 @@ class DockerBackend:
         return NETWORK
 
     def host_key(self, container_id: str, timeout: float) -> str:
-        """The container's SSH host key, which its entry script prints before sshd starts."""
+        """The container's SSH host key, which its entry script prints before sshd starts;
+        returned once sshd says it listens (so the first connection finds it), or at most
+        ``LISTEN_GRACE`` seconds after the key for an image whose sshd says nothing."""
         docker = _docker()
         deadline = time.monotonic() + timeout
         delay = 0.02
+        key, listening_by = None, deadline
         while time.monotonic() < deadline:
             try:
                 container = self.client.containers.get(container_id)
-                logs = container.logs(stdout=True, stderr=False).decode(errors="replace")
+                logs = container.logs(stdout=True, stderr=True).decode(errors="replace")
             except (docker.errors.NotFound, docker.errors.APIError):
                 raise ContainerError(500, "Container vanished",
                                      f"Container {container_id[:12]} is gone, or being "
                                      f"removed.") from None
             for line in logs.splitlines():
-                if line.startswith(HOST_KEY_MARK):
-                    return " ".join(line[len(HOST_KEY_MARK):].split()[:2])
+                if key is None and line.startswith(HOST_KEY_MARK):
+                    key = " ".join(line[len(HOST_KEY_MARK):].split()[:2])
+                    listening_by = min(deadline, time.monotonic() + LISTEN_GRACE)
+            if key is not None and (SSHD_LISTENING in logs or
+                                    time.monotonic() >= listening_by):
+                return key
             if container.status in ("exited", "dead"):
                 tail = container.logs().decode(errors="replace")[-500:]
                 raise ContainerError(500, "Container failed to start",

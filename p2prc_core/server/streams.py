@@ -225,7 +225,7 @@ class RelayConnectResource(_RelayStream):
             raise falcon.HTTPBadRequest(title="Invalid node",
                                         description="node is a node id (26 letters and "
                                                     "digits).")
-        if node_id not in self.hub.waiting_nodes():  # before it takes a thread's slot
+        if not self.hub.known(node_id):  # before it takes a thread's slot
             raise RelayRefusal(f"Node {node_id} does not keep a connection to this relay.",
                                404, "Not relayed here")
         node, release = self.held.opening("a relayed stream", lambda: self.hub.connect(node_id),
