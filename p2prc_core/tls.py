@@ -93,9 +93,23 @@ class _TimedSocket(ssl.SSLSocket):
             self.settimeout(self.socket_timeout)
 
     def read(self, len: int = 1024, buffer: Any = None) -> Any:
-        if self.deadline is not None:
-            self.settimeout(time_left(self.deadline, self.socket_timeout))
-        return super().read(len, buffer)
+        if self.deadline is None:
+            return super().read(len, buffer)
+        self.settimeout(time_left(self.deadline, self.socket_timeout))
+        got = super().read(len, buffer)
+        self.deadline += earned(got)
+        return got
+
+
+# A request's body must come at this rate at least, on average: each byte read moves the
+# request's deadline on by 1/BODY_RATE s (a declared length earns nothing).
+BODY_RATE = 64 << 10
+
+
+def earned(got: Any) -> float:
+    """Seconds that what a read returned (bytes, or a count) adds to the deadline."""
+    count = got if isinstance(got, int) else len(got)
+    return count / BODY_RATE
 
 
 def time_left(deadline: float, most: float) -> float:

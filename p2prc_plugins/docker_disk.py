@@ -50,7 +50,7 @@ class DiskLimit:
         """Whether the engine refused the size option (overlay2 on XFS without pquota);
         then it is not asked again."""
         text = str(getattr(err, "explanation", "") or err).lower()
-        if "storage-opt" in text or "storage opt" in text or "quota" in text:
+        if "storage-opt" in text or "storage opt" in text or "storageopt" in text:
             self._quota = False
             return True
         return False

@@ -35,7 +35,8 @@ _TAG = re.compile(r'--comment "?(p2prc-[0-9a-f]{12})"?')
 
 
 def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool, *args], capture_output=True, text=True)
+    # -w: wait for the xtables lock (dockerd, firewalld or our other worker may hold it)
+    return subprocess.run([tool, "-w", *args], capture_output=True, text=True)
 
 
 def _chain(tool: str) -> str:
@@ -63,6 +64,11 @@ def rules(bridge: str, reach_lan: bool, chain: str = "FORWARD",
     found += [(not reach_lan, [chain, "-i", bridge, "!", "-o", bridge, "-d", net, "-m",
                                "conntrack", "--ctstate", "NEW", "-j", "REJECT"])
               for net in private]
+    # DNS stays: Docker's resolver asks the host's (often the home router) from the
+    # container's own namespace. Listed after the refusals, so inserted above them.
+    found += [(not reach_lan, [chain, "-i", bridge, "!", "-o", bridge, "-d", net, "-p", proto,
+                               "--dport", "53", "-j", "ACCEPT"])
+              for net in private for proto in ("udp", "tcp")]
     if v6:
         found.append((True, [chain, "-i", bridge, "-o", bridge, "-j", "DROP"]))
     return [(want, _tagged(rule)) for want, rule in found]
@@ -83,18 +89,15 @@ def _apply(tool: str, bridge: str, reach_lan: bool) -> str | None:
     """Bring one tool's rules in line; one listing when they are already (every create)."""
     listing = _run(tool, "-S").stdout
     wanted = rules(bridge, reach_lan, "FORWARD", tool == "ip6tables")
-    stale = _stale(listing, {_tag(rule) for _, rule in wanted})
-    for rule in stale:
+    # Out, from the listing whatever chain they are in: rules of an older version, and
+    # those not wanted now (containers_reach_lan changed).
+    for rule in _stale(listing, {_tag(rule) for want, rule in wanted if want}):
         _run(tool, *rule)
-    if all((_tag(rule) in listing) == want for want, rule in wanted):
+    if all(_tag(rule) in listing for want, rule in wanted if want):
         return None
     chain = _chain(tool)
     for want, rule in rules(bridge, reach_lan, chain, tool == "ip6tables"):
-        if not want:
-            for _ in range(16):  # put in more than once: take each out
-                if _run(tool, "-D", *rule).returncode != 0:
-                    break
-        elif _run(tool, "-C", *rule).returncode != 0:
+        if want and _run(tool, "-C", *rule).returncode != 0:
             added = _run(tool, "-I", *rule)
             if added.returncode != 0:
                 return added.stderr.strip() or "failed"

@@ -214,3 +214,53 @@ def test_long_lived_streams_keep_working_after_their_head(server: LiveServer) ->
             assert reply.startswith(b"HTTP/1.1 200"), reply
     finally:
         conn.close()
+
+
+def read_all(conn: ssl.SSLSocket, timeout: float) -> tuple[bytes, float]:
+    """Everything until the server closes, and how long that took."""
+    conn.settimeout(timeout)
+    started, reply = time.monotonic(), b""
+    try:
+        while chunk := conn.recv(4096):
+            reply += chunk
+    except TimeoutError:
+        pass
+    return reply, time.monotonic() - started
+
+
+def test_what_is_not_http_is_answered_400_at_once(server: LiveServer) -> None:
+    conn = tls_connection(server.port)
+    try:
+        conn.send(b"\r\n0 not a request")
+        reply, took = read_all(conn, 10)
+    finally:
+        conn.close()
+    assert reply.startswith(b"HTTP/1.1 400"), reply
+    assert took < 2  # not held until the head's deadline, nor in a thread
+    assert answered_in(server, 5) < 2
+
+
+def test_a_body_that_trickles_is_cut_whatever_length_it_declares(server: LiveServer) -> None:
+    """A declared 1 GiB upload earns no time by declaring it: the body must keep coming at
+    64 KiB/s on average, so a trickle after 70 KB is cut within seconds, not hours."""
+    conn = tls_connection(server.port)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(0.5):
+            try:
+                conn.send(b"x")
+            except OSError:
+                return
+
+    try:
+        conn.sendall(b"POST /v1/speedtest/upload HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 1073741824\r\n\r\n" + b"x" * 70_000)
+        dripping = threading.Thread(target=trickle, daemon=True)
+        dripping.start()
+        reply, took = read_all(conn, 30)
+    finally:
+        stop.set()
+        conn.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert took < 3 + 70_000 / 65536 + 3, took  # head_seconds, what 70 KB earned, a margin

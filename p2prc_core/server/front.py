@@ -10,9 +10,12 @@ request goes to a thread. So:
 - an ordinary request always finds a thread: slow and silent connections wait in the
   event loop, which costs a file descriptor and a few KiB each, not a thread;
 - each request head (handshake included) has an absolute deadline, ``head_seconds``;
-- a body too large to read here gets a deadline of its own (``head_seconds`` plus its
-  length at ``MIN_BODY_RATE``), which every read in the thread honours (``tls.time_left``):
-  past it the app answers 408;
+- a body too large to read here (or chunked) must keep coming: the deadline starts at
+  ``head_seconds`` from the hand-off and each byte read moves it on at ``tls.BODY_RATE``
+  (64 KiB/s), whatever length was declared; every read in the thread waits only for what
+  is left (``tls.time_left``), and past it the app answers 408;
+- what is not HTTP (a TLS hello to a plain server) is answered 400 here, and connections
+  are closed without waiting in the event loop for the client to close first;
 - one source (an IPv4 address, an IPv6 /64) holds at most ``per_source`` connections to
   this worker at once; loopback is not counted (relayed clients arrive from it).
 
@@ -22,6 +25,7 @@ in pyproject.toml to the series it was written for.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -44,7 +48,6 @@ log = logging.getLogger("p2prc.server")
 
 MAX_HEAD_BYTES = 64 << 10  # a head longer than this is answered 431
 FRONT_BODY_BYTES = 64 << 10  # bodies up to this are read here too; larger ones in the thread
-MIN_BODY_RATE = 64 << 10  # bytes a second a larger body must arrive at, on average
 _LENGTH = re.compile(rb"\r?\ncontent-length:[ \t]*(\d{1,19})[ \t]*\r?\n", re.IGNORECASE)
 
 
@@ -57,6 +60,9 @@ def _answer(status: str, title: str, description: str) -> bytes:
 
 _TOO_LARGE = _answer("431 Request Header Fields Too Large", "Request head too large",
                      f"This server reads request heads of at most {MAX_HEAD_BYTES >> 10} KiB.")
+_NOT_HTTP = _answer("400 Bad Request", "Not HTTP",
+                    "This is a p2prc node: it speaks HTTP/1.1 (over TLS 1.3 unless its "
+                    "transport is http).")
 _TOO_SLOW = _answer("408 Request Timeout", "Request too slow",
                     "The request did not arrive in time; send it again, faster.")
 
@@ -86,10 +92,25 @@ def head_end(data: bytes | bytearray) -> int:
     return -1
 
 
+def not_http(data: bytes | bytearray) -> bool:
+    """Whether what came cannot be an HTTP/1 request: it starts (after at most one empty
+    line, which RFC 9112 lets a server skip) with something other than a method's letter,
+    as a TLS hello to a plain server does."""
+    if b"\r\n".startswith(data):
+        return False  # nothing yet, or an empty line on its way
+    start = data[2:] if data.startswith(b"\r\n") else data[1:] if data[:1] == b"\n" else data
+    return bool(start) and not start[:1].isalpha()
+
+
 def body_length(head: bytes | bytearray) -> int | None:
     """The head's Content-Length; None for none (or chunked: read in the thread)."""
     found = _LENGTH.search(head)
     return int(found.group(1)) if found else None
+
+
+def _pending(sock: Any) -> bool:
+    """Whether TLS holds decrypted bytes not read yet (select does not see those)."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 class _Plain(socket.socket):
@@ -105,14 +126,20 @@ class _Plain(socket.socket):
             self.settimeout(self.socket_timeout)
 
     def recv(self, size: int, flags: int = 0) -> bytes:
-        if self.deadline is not None:
-            self.settimeout(tls.time_left(self.deadline, self.socket_timeout))
-        return super().recv(size, flags)
+        if self.deadline is None:
+            return super().recv(size, flags)
+        self.settimeout(tls.time_left(self.deadline, self.socket_timeout))
+        got = super().recv(size, flags)
+        self.deadline += tls.earned(got)
+        return got
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        if self.deadline is not None:
-            self.settimeout(tls.time_left(self.deadline, self.socket_timeout))
-        return super().recv_into(buffer, nbytes, flags)
+        if self.deadline is None:
+            return super().recv_into(buffer, nbytes, flags)
+        self.settimeout(tls.time_left(self.deadline, self.socket_timeout))
+        got = super().recv_into(buffer, nbytes, flags)
+        self.deadline += tls.earned(got)
+        return got
 
 
 class _Conn(TConn):  # type: ignore[misc]
@@ -129,8 +156,15 @@ class _Conn(TConn):  # type: ignore[misc]
         self._closed = closed
 
     def close(self, graceful: bool = False) -> None:
+        """Closed at once: gthread's graceful close waits (up to 2 s, in the event loop)
+        for the client to close first, which a stranger need never do. The write side is
+        shut first, so what was answered is sent whole."""
         try:
-            super().close(graceful)
+            if graceful:
+                with contextlib.suppress(OSError, ValueError):
+                    self.sock.setblocking(False)
+                    self.sock.shutdown(socket.SHUT_WR)
+            super().close(False)
         finally:
             if self._closed is not None:
                 closed, self._closed = self._closed, None
@@ -156,13 +190,21 @@ class FrontWorker(ThreadWorker):  # type: ignore[misc]
         self.sources: dict[str, int] = {}
         self.heads: set[_Conn] = set()
         self.refused = 0
+        self.accept_paused_until = 0.0
 
     # -- accepting ---------------------------------------------------------------------------
 
     def accept(self, listener: Any) -> None:
+        if time.monotonic() < self.accept_paused_until:
+            return
         try:
             client_sock, client = listener.accept()
         except OSError as err:
+            if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors (or memory): wait a moment, as heads time out.
+                self.accept_paused_until = time.monotonic() + 0.5
+                log.warning("cannot take more connections for now: %s", err.strerror)
+                return
             if err.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
                 raise
             return
@@ -261,6 +303,9 @@ class FrontWorker(ThreadWorker):  # type: ignore[misc]
         except (OSError, ValueError):  # ssl.SSLError is an OSError
             self._drop(conn)
             return
+        if not_http(conn.head):
+            self._refuse(conn, _NOT_HTTP)
+            return
         if len(conn.head) > MAX_HEAD_BYTES and head_end(conn.head) < 0:
             self._refuse(conn)
             return
@@ -269,8 +314,8 @@ class FrontWorker(ThreadWorker):  # type: ignore[misc]
     def _complete(self, conn: _Conn) -> bool:
         """Whether the request can go to a thread: its head is here, and its body too
         unless the body is too large to read here (or the head is too long)."""
-        if conn.head[:1] and not conn.head[:1].isalpha():
-            return True  # not HTTP (a TLS hello to a plain server...): gunicorn answers 400
+        if not_http(conn.head):
+            return True  # answered 400 here (see _advance)
         end = head_end(conn.head)
         if end < 0:
             return len(conn.head) > MAX_HEAD_BYTES
@@ -281,10 +326,10 @@ class FrontWorker(ThreadWorker):  # type: ignore[misc]
 
     def _handoff(self, conn: _Conn) -> None:
         self.heads.discard(conn)
-        end = head_end(conn.head)
-        length = body_length(conn.head[:end]) or 0
         conn.sock.setblocking(True)  # with its socket timeout
-        conn.sock.deadline = time.monotonic() + self.head_seconds + length / MIN_BODY_RATE
+        # What is left of the body must come at tls.BODY_RATE at least: each byte read
+        # earns its time (tls.time_left), a declared length earns nothing.
+        conn.sock.deadline = time.monotonic() + self.head_seconds
         if conn.parser is None:
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
             conn.initialized = True
@@ -296,9 +341,9 @@ class FrontWorker(ThreadWorker):  # type: ignore[misc]
     def finish_request(self, conn: Any, fs: Any) -> None:
         """gthread's, except that a kept-alive connection whose next request was read ahead
         (a body drain reads past its end) has that head finished here, not in a thread."""
-        if isinstance(conn, _Conn) and self.alive and not fs.cancelled() and \
-                fs.exception() is None and fs.result() is True and \
-                conn.parser.unreader.buf.getvalue():
+        if isinstance(conn, _Conn) and not fs.cancelled() and fs.exception() is None and \
+                fs.result() is True and (conn.parser.unreader.buf.getvalue() or
+                                         _pending(conn.sock)):
             conn.head = bytearray(conn.parser.unreader.take_buffered())
             conn.sock.setblocking(False)
             self._read_head(conn)
@@ -324,6 +369,9 @@ class FrontWorker(ThreadWorker):  # type: ignore[misc]
         second apart at most)."""
         super().murder_pending()
         now = time.monotonic()
+        if not self.alive:  # stopping: a head still coming has a moment, not its deadline
+            for conn in self.heads:
+                conn.deadline = min(conn.deadline, now + 2.0)
         for conn in [c for c in self.heads if c.deadline <= now]:
             try:
                 self.poller.unregister(conn.sock)

@@ -133,7 +133,7 @@ class RelayWaitResource:
             # A polling node sends nothing while it waits: readable means it closed.
             token = self.hub.wait(caller, alive=serving, trusted=trusted,
                                   gone=lambda: sock is not None and
-                                  bool(select.select([sock], [], [], 0)[0]))
+                                  _readable(sock))
         finally:
             release()
         if token is None:
@@ -251,6 +251,14 @@ def caller_network(req: falcon.Request) -> str:
     """The network a request came from, as the relay's limits count it: an IPv4 /24, or an
     IPv6 /64 (what one home or one server is given)."""
     return source_prefix(req.remote_addr, ipv6_bits=64)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether ``sock`` has something to read (or was closed), without waiting; poll, not
+    select, which fails for descriptors past 1023 (the front holds many)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _relaying(settings: Settings) -> None:
