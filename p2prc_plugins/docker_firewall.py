@@ -29,6 +29,7 @@ log = logging.getLogger("p2prc.docker")
 # 100.100.100.200, AWS over IPv6 at fd00:ec2::254.
 METADATA_V4 = ("169.254.0.0/16", "100.100.100.200/32")
 METADATA_V6 = ("fd00:ec2::254/128", "fe80::/10")
+AZURE_WIRESERVER = "168.63.129.16/32"
 PRIVATE_V4 = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
 PRIVATE_V6 = ("fc00::/7",)
 _TAG = re.compile(r'--comment "?(p2prc-[0-9a-f]{12})"?')
@@ -61,6 +62,9 @@ def rules(bridge: str, reach_lan: bool, chain: str = "FORWARD",
     found = [(True, ["INPUT", "-i", bridge, "-m", "conntrack", "--ctstate", "NEW", "-j",
                      "REJECT"])]
     found += [(True, [chain, "-i", bridge, "-d", net, "-j", "REJECT"]) for net in metadata]
+    if not v6:  # Azure's WireServer hands out the VM's keys too; its DNS (53) stays open
+        found.append((True, [chain, "-i", bridge, "-d", AZURE_WIRESERVER, "-p", "tcp", "-m",
+                             "multiport", "--dports", "80,32526", "-j", "REJECT"]))
     found += [(not reach_lan, [chain, "-i", bridge, "!", "-o", bridge, "-d", net, "-m",
                                "conntrack", "--ctstate", "NEW", "-j", "REJECT"])
               for net in private]

@@ -283,6 +283,7 @@ def test_the_firewall_rules_cover_every_metadata_address() -> None:
     v4 = " ".join(" ".join(rule) for _, rule in rules("p2prc0", True))
     v6 = " ".join(" ".join(rule) for _, rule in rules("p2prc0", True, v6=True))
     assert "169.254.0.0/16" in v4 and "100.100.100.200/32" in v4
+    assert "168.63.129.16/32 -p tcp -m multiport --dports 80,32526" in v4  # not its DNS
     assert "fd00:ec2::254/128" in v6
     assert "-o p2prc0 -j DROP" in v6  # container to container over IPv6
     lan = [rule for want, rule in rules("p2prc0", False) if "10.0.0.0/8" in rule]
