@@ -167,6 +167,17 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
         server.stop()
 
 
+@pytest.fixture
+def servers() -> Iterator[list[LiveServer]]:
+    """Servers a test starts (it appends them): stopped after, also when it fails."""
+    started: list[LiveServer] = []
+    try:
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
 @pytest.fixture(scope="session")
 def engine() -> object:
     """The Docker engine (a docker SDK client), with p2prc's base image."""

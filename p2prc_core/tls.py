@@ -76,28 +76,40 @@ def server_files(home: Path, identity: NodeIdentity) -> tuple[Path, Path]:
     return cert_path, home / KEY_FILE
 
 
-class _TimedSocket(ssl.SSLSocket):
-    """An accepted TLS connection that keeps its timeout: gunicorn's gthread worker calls
-    ``setblocking(True)`` before each request on a kept-alive connection, which would
-    otherwise clear it and let a client that stops half-way hold a thread for ever. With a
-    ``deadline`` (the server's front sets one for each request it hands to a thread), each
-    read waits only for what is left of it: a client that drips its body a byte at a time
-    is cut off at the deadline, not after a timeout per byte."""
+class TimedReads:
+    """What an accepted connection keeps, TLS or plain (a mixin over the socket class): its
+    timeout, which gunicorn's gthread worker would clear with ``setblocking(True)`` before
+    each request on a kept-alive connection (a client that stops half-way would then hold
+    a thread for ever); and, with a ``deadline`` (the server's front sets one for each
+    request it hands to a thread), reads that wait only for what is left of it, each byte
+    read moving it on at ``BODY_RATE``: a client that drips its body is cut off there, not
+    after a timeout per byte."""
 
     socket_timeout = 30.0
     deadline: float | None = None
 
     def setblocking(self, flag: bool) -> None:
-        super().setblocking(flag)
+        super().setblocking(flag)  # type: ignore[misc]
         if flag:
-            self.settimeout(self.socket_timeout)
+            self.settimeout(self.socket_timeout)  # type: ignore[attr-defined]
+
+    def _before_read(self) -> None:
+        if self.deadline is not None:
+            self.settimeout(time_left(self.deadline,  # type: ignore[attr-defined]
+                                      self.socket_timeout))
+
+    def _after_read(self, got: Any) -> None:
+        if self.deadline is not None:
+            self.deadline += earned(got)
+
+
+class _TimedSocket(TimedReads, ssl.SSLSocket):
+    """An accepted TLS connection (see ``TimedReads``): every read goes through ``read``."""
 
     def read(self, len: int = 1024, buffer: Any = None) -> Any:
-        if self.deadline is None:
-            return super().read(len, buffer)
-        self.settimeout(time_left(self.deadline, self.socket_timeout))
+        self._before_read()
         got = super().read(len, buffer)
-        self.deadline += earned(got)
+        self._after_read(got)
         return got
 
 

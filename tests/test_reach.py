@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +69,6 @@ def start_behind(tmp_path: Path, name: str, *relays: str, mode: str = "always",
 
 def waits_at(relay: LiveServer, node: LiveServer) -> bool:
     return any((relay.home / "relay").glob(f"w.{node.node_id}.*"))
-
-
-@pytest.fixture
-def servers() -> Iterator[list[LiveServer]]:
-    started: list[LiveServer] = []
-    try:
-        yield started
-    finally:
-        for server in started:
-            server.stop()
 
 
 def test_through_a_relay_end_to_end_and_the_relay_sees_only_ciphertext(

@@ -37,16 +37,6 @@ pytestmark = pytest.mark.integration
 TRIES = 15  # the trusted client's requests while an attack goes on
 
 
-@pytest.fixture
-def servers() -> Iterator[list[LiveServer]]:
-    started: list[LiveServer] = []
-    try:
-        yield started
-    finally:
-        for server in started:
-            server.stop()
-
-
 @dataclass
 class Answer:
     status: int

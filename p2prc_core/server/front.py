@@ -113,32 +113,19 @@ def _pending(sock: Any) -> bool:
     return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
-class _Plain(socket.socket):
-    """A plain (``transport = "http"``) connection with the same timeout and deadline rules
-    as ``tls._TimedSocket``."""
-
-    socket_timeout = 30.0
-    deadline: float | None = None
-
-    def setblocking(self, flag: bool) -> None:
-        super().setblocking(flag)
-        if flag:
-            self.settimeout(self.socket_timeout)
+class _Plain(tls.TimedReads, socket.socket):
+    """A plain (``transport = "http"``) connection with the same rules as a TLS one."""
 
     def recv(self, size: int, flags: int = 0) -> bytes:
-        if self.deadline is None:
-            return super().recv(size, flags)
-        self.settimeout(tls.time_left(self.deadline, self.socket_timeout))
+        self._before_read()
         got = super().recv(size, flags)
-        self.deadline += tls.earned(got)
+        self._after_read(got)
         return got
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        if self.deadline is None:
-            return super().recv_into(buffer, nbytes, flags)
-        self.settimeout(tls.time_left(self.deadline, self.socket_timeout))
+        self._before_read()
         got = super().recv_into(buffer, nbytes, flags)
-        self.deadline += tls.earned(got)
+        self._after_read(got)
         return got
 
 
