@@ -7,6 +7,8 @@ from typing import Any
 
 import falcon
 
+from p2prc_core.server.upgrade import CLOSE_KEY
+
 log = logging.getLogger("p2prc.server")
 
 _DESCRIPTIONS = {
@@ -55,7 +57,7 @@ def handle_too_slow(req: falcon.Request, resp: falcon.Response, ex: Exception,
     ``server.front``): 408 and one line in the log, the connection closed."""
     log.info("%s %s: the body did not arrive in time (%s)", req.method, req.path,
              ex or "timed out")
-    resp.set_header("Connection", "close")
+    req.env[CLOSE_KEY] = True  # what is left of the body is not read: close after
     raise falcon.HTTPError(
         falcon.HTTP_408, title="Request too slow",
         description="The request's body did not arrive in time; send it again, faster.")

@@ -23,6 +23,7 @@ Take = Callable[[socket.socket], None]
 T = TypeVar("T")
 ENV_KEY = "p2prc.upgrade"
 PROTOCOL = "p2prc-stream/1"  # the Upgrade token a client sends and a 101 names
+CLOSE_KEY = "p2prc.close"  # set in the environ: close the connection after this answer
 RETRY_SECONDS = 2  # the Retry-After of a refusal for want of a slot
 
 
@@ -139,13 +140,16 @@ class Upgrades:
                  ) -> Iterable[bytes]:
         result = self.app(environ, start_response)
         take: Take | None = environ.get(ENV_KEY)
+        # gunicorn must not read another request from this connection afterwards (a stream
+        # takes it; or the app said so, a 408): its response object (start_response is its
+        # method) closes the connection. A Connection header would not: gunicorn drops it.
+        force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
         if take is None:
+            if environ.get(CLOSE_KEY) and force_close is not None:
+                force_close()
             return result  # type: ignore[no-any-return]
         if hasattr(result, "close"):
             result.close()
-        # gunicorn must not read another request from this connection afterwards: its
-        # response object (start_response is its method) closes the connection.
-        force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
         if force_close is not None:
             force_close()
         return _then(take, environ["gunicorn.socket"], environ.get(ENV_KEY + ".release"))
