@@ -645,7 +645,19 @@ class ContainerService:
         for place in self.store.stale_places(now):  # a create that died half-way
             self.store.forget(place)
         self._reap_stopped(now)
+        self._reguard()
         return expired
+
+    def _reguard(self) -> None:
+        """Put back the rules that keep containers in (a firewall reload drops them), while
+        any runs: a backend that has such rules says how (``reguard``)."""
+        reguard = getattr(self.backend, "reguard", None)
+        if reguard is None or not self.store.leases():
+            return
+        try:
+            reguard(self.settings.containers_reach_lan)
+        except ContainerError as err:
+            log.warning("containers run without their firewall rules: %s", err)
 
     def _reap_stopped(self, now: float) -> None:
         # The leases are read before the engine's list, so that one settled in between is

@@ -192,6 +192,18 @@ class DockerBackend:
                                  f"iptables works.")
         return NETWORK
 
+    def reguard(self, reach_lan: bool) -> None:
+        """The firewall rules again (``docker_firewall``), for containers already running:
+        a firewall reload (ufw, firewalld) drops them, and creates are not the only time
+        they matter. One listing when they are in place.
+
+        :raises ContainerError: they cannot be put back.
+        """
+        problem = docker_firewall.guard(BRIDGE, reach_lan)
+        if problem:
+            raise ContainerError(503, "Host not closed",
+                                 f"Cannot close this host to its containers ({problem}).")
+
     def host_key(self, container_id: str, timeout: float) -> str:
         """The container's SSH host key, which its entry script prints before sshd starts;
         returned once sshd says it listens (so the first connection finds it), or at most

@@ -312,3 +312,24 @@ def test_rules_p2prc_no_longer_makes_are_taken_out(engine: Any) -> None:
                               text=True).stdout == listing
     finally:
         subprocess.run(["iptables", "-D", *old], capture_output=True)
+
+
+def test_rules_a_firewall_reload_dropped_are_put_back_while_containers_run(
+        tmp_path: Path, engine: Any) -> None:
+    """As after 'ufw reload': the rules go, and the server's reaper puts them back."""
+    import time
+
+    with host_with(tmp_path, engine, P2PRC_REAP_SECONDS="0.5") as server:
+        touch(tmp_path, server)
+        metadata = next(rule for want, rule in rules("p2prc0", True)
+                        if want and "169.254.0.0/16" in rule)
+
+        def listing() -> str:
+            return subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout
+
+        line = next(x for x in listing().splitlines() if metadata[-1] in x)
+        assert subprocess.run(["iptables", "-D", *line.split()[1:]]).returncode == 0
+        deadline = time.monotonic() + 30
+        while metadata[-1] not in listing():
+            assert time.monotonic() < deadline, "the rule did not come back"
+            time.sleep(0.2)
