@@ -16,9 +16,9 @@ from typing import Any
 from p2prc_core.config import ConfigError, Settings, default_home, load_settings
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import parse_duration, parse_size
-from p2prc_core.output import clean, format_when, human_bytes
 from p2prc_core.plugins import make_plugin_manager
 from p2prc_core.services import NodeServices
+from p2prc_core.text import clean, format_when, human_bytes
 from p2prc_core.tracking import RemoteContainer
 from p2prc_core.tunnel import ssh_command
 

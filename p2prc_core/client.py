@@ -17,9 +17,9 @@ from p2prc_core.channel import Channel, Contact, within
 from p2prc_core.errors import PeerError, PeerRefused, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import CONTAINER_ID, Endpoint, loads_strict
-from p2prc_core.output import clean
 from p2prc_core.records import RecordError, verify_record
 from p2prc_core.signing import sign_request
+from p2prc_core.text import clean
 from p2prc_core.tracking import RemoteContainer
 
 Progress = Callable[[int], None]

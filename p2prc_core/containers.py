@@ -21,8 +21,8 @@ from typing import Any, Protocol
 from p2prc_core.config import Settings, parse_port_range
 from p2prc_core.errors import Refusal
 from p2prc_core.models import CONTAINER_ID, KEY_LINE
-from p2prc_core.output import human_bytes, human_duration
 from p2prc_core.storage import SharedDB
+from p2prc_core.text import human_bytes, human_duration
 
 LABEL = "org.p2prc"  # every p2prc container carries LABEL=1 and the labels below
 LABEL_OWNER = "org.p2prc.owner"

@@ -24,12 +24,12 @@ from p2prc_core.identity import NodeIdentity
 from p2prc_core.intake import IntakeLimit, source_prefix
 from p2prc_core.models import Address, Endpoint, looks_like_address, parse_endpoint, pin_key
 from p2prc_core.node import TimedCache, advertised_addresses, dial_endpoints, record_fields
-from p2prc_core.output import format_when
 from p2prc_core.peertable import PeerEntry, PeerTable
 from p2prc_core.plugins import PluginHooks
 from p2prc_core.records import RecordPublisher
 from p2prc_core.sshkeys import ensure_key
 from p2prc_core.tasks import Playbooks, Runs, RunService
+from p2prc_core.text import format_when
 from p2prc_core.tls import NodeMismatch
 from p2prc_core.tracking import RemoteContainer, Tracked
 from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore, accept_invite
@@ -296,7 +296,7 @@ class NodeServices:
                 if name]
 
     def _unknown_peer(self, text: str) -> str:
-        from p2prc_core.output import did_you_mean
+        from p2prc_core.text import did_you_mean
 
         return (f"no peer is named {text!r}{did_you_mean(text, self._peer_names())}: "
                 f"'p2prc peers ls' lists them (a node id, or a unique start of one, works "
@@ -310,7 +310,7 @@ class NodeServices:
         :raises P2PRCError: nothing fits (with the nearest name), or several do.
         """
         from p2prc_core.identity import is_node_id
-        from p2prc_core.output import did_you_mean
+        from p2prc_core.text import did_you_mean
 
         text = text.strip()
         lowered = text.lower()

@@ -17,7 +17,7 @@ from typing import Any
 from p2prc_core.channel import Channel
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import Endpoint, loads_strict
-from p2prc_core.output import clean
+from p2prc_core.text import clean
 
 Progress = Callable[[int], None]
 _BUFFER = 4 << 20

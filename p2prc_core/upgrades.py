@@ -13,7 +13,7 @@ import h11
 
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import loads_strict
-from p2prc_core.output import clean
+from p2prc_core.text import clean
 
 PROTOCOL = "p2prc-stream/1"
 _MAX_ANSWER = 64 << 10

@@ -21,7 +21,7 @@ from p2prc_core.containers import (
     ContainerError,
     ContainerSpec,
 )
-from p2prc_core.output import human_bytes
+from p2prc_core.text import human_bytes
 from p2prc_plugins import docker_firewall
 from p2prc_plugins.docker_disk import READONLY_LABEL, DiskLimit
 from p2prc_plugins.nvidia_driver import find_driver

@@ -39,8 +39,8 @@ import jinja2
 
 from p2prc_core.containers import ContainerError, usage_of
 from p2prc_core.errors import P2PRCError
-from p2prc_core.output import format_ago, format_when, human_bytes, two_places
 from p2prc_core.services import NodeServices
+from p2prc_core.text import format_ago, format_when, human_bytes, two_places
 from p2prc_ui.serving import Served, bind, hosts
 
 HERE = Path(__file__).parent

@@ -109,7 +109,7 @@ def test_no_command_prints_help(home: Path) -> None:
 
 
 def test_sizes_and_durations_read_as_people_write_them() -> None:
-    from p2prc_core.output import human_bytes, human_duration
+    from p2prc_core.text import human_bytes, human_duration
 
     assert human_bytes(100 << 30) == "100 GiB" and human_bytes(1536 << 20) == "1.5 GiB"
     assert human_bytes(1 << 30) == "1 GiB" and human_bytes(512) == "512 B"

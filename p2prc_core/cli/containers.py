@@ -20,7 +20,8 @@ from p2prc_core.cli.base import (
     size_option,
 )
 from p2prc_core.containers import fingerprint, port_is_free
-from p2prc_core.output import clean, err_console, format_when, print_json, print_table
+from p2prc_core.output import err_console, print_json, print_table
+from p2prc_core.text import clean, format_when
 from p2prc_core.tracking import RemoteContainer
 from p2prc_core.tunnel import ssh_command
 

@@ -37,14 +37,8 @@ from p2prc_core.node import (
     ordered_by_preference,
     why_not_advertised,
 )
-from p2prc_core.output import (
-    format_ago,
-    format_when,
-    human_bytes,
-    human_duration,
-    print_json,
-    print_table,
-)
+from p2prc_core.output import print_json, print_table
+from p2prc_core.text import format_ago, format_when, human_bytes, human_duration
 
 # -- server ------------------------------------------------------------------------------
 

@@ -21,14 +21,8 @@ from p2prc_core.cli.base import (
 )
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import LOCAL_NAME, looks_like_address
-from p2prc_core.output import (
-    err_console,
-    format_ago,
-    human_bytes,
-    print_json,
-    print_table,
-    two_places,
-)
+from p2prc_core.output import err_console, print_json, print_table
+from p2prc_core.text import format_ago, human_bytes, two_places
 
 if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
     pass

@@ -10,8 +10,9 @@ from rich.table import Table
 from rich.text import Text
 
 from p2prc_core.cli.base import ListingGroup, Node, json_option, main, pass_node
-from p2prc_core.output import clean, err_console, format_when, print_json, print_table
+from p2prc_core.output import err_console, print_json, print_table
 from p2prc_core.tasks import parse_variables
+from p2prc_core.text import clean, format_when
 
 # -- playbooks and runs --------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from p2prc_core.cli.base import Node, duration_option, json_option, main, pass_node
-from p2prc_core.output import format_when, print_json, print_table
+from p2prc_core.output import print_json, print_table
+from p2prc_core.text import format_when
 from p2prc_core.trust import TrustError
 
 # -- identity and trust ------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 import falcon
 
 from p2prc_core.models import loads_strict
-from p2prc_core.output import human_bytes
+from p2prc_core.text import human_bytes
 
 
 def too_large(limit: int) -> falcon.HTTPContentTooLarge:

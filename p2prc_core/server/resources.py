@@ -12,9 +12,9 @@ import falcon
 
 from p2prc_core import __version__
 from p2prc_core.containers import ContainerRequest, ContainerService, Lease
-from p2prc_core.output import human_bytes
 from p2prc_core.server.bodies import read_json, too_large
 from p2prc_core.sshkeys import login_command
+from p2prc_core.text import human_bytes
 
 # One block of random bytes, reused for every download: incompressible, generated once.
 _CHUNK = os.urandom(1 << 20)
