@@ -25,8 +25,8 @@ from pathlib import Path
 from common import P2PRC, free_port, median, report, start_p2prc, stop
 
 from p2prc_core.identity import NodeIdentity
+from p2prc_core.my_containers import Tracked
 from p2prc_core.sshkeys import ensure_key
-from p2prc_core.tracking import Tracked
 from p2prc_core.trust import TrustStore
 from p2prc_core.tunnel import ssh_command
 

@@ -9,18 +9,19 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from p2prc_core.config import ConfigError, Settings, default_home, load_settings
+from p2prc_core.directory import PeerRow
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import parse_duration, parse_size
+from p2prc_core.my_containers import RemoteContainer
 from p2prc_core.plugins import make_plugin_manager
 from p2prc_core.services import NodeServices
+from p2prc_core.tasks import HostResult
 from p2prc_core.text import clean, format_when, human_bytes
-from p2prc_core.tracking import RemoteContainer
-from p2prc_core.tunnel import ssh_command
 
 
 def _html(text: object) -> str:
@@ -38,37 +39,14 @@ def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 
 
 @dataclass(frozen=True)
-class Peer:
-    """A peer in this node's table, as ``p2prc peers ls`` shows it. What its record says
-    (GPUs, memory, CPUs) is its own claim, checked for type only."""
-
-    node_id: str
-    name: str
-    address: str
-    path: str  # direct, relay, or - (never answered)
-    latency_ms: float | None
-    bandwidth_mbps: float | None
-    last_seen: float | None
-    failures: int
-    gpus: tuple[str, ...]
-    gpus_free: int
-    memory: int | None  # bytes, as its record says
-    cpus: int | None
-    trusted: str | None  # the name you trust it under; None: not trusted
-    score: float
+class Peer(PeerRow):
+    """A peer in this node's table, as ``p2prc peers ls`` shows it (``PeerRow``), shown in
+    a notebook as a table. What its record says (GPUs, memory, CPUs) is its own claim,
+    checked for type only."""
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Peer:
-        return cls(node_id=row["node_id"], name=row["name"], address=row["address"],
-                   path=row["path"], latency_ms=row["latency_ms"],
-                   bandwidth_mbps=row["bandwidth_mbps"], last_seen=row["last_seen"],
-                   failures=row["failures"], gpus=tuple(row["gpus"]),
-                   gpus_free=row["gpus_free"], memory=row["memory"], cpus=row["cpus"],
-                   trusted=row["trusted"], score=row["score"])
-
-    @property
-    def reachable(self) -> bool:
-        return self.failures == 0 and self.latency_ms is not None
+    def from_row(cls, row: PeerRow) -> Peer:
+        return cls(**{f.name: getattr(row, f.name) for f in fields(PeerRow)})
 
     def _cells(self) -> tuple[Any, ...]:
         return (self.name, self.node_id, self.address,
@@ -115,19 +93,7 @@ class CommandResult:
         return self
 
 
-@dataclass(frozen=True)
-class HostRun:
-    """One container's part of a run."""
-
-    name: str
-    container: str
-    status: str  # ok, failed, unreachable
-    ok: int
-    changed: int
-    failed: int
-    message: str
-    task: str  # the task that failed, if one did
-    ports: list[dict[str, Any]]
+HostRun = HostResult  # one container's part of a run, as the run's record keeps it
 
 
 @dataclass(frozen=True)
@@ -145,12 +111,7 @@ class Run:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Run:
-        hosts = {name: HostRun(name=name, container=str(h.get("container", "")),
-                               status=str(h.get("status", "")), ok=int(h.get("ok", 0)),
-                               changed=int(h.get("changed", 0)),
-                               failed=int(h.get("failed", 0)),
-                               message=str(h.get("message", "")), task=str(h.get("task", "")),
-                               ports=list(h.get("ports", [])))
+        hosts = {name: HostResult.from_json(name, h)
                  for name, h in (record.get("hosts") or {}).items()}
         return cls(id=record["id"], playbook=record["playbook"],
                    succeeded=bool(record.get("succeeded")), started=record.get("started", 0),
@@ -183,11 +144,7 @@ class Container:
     def ssh_command(self, direct: bool = False) -> list[str]:
         """The ssh command line that logs in (through the host's p2prc port unless
         ``direct``), with the container's host key pinned."""
-        services = self._node.services
-        private, _ = services.ssh_key()
-        return ssh_command(services.home, self.remote, private, not direct,
-                           services.paths_to(self.remote), services.settings.request_timeout,
-                           services.secure)
+        return self._node.services.on_peers.ssh_argv(self.remote, direct)
 
     def run(self, command: str, timeout: float | None = 300, check: bool = False,
             direct: bool = False) -> CommandResult:
@@ -225,7 +182,7 @@ class Container:
 
         def serve() -> None:
             try:
-                self._node.services.forward(self.remote, port, local_port, started,
+                self._node.services.on_peers.forward(self.remote, port, local_port, started,
                                             stop=stop)
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
                 found["error"] = err
@@ -246,7 +203,7 @@ class Container:
     def remove(self) -> bool:
         """Stop and remove the container on its host, and forget it; False if the host had
         removed it already."""
-        return self._node.services.remove_container(self.remote)
+        return self._node.services.on_peers.remove(self.remote)
 
     def __repr__(self) -> str:
         return clean(f"<Container {self.short_id} on {self.host}"
@@ -309,7 +266,7 @@ class Node:
         bytes or "16G"), ``max_latency_ms``, ``reachable`` (answered last time), and
         ``min_free_memory`` (asks each remaining peer for its specs now; a peer that does
         not answer is left out)."""
-        rows = self.services.peer_rows(with_gpu=gpu)
+        rows = self.services.peers.rows(with_gpu=gpu)
         found = Peers(Peer.from_row(r) for r in rows)
         if min_memory is not None:
             least = _size(min_memory)
@@ -340,9 +297,9 @@ class Node:
 
         :raises P2PRCError: no such peer (with the nearest name), or more than one.
         """
-        node_id = self.services.node_id_of(_peer_text(text))
-        for row in self.services.peer_rows():
-            if row["node_id"] == node_id:
+        node_id = self.services.peers.node_id_of(_peer_text(text))
+        for row in self.services.peers.rows():
+            if row.node_id == node_id:
                 return Peer.from_row(row)
         raise P2PRCError(f"no peer {text!r} in the table")
 
@@ -353,8 +310,7 @@ class Node:
         :raises PeerError: it cannot be reached; P2PRCError: a malformed address, or it is
             this node.
         """
-        with _as_p2prc_errors():
-            entry, _, _ = self.services.add_peer(_text(address, "address"), name)
+        entry, _, _ = self.services.peers.add(_text(address, "address"), name)
         return self.peer(entry.node_id)
 
     def update(self, hops: int | None = None,
@@ -365,14 +321,14 @@ class Node:
         hops = self.settings.update_hops if hops is None else hops
         if isinstance(hops, bool) or not isinstance(hops, int) or hops < 0:
             raise P2PRCError(f"hops is a whole number from 0, not {hops!r}")
-        return self.services.discovery.update(hops, progress).as_dict()
+        return self.services.peers.update(hops, progress).as_dict()
 
     def specs(self, peer: Peer | str | None = None) -> dict[str, Any]:
         """A peer's specs (CPU, memory, disk, load, GPUs with ``free``), as it sends them;
         this machine's with no ``peer``."""
         if peer is None:
-            return self.services.specs_now()
-        with _as_p2prc_errors(), self.services.client(_peer_text(peer)) as client:
+            return self.services.own.specs_now()
+        with self.services.peers.client(_peer_text(peer)) as client:
             return client.specs()
 
     # -- containers ----------------------------------------------------------------------
@@ -396,14 +352,14 @@ class Node:
             request["memory"] = _size(memory)
         if ttl is not None:
             request["ttl"] = _duration(ttl)
-        with _as_p2prc_errors():
-            return Container(self, self.services.touch(_peer_text(peer), request), "running")
+        started = self.services.on_peers.touch(_peer_text(peer), request)
+        return Container(self, started, "running")
 
     def containers(self) -> list[Container]:
         """The containers this node started, each with its state as its host tells it
         (running, gone, expired, unreachable)."""
         return [Container(self, remote, state)
-                for remote, state in self.services.container_states()]
+                for remote, state in self.services.on_peers.states()]
 
     def container(self, text: str) -> Container:
         """A container this node started, by id or unique start of one (4 characters+).
@@ -468,12 +424,3 @@ def _text(value: Any, what: str) -> str:
 
 def _peer_text(peer: Peer | str) -> str:
     return peer.node_id if isinstance(peer, Peer) else _text(peer, "a peer")
-
-
-@contextlib.contextmanager
-def _as_p2prc_errors() -> Iterator[None]:
-    """A malformed address (the services' ValueError) as the P2PRCError users catch."""
-    try:
-        yield
-    except ValueError as err:
-        raise P2PRCError(str(err)) from None

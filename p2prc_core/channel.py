@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
@@ -33,7 +33,7 @@ from p2prc_core.errors import PeerError, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.signing import sign_request
-from p2prc_core.upgrades import upgrade_sync
+from p2prc_core.upgrade_client import upgrade_sync
 
 # The endpoint, the node id it presented, and the IP address actually connected to.
 Contact = Callable[[Endpoint, str, str | None], None]
@@ -175,6 +175,33 @@ class Channel:
         return httpx.Client(base_url=self.endpoint.url(self.scheme), timeout=timeout,
                             transport=transport, trust_env=False,
                             headers={"User-Agent": "p2prc"}, **options)
+
+
+def _append(data: bytearray, chunk: bytes, limit: int,
+            too_large: Callable[[], Exception]) -> None:
+    data += chunk
+    if len(data) > limit:
+        raise too_large()
+
+
+def read_capped(chunks: Iterable[bytes], limit: int,
+                too_large: Callable[[], Exception]) -> bytes:
+    """An answer read chunk by chunk, at most ``limit`` bytes: past that, ``too_large()``
+    is raised before another chunk is read. The one rule for every answer a peer (or a
+    gateway) sends, whatever reads it."""
+    data = bytearray()
+    for chunk in chunks:
+        _append(data, chunk, limit, too_large)
+    return bytes(data)
+
+
+async def read_capped_async(chunks: AsyncIterable[bytes], limit: int,
+                            too_large: Callable[[], Exception]) -> bytes:
+    """``read_capped`` for an asynchronous stream of chunks."""
+    data = bytearray()
+    async for chunk in chunks:
+        _append(data, chunk, limit, too_large)
+    return bytes(data)
 
 
 STAGGER = 0.25  # seconds between the start of one address's attempt and the next's

@@ -3,12 +3,9 @@ engine. No engine is imported here: a backend (the Docker plugin) does the work.
 
 from __future__ import annotations
 
-import base64
 import errno
-import hashlib
 import json
 import logging
-import re
 import socket
 import sqlite3
 import time
@@ -20,9 +17,19 @@ from typing import Any, Protocol
 
 from p2prc_core.config import Settings, parse_port_range
 from p2prc_core.errors import Refusal
-from p2prc_core.models import CONTAINER_ID, KEY_LINE
-from p2prc_core.storage import SharedDB
+from p2prc_core.models import CONTAINER_ID
+from p2prc_core.storage import SERVER_DB, SharedDB
 from p2prc_core.text import human_bytes, human_duration
+from p2prc_core.wire import (
+    MAX_GPUS,
+    ContainerReply,
+    ContainerRequest,
+    PortMapping,
+    SshLogin,
+    WireError,
+    convert,
+    host_key_fingerprint,
+)
 
 LABEL = "org.p2prc"  # every p2prc container carries LABEL=1 and the labels below
 LABEL_OWNER = "org.p2prc.owner"
@@ -35,14 +42,11 @@ SSH_PORT = 22
 PENDING = "pending-"  # ids of the places held while a container starts
 PENDING_SECONDS = 600
 MIN_MEMORY = 16 << 20  # below this the engine refuses to start a container, or sshd dies
-MAX_GPUS = 64  # most GPUs a request may name, and the highest index + 1
 # What the engine says of a container whose main process ended (it exited, or the kernel
 # killed it for memory), and what a lease's container is when the engine has it no more.
 STOPPED = ("exited", "dead", "gone")
 
 log = logging.getLogger("p2prc.containers")
-_IMAGE = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?")
-_REQUEST_KEYS = {"ports", "gpu", "image", "cpus", "memory", "ttl", "ssh_key"}
 
 
 class ContainerError(Refusal):
@@ -52,72 +56,15 @@ class ContainerError(Refusal):
         super().__init__(message, status, title)
 
 
-@dataclass(frozen=True)
-class ContainerRequest:
-    """What a caller may ask for. Nothing else reaches the engine.
+def parse_request(body: Any) -> ContainerRequest:
+    """A caller's ``POST /v1/containers`` body, checked (``wire.ContainerRequest``).
 
-    ``gpu``: False (none), True (every GPU free now, at least one), a count, or the indexes
-    of the GPUs wanted (a sorted tuple)."""
-
-    ssh_key: str
-    ports: int = 0
-    gpu: bool | int | tuple[int, ...] = False
-    image: str | None = None
-    cpus: float | None = None
-    memory: int | None = None
-    ttl: int | None = None
-
-    @classmethod
-    def from_json(cls, body: Any) -> ContainerRequest:
-        """:raises ContainerError: 400 for anything malformed or unknown."""
-        if not isinstance(body, dict):
-            raise ContainerError(400, "Invalid request", "Expected a JSON object.")
-        unknown = sorted(set(body) - _REQUEST_KEYS)
-        if unknown:
-            raise ContainerError(400, "Invalid request",
-                                 f"Unknown fields {unknown}: a request may only carry "
-                                 f"{sorted(_REQUEST_KEYS)}.")
-
-        def number(name: str, kind: type, low: float) -> Any:
-            value = body.get(name)
-            if value is None:
-                return None
-            if isinstance(value, bool) or not isinstance(value, int | float) or \
-                    (kind is int and not isinstance(value, int)) or value < low:
-                raise ContainerError(400, "Invalid request",
-                                     f"{name} must be a {'whole ' if kind is int else ''}"
-                                     f"number from {low:g} up.")
-            return kind(value)
-
-        ssh_key = body.get("ssh_key")
-        if not isinstance(ssh_key, str) or not KEY_LINE.fullmatch(ssh_key.strip()):
-            raise ContainerError(400, "Invalid request",
-                                 "ssh_key must be one OpenSSH public key line.")
-        image = body.get("image")
-        if image is not None and (not isinstance(image, str) or not _IMAGE.fullmatch(image)):
-            raise ContainerError(400, "Invalid request", "image is not a valid image name.")
-        gpu = parse_gpu_ask(body.get("gpu", False))
-        return cls(ssh_key=ssh_key.strip(), ports=number("ports", int, 0) or 0, gpu=gpu,
-                   image=image, cpus=number("cpus", float, 0.01),
-                   memory=number("memory", int, 1), ttl=number("ttl", int, 1))
-
-
-def parse_gpu_ask(value: Any) -> bool | int | tuple[int, ...]:
-    """A request's ``gpu``: true or false, a count from 1, or a list of distinct indexes.
-
-    :raises ContainerError: 400 for anything else.
+    :raises ContainerError: 400 for anything malformed or unknown; the text names the field.
     """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and 1 <= value <= MAX_GPUS:
-        return value
-    if isinstance(value, list) and 1 <= len(value) <= MAX_GPUS and all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_GPUS
-            for i in value) and len(set(value)) == len(value):
-        return tuple(sorted(value))
-    raise ContainerError(400, "Invalid request",
-                         f"gpu must be true or false, a count from 1 to {MAX_GPUS}, or a list "
-                         f"of distinct GPU indexes (0 to {MAX_GPUS - 1}).")
+    try:
+        return convert(body, ContainerRequest)
+    except WireError as err:
+        raise ContainerError(400, "Invalid request", str(err)) from None
 
 
 def parse_gpu_text(text: str) -> bool | int | list[int]:
@@ -202,7 +149,12 @@ class Backend(Protocol):
     def build_image(self, tag: str, from_debootstrap: bool, force: bool,
                     say: Callable[[str], None]) -> bool:
         """Build p2prc's base image under ``tag`` unless it exists (or ``force``); return
-        whether it built."""
+        whether it built. A backend that cannot raises ``ContainerError`` saying so."""
+        ...
+
+    def usage(self, container_id: str) -> dict[str, float]:
+        """What a running container uses now: ``cpu_percent`` (of one CPU) and ``memory``
+        (bytes). A backend that cannot tell raises ``Refusal`` (it is shown as unknown)."""
         ...
 
 
@@ -231,6 +183,15 @@ class Lease:
         data["host_key_fingerprint"] = fingerprint(self.host_key) if self.host_key else None
         return data
 
+    def reply(self, host: str, node_id: str) -> ContainerReply:
+        """How the host describes it to its owner, who reached the host at ``host``."""
+        return ContainerReply(
+            id=self.id, image=self.image, ports=[PortMapping(**p) for p in self.ports],
+            ssh=SshLogin.of(self.id, host, self.ssh_port, self.host_key, self.direct),
+            created=self.created, expires=self.expires, node_id=node_id, gpu=self.gpu,
+            gpus=self.gpus, direct=self.direct, owner=self.owner, host_key=self.host_key,
+            cpus=self.cpus, memory=self.memory, state=self.state)
+
 
 def _minor(gpu: dict[str, Any]) -> int:
     """The N of the GPU's /dev/nvidiaN: NVML's minor number where the specs have it."""
@@ -242,10 +203,7 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def fingerprint(host_key: str) -> str:
-    """OpenSSH's SHA256 fingerprint of a public key line."""
-    blob = base64.b64decode(host_key.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+fingerprint = host_key_fingerprint  # the name the CLI knows it by
 
 
 def port_is_free(port: int) -> bool:
@@ -278,7 +236,7 @@ class ContainerStore:
     """
 
     def __init__(self, home: Path, port_range: tuple[int, int]):
-        self.shared = SharedDB(home / "server.db", self.SCHEMA)
+        self.shared = SharedDB(home / SERVER_DB, self.SCHEMA)
         self.low, self.high = port_range
 
     def reserve(self, owner: str, count: int, per_caller: int, holder: str,
@@ -715,18 +673,17 @@ class ContainerService:
         return {"adopted": adopted, "dropped": dropped}
 
 
-def usage_of(backend: Any, container_ids: list[str]) -> dict[str, dict[str, float]]:
+def usage_of(backend: Backend, container_ids: list[str]) -> dict[str, dict[str, float]]:
     """Each running container's CPU and memory use now, asked of the engine all at once (a
-    backend that cannot tell gives none)."""
+    container whose use the backend cannot tell is left out)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    measure = getattr(backend, "usage", None)
-    if measure is None or not container_ids:
+    if not container_ids:
         return {}
 
     def one(container_id: str) -> tuple[str, dict[str, float] | None]:
         try:
-            return container_id, measure(container_id)
+            return container_id, backend.usage(container_id)
         except Refusal:
             return container_id, None
 

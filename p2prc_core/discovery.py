@@ -16,19 +16,28 @@ from typing import Any, Protocol
 
 import httpx
 
-from p2prc_core.channel import Channel, within
+from p2prc_core.addresses import dial_endpoints
+from p2prc_core.channel import Channel, read_capped, within
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal, unreachable
 from p2prc_core.identity import NodeIdentity
-from p2prc_core.models import Address, Endpoint, loads_strict, parse_endpoint
-from p2prc_core.node import dial_endpoints
-from p2prc_core.peertable import TOKEN_CHARS, PeerEntry, PeerTable, TableState, record_token
+from p2prc_core.models import Endpoint, parse_endpoint
+from p2prc_core.peertable import PeerEntry, PeerTable, TableState, record_token
 from p2prc_core.plugins import PluginHooks
 from p2prc_core.tls import NodeMismatch
+from p2prc_core.wire import (
+    MAX_HAVE,
+    ExchangeAnswer,
+    ExchangeRequest,
+    WireError,
+    convert,
+    decode,
+    encode,
+    to_builtins,
+)
 
 log = logging.getLogger("p2prc.discovery")
 
 MAX_PAGES = 20  # table pages fetched from one peer in one exchange
-MAX_HAVE = 4096  # record tokens an asker may send; with more it sends none
 
 
 class EmptyTableError(P2PRCError):
@@ -78,12 +87,8 @@ class HttpTransport:
             with within(wait) as deadline, channel.http(wait) as http:
                 with http.stream("POST", "/v1/peers", content=body,
                                  headers={"Content-Type": "application/json"}) as resp:
-                    data = bytearray()
-                    for chunk in resp.iter_bytes():
-                        data += chunk
-                        if len(data) > self.max_bytes:
-                            raise PeerRefused(f"{where} sent a table over {self.max_bytes} "
-                                              f"bytes", 0)
+                    data = read_capped(resp.iter_bytes(), self.max_bytes, lambda: PeerRefused(
+                        f"{where} sent a table over {self.max_bytes} bytes", 0))
                 if resp.status_code != 200:
                     raise PeerRefused(f"{where} answered the exchange with HTTP "
                                       f"{resp.status_code}", resp.status_code)
@@ -94,7 +99,7 @@ class HttpTransport:
                     started = time.perf_counter()
                     http.get("/v1/health")
                     rtts.append((time.perf_counter() - started) * 1000)
-                return bytes(data), min(rtts) if rtts else None
+                return data, min(rtts) if rtts else None
         except httpx.HTTPError as err:
             raise unreachable(where, err, wait) from None
 
@@ -206,27 +211,26 @@ class Discovery:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise PeerError(f"{endpoint}: gave up after {self.peer_budget:g} s")
-                    request = {"from": own["node_id"], "records": [own] if send_own else [],
-                               "since": cursor, "known_seq": record["seq"],
-                               "limit": self.max_records}
-                    if have:  # what we hold: the peer leaves those records out
-                        request["have"] = have
-                    body = json.dumps(request, separators=(",", ":")).encode()
+                    # ``have``: what we hold, which the peer leaves out of its answer
+                    body = encode(ExchangeRequest(
+                        from_=own["node_id"], records=[own] if send_own else [],
+                        since=cursor, known_seq=record["seq"], limit=self.max_records,
+                        have=have))
                     # Latency is probed with the first page only.
                     probes = self.probes if page_number == 0 else 0
                     raw, latency = self.transport.call(endpoint, body, probes, left)
                     outcome.sent += len(body)
                     outcome.received += len(raw)
                     page = parse_answer(raw, self.max_records, str(endpoint))
-                    outcome.records.extend(page["records"])
-                    outcome.node = page.get("node") or outcome.node
-                    outcome.holds_our_seq = page.get("holds_seq")
-                    outcome.observed = page.get("observed") or outcome.observed
+                    outcome.records.extend(page.records)
+                    outcome.node = page.node or outcome.node
+                    outcome.holds_our_seq = page.holds_seq
+                    outcome.observed = page.observed or outcome.observed
                     send_own = False
-                    cursor = page["cursor"]
+                    cursor = page.cursor
                     if latency is not None:
                         outcome.latency_ms = latency
-                    if not page["more"]:
+                    if not page.more:
                         break
             except PeerRefused as err:
                 return Outcome(node_id, False, endpoint=endpoint.path, error=str(err))
@@ -386,74 +390,57 @@ class Discovery:
         return dead
 
 
-def parse_answer(raw: bytes, max_records: int, where: str) -> dict[str, Any]:
-    """Check the form of an exchange answer; anything else is a refusal, never a crash."""
+def parse_answer(raw: bytes, max_records: int, where: str) -> ExchangeAnswer:
+    """Check an exchange answer (``wire.ExchangeAnswer``); anything else is a refusal, never
+    a crash."""
     try:
-        data = loads_strict(raw)
-    except ValueError:
-        raise PeerRefused(f"{where} answered the exchange with something that is not JSON "
-                          f"(or nested too deep)", 0) from None
-    if not isinstance(data, dict) or not isinstance(data.get("records"), list) \
-            or not isinstance(data.get("cursor"), str) or len(data["cursor"]) > 64:
-        raise PeerRefused(f"{where} answered the exchange in an unknown form", 0)
-    if len(data["records"]) > max_records:
-        raise PeerRefused(f"{where} sent {len(data['records'])} records, over the "
+        answer = decode(raw, ExchangeAnswer)
+    except WireError as err:
+        raise PeerRefused(f"{where} answered the exchange in an unknown form ({err})",
+                          0) from None
+    if len(answer.records) > max_records:
+        raise PeerRefused(f"{where} sent {len(answer.records)} records, over the "
                           f"{max_records} allowed", 0)
-    data["more"] = data.get("more") is True
-    observed = data.get("observed")
-    try:  # a peer's word for our address: an IP address, or nothing
-        data["observed"] = str(Address.parse(observed)) \
-            if isinstance(observed, str) and len(observed) <= 64 else None
-    except ValueError:
-        data["observed"] = None
-    return data
+    return answer
 
 
 def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
                     max_records: int, admit: Callable[[int], int] | None = None,
                     observed: str | None = None) -> dict[str, Any]:
-    """The server's side of an exchange: merge what the caller sent, answer with what
-    changed since its cursor (never the caller's own record), and our record if its seq
-    is newer than the one the caller holds.
+    """The server's side of an exchange (``wire.ExchangeRequest``, answered with a
+    ``wire.ExchangeAnswer``): merge what the caller sent, answer with what changed since
+    its cursor (never the caller's own record), and our record if its seq is newer than
+    the one the caller holds.
 
     :raises ExchangeError: the request is malformed (the message says how).
     """
-    if not isinstance(body, dict):
-        raise ExchangeError("expected a JSON object")
-    records = body.get("records", [])
-    since = body.get("since")
-    caller = body.get("from")
-    limit = body.get("limit", max_records)
-    known_seq = body.get("known_seq")
-    have_text = body.get("have", "")
-    if not isinstance(have_text, str) or len(have_text) > TOKEN_CHARS * MAX_HAVE \
-            or len(have_text) % TOKEN_CHARS:
-        raise ExchangeError(f"'have' must be {TOKEN_CHARS}-character record tokens, at most "
-                         f"{MAX_HAVE} of them")
-    have = frozenset(have_text[i:i + TOKEN_CHARS] for i in range(0, len(have_text), TOKEN_CHARS))
-    if not isinstance(records, list) or len(records) > max_records:
+    try:
+        request = convert(body, ExchangeRequest)
+    except WireError as err:
+        raise ExchangeError(str(err)) from None
+    if len(request.records) > max_records:
         raise ExchangeError(f"'records' must be a list of at most {max_records} records")
-    if since is not None and (not isinstance(since, str) or len(since) > 64):
-        raise ExchangeError("'since' must be a cursor string")
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise ExchangeError("'limit' must be a positive whole number")
+    records, caller = request.records, request.from_
+    limit = request.limit if request.limit is not None else max_records
+    have = request.tokens()
 
     def answer(state: TableState) -> dict[str, Any]:
         """Merge and answer from one reading of the table."""
         result = table.merge_into(state, records, admit=admit) if records else None
-        changed, cursor, more = state.changes_since(since, min(limit, max_records), have)
-        reply: dict[str, Any] = {"records": [r for r in changed if r.get("node_id") != caller],
-                                 "cursor": cursor, "more": more}
-        if known_seq != own_record.get("seq"):
-            reply["node"] = own_record
+        changed, cursor, more = state.changes_since(request.since, min(limit, max_records),
+                                                    have)
+        reply = ExchangeAnswer(records=[r for r in changed if r.get("node_id") != caller],
+                               cursor=cursor, more=more)
+        if request.known_seq != own_record.get("seq"):
+            reply.node = own_record
         if result is not None:
-            reply["accepted"] = len(result.added) + len(result.updated) + result.unchanged
-        if isinstance(caller, str):
+            reply.accepted = len(result.added) + len(result.updated) + result.unchanged
+        if caller is not None:
             held = state.peers.get(caller)
-            reply["holds_seq"] = held.record["seq"] if held else None
-        if observed is not None:
-            reply["observed"] = observed  # the address the caller's request came from
-        return reply
+            reply.holds_seq = held.record["seq"] if held else None
+        reply.observed = observed  # the address the caller's request came from
+        data: dict[str, Any] = to_builtins(reply)
+        return data
 
     # Only a request that hands over records takes the table's lock (and may write it).
     return table.update(answer) if records else answer(table.snapshot())

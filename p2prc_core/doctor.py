@@ -9,9 +9,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from p2prc_core.addresses import local_addresses
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Endpoint
-from p2prc_core.node import advertised_addresses, local_addresses
+from p2prc_core.own_node import advertised_with_mapping
 
 if TYPE_CHECKING:
     from p2prc_core.services import NodeServices
@@ -36,10 +37,7 @@ def node_status(node: NodeServices) -> dict[str, Any]:
     state = node.table.snapshot()
     now = time.time()
     reach = _reach_state(node)
-    advertised = advertised_addresses(s, node.hooks)
-    mapped = (reach["upnp"] or {}).get("external_ip")
-    if isinstance(mapped, str) and mapped not in advertised and not s.advertise_addresses:
-        advertised.insert(0, mapped)  # as the record says (node.record_fields)
+    advertised = advertised_with_mapping(s, node.hooks, reach)  # as the record says
     seen = {a: v for a, v in state.observed.items() if isinstance(v.get("last"), int | float)}
     answering = [e for e in state.peers.values()
                  if e.measured.failures == 0 and e.measured.last_seen is not None]
@@ -55,7 +53,7 @@ def node_status(node: NodeServices) -> dict[str, Any]:
                   "never_answered": sum(1 for e in state.peers.values()
                                         if e.measured.last_seen is None)},
         "reach": reach,
-        "containers": _container_state(node), "gpus": [g.get("name") for g in node.gpus()
+        "containers": _container_state(node), "gpus": [g.get("name") for g in node.own.gpus()
                                                         if isinstance(g, dict)],
         "checked": now}
 
@@ -63,7 +61,7 @@ def node_status(node: NodeServices) -> dict[str, Any]:
 def _reach_state(node: NodeServices) -> dict[str, Any]:
     """What the running server learnt of how others reach it (``reach.ReachState``): the
     dial-back result, the UPnP mapping, the relay in use; and a one-word summary."""
-    from p2prc_core.reach import ReachState
+    from p2prc_core.reach_state import ReachState
 
     state = ReachState(node.home).read()
     checked = state.get("reachable") if isinstance(state.get("reachable"), dict) else None
@@ -85,12 +83,12 @@ def _server_state(node: NodeServices) -> dict[str, Any]:
     """Whether this node's own server answers on its port, as this node's key."""
     from p2prc_core.client import PeerClient
 
-    served = node.served_settings  # a server started with --port says where, in server.json
+    served = node.own.served_settings  # a server started with --port says where, in server.json
     host = served.host
     host = "::1" if host == "::" else "127.0.0.1" if host == "0.0.0.0" else host
     endpoint = Endpoint(host, served.port, node.identity.node_id)
     try:
-        with PeerClient(endpoint, timeout=2.0, secure=node.secure) as client:
+        with PeerClient(endpoint, timeout=2.0, secure=node.peers.secure) as client:
             health = client.health()
         return {"running": True, "at": str(endpoint), "version": health.get("version"),
                 "uptime_seconds": health.get("uptime_seconds")}
@@ -100,7 +98,7 @@ def _server_state(node: NodeServices) -> dict[str, Any]:
 
 def _container_state(node: NodeServices) -> dict[str, Any]:
     try:
-        leases = node.containers().list_leases()
+        leases = node.hosting.service().list_leases()
     except P2PRCError as err:
         return {"engine": "unavailable", "why": str(err)}
     return {"engine": "up", "running": sum(1 for lease in leases
@@ -110,14 +108,14 @@ def _container_state(node: NodeServices) -> dict[str, Any]:
 
 def diagnose(node: NodeServices) -> list[Check]:
     """Every check, in the order a user would fix them."""
-    status = node.status()
+    status = node_status(node)
     return [_engine(node), _image(node), _server(node, status), _clock(node), _ipv6(),
             _reach(node, status), _gpu(node)]
 
 
 def _engine(node: NodeServices) -> Check:
     try:
-        node.backend().containers()
+        node.hosting.backend().containers()
     except P2PRCError as err:
         return Check("container engine", "fail", str(err),
                      "as root: bash scripts/docker-engine (installs and starts Debian's "
@@ -128,7 +126,7 @@ def _engine(node: NodeServices) -> Check:
 def _image(node: NodeServices) -> Check:
     wanted = node.settings.container_images[0]
     try:
-        names = {image.get("name") for image in node.backend().images()}
+        names = {image.get("name") for image in node.hosting.backend().images()}
     except P2PRCError as err:
         return Check("base image", "skip", f"no engine to ask ({err})")
     if wanted not in names:
@@ -163,10 +161,10 @@ def _clock(node: NodeServices) -> Check:
     """This clock against the peers that answer (their /v1/health says their time)."""
     window = node.settings.clock_window_seconds
     offsets = []
-    entries = [e for e in node.table.load().values() if e.measured.last_seen is not None]
+    entries = [e for e in node.peers.entries().values() if e.measured.last_seen is not None]
     for entry in entries[:3]:
         try:
-            with node.client(entry.node_id) as client:
+            with node.peers.client(entry.node_id) as client:
                 started = time.time()
                 health = client.health()
                 ended = time.time()
@@ -225,10 +223,10 @@ def _reach(node: NodeServices, status: dict[str, Any]) -> Check:
 
 
 def _gpu(node: NodeServices) -> Check:
-    if not node.gpus():
+    if not node.own.gpus():
         return Check("GPU", "skip", "no NVIDIA GPU on this machine")
     try:
-        usable = node.backend().gpu_available()
+        usable = node.hosting.backend().gpu_available()
     except P2PRCError as err:
         return Check("GPU", "skip", f"no engine to ask ({err})")
     if not usable:

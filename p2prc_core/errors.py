@@ -52,3 +52,13 @@ def unreachable(where: object, err: BaseException, timeout: float | None) -> Pee
     if isinstance(err, httpx.RemoteProtocolError | ConnectionResetError | BrokenPipeError):
         return PeerError(f"{where} broke the connection or is not an HTTP server: {err}")
     return PeerError(f"talking to {where} failed: {err}")
+
+
+class UnknownPeer(P2PRCError):
+    """PEER, as the user wrote it, names no peer and is no address (each front end maps it
+    once: the CLI to a usage error, the dashboard to a note, ``import p2prc`` raises it)."""
+
+
+class BadAddress(P2PRCError):
+    """PEER text that is neither a known peer nor an address as p2prc writes one (the message
+    says what is wrong); the CLI maps it once to a usage error."""

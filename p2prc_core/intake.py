@@ -12,7 +12,7 @@ import ipaddress
 import time
 from pathlib import Path
 
-from p2prc_core.storage import SharedDB
+from p2prc_core.storage import SERVER_DB, SharedDB
 
 
 def source_prefix(remote: str | None, ipv6_bits: int = 48) -> str:
@@ -35,7 +35,7 @@ class IntakeLimit:
     """
 
     def __init__(self, home: Path, per_minute: int):
-        self.shared = SharedDB(home / "server.db", self.SCHEMA)
+        self.shared = SharedDB(home / SERVER_DB, self.SCHEMA)
         self.per_minute = per_minute
 
     def admit(self, source: str, wanted: int, now: float | None = None) -> int:

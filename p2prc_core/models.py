@@ -166,6 +166,7 @@ _NODE_ID = re.compile(r"[a-z2-7]{26}")
 
 # What a container is called and how an OpenSSH public key is written: one rule for the host
 # that checks a request and the client that checks a reply (use ``fullmatch``).
+MIN_PREFIX = 4  # the shortest start of a node's or a container's id taken for it
 CONTAINER_ID = re.compile(r"[0-9a-f]{12,64}")  # a full id, or a 12+ character prefix
 PUBLIC_KEY = re.compile(r"(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) "
                         r"[A-Za-z0-9+/]+={0,3}")

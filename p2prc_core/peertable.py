@@ -26,22 +26,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from p2prc_core.models import Address, Endpoint, PeerRecord, parse_endpoint
-from p2prc_core.records import MergeResult, RecordError, merge_records, verify_record
+from p2prc_core.records import MergeResult, merge_records, verified_records
 from p2prc_core.storage import read_json_object, update_json
+from p2prc_core.wire import TOKEN_CHARS
 
 PEERS_FILE = "peers.json"
 FORMAT = 1
 
 T = TypeVar("T")
 
-TOKEN_CHARS = 8
-
 
 def record_token(record: dict[str, Any]) -> str:
-    """8 characters that stand for one version (node id and seq) of a record, so an asker can
-    say what it holds in a few bytes instead of whole records."""
+    """``TOKEN_CHARS`` characters that stand for one version (node id and seq) of a record, so
+    an asker can say what it holds in a few bytes instead of whole records."""
     digest = hashlib.sha256(f"{record.get('node_id')}:{record.get('seq')}".encode()).digest()
-    return base64.urlsafe_b64encode(digest[:6]).decode("ascii")
+    return base64.urlsafe_b64encode(digest[:TOKEN_CHARS * 3 // 4]).decode("ascii")
 
 
 def dialable(address_text: str, allow_loopback: bool) -> Address | None:
@@ -230,14 +229,6 @@ class TableState:
         return records, f"{self.epoch}:{last if more else self.clock}", more
 
 
-def _verifies(record: dict[str, Any]) -> bool:
-    try:
-        verify_record(record)
-    except RecordError:
-        return False
-    return True
-
-
 class PeerTable:
     """Load, merge and save the table; every change is locked and written atomically."""
 
@@ -316,25 +307,30 @@ class PeerTable:
                 dropped_no_address += 1
                 continue
             usable.append(record)
-        fresh_records = [r for r in usable if r["node_id"] not in state.peers
-                         and r["node_id"] != self.self_id]
-        fresh = list(dict.fromkeys(r["node_id"] for r in fresh_records))
+        fresh = list(dict.fromkeys(r["node_id"] for r in usable if r["node_id"] not in
+                                   state.peers and r["node_id"] != self.self_id))
         limited = full = 0
+        allowed: set[str] = set()
         if fresh:
             granted = admit(len(fresh)) if admit is not None else len(fresh)
             limited = len(fresh) - granted
+            allowed = set(fresh[:granted])
+            over = set(fresh[granted:])  # over the source's allowance: not even verified
+            usable = [r for r in usable if r["node_id"] not in over]
+        # Each record verified once, here (those held already need no crypto).
+        usable, forged = verified_records(
+            usable, {node_id: entry.record for node_id, entry in state.peers.items()})
+        if allowed:
             # Only records that verify may push out others (a copied signature must not).
-            genuine = [n for n in dict.fromkeys(r["node_id"] for r in fresh_records
-                                                if r["node_id"] in set(fresh[:granted])
-                                                and _verifies(r))]
+            genuine = list(dict.fromkeys(r["node_id"] for r in usable
+                                         if r["node_id"] in allowed))
             room = self._make_room(state, len(genuine))
             full = len(genuine) - room
-            # Left out: those over the source's allowance, and genuine ones with no room;
-            # the rest go on to merge_records, which drops forgeries with their reason.
-            left_out = set(fresh[granted:]) | set(genuine[room:])
-            usable = [r for r in usable if r["node_id"] not in left_out]
+            no_room = set(genuine[room:])
+            usable = [r for r in usable if r["node_id"] not in no_room]
         held = {node_id: entry.record for node_id, entry in state.peers.items()}
-        result = merge_records(held, usable, self.self_id)
+        result = merge_records(held, usable, self.self_id, verified=True)
+        result.dropped.update(forged)
         if malformed:
             result.dropped["malformed"] += malformed
         if limited:

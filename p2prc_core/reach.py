@@ -24,60 +24,37 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from p2prc_core import tls
+from p2prc_core.config import Settings
+from p2prc_core.directory import PeerDirectory
 from p2prc_core.errors import P2PRCError, PeerError
+from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Address, Endpoint, parse_endpoint
+from p2prc_core.reach_state import ReachState
 from p2prc_core.relayhub import WAIT_SECONDS
 from p2prc_core.signing import sign_request
 from p2prc_core.splice import no_delay, splice
-from p2prc_core.storage import read_json_object, update_json
-from p2prc_core.upgrades import upgrade_sync
-
-if TYPE_CHECKING:
-    from p2prc_core.services import NodeServices
+from p2prc_core.upgrade_client import upgrade_sync
 
 log = logging.getLogger("p2prc.reach")
 
-STATE_FILE = "reach.json"
 CHECK_SECONDS = 120.0  # how often reachability is asked again
 RETRY_SECONDS = 2.0  # after a relay failed, before the next try
 FAILURES_BEFORE_MOVING = 2  # failed polls in a row before another relay is tried
 MAX_ACCEPTING = 16  # relayed clients this node carries at once
 
 
-class ReachState:
-    """``reach.json``: {"upnp": {...} | null, "relay": "ID@ADDR" | null, "relay_since",
-    "reachable": {"reachable", "address", "by", "checked", "error"} | null}."""
-
-    def __init__(self, home: Path):
-        self.path = home / STATE_FILE
-
-    def read(self) -> dict[str, Any]:
-        try:
-            return read_json_object(self.path)
-        except (OSError, ValueError):
-            return {}
-
-    def stamp(self) -> int:
-        try:
-            return self.path.stat().st_mtime_ns
-        except OSError:
-            return 0
-
-    def update(self, **changes: Any) -> None:
-        def change(state: dict[str, Any]) -> None:
-            state.update(changes)
-
-        update_json(self.path, change)
-
-
 class ReachAgent:
-    def __init__(self, node: NodeServices):
-        self.node = node
-        self.settings = node.settings
-        self.state = ReachState(node.home)
+    """Keeps this node reachable (see the module's docstring), through ``peers``."""
+
+    def __init__(self, settings: Settings, home: Path, peers: PeerDirectory):
+        self.peers = peers
+        self.home = home
+        self.settings = settings
+        self.identity = peers.identity
+        self.state = ReachState(home)
         self._stop = threading.Event()
         # Clients taken from a relay at once: a relay that hands out tokens without end
         # must not make this node open connections without end. A relayed client holds a
@@ -115,7 +92,7 @@ class ReachAgent:
         self._lock_fd = None
 
     def _run(self) -> None:
-        lock = self.node.home / "reach.lock"
+        lock = self.home / "reach.lock"
         while not self._stop.is_set():
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -165,7 +142,7 @@ class ReachAgent:
                 failures = 0
             assert self._relay is not None
             try:
-                with self.node.client(self._relay) as client:
+                with self.peers.client(self._relay) as client:
                     while not self._stop.is_set() and self._wants_relay() and \
                             time.monotonic() < next_check:
                         token = client.relay_wait(WAIT_SECONDS)
@@ -215,7 +192,7 @@ class ReachAgent:
                 log.info("no UPnP gateway answered: the port is not mapped")
                 return
             mapping = mapper.map(self.settings.port, self.settings.port,
-                                 description=f"p2prc {self.node.identity.node_id[:8]}")
+                                 description=f"p2prc {self.identity.node_id[:8]}")
         except P2PRCError as err:
             log.warning("UPnP: %s", err)
             return
@@ -257,11 +234,11 @@ class ReachAgent:
     def _candidates(self) -> list[Endpoint]:
         """Relays to use: the configured ones, then peers that offer to relay and answered."""
         found = [parse_endpoint(text) for text in self.settings.relays]
-        own = self.node.identity.node_id
-        for entry in self.node.table.load().values():
+        own = self.identity.node_id
+        for entry in self.peers.entries().values():
             if entry.record.get("relay") is True and entry.node_id != own and \
                     entry.measured.last_seen:
-                for endpoint in self.node.discovery.endpoints(entry):
+                for endpoint in self.peers.endpoints(entry):
                     if not endpoint.relay:
                         found.append(endpoint)
                         break
@@ -286,10 +263,10 @@ class ReachAgent:
     def _announce(self, relay: Endpoint) -> None:
         """Hand the relay (and so the network) the record that names it."""
         try:
-            if relay.node_id not in self.node.table.load():
-                self.node.add_peer(relay)
+            if relay.node_id not in self.peers.entries():
+                self.peers.add(relay)
             else:
-                self.node.discovery.update(hops=1, only=[relay.node_id])
+                self.peers.update(hops=1, only=[relay.node_id])
         except P2PRCError as err:
             log.warning("could not hand relay %s our record: %s", relay, err)
         if not self.state.read().get("reachable"):
@@ -309,11 +286,11 @@ class ReachAgent:
         no peer could be asked."""
         askers = ([self._relay] if self._relay else []) + self._candidates()
         if not askers:
-            askers = [e for entry in self.node.table.load().values() if entry.measured.last_seen
-                      for e in self.node.discovery.endpoints(entry)[:1]]
+            askers = [e for entry in self.peers.entries().values() if entry.measured.last_seen
+                      for e in self.peers.endpoints(entry)[:1]]
         for asker in askers[:3]:
             try:
-                with self.node.client(asker) as client:
+                with self.peers.client(asker) as client:
                     answer = client.reach_check(self.settings.advertise_port
                                                 or self.settings.port)
             except PeerError as err:
@@ -335,7 +312,8 @@ class ReachAgent:
 
     def _carry(self, relay: Endpoint, token: str) -> None:
         try:
-            outer = self._open_accept(relay, token)
+            outer = open_accept(relay, token, self.identity, self.peers.secure,
+                                self.settings.request_timeout)
         except (P2PRCError, OSError, ssl.SSLError) as err:
             log.warning("relay %s: could not accept a client: %s", relay, err)
             return
@@ -348,37 +326,38 @@ class ReachAgent:
         local.settimeout(None)
         splice(outer, local, alive=lambda: not self._stop.is_set())
 
-    def _open_accept(self, relay: Endpoint, token: str) -> socket.socket:
-        timeout = self.settings.request_timeout
-        sock = no_delay(socket.create_connection((relay.host, relay.port), timeout=timeout))
-        secure = self.node.secure
-        if secure:
-            try:
-                sock = tls.client_context().wrap_socket(sock)
-                tls.check_peer(sock, relay.node_id, f"relay {relay}")
-            except BaseException:
-                sock.close()
-                raise
-        path, query = "/v1/relay/accept", f"token={token}"
-        headers = sign_request(self.node.identity, "POST", path, query, b"",
-                               relay.node_id or "")
+
+def open_accept(relay: Endpoint, token: str, identity: NodeIdentity, secure: bool,
+                timeout: float) -> socket.socket:
+    """A connection to ``relay`` (checked as its node over TLS), upgraded to carry the
+    relayed client that ``token`` names."""
+    sock = no_delay(socket.create_connection((relay.host, relay.port), timeout=timeout))
+    if secure:
         try:
-            leftover = upgrade_sync(lambda: sock.recv(65536), sock.sendall, f"relay {relay}",
-                                    f"{path}?{query}", relay.address, headers)
+            sock = tls.client_context().wrap_socket(sock)
+            tls.check_peer(sock, relay.node_id, f"relay {relay}")
         except BaseException:
             sock.close()
             raise
-        if leftover:
-            sock.close()
-            raise PeerError(f"relay {relay} sent bytes before the client could")
-        return sock
+    path, query = "/v1/relay/accept", f"token={token}"
+    headers = sign_request(identity, "POST", path, query, b"", relay.node_id or "")
+    try:
+        leftover = upgrade_sync(lambda: sock.recv(65536), sock.sendall, f"relay {relay}",
+                                f"{path}?{query}", relay.address, headers)
+    except BaseException:
+        sock.close()
+        raise
+    if leftover:
+        sock.close()
+        raise PeerError(f"relay {relay} sent bytes before the client could")
+    return sock
 
 
 _agents: list[ReachAgent] = []
 
 
-def start(node: NodeServices) -> ReachAgent:
-    agent = ReachAgent(node)
+def start(settings: Settings, home: Path, peers: PeerDirectory) -> ReachAgent:
+    agent = ReachAgent(settings, home, peers)
     _agents.append(agent)
     agent.start()
     return agent

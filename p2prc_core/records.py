@@ -130,23 +130,47 @@ class MergeResult:
     dropped: Counter[str] = field(default_factory=Counter)
 
 
+def _held_already(record: Any, held: dict[str, dict[str, Any]]) -> bool:
+    """Exactly the record held, verified when it was taken: no crypto needed."""
+    return isinstance(record, dict) and held.get(record.get("node_id", "")) == record
+
+
+def verified_records(incoming: list[Any], held: dict[str, dict[str, Any]]
+                     ) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """The records of ``incoming`` that verify (or are exactly one ``held``), each checked
+    once; and, by reason, how many were dropped."""
+    kept: list[dict[str, Any]] = []
+    dropped: Counter[str] = Counter()
+    for record in incoming:
+        if not _held_already(record, held):
+            try:
+                verify_record(record)
+            except RecordError as err:
+                dropped[err.reason] += 1
+                continue
+        kept.append(record)
+    return kept, dropped
+
+
 def merge_records(held: dict[str, dict[str, Any]], incoming: list[Any],
-                  self_id: str | None = None) -> MergeResult:
+                  self_id: str | None = None, verified: bool = False) -> MergeResult:
     """Merge ``incoming`` into ``held`` (node id -> record), in place.
 
-    A record is dropped when it fails ``verify_record``, is older (lower seq) than the one
-    held, claims the held seq with other content, or is this node's own.
+    A record is dropped when it fails ``verify_record`` (not checked again when the caller
+    says they were: ``verified``, from ``verified_records``), is older (lower seq) than the
+    one held, claims the held seq with other content, or is this node's own.
     """
     result = MergeResult()
     for record in incoming:
-        if isinstance(record, dict) and held.get(record.get("node_id", "")) == record:
-            result.unchanged += 1  # exactly what we hold, already verified: no crypto needed
+        if _held_already(record, held):
+            result.unchanged += 1
             continue
-        try:
-            verify_record(record)
-        except RecordError as err:
-            result.dropped[err.reason] += 1
-            continue
+        if not verified:
+            try:
+                verify_record(record)
+            except RecordError as err:
+                result.dropped[err.reason] += 1
+                continue
         node_id = record["node_id"]
         if node_id == self_id:
             result.dropped["self"] += 1

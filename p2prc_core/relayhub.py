@@ -29,8 +29,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from p2prc_core.errors import Refusal
+from p2prc_core.wire import RELAY_TOKEN_BYTES, is_relay_token
 
-TOKEN_BYTES = 16
+TOKEN_BYTES = RELAY_TOKEN_BYTES
 WAIT_SECONDS = 20.0  # a poll is answered at the latest after this (204: nothing came)
 ACCEPT_SECONDS = 10.0  # how long a client is held for the node to come and accept
 FIND_SECONDS = 3.0  # how long a client waits for the node's next poll to appear
@@ -184,7 +185,7 @@ class RelayHub:
 
         :raises RelayRefusal: 404 no such token for this node (used, expired or another's).
         """
-        if len(token) != 2 * TOKEN_BYTES or not all(c in "0123456789abcdef" for c in token):
+        if not is_relay_token(token):
             raise RelayRefusal("A relay token is 32 lower-case hex characters.", 400,
                                "Invalid token")
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -234,7 +235,7 @@ def _read_token(conn: socket.socket) -> str | None:
     except OSError:
         return None
     token = data.strip().decode("ascii", "replace")
-    if len(token) == 2 * TOKEN_BYTES and all(c in "0123456789abcdef" for c in token):
+    if is_relay_token(token):
         return token
     return None
 

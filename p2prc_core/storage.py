@@ -101,6 +101,9 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+SERVER_DB = "server.db"  # the server's shared state: leases, ports, nonces, invites, intake
+
+
 class SharedDB:
     """A SQLite file in the home that every process and thread of a node shares safely:
     one connection per thread, WAL, and a wait instead of an error when it is busy."""

@@ -29,8 +29,8 @@ from typing import Any, Protocol
 
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Endpoint
+from p2prc_core.my_containers import RemoteContainer, Tracked
 from p2prc_core.storage import atomic_write_json, read_json_file
-from p2prc_core.tracking import RemoteContainer, Tracked
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -279,6 +279,15 @@ class HostResult:
     message: str = ""
     task: str = ""  # the task that failed, if one did
     ports: list[dict[str, Any]] = field(default_factory=list)  # handed: internal, external, at
+
+    @classmethod
+    def from_json(cls, name: str, data: dict[str, Any]) -> HostResult:
+        """A host's part of a run as its record keeps it, read back (``import p2prc``)."""
+        return cls(name=name, container=str(data.get("container", "")),
+                   status=str(data.get("status", "")), ok=int(data.get("ok", 0)),
+                   changed=int(data.get("changed", 0)), failed=int(data.get("failed", 0)),
+                   message=str(data.get("message", "")), task=str(data.get("task", "")),
+                   ports=list(data.get("ports", [])))
 
 
 @dataclass

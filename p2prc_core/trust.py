@@ -17,12 +17,11 @@ from p2prc_core.identity import b64decode, b64encode, canonical_json, is_node_id
 from p2prc_core.models import loads_strict
 from p2prc_core.peertable import PeerTable
 from p2prc_core.records import RecordError, verify_record
-from p2prc_core.storage import SharedDB, read_json_object, update_json
+from p2prc_core.storage import SERVER_DB, SharedDB, read_json_object, update_json
 
 log = logging.getLogger("p2prc.trust")
 
 TRUSTED_FILE = "trusted.json"
-STATE_DB = "server.db"
 TOKEN_PREFIX = "p2prc-invite-"
 
 
@@ -126,7 +125,7 @@ class ServerState:
     """
 
     def __init__(self, home: Path):
-        self.shared = SharedDB(home / STATE_DB, self.SCHEMA)
+        self.shared = SharedDB(home / SERVER_DB, self.SCHEMA)
         self.path = self.shared.path
 
     def _db(self) -> sqlite3.Connection:

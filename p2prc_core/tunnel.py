@@ -26,10 +26,10 @@ from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.signing import sign_request
 from p2prc_core.sshkeys import known_hosts_line
-from p2prc_core.upgrades import upgrade_async
+from p2prc_core.upgrade_client import upgrade_async
 
 if TYPE_CHECKING:
-    from p2prc_core.tracking import RemoteContainer
+    from p2prc_core.my_containers import RemoteContainer
 
 log = logging.getLogger("p2prc")
 

@@ -29,6 +29,7 @@ from async_upnp_client.const import HttpRequest, HttpResponse
 from async_upnp_client.search import SsdpSearchListener
 from async_upnp_client.utils import CaseInsensitiveDict
 
+from p2prc_core.channel import read_capped_async
 from p2prc_core.errors import P2PRCError
 
 IGD_TYPES = ("urn:schemas-upnp-org:device:InternetGatewayDevice:1",
@@ -345,12 +346,10 @@ class _GatewayRequester(UpnpRequester):
             async with aiohttp.ClientSession(trust_env=False) as session, session.request(
                     http_request.method, http_request.url, headers=http_request.headers,
                     data=http_request.body, allow_redirects=False, timeout=timeout) as response:
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(65536):
-                    body += chunk
-                    if len(body) > MAX_BODY:
-                        raise UpnpError(f"the UPnP gateway at {self.address} sent an answer "
-                                        f"over {MAX_BODY // 1024} KiB")
+                body = await read_capped_async(
+                    response.content.iter_chunked(65536), MAX_BODY, lambda: UpnpError(
+                        f"the UPnP gateway at {self.address} sent an answer over "
+                        f"{MAX_BODY // 1024} KiB"))
                 try:
                     text = body.decode(response.charset or "utf-8", errors="replace")
                 except LookupError:

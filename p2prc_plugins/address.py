@@ -1,12 +1,12 @@
-"""IPv6-first address selection (the rule itself is ``p2prc_core.node.rank``)."""
+"""IPv6-first address selection (the rule itself is ``p2prc_core.addresses.rank``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from p2prc_core import hookimpl
+from p2prc_core.addresses import explain, rank
 from p2prc_core.models import Address
-from p2prc_core.node import explain, rank
 
 __all__ = ["explain", "p2prc_select_address", "rank"]
 

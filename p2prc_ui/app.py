@@ -140,7 +140,7 @@ class Dashboard:
 
         def run() -> None:
             try:
-                job.summary = self.services.discovery.update(hops, progress).as_dict()
+                job.summary = self.services.peers.update(hops, progress).as_dict()
             except Exception as err:  # noqa: BLE001 - shown on the page
                 job.error = str(err)
             finally:
@@ -298,11 +298,11 @@ class PeersPage:
         sort = sort if sort in SORTS else "score"
         descending = req.get_param("order") == "desc"
         gpu = req.get_param_as_bool("gpu") or False
-        rows = self.board.services.peer_rows(with_gpu=gpu)
+        rows = self.board.services.peers.rows(with_gpu=gpu)
         if sort != "score":
             column = {"latency": "latency_ms", "bandwidth": "bandwidth_mbps",
                       "gpus": "gpus_free"}.get(sort, sort)
-            valued = [(_sortable(r[column]), r) for r in rows]
+            valued = [(_sortable(getattr(r, column)), r) for r in rows]
             rows = [r for _, r in sorted(((v, r) for v, r in valued if v is not None),
                                          key=lambda pair: pair[0], reverse=descending)]
             rows += [r for v, r in valued if v is None]  # "-" always last
@@ -315,8 +315,8 @@ class PeersPage:
         if not address:
             raise _back(self.board, "/peers", "error", "Give the peer's address.")
         try:
-            entry, summary, endpoint = self.board.services.add_peer(address, name)
-        except (P2PRCError, ValueError) as err:
+            entry, summary, endpoint = self.board.services.peers.add(address, name)
+        except P2PRCError as err:
             raise _back(self.board, "/peers", "error", f"Could not add {address}: {err}",
                         address=address, given_name=name or "") from None
         raise _back(self.board, "/peers", "ok",
@@ -345,10 +345,10 @@ class ContainersPage:
         self.board = board
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        states = self.board.services.container_states()
+        states = self.board.services.on_peers.states()
         groups = self.board.services.tracked.groups()
         names = {e.node_id: e.local_name or e.name
-                 for e in self.board.services.table.load().values()}
+                 for e in self.board.services.peers.entries().values()}
         self.board.render(resp, "containers.html", "containers", containers=[
             {"c": c, "state": state, "host": names.get(c.node_id or ""),
              "groups": [g for g, m in groups.items() if c.id in m]}
@@ -363,7 +363,7 @@ class ContainersPage:
             return
         try:
             entry = self.board.services.tracked.find(text)
-            gone = not self.board.services.remove_container(entry)
+            gone = not self.board.services.on_peers.remove(entry)
         except P2PRCError as err:
             raise _back(self.board, "/containers", "error", f"Could not remove {text}: {err}") \
                 from None
@@ -380,7 +380,7 @@ class HostPage:
         services = self.board.services
         leases, usage, problem = [], {}, None
         try:
-            service = services.containers()
+            service = services.hosting.service()
             leases = service.list_leases()
             usage = usage_of(service.backend, [lease.id for lease in leases
                                                if lease.state == "running"])
@@ -389,7 +389,7 @@ class HostPage:
         trusted = services.trust.all()
         self.board.render(resp, "host.html", "host", leases=leases, usage=usage,
                           problem=problem, trusted=trusted,
-                          server=services.running_server(), note=self.board.take_note(req))
+                          server=services.own.running_server(), note=self.board.take_note(req))
 
     def on_post_kill(self, req: falcon.Request, resp: falcon.Response) -> None:
         text = _form(req, "id")
@@ -399,7 +399,7 @@ class HostPage:
                      "/host")
             return
         try:
-            lease = self.board.services.containers().remove(text, owner=None)
+            lease = self.board.services.hosting.kill(text)
         except P2PRCError as err:
             raise _back(self.board, "/host", "error", f"Could not kill {text}: {err}") \
                 from None
@@ -411,13 +411,13 @@ class HostPage:
         try:
             ttl = parse_duration(_form(req, "ttl") or "24h")
             address = _form(req, "address")
-            offer = self.board.services.create_invite(ttl, [address] if address else None)
+            offer = self.board.services.invites.create(ttl, [address] if address else None)
         except (P2PRCError, ValueError) as err:
             raise _back(self.board, "/host", "error", f"No invite: {err}") from None
         token = offer.token()
         text = (f"An invite for a friend: it works once, until {format_when(offer.expires)}. "
                 f"Copy it now: it is shown only here.")
-        if self.board.services.running_server() is None:
+        if self.board.services.own.running_server() is None:
             text += (f" No p2prc server runs for this node: start it ('p2prc server') before "
                      f"your friend joins, on port {offer.port}.")
         raise _back(self.board, "/host", "invite", text, token=token, qr=_qr_svg(token))
@@ -488,13 +488,14 @@ class SpecsPage:
         if peer:
             where = peer
             try:
-                with self.board.services.client(peer, pin=False) as client:
+                with self.board.services.peers.client(peer, pin=False) as client:
                     specs, where = client.specs(), f"{peer} ({client.endpoint})"
-            except (P2PRCError, ValueError) as err:
+            except P2PRCError as err:
                 error = str(err)
         else:
-            specs, holders = self.board.services.specs_now(), self.board.services.gpu_holders()
-        entries = list(self.board.services.table.load().values())[:200]
+            own = self.board.services.own
+            specs, holders = own.specs_now(), own.gpu_holders()
+        entries = list(self.board.services.peers.entries().values())[:200]
         names = sorted({str(e.local_name or e.name or e.node_id) for e in entries})
         self.board.render(resp, "specs.html", "specs", peer=peer, specs=_shaped(specs),
                           where=where, error=error, holders=holders, names=names)

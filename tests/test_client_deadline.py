@@ -163,16 +163,16 @@ def test_an_update_spends_its_budget_on_a_dripping_peer_and_still_updates_the_ot
     budget, counts the dripping peer as failed and records the good one."""
     services = NodeServices(Settings(allow_loopback=True, peer_time_budget=3.0,
                                      request_timeout=10.0), tmp_path / "me", hooks)
-    services.add_peer(live_server.peer())
+    services.peers.add(live_server.peer())
     services.table.merge([dripper.record()])
     started = time.monotonic()
-    summary = services.discovery.update(hops=1)
+    summary = services.peers.update(hops=1)
     took = time.monotonic() - started
     assert took < 3.0 + MARGIN, took
     assert "did not finish its answer within 3 s (it sent it too slowly)" in \
         summary.failed[dripper.identity.node_id]
     assert live_server.node_id not in summary.failed
-    good = services.table.load()[live_server.node_id]
+    good = services.peers.entries()[live_server.node_id]
     seen = good.measured.last_seen
     assert good.measured.failures == 0 and seen is not None and seen >= int(started) - 1
 
@@ -192,7 +192,7 @@ def test_a_tunnels_upgrade_answer_is_bounded_as_a_whole(dripper: DrippingPeer) -
     import asyncio
 
     from p2prc_core.tls import client_context
-    from p2prc_core.upgrades import upgrade_async
+    from p2prc_core.upgrade_client import upgrade_async
 
     async def attempt() -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", dripper.port,

@@ -27,6 +27,7 @@ from p2prc_core.containers import (
     ContainerError,
     ContainerSpec,
 )
+from p2prc_core.errors import Refusal
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.plugins import make_plugin_manager
 from p2prc_core.server import create_app
@@ -84,6 +85,9 @@ class FakeBackend:
         self.built.append((tag, from_debootstrap))
         return True
 
+    def usage(self, container_id: str) -> dict[str, float]:
+        raise Refusal("this fake engine measures nothing", 503)
+
 
 class FakeBackendPlugin:
     def __init__(self, backend: FakeBackend):
@@ -136,7 +140,7 @@ class Host:
         return self.request("POST", "/v1/containers", {"ssh_key": SSH_KEY, **fields}, who)
 
     def held_ports(self) -> dict[int, str]:
-        return self.node.containers().store.held_ports()
+        return self.node.hosting.service().store.held_ports()
 
 
 @pytest.fixture(autouse=True)
@@ -239,7 +243,7 @@ def test_each_gpu_has_one_holder_and_the_host_says_which(gpu_host: Host) -> None
     first = gpu_host.create(gpu=1)
     assert first.status_code == 201 and first.json["gpus"] == [0], first.json
     assert free_gpus(gpu_host) == [False, True]
-    assert gpu_host.node.own_record()["specs"]["gpus_free"] == 1
+    assert gpu_host.node.own.record()["specs"]["gpus_free"] == 1
     assert_refused(gpu_host.create(who=BOB, gpu=[0]), 409, "GPU 0 is held by another "
                                                            "container; free now: 1")
     assert_refused(gpu_host.create(who=BOB, gpu=2), 409, "2 GPUs asked for, 1 free now")
@@ -247,7 +251,7 @@ def test_each_gpu_has_one_holder_and_the_host_says_which(gpu_host: Host) -> None
     assert second.json["gpus"] == [1]
     assert gpu_host.backend.specs[second.json["id"]].gpus == [{"index": 1, "minor": 5}]
     assert_refused(gpu_host.create(gpu=True), 409, "held by other containers")
-    assert gpu_host.node.own_record()["specs"]["gpus_free"] == 0
+    assert gpu_host.node.own.record()["specs"]["gpus_free"] == 0
     assert gpu_host.create().status_code == 201  # no GPU asked for: still served
     assert len(gpu_host.backend.specs) == 3  # the refused creates started nothing
     assert gpu_host.request("DELETE", f"/v1/containers/{first.json['id']}").status_code == 200
@@ -268,7 +272,7 @@ def test_a_malformed_gpu_ask_is_400(gpu_host: Host, gpu: Any) -> None:
 
 
 def test_reaping_and_reconciling_free_and_retake_gpus(gpu_host: Host) -> None:
-    service = gpu_host.node.containers()
+    service = gpu_host.node.hosting.service()
     short = gpu_host.create(gpu=1, ttl=60).json["id"]
     kept = gpu_host.create(who=BOB, gpu=1, ttl=3600).json["id"]
     assert service.store.gpu_holders() == {0: [short], 1: [kept]}
@@ -284,7 +288,7 @@ def test_reaping_and_reconciling_free_and_retake_gpus(gpu_host: Host) -> None:
 def test_a_failed_create_frees_its_gpus(gpu_host: Host) -> None:
     gpu_host.backend.fail_host_key = True
     assert_refused(gpu_host.create(gpu=2), 504, "sshd did not start")
-    assert gpu_host.node.containers().store.gpu_holders() == {}
+    assert gpu_host.node.hosting.service().store.gpu_holders() == {}
     gpu_host.backend.fail_host_key = False
     assert gpu_host.create(gpu=2).json["gpus"] == [0, 1]
 
@@ -341,7 +345,7 @@ def test_an_untrusted_or_unsigned_caller_starts_nothing(host: Host) -> None:
 def test_a_failed_create_releases_its_place_and_ports(host: Host) -> None:
     host.backend.fail_create = "no space left on device"
     assert_refused(host.create(ports=3), 500, "no space left on device")
-    assert host.held_ports() == {} and host.node.containers().store.leases() == []
+    assert host.held_ports() == {} and host.node.hosting.service().store.leases() == []
     host.backend.fail_create = None
     host.backend.fail_host_key = True  # started, but sshd never came up
     assert_refused(host.create(ports=1), 504, "sshd did not start")
@@ -353,7 +357,7 @@ def test_a_failed_create_releases_its_place_and_ports(host: Host) -> None:
 def test_expired_leases_are_reaped_and_their_ports_freed(host: Host) -> None:
     short = host.create(ttl=60).json["id"]
     long = host.create(ttl=3600).json["id"]
-    service = host.node.containers()
+    service = host.node.hosting.service()
     assert service.reap() == []
     assert service.reap(now=time.time() + 61) == [short]
     assert set(host.backend.running) == {long}
@@ -362,10 +366,10 @@ def test_expired_leases_are_reaped_and_their_ports_freed(host: Host) -> None:
 
 
 def test_a_create_that_died_half_way_is_cleared_by_the_reaper(host: Host) -> None:
-    store = host.node.containers().store
+    store = host.node.hosting.service().store
     store.reserve(ALICE.node_id, 2, 3, "pending-crashed")
     assert len(host.held_ports()) == 2
-    assert host.node.containers().reap(now=time.time() + 601) == []
+    assert host.node.hosting.service().reap(now=time.time() + 601) == []
     assert host.held_ports() == {}
 
 
@@ -377,7 +381,7 @@ def test_a_lease_whose_container_vanished_shows_gone(host: Host) -> None:
 
 
 def test_reconcile_adopts_labelled_containers_and_drops_vanished_leases(host: Host) -> None:
-    service = host.node.containers()
+    service = host.node.hosting.service()
     kept = host.create(ports=1).json
     vanished = host.create().json["id"]
     del host.backend.running[vanished]
@@ -395,7 +399,7 @@ def test_reconcile_adopts_labelled_containers_and_drops_vanished_leases(host: Ho
 def test_no_backend_is_503_with_the_reason(tmp_path: Path) -> None:
     host = Host(tmp_path / "host", backend="nothing")
     assert_refused(host.create(), 503, "'nothing' backend is not installed")
-    assert host.node.reap() == []  # the reaper has nothing to do, and does not fail
+    assert host.node.hosting.reap() == []  # the reaper has nothing to do, and does not fail
 
 
 def test_the_images_route_lists_only_offered_images(host: Host) -> None:
@@ -410,7 +414,7 @@ def test_a_stopped_container_is_removed_after_the_grace_with_all_it_held(
     host = Host(tmp_path / "host", gpus=1, containers_per_caller=2,
                 container_exited_grace=300)
     host.backend.gpu_support = True
-    service = host.node.containers()
+    service = host.node.hosting.service()
     stopped = host.create(ports=1, gpu=True).json["id"]
     kept = host.create().json["id"]
     host.backend.running[stopped].state = "exited"  # its PID 1 ended, or the OOM killer
@@ -430,7 +434,7 @@ def test_a_stopped_container_is_removed_after_the_grace_with_all_it_held(
 
 def test_a_container_that_runs_again_or_vanished_is_timed_from_when_seen_stopped(
         host: Host) -> None:
-    service = host.node.containers()
+    service = host.node.hosting.service()
     restarted, vanished = host.create().json["id"], host.create().json["id"]
     now = time.time()
     host.backend.running[restarted].state = "exited"
@@ -444,7 +448,7 @@ def test_a_container_that_runs_again_or_vanished_is_timed_from_when_seen_stopped
     assert restarted in host.backend.running and len(host.held_ports()) == 2
     service.reap(now=now + 303)
     assert host.backend.running == {} and host.held_ports() == {}
-    assert host.node.containers().store.leases() == []
+    assert host.node.hosting.service().store.leases() == []
 
 
 def test_gpus_per_caller_caps_what_one_caller_holds(tmp_path: Path) -> None:
@@ -458,7 +462,7 @@ def test_gpus_per_caller_caps_what_one_caller_holds(tmp_path: Path) -> None:
     assert host.create().status_code == 201  # a container without a GPU is still given
     assert_refused(host.create(who=BOB, gpu=2), 429, "limit of 1 GPU per caller")
     assert host.create(who=BOB, gpu=[2]).json["gpus"] == [2]
-    assert sorted(host.node.containers().store.gpu_holders()) == [0, 2]
+    assert sorted(host.node.hosting.service().store.gpu_holders()) == [0, 2]
     wide = Host(tmp_path / "wide", gpus=3, gpus_per_caller=2)
     wide.backend.gpu_support = True
     assert wide.create(gpu=True).json["gpus"] == [0, 1]

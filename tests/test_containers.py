@@ -657,7 +657,7 @@ def test_a_tunnel_through_a_relay_reaches_the_containers_sshd(
 
 def test_touch_says_when_published_ports_cannot_be_reached(tmp_path: Path) -> None:
     from p2prc_core.cli.containers import published_reachable
-    from p2prc_core.tracking import RemoteContainer
+    from p2prc_core.my_containers import RemoteContainer
 
     closed = free_port()
     container = RemoteContainer(id="a" * 64, endpoint="127.0.0.1:8088", host="127.0.0.1",

@@ -488,7 +488,7 @@ def test_a_peers_word_for_our_address_is_an_ip_address_or_nothing(observed: Any,
     from p2prc_core.discovery import parse_answer
 
     raw = json.dumps({"records": [], "cursor": "c", "observed": observed}).encode()
-    assert parse_answer(raw, 10, "peer")["observed"] == kept
+    assert parse_answer(raw, 10, "peer").observed == kept
 
 
 def test_records_of_odd_shapes_are_dropped_and_the_rest_merged(tmp_path: Path) -> None:

@@ -156,7 +156,7 @@ def shows_nothing_hostile(text: str) -> None:
 def test_what_a_peer_chose_is_printed_clean(tmp_path: Path) -> None:
     import p2prc
     from p2prc.api import Container, Run
-    from p2prc_core.tracking import RemoteContainer
+    from p2prc_core.my_containers import RemoteContainer
 
     node = p2prc.Node.open(tmp_path / "me")
     plant(node.home, node.node_id, HOSTILE, gpus=[HOSTILE], gpus_free=1)

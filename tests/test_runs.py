@@ -17,10 +17,10 @@ from p2prc_core import hookimpl
 from p2prc_core.config import Settings
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Endpoint
+from p2prc_core.my_containers import RemoteContainer
 from p2prc_core.plugins import make_plugin_manager
 from p2prc_core.services import NodeServices
 from p2prc_core.tasks import Bundle, Event, HostResult, RunResult, RunTarget
-from p2prc_core.tracking import RemoteContainer
 from p2prc_plugins.ansible import build_inventory
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "playbooks"
@@ -90,7 +90,7 @@ def node(tmp_path: Path, runner: FakeRunner) -> NodeServices:
             if c.id in services.gone:  # type: ignore[attr-defined]
                 raise P2PRCError(f"{c.short_id} is gone from {c.endpoint}")
 
-    services.check_alive = check_alive  # type: ignore[method-assign]
+    services.on_peers.check_alive = check_alive  # type: ignore[method-assign]
     services.playbooks.add(str(CONTRIB / "http"))
     for index in (1, 2):
         services.tracked.add(container(index))
@@ -110,7 +110,7 @@ def test_a_run_hands_each_target_its_login_and_unused_ports(node: NodeServices,
     first = targets[0]
     assert (first.name, first.address, first.port, first.user, first.host_key) == \
         (container(1).short_id, "fd42::1", 42010, "root", HOST_KEY)
-    assert first.private_key == node.ssh_key()[0] and first.private_key.exists()
+    assert first.private_key == node.on_peers.ssh_key()[0] and first.private_key.exists()
     assert first.ports == [{"internal": 42011, "external": 42011}]
     assert events[:2] == [(t.name, "", "waiting") for t in targets]
     assert record["succeeded"] and set(record["hosts"]) == {t.name for t in targets}

@@ -267,8 +267,8 @@ def test_a_confined_run_keeps_every_task_in_its_containers(tmp_path: Path,
                                                           host: LiveServer) -> None:
     """Even a bundle that asks for the local connection every way the scan might miss runs
     its tasks in the container when p2prc confines it (the default)."""
+    from p2prc_core.my_containers import Tracked
     from p2prc_core.tasks import RunTarget, load_bundle
-    from p2prc_core.tracking import Tracked
     from p2prc_plugins.ansible import AnsibleRunner
 
     marker = Path(f"/tmp/p2prc-ran-here-{tmp_path.name}-{os.getpid()}")  # exists in both

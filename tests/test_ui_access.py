@@ -100,7 +100,7 @@ def test_a_form_needs_its_csrf_token_and_this_origin(board: Dashboard) -> None:
     assert done.status_code == 303
     said = web.simulate_get(done.headers["Location"], headers=cookie(board))
     assert "Could not add 127.0.0.1:1" in said.text
-    assert board.services.table.load() == {}
+    assert board.services.peers.entries() == {}
 
 
 def test_what_peers_send_is_shown_as_text(board: Dashboard) -> None:
@@ -244,7 +244,7 @@ def test_no_page_changes_the_table_or_pins(board: Dashboard, live_server: LiveSe
         assert page.status_code == 200, (path, query)
     assert f"Specs of {named} (" in page.text and "cores" in page.text  # it answered
     assert files() == before
-    assert board.services.pinned(parse_endpoint(first_contact)) is None
+    assert board.services.peers.pinned(parse_endpoint(first_contact)) is None
 
 
 @pytest.fixture

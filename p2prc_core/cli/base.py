@@ -18,7 +18,7 @@ from p2prc_core.config import (
     load_settings,
 )
 from p2prc_core.containers import parse_gpu_text
-from p2prc_core.errors import P2PRCError
+from p2prc_core.errors import BadAddress, P2PRCError
 from p2prc_core.models import Endpoint, parse_duration, parse_endpoint, parse_size
 from p2prc_core.output import err_console
 from p2prc_core.plugins import PluginHooks, PluginLoadError, make_plugin_manager
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to 
     from p2prc_core.client import PeerClient
 
 
-class Node:
+class CliContext:
     """The click context object: this node's home, settings and plugins, and the
     ``NodeServices`` over them, each built on demand (after options have set overrides)."""
 
@@ -65,12 +65,9 @@ class Node:
         return self._services
 
     def client(self, peer: str | Endpoint) -> PeerClient:
-        """A client for PEER; an argument that is neither a known peer nor an address is a
-        usage error."""
-        try:
-            return self.services.client(peer)
-        except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="PEER") from None
+        """A client for PEER (an argument that is neither a known peer nor an address is a
+        usage error: ``BadAddress``, mapped in ``P2PRCGroup``)."""
+        return self.services.peers.client(peer)
 
 
 def resolve_peer(text: str) -> Endpoint:
@@ -97,10 +94,6 @@ EXAMPLES = """\
   p2prc ssh 3f2a9c1d0b7e             log in (through alice's p2prc port)
   p2prc run http --on 3f2a9c1d0b7e   an Ansible playbook on containers
 """
-# The original P2PRC's flags, shown in a section of their own.
-ORIGINAL_FLAGS = {"serve_flag", "add_address", "list_flag", "update_flag", "touch_peer",
-                  "touch_ports", "touch_gpu", "tracked_flag", "rm_container", "add_playbook",
-                  "list_playbooks", "rm_playbook", "plugin_name", "plugin_ids"}
 
 
 class P2PRCGroup(click.Group):
@@ -110,6 +103,8 @@ class P2PRCGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BadAddress as err:
+            raise click.UsageError(str(err)) from None
         except (P2PRCError, ConfigError, PluginLoadError) as err:
             raise click.ClickException(str(err)) from None
 
@@ -143,11 +138,12 @@ class P2PRCGroup(click.Group):
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
             if record is not None:
-                (original if param.name in ORIGINAL_FLAGS else ours).append(record)
+                (original if isinstance(param, OriginalFlag) else ours).append(record)
         with formatter.section("Options"):
             formatter.write_dl(ours)
-        with formatter.section("The original P2PRC's flags (each stands alone)"):
-            formatter.write_dl(original)
+        if original:
+            with formatter.section("The original P2PRC's flags (each stands alone)"):
+                formatter.write_dl(original)
 
 
 class ListingGroup(click.Group):
@@ -167,72 +163,32 @@ class ListingGroup(click.Group):
         return super().invoke(ctx)
 
 
-pass_node = click.make_pass_decorator(Node)
+pass_node = click.make_pass_decorator(CliContext)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+class OriginalFlag(click.Option):
+    """One of the original P2PRC's flags (``-s``, ``--as``, ``--ls`` ...), shown in a
+    section of its own. ``cli.original`` declares them and carries them out."""
+
+
+# What carries out the original flags (``cli.original`` registers it): it imports the
+# commands they stand for, which import this module, so this module never imports them.
+run_original: list[Callable[[click.Context, dict[str, Any]], None]] = []
 
 
 @click.group(cls=P2PRCGroup, invoke_without_command=True,
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", type=click.Path(path_type=Path), envvar="P2PRC_HOME",
               help="This node's home directory [default: ~/.p2prc; env P2PRC_HOME].")
-@click.option("-s", "serve_flag", is_flag=True, help="Run the peer server (as 'p2prc server').")
-@click.option("--as", "add_address", metavar="ADDRESS", help="As 'p2prc peers add ADDRESS'.")
-@click.option("--ls", "list_flag", is_flag=True, help="As 'p2prc peers ls'.")
-@click.option("--us", "update_flag", is_flag=True, help="As 'p2prc peers update'.")
-@click.option("--touch", "touch_peer", metavar="PEER", help="As 'p2prc touch PEER'.")
-@click.option("--ports", "touch_ports", type=click.IntRange(0, 64), default=0,
-              help="With --touch: extra TCP ports.")
-@click.option("--gpu", "touch_gpu", is_flag=True, help="With --touch: ask for GPUs.")
-@click.option("--tc", "tracked_flag", is_flag=True, help="As 'p2prc containers ls'.")
-@click.option("--rm", "rm_container", metavar="CONTAINER", help="As 'p2prc rm CONTAINER'.")
-@click.option("--pp", "add_playbook", metavar="PATH", help="As 'p2prc playbooks add PATH'.")
-@click.option("--vp", "list_playbooks", is_flag=True, help="As 'p2prc playbooks ls'.")
-@click.option("--rp", "rm_playbook", metavar="NAME", help="As 'p2prc playbooks rm NAME'.")
-@click.option("--plugin", "plugin_name", metavar="NAME", help="With --id: as 'p2prc run NAME'.")
-@click.option("--id", "plugin_ids", multiple=True, metavar="CONTAINER",
-              help="With --plugin: where to run it.")
 @click.version_option(__version__, "--version", prog_name="p2prc")
 @click.pass_context
-def main(ctx: click.Context, home: Path | None, serve_flag: bool, add_address: str | None,
-         list_flag: bool, update_flag: bool, touch_peer: str | None, touch_ports: int,
-         touch_gpu: bool, tracked_flag: bool, rm_container: str | None,
-         add_playbook: str | None, list_playbooks: bool, rm_playbook: str | None,
-         plugin_name: str | None, plugin_ids: tuple[str, ...]) -> None:
+def main(ctx: click.Context, home: Path | None, **original: Any) -> None:
     """p2prc: connect to a friend's machine, or one close by, and run anything on it."""
-    ctx.obj = Node(home)
-    # The commands the original spellings stand for live in the other cli modules.
-    from p2prc_core.cli.containers import containers_ls, remove_container, touch
-    from p2prc_core.cli.local import server
-    from p2prc_core.cli.peers import peers_add, peers_ls, peers_update
-    from p2prc_core.cli.tasks import playbooks_add, playbooks_ls, playbooks_rm, run_playbook
-
-    original: list[tuple[bool, click.Command, dict[str, Any]]] = [
-        (serve_flag, server, {}), (add_address is not None, peers_add,
-                                           {"address": add_address}),
-                (list_flag, peers_ls, {}), (update_flag, peers_update, {}),
-                (touch_peer is not None, touch,
-                 {"peer": touch_peer, "ports": touch_ports, "gpu": touch_gpu, "image": None,
-                  "cpus": None, "memory": None, "ttl": None, "as_json": True}),
-                (tracked_flag, containers_ls, {}),
-                (rm_container is not None, remove_container, {"container": rm_container}),
-                (add_playbook is not None, playbooks_add, {"source": add_playbook}),
-                (list_playbooks, playbooks_ls, {}),
-                (rm_playbook is not None, playbooks_rm, {"name": rm_playbook}),
-                (plugin_name is not None, run_playbook,
-                 {"playbook": plugin_name, "targets": plugin_ids, "pairs": ()})]
-    if plugin_name is not None and not plugin_ids:
-        raise click.UsageError("--plugin NAME needs --id CONTAINER")
-    chosen = [(command, kwargs) for given, command, kwargs in original if given]
-    if (touch_ports or touch_gpu) and touch_peer is None:
-        raise click.UsageError("--ports and --gpu go with --touch PEER")
-    if len(chosen) > 1 or (chosen and ctx.invoked_subcommand is not None):
-        raise click.UsageError("the original flags (-s, --as, --ls, --us, --touch, --tc, --rm, "
-                               "--pp, --vp, --rp, --plugin) each stand alone: give one, and "
-                               "no other command")
-    if chosen:
-        command, kwargs = chosen[0]
-        ctx.invoke(command, **kwargs)
-    elif ctx.invoked_subcommand is None:
+    ctx.obj = CliContext(home)
+    for run in run_original:
+        run(ctx, original)
+    if ctx.invoked_subcommand is None and not any(original.values()):
         click.echo(ctx.get_help())
 
 

@@ -10,8 +10,8 @@ import click
 from rich.text import Text
 
 from p2prc_core.cli.base import (
+    CliContext,
     ListingGroup,
-    Node,
     duration_option,
     gpu_option,
     json_option,
@@ -20,10 +20,9 @@ from p2prc_core.cli.base import (
     size_option,
 )
 from p2prc_core.containers import fingerprint, port_is_free
+from p2prc_core.my_containers import RemoteContainer
 from p2prc_core.output import err_console, print_json, print_table
 from p2prc_core.text import clean, format_when
-from p2prc_core.tracking import RemoteContainer
-from p2prc_core.tunnel import ssh_command
 
 # -- containers ------------------------------------------------------------------------------
 
@@ -42,7 +41,7 @@ from p2prc_core.tunnel import ssh_command
               help="Lifetime, e.g. 2h, 7d.")
 @json_option
 @pass_node
-def touch(node: Node, peer: str, ports: int, gpu: bool | int | list[int] | None,
+def touch(node: CliContext, peer: str, ports: int, gpu: bool | int | list[int] | None,
           image: str | None, cpus: float | None, memory: int | None, ttl: int | None,
           as_json: bool) -> None:
     """Start a container on PEER with SSH access (your key) and open ports."""
@@ -51,10 +50,7 @@ def touch(node: Node, peer: str, ports: int, gpu: bool | int | list[int] | None,
         if value is not None:
             request[name] = value
     with err_console.status(Text(f"starting a container on {clean(peer)} ...")):
-        try:
-            container = node.services.touch(peer, request)
-        except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="PEER") from None
+        container = node.services.on_peers.touch(peer, request)
     published = published_reachable(container)
     if as_json:
         print_json({**container.as_dict(), "published_reachable": published})
@@ -103,10 +99,10 @@ def containers_group() -> None:
 @containers_group.command("ls")
 @json_option
 @pass_node
-def containers_ls(node: Node, as_json: bool = False) -> None:
+def containers_ls(node: CliContext, as_json: bool = False) -> None:
     """List tracked containers with their live state (asks each host)."""
     rows = [{**container.as_dict(), "state": state}
-            for container, state in node.services.container_states()]
+            for container, state in node.services.on_peers.states()]
     if as_json:
         print_json(rows)
         return
@@ -125,10 +121,10 @@ def containers_ls(node: Node, as_json: bool = False) -> None:
 @main.command("rm")
 @click.argument("container")
 @pass_node
-def remove_container(node: Node, container: str) -> None:
+def remove_container(node: CliContext, container: str) -> None:
     """Stop and remove a container (or every container of a group) and forget it."""
     for entry in node.services.tracked.resolve(container):
-        if node.services.remove_container(entry):
+        if node.services.on_peers.remove(entry):
             click.echo(f"removed {entry.short_id} from {entry.endpoint}")
         else:
             click.echo(f"{entry.short_id} was already gone from {entry.endpoint}")
@@ -141,7 +137,7 @@ def remove_container(node: Node, container: str) -> None:
 @click.argument("container")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_node
-def ssh(node: Node, direct: bool, container: str, command: tuple[str, ...]) -> None:
+def ssh(node: CliContext, direct: bool, container: str, command: tuple[str, ...]) -> None:
     """Log into a container with your key, checking its pinned host key. SSH goes through
     the host's p2prc port (and its relay, if it has one): nothing else need be open."""
     entry = node.services.tracked.find(container)
@@ -150,11 +146,8 @@ def ssh(node: Node, direct: bool, container: str, command: tuple[str, ...]) -> N
             f"{entry.short_id}'s host publishes its ports on its loopback only (its "
             f"publish_ports setting): --direct cannot reach them; 'p2prc ssh "
             f"{entry.short_id}' goes through the host's p2prc port")
-    node.services.check_alive([entry])  # its port may be someone else's container by now
-    private, _ = node.services.ssh_key()
-    services = node.services
-    argv = ssh_command(node.home, entry, private, not direct, services.paths_to(entry),
-                       services.settings.request_timeout, services.secure) + list(command)
+    node.services.on_peers.check_alive([entry])  # its port may be someone else's container
+    argv = node.services.on_peers.ssh_argv(entry, direct) + list(command)
     os.execvp(argv[0], argv)
 
 
@@ -164,34 +157,22 @@ def ssh(node: Node, direct: bool, container: str, command: tuple[str, ...]) -> N
               help="Write $P2PRC_HOME/ssh/config (to Include from ~/.ssh/config) instead of "
                    "printing it.")
 @pass_node
-def ssh_config(node: Node, containers: tuple[str, ...], write: bool) -> None:
+def ssh_config(node: CliContext, containers: tuple[str, ...], write: bool) -> None:
     """OpenSSH Host entries (p2prc-ID) for your containers, through the tunnel with the
     pinned host keys: for scp, rsync, VS Code Remote, or ssh itself."""
-    services = node.services
-    tracked = services.tracked
+    tracked = node.services.tracked
     entries = [e for name in containers for e in tracked.resolve(name)] if containers \
         else list(tracked.containers().values())
-    private, _ = services.ssh_key()
-    blocks = []
-    for entry in entries:
-        argv = ssh_command(node.home, entry, private, True, services.paths_to(entry),
-                           services.settings.request_timeout, services.secure)
-        lines = [f"Host p2prc-{entry.short_id}", f"    HostName p2prc-{entry.short_id}",
-                 "    User root", f"    IdentityFile {private}"]
-        for option in (argv[i + 1] for i, word in enumerate(argv[:-1]) if word == "-o"):
-            key, _, value = option.partition("=")  # ssh_config expands %: keep it literal
-            lines.append(f"    {key} {value.replace('%', '%%')}")
-        blocks.append("\n".join(lines))
-    text = "\n\n".join(blocks) + ("\n" if blocks else "")
+    text = node.services.on_peers.ssh_config(entries)
     if not write:
         click.echo(text, nl=False)
-        if not blocks:
+        if not entries:
             click.echo("# no containers: 'p2prc touch PEER' starts one", err=True)
         return
     path = node.home / "ssh" / "config"
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.write_text(text)
-    click.echo(f"wrote {len(blocks)} Host {'entry' if len(blocks) == 1 else 'entries'} to "
+    click.echo(f"wrote {len(entries)} Host {'entry' if len(entries) == 1 else 'entries'} to "
                f"{path}; add this line to the top of "
                f"~/.ssh/config:\n    Include {path}")
 
@@ -200,11 +181,11 @@ def ssh_config(node: Node, containers: tuple[str, ...], write: bool) -> None:
 @click.argument("container")
 @click.argument("port", type=click.IntRange(1, 65535), default=22)
 @pass_node
-def tunnel(node: Node, container: str, port: int) -> None:
+def tunnel(node: CliContext, container: str, port: int) -> None:
     """Join standard input and output to PORT of CONTAINER, through its host's p2prc port
     (what 'p2prc ssh' gives OpenSSH as its ProxyCommand)."""
     entry = node.services.tracked.find(container)
-    node.services.tunnel_stdio(entry, port)
+    node.services.on_peers.tunnel_stdio(entry, port)
 
 
 @main.command()
@@ -212,11 +193,11 @@ def tunnel(node: Node, container: str, port: int) -> None:
 @click.argument("port", type=click.IntRange(1, 65535))
 @click.argument("local_port", type=click.IntRange(0, 65535), required=False)
 @pass_node
-def forward(node: Node, container: str, port: int, local_port: int | None) -> None:
+def forward(node: CliContext, container: str, port: int, local_port: int | None) -> None:
     """Serve PORT of CONTAINER on 127.0.0.1:LOCAL_PORT (default: the same number if free,
     else any), through the host's p2prc port, until Ctrl-C."""
     entry = node.services.tracked.find(container)
-    node.services.check_alive([entry])
+    node.services.on_peers.check_alive([entry])
     if local_port is None:
         local_port = port if port >= 1024 and port_is_free(port) else 0
 
@@ -226,7 +207,7 @@ def forward(node: Node, container: str, port: int, local_port: int | None) -> No
         click.echo(f"127.0.0.1:{bound}")
 
     with contextlib.suppress(KeyboardInterrupt):
-        node.services.forward(entry, port, local_port, ready,
+        node.services.on_peers.forward(entry, port, local_port, ready,
                               lambda why: click.echo(why, err=True))
 
 
@@ -239,7 +220,7 @@ def group_group() -> None:
 @group_group.command("create")
 @click.argument("name")
 @pass_node
-def group_create(node: Node, name: str) -> None:
+def group_create(node: CliContext, name: str) -> None:
     """Make an empty group."""
     node.services.tracked.create_group(name)
     click.echo(f"group {name} created")
@@ -249,7 +230,7 @@ def group_create(node: Node, name: str) -> None:
 @click.argument("group")
 @click.argument("containers", nargs=-1, required=True)
 @pass_node
-def group_add(node: Node, group: str, containers: tuple[str, ...]) -> None:
+def group_add(node: CliContext, group: str, containers: tuple[str, ...]) -> None:
     """Add containers to a group."""
     for container in containers:
         container_id = node.services.tracked.change_group(group, container, add=True)
@@ -260,7 +241,7 @@ def group_add(node: Node, group: str, containers: tuple[str, ...]) -> None:
 @click.argument("group")
 @click.argument("containers", nargs=-1)
 @pass_node
-def group_rm(node: Node, group: str, containers: tuple[str, ...]) -> None:
+def group_rm(node: CliContext, group: str, containers: tuple[str, ...]) -> None:
     """Take containers out of a group; with none given, delete the group (not its
     containers)."""
     tracked = node.services.tracked
@@ -274,7 +255,7 @@ def group_rm(node: Node, group: str, containers: tuple[str, ...]) -> None:
 @group_group.command("ls")
 @json_option
 @pass_node
-def group_ls(node: Node, as_json: bool) -> None:
+def group_ls(node: CliContext, as_json: bool) -> None:
     """List groups and their containers."""
     groups = node.services.tracked.groups()
     if as_json:

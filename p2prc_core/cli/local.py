@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 import stat
 import time
+from dataclasses import asdict
 from typing import Any
 
 import click
 
 from p2prc_core import __version__
+from p2prc_core.addresses import address_report, advertised_addresses
 from p2prc_core.cli.base import (
+    CliContext,
     ListingGroup,
-    Node,
     format_setting,
     json_option,
     main,
@@ -26,17 +28,8 @@ from p2prc_core.config import (
     settings_as_dict,
 )
 from p2prc_core.containers import STOPPED, ContainerService, Lease, usage_of
+from p2prc_core.doctor import node_status
 from p2prc_core.errors import P2PRCError
-from p2prc_core.models import Address
-from p2prc_core.node import (
-    advertisable,
-    advertised_addresses,
-    explain,
-    interfaces_down,
-    local_addresses,
-    ordered_by_preference,
-    why_not_advertised,
-)
 from p2prc_core.output import print_json, print_table
 from p2prc_core.text import format_ago, format_when, human_bytes, human_duration
 
@@ -55,7 +48,7 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
         return
     from p2prc_core.server.run import serve
 
-    node = ctx.find_object(Node)
+    node = ctx.find_object(CliContext)
     assert node is not None
     node.overrides.update(host=host, port=port, name=name, workers=workers)
     settings = node.settings
@@ -93,40 +86,21 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
 @main.command()
 @json_option
 @pass_node
-def interfaces(node: Node, as_json: bool) -> None:
+def interfaces(node: CliContext, as_json: bool) -> None:
     """Every local address, and which one p2prc advertises and why."""
     settings = node.settings
-    found = local_addresses()
-    eligible = advertisable(found, settings)
-    order = ordered_by_preference(node.hooks, eligible, "advertise")
-    chosen = order[0] if order else None
-    if settings.advertise_addresses:  # the config overrides what the interfaces offer
-        chosen = Address.parse(settings.advertise_addresses[0])
+    chosen, rows = address_report(settings, node.hooks)
     transport = ("TLS 1.3, certificate bound to the node key" if settings.transport == "tls"
                  else "plain HTTP (transport = http: labs only)")
-
-    down = interfaces_down()
-
-    def why(address: Address) -> str:
-        excluded = why_not_advertised(address, down)
-        if excluded is not None:
-            return excluded
-        if address.kind == "loopback" and not settings.allow_loopback:
-            return "never chosen: loopback (set allow_loopback = true for a lab)"
-        return explain(address)
-
-    rows = [{"interface": a.interface, "address": str(a), "version": a.version, "kind": a.kind,
-             "advertised": a == chosen,
-             "preference": order.index(a) + 1 if a in order else None, "why": why(a)}
-            for a in found]
     if as_json:
-        print_json({"chosen": str(chosen) if chosen else None, "addresses": rows,
+        print_json({"chosen": str(chosen) if chosen else None,
+                    "addresses": [asdict(r) for r in rows],
                     "advertise_addresses": settings.advertise_addresses,
                     "transport": settings.transport})
         return
     print_table(("", "interface", "address", "kind", "rank", "why"),
-                [("*" if r["advertised"] else "", r["interface"], r["address"],
-                  f"IPv{r['version']} {r['kind']}", r["preference"] or "-", r["why"])
+                [("*" if r.advertised else "", r.interface, r.address,
+                  f"IPv{r.version} {r.kind}", r.preference or "-", r.why)
                  for r in rows])
     if settings.advertise_addresses:
         click.echo(f"advertise_addresses is set: this node advertises "
@@ -140,10 +114,10 @@ def interfaces(node: Node, as_json: bool) -> None:
 @main.command()
 @json_option
 @pass_node
-def status(node: Node, as_json: bool) -> None:
+def status(node: CliContext, as_json: bool) -> None:
     """This node at a glance: id, server, transport, addresses as peers see them, peers,
     containers and GPUs."""
-    state = node.services.status()
+    state = node_status(node.services)
     if as_json:
         print_json(state)
         return
@@ -193,7 +167,7 @@ def status(node: Node, as_json: bool) -> None:
 @main.command()
 @json_option
 @pass_node
-def doctor(node: Node, as_json: bool) -> None:
+def doctor(node: CliContext, as_json: bool) -> None:
     """Check what this node needs to work well, with a fix for each problem; exit 1 if any
     check fails."""
     from p2prc_core.doctor import diagnose
@@ -210,7 +184,7 @@ def doctor(node: Node, as_json: bool) -> None:
 
 @main.command()
 @pass_node
-def init(node: Node) -> None:
+def init(node: CliContext) -> None:
     """Create this node's home directory and a commented config.toml."""
     node.home.mkdir(parents=True, exist_ok=True)
     os.chmod(node.home, stat.S_IRWXU)
@@ -226,7 +200,7 @@ def init(node: Node) -> None:
 @main.command("config")
 @json_option
 @pass_node
-def show_config(node: Node, as_json: bool) -> None:
+def show_config(node: CliContext, as_json: bool) -> None:
     """Show the home directory and the effective settings, with where each came from."""
     loaded = node.loaded
     values = settings_as_dict(loaded.settings)
@@ -245,7 +219,7 @@ def show_config(node: Node, as_json: bool) -> None:
 @main.command()
 @json_option
 @pass_node
-def version(node: Node, as_json: bool) -> None:
+def version(node: CliContext, as_json: bool) -> None:
     """Versions of p2prc, Python, the Docker engine, Ansible and each plugin."""
     import platform
     from importlib.metadata import PackageNotFoundError
@@ -258,7 +232,7 @@ def version(node: Node, as_json: bool) -> None:
             return "not installed"
 
     try:
-        engine = str(node.services.backend().client.version().get("Version"))  # type: ignore[attr-defined]
+        engine = str(node.services.hosting.backend().client.version().get("Version"))  # type: ignore[attr-defined]
     except Exception as err:  # noqa: BLE001 - no engine, or another backend: say why
         engine = f"unavailable ({str(err).splitlines()[0][:80]})"
     found = {"p2prc": __version__, "python": platform.python_version(),
@@ -275,7 +249,7 @@ def version(node: Node, as_json: bool) -> None:
 @main.command()
 @json_option
 @pass_node
-def plugins(node: Node, as_json: bool) -> None:
+def plugins(node: CliContext, as_json: bool) -> None:
     """List every plugin with its distribution, version and hooks."""
     infos = node.hooks.plugin_info()
     if as_json:
@@ -287,8 +261,8 @@ def plugins(node: Node, as_json: bool) -> None:
 
 # -- the host's own view -----------------------------------------------------------------------
 
-def _local_service(node: Node) -> ContainerService:
-    return node.services.containers()  # a ContainerError (no backend) is one line, as others
+def _local_service(node: CliContext) -> ContainerService:
+    return node.services.hosting.service()  # a ContainerError (no backend) is one line, as others
 
 
 @server.group("containers", cls=ListingGroup)
@@ -299,7 +273,7 @@ def server_containers() -> None:
 @server_containers.command("ls")
 @json_option
 @pass_node
-def server_containers_ls(node: Node, as_json: bool = False) -> None:
+def server_containers_ls(node: CliContext, as_json: bool = False) -> None:
     """List every p2prc container here, with its owner, state, limits and lease: a stopped
     one with when it is freed, a running one that uses no CPU now as idle."""
     service = _local_service(node)
@@ -361,27 +335,14 @@ def _idle(lease: Lease, usage: dict[str, dict[str, float]]) -> bool | None:
 @server_containers.command("kill")
 @click.argument("container_ids", nargs=-1, required=True)
 @pass_node
-def server_containers_kill(node: Node, container_ids: tuple[str, ...]) -> None:
+def server_containers_kill(node: CliContext, container_ids: tuple[str, ...]) -> None:
     """Stop and remove p2prc containers on this host, whoever owns them."""
-    service = _local_service(node)
     names = {k: v.get("name") for k, v in node.services.trust.all().items()}
     for text in container_ids:
-        lease = service.remove(_lease_id(service, text), owner=None)
+        lease = node.services.hosting.kill(text)
         owner = names.get(lease.owner)
         click.echo(f"killed {lease.id[:12]} (owner "
                    f"{f'{owner} ({lease.owner})' if owner else lease.owner})")
-
-
-def _lease_id(service: ContainerService, text: str) -> str:
-    """A container here by a unique start of its id (4+ characters, as 'p2prc rm' takes)."""
-    text = text.strip().lower()
-    if len(text) < 4:
-        raise P2PRCError(f"{text!r}: give at least 4 characters of the container's id")
-    found = [lease.id for lease in service.list_leases() if lease.id.startswith(text)]
-    if len(found) > 1:
-        raise P2PRCError(f"{text!r} is the start of {len(found)} containers' ids: give more "
-                         f"of it")
-    return found[0] if found else text  # none: the service says it is not here
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -397,14 +358,11 @@ def image_group() -> None:
 @click.option("--tag", default="p2prc/base:latest", show_default=True)
 @click.option("--force", is_flag=True, help="Build even if the image exists.")
 @pass_node
-def image_build(node: Node, from_debootstrap: bool, tag: str, force: bool) -> None:
+def image_build(node: CliContext, from_debootstrap: bool, tag: str, force: bool) -> None:
     """Build the base image (sshd, python3, sudo) that containers run by default, with the
     configured backend."""
-    backend = node.services.backend()
-    build = getattr(backend, "build_image", None)  # a plugin's backend may not build images
-    if build is None:
-        raise P2PRCError(f"the {node.settings.backend!r} backend cannot build images")
-    build(tag, from_debootstrap, force, lambda line: click.echo(line, err=True))
+    node.services.hosting.backend().build_image(tag, from_debootstrap, force,
+                                                lambda line: click.echo(line, err=True))
 
 
 # -- the dashboard -----------------------------------------------------------------------------
@@ -418,7 +376,7 @@ def image_build(node: Node, from_debootstrap: bool, tag: str, force: bool) -> No
                    "the printed address (with its token) controls this node.")
 @click.option("--no-browser", is_flag=True, help="Print the address; do not open a browser.")
 @pass_node
-def ui(node: Node, port: int, host: str | None, no_browser: bool) -> None:
+def ui(node: CliContext, port: int, host: str | None, no_browser: bool) -> None:
     """Serve a local web dashboard: peers, your containers, this host's containers and
     trusted nodes, runs, and specs."""
     import threading

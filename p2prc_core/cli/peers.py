@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
 from rich.progress import BarColumn, Progress, TextColumn
 
 from p2prc_core.cli.base import (
+    CliContext,
     ListingGroup,
-    Node,
     json_option,
     main,
     pass_node,
@@ -41,7 +41,7 @@ def peers() -> None:
               help="Your own name for it: wins over the name the peer gives itself.")
 @json_option
 @pass_node
-def peers_add(node: Node, address: str, local_name: str | None = None,
+def peers_add(node: CliContext, address: str, local_name: str | None = None,
               as_json: bool = False) -> None:
     """Add the p2prc node at [NODE_ID@]ADDRESS[:PORT] to the table (and tell it about this
     node). Without NODE_ID@, the node that answers is pinned at that address."""
@@ -51,8 +51,8 @@ def peers_add(node: Node, address: str, local_name: str | None = None,
                                  "'_' or '-' (at most 64), and not an address",
                                  param_hint="--name")
     services = node.services
-    known = set(services.table.load()) if services.table.path.exists() else set()
-    entry, summary, endpoint = services.add_peer(resolve_peer(address), local_name)
+    known = set(services.peers.entries()) if services.table.path.exists() else set()
+    entry, summary, endpoint = services.peers.add(resolve_peer(address), local_name)
     latency = entry.measured.latency_ms
     state = "already known, updated" if entry.node_id in known else "added"
     if as_json:
@@ -68,10 +68,10 @@ def peers_add(node: Node, address: str, local_name: str | None = None,
 @peers.command("rm")
 @click.argument("peer")
 @pass_node
-def peers_rm(node: Node, peer: str) -> None:
+def peers_rm(node: CliContext, peer: str) -> None:
     """Forget a peer (a node id or a name from the table), and the addresses pinned to it."""
     services = node.services
-    entry = services.find_peer(peer)
+    entry = services.peers.find(peer)
     node_id = entry.node_id if entry is not None else peer
     if not services.table.forget(node_id):
         raise P2PRCError(f"no peer {peer!r} in the table ('p2prc peers ls' lists them)")
@@ -85,28 +85,28 @@ def peers_rm(node: Node, peer: str) -> None:
               help="Only peers that say they have a free GPU.")
 @json_option
 @pass_node
-def peers_ls(node: Node, with_gpu: bool = False, as_json: bool = False) -> None:
+def peers_ls(node: CliContext, with_gpu: bool = False, as_json: bool = False) -> None:
     """List known peers, best first (by p2prc_score_peer)."""
-    rows = node.services.peer_rows(with_gpu=with_gpu)
+    rows = node.services.peers.rows(with_gpu=with_gpu)
     now = time.time()
     if as_json:
-        print_json(rows)
+        print_json([r.as_dict() for r in rows])
         return
     if not rows:
         click.echo("No peer in the table says it has a free GPU." if with_gpu and
-                   node.services.table.load() else
+                   node.services.peers.entries() else
                    "The table is empty: add a peer with 'p2prc peers add ADDRESS'.")
         return
     print_table(("name", "node id", "address", "latency", "bandwidth", "last seen", "gpus"),
-                [(r["name"], r["node_id"], _shown_path(r["address"]),
-                  f"{r['latency_ms']:.1f} ms" if r["latency_ms"] is not None else "-",
-                  f"{r['bandwidth_mbps']:,.0f} Mbit/s" if r["bandwidth_mbps"] else "-",
-                  format_ago(r["last_seen"], now) + (f" ({r['failures']} failed)"
-                                               if r["failures"] else ""),
-                  _gpus_shown(r["gpus"], r["gpus_free"])) for r in rows])
+                [(r.name, r.node_id, _shown_path(r.address),
+                  f"{r.latency_ms:.1f} ms" if r.latency_ms is not None else "-",
+                  f"{r.bandwidth_mbps:,.0f} Mbit/s" if r.bandwidth_mbps else "-",
+                  format_ago(r.last_seen, now) + (f" ({r.failures} failed)"
+                                               if r.failures else ""),
+                  _gpus_shown(r.gpus, r.gpus_free)) for r in rows])
 
 
-def _gpus_shown(names: list[str], free: int) -> str:
+def _gpus_shown(names: Sequence[str], free: int) -> str:
     """``2x H200 (1 free)``: the names a record lists, and how many it says are free."""
     if not names:
         return "-"
@@ -129,10 +129,10 @@ def _shown_path(address: str) -> str:
 @click.option("--hops", type=click.IntRange(0, 16), help="How far to go [default: 3].")
 @json_option
 @pass_node
-def peers_update(node: Node, hops: int | None = None, as_json: bool = False) -> None:
+def peers_update(node: CliContext, hops: int | None = None, as_json: bool = False) -> None:
     """Ask known peers for their tables, then the peers they told of, HOPS deep."""
     hops = node.settings.update_hops if hops is None else hops
-    discovery = node.services.discovery
+    discovery = node.services.peers.discovery
     with Progress(TextColumn("hop {task.fields[hop]}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} peers"), console=err_console,
                   transient=True) as bar:
@@ -160,12 +160,12 @@ def peers_update(node: Node, hops: int | None = None, as_json: bool = False) -> 
 @click.argument("peer", required=False)
 @json_option
 @pass_node
-def specs(node: Node, peer: str | None, as_json: bool) -> None:
+def specs(node: CliContext, peer: str | None, as_json: bool) -> None:
     """Show a peer's CPU, memory, disk, load and GPUs; with no PEER, this machine's."""
     holders: dict[int, list[str]] = {}
     if peer is None:
-        data, where = node.services.specs_now(), "this machine"
-        holders = node.services.gpu_holders()
+        data, where = node.services.own.specs_now(), "this machine"
+        holders = node.services.own.gpu_holders()
     else:
         with node.client(peer) as client:
             data = client.specs()
@@ -215,7 +215,7 @@ def _part(data: dict[str, Any], key: str) -> dict[str, Any]:
 @click.option("--download-only", is_flag=True, help="Skip the upload.")
 @json_option
 @pass_node
-def speedtest(node: Node, peer: str, size: int | None, download_only: bool,
+def speedtest(node: CliContext, peer: str, size: int | None, download_only: bool,
               as_json: bool) -> None:
     """Measure download and upload speed to a peer, in Mbit/s."""
     total = size if size is not None else node.settings.speedtest_default_bytes
@@ -224,10 +224,7 @@ def speedtest(node: Node, peer: str, size: int | None, download_only: bool,
             task = bar.add_task(direction, total=size)
             return lambda count: bar.advance(task, count)
 
-        try:
-            endpoint, results = node.services.speedtest(peer, total, download_only, progress)
-        except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="PEER") from None
+        endpoint, results = node.services.peers.speedtest(peer, total, download_only, progress)
     if as_json:
         print_json({"peer": str(endpoint), "transfers": [r.as_dict() for r in results]})
         return

@@ -9,7 +9,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from p2prc_core.cli.base import ListingGroup, Node, json_option, main, pass_node
+from p2prc_core.cli.base import CliContext, ListingGroup, json_option, main, pass_node
 from p2prc_core.output import err_console, print_json, print_table
 from p2prc_core.tasks import parse_variables
 from p2prc_core.text import clean, format_when
@@ -25,7 +25,7 @@ def playbooks_group() -> None:
 @click.argument("source")
 @click.option("--replace", is_flag=True, help="Replace an installed bundle of that name.")
 @pass_node
-def playbooks_add(node: Node, source: str, replace: bool = False) -> None:
+def playbooks_add(node: CliContext, source: str, replace: bool = False) -> None:
     """Install a bundle from a directory or a git URL."""
     bundle = node.services.playbooks.add(source, replace)
     click.echo(f"added {bundle.name}: {bundle.description or 'no description'} "
@@ -35,7 +35,7 @@ def playbooks_add(node: Node, source: str, replace: bool = False) -> None:
 @playbooks_group.command("ls")
 @json_option
 @pass_node
-def playbooks_ls(node: Node, as_json: bool = False) -> None:
+def playbooks_ls(node: CliContext, as_json: bool = False) -> None:
     """List installed bundles."""
     bundles = node.services.playbooks.all()
     if as_json:
@@ -52,7 +52,7 @@ def playbooks_ls(node: Node, as_json: bool = False) -> None:
 @playbooks_group.command("rm")
 @click.argument("name")
 @pass_node
-def playbooks_rm(node: Node, name: str) -> None:
+def playbooks_rm(node: CliContext, name: str) -> None:
     """Remove an installed bundle."""
     node.services.playbooks.remove(name)
     click.echo(f"removed {name}")
@@ -70,7 +70,7 @@ def playbooks_rm(node: Node, name: str) -> None:
                    "or targets other hosts (it is code that runs here: trust it first).")
 @json_option
 @pass_node
-def run_playbook(node: Node, playbook: str, targets: tuple[str, ...], pairs: tuple[str, ...],
+def run_playbook(node: CliContext, playbook: str, targets: tuple[str, ...], pairs: tuple[str, ...],
                  runner: str = "ansible", allow_local: bool = False,
                  as_json: bool = False) -> None:
     """Run a playbook on containers and groups, all at once, with progress per host."""
@@ -145,7 +145,7 @@ def runs_group() -> None:
 @runs_group.command("ls")
 @json_option
 @pass_node
-def runs_ls(node: Node, as_json: bool = False) -> None:
+def runs_ls(node: CliContext, as_json: bool = False) -> None:
     """List past runs."""
     records = node.services.runs.history.all()
     if as_json:
@@ -163,7 +163,7 @@ def runs_ls(node: Node, as_json: bool = False) -> None:
 @click.argument("run_id", metavar="RUN_ID|last")
 @json_option
 @pass_node
-def runs_show(node: Node, run_id: str, as_json: bool = False) -> None:
+def runs_show(node: CliContext, run_id: str, as_json: bool = False) -> None:
     """Show one run: each host's result, and where its artifacts are."""
     record = node.services.runs.history.get(run_id)
     if as_json:

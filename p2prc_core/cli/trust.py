@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from p2prc_core.cli.base import Node, duration_option, json_option, main, pass_node
+from p2prc_core.cli.base import CliContext, duration_option, json_option, main, pass_node
 from p2prc_core.output import print_json, print_table
 from p2prc_core.text import format_when
 from p2prc_core.trust import TrustError
@@ -14,7 +14,7 @@ from p2prc_core.trust import TrustError
 @main.command("id")
 @json_option
 @pass_node
-def show_id(node: Node, as_json: bool) -> None:
+def show_id(node: CliContext, as_json: bool) -> None:
     """Print this node's id (the key is created on first use) and, on stderr, the
     fingerprint of the TLS certificate its server presents."""
     from p2prc_core import tls
@@ -37,7 +37,7 @@ def show_id(node: Node, as_json: bool) -> None:
 @click.option("--name", default="", help="A name to remember this node by.")
 @json_option
 @pass_node
-def trust(node: Node, node_id: str | None, name: str, as_json: bool) -> None:
+def trust(node: CliContext, node_id: str | None, name: str, as_json: bool) -> None:
     """Let NODE (a node id, or a peer's name from the table) run work here; with no NODE,
     list the nodes trusted here."""
     store = node.services.trust
@@ -53,7 +53,7 @@ def trust(node: Node, node_id: str | None, name: str, as_json: bool) -> None:
                     [(k, v.get("name") or "-", format_when(v.get("since")), v.get("via", "-"))
                      for k, v in sorted(trusted.items())])
         return
-    resolved = node.services.node_id_of(node_id)
+    resolved = node.services.peers.node_id_of(node_id)
     shown = resolved if resolved == node_id.strip().lower() else f"{node_id} ({resolved})"
     if store.add(resolved, name=name, via="trust"):
         click.echo(f"trusted {shown}: it can now start work on this node")
@@ -64,10 +64,10 @@ def trust(node: Node, node_id: str | None, name: str, as_json: bool) -> None:
 @main.command()
 @click.argument("node_id", metavar="NODE")
 @pass_node
-def untrust(node: Node, node_id: str) -> None:
+def untrust(node: CliContext, node_id: str) -> None:
     """Stop trusting NODE (its id, a unique start of it, or its name): its next signed
     request here gets 403."""
-    resolved = node.services.node_id_of(node_id)
+    resolved = node.services.peers.node_id_of(node_id)
     shown = resolved if resolved == node_id.strip().lower() else f"{node_id} ({resolved})"
     if node.services.trust.remove(resolved):
         click.echo(f"{shown} is no longer trusted here")
@@ -84,13 +84,10 @@ def untrust(node: Node, node_id: str) -> None:
 @click.option("--port", type=int, help="The server's port [default: the configured port].")
 @json_option
 @pass_node
-def invite(node: Node, ttl: int, addresses: tuple[str, ...], port: int | None,
+def invite(node: CliContext, ttl: int, addresses: tuple[str, ...], port: int | None,
            as_json: bool) -> None:
     """Print a one-time token that lets a friend join: they trust you, you trust them."""
-    try:
-        offer = node.services.create_invite(ttl, list(addresses), port)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--address") from None
+    offer = node.services.invites.create(ttl, list(addresses), port)
     token = offer.token()
     if as_json:
         print_json({"token": token, "expires": offer.expires, "addresses": offer.addresses,
@@ -99,7 +96,7 @@ def invite(node: Node, ttl: int, addresses: tuple[str, ...], port: int | None,
     click.echo(token)
     click.echo(f"Send this to your friend; they run: p2prc join TOKEN. It works once, until "
                f"{format_when(offer.expires)}.", err=True)
-    if node.services.running_server() is None:
+    if node.services.own.running_server() is None:
         click.echo(f"WARNING: no p2prc server runs for this node: start it ('p2prc server') "
                    f"before your friend joins, on port {offer.port}.", err=True)
 
@@ -108,9 +105,9 @@ def invite(node: Node, ttl: int, addresses: tuple[str, ...], port: int | None,
 @click.argument("token")
 @json_option
 @pass_node
-def join(node: Node, token: str, as_json: bool) -> None:
+def join(node: CliContext, token: str, as_json: bool) -> None:
     """Redeem a friend's invite: you are trusted there, and their node joins your table."""
-    record, endpoint = node.services.join(token)
+    record, endpoint = node.services.invites.join(token)
     if as_json:
         print_json({"joined": record["node_id"], "name": record["name"],
                     "address": str(endpoint)})

@@ -57,18 +57,18 @@ def create_app(node: NodeServices) -> falcon.App:
     errors.install(app)
     app.add_error_handler(Refusal, errors.handle_refusal)
     app.add_route("/v1/health", resources.HealthResource(node.started))
-    app.add_route("/v1/node", resources.NodeResource(node.own_record))
-    app.add_route("/v1/specs", resources.SpecsResource(node.specs_json))
+    app.add_route("/v1/node", resources.NodeResource(node.own.record))
+    app.add_route("/v1/specs", resources.SpecsResource(node.own.specs_json))
     app.add_route("/v1/speedtest/download", resources.SpeedDownloadResource(
         settings.speedtest_default_bytes, settings.speedtest_max_bytes))
     app.add_route("/v1/speedtest/upload",
                   resources.SpeedUploadResource(settings.speedtest_max_bytes))
-    app.add_route("/v1/images", resources.ImagesResource(lambda: node.backends,
+    app.add_route("/v1/images", resources.ImagesResource(lambda: node.hosting.backends,
                                                          settings.container_images))
-    app.add_route("/v1/peers", resources.PeersResource(node.exchange, node.table_etag))
-    app.add_route("/v1/containers", resources.ContainersResource(node.containers))
+    app.add_route("/v1/peers", resources.PeersResource(node.exchange.answer, node.exchange.etag))
+    app.add_route("/v1/containers", resources.ContainersResource(node.hosting.service))
     app.add_route("/v1/containers/{container_id}",
-                  resources.ContainerResource(node.containers))
+                  resources.ContainerResource(node.hosting.service))
     # Tunnels, relay polls, relayed streams and dial-backs each hold a thread, each kind
     # from a budget of its own (gthread's threads are a fixed number per worker): relay
     # traffic never takes the threads of this host's own tunnels, nor polls the streams'.
@@ -76,7 +76,7 @@ def create_app(node: NodeServices) -> falcon.App:
     # (see worker_threads).
     tunnels = Held(settings.threads - 2, "tunnels")
     app.add_route("/v1/containers/{container_id}/tunnel",
-                  streams.TunnelResource(node.containers, tunnels))
+                  streams.TunnelResource(node.hosting.service, tunnels))
     hub = RelayHub(node.home, settings.relay_max_nodes, settings.relay_max_connections)
     polls = Held(settings.relay_poll_threads, "relay polls")
     legs = settings.relay_stream_threads // 2  # a relayed stream holds one for each end
@@ -87,10 +87,10 @@ def create_app(node: NodeServices) -> falcon.App:
     app.add_route("/v1/relay/accept", streams.RelayAcceptResource(settings, hub, nodes))
     app.add_route("/v1/relay/connect", streams.RelayConnectResource(settings, hub, clients))
     app.add_route("/v1/reach", streams.ReachCheckResource(
-        node.secure, Held(DIAL_BACKS, "dial-backs"), settings.allow_loopback))
+        node.peers.secure, Held(DIAL_BACKS, "dial-backs"), settings.allow_loopback))
     app.add_route("/v1/trust/me",
                   resources.TrustMeResource(node.trust.is_trusted, settings.trust_mode))
-    app.add_route("/v1/trust/join", resources.TrustJoinResource(node.accept_invite))
+    app.add_route("/v1/trust/join", resources.TrustJoinResource(node.invites.accept))
     app.add_route("/v1/openapi.json",
                   resources.OpenAPIResource(lambda: openapi.build_document(app)))
     node.hooks.add_routes(app)

@@ -1,4 +1,6 @@
-"""``/v1/openapi.json``, built from the routes the app really has."""
+"""``/v1/openapi.json``, built from the routes the app really has; its schemas are generated
+from the wire messages' own definitions (``p2prc_core.wire``), so the document, the client and
+the server cannot disagree."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import falcon
 from falcon import constants
 
 from p2prc_core import __version__
+from p2prc_core.wire import schema_components
 
 _SKIPPED = {"OPTIONS"}  # answered by falcon for every route
 
@@ -46,13 +49,15 @@ def build_document(app: falcon.App) -> dict[str, Any]:
         if params:
             declared["parameters"] = params + list(declared.get("parameters", []))
         paths.setdefault(template, {})[method] = declared
+    schemas = {"Error": {
+        "type": "object", "required": ["title", "description"],
+        "properties": {"title": {"type": "string"}, "description": {"type": "string"}}},
+        **schema_components()}
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",  # msgspec writes JSON Schema 2020-12, which 3.1 uses
         "info": {"title": "p2prc peer API", "version": __version__},
         "paths": paths,
-        "components": {"schemas": {"Error": {
-            "type": "object", "required": ["title", "description"],
-            "properties": {"title": {"type": "string"}, "description": {"type": "string"}}}}},
+        "components": {"schemas": schemas},
     }
 
 

@@ -11,13 +11,31 @@ from typing import Any
 import falcon
 
 from p2prc_core import __version__
-from p2prc_core.containers import ContainerRequest, ContainerService, Lease
+from p2prc_core.containers import ContainerService, Lease, parse_request
 from p2prc_core.server.bodies import read_json, too_large
-from p2prc_core.sshkeys import login_command
 from p2prc_core.text import human_bytes
+from p2prc_core.wire import (
+    ContainerList,
+    ContainerReply,
+    ContainerRequest,
+    ExchangeAnswer,
+    ExchangeRequest,
+    JoinRequest,
+    Removed,
+    WireError,
+    convert,
+    schema_ref,
+    to_builtins,
+)
 
 # One block of random bytes, reused for every download: incompressible, generated once.
 _CHUNK = os.urandom(1 << 20)
+
+
+def _json_body(kind: type, description: str) -> dict[str, Any]:
+    """An OpenAPI answer whose JSON is a ``wire`` message (its schema is generated)."""
+    return {"description": description,
+            "content": {"application/json": {"schema": schema_ref(kind)}}}
 
 
 class HealthResource:
@@ -188,11 +206,8 @@ class TrustJoinResource:
     OPENAPI = {"post": {
         "summary": "Redeem an invite: the signed caller is trusted from now on",
         "tags": ["signed"],
-        "requestBody": {"content": {"application/json": {"schema": {
-            "type": "object", "required": ["secret"],
-            "properties": {"secret": {"type": "string"},
-                           "record": {"type": "object",
-                                      "description": "the caller's own signed record"}}}}}},
+        "requestBody": {"content": {"application/json": {
+            "schema": schema_ref(JoinRequest)}}},
         "responses": {"200": {"description": "{trusted: true, node: this host's record}"},
                       "403": {"description": "the invite is unknown, used or expired"}},
     }}
@@ -201,11 +216,12 @@ class TrustJoinResource:
         self.join = join
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = read_json(req)
-        if not isinstance(body, dict) or not isinstance(body.get("secret"), str):
+        try:
+            join = convert(read_json(req), JoinRequest)
+        except WireError:
             raise falcon.HTTPBadRequest(title="Invalid join",
-                                        description="Expected {\"secret\": \"...\"}.")
-        resp.media = self.join(req.context.caller, body["secret"], body.get("record"))
+                                        description="Expected {\"secret\": \"...\"}.") from None
+        resp.media = self.join(req.context.caller, join.secret, join.record)
 
 
 class PeersResource:
@@ -217,17 +233,17 @@ class PeersResource:
                 "parameters": [{"name": "since", "in": "query", "required": False,
                                 "schema": {"type": "string"},
                                 "description": "the cursor of an earlier answer"}],
-                "responses": {"200": {"description": "{records, cursor, more, node}"},
+                "responses": {"200": _json_body(ExchangeAnswer, "records changed since the "
+                                                                "cursor, the next cursor"),
                               "304": {"description": "nothing changed (If-None-Match)"},
                               "400": {"description": "since is not a cursor"}}},
         "post": {"summary": "Exchange tables: send your record, get what changed",
                  "tags": ["open"],
-                 "requestBody": {"content": {"application/json": {"schema": {
-                     "type": "object", "properties": {
-                         "from": {"type": "string"}, "records": {"type": "array"},
-                         "since": {"type": "string"}, "known_seq": {"type": "integer"},
-                         "limit": {"type": "integer"}}}}}},
-                 "responses": {"200": {"description": "{records, cursor, more, node?}"},
+                 "requestBody": {"content": {"application/json": {
+                     "schema": schema_ref(ExchangeRequest)}}},
+                 "responses": {"200": _json_body(ExchangeAnswer, "records changed since the "
+                                                                 "cursor, the next cursor, "
+                                                                 "this node's record if newer"),
                                "400": {"description": "malformed exchange"}}},
     }
 
@@ -257,14 +273,10 @@ def _ssh_host(req: falcon.Request) -> str:
 
 
 def lease_reply(lease: Lease, req: falcon.Request) -> dict[str, Any]:
-    reply = lease.as_dict()
-    reply["node_id"] = req.context.node_id
-    host = _ssh_host(req).strip("[]")
-    reply["ssh"] = {"user": "root", "host": host, "port": lease.ssh_port,
-                    "host_key": lease.host_key,
-                    "fingerprint": reply.pop("host_key_fingerprint"),
-                    "command": login_command(host, lease.ssh_port) if lease.direct
-                    else f"p2prc ssh {lease.id[:12]}"}
+    """The container as ``wire.ContainerReply`` says it, for the caller that reached us at
+    ``req.host``."""
+    reply: dict[str, Any] = to_builtins(lease.reply(_ssh_host(req).strip("[]"),
+                                                    req.context.node_id))
     return reply
 
 
@@ -273,27 +285,12 @@ class ContainersResource:
     OPENAPI = {
         "post": {"summary": "Start a container with SSH access and open ports",
                  "tags": ["signed"],
-                 "requestBody": {"content": {"application/json": {"schema": {
-                     "type": "object", "required": ["ssh_key"],
-                     "properties": {"ssh_key": {"type": "string"},
-                                    "ports": {"type": "integer", "minimum": 0},
-                                    "gpu": {"oneOf": [
-                                        {"type": "boolean"},
-                                        {"type": "integer", "minimum": 1, "maximum": 64},
-                                        {"type": "array", "minItems": 1, "maxItems": 64,
-                                         "uniqueItems": True, "items": {
-                                             "type": "integer", "minimum": 0,
-                                             "maximum": 63}}],
-                                        "description": "true: every free GPU; a count; "
-                                                       "or GPU indexes"},
-                                    "image": {"type": "string"},
-                                    "cpus": {"type": "number"},
-                                    "memory": {"type": "integer", "description": "bytes"},
-                                    "ttl": {"type": "integer", "description": "seconds"}},
-                     "additionalProperties": False}}}},
-                 "responses": {"201": {"description": "the container: id, ports, ssh, and "
-                                                      "direct (published on the host's "
-                                                      "addresses, or on loopback only)"},
+                 "requestBody": {"content": {"application/json": {
+                     "schema": schema_ref(ContainerRequest)}}},
+                 "responses": {"201": _json_body(ContainerReply,
+                                                 "the container: id, ports, ssh, and direct "
+                                                 "(published on the host's addresses, or on "
+                                                 "loopback only)"),
                                "409": {"description": "a GPU was asked for; there is none, "
                                                       "or those asked for are held"},
                                "422": {"description": "over a limit, an image not offered, "
@@ -302,28 +299,31 @@ class ContainersResource:
                                                       "this caller"},
                                "507": {"description": "this host's disk for containers is "
                                                       "low"}}},
-        "get": {"summary": "The caller's containers here", "tags": ["signed"]},
+        "get": {"summary": "The caller's containers here", "tags": ["signed"],
+                "responses": {"200": _json_body(ContainerList, "the caller's containers")}},
     }
 
     def __init__(self, service: Callable[[], ContainerService]):
         self.service = service
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        request = ContainerRequest.from_json(read_json(req))
+        request = parse_request(read_json(req))
         lease = self.service().create(req.context.caller, request)
         resp.status = falcon.HTTP_201
         resp.media = lease_reply(lease, req)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         leases = self.service().list_leases(req.context.caller)
-        resp.media = {"containers": [lease_reply(lease, req) for lease in leases]}
+        resp.media = {"containers": [lease_reply(lease, req) for lease in leases]}  # ContainerList
 
 
 class ContainerResource:
     AUTH = {"get": "signed", "delete": "signed"}
-    OPENAPI = {"get": {"summary": "One of the caller's containers", "tags": ["signed"]},
+    OPENAPI = {"get": {"summary": "One of the caller's containers", "tags": ["signed"],
+                       "responses": {"200": _json_body(ContainerReply, "the container")}},
                "delete": {"summary": "Stop and remove one of the caller's containers",
-                          "tags": ["signed"]}}
+                          "tags": ["signed"],
+                          "responses": {"200": _json_body(Removed, "its id")}}}
 
     def __init__(self, service: Callable[[], ContainerService]):
         self.service = service

@@ -125,7 +125,7 @@ def start_background_jobs(node: NodeServices) -> list[Periodic]:
     from p2prc_core.discovery import refresh_job
 
     def reap() -> list[str]:
-        removed = node.reap()
+        removed = node.hosting.reap()
         for container_id in removed:
             log.info("container %s expired and was removed", container_id[:12])
         return removed
@@ -133,8 +133,8 @@ def start_background_jobs(node: NodeServices) -> list[Periodic]:
     jobs = [Periodic(node.home, "reap", node.settings.reap_seconds, reap)]
     if node.settings.refresh_seconds:
         jobs.append(Periodic(node.home, "refresh", node.settings.refresh_seconds,
-                             refresh_job(node.discovery, node.settings.update_hops,
-                                         node.bootstrap)))
+                             refresh_job(node.peers.discovery, node.settings.update_hops,
+                                         node.peers.bootstrap)))
     for job in jobs:
         job.start()
     return jobs
@@ -144,7 +144,7 @@ def build_app(settings: Settings, home: Path) -> Any:
     """The peer app as each worker builds it (plugins are loaded again after the fork)."""
     node = NodeServices(settings, home, make_plugin_manager(disabled=settings.disable_plugins))
     start_background_jobs(node)
-    reach.start(node)
+    reach.start(node.settings, node.home, node.peers)
     return upgrade.Upgrades(create_app(node))
 
 
@@ -175,19 +175,19 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
     node.state.invites()
     node.table.ensure()
     try:  # the leases are squared with what the engine runs
-        changes = node.containers().reconcile()
+        changes = node.hosting.service().reconcile()
         if changes["adopted"] or changes["dropped"]:
             log.info("containers: %d found running again, %d gone since the last run",
                      len(changes["adopted"]), len(changes["dropped"]))
     except P2PRCError as err:
         log.warning("containers unavailable: %s", err)
-    running = node.running_server()
+    running = node.own.running_server()
     if running is not None:
         raise P2PRCError(f"a p2prc server already runs for this home ({node.home}): pid "
                          f"{running['pid']}, port {running['port']}; stop it first, or give "
                          f"this one another home (--home)")
     sock = bind_socket(settings.host, settings.port)
-    node.announce_server()  # commands run beside it learn its real port
+    node.own.announce_server()  # commands run beside it learn its real port
     # Relay markers of a server that was killed (not stopped) would count forever.
     shutil.rmtree(node.home / "relay", ignore_errors=True)
     if announce:
@@ -195,4 +195,4 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
     try:
         PeerServer(settings, node.home, sock).run()
     finally:
-        node.withdraw_server()
+        node.own.withdraw_server()

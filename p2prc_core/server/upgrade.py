@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 
 import falcon
 
+from p2prc_core.wire import STREAM_PROTOCOL  # the Upgrade token a client sends, a 101 names
+
 Take = Callable[[socket.socket], None]
 T = TypeVar("T")
 ENV_KEY = "p2prc.upgrade"
-PROTOCOL = "p2prc-stream/1"  # the Upgrade token a client sends and a 101 names
 CLOSE_KEY = "p2prc.close"  # set in the environ: close the connection after this answer
 RETRY_SECONDS = 2  # the Retry-After of a refusal for want of a slot
 
@@ -31,11 +32,11 @@ def wants_upgrade(req: falcon.Request) -> None:
     """Refuse a request that did not ask to switch to a stream (400), or a server that
     cannot hand over its connection (501: only gunicorn's can)."""
     connection = {t.strip().lower() for t in (req.get_header("Connection") or "").split(",")}
-    if "upgrade" not in connection or (req.get_header("Upgrade") or "").lower() != PROTOCOL:
+    if "upgrade" not in connection or (req.get_header("Upgrade") or "").lower() != STREAM_PROTOCOL:
         raise falcon.HTTPBadRequest(
             title="Not an upgrade",
             description=f"This route switches the connection to a byte stream: send "
-                        f"'Connection: Upgrade' and 'Upgrade: {PROTOCOL}'.")
+                        f"'Connection: Upgrade' and 'Upgrade: {STREAM_PROTOCOL}'.")
     if req.env.get("gunicorn.socket") is None or req.env.get("HTTP2_STREAM_ID"):
         raise falcon.HTTPNotImplemented(
             title="No upgrade here",
@@ -49,7 +50,7 @@ def switch(req: falcon.Request, resp: falcon.Response, take: Take,
     ``release`` runs after it, also when the connection broke before (see ``Held``)."""
     resp.status = falcon.HTTP_101
     resp.set_header("Connection", "Upgrade")
-    resp.set_header("Upgrade", PROTOCOL)
+    resp.set_header("Upgrade", STREAM_PROTOCOL)
     req.env[ENV_KEY] = take
     req.env[ENV_KEY + ".release"] = release
 

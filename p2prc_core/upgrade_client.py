@@ -14,15 +14,15 @@ import h11
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import loads_strict
 from p2prc_core.text import clean
+from p2prc_core.wire import STREAM_PROTOCOL
 
-PROTOCOL = "p2prc-stream/1"
 _MAX_ANSWER = 64 << 10
 
 
 def _request(target: str, host: str, headers: dict[str, str]) -> tuple[h11.Connection, bytes]:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_ANSWER)
     fields = [("Host", host), ("User-Agent", "p2prc"), ("Connection", "Upgrade"),
-              ("Upgrade", PROTOCOL), ("Content-Length", "0"), *headers.items()]
+              ("Upgrade", STREAM_PROTOCOL), ("Content-Length", "0"), *headers.items()]
     data = conn.send(h11.Request(method="POST", target=target, headers=fields))
     data += conn.send(h11.EndOfMessage())
     return conn, data

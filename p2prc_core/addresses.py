@@ -1,12 +1,10 @@
-"""This node: its local addresses, the ones it advertises, and its specs."""
+"""Addresses: this machine's, the ones this node advertises, and the order to dial a peer's
+(the dial ladder)."""
 
 from __future__ import annotations
 
 import socket
-import threading
-import time
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 from p2prc_core.config import Settings
 from p2prc_core.models import Address, Endpoint, parse_path
@@ -155,55 +153,39 @@ def advertised_addresses(settings: Settings, hooks: PluginHooks) -> list[str]:
     return [str(a) for a in ordered_by_preference(hooks, found, "advertise")]
 
 
-class TimedCache:
-    """Keep a value for ``ttl`` seconds. While one thread refreshes it, others get the old one."""
+@dataclass(frozen=True)
+class AddressRow:
+    """One local address, as ``p2prc interfaces`` shows it: whether it is advertised, its
+    rank among those that could be, and why."""
 
-    def __init__(self, produce: Callable[[], Any], ttl: float):
-        self._produce = produce
-        self._ttl = ttl
-        self._value: Any = None
-        self._stamp = float("-inf")
-        self._lock = threading.Lock()
-
-    def clear(self) -> None:
-        """Produce the value again on the next ``get``."""
-        self._stamp = float("-inf")
-
-    def get(self) -> Any:
-        if time.monotonic() - self._stamp < self._ttl:
-            return self._value
-        if self._value is not None and not self._lock.acquire(blocking=False):
-            return self._value  # someone else is refreshing: serve the old value
-        if self._value is None:
-            self._lock.acquire()
-        try:
-            if time.monotonic() - self._stamp >= self._ttl or self._value is None:
-                self._value = self._produce()
-                self._stamp = time.monotonic()
-            return self._value
-        finally:
-            self._lock.release()
+    interface: str | None
+    address: str
+    version: int
+    kind: str
+    advertised: bool
+    preference: int | None
+    why: str
 
 
-def record_fields(settings: Settings, hooks: PluginHooks, specs: dict[str, Any],
-                  version: str, reach: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What this node says about itself in its signed record (all but id, key, seq, time).
-    ``reach`` is what the server learnt of how to reach it (``reach.ReachState``): the
-    address its router maps for it, and the relay it waits at."""
-    addresses = advertised_addresses(settings, hooks)
-    reach = reach or {}
-    mapped = reach.get("upnp") or {}
-    if isinstance(mapped.get("external_ip"), str) and not settings.advertise_addresses and \
-            mapped["external_ip"] not in addresses:
-        addresses.insert(0, mapped["external_ip"])
-    short = {"cpus": specs.get("cpu", {}).get("threads", 0),
-             "memory": specs.get("memory", {}).get("total", 0),
-             "gpus": [str(g.get("name", "")) for g in specs.get("gpus", [])][:8]}
-    fields = {"name": settings.display_name[:64], "addresses": addresses[:16],
-              "port": settings.advertise_port or settings.port, "specs": short, "metadata": {},
-              "version": version}
-    if isinstance(reach.get("relay"), str):
-        fields["relays"] = [reach["relay"]]
-    if settings.relay:
-        fields["relay"] = True
-    return fields
+def address_report(settings: Settings, hooks: PluginHooks) -> tuple[Address | None,
+                                                                     list[AddressRow]]:
+    """Every local address, and the one this node advertises first (``advertise_addresses``
+    overrides what the interfaces offer)."""
+    found = local_addresses()
+    order = ordered_by_preference(hooks, advertisable(found, settings), "advertise")
+    chosen = order[0] if order else None
+    if settings.advertise_addresses:
+        chosen = Address.parse(settings.advertise_addresses[0])
+    down = interfaces_down()
+
+    def why(address: Address) -> str:
+        excluded = why_not_advertised(address, down)
+        if excluded is not None:
+            return excluded
+        if address.kind == "loopback" and not settings.allow_loopback:
+            return "never chosen: loopback (set allow_loopback = true for a lab)"
+        return explain(address)
+
+    return chosen, [AddressRow(a.interface, str(a), a.version, a.kind, a == chosen,
+                               order.index(a) + 1 if a in order else None, why(a))
+                    for a in found]

@@ -1,35 +1,19 @@
-"""What the client keeps of its containers and groups: ``containers.json``, ``groups.json``."""
+"""What the client keeps of the containers it started on peers, and its groups:
+``containers.json``, ``groups.json``."""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from p2prc_core.errors import P2PRCError, PeerError
-from p2prc_core.models import CONTAINER_ID, PUBLIC_KEY, Endpoint
+from p2prc_core.models import PUBLIC_KEY, Endpoint
 from p2prc_core.storage import read_json_object, update_json
+from p2prc_core.wire import ContainerReply, SshLogin, WireError, convert, to_builtins
 
 _GROUP = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
-_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,255}")
-
-
-def _port(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
-        return value
-    raise ValueError(f"{value!r} is not a port")
-
-
-MAX_TIME = 253402300799  # 9999-12-31: any later time a host sends is no time
-
-
-def _time(value: Any) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool) and \
-            math.isfinite(value) and 0 <= value <= MAX_TIME:
-        return float(value)
-    raise ValueError(f"{value!r} is not a time")
 
 
 @dataclass
@@ -50,51 +34,32 @@ class RemoteContainer:
     gpus: list[int] = field(default_factory=list)  # the host's indexes of the GPUs it holds
     used_ports: list[int] = field(default_factory=list)  # extra ports runs were handed
     direct: bool = False  # the host publishes its ports on its addresses, not loopback only
+    ssh: dict[str, Any] | None = None  # how to log in, as the host said it (checked)
 
     @classmethod
-    def from_reply(cls, reply: Any, endpoint: Endpoint) -> RemoteContainer:
-        """Check a host's answer to a create before anything of it is kept or used.
+    def from_reply(cls, reply: Any, endpoint: Endpoint,
+                   node_id: str | None = None) -> RemoteContainer:
+        """Check a host's answer to a create (``wire.ContainerReply``) before anything of it
+        is kept or used. ``node_id``: the node whose key answered (the channel's), which
+        wins over the one the reply claims.
 
         :raises PeerError: the answer is not a container as p2prc describes one.
         """
         try:
-            if not isinstance(reply, dict) or not isinstance(reply.get("ssh"), dict):
-                raise ValueError("not a container")
-            container_id, host_key = reply.get("id"), reply["ssh"].get("host_key")
-            if not isinstance(container_id, str) or not CONTAINER_ID.fullmatch(container_id):
-                raise ValueError("its id is not 12 to 64 lower-case hex characters")
-            if not isinstance(host_key, str) or not PUBLIC_KEY.fullmatch(host_key):
-                raise ValueError("its host key is not one OpenSSH public key")
-            ports = reply.get("ports")
-            if not isinstance(ports, list) or not ports or len(ports) > 65:
-                raise ValueError("it lists no ports")
-            checked = [{"name": str(p["name"])[:32], "internal": _port(p["internal"]),
-                        "external": _port(p["external"])}
-                       for p in ports if isinstance(p, dict)]
-            if len(checked) != len(ports) or checked[0]["external"] != \
-                    _port(reply["ssh"].get("port")):
-                raise ValueError("its ports are malformed")
-            image = reply.get("image")
-            if not isinstance(image, str) or not _IMAGE.fullmatch(image):
-                raise ValueError("its image name is malformed")
-            node_id = reply.get("node_id")
-            gpus = reply.get("gpus", [])
-            if not isinstance(gpus, list) or len(gpus) > 64 or not all(
-                    isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 64
-                    for g in gpus):
-                raise ValueError("its GPUs are not a list of GPU indexes")
-            direct = reply.get("direct", False)
-            if not isinstance(direct, bool):
-                raise ValueError("'direct' is not true or false")
-            return cls(id=container_id, endpoint=endpoint.path, host=endpoint.host,
-                       ssh_port=checked[0]["external"], host_key=host_key, ports=checked,
-                       image=image, created=_time(reply.get("created")),
-                       expires=_time(reply.get("expires")),
-                       node_id=node_id if isinstance(node_id, str) else None,
-                       gpu=reply.get("gpu") is True, gpus=sorted(set(gpus)), direct=direct)
-        except (ValueError, KeyError, TypeError) as err:
+            checked = convert(reply, ContainerReply)
+            ssh = checked.ssh.completed(SshLogin.of(
+                checked.id, endpoint.host, checked.ssh.port, checked.ssh.host_key,
+                checked.direct))
+        except WireError as err:
             raise PeerError(f"{endpoint} answered the create with something that is not a "
                             f"container ({err})") from None
+        return cls(id=checked.id, endpoint=endpoint.path, host=endpoint.host,
+                   ssh_port=ssh.port, host_key=ssh.host_key,
+                   ports=[to_builtins(p) for p in checked.ports], image=checked.image,
+                   created=checked.created, expires=checked.expires,
+                   node_id=node_id if node_id is not None else checked.node_id,
+                   gpu=checked.gpu, gpus=sorted(set(checked.gpus)), direct=checked.direct,
+                   ssh=to_builtins(ssh))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RemoteContainer | None:
@@ -108,21 +73,19 @@ class RemoteContainer:
                 not PUBLIC_KEY.fullmatch(container.host_key) or \
                 not isinstance(container.ports, list) or not container.ports:
             return None
+        if not isinstance(container.ssh, dict):
+            container.ssh = None  # written before the host's block was kept: built again
         return container
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def as_dict(self) -> dict[str, Any]:
-        """What ``--json`` listings show: the kept fields, and how to log in."""
-        from p2prc_core.containers import fingerprint
-        from p2prc_core.sshkeys import login_command
-
-        return {**self.to_json(),
-                "ssh": {"user": "root", "host": self.host, "port": self.ssh_port,
-                        "host_key": self.host_key, "fingerprint": fingerprint(self.host_key),
-                        "command": login_command(self.host, self.ssh_port) if self.direct
-                        else f"p2prc ssh {self.short_id}"}}
+        """What ``--json`` listings show: the kept fields, and how to log in (the host's
+        block, checked when it came; for an entry kept before, the same built here)."""
+        ssh = self.ssh or to_builtins(SshLogin.of(self.id, self.host, self.ssh_port,
+                                                  self.host_key, self.direct))
+        return {**self.to_json(), "ssh": ssh}
 
     @property
     def host_endpoint(self) -> Endpoint:

@@ -1,0 +1,192 @@
+"""Containers this node started on peers: start one (``touch``), ask how they stand, remove
+them, and reach their ports through the host's p2prc port (tunnels and forwards)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from p2prc_core.config import Settings
+from p2prc_core.directory import PeerDirectory
+from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
+from p2prc_core.models import Endpoint
+from p2prc_core.my_containers import RemoteContainer, Tracked
+from p2prc_core.sshkeys import ensure_key
+
+
+class ContainersOnPeers:
+    """The client's side of containers: ``tracked`` keeps what it started (and groups)."""
+
+    def __init__(self, settings: Settings, home: Path, peers: PeerDirectory, tracked: Tracked):
+        self.settings = settings
+        self.home = home
+        self.peers = peers
+        self.tracked = tracked
+
+    def ssh_key(self) -> tuple[Path, str]:
+        """The client's SSH key: the private key's path and the public key line."""
+        return ensure_key(self.home, self.settings.ssh_key)
+
+    def touch(self, peer: str, request: dict[str, Any]) -> RemoteContainer:
+        """Start a container on PEER with our SSH key (``request`` holds what else was asked:
+        ports, gpu, image, cpus, memory, ttl) and keep it as tracked."""
+        _, public_key = self.ssh_key()
+        with self.peers.client(peer) as client:
+            container = client.create_container({"ssh_key": public_key, **request})
+        self.tracked.add(container)
+        return container
+
+    def find(self, text: str) -> RemoteContainer:
+        """A tracked container by id or unique id prefix (``Tracked.find``)."""
+        return self.tracked.find(text)
+
+    def states(self) -> list[tuple[RemoteContainer, str]]:
+        """Each tracked container and its state as its host tells (``unreachable`` when the
+        host cannot be asked, ``gone`` when it no longer runs it)."""
+        found = []
+        for members in _by_host(list(self.tracked.containers().values())):
+            try:
+                live: dict[str, str] | None = self._live(members[0])
+            except PeerError:
+                live = None
+            for container in members:
+                state = "unreachable" if live is None else live.get(container.id, "gone")
+                if state == "gone" and container.expires <= time.time():
+                    state = "expired"  # its lease ran out and the host removed it
+                found.append((container, state))
+        return found
+
+    def _live(self, container: RemoteContainer) -> dict[str, str]:
+        """Our containers on ``container``'s host: id -> state."""
+        with self.peers.client(self.paths_to(container)) as client:
+            return {c["id"]: c["state"] for c in client.list_containers()}
+
+    def check_alive(self, containers: list[RemoteContainer]) -> None:
+        """Ask each host whether our containers there still run, before anything logs in:
+        a port the host gave to someone else since must not be mistaken for ours.
+
+        :raises P2PRCError: ``CONTAINER is gone``, or its host cannot be asked.
+        """
+        for members in _by_host(containers):
+            live = self._live(members[0])
+            for container in members:
+                if container.id not in live:
+                    raise P2PRCError(f"{container.short_id} is gone from "
+                                     f"{container.endpoint} (removed by its host, or its "
+                                     f"lease ran out): 'p2prc rm {container.short_id}' forgets "
+                                     f"it")
+                if live[container.id] != "running":
+                    raise P2PRCError(f"{container.short_id} on {container.endpoint} is "
+                                     f"{live[container.id]}, not running")
+
+    def remove(self, container: RemoteContainer) -> bool:
+        """Remove a container from its host and forget it; False if the host had removed it
+        already."""
+        with self.peers.client(self.paths_to(container)) as client:
+            try:
+                client.remove_container(container.id)
+                removed = True
+            except PeerRefused as err:
+                if err.status != 404:
+                    raise
+                removed = False
+        self.tracked.forget(container.id)
+        (self.home / "ssh" / f"known_hosts_{container.short_id}").unlink(missing_ok=True)
+        return removed
+
+    def paths_to(self, container: RemoteContainer) -> list[Endpoint]:
+        """Every way to reach a container's host: where it was started, then the host's dial
+        ladder from the table (its addresses now, and its relays)."""
+        paths = [container.host_endpoint]
+        entry = self.peers.entries().get(container.node_id or "")
+        if entry is not None:
+            paths += [e for e in self.peers.endpoints(entry) if e not in paths]
+        return paths
+
+    def tunnel_command(self, container: RemoteContainer, port: int = 22) -> str:
+        """The ProxyCommand that joins OpenSSH to ``port`` of the container."""
+        from p2prc_core.tunnel import helper_command
+
+        return helper_command(self.home, container.id, port, self.paths_to(container),
+                              self.settings.request_timeout, self.peers.secure)
+
+    def ssh_argv(self, container: RemoteContainer, direct: bool = False) -> list[str]:
+        """ssh into ``container`` with our key and its pinned host key: through the host's
+        p2prc port, or ``direct`` to the port its host publishes."""
+        from p2prc_core.tunnel import ssh_command
+
+        private, _ = self.ssh_key()
+        return ssh_command(self.home, container, private, not direct, self.paths_to(container),
+                           self.settings.request_timeout, self.peers.secure)
+
+    def ssh_config(self, containers: list[RemoteContainer]) -> str:
+        """OpenSSH Host entries (``p2prc-ID``) for ``containers``, through the tunnel with
+        their pinned host keys (for scp, rsync, VS Code Remote, or ssh itself)."""
+        private, _ = self.ssh_key()
+        blocks = []
+        for container in containers:
+            argv = self.ssh_argv(container)
+            lines = [f"Host p2prc-{container.short_id}",
+                     f"    HostName p2prc-{container.short_id}", "    User root",
+                     f"    IdentityFile {private}"]
+            for option in (argv[i + 1] for i, word in enumerate(argv[:-1]) if word == "-o"):
+                key, _, value = option.partition("=")  # ssh_config expands %: keep it literal
+                lines.append(f"    {key} {value.replace('%', '%%')}")
+            blocks.append("\n".join(lines))
+        return "\n\n".join(blocks) + ("\n" if blocks else "")
+
+    def tunnel_stdio(self, container: RemoteContainer, port: int) -> None:
+        """Join standard input and output to ``port`` of the container, through its host's
+        p2prc port (OpenSSH's ProxyCommand)."""
+        import asyncio
+
+        from p2prc_core import tunnel
+
+        asyncio.run(tunnel.stdio(self.paths_to(container), self.peers.identity,
+                                 f"/v1/containers/{container.id}/tunnel", f"port={port}",
+                                 self.settings.request_timeout, self.peers.secure))
+
+    def forward(self, container: RemoteContainer, port: int, local_port: int,
+                ready: Callable[[int], None],
+                failed: Callable[[str], None] | None = None,
+                stop: threading.Event | None = None) -> None:
+        """Serve 127.0.0.1:``local_port`` as ``port`` of the container until interrupted, or
+        until ``stop`` is set (from another thread)."""
+        import asyncio
+
+        from p2prc_core import tunnel
+
+        if port not in [p["internal"] for p in container.ports]:
+            raise P2PRCError(f"{container.short_id} has ports "
+                             f"{', '.join(str(p['internal']) for p in container.ports)}, "
+                             f"not {port}")
+
+        async def serve() -> None:
+            stopped = None
+            if stop is not None:
+                stopped, loop = asyncio.Event(), asyncio.get_running_loop()
+
+                def relay_stop() -> None:
+                    stop.wait()
+                    with contextlib.suppress(RuntimeError):  # the loop ended first
+                        loop.call_soon_threadsafe(stopped.set)
+
+                threading.Thread(target=relay_stop, daemon=True).start()
+            await tunnel.forward(self.paths_to(container), self.peers.identity,
+                                 f"/v1/containers/{container.id}/tunnel", f"port={port}",
+                                 self.settings.request_timeout, self.peers.secure, local_port,
+                                 ready, stop=stopped, failed=failed)
+
+        asyncio.run(serve())
+
+
+def _by_host(containers: list[RemoteContainer]) -> list[list[RemoteContainer]]:
+    """Containers grouped by the host that runs them (one request asks a host of all)."""
+    by_host: dict[str, list[RemoteContainer]] = {}
+    for container in containers:
+        by_host.setdefault(container.endpoint, []).append(container)
+    return [members for _, members in sorted(by_host.items())]
