@@ -149,12 +149,14 @@ class Backend(Protocol):
     def build_image(self, tag: str, from_debootstrap: bool, force: bool,
                     say: Callable[[str], None]) -> bool:
         """Build p2prc's base image under ``tag`` unless it exists (or ``force``); return
-        whether it built. A backend that cannot raises ``ContainerError`` saying so."""
+        whether it built. Optional: without it, ``p2prc image build`` says the backend
+        cannot build images."""
         ...
 
     def usage(self, container_id: str) -> dict[str, float]:
         """What a running container uses now: ``cpu_percent`` (of one CPU) and ``memory``
-        (bytes). A backend that cannot tell raises ``Refusal`` (it is shown as unknown)."""
+        (bytes). Optional: a backend without it, or one that raises ``Refusal``, shows use
+        as unknown."""
         ...
 
 
@@ -678,12 +680,13 @@ def usage_of(backend: Backend, container_ids: list[str]) -> dict[str, dict[str, 
     container whose use the backend cannot tell is left out)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if not container_ids:
+    measure = getattr(backend, "usage", None)  # a plugin's backend may not measure
+    if measure is None or not container_ids:
         return {}
 
     def one(container_id: str) -> tuple[str, dict[str, float] | None]:
         try:
-            return container_id, backend.usage(container_id)
+            return container_id, measure(container_id)
         except Refusal:
             return container_id, None
 

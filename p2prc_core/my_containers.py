@@ -47,6 +47,8 @@ class RemoteContainer:
         """
         try:
             checked = convert(reply, ContainerReply)
+            if not checked.ssh.host_key:
+                raise WireError("it gives no host key to pin")
             ssh = checked.ssh.completed(SshLogin.of(
                 checked.id, endpoint.host, checked.ssh.port, checked.ssh.host_key,
                 checked.direct))

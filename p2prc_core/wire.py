@@ -226,8 +226,10 @@ class SshLogin(Struct, frozen=True, omit_defaults=True):
             name another address, key or command than the container's own).
         """
         for name in ("port", "host_key", "user", "fingerprint", "command"):
-            given = getattr(self, name)
-            if given is not None and given != getattr(expected, name):
+            given, wanted = getattr(self, name), getattr(expected, name)
+            if name == "command" and isinstance(given, str) and isinstance(wanted, str):
+                given, wanted = given.lower(), wanted.lower()  # a host name, as HTTP sent it
+            if given is not None and given != wanted:
                 raise WireError(f"its ssh {name} is not the container's")
         if self.host is not None and expected.host is not None and \
                 pin_key(self.host.strip("[]"), 1) != pin_key(expected.host.strip("[]"), 1):
@@ -268,7 +270,8 @@ class ContainerReply(Struct, frozen=True, omit_defaults=True):
 
     def __post_init__(self) -> None:
         _refuse(not CONTAINER_ID.fullmatch(self.id), self.HINTS["id"])
-        _refuse(not PUBLIC_KEY.fullmatch(self.ssh.host_key),
+        # A container the host adopted after losing its records has no key on file ("").
+        _refuse(bool(self.ssh.host_key) and not PUBLIC_KEY.fullmatch(self.ssh.host_key),
                 "its host key is not one OpenSSH public key")
         _refuse(self.ports[0].external != self.ssh.port, self.HINTS["ports"])
         _refuse(not _IMAGE_RUN.fullmatch(self.image), self.HINTS["image"])

@@ -15,6 +15,7 @@ from p2prc_core.my_containers import RemoteContainer
 from p2prc_core.peertable import PeerTable, record_token
 from p2prc_core.wire import (
     TOKEN_CHARS,
+    ContainerList,
     ContainerReply,
     ContainerRequest,
     ExchangeAnswer,
@@ -144,3 +145,27 @@ def test_a_newcomers_record_is_verified_once(tmp_path: Path,
                             raising=False)
     result = PeerTable(tmp_path).merge([record])
     assert result.added == [record["node_id"]] and len(calls) == 1
+
+
+def test_a_container_the_host_adopted_without_a_key_is_listed_not_kept() -> None:
+    """A host that lost its records adopts its running containers with no host key on file:
+    it still lists them (a 500 would hide every other container), and a create answered
+    without a key is refused (there would be nothing to pin)."""
+    from p2prc_core.containers import Lease
+
+    lease = Lease(id="e" * 64, owner="a" * 26, image="p2prc/base:latest",
+                  ports=[{"name": "ssh", "internal": 22, "external": 42002}], created=1,
+                  expires=2, host_key="")
+    sent = json.dumps({"containers": [to_builtins(lease.reply("fd42::1", "n" * 26))]})
+    assert decode(sent.encode(), ContainerList).containers[0].id == "e" * 64
+    with pytest.raises(PeerError, match="no host key"):
+        RemoteContainer.from_reply(json.loads(sent)["containers"][0], ENDPOINT)
+
+
+def test_a_host_name_in_another_case_is_the_same_login() -> None:
+    """httpx sends the host name lower-cased; the user may have typed capitals."""
+    container_id = "c" * 64
+    ssh = to_builtins(SshLogin.of(container_id, "nas.example", 42000, HOST_KEY, True))
+    kept = RemoteContainer.from_reply(reply(ssh=ssh, direct=True),
+                                      Endpoint("NAS.example", 8088))
+    assert kept.ssh_port == 42000

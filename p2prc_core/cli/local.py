@@ -361,8 +361,10 @@ def image_group() -> None:
 def image_build(node: CliContext, from_debootstrap: bool, tag: str, force: bool) -> None:
     """Build the base image (sshd, python3, sudo) that containers run by default, with the
     configured backend."""
-    node.services.hosting.backend().build_image(tag, from_debootstrap, force,
-                                                lambda line: click.echo(line, err=True))
+    build = getattr(node.services.hosting.backend(), "build_image", None)  # optional
+    if build is None:
+        raise P2PRCError(f"the {node.settings.backend!r} backend cannot build images")
+    build(tag, from_debootstrap, force, lambda line: click.echo(line, err=True))
 
 
 # -- the dashboard -----------------------------------------------------------------------------
