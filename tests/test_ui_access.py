@@ -24,6 +24,7 @@ from falcon import testing
 
 from conftest import BUILTINS, P2PRC, LiveServer
 from p2prc_core.config import Settings
+from p2prc_core.directory import PeerRow
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import parse_endpoint
 from p2prc_core.peertable import PeerTable
@@ -184,7 +185,7 @@ def test_a_run_whose_artifacts_are_elsewhere_shows_none(board: Dashboard,
 def test_specs_past_any_float_show_as_unknown(board: Dashboard,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     huge = 10 ** 400
-    monkeypatch.setattr(board.services, "specs_now", lambda: {
+    monkeypatch.setattr(board.services.own, "specs_now", lambda: {
         "memory": {"total": huge, "available": huge}, "load": {"1m": huge, "5m": [1]},
         "disk": {"free": 1e308 * 10}, "cpu": ["x"],
         "gpus": [{"index": 0, "memory_total": huge, "free": "yes"}, [0]]})
@@ -420,15 +421,15 @@ def test_destructive_forms_ask_first_without_javascript(board: Dashboard) -> Non
 
 def test_columns_sort_by_what_they_show_and_links_keep_the_filter(
         board: Dashboard, monkeypatch: pytest.MonkeyPatch) -> None:
-    def row(name: str, latency: float | None, bandwidth: float | None) -> dict[str, object]:
-        return {"name": name, "node_id": name * 13, "own_name": name, "address": "fd42::1",
-                "path": "direct", "relays": [], "latency_ms": latency,
-                "bandwidth_mbps": bandwidth, "last_seen": time.time(), "failures": 0,
-                "gpus": ["A100"], "gpus_free": 1, "memory": None, "cpus": None,
-                "trusted": None, "score": 0.0}
+    def row(name: str, latency: float | None, bandwidth: float | None) -> PeerRow:
+        return PeerRow(name=name, node_id=name * 13, own_name=name, address="fd42::1",
+                       path="direct", relays=(), latency_ms=latency,
+                       bandwidth_mbps=bandwidth, last_seen=time.time(), failures=0,
+                       gpus=("A100",), gpus_free=1, memory=None, cpus=None,
+                       trusted=None, score=0.0)
 
     rows = [row("aa", 9.0, 10.0), row("bb", 1.0, None), row("cc", 5.0, 900.0)]
-    monkeypatch.setattr(board.services, "peer_rows", lambda with_gpu=False: list(rows))
+    monkeypatch.setattr(board.services.peers, "rows", lambda with_gpu=False: list(rows))
     web = client(board)
 
     def order(query: str) -> list[str]:
