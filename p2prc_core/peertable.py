@@ -20,6 +20,7 @@ import bisect
 import hashlib
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -282,19 +283,22 @@ class PeerTable:
         """Create the file if missing, so that the table's epoch (and cursors) stay put."""
         self.update(lambda state: None)
 
-    def merge(self, incoming: list[Any]) -> MergeResult:
+    def merge(self, incoming: list[Any], verified: bool = False) -> MergeResult:
         """Verify and merge signed records (see ``records.merge_records``); a record with no
-        address this node may dial is dropped as ``no-address``."""
-        return self.update(lambda state: self.merge_into(state, incoming))
+        address this node may dial is dropped as ``no-address``. ``verified``: the caller
+        checked each with ``verify_record`` already (it is not checked twice)."""
+        return self.update(lambda state: self.merge_into(state, incoming, verified=verified))
 
     def merge_into(self, state: TableState, incoming: list[Any],
                    check_addresses: bool = True,
-                   admit: Callable[[int], int] | None = None) -> MergeResult:
-        """Verify and merge records (see ``merge_records``). Records of peers the table does
-        not hold yet are newcomers: ``admit(n)`` says how many of ``n`` one source may add
-        (the rest are dropped as ``rate-limited``); newcomers go to the part of the table for
-        peers that never answered, which holds at most ``max_unverified`` and gives way,
-        oldest first, to newer ones; peers that answered are never pushed out."""
+                   admit: Callable[[int], int] | None = None,
+                   verified: bool = False) -> MergeResult:
+        """Verify (unless ``verified``) and merge records (see ``merge_records``). Records
+        of peers the table does not hold yet are newcomers: ``admit(n)`` says how many of
+        ``n`` one source may add (the rest are dropped as ``rate-limited``); newcomers go
+        to the part of the table for peers that never answered, which holds at most
+        ``max_unverified`` and gives way, oldest first, to newer ones; peers that answered
+        are never pushed out."""
         usable = []
         dropped_no_address = malformed = 0
         for record in incoming:
@@ -318,8 +322,10 @@ class PeerTable:
             over = set(fresh[granted:])  # over the source's allowance: not even verified
             usable = [r for r in usable if r["node_id"] not in over]
         # Each record verified once, here (those held already need no crypto).
-        usable, forged = verified_records(
-            usable, {node_id: entry.record for node_id, entry in state.peers.items()})
+        forged: Counter[str] = Counter()
+        if not verified:
+            usable, forged = verified_records(
+                usable, {node_id: entry.record for node_id, entry in state.peers.items()})
         if allowed:
             # Only records that verify may push out others (a copied signature must not).
             genuine = list(dict.fromkeys(r["node_id"] for r in usable
