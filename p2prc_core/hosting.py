@@ -24,10 +24,11 @@ from p2prc_core.storage import SERVER_DB
 
 
 class Hosting:
-    """This host's backend and container service. ``gpus`` lists this machine's GPUs."""
+    """This host's backend and container service. ``node_id`` gives this node's id (its key
+    is made only when the service is built); ``gpus`` lists this machine's GPUs."""
 
-    def __init__(self, settings: Settings, home: Path, hooks: PluginHooks, node_id: str,
-                 gpus: Callable[[], list[Any]]):
+    def __init__(self, settings: Settings, home: Path, hooks: PluginHooks,
+                 node_id: Callable[[], str], gpus: Callable[[], list[Any]]):
         self.settings = settings
         self.home = home
         self.hooks = hooks
@@ -61,7 +62,7 @@ class Hosting:
         with self._lock:
             if self._service is None:
                 self._service = ContainerService(self.settings, self.backend(), self.store,
-                                                 self.node_id, self.gpus)
+                                                 self.node_id(), self.gpus)
             return self._service
 
     def reap(self) -> list[str]:

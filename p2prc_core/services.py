@@ -96,7 +96,7 @@ class NodeServices:
     @cached_property
     def hosting(self) -> Hosting:
         """The containers this node hosts for peers."""
-        return Hosting(self.settings, self.home, self.hooks, self.identity.node_id,
+        return Hosting(self.settings, self.home, self.hooks, lambda: self.identity.node_id,
                        lambda: self.own.gpus())
 
     @cached_property

@@ -33,6 +33,7 @@ from p2prc_core.models import (
     pin_key,
 )
 from p2prc_core.sshkeys import login_command
+from p2prc_core.text import clean
 
 T = TypeVar("T")
 
@@ -371,11 +372,17 @@ class RelayWait(Struct, frozen=True):
 
 
 class ReachAnswer(Struct, frozen=True):
-    """``POST /v1/reach``: whether the host could dial the caller back, at which address."""
+    """``POST /v1/reach``: whether the host could dial the caller back, at which address.
+    Its words are kept safe to show (``text.clean``): an address and a reason, no more."""
 
     reachable: bool
     address: str
     error: str | None = None
+
+    def __post_init__(self) -> None:
+        msgspec.structs.force_setattr(self, "address", clean(self.address, 64))
+        if self.error is not None:
+            msgspec.structs.force_setattr(self, "error", clean(self.error, 200))
 
 
 class JoinRequest(Struct, frozen=True):
@@ -387,10 +394,50 @@ class JoinRequest(Struct, frozen=True):
     HINTS: ClassVar[dict[str, str]] = {"secret": 'Expected {"secret": "..."}.'}
 
 
+class JoinAnswer(Struct, frozen=True):
+    """The answer to a join: the caller is trusted now, and the host's own signed record
+    (kept as sent, for its signature: ``records.verify_record`` checks it)."""
+
+    trusted: bool
+    node: dict[str, Any]
+
+    HINTS: ClassVar[dict[str, str]] = {"node": "its record is not an object"}
+
+    def __post_init__(self) -> None:
+        _refuse(json_depth([self.node]) > MAX_JSON_DEPTH,
+                f"nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+# -- open routes and trust ----------------------------------------------------------------
+
+
+class Health(Struct, frozen=True):
+    """``GET /v1/health``: liveness, the server's version, its clock and its uptime (a
+    client compares clocks with it). An older peer may leave all but ``status`` out."""
+
+    status: str
+    version: Annotated[str, Meta(max_length=64)] | None = None
+    time: Time | None = None
+    uptime_seconds: Annotated[float, Meta(ge=0)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.version is not None:
+            msgspec.structs.force_setattr(self, "version", clean(self.version, 64))
+
+
+class TrustMe(Struct, frozen=True):
+    """``GET /v1/trust/me``: the (signed) caller as the host sees it: trusted or not, and
+    the host's trust mode."""
+
+    node_id: str
+    trusted: bool
+    trust_mode: str
+
+
 # The messages the OpenAPI document describes, by the name its components use.
 DOCUMENTED: tuple[type[Struct], ...] = (
     ContainerRequest, ContainerReply, ContainerList, Removed, ExchangeRequest, ExchangeAnswer,
-    RelayWait, ReachAnswer, JoinRequest)
+    RelayWait, ReachAnswer, JoinRequest, JoinAnswer, Health, TrustMe)
 
 
 def schema_components() -> dict[str, Any]:
