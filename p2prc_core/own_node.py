@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,16 @@ def record_fields(settings: Settings, hooks: PluginHooks, specs: dict[str, Any],
     return fields
 
 
+@dataclass(frozen=True)
+class RunningServer:
+    """The server that runs for this home, as ``server.json`` says: its process, and where it
+    listens (``p2prc server --port N`` may differ from the settings)."""
+
+    pid: int
+    port: int
+    host: str | None
+
+
 class OwnNode:
     """This node's specs, record and ``server.json``. ``gpu_holders`` says which containers
     hold each GPU (the host's container store); a GPU nobody holds is free."""
@@ -144,18 +155,19 @@ class OwnNode:
 
     # -- server.json ---------------------------------------------------------------------------
 
-    def running_server(self) -> dict[str, Any] | None:
-        """The server that runs for this home (``{"pid", "port", "host"}``), if one does: a
-        command run beside it learns its real port (``p2prc server --port N``) here."""
+    def running_server(self) -> RunningServer | None:
+        """The server that runs for this home, if one does: a command run beside it learns
+        its real port (``p2prc server --port N``) here."""
         try:
             found = read_json_object(self.home / SERVER_FILE)
-            pid, port = found.get("pid"), found.get("port")
-            if not isinstance(pid, int) or not isinstance(port, int) or not 0 < port < 65536:
+            pid, port, host = found.get("pid"), found.get("port"), found.get("host")
+            if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or \
+                    not isinstance(port, int) or not 0 < port < 65536:
                 return None
             os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        return found
+        return RunningServer(pid, port, host if isinstance(host, str) else None)
 
     def announce_server(self) -> None:
         """Say, for commands run beside it, that this process serves this home, and where."""
@@ -166,7 +178,7 @@ class OwnNode:
 
     def withdraw_server(self) -> None:
         running = self.running_server()
-        if running is not None and running.get("pid") == os.getpid():
+        if running is not None and running.pid == os.getpid():
             (self.home / SERVER_FILE).unlink(missing_ok=True)
 
     def publishes(self) -> bool:
@@ -179,12 +191,11 @@ class OwnNode:
         """The settings, with the port of the server that runs for this home (the one that
         peers must dial), when this process is not that server."""
         running = None if self.serving else self.running_server()
-        if running is None or (running["port"], running.get("host")) == \
+        if running is None or (running.port, running.host) == \
                 (self.settings.port, self.settings.host):
             return self.settings
-        host = running.get("host")
-        return dataclasses.replace(self.settings, port=running["port"],
-                                   host=host if isinstance(host, str) else self.settings.host)
+        return dataclasses.replace(self.settings, port=running.port,
+                                   host=running.host or self.settings.host)
 
     # -- the signed record ---------------------------------------------------------------------
 

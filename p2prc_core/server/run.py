@@ -184,7 +184,7 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
     running = node.own.running_server()
     if running is not None:
         raise P2PRCError(f"a p2prc server already runs for this home ({node.home}): pid "
-                         f"{running['pid']}, port {running['port']}; stop it first, or give "
+                         f"{running.pid}, port {running.port}; stop it first, or give "
                          f"this one another home (--home)")
     sock = bind_socket(settings.host, settings.port)
     node.own.announce_server()  # commands run beside it learn its real port
