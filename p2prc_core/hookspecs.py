@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import falcon
 
     from p2prc_core.containers import Backend
-    from p2prc_core.models import Address, PeerRecord
+    from p2prc_core.models import Address, KnownPeer
     from p2prc_core.tasks import Runner
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -41,7 +41,7 @@ def p2prc_select_address(candidates: Sequence[Address], purpose: str) -> Address
 
 
 @hookspec
-def p2prc_score_peer(peer: PeerRecord) -> float | None:
+def p2prc_score_peer(peer: KnownPeer) -> float | None:
     """Score a peer: higher is better.
 
     Every plugin may return a number; the host adds them up to rank peers

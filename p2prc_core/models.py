@@ -256,8 +256,9 @@ def _check_ip(host: str, text: str) -> None:
 
 
 @dataclass
-class PeerRecord:
-    """What a node knows of a peer: its advertised record and what was measured."""
+class KnownPeer:
+    """What a node knows of a peer, as the scoring hooks see it: the fields of its signed
+    record that matter there, and what was measured (not the signed record itself)."""
 
     node_id: str
     name: str = ""
@@ -290,6 +291,9 @@ class PeerRecord:
         if isinstance(free, int) and not isinstance(free, bool):
             return max(0, min(free, self.gpu_count))
         return 0
+
+
+PeerRecord = KnownPeer  # its name before 0.2, kept for plugins that import it
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from p2prc_core.models import Address, Endpoint, PeerRecord, parse_endpoint
+from p2prc_core.models import Address, Endpoint, KnownPeer, parse_endpoint
 from p2prc_core.records import MergeResult, merge_records, verified_records
 from p2prc_core.storage import read_json_object, update_json
 from p2prc_core.wire import TOKEN_CHARS
@@ -139,10 +139,10 @@ class PeerEntry:
             data["local_name"] = self.local_name
         return data
 
-    def to_peer(self) -> PeerRecord:
+    def to_peer(self) -> KnownPeer:
         """What scoring plugins see of an entry."""
         record, measured = self.record, self.measured
-        return PeerRecord(node_id=self.node_id, name=self.name,
+        return KnownPeer(node_id=self.node_id, name=self.name,
                           addresses=list(record.get("addresses", [])), port=self.port,
                           latency_ms=measured.latency_ms,
                           bandwidth_mbps=measured.bandwidth_mbps,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import falcon
 
     from p2prc_core.containers import Backend
-    from p2prc_core.models import Address, PeerRecord
+    from p2prc_core.models import Address, KnownPeer
     from p2prc_core.tasks import Runner
 
 ENTRY_POINT_GROUP = PROJECT_NAME
@@ -127,12 +127,12 @@ class PluginHooks:
             candidates=list(candidates), purpose=purpose)
         return result
 
-    def score_peer(self, peer: PeerRecord) -> float:
+    def score_peer(self, peer: KnownPeer) -> float:
         """The sum of every plugin's score for ``peer``; higher is better."""
         parts = self.pm.hook.p2prc_score_peer(peer=peer)
         return float(sum(p for p in parts if p is not None))
 
-    def rank_peers(self, peers: Iterable[PeerRecord]) -> list[PeerRecord]:
+    def rank_peers(self, peers: Iterable[KnownPeer]) -> list[KnownPeer]:
         """Peers best first; ties keep their order."""
         scored = [(self.score_peer(p), i, p) for i, p in enumerate(peers)]
         scored.sort(key=lambda item: (-item[0], item[1]))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 
 from p2prc_core import hookimpl
-from p2prc_core.models import PeerRecord
+from p2prc_core.models import KnownPeer
 
 UNREACHABLE = -1_000_000.0
 
 
 @hookimpl(trylast=True)
-def p2prc_score_peer(peer: PeerRecord) -> float:
+def p2prc_score_peer(peer: KnownPeer) -> float:
     """100 at 0 ms, minus one point a millisecond; plus 10 points per tenfold Mbit/s.
 
     A peer that failed its last contact, or was never measured, scores far below any

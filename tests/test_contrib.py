@@ -16,13 +16,13 @@ CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "p2prc-gpu-first"
 
 RANK = """
 import json
-from p2prc_core.models import PeerRecord
+from p2prc_core.models import KnownPeer
 from p2prc_core.plugins import make_plugin_manager
 hooks = make_plugin_manager()
-peers = [PeerRecord("near-cpu", latency_ms=1.0),
-         PeerRecord("far-gpu", latency_ms=60.0, specs={"gpus": ["A100"], "gpus_free": 1}),
-         PeerRecord("busy-gpu", latency_ms=0.5, specs={"gpus": ["H200"], "gpus_free": 0}),
-         PeerRecord("dead-gpu", latency_ms=None, failures=3, specs={"gpus": [{"name": "X"}]})]
+peers = [KnownPeer("near-cpu", latency_ms=1.0),
+         KnownPeer("far-gpu", latency_ms=60.0, specs={"gpus": ["A100"], "gpus_free": 1}),
+         KnownPeer("busy-gpu", latency_ms=0.5, specs={"gpus": ["H200"], "gpus_free": 0}),
+         KnownPeer("dead-gpu", latency_ms=None, failures=3, specs={"gpus": [{"name": "X"}]})]
 print(json.dumps([p.node_id for p in hooks.rank_peers(peers)]))
 """
 

@@ -14,7 +14,7 @@ from falcon import testing
 
 from conftest import BUILTINS, P2PRC
 from p2prc_core import hookimpl
-from p2prc_core.models import Address, PeerRecord
+from p2prc_core.models import Address, KnownPeer
 from p2prc_core.plugins import PluginLoadError, make_plugin_manager
 from p2prc_core.server import create_app
 from p2prc_core.services import NodeServices
@@ -138,8 +138,8 @@ def test_a_third_party_select_address_overrides_the_builtin(hooks) -> None:  # t
 # -- p2prc_score_peer -----------------------------------------------------------------------
 
 def peer(node_id: str, latency: float | None, bandwidth: float | None = None,
-         failures: int = 0, gpus: int = 0) -> PeerRecord:
-    return PeerRecord(node_id=node_id, latency_ms=latency, bandwidth_mbps=bandwidth,
+         failures: int = 0, gpus: int = 0) -> KnownPeer:
+    return KnownPeer(node_id=node_id, latency_ms=latency, bandwidth_mbps=bandwidth,
                       failures=failures, specs={"gpus": [{"name": "g"}] * gpus})
 
 
