@@ -127,7 +127,7 @@ class PeerDirectory:
         """The table, best first (by ``p2prc_score_peer``). ``with_gpu``: only peers with a
         free GPU."""
         entries = self.table.load()
-        trusted = {k: v.get("name") or k[:8] for k, v in self.trust.all().items()}
+        trusted = {k: name or k[:8] for k, name in self.trust.names().items()}
         peers = (e.to_peer() for e in entries.values())
         ranked = self.hooks.rank_peers(p for p in peers if not with_gpu or p.free_gpus > 0)
         return [self._row(entries[peer.node_id], peer.free_gpus, trusted.get(peer.node_id),

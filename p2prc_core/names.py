@@ -71,8 +71,8 @@ class PeerNames:
         lowered = text.lower()
         if is_node_id(lowered):
             return lowered
-        trusted = self.trust.all()
-        named = [node_id for node_id, v in trusted.items() if v.get("name") == text]
+        trusted = self.trust.names()
+        named = [node_id for node_id, name in trusted.items() if name == text]
         if len(named) == 1:
             return named[0]
         entry = self.find(text)
@@ -81,7 +81,7 @@ class PeerNames:
         found = _by_prefix(text, trusted)
         if found is not None:
             return found
-        names = [str(v.get("name") or "") for v in trusted.values()] + self.known()
+        names = list(trusted.values()) + self.known()
         raise UnknownPeer(f"no node is known as {text!r}{did_you_mean(text, names)}: give "
                           f"its node id, or a name from 'p2prc trust' or 'p2prc peers ls'")
 

@@ -32,6 +32,26 @@ class TrustError(Refusal):
     title = "Invite refused"
 
 
+@dataclass(frozen=True)
+class Trusted:
+    """A node trusted here: the name it is trusted under ("" for none), since when, and how
+    (``trust``, ``invite``)."""
+
+    name: str
+    since: float | None
+    via: str
+
+    @classmethod
+    def from_json(cls, data: Any) -> Trusted:
+        """An entry of ``trusted.json`` (the user may have edited it: each field checked)."""
+        data = data if isinstance(data, dict) else {}
+        name, since, via = data.get("name"), data.get("since"), data.get("via")
+        return cls(name=name if isinstance(name, str) else "",
+                   since=since if isinstance(since, int | float) and
+                   not isinstance(since, bool) else None,
+                   via=via if isinstance(via, str) else "")
+
+
 class TrustStore:
     """The allowlist: ``$P2PRC_HOME/trusted.json``, node id -> who and since when.
 
@@ -40,10 +60,11 @@ class TrustStore:
 
     def __init__(self, home: Path):
         self.path = home / TRUSTED_FILE
-        self._cache: tuple[float, int, dict[str, Any]] | None = None
+        self._cache: tuple[float, int, dict[str, Trusted]] | None = None
         self._lock = threading.Lock()
 
-    def all(self) -> dict[str, dict[str, Any]]:
+    def all(self) -> dict[str, Trusted]:
+        """Every node trusted here, by node id."""
         try:
             stat = self.path.stat()
         except FileNotFoundError:
@@ -51,8 +72,13 @@ class TrustStore:
         with self._lock:
             key = (stat.st_mtime, stat.st_size)
             if self._cache is None or self._cache[:2] != key:
-                self._cache = (*key, read_json_object(self.path))
+                self._cache = (*key, {node_id: Trusted.from_json(entry) for node_id, entry
+                                      in read_json_object(self.path).items()})
             return dict(self._cache[2])
+
+    def names(self) -> dict[str, str]:
+        """The name each trusted node is trusted under ("" for none), by node id."""
+        return {node_id: t.name for node_id, t in self.all().items()}
 
     def is_trusted(self, node_id: str) -> bool:
         return node_id in self.all()

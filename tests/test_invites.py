@@ -44,3 +44,12 @@ def test_a_joiner_with_anothers_record_is_trusted_without_it(tmp_path: Path) -> 
     assert other.node_id not in (table.load() if table.path.exists() else {})
     with pytest.raises(TrustError):  # used once
         accept_invite(state, store, table, joiner.node_id, secret, None)
+
+
+def test_a_hand_edited_trust_file_reads_each_field_checked(tmp_path: Path) -> None:
+    node_id = NodeIdentity.generate().node_id
+    (tmp_path / "trusted.json").write_text(
+        '{"%s": {"name": 7, "since": true, "via": null}, "x": "not an object"}' % node_id)
+    store = TrustStore(tmp_path)
+    assert store.all()[node_id] == trust.Trusted(name="", since=None, via="")
+    assert store.names() == {node_id: "", "x": ""} and store.is_trusted(node_id)

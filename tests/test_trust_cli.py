@@ -84,7 +84,7 @@ def test_invite_then_join_trusts_both_ways(live_server: LiveServer, tmp_path: Pa
 
     # The friend is on the host's allowlist, and says so when it asks.
     trusted = TrustStore(live_server.home).all()
-    assert trusted[friend_id]["via"] == "invite"
+    assert trusted[friend_id].via == "invite"
     identity = NodeIdentity.load_or_create(friend)
     headers = sign_request(identity, "GET", "/v1/trust/me", "", b"", live_server.node_id)
     me = web.get(live_server.url() + "/v1/trust/me", headers=headers, timeout=5).json()

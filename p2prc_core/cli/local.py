@@ -290,7 +290,7 @@ def server_containers_ls(node: CliContext, as_json: bool = False) -> None:
     if not leases:
         click.echo("No p2prc containers on this host.")
         return
-    names = {k: v.get("name") for k, v in node.services.trust.all().items()}
+    names = node.services.trust.names()
     moment = time.time()
 
     def state(lease: Lease) -> str:
@@ -337,7 +337,7 @@ def _idle(lease: Lease, usage: dict[str, dict[str, float]]) -> bool | None:
 @pass_node
 def server_containers_kill(node: CliContext, container_ids: tuple[str, ...]) -> None:
     """Stop and remove p2prc containers on this host, whoever owns them."""
-    names = {k: v.get("name") for k, v in node.services.trust.all().items()}
+    names = node.services.trust.names()
     for text in container_ids:
         lease = node.services.hosting.kill(text)
         owner = names.get(lease.owner)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import click
 
 from p2prc_core.cli.base import CliContext, duration_option, json_option, main, pass_node
@@ -44,14 +46,14 @@ def trust(node: CliContext, node_id: str | None, name: str, as_json: bool) -> No
     if node_id is None:
         trusted = store.all()
         if as_json:
-            print_json(trusted)
+            print_json({node_id: asdict(t) for node_id, t in trusted.items()})
             return
         if not trusted:
             click.echo("No node is trusted here yet: 'p2prc trust NODE_ID' or 'p2prc invite'.")
             return
         print_table(("node id", "name", "since", "via"),
-                    [(k, v.get("name") or "-", format_when(v.get("since")), v.get("via", "-"))
-                     for k, v in sorted(trusted.items())])
+                    [(k, t.name or "-", format_when(t.since), t.via or "-")
+                     for k, t in sorted(trusted.items())])
         return
     resolved = node.services.peers.node_id_of(node_id)
     shown = resolved if resolved == node_id.strip().lower() else f"{node_id} ({resolved})"
