@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -48,8 +49,8 @@ def test_a_joiner_with_anothers_record_is_trusted_without_it(tmp_path: Path) -> 
 
 def test_a_hand_edited_trust_file_reads_each_field_checked(tmp_path: Path) -> None:
     node_id = NodeIdentity.generate().node_id
-    (tmp_path / "trusted.json").write_text(
-        '{"%s": {"name": 7, "since": true, "via": null}, "x": "not an object"}' % node_id)
+    (tmp_path / "trusted.json").write_text(json.dumps(
+        {node_id: {"name": 7, "since": True, "via": None}, "x": "not an object"}))
     store = TrustStore(tmp_path)
     assert store.all()[node_id] == trust.Trusted(name="", since=None, via="")
     assert store.names() == {node_id: "", "x": ""} and store.is_trusted(node_id)
