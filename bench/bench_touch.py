@@ -23,6 +23,7 @@ from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.sshkeys import ensure_key
 from p2prc_core.trust import TrustStore
+from p2prc_core.wire import ContainerRequest
 
 IMAGE = "p2prc/base:latest"
 
@@ -60,7 +61,7 @@ def main() -> None:
         with PeerClient(Endpoint("127.0.0.1", port), timeout=60, identity=me) as peer:
             for _ in range(args.rounds):
                 started = time.perf_counter()
-                reply = peer.create_container({"ssh_key": public})
+                reply = peer.create_container(ContainerRequest(public))
                 wait_for_login(private, reply.ssh_port)
                 ours.append((time.perf_counter() - started) * 1000)
                 peer.remove_container(reply.id)

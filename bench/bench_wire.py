@@ -131,9 +131,10 @@ def reply_after_typed(raw: bytes) -> ContainerReply:
 
 
 def reply_client_path(raw: bytes) -> RemoteContainer:
-    """What ``PeerClient.create_container`` does now: ``loads_strict`` (its one JSON reader
-    for every answer), then ``RemoteContainer.from_reply`` (``wire.convert``)."""
-    return RemoteContainer.from_reply(loads_strict(raw), ENDPOINT)
+    """What ``PeerClient.create_container`` does now: the answer's bytes straight to
+    ``RemoteContainer.from_reply`` (``wire.decode``: parsed and checked in one pass), which
+    also checks the ``ssh`` block against the one rule (``SshLogin.completed``)."""
+    return RemoteContainer.from_reply(raw, ENDPOINT)
 
 
 def answer_after(raw: bytes) -> ExchangeAnswer:
@@ -169,7 +170,7 @@ def main() -> None:
           f"{rounds} rounds")
     line("before: loads_strict + hand checks", before, n)
     line("after: wire.decode (typed, checked)", typed, n)
-    line("after: loads_strict + from_reply (client)", client, n)
+    line("after: from_reply(bytes) (client path)", client, n)
     print(f"  ratio wire.decode/before {typed / before:.2f}, client path/before "
           f"{client / before:.2f}")
 

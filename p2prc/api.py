@@ -341,18 +341,13 @@ class Node:
         ``memory`` in bytes or "2G"; ``ttl`` in seconds or "2h".
 
         :raises PeerRefused: the host said no (its message names why: a limit, no GPU free,
-            not trusted); PeerError: it cannot be reached.
+            not trusted); PeerError: it cannot be reached; Refusal: the request is malformed
+            (nothing was sent).
         """
-        request: dict[str, Any] = {"ports": ports, "gpu": gpu}
-        if image is not None:
-            request["image"] = image
-        if cpus is not None:
-            request["cpus"] = cpus
-        if memory is not None:
-            request["memory"] = _size(memory)
-        if ttl is not None:
-            request["ttl"] = _duration(ttl)
-        started = self.services.on_peers.touch(_peer_text(peer), request)
+        started = self.services.on_peers.touch(
+            _peer_text(peer), ports=ports, gpu=gpu, image=image, cpus=cpus,
+            memory=None if memory is None else _size(memory),
+            ttl=None if ttl is None else _duration(ttl))
         return Container(self, started, "running")
 
     def containers(self) -> list[Container]:

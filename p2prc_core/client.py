@@ -6,10 +6,11 @@ import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import httpx
+import msgspec
 
 from p2prc_core import transfer
 from p2prc_core.channel import Channel, Contact, read_capped, within
@@ -22,14 +23,22 @@ from p2prc_core.signing import sign_request
 from p2prc_core.text import clean
 from p2prc_core.wire import (
     ContainerList,
+    ContainerReply,
     ContainerRequest,
+    Health,
+    JoinAnswer,
+    JoinRequest,
+    NotJSON,
     ReachAnswer,
     RelayWait,
+    Removed,
+    TrustMe,
     WireError,
-    convert,
-    to_builtins,
+    decode,
+    encode,
 )
 
+T = TypeVar("T")
 Progress = Callable[[int], None]
 MAX_REPLY = 4 << 20  # the largest API answer read from a peer
 
@@ -86,8 +95,10 @@ class PeerClient:
 
     # -- open routes -------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        return self._get_json("/v1/health")
+    def health(self) -> Health:
+        """Liveness, the peer's version and its clock (``wire.Health``), checked."""
+        return self._answer(self._fetch("GET", "/v1/health", b"", {}, self._timeout),
+                            Health, "the health check")
 
     def node(self) -> dict[str, Any]:
         """The peer's signed record, verified, and of the node that answered.
@@ -124,16 +135,19 @@ class PeerClient:
 
     # -- signed routes -----------------------------------------------------------------
 
-    def whoami(self) -> dict[str, Any]:
-        """Whether the peer trusts us."""
-        return self.signed("GET", "/v1/trust/me")
+    def whoami(self) -> TrustMe:
+        """Whether the peer trusts us (``wire.TrustMe``)."""
+        return self._answer(self._signed_fetch("GET", "/v1/trust/me"), TrustMe,
+                            "the trust check")
 
-    def join(self, secret: str, own_record: dict[str, Any] | None) -> dict[str, Any]:
-        """Redeem an invite; returns the host's verified record."""
-        reply = self.signed("POST", "/v1/trust/join",
-                            {"secret": secret, "record": own_record})
+    def join(self, secret: str, own_record: dict[str, Any] | None) -> JoinAnswer:
+        """Redeem an invite (``wire.JoinAnswer``): its ``node`` is the host's record,
+        verified (``records.verify_record``)."""
+        sent = encode(JoinRequest(secret=secret, record=own_record))
+        answer = self._answer(self._signed_fetch("POST", "/v1/trust/join", sent), JoinAnswer,
+                              "the join")
         try:
-            return verify_record(reply.get("node"))
+            return msgspec.structs.replace(answer, node=verify_record(answer.node))
         except RecordError as err:
             raise PeerError(f"{self.endpoint} answered the join with a record that does not "
                             f"verify: {err}") from None
@@ -141,39 +155,40 @@ class PeerClient:
     def relay_wait(self, seconds: float) -> str | None:
         """Wait at this relay for a client (a long poll); the token to accept it with
         (``wire.RelayWait``), or None when none came."""
-        reply = self.signed("GET", "/v1/relay/wait", timeout=seconds + self._timeout)
-        if not reply:
+        resp = self._signed_fetch("GET", "/v1/relay/wait", timeout=seconds + self._timeout)
+        self._raise_for_status(resp)
+        if resp.status_code == 204:
             return None
-        try:
-            return convert(reply, RelayWait).token
-        except WireError:
-            raise PeerError(f"{self.endpoint} answered the relay wait in an unknown "
-                            f"form") from None
+        return self._answer(resp, RelayWait, "the relay wait").token
 
-    def reach_check(self, port: int) -> dict[str, Any]:
-        """Ask the peer to dial this node back at the address it sees us from, at ``port``:
-        ``{"reachable": bool, "address": str, "error": str | None}``, checked."""
-        try:
-            reply = convert(self.signed("POST", "/v1/reach", {"port": port}), ReachAnswer)
-        except WireError:
-            raise PeerError(f"{self.endpoint} answered the reach check in an unknown "
-                            f"form") from None
-        return {"reachable": reply.reachable, "address": clean(reply.address, 64),
-                "error": None if reply.error is None else clean(reply.error, 200)}
+    def reach_check(self, port: int) -> ReachAnswer:
+        """Ask the peer to dial this node back at the address it sees us from, at ``port``
+        (``wire.ReachAnswer``, checked, its words safe to show)."""
+        return self._answer(self._signed_fetch("POST", "/v1/reach",
+                                               json.dumps({"port": port}).encode()),
+                            ReachAnswer, "the reach check")
 
     def signed(self, method: str, path: str, body: Any = None,
                params: dict[str, str] | None = None,
                timeout: float | None = None) -> dict[str, Any]:
-        """A request signed with this node's key, for the node at the other end only."""
+        """A request signed with this node's key, for the node at the other end only; its
+        answer as a JSON object (for a route without a typed answer)."""
+        raw = b"" if body is None else json.dumps(body).encode()
+        return self._json(self._signed_fetch(method, path, raw, params, timeout))
+
+    def _signed_fetch(self, method: str, path: str, raw: bytes = b"",
+                      params: dict[str, str] | None = None,
+                      timeout: float | None = None) -> httpx.Response:
+        """``raw`` (JSON) sent signed with this node's key, for the node at the other end
+        only; the answer, read within the limits (``_fetch``)."""
         if self.identity is None:
             raise PeerError("this client has no node key to sign with")
-        raw = b"" if body is None else json.dumps(body).encode()
         query = urlencode(params or {})
         headers = sign_request(self.identity, method, path, query, raw, self._target())
         if raw:
             headers["Content-Type"] = "application/json"
-        return self._json(self._fetch(method, path + ("?" + query if query else ""), raw,
-                                      headers, timeout or self._timeout))
+        return self._fetch(method, path + ("?" + query if query else ""), raw, headers,
+                           timeout or self._timeout)
 
     def _target(self) -> str:
         """The node a signature is for: known from the channel once it is open, so on first
@@ -186,51 +201,58 @@ class PeerClient:
         assert self.node_id is not None
         return self.node_id
 
-    def create_container(self, request: dict[str, Any] | ContainerRequest) -> RemoteContainer:
-        """Start a container; the host's answer is checked before anything uses it.
-
-        ``request``: a ``wire.ContainerRequest``, or the same as a dict (checked here, so a
-        malformed one is refused before it is sent)."""
-        if isinstance(request, dict):
-            request = self._checked_request(request)
+    def create_container(self, request: ContainerRequest) -> RemoteContainer:
+        """Start a container; the host's answer is decoded and checked in one pass
+        (``RemoteContainer.from_reply``) before anything uses it."""
         # Starting a container takes longer than other requests.
-        reply = self.signed("POST", "/v1/containers", to_builtins(request),
-                            timeout=max(60.0, self._timeout))
+        resp = self._signed_fetch("POST", "/v1/containers", encode(request),
+                                  timeout=max(60.0, self._timeout))
+        self._raise_for_status(resp)
         try:
             # The node whose key answered, not its claim (only a plain-HTTP lab has none).
             return RemoteContainer.from_reply(
-                reply, self.endpoint, self.node_id if self.channel.secure else None)
+                resp.content, self.endpoint, self.node_id if self.channel.secure else None)
         except PeerError:
-            # The host started something it describes badly: ask it to remove that, so it
-            # does not run on untracked (only by a well-formed id: nothing else is sent).
-            container_id = reply.get("id")
-            if isinstance(container_id, str) and CONTAINER_ID.fullmatch(container_id):
-                with contextlib.suppress(PeerError):
-                    self.remove_container(container_id)
+            self._remove_described_badly(resp.content)
             raise
 
-    def _checked_request(self, request: dict[str, Any]) -> ContainerRequest | dict[str, Any]:
-        """A request dict as the typed one; one that is not stays a dict, which the host
-        refuses with its own words (400), as it would any other client's."""
+    def _remove_described_badly(self, raw: bytes) -> None:
+        """The host started something it describes badly: ask it to remove that, so it does
+        not run on untracked (only by a well-formed id: nothing else is sent)."""
         try:
-            return convert(request, ContainerRequest)
-        except WireError:
-            return request
+            reply = loads_strict(raw)
+        except ValueError:
+            return
+        container_id = reply.get("id") if isinstance(reply, dict) else None
+        if isinstance(container_id, str) and CONTAINER_ID.fullmatch(container_id):
+            with contextlib.suppress(PeerError):
+                self.remove_container(container_id)
 
-    def list_containers(self) -> list[dict[str, Any]]:
-        """Our containers there: ``{"id", "state"}`` each, checked (``wire.ContainerList``;
-        a state p2prc does not use reads ``unknown``)."""
-        try:
-            found = convert(self.signed("GET", "/v1/containers"), ContainerList)
-        except WireError as err:
-            raise PeerError(f"{self.endpoint} answered the list in an unknown form "
-                            f"({err})") from None
-        return [{"id": c.id, "state": c.state_word} for c in found.containers]
+    def list_containers(self) -> list[ContainerReply]:
+        """Our containers there, each as its host describes it (``wire.ContainerList``,
+        checked; ``state_word`` reads ``unknown`` for a state p2prc does not use)."""
+        return self._answer(self._signed_fetch("GET", "/v1/containers"), ContainerList,
+                            "the list").containers
 
-    def remove_container(self, container_id: str) -> dict[str, Any]:
-        return self.signed("DELETE", f"/v1/containers/{container_id}")
+    def remove_container(self, container_id: str) -> Removed:
+        """Stop and remove one of our containers there (``wire.Removed``)."""
+        return self._answer(self._signed_fetch("DELETE", f"/v1/containers/{container_id}"),
+                            Removed, "the removal")
 
     # -- plumbing ----------------------------------------------------------------------
+
+    def _answer(self, resp: httpx.Response, kind: type[T], what: str) -> T:
+        """The answer's body as a ``kind``, parsed and checked in one pass (``wire.decode``:
+        no NaN, bounded depth); a refusal, or an answer in another form, is a
+        ``PeerError``."""
+        self._raise_for_status(resp)
+        try:
+            return decode(resp.content, kind)
+        except NotJSON:
+            raise self._not_a_node() from None
+        except WireError as err:
+            raise PeerError(f"{self.endpoint} answered {what} in an unknown form "
+                            f"({err})") from None
 
     def _get_json(self, path: str) -> dict[str, Any]:
         return self._json(self._fetch("GET", path, b"", {}, self._timeout))

@@ -32,7 +32,6 @@ from p2prc_core.wire import (
     convert,
     decode,
     encode,
-    to_builtins,
 )
 
 log = logging.getLogger("p2prc.discovery")
@@ -406,11 +405,11 @@ def parse_answer(raw: bytes, max_records: int, where: str) -> ExchangeAnswer:
 
 def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
                     max_records: int, admit: Callable[[int], int] | None = None,
-                    observed: str | None = None) -> dict[str, Any]:
+                    observed: str | None = None) -> ExchangeAnswer:
     """The server's side of an exchange (``wire.ExchangeRequest``, answered with a
-    ``wire.ExchangeAnswer``): merge what the caller sent, answer with what changed since
-    its cursor (never the caller's own record), and our record if its seq is newer than
-    the one the caller holds.
+    ``wire.ExchangeAnswer``, which the server writes with ``wire.encode``): merge what the
+    caller sent, answer with what changed since its cursor (never the caller's own record),
+    and our record if its seq is newer than the one the caller holds.
 
     :raises ExchangeError: the request is malformed (the message says how).
     """
@@ -424,7 +423,7 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
     limit = request.limit if request.limit is not None else max_records
     have = request.tokens()
 
-    def answer(state: TableState) -> dict[str, Any]:
+    def answer(state: TableState) -> ExchangeAnswer:
         """Merge and answer from one reading of the table."""
         result = table.merge_into(state, records, admit=admit) if records else None
         changed, cursor, more = state.changes_since(request.since, min(limit, max_records),
@@ -439,8 +438,7 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
             held = state.peers.get(caller)
             reply.holds_seq = held.record["seq"] if held else None
         reply.observed = observed  # the address the caller's request came from
-        data: dict[str, Any] = to_builtins(reply)
-        return data
+        return reply
 
     # Only a request that hands over records takes the table's lock (and may write it).
     return table.update(answer) if records else answer(table.snapshot())
@@ -489,6 +487,6 @@ class InProcessTransport:
             answer = handle_exchange(table, own_record(), json.loads(body), self.max_records)
         except ExchangeError as err:
             raise PeerRefused(f"{endpoint} refused (400): {err}", 400) from None
-        raw = json.dumps(answer, separators=(",", ":")).encode()
+        raw = encode(answer)
         self.bytes_served[endpoint] += len(raw)
         return raw, self.latency_ms.get(endpoint, 1.0) if probes else None

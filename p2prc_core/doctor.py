@@ -90,8 +90,8 @@ def _server_state(node: NodeServices) -> dict[str, Any]:
     try:
         with PeerClient(endpoint, timeout=2.0, secure=node.peers.secure) as client:
             health = client.health()
-        return {"running": True, "at": str(endpoint), "version": health.get("version"),
-                "uptime_seconds": health.get("uptime_seconds")}
+        return {"running": True, "at": str(endpoint), "version": health.version,
+                "uptime_seconds": health.uptime_seconds}
     except P2PRCError as err:
         return {"running": False, "at": str(endpoint), "why": str(err)}
 
@@ -170,9 +170,8 @@ def _clock(node: NodeServices) -> Check:
                 ended = time.time()
         except P2PRCError:
             continue
-        theirs = health.get("time")
-        if isinstance(theirs, int | float) and not isinstance(theirs, bool):
-            offsets.append(theirs - (started + ended) / 2)
+        if health.time is not None:
+            offsets.append(health.time - (started + ended) / 2)
     if not offsets:
         return Check("clock", "skip", "no peer answered to compare clocks with")
     offset = sorted(offsets)[len(offsets) // 2]

@@ -11,6 +11,7 @@ from p2prc_core.discovery import handle_exchange
 from p2prc_core.intake import IntakeLimit, source_prefix
 from p2prc_core.models import Address
 from p2prc_core.peertable import PeerTable
+from p2prc_core.wire import ExchangeAnswer
 
 
 class TableExchange:
@@ -23,7 +24,7 @@ class TableExchange:
         self.max_records = max_records
         self.intake = IntakeLimit(home, newcomers_per_minute)
 
-    def answer(self, body: Any, source: str | None = None) -> dict[str, Any]:
+    def answer(self, body: Any, source: str | None = None) -> ExchangeAnswer:
         """The answer to an exchange (``discovery.handle_exchange``); the new peers a caller
         hands over count against its source's allowance."""
         prefix = source_prefix(source)

@@ -16,6 +16,7 @@ from p2prc_core.plugins import PluginHooks
 from p2prc_core.text import format_when
 from p2prc_core.tls import NodeMismatch
 from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore, accept_invite
+from p2prc_core.wire import JoinAnswer
 
 
 class Invites:
@@ -55,10 +56,10 @@ class Invites:
         return Invite(self.peers.identity.node_id, chosen[:8],
                       port or served.advertise_port or served.port, secret, expires)
 
-    def accept(self, caller: str, secret: str, caller_record: Any) -> dict[str, Any]:
+    def accept(self, caller: str, secret: str, caller_record: Any) -> JoinAnswer:
         """The host's side of ``p2prc join``: the caller is trusted from now on."""
         accept_invite(self.state, self.trust, self.peers.table, caller, secret, caller_record)
-        return {"trusted": True, "node": self.own_record()}
+        return JoinAnswer(trusted=True, node=self.own_record())
 
     def join(self, token: str) -> tuple[dict[str, Any], Endpoint]:
         """Redeem a friend's invite at the first of its addresses that answers: we are
@@ -87,7 +88,7 @@ class Invites:
             endpoint = endpoint.expecting(offer.node_id, named=True)  # pinned on success
             try:
                 with self.peers.client(endpoint) as client:
-                    record = client.join(offer.secret, own)
+                    record = client.join(offer.secret, own).node
             except PeerRefused:
                 raise
             except NodeMismatch as err:

@@ -11,7 +11,7 @@ from typing import Any
 from p2prc_core.errors import P2PRCError, PeerError
 from p2prc_core.models import PUBLIC_KEY, Endpoint
 from p2prc_core.storage import read_json_object, update_json
-from p2prc_core.wire import ContainerReply, SshLogin, WireError, convert, to_builtins
+from p2prc_core.wire import ContainerReply, SshLogin, WireError, convert, decode, to_builtins
 
 _GROUP = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 
@@ -37,16 +37,18 @@ class RemoteContainer:
     ssh: dict[str, Any] | None = None  # how to log in, as the host said it (checked)
 
     @classmethod
-    def from_reply(cls, reply: Any, endpoint: Endpoint,
+    def from_reply(cls, reply: bytes | Any, endpoint: Endpoint,
                    node_id: str | None = None) -> RemoteContainer:
         """Check a host's answer to a create (``wire.ContainerReply``) before anything of it
-        is kept or used. ``node_id``: the node whose key answered (the channel's), which
-        wins over the one the reply claims.
+        is kept or used: its bytes as they came (decoded and checked in one pass), or the
+        same already parsed. ``node_id``: the node whose key answered (the channel's),
+        which wins over the one the reply claims.
 
         :raises PeerError: the answer is not a container as p2prc describes one.
         """
         try:
-            checked = convert(reply, ContainerReply)
+            checked = decode(reply, ContainerReply) if isinstance(reply, bytes) else \
+                convert(reply, ContainerReply)
             if not checked.ssh.host_key:
                 raise WireError("it gives no host key to pin")
             ssh = checked.ssh.completed(SshLogin.of(

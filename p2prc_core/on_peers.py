@@ -12,10 +12,13 @@ from typing import Any
 
 from p2prc_core.config import Settings
 from p2prc_core.directory import PeerDirectory
-from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
+from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal
 from p2prc_core.models import Endpoint
 from p2prc_core.my_containers import RemoteContainer, Tracked
 from p2prc_core.sshkeys import ensure_key
+from p2prc_core.wire import ContainerRequest, WireError, convert
+
+Gpus = bool | int | list[int] | tuple[int, ...]  # none or all, a count, or the host's indexes
 
 
 class ContainersOnPeers:
@@ -31,14 +34,40 @@ class ContainersOnPeers:
         """The client's SSH key: the private key's path and the public key line."""
         return ensure_key(self.home, self.settings.ssh_key)
 
-    def touch(self, peer: str, request: dict[str, Any]) -> RemoteContainer:
-        """Start a container on PEER with our SSH key (``request`` holds what else was asked:
-        ports, gpu, image, cpus, memory, ttl) and keep it as tracked."""
-        _, public_key = self.ssh_key()
+    def touch(self, peer: str, *, ports: int = 0, gpu: Gpus = False,
+              image: str | None = None, cpus: float | None = None, memory: int | None = None,
+              ttl: int | None = None) -> RemoteContainer:
+        """Start a container on PEER with our SSH key and what else was asked (``memory`` in
+        bytes, ``ttl`` in seconds), and keep it as tracked.
+
+        :raises Refusal: the request is malformed (the message names the field); nothing
+            was sent.
+        """
+        request = self.request(ports=ports, gpu=gpu, image=image, cpus=cpus, memory=memory,
+                               ttl=ttl)
         with self.peers.client(peer) as client:
-            container = client.create_container({"ssh_key": public_key, **request})
+            container = client.create_container(request)
         self.tracked.add(container)
         return container
+
+    def request(self, *, ports: int = 0, gpu: Gpus = False, image: str | None = None,
+                cpus: float | None = None, memory: int | None = None,
+                ttl: int | None = None) -> ContainerRequest:
+        """The one place a container request is built from what a user asked, with our SSH
+        key, and checked (``wire.ContainerRequest``) before it is sent.
+
+        :raises Refusal: a field is malformed (the message names it).
+        """
+        _, public_key = self.ssh_key()
+        asked: dict[str, Any] = {"ssh_key": public_key, "ports": ports, "gpu": gpu}
+        for name, value in (("image", image), ("cpus", cpus), ("memory", memory),
+                            ("ttl", ttl)):
+            if value is not None:
+                asked[name] = value
+        try:
+            return convert(asked, ContainerRequest)
+        except WireError as err:
+            raise Refusal(str(err)) from None
 
     def find(self, text: str) -> RemoteContainer:
         """A tracked container by id or unique id prefix (``Tracked.find``)."""
@@ -63,7 +92,7 @@ class ContainersOnPeers:
     def _live(self, container: RemoteContainer) -> dict[str, str]:
         """Our containers on ``container``'s host: id -> state."""
         with self.peers.client(self.paths_to(container)) as client:
-            return {c["id"]: c["state"] for c in client.list_containers()}
+            return {c.id: c.state_word for c in client.list_containers()}
 
     def check_alive(self, containers: list[RemoteContainer]) -> None:
         """Ask each host whether our containers there still run, before anything logs in:

@@ -37,6 +37,7 @@ from p2prc_core.relayhub import WAIT_SECONDS
 from p2prc_core.signing import sign_request
 from p2prc_core.splice import no_delay, splice
 from p2prc_core.upgrade_client import upgrade_sync
+from p2prc_core.wire import to_builtins
 
 log = logging.getLogger("p2prc.reach")
 
@@ -296,10 +297,10 @@ class ReachAgent:
             except PeerError as err:
                 log.debug("reach check by %s failed: %s", asker, err)
                 continue
-            self.state.update(reachable={**answer, "by": asker.node_id,
+            self.state.update(reachable={**to_builtins(answer), "by": asker.node_id,
                                          "checked": time.time()})
-            log.info("dialled back by %s at %s: %s", asker, answer["address"],
-                     "reachable" if answer["reachable"] else "NOT reachable")
+            log.info("dialled back by %s at %s: %s", asker, answer.address,
+                     "reachable" if answer.reachable else "NOT reachable")
             return True
         return False
 

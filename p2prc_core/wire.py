@@ -64,6 +64,10 @@ class WireError(ValueError):
     """A message that is not what its definition says; the text names the field."""
 
 
+class NotJSON(WireError):
+    """Bytes that are not JSON at all (another kind of server, most likely)."""
+
+
 def is_relay_token(text: object) -> bool:
     return isinstance(text, str) and RELAY_TOKEN.fullmatch(text) is not None
 
@@ -101,7 +105,7 @@ def decode(raw: bytes, kind: type[T]) -> T:
     except msgspec.ValidationError as err:
         raise WireError(_explain(str(err), kind)) from None
     except msgspec.DecodeError as err:
-        raise WireError(f"not JSON ({err})") from None
+        raise NotJSON(f"not JSON ({err})") from None
     except RecursionError:
         raise WireError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
 
@@ -233,9 +237,15 @@ class SshLogin(Struct, frozen=True, omit_defaults=True):
             if given is not None and given != wanted:
                 raise WireError(f"its ssh {name} is not the container's")
         if self.host is not None and expected.host is not None and \
-                pin_key(self.host.strip("[]"), 1) != pin_key(expected.host.strip("[]"), 1):
+                not _same_host(self.host.strip("[]"), expected.host.strip("[]")):
             raise WireError("its ssh host is not the address it was reached at")
         return expected
+
+
+def _same_host(given: str, expected: str) -> bool:
+    """Whether two spellings name one host (``models.pin_key``); the same text is, without
+    parsing it (the usual case, and parsing an address is what a create's check spends)."""
+    return given == expected or pin_key(given, 1) == pin_key(expected, 1)
 
 
 class ContainerReply(Struct, frozen=True, omit_defaults=True):
@@ -416,7 +426,7 @@ class Health(Struct, frozen=True):
     client compares clocks with it). An older peer may leave all but ``status`` out."""
 
     status: str
-    version: Annotated[str, Meta(max_length=64)] | None = None
+    version: str | None = None  # kept to 64 characters, safe to show
     time: Time | None = None
     uptime_seconds: Annotated[float, Meta(ge=0)] | None = None
 

@@ -235,13 +235,19 @@ def key(tmp_path: Path) -> str:
     return ensure_key(tmp_path / "me")[1]
 
 
+def sent_as_is(client: PeerClient, body: dict[str, Any]) -> None:
+    """A create with ``body`` exactly as written, for the host alone to check (p2prc's own
+    client refuses a malformed request before sending it; any other client may not)."""
+    client.signed("POST", "/v1/containers", body)
+
+
 @pytest.mark.parametrize("extra", [{"privileged": True}, {"volumes": ["/:/host"]},
                                    {"network_mode": "host"}, {"pid_mode": "host"},
                                    {"cap_add": ["SYS_ADMIN"]}, {"command": "sh"}])
 def test_no_other_docker_option_can_be_passed(tmp_path: Path, signed_client: PeerClient,
                                               extra: dict[str, Any]) -> None:
     with pytest.raises(PeerRefused) as caught:
-        signed_client.create_container({"ssh_key": key(tmp_path), **extra})
+        sent_as_is(signed_client, {"ssh_key": key(tmp_path), **extra})
     assert caught.value.status == 400 and "Unknown fields" in str(caught.value)
 
 
@@ -263,16 +269,16 @@ def test_requests_over_limits_or_malformed(tmp_path: Path, host: LiveServer,
                                            body: dict[str, Any], status: int, words: str) -> None:
     before = p2prc_containers(docker_client, node_of(host))
     with pytest.raises(PeerRefused) as caught:
-        signed_client.create_container({"ssh_key": key(tmp_path), **body})
+        sent_as_is(signed_client, {"ssh_key": key(tmp_path), **body})
     assert caught.value.status == status and words in str(caught.value)
     assert p2prc_containers(docker_client, node_of(host)) == before  # nothing left behind
 
 
 def test_too_many_containers_is_429(tmp_path: Path, signed_client: PeerClient) -> None:
     for _ in range(3):  # P2PRC_CONTAINERS_PER_CALLER
-        signed_client.create_container({"ssh_key": key(tmp_path)})
+        signed_client.create_container(ContainerRequest(ssh_key=key(tmp_path)))
     with pytest.raises(PeerRefused) as caught:
-        signed_client.create_container({"ssh_key": key(tmp_path)})
+        signed_client.create_container(ContainerRequest(ssh_key=key(tmp_path)))
     assert caught.value.status == 429 and "limit per caller" in str(caught.value)
 
 
@@ -287,7 +293,7 @@ def test_only_p2prc_containers_of_the_caller_can_be_touched(
         docker_client.containers.get(stranger.id)  # untouched
     finally:
         stranger.remove(force=True)
-    mine = signed_client.create_container({"ssh_key": key(tmp_path)})
+    mine = signed_client.create_container(ContainerRequest(ssh_key=key(tmp_path)))
     other = NodeIdentity.generate()
     TrustStore(host.home).add(other.node_id)
     with PeerClient(Endpoint("127.0.0.1", host.port), identity=other) as intruder:
@@ -304,7 +310,7 @@ def test_an_untrusted_caller_cannot_start_one(tmp_path: Path, host: LiveServer) 
     with PeerClient(Endpoint("127.0.0.1", host.port),
                     identity=NodeIdentity.generate()) as stranger:
         with pytest.raises(PeerRefused) as caught:
-            stranger.create_container({"ssh_key": key(tmp_path)})
+            stranger.create_container(ContainerRequest(ssh_key=key(tmp_path)))
     assert caught.value.status == 403
 
 
@@ -584,7 +590,7 @@ def test_a_tunnel_is_only_for_the_containers_owner_and_its_ports(
 
     from p2prc_core.tunnel import open_stream
 
-    mine = signed_client.create_container({"ssh_key": key(tmp_path)})
+    mine = signed_client.create_container(ContainerRequest(ssh_key=key(tmp_path)))
     path = f"/v1/containers/{mine.id}/tunnel"
     at = [Endpoint("127.0.0.1", host.port, host.node_id)]
 
@@ -636,7 +642,7 @@ def test_a_tunnel_through_a_relay_reaches_the_containers_sshd(
             time.sleep(0.05)
         through = Endpoint("127.0.0.1", relay.port, host.node_id, False, relay.node_id)
         with PeerClient([through], timeout=60, identity=me_id) as client:
-            container = client.create_container({"ssh_key": key(tmp_path)})
+            container = client.create_container(ContainerRequest(ssh_key=key(tmp_path)))
 
         async def banner() -> bytes:
             reader, writer, first, used = await open_stream(

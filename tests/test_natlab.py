@@ -75,7 +75,7 @@ print("ready", flush=True)
 while True:
     try:
         with PeerClient([through], timeout=5) as client:
-            if client.health()["status"] == "ok":
+            if client.health().status == "ok":
                 print("reached", repr(time.time()), flush=True)
                 break
     except Exception as err:  # not there yet: a refusal, a reset, a timeout

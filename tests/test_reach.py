@@ -26,6 +26,7 @@ from p2prc_core.client import PeerClient
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
+from p2prc_core.wire import TrustMe
 
 pytestmark = pytest.mark.integration
 
@@ -88,10 +89,10 @@ def test_through_a_relay_end_to_end_and_the_relay_sees_only_ciphertext(
         me = NodeIdentity.load_or_create(tmp_path / "client")
         path = relayed(relay, home, recorder.port)
         with PeerClient([path], timeout=10, identity=me) as client:
-            assert client.health()["status"] == "ok"
+            assert client.health().status == "ok"
             assert client.node()["node_id"] == home.node_id  # TLS to home itself
-            assert client.whoami() == {"node_id": me.node_id, "trusted": False,
-                                       "trust_mode": "allowlist"}
+            assert client.whoami() == TrustMe(node_id=me.node_id, trusted=False,
+                                              trust_mode="allowlist")
             assert client.download(1 << 20).bytes == 1 << 20
             assert client.upload(1 << 20).bytes == 1 << 20
         assert len(recorder.seen) > 2 << 20
@@ -133,7 +134,7 @@ def test_relay_refuses_an_untrusted_node_and_the_node_moves_to_the_next_relay(
     assert not waits_at(closed, home)
     assert "not trusted" in home.output() or "Not relayed" in home.output()
     with PeerClient([relayed(open_, home)], timeout=10) as client:
-        assert client.health()["status"] == "ok"
+        assert client.health().status == "ok"
     # Through the relay that refused it, home is not reachable: said in one line.
     with pytest.raises(PeerError, match="Not relayed here|does not keep a connection"):
         with PeerClient([relayed(closed, home)], timeout=10) as client:
@@ -156,7 +157,7 @@ def test_when_its_relay_stops_the_node_moves_to_another(tmp_path: Path,
     record = web.get(home.url() + "/v1/node", timeout=5).json()
     assert record["relays"] == [named(second)]
     with PeerClient([relayed(first, home), relayed(second, home)], timeout=10) as client:
-        assert client.health()["status"] == "ok"
+        assert client.health().status == "ok"
         assert client.endpoint.relay == second.node_id
     # With no relay left, the client says which paths it tried and why.
     second.stop()
@@ -198,7 +199,7 @@ def test_relay_limits_on_nodes_and_connections(tmp_path: Path,
         held.close()
     wait_for(lambda: not any((relay.home / "relay").glob("c.*")), what="the count drops")
     with PeerClient([relayed(relay, home)], timeout=5) as client:
-        assert client.health()["status"] == "ok"
+        assert client.health().status == "ok"
 
 
 def test_a_node_that_is_not_a_relay_says_so(live_server: LiveServer, tmp_path: Path) -> None:
@@ -235,8 +236,8 @@ def test_dial_back_of_a_port_where_no_node_answers(live_server: LiveServer,
         with PeerClient(Endpoint("127.0.0.1", live_server.port, live_server.node_id),
                         timeout=10, identity=me) as client:
             answer = client.reach_check(port)
-            assert answer["reachable"] is False and answer["error"]
-            assert answer["address"].endswith(f":{port}")
+            assert answer.reachable is False and answer.error
+            assert answer.address.endswith(f":{port}")
             # Only {"port": N} is taken: no other host can be named.
             with pytest.raises(PeerRefused) as refused:
                 client.signed("POST", "/v1/reach", {"port": port, "host": "10.1.2.3"})
@@ -290,7 +291,7 @@ def test_a_restarted_node_is_reached_at_once_not_through_its_old_poll(
     wait_for(lambda: waits_at(relay, again), what="the restarted home waits again")
     started = time.monotonic()
     with PeerClient([relayed(relay, again)], timeout=10) as client:
-        assert client.health()["status"] == "ok"
+        assert client.health().status == "ok"
     assert time.monotonic() - started < 5
 
 

@@ -31,6 +31,7 @@ from p2prc_core.errors import PeerError
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.signing import sign_request
 from p2prc_core.trust import TrustStore
+from p2prc_core.wire import ContainerRequest
 
 pytestmark = pytest.mark.integration
 
@@ -215,7 +216,7 @@ def trusted_tries(relay: LiveServer, home: LiveServer, me: NodeIdentity) -> list
     for _ in range(TRIES):
         try:
             with PeerClient([relayed(relay, home)], timeout=10, identity=me) as client:
-                assert client.whoami()["trusted"] is True
+                assert client.whoami().trusted is True
         except PeerError as err:
             failures.append(str(err))
     return failures
@@ -361,7 +362,7 @@ def test_relay_traffic_leaves_the_hosts_own_tunnels_their_threads(
     at = Endpoint("127.0.0.1", relay.port, relay.node_id)
     try:
         with PeerClient(at, timeout=60, identity=me) as client:
-            container = client.create_container({"ssh_key": ensure_key(tmp_path / "me")[1]})
+            container = client.create_container(ContainerRequest(ensure_key(tmp_path / "me")[1]))
         home, _ = behind(tmp_path, relay)
         servers.append(home)
         attack.polls(relay, [f"127.0.{n}.1" for n in range(10, 30)])  # many networks

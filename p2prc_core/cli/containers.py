@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
 
 import click
 from rich.text import Text
@@ -45,12 +44,10 @@ def touch(node: CliContext, peer: str, ports: int, gpu: bool | int | list[int] |
           image: str | None, cpus: float | None, memory: int | None, ttl: int | None,
           as_json: bool) -> None:
     """Start a container on PEER with SSH access (your key) and open ports."""
-    request: dict[str, Any] = {"ports": ports, "gpu": gpu if gpu is not None else False}
-    for name, value in (("image", image), ("cpus", cpus), ("memory", memory), ("ttl", ttl)):
-        if value is not None:
-            request[name] = value
     with err_console.status(Text(f"starting a container on {clean(peer)} ...")):
-        container = node.services.on_peers.touch(peer, request)
+        container = node.services.on_peers.touch(
+            peer, ports=ports, gpu=gpu if gpu is not None else False, image=image, cpus=cpus,
+            memory=memory, ttl=ttl)
     published = published_reachable(container)
     if as_json:
         print_json({**container.as_dict(), "published_reachable": published})

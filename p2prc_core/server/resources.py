@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import falcon
+from msgspec import Struct
 
 from p2prc_core import __version__
 from p2prc_core.containers import ContainerService, Lease, parse_request
@@ -20,34 +21,46 @@ from p2prc_core.wire import (
     ContainerRequest,
     ExchangeAnswer,
     ExchangeRequest,
+    Health,
+    JoinAnswer,
     JoinRequest,
     Removed,
+    TrustMe,
     WireError,
     convert,
+    encode,
     schema_ref,
-    to_builtins,
 )
 
 # One block of random bytes, reused for every download: incompressible, generated once.
 _CHUNK = os.urandom(1 << 20)
 
 
-def _json_body(kind: type, description: str) -> dict[str, Any]:
+def json_answer(kind: type[Struct], description: str) -> dict[str, Any]:
     """An OpenAPI answer whose JSON is a ``wire`` message (its schema is generated)."""
     return {"description": description,
             "content": {"application/json": {"schema": schema_ref(kind)}}}
 
 
+def send(resp: falcon.Response, message: Struct) -> None:
+    """Answer with a ``wire`` message, encoded by its own definition (what the OpenAPI
+    document describes and the client decodes)."""
+    resp.data = encode(message)
+    resp.content_type = falcon.MEDIA_JSON
+
+
 class HealthResource:
     OPENAPI = {"get": {"summary": "Liveness: status, version, this server's clock and uptime",
-                       "tags": ["open"]}}
+                       "tags": ["open"],
+                       "responses": {"200": json_answer(Health, "status, version, time, "
+                                                                "uptime_seconds")}}}
 
     def __init__(self, started: float):
         self.started = started
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"status": "ok", "version": __version__, "time": round(time.time(), 3),
-                      "uptime_seconds": round(time.monotonic() - self.started, 3)}
+        send(resp, Health(status="ok", version=__version__, time=round(time.time(), 3),
+                          uptime_seconds=round(time.monotonic() - self.started, 3)))
 
 
 class NodeResource:
@@ -189,7 +202,9 @@ class OpenAPIResource:
 class TrustMeResource:
     AUTH = {"get": "signed"}
     OPENAPI = {"get": {"summary": "Whether this host trusts the (signed) caller",
-                       "tags": ["signed"]}}
+                       "tags": ["signed"],
+                       "responses": {"200": json_answer(TrustMe, "the caller, whether it is "
+                                                                 "trusted, the trust mode")}}}
 
     def __init__(self, is_trusted: Callable[[str], bool], trust_mode: str):
         self.is_trusted = is_trusted
@@ -197,8 +212,8 @@ class TrustMeResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = req.context.caller
-        resp.media = {"node_id": caller, "trusted": self.is_trusted(caller),
-                      "trust_mode": self.trust_mode}
+        send(resp, TrustMe(node_id=caller, trusted=self.is_trusted(caller),
+                           trust_mode=self.trust_mode))
 
 
 class TrustJoinResource:
@@ -208,11 +223,11 @@ class TrustJoinResource:
         "tags": ["signed"],
         "requestBody": {"content": {"application/json": {
             "schema": schema_ref(JoinRequest)}}},
-        "responses": {"200": {"description": "{trusted: true, node: this host's record}"},
+        "responses": {"200": json_answer(JoinAnswer, "trusted, and this host's record"),
                       "403": {"description": "the invite is unknown, used or expired"}},
     }}
 
-    def __init__(self, join: Callable[[str, str, Any], dict[str, Any]]):
+    def __init__(self, join: Callable[[str, str, Any], JoinAnswer]):
         self.join = join
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
@@ -221,7 +236,7 @@ class TrustJoinResource:
         except WireError:
             raise falcon.HTTPBadRequest(title="Invalid join",
                                         description="Expected {\"secret\": \"...\"}.") from None
-        resp.media = self.join(req.context.caller, join.secret, join.record)
+        send(resp, self.join(req.context.caller, join.secret, join.record))
 
 
 class PeersResource:
@@ -233,21 +248,22 @@ class PeersResource:
                 "parameters": [{"name": "since", "in": "query", "required": False,
                                 "schema": {"type": "string"},
                                 "description": "the cursor of an earlier answer"}],
-                "responses": {"200": _json_body(ExchangeAnswer, "records changed since the "
-                                                                "cursor, the next cursor"),
+                "responses": {"200": json_answer(ExchangeAnswer, "records changed since the "
+                                                                 "cursor, the next cursor"),
                               "304": {"description": "nothing changed (If-None-Match)"},
                               "400": {"description": "since is not a cursor"}}},
         "post": {"summary": "Exchange tables: send your record, get what changed",
                  "tags": ["open"],
                  "requestBody": {"content": {"application/json": {
                      "schema": schema_ref(ExchangeRequest)}}},
-                 "responses": {"200": _json_body(ExchangeAnswer, "records changed since the "
-                                                                 "cursor, the next cursor, "
-                                                                 "this node's record if newer"),
+                 "responses": {"200": json_answer(ExchangeAnswer, "records changed since the "
+                                                                  "cursor, the next cursor, "
+                                                                  "this node's record if "
+                                                                  "newer"),
                                "400": {"description": "malformed exchange"}}},
     }
 
-    def __init__(self, exchange: Callable[..., dict[str, Any]], etag: Callable[[], str]):
+    def __init__(self, exchange: Callable[..., ExchangeAnswer], etag: Callable[[], str]):
         self.exchange = exchange
         self.etag = etag
 
@@ -258,12 +274,12 @@ class PeersResource:
             resp.status = falcon.HTTP_304
             resp.etag = etag
             return
-        resp.media = self.exchange({"since": since})
+        send(resp, self.exchange({"since": since}))
         if since is None:
             resp.etag = etag
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self.exchange(read_json(req), req.remote_addr)
+        send(resp, self.exchange(read_json(req), req.remote_addr))
 
 
 def _ssh_host(req: falcon.Request) -> str:
@@ -272,12 +288,10 @@ def _ssh_host(req: falcon.Request) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def lease_reply(lease: Lease, req: falcon.Request) -> dict[str, Any]:
+def lease_reply(lease: Lease, req: falcon.Request) -> ContainerReply:
     """The container as ``wire.ContainerReply`` says it, for the caller that reached us at
     ``req.host``."""
-    reply: dict[str, Any] = to_builtins(lease.reply(_ssh_host(req).strip("[]"),
-                                                    req.context.node_id))
-    return reply
+    return lease.reply(_ssh_host(req).strip("[]"), req.context.node_id)
 
 
 class ContainersResource:
@@ -287,10 +301,10 @@ class ContainersResource:
                  "tags": ["signed"],
                  "requestBody": {"content": {"application/json": {
                      "schema": schema_ref(ContainerRequest)}}},
-                 "responses": {"201": _json_body(ContainerReply,
-                                                 "the container: id, ports, ssh, and direct "
-                                                 "(published on the host's addresses, or on "
-                                                 "loopback only)"),
+                 "responses": {"201": json_answer(ContainerReply,
+                                                  "the container: id, ports, ssh, and direct "
+                                                  "(published on the host's addresses, or on "
+                                                  "loopback only)"),
                                "409": {"description": "a GPU was asked for; there is none, "
                                                       "or those asked for are held"},
                                "422": {"description": "over a limit, an image not offered, "
@@ -300,7 +314,7 @@ class ContainersResource:
                                "507": {"description": "this host's disk for containers is "
                                                       "low"}}},
         "get": {"summary": "The caller's containers here", "tags": ["signed"],
-                "responses": {"200": _json_body(ContainerList, "the caller's containers")}},
+                "responses": {"200": json_answer(ContainerList, "the caller's containers")}},
     }
 
     def __init__(self, service: Callable[[], ContainerService]):
@@ -310,20 +324,20 @@ class ContainersResource:
         request = parse_request(read_json(req))
         lease = self.service().create(req.context.caller, request)
         resp.status = falcon.HTTP_201
-        resp.media = lease_reply(lease, req)
+        send(resp, lease_reply(lease, req))
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         leases = self.service().list_leases(req.context.caller)
-        resp.media = {"containers": [lease_reply(lease, req) for lease in leases]}  # ContainerList
+        send(resp, ContainerList([lease_reply(lease, req) for lease in leases]))
 
 
 class ContainerResource:
     AUTH = {"get": "signed", "delete": "signed"}
     OPENAPI = {"get": {"summary": "One of the caller's containers", "tags": ["signed"],
-                       "responses": {"200": _json_body(ContainerReply, "the container")}},
+                       "responses": {"200": json_answer(ContainerReply, "the container")}},
                "delete": {"summary": "Stop and remove one of the caller's containers",
                           "tags": ["signed"],
-                          "responses": {"200": _json_body(Removed, "its id")}}}
+                          "responses": {"200": json_answer(Removed, "its id")}}}
 
     def __init__(self, service: Callable[[], ContainerService]):
         self.service = service
@@ -331,8 +345,8 @@ class ContainerResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response, container_id: str) -> None:
         lease = self.service().find(container_id, req.context.caller)
         [lease] = [x for x in self.service().list_leases(lease.owner) if x.id == lease.id]
-        resp.media = lease_reply(lease, req)
+        send(resp, lease_reply(lease, req))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, container_id: str) -> None:
         lease = self.service().remove(container_id, req.context.caller)
-        resp.media = {"removed": lease.id}
+        send(resp, Removed(lease.id))

@@ -9,7 +9,6 @@ import select
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
 
 import falcon
 
@@ -21,8 +20,10 @@ from p2prc_core.intake import source_prefix
 from p2prc_core.models import Address
 from p2prc_core.relayhub import RelayHub, RelayRefusal
 from p2prc_core.server.bodies import read_json
+from p2prc_core.server.resources import json_answer, send
 from p2prc_core.server.upgrade import Held, Share, serving, switch, wants_upgrade
 from p2prc_core.splice import no_delay, splice
+from p2prc_core.wire import ReachAnswer, RelayWait
 
 log = logging.getLogger("p2prc.server")
 
@@ -100,7 +101,8 @@ class RelayWaitResource:
     OPENAPI = {"get": {
         "summary": "Relay: wait (long poll) for a client that wants to reach the caller",
         "tags": ["signed"],
-        "responses": {"200": {"description": "{token}: accept it with POST /v1/relay/accept"},
+        "responses": {"200": json_answer(RelayWait, "the token: accept the client with "
+                                                    "POST /v1/relay/accept"),
                       "204": {"description": "no client came; poll again"},
                       "429": {"description": "the caller already waits here twice, or its "
                                              "network holds as many polls as it may (a node "
@@ -139,7 +141,7 @@ class RelayWaitResource:
         if token is None:
             resp.status = falcon.HTTP_204
             return
-        resp.media = {"token": token}
+        send(resp, RelayWait(token))
 
     def _strangers(self, req: falcon.Request) -> list[Share]:
         """The limits on a node the relay does not trust (``relay_open``): keys are free, so
@@ -280,7 +282,8 @@ class ReachCheckResource:
             "type": "object", "required": ["port"],
             "properties": {"port": {"type": "integer", "minimum": 1, "maximum": 65535}},
             "additionalProperties": False}}}},
-        "responses": {"200": {"description": "{reachable, address, error}"},
+        "responses": {"200": json_answer(ReachAnswer, "whether the caller's server "
+                                                      "answered there as itself"),
                       "403": {"description": "the request came through a relay or from this "
                                              "machine: nothing to dial back"},
                       "503": {"description": "too many dial-backs at once; try again"}},
@@ -316,25 +319,23 @@ class ReachCheckResource:
                                                    "dial back.")
         release = self.held.acquire("a dial-back")
         try:
-            resp.media = dial_back(ip, port, req.context.caller, self.secure, self.timeout)
+            send(resp, dial_back(ip, port, req.context.caller, self.secure, self.timeout))
         finally:
             release()
 
 
 def dial_back(ip: str, port: int, node_id: str, secure: bool, timeout: float
-              ) -> dict[str, Any]:
+              ) -> ReachAnswer:
+    """Dial ``ip``:``port`` once, and say whether ``node_id``'s server answered there."""
     where = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-    answer: dict[str, Any] = {"reachable": False, "address": where, "error": None}
     try:
         with socket.create_connection((ip, port), timeout=timeout) as sock:
-            if secure:
-                with tls.client_context().wrap_socket(sock) as wrapped:
-                    presented = tls.check_peer(wrapped, node_id, where)
-                    answer["reachable"] = presented == node_id
-            else:
-                answer["reachable"] = True
+            if not secure:
+                return ReachAnswer(reachable=True, address=where)
+            with tls.client_context().wrap_socket(sock) as wrapped:
+                presented = tls.check_peer(wrapped, node_id, where)
+                return ReachAnswer(reachable=presented == node_id, address=where)
     except (OSError, ssl.SSLError, ValueError) as err:
-        answer["error"] = str(err)[:200] or type(err).__name__
+        return ReachAnswer(False, where, str(err)[:200] or type(err).__name__)
     except Exception as err:  # noqa: BLE001 - another node answered there, say so
-        answer["error"] = str(err)[:200]
-    return answer
+        return ReachAnswer(False, where, str(err)[:200])
