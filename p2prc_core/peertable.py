@@ -322,10 +322,8 @@ class PeerTable:
             over = set(fresh[granted:])  # over the source's allowance: not even verified
             usable = [r for r in usable if r["node_id"] not in over]
         # Each record verified once, here (those held already need no crypto).
-        forged: Counter[str] = Counter()
-        if not verified:
-            usable, forged = verified_records(
-                usable, {node_id: entry.record for node_id, entry in state.peers.items()})
+        usable, forged = (usable, Counter[str]()) if verified else verified_records(
+            usable, {node_id: entry.record for node_id, entry in state.peers.items()})
         if allowed:
             # Only records that verify may push out others (a copied signature must not).
             genuine = list(dict.fromkeys(r["node_id"] for r in usable
