@@ -7,7 +7,8 @@
 >>> print(box.run("nvidia-smi -L").stdout)
 >>> box.remove()
 
-Errors are ``p2prc.P2PRCError`` (``PeerError`` where a peer cannot be reached or refuses),
+Errors are ``p2prc.P2PRCError`` (``PeerError`` where a peer cannot be reached or refuses;
+``Refusal`` where what you asked is refused before anything is sent, as a malformed touch),
 with the messages the command line prints. See docs/python.md.
 """
 
@@ -21,7 +22,7 @@ from p2prc.api import (
     Run,
 )
 from p2prc_core import __version__
-from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
+from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal
 
 __all__ = ["CommandResult", "Container", "HostRun", "Node", "P2PRCError", "Peer", "PeerError",
-           "PeerRefused", "Peers", "Run", "__version__"]
+           "PeerRefused", "Peers", "Refusal", "Run", "__version__"]

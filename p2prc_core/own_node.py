@@ -195,7 +195,8 @@ class OwnNode:
                 (self.settings.port, self.settings.host):
             return self.settings
         return dataclasses.replace(self.settings, port=running.port,
-                                   host=running.host or self.settings.host)
+                                   host=running.host if running.host is not None
+                                   else self.settings.host)
 
     # -- the signed record ---------------------------------------------------------------------
 
