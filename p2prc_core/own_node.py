@@ -40,6 +40,13 @@ class TimedCache:
         """Produce the value again on the next ``get``."""
         self._stamp = float("-inf")
 
+    def refresh(self) -> Any:
+        """Produce the value now (waiting for a refresh under way), and keep it."""
+        with self._lock:
+            self._value = self._produce()
+            self._stamp = time.monotonic()
+            return self._value
+
     def get(self) -> Any:
         if time.monotonic() - self._stamp < self._ttl:
             return self._value
@@ -114,7 +121,6 @@ class OwnNode:
         self.gpu_holders = gpu_holders
         self._specs = TimedCache(self._collect_specs, settings.specs_cache_seconds)
         self._record = TimedCache(self._build_record, RECORD_SECONDS)
-        self._reach_stamp: object = None
         self.serving = False  # this process is the node's server (see announce_server)
 
     # -- specs ---------------------------------------------------------------------------------
@@ -200,20 +206,25 @@ class OwnNode:
 
     # -- the signed record ---------------------------------------------------------------------
 
-    def _build_record(self) -> dict[str, Any]:
+    def _stamp(self) -> tuple[int, int | None]:
+        """What the record depends on besides time: how others reach this node (the mtime
+        of ``reach.json``) and how many GPUs are free."""
+        return ReachState(self.home).stamp(), self.free_gpus() if self.gpus() else None
+
+    def _build_record(self) -> tuple[tuple[int, int | None], dict[str, Any]]:
+        stamp = self._stamp()  # taken before what it stands for is read
         fields = record_fields(self.served_settings, self.hooks, self.specs(), __version__,
                                ReachState(self.home).read())
         if self.gpus():
             fields["specs"]["gpus_free"] = self.free_gpus()
-        return RecordPublisher(self.home, self._identity()).current(fields)
+        return stamp, RecordPublisher(self.home, self._identity()).current(fields)
 
     def record(self) -> dict[str, Any]:
         """This node's signed record, as its server serves it (built again at once when
         the server learnt a new way to reach it, a relay or a mapped port, and when a GPU
-        was taken or freed)."""
-        stamp = (ReachState(self.home).stamp(), self.free_gpus() if self.gpus() else None)
-        if stamp != self._reach_stamp:
-            self._reach_stamp = stamp
-            self._record.clear()
-        record: dict[str, Any] = self._record.get()
+        was taken or freed: a record built from what was true before is never served
+        after)."""
+        built, record = self._record.get()
+        if built != self._stamp():
+            built, record = self._record.refresh()
         return record

@@ -35,3 +35,31 @@ def test_a_damaged_server_file_names_no_server(services: NodeServices, written: 
     (services.home / "server.json").write_text(json.dumps(written))
     assert services.own.running_server() is None
     assert services.own.served_settings.port == 8088 and not services.own.publishes()
+
+
+def test_a_record_built_before_the_node_moved_is_never_served_after(
+        services: NodeServices) -> None:
+    """The record names the relay the node waits at. One built from reach.json as it was
+    (another thread still building it when the relay changed) is built again, not kept."""
+    import threading
+
+    from p2prc_core.reach_state import ReachState
+
+    relay = "b" * 26 + "@192.0.2.9:8088"
+    assert "relays" not in services.own.record()
+    cache = services.own._record
+    stale = threading.Event()
+
+    def build_slowly() -> None:  # holds the cache's lock, as a refresh under way does
+        with cache._lock:
+            ReachState(services.home).update(relay=relay)
+            stale.set()
+            threading.Event().wait(0.2)  # how long the build takes: any length shows it
+
+    builder = threading.Thread(target=build_slowly)
+    builder.start()
+    stale.wait(5)
+    try:
+        assert services.own.record().get("relays") == [relay]
+    finally:
+        builder.join()
