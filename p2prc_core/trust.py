@@ -97,6 +97,17 @@ class TrustStore:
 
         return update_json(self.path, add)
 
+    def rename(self, node_id: str, name: str) -> bool:
+        """Trust ``node_id`` under ``name`` from now on; False if it is not trusted here."""
+        def rename(data: dict[str, Any]) -> bool:
+            entry = data.get(node_id)
+            if not isinstance(entry, dict):
+                return False
+            entry["name"] = name
+            return True
+
+        return update_json(self.path, rename)
+
     def remove(self, node_id: str) -> bool:
         return update_json(self.path, lambda data: data.pop(node_id, None) is not None)
 

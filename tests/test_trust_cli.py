@@ -39,6 +39,9 @@ def test_trust_untrust_and_list(tmp_path: Path) -> None:
     assert "already trusted" in p2prc(tmp_path, "trust", friend).stdout
     listed = json.loads(p2prc(tmp_path, "trust", "--json").stdout)
     assert listed[friend]["name"] == "bob" and listed[friend]["via"] == "trust"
+    renamed = p2prc(tmp_path, "trust", friend, "--name", "robert")  # a rename, not dropped
+    assert "now named 'robert'" in renamed.stdout
+    assert json.loads(p2prc(tmp_path, "trust", "--json").stdout)[friend]["name"] == "robert"
     assert friend in p2prc(tmp_path, "trust").stdout
     assert p2prc(tmp_path, "untrust", friend).returncode == 0
     again = p2prc(tmp_path, "untrust", friend)

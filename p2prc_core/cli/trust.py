@@ -41,7 +41,7 @@ def show_id(node: CliContext, as_json: bool) -> None:
 @pass_node
 def trust(node: CliContext, node_id: str | None, name: str, as_json: bool) -> None:
     """Let NODE (a node id, or a peer's name from the table) run work here; with no NODE,
-    list the nodes trusted here."""
+    list the nodes trusted here. With --name, a node trusted already is renamed."""
     store = node.services.trust
     if node_id is None:
         trusted = store.all()
@@ -59,6 +59,8 @@ def trust(node: CliContext, node_id: str | None, name: str, as_json: bool) -> No
     shown = resolved if resolved == node_id.strip().lower() else f"{node_id} ({resolved})"
     if store.add(resolved, name=name, via="trust"):
         click.echo(f"trusted {shown}: it can now start work on this node")
+    elif name and store.rename(resolved, name):
+        click.echo(f"{shown} was already trusted; it is now named {name!r}")
     else:
         click.echo(f"{shown} was already trusted")
 
@@ -88,7 +90,9 @@ def untrust(node: CliContext, node_id: str) -> None:
 @pass_node
 def invite(node: CliContext, ttl: int, addresses: tuple[str, ...], port: int | None,
            as_json: bool) -> None:
-    """Print a one-time token that lets a friend join: they trust you, you trust them."""
+    """Print a one-time token for a friend: 'p2prc join TOKEN' on their machine makes them
+    trusted here (they can start work on this node) and puts each node in the other's table.
+    It does not make you trusted on theirs: for that, they invite you."""
     offer = node.services.invites.create(ttl, list(addresses), port)
     token = offer.token()
     if as_json:
