@@ -33,6 +33,7 @@ from p2prc_core.errors import PeerError, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.signing import sign_request
+from p2prc_core.text import seconds_text
 from p2prc_core.upgrade_client import upgrade_sync
 
 # The endpoint, the node id it presented, and the IP address actually connected to.
@@ -257,7 +258,7 @@ class Deadline:
 
     def expired(self, where: object) -> PeerError:
         """The one-line error of a request to ``where`` whose time ran out."""
-        seconds = f"{round(self.seconds, 1):g} s"
+        seconds = seconds_text(self.seconds)
         if not self.received:
             return PeerError(f"{where} did not answer within {seconds}")
         return PeerError(f"{where} did not finish its answer within {seconds} (it sent it too "

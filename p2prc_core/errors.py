@@ -3,6 +3,8 @@ to them."""
 
 from __future__ import annotations
 
+from p2prc_core.text import seconds_text
+
 
 class P2PRCError(Exception):
     """Base of every error p2prc reports to a user; the message says what to do next."""
@@ -41,7 +43,7 @@ def unreachable(where: object, err: BaseException, timeout: float | None) -> Pee
     import httpcore
     import httpx
 
-    wait = f"{timeout:g} s" if timeout is not None else "the time allowed"
+    wait = seconds_text(timeout) if timeout is not None else "the time allowed"
     if isinstance(err, httpx.TimeoutException | httpcore.TimeoutException | TimeoutError):
         return PeerError(f"{where} did not answer within {wait}")
     if isinstance(err, httpx.ConnectError | httpcore.ConnectError | OSError) and \

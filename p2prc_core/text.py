@@ -92,3 +92,8 @@ def did_you_mean(text: str, choices: list[str]) -> str:
 
     near = difflib.get_close_matches(text, [c for c in choices if c], n=1, cutoff=0.6)
     return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def seconds_text(seconds: float) -> str:
+    """A wait as an error line says it: ``5 s``, ``0.5 s`` (to a tenth, never 4.98379 s)."""
+    return f"{round(seconds, 1):g} s"

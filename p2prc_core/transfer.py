@@ -17,7 +17,7 @@ from typing import Any
 from p2prc_core.channel import Channel
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import Endpoint, loads_strict
-from p2prc_core.text import clean
+from p2prc_core.text import clean, seconds_text
 
 Progress = Callable[[int], None]
 _BUFFER = 4 << 20
@@ -52,8 +52,8 @@ def _read_head(sock: socket.socket, endpoint: Endpoint, timeout: float) -> _Resp
     while b"\r\n\r\n" not in data:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise PeerError(f"{endpoint} did not finish its answer within {timeout:g} s (it "
-                            f"sent it too slowly)")
+            raise PeerError(f"{endpoint} did not finish its answer within "
+                            f"{seconds_text(timeout)} (it sent it too slowly)")
         sock.settimeout(min(timeout, left))
         block = sock.recv(_MAX_HEAD)
         if not block:

@@ -13,7 +13,7 @@ import h11
 
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.models import loads_strict
-from p2prc_core.text import clean
+from p2prc_core.text import clean, seconds_text
 from p2prc_core.wire import STREAM_PROTOCOL
 
 _MAX_ANSWER = 64 << 10
@@ -83,7 +83,7 @@ def upgrade_sync(read: Callable[[], bytes], write: Callable[[bytes], None], wher
 
     def read_in_time() -> bytes:
         if time.monotonic() > deadline:
-            raise PeerError(f"{where} did not finish its answer within {timeout:g} s")
+            raise PeerError(f"{where} did not finish its answer within {seconds_text(timeout)}")
         return read()
 
     return _interpret(conn, where, read_in_time)
@@ -111,8 +111,8 @@ async def upgrade_async(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
                             _complete(bytes(buffered)):
                         break
     except TimeoutError:
-        raise PeerError(f"{where} did not finish its answer within {timeout:g} s (it sent "
-                        f"it too slowly, or not at all)") from None
+        raise PeerError(f"{where} did not finish its answer within {seconds_text(timeout)} "
+                        f"(it sent it too slowly, or not at all)") from None
     pending = [bytes(buffered)]
 
     def feed() -> bytes:

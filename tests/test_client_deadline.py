@@ -208,3 +208,11 @@ def test_a_tunnels_upgrade_answer_is_bounded_as_a_whole(dripper: DrippingPeer) -
     with pytest.raises(PeerError, match="did not finish its answer within 2 s"):
         asyncio.run(attempt())
     assert time.monotonic() - started < TIMEOUT + MARGIN
+
+
+def test_a_wait_in_an_error_line_is_said_to_a_tenth_of_a_second() -> None:
+    """What is left of a deadline is rarely round: '4.98379 s' reads as noise."""
+    from p2prc_core.errors import unreachable
+
+    assert str(unreachable("peer", TimeoutError(), 4.98379)) == "peer did not answer within 5 s"
+    assert str(unreachable("peer", TimeoutError(), 0.5)) == "peer did not answer within 0.5 s"
