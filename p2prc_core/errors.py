@@ -50,7 +50,10 @@ def unreachable(where: object, err: BaseException, timeout: float | None) -> Pee
             not isinstance(err, ConnectionResetError | BrokenPipeError):
         reason = (err.strerror if isinstance(err, OSError) else None) or \
             str(err).split("] ")[-1] or "connection failed"
-        return PeerError(f"cannot reach {where}: {reason} (is 'p2prc server' running there?)")
+        # Only a refused connection means nothing listens there; an unreachable network or
+        # host is the path's fault, and the hint would mislead.
+        hint = " (is 'p2prc server' running there?)" if "refused" in reason.lower() else ""
+        return PeerError(f"cannot reach {where}: {reason}{hint}")
     if isinstance(err, httpx.RemoteProtocolError | ConnectionResetError | BrokenPipeError):
         return PeerError(f"{where} broke the connection or is not an HTTP server: {err}")
     return PeerError(f"talking to {where} failed: {err}")

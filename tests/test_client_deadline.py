@@ -216,3 +216,17 @@ def test_a_wait_in_an_error_line_is_said_to_a_tenth_of_a_second() -> None:
 
     assert str(unreachable("peer", TimeoutError(), 4.98379)) == "peer did not answer within 5 s"
     assert str(unreachable("peer", TimeoutError(), 0.5)) == "peer did not answer within 0.5 s"
+
+
+def test_only_a_refused_connection_asks_whether_the_server_runs() -> None:
+    """'Network is unreachable' is the path's fault: no hint that the server may be down."""
+    import errno
+    import os
+
+    from p2prc_core.errors import unreachable
+
+    refused = unreachable("peer", ConnectionRefusedError(errno.ECONNREFUSED,
+                                                         os.strerror(errno.ECONNREFUSED)), 5)
+    assert str(refused).endswith("(is 'p2prc server' running there?)")
+    no_route = unreachable("peer", OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH)), 5)
+    assert str(no_route) == "cannot reach peer: Network is unreachable"
