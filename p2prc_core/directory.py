@@ -5,7 +5,7 @@ peer, and the table as ``peers ls`` shows it."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
@@ -280,6 +280,7 @@ class PeerDirectory:
         self.discovery.bootstrap(self.settings.bootstrap, self.fetch_record)
 
     def forget(self, node_id: str) -> bool:
+        """Drop a peer from the table; False when it held none by that id."""
         return self.table.forget(node_id)
 
     def speedtest(self, peer: str, size: int, download_only: bool = False,
@@ -301,8 +302,3 @@ class PeerDirectory:
         if entry is not None:
             self.table.record_bandwidth(entry.node_id, results[0].mbit_per_second)
         return endpoint, results
-
-    def answering(self) -> Iterator[PeerEntry]:
-        """The peers that answered the last time they were asked."""
-        return (e for e in self.entries().values()
-                if e.measured.failures == 0 and e.measured.last_seen is not None)

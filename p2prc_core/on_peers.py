@@ -69,10 +69,6 @@ class ContainersOnPeers:
         except WireError as err:
             raise Refusal(str(err)) from None
 
-    def find(self, text: str) -> RemoteContainer:
-        """A tracked container by id or unique id prefix (``Tracked.find``)."""
-        return self.tracked.find(text)
-
     def states(self) -> list[tuple[RemoteContainer, str]]:
         """Each tracked container and its state as its host tells (``unreachable`` when the
         host cannot be asked, ``gone`` when it no longer runs it)."""

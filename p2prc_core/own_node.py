@@ -215,8 +215,8 @@ class OwnNode:
         stamp = self._stamp()  # taken before what it stands for is read
         fields = record_fields(self.served_settings, self.hooks, self.specs(), __version__,
                                ReachState(self.home).read())
-        if self.gpus():
-            fields["specs"]["gpus_free"] = self.free_gpus()
+        if stamp[1] is not None:  # this machine has GPUs: how many are free, as stamped
+            fields["specs"]["gpus_free"] = stamp[1]
         return stamp, RecordPublisher(self.home, self._identity()).current(fields)
 
     def record(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from p2prc_core import peertable, records, trust
+from p2prc_core import records, trust
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.peertable import PeerTable
 from p2prc_core.trust import ServerState, TrustError, TrustStore, accept_invite
@@ -27,7 +27,7 @@ def test_a_joiners_record_is_verified_once_and_kept(tmp_path: Path,
     secret, _ = state.create_invite(60)
     calls = []
     real = records.verify_record
-    for module in (records, peertable, trust):  # wherever it is called from
+    for module in (records, trust):  # wherever it is called from
         monkeypatch.setattr(module, "verify_record", lambda r: calls.append(1) or real(r),
                             raising=False)
     name = accept_invite(state, store, table, joiner.node_id, secret, joiner_record(joiner))

@@ -73,7 +73,7 @@ def peers_rm(node: CliContext, peer: str) -> None:
     services = node.services
     entry = services.peers.find(peer)
     node_id = entry.node_id if entry is not None else peer
-    if not services.table.forget(node_id):
+    if not services.peers.forget(node_id):
         raise P2PRCError(f"no peer {peer!r} in the table ('p2prc peers ls' lists them)")
     name = f" {entry.name!r}" if entry is not None and entry.name else ""
     click.echo(f"forgot{name} ({node_id}): a node answering at its addresses is a stranger "
