@@ -13,6 +13,7 @@ The run itself is a runner's (``p2prc_register_runners``; Ansible is built in).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from p2prc_core.errors import P2PRCError
+from p2prc_core.errors import P2PRCError, PeerError
 from p2prc_core.models import Endpoint
 from p2prc_core.my_containers import RemoteContainer, Tracked
-from p2prc_core.storage import atomic_write_json, read_json_file
+from p2prc_core.storage import atomic_write_json, read_json_file, read_json_object, update_json
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -56,17 +57,24 @@ class Bundle:
     ports: int
     variables: dict[str, Any]
     path: Path
+    playbook: str = "site.yml"  # the playbook file in ``path`` that a run starts with
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "ports": self.ports,
                 "variables": self.variables, "path": str(self.path)}
 
 
-def load_bundle(path: Path) -> Bundle:
-    """Read and check a bundle directory. :raises BundleError: with the reason."""
+def load_bundle(path: Path, playbook_file: str = "site.yml",
+                default_name: str | None = None) -> Bundle:
+    """Read and check a bundle directory. With ``default_name`` (a playbook run from its
+    path), ``p2prc.toml`` may be missing: the bundle is then named that, needs no ports and
+    has no variables of its own. :raises BundleError: with the reason."""
     if not path.is_dir():
         raise BundleError(f"{path} is not a directory")
-    manifest, playbook = path / "p2prc.toml", path / "site.yml"
+    manifest, playbook = path / "p2prc.toml", path / playbook_file
+    if default_name is not None and not manifest.exists() and playbook.is_file():
+        _check_playbook(playbook)
+        return Bundle(default_name, "", 0, {}, path, playbook_file)
     for needed in (manifest, playbook):
         if not needed.is_file():
             raise BundleError(f"{path} has no {needed.name}: a bundle needs site.yml and "
@@ -96,7 +104,7 @@ def load_bundle(path: Path) -> Bundle:
     if unknown:
         raise BundleError(f"{manifest}: unknown keys {unknown}")
     _check_playbook(playbook)
-    return Bundle(name, description, ports, variables, path)
+    return Bundle(name, description, ports, variables, path, playbook_file)
 
 
 # What makes Ansible run Python or read settings on this machine: refused in a bundle.
@@ -166,10 +174,13 @@ def _check_playbook(path: Path) -> None:
 
 
 class Playbooks:
-    """Installed bundles: ``$P2PRC_HOME/playbooks/NAME``."""
+    """Installed bundles: ``$P2PRC_HOME/playbooks/NAME``. A bundle added from a folder
+    follows that folder: ``run NAME`` installs it again first when it was edited since
+    (``sources.json`` keeps each folder and what was installed from it)."""
 
     def __init__(self, home: Path):
         self.root = home / "playbooks"
+        self.sources = self.root / ".sources.json"  # name -> {"source", "digest"}
 
     def all(self) -> list[Bundle]:
         if not self.root.is_dir():
@@ -187,7 +198,8 @@ class Playbooks:
         if not _NAME.fullmatch(name) or not path.is_dir():
             names = ", ".join(b.name for b in self.all()) or "none yet"
             raise BundleError(f"no playbook {name!r} (installed: {names}; add one with "
-                              f"'p2prc playbooks add PATH_OR_GIT_URL')")
+                              f"'p2prc playbooks add PATH_OR_GIT_URL', or run a playbook "
+                              f"file or folder by its path: 'p2prc run ./site.yml')")
         return load_bundle(path)
 
     def add(self, source: str, replace: bool = False) -> Bundle:
@@ -200,7 +212,8 @@ class Playbooks:
             raise BundleError(f"{source!r} is not a directory or a git URL")
         with tempfile.TemporaryDirectory(prefix="p2prc-bundle-") as tmp:
             local = Path(source).expanduser()
-            if not local.exists() and _looks_like_git(source):
+            cloned = not local.exists() and _looks_like_git(source)
+            if cloned:
                 local = Path(tmp) / "clone"
                 result = subprocess.run(["git", "clone", "--depth", "1", "--quiet", "--",
                                          source, str(local)], capture_output=True, text=True,
@@ -223,11 +236,108 @@ class Playbooks:
                 staging.rename(target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+            self._follow(bundle.name, None if cloned else local.resolve())
         return load_bundle(target)
 
     def remove(self, name: str) -> None:
         bundle = self.get(name)
         shutil.rmtree(bundle.path)
+        self._follow(name, None)
+
+    def for_run(self, name: str) -> tuple[Bundle, str]:
+        """The bundle ``p2prc run NAME`` runs, and a note for the user (or ""): the folder it
+        was added from when that was edited since (installed again first), else the
+        installed copy (as edited, where it was edited in place).
+
+        :raises BundleError: no such bundle; the edited folder is not a valid bundle now.
+        """
+        bundle = self.get(name)
+        entry = read_json_object(self.sources).get(name)
+        source = Path(entry["source"]) if isinstance(entry, dict) and isinstance(
+            entry.get("source"), str) else None
+        if source is None or not source.is_dir():
+            return bundle, ""
+        recorded = entry.get("digest") if isinstance(entry, dict) else None
+        if folder_digest(source) == recorded:
+            return bundle, ""
+        if folder_digest(bundle.path) != recorded:
+            return bundle, (f"playbook {name}: ran the installed copy, edited in "
+                            f"{bundle.path}; {source} was edited too and is not followed "
+                            f"('p2prc playbooks add --replace {source}' to take it)")
+        edited = load_bundle(source)  # an edit that broke it says so, rather than run the old
+        if edited.name != name:
+            raise BundleError(f"{source} (playbook {name}) now names itself {edited.name!r}: "
+                              f"'p2prc playbooks add {source}' installs it under that name")
+        return self.add(str(source), replace=True), f"playbook {name}: ran as edited in {source}"
+
+    def snapshot(self, path: str, into: Path) -> Bundle:
+        """A playbook file or folder run by its path (``p2prc run ./site.yml``, as
+        ``ansible-playbook site.yml``), copied into ``into`` as ``add`` would copy it.
+        Its folder's ``p2prc.toml``, if any, names it and asks for ports; else it is named
+        after the file (or its folder, for ``site.yml``).
+
+        :raises BundleError: no such file or folder; not a playbook; what ``add`` refuses.
+        """
+        given = Path(path).expanduser()
+        if given.is_file():
+            folder, playbook_file = given.parent, given.name
+        elif given.is_dir():
+            folder, playbook_file = given, "site.yml"
+        else:
+            raise BundleError(f"no playbook {path!r}: no such file or folder here, and no "
+                              f"installed playbook of that name ('p2prc playbooks ls')")
+        stem = Path(playbook_file).stem
+        named = folder.resolve().name if stem == "site" else stem
+        try:
+            _copy_bundle(folder, into, str(folder))
+        except BundleError as err:
+            raise BundleError(f"{err} (a playbook run by its path is copied with its "
+                              f"folder, as 'playbooks add' copies one: give it a folder of "
+                              f"its own)") from None
+        return load_bundle(into, playbook_file, _as_name(named))
+
+    def _follow(self, name: str, source: Path | None) -> None:
+        """Remember the folder a bundle was installed from (None: none to follow)."""
+        digest = folder_digest(self.root / name) if source is not None else None
+
+        def change(sources: dict[str, Any]) -> None:
+            if source is None:
+                sources.pop(name, None)
+            else:
+                sources[name] = {"source": str(source), "digest": digest}
+
+        update_json(self.sources, change)
+
+
+def looks_like_a_path(text: str) -> bool:
+    """Whether ``p2prc run TEXT`` names a playbook file or folder rather than an installed
+    bundle: it has a '/', starts with '.' or '~', or ends in .yml or .yaml."""
+    return "/" in text or os.sep in text or text.startswith((".", "~")) or \
+        text.endswith((".yml", ".yaml"))
+
+
+def _as_name(text: str) -> str:
+    """A bundle name made from a file or folder name."""
+    name = re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-_")[:64]
+    return name if _NAME.fullmatch(name) else "playbook"
+
+
+def folder_digest(path: Path) -> str:
+    """What a bundle folder holds, as one hash: each file's place and bytes, the way
+    ``_copy_bundle`` copies it (no ``.git``, links to files read as those files)."""
+    digest = hashlib.sha256()
+    for directory, folders, files in os.walk(path, followlinks=False):
+        folders[:] = sorted(f for f in folders if f != ".git")
+        for name in sorted(files):
+            file = Path(directory) / name
+            if not file.is_file():
+                continue
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+            try:
+                digest.update(hashlib.sha256(file.read_bytes()).digest())
+            except OSError:
+                digest.update(b"unreadable")
+    return digest.hexdigest()
 
 
 def _copy_bundle(source: Path, target: Path, shown: str) -> None:
@@ -236,12 +346,12 @@ def _copy_bundle(source: Path, target: Path, shown: str) -> None:
     A link to a file inside the bundle is copied as that file; any other link is refused
     (a link to ~/.p2prc/node.key would copy the node key into the bundle).
     """
-    root = source.resolve()
+    root, into = source.resolve(), target.resolve()  # a target inside is not copied
     total = 0
     for directory, folders, files in os.walk(source, followlinks=False):
         here = Path(directory)
         relative = here.relative_to(source)
-        folders[:] = [f for f in folders if f != ".git"]
+        folders[:] = [f for f in folders if f != ".git" and (here / f).resolve() != into]
         for folder in list(folders):
             if (here / folder).is_symlink():
                 raise BundleError(f"{shown}: {relative / folder} is a link to a directory: "
@@ -325,7 +435,8 @@ class Runner(Protocol):
 
     def run(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
             run_dir: Path, on_event: Event, confined: bool = True) -> RunResult:
-        """Run ``bundle`` on every target at once; call ``on_event(host, task, status)`` as
+        """Run ``bundle`` (its playbook file is ``bundle.playbook`` in ``bundle.path``) on
+        every target at once; call ``on_event(host, task, status)`` as
         it goes; return each target's result under its ``name``. ``confined``: keep every
         task on the targets (not this machine), whatever the bundle says; False only when
         the user passed --allow-local."""
@@ -388,23 +499,75 @@ class RunService:
     def run(self, playbook: str, on: list[str], variables: dict[str, Any],
             runner: str = "ansible", on_event: Event | None = None,
             allow_local: bool = False) -> dict[str, Any]:
-        """Run ``playbook`` on the containers and groups named in ``on``; return the run's
-        record. Ports handed to a host that did not succeed are given back. A bundle whose
-        YAML would run anything elsewhere than on the containers (see
-        ``code_outside_the_containers``) runs only with ``allow_local``.
+        """Run ``playbook`` (an installed bundle's name, or the path of a playbook file or
+        folder) on the containers and groups named in ``on``; return the run's record.
+        A container its host no longer runs (or whose host cannot be asked) is not run on:
+        the others are, and it is reported unreachable with the reason. Ports handed to a host
+        that did not succeed are given back. A bundle whose YAML would run anything elsewhere
+        than on the containers (see ``code_outside_the_containers``) runs only with
+        ``allow_local``.
 
-        :raises P2PRCError: an unknown playbook, container, group or runner; no targets; a
-            bundle that reaches outside its containers.
+        :raises P2PRCError: an unknown playbook, container, group or runner; no targets, or
+            none that still runs; a bundle that reaches outside its containers.
         """
-        bundle = self.playbooks.get(playbook)
-        elsewhere = [] if allow_local else code_outside_the_containers(bundle.path)
-        if elsewhere:
-            raise BundleError(f"playbook {bundle.name!r} would run outside its containers ("
-                              + "; ".join(elsewhere[:5])
-                              + (f"; and {len(elsewhere) - 5} more" if len(elsewhere) > 5
-                                 else "")
-                              + "): a bundle is code that runs on this machine; if you trust "
-                                "it, pass --allow-local")
+        with tempfile.TemporaryDirectory(prefix="p2prc-playbook-") as scratch:
+            bundle, origin = self._bundle(playbook, Path(scratch) / "bundle")
+            _refuse_code_elsewhere(bundle, allow_local)
+            containers = self._containers(on)
+            runners = self.runners()
+            if runner not in runners:
+                raise P2PRCError(f"no task runner {runner!r} (have: "
+                                 f"{', '.join(runners) or 'none'})")
+            extravars = {**bundle.variables, **variables}
+            private_key = self.private_key()
+            alive, gone = self._split_gone(containers)
+            handed, newly = self.tracked.reserve_ports(alive, bundle.ports, bundle.name)
+            targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host,
+                                 port=c.ssh_port, user="root", private_key=private_key,
+                                 host_key=c.host_key, ports=handed[c.id],
+                                 proxy_command=self.proxy(c)) for c in alive]
+            event = on_event or (lambda host, task, status: None)
+            started = time.time()
+            try:
+                for target in targets:
+                    event(target.name, "", "waiting")
+                for container in containers:
+                    if container.id in gone:
+                        event(container.short_id, "", "unreachable")
+                run_id, run_dir = self.history.new()
+                result = runners[runner].run(bundle, targets, extravars, run_dir, event,
+                                             confined=not allow_local)
+            except BaseException:
+                self.tracked.release_ports(newly)
+                raise
+        failed = {t.container_id: newly[t.container_id] for t in targets
+                  if result.hosts.get(t.name, HostResult(t.name, "")).status != "ok"}
+        if failed:
+            self.tracked.release_ports(failed)
+        for container in alive:  # where each host's ports can be reached
+            host = result.hosts.get(container.short_id)
+            if host is not None:
+                host.ports = [{**p, "at": Endpoint(container.host, p["external"]).address}
+                              for p in handed[container.id]]
+        result.hosts = {c.short_id: result.hosts.get(c.short_id) or HostResult(
+            c.short_id, c.id, "unreachable", message=gone.get(c.id, "not run")[:400])
+            for c in containers}
+        record = {**record_of(run_id, bundle, result, started, extravars, run_dir), **origin}
+        self.history.save(run_id, record)
+        return record
+
+    def _bundle(self, playbook: str, scratch: Path) -> tuple[Bundle, dict[str, str]]:
+        """The bundle to run, and what the record says of where it came from: ``source``
+        (the path run, or the folder an installed bundle was refreshed from) and ``note``."""
+        if looks_like_a_path(playbook) or (not (self.playbooks.root / playbook).is_dir()
+                                           and Path(playbook).exists()):
+            bundle = self.playbooks.snapshot(playbook, scratch)
+            return bundle, {"source": str(Path(playbook).expanduser().resolve())}
+        bundle, note = self.playbooks.for_run(playbook)
+        return bundle, {"note": note} if note else {}
+
+    def _containers(self, on: list[str]) -> list[RemoteContainer]:
+        """The tracked containers that ``on`` names (ids and groups), each once."""
         containers: list[RemoteContainer] = []
         for name in on:
             for container in self.tracked.resolve(name):
@@ -412,40 +575,53 @@ class RunService:
                     containers.append(container)
         if not containers:
             raise P2PRCError("no containers to run on (an empty group?)")
-        runners = self.runners()
-        if runner not in runners:
-            raise P2PRCError(f"no task runner {runner!r} (have: {', '.join(runners) or 'none'})")
-        extravars = {**bundle.variables, **variables}
-        private_key = self.private_key()
-        self.check_alive(containers)
-        handed, newly = self.tracked.reserve_ports(containers, bundle.ports, bundle.name)
-        targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host,
-                             port=c.ssh_port, user="root", private_key=private_key,
-                             host_key=c.host_key, ports=handed[c.id],
-                             proxy_command=self.proxy(c)) for c in containers]
-        event = on_event or (lambda host, task, status: None)
-        started = time.time()
-        try:
-            for target in targets:
-                event(target.name, "", "waiting")
-            run_id, run_dir = self.history.new()
-            result = runners[runner].run(bundle, targets, extravars, run_dir, event,
-                                         confined=not allow_local)
-        except BaseException:
-            self.tracked.release_ports(newly)
-            raise
-        failed = {t.container_id: newly[t.container_id] for t in targets
-                  if result.hosts.get(t.name, HostResult(t.name, "")).status != "ok"}
-        if failed:
-            self.tracked.release_ports(failed)
-        for container in containers:  # where each host's ports can be reached
-            host = result.hosts.get(container.short_id)
-            if host is not None:
-                host.ports = [{**p, "at": Endpoint(container.host, p["external"]).address}
-                              for p in handed[container.id]]
-        record = record_of(run_id, bundle, result, started, extravars, run_dir)
-        self.history.save(run_id, record)
-        return record
+        return containers
+
+    def _split_gone(self, containers: list[RemoteContainer]
+                    ) -> tuple[list[RemoteContainer], dict[str, str]]:
+        """The containers whose hosts still run them, and why each other one cannot be run
+        on (its host removed it, or cannot be asked): one question per host, and one per
+        container only on a host whose answer named a problem.
+
+        :raises P2PRCError: not one of them can be run on (the first one's reason).
+        """
+        by_host: dict[str, list[RemoteContainer]] = {}
+        for container in containers:
+            by_host.setdefault(container.endpoint, []).append(container)
+        gone: dict[str, str] = {}
+        for members in by_host.values():
+            try:
+                self.check_alive(members)
+                continue
+            except PeerError as err:  # the host itself did not answer
+                gone.update((c.id, str(err)) for c in members)
+                continue
+            except P2PRCError:
+                pass
+            for container in members:
+                try:
+                    self.check_alive([container])
+                except P2PRCError as err:
+                    gone[container.id] = str(err)
+        alive = [c for c in containers if c.id not in gone]
+        if not alive:
+            reasons = [gone[c.id] for c in containers]
+            raise P2PRCError(reasons[0] + (f" (and the other {len(reasons) - 1} cannot be "
+                                           f"run on either)" if len(reasons) > 1 else ""))
+        return alive, gone
+
+
+def _refuse_code_elsewhere(bundle: Bundle, allow_local: bool) -> None:
+    """:raises BundleError: the bundle would run something outside its containers, and the
+    user did not pass --allow-local."""
+    elsewhere = [] if allow_local else code_outside_the_containers(bundle.path)
+    if elsewhere:
+        raise BundleError(f"playbook {bundle.name!r} would run outside its containers ("
+                          + "; ".join(elsewhere[:5])
+                          + (f"; and {len(elsewhere) - 5} more" if len(elsewhere) > 5
+                             else "")
+                          + "): a bundle is code that runs on this machine; if you trust "
+                            "it, pass --allow-local")
 
 
 def record_of(run_id: str, bundle: Bundle, result: RunResult, started: float,

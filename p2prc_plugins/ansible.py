@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -66,7 +67,8 @@ class AnsibleRunner:
             if status and host in result.hosts:
                 task = data.get("task", "")
                 if status in ("failed", "unreachable") and not data.get("ignore_errors"):
-                    result.hosts[host].message = _message(data.get("res", {}))
+                    result.hosts[host].message = _message(data.get("res", {}),
+                                                          str(event.get("stdout") or ""))
                     result.hosts[host].task = str(task)[:200]
                 on_event(host, task, status)
             return True
@@ -78,7 +80,7 @@ class AnsibleRunner:
             # vars, the connection keyword), and the limit drops plays for any other host.
             extravars = {**extravars, "ansible_connection": "ssh"}
         runner = ansible_runner.run(
-            private_data_dir=str(run_dir), project_dir=str(bundle.path), playbook="site.yml",
+            private_data_dir=str(run_dir), project_dir=str(bundle.path), playbook=bundle.playbook,
             inventory=inventory, extravars=extravars, forks=max(1, len(hosts)), quiet=True,
             event_handler=handle, limit=GROUP if confined else None,
             envvars={"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
@@ -103,17 +105,51 @@ class AnsibleRunner:
         return result
 
 
-def _message(res: dict[str, Any]) -> str:
-    """Why a task failed, in a line: its message, and what the command wrote to stderr
-    (Ansible's "non-zero return code" alone says nothing)."""
-    parts = []
-    for key in ("msg", "reason", "stderr"):
-        text = str(res.get(key) or "").strip()
-        if text and text not in parts:
-            parts.append(text.splitlines()[-1] if key == "stderr" else text.splitlines()[0])
-    if isinstance(res.get("rc"), int) and res.get("rc"):
-        parts.insert(1 if parts else 0, f"exit {res['rc']}")
+def _message(res: dict[str, Any], shown: str = "") -> str:
+    """Why a task failed, in one short line, from what Ansible itself said: its message (or,
+    where that is only a summary, such as ansible-core 2.19's "Error executing command.", the
+    cause Ansible printed with it: ``shown`` is the event's output), the exit code, then the
+    last line the module or command wrote to stderr, or the exception it raised."""
+    first = _first_line(res.get("msg")) or _first_line(res.get("reason"))
+    cause = _printed_cause(shown)
+    if cause and (not first or cause.startswith(first.rstrip(".")) and cause != first):
+        first = cause  # "Error executing command: [Errno 2] No such file or directory: ..."
+    parts = [first] if first else []
+    rc = res.get("rc")
+    if isinstance(rc, int) and not isinstance(rc, bool) and rc and f"[Errno {rc}]" not in first:
+        parts.append(f"exit {rc}")  # an errno in the text already says why it did not start
+    for detail in (_last_line(res.get("module_stderr")), _last_line(res.get("stderr")),
+                   _exception_line(res.get("exception"))):
+        if detail and not any(detail in part or part in detail for part in parts):
+            parts.append(detail)
+            break
     return ": ".join(parts)[:400]
+
+
+def _first_line(value: Any) -> str:
+    lines = [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _last_line(value: Any) -> str:
+    lines = [line.strip() for line in str(value or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+_PRINTED = re.compile(r"^\[ERROR\]: Task failed: (?:(?:Module|Action) failed: )?(.+)$", re.M)
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*)(?:Error|Exception|Exit)\b: .+$", re.M)
+
+
+def _printed_cause(shown: str) -> str:
+    """The cause in the line ansible-core (2.19 and later) prints for a failed task."""
+    found = _PRINTED.search(re.sub(r"\x1b\[[0-9;]*m", "", shown))
+    return found.group(1).strip() if found else ""
+
+
+def _exception_line(value: Any) -> str:
+    """The first exception a module's traceback names (the cause, when one was chained)."""
+    found = _EXCEPTION.search(str(value or ""))
+    return found.group(0).strip() if found else ""
 
 
 @hookimpl(trylast=True)

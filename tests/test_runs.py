@@ -34,10 +34,12 @@ class FakeRunner:
         self.calls: list[tuple[str, list[RunTarget], dict[str, Any]]] = []
         self.fail: set[str] = set()
         self.crash: Exception | None = None
+        self.bundles: list[tuple[Bundle, str]] = []  # each bundle, and its playbook as run
 
     def run(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
             run_dir: Path, on_event: Event, confined: bool = True) -> RunResult:
         self.calls.append((bundle.name, targets, extravars))
+        self.bundles.append((bundle, (bundle.path / bundle.playbook).read_text()))
         if self.crash is not None:
             raise self.crash
         result = RunResult()
@@ -178,11 +180,50 @@ def test_what_cannot_run_is_a_clear_error(node: NodeServices, runner: FakeRunner
 
 
 def test_a_container_that_is_gone_is_not_run_on(node: NodeServices, runner: FakeRunner) -> None:
+    """The rest of its group is (as Ansible goes on past an unreachable host); it is
+    reported unreachable with the reason, and the run did not succeed."""
     node.gone = {container(2).id}  # type: ignore[attr-defined]
-    with pytest.raises(P2PRCError, match=f"{container(2).short_id} is gone"):
+    events: list[tuple[str, str, str]] = []
+    record = node.runs.run("http", ["web"], {}, "fake", lambda *event: events.append(event))
+    [(_, targets, _)] = runner.calls
+    assert [t.container_id for t in targets] == [container(1).id]
+    assert not record["succeeded"]
+    assert list(record["hosts"]) == [container(1).short_id, container(2).short_id]
+    assert record["hosts"][container(1).short_id]["status"] == "ok"
+    gone = record["hosts"][container(2).short_id]
+    assert gone["status"] == "unreachable"
+    assert f"{container(2).short_id} is gone" in gone["message"]
+    assert (container(2).short_id, "", "unreachable") in events
+    tracked = node.tracked.containers()
+    assert tracked[container(1).id].used_ports == [42011]
+    assert tracked[container(2).id].used_ports == []  # none handed to what was not run
+    assert node.runs.history.get("last") == record
+    # When none of them runs any more, there is nothing to run: one clear error.
+    node.gone = {container(1).id, container(2).id}  # type: ignore[attr-defined]
+    with pytest.raises(P2PRCError, match=f"{container(1).short_id} is gone.*and the other 1"):
         node.runs.run("http", ["web"], {}, "fake")
-    assert runner.calls == []
-    assert all(c.used_ports == [] for c in node.tracked.containers().values())
+    assert len(runner.calls) == 1
+
+
+def test_a_host_that_cannot_be_asked_marks_its_containers_unreachable(
+        node: NodeServices, runner: FakeRunner) -> None:
+    from p2prc_core.errors import PeerError
+
+    other = RemoteContainer(**{**vars(container(3)), "endpoint": "[fd42::9]:8088"})
+    node.tracked.add(other)
+    asked: list[list[str]] = []
+
+    def check_alive(containers: list[RemoteContainer]) -> None:
+        asked.append([c.id for c in containers])
+        if containers[0].endpoint == other.endpoint:
+            raise PeerError("cannot reach [fd42::9]:8088: Network is unreachable")
+
+    node.runs.check_alive = check_alive
+    record = node.runs.run("http", ["web", other.id], {}, "fake")
+    assert record["hosts"][other.short_id]["status"] == "unreachable"
+    assert "Network is unreachable" in record["hosts"][other.short_id]["message"]
+    assert [t.container_id for t in runner.calls[0][1]] == [container(1).id, container(2).id]
+    assert len(asked) == 2  # one question per host
 
 
 def test_an_empty_group_is_a_clear_error(node: NodeServices) -> None:
@@ -244,3 +285,112 @@ def test_a_container_reply_is_checked_before_it_is_kept() -> None:
                 {"direct": "yes"}, {"direct": 1}):
         with pytest.raises(PeerError, match="not a container"):
             RemoteContainer.from_reply({**good, **bad}, endpoint)
+
+
+PLAIN = "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: echo {word}\n"
+
+
+def test_a_playbook_runs_by_its_path_without_being_added(node: NodeServices, runner: FakeRunner,
+                                                         tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``ansible-playbook deploy.yml``: a file (its folder goes along), or a folder."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "deploy.yml").write_text(PLAIN.format(word="deployed"))
+    monkeypatch.chdir(folder)
+    record = node.runs.run("./deploy.yml", ["web"], {}, "fake")
+    bundle, played = runner.bundles[-1]
+    assert (bundle.name, bundle.playbook, bundle.ports) == ("deploy", "deploy.yml", 0)
+    assert "echo deployed" in played and bundle.path != folder  # a copy, as 'add' makes
+    assert record["succeeded"] and record["playbook"] == "deploy"
+    assert record["source"] == str(folder / "deploy.yml")
+    assert [b.name for b in node.playbooks.all()] == ["http"]  # nothing was installed
+    # A folder with a p2prc.toml is a bundle: its name, ports and variables count.
+    shown = node.runs.run(str(CONTRIB / "http"), [container(1).id], {}, "fake")
+    bundle, _ = runner.bundles[-1]
+    assert (bundle.name, bundle.ports, bundle.variables["message"]) == \
+        ("http", 1, "hello from p2prc")
+    assert shown["source"] == str(CONTRIB / "http")
+    with pytest.raises(P2PRCError, match="no playbook './nothing.yml'"):
+        node.runs.run("./nothing.yml", ["web"], {}, "fake")
+
+
+def test_a_path_run_is_checked_as_an_added_bundle(node: NodeServices, runner: FakeRunner,
+                                                  tmp_path: Path) -> None:
+    folder = tmp_path / "sneaky"
+    folder.mkdir()
+    (folder / "site.yml").write_text("- hosts: localhost\n  tasks: []\n")
+    with pytest.raises(P2PRCError, match="would run outside its containers"):
+        node.runs.run(str(folder / "site.yml"), ["web"], {}, "fake")
+    (folder / "site.yml").write_text(PLAIN.format(word="hi"))
+    (folder / "key").symlink_to(node.home / "node.key")
+    with pytest.raises(P2PRCError, match="links outside the bundle"):
+        node.runs.run(str(folder), ["web"], {}, "fake")
+    assert runner.calls == []
+
+
+def test_an_edited_bundle_runs_as_edited_without_replace(node: NodeServices,
+                                                         runner: FakeRunner,
+                                                         tmp_path: Path) -> None:
+    """A bundle added from a folder follows it: 'run NAME' after an edit there runs the
+    edit (and installs it); an edit of the installed copy runs too, and is never lost."""
+    import shutil
+
+    source = tmp_path / "src" / "web"
+    shutil.copytree(CONTRIB / "twotasks", source)
+    (source / "site.yml").write_text(PLAIN.format(word="first"))
+    node.playbooks.add(str(source))
+    node.runs.run("twotasks", ["web"], {}, "fake")
+    assert "echo first" in runner.bundles[-1][1]
+    (source / "site.yml").write_text(PLAIN.format(word="edited"))
+    record = node.runs.run("twotasks", ["web"], {}, "fake")
+    assert "echo edited" in runner.bundles[-1][1]
+    assert record["note"] == f"playbook twotasks: ran as edited in {source}"
+    installed = node.playbooks.get("twotasks").path / "site.yml"
+    assert "echo edited" in installed.read_text()
+    assert "note" not in node.runs.run("twotasks", ["web"], {}, "fake")  # nothing new
+    # Edited where it is installed: that runs; a later edit of the folder does not undo it.
+    installed.write_text(PLAIN.format(word="by hand"))
+    node.runs.run("twotasks", ["web"], {}, "fake")
+    assert "echo by hand" in runner.bundles[-1][1]
+    (source / "site.yml").write_text(PLAIN.format(word="both"))
+    record = node.runs.run("twotasks", ["web"], {}, "fake")
+    assert "echo by hand" in runner.bundles[-1][1]
+    assert "is not followed" in record["note"] and "--replace" in record["note"]
+    # 'add --replace' takes the folder again, and follows it from then on.
+    node.playbooks.add(str(source), replace=True)
+    (source / "site.yml").write_text("- hosts: [\n")
+    with pytest.raises(P2PRCError, match="not valid YAML"):  # not the old copy, silently
+        node.runs.run("twotasks", ["web"], {}, "fake")
+
+
+@pytest.mark.parametrize("res, shown, said", [
+    # ansible-core 2.19: msg is a summary; the cause is in the line Ansible prints.
+    ({"rc": 2, "stderr": "", "msg": "Error executing command.",
+      "exception": "(traceback unavailable)"},
+     "\x1b[0;31m[ERROR]: Task failed: Module failed: Error executing command: [Errno 2] No "
+     "such file or directory: b'pip3'\x1b[0m\r\nOrigin: site.yml:4:7\r\n",
+     "Error executing command: [Errno 2] No such file or directory: b'pip3'"),
+    # With tracebacks shown (ANSIBLE_DISPLAY_TRACEBACK), the first exception is the cause.
+    ({"rc": 2, "msg": "Error executing command.", "exception":
+      "Traceback (most recent call last):\n  File \"basic.py\"\nFileNotFoundError: [Errno 2] "
+      "No such file or directory: b'pip3'\n\nThe above exception ...\nRuntimeError: x"}, "",
+     "Error executing command.: exit 2: FileNotFoundError: [Errno 2] No such file or "
+     "directory: b'pip3'"),
+    ({"rc": 127, "msg": "non-zero return code", "stderr": "x\n/bin/sh: 1: pip3: not found\n"},
+     "[ERROR]: Task failed: Module failed: non-zero return code",
+     "non-zero return code: exit 127: /bin/sh: 1: pip3: not found"),
+    ({"msg": "MODULE FAILURE\nSee stdout/stderr for the exact error", "rc": 1,
+      "module_stderr": "Traceback\n  File x\nImportError: No module named apt\n"}, "",
+     "MODULE FAILURE: exit 1: ImportError: No module named apt"),
+    ({"msg": "Unable to find any of pip3 to use.  pip needs to be installed."},
+     "[ERROR]: Task failed: Module failed: Unable to find any of pip3 to use.  pip needs to "
+     "be installed.", "Unable to find any of pip3 to use.  pip needs to be installed."),
+    ({"msg": "[Errno 2] No such file or directory: b'pip3'", "rc": 2}, "",  # before 2.19
+     "[Errno 2] No such file or directory: b'pip3'"),
+])
+def test_a_failed_task_says_the_cause_ansible_gave(res: dict[str, Any], shown: str,
+                                                   said: str) -> None:
+    from p2prc_plugins.ansible import _message
+
+    assert _message(res, shown) == said

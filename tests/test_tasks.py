@@ -253,6 +253,62 @@ def test_a_container_that_cannot_be_reached_fails_clearly(tmp_path: Path,
     assert ssh.returncode == 1 and f"{short} is gone from" in ssh.stderr
 
 
+BROKEN = """- hosts: all
+  gather_facts: false
+  tasks:
+    - name: start a program that is not there
+      ansible.builtin.command: /no/such/binary --version
+"""
+
+
+@on_containers
+def test_a_run_by_path_says_why_and_goes_on_past_a_gone_container(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    """Three items at once, on real containers: a playbook run by its path (no 'playbooks
+    add'); the cause Ansible gives for a program that is not there (ansible-core 2.19 says
+    only "Error executing command." in msg); a group member removed on its host is reported
+    unreachable while the other one runs."""
+    me = tmp_path / "me"
+    live, gone = touch(tmp_path, host, 0), touch(tmp_path, host, 0)
+    assert p2prc(me, "group", "create", "pair").returncode == 0
+    assert p2prc(me, "group", "add", "pair", live["id"], gone["id"]).returncode == 0
+    engine.containers.get(gone["id"]).remove(force=True)  # gone behind p2prc's back
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "site.yml").write_text(BROKEN)
+    run = subprocess.run([P2PRC, "run", "./site.yml", "--on", "pair", "--json"], cwd=folder,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "P2PRC_HOME": str(me)})
+    assert run.returncode == 1, run.stdout + run.stderr
+    record = json.loads(run.stdout)
+    assert record["source"] == str(folder / "site.yml")
+    ran = record["hosts"][live["id"][:12]]
+    assert (ran["status"], ran["task"]) == ("failed", "start a program that is not there")
+    cause = "No such file or directory: b'/no/such/binary'"
+    assert cause in ran["message"], ran
+    missing = record["hosts"][gone["id"][:12]]
+    assert missing["status"] == "unreachable" and "is gone" in missing["message"]
+    kept = json.loads(p2prc(me, "runs", "show", record["id"], "--json").stdout)
+    assert cause in kept["hosts"][live["id"][:12]]["message"]
+    # The dashboard's run page says it too.
+    from falcon import testing
+
+    from conftest import BUILTINS
+    from p2prc_core.config import Settings
+    from p2prc_core.plugins import make_plugin_manager
+    from p2prc_core.services import NodeServices
+    from p2prc_ui import Dashboard, create_app
+
+    board = Dashboard(NodeServices(Settings(), me, make_plugin_manager(
+        load_entrypoints=False, plugins=list(BUILTINS))), hosts=("127.0.0.1:8555",))
+    page = testing.TestClient(create_app(board), headers={"Host": "127.0.0.1:8555"}) \
+        .simulate_get(f"/runs/{record['id']}",
+                      headers={"Cookie": f"{board.cookie}={board.token}"})
+    assert page.status_code == 200
+    assert "No such file or directory: b&#39;/no/such/binary&#39;" in page.text
+    assert "is gone" in page.text
+
+
 def test_running_on_nothing_known_is_a_clear_error(tmp_path: Path) -> None:
     home = tmp_path / "home"
     p2prc(home, "playbooks", "add", str(CONTRIB / "twotasks"))

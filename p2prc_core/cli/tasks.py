@@ -73,7 +73,12 @@ def playbooks_rm(node: CliContext, name: str) -> None:
 def run_playbook(node: CliContext, playbook: str, targets: tuple[str, ...], pairs: tuple[str, ...],
                  runner: str = "ansible", allow_local: bool = False,
                  as_json: bool = False) -> None:
-    """Run a playbook on containers and groups, all at once, with progress per host."""
+    """Run a playbook on containers and groups, all at once, with progress per host.
+
+    PLAYBOOK is an installed bundle's name ('p2prc playbooks ls'), or the path of a playbook
+    file or folder ('./site.yml', as ansible-playbook takes it; no 'playbooks add' needed).
+    A bundle added from a folder runs as that folder is now: edits there need no --replace.
+    A container its host no longer runs is reported unreachable; the others run."""
     progress = RunProgress()
     # Shown from the first event (an error before it is one line, not under a table), and
     # redrawn on each event rather than by a timer thread, which would hold up the end.
@@ -90,6 +95,8 @@ def run_playbook(node: CliContext, playbook: str, targets: tuple[str, ...], pair
                                         runner, on_event, allow_local)
     finally:
         live.stop()
+    if record.get("note"):
+        err_console.print(Text(clean(record["note"])))
     if as_json:
         print_json(record)
     else:
@@ -129,7 +136,8 @@ def _print_run(record: dict[str, Any]) -> None:
                   (f"{h.get('task')}: " if h.get("task") else "") + (h["message"] or "")
                   or "-")
                  for name, h in record["hosts"].items()],
-                title=f"run {record['id']} of {record['playbook']}: "
+                title=f"run {record['id']} of {record['playbook']}"
+                      + (f" ({record['source']})" if record.get("source") else "") + ": "
                       f"{'succeeded' if record['succeeded'] else 'FAILED'}, started "
                       f"{format_when(record.get('started'))}"
                       + (", with " + ", ".join(f"{k}={v}" for k, v in
