@@ -49,11 +49,23 @@ STOPPED = ("exited", "dead", "gone")
 log = logging.getLogger("p2prc.containers")
 
 
-class ContainerError(Refusal):
-    """A container request that cannot be met; ``status`` is its HTTP status."""
+CANNOT_RUN_NOW = "This host cannot run containers now: try another host, or this one later."
 
-    def __init__(self, status: int, title: str, message: str):
+
+class ContainerError(Refusal):
+    """A container request that cannot be met; ``status`` is its HTTP status. ``message``
+    is for this host's owner (the CLI, the server's log); ``for_peers``, when given, is what
+    a peer is answered instead: a host's own fix (and its engine's words) is not theirs."""
+
+    def __init__(self, status: int, title: str, message: str, for_peers: str | None = None):
         super().__init__(message, status, title)
+        self.for_peers = for_peers
+
+
+def cannot_run_now(why: str) -> ContainerError:
+    """This host's engine does not answer: ``why`` (with its fix) is for the host; a peer
+    is told only that this host cannot run containers now (503)."""
+    return ContainerError(503, "Cannot run containers now", why, for_peers=CANNOT_RUN_NOW)
 
 
 def parse_request(body: Any) -> ContainerRequest:

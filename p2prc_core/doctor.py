@@ -4,6 +4,7 @@ each with its fix (``p2prc doctor``)."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -11,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from p2prc_core.addresses import local_addresses
 from p2prc_core.errors import P2PRCError
-from p2prc_core.models import Endpoint
+from p2prc_core.models import Address, Endpoint
 from p2prc_core.own_node import advertised_with_mapping
+from p2prc_core.storage import SERVER_DB
 
 if TYPE_CHECKING:
     from p2prc_core.services import NodeServices
@@ -38,7 +40,7 @@ def node_status(node: NodeServices) -> dict[str, Any]:
     now = time.time()
     reach = _reach_state(node)
     advertised = advertised_with_mapping(s, node.hooks, reach)  # as the record says
-    seen = {a: v for a, v in state.observed.items() if isinstance(v.get("last"), int | float)}
+    seen = seen_by_peers(state.observed, s.allow_loopback)
     answering = [e for e in state.peers.values()
                  if e.measured.failures == 0 and e.measured.last_seen is not None]
     return {
@@ -53,9 +55,26 @@ def node_status(node: NodeServices) -> dict[str, Any]:
                   "never_answered": sum(1 for e in state.peers.values()
                                         if e.measured.last_seen is None)},
         "reach": reach,
-        "containers": _container_state(node), "gpus": [g.get("name") for g in node.own.gpus()
-                                                        if isinstance(g, dict)],
+        "containers": _container_state(node), "on_peers": _on_peers_state(node),
+        "gpus": [g.get("name") for g in node.own.gpus() if isinstance(g, dict)],
         "checked": now}
+
+
+def seen_by_peers(observed: dict[str, dict[str, Any]],
+                  allow_loopback: bool) -> dict[str, dict[str, Any]]:
+    """The addresses peers said they saw this node's requests come from, that say how peers
+    see it: never loopback (a relay hands its streams on over loopback, and a node on this
+    same machine sees it there), unless this node allows loopback (a lab on one machine);
+    never link-local or unspecified."""
+    kept = {}
+    for address, seen in observed.items():
+        try:
+            usable = Address.parse(address).usable(allow_loopback)
+        except ValueError:
+            continue
+        if usable and isinstance(seen.get("last"), int | float):
+            kept[address] = seen
+    return kept
 
 
 def _reach_state(node: NodeServices) -> dict[str, Any]:
@@ -84,39 +103,77 @@ def _server_state(node: NodeServices) -> dict[str, Any]:
     from p2prc_core.client import PeerClient
 
     served = node.own.served_settings  # a server started with --port says where, in server.json
-    host = served.host
-    host = "::1" if host == "::" else "127.0.0.1" if host == "0.0.0.0" else host
-    endpoint = Endpoint(host, served.port, node.identity.node_id)
-    try:
-        with PeerClient(endpoint, timeout=2.0, secure=node.peers.secure) as client:
-            health = client.health()
-        return {"running": True, "at": str(endpoint), "version": health.version,
-                "uptime_seconds": health.uptime_seconds}
-    except P2PRCError as err:
-        return {"running": False, "at": str(endpoint), "why": str(err)}
+    first: dict[str, Any] | None = None
+    for host in own_server_hosts(served.host):
+        endpoint = Endpoint(host, served.port, node.identity.node_id)
+        try:
+            with PeerClient(endpoint, timeout=2.0, secure=node.peers.secure) as client:
+                health = client.health()
+            return {"running": True, "at": str(endpoint), "version": health.version,
+                    "uptime_seconds": health.uptime_seconds}
+        except P2PRCError as err:
+            first = first or {"running": False, "at": str(endpoint), "why": str(err)}
+    assert first is not None
+    return first
+
+
+def own_server_hosts(host: str) -> list[str]:
+    """Where this machine dials its own server bound to ``host``: loopback for a server on
+    every address, IPv6's first and then IPv4's (with IPv6 disabled, ``::1`` is not there
+    while a server bound to ``::`` still serves IPv4)."""
+    if host in ("", "::"):
+        return ["::1", "127.0.0.1"]
+    if host == "0.0.0.0":
+        return ["127.0.0.1"]
+    return [host]
 
 
 def _container_state(node: NodeServices) -> dict[str, Any]:
+    """The containers this node hosts for others (not the user's own: those are on peers).
+    A node that never hosted one is not asked about its engine's."""
+    if not node.own.publishes() and not (
+            (node.home / SERVER_DB).exists() and node.hosting.store.leases()):
+        return {"engine": "not asked", "hosting": False, "running": 0, "leases": 0}
     try:
         leases = node.hosting.service().list_leases()
     except P2PRCError as err:
-        return {"engine": "unavailable", "why": str(err)}
-    return {"engine": "up", "running": sum(1 for lease in leases
-                                           if lease.state == "running"),
+        return {"engine": "unavailable", "hosting": True, "why": str(err)}
+    return {"engine": "up", "hosting": True,
+            "running": sum(1 for lease in leases if lease.state == "running"),
             "leases": len(leases)}
+
+
+def _on_peers_state(node: NodeServices) -> dict[str, Any]:
+    """The containers the user holds on peers (as this client tracks them): how many, on
+    how many hosts; expired ones are left out."""
+    now = time.time()
+    held = [c for c in node.tracked.containers().values() if c.expires > now]
+    return {"containers": len(held),
+            "hosts": len({c.node_id or c.endpoint for c in held})}
 
 
 def diagnose(node: NodeServices) -> list[Check]:
     """Every check, in the order a user would fix them."""
     status = node_status(node)
-    return [_engine(node), _image(node), _server(node, status), _clock(node), _ipv6(),
+    engine = _engine(node)
+    image = _image(node) if engine.result == "ok" else \
+        Check("base image", "skip", "no engine to ask (see the container engine's fix)")
+    return [engine, image, _server(node, status), _clock(node), _ipv6(),
             _reach(node, status), _gpu(node)]
 
 
 def _engine(node: NodeServices) -> Check:
+    """Whether the backend answers; where ``DOCKER_HOST`` sends the engine's client
+    elsewhere, the fix names it (the usual cause when dockerd runs and still no answer)."""
     try:
         node.hosting.backend().containers()
     except P2PRCError as err:
+        docker_host = os.environ.get("DOCKER_HOST")
+        if docker_host and node.settings.backend == "docker":
+            return Check("container engine", "fail", str(err),
+                         f"DOCKER_HOST={docker_host} (in this environment) sends p2prc to "
+                         f"an engine that does not answer: unset DOCKER_HOST, or point it at "
+                         f"a running engine")
         return Check("container engine", "fail", str(err),
                      "as root: bash scripts/docker-engine (installs and starts Debian's "
                      "Docker engine), or start dockerd")
@@ -140,6 +197,11 @@ def _server(node: NodeServices, status: dict[str, Any]) -> Check:
     if server["running"]:
         return Check("server", "ok", f"running at {server['at']}")
     port = node.settings.port
+    own = node.own.running_server()
+    if own is not None:
+        return Check("server", "fail", f"this node's server (pid {own.pid}) runs but does not "
+                                       f"answer at {server['at']}: {server['why']}",
+                     "see its log; stop it (kill its pid) and start it again")
     if _port_taken(port):
         return Check("server", "fail", f"not running, and port {port} is taken by another "
                                        f"program", "p2prc server --port OTHER_PORT")

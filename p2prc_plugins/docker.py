@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ from p2prc_core.containers import (
     BackendContainer,
     ContainerError,
     ContainerSpec,
+    cannot_run_now,
 )
 from p2prc_core.text import human_bytes
 from p2prc_plugins import docker_firewall
@@ -28,6 +31,13 @@ from p2prc_plugins.nvidia_driver import find_driver
 
 IMAGE_DIR = Path(__file__).with_name("image")
 DEFAULT_TAG = "p2prc/base:latest"
+# The base image's contents (the Dockerfile installs the same): sshd, python3 for Ansible,
+# and what users reach for first (pip, curl, git, rsync). Bump IMAGE_VERSION when they
+# change: an image with an older version is built again.
+DEBOOTSTRAP_PACKAGES = ["openssh-server", "python3", "python3-pip", "sudo", "ca-certificates",
+                        "curl", "git", "rsync"]
+IMAGE_VERSION = "2"
+VERSION_LABEL = "org.p2prc.image.version"
 HOST_KEY_MARK = "P2PRC-HOSTKEY "
 SSHD_LISTENING = "Server listening on"  # what sshd -e says once it takes connections
 LISTEN_GRACE = 5.0  # seconds to wait for it after the host key
@@ -35,7 +45,8 @@ LISTEN_GRACE = 5.0  # seconds to wait for it after the host key
 # dropped.
 SSHD_CAPABILITIES = ["CHOWN", "SETUID", "SETGID", "SYS_CHROOT", "NET_BIND_SERVICE", "KILL",
                      "AUDIT_WRITE"]  # AUDIT_WRITE: sshd logs a login on a terminal
-START_HINT = "dockerd is not running: start it (scripts/docker-engine, or 'dockerd &')"
+DEFAULT_ENGINE = "unix:///var/run/docker.sock"  # where the SDK looks without DOCKER_HOST
+START_HINT = "start it: as root, bash scripts/docker-engine (or 'dockerd &')"
 NETWORK = "p2prc"  # every p2prc container's network: no traffic between containers
 BRIDGE = "p2prc0"  # its bridge on the host; nothing from it may open a connection to the host
 log = logging.getLogger("p2prc.docker")
@@ -47,8 +58,56 @@ def _docker() -> Any:
     return docker
 
 
-def _unavailable(err: Exception) -> ContainerError:
-    return ContainerError(503, "Docker unavailable", f"{START_HINT} ({err})")
+def engine_address() -> str:
+    """Where this process asks for the Docker engine: ``DOCKER_HOST``, or its default."""
+    return os.environ.get("DOCKER_HOST") or DEFAULT_ENGINE
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The system error under a docker or requests error (they wrap it in their own errors
+    and tuples of arguments), if there is one."""
+    seen: set[int] = set()
+    todo: list[object] = [err]
+    while todo:
+        found = todo.pop(0)
+        if not isinstance(found, BaseException) or id(found) in seen:
+            continue
+        seen.add(id(found))
+        if isinstance(found, OSError) and found.errno is not None:
+            return found
+        todo.extend([found.__cause__, found.__context__, *found.args])
+    return None
+
+
+def engine_trouble(err: BaseException) -> str:
+    """Why the engine did not answer and what to do, in words for this host's owner (never
+    the exception's tuple): which address was asked, what the system said, the fix."""
+    where = engine_address()
+    cause = _os_error(err)
+    code = cause.errno if cause is not None else None
+    why = {errno.ENOENT: "no such socket", errno.ECONNREFUSED: "nothing listens there",
+           errno.EACCES: "permission denied (run as root, or as a member of the docker group)",
+           errno.EPERM: "permission denied (run as root, or as a member of the docker group)",
+           }.get(code or 0, os.strerror(code) if code else "it did not answer")
+    if os.environ.get("DOCKER_HOST"):
+        fix = (f"DOCKER_HOST points there: unset it, or point it at a running engine (the "
+               f"default is {DEFAULT_ENGINE})")
+    else:
+        fix = START_HINT
+    return f"The Docker engine does not answer at {where} ({why}): {fix}."
+
+
+def _unavailable(err: BaseException) -> ContainerError:
+    """A 503 whose fix is for this host (its log, the CLI); a peer is told only that this
+    host cannot run containers now."""
+    return cannot_run_now(engine_trouble(err))
+
+
+def _gone() -> type[BaseException]:
+    """What the SDK raises when an engine it had answered stops answering."""
+    import requests
+
+    return requests.exceptions.ConnectionError
 
 
 class DockerBackend:
@@ -82,7 +141,8 @@ class DockerBackend:
             ports[f"{port}/tcp"] = [(address, port) for address in addresses]
         options: dict[str, Any] = {
             "image": spec.image, "name": spec.name, "detach": True, "labels": spec.labels,
-            "environment": {"P2PRC_SSH_KEY": spec.ssh_key}, "ports": ports,
+            "environment": {"P2PRC_SSH_KEY": spec.ssh_key, **limits_environment(spec)},
+            "ports": ports,
             "cap_drop": ["ALL"], "cap_add": SSHD_CAPABILITIES,
             "security_opt": ["no-new-privileges:true"], "privileged": False,
             "pids_limit": spec.pids, "mem_limit": spec.memory, "memswap_limit": spec.memory,
@@ -115,7 +175,7 @@ class DockerBackend:
             raise ContainerError(500, "Engine refused",
                                  f"Docker could not start the container: {err.explanation}") \
                 from None
-        except docker.errors.DockerException as err:
+        except (docker.errors.DockerException, _gone()) as err:
             raise _unavailable(err) from None
         try:
             container.start()
@@ -135,7 +195,11 @@ class DockerBackend:
         if floor <= 0:
             return
         if self._root_dir is None:
-            self._root_dir = str(self.client.info().get("DockerRootDir") or "/var/lib/docker")
+            try:
+                info = self.client.info()
+            except _gone() as err:
+                raise _unavailable(err) from None
+            self._root_dir = str(info.get("DockerRootDir") or "/var/lib/docker")
         try:
             stats = os.statvfs(self._root_dir)
         except OSError:
@@ -246,16 +310,21 @@ class DockerBackend:
             raise ContainerError(500, "Engine refused",
                                  f"Docker could not remove {container_id[:12]}: "
                                  f"{err.explanation}") from None
+        except _gone() as err:
+            raise _unavailable(err) from None
 
     def containers(self) -> list[BackendContainer]:
-        found = self.client.containers.list(all=True, filters={"label": f"{LABEL}=1"})
+        try:
+            found = self.client.containers.list(all=True, filters={"label": f"{LABEL}=1"})
+        except _gone() as err:
+            raise _unavailable(err) from None
         return [BackendContainer(c.id, c.status, _image_name(c), dict(c.labels))
                 for c in found]
 
     def images(self) -> list[dict[str, Any]]:
         try:
             found = self.client.images.list()
-        except ContainerError:
+        except (ContainerError, _gone()):
             return []  # no engine: no images, and /v1/images still answers
         return [{"name": tag, "id": image.short_id, "size": image.attrs.get("Size", 0)}
                 for image in found for tag in image.tags]
@@ -322,6 +391,15 @@ class DockerBackend:
         return build_image(tag, from_debootstrap, force, say)
 
 
+def limits_environment(spec: ContainerSpec) -> dict[str, str]:
+    """The limits, where a user looks for them: ``P2PRC_CPUS`` and ``P2PRC_MEMORY`` (bytes),
+    and ``OMP_NUM_THREADS`` (the CPUs, rounded up), which ``nproc``, OpenMP and BLAS honour:
+    without it they see every CPU of the host. The base image hands them to SSH sessions
+    and says them at a login; ``free`` still shows the host's memory."""
+    return {"P2PRC_CPUS": f"{spec.cpus:g}", "P2PRC_MEMORY": str(spec.memory),
+            "OMP_NUM_THREADS": str(max(1, math.ceil(spec.cpus)))}
+
+
 def _image_name(container: Any) -> str:
     tags = container.attrs.get("Config", {}).get("Image")
     return str(tags or "")
@@ -335,14 +413,15 @@ def p2prc_register_backends(register: Callable[[str, Backend], None]) -> None:
 # -- the base image ---------------------------------------------------------------------------
 
 def image_state(client: Any, tag: str) -> str:
-    """"missing", "outdated" (built by an older p2prc: it cannot run with a read-only
-    root), or "current"."""
+    """"missing", "outdated" (built by an older p2prc: without a read-only root, or with
+    older contents than ``IMAGE_VERSION``), or "current"."""
     docker = _docker()
     try:
         labels = client.images.get(tag).labels or {}
     except docker.errors.ImageNotFound:
         return "missing"
-    return "current" if labels.get(READONLY_LABEL) == "1" else "outdated"
+    current = labels.get(READONLY_LABEL) == "1" and labels.get(VERSION_LABEL) == IMAGE_VERSION
+    return "current" if current else "outdated"
 
 
 def build_from_dockerfile(client: Any, tag: str, say: Callable[[str], None]) -> None:
@@ -370,10 +449,12 @@ def build_from_debootstrap(client: Any, tag: str, say: Callable[[str], None],
                              "debootstrap is not installed: apt-get install -y debootstrap")
     with tempfile.TemporaryDirectory(prefix="p2prc-rootfs-") as tmp:
         root = Path(tmp) / "rootfs"
-        say(f"debootstrap {suite} (minbase, openssh-server, python3, sudo): about a minute")
+        say(f"debootstrap {suite} (minbase, {', '.join(DEBOOTSTRAP_PACKAGES)}): a minute "
+            f"or two")
         result = subprocess.run(
-            ["debootstrap", "--variant=minbase", "--include=openssh-server,python3,sudo",
-             suite, str(root)], capture_output=True, text=True)
+            ["debootstrap", "--variant=minbase",
+             f"--include={','.join(DEBOOTSTRAP_PACKAGES)}", suite, str(root)],
+            capture_output=True, text=True)
         if result.returncode != 0:
             raise ContainerError(500, "debootstrap failed", result.stdout[-800:]
                                  + result.stderr[-800:])
@@ -384,7 +465,12 @@ def build_from_debootstrap(client: Any, tag: str, say: Callable[[str], None],
         entry = root / "usr/local/bin/p2prc-entry"
         shutil.copy(IMAGE_DIR / "entrypoint.sh", entry)
         entry.chmod(0o755)
-        shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+        (root / "etc/profile.d").mkdir(parents=True, exist_ok=True)
+        shutil.copy(IMAGE_DIR / "p2prc-limits.sh", root / "etc/profile.d/p2prc-limits.sh")
+        shutil.copy(IMAGE_DIR / "pip.conf", root / "etc/pip.conf")
+        for name in ("etc/profile.d/p2prc-limits.sh", "etc/pip.conf"):
+            (root / name).chmod(0o644)
+        _slim(root)
         (root / "var/lib/apt/lists/partial").mkdir(parents=True)
         archive = Path(tmp) / "rootfs.tar"
         say("packing the root filesystem")
@@ -394,7 +480,24 @@ def build_from_debootstrap(client: Any, tag: str, say: Callable[[str], None],
         client.api.import_image_from_file(
             str(archive), repository=repository, tag=version or "latest",
             changes=['CMD ["/usr/local/bin/p2prc-entry"]', "EXPOSE 22",
-                     f'LABEL org.p2prc.image="base" {READONLY_LABEL}="1"'])
+                     f'LABEL org.p2prc.image="base" {READONLY_LABEL}="1" '
+                     f'{VERSION_LABEL}="{IMAGE_VERSION}"'])
+
+
+def _slim(root: Path) -> None:
+    """Leave out of the image what debian:bookworm-slim leaves out (manuals, docs but their
+    copyright files, translations) and what debootstrap keeps (the downloaded packages, apt's
+    lists and caches): about 140 MB that no container uses."""
+    for place in ("var/lib/apt/lists", "var/cache/apt", "usr/share/man", "usr/share/info",
+                  "usr/share/locale", "usr/share/lintian"):
+        shutil.rmtree(root / place, ignore_errors=True)
+    docs = root / "usr/share/doc"
+    for path in sorted(docs.rglob("*"), reverse=True) if docs.is_dir() else []:
+        if path.is_symlink() or path.is_file():
+            if path.name != "copyright":
+                path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def build_image(tag: str = DEFAULT_TAG, from_debootstrap: bool = False, force: bool = False,
@@ -406,7 +509,7 @@ def build_image(tag: str = DEFAULT_TAG, from_debootstrap: bool = False, force: b
         say(f"{tag} exists already (--force builds it again)")
         return False
     if state == "outdated":
-        say(f"{tag} was built by an older p2prc (no read-only root): building it again")
+        say(f"{tag} was built by an older p2prc: building it again")
     if from_debootstrap:
         build_from_debootstrap(client, tag, say)
     else:

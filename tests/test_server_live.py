@@ -210,7 +210,8 @@ def test_status_says_whether_the_server_runs_and_how_peers_see_this_node(
     assert stopped["server"]["running"] is False and "cannot reach" in stopped["server"]["why"]
     assert p2prc("peers", "add", live_server.peer(), home=me).returncode == 0
     # The peer saw this node's request come from 127.0.0.1, which it does not advertise.
-    env = {**os.environ, "P2PRC_HOME": str(me), "P2PRC_ADVERTISE_ADDRESSES": "2001:db8::77"}
+    env = {**os.environ, "P2PRC_HOME": str(me), "P2PRC_ADVERTISE_ADDRESSES": "2001:db8::77",
+           "P2PRC_ALLOW_LOOPBACK": "true"}  # a lab on one machine: loopback is a view
     seen = json.loads(subprocess.run([P2PRC, "status", "--json"], capture_output=True,
                                      text=True, env=env, timeout=60).stdout)
     assert [o["address"] for o in seen["observed"]] == ["127.0.0.1"]
@@ -226,7 +227,7 @@ def test_doctor_names_each_problem_with_its_fix(tmp_path: Path,
     me = tmp_path / "me"
     assert p2prc("peers", "add", live_server.peer(), home=me).returncode == 0
     env = {**os.environ, "P2PRC_HOME": str(me), "P2PRC_BACKEND": "none",
-           "P2PRC_ADVERTISE_ADDRESSES": "2001:db8::77",
+           "P2PRC_ADVERTISE_ADDRESSES": "2001:db8::77", "P2PRC_ALLOW_LOOPBACK": "true",
            "P2PRC_PORT": str(live_server.port)}  # another node's server holds this port
     result = subprocess.run([P2PRC, "doctor", "--json"], capture_output=True, text=True,
                             env=env, timeout=120)

@@ -45,10 +45,15 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
 def handle_refusal(req: falcon.Request, resp: falcon.Response, ex: Exception,
                    params: dict[str, Any]) -> None:
     """Every ``Refusal`` (a container request that cannot be met, a refused invite, a
-    malformed exchange) is answered with its own status, title and message."""
+    malformed exchange) is answered with its own status, title and message (its
+    ``for_peers`` text where it has one: the host's fix is logged here instead)."""
     status = getattr(ex, "status", 500)
+    for_peers = getattr(ex, "for_peers", None)
+    if isinstance(for_peers, str) and for_peers:
+        # The host's own fix goes to the host's log; the peer hears only what it can use.
+        log.warning("%s %s answered %d: %s", req.method, req.path, status, ex)
     raise falcon.HTTPError(falcon.code_to_http_status(status), title=getattr(ex, "title", ""),
-                           description=str(ex))
+                           description=for_peers or str(ex))
 
 
 def handle_too_slow(req: falcon.Request, resp: falcon.Response, ex: Exception,
