@@ -140,10 +140,12 @@ class PeerClient:
         return self._answer(self._signed_fetch("GET", "/v1/trust/me"), TrustMe,
                             "the trust check")
 
-    def join(self, secret: str, own_record: dict[str, Any] | None) -> JoinAnswer:
-        """Redeem an invite (``wire.JoinAnswer``): its ``node`` is the host's record,
-        verified (``records.verify_record``)."""
-        sent = encode(JoinRequest(secret=secret, record=own_record))
+    def join(self, secret: str, own_record: dict[str, Any] | None,
+             name: str = "") -> JoinAnswer:
+        """Redeem an invite (``wire.JoinAnswer``), suggesting ``name`` to be trusted under
+        ("" for none): its ``node`` is the host's record, verified
+        (``records.verify_record``)."""
+        sent = encode(JoinRequest(secret=secret, record=own_record, name=name))
         answer = self._answer(self._signed_fetch("POST", "/v1/trust/join", sent), JoinAnswer,
                               "the join")
         try:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from p2prc_core.addresses import advertised_addresses, dial_endpoints
+from p2prc_core.addresses import dial_endpoints
 from p2prc_core.config import Settings
 from p2prc_core.directory import PeerDirectory
 from p2prc_core.errors import BadAddress, PeerError, PeerRefused
@@ -15,8 +15,16 @@ from p2prc_core.models import Address, Endpoint
 from p2prc_core.plugins import PluginHooks
 from p2prc_core.text import format_when
 from p2prc_core.tls import NodeMismatch
-from p2prc_core.trust import Invite, ServerState, TrustError, TrustStore, accept_invite
-from p2prc_core.wire import JoinAnswer
+from p2prc_core.trust import (
+    Invite,
+    ServerState,
+    TrustError,
+    TrustStore,
+    accept_invite,
+    checked_name,
+    suggested_name,
+)
+from p2prc_core.wire import JoinAnswer, JoinRequest
 
 
 class Invites:
@@ -37,38 +45,50 @@ class Invites:
         self.publishes = publishes
 
     def create(self, ttl: int, addresses: list[str] | None = None,
-               port: int | None = None) -> Invite:
+               port: int | None = None, name: str = "") -> Invite:
         """A one-time invite to this node, naming its id, where to dial it (``addresses``,
-        or what it advertises) and its port.
+        or what it advertises) and its port. ``name``: what whoever redeems it is trusted
+        under here (their own suggestion does not override it).
 
         :raises BadAddress: an address is not an IP address.
-        :raises TrustError: there is no address a friend could dial.
+        :raises TrustError: there is no address a friend could dial, or the name breaks
+            the rule or is another trusted node's already.
         """
+        name = self.trust.users_name("", name)  # "": the node is not known yet
         try:
+            # else what the record advertises: with the router's mapped address, and
+            # the addresses peers reached this node at
             chosen = [str(Address.parse(a)) for a in addresses] if addresses else \
-                advertised_addresses(self.settings, self.hooks)
+                [a for a in self.own_record().get("addresses", []) if isinstance(a, str)]
         except ValueError as err:
             raise BadAddress(f"--address: {err}") from None
         if not chosen:
             raise TrustError("this node has no address a friend could dial: pass --address")
-        secret, expires = self.state.create_invite(ttl)
+        secret, expires = self.state.create_invite(ttl, name)
         served = self.served()
         return Invite(self.peers.identity.node_id, chosen[:8],
                       port or served.advertise_port or served.port, secret, expires)
 
-    def accept(self, caller: str, secret: str, caller_record: Any) -> JoinAnswer:
-        """The host's side of ``p2prc join``: the caller is trusted from now on."""
-        accept_invite(self.state, self.trust, self.peers.table, caller, secret, caller_record)
+    def accept(self, caller: str, request: JoinRequest) -> JoinAnswer:
+        """The host's side of ``p2prc join``: the caller is trusted from now on, under the
+        invite's name, a name given before, or the one it suggests (``accept_invite``)."""
+        accept_invite(self.state, self.trust, self.peers.table, caller, request.secret,
+                      request.record, request.name)
         return JoinAnswer(trusted=True, node=self.own_record())
 
-    def join(self, token: str) -> tuple[dict[str, Any], Endpoint]:
+    def join(self, token: str, name: str | None = None) -> tuple[dict[str, Any], Endpoint]:
         """Redeem a friend's invite at the first of its addresses that answers: we are
-        trusted there, and its node joins our table. Returns its record and where it was.
+        trusted there, and its node joins our table. ``name``: the name we suggest to be
+        known by there (default: this node's name, made to fit the rule; the host may keep
+        its own). Returns its record and where it was.
 
-        :raises TrustError: the token is damaged or expired, or another node answered.
+        :raises TrustError: the token is damaged or expired, the name breaks the rule, or
+            another node answered.
         :raises PeerError: no address of the inviting node answered.
         """
         offer = Invite.parse(token)
+        suggestion = checked_name(name) if name is not None else \
+            suggested_name(self.settings.display_name)
         if offer.expires < time.time():
             raise TrustError(f"this invite expired at {format_when(offer.expires)}: ask for a "
                              f"new one")
@@ -88,7 +108,7 @@ class Invites:
             endpoint = endpoint.expecting(offer.node_id, named=True)  # pinned on success
             try:
                 with self.peers.client(endpoint) as client:
-                    record = client.join(offer.secret, own).node
+                    record = client.join(offer.secret, own, suggestion).node
             except PeerRefused:
                 raise
             except NodeMismatch as err:

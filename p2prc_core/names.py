@@ -3,13 +3,14 @@ first, then node ids and their unique starts, then the names peers chose themsel
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
-from p2prc_core.errors import P2PRCError, UnknownPeer
+from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, UnknownPeer
 from p2prc_core.identity import is_node_id
-from p2prc_core.models import MIN_PREFIX, looks_like_address
+from p2prc_core.models import MIN_PREFIX, looks_like_address, parse_path
 from p2prc_core.peertable import PeerEntry, PeerTable
-from p2prc_core.text import did_you_mean
+from p2prc_core.text import clean, did_you_mean
 from p2prc_core.trust import TrustStore
 
 
@@ -46,6 +47,32 @@ class PeerNames:
                              f"id, or name one yourself with 'p2prc peers add ADDRESS "
                              f"--name NAME'")
         return named[0] if named else None
+
+    def label(self, node_id: str | None, fallback: str = "") -> str:
+        """What to call a node in a line for people: the user's own name for it (``peers
+        add --name``, then ``trust --name``), else the name it gave itself (made safe to
+        show), else the start of its id; ``fallback`` (an address) when no node is known."""
+        if not node_id:
+            return fallback or "?"
+        entry = self.table.load().get(node_id) if self.table.path.exists() else None
+        if entry is not None and entry.local_name:
+            return entry.local_name
+        trusted = self.trust.names().get(node_id)
+        if trusted:
+            return trusted
+        own = clean(entry.name, 40).strip() if entry is not None else ""
+        return own or node_id[:12]
+
+    def path_text(self, path: str, node_id: str | None) -> str:
+        """How a node is reached, for people: ``at ADDRESS``, or ``through relay NAME`` (the
+        relay by its name, its address left to ``--json``). ``path`` is ``Endpoint.path``."""
+        try:
+            endpoint = parse_path(path, node_id)
+        except ValueError:
+            return f"at {clean(path, 80)}"
+        if endpoint.relay:
+            return f"through relay {self.label(endpoint.relay, endpoint.address)}"
+        return f"at {endpoint.address}"
 
     def known(self) -> list[str]:
         """Every name the table knows: the user's own, and the ones peers gave themselves."""
@@ -84,6 +111,22 @@ class PeerNames:
         names = list(trusted.values()) + self.known()
         raise UnknownPeer(f"no node is known as {text!r}{did_you_mean(text, names)}: give "
                           f"its node id, or a name from 'p2prc trust' or 'p2prc peers ls'")
+
+
+@contextlib.contextmanager
+def errors_named(label: str) -> Iterator[None]:
+    """A ``PeerError`` raised inside names the peer asked (``label``) first, where it named
+    only an address (a relay's, say): ``alice: cannot reach [fd00::2]:8088 (relay): ...``."""
+    try:
+        yield
+    except PeerRefused as err:
+        if label in str(err):
+            raise
+        raise PeerRefused(f"{label}: {err}", err.status) from None
+    except PeerError as err:
+        if label in str(err):
+            raise
+        raise PeerError(f"{label}: {err}") from None
 
 
 def _by_prefix(text: str, node_ids: Mapping[str, object]) -> str | None:

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 import sqlite3
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from p2prc_core.errors import Refusal
 from p2prc_core.identity import b64decode, b64encode, canonical_json, is_node_id
-from p2prc_core.models import loads_strict
+from p2prc_core.models import loads_strict, looks_like_address
 from p2prc_core.peertable import PeerTable
 from p2prc_core.records import RecordError, verify_record
 from p2prc_core.storage import SERVER_DB, SharedDB, read_json_object, update_json
+from p2prc_core.text import clean
+from p2prc_core.wire import JoinRequest
 
 log = logging.getLogger("p2prc.trust")
 
@@ -30,6 +34,43 @@ class TrustError(Refusal):
 
     status = 403
     title = "Invite refused"
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a trusted node (None: it can). One rule for the host's own
+    names and a joiner's suggestion (``wire.JoinRequest.NAME``): one word a terminal and a
+    page show as it is, never a node id or an address (those are looked up as such)."""
+    if not JoinRequest.NAME.fullmatch(name):
+        return JoinRequest.HINTS["name"]
+    if is_node_id(name.lower()) or looks_like_address(name):
+        return "a name may not be a node id or an address"
+    return None
+
+
+def checked_name(name: str) -> str:
+    """A name the user typed, stripped; "" stays "" (no name).
+
+    :raises TrustError: it breaks the rule (``name_problem``).
+    """
+    name = name.strip()
+    problem = name_problem(name) if name else None
+    if problem:
+        raise TrustError(f"{name!r} cannot be a name: {problem}")
+    return name
+
+
+def suggested_name(text: object) -> str:
+    """Free text (a host name, a peer's record name) made into a name that keeps the rule:
+    accents dropped, spaces and dots to '-', anything else left out, cut to length; "" when
+    nothing usable is left. What a peer suggests is never kept as it came."""
+    if not isinstance(text, str):
+        return ""
+    shown = clean(text[:256])  # escape sequences go whole, not as their letters
+    plain = unicodedata.normalize("NFKD", shown).encode("ascii", "ignore").decode()
+    word = re.sub(r"[\s.]+", "-", plain.strip())
+    word = re.sub(r"[^A-Za-z0-9_-]", "", word).lstrip("_-")
+    word = word[:JoinRequest.MAX_NAME].rstrip("_-")
+    return word if word and name_problem(word) is None else ""
 
 
 @dataclass(frozen=True)
@@ -111,6 +152,55 @@ class TrustStore:
     def remove(self, node_id: str) -> bool:
         return update_json(self.path, lambda data: data.pop(node_id, None) is not None)
 
+    def name_for(self, node_id: str, name: str) -> str:
+        """``name`` made unique among the names other trusted nodes have here (letter case
+        aside): ``bob``, else ``bob-2``, ``bob-3``, ...; "" stays ""."""
+        return _unique(name, {t.name for other, t in self.all().items() if other != node_id})
+
+    def users_name(self, node_id: str, name: str) -> str:
+        """A name the user gives ``node_id`` ("" for none: no new node), checked: the rule,
+        and no other node trusted here has it. Returns it stripped.
+
+        :raises TrustError: it breaks the rule or names another node already.
+        """
+        name = checked_name(name)
+        if name and self.name_for(node_id, name) != name:
+            raise TrustError(f"{name!r} already names another node trusted here ('p2prc "
+                             f"trust' lists them): choose another name")
+        return name
+
+    def admit(self, node_id: str, chosen: str, suggested: str) -> str:
+        """Trust ``node_id`` on redeeming an invite. Its name: ``chosen`` (the host's, bound
+        to the invite) wins; else the name the host gave it before; else ``suggested`` (the
+        joiner's), made unique. Returns the name it is trusted under ("" for none)."""
+        def admit(data: dict[str, Any]) -> str:
+            name = _unique(chosen or suggested, {Trusted.from_json(e).name for other, e
+                                                 in data.items() if other != node_id})
+            entry = data.get(node_id)
+            if isinstance(entry, dict):
+                kept = entry.get("name")
+                if chosen or not (isinstance(kept, str) and kept):
+                    entry["name"] = name
+                return str(entry["name"])
+            data[node_id] = {"name": name, "since": int(time.time()), "via": "invite"}
+            return name
+
+        return update_json(self.path, admit)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """``name``, else ``name-2``, ``name-3``, ...: the first that no name in ``taken`` is
+    (letter case aside); "" stays ""."""
+    if not name:
+        return ""
+    lowered = {t.lower() for t in taken}
+    found, count = name, 1
+    while found.lower() in lowered:
+        count += 1
+        tail = f"-{count}"
+        found = name[:JoinRequest.MAX_NAME - len(tail)] + tail
+    return found
+
 
 @dataclass(frozen=True)
 class Invite:
@@ -159,6 +249,8 @@ class ServerState:
         CREATE INDEX IF NOT EXISTS nonces_expires ON nonces (expires);
         CREATE TABLE IF NOT EXISTS invites (secret_hash TEXT PRIMARY KEY,
             created REAL NOT NULL, expires REAL NOT NULL, used_by TEXT, used_at REAL);
+        CREATE TABLE IF NOT EXISTS invite_names (secret_hash TEXT PRIMARY KEY,
+            name TEXT NOT NULL);
     """
 
     def __init__(self, home: Path):
@@ -187,24 +279,33 @@ class ServerState:
             db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
         return True
 
-    def create_invite(self, ttl: float) -> tuple[str, int]:
-        """A new one-time secret; returns it and when it expires."""
+    def create_invite(self, ttl: float, name: str = "") -> tuple[str, int]:
+        """A new one-time secret, binding ``name`` (the host's name for whoever redeems it;
+        "" for none); returns it and when it expires."""
         secret = b64encode(secrets.token_bytes(24))
         now = time.time()
         expires = int(now + ttl)
-        self._db().execute("INSERT INTO invites VALUES (?, ?, ?, NULL, NULL)",
-                           (_secret_hash(secret), now, expires))
+        with self.shared.transaction() as db:
+            db.execute("INSERT INTO invites VALUES (?, ?, ?, NULL, NULL)",
+                       (_secret_hash(secret), now, expires))
+            if name:
+                db.execute("INSERT INTO invite_names VALUES (?, ?)", (_secret_hash(secret), name))
         return secret, expires
 
-    def redeem_invite(self, secret: str, node_id: str) -> None:
-        """Use an invite once. :raises TrustError: unknown, expired or already used."""
+    def redeem_invite(self, secret: str, node_id: str) -> str:
+        """Use an invite once; returns the name it binds ("" for none).
+
+        :raises TrustError: unknown, expired or already used.
+        """
         now = time.time()
         db = self._db()
         changed = db.execute(
             "UPDATE invites SET used_by=?, used_at=? WHERE secret_hash=? AND used_by IS NULL "
             "AND expires >= ?", (node_id, now, _secret_hash(secret), now)).rowcount
         if changed == 1:
-            return
+            bound = db.execute("SELECT name FROM invite_names WHERE secret_hash=?",
+                               (_secret_hash(secret),)).fetchone()
+            return str(bound[0]) if bound else ""
         row = db.execute("SELECT expires, used_by FROM invites WHERE secret_hash=?",
                          (_secret_hash(secret),)).fetchone()
         if row is None:
@@ -222,22 +323,24 @@ class ServerState:
 
 
 def accept_invite(state: ServerState, trust: TrustStore, table: PeerTable, caller: str,
-                  secret: str, caller_record: Any) -> str:
+                  secret: str, caller_record: Any, suggested: str = "") -> str:
     """Redeem an invite for ``caller`` (a verified signer): trust it, and learn its record if
-    it sent a valid one of its own. Returns the name it is trusted under.
+    it sent a valid one of its own. Its name: the one the invite binds, else one the host
+    gave it before, else what it suggests (``suggested``, checked on the wire; else its
+    record's name), cleaned and made unique. Returns the name it is trusted under.
 
     :raises TrustError: the invite is unknown, used or expired.
     """
-    state.redeem_invite(secret, caller)
-    name = ""
+    chosen = state.redeem_invite(secret, caller)
+    record_name = ""
     if caller_record is not None:
         try:
             verify_record(caller_record)
             if caller_record["node_id"] == caller:
-                name = caller_record["name"]
+                record_name = caller_record["name"]
                 table.merge([caller_record], verified=True)  # checked once, just above
         except RecordError as err:
             log.info("join from %s: its record was not kept: %s", caller, err)
-    trust.add(caller, name=name, via="invite")
+    name = trust.admit(caller, chosen, suggested_name(suggested or record_name))
     log.info("node %s (%s) joined with an invite and is now trusted", caller, name or "?")
     return name

@@ -405,13 +405,41 @@ class HostPage:
                 from None
         raise _back(self.board, "/host", "ok", f"Killed {lease.id[:12]}.")
 
+    def on_post_rename(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """A trusted node's name here (the same rule as 'p2prc trust NODE --name')."""
+        node_id, name = _form(req, "id"), _form(req, "name")
+        store = self.board.services.trust
+        try:
+            name = store.users_name(node_id, name)
+            if not store.rename(node_id, name):
+                raise P2PRCError(f"{node_id[:12]} is not trusted here")
+        except P2PRCError as err:
+            raise _back(self.board, "/host", "error", f"Could not rename: {err}") from None
+        raise _back(self.board, "/host", "ok", f"{node_id[:12]} is now named {name}."
+                    if name else f"{node_id[:12]} has no name here now.")
+
+    def on_post_untrust(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Stop trusting a node (as 'p2prc untrust'), asked first."""
+        node_id = _form(req, "id")
+        store = self.board.services.trust
+        shown = store.names().get(node_id) or node_id[:12]
+        if _form(req, "confirmed") != "1":
+            _confirm(self.board, resp, "/host/untrust", node_id, f"Stop trusting {shown}?",
+                     "Its next request here is refused; what it runs here now keeps "
+                     "running until it expires or you kill it.", "Untrust", "/host")
+            return
+        if not store.remove(node_id):
+            raise _back(self.board, "/host", "error", f"{shown} was not trusted here.")
+        raise _back(self.board, "/host", "ok", f"{shown} is no longer trusted here.")
+
     def on_post_invite(self, req: falcon.Request, resp: falcon.Response) -> None:
         from p2prc_core.models import parse_duration
 
         try:
             ttl = parse_duration(_form(req, "ttl") or "24h")
             address = _form(req, "address")
-            offer = self.board.services.invites.create(ttl, [address] if address else None)
+            offer = self.board.services.invites.create(ttl, [address] if address else None,
+                                                       name=_form(req, "name"))
         except (P2PRCError, ValueError) as err:
             raise _back(self.board, "/host", "error", f"No invite: {err}") from None
         token = offer.token()
@@ -553,6 +581,8 @@ def create_app(board: Dashboard) -> falcon.App:
     app.add_route("/host", host)
     app.add_route("/host/kill", host, suffix="kill")
     app.add_route("/host/invite", host, suffix="invite")
+    app.add_route("/host/rename", host, suffix="rename")
+    app.add_route("/host/untrust", host, suffix="untrust")
     app.add_route("/runs", runs)
     app.add_route("/runs/{run_id}", runs, suffix="one")
     app.add_route("/runs/{run_id}/files/{name:path}", runs, suffix="file")

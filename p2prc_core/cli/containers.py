@@ -20,6 +20,7 @@ from p2prc_core.cli.base import (
 )
 from p2prc_core.containers import fingerprint, port_is_free
 from p2prc_core.my_containers import RemoteContainer
+from p2prc_core.names import errors_named
 from p2prc_core.output import err_console, print_json, print_table
 from p2prc_core.text import clean, format_when
 
@@ -53,8 +54,9 @@ def touch(node: CliContext, peer: str, ports: int, gpu: bool | int | list[int] |
         print_json({**container.as_dict(), "published_reachable": published})
         return
     extra = ", ".join(f"{p['external']}" for p in container.extra_ports) or "none"
-    click.echo(f"container {container.short_id} on {container.endpoint}, until "
+    click.echo(f"container {container.short_id} on {host_name(node, container)}, until "
                f"{format_when(container.expires)}")
+    click.echo(f"  reached {host_path(node, container)}")
     click.echo(f"  host key {fingerprint(container.host_key)}")
     if container.gpus:
         click.echo(f"  GPU{'s' if len(container.gpus) > 1 else ''} "
@@ -71,6 +73,17 @@ def touch(node: CliContext, peer: str, ports: int, gpu: bool | int | list[int] |
     else:
         click.echo(f"  published ports on {where}: NOT reachable from here (a firewall or "
                    f"NAT); use 'p2prc ssh' and 'p2prc forward {container.short_id} PORT'")
+
+
+def host_name(node: CliContext, container: RemoteContainer) -> str:
+    """The host of ``container`` as people name it (``PeerNames.label``), not its address:
+    the address, or the relay the traffic went through, is ``host_path``'s."""
+    return node.services.peers.names.label(container.node_id, container.endpoint)
+
+
+def host_path(node: CliContext, container: RemoteContainer) -> str:
+    """How the host of ``container`` is reached: ``at ADDRESS`` or ``through relay R``."""
+    return node.services.peers.names.path_text(container.endpoint, container.node_id)
 
 
 def published_reachable(container: RemoteContainer, timeout: float = 1.0) -> bool:
@@ -98,7 +111,7 @@ def containers_group() -> None:
 @pass_node
 def containers_ls(node: CliContext, as_json: bool = False) -> None:
     """List tracked containers with their live state (asks each host)."""
-    rows = [{**container.as_dict(), "state": state}
+    rows = [{**container.as_dict(), "state": state, "peer": host_name(node, container)}
             for container, state in node.services.on_peers.states()]
     if as_json:
         print_json(rows)
@@ -108,7 +121,7 @@ def containers_ls(node: CliContext, as_json: bool = False) -> None:
         return
     groups = node.services.tracked.groups()
     print_table(("id", "host", "state", "ssh", "ports", "gpus", "expires", "groups"),
-                [(r["id"][:12], r["endpoint"], r["state"], r["ssh_port"],
+                [(r["id"][:12], r["peer"], r["state"], r["ssh_port"],
                   ", ".join(str(p["external"]) for p in r["ports"][1:]) or "-",
                   ", ".join(map(str, r["gpus"])) or "-", format_when(r["expires"]),
                   ", ".join(g for g, m in groups.items() if r["id"] in m) or "-")
@@ -121,10 +134,12 @@ def containers_ls(node: CliContext, as_json: bool = False) -> None:
 def remove_container(node: CliContext, container: str) -> None:
     """Stop and remove a container (or every container of a group) and forget it."""
     for entry in node.services.tracked.resolve(container):
-        if node.services.on_peers.remove(entry):
-            click.echo(f"removed {entry.short_id} from {entry.endpoint}")
+        with errors_named(host_name(node, entry)):
+            removed = node.services.on_peers.remove(entry)
+        if removed:
+            click.echo(f"removed {entry.short_id} from {host_name(node, entry)}")
         else:
-            click.echo(f"{entry.short_id} was already gone from {entry.endpoint}")
+            click.echo(f"{entry.short_id} was already gone from {host_name(node, entry)}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -200,7 +215,7 @@ def forward(node: CliContext, container: str, port: int, local_port: int | None)
 
     def ready(bound: int) -> None:
         click.echo(f"forwarding 127.0.0.1:{bound} to port {port} of {entry.short_id} on "
-                   f"{entry.endpoint} (Ctrl-C stops)", err=True)
+                   f"{host_name(node, entry)} (Ctrl-C stops)", err=True)
         click.echo(f"127.0.0.1:{bound}")
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -36,7 +36,8 @@ def show_id(node: CliContext, as_json: bool) -> None:
 
 @main.command()
 @click.argument("node_id", required=False, metavar="[NODE]")
-@click.option("--name", default="", help="A name to remember this node by.")
+@click.option("--name", default="",
+              help="A name to remember this node by (one word: letters, digits, - and _).")
 @json_option
 @pass_node
 def trust(node: CliContext, node_id: str | None, name: str, as_json: bool) -> None:
@@ -51,12 +52,14 @@ def trust(node: CliContext, node_id: str | None, name: str, as_json: bool) -> No
         if not trusted:
             click.echo("No node is trusted here yet: 'p2prc trust NODE_ID' or 'p2prc invite'.")
             return
-        print_table(("node id", "name", "since", "via"),
-                    [(k, t.name or "-", format_when(t.since), t.via or "-")
-                     for k, t in sorted(trusted.items())])
+        print_table(("name", "node id", "since", "via"),
+                    [(t.name or "-", k, format_when(t.since), t.via or "-")
+                     for k, t in sorted(trusted.items(), key=lambda i: (not i[1].name,
+                                                                       i[1].name.lower(), i[0]))])
         return
     resolved = node.services.peers.node_id_of(node_id)
     shown = resolved if resolved == node_id.strip().lower() else f"{node_id} ({resolved})"
+    name = store.users_name(resolved, name)
     if store.add(resolved, name=name, via="trust"):
         click.echo(f"trusted {shown}: it can now start work on this node")
     elif name and store.rename(resolved, name):
@@ -86,22 +89,26 @@ def untrust(node: CliContext, node_id: str) -> None:
               help="Address the friend should dial (repeatable); default: this node's "
                    "advertised addresses.")
 @click.option("--port", type=int, help="The server's port [default: the configured port].")
+@click.option("--name", default="",
+              help="The name your friend will be trusted under here [default: the name "
+                   "they suggest on joining].")
 @json_option
 @pass_node
 def invite(node: CliContext, ttl: int, addresses: tuple[str, ...], port: int | None,
-           as_json: bool) -> None:
+           name: str, as_json: bool) -> None:
     """Print a one-time token for a friend: 'p2prc join TOKEN' on their machine makes them
     trusted here (they can start work on this node) and puts each node in the other's table.
     It does not make you trusted on theirs: for that, they invite you."""
-    offer = node.services.invites.create(ttl, list(addresses), port)
+    offer = node.services.invites.create(ttl, list(addresses), port, name)
     token = offer.token()
     if as_json:
         print_json({"token": token, "expires": offer.expires, "addresses": offer.addresses,
-                    "port": offer.port, "node_id": offer.node_id})
+                    "port": offer.port, "node_id": offer.node_id, "name": name.strip()})
         return
     click.echo(token)
+    named = f" They will be trusted here as {name.strip()!r}." if name.strip() else ""
     click.echo(f"Send this to your friend; they run: p2prc join TOKEN. It works once, until "
-               f"{format_when(offer.expires)}.", err=True)
+               f"{format_when(offer.expires)}.{named}", err=True)
     if node.services.own.running_server() is None:
         click.echo(f"WARNING: no p2prc server runs for this node: start it ('p2prc server') "
                    f"before your friend joins, on port {offer.port}.", err=True)
@@ -109,11 +116,14 @@ def invite(node: CliContext, ttl: int, addresses: tuple[str, ...], port: int | N
 
 @main.command()
 @click.argument("token")
+@click.option("--as", "name", metavar="NAME",
+              help="The name you suggest to be known by there [default: this node's name]; "
+                   "your friend may have chosen one already.")
 @json_option
 @pass_node
-def join(node: CliContext, token: str, as_json: bool) -> None:
+def join(node: CliContext, token: str, name: str | None, as_json: bool) -> None:
     """Redeem a friend's invite: you are trusted there, and their node joins your table."""
-    record, endpoint = node.services.invites.join(token)
+    record, endpoint = node.services.invites.join(token, name)
     if as_json:
         print_json({"joined": record["node_id"], "name": record["name"],
                     "address": str(endpoint)})
