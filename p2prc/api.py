@@ -52,9 +52,11 @@ class Peer(PeerRow):
         return (self.name, self.node_id, self.address,
                 f"{self.latency_ms:.1f} ms" if self.latency_ms is not None else "-",
                 ", ".join(self.gpus) + f" ({self.gpus_free} free)" if self.gpus else "-",
-                human_bytes(self.memory) if self.memory else "-", self.trusted or "-")
+                human_bytes(self.memory) if self.memory else "-", self.trusted or "-",
+                {True: "yes", False: "no", None: "-"}[self.can_host])
 
-    _HEADERS = ("name", "node id", "address", "latency", "gpus", "memory", "trusted as")
+    _HEADERS = ("name", "node id", "address", "latency", "gpus", "memory", "trusted as",
+                "hosts you")
 
     def __str__(self) -> str:
         """As ``print`` shows it: cleaned as the CLI cleans a peer's words."""
@@ -260,14 +262,20 @@ class Node:
 
     def peers(self, gpu: bool = False, min_memory: int | str | None = None,
               min_free_memory: int | str | None = None,
-              max_latency_ms: float | None = None, reachable: bool = False) -> Peers:
-        """The peer table, best first (by the ``p2prc_score_peer`` hooks). Filters:
-        ``gpu`` (a free GPU, as its record says), ``min_memory`` (memory its record gives,
-        bytes or "16G"), ``max_latency_ms``, ``reachable`` (answered last time), and
+              max_latency_ms: float | None = None, reachable: bool = False,
+              can_host: bool | None = None) -> Peers:
+        """The peer table, best first (those that said they would host this node, then by
+        the ``p2prc_score_peer`` hooks). Filters: ``gpu`` (a free GPU, as its record says),
+        ``min_memory`` (memory its record gives, bytes or "16G"), ``max_latency_ms``,
+        ``reachable`` (answered last time), ``can_host`` (True: said it would start a
+        container for this node; False: said it would not; ``peers update`` asks), and
         ``min_free_memory`` (asks each remaining peer for its specs now; a peer that does
         not answer is left out)."""
+        if can_host is not None and not isinstance(can_host, bool):
+            raise P2PRCError(f"can_host is True, False or None, not {can_host!r}")
         rows = self.services.peers.rows(with_gpu=gpu)
-        found = Peers(Peer.from_row(r) for r in rows)
+        found = Peers(Peer.from_row(r) for r in rows
+                      if can_host is None or r.can_host is can_host)
         if min_memory is not None:
             least = _size(min_memory)
             found = Peers(p for p in found if p.memory is not None and p.memory >= least)

@@ -24,17 +24,23 @@ class TableExchange:
         self.max_records = max_records
         self.intake = IntakeLimit(home, newcomers_per_minute)
 
-    def answer(self, body: Any, source: str | None = None) -> ExchangeAnswer:
+    def answer(self, body: Any, source: str | None = None,
+               hosts_caller: bool | None = None) -> ExchangeAnswer:
         """The answer to an exchange (``discovery.handle_exchange``); the new peers a caller
-        hands over count against its source's allowance."""
+        hands over count against its source's allowance. ``hosts_caller``: whether this host
+        would start a container for the caller now (the rule that answers 403 to its
+        container request), given only for a caller that signed the exchange; said in the
+        answer as ``hosts_you``."""
         prefix = source_prefix(source)
         try:
             observed = str(Address.parse(source)) if source else None
         except ValueError:
             observed = None
-        return handle_exchange(self.table, self.own_record(), body, self.max_records,
-                               admit=lambda wanted: self.intake.admit(prefix, wanted),
-                               observed=observed)
+        reply = handle_exchange(self.table, self.own_record(), body, self.max_records,
+                                admit=lambda wanted: self.intake.admit(prefix, wanted),
+                                observed=observed)
+        reply.hosts_you = hosts_caller
+        return reply
 
     def etag(self) -> str:
         """Changes whenever the table or this node's record does (for ``If-None-Match``)."""

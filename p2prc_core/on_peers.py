@@ -38,7 +38,8 @@ class ContainersOnPeers:
               image: str | None = None, cpus: float | None = None, memory: int | None = None,
               ttl: int | None = None) -> RemoteContainer:
         """Start a container on PEER with our SSH key and what else was asked (``memory`` in
-        bytes, ``ttl`` in seconds), and keep it as tracked.
+        bytes, ``ttl`` in seconds), and keep it as tracked. The host's 201 or 403 is kept as
+        whether it hosts us (``peers ls``, the best peer).
 
         :raises Refusal: the request is malformed (the message names the field); nothing
             was sent.
@@ -46,7 +47,13 @@ class ContainersOnPeers:
         request = self.request(ports=ports, gpu=gpu, image=image, cpus=cpus, memory=memory,
                                ttl=ttl)
         with self.peers.client(peer) as client:
-            container = client.create_container(request)
+            try:
+                container = client.create_container(request)
+            except PeerRefused as err:
+                if err.status == 403:
+                    self.peers.remember_hosting(client.node_id, False)
+                raise
+        self.peers.remember_hosting(client.node_id, True)
         self.tracked.add(container)
         return container
 

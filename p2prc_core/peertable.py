@@ -5,7 +5,7 @@ One entry per node id (a ``PeerEntry``)::
     {"record": <the node's signed record>,
      "changed": <this table's clock when the record last changed>,
      "measured": {"latency_ms", "bandwidth_mbps", "last_seen", "failures", "address",
-                  "cursor", "holds_our_seq"}}
+                  "cursor", "holds_our_seq", "hosts_us", "hosts_us_at"}}
 
 The table's ``clock`` grows with every record change; together with the table's random
 ``epoch`` it makes a cursor, so a peer that asks again gets only what changed since.
@@ -74,6 +74,8 @@ class Measured:
     address: str | None = None  # the endpoint that answered last
     cursor: str | None = None  # where our next exchange with it starts
     holds_our_seq: int | None = None  # the seq of our record it holds
+    hosts_us: bool | None = None  # whether it would start a container for us (its word)
+    hosts_us_at: float | None = None  # when it last said so (an exchange, a 201 or a 403)
     extra: dict[str, Any] = field(default_factory=dict)  # what another version wrote
 
     @classmethod
@@ -84,11 +86,14 @@ class Measured:
             return cls()
         text = {k: data.get(k) if isinstance(data.get(k), str) else None
                 for k in ("address", "cursor")}
+        hosts_us = data.get("hosts_us")
         return cls(latency_ms=_number(data.get("latency_ms")),
                    bandwidth_mbps=_number(data.get("bandwidth_mbps")),
                    last_seen=_number(data.get("last_seen")),
                    failures=_whole(data.get("failures")) or 0,
                    holds_our_seq=_whole(data.get("holds_our_seq")),
+                   hosts_us=hosts_us if isinstance(hosts_us, bool) else None,
+                   hosts_us_at=_number(data.get("hosts_us_at")),
                    extra={k: v for k, v in data.items() if k not in _MEASURED_FIELDS},
                    **text)
 
@@ -390,6 +395,18 @@ class PeerTable:
                 state.peers[node_id].local_name = local_name
 
         self.update(change)
+
+    def remember_hosting(self, node_id: str, hosts_us: bool, now: float | None = None) -> bool:
+        """Remember whether a peer would start a container for us (a 201 or a 403 to our
+        request); False if the table does not hold it."""
+        def remember(state: TableState) -> bool:
+            entry = state.peers.get(node_id)
+            if entry is not None:
+                entry.measured.hosts_us = hosts_us
+                entry.measured.hosts_us_at = time.time() if now is None else now
+            return entry is not None
+
+        return self.update(remember)
 
     def record_bandwidth(self, node_id: str, mbit_per_second: float) -> bool:
         """Remember a speed test's result for a peer; False if the table does not hold it."""

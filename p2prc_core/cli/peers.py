@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import click
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 from p2prc_core.cli.base import (
@@ -21,11 +26,12 @@ from p2prc_core.cli.base import (
 )
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import LOCAL_NAME, looks_like_address
+from p2prc_core.names import errors_named
 from p2prc_core.output import err_console, print_json, print_table
 from p2prc_core.text import format_ago, human_bytes, two_places
 
 if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
-    pass
+    from p2prc_core.discovery import UpdateStopped
 
 
 # -- peers -------------------------------------------------------------------------------
@@ -86,7 +92,8 @@ def peers_rm(node: CliContext, peer: str) -> None:
 @json_option
 @pass_node
 def peers_ls(node: CliContext, with_gpu: bool = False, as_json: bool = False) -> None:
-    """List known peers, best first (by p2prc_score_peer)."""
+    """List known peers, best first: those that said they would host you, then by
+    p2prc_score_peer. 'hosts you' is what each peer last said ('peers update' asks)."""
     rows = node.services.peers.rows(with_gpu=with_gpu)
     now = time.time()
     if as_json:
@@ -97,13 +104,17 @@ def peers_ls(node: CliContext, with_gpu: bool = False, as_json: bool = False) ->
                    node.services.peers.entries() else
                    "The table is empty: add a peer with 'p2prc peers add ADDRESS'.")
         return
-    print_table(("name", "node id", "address", "latency", "bandwidth", "last seen", "gpus"),
+    print_table(("name", "node id", "address", "latency", "bandwidth", "last seen", "gpus",
+                 "hosts you"),
                 [(r.name, r.node_id, _shown_path(r.address),
                   f"{r.latency_ms:.1f} ms" if r.latency_ms is not None else "-",
                   f"{r.bandwidth_mbps:,.0f} Mbit/s" if r.bandwidth_mbps else "-",
                   format_ago(r.last_seen, now) + (f" ({r.failures} failed)"
                                                if r.failures else ""),
-                  _gpus_shown(r.gpus, r.gpus_free)) for r in rows])
+                  _gpus_shown(r.gpus, r.gpus_free), HOSTS_YOU[r.can_host]) for r in rows])
+
+
+HOSTS_YOU = {True: "yes", False: "no", None: "-"}  # 'peers ls', by PeerRow.can_host
 
 
 def _gpus_shown(names: Sequence[str], free: int) -> str:
@@ -131,17 +142,23 @@ def _shown_path(address: str) -> str:
 @pass_node
 def peers_update(node: CliContext, hops: int | None = None, as_json: bool = False) -> None:
     """Ask known peers for their tables, then the peers they told of, HOPS deep."""
+    from p2prc_core.discovery import UpdateStopped
+
     hops = node.settings.update_hops if hops is None else hops
     discovery = node.services.peers.discovery
-    with Progress(TextColumn("hop {task.fields[hop]}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} peers"), console=err_console,
-                  transient=True) as bar:
-        task = bar.add_task("update", total=None, hop=1)
+    try:
+        with _second_interrupt_ends(), update_bar(err_console) as bar:
+            task = bar.add_task("update", total=None, hop=1, count="")
 
-        def progress(done: int, total: int, hop: int) -> None:
-            bar.update(task, completed=done, total=total, hop=hop)
+            def progress(done: int, total: int, hop: int) -> None:
+                bar.update(task, completed=done, total=total, hop=hop,
+                           count=f"{done}/{total} peers")
 
-        summary = discovery.update(hops, progress)
+            summary = discovery.update(hops, progress)
+    except UpdateStopped as stop:
+        raise _stopped(stop, node.services.table.path) from None
+    except KeyboardInterrupt:
+        raise _stopped(None, node.services.table.path) from None
     if as_json:
         print_json(summary.as_dict())
         return
@@ -156,6 +173,46 @@ def peers_update(node: CliContext, hops: int | None = None, as_json: bool = Fals
     for node_id, error in summary.failed.items():
         click.echo(f"  {node_id}: {error}", err=True)
 
+
+def update_bar(console: Console) -> Progress:
+    """The bar of 'peers update': the hop, and how many of its peers answered (blank until
+    the hop's count is known: never '0/None')."""
+    return Progress(TextColumn("hop {task.fields[hop]}"), BarColumn(),
+                    TextColumn("{task.fields[count]}"), console=console, transient=True)
+
+
+@contextmanager
+def _second_interrupt_ends() -> Iterator[None]:
+    """The first Ctrl-C stops the update (what came back is saved); a second ends the
+    process at once (the table is written atomically: it stays whole either way)."""
+    def first(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, first)
+    except ValueError:  # not the main thread (a test's runner): Ctrl-C as it was
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stopped(stop: UpdateStopped | None, table: Path) -> click.exceptions.Exit:
+    """Say what an update stopped by Ctrl-C kept, and exit 130 (as a shell does)."""
+    if stop is not None:
+        summary = stop.summary
+        click.echo(f"stopped: {summary.asked} peer(s) answered or failed, and what they "
+                   f"brought is saved to {table} ({len(summary.added)} added, "
+                   f"{len(summary.updated)} updated); {stop.left} still being asked are as "
+                   f"they were", err=True)
+    else:
+        click.echo(f"stopped: {table} is as the last finished step of the update left it",
+                   err=True)
+    return click.exceptions.Exit(130)
+
 @main.command()
 @click.argument("peer", required=False)
 @json_option
@@ -167,9 +224,12 @@ def specs(node: CliContext, peer: str | None, as_json: bool) -> None:
         data, where = node.services.own.specs_now(), "this machine"
         holders = node.services.own.gpu_holders()
     else:
-        with node.client(peer) as client:
+        with errors_named(peer), node.client(peer) as client:
             data = client.specs()
-            where = str(client.endpoint)
+            # Headed by the peer's name; the path (an address, or a relay) is the --json
+            # caller's or 'peers ls''s to say.
+            where = node.services.peers.names.label(client.node_id,
+                                                    str(client.endpoint))
     if as_json:
         print_json(data)
         return

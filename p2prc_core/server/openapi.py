@@ -64,7 +64,7 @@ def build_document(app: falcon.App) -> dict[str, Any]:
 def _answers(need: str | None, method: str) -> list[tuple[str, str]]:
     """The errors every such route can give, whatever its resource declares."""
     found = []
-    if need is not None:
+    if need is not None and need != "if-signed":  # an open route signed by choice: no 401
         found.append(("401", "not validly signed: missing, malformed, expired, replayed, or "
                              "signed for another node"))
     if need == "trusted":
