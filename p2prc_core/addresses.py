@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from p2prc_core.config import Settings
@@ -98,6 +99,41 @@ def advertisable(addresses: list[Address], settings: Settings) -> list[Address]:
             and why_not_advertised(a, down) is None]
 
 
+def routed_interfaces() -> set[str] | None:
+    """The interfaces that carry a default route; None where this machine has none, or
+    where it cannot tell (then nothing is left out for want of one)."""
+    try:
+        import netifaces
+
+        defaults = netifaces.gateways().get("default")
+    except (AttributeError, OSError, ValueError):
+        return None
+    if not isinstance(defaults, dict):
+        return None
+    found = {gateway[1] for gateway in defaults.values()
+             if isinstance(gateway, tuple) and len(gateway) > 1}
+    return found or None
+
+
+def why_peers_cannot_use(address: Address, routed: set[str] | None,
+                         reached: Collection[str]) -> str | None:
+    """Why peers could hardly use ``address``, or None: a private address on an interface
+    with no default route (a lab's bridge, a VPN's), where no peer reached this node
+    lately. A global address, one a peer reached us at, and loopback (allowed for a lab)
+    are kept; so is everything on a machine with no default route at all."""
+    if routed is None or address.kind in ("global", "loopback") or \
+            address.interface in routed or str(address) in reached:
+        return None
+    return (f"not advertised: no default route through {address.interface}, and no peer "
+            f"reached this node there lately")
+
+
+def peer_usable(addresses: list[Address], reached: Collection[str]) -> list[Address]:
+    """``addresses`` less those peers could hardly use (``why_peers_cannot_use``)."""
+    routed = routed_interfaces()
+    return [a for a in addresses if why_peers_cannot_use(a, routed, reached) is None]
+
+
 def ordered_by_preference(hooks: PluginHooks, candidates: list[Address],
                           purpose: str) -> list[Address]:
     """Ask ``p2prc_select_address`` again and again to put all ``candidates`` in order."""
@@ -117,7 +153,7 @@ def dial_order(hooks: PluginHooks, addresses: list[Address]) -> list[Address]:
     return ordered_by_preference(hooks, addresses, "dial") or addresses
 
 
-def dial_endpoints(hooks: PluginHooks, addresses: list[Address], port: int,
+def dial_endpoints(hooks: PluginHooks | None, addresses: list[Address], port: int,
                    remembered: str | None = None,
                    node_id: str | None = None,
                    relays: list[Endpoint] | None = None) -> list[Endpoint]:
@@ -126,8 +162,10 @@ def dial_endpoints(hooks: PluginHooks, addresses: list[Address], port: int,
     last time if it is not among them (an address the peer does not know it has, behind
     NAT, say), then the relays its record names; a relay that answered last time goes first
     (the peer could not be dialled directly then). Each endpoint expects ``node_id`` to
-    answer there."""
-    found = [Endpoint(str(a), port, node_id) for a in dial_order(hooks, addresses)]
+    answer there. ``hooks=None``: the addresses in the record's own order (a light process
+    that loads no plugins: the tunnel helper)."""
+    ordered = addresses if hooks is None else dial_order(hooks, addresses)
+    found = [Endpoint(str(a), port, node_id) for a in ordered]
     if node_id is not None:
         found += [relay.through(node_id) for relay in relays or []
                   if relay.node_id not in (None, node_id)]
@@ -144,12 +182,23 @@ def dial_endpoints(hooks: PluginHooks, addresses: list[Address], port: int,
     return found
 
 
-def advertised_addresses(settings: Settings, hooks: PluginHooks) -> list[str]:
-    """What this node tells others: ``advertise_addresses`` if set, else its usable interface
-    addresses in the order ``p2prc_select_address`` prefers."""
+def own_server(settings: Settings) -> tuple[str, int]:
+    """Where this machine dials this node's own server: loopback where it listens on every
+    address (a server bound to ``::`` takes IPv4 too)."""
+    host = settings.host
+    if host in ("", "::", "0.0.0.0"):
+        host = "127.0.0.1"
+    return host, settings.port
+
+
+def advertised_addresses(settings: Settings, hooks: PluginHooks,
+                         reached: Collection[str] = ()) -> list[str]:
+    """What this node tells others: ``advertise_addresses`` if set, else the interface
+    addresses peers could use (``reached``: those peers reached it at lately) in the order
+    ``p2prc_select_address`` prefers."""
     if settings.advertise_addresses:
         return [str(Address.parse(a)) for a in settings.advertise_addresses]
-    found = advertisable(local_addresses(), settings)
+    found = peer_usable(advertisable(local_addresses(), settings), reached)
     return [str(a) for a in ordered_by_preference(hooks, found, "advertise")]
 
 
@@ -167,12 +216,15 @@ class AddressRow:
     why: str
 
 
-def address_report(settings: Settings, hooks: PluginHooks) -> tuple[Address | None,
-                                                                     list[AddressRow]]:
+def address_report(settings: Settings, hooks: PluginHooks, reached: Collection[str] = ()
+                   ) -> tuple[Address | None, list[AddressRow]]:
     """Every local address, and the one this node advertises first (``advertise_addresses``
-    overrides what the interfaces offer)."""
+    overrides what the interfaces offer). ``reached``: where peers reached it lately."""
     found = local_addresses()
-    order = ordered_by_preference(hooks, advertisable(found, settings), "advertise")
+    routed = routed_interfaces()
+    usable = [a for a in advertisable(found, settings)
+              if why_peers_cannot_use(a, routed, reached) is None]
+    order = ordered_by_preference(hooks, usable, "advertise")
     chosen = order[0] if order else None
     if settings.advertise_addresses:
         chosen = Address.parse(settings.advertise_addresses[0])
@@ -184,7 +236,7 @@ def address_report(settings: Settings, hooks: PluginHooks) -> tuple[Address | No
             return excluded
         if address.kind == "loopback" and not settings.allow_loopback:
             return "never chosen: loopback (set allow_loopback = true for a lab)"
-        return explain(address)
+        return why_peers_cannot_use(address, routed, reached) or explain(address)
 
     return chosen, [AddressRow(a.interface, str(a), a.version, a.kind, a == chosen,
                                order.index(a) + 1 if a in order else None, why(a))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
+from p2prc_core.addresses import own_server
 from p2prc_core.config import Settings
 from p2prc_core.errors import BadAddress, P2PRCError, PeerError
 from p2prc_core.identity import NodeIdentity
@@ -53,10 +54,22 @@ class PeerRow:
     cpus: int | None
     trusted: str | None  # the name it is trusted under; None: not trusted
     score: float
+    # Whether it would start a container for this node, as it last said (its answer to a
+    # signed exchange, a 201 or a 403); None: not known yet. Its word, checked for type.
+    can_host: bool | None = None
+    can_host_at: float | None = None  # when it said so
 
     @property
     def reachable(self) -> bool:
         return self.failures == 0 and self.latency_ms is not None
+
+    @property
+    def hosting_rank(self) -> int:
+        """0: answered last time and said it would host us; 2: said it would not; 1: the
+        rest. The best peer to ask for a container is first by this, then by score."""
+        if self.can_host is False:
+            return 2
+        return 0 if self.can_host and self.reachable else 1
 
     def as_dict(self) -> dict[str, Any]:
         """The row as ``--json`` prints it."""
@@ -67,12 +80,13 @@ class PeerRow:
 class PeerDirectory:
     """The peer table, names, pins and clients of one node. ``own_record`` is this node's
     signed record (what an exchange hands over); ``publishes`` says whether a server of this
-    node runs (else it is not handed to peers as one to dial); ``notice`` tells the user of a
-    first contact or a moved pin."""
+    node runs (else it is not handed to peers as one to dial), ``served`` its settings (its
+    port); ``notice`` tells the user of a first contact or a moved pin."""
 
     def __init__(self, settings: Settings, hooks: PluginHooks, identity: NodeIdentity,
                  table: PeerTable, trust: TrustStore, own_record: Callable[[], dict[str, Any]],
-                 publishes: Callable[[], bool], notice: Callable[[str], None]):
+                 publishes: Callable[[], bool], notice: Callable[[str], None],
+                 served: Callable[[], Settings] | None = None):
         self.settings = settings
         self.hooks = hooks
         self.identity = identity
@@ -81,6 +95,8 @@ class PeerDirectory:
         self.own_record = own_record
         self.publishes = publishes
         self.notice = notice
+        # the settings of the server that runs for this home (its port), when one does
+        self.served = served or (lambda: settings)
         self.names = PeerNames(table, trust)
 
     @property
@@ -103,7 +119,17 @@ class PeerDirectory:
                               newcomers_per_peer=s.exchange_newcomers_per_minute,
                               peer_budget=s.peer_time_budget)
         discovery.publish = self.publishes
+        discovery.hub = self._own_hub
         return discovery
+
+    def _own_hub(self) -> Endpoint | None:
+        """This node's own server (and relay hub), as this machine dials it: a peer that
+        waits at it is reached through it, not at the address its record gives for us (which
+        this machine may not be able to dial)."""
+        if not self.publishes():
+            return None
+        host, port = own_server(self.served())
+        return Endpoint(host, port, self.identity.node_id)
 
     # -- reading the table ---------------------------------------------------------------------
 
@@ -124,14 +150,16 @@ class PeerDirectory:
         return self.discovery.endpoints(entry)
 
     def rows(self, with_gpu: bool = False) -> list[PeerRow]:
-        """The table, best first (by ``p2prc_score_peer``). ``with_gpu``: only peers with a
-        free GPU."""
+        """The table, best first: peers that said they would host us before the others
+        (``PeerRow.hosting_rank``), each part by ``p2prc_score_peer``. ``with_gpu``: only
+        peers with a free GPU."""
         entries = self.table.load()
         trusted = {k: name or k[:8] for k, name in self.trust.names().items()}
         peers = (e.to_peer() for e in entries.values())
         ranked = self.hooks.rank_peers(p for p in peers if not with_gpu or p.free_gpus > 0)
-        return [self._row(entries[peer.node_id], peer.free_gpus, trusted.get(peer.node_id),
+        rows = [self._row(entries[peer.node_id], peer.free_gpus, trusted.get(peer.node_id),
                           self.hooks.score_peer(peer)) for peer in ranked]
+        return sorted(rows, key=lambda row: row.hosting_rank)  # stable: score within each
 
     def _row(self, entry: PeerEntry, free_gpus: int, trusted: str | None,
              score: float) -> PeerRow:
@@ -152,7 +180,8 @@ class PeerDirectory:
             gpus=tuple(g for g in gpus if isinstance(g, str))[:8]
             if isinstance(gpus, list) else (),
             gpus_free=free_gpus, memory=_whole(specs.get("memory")),
-            cpus=_whole(specs.get("cpus")), trusted=trusted, score=round(score, 3))
+            cpus=_whole(specs.get("cpus")), trusted=trusted, score=round(score, 3),
+            can_host=measured.hosts_us, can_host_at=measured.hosts_us_at)
 
     # -- where to dial, and whom to expect -----------------------------------------------------
 
@@ -282,6 +311,12 @@ class PeerDirectory:
     def forget(self, node_id: str) -> bool:
         """Drop a peer from the table; False when it held none by that id."""
         return self.table.forget(node_id)
+
+    def remember_hosting(self, node_id: str | None, hosts_us: bool) -> None:
+        """A peer answered our container request: 201 (``hosts_us``) or 403 (not); shown by
+        ``peers ls`` and preferred (or not) as the best peer from now on."""
+        if node_id is not None and self.table.path.exists():
+            self.table.remember_hosting(node_id, hosts_us)
 
     def speedtest(self, peer: str, size: int, download_only: bool = False,
                   progress: Callable[[str, int], Callable[[int], None]] | None = None

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import httpx
@@ -23,6 +25,7 @@ from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint, parse_endpoint
 from p2prc_core.peertable import PeerEntry, PeerTable, TableState, record_token
 from p2prc_core.plugins import PluginHooks
+from p2prc_core.signing import sign_request
 from p2prc_core.tls import NodeMismatch
 from p2prc_core.wire import (
     MAX_HAVE,
@@ -72,7 +75,9 @@ class HttpTransport:
         self.timeout = timeout
         self.max_bytes = max_bytes
         self.secure = secure
-        self.identity = identity  # signs a relay's connect, for a peer reached through one
+        # Signs a relay's connect (for a peer reached through one), and the exchange itself,
+        # so the host can say whether it would host us (``ExchangeAnswer.hosts_you``).
+        self.identity = identity
 
     def call(self, endpoint: Endpoint, body: bytes, probes: int,
              timeout: float | None = None) -> tuple[bytes, float | None]:
@@ -85,7 +90,7 @@ class HttpTransport:
             channel = Channel(endpoint, self.secure, identity=self.identity)
             with within(wait) as deadline, channel.http(wait) as http:
                 with http.stream("POST", "/v1/peers", content=body,
-                                 headers={"Content-Type": "application/json"}) as resp:
+                                 headers=self._headers(endpoint, body)) as resp:
                     data = read_capped(resp.iter_bytes(), self.max_bytes, lambda: PeerRefused(
                         f"{where} sent a table over {self.max_bytes} bytes", 0))
                 if resp.status_code != 200:
@@ -102,6 +107,15 @@ class HttpTransport:
         except httpx.HTTPError as err:
             raise unreachable(where, err, wait) from None
 
+    def _headers(self, endpoint: Endpoint, body: bytes) -> dict[str, str]:
+        """The exchange's headers: signed for the node asked, when this node has a key and
+        knows whom it asks (a host answers ``hosts_you`` only to a signed caller)."""
+        headers = {"Content-Type": "application/json"}
+        if self.identity is not None and endpoint.node_id is not None:
+            headers.update(sign_request(self.identity, "POST", "/v1/peers", "", body,
+                                        endpoint.node_id))
+        return headers
+
 
 @dataclass
 class Outcome:
@@ -117,6 +131,7 @@ class Outcome:
     error: str = ""
     holds_our_seq: Any = None
     observed: str | None = None  # the address the peer saw our request come from
+    hosts_us: bool | None = None  # whether it says it would start a container for us
     sent: int = 0
     received: int = 0
 
@@ -151,6 +166,17 @@ class UpdateSummary:
 Progress = Callable[[int, int, int], None]  # done, total in this hop, hop
 
 
+class UpdateStopped(KeyboardInterrupt):
+    """Ctrl-C during an update. What the peers that had answered brought is merged and
+    saved (``summary``); the ``left`` peers still being asked are as they were. Still a
+    ``KeyboardInterrupt``, for code that knows nothing of it."""
+
+    def __init__(self, summary: UpdateSummary, left: int):
+        super().__init__()
+        self.summary = summary
+        self.left = left
+
+
 class Discovery:
     """Runs updates of one node's table."""
 
@@ -163,6 +189,8 @@ class Discovery:
         self.transport = transport
         self.own_record = own_record
         self.publish: Callable[[], bool] = lambda: True  # whether our record is handed over
+        # This node's own relay hub, where this machine dials it (None: it runs none)
+        self.hub: Callable[[], Endpoint | None] = lambda: None
         self.concurrency = concurrency
         self.probes = probes
         self.max_failures = max_failures
@@ -174,17 +202,27 @@ class Discovery:
 
     def endpoints(self, entry: PeerEntry,
                   own: dict[str, Any] | None = None) -> list[Endpoint]:
-        """Where to dial a peer (``node.dial_endpoints``: its addresses, IPv6 first; then the
-        endpoint that answered last time), leaving out this node's own server (``own``, its
-        record), which a peer's record may list to make us dial ourselves."""
+        """Where to dial a peer (``addresses.dial_endpoints``: its addresses, IPv6 first; then
+        the endpoint that answered last time, then its relays). A peer that waits at this
+        node's own relay hub is reached through the hub on this machine (``hub``), not at the
+        address its record gives for us. With ``own`` (this node's record) and a server of
+        ours running, its addresses are left out: a peer's record may list them to make us
+        dial ourselves. A node with no server has no address of its own to avoid (another
+        node on this machine may serve at them): there the node id checked on every
+        connection is what keeps a node from taking itself for a peer."""
         found = dial_endpoints(self.hooks, self.table.dial_addresses(entry.record),
                                entry.port, entry.measured.address, entry.node_id,
                                self.table.relays(entry.record))
-        if own is None:
+        hub = self.hub()
+        if hub is not None and hub.node_id is not None:
+            found = list(dict.fromkeys(hub.through(entry.node_id) if e.relay == hub.node_id
+                                       else e for e in found))
+        if own is None or not self.publish():
             return found
         ours = {Endpoint(a, own["port"]).pin_key for a in own.get("addresses", [])
                 if isinstance(a, str)}
-        return [e for e in found if e.pin_key not in ours]
+        return [e for e in found if e.pin_key not in ours
+                or (hub is not None and e.relay == hub.node_id)]
 
     def contact(self, entry: PeerEntry, own: dict[str, Any], have: str = "") -> Outcome:
         """Exchange tables with one peer, trying its endpoints in order, and measure it."""
@@ -225,6 +263,8 @@ class Discovery:
                     outcome.node = page.node or outcome.node
                     outcome.holds_our_seq = page.holds_seq
                     outcome.observed = page.observed or outcome.observed
+                    if page.hosts_you is not None:
+                        outcome.hosts_us = page.hosts_you
                     send_own = False
                     cursor = page.cursor
                     if latency is not None:
@@ -278,6 +318,7 @@ class Discovery:
         lock, merging what that hop learned); pruning is part of the last write.
 
         :raises EmptyTableError: the table is empty.
+        :raises UpdateStopped: Ctrl-C; what had come back is saved, the table whole.
         """
         summary = UpdateSummary()
         own = self.own_record()
@@ -297,8 +338,11 @@ class Discovery:
             asked.update(frontier)
             have = "".join(record_token(e.record) for e in state.peers.values()) \
                 if len(state.peers) <= MAX_HAVE else ""
-            outcomes = self._contact_all(entries, own, have, hop, progress)
+            outcomes, stopped = self._contact_all(entries, own, have, hop, progress)
             summary.asked += len(outcomes)
+            if stopped:  # keep what came back; the peers still being asked stay as they were
+                self.table.update(partial(self._apply, outcomes=outcomes, summary=summary))
+                raise UpdateStopped(summary, len(entries) - len(outcomes))
 
             def merge(current: TableState, outcomes: list[Outcome] = outcomes,
                       last: bool = hop == hops) -> tuple[TableState, list[str], bool]:
@@ -314,18 +358,47 @@ class Discovery:
         return summary
 
     def _contact_all(self, entries: list[PeerEntry], own: dict[str, Any], have: str,
-                     hop: int, progress: Progress | None) -> list[Outcome]:
+                     hop: int, progress: Progress | None) -> tuple[list[Outcome], bool]:
+        """Ask ``entries`` on up to ``concurrency`` threads; returns their outcomes in the
+        order asked, and whether Ctrl-C stopped it (then only those that had come back).
+        The threads are daemons: a slow peer holds up neither the stop nor the exit."""
         total = len(entries)
         if progress:
             progress(0, total, hop)
-        outcomes = []
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, total)) as pool:
-            for done, outcome in enumerate(pool.map(lambda e: self.contact(e, own, have),
-                                                    entries), 1):
-                outcomes.append(outcome)
+        todo: queue.SimpleQueue[tuple[int, PeerEntry]] = queue.SimpleQueue()
+        for item in enumerate(entries):
+            todo.put(item)
+        done: queue.SimpleQueue[tuple[int, Outcome | BaseException]] = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def work() -> None:
+            while not stop.is_set():
+                try:
+                    index, entry = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((index, self.contact(entry, own, have)))
+                except BaseException as err:  # noqa: BLE001 - raised on the asking thread
+                    done.put((index, err))
+
+        for _ in range(min(self.concurrency, total)):
+            threading.Thread(target=work, name="p2prc-update", daemon=True).start()
+        found: dict[int, Outcome] = {}
+        stopped = False
+        try:
+            while len(found) < total:
+                index, got = done.get()  # Ctrl-C interrupts this wait at once
+                if isinstance(got, BaseException):
+                    raise got
+                found[index] = got
                 if progress:
-                    progress(done, total, hop)
-        return outcomes
+                    progress(len(found), total, hop)
+        except KeyboardInterrupt:
+            stopped = True
+        finally:
+            stop.set()
+        return [found[i] for i in sorted(found)], stopped
 
     def _apply(self, state: TableState, outcomes: list[Outcome],
                summary: UpdateSummary) -> list[str]:
@@ -370,6 +443,8 @@ class Discovery:
             measured.last_seen = now
             measured.failures = 0
             measured.address = outcome.endpoint
+            if outcome.hosts_us is not None:
+                measured.hosts_us, measured.hosts_us_at = outcome.hosts_us, now
             if not result.dropped.get("rate-limited"):  # else ask again from the old cursor
                 measured.cursor = outcome.cursor
             measured.holds_our_seq = outcome.holds_our_seq if isinstance(

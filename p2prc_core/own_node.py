@@ -18,7 +18,7 @@ from p2prc_core.addresses import advertised_addresses
 from p2prc_core.config import Settings
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.plugins import PluginHooks
-from p2prc_core.reach_state import ReachState
+from p2prc_core.reach_state import ReachState, recently_reached
 from p2prc_core.records import RecordPublisher
 from p2prc_core.storage import atomic_write, read_json_object
 
@@ -68,7 +68,7 @@ def advertised_with_mapping(settings: Settings, hooks: PluginHooks,
     """The addresses this node advertises, with the address its router maps for it (UPnP)
     first, unless the user set ``advertise_addresses``: the one rule for the record and for
     ``p2prc status``."""
-    addresses = advertised_addresses(settings, hooks)
+    addresses = advertised_addresses(settings, hooks, recently_reached(reach))
     mapped = reach.get("upnp") if isinstance(reach.get("upnp"), dict) else {}
     external = mapped.get("external_ip") if mapped else None
     if isinstance(external, str) and not settings.advertise_addresses and \

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from p2prc_core import tls
+from p2prc_core.addresses import own_server
 from p2prc_core.config import Settings
 from p2prc_core.directory import PeerDirectory
 from p2prc_core.errors import P2PRCError, PeerError
@@ -123,7 +124,8 @@ class ReachAgent:
         # "auto" needs the answer first; otherwise the relay comes first (time to reachable).
         next_check = 0.0 if self.settings.use_relay == "auto" else time.monotonic() + 2.0
         failures = 0
-        tried: list[str] = []
+        tried: list[str] = []  # relays (``_key``) that failed, skipped until all have
+        ladder: list[Endpoint] = []  # the relay in use: its addresses, in dial order
         while not self._stop.is_set():
             if time.monotonic() >= next_check:
                 # No peer to ask yet (the table fills after the start): ask again soon.
@@ -133,17 +135,19 @@ class ReachAgent:
                 self._use_relay(None)
                 self._stop.wait(5.0)
                 continue
-            if self._relay is None:
-                relay = self._pick_relay(tried)
-                if relay is None:  # none yet: the table may learn of one any moment
+            if self._relay is None or not ladder:
+                ladder = self._pick_relay(tried) or []
+                if not ladder:  # none yet: the table may learn of one any moment
                     tried = []
                     self._stop.wait(1.0)
                     continue
-                self._use_relay(relay)
                 failures = 0
-            assert self._relay is not None
+            elif ladder[0] != self._relay:  # the address that answered last, first
+                ladder = [self._relay] + [e for e in ladder if e != self._relay]
             try:
-                with self.peers.client(self._relay) as client:
+                with self.peers.client(ladder) as client:
+                    client.health()  # dials the relay's ladder: the address that answers
+                    self._use_relay(client.endpoint)
                     while not self._stop.is_set() and self._wants_relay() and \
                             time.monotonic() < next_check:
                         token = client.relay_wait(WAIT_SECONDS)
@@ -152,25 +156,24 @@ class ReachAgent:
                             continue
                         if not self._accepting.acquire(blocking=False):
                             log.warning("relay %s hands out more clients than %d at once: "
-                                        "one left waiting", self._relay, self.max_accepting)
+                                        "one left waiting", client.endpoint,
+                                        self.max_accepting)
                             continue
-                        threading.Thread(target=self._accept, args=(self._relay, token),
+                        threading.Thread(target=self._accept, args=(client.endpoint, token),
                                          daemon=True).start()
             except P2PRCError as err:
                 failures += 1
-                log.warning("relay %s: %s", self._relay, err)
+                log.warning("relay %s: %s", self._relay or _key(ladder), err)
                 if failures >= FAILURES_BEFORE_MOVING:
-                    tried.append(self._relay.path)
+                    tried.append(_key(ladder))
                     self._use_relay(None)
+                    failures = 0
                 self._stop.wait(RETRY_SECONDS)
 
     # -- the pieces --------------------------------------------------------------------------
 
     def _local(self) -> tuple[str, int]:
-        host = self.settings.host
-        if host in ("", "::", "0.0.0.0"):
-            host = "127.0.0.1"
-        return host, self.settings.port
+        return own_server(self.settings)
 
     def _wait_for_server(self) -> bool:
         deadline = time.monotonic() + 60
@@ -232,23 +235,36 @@ class ReachAgent:
             except P2PRCError as err:
                 log.warning("UPnP renewal failed: %s", err)
 
-    def _candidates(self) -> list[Endpoint]:
-        """Relays to use: the configured ones, then peers that offer to relay and answered."""
-        found = [parse_endpoint(text) for text in self.settings.relays]
+    def _candidates(self) -> list[list[Endpoint]]:
+        """Relays to use, each as its whole dial ladder (the address that answered last
+        first): the configured ones, then peers that offer to relay and answered."""
+        entries = self.peers.entries()
         own = self.identity.node_id
-        for entry in self.peers.entries().values():
+        found: dict[str, list[Endpoint]] = {}
+        for text in self.settings.relays:
+            endpoint = parse_endpoint(text)
+            entry = entries.get(endpoint.node_id or "")
+            ladder = [endpoint] + ([e for e in self._ladder(entry) if e != endpoint]
+                                   if entry is not None else [])
+            found.setdefault(_key(ladder), ladder)
+        for entry in entries.values():
             if entry.record.get("relay") is True and entry.node_id != own and \
                     entry.measured.last_seen:
-                for endpoint in self.peers.endpoints(entry):
-                    if not endpoint.relay:
-                        found.append(endpoint)
-                        break
-        return found
+                ladder = self._ladder(entry)
+                if ladder:
+                    found.setdefault(_key(ladder), ladder)
+        return list(found.values())
 
-    def _pick_relay(self, tried: list[str]) -> Endpoint | None:
-        for endpoint in self._candidates():
-            if endpoint.path not in tried:
-                return endpoint
+    def _ladder(self, entry: Any) -> list[Endpoint]:
+        """A relay's direct endpoints, in dial order, the one that answered last first."""
+        direct = [e for e in self.peers.endpoints(entry) if not e.relay]
+        last = [e for e in direct if e.path == entry.measured.address]
+        return last + [e for e in direct if e not in last]
+
+    def _pick_relay(self, tried: list[str]) -> list[Endpoint] | None:
+        for ladder in self._candidates():
+            if _key(ladder) not in tried:
+                return ladder
         return None
 
     def _use_relay(self, relay: Endpoint | None) -> None:
@@ -285,21 +301,21 @@ class ReachAgent:
     def _check_reach(self) -> bool:
         """Ask a peer (the relay, else one that answered lately) to dial us back; False when
         no peer could be asked."""
-        askers = ([self._relay] if self._relay else []) + self._candidates()
+        askers = ([[self._relay]] if self._relay else []) + self._candidates()
         if not askers:
-            askers = [e for entry in self.peers.entries().values() if entry.measured.last_seen
-                      for e in self.peers.endpoints(entry)[:1]]
+            askers = [self.peers.endpoints(entry) for entry in self.peers.entries().values()
+                      if entry.measured.last_seen and self.peers.endpoints(entry)]
         for asker in askers[:3]:
             try:
                 with self.peers.client(asker) as client:
                     answer = client.reach_check(self.settings.advertise_port
                                                 or self.settings.port)
             except PeerError as err:
-                log.debug("reach check by %s failed: %s", asker, err)
+                log.debug("reach check by %s failed: %s", _key(asker), err)
                 continue
-            self.state.update(reachable={**to_builtins(answer), "by": asker.node_id,
+            self.state.update(reachable={**to_builtins(answer), "by": asker[0].node_id,
                                          "checked": time.time()})
-            log.info("dialled back by %s at %s: %s", asker, answer.address,
+            log.info("dialled back by %s at %s: %s", _key(asker), answer.address,
                      "reachable" if answer.reachable else "NOT reachable")
             return True
         return False
@@ -352,6 +368,11 @@ def open_accept(relay: Endpoint, token: str, identity: NodeIdentity, secure: boo
         sock.close()
         raise PeerError(f"relay {relay} sent bytes before the client could")
     return sock
+
+
+def _key(ladder: list[Endpoint]) -> str:
+    """One relay, however many addresses it has: its node id, else its first address."""
+    return ladder[0].node_id or ladder[0].path
 
 
 _agents: list[ReachAgent] = []

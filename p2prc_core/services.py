@@ -77,7 +77,8 @@ class NodeServices:
     def peers(self) -> PeerDirectory:
         """The peers this node knows, and a checked client for each."""
         return PeerDirectory(self.settings, self.hooks, self.identity, self.table, self.trust,
-                             self.own.record, self.own.publishes, self.notice)
+                             self.own.record, self.own.publishes, self.notice,
+                             lambda: self.own.served_settings)
 
     @cached_property
     def exchange(self) -> TableExchange:

@@ -208,6 +208,30 @@ def helper_command(home: Path, container_id: str, port: int, paths: list[Endpoin
     return shlex.join([*words, container_id, str(port)])
 
 
+def current_paths(home: Path, node_id: str) -> list[Endpoint]:
+    """Where the host ``node_id`` answers now, as this node's table holds it: the path that
+    answered last, then its record's addresses and relays. An ``ssh-config`` entry is written
+    once and used for weeks; the host may have moved behind a relay since. (The record's own
+    order stands in for ``p2prc_select_address``'s: loading plugins would cost this helper
+    more than a connection does.)"""
+    from p2prc_core.addresses import dial_endpoints
+    from p2prc_core.config import ConfigError, load_settings
+    from p2prc_core.peertable import PeerTable
+
+    try:
+        settings = load_settings(home).settings
+        table = PeerTable(home, allow_loopback=settings.allow_loopback)
+        entry = table.load().get(node_id) if table.path.exists() else None
+    except (ConfigError, OSError, ValueError):
+        return []  # the paths written in the command still stand
+    if entry is None:
+        return []
+    found = dial_endpoints(None, table.dial_addresses(entry.record), entry.port,
+                           entry.measured.address, node_id, table.relays(entry.record))
+    last = [e for e in found if e.path == entry.measured.address]
+    return last + [e for e in found if e not in last]
+
+
 def helper_main(argv: list[str] | None = None) -> int:
     """``python -m p2prc_core.tunnel --home H --node ID --path P [--path P ...] CONTAINER
     PORT``: the stream on standard input and output, through the paths given to the host
@@ -227,7 +251,9 @@ def helper_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         identity = NodeIdentity.load_or_create(args.home)
-        endpoints = [parse_path(p, args.node or None) for p in args.path]
+        written = [parse_path(p, args.node or None) for p in args.path]
+        endpoints = current_paths(args.home, args.node) if args.node else []
+        endpoints += [e for e in written if e not in endpoints]
         asyncio.run(stdio(endpoints, identity, f"/v1/containers/{args.container}/tunnel",
                           f"port={args.port}", args.timeout, not args.plain))
     except (PeerError, ValueError, OSError) as err:

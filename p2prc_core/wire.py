@@ -350,10 +350,15 @@ class ExchangeAnswer(Struct, omit_defaults=True):
     accepted: int | None = None  # how many of the caller's records were taken
     holds_seq: int | None = None  # the seq of the caller's record held here
     observed: Any = None  # the caller's address as seen here: kept only as an IP address
+    # Whether this host would create a container for the (signed) caller now: the rule
+    # POST /v1/containers answers 403 by. Only the host's word: a host that says yes and
+    # then refuses costs the caller one refusal. Absent for an unsigned caller.
+    hosts_you: bool | None = None
 
     HINTS: ClassVar[dict[str, str]] = {
         "records": "its records are not a list",
         "cursor": f"its cursor is not a string of at most {MAX_CURSOR} characters",
+        "hosts_you": "its hosts_you is not true or false",
     }
 
     def __post_init__(self) -> None:
@@ -396,12 +401,26 @@ class ReachAnswer(Struct, frozen=True):
 
 
 class JoinRequest(Struct, frozen=True):
-    """``POST /v1/trust/join``: an invite's secret, and the caller's own signed record."""
+    """``POST /v1/trust/join``: an invite's secret, the caller's own signed record, and the
+    name it suggests to be trusted under (the host's own choice wins: ``trust.admit``)."""
 
     secret: str
     record: Any = None  # one that does not verify is not kept; the join still counts
+    # "" for none; else NAME's rule (the host still makes it unique, or keeps its own)
+    name: Annotated[str, Meta(pattern=r"^([A-Za-z0-9][A-Za-z0-9_-]{0,31})?$")] = ""
 
-    HINTS: ClassVar[dict[str, str]] = {"secret": 'Expected {"secret": "..."}.'}
+    MAX_NAME: ClassVar[int] = 32
+    # The one rule for a name a node is trusted under (``trust.name_problem``): one word of
+    # ASCII letters, digits, '-' and '_' (no look-alike letters, no markup, no spaces).
+    NAME: ClassVar[re.Pattern[str]] = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+    HINTS: ClassVar[dict[str, str]] = {
+        "secret": 'Expected {"secret": "..."}.',
+        "name": "a name is one word of 1 to 32 letters (A-Z, a-z), digits, '-' and '_', "
+                "starting with a letter or digit"}
+
+    def __post_init__(self) -> None:
+        # The pattern above is for the OpenAPI document; its '$' would pass "bob\n".
+        _refuse(self.name != "" and not self.NAME.fullmatch(self.name), self.HINTS["name"])
 
 
 class JoinAnswer(Struct, frozen=True):

@@ -31,6 +31,7 @@ from p2prc_core.containers import STOPPED, ContainerService, Lease, usage_of
 from p2prc_core.doctor import node_status
 from p2prc_core.errors import P2PRCError
 from p2prc_core.output import print_json, print_table
+from p2prc_core.reach_state import ReachState
 from p2prc_core.text import format_ago, format_when, human_bytes, human_duration
 
 # -- server ------------------------------------------------------------------------------
@@ -53,7 +54,8 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
     node.overrides.update(host=host, port=port, name=name, workers=workers)
     settings = node.settings
     services = node.services
-    advertised = advertised_addresses(settings, services.hooks)
+    advertised = advertised_addresses(settings, services.hooks,
+                                      ReachState(node.home).reached())
     chosen = ", ".join(advertised) if advertised else None
     where = f"[{settings.host}]" if ":" in settings.host else settings.host
     stack = " (IPv6 and IPv4)" if settings.host == "::" else ""
@@ -89,7 +91,7 @@ def server(ctx: click.Context, host: str | None = None, port: int | None = None,
 def interfaces(node: CliContext, as_json: bool) -> None:
     """Every local address, and which one p2prc advertises and why."""
     settings = node.settings
-    chosen, rows = address_report(settings, node.hooks)
+    chosen, rows = address_report(settings, node.hooks, ReachState(node.home).reached())
     transport = ("TLS 1.3, certificate bound to the node key" if settings.transport == "tls"
                  else "plain HTTP (transport = http: labs only)")
     if as_json:
@@ -116,7 +118,7 @@ def interfaces(node: CliContext, as_json: bool) -> None:
 @pass_node
 def status(node: CliContext, as_json: bool) -> None:
     """This node at a glance: id, server, transport, addresses as peers see them, peers,
-    containers and GPUs."""
+    the containers it hosts for peers and those you hold on peers, and GPUs."""
     state = node_status(node.services)
     if as_json:
         print_json(state)
@@ -157,11 +159,22 @@ def status(node: CliContext, as_json: bool) -> None:
         rows.append(("relay", "offered to other nodes (relay = true)"))
     rows.append(("peers", f"{peers['known']} known, {peers['answering']} answering, "
                           f"{peers['never_answered']} never answered"))
-    rows.append(("containers", f"{containers['running']} running of {containers['leases']}"
-                 if containers["engine"] == "up" else f"engine unavailable "
-                 f"({containers['why']})"))
+    rows.append(("hosting", _hosting_line(containers)))
+    on_peers = state["on_peers"]
+    rows.append(("yours", f"{on_peers['containers']} container(s) on {on_peers['hosts']} "
+                          f"peer(s) ('p2prc containers ls')"))
     rows.append(("gpus", ", ".join(state["gpus"]) or "none"))
     print_table(("", "status"), rows)
+
+
+def _hosting_line(containers: dict[str, Any]) -> str:
+    """What this node runs for others: not the user's own containers (those are on peers)."""
+    if containers["engine"] == "up":
+        return (f"{containers['running']} container(s) running here for peers, of "
+                f"{containers['leases']} leased ('p2prc server containers ls')")
+    if containers["engine"] == "unavailable":
+        return f"cannot run containers: {containers['why']}"
+    return "no containers for peers (no server runs here)"
 
 
 @main.command()

@@ -11,6 +11,7 @@ import falcon
 
 from p2prc_core.config import Settings
 from p2prc_core.errors import Refusal
+from p2prc_core.reach_state import ReachedAt
 from p2prc_core.relayhub import RelayHub
 from p2prc_core.server import errors, openapi, resources, streams
 from p2prc_core.server.auth import RequestAuth
@@ -65,7 +66,8 @@ def create_app(node: NodeServices) -> falcon.App:
                   resources.SpeedUploadResource(settings.speedtest_max_bytes))
     app.add_route("/v1/images", resources.ImagesResource(lambda: node.hosting.backends,
                                                          settings.container_images))
-    app.add_route("/v1/peers", resources.PeersResource(node.exchange.answer, node.exchange.etag))
+    app.add_route("/v1/peers", resources.PeersResource(node.exchange.answer, node.exchange.etag,
+                                                       auth.admits, ReachedAt(node.home).note))
     app.add_route("/v1/containers", resources.ContainersResource(node.hosting.service))
     app.add_route("/v1/containers/{container_id}",
                   resources.ContainerResource(node.hosting.service))

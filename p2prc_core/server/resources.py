@@ -227,20 +227,22 @@ class TrustJoinResource:
                       "403": {"description": "the invite is unknown, used or expired"}},
     }}
 
-    def __init__(self, join: Callable[[str, str, Any], JoinAnswer]):
+    def __init__(self, join: Callable[[str, JoinRequest], JoinAnswer]):
         self.join = join
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
             join = convert(read_json(req), JoinRequest)
-        except WireError:
-            raise falcon.HTTPBadRequest(title="Invalid join",
-                                        description="Expected {\"secret\": \"...\"}.") from None
-        send(resp, self.join(req.context.caller, join.secret, join.record))
+        except WireError as err:  # its text names the field (a bad name, say)
+            raise falcon.HTTPBadRequest(title="Invalid join", description=str(err)) from None
+        send(resp, self.join(req.context.caller, join))
 
 
 class PeersResource:
-    """The table exchange. GET reads, POST also hands over the caller's own record."""
+    """The table exchange. GET reads, POST also hands over the caller's own record, and
+    a caller that signs it is told whether this host would start a container for it."""
+
+    AUTH = {"post": "if-signed"}
 
     OPENAPI = {
         "get": {"summary": "This node's peer table: records changed since a cursor",
@@ -263,9 +265,13 @@ class PeersResource:
                                "400": {"description": "malformed exchange"}}},
     }
 
-    def __init__(self, exchange: Callable[..., ExchangeAnswer], etag: Callable[[], str]):
+    def __init__(self, exchange: Callable[..., ExchangeAnswer], etag: Callable[[], str],
+                 admits: Callable[[str], bool],
+                 reached: Callable[[str | None], None] = lambda address: None):
         self.exchange = exchange
         self.etag = etag
+        self.admits = admits  # RequestAuth.admits: the rule that answers 403
+        self.reached = reached  # ReachedAt.note: which of our addresses peers reach us at
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         etag = self.etag()
@@ -279,7 +285,20 @@ class PeersResource:
             resp.etag = etag
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        send(resp, self.exchange(read_json(req), req.remote_addr))
+        caller = getattr(req.context, "caller", None)
+        send(resp, self.exchange(read_json(req), req.remote_addr,
+                                 self.admits(caller) if caller is not None else None))
+        self.reached(local_address(req))
+
+
+def local_address(req: falcon.Request) -> str | None:
+    """The address of ours that the client's connection came in at (None when the server
+    cannot tell: a test's app, a socket already gone)."""
+    sock = req.env.get("gunicorn.socket")
+    try:
+        return str(sock.getsockname()[0]) if sock is not None else None
+    except (OSError, AttributeError, IndexError):
+        return None
 
 
 def _ssh_host(req: falcon.Request) -> str:
@@ -311,6 +330,10 @@ class ContainersResource:
                                                       "or GPUs this host has not"},
                                "429": {"description": "too many containers (or GPUs) for "
                                                       "this caller"},
+                               "503": {"description": "this host cannot run containers "
+                                                      "now (its engine does not answer; its "
+                                                      "owner's log says why), or has no "
+                                                      "free ports"},
                                "507": {"description": "this host's disk for containers is "
                                                       "low"}}},
         "get": {"summary": "The caller's containers here", "tags": ["signed"],

@@ -28,17 +28,22 @@ ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)sms'
 
 
 def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A listening TCP socket; ``::`` takes IPv6 and IPv4 at once.
+    """A listening TCP socket; ``::`` takes IPv6 and IPv4 at once, or IPv4 alone on a
+    machine whose kernel has no IPv6 (booted with ``ipv6.disable=1``).
 
     :raises P2PRCError: the port is taken, or the address is not on this machine.
     """
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
-    except socket.gaierror as err:
-        raise P2PRCError(f"cannot listen on {host!r}: {err.strerror}") from None
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        if host == "::":  # no IPv6 in this kernel at all
+            log.warning("no IPv6 on this machine (%s): listening on IPv4 only", err)
+            return bind_socket("0.0.0.0", port, backlog)
+        reason = err.strerror if isinstance(err, socket.gaierror) else str(err)
+        raise P2PRCError(f"cannot listen on {host!r}: {reason}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
