@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -117,15 +118,24 @@ def routed_interfaces() -> set[str] | None:
 
 def why_peers_cannot_use(address: Address, routed: set[str] | None,
                          reached: Collection[str]) -> str | None:
-    """Why peers could hardly use ``address``, or None: a private address on an interface
-    with no default route (a lab's bridge, a VPN's), where no peer reached this node
-    lately. A global address, one a peer reached us at, and loopback (allowed for a lab)
-    are kept; so is everything on a machine with no default route at all."""
+    """Why peers could hardly use ``address``, or None: a private address on a virtual
+    interface with no default route (a lab's bridge, a VPN's), where no peer reached this
+    node lately. Kept: a global address, one a peer reached us at, loopback (allowed for a
+    lab), an address on a network card (the LAN of a laptop whose VPN takes the default
+    route), and everything on a machine with no default route at all."""
     if routed is None or address.kind in ("global", "loopback") or \
-            address.interface in routed or str(address) in reached:
+            address.interface in routed or str(address) in reached or \
+            _network_card(address.interface):
         return None
-    return (f"not advertised: no default route through {address.interface}, and no peer "
-            f"reached this node there lately")
+    return (f"not advertised: a virtual interface ({address.interface}) with no default "
+            f"route, and no peer reached this node there lately")
+
+
+def _network_card(interface: str | None) -> bool:
+    """Whether ``interface`` is a device (Linux lists a card's under /sys/class/net/NAME/
+    device; bridges, tunnels, veths and dummies have none)."""
+    return bool(interface) and "/" not in str(interface) and \
+        os.path.exists(f"/sys/class/net/{interface}/device")
 
 
 def peer_usable(addresses: list[Address], reached: Collection[str]) -> list[Address]:

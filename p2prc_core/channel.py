@@ -29,7 +29,7 @@ import httpcore
 import httpx
 
 from p2prc_core import tls
-from p2prc_core.errors import PeerError, unreachable
+from p2prc_core.errors import PeerError, PeerRefused, RelayRefused, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.signing import sign_request
@@ -404,6 +404,8 @@ def relayed(endpoint: Endpoint, timeout: float, secure: bool = True,
                                     f"{path}?{query}", relay.address, signed, timeout=timeout)
         except (httpcore.NetworkError, httpcore.TimeoutException) as err:
             raise unreachable(where, err, timeout) from None
+        except PeerRefused as err:  # the relay's word, not the node's
+            raise RelayRefused(str(err), err.status) from None
         if leftover:
             raise PeerError(f"{where} sent bytes the node could not have sent yet")
     except BaseException:

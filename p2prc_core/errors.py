@@ -37,6 +37,10 @@ class PeerRefused(PeerError):
         self.status = status
 
 
+class RelayRefused(PeerRefused):
+    """A relay on the way refused to carry the request (not the peer's own answer)."""
+
+
 def unreachable(where: object, err: BaseException, timeout: float | None) -> PeerError:
     """The one mapping of a failure to reach or talk to a peer (httpx's errors and socket
     errors alike) to a one-line ``PeerError``."""

@@ -56,10 +56,10 @@ class PeerNames:
             return fallback or "?"
         entry = self.table.load().get(node_id) if self.table.path.exists() else None
         if entry is not None and entry.local_name:
-            return entry.local_name
+            return clean(entry.local_name, 64)
         trusted = self.trust.names().get(node_id)
-        if trusted:
-            return trusted
+        if trusted:  # one stored before names were checked may hold anything
+            return clean(trusted, 64)
         own = clean(entry.name, 40).strip() if entry is not None else ""
         return own or node_id[:12]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from p2prc_core.config import Settings
 from p2prc_core.directory import PeerDirectory
-from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal
+from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal, RelayRefused
 from p2prc_core.models import Endpoint
 from p2prc_core.my_containers import RemoteContainer, Tracked
 from p2prc_core.sshkeys import ensure_key
@@ -50,7 +50,7 @@ class ContainersOnPeers:
             try:
                 container = client.create_container(request)
             except PeerRefused as err:
-                if err.status == 403:
+                if err.status == 403 and not isinstance(err, RelayRefused):  # the host's own
                     self.peers.remember_hosting(client.node_id, False)
                 raise
         self.peers.remember_hosting(client.node_id, True)

@@ -141,7 +141,6 @@ class ReachAgent:
                     tried = []
                     self._stop.wait(1.0)
                     continue
-                failures = 0
             elif ladder[0] != self._relay:  # the address that answered last, first
                 ladder = [self._relay] + [e for e in ladder if e != self._relay]
             try:

@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 import unicodedata
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,13 +170,17 @@ class TrustStore:
                              f"trust' lists them): choose another name")
         return name
 
-    def admit(self, node_id: str, chosen: str, suggested: str) -> str:
+    def admit(self, node_id: str, chosen: str, suggested: str,
+              users_names: Collection[str] = ()) -> str:
         """Trust ``node_id`` on redeeming an invite. Its name: ``chosen`` (the host's, bound
         to the invite) wins; else the name the host gave it before; else ``suggested`` (the
-        joiner's), made unique. Returns the name it is trusted under ("" for none)."""
+        joiner's), made unique, also against ``users_names`` (the names the user gave peers
+        of the table: a joiner's word never shadows one). Returns the name it is trusted
+        under ("" for none)."""
         def admit(data: dict[str, Any]) -> str:
-            name = _unique(chosen or suggested, {Trusted.from_json(e).name for other, e
-                                                 in data.items() if other != node_id})
+            taken = {Trusted.from_json(e).name for other, e in data.items() if other != node_id}
+            name = _unique(chosen, taken) if chosen else \
+                _unique(suggested, taken | set(users_names))
             entry = data.get(node_id)
             if isinstance(entry, dict):
                 kept = entry.get("name")
@@ -341,6 +346,8 @@ def accept_invite(state: ServerState, trust: TrustStore, table: PeerTable, calle
                 table.merge([caller_record], verified=True)  # checked once, just above
         except RecordError as err:
             log.info("join from %s: its record was not kept: %s", caller, err)
-    name = trust.admit(caller, chosen, suggested_name(suggested or record_name))
+    users_names = {e.local_name for other, e in table.load().items()
+                   if e.local_name and other != caller} if table.path.exists() else set()
+    name = trust.admit(caller, chosen, suggested_name(suggested or record_name), users_names)
     log.info("node %s (%s) joined with an invite and is now trusted", caller, name or "?")
     return name

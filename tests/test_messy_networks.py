@@ -7,8 +7,10 @@ relay that reaches the nodes waiting at it, and two homes on one machine.
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,16 @@ from netlab import Host, NetLab, available, run
 from test_containers import docker_client, host, me, touch
 from test_natlab import PORT, cli, labs, node_id, peers, reach, serve, wait_for, waits_at
 
-from conftest import P2PRC, LiveServer, ipv6_loopback_works, require, start_server
+from conftest import (
+    P2PRC,
+    LiveServer,
+    free_port,
+    ipv6_loopback_works,
+    require,
+    serve_tls,
+    start_server,
+)
+from p2prc_core.identity import NodeIdentity
 from p2prc_core.reach_state import REACHED_MAX, ReachedAt, ReachState
 from p2prc_core.records import verify_record
 from p2prc_core.tls import client_context
@@ -228,3 +239,59 @@ def test_a_kernel_without_ipv6_gets_a_server_on_ipv4(monkeypatch: pytest.MonkeyP
         assert sock.family == socket.AF_INET and sock.getsockname()[0] == "0.0.0.0"
     finally:
         sock.close()
+
+
+def test_a_node_falls_over_to_the_next_relay_when_one_answers_at_no_address(
+        tmp_path: Path, servers: list[LiveServer]) -> None:
+    """The first relay configured answers at none of its addresses (nothing listens there):
+    the node moves on to the second and waits there."""
+    relay = start_server(tmp_path / "relay", env={"P2PRC_RELAY": "true",
+                                                  "P2PRC_RELAY_OPEN": "true"})
+    servers.append(relay)
+    dead = f"{NodeIdentity.generate().node_id}@127.0.0.1:{free_port()}"
+    home = start_server(tmp_path / "home", env={
+        "P2PRC_USE_RELAY": "always",
+        "P2PRC_RELAYS": f"{dead},{relay.node_id}@127.0.0.1:{relay.port}"})
+    servers.append(home)
+    wait_for(lambda: any((relay.home / "relay").glob(f"w.{home.node_id}.*")), timeout=30,
+             what="home gives up on the dead relay and waits at the second")
+
+
+class RefusingRelay(http.server.BaseHTTPRequestHandler):
+    """A relay that refuses every connect, as one whose owner stopped relaying does."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+        body = json.dumps({"title": "Not a relay", "description": "no"}).encode()
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_relays_refusal_is_not_taken_for_the_hosts(tmp_path: Path) -> None:
+    """A 403 from a relay on the way is the relay's (RelayRefused): touch does not note
+    that the host will not host us, as it does for the host's own 403."""
+    from p2prc_core.channel import relayed
+    from p2prc_core.errors import PeerRefused, RelayRefused
+    from p2prc_core.models import Endpoint
+
+    relay_id = NodeIdentity.generate()
+    fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingRelay)
+    fake.daemon_threads = True
+    serve_tls(fake, relay_id, tmp_path / "relay")
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    try:
+        host = NodeIdentity.generate().node_id
+        path = Endpoint("127.0.0.1", fake.server_address[1], relay_id.node_id).through(host)
+        with pytest.raises(RelayRefused) as refused:
+            relayed(path, 5)
+        assert refused.value.status == 403 and isinstance(refused.value, PeerRefused)
+    finally:
+        fake.shutdown()
+        fake.server_close()

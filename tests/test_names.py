@@ -269,3 +269,25 @@ def test_container_lines_name_the_host(tmp_path: Path, friend: LiveServer) -> No
     assert json.loads(p2prc(me, "containers", "ls", "--json").stdout)[0]["peer"] == "alice"
     removed = p2prc(me, "rm", container)
     assert removed.stdout.strip() == f"removed {container} from alice", removed.stdout
+
+
+def test_a_suggestion_never_shadows_a_name_the_user_gave_a_peer(tmp_path: Path) -> None:
+    """The user called a peer of the table 'alice' (peers add --name): a joiner suggesting
+    'alice' is trusted as 'alice-2', so 'alice' keeps naming the user's alice everywhere."""
+    state, store = ServerState(tmp_path), TrustStore(tmp_path)
+    table = PeerTable(tmp_path, allow_loopback=True)
+    alice, joiner = NodeIdentity.generate(), NodeIdentity.generate()
+    table.merge([record(alice, "whatever")])
+    table.name(alice.node_id, "alice")
+    secret, _ = state.create_invite(60)
+    assert accept_invite(state, store, table, joiner.node_id, secret, None,
+                         "alice") == "alice-2"
+    assert PeerNames(table, store).node_id_of("alice") == alice.node_id
+
+
+def test_a_name_stored_before_names_were_checked_is_shown_safely(tmp_path: Path) -> None:
+    table, store = PeerTable(tmp_path), TrustStore(tmp_path)
+    old = NodeIdentity.generate()
+    store.add(old.node_id, name="\x1b]0;pwned\x07\x1b[2Jmallory")
+    shown = PeerNames(table, store).label(old.node_id)
+    assert "\x1b" not in shown and "\x07" not in shown and "mallory" in shown

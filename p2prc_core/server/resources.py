@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ from p2prc_core.wire import (
     encode,
     schema_ref,
 )
+
+log = logging.getLogger("p2prc.server")
 
 # One block of random bytes, reused for every download: incompressible, generated once.
 _CHUNK = os.urandom(1 << 20)
@@ -288,7 +291,10 @@ class PeersResource:
         caller = getattr(req.context, "caller", None)
         send(resp, self.exchange(read_json(req), req.remote_addr,
                                  self.admits(caller) if caller is not None else None))
-        self.reached(local_address(req))
+        try:
+            self.reached(local_address(req))
+        except OSError as err:  # a full disk: the exchange was answered all the same
+            log.warning("could not note where a peer reached this node: %s", err)
 
 
 def local_address(req: falcon.Request) -> str | None:
