@@ -15,6 +15,7 @@ with the messages the command line prints. See docs/python.md.
 from p2prc.api import (
     CommandResult,
     Container,
+    ExecResult,
     HostRun,
     Node,
     Peer,
@@ -24,5 +25,5 @@ from p2prc.api import (
 from p2prc_core import __version__
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal
 
-__all__ = ["CommandResult", "Container", "HostRun", "Node", "P2PRCError", "Peer", "PeerError",
-           "PeerRefused", "Peers", "Refusal", "Run", "__version__"]
+__all__ = ["CommandResult", "Container", "ExecResult", "HostRun", "Node", "P2PRCError", "Peer",
+           "PeerError", "PeerRefused", "Peers", "Refusal", "Run", "__version__"]

@@ -99,6 +99,22 @@ HostRun = HostResult  # one container's part of a run, as the run's record keeps
 
 
 @dataclass(frozen=True)
+class ExecResult:
+    """What ``Node.exec`` gave: the command's exit code (the worst, on several containers;
+    255: the connection was lost), its output, and the files that came back."""
+
+    job_id: str  # the job (the first one's, on several containers)
+    exit_code: int
+    stdout: str  # on several containers, each line prefixed with its host: "[HOST] "
+    stderr: str
+    output_paths: list[Path]
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
 class Run:
     """A playbook's run on containers, as ``p2prc runs show`` shows it."""
 
@@ -389,6 +405,45 @@ class Node:
     def runs(self) -> list[Run]:
         """Every run so far, oldest first."""
         return [Run.from_record(r) for r in self.services.runs.history.all()]
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def exec(self, command: list[str] | str, inputs: tuple[str, ...] | list[str] = (),
+             outputs: tuple[str, ...] | list[str] = (), gpu: bool | int | list[int] | None = None,
+             cpus: float | None = None, memory: int | str | None = None,
+             image: str | None = None, env: dict[str, str] | None = None,
+             workdir: str = "/job", timeout: int | str = 7200, on: str | None = None,
+             out_root: str | Path = "p2prc-out") -> ExecResult:
+        """Run ``command`` (an argv list, or a shell line run with ``sh -c``) as ``p2prc
+        exec`` does: in a fresh container on the best peer that fits (or ``on`` a peer, a
+        container or a group of yours), ``inputs`` sent ("LOCAL[:REMOTE]"), ``outputs``
+        brought back ("REMOTE[:LOCAL]", by default under ``out_root``/JOB), the container
+        removed. The output is captured.
+
+        :raises P2PRCError: a missing input, no peer that fits, a malformed request.
+        """
+        from p2prc_core.exec_job import CaptureSink, ExecSpec, Executor, worst
+        from p2prc_core.jobs import JobStore
+
+        argv = ["sh", "-c", command] if isinstance(command, str) else list(command)
+        spec = ExecSpec(command=argv, inputs=tuple(inputs), outputs=tuple(outputs),
+                        env=dict(env or {}), workdir=workdir, timeout=_duration(timeout),
+                        gpu=gpu, cpus=cpus, memory=None if memory is None else _size(memory),
+                        image=image, on=on, out_root=Path(out_root))
+        sink = CaptureSink()
+        runs = Executor(self.services.on_peers, JobStore(self.home),
+                        lambda line: None).execute(spec, sink)
+        several = len(runs) > 1
+
+        def joined(stream: str) -> str:
+            if not several:
+                return sink.text(runs[0].label, stream)
+            return "".join(f"[{run.label}] {line}\n" for run in runs
+                           for line in sink.text(run.label, stream).splitlines())
+
+        return ExecResult(job_id=runs[0].job.id, exit_code=worst([r.exit_code for r in runs]),
+                          stdout=joined("out"), stderr=joined("err"),
+                          output_paths=[p for run in runs for p in run.written])
 
     def __repr__(self) -> str:
         return clean(f"<p2prc Node {self.node_id} at {self.home}>")

@@ -163,6 +163,11 @@ class Settings:
                                           "host's networks (private addresses); cloud metadata "
                                           "services are refused either way")
     containers_per_caller: int = _setting(4, "containers one caller may hold at once", min=1)
+    container_warm_pool: int = _setting(0, "containers of the default image kept started for "
+                                        "the next callers, each handed to one caller only "
+                                        "(raise it on a host that friends use for many short "
+                                        "jobs, p2prc exec; they count against its ports)",
+                                        min=0, max=64)
     gpu_share: bool = _setting(False, "let several containers hold one GPU at once (else each "
                                "GPU has one holder)")
     gpus_per_caller: int = _setting(1, "GPUs one caller may hold at once, all its containers "
@@ -181,6 +186,10 @@ class Settings:
                                check=lambda text: parse_port_range(text))
     ssh_key: str = _setting("", "the SSH key p2prc logs in with (default: made on first use in "
                             "$P2PRC_HOME/ssh)")
+    exec_max_input: int = _setting(8 << 30, "most bytes of inputs 'p2prc exec' sends (-i)",
+                                   min=0, unit="size")
+    exec_max_output: int = _setting(1 << 30, "most bytes of outputs 'p2prc exec' takes back "
+                                    "from a host (-o); more is refused", min=0, unit="size")
 
     @property
     def display_name(self) -> str:

@@ -38,6 +38,9 @@ LABEL_PORTS = "org.p2prc.ports"
 LABEL_NODE = "org.p2prc.node"
 LABEL_GPUS = "org.p2prc.gpus"
 LABEL_DIRECT = "org.p2prc.direct"  # "1": published on every host address
+# The owner of a container in the host's warm pool: started before any caller asked, its
+# label says so for good (labels cannot change); the store holds the caller it went to.
+POOL_OWNER = "pool"
 SSH_PORT = 22
 PENDING = "pending-"  # ids of the places held while a container starts
 PENDING_SECONDS = 600
@@ -120,6 +123,18 @@ class ContainerSpec:
     log_bytes: int = 10 << 20  # most bytes of its output the engine keeps
     min_free_disk: int = 0  # refuse to start it while the engine's disk has less free
     reach_lan: bool = True  # may open connections to the host's private networks
+    pool: bool = False  # for the warm pool: no key yet; it waits to be handed out
+
+
+@dataclass(frozen=True)
+class HandOut:
+    """What a pooled container gets when it goes to its one caller (``hand_out``)."""
+
+    owner: str
+    ssh_key: str
+    cpus: float
+    memory: int
+    expires: float
 
 
 @dataclass
@@ -128,6 +143,9 @@ class BackendContainer:
     state: str
     image: str
     labels: dict[str, str]
+    # A pooled container handed out: the owner and the end of the lease the backend recorded
+    # on it (its labels still say "pool"), so a restart that lost the store can tell.
+    handed_out: tuple[str, float] | None = None
 
 
 class Backend(Protocol):
@@ -195,6 +213,7 @@ class Lease:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["host_key_fingerprint"] = fingerprint(self.host_key) if self.host_key else None
+        data["pool"] = self.owner == POOL_OWNER
         return data
 
     def reply(self, host: str, node_id: str) -> ContainerReply:
@@ -267,12 +286,7 @@ class ContainerStore:
             422 GPUs that cannot be given.
         """
         with self.shared.transaction() as db:
-            places = db.execute("SELECT COUNT(*) FROM leases WHERE owner=?",
-                                (owner,)).fetchone()
-            if places[0] >= per_caller:
-                raise ContainerError(429, "Too many containers",
-                                     f"You hold {per_caller} containers here, this host's "
-                                     f"limit per caller: remove one first.")
+            _check_places(db, owner, per_caller)
             taken = {row[0] for row in db.execute("SELECT port FROM ports")}
             chosen: list[int] = []
             for port in range(self.low, self.high + 1):
@@ -306,6 +320,48 @@ class ContainerStore:
             db.execute("UPDATE gpus SET holder=? WHERE holder=?", (lease.id, holder))
             db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)",
                        (lease.id, lease.owner, lease.expires, json.dumps(asdict(lease))))
+
+    def claim_pooled(self, owner: str, per_caller: int, fits: Callable[[Lease], bool],
+                     given: HandOut, now: float) -> Lease | None:
+        """In one transaction: take a pooled container that ``fits`` for ``owner`` (within
+        ``per_caller``), its lease now ``owner``'s with ``given``'s limits and end; None when
+        the pool has none. A claimed container never goes back to the pool.
+
+        :raises ContainerError: 429 over the per-caller limit.
+        """
+        with self.shared.transaction() as db:
+            _check_places(db, owner, per_caller)
+            rows = db.execute(f"SELECT data FROM leases WHERE owner=? AND id NOT LIKE "
+                              f"'{PENDING}%' AND expires > ? ORDER BY expires",
+                              (POOL_OWNER, now + 60))  # never one the reaper may take now
+            found = [lease for lease in (Lease(**json.loads(row[0])) for row in rows)
+                     if fits(lease)]
+            if not found:
+                return None
+            lease = found[0]
+            lease.owner, lease.created, lease.expires = owner, now, given.expires
+            lease.cpus, lease.memory = given.cpus, given.memory
+            db.execute("UPDATE leases SET owner=?, expires=?, data=? WHERE id=?",
+                       (owner, lease.expires, json.dumps(asdict(lease)), lease.id))
+            return lease
+
+    def release_pooled(self, container_id: str) -> bool:
+        """Drop a pooled container's lease, ports and place, unless a caller claimed it
+        meanwhile; return whether it was still the pool's."""
+        with self.shared.transaction() as db:
+            gone = db.execute("DELETE FROM leases WHERE id=? AND owner=?",
+                              (container_id, POOL_OWNER)).rowcount
+            if gone:
+                for table in ("ports", "gpus"):
+                    db.execute(f"DELETE FROM {table} WHERE holder=?", (container_id,))
+                db.execute("DELETE FROM stopped WHERE id=?", (container_id,))
+            return bool(gone)
+
+    def pool_places(self) -> int:
+        """The warm pool's containers, those being started included."""
+        row = self.shared.db().execute("SELECT COUNT(*) FROM leases WHERE owner=?",
+                                       (POOL_OWNER,)).fetchone()
+        return int(row[0])
 
     def forget(self, holder: str) -> None:
         """Drop a lease (or a held place) and free its ports and GPUs."""
@@ -372,6 +428,9 @@ class ContainerStore:
             query, args = query + " AND owner=?", (owner,)
         return [Lease(**json.loads(row[0])) for row in self.shared.db().execute(query, args)]
 
+    def lease_ids(self) -> set[str]:
+        return {row[0] for row in self.shared.db().execute("SELECT id FROM leases")}
+
     def stale_places(self, now: float) -> list[str]:
         rows = self.shared.db().execute(
             f"SELECT id FROM leases WHERE id LIKE '{PENDING}%' AND expires < ?", (now,))
@@ -421,6 +480,15 @@ def choose_gpus(ask: bool | int | tuple[int, ...], host: list[int], held: dict[i
     return sorted(free[:ask])
 
 
+def _check_places(db: sqlite3.Connection, owner: str, per_caller: int) -> None:
+    """:raises ContainerError: 429 when ``owner`` holds ``per_caller`` places already."""
+    places = db.execute("SELECT COUNT(*) FROM leases WHERE owner=?", (owner,)).fetchone()
+    if places[0] >= per_caller:
+        raise ContainerError(429, "Too many containers",
+                             f"You hold {per_caller} containers here, this host's limit per "
+                             f"caller: remove one first.")
+
+
 def _gpus_held_by(db: sqlite3.Connection, owner: str) -> int:
     """The GPUs ``owner``'s containers and creates under way hold (one a container each)."""
     row = db.execute("SELECT COUNT(*) FROM gpus WHERE holder IN "
@@ -455,6 +523,14 @@ def _indexes(gpus: list[int] | tuple[int, ...]) -> str:
     return ", ".join(str(g) for g in gpus)
 
 
+class PoolTaker(Protocol):
+    """The host's warm pool as the service sees it (``p2prc_core.warm_pool``)."""
+
+    def take(self, owner: str, request: ContainerRequest, given: HandOut) -> Lease | None:
+        """A pooled container handed out to ``owner`` with ``given``; None: start one."""
+        ...
+
+
 @dataclass
 class ContainerService:
     """The server's side: create, list, remove, reap and reconcile p2prc's containers."""
@@ -465,6 +541,7 @@ class ContainerService:
     node_id: str
     gpus: Callable[[], list[Any]] = field(default=list)  # this host's GPUs (from the specs)
     host_key_timeout: float = 30.0
+    pool: PoolTaker | None = None  # the warm pool, on a host that keeps one
 
     @classmethod
     def open(cls, settings: Settings, backend: Backend, home: Path, node_id: str,
@@ -512,17 +589,43 @@ class ContainerService:
         return image, cpus, memory, ttl
 
     def create(self, owner: str, request: ContainerRequest) -> Lease:
-        """Start a container for ``owner``: within the limits, on ports from the pool, with a
-        lease; a create that fails half-way leaves nothing behind."""
-        s = self.settings
+        """Start a container for ``owner`` (or hand one out from the warm pool): within the
+        limits, on ports from the port pool, with a lease; a create that fails half-way
+        leaves nothing behind."""
         image, cpus, memory, ttl = self.granted(request)
+        if self.pool is not None:
+            given = HandOut(owner, request.ssh_key, cpus, memory, time.time() + ttl)
+            lease = self.pool.take(owner, request, given)
+            if lease is not None:
+                return lease
+        return self._start(owner, request, (image, cpus, memory, ttl),
+                           self.settings.containers_per_caller)
+
+    def start_pooled(self, size: int) -> Lease:
+        """Start one container for the warm pool (of at most ``size``): the default image
+        and limits, SSH's port only, no key; its lease is ``POOL_OWNER``'s.
+
+        :raises ContainerError: 429 when the pool is full, or why it cannot start.
+        """
+        s = self.settings
+        granted = (s.container_images[0], s.container_default_cpus,
+                   s.container_default_memory, s.container_default_ttl)
+        return self._start(POOL_OWNER, None, granted, size)
+
+    def _start(self, owner: str, request: ContainerRequest | None,
+               granted: tuple[str, float, int, int], per_caller: int) -> Lease:
+        """Start a container (``request`` None: a pooled one) and settle its lease."""
+        s = self.settings
+        image, cpus, memory, ttl = granted
+        pooled = request is None
+        extra, gpu = (0, False) if request is None else (request.ports, request.gpu)
         token = f"{PENDING}{uuid.uuid4().hex}"
         # Each GPU by its index (a specs plugin that gives none: its place in the list).
         host_gpus = {g["index"] if isinstance(g.get("index"), int) else i: {"index": i, **g}
-                     for i, g in enumerate(self.gpus()) if isinstance(g, dict)}
-        ports = self.store.reserve(owner, 1 + request.ports, s.containers_per_caller, token,
-                                   request.gpu, sorted(host_gpus), s.gpu_share,
-                                   s.gpus_per_caller)
+                     for i, g in enumerate(self.gpus()) if isinstance(g, dict)} \
+            if gpu is not False else {}
+        ports = self.store.reserve(owner, 1 + extra, per_caller, token, gpu,
+                                   sorted(host_gpus), s.gpu_share, s.gpus_per_caller)
         gpus = self.store.gpus_of(token)
         now = time.time()
         direct = s.publish_ports == "all"
@@ -532,7 +635,8 @@ class ContainerService:
                       + [{"name": f"port{i}", "internal": p, "external": p}
                          for i, p in enumerate(ports[1:], 1)])
         spec = ContainerSpec(
-            name=f"p2prc-{uuid.uuid4().hex[:12]}", image=image, ssh_key=request.ssh_key,
+            name=f"p2prc-{'pool-' if pooled else ''}{uuid.uuid4().hex[:12]}", image=image,
+            ssh_key="" if request is None else request.ssh_key, pool=pooled,
             cpus=cpus, memory=memory, pids=s.container_pids, ports=ports, gpu=bool(gpus),
             labels={LABEL: "1", LABEL_OWNER: owner, LABEL_EXPIRES: str(int(lease.expires)),
                     LABEL_NODE: self.node_id,
@@ -546,7 +650,9 @@ class ContainerService:
         try:
             container_id = self.backend.create(spec)
             lease.id = container_id
-            lease.host_key = self.backend.host_key(container_id, self.host_key_timeout)
+            wait = getattr(self.backend, "pooled_host_key", None) if pooled else None
+            lease.host_key = (wait or self.backend.host_key)(container_id,
+                                                             self.host_key_timeout)
         except BaseException:
             if container_id:
                 self._remove_quietly(container_id)
@@ -657,6 +763,7 @@ class ContainerService:
         nothing holds."""
         live = {c.id: c for c in self.backend.containers()
                 if c.labels.get(LABEL) == "1" and c.labels.get(LABEL_NODE) == self.node_id}
+        self._empty_pool(live)
         leased = {lease.id for lease in self.store.leases()}
         adopted, dropped = [], []
         for container_id, container in live.items():
@@ -666,6 +773,10 @@ class ContainerService:
                 ports = json.loads(container.labels.get(LABEL_PORTS, "[]"))
                 expires = float(container.labels[LABEL_EXPIRES])
                 owner = container.labels[LABEL_OWNER]
+                if owner == POOL_OWNER:  # handed out: to whom, as the backend recorded
+                    owner, expires = container.handed_out or ("", 0.0)
+                    if not owner:
+                        raise ValueError(container_id)
                 gpus = json.loads(container.labels.get(LABEL_GPUS, "[]"))
                 if not isinstance(gpus, list) or not all(
                         isinstance(g, int) and 0 <= g < MAX_GPUS for g in gpus):
@@ -685,6 +796,21 @@ class ContainerService:
             if holder not in holders and not holder.startswith(PENDING):
                 self.store.forget(holder)
         return {"adopted": adopted, "dropped": dropped}
+
+    def _empty_pool(self, live: dict[str, BackendContainer]) -> None:
+        """At a start, the warm pool of the last run goes (its containers waited for no one
+        in particular, and the pool is filled again): those with a pool lease, and those
+        labelled for the pool that were never handed out. ``live`` loses them."""
+        pooled = {lease.id for lease in self.store.leases(POOL_OWNER)}
+        leftover = {i for i, c in live.items() if c.labels.get(LABEL_OWNER) == POOL_OWNER
+                    and c.handed_out is None and i not in self.store.lease_ids()}
+        for container_id in pooled | leftover:
+            self._remove_quietly(container_id)
+            self.store.release_pooled(container_id)
+            live.pop(container_id, None)
+        if pooled | leftover:
+            log.info("the warm pool of the last run: %d containers removed",
+                     len(pooled | leftover))
 
 
 def usage_of(backend: Backend, container_ids: list[str]) -> dict[str, dict[str, float]]:

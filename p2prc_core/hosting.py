@@ -3,6 +3,7 @@ the container service over it (leases, ports, GPUs), built on first use."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from functools import cached_property
@@ -21,6 +22,9 @@ from p2prc_core.errors import P2PRCError
 from p2prc_core.models import MIN_PREFIX
 from p2prc_core.plugins import PluginHooks
 from p2prc_core.storage import SERVER_DB
+from p2prc_core.warm_pool import WarmPool, can_pool
+
+log = logging.getLogger("p2prc.containers")
 
 
 class Hosting:
@@ -63,13 +67,48 @@ class Hosting:
             if self._service is None:
                 self._service = ContainerService(self.settings, self.backend(), self.store,
                                                  self.node_id(), self.gpus)
+                self._service.pool = self._warm_pool(self._service)
             return self._service
 
+    def _warm_pool(self, service: ContainerService) -> WarmPool | None:
+        """The warm pool, where ``container_warm_pool`` asks for one and the backend can."""
+        if self.settings.container_warm_pool <= 0:
+            return None
+        if not can_pool(service):
+            log.warning("the %r backend cannot keep a warm pool: container_warm_pool is "
+                        "ignored", self.settings.backend)
+            return None
+        return WarmPool(service, self.settings.container_warm_pool)
+
+    def warm_pool(self) -> WarmPool | None:
+        """The warm pool of this host's container service (None: it keeps none)."""
+        pool = self.service().pool
+        return pool if isinstance(pool, WarmPool) else None
+
     def reap(self) -> list[str]:
-        """Remove the containers whose lease ran out; none when there is no engine."""
+        """Remove the containers whose lease ran out, and top the warm pool up; none when
+        there is no engine."""
         try:
-            return self.service().reap()
+            removed = self.service().reap()
+            pool = self.warm_pool()
+            if pool is not None:
+                pool.refill()
+            return removed
         except ContainerError:
+            return []
+
+    def drain_pool(self) -> list[str]:
+        """Remove the warm pool's containers (the server stops); their ids."""
+        if not self.settings.container_warm_pool:
+            return []  # none kept: the engine is not even asked
+        try:
+            pool = self.warm_pool()
+            removed = pool.drain() if pool is not None else []
+            if removed:
+                log.info("the warm pool's %d containers were removed", len(removed))
+            return removed
+        except ContainerError as err:
+            log.warning("the warm pool was left to the next start: %s", err)
             return []
 
     def kill(self, text: str) -> Lease:

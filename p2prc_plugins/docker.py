@@ -22,10 +22,11 @@ from p2prc_core.containers import (
     BackendContainer,
     ContainerError,
     ContainerSpec,
+    HandOut,
     cannot_run_now,
 )
 from p2prc_core.text import human_bytes
-from p2prc_plugins import docker_firewall
+from p2prc_plugins import docker_firewall, docker_pool
 from p2prc_plugins.docker_disk import READONLY_LABEL, DiskLimit
 from p2prc_plugins.nvidia_driver import find_driver
 
@@ -36,7 +37,7 @@ DEFAULT_TAG = "p2prc/base:latest"
 # change: an image with an older version is built again.
 DEBOOTSTRAP_PACKAGES = ["openssh-server", "python3", "python3-pip", "sudo", "ca-certificates",
                         "curl", "git", "rsync"]
-IMAGE_VERSION = "2"
+IMAGE_VERSION = "3"  # 3: the warm pool's wait for a key, an empty /job
 VERSION_LABEL = "org.p2prc.image.version"
 HOST_KEY_MARK = "P2PRC-HOSTKEY "
 SSHD_LISTENING = "Server listening on"  # what sshd -e says once it takes connections
@@ -141,12 +142,14 @@ class DockerBackend:
             ports[f"{port}/tcp"] = [(address, port) for address in addresses]
         options: dict[str, Any] = {
             "image": spec.image, "name": spec.name, "detach": True, "labels": spec.labels,
-            "environment": {"P2PRC_SSH_KEY": spec.ssh_key, **limits_environment(spec)},
+            "environment": {**({"P2PRC_POOL": "1"} if spec.pool else
+                               {"P2PRC_SSH_KEY": spec.ssh_key}), **limits_environment(spec)},
             "ports": ports,
             "cap_drop": ["ALL"], "cap_add": SSHD_CAPABILITIES,
             "security_opt": ["no-new-privileges:true"], "privileged": False,
             "pids_limit": spec.pids, "mem_limit": spec.memory, "memswap_limit": spec.memory,
-            "nano_cpus": int(spec.cpus * 1e9), "network": self.network(spec.reach_lan),
+            **(docker_pool.cpu_options(spec.cpus) if spec.pool else
+               {"nano_cpus": int(spec.cpus * 1e9)}), "network": self.network(spec.reach_lan),
             "ipc_mode": "private", "init": False, "stdin_open": False, "tty": False,
             # What the engine keeps of its output: one file, at most log_bytes.
             "log_config": docker.types.LogConfig(type="json-file", config={
@@ -268,10 +271,11 @@ class DockerBackend:
             raise ContainerError(503, "Host not closed",
                                  f"Cannot close this host to its containers ({problem}).")
 
-    def host_key(self, container_id: str, timeout: float) -> str:
+    def host_key(self, container_id: str, timeout: float, until: str = SSHD_LISTENING) -> str:
         """The container's SSH host key, which its entry script prints before sshd starts;
-        returned once sshd says it listens (so the first connection finds it), or at most
-        ``LISTEN_GRACE`` seconds after the key for an image whose sshd says nothing."""
+        returned once sshd says it listens (``until``: so the first connection finds it),
+        or at most ``LISTEN_GRACE`` seconds after the key for an image whose sshd says
+        nothing."""
         docker = _docker()
         deadline = time.monotonic() + timeout
         delay = 0.02
@@ -288,8 +292,7 @@ class DockerBackend:
                 if key is None and line.startswith(HOST_KEY_MARK):
                     key = " ".join(line[len(HOST_KEY_MARK):].split()[:2])
                     listening_by = min(deadline, time.monotonic() + LISTEN_GRACE)
-            if key is not None and (SSHD_LISTENING in logs or
-                                    time.monotonic() >= listening_by):
+            if key is not None and (until in logs or time.monotonic() >= listening_by):
                 return key
             if container.status in ("exited", "dead"):
                 tail = container.logs().decode(errors="replace")[-500:]
@@ -299,6 +302,14 @@ class DockerBackend:
             delay = min(delay * 1.5, 0.25)
         raise ContainerError(504, "Container too slow",
                              f"sshd did not start within {timeout:g} s.")
+
+    def pooled_host_key(self, container_id: str, timeout: float) -> str:
+        """A pooled container's host key, once it waits to be handed out."""
+        return self.host_key(container_id, timeout, until=docker_pool.WAITING)
+
+    def hand_out(self, container_id: str, given: HandOut) -> None:
+        """Give a pooled container to its one caller (``docker_pool.hand_out``)."""
+        docker_pool.hand_out(self.client, container_id, given)
 
     def remove(self, container_id: str) -> None:
         docker = _docker()
@@ -318,8 +329,8 @@ class DockerBackend:
             found = self.client.containers.list(all=True, filters={"label": f"{LABEL}=1"})
         except _gone() as err:
             raise _unavailable(err) from None
-        return [BackendContainer(c.id, c.status, _image_name(c), dict(c.labels))
-                for c in found]
+        return [BackendContainer(c.id, c.status, _image_name(c), dict(c.labels),
+                                 docker_pool.handed_out_of(c.name)) for c in found]
 
     def images(self) -> list[dict[str, Any]]:
         try:
@@ -470,6 +481,8 @@ def build_from_debootstrap(client: Any, tag: str, say: Callable[[str], None],
         shutil.copy(IMAGE_DIR / "pip.conf", root / "etc/pip.conf")
         for name in ("etc/profile.d/p2prc-limits.sh", "etc/pip.conf"):
             (root / name).chmod(0o644)
+        (root / "job").mkdir(exist_ok=True)  # exec's working folder: a tmpfs over it
+        (root / "job").chmod(0o755)
         _slim(root)
         (root / "var/lib/apt/lists/partial").mkdir(parents=True)
         archive = Path(tmp) / "rootfs.tar"

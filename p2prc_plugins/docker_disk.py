@@ -23,7 +23,7 @@ READONLY_LABEL = "org.p2prc.readonly"
 # Where programs, sshd, Ansible and the package caches write; /usr and /etc stay the image's.
 WRITABLE = {"/tmp": "1777", "/var/tmp": "1777", "/run": "755", "/root": "700", "/home": "755",
             "/srv": "755", "/opt": "755", "/mnt": "755", "/var/log": "755",
-            "/var/cache": "755"}
+            "/var/cache": "755", "/job": "755"}  # /job: p2prc exec's working folder
 # Storage drivers whose size option limits a container's writable layer.
 QUOTA_DRIVERS = {"btrfs", "zfs", "devicemapper", "windowsfilter"}
 

@@ -7,6 +7,7 @@ to the group when imported; ``original`` adds the original P2PRC's flags, last.
 
 from p2prc_core.cli import (  # noqa: F401  (commands)
     containers,
+    jobs,
     local,
     original,  # noqa: F401  (the original flags, over the commands)
     peers,

@@ -81,12 +81,15 @@ def resolve_peer(text: str) -> Endpoint:
 # How 'p2prc --help' groups the commands (any command not named here goes under "More").
 SECTIONS = [
     ("Get started", ["init", "server", "status", "doctor", "id", "invite", "join"]),
+    ("Run one thing", ["exec", "jobs"]),
     ("Peers", ["peers", "specs", "speedtest", "trust", "untrust", "interfaces"]),
     ("Containers", ["touch", "ssh", "forward", "ssh-config", "containers", "rm", "group"]),
     ("Tasks", ["playbooks", "run", "runs"]),
     ("This node", ["ui", "config", "plugins", "image", "version"]),
 ]
 EXAMPLES = """\
+  p2prc exec -i train.py -o /job/out -- python3 train.py
+                                     run a script on the best friend's machine, results back
   p2prc server                       run your peer server (keep it running)
   p2prc invite                       a token for a friend; they run: p2prc join TOKEN
   p2prc peers update && p2prc peers  learn of more peers; list them, near and fast first

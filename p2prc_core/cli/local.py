@@ -27,7 +27,7 @@ from p2prc_core.config import (
     load_settings,
     settings_as_dict,
 )
-from p2prc_core.containers import STOPPED, ContainerService, Lease, usage_of
+from p2prc_core.containers import POOL_OWNER, STOPPED, ContainerService, Lease, usage_of
 from p2prc_core.doctor import node_status
 from p2prc_core.errors import P2PRCError
 from p2prc_core.output import print_json, print_table
@@ -327,6 +327,10 @@ def server_containers_ls(node: CliContext, as_json: bool = False) -> None:
                   ", ".join(str(p["external"]) for p in lease.ports),
                   ", ".join(map(str, lease.gpus)) or "-", format_when(lease.expires))
                  for lease in leases])
+    pooled = sum(lease.owner == POOL_OWNER for lease in leases)
+    if pooled:
+        click.echo(f"{pooled} in the warm pool (owner pool): started for the next callers, "
+                   f"each handed to one caller only (container_warm_pool).")
     holding = sum(lease.state in STOPPED for lease in leases)
     if holding:
         click.echo(f"{holding} stopped container{'s' if holding > 1 else ''} still "

@@ -200,4 +200,5 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
     try:
         PeerServer(settings, node.home, sock).run()
     finally:
+        node.hosting.drain_pool()  # nobody's containers: they go with the server
         node.own.withdraw_server()

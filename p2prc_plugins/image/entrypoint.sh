@@ -1,17 +1,29 @@
 #!/bin/sh
-# p2prc container entry: install the caller's key, make this container's own host keys,
-# print the host key so the server can hand its fingerprint to the client, then run sshd.
+# p2prc container entry: make this container's own host keys, print the host key so the
+# server can hand its fingerprint to the client, install the caller's key, then run sshd.
+# A container of the host's warm pool (P2PRC_POOL=1, no key) waits, without sshd, until the
+# host hands it out to its one caller: the host writes the caller's key and limits, one a
+# line, into a pipe in /run (docker exec, as root); then it goes on as any other.
 # Everything it writes is under /root and /run, so the root file system may be read-only.
 # The limits the host set (P2PRC_CPUS, P2PRC_MEMORY, OMP_NUM_THREADS, which nproc honours)
 # reach every SSH session (sshd's SetEnv), not only this process.
 set -eu
 umask 077
 mkdir -p /root/.ssh /run/sshd /run/p2prc-ssh
-printf '%s\n' "${P2PRC_SSH_KEY:?no SSH key given}" > /root/.ssh/authorized_keys
-unset P2PRC_SSH_KEY
 rm -f /run/p2prc-ssh/ssh_host_*
 ssh-keygen -q -t ed25519 -N '' -f /run/p2prc-ssh/ssh_host_ed25519_key
 echo "P2PRC-HOSTKEY $(cat /run/p2prc-ssh/ssh_host_ed25519_key.pub)"
+if [ -z "${P2PRC_SSH_KEY:-}" ] && [ "${P2PRC_POOL:-}" = 1 ]; then
+  rm -f /run/p2prc-handout
+  mkfifo -m 600 /run/p2prc-handout
+  echo "P2PRC-POOL-WAITING"
+  { read -r P2PRC_SSH_KEY && read -r P2PRC_CPUS && read -r P2PRC_MEMORY \
+      && read -r OMP_NUM_THREADS; } < /run/p2prc-handout
+  rm -f /run/p2prc-handout
+  export P2PRC_CPUS P2PRC_MEMORY OMP_NUM_THREADS
+fi
+printf '%s\n' "${P2PRC_SSH_KEY:?no SSH key given}" > /root/.ssh/authorized_keys
+unset P2PRC_SSH_KEY
 # What pip installs for root (under /root/.local, /usr being read-only) is on the PATH.
 session="PATH=/root/.local/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 for name in P2PRC_CPUS P2PRC_MEMORY OMP_NUM_THREADS; do

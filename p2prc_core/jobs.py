@@ -1,0 +1,123 @@
+"""Jobs: each ``p2prc exec`` on one container, kept in the home as runs are
+(``$P2PRC_HOME/jobs/JOB/job.json``), so that ``p2prc jobs`` can list them, follow a detached
+one's output, and fetch its outputs later."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from p2prc_core.errors import P2PRCError
+from p2prc_core.storage import atomic_write_json, read_json_file
+
+STATES = ("starting", "running", "done", "failed", "interrupted", "lost", "detached")
+FINISHED = ("done", "failed", "interrupted")  # the container is gone or given back
+_JOB_ID = re.compile(r"[0-9a-f]{8}")
+
+
+@dataclass
+class Job:
+    """One command on one container, as ``jobs show`` shows it."""
+
+    id: str
+    peer_id: str  # the node that runs it
+    peer_name: str  # what it was called when the job started
+    container_id: str
+    command: list[str]
+    workdir: str = "/job"
+    state: str = "starting"
+    exit_code: int | None = None
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    outputs: list[dict[str, str]] = field(default_factory=list)  # [{"remote", "local"}]
+    out_dir: str = ""  # where outputs land by default
+    batch: str = ""  # the first job's id, for a command run on several containers at once
+    keep: bool = False  # the container stays when the job ends (started by exec or not)
+    message: str = ""  # why it is lost, or what went wrong with its outputs
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.time()) - self.started
+
+    @property
+    def command_text(self) -> str:
+        import shlex
+
+        return shlex.join(self.command)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "duration": round(self.duration, 3)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Job | None:
+        """What ``as_dict`` wrote; None for a damaged record (it is not listed)."""
+        if not isinstance(data, dict):
+            return None
+        known = {f.name for f in fields(cls)}
+        try:
+            job = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError:
+            return None
+        if not isinstance(job.id, str) or not _JOB_ID.fullmatch(job.id) or \
+                job.state not in STATES or not isinstance(job.command, list):
+            return None
+        return job
+
+
+class JobStore:
+    """Each job's record: ``$P2PRC_HOME/jobs/JOB/job.json``, written atomically."""
+
+    def __init__(self, home: Path):
+        self.root = home / "jobs"
+
+    def new_id(self) -> str:
+        """A short id no job here has yet (its folder is made, so two callers never share
+        one)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        while True:
+            job_id = secrets.token_hex(4)
+            try:
+                (self.root / job_id).mkdir()
+                return job_id
+            except FileExistsError:
+                continue
+
+    def save(self, job: Job) -> None:
+        atomic_write_json(self.root / job.id / "job.json", job.as_dict())
+
+    def all(self) -> list[Job]:
+        """Every job, oldest first; damaged records are left out."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            try:
+                job = Job.from_json(read_json_file(path / "job.json", None))
+            except P2PRCError:
+                continue
+            if job is not None:
+                found.append(job)
+        return sorted(found, key=lambda j: j.started)
+
+    def get(self, text: str) -> Job:
+        """A job by id, a unique start of one, or ``last``.
+
+        :raises P2PRCError: none or several match.
+        """
+        every = self.all()
+        if text == "last" and every:
+            return every[-1]
+        matches = [j for j in every if j.id.startswith(text)] if text else []
+        if len(matches) != 1:
+            raise P2PRCError(f"no job {text!r} ('p2prc jobs ls' lists them)" if not matches
+                             else f"{text!r} matches {len(matches)} jobs: give more of it")
+        return matches[0]
+
+    def remove(self, job: Job) -> None:
+        """Forget a job (its outputs, wherever they went, stay)."""
+        shutil.rmtree(self.root / job.id, ignore_errors=True)

@@ -1,0 +1,417 @@
+"""``p2prc exec`` and ``p2prc jobs``: a command on a peer with its files, against the real
+Docker engine (run under the flock: see docs/contributing), and peer choice without one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import P2PRC, LiveServer, friend_with, require
+from p2prc_core.directory import PeerRow
+from p2prc_core.errors import P2PRCError, PeerRefused
+from p2prc_core.exec_job import ExecSpec, Placement, command_script, missing_on, why_chosen
+from p2prc_core.jobs import Job, JobStore
+
+
+@pytest.fixture
+def host(tmp_path: Path, engine: Any) -> Iterator[LiveServer]:
+    require(subprocess.run(["which", "ssh"], capture_output=True).returncode == 0,
+            "the ssh client is missing")
+    with friend_with(tmp_path, engine, P2PRC_CONTAINERS_PER_CALLER="3") as server:
+        yield server
+
+
+def me(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([P2PRC, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+
+
+def ours(engine: Any, host: LiveServer) -> list[str]:
+    """The containers the host runs now (any caller's: here only ours)."""
+    found = engine.api.containers(all=True, filters={"label": f"org.p2prc.node={host.node_id}"})
+    return [c["Id"] for c in found]
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and every process under it (a server's workers)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found = [pid]
+    while more := [c for c, p in parents.items() if p in found and c not in found]:
+        found += more
+    return found
+
+
+def jobs(tmp_path: Path) -> list[dict[str, Any]]:
+    listed: list[dict[str, Any]] = json.loads(me(tmp_path, "jobs", "ls", "--json").stdout)
+    return listed
+
+
+# -- on the real engine ------------------------------------------------------------------------
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_a_script_with_an_input_folder_and_an_output_comes_back(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("forty-two\n")
+    (tmp_path / "work.sh").write_text("mkdir -p out && tr a-z A-Z < data/a.txt > out/result\n"
+                                      "echo to-stdout $GREETING; echo to-stderr >&2\n")
+    result = me(tmp_path, "exec", "--on", host.peer(), "-i", "data", "-i", "work.sh",
+                "-o", "/job/out", "-e", "GREETING=hi there", "--", "sh", "work.sh")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "to-stdout hi there\n"  # stdout and stderr kept apart
+    assert "to-stderr" in result.stderr and "to-stderr" not in result.stdout
+    [job] = jobs(tmp_path)
+    assert job["state"] == "done" and job["exit_code"] == 0
+    assert (Path(job["out_dir"]) / "out" / "result").read_text() == "FORTY-TWO\n"
+    assert Path(job["out_dir"]) == tmp_path / "p2prc-out" / job["id"]
+    assert ours(engine, host) == []  # the container is gone
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_a_failing_command_gives_its_exit_code_and_its_outputs(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    result = me(tmp_path, "exec", "--on", host.peer(), "-o", "out.txt", "--",
+                "sh", "-c", "echo partial > out.txt; exit 7")
+    assert result.returncode == 7, result.stderr
+    [job] = jobs(tmp_path)
+    assert job["state"] == "failed" and job["exit_code"] == 7
+    assert (Path(job["out_dir"]) / "out.txt").read_text() == "partial\n"
+    assert ours(engine, host) == []
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_ctrl_c_interrupts_the_command_fetches_outputs_and_removes_the_container(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    script = ("mkdir out; echo before > out/f; trap 'echo got-int > out/g; exit 130' INT; "
+              "echo started; while true; do sleep 0.1; done")
+    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "-o", "out", "--",
+                             "sh", "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")},
+                            start_new_session=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to its whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    [job] = jobs(tmp_path)
+    assert job["state"] == "interrupted"
+    out = Path(job["out_dir"]) / "out"
+    assert (out / "f").read_text() == "before\n" and (out / "g").read_text() == "got-int\n"
+    assert ours(engine, host) == []
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_a_second_ctrl_c_kills_a_command_that_ignores_the_first(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "--", "sh", "-c",
+                             "trap '' INT; echo started; sleep 60"], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    os.killpg(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while b"Ctrl-C again" not in (line := proc.stderr.readline() if proc.stderr else b""):
+        assert line and time.monotonic() < deadline
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 137, err
+    assert [j["state"] for j in jobs(tmp_path)] == ["interrupted"]
+    assert ours(engine, host) == []
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_a_command_past_its_timeout_is_interrupted(tmp_path: Path, host: LiveServer) -> None:
+    result = me(tmp_path, "exec", "--on", host.peer(), "--timeout", "1s", "--",
+                "sleep", "30", timeout=25)
+    assert result.returncode == 124, result.stderr  # timeout's own code
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_plain_commands_end_with_130_on_ctrl_c(tmp_path: Path, host: LiveServer) -> None:
+    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "--", "sh", "-c",
+                             "echo started; exec sleep 60"], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err  # not 255: that would read as a lost connection
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_detach_then_logs_follow_and_get(tmp_path: Path, host: LiveServer,
+                                         engine: Any) -> None:
+    script = "echo one; echo oops >&2; sleep 1; mkdir out; echo made > out/f; echo two; exit 3"
+    started = me(tmp_path, "exec", "--detach", "--on", host.peer(), "-o", "out", "--",
+                 "sh", "-c", script)
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.strip()
+    assert [j["state"] for j in jobs(tmp_path)] == ["detached"]
+    logs = me(tmp_path, "jobs", "logs", "-f", job_id)
+    assert logs.stdout == "one\ntwo\n" and "oops" in logs.stderr
+    got = me(tmp_path, "jobs", "get", job_id)
+    assert got.returncode == 0, got.stderr
+    assert "exited 3" in got.stdout and "removed its container" in got.stdout
+    [job] = jobs(tmp_path)
+    assert job["state"] == "failed" and job["exit_code"] == 3
+    assert (tmp_path / "p2prc-out" / job_id / "out" / "f").read_text() == "made\n"
+    assert ours(engine, host) == []
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_on_a_group_runs_on_each_at_once_with_its_index(tmp_path: Path, host: LiveServer,
+                                                        engine: Any) -> None:
+    for _ in range(2):
+        assert me(tmp_path, "touch", host.peer()).returncode == 0
+    containers = json.loads(me(tmp_path, "containers", "ls", "--json").stdout)
+    assert me(tmp_path, "group", "create", "pair").returncode == 0
+    assert me(tmp_path, "group", "add", "pair",
+              *[c["id"][:12] for c in containers]).returncode == 0
+    result = me(tmp_path, "exec", "--on", "pair", "-o", "i", "--",
+                "sh", "-c", 'echo $P2PRC_INDEX > i; echo "part $P2PRC_INDEX of $P2PRC_COUNT"')
+    assert result.returncode == 0, result.stderr
+    lines = sorted(result.stdout.splitlines())
+    assert len(lines) == 2 and {line.split("] ", 1)[1] for line in lines} == {
+        "part 0 of 2", "part 1 of 2"}
+    labels = {line[1:].split("] ", 1)[0] for line in lines}
+    assert len(labels) == 2  # each line says which container it came from
+    listed = jobs(tmp_path)
+    batch = listed[0]["id"]
+    indexes = {(tmp_path / "p2prc-out" / batch / label / "i").read_text() for label in labels}
+    assert indexes == {"0\n", "1\n"}
+    assert len(ours(engine, host)) == 2  # the user's own containers stay
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_bad_inputs_are_refused_before_any_container_starts(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    result = me(tmp_path, "exec", "--on", host.peer(), "-i", "missing.csv", "--", "true")
+    assert result.returncode == 1 and "missing.csv" in result.stderr
+    (tmp_path / "big.bin").write_bytes(b"x" * 4096)
+    result = subprocess.run([P2PRC, "exec", "--on", host.peer(), "-i", "big.bin", "--",
+                             "true"], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me"),
+                                 "P2PRC_EXEC_MAX_INPUT": "1k"}, timeout=60)
+    assert result.returncode == 1 and "exec_max_input" in result.stderr
+    result = me(tmp_path, "exec", "--on", host.peer(), "-e", "1BAD=x", "--", "true")
+    assert result.returncode == 1 and "1BAD" in result.stderr
+    assert ours(engine, host) == [] and jobs(tmp_path) == []
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_a_hostile_output_archive_is_refused_with_a_clear_error(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    result = me(tmp_path, "exec", "--on", host.peer(), "-o", "/job/out", "--",
+                "sh", "-c", "ln -s / /job/out")
+    assert result.returncode == 1
+    assert "/job/out" in result.stderr and "refused" in result.stderr.lower(), result.stderr
+    [job] = jobs(tmp_path)
+    out_dir = Path(job["out_dir"])
+    assert not (out_dir / "out").exists() or not (out_dir / "out").is_symlink()
+    assert list(outside.iterdir()) == []
+    assert ours(engine, host) == []
+
+
+# -- without an engine -------------------------------------------------------------------------
+
+def row(name: str, **fields: Any) -> PeerRow:
+    values: dict[str, Any] = dict(
+        name=name, node_id=name * 4, own_name=name, address="192.0.2.1:8088", path="direct",
+        relays=(), latency_ms=12.0, bandwidth_mbps=None, last_seen=None, failures=0,
+        gpus=(), gpus_free=0, memory=8 << 30, cpus=8, trusted=None, score=1.0,
+        can_host=True, can_host_at=None)
+    return PeerRow(**{**values, **fields})
+
+
+class FakePeers:
+    """What ``Executor.choose`` asks of ``ContainersOnPeers``: rows, and touch."""
+
+    def __init__(self, rows: list[PeerRow], refusing: set[str]):
+        self.peers = self
+        self.rows_ = rows
+        self.refusing = refusing
+        self.touched: list[str] = []
+        self.removed: list[str] = []
+        self.settings = type("S", (), {"exec_max_input": 1 << 30})()
+
+    def rows(self) -> list[PeerRow]:
+        return self.rows_
+
+    def touch(self, peer: str, **_: Any) -> str:
+        self.touched.append(peer)
+        if peer in self.refusing:
+            raise PeerRefused("all its GPUs are taken", 409)
+        return f"container-on-{peer}"
+
+    def remove(self, container: str) -> None:
+        self.removed.append(container)
+
+
+def test_the_best_peer_that_fits_is_chosen_and_a_refusal_falls_to_the_next(
+        tmp_path: Path) -> None:
+    rows = [row("nogpu"), row("alice", gpus_free=2), row("bob", gpus_free=1)]
+    fake = FakePeers(rows, refusing={"alice" * 4})
+    said: list[str] = []
+    executor = Placement(fake, said.append)  # type: ignore[arg-type]
+    placed = executor.choose(ExecSpec(command=["true"], gpu=True), 1)
+    assert placed == [("container-on-" + "bob" * 4, True)]
+    assert fake.touched == ["alice" * 4, "bob" * 4]  # nogpu was never asked
+    assert "alice did not start one" in said[0] and "trying the next" in said[0]
+    assert said[1] == "on bob: will host you, 1 free GPU, 12 ms"
+
+
+def test_when_no_peer_fits_the_error_names_what_each_lacked(tmp_path: Path) -> None:
+    fake = FakePeers([row("small", memory=1 << 30), row("no", can_host=False)],
+                     refusing={"no" * 4})
+    executor = Placement(fake, lambda line: None)  # type: ignore[arg-type]
+    with pytest.raises(P2PRCError, match=r"small has 1 GiB of memory \(4 GiB asked\); "
+                                         r"no refused; 2 peers known"):
+        executor.choose(ExecSpec(command=["true"], memory=4 << 30), 1)
+    assert fake.touched == ["no" * 4]  # it said no before, and is asked all the same, last
+    fake = FakePeers([row("a"), row("b", can_host=None)], refusing={"b" * 4})
+    executor = Placement(fake, lambda line: None)  # type: ignore[arg-type]
+    with pytest.raises(P2PRCError, match=r"\(2 asked\).*b refused"):
+        executor.choose(ExecSpec(command=["true"]), 2)
+    assert fake.removed == ["container-on-" + "a" * 4]  # the one it did start is given back
+
+
+def test_why_chosen_is_one_line() -> None:
+    assert why_chosen(row("alice", gpus_free=2)) == "on alice: will host you, 2 free GPUs, 12 ms"
+    assert missing_on(row("x", cpus=2), ExecSpec(command=["t"], cpus=4)) == "has 2 CPUs (4 asked)"
+
+
+def test_the_command_is_quoted_never_templated() -> None:
+    script = command_script(["sh", "-c", "echo $HOME; rm -rf /'"], {"A": "x y; reboot"},
+                            "/job dir", 60)
+    assert script.startswith("mkdir -p '/job dir' && cd '/job dir' && exec sh -c ")
+    import shlex
+    inner = shlex.split(script)[-1]  # what the remote sh -c runs
+    words = shlex.split(inner.split("; trap : INT; ", 1)[1])
+    assert words == ["timeout", "--foreground", "--signal=INT", "--kill-after=10s", "60s",
+                     "env", "--", "A=x y; reboot", "sh", "-c", "echo $HOME; rm -rf /'"]
+
+
+def test_a_damaged_job_record_is_not_listed(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    job = Job(id=store.new_id(), peer_id="n", peer_name="alice", container_id="c",
+              command=["true"], started=time.time())
+    store.save(job)
+    (tmp_path / "jobs" / "deadbeef").mkdir()
+    (tmp_path / "jobs" / "deadbeef" / "job.json").write_text('{"id": "../x", "state": "x"}')
+    (tmp_path / "jobs" / "0badf00d").mkdir()
+    (tmp_path / "jobs" / "0badf00d" / "job.json").write_text("not json")
+    assert [j.id for j in store.all()] == [job.id]
+    assert store.get(job.id[:3]).id == job.id
+    with pytest.raises(P2PRCError, match="no job"):
+        store.get("zz")
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_node_exec_captures_the_output_and_brings_the_outputs_back(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    from p2prc.api import Node
+
+    (tmp_path / "in.txt").write_text("abc")
+    node = Node.open(tmp_path / "me")
+    result = node.exec(["sh", "-c", "rev in.txt > out.txt; echo said; echo warned >&2; exit 4"],
+                       inputs=[str(tmp_path / "in.txt")], outputs=["out.txt"],
+                       on=host.peer(), out_root=tmp_path / "got")
+    assert (result.exit_code, result.stdout, result.stderr) == (4, "said\n", "warned\n")
+    assert [p.read_text() for p in result.output_paths] == ["cba"]
+    assert result.output_paths[0] == tmp_path / "got" / result.job_id / "out.txt"
+    assert ours(engine, host) == []
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_a_host_that_stops_answering_leaves_a_lost_job_to_get_later(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    script = "mkdir out; echo kept > out/f; echo started; sleep 60"
+    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "-o", "out", "--",
+                             "sh", "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me"),
+                                 "P2PRC_REQUEST_TIMEOUT": "2"})
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    hung = family(host.proc.pid)
+    for pid in hung:  # the host hangs, workers and all: its tunnel carries nothing
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - started < 8  # within about request_timeout (keepalives)
+    finally:
+        for pid in hung:
+            os.kill(pid, signal.SIGCONT)
+    assert proc.returncode == 255
+    assert b"lost the connection to" in err and b"p2prc jobs get" in err
+    [job] = jobs(tmp_path)
+    assert job["state"] == "lost" and len(ours(engine, host)) == 1  # kept, to get later
+    got = me(tmp_path, "jobs", "get", job["id"])
+    assert got.returncode == 0, got.stderr
+    assert (Path(job["out_dir"]) / "out" / "f").read_text() == "kept\n"
+    assert ours(engine, host) == []
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_with_a_terminal_it_runs_with_a_tty(tmp_path: Path, host: LiveServer) -> None:
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: p2prc exec on the terminal
+        os.chdir(tmp_path)
+        os.environ["P2PRC_HOME"] = str(tmp_path / "me")
+        os.execv(P2PRC, [P2PRC, "exec", "--on", host.peer(), "--", "sh", "-c",
+                         "test -t 0 && echo has-a-tty; read line; echo got $line; exit 5"])
+    deadline = time.monotonic() + 60
+
+    def read_until(word: bytes) -> bytes:
+        found = b""
+        while word not in found and time.monotonic() < deadline:
+            if select.select([fd], [], [], 1)[0]:
+                found += os.read(fd, 1024)
+        return found
+
+    seen = read_until(b"has-a-tty")
+    os.write(fd, b"typed\n")
+    seen += read_until(b"got typed")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert b"got typed" in seen, seen
+    assert os.waitstatus_to_exitcode(status) == 5
