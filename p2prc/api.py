@@ -9,7 +9,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +101,15 @@ HostRun = HostResult  # one container's part of a run, as the run's record keeps
 @dataclass(frozen=True)
 class ExecResult:
     """What ``Node.exec`` gave: the command's exit code (the worst, on several containers;
-    255: the connection was lost), its output, and the files that came back."""
+    255: the connection was lost), its output, the files that came back, and the lines
+    ``p2prc exec`` would have told the user (which peer and why, an output refused, ...)."""
 
     job_id: str  # the job (the first one's, on several containers)
     exit_code: int
     stdout: str  # on several containers, each line prefixed with its host: "[HOST] "
     stderr: str
     output_paths: list[Path]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -430,9 +432,9 @@ class Node:
                         env=dict(env or {}), workdir=workdir, timeout=_duration(timeout),
                         gpu=gpu, cpus=cpus, memory=None if memory is None else _size(memory),
                         image=image, on=on, out_root=Path(out_root))
-        sink = CaptureSink()
+        sink, notes = CaptureSink(), list[str]()
         runs = Executor(self.services.on_peers, JobStore(self.home),
-                        lambda line: None).execute(spec, sink)
+                        notes.append).execute(spec, sink)
         several = len(runs) > 1
 
         def joined(stream: str) -> str:
@@ -443,7 +445,8 @@ class Node:
 
         return ExecResult(job_id=runs[0].job.id, exit_code=worst([r.exit_code for r in runs]),
                           stdout=joined("out"), stderr=joined("err"),
-                          output_paths=[p for run in runs for p in run.written])
+                          output_paths=[p for run in runs for p in run.written],
+                          notes=notes)
 
     def __repr__(self) -> str:
         return clean(f"<p2prc Node {self.node_id} at {self.home}>")

@@ -37,6 +37,15 @@ class ArchiveError(P2PRCError):
     """An input that cannot be sent, or an output archive refused; one clear line."""
 
 
+class _Refused(ArchiveError):
+    """Inside ``safe_extract``: why the archive is refused, before the links are checked and
+    the final message (what was removed, what stays) is made."""
+
+    def __init__(self, why: str):
+        super().__init__(f"output archive refused: {why}")
+        self.why = why
+
+
 # ---- inputs -------------------------------------------------------------------------------
 
 
@@ -279,8 +288,8 @@ class _BoundedReader:
         if not self.in_content:
             self.gap += len(data)
             if self.gap > _MAX_HEADER_GAP:
-                raise ArchiveError(f"the output archive has a header over {_MAX_HEADER_GAP} "
-                                   "bytes: refused (the host sent a damaged or hostile archive)")
+                raise _Refused(f"it has a header over {_MAX_HEADER_GAP} bytes (the host sent "
+                               "a damaged or hostile archive)")
         return data
 
 
@@ -305,18 +314,45 @@ def _decompressed(src: BinaryIO) -> _Readable:
 class _Extraction:
     """One extraction into ``dest``: what was written so far, and the bytes it took."""
 
-    def __init__(self, dest: Path, max_bytes: int, strip_components: int):
+    def __init__(self, dest: Path, max_bytes: int, strip_components: int,
+                 only: str | None = None):
         self.dest, self.max_bytes, self.strip = dest, max_bytes, strip_components
+        self.only, self.dest_fd, self.root = only, -1, ""
         self.content_bytes, self.members = 0, 0
         self.written: list[Path] = []
         self.files: set[tuple[str, ...]] = set()
         self.links: list[tuple[str, ...]] = []
 
-    def refuse(self, why: str) -> ArchiveError:
-        """The one-line refusal, saying what stays written."""
+    def refuse(self, why: str) -> _Refused:
+        """The refusal raised inside; ``safe_extract`` says the rest once links are checked."""
+        return _Refused(why)
+
+    def message(self, why: str, removed: list[str]) -> str:
+        """The one-line refusal, saying which escaping links were removed and what stays."""
+        gone = (f"; symlinks that resolved outside the output folder were removed "
+                f"({_names(removed)})" if removed else "")
         kept = (f"; the {len(self.written)} paths written before it stay in {clean(self.dest)}"
                 if self.written else "; nothing was written")
-        return ArchiveError(f"output archive refused: {why}{kept}")
+        return f"output archive refused: {why}{gone}{kept}"
+
+    def run(self, src: BinaryIO) -> str | None:
+        """Open ``dest`` and extract every member; why it was refused, or None."""
+        try:
+            self.dest_fd = _open_dest(self.dest)
+            self.root = os.path.realpath(self.dest)
+            reader = _BoundedReader(_decompressed(src))
+            # Decompressed here, not by tarfile ('r|*'), so that every byte tarfile reads is
+            # counted and no header can make it read unbounded data into memory.
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                self.extract_all(tar, reader)
+        except _Refused as err:
+            return err.why
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+                gzip.BadGzipFile) as err:
+            return f"it is not a valid tar stream ({clean(err, 200)})"
+        except OSError as err:
+            return f"cannot write it: {err.strerror or clean(err, 200)}"
+        return None
 
     def parts(self, name: str, what: str = "member") -> tuple[str, ...]:
         """The checked components of a member name, relative to ``dest``."""
@@ -345,13 +381,15 @@ class _Extraction:
             if self.members > MAX_MEMBERS:
                 raise self.refuse(f"it has more than {MAX_MEMBERS} members")
             self.extract_one(tar, member, reader)
-        self.check_links()
 
     def extract_one(self, tar: tarfile.TarFile, member: tarfile.TarInfo,
                     reader: _BoundedReader) -> None:
         """Check one member and write it, or refuse."""
         parts = self.parts(member.name)[self.strip:] if self.strip else self.parts(member.name)
         shown = clean(member.name, 200)
+        if self.only is not None and parts and parts[0] != self.only:
+            raise self.refuse(f"member {shown!r} is not under {clean(self.only, 200)!r}, the "
+                              "only path asked for")
         if member.sparse is not None or member.type == tarfile.GNUTYPE_SPARSE:
             raise self.refuse(f"member {shown!r} is a sparse file")
         if member.ischr() or member.isblk() or member.isfifo():
@@ -438,7 +476,7 @@ class _Extraction:
     def refuse_escaping_link(self, parts: tuple[str, ...], target: str) -> None:
         """Refuse a link that, through links already written, resolves outside ``dest``."""
         real = os.path.realpath(self.dest.joinpath(*parts[:-1], target))
-        if not _is_within(real, os.path.realpath(self.dest)):
+        if not _is_within(real, self.root):
             raise self.refuse(f"symlink {clean('/'.join(parts), 200)!r} resolves outside the "
                               "output folder through other links")
 
@@ -460,19 +498,40 @@ class _Extraction:
                     follow_symlinks=False)
         self.files.add(parts)
 
-    def check_links(self) -> None:
-        """After the last member: every symlink written still resolves inside ``dest`` (a
-        later member may have changed a path it goes through); one that does not is removed."""
-        root = os.path.realpath(self.dest)
-        for parts in self.links:
-            path = self.dest.joinpath(*parts)
-            if not path.is_symlink():
-                continue
-            if not _is_within(os.path.realpath(path), root):
+    def remove_escaping_links(self) -> list[str]:
+        """Every symlink this extraction wrote that now resolves outside ``dest`` (a later
+        member may have changed a path it goes through), removed; their names. Runs however
+        the extraction ended, so that no link planted here is followed by a later one."""
+        removed: list[str] = []
+        while escaping := [parts for parts in self.links if self.escapes(parts)]:
+            for parts in escaping:
+                path = self.dest.joinpath(*parts)
                 path.unlink()
-                self.written.remove(path)
-                raise self.refuse(f"symlink {clean('/'.join(parts), 200)!r} resolves outside "
-                                  "the output folder (removed)")
+                self.links.remove(parts)
+                if path in self.written:
+                    self.written.remove(path)
+                removed.append("/".join(parts))
+        return removed
+
+    def escapes(self, parts: tuple[str, ...]) -> bool:
+        """Whether the symlink written at ``parts`` is still one and resolves outside."""
+        path = self.dest.joinpath(*parts)
+        return path.is_symlink() and not _is_within(os.path.realpath(path), self.root)
+
+    def close(self) -> list[str]:
+        """Remove escaping links and close ``dest``; the names of the links removed."""
+        try:
+            return self.remove_escaping_links() if self.root else []
+        finally:
+            if self.dest_fd >= 0:
+                os.close(self.dest_fd)
+                self.dest_fd = -1
+
+
+def _names(names: list[str]) -> str:
+    """Up to five names, quoted, for a message."""
+    shown = ", ".join(repr(clean(name, 200)) for name in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _stays_inside(folder: tuple[str, ...], target: str) -> bool:
@@ -502,7 +561,7 @@ class _Parent:
         self.fd = -1
 
     def __enter__(self) -> _Parent:
-        self.fd = os.open(self.extraction.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fd = os.dup(self.extraction.dest_fd)
         for part in self.parts[:-1]:
             inner = self.open_dir(part, self.create)
             os.close(self.fd)
@@ -515,20 +574,10 @@ class _Parent:
 
     def open_dir(self, name: str, create: bool) -> int:
         """The folder ``name`` in this one, opened without following a symlink."""
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            return os.open(name, flags, dir_fd=self.fd)
+            return _open_dir_at(self.fd, name, create)
         except FileNotFoundError:
-            if not create:
-                raise
-        except OSError as err:
-            raise self.not_a_folder(name, err) from None
-        try:
-            os.mkdir(name, 0o755, dir_fd=self.fd)
-        except FileExistsError:
-            pass  # a dangling symlink in the way: the open below refuses it
-        try:
-            return os.open(name, flags, dir_fd=self.fd)
+            raise
         except OSError as err:
             raise self.not_a_folder(name, err) from None
 
@@ -552,30 +601,101 @@ class _Parent:
         os.unlink(name, dir_fd=self.fd)
 
 
+def _open_dir_at(fd: int, name: str, create: bool) -> int:
+    """The folder ``name`` in the folder ``fd``, made when missing (if ``create``), opened
+    without following a symlink.
+
+    :raises OSError: ELOOP or ENOTDIR for a symlink or a file, FileNotFoundError"""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, dir_fd=fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    try:
+        os.mkdir(name, 0o755, dir_fd=fd)
+    except FileExistsError:
+        pass  # a dangling symlink in the way: the open below refuses it
+    return os.open(name, flags, dir_fd=fd)
+
+
+def _trusted_start(absolute: str) -> str:
+    """The part of the absolute ``absolute`` that it shares with the current folder: the
+    user's own path, whose links are followed; below it no link is (a host wrote there)."""
+    try:
+        here = [os.getcwd()]
+    except OSError:
+        return "/"
+    logical = os.environ.get("PWD", "")
+    if logical.startswith("/") and os.path.realpath(logical) == here[0]:
+        here.append(os.path.normpath(logical))  # the shell's path to it, through its links
+    return max((os.path.commonpath([absolute, folder]) for folder in here), key=len)
+
+
+def _open_dest(dest: Path) -> int:
+    """``dest`` opened as a folder (made if missing), walked from the part of its path it
+    shares with the current folder without following any symlink: a link that an earlier
+    archive planted (in an earlier ``-o``'s LOCAL) is never followed.
+
+    :raises _Refused"""
+    absolute = os.path.abspath(dest)
+    start = _trusted_start(absolute)
+    fd = os.open(start, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in absolute[len(start):].split("/"):
+            if part:
+                inner = _open_dir_at(fd, part, create=True)
+                os.close(fd)
+                fd = inner
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
+            raise _Refused(f"the output folder {clean(dest)!r} goes through {clean(part)!r}, "
+                           "which is a symlink or a file: give its real path "
+                           f"({clean(os.path.realpath(dest))!r}) or another folder") from None
+        raise _Refused(f"cannot make the output folder {clean(dest)!r}: "
+                       f"{err.strerror or clean(err, 200)}") from None
+    return fd
+
+
+def _check_only(only: str) -> None:
+    """Refuse an ``only`` that is not one plain name (it is compared with a first component).
+
+    :raises ArchiveError"""
+    if not only or "/" in only or only in (".", "..") or _bad_text(only):
+        raise ArchiveError(f"cannot fetch {clean(only)!r}: name one file or folder "
+                           "(its basename), not a path")
+
+
 def safe_extract(src: BinaryIO, dest: Path, max_bytes: int,
-                 strip_components: int = 0) -> list[Path]:
+                 strip_components: int = 0, only: str | None = None) -> list[Path]:
     """Extract an UNTRUSTED tar stream (what a host sends back, plain or gzip/bzip2/xz) into
     ``dest`` (made if missing), read once as a stream. Refuses, writing nothing outside
     ``dest``: absolute names, '..', links leaving ``dest``, hard links to anything but a file
     it wrote, devices, fifos, sparse files, NUL or control characters in names, more than
-    ``max_bytes`` of content (counted as read), more than 100,000 members. Never writes
-    through a symlink; modes lose setuid, setgid and group/world write. ``strip_components``
-    drops that many leading name components, as ``tar --strip-components`` does. Returns the
-    paths written; on a refusal, those stay (the message says so).
+    ``max_bytes`` of content (counted as read), more than 100,000 members, and with ``only``
+    any member whose first component (after ``strip_components``) is not ``only`` (what was
+    asked for, so that a host cannot replace other files in ``dest``). Never writes
+    through a symlink, nor opens ``dest`` through one below the current folder; modes lose
+    setuid, setgid and group/world write. ``strip_components`` drops that many leading name
+    components, as ``tar --strip-components`` does. However it ends (refused, cut short),
+    every symlink it wrote that resolves outside ``dest`` is removed. Returns the paths
+    written; on a refusal, those stay (the message says so).
 
     :raises ArchiveError"""
-    dest.mkdir(parents=True, exist_ok=True)
-    extraction = _Extraction(dest, max_bytes, strip_components)
-    reader = _BoundedReader(_decompressed(src))
+    if only is not None:
+        _check_only(only)
+    extraction = _Extraction(dest, max_bytes, strip_components, only)
+    why: str | None = None
     try:
-        # Decompressed here, not by tarfile ('r|*'), so that every byte tarfile reads is
-        # counted and no header can make it read unbounded data into memory.
-        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-            extraction.extract_all(tar, reader)
-    except ArchiveError:
-        raise
-    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as err:
-        raise extraction.refuse(f"it is not a valid tar stream ({clean(err, 200)})") from None
-    except OSError as err:
-        raise extraction.refuse(f"cannot write it: {err.strerror or clean(err, 200)}") from None
+        why = extraction.run(src)
+    finally:
+        removed = extraction.close()
+    if removed and why is None:
+        why = (f"symlink {_names(removed)} resolves outside the output folder (removed)"
+               if len(removed) == 1 else
+               f"symlinks {_names(removed)} resolve outside the output folder (removed)")
+        removed = []
+    if why is not None:
+        raise ArchiveError(extraction.message(why, removed))
     return extraction.written

@@ -526,8 +526,10 @@ def _indexes(gpus: list[int] | tuple[int, ...]) -> str:
 class PoolTaker(Protocol):
     """The host's warm pool as the service sees it (``p2prc_core.warm_pool``)."""
 
-    def take(self, owner: str, request: ContainerRequest, given: HandOut) -> Lease | None:
-        """A pooled container handed out to ``owner`` with ``given``; None: start one."""
+    def take(self, owner: str, request: ContainerRequest, given: HandOut,
+             granted_image: str) -> Lease | None:
+        """A pooled container of ``granted_image`` handed out to ``owner`` with ``given``;
+        None: start one."""
         ...
 
 
@@ -595,7 +597,7 @@ class ContainerService:
         image, cpus, memory, ttl = self.granted(request)
         if self.pool is not None:
             given = HandOut(owner, request.ssh_key, cpus, memory, time.time() + ttl)
-            lease = self.pool.take(owner, request, given)
+            lease = self.pool.take(owner, request, given, image)
             if lease is not None:
                 return lease
         return self._start(owner, request, (image, cpus, memory, ttl),

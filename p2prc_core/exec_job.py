@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import tempfile
 import threading
@@ -20,12 +21,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO, Protocol, cast
+from typing import IO, Any, BinaryIO, Protocol, cast
 
 from p2prc_core.archive import (
     ArchiveError,
     Input,
     Output,
+    container_path,
     input_size,
     pack,
     parse_input,
@@ -39,10 +41,14 @@ from p2prc_core.my_containers import RemoteContainer, Tracked
 from p2prc_core.on_peers import ContainersOnPeers, Gpus
 from p2prc_core.text import clean, human_bytes
 
-PID_FILE = "/run/p2prc-job.pid"
-OUT_FILE, ERR_FILE, EXIT_FILE = "/run/p2prc-job.out", "/run/p2prc-job.err", "/run/p2prc-job.exit"
 LOST = 255  # ssh's own failure: the connection, not the command
 _MISSING = 3  # what the fetch script exits with when the output is not there
+
+
+def job_file(job_id: str, kind: str) -> str:
+    """One of a job's files in its container (``pid``, ``out``, ``err``, ``exit``), named by
+    the job, so that two jobs on one container (``--on CONTAINER``) never share one."""
+    return shlex.quote(f"/run/p2prc-job-{job_id}.{kind}")
 
 
 class Sink(Protocol):
@@ -67,9 +73,11 @@ def control_path(home: Path, short_id: str) -> Path:
 
 
 def command_script(command: list[str], env: dict[str, str], workdir: str,
-                   timeout: int) -> str:
+                   timeout: int, job_id: str) -> str:
     """The remote shell line that runs ``command`` (quoted, never templated): in WORKDIR,
-    with ENV, under ``timeout``, the pid of the shell that waits for it in PID_FILE. sshd
+    with ENV, under ``timeout``, the pid of the shell that waits for it in the job's ``pid``
+    file, its exit code in its ``exit`` file when it ends (read back when ssh exits 255,
+    which a command may, and when a lost job is got later). sshd
     starts that shell in a session of its own (as setsid would), so the command is in its
     process group, which Ctrl-C reaches (``kill -- -PID``). The shell outlives a SIGINT
     (trapped, and so default again in the command) to turn the command's death by a signal
@@ -79,31 +87,38 @@ def command_script(command: list[str], env: dict[str, str], workdir: str,
     terminal to the command."""
     run = ["timeout", "--foreground", "--signal=INT", "--kill-after=10s"]
     run += [f"{timeout}s", "env", "--", *(f"{k}={v}" for k, v in env.items()), *command]
-    inner = f"echo $$ > {PID_FILE}; trap : INT; {shlex.join(run)}"
+    pid, done = job_file(job_id, "pid"), job_file(job_id, "exit")
+    keep = f"c=$?; echo $c > {done}.new && mv {done}.new {done}; exit $c"
+    inner = f"echo $$ > {pid}; trap {shlex.quote(keep)} EXIT; trap : INT; {shlex.join(run)}"
     folder = shlex.quote(workdir)
     return f"mkdir -p {folder} && cd {folder} && exec sh -c {shlex.quote(inner)}"
 
 
 def detached_script(command: list[str], env: dict[str, str], workdir: str,
-                    timeout: int) -> str:
+                    timeout: int, job_id: str) -> str:
     """The remote line that starts ``command`` in the background and returns at once: its
-    output to OUT_FILE and ERR_FILE, its exit code to EXIT_FILE when it ends."""
-    run = ["timeout", "--signal=INT", "--kill-after=10s", f"{timeout}s", "env", "--",
-           *(f"{k}={v}" for k, v in env.items()), *command]
-    inner = (f"echo $$ > {PID_FILE}; {shlex.join(run)} >{OUT_FILE} 2>{ERR_FILE}; "
-             f"echo $? > {EXIT_FILE}.new && mv {EXIT_FILE}.new {EXIT_FILE}")
+    output to the job's ``out`` and ``err`` files, its exit code to ``exit`` when it ends."""
+    # --foreground: timeout stays in the job's process group, which an interrupt signals.
+    run = ["timeout", "--foreground", "--signal=INT", "--kill-after=10s", f"{timeout}s",
+           "env", "--", *(f"{k}={v}" for k, v in env.items()), *command]
+    pid, out, err, done = (job_file(job_id, kind) for kind in ("pid", "out", "err", "exit"))
+    inner = (f"echo $$ > {pid}; {shlex.join(run)} >{out} 2>{err}; "
+             f"echo $? > {done}.new && mv {done}.new {done}")
     folder = shlex.quote(workdir)
-    return (f"mkdir -p {folder} && cd {folder} && rm -f {EXIT_FILE} && setsid nohup sh -c "
-            f"{shlex.quote(inner)} </dev/null >/dev/null 2>&1 &")
+    # Only the start goes to the background (braces): a backgrounded '&&' list would hold
+    # the SSH channel open, under bash, until the command ends.
+    return (f"mkdir -p {folder} && cd {folder} && rm -f {done} && {{ setsid nohup sh -c "
+            f"{shlex.quote(inner)} </dev/null >/dev/null 2>&1 & }}")
 
 
-def logs_script(follow: bool) -> str:
+def logs_script(follow: bool, job_id: str) -> str:
     """The remote line that prints a detached job's output (stderr to stderr), and with
     ``follow`` keeps printing until the job ends."""
+    pid, out, err = (job_file(job_id, kind) for kind in ("pid", "out", "err"))
     if not follow:
-        return f"cat {OUT_FILE} 2>/dev/null; cat {ERR_FILE} >&2 2>/dev/null; true"
-    return (f"p=$(cat {PID_FILE}); tail -n +1 -f --pid=$p {ERR_FILE} >&2 & "
-            f"tail -n +1 -f --pid=$p {OUT_FILE}; wait")
+        return f"cat {out} 2>/dev/null; cat {err} >&2 2>/dev/null; true"
+    return (f"p=$(cat {pid}); tail -n +1 -f --pid=$p {err} >&2 & "
+            f"tail -n +1 -f --pid=$p {out}; wait")
 
 
 @dataclass
@@ -113,6 +128,7 @@ class JobShell:
     argv: list[str]  # ``ContainersOnPeers.ssh_argv``: ssh, its options, the destination
     control: Path
     alive_seconds: float  # a host silent this long is taken as lost
+    job_id: str  # names the job's files in the container (``job_file``)
     errors: list[str] = field(default_factory=list)
 
     def command(self, remote: str, *flags: str) -> list[str]:
@@ -192,9 +208,9 @@ class JobShell:
 
     def interrupt(self, force: bool) -> None:
         """SIGINT to the command's process group (SIGKILL when ``force``)."""
-        signal = "KILL" if force else "INT"
-        self.quick(f"kill -{signal} -- -$(cat {PID_FILE}) 2>/dev/null || "
-                   f"kill -{signal} $(cat {PID_FILE})", timeout=10)
+        sig, pid = "KILL" if force else "INT", job_file(self.job_id, "pid")
+        self.quick(f"kill -{sig} -- -$(cat {pid}) 2>/dev/null || kill -{sig} $(cat {pid})",
+                   timeout=10)
 
     def fetch(self, output: Output, max_bytes: int) -> list[Path]:
         """Bring ``output.remote`` back into ``output.local`` through ``safe_extract``.
@@ -212,7 +228,8 @@ class JobShell:
                                     start_new_session=True)
             assert proc.stdout is not None
             try:
-                written = safe_extract(cast(BinaryIO, proc.stdout), output.local, max_bytes)
+                written = safe_extract(cast(BinaryIO, proc.stdout), output.local, max_bytes,
+                                       only=name)
             except (ArchiveError, OSError, EOFError) as error:
                 proc.kill()
                 if proc.wait() == _MISSING:
@@ -232,17 +249,84 @@ class JobShell:
             raise P2PRCError(f"{output.remote} came back incomplete ({said or code})")
         return written
 
-    def exit_code(self) -> int | None:
-        """A detached command's exit code; None while it runs (or if it never ran)."""
-        done = self.quick(f"cat {EXIT_FILE} 2>/dev/null")
-        text = done.stdout.decode(errors="replace").strip()
-        return int(text) if text.isdigit() and len(text) <= 3 and int(text) <= 255 else None
+    def exit_code(self, timeout: float = 30) -> int | None:
+        """The command's exit code from its ``exit`` file; None while it runs (or if it
+        never ran, was killed, or the container did not answer)."""
+        done = self.quick(f"cat {job_file(self.job_id, 'exit')} 2>/dev/null", timeout)
+        return _exit_code(done.stdout.decode(errors="replace").strip())
+
+    def state(self) -> int | str:
+        """The command as its container tells: its exit code, ``running`` (the shell that
+        waits for it is alive), or ``gone`` (it ended without one: killed).
+
+        :raises P2PRCError: the container did not answer."""
+        pid, done = job_file(self.job_id, "pid"), job_file(self.job_id, "exit")
+        answer = self.quick(f'if [ -f {done} ]; then cat {done}; elif kill -0 "$(cat {pid} '
+                            f'2>/dev/null)" 2>/dev/null; then echo running; else echo gone; fi')
+        if answer.returncode != 0:
+            said = answer.stderr.decode(errors="replace").strip()[-300:]
+            raise P2PRCError(f"no answer from the container ({said or answer.returncode})")
+        text = answer.stdout.decode(errors="replace").strip()
+        code = _exit_code(text)
+        return code if code is not None else "running" if text == "running" else "gone"
+
+    def master_alive(self) -> bool:
+        """Whether the job's connection (its ControlMaster) still stands; asks no host."""
+        try:
+            return subprocess.run([self.argv[0], "-o", f"ControlPath={self.control}", "-O",
+                                   "check", self.argv[-1]], stdin=subprocess.DEVNULL,
+                                  capture_output=True, timeout=5, check=False).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
 
     def close(self) -> None:
-        """End the job's connection (its ControlMaster)."""
-        subprocess.run([self.argv[0], "-o", f"ControlPath={self.control}", "-O", "exit",
-                        self.argv[-1]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=10, check=False)
+        """End the job's connection (its ControlMaster); one that does not answer in time is
+        left to end on its own (ControlPersist)."""
+        try:
+            subprocess.run([self.argv[0], "-o", f"ControlPath={self.control}", "-O", "exit",
+                            self.argv[-1]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=10, check=False)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _exit_code(text: str) -> int | None:
+    """An exit code as the container wrote it (0 to 255), or None."""
+    return int(text) if text.isdigit() and len(text) <= 3 and int(text) <= 255 else None
+
+
+class FetchStopped(KeyboardInterrupt):
+    """A third Ctrl-C while outputs come back: the fetch stops, the cleanup does not."""
+
+
+class CtrlC:
+    """Ctrl-C while a job runs, counted by a SIGINT handler (set in the main thread only,
+    the old one back on exit) so that nothing is done in a handler or an ``except``: the
+    waiting loop passes each on. A third one while outputs come back stops the fetch."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.wake = threading.Event()  # a Ctrl-C, or a command that ended
+        self.fetching = False
+        self.old: Any = None
+        self.installed = False
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self.handle)
+            self.installed = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.old)
+
+    def handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        self.wake.set()
+        if self.fetching and self.count >= 3:
+            self.fetching = False
+            raise FetchStopped()
 
 
 def pump(proc: subprocess.Popen[bytes], label: str, sink: Sink) -> list[threading.Thread]:
@@ -343,6 +427,7 @@ class JobRun:
     interrupts: int = 0
     written: list[Path] = field(default_factory=list)
     output_errors: list[str] = field(default_factory=list)
+    finished: bool = False  # its end is recorded (``Executor.finish``), or it runs detached
 
     @property
     def exit_code(self) -> int:
@@ -393,6 +478,9 @@ def check_spec(spec: ExecSpec, max_input: int) -> list[Input]:
     """
     if not spec.command:
         raise P2PRCError("no command to run: give it after '--' (p2prc exec -- python3 x.py)")
+    if not spec.workdir.startswith("/"):
+        raise P2PRCError(f"-w {clean(spec.workdir, 64)!r} is not absolute: start it with '/'")
+    container_path(spec.workdir, what="working folder (-w)")
     bad = [name for name in spec.env if not _ENV_NAME.fullmatch(name)]
     if bad:
         raise P2PRCError(f"-e {clean(bad[0], 64)!r}: a name is letters, digits and '_', "
@@ -499,6 +587,7 @@ class Executor:
         self.store = store
         self.say = say
         self.settings = on_peers.settings
+        self.ctrl_c: CtrlC | None = None  # while attached: Ctrl-C counted, not raised
 
     def execute(self, spec: ExecSpec, sink: Sink | None = None) -> list[JobRun]:
         """Run ``spec`` to its end (or, ``detach``, start it); the jobs, with their records
@@ -529,10 +618,16 @@ class Executor:
                 if owned:
                     self.on_peers.remove(container)
             raise
-        if spec.detach:
-            self.detach(runs, spec)
-        else:
-            self.attach(runs, spec, sink)
+        try:
+            if spec.detach:
+                self.detach(runs, spec)
+            else:
+                self.attach(runs, spec, sink)
+        except BaseException as err:
+            for run in runs:
+                if not run.finished:
+                    self.finish(run, fetch=False, failure=str(err) or "interrupted")
+            raise
         return runs
 
     def label(self, container: RemoteContainer) -> str:
@@ -558,7 +653,7 @@ class Executor:
         self.store.save(job)
         shell = JobShell(self.on_peers.ssh_argv(container),
                          control_path(self.on_peers.home, f"{job_id}-{container.short_id}"),
-                         self.settings.request_timeout)
+                         self.settings.request_timeout, job_id)
         return JobRun(job, container, shell, outputs, label, owned)
 
     def prepare(self, run: JobRun, inputs: list[Input], spec: ExecSpec) -> None:
@@ -568,16 +663,19 @@ class Executor:
             run.shell.upload(inputs, spec.workdir)
 
     def detach(self, runs: list[JobRun], spec: ExecSpec) -> None:
-        """Start each command in the background; the containers stay."""
+        """Start each command in the background; the containers stay (one whose command
+        did not start goes)."""
         for run in runs:
             script = detached_script(spec.command, self.env_of(run, runs, spec),
-                                     spec.workdir, spec.timeout)
+                                     spec.workdir, spec.timeout, run.job.id)
             done = run.shell.quick(script)
-            run.shell.close()
             if done.returncode != 0:
-                run.job.state, run.job.message = "failed", "could not start the command"
-            else:
-                run.job.state = "detached"
+                said = clean(done.stderr.decode(errors="replace").strip()[-200:], 200)
+                self.finish(run, fetch=False, failure=f"could not start the command"
+                                                      f"{f' ({said})' if said else ''}")
+                continue
+            run.shell.close()
+            run.job.state, run.finished = "detached", True
             self.store.save(run.job)
 
     def env_of(self, run: JobRun, runs: list[JobRun], spec: ExecSpec) -> dict[str, str]:
@@ -586,74 +684,94 @@ class Executor:
 
     def attach(self, runs: list[JobRun], spec: ExecSpec, sink: Sink | None) -> None:
         """Run each command to its end, output live; Ctrl-C interrupts them (a second one
-        kills them); then outputs come back and the containers go."""
+        kills them, a third stops the outputs' fetch); then, whatever happened, each job's
+        end is recorded and its container goes (``finish``)."""
+        with CtrlC() as self.ctrl_c:
+            failure = ""
+            try:
+                self.run_attached(runs, spec, sink)
+            except BaseException as err:
+                failure = str(err) or type(err).__name__
+                for run in runs:
+                    if run.proc is not None and run.proc.poll() is None:
+                        run.proc.kill()
+                        run.proc.wait()
+                raise
+            finally:
+                for run in runs:
+                    self.finish(run, fetch=not failure, failure=failure)
+                self.ctrl_c = None
+
+    def run_attached(self, runs: list[JobRun], spec: ExecSpec, sink: Sink | None) -> None:
+        """Start each command, its output live, and wait for all to end."""
         tty = sink is None and len(runs) == 1 and os.isatty(0)
         lines = LineSink(_writer(1), _writer(2)) if sink is None and len(runs) > 1 else None
         pumps: list[threading.Thread] = []
         for run in runs:
             script = command_script(spec.command, self.env_of(run, runs, spec), spec.workdir,
-                                    spec.timeout)
+                                    spec.timeout, run.job.id)
             run.proc = run.shell.start(script, tty, piped=(sink or lines) is not None)
             run.job.state = "running"
             self.store.save(run.job)
             if sink or lines:
                 pumps += pump(run.proc, run.label, sink or lines)  # type: ignore[arg-type]
-        self.wait(runs)
+        assert self.ctrl_c is not None
+        wait_for(runs, self.ctrl_c, self.pass_on)
         for thread in pumps:
             thread.join()
         if lines:
             lines.flush()
-        for run in runs:
-            self.finish(run, fetch=True)
 
-    def wait(self, runs: list[JobRun]) -> None:
-        """Until every command ends; each Ctrl-C is passed on (SIGINT, then SIGKILL)."""
-        while True:
-            try:
-                for run in runs:
-                    assert run.proc is not None
-                    run.proc.wait()
-                return
-            except KeyboardInterrupt:
-                for run in runs:
-                    if run.proc is not None and run.proc.poll() is None:
-                        run.interrupts += 1
-                        run.shell.interrupt(force=run.interrupts > 1)
-                self.say("interrupted: outputs come back once the command ends"
-                         + (" (killed)" if any(r.interrupts > 1 for r in runs) else
-                            "; Ctrl-C again kills it"))
+    def pass_on(self, runs: list[JobRun], count: int) -> None:
+        """The ``count``th Ctrl-C, to each command still running: SIGINT, then SIGKILL."""
+        for run in runs:
+            if run.proc is not None and run.proc.poll() is None:
+                run.interrupts = count
+                run.shell.interrupt(force=count > 1)
+        self.say("interrupted: outputs come back once the command ends"
+                 + (" (killed)" if count > 1 else "; Ctrl-C again kills it"))
 
     def finish(self, run: JobRun, fetch: bool, failure: str = "") -> None:
         """The job's end: its state and exit code, its outputs fetched (kept from a lost
-        host), its connection closed and its container removed unless kept."""
-        job, code = run.job, run.proc.returncode if run.proc is not None else None
-        job.ended, job.exit_code = time.time(), code if code != LOST else None
-        if failure:
-            job.state, job.message = "failed", clean(failure, 300)
-        elif code == LOST and run.interrupts > 1:
-            job.state, job.exit_code = "interrupted", 137  # killed, shell and all
-        elif code == LOST:
-            job.state = "lost"
-            job.message = f"lost the connection to {run.label}"
-            self.say(f"{job.message}: 'p2prc jobs get {job.id}' fetches its outputs once it "
-                     f"answers again")
-        else:
-            job.state = "interrupted" if run.interrupts else "done" if code == 0 else "failed"
-        if fetch and job.state != "lost":
-            self.fetch_outputs(run)
-        run.shell.close()
-        if job.state != "lost":
-            self.release(run)
-        self.store.save(job)
+        host), its connection closed and its container removed unless kept; the last three
+        also when the fetch is stopped (a third Ctrl-C) or fails."""
+        run.finished = True
+        try:
+            settle(run, failure, max(2.0, self.settings.request_timeout), self.say)
+            if fetch and run.job.state != "lost":
+                self.fetch_outputs(run)
+        finally:
+            run.shell.close()
+            if run.job.state != "lost":
+                self.release(run)
+            self.store.save(run.job)
 
     def fetch_outputs(self, run: JobRun) -> None:
-        for output in run.outputs:
-            try:
-                run.written += run.shell.fetch(output, self.settings.exec_max_output)
-            except P2PRCError as err:
-                run.job.message = clean(f"from {run.label}: {err}", 600)
-                run.output_errors.append(run.job.message)
-                self.say(f"error: {run.job.message}")
+        """Bring each output back; a third Ctrl-C (while attached) stops this, and the job is
+        ``interrupted``."""
+        try:
+            for output in run.outputs:
+                if self.ctrl_c is not None and self.ctrl_c.count >= 3:
+                    raise FetchStopped()
+                self.fetch_one(run, output)
+        except FetchStopped:
+            run.job.state = "interrupted"
+            run.job.message = clean(f"outputs from {run.label} not fetched: Ctrl-C", 300)
+            run.output_errors.append(run.job.message)
+            self.say(run.job.message)
+
+    def fetch_one(self, run: JobRun, output: Output) -> None:
+        try:
+            if self.ctrl_c is not None:
+                self.ctrl_c.fetching = True
+            run.written += run.shell.fetch(output, self.settings.exec_max_output)
+        except P2PRCError as err:
+            run.job.message = clean(f"from {run.label}: {err}", 600)
+            run.output_errors.append(run.job.message)
+            self.say(f"error: {run.job.message}")
+        finally:
+            if self.ctrl_c is not None:
+                self.ctrl_c.fetching = False
 
     def release(self, run: JobRun) -> None:
         if run.job.keep:
@@ -669,7 +787,7 @@ class Executor:
     def reopen(self, job: Job) -> JobRun:
         """A kept job's container and connection, to read its logs or fetch its outputs.
 
-        :raises P2PRCError: its container is gone."""
+        :raises P2PRCError: its container is gone, or its host cannot be reached."""
         try:
             container = self.on_peers.tracked.find(job.container_id)
         except P2PRCError:
@@ -677,17 +795,21 @@ class Executor:
                              f"forgets the job)") from None
         shell = JobShell(self.on_peers.ssh_argv(container),
                          control_path(self.on_peers.home, f"{job.id}-{container.short_id}"),
-                         self.settings.request_timeout)
+                         self.settings.request_timeout, job.id)
         outputs = [Output(o["remote"], Path(o["local"])) for o in job.outputs]
         run = JobRun(job, container, shell, outputs, job.peer_name, owned=not job.keep)
-        shell.open(wait=self.settings.request_timeout)
+        try:
+            shell.open(wait=self.settings.request_timeout)
+        except P2PRCError as err:
+            raise P2PRCError(f"cannot reach {clean(job.peer_name, 64)} for job {job.id} "
+                             f"({clean(err, 300)}): try again later") from None
         return run
 
     def logs(self, job: Job, follow: bool) -> int:
         """Print a detached job's output (following it with ``follow``); ssh's exit code."""
         run = self.reopen(job)
         try:
-            return subprocess.run(run.shell.command(logs_script(follow), "-T"),
+            return subprocess.run(run.shell.command(logs_script(follow, job.id), "-T"),
                                   stdin=subprocess.DEVNULL, check=False).returncode
         finally:
             run.shell.close()
@@ -696,17 +818,24 @@ class Executor:
         """Fetch a detached or lost job's outputs and exit code, then remove its container
         (unless ``keep``, or it was the user's own).
 
-        :raises P2PRCError: it still runs; it is not one to get.
+        :raises P2PRCError: it still runs; its host cannot be reached; it is not one to get.
         """
         if job.state not in ("detached", "lost"):
             raise P2PRCError(f"job {job.id} is {job.state}: its outputs came back when it "
                              f"ended ({job.out_dir})")
         run = self.reopen(job)
-        code = run.shell.exit_code()
-        if code is None and job.state == "detached":
+        try:
+            state = run.shell.state()
+        except P2PRCError as err:
             run.shell.close()
-            raise P2PRCError(f"job {job.id} still runs on {job.peer_name}: 'p2prc jobs logs "
-                             f"-f {job.id}' follows it")
+            raise P2PRCError(f"cannot reach {clean(job.peer_name, 64)} for job {job.id} "
+                             f"({clean(err, 300)}): try again later") from None
+        if state == "running":
+            run.shell.close()
+            follow = (f"'p2prc jobs logs -f {job.id}' follows it" if job.state == "detached"
+                      else f"wait for it to end, or 'p2prc jobs rm {job.id}' forgets it")
+            raise P2PRCError(f"job {job.id} still runs on {clean(job.peer_name, 64)}: {follow}")
+        code = state if isinstance(state, int) else None
         job.keep = job.keep or keep
         job.exit_code, job.ended = code, time.time()
         job.state = "done" if code == 0 else "failed"
@@ -715,6 +844,49 @@ class Executor:
         self.release(run)
         self.store.save(job)
         return run
+
+
+def settle(run: JobRun, failure: str, wait: float, say: Callable[[str], None]) -> None:
+    """A job's state and exit code when its ssh ended. ssh's 255 is the command's own when
+    its exit file, read over the job's connection (``wait`` seconds at most), says so; with
+    no connection left, the connection was lost."""
+    job, code = run.job, run.proc.returncode if run.proc is not None else None
+    if code == LOST and not failure and run.shell.master_alive():
+        code = run.shell.exit_code(timeout=wait)
+    elif code == LOST:
+        code = None
+    job.ended, job.exit_code = time.time(), code
+    if failure or run.proc is None:
+        job.state, job.message = "failed", clean(failure or "it did not start", 300)
+    elif code is None and run.interrupts > 1:
+        job.state, job.exit_code = "interrupted", 137  # killed, shell and all
+    elif code is None:
+        job.state = "lost"
+        job.message = f"lost the connection to {run.label}"
+        say(f"{job.message}: 'p2prc jobs get {job.id}' fetches its outputs once it answers "
+            f"again")
+    else:
+        job.state = "interrupted" if run.interrupts else "done" if code == 0 else "failed"
+
+
+def wait_for(runs: list[JobRun], ctrl_c: CtrlC,
+             pass_on: Callable[[list[JobRun], int], None]) -> None:
+    """Until every command ends; each Ctrl-C that ``ctrl_c`` counted is handed to
+    ``pass_on`` here, outside the signal handler (a quick second one becomes one kill)."""
+    def watch(proc: subprocess.Popen[bytes]) -> None:
+        proc.wait()
+        ctrl_c.wake.set()
+
+    procs = [run.proc for run in runs if run.proc is not None]
+    for proc in procs:
+        threading.Thread(target=watch, args=(proc,), daemon=True).start()
+    passed = 0
+    while any(proc.poll() is None for proc in procs):
+        ctrl_c.wake.wait(1)
+        ctrl_c.wake.clear()
+        if ctrl_c.count > passed:
+            passed = ctrl_c.count
+            pass_on(runs, passed)
 
 
 def _names_a_container(text: str, tracked: Tracked) -> bool:

@@ -55,18 +55,49 @@ class Job:
 
     @classmethod
     def from_json(cls, data: Any) -> Job | None:
-        """What ``as_dict`` wrote; None for a damaged record (it is not listed)."""
+        """What ``as_dict`` wrote; None for a damaged record (it is not listed): a field
+        missing or of the wrong type, an unknown state, an id that is not one."""
         if not isinstance(data, dict):
             return None
         known = {f.name for f in fields(cls)}
-        try:
-            job = cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError:
+        values = {k: v for k, v in data.items() if k in known}
+        if any(not _FIELD_CHECKS[name](value) for name, value in values.items()):
             return None
-        if not isinstance(job.id, str) or not _JOB_ID.fullmatch(job.id) or \
-                job.state not in STATES or not isinstance(job.command, list):
+        try:
+            job = cls(**values)
+        except TypeError:  # a field without a default is missing
+            return None
+        if not _JOB_ID.fullmatch(job.id) or job.state not in STATES:
             return None
         return job
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_code(value: Any) -> bool:
+    return value is None or isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_output(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("remote"), str) and \
+        isinstance(value.get("local"), str)
+
+
+_FIELD_CHECKS: dict[str, Any] = {
+    "id": _is_text, "peer_id": _is_text, "peer_name": _is_text, "container_id": _is_text,
+    "command": lambda v: isinstance(v, list) and all(isinstance(w, str) for w in v),
+    "workdir": _is_text, "state": _is_text, "exit_code": _is_code, "started": _is_number,
+    "ended": lambda v: v is None or _is_number(v),
+    "outputs": lambda v: isinstance(v, list) and all(_is_output(o) for o in v),
+    "out_dir": _is_text, "batch": _is_text, "keep": lambda v: isinstance(v, bool),
+    "message": _is_text,
+}  # what each field of a record read from disk must be
 
 
 class JobStore:
@@ -74,6 +105,7 @@ class JobStore:
 
     def __init__(self, home: Path):
         self.root = home / "jobs"
+        self.damaged: list[str] = []  # the folders of records ``all`` left out, last time
 
     def new_id(self) -> str:
         """A short id no job here has yet (its folder is made, so two callers never share
@@ -91,17 +123,24 @@ class JobStore:
         atomic_write_json(self.root / job.id / "job.json", job.as_dict())
 
     def all(self) -> list[Job]:
-        """Every job, oldest first; damaged records are left out."""
+        """Every job, oldest first; damaged records are left out (named in ``damaged``),
+        and so is one whose folder is not named by its id."""
+        self.damaged = []
         if not self.root.is_dir():
             return []
         found = []
-        for path in self.root.iterdir():
+        for path in sorted(self.root.iterdir()):
+            record = path / "job.json"
+            if not record.exists():
+                continue  # a job being made (its id is taken first), or not a job's folder
             try:
-                job = Job.from_json(read_json_file(path / "job.json", None))
-            except P2PRCError:
+                job = Job.from_json(read_json_file(record, None))
+            except (P2PRCError, OSError, ValueError):
+                job = None
+            if job is None or job.id != path.name:
+                self.damaged.append(path.name)
                 continue
-            if job is not None:
-                found.append(job)
+            found.append(job)
         return sorted(found, key=lambda j: j.started)
 
     def get(self, text: str) -> Job:

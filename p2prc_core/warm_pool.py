@@ -53,15 +53,18 @@ class WarmPool:
         return (request.gpu is False and request.ports == 0
                 and image == self.service.settings.container_images[0])
 
-    def take(self, owner: str, request: ContainerRequest, given: HandOut) -> Lease | None:
+    def take(self, owner: str, request: ContainerRequest, given: HandOut,
+             granted_image: str) -> Lease | None:
         """Hand a pooled container to ``owner``, with ``given``'s key, limits and end; None
         when none fits or the hand-out failed (that container is removed): then the
-        caller's container is started as without a pool.
+        caller's container is started as without a pool. ``granted_image`` is the image
+        the request was granted (``ContainerService.granted``): only the default one is
+        pooled.
 
         :raises ContainerError: 429 over the per-caller limit.
         """
         image = self.service.settings.container_images[0]
-        if not self.fits(request, image or ""):
+        if granted_image != image or not self.fits(request, granted_image):
             return None
         store = self.service.store
         lease = store.claim_pooled(owner, self.service.settings.containers_per_caller,

@@ -41,6 +41,7 @@ from p2prc_core.containers import ContainerError, usage_of
 from p2prc_core.errors import P2PRCError
 from p2prc_core.services import NodeServices
 from p2prc_core.text import format_ago, format_when, human_bytes, two_places
+from p2prc_ui.jobs_page import JobsPage
 from p2prc_ui.serving import Served, bind, hosts
 
 HERE = Path(__file__).parent
@@ -586,6 +587,11 @@ def create_app(board: Dashboard) -> falcon.App:
     app.add_route("/runs", runs)
     app.add_route("/runs/{run_id}", runs, suffix="one")
     app.add_route("/runs/{run_id}/files/{name:path}", runs, suffix="file")
+    jobs = JobsPage(board)
+    app.add_route("/jobs", jobs)
+    app.add_route("/jobs/{job_id}", jobs, suffix="one")
+    app.add_route("/jobs/{job_id}/kill", jobs, suffix="kill")
+    app.add_route("/jobs/{job_id}/files/{name:path}", jobs, suffix="file")
     app.add_route("/specs", SpecsPage(board))
     app.add_route("/static/{name}", Static())
     return app

@@ -130,6 +130,94 @@ def test_a_symlink_made_to_escape_by_a_later_link_is_removed(places: tuple[Path,
     assert not os.path.lexists(dest / "sub" / "up")
 
 
+def escaping_links(top: Path) -> list[Path]:
+    """The symlinks under ``top`` that resolve outside it."""
+    root = os.path.realpath(top)
+    return [path for path in top.rglob("*") if path.is_symlink()
+            and not os.path.realpath(path).startswith(root + "/")
+            and os.path.realpath(path) != root]
+
+
+def test_escaping_links_are_removed_when_a_later_member_is_refused(
+        places: tuple[Path, Path]) -> None:
+    """``d/x -> y/../..`` leaves dest once ``d/y -> ..`` is written; a refusal after both
+    must not leave it there for a later ``-o`` to write through."""
+    dest, outside = places
+    stream = tar_of(member("d/x", tarfile.SYMTYPE, linkname="y/../.."),
+                    member("d/y", tarfile.SYMTYPE, linkname=".."),
+                    member("/abs", data=b"z"))
+    error = refused(stream, dest, outside, "absolute path")
+    assert "'d/x'" in str(error) and "removed" in str(error)
+    assert escaping_links(dest) == [] and not os.path.lexists(dest / "d" / "x")
+
+
+def test_every_escaping_link_is_removed(places: tuple[Path, Path]) -> None:
+    dest, outside = places
+    stream = tar_of(member("d/x", tarfile.SYMTYPE, linkname="y/../.."),
+                    member("d/z", tarfile.SYMTYPE, linkname="y/../.."),
+                    member("d/y", tarfile.SYMTYPE, linkname=".."))
+    error = refused(stream, dest, outside, "resolve outside the output folder \\(removed\\)")
+    assert "'d/x'" in str(error) and "'d/z'" in str(error)
+    assert escaping_links(dest) == []
+
+
+def test_escaping_links_are_removed_when_the_stream_is_cut(places: tuple[Path, Path]) -> None:
+    dest, outside = places
+    whole = tar_of(member("d/x", tarfile.SYMTYPE, linkname="y/../.."),
+                   member("d/y", tarfile.SYMTYPE, linkname=".."),
+                   member("f", data=b"a" * 5000)).getvalue()
+    refused(io.BytesIO(whole[:3072 + 700]), dest, outside, "not a valid tar stream")
+    assert escaping_links(dest) == []
+
+
+def test_a_second_output_cannot_write_through_a_link_the_first_planted(
+        places: tuple[Path, Path]) -> None:
+    """Two ``-o`` into nested LOCALs: the first plants ``a/x`` (escaping, then refused), the
+    second's LOCAL is ``dest/a/x``: nothing may land outside ``dest``."""
+    dest, outside = places
+    first = tar_of(member("a/x", tarfile.SYMTYPE, linkname="q/../outside"),
+                   member("a/q", tarfile.SYMTYPE, linkname=".."), member("/abs", data=b""))
+    refused(first, dest, outside, "absolute path")
+    try:
+        safe_extract(tar_of(member("pwn", data=b"owned")), dest / "a" / "x", 1 << 20)
+    except ArchiveError:
+        pass
+    assert list(outside.iterdir()) == [] and escaping_links(dest) == []
+
+
+def test_an_output_folder_through_a_planted_link_is_refused(places: tuple[Path, Path]) -> None:
+    """A link left in an earlier LOCAL (even one inside it) is never followed to open the
+    next LOCAL: the writes would not land where the user asked."""
+    dest, outside = places
+    safe_extract(tar_of(member("sub", tarfile.DIRTYPE),
+                        member("link", tarfile.SYMTYPE, linkname="sub")), dest, 1 << 20)
+    refused(tar_of(member("f", data=b"x")), dest / "link" / "deeper", outside,
+            "goes through 'link', which is a symlink")
+    assert list((dest / "sub").iterdir()) == []
+
+
+def test_a_member_outside_only_is_refused(places: tuple[Path, Path]) -> None:
+    """``tar -c out`` was asked for: a host may not replace ``.git/hooks/...`` beside it."""
+    dest, outside = places
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    for name in ("keep.txt", ".git/hooks/post-checkout", "outx/f", "./keep.txt"):
+        with pytest.raises(ArchiveError, match="not under 'out'"):
+            safe_extract(tar_of(member(name, data=b"evil")), dest, 1 << 20, only="out")
+    assert (dest / "keep.txt").read_text() == "mine"
+    assert not (dest / ".git").exists() and list(outside.iterdir()) == []
+    written = safe_extract(tar_of(member("out", tarfile.DIRTYPE), member("./out/r", data=b"1")),
+                           dest, 1 << 20, only="out")
+    assert written == [dest / "out", dest / "out" / "r"]
+
+
+@pytest.mark.parametrize("only", ["", "a/b", "..", "."])
+def test_only_must_be_one_name(places: tuple[Path, Path], only: str) -> None:
+    dest, _ = places
+    with pytest.raises(ArchiveError, match="name one file or folder"):
+        safe_extract(tar_of(member("a", data=b"x")), dest, 1 << 20, only=only)
+
+
 def test_existing_symlink_in_dest_is_not_followed(places: tuple[Path, Path]) -> None:
     """A file member where a symlink already is replaces the link, never writes its target."""
     dest, outside = places

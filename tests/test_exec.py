@@ -314,13 +314,46 @@ def test_why_chosen_is_one_line() -> None:
 
 def test_the_command_is_quoted_never_templated() -> None:
     script = command_script(["sh", "-c", "echo $HOME; rm -rf /'"], {"A": "x y; reboot"},
-                            "/job dir", 60)
+                            "/job dir", 60, "0123abcd")
     assert script.startswith("mkdir -p '/job dir' && cd '/job dir' && exec sh -c ")
     import shlex
     inner = shlex.split(script)[-1]  # what the remote sh -c runs
     words = shlex.split(inner.split("; trap : INT; ", 1)[1])
     assert words == ["timeout", "--foreground", "--signal=INT", "--kill-after=10s", "60s",
                      "env", "--", "A=x y; reboot", "sh", "-c", "echo $HOME; rm -rf /'"]
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_a_command_that_exits_255_is_not_a_lost_connection(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    result = me(tmp_path, "exec", "--on", host.peer(), "--", "sh", "-c", "exit 255")
+    assert result.returncode == 255, result.stderr
+    assert "lost the connection" not in result.stderr
+    [job] = jobs(tmp_path)
+    assert job["state"] == "failed" and job["exit_code"] == 255  # ended, as exit 7 does
+    assert ours(engine, host) == []
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_a_quick_second_ctrl_c_still_cleans_up(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "-o", "out", "--", "sh", "-c",
+                             "trap '' INT; mkdir out; echo started; sleep 60"], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    os.killpg(proc.pid, signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):  # a person's quick second press, while
+        proc.wait(timeout=0.05)  # the first is passed on (two at once are one signal)
+    os.killpg(proc.pid, signal.SIGINT)  # no wait for the message
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 137, err
+    assert [j["state"] for j in jobs(tmp_path)] == ["interrupted"]
+    assert ours(engine, host) == []
 
 
 def test_a_damaged_job_record_is_not_listed(tmp_path: Path) -> None:
@@ -338,6 +371,75 @@ def test_a_damaged_job_record_is_not_listed(tmp_path: Path) -> None:
         store.get("zz")
 
 
+def test_records_of_the_wrong_types_never_break_jobs_ls(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "me")
+    job = Job(id=store.new_id(), peer_id="n", peer_name="alice", container_id="c",
+              command=["true"], outputs=[{"remote": "/job/o", "local": "/tmp/o"}])
+    store.save(job)
+    good = job.as_dict()
+    for name, bad in [("a0000001", {"started": "x"}), ("a0000002", {"command": [1]}),
+                      ("a0000003", {"outputs": 5}), ("a0000004", {"outputs": [{"remote": 1}]}),
+                      ("a0000005", {"exit_code": "0"}), ("a0000006", {"keep": "yes"}),
+                      ("a0000007", {})]:  # the last: its folder is not named by its id
+        (store.root / name).mkdir()
+        record = {**good, "id": name if bad else job.id, **bad}
+        (store.root / name / "job.json").write_text(json.dumps(record))
+    assert [j.id for j in store.all()] == [job.id]
+    assert len(store.damaged) == 7
+    listed = me(tmp_path, "jobs", "ls")
+    assert listed.returncode == 0, listed.stderr
+    assert job.id in listed.stdout and listed.stderr.count("skipped 7 damaged") == 1
+    assert json.loads(me(tmp_path, "jobs", "ls", "--json").stdout)[0]["id"] == job.id
+    assert me(tmp_path, "jobs", "show", job.id).returncode == 0
+
+
+def test_a_third_ctrl_c_stops_the_fetch_but_not_the_cleanup(tmp_path: Path) -> None:
+    from p2prc_core.archive import Output
+    from p2prc_core.exec_job import CtrlC, Executor, JobRun
+
+    class Shell:
+        closed = False
+
+        def fetch(self, output: Output, max_bytes: int) -> list[Path]:
+            for _ in range(1000):  # Ctrl-C pressed again and again while outputs come back
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+            raise AssertionError("the fetch was never stopped")
+
+        def close(self) -> None:
+            self.closed = True
+
+    fake = FakePeers([], set())
+    fake.settings = type("S", (), {"request_timeout": 5, "exec_max_output": 1 << 20})()
+    store = JobStore(tmp_path)
+    job = Job(id=store.new_id(), peer_id="n", peer_name="alice", container_id="c",
+              command=["true"])
+    shell = Shell()
+    run = JobRun(job, "the-container", shell, [Output("/job/o", tmp_path / "o")],  # type: ignore[arg-type]
+                 "alice", True, proc=type("P", (), {"returncode": 0})())  # type: ignore[arg-type]
+    executor = Executor(fake, store, lambda line: None)  # type: ignore[arg-type]
+    before = signal.getsignal(signal.SIGINT)
+    with CtrlC() as executor.ctrl_c:
+        executor.finish(run, fetch=True)
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
+    assert shell.closed and fake.removed == ["the-container"]
+    assert store.get(job.id).state == "interrupted"
+
+
+def test_job_files_are_per_job_and_workdir_must_be_absolute(tmp_path: Path) -> None:
+    one = command_script(["true"], {}, "/job", 60, "0000aaaa")
+    two = command_script(["true"], {}, "/job", 60, "0000bbbb")
+    assert "/run/p2prc-job-0000aaaa.pid" in one and "/run/p2prc-job-0000aaaa.exit" in one
+    assert "0000aaaa" not in two
+    from p2prc_core.exec_job import check_spec, detached_script, logs_script
+    assert "/run/p2prc-job-0000aaaa.out" in detached_script(["true"], {}, "/job", 60,
+                                                            "0000aaaa")
+    assert "/run/p2prc-job-0000aaaa.err" in logs_script(True, "0000aaaa")
+    for workdir in ("job", "/job/../etc", ""):
+        with pytest.raises(P2PRCError):
+            check_spec(ExecSpec(command=["true"], workdir=workdir), 1 << 30)
+
+
 @pytest.mark.docker
 @pytest.mark.integration
 def test_node_exec_captures_the_output_and_brings_the_outputs_back(
@@ -347,10 +449,11 @@ def test_node_exec_captures_the_output_and_brings_the_outputs_back(
     (tmp_path / "in.txt").write_text("abc")
     node = Node.open(tmp_path / "me")
     result = node.exec(["sh", "-c", "rev in.txt > out.txt; echo said; echo warned >&2; exit 4"],
-                       inputs=[str(tmp_path / "in.txt")], outputs=["out.txt"],
+                       inputs=[str(tmp_path / "in.txt")], outputs=["out.txt", "none.txt"],
                        on=host.peer(), out_root=tmp_path / "got")
     assert (result.exit_code, result.stdout, result.stderr) == (4, "said\n", "warned\n")
     assert [p.read_text() for p in result.output_paths] == ["cba"]
+    assert any("none.txt" in note for note in result.notes)  # what exec would have said
     assert result.output_paths[0] == tmp_path / "got" / result.job_id / "out.txt"
     assert ours(engine, host) == []
 
@@ -359,7 +462,8 @@ def test_node_exec_captures_the_output_and_brings_the_outputs_back(
 @pytest.mark.integration
 def test_a_host_that_stops_answering_leaves_a_lost_job_to_get_later(
         tmp_path: Path, host: LiveServer, engine: Any) -> None:
-    script = "mkdir out; echo kept > out/f; echo started; sleep 60"
+    script = ("mkdir out; echo kept > out/f; echo started; "
+              "while [ ! -e go ]; do sleep 0.1; done; exit 6")
     proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "-o", "out", "--",
                              "sh", "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -374,6 +478,10 @@ def test_a_host_that_stops_answering_leaves_a_lost_job_to_get_later(
         started = time.monotonic()
         _, err = proc.communicate(timeout=30)
         assert time.monotonic() - started < 8  # within about request_timeout (keepalives)
+        [job] = jobs(tmp_path)
+        unreachable = me(tmp_path, "jobs", "get", job["id"], timeout=60)
+        assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr, \
+            unreachable.stderr
     finally:
         for pid in hung:
             os.kill(pid, signal.SIGCONT)
@@ -381,8 +489,18 @@ def test_a_host_that_stops_answering_leaves_a_lost_job_to_get_later(
     assert b"lost the connection to" in err and b"p2prc jobs get" in err
     [job] = jobs(tmp_path)
     assert job["state"] == "lost" and len(ours(engine, host)) == 1  # kept, to get later
-    got = me(tmp_path, "jobs", "get", job["id"])
-    assert got.returncode == 0, got.stderr
+    early = me(tmp_path, "jobs", "get", job["id"])  # it still runs there: not removed
+    assert early.returncode == 1 and "still runs" in early.stderr, early.stderr
+    assert "jobs rm" in early.stderr and len(ours(engine, host)) == 1
+    [container] = ours(engine, host)
+    touch = engine.api.exec_create(container, ["touch", "/job/go"])
+    engine.api.exec_start(touch["Id"])
+    deadline = time.monotonic() + 30
+    while (got := me(tmp_path, "jobs", "get", job["id"])).returncode != 0:
+        assert "still runs" in got.stderr and time.monotonic() < deadline, got.stderr
+    assert "exited 6" in got.stdout  # its exit code, kept in the container for us
+    [job] = jobs(tmp_path)
+    assert job["state"] == "failed" and job["exit_code"] == 6
     assert (Path(job["out_dir"]) / "out" / "f").read_text() == "kept\n"
     assert ours(engine, host) == []
 

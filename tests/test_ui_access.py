@@ -239,7 +239,7 @@ def test_no_page_changes_the_table_or_pins(board: Dashboard, live_server: LiveSe
     before = files()
     first_contact, named = live_server.peer(), f"{live_server.node_id}@{live_server.peer()}"
     for path, query in (("/peers", ""), ("/peers", "gpu=1&sort=latency"), ("/containers", ""),
-                        ("/host", ""), ("/runs", ""), ("/specs", ""),
+                        ("/host", ""), ("/runs", ""), ("/jobs", ""), ("/specs", ""),
                         ("/specs", f"peer={first_contact}"), ("/specs", f"peer={named}")):
         page = web.simulate_get(path, query_string=query, headers=cookie(board))
         assert page.status_code == 200, (path, query)

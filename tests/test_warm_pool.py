@@ -294,3 +294,27 @@ def test_draining_the_pool_removes_what_waits_in_it(tmp_path: Path, docker_clien
         assert not set(pooled) & {c["Id"] for c in docker_client.api.containers(all=True)}
     finally:
         remove_all(docker_client, service.node_id)
+
+
+def test_a_request_for_another_image_never_gets_a_pooled_one(tmp_path: Path,
+                                                             docker_client: Any) -> None:
+    """Pooled containers run the default image: a caller who asks for another offered image
+    gets a fresh container of it, never a pooled one of the default."""
+    other = "p2prc-test/other-image:latest"
+    docker_client.images.get("p2prc/base:latest").tag(other)
+    home = tmp_path / "host"
+    home.mkdir()
+    TrustStore(home).add(NodeIdentity.load_or_create(tmp_path / "me").node_id, "me")
+    server = start_server(home, env={"P2PRC_DISABLE_PLUGINS": "nvidia",
+                                     "P2PRC_CONTAINER_WARM_POOL": "2",
+                                     "P2PRC_CONTAINER_IMAGES": f"p2prc/base:latest,{other}",
+                                     "P2PRC_REAP_SECONDS": "1"})
+    try:
+        pooled = wait_for(lambda: pool_ready(server), what="a pool of 2")
+        reply = touch(tmp_path, server, "me", "--image", other)
+        assert reply["id"] not in pooled
+        assert docker_client.api.inspect_container(reply["id"])["Config"]["Image"] == other
+    finally:
+        server.stop()
+        remove_all(docker_client, server.node_id)
+        docker_client.images.remove(other)

@@ -21,7 +21,7 @@ from p2prc_core.cli.base import (
 from p2prc_core.exec_job import ExecSpec, Executor, worst
 from p2prc_core.jobs import Job, JobStore
 from p2prc_core.output import print_json, print_table
-from p2prc_core.text import format_when, human_duration
+from p2prc_core.text import clean, format_when, human_duration
 
 
 def executor(node: CliContext) -> Executor:
@@ -108,7 +108,14 @@ def jobs_group() -> None:
 @pass_node
 def jobs_ls(node: CliContext, as_json: bool = False) -> None:
     """List jobs, oldest first."""
-    jobs = JobStore(node.home).all()
+    store = JobStore(node.home)
+    jobs = store.all()
+    if store.damaged:  # said once, on stderr: the listing itself stays whole
+        click.echo(f"skipped {len(store.damaged)} damaged job record"
+                   f"{'s' if len(store.damaged) > 1 else ''} in {store.root}: "
+                   + ", ".join(clean(name, 64) for name in store.damaged[:5])
+                   + (" ..." if len(store.damaged) > 5 else "")
+                   + " (move them aside, or 'rm -r' them)", err=True)
     if as_json:
         print_json([j.as_dict() for j in jobs])
         return
