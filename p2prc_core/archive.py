@@ -667,6 +667,30 @@ def _check_only(only: str) -> None:
                            "(its basename), not a path")
 
 
+def sweep_links(dest: Path, max_entries: int = MAX_MEMBERS) -> list[str]:
+    """Remove every symlink under ``dest`` that resolves outside it, walking it without
+    following links (at most ``max_entries`` entries); their paths, relative to ``dest``.
+    One extraction removes the escaping links it wrote; a later extraction into the same
+    folder (a job's second output) can make an earlier link escape, so a job's output
+    folders are swept once all of its outputs are in."""
+    root = os.path.realpath(dest)
+    if not os.path.isdir(dest) or os.path.islink(dest):
+        return []
+    removed: list[str] = []
+    seen = 0
+    for folder, dirs, files in os.walk(dest, followlinks=False):
+        for name in dirs + files:
+            seen += 1
+            if seen > max_entries:
+                return removed
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and not _is_within(os.path.realpath(path), root):
+                os.unlink(path)
+                removed.append(os.path.relpath(path, dest))
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+    return removed
+
+
 def safe_extract(src: BinaryIO, dest: Path, max_bytes: int,
                  strip_components: int = 0, only: str | None = None) -> list[Path]:
     """Extract an UNTRUSTED tar stream (what a host sends back, plain or gzip/bzip2/xz) into

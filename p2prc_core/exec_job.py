@@ -33,6 +33,7 @@ from p2prc_core.archive import (
     parse_input,
     parse_output,
     safe_extract,
+    sweep_links,
 )
 from p2prc_core.directory import PeerRow
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
@@ -111,12 +112,14 @@ def detached_script(command: list[str], env: dict[str, str], workdir: str,
             f"{shlex.quote(inner)} </dev/null >/dev/null 2>&1 & }}")
 
 
-def logs_script(follow: bool, job_id: str) -> str:
+def logs_script(follow: bool, job_id: str, last_bytes: int | None = None) -> str:
     """The remote line that prints a detached job's output (stderr to stderr), and with
-    ``follow`` keeps printing until the job ends."""
+    ``follow`` keeps printing until the job ends. ``last_bytes``: only the end of each (a
+    page that shows a log reads no more than it shows)."""
     pid, out, err = (job_file(job_id, kind) for kind in ("pid", "out", "err"))
     if not follow:
-        return f"cat {out} 2>/dev/null; cat {err} >&2 2>/dev/null; true"
+        read = "cat" if last_bytes is None else f"tail -c {int(last_bytes)}"
+        return f"{read} {out} 2>/dev/null; {read} {err} >&2 2>/dev/null; true"
     return (f"p=$(cat {pid}); tail -n +1 -f --pid=$p {err} >&2 & "
             f"tail -n +1 -f --pid=$p {out}; wait")
 
@@ -157,7 +160,7 @@ class JobShell:
                 if done.returncode == 0:
                     return
                 err.seek(0)
-                said = err.read().decode(errors="replace").strip()[-300:]
+                said = clean(err.read().decode(errors="replace").strip()[-300:], 300)
             if time.monotonic() > deadline:
                 raise P2PRCError(f"cannot log into the container: {said or 'ssh failed'}")
             time.sleep(0.05)  # sshd may not listen yet, right after the container started
@@ -192,7 +195,7 @@ class JobShell:
                 pass  # the exit code and stderr say why
             code = proc.wait()
             err.seek(0)
-            said = err.read().decode(errors="replace").strip()[-300:]
+            said = clean(err.read().decode(errors="replace").strip()[-300:], 300)
         if code != 0:
             raise P2PRCError(f"the inputs could not be unpacked in the container ({said})")
 
@@ -242,7 +245,7 @@ class JobShell:
                 proc.stdout.close()
             code = proc.wait()
             err.seek(0)
-            said = err.read().decode(errors="replace").strip()[-300:]
+            said = clean(err.read().decode(errors="replace").strip()[-300:], 300)
         if code == _MISSING:
             raise P2PRCError(f"{output.remote} is not there: the command did not make it (-o)")
         if code != 0:
@@ -264,7 +267,7 @@ class JobShell:
         answer = self.quick(f'if [ -f {done} ]; then cat {done}; elif kill -0 "$(cat {pid} '
                             f'2>/dev/null)" 2>/dev/null; then echo running; else echo gone; fi')
         if answer.returncode != 0:
-            said = answer.stderr.decode(errors="replace").strip()[-300:]
+            said = clean(answer.stderr.decode(errors="replace").strip()[-300:], 300)
             raise P2PRCError(f"no answer from the container ({said or answer.returncode})")
         text = answer.stdout.decode(errors="replace").strip()
         code = _exit_code(text)
@@ -759,6 +762,19 @@ class Executor:
             run.job.message = clean(f"outputs from {run.label} not fetched: Ctrl-C", 300)
             run.output_errors.append(run.job.message)
             self.say(run.job.message)
+        finally:
+            self.sweep(run)
+
+    def sweep(self, run: JobRun) -> None:
+        """Each output folder, once all outputs are in: a link that one output's archive made
+        escape through another's is removed (``archive.sweep_links``)."""
+        for local in dict.fromkeys(output.local for output in run.outputs):
+            removed = sweep_links(local)
+            if removed:
+                run.job.message = clean(f"from {run.label}: links that resolved outside "
+                                        f"{local} were removed: {', '.join(removed[:5])}", 600)
+                run.output_errors.append(run.job.message)
+                self.say(f"error: {run.job.message}")
 
     def fetch_one(self, run: JobRun, output: Output) -> None:
         try:

@@ -144,7 +144,7 @@ def read_remote(executor: Executor, job: Job) -> dict[str, Any]:
     """
     run = executor.reopen(job)
     try:
-        done = run.shell.quick(logs_script(False, job.id))
+        done = run.shell.quick(logs_script(False, job.id, MAX_LOG))
         finished = run.shell.exit_code()
     finally:
         run.shell.close()
@@ -172,7 +172,7 @@ def kill_job(executor: Executor, job: Job) -> str:
         code = run.shell.exit_code()
         if code is None:
             code = _interrupt(run)
-        done = run.shell.quick(logs_script(False, job.id))
+        done = run.shell.quick(logs_script(False, job.id, MAX_LOG))
         save_log(executor.store, job, _tail(done.stdout), _tail(done.stderr))
         job.exit_code, job.ended = code, time.time()
         job.state = "interrupted" if code in (None, 130, 137) else \

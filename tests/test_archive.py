@@ -23,6 +23,7 @@ from p2prc_core.archive import (
     parse_input,
     parse_output,
     safe_extract,
+    sweep_links,
 )
 
 Member = tuple[tarfile.TarInfo, bytes | None]
@@ -479,3 +480,27 @@ def test_parse_output(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match="'\\.\\.'"):
         parse_output("../etc", default)
 
+
+
+def test_a_link_one_output_makes_escape_through_another_is_swept(
+        places: tuple[Path, Path]) -> None:
+    """Two outputs into one folder (a job's default): the first plants a link through a
+    name that does not exist yet (so it resolves inside, and is kept); the second writes that
+    name as a link to '.', and the first now resolves outside. The sweep once all outputs
+    are in removes it."""
+    dest, outside = places
+    (outside / "secret").write_text("not yours")
+    depth = len(dest.parts) + 2  # enough '..' to reach / once 'log.txt' means '.'
+    # As written: down 'depth' names, up as many, then down to a path inside the folder.
+    target = "../" + "log.txt/" * depth + "../" * depth + str(outside / "secret").lstrip("/")
+    safe_extract(tar_of(member("out", tarfile.DIRTYPE),
+                        member("out/l", tarfile.SYMTYPE, linkname=target)),
+                 dest, 1 << 20, only="out")
+    safe_extract(tar_of(member("log.txt", tarfile.SYMTYPE, linkname=".")), dest, 1 << 20,
+                 only="log.txt")
+    assert (dest / "out" / "l").is_symlink()  # each extraction alone let it be
+    assert os.path.realpath(dest / "out" / "l") == str(outside / "secret")  # the attack
+    assert sweep_links(dest) == ["out/l"]
+    assert not (dest / "out" / "l").exists() and not (dest / "out" / "l").is_symlink()
+    assert (dest / "log.txt").is_symlink()  # '.' stays inside: kept
+    assert sweep_links(dest) == []
