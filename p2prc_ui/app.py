@@ -41,6 +41,7 @@ from p2prc_core.containers import ContainerError, usage_of
 from p2prc_core.errors import P2PRCError
 from p2prc_core.services import NodeServices
 from p2prc_core.text import format_ago, format_when, human_bytes, two_places
+from p2prc_ui.files import send_inside
 from p2prc_ui.jobs_page import JobsPage
 from p2prc_ui.serving import Served, bind, hosts
 
@@ -481,14 +482,8 @@ class RunsPage:
 
     def on_get_file(self, req: falcon.Request, resp: falcon.Response, run_id: str,
                     name: str) -> None:
-        root = self._artifacts(run_id, self._run(run_id))
-        path = (root / name).resolve() if root is not None else Path("/nonexistent")
-        if root is None or not path.is_relative_to(root) or not path.is_file():
-            raise falcon.HTTPNotFound(description=f"No file {name} in run {run_id}.")
-        resp.content_type = "text/plain; charset=utf-8"  # never rendered as a page
-        resp.set_header("Content-Disposition", "inline")
-        with path.open("rb") as f:
-            resp.data = f.read(4 << 20)
+        send_inside(resp, self._artifacts(run_id, self._run(run_id)), name,
+                    f"No file {name} in run {run_id}.")
 
     def _artifacts(self, run_id: str, run: dict[str, Any]) -> Path | None:
         """The run's artifacts folder, only where it is inside this run's own folder."""

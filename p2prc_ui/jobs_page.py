@@ -20,6 +20,7 @@ from p2prc_core.errors import P2PRCError
 from p2prc_core.exec_job import Executor, JobRun, logs_script
 from p2prc_core.jobs import Job, JobStore
 from p2prc_core.text import clean
+from p2prc_ui.files import send_inside
 
 if TYPE_CHECKING:
     from p2prc_ui.app import Dashboard
@@ -66,14 +67,8 @@ class JobsPage:
 
     def on_get_file(self, req: falcon.Request, resp: falcon.Response, job_id: str,
                     name: str) -> None:
-        root = out_dir(self._job(job_id))
-        path = (root / name).resolve() if root is not None else Path("/nonexistent")
-        if root is None or not path.is_relative_to(root) or not path.is_file():
-            raise falcon.HTTPNotFound(description=f"No file {name} in job {job_id}'s outputs.")
-        resp.content_type = "text/plain; charset=utf-8"  # never rendered as a page
-        resp.set_header("Content-Disposition", "inline")
-        with path.open("rb") as f:
-            resp.data = f.read(4 << 20)
+        send_inside(resp, out_dir(self._job(job_id)), name,
+                    f"No file {name} in job {job_id}'s outputs.")
 
     def on_post_kill(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
         """Ctrl-C to a job that runs, asked first; a detached one's container is then
