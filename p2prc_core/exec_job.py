@@ -566,16 +566,15 @@ class Placement:
                     why_not.append(f"{clean(row.name, 64)} {answer}")
                     continue
                 self.say(why_chosen(row))
-        except BaseException:
+            if len(found) < count:
+                why_not.append(f"{len(rows)} peer{'s' if len(rows) > 1 else ''} known")
+                raise P2PRCError(f"no peer to run on"
+                                 f"{'' if count == 1 else f' ({count} asked)'}: "
+                                 + "; ".join(why_not[:6]))
+        except BaseException:  # too few, an error, Ctrl-C: what was started goes back
             for container, _ in found:
                 self.on_peers.remove(container)
             raise
-        if len(found) < count:
-            for container, _ in found:
-                self.on_peers.remove(container)
-            why_not.append(f"{len(rows)} peer{'s' if len(rows) > 1 else ''} known")
-            raise P2PRCError(f"no peer to run on{'' if count == 1 else f' ({count} asked)'}: "
-                             + "; ".join(why_not[:6]))
         return found
 
 

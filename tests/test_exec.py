@@ -35,6 +35,21 @@ def me(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.Completed
                           env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
 
 
+def exec_started(tmp_path: Path, host: LiveServer, script: str, *options: str,
+            session: bool = True, **env: str) -> subprocess.Popen[bytes]:
+    """A real ``p2prc exec --on HOST [options] -- sh -c SCRIPT``, once the command printed
+    its first line ('started'). ``session``: in a process group of its own, so a test can
+    send Ctrl-C to the group as a terminal does."""
+    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), *options, "--",
+                             "sh", "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=session,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me"), **env})
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    return proc
+
+
 def ours(engine: Any, host: LiveServer) -> list[str]:
     """The containers the host runs now (any caller's: here only ours)."""
     found = engine.api.containers(all=True, filters={"label": f"org.p2prc.node={host.node_id}"})
@@ -102,13 +117,7 @@ def test_ctrl_c_interrupts_the_command_fetches_outputs_and_removes_the_container
         tmp_path: Path, host: LiveServer, engine: Any) -> None:
     script = ("mkdir out; echo before > out/f; trap 'echo got-int > out/g; exit 130' INT; "
               "echo started; while true; do sleep 0.1; done")
-    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "-o", "out", "--",
-                             "sh", "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")},
-                            start_new_session=True)
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"started\n"
+    proc = exec_started(tmp_path, host, script, "-o", "out")
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to its whole process group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -123,13 +132,7 @@ def test_ctrl_c_interrupts_the_command_fetches_outputs_and_removes_the_container
 @pytest.mark.integration
 def test_a_second_ctrl_c_kills_a_command_that_ignores_the_first(
         tmp_path: Path, host: LiveServer, engine: Any) -> None:
-    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "--", "sh", "-c",
-                             "trap '' INT; echo started; sleep 60"], cwd=tmp_path,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"started\n"
+    proc = exec_started(tmp_path, host, "trap '' INT; echo started; sleep 60")
     os.killpg(proc.pid, signal.SIGINT)
     deadline = time.monotonic() + 30
     while b"Ctrl-C again" not in (line := proc.stderr.readline() if proc.stderr else b""):
@@ -152,13 +155,7 @@ def test_a_command_past_its_timeout_is_interrupted(tmp_path: Path, host: LiveSer
 @pytest.mark.docker
 @pytest.mark.integration
 def test_plain_commands_end_with_130_on_ctrl_c(tmp_path: Path, host: LiveServer) -> None:
-    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "--", "sh", "-c",
-                             "echo started; exec sleep 60"], cwd=tmp_path,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE,
-                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"started\n"
+    proc = exec_started(tmp_path, host, "echo started; exec sleep 60", session=False)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err  # not 255: that would read as a lost connection
@@ -339,13 +336,8 @@ def test_a_command_that_exits_255_is_not_a_lost_connection(
 @pytest.mark.integration
 def test_a_quick_second_ctrl_c_still_cleans_up(
         tmp_path: Path, host: LiveServer, engine: Any) -> None:
-    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "-o", "out", "--", "sh", "-c",
-                             "trap '' INT; mkdir out; echo started; sleep 60"], cwd=tmp_path,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"started\n"
+    proc = exec_started(tmp_path, host, "trap '' INT; mkdir out; echo started; sleep 60",
+                        "-o", "out")
     os.killpg(proc.pid, signal.SIGINT)
     with pytest.raises(subprocess.TimeoutExpired):  # a person's quick second press, while
         proc.wait(timeout=0.05)  # the first is passed on (two at once are one signal)
@@ -377,10 +369,12 @@ def test_records_of_the_wrong_types_never_break_jobs_ls(tmp_path: Path) -> None:
               command=["true"], outputs=[{"remote": "/job/o", "local": "/tmp/o"}])
     store.save(job)
     good = job.as_dict()
-    for name, bad in [("a0000001", {"started": "x"}), ("a0000002", {"command": [1]}),
-                      ("a0000003", {"outputs": 5}), ("a0000004", {"outputs": [{"remote": 1}]}),
-                      ("a0000005", {"exit_code": "0"}), ("a0000006", {"keep": "yes"}),
-                      ("a0000007", {})]:  # the last: its folder is not named by its id
+    damaged: list[tuple[str, dict[str, Any]]] = [
+        ("a0000001", {"started": "x"}), ("a0000002", {"command": [1]}),
+        ("a0000003", {"outputs": 5}), ("a0000004", {"outputs": [{"remote": 1}]}),
+        ("a0000005", {"exit_code": "0"}), ("a0000006", {"keep": "yes"}),
+        ("a0000007", {})]  # the last: its folder is not named by its id
+    for name, bad in damaged:
         (store.root / name).mkdir()
         record = {**good, "id": name if bad else job.id, **bad}
         (store.root / name / "job.json").write_text(json.dumps(record))
@@ -464,13 +458,8 @@ def test_a_host_that_stops_answering_leaves_a_lost_job_to_get_later(
         tmp_path: Path, host: LiveServer, engine: Any) -> None:
     script = ("mkdir out; echo kept > out/f; echo started; "
               "while [ ! -e go ]; do sleep 0.1; done; exit 6")
-    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "-o", "out", "--",
-                             "sh", "-c", script], cwd=tmp_path, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me"),
-                                 "P2PRC_REQUEST_TIMEOUT": "2"})
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"started\n"
+    proc = exec_started(tmp_path, host, script, "-o", "out", session=False,
+                        P2PRC_REQUEST_TIMEOUT="2")
     hung = family(host.proc.pid)
     for pid in hung:  # the host hangs, workers and all: its tunnel carries nothing
         os.kill(pid, signal.SIGSTOP)

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 from falcon import testing
+from test_trust_cli import invite
+from test_ui_access import HOST, board
 
-from conftest import BUILTINS, P2PRC, LiveServer, start_server, web
+from conftest import P2PRC, LiveServer, start_server, web
 from p2prc_core import records
-from p2prc_core.config import Settings
 from p2prc_core.identity import NodeIdentity, canonical_json
 from p2prc_core.names import PeerNames
 from p2prc_core.peertable import PeerTable
-from p2prc_core.plugins import make_plugin_manager
-from p2prc_core.services import NodeServices
 from p2prc_core.signing import sign_request
 from p2prc_core.trust import (
     ServerState,
@@ -31,6 +30,8 @@ from p2prc_core.trust import (
 )
 from p2prc_core.wire import JoinRequest, WireError, convert
 from p2prc_ui import Dashboard, create_app
+
+__all__ = ["board"]  # the dashboard fixture, used by name
 
 HOSTILE = ["x" * 33, "bob\x1b[31m", "bob\nroot", "bob\n", "<b>bob</b>", "bob smith",
            "bob.lan", "-bob", "a" * 26, "\u202ebob", "b\u00f6b"]
@@ -117,13 +118,6 @@ def test_a_hostile_name_sent_to_a_server_is_refused_and_the_invite_kept(
 
 # -- joining with a name, end to end ---------------------------------------------------------
 
-def invite(server: LiveServer, *extra: str) -> str:
-    result = p2prc(server.home, "invite", "--address", "127.0.0.1", "--port",
-                   str(server.port), *extra)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 @pytest.mark.integration
 def test_a_client_only_friend_joins_under_its_own_name(live_server: LiveServer,
                                                        tmp_path: Path) -> None:
@@ -150,16 +144,6 @@ def test_a_client_only_friend_joins_under_its_own_name(live_server: LiveServer,
 
 
 # -- the dashboard: rename and untrust -------------------------------------------------------
-
-HOST = "127.0.0.1:8555"
-
-
-@pytest.fixture
-def board(tmp_path: Path) -> Dashboard:
-    hooks = make_plugin_manager(load_entrypoints=False, plugins=list(BUILTINS))
-    services = NodeServices(Settings(allow_loopback=True), tmp_path / "me", hooks)
-    return Dashboard(services, hosts=(HOST,))
-
 
 def post(board: Dashboard, action: str, body: str, csrf: bool = True) -> testing.Result:
     headers = {"Cookie": f"{board.cookie}={board.token}", "Origin": f"http://{HOST}",
