@@ -183,6 +183,13 @@ class Backend(Protocol):
         cannot build images."""
         ...
 
+    def exec_attach(self, container_id: str, argv: list[str], stdin: bool) -> Any:
+        """Start ``argv`` in a running container, no terminal; an object with ``sock`` (its
+        streams as Docker's multiplexed frames; written bytes are its stdin, a shutdown for
+        writing ends that), ``exit_code()`` once they end, and ``close()``. Optional:
+        without it, exec streams answer 501 and clients use SSH."""
+        ...
+
     def usage(self, container_id: str) -> dict[str, float]:
         """What a running container uses now: ``cpu_percent`` (of one CPU) and ``memory``
         (bytes). Optional: a backend without it, or one that raises ``Refusal``, shows use

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
 import subprocess
 import tempfile
@@ -37,19 +36,26 @@ from p2prc_core.archive import (
 )
 from p2prc_core.directory import PeerRow
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
+from p2prc_core.job_scripts import (
+    MISSING,
+    command_script,
+    detached_script,
+    exit_code_of,
+    fetch_script,
+    interrupt_script,
+    job_file,
+    logs_script,
+    state_of,
+    state_script,
+    upload_script,
+)
 from p2prc_core.jobs import Job, JobStore
 from p2prc_core.my_containers import RemoteContainer, Tracked
 from p2prc_core.on_peers import ContainersOnPeers, Gpus
+from p2prc_core.stream_shell import AutoShell, StreamShell, Target
 from p2prc_core.text import clean, human_bytes
 
 LOST = 255  # ssh's own failure: the connection, not the command
-_MISSING = 3  # what the fetch script exits with when the output is not there
-
-
-def job_file(job_id: str, kind: str) -> str:
-    """One of a job's files in its container (``pid``, ``out``, ``err``, ``exit``), named by
-    the job, so that two jobs on one container (``--on CONTAINER``) never share one."""
-    return shlex.quote(f"/run/p2prc-job-{job_id}.{kind}")
 
 
 class Sink(Protocol):
@@ -71,57 +77,6 @@ def control_path(home: Path, short_id: str) -> Path:
         raise P2PRCError(f"{short} is not this user's own folder: remove it, or give "
                          f"P2PRC_HOME a shorter path")
     return short / short_id
-
-
-def command_script(command: list[str], env: dict[str, str], workdir: str,
-                   timeout: int, job_id: str) -> str:
-    """The remote shell line that runs ``command`` (quoted, never templated): in WORKDIR,
-    with ENV, under ``timeout``, the pid of the shell that waits for it in the job's ``pid``
-    file, its exit code in its ``exit`` file when it ends (read back when ssh exits 255,
-    which a command may, and when a lost job is got later). sshd
-    starts that shell in a session of its own (as setsid would), so the command is in its
-    process group, which Ctrl-C reaches (``kill -- -PID``). The shell outlives a SIGINT
-    (trapped, and so default again in the command) to turn the command's death by a signal
-    into an exit code (130), which ssh passes on, where sshd's own report of a signal would
-    make ssh exit 255, the code of a lost connection. ``timeout --foreground`` stays in
-    that process group (else it makes one of its own, out of Ctrl-C's reach) and leaves a
-    terminal to the command."""
-    run = ["timeout", "--foreground", "--signal=INT", "--kill-after=10s"]
-    run += [f"{timeout}s", "env", "--", *(f"{k}={v}" for k, v in env.items()), *command]
-    pid, done = job_file(job_id, "pid"), job_file(job_id, "exit")
-    keep = f"c=$?; echo $c > {done}.new && mv {done}.new {done}; exit $c"
-    inner = f"echo $$ > {pid}; trap {shlex.quote(keep)} EXIT; trap : INT; {shlex.join(run)}"
-    folder = shlex.quote(workdir)
-    return f"mkdir -p {folder} && cd {folder} && exec sh -c {shlex.quote(inner)}"
-
-
-def detached_script(command: list[str], env: dict[str, str], workdir: str,
-                    timeout: int, job_id: str) -> str:
-    """The remote line that starts ``command`` in the background and returns at once: its
-    output to the job's ``out`` and ``err`` files, its exit code to ``exit`` when it ends."""
-    # --foreground: timeout stays in the job's process group, which an interrupt signals.
-    run = ["timeout", "--foreground", "--signal=INT", "--kill-after=10s", f"{timeout}s",
-           "env", "--", *(f"{k}={v}" for k, v in env.items()), *command]
-    pid, out, err, done = (job_file(job_id, kind) for kind in ("pid", "out", "err", "exit"))
-    inner = (f"echo $$ > {pid}; {shlex.join(run)} >{out} 2>{err}; "
-             f"echo $? > {done}.new && mv {done}.new {done}")
-    folder = shlex.quote(workdir)
-    # Only the start goes to the background (braces): a backgrounded '&&' list would hold
-    # the SSH channel open, under bash, until the command ends.
-    return (f"mkdir -p {folder} && cd {folder} && rm -f {done} && {{ setsid nohup sh -c "
-            f"{shlex.quote(inner)} </dev/null >/dev/null 2>&1 & }}")
-
-
-def logs_script(follow: bool, job_id: str, last_bytes: int | None = None) -> str:
-    """The remote line that prints a detached job's output (stderr to stderr), and with
-    ``follow`` keeps printing until the job ends. ``last_bytes``: only the end of each (a
-    page that shows a log reads no more than it shows)."""
-    pid, out, err = (job_file(job_id, kind) for kind in ("pid", "out", "err"))
-    if not follow:
-        read = "cat" if last_bytes is None else f"tail -c {int(last_bytes)}"
-        return f"{read} {out} 2>/dev/null; {read} {err} >&2 2>/dev/null; true"
-    return (f"p=$(cat {pid}); tail -n +1 -f --pid=$p {err} >&2 & "
-            f"tail -n +1 -f --pid=$p {out}; wait")
 
 
 @dataclass
@@ -179,9 +134,7 @@ class JobShell:
 
         :raises P2PRCError: the container did not take them.
         """
-        remote = f"mkdir -p {shlex.quote(workdir)}"
-        if inputs:
-            remote += " && tar -x --no-same-owner -C / -f -"
+        remote = upload_script(workdir, bool(inputs))
         with tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(self.command(remote, "-T"), stdin=subprocess.PIPE,
                                     stdout=subprocess.DEVNULL, stderr=err,
@@ -199,9 +152,11 @@ class JobShell:
         if code != 0:
             raise P2PRCError(f"the inputs could not be unpacked in the container ({said})")
 
-    def start(self, script: str, tty: bool, piped: bool) -> subprocess.Popen[bytes]:
+    def start(self, script: str, tty: bool, piped: bool, remove: bool = False
+              ) -> subprocess.Popen[bytes]:
         """The command, running: on our terminal (``tty``), or with stdin piped through and
-        its output on ours, or (``piped``) in pipes for a Sink."""
+        its output on ours, or (``piped``) in pipes for a Sink. (``remove``: for exec
+        streams; over SSH the container is removed by ``Executor.release``.)"""
         if tty:
             return subprocess.Popen(self.command(script, "-tt"))
         pipe = subprocess.PIPE if piped else None
@@ -209,11 +164,14 @@ class JobShell:
                                 stdin=subprocess.DEVNULL if piped else None,
                                 stdout=pipe, stderr=pipe, start_new_session=True)
 
+    def logs(self, script: str) -> int:
+        """Run ``script`` with its output on ours; ssh's exit code."""
+        return subprocess.run(self.command(script, "-T"), stdin=subprocess.DEVNULL,
+                              check=False).returncode
+
     def interrupt(self, force: bool) -> None:
         """SIGINT to the command's process group (SIGKILL when ``force``)."""
-        sig, pid = "KILL" if force else "INT", job_file(self.job_id, "pid")
-        self.quick(f"kill -{sig} -- -$(cat {pid}) 2>/dev/null || kill -{sig} $(cat {pid})",
-                   timeout=10)
+        self.quick(interrupt_script(self.job_id, force), timeout=10)
 
     def fetch(self, output: Output, max_bytes: int) -> list[Path]:
         """Bring ``output.remote`` back into ``output.local`` through ``safe_extract``.
@@ -221,10 +179,7 @@ class JobShell:
         :raises ArchiveError: the archive was refused (its reason); P2PRCError: it is not
             there, or could not be read.
         """
-        folder, name = os.path.split(output.remote.rstrip("/") or "/")
-        remote = (f"cd {shlex.quote(folder or '/')} && {{ test -e {shlex.quote(name)} || "
-                  f"test -L {shlex.quote(name)} || exit {_MISSING}; }} && "
-                  f"exec tar -c -f - -- {shlex.quote(name)}")
+        remote, name = fetch_script(output.remote)
         with tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(self.command(remote, "-T"), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=err,
@@ -235,7 +190,7 @@ class JobShell:
                                        only=name)
             except (ArchiveError, OSError, EOFError) as error:
                 proc.kill()
-                if proc.wait() == _MISSING:
+                if proc.wait() == MISSING:
                     raise P2PRCError(f"{output.remote} is not there: the command did not "
                                      f"make it (-o)") from None
                 if isinstance(error, ArchiveError):
@@ -246,7 +201,7 @@ class JobShell:
             code = proc.wait()
             err.seek(0)
             said = clean(err.read().decode(errors="replace").strip()[-300:], 300)
-        if code == _MISSING:
+        if code == MISSING:
             raise P2PRCError(f"{output.remote} is not there: the command did not make it (-o)")
         if code != 0:
             raise P2PRCError(f"{output.remote} came back incomplete ({said or code})")
@@ -256,22 +211,18 @@ class JobShell:
         """The command's exit code from its ``exit`` file; None while it runs (or if it
         never ran, was killed, or the container did not answer)."""
         done = self.quick(f"cat {job_file(self.job_id, 'exit')} 2>/dev/null", timeout)
-        return _exit_code(done.stdout.decode(errors="replace").strip())
+        return exit_code_of(done.stdout.decode(errors="replace").strip())
 
     def state(self) -> int | str:
         """The command as its container tells: its exit code, ``running`` (the shell that
         waits for it is alive), or ``gone`` (it ended without one: killed).
 
         :raises P2PRCError: the container did not answer."""
-        pid, done = job_file(self.job_id, "pid"), job_file(self.job_id, "exit")
-        answer = self.quick(f'if [ -f {done} ]; then cat {done}; elif kill -0 "$(cat {pid} '
-                            f'2>/dev/null)" 2>/dev/null; then echo running; else echo gone; fi')
+        answer = self.quick(state_script(self.job_id))
         if answer.returncode != 0:
             said = clean(answer.stderr.decode(errors="replace").strip()[-300:], 300)
             raise P2PRCError(f"no answer from the container ({said or answer.returncode})")
-        text = answer.stdout.decode(errors="replace").strip()
-        code = _exit_code(text)
-        return code if code is not None else "running" if text == "running" else "gone"
+        return state_of(answer.stdout.decode(errors="replace").strip())
 
     def master_alive(self) -> bool:
         """Whether the job's connection (its ControlMaster) still stands; asks no host."""
@@ -291,11 +242,6 @@ class JobShell:
                            stderr=subprocess.DEVNULL, timeout=10, check=False)
         except subprocess.TimeoutExpired:
             pass
-
-
-def _exit_code(text: str) -> int | None:
-    """An exit code as the container wrote it (0 to 255), or None."""
-    return int(text) if text.isdigit() and len(text) <= 3 and int(text) <= 255 else None
 
 
 class FetchStopped(KeyboardInterrupt):
@@ -422,7 +368,7 @@ class JobRun:
 
     job: Job
     container: RemoteContainer
-    shell: JobShell
+    shell: AutoShell
     outputs: list[Output]
     label: str  # its host, as lines are prefixed and outputs filed
     owned: bool  # exec started the container (and removes it)
@@ -653,10 +599,16 @@ class Executor:
                   outputs=[{"remote": o.remote, "local": str(o.local.absolute())}
                            for o in outputs])
         self.store.save(job)
-        shell = JobShell(self.on_peers.ssh_argv(container),
-                         control_path(self.on_peers.home, f"{job_id}-{container.short_id}"),
-                         self.settings.request_timeout, job_id)
-        return JobRun(job, container, shell, outputs, label, owned)
+        return JobRun(job, container, self.shell(container, job_id), outputs, label, owned)
+
+    def shell(self, container: RemoteContainer, job_id: str) -> AutoShell:
+        """A job's steps: over exec streams, or SSH where the host has none (or for a TTY)."""
+        target = Target(self.on_peers.paths_to(container), self.on_peers.peers.identity,
+                        container.id, self.settings.request_timeout, self.on_peers.peers.secure)
+        return AutoShell(StreamShell(target, job_id), lambda: JobShell(
+            self.on_peers.ssh_argv(container),
+            control_path(self.on_peers.home, f"{job_id}-{container.short_id}"),
+            self.settings.request_timeout, job_id))
 
     def prepare(self, run: JobRun, inputs: list[Input], spec: ExecSpec) -> None:
         """Log in (waiting for sshd) and send the inputs."""
@@ -712,7 +664,11 @@ class Executor:
         for run in runs:
             script = command_script(spec.command, self.env_of(run, runs, spec), spec.workdir,
                                     spec.timeout, run.job.id)
-            run.proc = run.shell.start(script, tty, piped=(sink or lines) is not None)
+            # Nothing to fetch after it and nothing kept: its host removes the container
+            # once the command ended (exec streams; we do not wait for that).
+            last = run.owned and not run.job.keep and not run.outputs
+            run.proc = run.shell.start(script, tty, piped=(sink or lines) is not None,
+                                       remove=last)
             run.job.state = "running"
             self.store.save(run.job)
             if sink or lines:
@@ -791,6 +747,9 @@ class Executor:
     def release(self, run: JobRun) -> None:
         if run.job.keep:
             return
+        if getattr(run.proc, "host_removes", False):
+            self.on_peers.forget(run.container)
+            return
         try:
             self.on_peers.remove(run.container)
         except P2PRCError as err:
@@ -808,9 +767,7 @@ class Executor:
         except P2PRCError:
             raise P2PRCError(f"job {job.id}'s container is gone ('p2prc jobs rm {job.id}' "
                              f"forgets the job)") from None
-        shell = JobShell(self.on_peers.ssh_argv(container),
-                         control_path(self.on_peers.home, f"{job.id}-{container.short_id}"),
-                         self.settings.request_timeout, job.id)
+        shell = self.shell(container, job.id)
         outputs = [Output(o["remote"], Path(o["local"])) for o in job.outputs]
         run = JobRun(job, container, shell, outputs, job.peer_name, owned=not job.keep)
         try:
@@ -824,8 +781,7 @@ class Executor:
         """Print a detached job's output (following it with ``follow``); ssh's exit code."""
         run = self.reopen(job)
         try:
-            return subprocess.run(run.shell.command(logs_script(follow, job.id), "-T"),
-                                  stdin=subprocess.DEVNULL, check=False).returncode
+            return int(run.shell.logs(logs_script(follow, job.id)))
         finally:
             run.shell.close()
 
@@ -866,7 +822,10 @@ def settle(run: JobRun, failure: str, wait: float, say: Callable[[str], None]) -
     its exit file, read over the job's connection (``wait`` seconds at most), says so; with
     no connection left, the connection was lost."""
     job, code = run.job, run.proc.returncode if run.proc is not None else None
-    if code == LOST and not failure and run.shell.master_alive():
+    lost = getattr(run.proc, "lost", None)  # an exec stream tells; ssh's 255 does not
+    if code == LOST and lost is False:
+        pass  # the command's own 255
+    elif code == LOST and not failure and run.shell.master_alive():
         code = run.shell.exit_code(timeout=wait)
     elif code == LOST:
         code = None

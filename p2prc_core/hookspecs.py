@@ -72,7 +72,9 @@ def p2prc_register_backends(register: Callable[[str, Backend], None]) -> None:
     A backend implements ``p2prc_core.containers.Backend``: ``create(spec)`` starts a
     container exactly as the ``ContainerSpec`` says (limits, ports, labels, the SSH key) and
     returns its id; ``host_key``, ``remove``, ``containers``, ``images``, ``gpu_available``
-    and ``build_image`` do what they say. The server picks one by the ``backend`` setting.
+    and ``build_image`` do what they say; the optional ``exec_attach`` runs a command in a
+    container for exec streams (without it, ``p2prc exec`` uses SSH). The server picks one by
+    the ``backend`` setting.
 
     :param register: call ``register(name, backend)`` once for each backend.
     """

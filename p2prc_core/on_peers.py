@@ -126,9 +126,13 @@ class ContainersOnPeers:
                 if err.status != 404:
                     raise
                 removed = False
+        self.forget(container)
+        return removed
+
+    def forget(self, container: RemoteContainer) -> None:
+        """Forget a container its host removed (or was asked to)."""
         self.tracked.forget(container.id)
         (self.home / "ssh" / f"known_hosts_{container.short_id}").unlink(missing_ok=True)
-        return removed
 
     def paths_to(self, container: RemoteContainer) -> list[Endpoint]:
         """Every way to reach a container's host: where it was started, then the host's dial

@@ -373,6 +373,38 @@ class ExchangeAnswer(Struct, omit_defaults=True):
                 pass
 
 
+# -- exec streams ---------------------------------------------------------------------------
+
+MAX_ARGV = 4096  # words of one exec's command line
+
+
+class ExecStart(Struct, frozen=True, forbid_unknown_fields=True):
+    """The first frame of an exec stream (``exec_frames.START``): the command line to run in
+    the caller's container, as words (never a shell line the host composes), and whether the
+    caller sends standard input (without, the command's stdin is closed at once)."""
+
+    argv: Annotated[tuple[str, ...], Meta(min_length=1, max_length=MAX_ARGV)]
+    stdin: bool = False
+    # The host sends an empty STDOUT frame after this many seconds without a byte, so that
+    # the caller can tell a silent command from a host that stopped answering.
+    alive: Annotated[float, Meta(ge=0.5, le=600)] = 5.0
+    # Remove the container once the command ended and its EXIT frame went out (a caller
+    # that has nothing more to do there need not wait for the removal).
+    remove: bool = False
+
+    HINTS: ClassVar[dict[str, str]] = {
+        "argv": f"argv must be a list of 1 to {MAX_ARGV} words with no NUL character, "
+                f"the first not empty.",
+        "stdin": "stdin must be true or false.",
+        "alive": "alive must be a number of seconds from 0.5 to 600.",
+        "remove": "remove must be true or false.",
+    }
+
+    def __post_init__(self) -> None:
+        _refuse(not self.argv[0] or any("\0" in word for word in self.argv),
+                self.HINTS["argv"])
+
+
 # -- relays -------------------------------------------------------------------------------
 
 
@@ -466,7 +498,7 @@ class TrustMe(Struct, frozen=True):
 # The messages the OpenAPI document describes, by the name its components use.
 DOCUMENTED: tuple[type[Struct], ...] = (
     ContainerRequest, ContainerReply, ContainerList, Removed, ExchangeRequest, ExchangeAnswer,
-    RelayWait, ReachAnswer, JoinRequest, JoinAnswer, Health, TrustMe)
+    RelayWait, ReachAnswer, JoinRequest, JoinAnswer, Health, TrustMe, ExecStart)
 
 
 def schema_components() -> dict[str, Any]:

@@ -26,7 +26,7 @@ from p2prc_core.containers import (
     cannot_run_now,
 )
 from p2prc_core.text import human_bytes
-from p2prc_plugins import docker_firewall, docker_pool
+from p2prc_plugins import docker_exec, docker_firewall, docker_pool
 from p2prc_plugins.docker_disk import READONLY_LABEL, DiskLimit
 from p2prc_plugins.nvidia_driver import find_driver
 
@@ -310,6 +310,13 @@ class DockerBackend:
     def hand_out(self, container_id: str, given: HandOut) -> None:
         """Give a pooled container to its one caller (``docker_pool.hand_out``)."""
         docker_pool.hand_out(self.client, container_id, given)
+
+    def exec_attach(self, container_id: str, argv: list[str], stdin: bool) -> Any:
+        """Run ``argv`` in the container, its streams on a socket (``docker_exec.attach``)."""
+        try:
+            return docker_exec.attach(self.client, container_id, argv, stdin)
+        except _gone() as err:
+            raise _unavailable(err) from None
 
     def remove(self, container_id: str) -> None:
         docker = _docker()

@@ -13,7 +13,7 @@ from p2prc_core.config import Settings
 from p2prc_core.errors import Refusal
 from p2prc_core.reach_state import ReachedAt
 from p2prc_core.relayhub import RelayHub
-from p2prc_core.server import errors, openapi, resources, streams
+from p2prc_core.server import errors, exec_stream, openapi, resources, streams
 from p2prc_core.server.auth import RequestAuth
 from p2prc_core.server.bodies import BodySizeLimit
 from p2prc_core.server.upgrade import Held
@@ -79,6 +79,8 @@ def create_app(node: NodeServices) -> falcon.App:
     tunnels = Held(settings.threads - 2, "tunnels")
     app.add_route("/v1/containers/{container_id}/tunnel",
                   streams.TunnelResource(node.hosting.service, tunnels))
+    app.add_route("/v1/containers/{container_id}/exec",
+                  exec_stream.ExecResource(node.hosting.service, tunnels))
     hub = RelayHub(node.home, settings.relay_max_nodes, settings.relay_max_connections)
     polls = Held(settings.relay_poll_threads, "relay polls")
     legs = settings.relay_stream_threads // 2  # a relayed stream holds one for each end

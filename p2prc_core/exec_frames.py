@@ -1,0 +1,48 @@
+"""The frames of an exec stream (``POST /v1/containers/{id}/exec``), both ways, after the
+101: Docker's own multiplexed-stream frame, ``kind``, three zero bytes, then the payload's
+size (4 bytes, big-endian), then the payload. What the host's engine sends comes through as
+it is; the host adds the rest. Imports nothing heavy: the exec client starts with it.
+
+Caller to host: ``START`` (first, once: a ``wire.ExecStart``), then ``STDIN`` bytes and one
+``STDIN_END``. Host to caller: ``STDOUT`` and ``STDERR`` bytes, then ``EXIT`` (the exit
+code, as decimal text) or ``ERROR`` (why it could not run, as text), and the stream ends.
+"""
+
+from __future__ import annotations
+
+import struct
+
+STDIN, STDOUT, STDERR, EXIT, START, STDIN_END, ERROR = 0, 1, 2, 3, 4, 5, 6
+HEADER = 8
+MAX_PAYLOAD = 1 << 20  # a frame's payload, either way: more is a broken or hostile peer
+MAX_START = 256 << 10  # a START's payload (the command line, its script and environment)
+
+
+class FrameError(ValueError):
+    """Bytes that are not a frame of this protocol (a kind out of place, a size too big)."""
+
+
+def frame(kind: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">BxxxI", kind, len(payload)) + payload
+
+
+def frames(data: bytearray, kinds: frozenset[int], limit: int = MAX_PAYLOAD,
+           most: int = 1 << 30) -> list[tuple[int, bytes]]:
+    """Take the whole frames (``most`` at most) off the front of ``data`` (what is left stays
+    there).
+
+    :raises FrameError: a kind not among ``kinds``, nonzero padding, or a payload over
+        ``limit``.
+    """
+    taken: list[tuple[int, bytes]] = []
+    while len(data) >= HEADER and len(taken) < most:
+        kind, pad, size = data[0], bytes(data[1:4]), struct.unpack(">I", data[4:8])[0]
+        if kind not in kinds or pad != b"\0\0\0":
+            raise FrameError(f"a frame of unknown kind {kind}")
+        if size > limit:
+            raise FrameError(f"a frame of {size} bytes (at most {limit})")
+        if len(data) < HEADER + size:
+            break
+        taken.append((kind, bytes(data[HEADER:HEADER + size])))
+        del data[:HEADER + size]
+    return taken

@@ -1,0 +1,418 @@
+"""One job's work in its container over exec streams (``POST /v1/containers/{id}/exec``):
+each step one command run by the host's engine, its streams in frames (``exec_frames``)
+through the host's p2prc port (and its relay), with no SSH login between. It does what
+``exec_job.JobShell`` does over SSH, with the same methods, so ``Executor`` uses either;
+a host without the route (an older p2prc, another backend) answers 404 or 501, and the
+job goes over SSH (``NoExecRoute``). A command on a terminal (a TTY) goes over SSH too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, BinaryIO, cast
+
+from p2prc_core import exec_frames as fr
+from p2prc_core.archive import ArchiveError, Input, Output, pack, safe_extract
+from p2prc_core.errors import P2PRCError, PeerRefused
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.job_scripts import (
+    MISSING,
+    exit_code_of,
+    fetch_script,
+    interrupt_script,
+    job_file,
+    state_of,
+    state_script,
+    upload_script,
+)
+from p2prc_core.models import Endpoint
+from p2prc_core.text import clean
+from p2prc_core.wire import ExecStart, encode
+
+LOST = 255  # no exit code came: the connection, not the command
+_FROM_HOST = frozenset({fr.STDOUT, fr.STDERR, fr.EXIT, fr.ERROR})
+_BLOCK = 1 << 16
+
+
+class NoExecRoute(P2PRCError):
+    """The host has no exec streams (404 or 501): use SSH."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A container, and how to reach its host."""
+
+    endpoints: list[Endpoint]
+    identity: NodeIdentity
+    container_id: str
+    timeout: float  # request_timeout: the open, and how long a silent host is waited for
+    secure: bool = True
+
+
+Write = Callable[[bytes], None]
+
+
+async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write, err: Write,
+               opened: Callable[[BaseException | None], None],
+               stopper: Callable[[Callable[[], None]], None], remove: bool = False) -> int:
+    """Run ``argv``; its output to ``out`` and ``err``; its exit code (``LOST``: none
+    came). ``opened`` is told once the stream stands (or why it did not); ``stopper`` is
+    given what ends the stream early (``kill``)."""
+    from p2prc_core.tunnel import open_stream
+
+    alive = max(0.5, target.timeout / 2)
+    try:
+        reader, writer, first, _ = await open_stream(
+            target.endpoints, target.identity, f"/v1/containers/{target.container_id}/exec",
+            "", target.timeout, target.secure)
+    except PeerRefused as error:
+        problem: BaseException = NoExecRoute(str(error)) if error.status in (404, 501) \
+            else error
+        opened(problem)
+        raise problem from None
+    except BaseException as error:
+        opened(error)
+        raise
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(writer.close)
+
+    stopper(stop)
+    opened(None)
+    try:
+        start = ExecStart(argv=tuple(argv), stdin=stdin_fd is not None, alive=alive,
+                          remove=remove)
+        writer.write(fr.frame(fr.START, encode(start)))
+        if stdin_fd is not None:
+            _feed(stdin_fd, writer, loop)
+        buffered = bytearray(first)
+        while True:
+            for kind, payload in fr.frames(buffered, _FROM_HOST):
+                if kind == fr.STDOUT and payload:
+                    out(payload)
+                elif kind == fr.STDERR:
+                    err(payload)
+                elif kind == fr.EXIT:
+                    text = payload.decode(errors="replace")
+                    if text.isdigit() and int(text) <= 255:
+                        opened(None)  # (again) the command's own end: not lost
+                        return int(text)
+                    return LOST
+                elif kind == fr.ERROR:
+                    raise P2PRCError(f"the host could not run it: "
+                                     f"{clean(payload.decode(errors='replace'), 300)}")
+            try:
+                data = await asyncio.wait_for(reader.read(_BLOCK), 2 * alive + 1)
+            except (TimeoutError, ConnectionError, OSError):
+                return LOST
+            if not data:
+                return LOST
+            buffered += data
+    except fr.FrameError:
+        return LOST  # not this protocol: as good as lost
+    finally:
+        writer.close()
+
+
+def _feed(fd: int, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop) -> None:
+    """Our stdin (``fd``) to the command, in a thread of its own: a daemon, which a stdin
+    nobody closes never holds up our exit. Each frame waits for room (back pressure)."""
+    async def send(data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    def carry() -> None:
+        try:
+            while data := os.read(fd, fr.MAX_PAYLOAD // 4):
+                asyncio.run_coroutine_threadsafe(send(fr.frame(fr.STDIN, data)), loop).result()
+            asyncio.run_coroutine_threadsafe(send(fr.frame(fr.STDIN_END)), loop).result()
+        except (OSError, RuntimeError, ConnectionError):
+            pass  # the stream ended first
+
+    threading.Thread(target=carry, daemon=True).start()
+
+
+def _writer(fd: int) -> Write:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    return write
+
+
+class StreamProc:
+    """A command running over an exec stream, as much of a ``subprocess.Popen`` as
+    ``Executor`` uses: ``stdout``/``stderr`` (pipes, when asked), ``poll``, ``wait``,
+    ``kill``, ``returncode``. Made once the stream stands (else it raises)."""
+
+    def __init__(self, target: Target, argv: list[str], stdin_fd: int | None = None,
+                 out_fd: int | None = 1, err_fd: int | None = 2, piped: bool = False,
+                 remove: bool = False):
+        self.returncode: int | None = None
+        self.lost = True  # no exit code came (yet): the connection, not the command
+        self.remove = remove
+        self.stdout: IO[bytes] | None = None
+        self.stderr: IO[bytes] | None = None
+        self.failure: BaseException | None = None
+        ends: list[int] = []
+        if piped:
+            (r_out, out_fd), (r_err, err_fd) = os.pipe(), os.pipe()
+            self.stdout, self.stderr = open(r_out, "rb", 0), open(r_err, "rb", 0)
+            ends = [out_fd, err_fd]
+        out = _writer(out_fd) if out_fd is not None else (lambda _: None)
+        err = _writer(err_fd) if err_fd is not None else (lambda _: None)
+        self._done = threading.Event()
+        self._stop: Callable[[], None] = lambda: None
+        ready = threading.Event()
+        said: list[BaseException | None] = []
+
+        def opened(problem: BaseException | None) -> None:
+            if ready.is_set():  # the second call: the EXIT frame came
+                self.lost = False
+                return
+            said.append(problem)
+            ready.set()
+
+        def stopper(stop: Callable[[], None]) -> None:
+            self._stop = stop
+
+        def main() -> None:
+            try:
+                self.returncode = asyncio.run(_run(target, argv, stdin_fd, out, err, opened,
+                                                   stopper, remove))
+            except BaseException as error:  # noqa: BLE001 - kept for whoever waits
+                self.failure = error
+                self.returncode = LOST
+                if not ready.is_set():
+                    opened(error)
+                else:  # said where the command's errors go: why it has no exit code
+                    try:
+                        err(f"p2prc: {error}\n".encode())
+                    except OSError:
+                        pass
+            finally:
+                for end in ends:
+                    os.close(end)
+                self._done.set()
+
+        threading.Thread(target=main, daemon=True).start()
+        ready.wait()
+        if said and said[0] is not None:
+            self._done.wait()
+            raise said[0]
+
+    @property
+    def host_removes(self) -> bool:
+        """Whether the host removes the container now: asked to, and the command ended."""
+        return self.remove and self._done.is_set() and not self.lost
+
+    def poll(self) -> int | None:
+        return self.returncode if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._done.wait(timeout):
+            raise subprocess.TimeoutExpired("exec stream", timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        self._stop()
+
+
+def _sh(line: str) -> list[str]:
+    return ["sh", "-c", line]
+
+
+@dataclass
+class StreamShell:
+    """``JobShell``'s steps over exec streams; no connection is held between them."""
+
+    target: Target
+    job_id: str
+    errors: list[str] = field(default_factory=list)
+
+    def open(self, wait: float) -> None:
+        """Nothing to open: each step makes its own stream."""
+
+    def quick(self, remote: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+        """Run a short remote line; its output captured (``LOST`` and the reason in stderr
+        when the host could not be reached). :raises NoExecRoute: no exec streams there."""
+        try:
+            proc = StreamProc(self.target, _sh(remote), None, piped=True)
+        except NoExecRoute:
+            raise
+        except (P2PRCError, OSError) as error:
+            return subprocess.CompletedProcess([], LOST, b"", str(error).encode())
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = _Drained(proc.stdout), _Drained(proc.stderr)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return subprocess.CompletedProcess([], LOST, b"", b"no answer in time")
+        return subprocess.CompletedProcess([], code, out.result(), err.result())
+
+    def upload(self, inputs: list[Input], workdir: str) -> None:
+        """Make WORKDIR and unpack the inputs in place (``tar -x -C /``), streamed.
+
+        :raises P2PRCError: the container did not take them.
+        """
+        remote = upload_script(workdir, bool(inputs))
+        if not inputs:
+            done = self.quick(remote)
+        else:
+            read_end, write_end = os.pipe()
+            try:
+                proc = StreamProc(self.target, _sh(remote), read_end, piped=True)
+                assert proc.stderr is not None and proc.stdout is not None
+                said, _ = _Drained(proc.stderr), _Drained(proc.stdout)
+                with open(write_end, "wb", closefd=False) as sink:
+                    try:
+                        pack(inputs, cast(BinaryIO, sink))
+                    except BrokenPipeError:
+                        pass  # the exit code and stderr say why
+            finally:
+                os.close(write_end)
+            code = proc.wait()
+            os.close(read_end)
+            done = subprocess.CompletedProcess([], code, b"", said.result())
+        if done.returncode != 0:
+            text = clean(done.stderr.decode(errors="replace").strip()[-300:], 300)
+            raise P2PRCError(f"the inputs could not be unpacked in the container ({text})")
+
+    def start(self, script: str, tty: bool, piped: bool, remove: bool = False) -> StreamProc:
+        """The command, running, its output on ours or (``piped``) in pipes for a Sink; our
+        stdin goes to it unless ``piped``. ``remove``: the host removes the container once
+        the command ended and said so. (A TTY is SSH's: ``AutoShell`` sees to it.)"""
+        if piped:
+            return StreamProc(self.target, _sh(script), None, piped=True, remove=remove)
+        return StreamProc(self.target, _sh(script), 0, remove=remove)
+
+    def interrupt(self, force: bool) -> None:
+        self.quick(interrupt_script(self.job_id, force), timeout=10)
+
+    def fetch(self, output: Output, max_bytes: int) -> list[Path]:
+        """Bring ``output.remote`` back into ``output.local`` through ``safe_extract``.
+
+        :raises ArchiveError: the archive was refused; P2PRCError: it is not there, or could
+            not be read.
+        """
+        remote, name = fetch_script(output.remote)
+        proc = StreamProc(self.target, _sh(remote), None, piped=True)
+        assert proc.stdout is not None and proc.stderr is not None
+        said = _Drained(proc.stderr)
+        try:
+            written = safe_extract(cast(BinaryIO, proc.stdout), output.local, max_bytes,
+                                   only=name)
+        except (ArchiveError, OSError, EOFError) as error:
+            proc.stdout.close()  # what the host still sends goes nowhere: its end
+            if _ended(proc) == MISSING:
+                raise P2PRCError(f"{output.remote} is not there: the command did not "
+                                 f"make it (-o)") from None
+            if isinstance(error, ArchiveError):
+                raise ArchiveError(f"{output.remote}: {error}") from None
+            raise P2PRCError(f"{output.remote} could not be read: {error}") from None
+        while proc.stdout.read(_BLOCK):
+            pass  # what tar adds after the archive's end
+        proc.stdout.close()
+        code = proc.wait()
+        if code == MISSING:
+            raise P2PRCError(f"{output.remote} is not there: the command did not make it (-o)")
+        if code != 0:
+            text = clean(said.result().decode(errors="replace").strip()[-300:], 300)
+            raise P2PRCError(f"{output.remote} came back incomplete ({text or code})")
+        return written
+
+    def exit_code(self, timeout: float = 30) -> int | None:
+        done = self.quick(f"cat {job_file(self.job_id, 'exit')} 2>/dev/null", timeout)
+        return exit_code_of(done.stdout.decode(errors="replace").strip())
+
+    def state(self) -> int | str:
+        answer = self.quick(state_script(self.job_id))
+        if answer.returncode != 0:
+            said = clean(answer.stderr.decode(errors="replace").strip()[-300:], 300)
+            raise P2PRCError(f"no answer from the container ({said or answer.returncode})")
+        return state_of(answer.stdout.decode(errors="replace").strip())
+
+    def master_alive(self) -> bool:
+        """Whether the host still answers: each step has its own stream, so ask it."""
+        return self.quick("true", timeout=self.target.timeout).returncode == 0
+
+    def logs(self, script: str) -> int:
+        """Run ``script`` with its output on ours; its exit code."""
+        return StreamProc(self.target, _sh(script), None).wait()
+
+    def close(self) -> None:
+        """Nothing held between steps."""
+
+
+def _ended(proc: StreamProc) -> int:
+    """The exit code of a command whose output we stopped reading: what it said if it ended
+    at once, else it is ended."""
+    try:
+        return proc.wait(2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+class _Drained:
+    """A stream read to its end in a thread of its own, kept."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.data = bytearray()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        while chunk := stream.read(_BLOCK):
+            self.data += chunk
+        stream.close()
+
+    def result(self) -> bytes:
+        self.thread.join()
+        return bytes(self.data)
+
+
+class AutoShell:
+    """Exec streams where the host has them, else SSH: ``fallback()`` makes a
+    ``JobShell``, which the first step that finds no route (and a command on a terminal,
+    which needs a TTY) moves every later step to. Any other method is the shell's own."""
+
+    def __init__(self, stream: StreamShell, fallback: Callable[[], Any]):
+        self.current: Any = stream
+        self.fallback = fallback
+        self.wait = 30.0
+
+    def open(self, wait: float) -> None:
+        self.wait = wait
+        self.current.open(wait)
+
+    def to_ssh(self) -> None:
+        if isinstance(self.current, StreamShell):
+            self.current = self.fallback()
+            self.current.open(self.wait)
+
+    def start(self, script: str, tty: bool, piped: bool, remove: bool = False) -> Any:
+        if tty:
+            self.to_ssh()
+        return self.__getattr__("start")(script, tty, piped, remove)
+
+    def __getattr__(self, name: str) -> Any:
+        if not callable(getattr(self.current, name)):
+            return getattr(self.current, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return getattr(self.current, name)(*args, **kwargs)
+            except NoExecRoute:
+                self.to_ssh()
+                return getattr(self.current, name)(*args, **kwargs)
+        return call
