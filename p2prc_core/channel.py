@@ -25,11 +25,9 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
 
-import httpcore
-import httpx
-
 from p2prc_core import tls
 from p2prc_core.errors import PeerError, PeerRefused, RelayRefused, unreachable
+from p2prc_core.httplib import httpcore, httpx
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.signing import sign_request

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
-import httpx
 import msgspec
 
 from p2prc_core import transfer
 from p2prc_core.channel import Channel, Contact, read_capped, within
 from p2prc_core.errors import PeerError, PeerRefused, unreachable
+from p2prc_core.httplib import httpx
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import CONTAINER_ID, Endpoint, loads_strict
 from p2prc_core.my_containers import RemoteContainer

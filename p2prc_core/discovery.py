@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-import httpx
-
 from p2prc_core.addresses import dial_endpoints
 from p2prc_core.channel import Channel, read_capped, within
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal, unreachable
+from p2prc_core.httplib import httpx
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint, parse_endpoint
 from p2prc_core.peertable import PeerEntry, PeerTable, TableState, record_token

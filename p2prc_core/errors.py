@@ -44,8 +44,7 @@ class RelayRefused(PeerRefused):
 def unreachable(where: object, err: BaseException, timeout: float | None) -> PeerError:
     """The one mapping of a failure to reach or talk to a peer (httpx's errors and socket
     errors alike) to a one-line ``PeerError``."""
-    import httpcore
-    import httpx
+    from p2prc_core.httplib import httpcore, httpx
 
     wait = seconds_text(timeout) if timeout is not None else "the time allowed"
     if isinstance(err, httpx.TimeoutException | httpcore.TimeoutException | TimeoutError):

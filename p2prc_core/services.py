@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from p2prc_core.config import Settings
 from p2prc_core.directory import PeerDirectory
-from p2prc_core.exchange import TableExchange
 from p2prc_core.hosting import Hosting
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.invites import Invites
@@ -24,6 +24,9 @@ from p2prc_core.peertable import PeerTable
 from p2prc_core.plugins import PluginHooks
 from p2prc_core.tasks import Playbooks, Runs, RunService
 from p2prc_core.trust import ServerState, TrustStore
+
+if TYPE_CHECKING:
+    from p2prc_core.exchange import TableExchange
 
 log = logging.getLogger("p2prc")
 
@@ -82,7 +85,10 @@ class NodeServices:
 
     @cached_property
     def exchange(self) -> TableExchange:
-        """The server's side of a table exchange."""
+        """The server's side of a table exchange (imported here: its HTTP client is heavy,
+        and most commands need none)."""
+        from p2prc_core.exchange import TableExchange
+
         s = self.settings
         return TableExchange(self.table, self.own.record, self.home,
                              s.max_records_per_response, s.exchange_newcomers_per_minute)

@@ -45,8 +45,12 @@ def test_every_hook_has_a_test_that_implements_it() -> None:
 
 
 def all_commands(group: click.Group, prefix: str = "") -> list[str]:
+    """Every command path, the lazily loaded ones too (``list_commands``, not ``commands``)."""
     found = []
-    for name, command in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None, name
         path = f"{prefix}{name}"
         found.append(path)
         if isinstance(command, click.Group):

@@ -1,31 +1,30 @@
-"""The ``p2prc`` group, its context object, and what every command shares."""
+"""The ``p2prc`` group, its context object, and what every command shares.
+
+The group loads a command's module only when that command runs (``COMMANDS``), and what a
+command needs (httpx, rich's progress bars, Docker's SDK, the plugins) only inside it, so
+that no command pays at start for what only others use (tests/test_cli_start.py)."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from p2prc_core import __version__
-from p2prc_core.config import (
-    ConfigError,
-    LoadedSettings,
-    Settings,
-    default_home,
-    load_settings,
-)
-from p2prc_core.containers import parse_gpu_text
+from p2prc_core.config import ConfigError, LoadedSettings, Settings, default_home, load_settings
 from p2prc_core.errors import BadAddress, P2PRCError
 from p2prc_core.models import Endpoint, parse_duration, parse_endpoint, parse_size
-from p2prc_core.output import err_console
-from p2prc_core.plugins import PluginHooks, PluginLoadError, make_plugin_manager
-from p2prc_core.services import NodeServices
 
-if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
+if TYPE_CHECKING:  # each loads only for the commands that use it
+    from rich.progress import Progress
+
     from p2prc_core.client import PeerClient
+    from p2prc_core.plugins import PluginHooks
+    from p2prc_core.services import NodeServices
 
 
 class CliContext:
@@ -54,12 +53,16 @@ class CliContext:
     @property
     def hooks(self) -> PluginHooks:
         if self._hooks is None:
+            from p2prc_core.plugins import make_plugin_manager
+
             self._hooks = make_plugin_manager(disabled=self.settings.disable_plugins)
         return self._hooks
 
     @property
     def services(self) -> NodeServices:
         if self._services is None:
+            from p2prc_core.services import NodeServices
+
             self._services = NodeServices(self.settings, self.home, self.hooks,
                                           notice=lambda line: click.echo(line, err=True))
         return self._services
@@ -99,17 +102,106 @@ EXAMPLES = """\
 """
 
 
+# Each command: the module of p2prc_core.cli that defines it, and its short help as
+# 'p2prc --help' shows it. The group imports a module when one of its commands runs, and the
+# help imports none (tests/test_cli_start.py keeps this equal to the commands themselves).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("local", "Show the home directory and the effective settings, with where each "
+                        "came from."),
+    "containers": ("containers", "Containers this client started (ls)."),
+    "doctor": ("local", "Check what this node needs to work well, with a fix for each problem; "
+                        "exit 1 if any check fails."),
+    "exec": ("jobs", "Run COMMAND on the best peer that fits (or --on one): a fresh container, "
+                     "the -i inputs sent, output live, the -o outputs back, the container "
+                     "removed."),
+    "forward": ("containers", "Serve PORT of CONTAINER on 127.0.0.1:LOCAL_PORT (default: the "
+                              "same number if free, else any), through the host's p2prc port, "
+                              "until Ctrl-C."),
+    "group": ("containers", "Groups of containers: a group name works wherever a container id "
+                            "does (ls is the default)."),
+    "id": ("trust", "Print this node's id (the key is created on first use) and, on stderr, "
+                    "the fingerprint of the TLS certificate its server presents."),
+    "image": ("local", "The base container image."),
+    "init": ("local", "Create this node's home directory and a commented config.toml."),
+    "interfaces": ("local", "Every local address, and which one p2prc advertises and why."),
+    "invite": ("trust", "Print a one-time token for a friend: 'p2prc join TOKEN' on their "
+                        "machine makes them trusted here (they can start work on this node) "
+                        "and puts each node in the other's table."),
+    "jobs": ("jobs", "Jobs that 'p2prc exec' ran: ls, show, logs, get, rm."),
+    "join": ("trust", "Redeem a friend's invite: you are trusted there, and their node joins "
+                      "your table."),
+    "peers": ("peers", "The peer table: add peers, list them (the default), and discover "
+                       "more."),
+    "playbooks": ("tasks", "Playbook bundles (site.yml + p2prc.toml) installed here."),
+    "plugins": ("local", "List every plugin with its distribution, version and hooks."),
+    "rm": ("containers", "Stop and remove a container (or every container of a group) and "
+                         "forget it."),
+    "run": ("tasks", "Run a playbook on containers and groups, all at once, with progress per "
+                     "host."),
+    "runs": ("tasks", "Past runs and their artifacts."),
+    "server": ("local", "Run the peer server (Ctrl-C or SIGTERM stops it)."),
+    "specs": ("peers", "Show a peer's CPU, memory, disk, load and GPUs; with no PEER, this "
+                       "machine's."),
+    "speedtest": ("peers", "Measure download and upload speed to a peer, in Mbit/s."),
+    "ssh": ("containers", "Log into a container with your key, checking its pinned host key."),
+    "ssh-config": ("containers", "OpenSSH Host entries (p2prc-ID) for your containers, through "
+                                 "the tunnel with the pinned host keys: for scp, rsync, VS Code "
+                                 "Remote, or ssh itself."),
+    "status": ("local", "This node at a glance: id, server, transport, addresses as peers see "
+                        "them, peers, the containers it hosts for peers and those you hold on "
+                        "peers, and GPUs."),
+    "touch": ("containers", "Start a container on PEER with SSH access (your key) and open "
+                            "ports."),
+    "trust": ("trust", "Let NODE (a node id, or a peer's name from the table) run work here; "
+                       "with no NODE, list the nodes trusted here."),
+    "tunnel": ("containers", "Join standard input and output to PORT of CONTAINER, through its "
+                             "host's p2prc port (what 'p2prc ssh' gives OpenSSH as its "
+                             "ProxyCommand)."),
+    "ui": ("local", "Serve a local web dashboard: peers, your containers, this host's "
+                    "containers and trusted nodes, runs, and specs."),
+    "untrust": ("trust", "Stop trusting NODE (its id, a unique start of it, or its name): its "
+                         "next signed request here gets 403."),
+    "version": ("local", "Versions of p2prc, Python, the Docker engine, Ansible and each "
+                         "plugin."),
+}
+
+
+def load_all_commands() -> None:
+    """Import every command's module (for what needs the whole tree: the docs' checks)."""
+    for module in sorted({module for module, _ in COMMANDS.values()}):
+        importlib.import_module(f"p2prc_core.cli.{module}")
+
+
+def _reported_in_one_line(err: Exception) -> bool:
+    """Whether ERR is an error p2prc states in one line: its own, a config error or a plugin
+    that failed to load (looked up only once loaded: it cannot have been raised before)."""
+    plugins = sys.modules.get("p2prc_core.plugins")
+    return isinstance(err, P2PRCError | ConfigError) or (
+        plugins is not None and isinstance(err, plugins.PluginLoadError))
+
+
 class P2PRCGroup(click.Group):
-    """Turns every p2prc error into one line on stderr and a non-zero exit; its help leads
-    with the commands, by topic and whole, and a few examples."""
+    """Loads each command's module when that command runs (``COMMANDS``); turns every p2prc
+    error into one line on stderr and a non-zero exit; its help leads with the commands, by
+    topic and whole, and a few examples."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            importlib.import_module(f"p2prc_core.cli.{COMMANDS[cmd_name][0]}")
+        return self.commands.get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BadAddress as err:
             raise click.UsageError(str(err)) from None
-        except (P2PRCError, ConfigError, PluginLoadError) as err:
-            raise click.ClickException(str(err)) from None
+        except Exception as err:
+            if _reported_in_one_line(err):
+                raise click.ClickException(str(err)) from None
+            raise
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         self.format_usage(ctx, formatter)
@@ -120,17 +212,24 @@ class P2PRCGroup(click.Group):
         self.format_options(ctx, formatter)
         self.format_epilog(ctx, formatter)
 
+    def help_line(self, name: str) -> str | None:
+        """NAME's line in 'p2prc --help' (None: hidden), without loading its module."""
+        command = self.commands.get(name)
+        if command is not None:
+            return None if command.hidden else command.get_short_help_str(limit=300)
+        return COMMANDS[name][1] if name in COMMANDS else None
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         listed: set[str] = set()
-        commands = {name: self.get_command(ctx, name) for name in self.list_commands(ctx)}
-        for title, names in SECTIONS + [("More", sorted(commands))]:
+        names = self.list_commands(ctx)
+        for title, section in SECTIONS + [("More", names)]:
             rows = []
-            for name in names:
-                command = commands.get(name)
-                if command is None or command.hidden or name in listed:
+            for name in section:
+                short = self.help_line(name) if name in names else None
+                if short is None or name in listed:
                     continue
                 listed.add(name)
-                rows.append((name, command.get_short_help_str(limit=300)))
+                rows.append((name, short))
             if rows:
                 with formatter.section(title):
                     formatter.write_dl(rows)
@@ -175,8 +274,8 @@ class OriginalFlag(click.Option):
     section of its own. ``cli.original`` declares them and carries them out."""
 
 
-# What carries out the original flags (``cli.original`` registers it): it imports the
-# commands they stand for, which import this module, so this module never imports them.
+# What carries out the original flags (``cli.original`` registers it): it loads the commands
+# they stand for through the group, only when one is given.
 run_original: list[Callable[[click.Context, dict[str, Any]], None]] = []
 
 
@@ -211,10 +310,30 @@ def _parsed_by(parse: Callable[[str], Any]) -> Callable[..., Any]:
 
 size_option = _parsed_by(parse_size)  # 512, 64k, 10M, 1G
 duration_option = _parsed_by(parse_duration)  # 90s, 30m, 2h, 7d
-gpu_option = _parsed_by(parse_gpu_text)  # all, 2, 0,1, device=1
+
+
+def _gpu_text(text: str) -> bool | int | list[int]:
+    """``--gpu``'s text as a request's ``gpu`` (the containers module loads only now)."""
+    from p2prc_core.containers import parse_gpu_text
+
+    return parse_gpu_text(text)
+
+
+gpu_option = _parsed_by(_gpu_text)  # all, 2, 0,1, device=1
 
 
 def transfer_progress() -> Progress:
+    """A transient bar of bytes sent or received, on stderr."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
+    from p2prc_core.output import err_console
+
     return Progress(TextColumn("{task.description:>8}"), BarColumn(), DownloadColumn(),
                     TransferSpeedColumn(), console=err_console, transient=True)
 

@@ -8,10 +8,6 @@ from typing import Any
 import click
 
 from p2prc_core.cli.base import OriginalFlag, main, run_original
-from p2prc_core.cli.containers import containers_ls, remove_container, touch
-from p2prc_core.cli.local import server
-from p2prc_core.cli.peers import peers_add, peers_ls, peers_update
-from p2prc_core.cli.tasks import playbooks_add, playbooks_ls, playbooks_rm, run_playbook
 
 FLAGS = [
     OriginalFlag(["-s", "serve_flag"], is_flag=True,
@@ -36,26 +32,38 @@ FLAGS = [
 ]
 
 
-def chosen_command(flags: dict[str, Any]) -> list[tuple[click.Command, dict[str, Any]]]:
+def command_at(ctx: click.Context, path: str) -> click.Command:
+    """The command at PATH (``peers ls``), its module loaded only now that it runs."""
+    command: click.Command | None = main
+    for name in path.split():
+        assert isinstance(command, click.Group), path
+        command = command.get_command(ctx, name)
+    assert command is not None, path
+    return command
+
+
+def chosen_command(ctx: click.Context,
+                   flags: dict[str, Any]) -> list[tuple[click.Command, dict[str, Any]]]:
     """The commands the given flags stand for, with their arguments."""
     given = {name: value for name, value in flags.items()
              if value not in (None, False, 0, ())}
-    stands_for: list[tuple[str, click.Command, dict[str, Any]]] = [
-        ("serve_flag", server, {}),
-        ("add_address", peers_add, {"address": given.get("add_address")}),
-        ("list_flag", peers_ls, {}), ("update_flag", peers_update, {}),
-        ("touch_peer", touch,
+    stands_for: list[tuple[str, str, dict[str, Any]]] = [
+        ("serve_flag", "server", {}),
+        ("add_address", "peers add", {"address": given.get("add_address")}),
+        ("list_flag", "peers ls", {}), ("update_flag", "peers update", {}),
+        ("touch_peer", "touch",
          {"peer": given.get("touch_peer"), "ports": flags["touch_ports"],
           "gpu": flags["touch_gpu"], "image": None, "cpus": None, "memory": None, "ttl": None,
           "as_json": True}),
-        ("tracked_flag", containers_ls, {}),
-        ("rm_container", remove_container, {"container": given.get("rm_container")}),
-        ("add_playbook", playbooks_add, {"source": given.get("add_playbook")}),
-        ("list_playbooks", playbooks_ls, {}),
-        ("rm_playbook", playbooks_rm, {"name": given.get("rm_playbook")}),
-        ("plugin_name", run_playbook, {"playbook": given.get("plugin_name"),
-                                       "targets": flags["plugin_ids"], "pairs": ()})]
-    return [(command, kwargs) for name, command, kwargs in stands_for if name in given]
+        ("tracked_flag", "containers ls", {}),
+        ("rm_container", "rm", {"container": given.get("rm_container")}),
+        ("add_playbook", "playbooks add", {"source": given.get("add_playbook")}),
+        ("list_playbooks", "playbooks ls", {}),
+        ("rm_playbook", "playbooks rm", {"name": given.get("rm_playbook")}),
+        ("plugin_name", "run", {"playbook": given.get("plugin_name"),
+                                "targets": flags["plugin_ids"], "pairs": ()})]
+    return [(command_at(ctx, path), kwargs) for name, path, kwargs in stands_for
+            if name in given]
 
 
 def carry_out(ctx: click.Context, flags: dict[str, Any]) -> None:
@@ -64,7 +72,7 @@ def carry_out(ctx: click.Context, flags: dict[str, Any]) -> None:
         raise click.UsageError("--plugin NAME needs --id CONTAINER")
     if (flags["touch_ports"] or flags["touch_gpu"]) and flags["touch_peer"] is None:
         raise click.UsageError("--ports and --gpu go with --touch PEER")
-    chosen = chosen_command(flags)
+    chosen = chosen_command(ctx, flags)
     if len(chosen) > 1 or (chosen and ctx.invoked_subcommand is not None):
         raise click.UsageError("the original flags (-s, --as, --ls, --us, --touch, --tc, --rm, "
                                "--pp, --vp, --rp, --plugin) each stand alone: give one, and "

@@ -11,8 +11,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
 
 from p2prc_core.cli.base import (
     CliContext,
@@ -30,7 +28,10 @@ from p2prc_core.names import errors_named
 from p2prc_core.output import err_console, print_json, print_table
 from p2prc_core.text import format_ago, human_bytes, two_places
 
-if TYPE_CHECKING:  # httpx and what uses it load only for commands that talk to peers
+if TYPE_CHECKING:  # httpx, what uses it and the bars load only for the commands that use them
+    from rich.console import Console
+    from rich.progress import Progress
+
     from p2prc_core.discovery import UpdateStopped
 
 
@@ -177,6 +178,8 @@ def peers_update(node: CliContext, hops: int | None = None, as_json: bool = Fals
 def update_bar(console: Console) -> Progress:
     """The bar of 'peers update': the hop, and how many of its peers answered (blank until
     the hop's count is known: never '0/None')."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
     return Progress(TextColumn("hop {task.fields[hop]}"), BarColumn(),
                     TextColumn("{task.fields[count]}"), console=console, transient=True)
 

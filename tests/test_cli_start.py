@@ -1,0 +1,111 @@
+"""The command line starts fast: ``p2prc --help``, ``version`` and ``peers ls`` load only what
+they need (issue 27). Checked by the modules a fresh interpreter holds after the command, not
+by milliseconds (timings are bench/'s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from p2prc_core.cli import main
+from p2prc_core.cli.base import COMMANDS, SECTIONS, load_all_commands
+
+COMMAND_MODULES = {f"p2prc_core.cli.{module}" for module, _ in COMMANDS.values()}
+# What a command that talks to no peer, or shows no bar, must not pay for at start.
+HTTP = {"httpx", "httpcore", "trio", "h11", "h2"}
+SLOW = HTTP | {"rich.progress", "docker", "p2prc_core.services", "p2prc_core.exec_job"}
+
+# Runs the command line in this interpreter as the p2prc script does, then writes the
+# modules it holds to the file named by the first argument.
+RUN_AND_LIST = """\
+import json, sys
+from p2prc_core.cli import main
+try:
+    main(sys.argv[2:], prog_name="p2prc", standalone_mode=False)
+finally:
+    with open(sys.argv[1], "w") as out:
+        json.dump(sorted(sys.modules), out)
+"""
+
+
+def modules_after(tmp_path: Path, *args: str) -> set[str]:
+    """The modules a fresh interpreter holds after 'p2prc ARGS' (on a fresh home)."""
+    listing = tmp_path / "modules.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PRC_")}
+    env["P2PRC_HOME"] = str(tmp_path / "home")
+    done = subprocess.run([sys.executable, "-c", RUN_AND_LIST, str(listing), *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(listing.read_text()))
+
+
+def loaded(modules: set[str], names: set[str]) -> set[str]:
+    """Those of NAMES (packages included with their submodules) that MODULES hold."""
+    return {m for m in modules if m in names or m.split(".")[0] in names}
+
+
+def test_help_loads_no_command_module_and_nothing_slow(tmp_path: Path) -> None:
+    modules = modules_after(tmp_path, "--help")
+    assert not modules & COMMAND_MODULES
+    assert not loaded(modules, SLOW | {"rich", "p2prc_core.plugins", "p2prc_core.wire"})
+
+
+def test_version_loads_its_own_module_only(tmp_path: Path) -> None:
+    modules = modules_after(tmp_path, "version")
+    assert modules & COMMAND_MODULES == {"p2prc_core.cli.local"}
+    assert not loaded(modules, {"p2prc_core.exec_job"})
+
+
+def test_peers_ls_loads_its_own_module_only(tmp_path: Path) -> None:
+    modules = modules_after(tmp_path, "peers", "ls")
+    assert modules & COMMAND_MODULES == {"p2prc_core.cli.peers"}
+    assert not loaded(modules, {"docker", "p2prc_core.exec_job"})
+
+
+@pytest.mark.parametrize("args", [("version",), ("peers", "ls")])
+def test_version_and_peers_ls_load_no_http_client(tmp_path: Path, args: tuple[str, ...]) -> None:
+    assert not loaded(modules_after(tmp_path, *args), HTTP | {"rich.progress"})
+
+
+def test_the_table_of_commands_is_the_commands() -> None:
+    """``COMMANDS`` names each command's module and its help line exactly as the command
+    itself says them, so 'p2prc --help' (which loads no command) says the same."""
+    load_all_commands()
+    assert set(main.commands) == set(COMMANDS)
+    for name, command in main.commands.items():
+        module, line = COMMANDS[name]
+        assert command.callback is not None
+        assert command.callback.__module__ == f"p2prc_core.cli.{module}", name
+        assert line == command.get_short_help_str(limit=300), name
+    assert {name for _, names in SECTIONS for name in names} <= set(COMMANDS)
+
+
+def help_text(first: str = "") -> str:
+    """'p2prc --help' in a fresh interpreter, after the statement FIRST."""
+    code = f"{first}\nfrom p2prc_core.cli import main\nmain(['--help'], 'p2prc')"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True, env={**os.environ, "COLUMNS": "80"}).stdout
+
+
+def test_help_is_the_same_before_and_after_the_commands_load() -> None:
+    """The help that reads ``COMMANDS`` and the one that reads the loaded commands agree."""
+    before = help_text()
+    for name in COMMANDS:
+        assert f"\n  {name} " in before
+    assert help_text("from p2prc_core.cli.base import load_all_commands; "
+                     "load_all_commands()") == before
+
+
+def test_every_command_resolves_through_the_group() -> None:
+    ctx = click.Context(main)
+    assert main.list_commands(ctx) == sorted(COMMANDS)
+    for name in COMMANDS:
+        command = main.get_command(ctx, name)
+        assert command is not None and command.name == name
+    assert main.get_command(ctx, "no-such-command") is None
