@@ -4,9 +4,9 @@
    the container removed) against `docker run --rm p2prc/base:latest true` on the host
    itself: with no warm pool, and with a warm pool of 2 (a second server on the same home
    settings but `container_warm_pool = 2`).
-2. Inputs in: `p2prc exec -i FILE -- true` of --size bytes against `scp` of the same file to
-   the container's published SSH port (throughput; the exec figure includes its whole start,
-   so the ratio is conservative).
+2. --size bytes in (`exec -i FILE -- true`) and out (`exec -o`) against `scp` to and from
+   the container's published SSH port: throughput of the transfer (the exec's time less the
+   same exec without the file), and of the whole command beside it.
 3. The first line of output: the container prints its clock, the client notes when the line
    reached it (one machine, one clock).
 
@@ -106,31 +106,9 @@ def cold_figures(root: Path, me_home: Path, me: str, args: argparse.Namespace) -
         report(f"exec -- true, no warm pool, {args.rounds} rounds", "p2prc exec", ours,
                "docker run --rm (on the host)", base, "ms", "reported")
 
-        size = size_of(args.size)
-        data = root / "input.bin"
-        with open(data, "wb") as out:
-            for _ in range(max(1, size >> 20)):
-                out.write(os.urandom(1 << 20))
-        env = {**os.environ, "P2PRC_HOME": str(me_home)}
-        # The inputs land on a tmpfs charged to the container's memory: room for them.
-        memory = f"{max(1, (2 * size) >> 30) + 1}G"
-        ours_in = [timed([P2PRC, "exec", "--on", f"127.0.0.1:{cold_port}", "--memory", memory,
-                          "-i", str(data), "--", "true"], env)]
-        touched = p2prc(me_home, "touch", f"127.0.0.1:{cold_port}", "--memory", memory,
-                        "--json", text=True)
-        reply = json.loads(touched.stdout)
-        key, _ = ensure_key(me_home)
-        scp = ["scp", "-i", str(key), "-P", str(reply["ssh_port"]), "-o", "BatchMode=yes",
-               "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-               "-o", "LogLevel=ERROR", str(data), "root@127.0.0.1:/tmp/input.bin"]
-        base_in = [timed(scp)]
-        p2prc(me_home, "rm", reply["id"][:12])
-        mib = size / (1 << 20)
-        report(f"{args.size} of inputs in (MiB/s; higher is better)", "p2prc exec -i",
-               [mib / (ours_in[0] / 1000)], "scp to the published port",
-               [mib / (base_in[0] / 1000)], "MiB/s", ">= 0.9")
-        data.unlink()
+        transfer_figures(root, me_home, cold_port, size_of(args.size), args.size)
 
+        env = {**os.environ, "P2PRC_HOME": str(me_home)}
         lags = []
         for _ in range(args.rounds):
             proc = subprocess.Popen([P2PRC, "exec", "--on", f"127.0.0.1:{cold_port}", "--",
@@ -148,6 +126,54 @@ def cold_figures(root: Path, me_home: Path, me: str, args: argparse.Namespace) -
     finally:
         stop(cold)
 
+
+
+def transfer_figures(root: Path, me_home: Path, port: int, size: int, label: str,
+                     rounds: int = 2) -> None:
+    """``size`` bytes in (``exec -i``) and back out (``exec -o``), against scp to and from the
+    container's published SSH port. Our transfer's time is the exec's less the same exec
+    without the file (its start, the command and the end are not the transfer); the whole
+    command's throughput is printed beside it."""
+    data = root / "input.bin"
+    with open(data, "wb") as out:
+        for _ in range(max(1, size >> 20)):
+            out.write(os.urandom(1 << 20))
+    env = {**os.environ, "P2PRC_HOME": str(me_home)}
+    # The files land on a tmpfs charged to the container's memory: room for them.
+    memory = f"{max(1, (2 * size) >> 30) + 1}G"
+    exec_ = [P2PRC, "exec", "--on", f"127.0.0.1:{port}", "--memory", memory]
+    make = ["--", "sh", "-c", f"head -c {size} /dev/zero > big"]
+    mib = size / (1 << 20)
+    whole: dict[str, list[float]] = {"in": [], "out": []}
+    ours: dict[str, list[float]] = {"in": [], "out": []}
+    base: dict[str, list[float]] = {"in": [], "out": []}
+    key, _ = ensure_key(me_home)
+    with tempfile.TemporaryDirectory(dir=root) as got:
+        for round_ in range(rounds):
+            empty = timed([*exec_, "--", "true"], env)
+            with_in = timed([*exec_, "-i", str(data), "--", "true"], env)
+            made = timed([*exec_, *make], env)
+            with_out = timed([*exec_, "-o", f"big:{got}/r{round_}", *make], env)
+            whole["in"].append(mib / (with_in / 1000))
+            whole["out"].append(mib / (with_out / 1000))
+            ours["in"].append(mib / (max(1.0, with_in - empty) / 1000))
+            ours["out"].append(mib / (max(1.0, with_out - made) / 1000))
+            touched = json.loads(p2prc(me_home, "touch", f"127.0.0.1:{port}", "--memory",
+                                       memory, "--json", text=True).stdout)
+            scp = ["scp", "-i", str(key), "-P", str(touched["ssh_port"]), "-o",
+                   "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                   "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+            base["in"].append(mib / (timed([*scp, str(data), "root@127.0.0.1:/tmp/in"]) / 1000))
+            base["out"].append(mib / (timed([*scp, "root@127.0.0.1:/tmp/in",
+                                             f"{got}/back{round_}"]) / 1000))
+            p2prc(me_home, "rm", touched["id"][:12])
+    data.unlink()
+    for way, flag in (("in", "-i"), ("out", "-o")):
+        report(f"{label} {way} (MiB/s; higher is better), {rounds} rounds",
+               f"p2prc exec {flag} (transfer)", ours[way], f"scp {way}", base[way], "MiB/s",
+               ">= 0.9")
+        print(f"  the whole exec {flag} command, start and end included: median "
+              f"{median(whole[way]):,.1f} MiB/s")
 
 
 def warm_figure(root: Path, me_home: Path, me: str, rounds: int) -> None:

@@ -35,14 +35,19 @@ def frames(data: bytearray, kinds: frozenset[int], limit: int = MAX_PAYLOAD,
         ``limit``.
     """
     taken: list[tuple[int, bytes]] = []
-    while len(data) >= HEADER and len(taken) < most:
-        kind, pad, size = data[0], bytes(data[1:4]), struct.unpack(">I", data[4:8])[0]
-        if kind not in kinds or pad != b"\0\0\0":
-            raise FrameError(f"a frame of unknown kind {kind}")
-        if size > limit:
-            raise FrameError(f"a frame of {size} bytes (at most {limit})")
-        if len(data) < HEADER + size:
-            break
-        taken.append((kind, bytes(data[HEADER:HEADER + size])))
-        del data[:HEADER + size]
+    at = 0  # one cut at the end: a cut per frame would move the rest each time
+    try:
+        while len(data) - at >= HEADER and len(taken) < most:
+            kind, pad = data[at], bytes(data[at + 1:at + 4])
+            size = int.from_bytes(data[at + 4:at + 8], "big")
+            if kind not in kinds or pad != b"\0\0\0":
+                raise FrameError(f"a frame of unknown kind {kind}")
+            if size > limit:
+                raise FrameError(f"a frame of {size} bytes (at most {limit})")
+            if len(data) - at < HEADER + size:
+                break
+            taken.append((kind, bytes(data[at + HEADER:at + HEADER + size])))
+            at += HEADER + size
+    finally:
+        del data[:at]
     return taken

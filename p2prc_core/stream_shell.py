@@ -60,7 +60,8 @@ Write = Callable[[bytes], None]
 
 async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write, err: Write,
                opened: Callable[[BaseException | None], None],
-               stopper: Callable[[Callable[[], None]], None], remove: bool = False) -> int:
+               stopper: Callable[[Callable[[], None]], None], remove: bool = False,
+               feeders: list[threading.Thread] | None = None) -> int:
     """Run ``argv``; its output to ``out`` and ``err``; its exit code (``LOST``: none
     came). ``opened`` is told once the stream stands (or why it did not); ``stopper`` is
     given what ends the stream early (``kill``)."""
@@ -91,7 +92,9 @@ async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write
                           remove=remove)
         writer.write(fr.frame(fr.START, encode(start)))
         if stdin_fd is not None:
-            _feed(stdin_fd, writer, loop)
+            feeder = _feed(stdin_fd, writer, loop)
+            if feeders is not None:
+                feeders.append(feeder)
         buffered = bytearray(first)
         while True:
             for kind, payload in fr.frames(buffered, _FROM_HOST):
@@ -101,7 +104,8 @@ async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write
                     err(payload)
                 elif kind == fr.EXIT:
                     text = payload.decode(errors="replace")
-                    if text.isdigit() and int(text) <= 255:
+                    if text.isascii() and text.isdigit() and len(text) <= 3 \
+                            and int(text) <= 255:
                         opened(None)  # (again) the command's own end: not lost
                         return int(text)
                     return LOST
@@ -109,7 +113,7 @@ async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write
                     raise P2PRCError(f"the host could not run it: "
                                      f"{clean(payload.decode(errors='replace'), 300)}")
             try:
-                data = await asyncio.wait_for(reader.read(_BLOCK), 2 * alive + 1)
+                data = await asyncio.wait_for(reader.read(1 << 20), 2 * alive + 1)
             except (TimeoutError, ConnectionError, OSError):
                 return LOST
             if not data:
@@ -121,7 +125,8 @@ async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write
         writer.close()
 
 
-def _feed(fd: int, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop) -> None:
+def _feed(fd: int, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop
+          ) -> threading.Thread:
     """Our stdin (``fd``) to the command, in a thread of its own: a daemon, which a stdin
     nobody closes never holds up our exit. Each frame waits for room (back pressure)."""
     async def send(data: bytes) -> None:
@@ -136,7 +141,9 @@ def _feed(fd: int, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop
         except (OSError, RuntimeError, ConnectionError):
             pass  # the stream ended first
 
-    threading.Thread(target=carry, daemon=True).start()
+    thread = threading.Thread(target=carry, daemon=True)
+    thread.start()
+    return thread
 
 
 def _writer(fd: int) -> Write:
@@ -157,13 +164,14 @@ class StreamProc:
                  remove: bool = False):
         self.returncode: int | None = None
         self.lost = True  # no exit code came (yet): the connection, not the command
+        self.feeders: list[threading.Thread] = []  # what reads stdin_fd, once it started
         self.remove = remove
         self.stdout: IO[bytes] | None = None
         self.stderr: IO[bytes] | None = None
         self.failure: BaseException | None = None
         ends: list[int] = []
         if piped:
-            (r_out, out_fd), (r_err, err_fd) = os.pipe(), os.pipe()
+            (r_out, out_fd), (r_err, err_fd) = _wide_pipe(), os.pipe()
             self.stdout, self.stderr = open(r_out, "rb", 0), open(r_err, "rb", 0)
             ends = [out_fd, err_fd]
         out = _writer(out_fd) if out_fd is not None else (lambda _: None)
@@ -186,7 +194,7 @@ class StreamProc:
         def main() -> None:
             try:
                 self.returncode = asyncio.run(_run(target, argv, stdin_fd, out, err, opened,
-                                                   stopper, remove))
+                                                   stopper, remove, self.feeders))
             except BaseException as error:  # noqa: BLE001 - kept for whoever waits
                 self.failure = error
                 self.returncode = LOST
@@ -223,7 +231,13 @@ class StreamProc:
         return self.returncode
 
     def kill(self) -> None:
-        self._stop()
+        """End the stream now (the command runs on, or not, as its host sees fit)."""
+        if self._done.is_set():
+            return
+        try:
+            self._stop()
+        except RuntimeError:
+            pass  # its loop closed meanwhile: it ended by itself
 
 
 def _sh(line: str) -> list[str]:
@@ -268,7 +282,8 @@ class StreamShell:
         if not inputs:
             done = self.quick(remote)
         else:
-            read_end, write_end = os.pipe()
+            read_end, write_end = _wide_pipe()
+            proc, code = None, LOST
             try:
                 proc = StreamProc(self.target, _sh(remote), read_end, piped=True)
                 assert proc.stderr is not None and proc.stdout is not None
@@ -279,9 +294,12 @@ class StreamShell:
                     except BrokenPipeError:
                         pass  # the exit code and stderr say why
             finally:
-                os.close(write_end)
-            code = proc.wait()
-            os.close(read_end)
+                os.close(write_end)  # the end of the inputs (cut short, on an error)
+                if proc is not None:
+                    code = proc.wait()
+                    for feeder in proc.feeders:  # at the pipe's end now: it stops at once
+                        feeder.join(10)
+                os.close(read_end)
             done = subprocess.CompletedProcess([], code, b"", said.result())
         if done.returncode != 0:
             text = clean(done.stderr.decode(errors="replace").strip()[-300:], 300)
@@ -319,10 +337,7 @@ class StreamShell:
             if isinstance(error, ArchiveError):
                 raise ArchiveError(f"{output.remote}: {error}") from None
             raise P2PRCError(f"{output.remote} could not be read: {error}") from None
-        while proc.stdout.read(_BLOCK):
-            pass  # what tar adds after the archive's end
-        proc.stdout.close()
-        code = proc.wait()
+        code = _rest_of(proc, self.target.timeout)
         if code == MISSING:
             raise P2PRCError(f"{output.remote} is not there: the command did not make it (-o)")
         if code != 0:
@@ -351,6 +366,46 @@ class StreamShell:
 
     def close(self) -> None:
         """Nothing held between steps."""
+
+
+def _wide_pipe() -> tuple[int, int]:
+    """A pipe that holds 1 MiB (where Linux lets us): inputs cross it in big reads."""
+    read_end, write_end = os.pipe()
+    try:
+        import fcntl
+
+        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except OSError:
+        pass  # the default size works, only slower
+    return read_end, write_end
+
+
+_TRAILING_MOST = 1 << 20  # what tar may add after an archive's end (its padding is 10 KiB)
+
+
+def _rest_of(proc: StreamProc, seconds: float) -> int:
+    """The exit code of a fetch whose archive was read: what follows it is read and dropped
+    (at most ``_TRAILING_MOST`` bytes, the command's end within ``seconds``); a host that
+    sends more, or never ends, is cut off (``LOST``)."""
+    stdout = proc.stdout
+    assert stdout is not None
+
+    def drop() -> None:
+        taken = 0
+        while chunk := stdout.read(_BLOCK):  # to the end: a full pipe would stall the stream
+            taken += len(chunk)
+            if taken > _TRAILING_MOST:
+                proc.kill()
+        stdout.close()
+    reader = threading.Thread(target=drop, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    reader.join()
+    return code
 
 
 def _ended(proc: StreamProc) -> int:

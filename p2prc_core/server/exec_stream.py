@@ -32,6 +32,7 @@ _HIGH_WATER = 1 << 20
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
                 ssl.SSLWantWriteError)
 _FROM_CALLER = frozenset({fr.STDIN, fr.STDIN_END})
+_INBOX_MOST = fr.HEADER + fr.MAX_PAYLOAD  # room for the largest frame a caller may send
 
 
 class ExecResource:
@@ -60,6 +61,10 @@ class ExecResource:
         wants_upgrade(req)
         service = self.service()
         lease = service.find(container_id, req.context.caller)
+        if lease.expires <= time.time():  # the reaper has not come by yet: as good as gone
+            raise falcon.HTTPNotFound(title="No such container",
+                                      description="No p2prc container of yours has that id "
+                                                  "on this host.")
         attach = getattr(service.backend, "exec_attach", None)
         if attach is None:
             raise falcon.HTTPNotImplemented(
@@ -138,7 +143,10 @@ def _read_start(sock: socket.socket) -> tuple[ExecStart, bytearray]:
         if left <= 0:
             raise fr.FrameError(f"no START frame within {START_WITHIN:g} s")
         sock.settimeout(left)
-        chunk = sock.recv(_BLOCK)
+        try:
+            chunk = sock.recv(_BLOCK)
+        except TimeoutError:
+            raise fr.FrameError(f"no START frame within {START_WITHIN:g} s") from None
         if not chunk:
             raise OSError("the caller left before its START frame")
         data += chunk
@@ -196,14 +204,17 @@ def carry(caller: socket.socket, engine: socket.socket, exit_code: Callable[[], 
                 _shut_write(engine)
                 stdin = False
             moved = False
-            if not caller_gone and len(inbox) < _HIGH_WATER and len(to_engine) < _HIGH_WATER:
+            read_caller = not caller_gone and len(inbox) < _INBOX_MOST and \
+                len(to_engine) < _HIGH_WATER
+            read_engine = not engine_done and len(to_caller) < _HIGH_WATER
+            if read_caller:
                 got = _recv(caller)
                 if got == b"":
                     caller_gone = True
                 elif got:
                     inbox += got
                     moved = True
-            if not engine_done and len(to_caller) < _HIGH_WATER:
+            if read_engine:
                 got = _recv(engine)
                 if got == b"":
                     engine_done = True
@@ -224,7 +235,8 @@ def carry(caller: socket.socket, engine: socket.socket, exit_code: Callable[[], 
             if not serving():
                 return False
             if not moved:
-                _wait(selector, caller, engine, to_engine, to_caller, engine_done)
+                _wait(selector, caller, engine, to_engine, to_caller,
+                      read_caller and not caller_gone, read_engine and not engine_done)
     except fr.FrameError as err:
         log.info("exec stream closed: %s", err)
         return False
@@ -264,11 +276,15 @@ def _shut_write(sock: socket.socket) -> None:
 
 
 def _wait(selector: selectors.BaseSelector, caller: socket.socket, engine: socket.socket,
-          to_engine: bytearray, to_caller: bytearray, engine_done: bool) -> None:
-    if isinstance(caller, ssl.SSLSocket) and caller.pending():
+          to_engine: bytearray, to_caller: bytearray, read_caller: bool,
+          read_engine: bool) -> None:
+    """Until a socket we would read has bytes, or one we write to has room (at most half a
+    second): one we would not read now is not watched, else it would wake us at once."""
+    if read_caller and isinstance(caller, ssl.SSLSocket) and caller.pending():
         return
-    wanted = {caller: selectors.EVENT_READ | (selectors.EVENT_WRITE if to_caller else 0),
-              engine: (0 if engine_done else selectors.EVENT_READ) |
+    wanted = {caller: (selectors.EVENT_READ if read_caller else 0) |
+              (selectors.EVENT_WRITE if to_caller else 0),
+              engine: (selectors.EVENT_READ if read_engine else 0) |
               (selectors.EVENT_WRITE if to_engine else 0)}
     for sock, events in wanted.items():
         key = selector.get_map().get(sock.fileno())
