@@ -1,8 +1,9 @@
-"""One job's work inside its container, all over SSH through the host's p2prc port (the
-tunnel ``p2prc ssh`` uses, so it works through relays): inputs in as a tar stream, the
-command with its output live, Ctrl-C passed on, outputs back as a tar stream that is checked
-before anything is written (``archive.safe_extract``). One OpenSSH ControlMaster per job
-carries every step over one connection.
+"""One job's work inside its container, through the host's p2prc port (so it works through
+relays): inputs in as a tar stream, the command with its output live, Ctrl-C passed on,
+outputs back as a tar stream that is checked before anything is written
+(``archive.safe_extract``). The steps go over exec streams (``stream_shell``), or over SSH
+(``JobShell`` here: one OpenSSH ControlMaster per job, through the tunnel ``p2prc ssh``
+uses) for a command on a terminal and for a host without exec streams.
 
 ``Executor`` (at the end) decides where a job runs, runs it, and keeps its record
 (``jobs.JobStore``)."""

@@ -22,9 +22,9 @@ def command_script(command: list[str], env: dict[str, str], workdir: str,
     """The remote shell line that runs ``command`` (quoted, never templated): in WORKDIR,
     with ENV, under ``timeout``, the pid of the shell that waits for it in the job's ``pid``
     file, its exit code in its ``exit`` file when it ends (read back when ssh exits 255,
-    which a command may, and when a lost job is got later). sshd
-    starts that shell in a session of its own (as setsid would), so the command is in its
-    process group, which Ctrl-C reaches (``kill -- -PID``). The shell outlives a SIGINT
+    which a command may, and when a lost job is got later). sshd, and the engine's exec
+    alike, start that shell in a session of its own (as setsid would), so the command is
+    in its process group, which Ctrl-C reaches (``interrupt_script``). The shell outlives a SIGINT
     (trapped, and so default again in the command) to turn the command's death by a signal
     into an exit code (130), which ssh passes on, where sshd's own report of a signal would
     make ssh exit 255, the code of a lost connection. ``timeout --foreground`` stays in

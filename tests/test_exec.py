@@ -130,6 +130,33 @@ def test_ctrl_c_interrupts_the_command_fetches_outputs_and_removes_the_container
 
 @pytest.mark.docker
 @pytest.mark.integration
+def test_ctrl_c_while_the_inputs_upload_stops_and_removes_the_container(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as out:
+        out.truncate(2 << 30)  # sparse: read as zeros, seconds to send
+    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "--memory", "3G", "-i",
+                             str(big), "--", "sh", "-c", "echo ran"], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+    deadline = time.monotonic() + 60
+    while not (ours(engine, host) and jobs(tmp_path)):  # the job has its container: the
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)  # upload starts at once
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and b"ran" not in out, (out, err)
+    [job] = jobs(tmp_path)
+    assert job["state"] == "failed" and job["exit_code"] is None, job  # the command never ran
+    deadline = time.monotonic() + 30
+    while ours(engine, host):  # removed, not left to its lease
+        assert time.monotonic() < deadline, "the container was left behind"
+        time.sleep(0.1)
+
+
+@pytest.mark.docker
+@pytest.mark.integration
 def test_a_second_ctrl_c_kills_a_command_that_ignores_the_first(
         tmp_path: Path, host: LiveServer, engine: Any) -> None:
     proc = exec_started(tmp_path, host, "trap '' INT; echo started; sleep 60")

@@ -8,11 +8,24 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from natlab import NatLab
 from test_containers import docker_client, p2prc_containers
+from test_natlab import (
+    dial,
+    labs,
+    learn_through,
+    node_id,
+    peers,
+    serve,
+    serve_relay,
+    wait_for,
+    waits_at,
+)
 
 from conftest import P2PRC, free_port, start_server
 from p2prc_core.identity import NodeIdentity
@@ -20,7 +33,7 @@ from p2prc_core.trust import TrustStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
-__all__ = ["docker_client"]  # the fixture, used by name
+__all__ = ["docker_client", "labs"]  # fixtures, used by name
 
 
 def me(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -77,4 +90,43 @@ def test_exec_through_a_relay_runs_with_inputs_and_outputs(tmp_path: Path,
         host.stop()
         relay.stop()
         for container_id in p2prc_containers(docker_client, host.node_id):
+            docker_client.containers.get(container_id).remove(force=True)
+
+
+@pytest.mark.netns
+def test_exec_on_a_friend_behind_a_home_router_through_its_relay(
+        tmp_path: Path, docker_client: Any, labs: Callable[..., NatLab]) -> None:
+    """The NAT lab: home runs containers behind a router that masquerades; friend, out on
+    the lab's internet, knows only the relay; ``p2prc exec`` on home, files in and out,
+    goes through the relay (exec streams need nothing of home but its p2prc port)."""
+    lab = labs()
+    public, friend = lab.add_internet_host("public"), lab.add_internet_host("friend")
+    relay = serve_relay(lab, public)
+    home = node_id(lab.home)
+    TrustStore(lab.home.home).add(node_id(friend), "friend")
+    # Docker publishes in this machine's own namespace, which home's server cannot see:
+    # a port free there.
+    port = free_port()
+    serve(lab, lab.home, P2PRC_RELAYS=relay, P2PRC_DISABLE_PLUGINS="nvidia",
+          P2PRC_PORT_RANGE=f"{port}-{port}")
+    try:
+        wait_for(lambda: waits_at(public, home), timeout=30, what="home waits at the relay")
+        learn_through(friend, public, home)
+        assert dial(friend, lab.router_external_ip).startswith("FAILED")  # no way in but the relay
+        (friend.home / "in.txt").write_text("behind the router\n")
+        out = friend.home / "got"
+        done = subprocess.run(friend.command(
+            P2PRC, "exec", "--on", home, "-i", str(friend.home / "in.txt"), "-o",
+            f"rev.txt:{out}", "--", "sh", "-c",
+            "rev in.txt | tee rev.txt; echo to-stderr >&2; exit 3"),
+            capture_output=True, text=True, timeout=180, env=friend.env(),
+            stdin=subprocess.DEVNULL)  # no terminal: a TTY would take SSH
+        assert done.returncode == 3, done.stdout + done.stderr  # the command's own code
+        assert done.stdout == "retuor eht dniheb\n" and "to-stderr" in done.stderr
+        assert (out / "rev.txt").read_text() == "retuor eht dniheb\n"
+        assert peers(friend)[home]["path"] == "relay"
+        wait_for(lambda: not p2prc_containers(docker_client, home), timeout=30,
+                 what="home removed the job's container")
+    finally:
+        for container_id in p2prc_containers(docker_client, home):
             docker_client.containers.get(container_id).remove(force=True)
