@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import socket
 import sqlite3
 import time
@@ -63,6 +64,14 @@ class ContainerError(Refusal):
     def __init__(self, status: int, title: str, message: str, for_peers: str | None = None):
         super().__init__(message, status, title)
         self.for_peers = for_peers
+
+
+def limits_environment(cpus: float, memory: int) -> dict[str, str]:
+    """The limits, where a user looks for them: ``P2PRC_CPUS`` and ``P2PRC_MEMORY`` (bytes),
+    and ``OMP_NUM_THREADS`` (the CPUs, rounded up), which ``nproc``, OpenMP and BLAS honour:
+    without it they see every CPU of the host."""
+    return {"P2PRC_CPUS": f"{cpus:g}", "P2PRC_MEMORY": str(memory),
+            "OMP_NUM_THREADS": str(max(1, math.ceil(cpus)))}
 
 
 def cannot_run_now(why: str) -> ContainerError:
@@ -183,8 +192,10 @@ class Backend(Protocol):
         cannot build images."""
         ...
 
-    def exec_attach(self, container_id: str, argv: list[str], stdin: bool) -> Any:
-        """Start ``argv`` in a running container, no terminal; an object with ``sock`` (its
+    def exec_attach(self, container_id: str, argv: list[str], stdin: bool,
+                    env: dict[str, str]) -> Any:
+        """Start ``argv`` in a running container, no terminal, with ``env`` over the
+        container's environment; an object with ``sock`` (its
         streams as Docker's multiplexed frames; written bytes are its stdin, a shutdown for
         writing ends that), ``exit_code()`` once they end, and ``close()``. Optional:
         without it, exec streams answer 501 and clients use SSH."""

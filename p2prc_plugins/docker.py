@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from p2prc_core.containers import (
     HandOut,
     cannot_run_now,
 )
+from p2prc_core.containers import limits_environment as limits_env
 from p2prc_core.text import human_bytes
 from p2prc_plugins import docker_exec, docker_firewall, docker_pool
 from p2prc_plugins.docker_disk import READONLY_LABEL, DiskLimit
@@ -311,10 +311,11 @@ class DockerBackend:
         """Give a pooled container to its one caller (``docker_pool.hand_out``)."""
         docker_pool.hand_out(self.client, container_id, given)
 
-    def exec_attach(self, container_id: str, argv: list[str], stdin: bool) -> Any:
+    def exec_attach(self, container_id: str, argv: list[str], stdin: bool,
+                    env: dict[str, str]) -> Any:
         """Run ``argv`` in the container, its streams on a socket (``docker_exec.attach``)."""
         try:
-            return docker_exec.attach(self.client, container_id, argv, stdin)
+            return docker_exec.attach(self.client, container_id, argv, stdin, env)
         except _gone() as err:
             raise _unavailable(err) from None
 
@@ -410,12 +411,9 @@ class DockerBackend:
 
 
 def limits_environment(spec: ContainerSpec) -> dict[str, str]:
-    """The limits, where a user looks for them: ``P2PRC_CPUS`` and ``P2PRC_MEMORY`` (bytes),
-    and ``OMP_NUM_THREADS`` (the CPUs, rounded up), which ``nproc``, OpenMP and BLAS honour:
-    without it they see every CPU of the host. The base image hands them to SSH sessions
-    and says them at a login; ``free`` still shows the host's memory."""
-    return {"P2PRC_CPUS": f"{spec.cpus:g}", "P2PRC_MEMORY": str(spec.memory),
-            "OMP_NUM_THREADS": str(max(1, math.ceil(spec.cpus)))}
+    """``containers.limits_environment`` of the spec's limits. The base image hands them to
+    SSH sessions and says them at a login; ``free`` still shows the host's memory."""
+    return limits_env(spec.cpus, spec.memory)
 
 
 def _image_name(container: Any) -> str:

@@ -44,8 +44,10 @@ class Attached:
                 pass
 
 
-def attach(client: Any, container_id: str, argv: list[str], stdin: bool) -> Attached:
-    """Start ``argv`` in the container (root, its image's environment, no terminal).
+def attach(client: Any, container_id: str, argv: list[str], stdin: bool,
+           env: dict[str, str] | None = None) -> Attached:
+    """Start ``argv`` in the container (root, its environment with ``env`` over it, no
+    terminal).
 
     :raises ContainerError: 409 the container does not run; 502 the engine refused.
     """
@@ -53,7 +55,7 @@ def attach(client: Any, container_id: str, argv: list[str], stdin: bool) -> Atta
 
     try:
         created = client.api.exec_create(container_id, argv, stdin=stdin, stdout=True,
-                                          stderr=True, tty=False)
+                                          stderr=True, tty=False, environment=env or None)
         started = client.api.exec_start(created["Id"], socket=True)
     except docker.errors.NotFound:
         raise ContainerError(409, "Container not running",

@@ -318,3 +318,19 @@ def test_a_request_for_another_image_never_gets_a_pooled_one(tmp_path: Path,
         server.stop()
         remove_all(docker_client, server.node_id)
         docker_client.images.remove(other)
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_exec_in_a_pooled_container_sees_the_callers_limits(
+        tmp_path: Path, pooled_host: LiveServer) -> None:
+    """A pooled container started with the pool's limits in its environment; a command run
+    by an exec stream sees the caller's (the cgroup is the caller's either way)."""
+    wait_for(lambda: pool_ready(pooled_host), what="the pool fills")
+    result = subprocess.run(
+        [P2PRC, "exec", "--on", pooled_host.peer(), "--cpus", "0.5", "--memory", "300M", "--",
+         "sh", "-c", "echo $P2PRC_CPUS $P2PRC_MEMORY $OMP_NUM_THREADS; nproc"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0.5", str(300 << 20), "1", "1"], result.stdout

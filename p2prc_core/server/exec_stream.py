@@ -19,7 +19,7 @@ from typing import Any
 import falcon
 
 from p2prc_core import exec_frames as fr
-from p2prc_core.containers import ContainerError, ContainerService, Lease
+from p2prc_core.containers import ContainerError, ContainerService, Lease, limits_environment
 from p2prc_core.server.upgrade import Held, serving, switch, wants_upgrade
 from p2prc_core.splice import no_delay
 from p2prc_core.wire import ExecStart, WireError, decode
@@ -84,7 +84,9 @@ def run(sock: socket.socket, lease: Lease, attach: Callable[..., Any], caller: s
         no_delay(sock)
         try:
             start, early = _read_start(sock)
-            attached = attach(lease.id, list(start.argv), start.stdin)
+            # The lease's limits: a pooled container's own environment has the pool's.
+            env = limits_environment(lease.cpus, lease.memory) if lease.cpus else {}
+            attached = attach(lease.id, list(start.argv), start.stdin, env)
         except (fr.FrameError, WireError, ContainerError) as err:
             text = (err.for_peers or f"{err.title}: {err}") if \
                 isinstance(err, ContainerError) else str(err)
@@ -258,7 +260,8 @@ def _send(sock: socket.socket, box: bytearray) -> bool:
     moved = False
     while box:
         try:
-            sent = sock.send(box[:_BLOCK])
+            with memoryview(box) as view:  # no copy of what is sent
+                sent = sock.send(view[:_BLOCK])
         except _WOULD_BLOCK:
             break
         if not sent:
