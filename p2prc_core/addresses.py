@@ -7,10 +7,13 @@ import os
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from p2prc_core.config import Settings
 from p2prc_core.models import Address, Endpoint, parse_path
-from p2prc_core.plugins import PluginHooks
+
+if TYPE_CHECKING:  # types only: the tunnel helper imports this module, and must start fast
+    from p2prc_core.config import Settings
+    from p2prc_core.plugins import PluginHooks
 
 # (kind, IP version) -> rank: lower is better. Kinds not listed are never chosen. The
 # built-in address plugin chooses by this; 'p2prc interfaces' explains with it.

@@ -44,20 +44,26 @@ class RelayRefused(PeerRefused):
 def unreachable(where: object, err: BaseException, timeout: float | None) -> PeerError:
     """The one mapping of a failure to reach or talk to a peer (httpx's errors and socket
     errors alike) to a one-line ``PeerError``."""
-    from p2prc_core.httplib import httpcore, httpx
+    timeouts: tuple[type[BaseException], ...] = (TimeoutError,)
+    connects: tuple[type[BaseException], ...] = (OSError,)
+    broken: tuple[type[BaseException], ...] = (ConnectionResetError, BrokenPipeError)
+    if not isinstance(err, OSError | TimeoutError):  # a socket's own error needs no httpx
+        from p2prc_core.httplib import httpcore, httpx
 
+        timeouts += (httpx.TimeoutException, httpcore.TimeoutException)
+        connects += (httpx.ConnectError, httpcore.ConnectError)
+        broken += (httpx.RemoteProtocolError,)
     wait = seconds_text(timeout) if timeout is not None else "the time allowed"
-    if isinstance(err, httpx.TimeoutException | httpcore.TimeoutException | TimeoutError):
+    if isinstance(err, timeouts):
         return PeerError(f"{where} did not answer within {wait}")
-    if isinstance(err, httpx.ConnectError | httpcore.ConnectError | OSError) and \
-            not isinstance(err, ConnectionResetError | BrokenPipeError):
+    if isinstance(err, connects) and not isinstance(err, ConnectionResetError | BrokenPipeError):
         reason = (err.strerror if isinstance(err, OSError) else None) or \
             str(err).split("] ")[-1] or "connection failed"
         # Only a refused connection means nothing listens there; an unreachable network or
         # host is the path's fault, and the hint would mislead.
         hint = " (is 'p2prc server' running there?)" if "refused" in reason.lower() else ""
         return PeerError(f"cannot reach {where}: {reason}{hint}")
-    if isinstance(err, httpx.RemoteProtocolError | ConnectionResetError | BrokenPipeError):
+    if isinstance(err, broken):
         return PeerError(f"{where} broke the connection or is not an HTTP server: {err}")
     return PeerError(f"talking to {where} failed: {err}")
 

@@ -55,6 +55,7 @@ from p2prc_core.my_containers import RemoteContainer, Tracked
 from p2prc_core.on_peers import ContainersOnPeers, Gpus
 from p2prc_core.stream_shell import AutoShell, StreamShell, Target
 from p2prc_core.text import clean, human_bytes
+from p2prc_core.tunnel import control_path
 
 LOST = 255  # ssh's own failure: the connection, not the command
 
@@ -64,20 +65,6 @@ class Sink(Protocol):
     ``err``; ``label`` names the job's host."""
 
     def write(self, label: str, stream: str, data: bytes) -> None: ...
-
-
-def control_path(home: Path, short_id: str) -> Path:
-    """The ControlMaster socket of a job's connection: in the home, unless that path is
-    too long for a socket (OpenSSH adds 17 characters to it while it starts)."""
-    path = home / "ssh" / f"cm-{short_id}"
-    if len(str(path)) + 17 < 100:
-        return path
-    short = Path(tempfile.gettempdir()) / f"p2prc-cm-{os.getuid()}"
-    short.mkdir(mode=0o700, exist_ok=True)
-    if short.stat().st_uid != os.getuid() or short.stat().st_mode & 0o077:
-        raise P2PRCError(f"{short} is not this user's own folder: remove it, or give "
-                         f"P2PRC_HOME a shorter path")
-    return short / short_id
 
 
 @dataclass

@@ -152,7 +152,9 @@ class ContainersOnPeers:
 
     def ssh_argv(self, container: RemoteContainer, direct: bool = False) -> list[str]:
         """ssh into ``container`` with our key and its pinned host key: through the host's
-        p2prc port, or ``direct`` to the port its host publishes."""
+        p2prc port (one connection per container, shared by later calls for a minute after
+        the last ends: ``tunnel.reuse_options``), or ``direct`` to the port its host
+        publishes."""
         from p2prc_core.tunnel import ssh_command
 
         private, _ = self.ssh_key()
@@ -161,7 +163,8 @@ class ContainersOnPeers:
 
     def ssh_config(self, containers: list[RemoteContainer]) -> str:
         """OpenSSH Host entries (``p2prc-ID``) for ``containers``, through the tunnel with
-        their pinned host keys (for scp, rsync, VS Code Remote, or ssh itself)."""
+        their pinned host keys (for scp, rsync, VS Code Remote, or ssh itself), sharing each
+        container's one connection with ``p2prc ssh``."""
         private, _ = self.ssh_key()
         blocks = []
         for container in containers:

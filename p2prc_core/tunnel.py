@@ -5,12 +5,18 @@ its p2prc port, and a host behind NAT is reached through its relay all the same.
 asyncio, one thread: TLS inside a relay's TLS (``start_tls`` on a TLS stream) is safe only
 where one thread drives both. Each path of the dial ladder is tried in order: direct
 addresses, then relays; the host's key is checked on each, as everywhere.
+
+OpenSSH starts ``python -m p2prc_core.tunnel`` (``helper_main``) for each connection it makes,
+so this module imports at its top only what that helper uses: nothing of the CLI, the HTTP
+client or the plugins. ``p2prc ssh`` and ``ssh-config`` keep one connection per container
+(OpenSSH's ControlMaster, ``container_control_path``): only a first connection starts a helper.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import shlex
@@ -21,11 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from p2prc_core import tls
-from p2prc_core.errors import PeerError, PeerRefused, unreachable
+from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.signing import sign_request
-from p2prc_core.sshkeys import known_hosts_line
 from p2prc_core.upgrade_client import upgrade_async
 
 if TYPE_CHECKING:
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2prc")
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+REUSE_SECONDS = 60  # an SSH connection left idle this long ends (OpenSSH's ControlPersist)
 
 
 async def open_stream(endpoints: list[Endpoint], identity: NodeIdentity, path: str,
@@ -136,6 +142,7 @@ async def stdio(endpoints: list[Endpoint], identity: NodeIdentity, path: str, qu
     """The stream on standard input and output (OpenSSH's ProxyCommand)."""
     reader, writer, first, _ = await open_stream(endpoints, identity, path, query, timeout,
                                                  secure)
+    _let_go_of_stderr()
     loop = asyncio.get_running_loop()
     local_reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(local_reader),
@@ -153,6 +160,17 @@ async def stdio(endpoints: list[Endpoint], identity: NodeIdentity, path: str, qu
             view = view[written:]
 
     await pipe(reader, writer, local_reader, local_write, first)
+
+
+def _let_go_of_stderr() -> None:
+    """Point standard error at /dev/null once the stream is open: under ControlPersist the
+    connection (and this helper) outlives the ``ssh`` that started it, and standard error
+    may be its caller's pipe, which would then never close. What could go wrong was said by
+    now; after this, ssh itself reports a connection that ends."""
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stderr.fileno())
+        os.close(null)
 
 
 async def forward(endpoints: list[Endpoint], identity: NodeIdentity, path: str, query: str,
@@ -208,6 +226,65 @@ def helper_command(home: Path, container_id: str, port: int, paths: list[Endpoin
     return shlex.join([*words, container_id, str(port)])
 
 
+def control_path(home: Path, name: str) -> Path:
+    """The socket of an OpenSSH ControlMaster named ``name``: in the home's ``ssh`` folder
+    (made private), unless that path is too long for a socket (OpenSSH adds 17 characters to
+    it while it starts) or holds a ``%`` (which OpenSSH would expand): then in a private
+    folder of this user's under the system's temporary folder.
+
+    :raises P2PRCError: that folder is not this user's own.
+    """
+    folder = home / "ssh"
+    path = folder / f"cm-{name}"
+    if len(str(path)) + 17 < 100 and "%" not in str(path):
+        _private_folder(folder)
+        return path
+    import tempfile
+
+    short = Path(tempfile.gettempdir()) / f"p2prc-cm-{os.getuid()}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    if short.stat().st_uid != os.getuid() or short.stat().st_mode & 0o077:
+        raise P2PRCError(f"{short} is not this user's own folder: remove it, or give "
+                         f"P2PRC_HOME a shorter path")
+    return short / name
+
+
+def _private_folder(folder: Path) -> None:
+    """Make ``folder`` (and its parents), and take group and others off it: a ControlMaster
+    socket in it logs in without a key."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = folder.stat().st_mode
+    if mode & 0o077:
+        folder.chmod(mode & 0o700)
+
+
+def container_control_path(home: Path, container_id: str, host_key: str) -> Path:
+    """The one SSH connection to a container that ``p2prc ssh``, ``ssh-config``'s entries
+    and ``p2prc run`` share: named by the container and the host key it was checked against
+    (a connection is only reused for the key it checked)."""
+    key = hashlib.sha256(host_key.encode()).hexdigest()[:8]
+    return control_path(home, f"{container_id[:12]}-{key}")
+
+
+def reuse_options(control: Path) -> list[str]:
+    """ssh's options to share one connection at ``control``, kept ``REUSE_SECONDS`` after
+    its last session ends: later connections start no helper and make no handshake."""
+    return ["-o", "ControlMaster=auto", "-o", f"ControlPath={control}",
+            "-o", f"ControlPersist={REUSE_SECONDS}"]
+
+
+def helper_home(command: str) -> Path | None:
+    """The home a ``helper_command`` line works in; None for any other command. (A runner
+    handed the ProxyCommand puts the container's shared connection in that home.)"""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    if words[1:3] != ["-m", "p2prc_core.tunnel"] or "--home" not in words[:-3]:
+        return None
+    return Path(words[words.index("--home") + 1])
+
+
 def current_paths(home: Path, node_id: str) -> list[Endpoint]:
     """Where the host ``node_id`` answers now, as this node's table holds it: the path that
     answered last, then its record's addresses and relays. An ``ssh-config`` entry is written
@@ -257,12 +334,22 @@ def helper_main(argv: list[str] | None = None) -> int:
         asyncio.run(stdio(endpoints, identity, f"/v1/containers/{args.container}/tunnel",
                           f"port={args.port}", args.timeout, not args.plain))
     except (PeerError, ValueError, OSError) as err:
-        print(f"p2prc tunnel: {err}", file=sys.stderr)
+        _say(f"p2prc tunnel: {err}")
         return 255
     except KeyboardInterrupt:
         return 130
     return 0
 
+
+def _say(line: str) -> None:
+    """One line on standard error, where OpenSSH shows it; under ControlPersist OpenSSH
+    points a ProxyCommand's standard error at /dev/null, so there the line goes to the
+    terminal, if there is one."""
+    print(line, file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):
+        if os.path.samestat(os.fstat(sys.stderr.fileno()), os.stat(os.devnull)):
+            with open("/dev/tty", "w") as terminal:
+                print(line, file=terminal)
 
 
 def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
@@ -270,7 +357,10 @@ def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
                 timeout: float = 10.0, secure: bool = True) -> list[str]:
     """ssh with the container's host key pinned, in a known_hosts file of its own: no prompt,
     no trust on first use. The key came over the channel to its host, checked by node id.
-    Through the tunnel, the host key is pinned under an alias (``p2prc-ID``)."""
+    Through the tunnel, the host key is pinned under an alias (``p2prc-ID``), and one
+    connection is shared by every ssh into the container (``container_control_path``)."""
+    from p2prc_core.sshkeys import known_hosts_line
+
     known = home / "ssh" / f"known_hosts_{entry.short_id}"
     known.parent.mkdir(parents=True, exist_ok=True)
     common = ["-i", str(private_key), "-o", f"UserKnownHostsFile={known}",
@@ -281,8 +371,9 @@ def ssh_command(home: Path, entry: RemoteContainer, private_key: Path,
                      + known_hosts_line(entry.host, entry.ssh_port, entry.host_key))
     if tunnel:
         # Keepalives: a relay on the way closes a stream idle for relay_idle_seconds.
+        control = container_control_path(home, entry.id, entry.host_key)
         return ["ssh", *common, "-o", f"HostKeyAlias={alias}", "-o", "ServerAliveInterval=60",
-                "-o", "ProxyCommand=" + helper_command(
+                *reuse_options(control), "-o", "ProxyCommand=" + helper_command(
                     home, entry.id, 22, paths or [entry.host_endpoint], timeout, secure),
                 f"root@{alias}"]
     return ["ssh", *common, "-p", str(entry.ssh_port), f"root@{entry.host}"]

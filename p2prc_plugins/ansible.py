@@ -22,7 +22,9 @@ _EVENT_STATUS = {"runner_on_ok": "ok", "runner_on_failed": "failed",
 def build_inventory(targets: list[RunTarget], run_dir: Path) -> dict[str, Any]:
     """An Ansible inventory of the targets: SSH with our key, host-key checking on against
     one known_hosts file per container (``known_hosts_NAME``: two containers that had the same
-    address and port one after the other never share one), and each host's ``p2prc_ports``."""
+    address and port one after the other never share one), and each host's ``p2prc_ports``.
+    Through the tunnel, each container's one connection is the one ``p2prc ssh`` shares
+    (``ssh_args``)."""
     hosts: dict[str, Any] = {}
     run_dir.mkdir(parents=True, exist_ok=True)
     for target in targets:
@@ -44,8 +46,23 @@ def build_inventory(targets: list[RunTarget], run_dir: Path) -> dict[str, Any]:
             "ansible_ssh_common_args": common,
             "ansible_python_interpreter": "/usr/bin/python3",
             "p2prc_container": target.container_id, "p2prc_ports": target.ports,
+            **ssh_args(target),
         }
     return {"all": {"children": {GROUP: {"hosts": hosts}}}}
+
+
+def ssh_args(target: RunTarget) -> dict[str, str]:
+    """Ansible's own ``ssh_args`` (compression, one connection per host kept 60 s) with,
+    through the tunnel, the connection in the node's home that ``p2prc ssh`` and
+    ``ssh-config`` share: a run after them (or a second run) starts no tunnel helper."""
+    from p2prc_core.tunnel import REUSE_SECONDS, container_control_path, helper_home
+
+    home = helper_home(target.proxy_command) if target.proxy_command else None
+    if home is None:
+        return {}  # Ansible's defaults: one connection per host for the run
+    control = container_control_path(home, target.container_id, target.host_key)
+    return {"ansible_ssh_args": f"-C -o ControlMaster=auto -o ControlPersist={REUSE_SECONDS}s "
+                                f"-o " + shlex.quote(f"ControlPath={control}")}
 
 
 class AnsibleRunner:
