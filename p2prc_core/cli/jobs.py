@@ -20,7 +20,6 @@ from p2prc_core.cli.base import (
 )
 from p2prc_core.exec_job import ExecSpec, Executor, worst
 from p2prc_core.jobs import Job, JobStore
-from p2prc_core.output import print_json, print_table
 from p2prc_core.text import clean, format_when, human_duration
 
 
@@ -116,6 +115,8 @@ def jobs_ls(node: CliContext, as_json: bool = False) -> None:
                    + ", ".join(clean(name, 64) for name in store.damaged[:5])
                    + (" ..." if len(store.damaged) > 5 else "")
                    + " (move them aside, or 'rm -r' them)", err=True)
+    from p2prc_core.output import print_json, print_table  # rich: not for exec's start
+
     if as_json:
         print_json([j.as_dict() for j in jobs])
         return
@@ -138,6 +139,8 @@ def _short(text: str, width: int = 48) -> str:
 @pass_node
 def jobs_show(node: CliContext, job_id: str, as_json: bool = False) -> None:
     """Show one job: where it ran, its state and exit code, and where its outputs went."""
+    from p2prc_core.output import print_json
+
     job = JobStore(node.home).get(job_id)
     if as_json:
         print_json(job.as_dict())
@@ -153,6 +156,8 @@ def _print_job(job: Job) -> None:
     rows += [("output", f"{o['remote']} -> {o['local']}") for o in job.outputs]
     if job.message:
         rows.append(("note", job.message))
+    from p2prc_core.output import print_table
+
     print_table(("", ""), rows)
 
 
