@@ -29,7 +29,10 @@ class Attached:
         say in time)."""
         deadline = time.monotonic() + _REAPED_WITHIN
         while True:
-            state = self.client.api.exec_inspect(self.exec_id)
+            try:
+                state = self.client.api.exec_inspect(self.exec_id)
+            except Exception:  # noqa: BLE001 - the engine went away: no code to tell
+                return None
             if not state.get("Running") and isinstance(state.get("ExitCode"), int):
                 return int(state["ExitCode"]) & 0xFF
             if time.monotonic() > deadline:
