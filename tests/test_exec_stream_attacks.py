@@ -332,7 +332,10 @@ def test_many_steps_leak_no_descriptors_on_either_side(
         done = shell.quick(f"echo {each}; echo e >&2")
         assert (done.returncode, done.stdout, done.stderr) == (0, f"{each}\n".encode(), b"e\n")
     assert fd_count() - ours < 5
-    wait_until(lambda: server_fds(host) - theirs < 5, 20, "the host kept descriptors")
+    # A descriptor kept per step would be 200 more. The host's engine client keeps a pool of
+    # connections per worker, which may grow with the threads that served these streams
+    # (each step hands one connection over to its stream), so a few more stay open.
+    wait_until(lambda: server_fds(host) - theirs < 40, 20, "the host kept descriptors")
 
 
 # -- a host hostile to its caller --------------------------------------------------------------
