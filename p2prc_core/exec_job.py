@@ -46,7 +46,7 @@ from p2prc_core.job_scripts import (
     interrupt_script,
     job_file,
     logs_script,
-    state_of,
+    state_from,
     state_script,
     upload_script,
 )
@@ -206,11 +206,7 @@ class JobShell:
         waits for it is alive), or ``gone`` (it ended without one: killed).
 
         :raises P2PRCError: the container did not answer."""
-        answer = self.quick(state_script(self.job_id))
-        if answer.returncode != 0:
-            said = clean(answer.stderr.decode(errors="replace").strip()[-300:], 300)
-            raise P2PRCError(f"no answer from the container ({said or answer.returncode})")
-        return state_of(answer.stdout.decode(errors="replace").strip())
+        return state_from(self.quick(state_script(self.job_id)))
 
     def master_alive(self) -> bool:
         """Whether the job's connection (its ControlMaster) still stands; asks no host."""

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
+
+from p2prc_core.errors import P2PRCError
+from p2prc_core.text import clean
 
 MISSING = 3  # what the fetch line exits with when the output is not there
 
@@ -87,6 +91,16 @@ def state_script(job_id: str) -> str:
     pid, done = job_file(job_id, "pid"), job_file(job_id, "exit")
     return (f'if [ -f {done} ]; then cat {done}; elif kill -0 "$(cat {pid} 2>/dev/null)" '
             f'2>/dev/null; then echo running; else echo gone; fi')
+
+
+def state_from(answer: subprocess.CompletedProcess[bytes]) -> int | str:
+    """What ``state_script`` printed, read (``state_of``).
+
+    :raises P2PRCError: the container did not answer (its words)."""
+    if answer.returncode != 0:
+        said = clean(answer.stderr.decode(errors="replace").strip()[-300:], 300)
+        raise P2PRCError(f"no answer from the container ({said or answer.returncode})")
+    return state_of(answer.stdout.decode(errors="replace").strip())
 
 
 def state_of(text: str) -> int | str:

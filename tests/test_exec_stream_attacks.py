@@ -465,11 +465,11 @@ def _tar_of(name: str, data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def test_a_fetch_that_sends_more_than_allowed_is_cut_off(tmp_path: Path) -> None:
+def _fetch_from_a_host_that_never_stops(tmp_path: Path, first: bytes) -> Any:
+    """A fetch of ``/w/out.bin`` from a host that sends ``first``, then zeros forever; the
+    thread that fetched, once it ended (or 20 s passed)."""
     def script(conn: socket.socket, done: threading.Event) -> None:
-        header = tarfile.TarInfo("out.bin")
-        header.size = 1 << 40  # a file that never ends
-        conn.sendall(fr.frame(fr.STDOUT, header.tobuf()))
+        conn.sendall(fr.frame(fr.STDOUT, first))
         block = fr.frame(fr.STDOUT, bytes(1 << 16))
         while not done.is_set():
             conn.sendall(block)
@@ -479,29 +479,22 @@ def test_a_fetch_that_sends_more_than_allowed_is_cut_off(tmp_path: Path) -> None
         fetching = _in_thread(lambda: shell.fetch(Output("/w/out.bin", tmp_path / "got"),
                                                   1 << 20))
         fetching.join(20)
-        assert not fetching.is_alive(), "the fetch went on past exec_max_output"
-        assert isinstance(fetching.error, P2PRCError)
+        return fetching
     finally:
         fake.close()
+
+
+def test_a_fetch_that_sends_more_than_allowed_is_cut_off(tmp_path: Path) -> None:
+    header = tarfile.TarInfo("out.bin")
+    header.size = 1 << 40  # a file that never ends
+    fetching = _fetch_from_a_host_that_never_stops(tmp_path, header.tobuf())
+    assert not fetching.is_alive(), "the fetch went on past exec_max_output"
+    assert isinstance(fetching.error, P2PRCError)
 
 
 def test_a_fetch_whose_host_sends_on_after_the_archive_ends_in_time(tmp_path: Path) -> None:
-    archive = _tar_of("out.bin", b"hello")
-
-    def script(conn: socket.socket, done: threading.Event) -> None:
-        conn.sendall(fr.frame(fr.STDOUT, archive))
-        block = fr.frame(fr.STDOUT, bytes(1 << 16))
-        while not done.is_set():
-            conn.sendall(block)
-    fake = HostileHost(script)
-    try:
-        shell = StreamShell(fake.target(tmp_path), "job1")
-        fetching = _in_thread(lambda: shell.fetch(Output("/w/out.bin", tmp_path / "got"),
-                                                  1 << 20))
-        fetching.join(20)
-        assert not fetching.is_alive(), "the fetch never ended"
-    finally:
-        fake.close()
+    fetching = _fetch_from_a_host_that_never_stops(tmp_path, _tar_of("out.bin", b"hello"))
+    assert not fetching.is_alive(), "the fetch never ended"
 
 
 class _Call(threading.Thread):
