@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from p2prc_core.errors import P2PRCError
@@ -71,6 +70,34 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     return True
 
 
+# The DER of an unencrypted PKCS #8 Ed25519 key is these 16 bytes, then the 32-byte seed.
+_PKCS8_ED25519 = bytes.fromhex("302e020100300506032b657004220420")
+
+
+def _pem(key: Ed25519PrivateKey) -> bytes:
+    """``key`` as PEM, PKCS #8, unencrypted (the form OpenSSL and cryptography write)."""
+    body = base64.encodebytes(_PKCS8_ED25519 + key.private_bytes_raw()).replace(b"\n", b"")
+    return b"-----BEGIN PRIVATE KEY-----\n" + body + b"\n-----END PRIVATE KEY-----\n"
+
+
+def _read_pem(pem: bytes) -> object:
+    """The key in ``pem``. The node key as ``_pem`` writes it is read here directly; any
+    other form goes to cryptography's reader, whose import costs a tunnel helper (which
+    reads this key on every start) more than the rest of its work."""
+    lines = pem.strip().splitlines()
+    if len(lines) >= 3 and lines[0] == b"-----BEGIN PRIVATE KEY-----" \
+            and lines[-1] == b"-----END PRIVATE KEY-----":
+        try:
+            der = base64.b64decode(b"".join(lines[1:-1]), validate=True)
+        except ValueError:
+            der = b""
+        if len(der) == 48 and der.startswith(_PKCS8_ED25519):
+            return Ed25519PrivateKey.from_private_bytes(der[16:])
+    from cryptography.hazmat.primitives import serialization
+
+    return serialization.load_pem_private_key(pem, password=None)
+
+
 @dataclass(frozen=True)
 class NodeIdentity:
     """A node's key pair. ``load_or_create`` keeps it in the home, mode 0600."""
@@ -79,8 +106,7 @@ class NodeIdentity:
 
     @property
     def public_key(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return self.private_key.public_key().public_bytes_raw()
 
     @property
     def node_id(self) -> str:
@@ -99,9 +125,7 @@ class NodeIdentity:
         path = home / KEY_FILE
         if not path.exists():
             home.mkdir(mode=0o700, parents=True, exist_ok=True)
-            pem = cls.generate().private_key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption())
+            pem = _pem(cls.generate().private_key)
             tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
@@ -115,7 +139,7 @@ class NodeIdentity:
             finally:
                 os.unlink(tmp)
         try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            key = _read_pem(path.read_bytes())
         except (OSError, ValueError, TypeError) as err:
             raise IdentityError(f"cannot read the node key {path}: {err}") from None
         if not isinstance(key, Ed25519PrivateKey):

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_PORT = 8088
+# The Upgrade token of every stream (relay, tunnel, exec): the client sends it, a 101 names it.
+STREAM_PROTOCOL = "p2prc-stream/1"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -183,11 +183,13 @@ class ContainersOnPeers:
         p2prc port (OpenSSH's ProxyCommand)."""
         import asyncio
 
-        from p2prc_core import tunnel
+        from p2prc_core import tunnel_streams
+        from p2prc_core.tunnel import let_go_of_stderr
 
-        asyncio.run(tunnel.stdio(self.paths_to(container), self.peers.identity,
-                                 f"/v1/containers/{container.id}/tunnel", f"port={port}",
-                                 self.settings.request_timeout, self.peers.secure))
+        asyncio.run(tunnel_streams.stdio(self.paths_to(container), self.peers.identity,
+                                         f"/v1/containers/{container.id}/tunnel",
+                                         f"port={port}", self.settings.request_timeout,
+                                         self.peers.secure, let_go_of_stderr))
 
     def forward(self, container: RemoteContainer, port: int, local_port: int,
                 ready: Callable[[int], None],
@@ -197,7 +199,7 @@ class ContainersOnPeers:
         until ``stop`` is set (from another thread)."""
         import asyncio
 
-        from p2prc_core import tunnel
+        from p2prc_core import tunnel_streams
 
         if port not in [p["internal"] for p in container.ports]:
             raise P2PRCError(f"{container.short_id} has ports "
@@ -215,10 +217,11 @@ class ContainersOnPeers:
                         loop.call_soon_threadsafe(stopped.set)
 
                 threading.Thread(target=relay_stop, daemon=True).start()
-            await tunnel.forward(self.paths_to(container), self.peers.identity,
-                                 f"/v1/containers/{container.id}/tunnel", f"port={port}",
-                                 self.settings.request_timeout, self.peers.secure, local_port,
-                                 ready, stop=stopped, failed=failed)
+            await tunnel_streams.forward(self.paths_to(container), self.peers.identity,
+                                         f"/v1/containers/{container.id}/tunnel",
+                                         f"port={port}", self.settings.request_timeout,
+                                         self.peers.secure, local_port, ready, stop=stopped,
+                                         failed=failed)
 
         asyncio.run(serve())
 

@@ -65,7 +65,7 @@ async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write
     """Run ``argv``; its output to ``out`` and ``err``; its exit code (``LOST``: none
     came). ``opened`` is told once the stream stands (or why it did not); ``stopper`` is
     given what ends the stream early (``kill``)."""
-    from p2prc_core.tunnel import open_stream
+    from p2prc_core.tunnel_streams import open_stream
 
     alive = max(0.5, target.timeout / 2)
     try:

@@ -11,7 +11,6 @@ fingerprint is stable and ``p2prc id`` can print it.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import ssl
 import time
@@ -20,11 +19,8 @@ from typing import Any
 
 from p2prc_core.errors import PeerError
 from p2prc_core.identity import KEY_FILE, NodeIdentity, node_id_for
-from p2prc_core.storage import atomic_write
 
 CERT_FILE = "node.crt"
-_VALID_FROM = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
-_VALID_TO = datetime.datetime(9999, 12, 31, tzinfo=datetime.UTC)
 
 
 class NodeMismatch(PeerError):
@@ -42,6 +38,8 @@ class NodeMismatch(PeerError):
 
 def certificate(identity: NodeIdentity) -> bytes:
     """This node's certificate (PEM), self-signed by its node key; the same every time."""
+    import datetime
+
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import NameOID
@@ -51,7 +49,8 @@ def certificate(identity: NodeIdentity) -> bytes:
     serial = int.from_bytes(hashlib.sha256(identity.public_key).digest()[:16], "big") >> 1
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(identity.private_key.public_key()).serial_number(serial)
-            .not_valid_before(_VALID_FROM).not_valid_after(_VALID_TO)
+            .not_valid_before(datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC))
+            .not_valid_after(datetime.datetime(9999, 12, 31, tzinfo=datetime.UTC))
             .sign(identity.private_key, None))
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -72,6 +71,8 @@ def server_files(home: Path, identity: NodeIdentity) -> tuple[Path, Path]:
     except FileNotFoundError:
         current = b""
     if current != pem:
+        from p2prc_core.storage import atomic_write
+
         atomic_write(cert_path, pem, mode=0o644)
     return cert_path, home / KEY_FILE
 
@@ -184,22 +185,68 @@ def presented_node(ssl_object: Any, where: object) -> str:
 
     :raises PeerError: no certificate, or a key that is not an Ed25519 node key.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     der = ssl_object.getpeercert(True) if ssl_object is not None else None  # binary form
     if not der:
         raise PeerError(f"{where} presented no certificate: not a p2prc node")
     try:
-        key = x509.load_der_x509_certificate(der).public_key()
+        key = certificate_key(der)
     except ValueError:
         raise PeerError(f"{where} presented a certificate that cannot be read") from None
-    if not isinstance(key, Ed25519PublicKey):
+    if key is None:
         raise PeerError(f"{where} presented a certificate without a node key: not a p2prc "
                         f"node (or something in between)")
-    return node_id_for(key.public_bytes(serialization.Encoding.Raw,
-                                        serialization.PublicFormat.Raw))
+    return node_id_for(key)
+
+
+# A SubjectPublicKeyInfo's contents for Ed25519 (RFC 8410): the algorithm, then a bit string
+# of the 32-byte key.
+_ED25519_INFO = bytes.fromhex("300506032b6570032100")
+
+
+def certificate_key(der: bytes) -> bytes | None:
+    """The Ed25519 key (32 bytes) of the X.509 certificate ``der``, found by walking its
+    structure to the subject's public key info; None for a key of another kind. (Loading
+    cryptography's X.509 module costs a tunnel helper more than its whole connection.)
+
+    :raises ValueError: not DER, or not shaped as a certificate.
+    """
+    tag, start, end = _element(der, 0)
+    if tag != 0x30 or end != len(der):
+        raise ValueError("not a certificate")
+    tag, at, tbs_end = _element(der, start)  # TBSCertificate
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    if _element(der, at)[0] == 0xA0:  # [0] version
+        at = _element(der, at)[2]
+    # serialNumber, signature, issuer, validity, subject
+    for expected in (0x02, 0x30, 0x30, 0x30, 0x30):
+        tag, _, at = _element(der, at)
+        if tag != expected or at > tbs_end:
+            raise ValueError("not a certificate")
+    tag, start, end = _element(der, at)  # subjectPublicKeyInfo
+    if tag != 0x30 or end > tbs_end:
+        raise ValueError("not a certificate")
+    info = der[start:end]
+    if len(info) != len(_ED25519_INFO) + 32 or not info.startswith(_ED25519_INFO):
+        return None
+    return bytes(info[len(_ED25519_INFO):])
+
+
+def _element(der: bytes, at: int) -> tuple[int, int, int]:
+    """The DER element at ``at``: its tag, where its contents start and where they end."""
+    if at + 2 > len(der):
+        raise ValueError("truncated")
+    tag, length = der[at], der[at + 1]
+    at += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 0 < count <= 4 or at + count > len(der):
+            raise ValueError("bad length")
+        length = int.from_bytes(der[at:at + count], "big")
+        at += count
+    if at + length > len(der):
+        raise ValueError("truncated")
+    return tag, at, at + length
 
 
 def check_peer(ssl_object: Any, expected: str | None, where: object) -> str:

@@ -1,28 +1,24 @@
-"""Streams into a container through its host's p2prc port: what ``p2prc ssh`` (as OpenSSH's
-ProxyCommand), Ansible runs and ``p2prc forward`` use, so that a host needs nothing open but
-its p2prc port, and a host behind NAT is reached through its relay all the same.
-
-asyncio, one thread: TLS inside a relay's TLS (``start_tls`` on a TLS stream) is safe only
-where one thread drives both. Each path of the dial ladder is tried in order: direct
-addresses, then relays; the host's key is checked on each, as everywhere.
+"""SSH into a container through its host's p2prc port: what ``p2prc ssh`` (as OpenSSH's
+ProxyCommand) and Ansible runs use, so that a host needs nothing open but its p2prc port, and
+a host behind NAT is reached through its relay all the same.
 
 OpenSSH starts ``python -m p2prc_core.tunnel`` (``helper_main``) for each connection it makes,
 so this module imports at its top only what that helper uses: nothing of the CLI, the HTTP
-client or the plugins. ``p2prc ssh`` and ``ssh-config`` keep one connection per container
-(OpenSSH's ControlMaster, ``container_control_path``): only a first connection starts a helper.
+client, the plugins or asyncio. The helper tries the first path it was given the quick way
+(``tunnel_direct``: blocking sockets); only when that does not work does it load the table
+and asyncio (``tunnel_streams``) for every path the host has, relays included. ``p2prc ssh``
+and ``ssh-config`` keep one connection per container (OpenSSH's ControlMaster,
+``container_control_path``): only a first connection starts a helper.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
-import logging
 import os
 import shlex
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,139 +26,16 @@ from p2prc_core import tls
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
-from p2prc_core.signing import sign_request
-from p2prc_core.upgrade_client import upgrade_async
 
 if TYPE_CHECKING:
+    import argparse
+
     from p2prc_core.my_containers import RemoteContainer
 
-log = logging.getLogger("p2prc")
-
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 REUSE_SECONDS = 60  # an SSH connection left idle this long ends (OpenSSH's ControlPersist)
 
 
-async def open_stream(endpoints: list[Endpoint], identity: NodeIdentity, path: str,
-                      query: str, timeout: float, secure: bool = True
-                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes, Endpoint]:
-    """A signed upgrade of ``path?query`` at the first path to the host that works; the
-    streams, the stream's first bytes, and the path used.
-
-    :raises PeerRefused: the host refused (no path would do better); PeerError: no path
-        works (the message says which were tried and why).
-    """
-    failures = []
-    for endpoint in endpoints:
-        try:
-            return await asyncio.wait_for(
-                _open_one(endpoint, identity, path, query, timeout, secure), timeout)
-        except PeerRefused as err:
-            if not endpoint.relay or err.status not in (403, 404, 503, 504):
-                raise
-            failures.append(str(err))  # this relay does not carry the host (any more)
-        except PeerError as err:
-            if isinstance(err, tls.NodeMismatch) and endpoint.named:
-                raise  # where the user said this node is: that is news, not a bad path
-            failures.append(str(err))
-        except (TimeoutError, OSError, ssl.SSLError) as err:
-            failures.append(str(unreachable(endpoint, err, timeout)))
-    raise PeerError("no path to the host works: " + "; ".join(failures))
-
-
-async def _open_one(endpoint: Endpoint, identity: NodeIdentity, path: str, query: str,
-                    timeout: float, secure: bool
-                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes, Endpoint]:
-    context = tls.client_context() if secure else None
-    hostname = "" if secure else None
-    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=context,
-                                                   server_hostname=hostname)
-    try:
-        if endpoint.relay:
-            where = f"relay {endpoint.address}"
-            if secure:
-                tls.check_peer(writer.get_extra_info("ssl_object"), endpoint.relay, where)
-            relay_query = f"node={endpoint.node_id}"
-            signed = sign_request(identity, "POST", "/v1/relay/connect", relay_query, b"",
-                                  endpoint.relay)
-            leftover = await upgrade_async(reader, writer, where,
-                                           f"/v1/relay/connect?{relay_query}",
-                                           endpoint.address, signed, timeout)
-            if leftover:
-                raise PeerError(f"{where} sent bytes the host could not have sent yet")
-            if secure:
-                await writer.start_tls(tls.client_context(), server_hostname="")
-        if secure:
-            tls.check_peer(writer.get_extra_info("ssl_object"), endpoint.node_id, endpoint)
-        headers = sign_request(identity, "POST", path, query, b"", endpoint.node_id or "")
-        first = await upgrade_async(reader, writer, str(endpoint), f"{path}?{query}",
-                                    endpoint.address, headers, timeout)
-    except BaseException:
-        writer.close()
-        raise
-    return reader, writer, first, endpoint
-
-
-async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-               local_reader: asyncio.StreamReader,
-               local_write: Callable[[bytes], Awaitable[None]], first: bytes = b"",
-               linger: float = 1.0) -> None:
-    """Carry bytes both ways until the far end closes, or the local end does (then what the
-    far end still sends for ``linger`` seconds is delivered)."""
-    async def inbound() -> None:
-        if first:
-            await local_write(first)
-        while data := await reader.read(1 << 16):
-            await local_write(data)
-
-    async def outbound() -> None:
-        while data := await local_reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-
-    coming = asyncio.ensure_future(inbound())
-    going = asyncio.ensure_future(outbound())
-    try:
-        done, _ = await asyncio.wait({coming, going}, return_when=asyncio.FIRST_COMPLETED)
-        if going in done and not coming.done():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(coming), linger)
-        for task in done:
-            with contextlib.suppress(ConnectionError, OSError, ssl.SSLError):
-                task.result()
-    finally:
-        for task in (coming, going):
-            task.cancel()
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-async def stdio(endpoints: list[Endpoint], identity: NodeIdentity, path: str, query: str,
-                timeout: float, secure: bool) -> None:
-    """The stream on standard input and output (OpenSSH's ProxyCommand)."""
-    reader, writer, first, _ = await open_stream(endpoints, identity, path, query, timeout,
-                                                 secure)
-    _let_go_of_stderr()
-    loop = asyncio.get_running_loop()
-    local_reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(local_reader),
-                                 os.fdopen(sys.stdin.fileno(), "rb", buffering=0))
-    out = sys.stdout.fileno()
-
-    async def local_write(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                written = os.write(out, view)
-            except BlockingIOError:
-                await asyncio.sleep(0.001)
-                continue
-            view = view[written:]
-
-    await pipe(reader, writer, local_reader, local_write, first)
-
-
-def _let_go_of_stderr() -> None:
+def let_go_of_stderr() -> None:
     """Point standard error at /dev/null once the stream is open: under ControlPersist the
     connection (and this helper) outlives the ``ssh`` that started it, and standard error
     may be its caller's pipe, which would then never close. What could go wrong was said by
@@ -171,46 +44,6 @@ def _let_go_of_stderr() -> None:
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, sys.stderr.fileno())
         os.close(null)
-
-
-async def forward(endpoints: list[Endpoint], identity: NodeIdentity, path: str, query: str,
-                  timeout: float, secure: bool, local_port: int,
-                  ready: Callable[[int], None],
-                  stop: asyncio.Event | None = None,
-                  failed: Callable[[str], None] | None = None) -> None:
-    """Listen on 127.0.0.1:``local_port`` (0: any free port) and carry each connection to
-    the container through its own stream, until ``stop`` is set."""
-    paths = list(endpoints)
-
-    async def handle(local_reader: asyncio.StreamReader,
-                     local_writer: asyncio.StreamWriter) -> None:
-        try:
-            reader, writer, first, used = await open_stream(paths, identity, path, query,
-                                                            timeout, secure)
-        except PeerError as err:
-            (failed or log.warning)(f"a connection could not be forwarded: {err}")
-            local_writer.close()
-            return
-        if used in paths and paths[0] != used:  # the path that worked goes first next time
-            paths.remove(used)
-            paths.insert(0, used)
-
-        async def local_write(data: bytes) -> None:
-            local_writer.write(data)
-            await local_writer.drain()
-
-        try:
-            await pipe(reader, writer, local_reader, local_write, first)
-        finally:
-            local_writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", local_port)
-    ready(server.sockets[0].getsockname()[1])
-    async with server:
-        if stop is None:
-            await server.serve_forever()
-        else:
-            await stop.wait()
 
 
 def helper_command(home: Path, container_id: str, port: int, paths: list[Endpoint],
@@ -329,16 +162,60 @@ def helper_main(argv: list[str] | None = None) -> int:
     try:
         identity = NodeIdentity.load_or_create(args.home)
         written = [parse_path(p, args.node or None) for p in args.path]
-        endpoints = current_paths(args.home, args.node) if args.node else []
-        endpoints += [e for e in written if e not in endpoints]
-        asyncio.run(stdio(endpoints, identity, f"/v1/containers/{args.container}/tunnel",
-                          f"port={args.port}", args.timeout, not args.plain))
+        _stdio(args, identity, written, f"/v1/containers/{args.container}/tunnel",
+               f"port={args.port}")
     except (PeerError, ValueError, OSError) as err:
         _say(f"p2prc tunnel: {err}")
         return 255
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _stdio(args: argparse.Namespace, identity: NodeIdentity, written: list[Endpoint],
+           path: str, query: str) -> None:
+    """The stream on standard input and output: the quick way on the first path written (a
+    direct one), else every path the table and the command know, the asyncio way.
+
+    :raises PeerError: no path works, or the host refused.
+    """
+    secure, tried = not args.plain, []
+    first = written[0] if written and not written[0].relay else None
+    if first is not None:
+        from p2prc_core import tunnel_direct
+
+        try:
+            sock = tunnel_direct.connect(first, args.timeout)
+        except OSError:
+            pass  # it may have moved: all paths, in the table's order, with the whole timeout
+        else:
+            try:
+                sock, data = tunnel_direct.upgrade(sock, first, identity, path, query,
+                                                   args.timeout, secure)
+            except (PeerRefused, tls.NodeMismatch) as err:
+                if isinstance(err, PeerRefused) or first.named:
+                    raise  # as tunnel_streams.open_stream: no other path would do better
+                tried.append(str(err))
+            except PeerError as err:
+                tried.append(str(err))
+            except (TimeoutError, OSError, ssl.SSLError) as err:
+                tried.append(str(unreachable(first, err, args.timeout)))
+            else:
+                let_go_of_stderr()
+                tunnel_direct.carry(sock, data, sys.stdin.fileno(), sys.stdout.fileno())
+                return
+    endpoints = current_paths(args.home, args.node) if args.node else []
+    endpoints += [e for e in written if e not in endpoints]
+    if tried and first is not None:
+        endpoints.remove(first)  # it answered, and not as it should: once is enough
+    if not endpoints:
+        raise PeerError("no path to the host works: " + "; ".join(tried))
+    import asyncio
+
+    from p2prc_core import tunnel_streams
+
+    asyncio.run(tunnel_streams.stdio(endpoints, identity, path, query, args.timeout, secure,
+                                     let_go_of_stderr, tried))
 
 
 def _say(line: str) -> None:

@@ -44,11 +44,11 @@ MAX_HAVE = 4096  # record tokens an asker may send; with more it sends none
 MAX_CURSOR = 64
 MAX_LISTED = 10_000  # containers one list answer may hold
 
-# The one rule for a relay's token (``/v1/relay/wait`` hands it out, ``accept`` takes it back)
-# and the Upgrade token of every stream (relay, tunnel): client and server use these.
+# The one rule for a relay's token (``/v1/relay/wait`` hands it out, ``accept`` takes it back):
+# client and server use these. (The Upgrade token of every stream, ``models.STREAM_PROTOCOL``,
+# is in the lighter module: a tunnel helper reads it without loading these definitions.)
 RELAY_TOKEN_BYTES = 16
 RELAY_TOKEN = re.compile(f"[0-9a-f]{{{2 * RELAY_TOKEN_BYTES}}}")
-STREAM_PROTOCOL = "p2prc-stream/1"
 
 _IMAGE_ASKED = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?")
 _IMAGE_RUN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,255}")

@@ -334,7 +334,8 @@ class DockerBackend:
 
     def containers(self) -> list[BackendContainer]:
         try:
-            found = self.client.containers.list(all=True, filters={"label": f"{LABEL}=1"})
+            found = self.client.containers.list(all=True, filters={"label": f"{LABEL}=1"},
+                                                ignore_removed=True)  # gone meanwhile
         except _gone() as err:
             raise _unavailable(err) from None
         return [BackendContainer(c.id, c.status, _image_name(c), dict(c.labels),

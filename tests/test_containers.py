@@ -17,7 +17,13 @@ import pytest
 from conftest import BUILTINS, P2PRC, LiveServer, free_port, require, start_server, web
 from p2prc_core.client import PeerClient
 from p2prc_core.config import Settings
-from p2prc_core.containers import LABEL_NODE, ContainerError, ContainerRequest, ContainerService
+from p2prc_core.containers import (
+    LABEL,
+    LABEL_NODE,
+    ContainerError,
+    ContainerRequest,
+    ContainerService,
+)
 from p2prc_core.errors import PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
@@ -588,7 +594,7 @@ def test_a_tunnel_is_only_for_the_containers_owner_and_its_ports(
         tmp_path: Path, host: LiveServer, signed_client: PeerClient) -> None:
     import asyncio
 
-    from p2prc_core.tunnel import open_stream
+    from p2prc_core.tunnel_streams import open_stream
 
     mine = signed_client.create_container(ContainerRequest(ssh_key=key(tmp_path)))
     path = f"/v1/containers/{mine.id}/tunnel"
@@ -623,7 +629,7 @@ def test_a_tunnel_through_a_relay_reaches_the_containers_sshd(
     container, TLS to the host inside the relay's TLS."""
     import asyncio
 
-    from p2prc_core.tunnel import open_stream
+    from p2prc_core.tunnel_streams import open_stream
 
     me_id = NodeIdentity.load_or_create(tmp_path / "me")
     relay = start_server(tmp_path / "relay", env={"P2PRC_RELAY": "true",
@@ -701,3 +707,34 @@ def test_ssh_config_lets_plain_ssh_and_scp_in_through_the_tunnel(tmp_path: Path,
     back = subprocess.run(["ssh", "-F", str(config), f"p2prc-{short}", "cat /tmp/note.txt"],
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert back.stdout == "copied through the tunnel\n"
+
+
+def test_a_container_removed_while_the_host_lists_them_is_left_out(engine: Any) -> None:
+    """Another hand removes a container between the engine's list and its inspection of
+    that container (a server starting while containers come and go): the listing leaves it
+    out instead of failing, and so the server starts."""
+    import docker
+
+    from p2prc_plugins.docker import DockerBackend
+
+    client = docker.from_env()
+    doomed = client.containers.create("p2prc/base:latest", "true",
+                                      labels={LABEL: "1", LABEL_NODE: "test-removed-race"})
+    real = client.api.inspect_container
+    removed = []
+
+    def inspect_after_removal(container_id: str) -> Any:
+        if container_id == doomed.id and not removed:
+            client.api.remove_container(container_id, force=True)
+            removed.append(container_id)
+        return real(container_id)
+
+    client.api.inspect_container = inspect_after_removal
+    try:
+        listed = DockerBackend(client).containers()
+    finally:
+        client.api.inspect_container = real
+        if not removed:
+            doomed.remove(force=True)
+    assert removed == [doomed.id]
+    assert doomed.id not in [c.id for c in listed]

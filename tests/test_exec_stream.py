@@ -21,7 +21,7 @@ from p2prc_core.errors import P2PRCError, PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.stream_shell import LOST, AutoShell, NoExecRoute, StreamProc, StreamShell, Target
-from p2prc_core.tunnel import open_stream
+from p2prc_core.tunnel_streams import open_stream
 from p2prc_core.wire import ExecStart, WireError, decode, encode
 
 

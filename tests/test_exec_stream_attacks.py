@@ -26,10 +26,9 @@ from p2prc_core import exec_frames as fr
 from p2prc_core.archive import Output
 from p2prc_core.errors import P2PRCError, PeerRefused
 from p2prc_core.identity import NodeIdentity
-from p2prc_core.models import Endpoint
+from p2prc_core.models import STREAM_PROTOCOL, Endpoint
 from p2prc_core.stream_shell import LOST, NoExecRoute, StreamProc, StreamShell, Target
-from p2prc_core.tunnel import open_stream
-from p2prc_core.wire import STREAM_PROTOCOL
+from p2prc_core.tunnel_streams import open_stream
 
 TICK = os.sysconf("SC_CLK_TCK")
 

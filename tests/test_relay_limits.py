@@ -352,7 +352,7 @@ def test_relay_traffic_leaves_the_hosts_own_tunnels_their_threads(
 
     from p2prc_core.models import Endpoint
     from p2prc_core.sshkeys import ensure_key
-    from p2prc_core.tunnel import open_stream
+    from p2prc_core.tunnel_streams import open_stream
 
     me = NodeIdentity.load_or_create(tmp_path / "me")
     TrustStore(tmp_path / "relay").add(me.node_id)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import falcon
 
-from p2prc_core.wire import STREAM_PROTOCOL  # the Upgrade token a client sends, a 101 names
+from p2prc_core.models import STREAM_PROTOCOL  # the Upgrade token a client sends, a 101 names
 
 Take = Callable[[socket.socket], None]
 T = TypeVar("T")
