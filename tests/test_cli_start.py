@@ -109,3 +109,76 @@ def test_every_command_resolves_through_the_group() -> None:
         command = main.get_command(ctx, name)
         assert command is not None and command.name == name
     assert main.get_command(ctx, "no-such-command") is None
+
+
+# -- the quick exit: no interpreter teardown, nothing an exit owes left undone ----------------
+
+ATEXIT_THEN_CLI = """\
+import atexit, sys
+from pathlib import Path
+atexit.register(lambda: Path(sys.argv[1]).write_text("atexit ran"))
+from p2prc_core.cli import main
+main(sys.argv[2:], prog_name="p2prc")
+"""
+
+
+def cli(tmp_path: Path, *args: str, code: str = ATEXIT_THEN_CLI,
+        **kwargs: object) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PRC_")}
+    env["P2PRC_HOME"] = str(tmp_path / "home")
+    return subprocess.run([sys.executable, "-c", code, str(tmp_path / "mark"), *args],
+                          capture_output=True, text=True, timeout=120, env=env,
+                          **kwargs)  # type: ignore[call-overload]
+
+
+def test_a_command_ends_with_its_output_its_code_and_its_atexit_work_done(
+        tmp_path: Path) -> None:
+    done = cli(tmp_path, "--help")
+    assert done.returncode == 0 and "Examples" in done.stdout  # all of it, flushed
+    assert (tmp_path / "mark").read_text() == "atexit ran"
+    (tmp_path / "mark").unlink()
+    refused = cli(tmp_path, "peers", "rm", "no-such-peer")
+    assert refused.returncode == 1 and "no-such-peer" in refused.stderr
+    assert (tmp_path / "mark").read_text() == "atexit ran"
+    usage = cli(tmp_path, "no-such-command")
+    assert usage.returncode == 2 and "No such command" in usage.stderr
+
+
+def test_output_larger_than_a_pipe_arrives_whole(tmp_path: Path) -> None:
+    """Written through a pipe the reader empties slowly: every byte arrives before the
+    process ends, none is lost to the quick exit."""
+    code = ATEXIT_THEN_CLI.replace("main(sys.argv[2:], prog_name=\"p2prc\")", (
+        "import click\n"
+        "@main.command('flood')\n"
+        "def flood():\n"
+        "    click.echo('x' * 1_000_000)\n"
+        "main(sys.argv[2:], prog_name='p2prc')"))
+    done = cli(tmp_path, "flood", code=code)
+    assert done.returncode == 0 and done.stdout == "x" * 1_000_000 + "\n"
+
+
+def test_a_reader_that_goes_away_early_gets_no_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PRC_")}
+    env["P2PRC_HOME"] = str(tmp_path / "home")
+    proc = subprocess.Popen([sys.executable, "-c", ATEXIT_THEN_CLI, str(tmp_path / "mark"),
+                             "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(1)
+    proc.stdout.close()
+    said = proc.stderr.read().decode()
+    assert proc.wait(60) in (0, 1, 120) and "Traceback" not in said, said
+
+
+def test_a_command_whose_threads_still_run_ends_the_usual_way(tmp_path: Path) -> None:
+    """A thread of its own still working (not a daemon): the exit waits for it, as
+    Python's does, and what it writes arrives."""
+    code = ATEXIT_THEN_CLI.replace("main(sys.argv[2:], prog_name=\"p2prc\")", (
+        "import threading, time\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    print('the thread finished', flush=True)\n"
+        "threading.Thread(target=late).start()\n"
+        "main(sys.argv[2:], prog_name='p2prc')"))
+    done = cli(tmp_path, "--help", code=code)
+    assert done.returncode == 0 and done.stdout.endswith("the thread finished\n")
