@@ -14,19 +14,19 @@ from typing import TYPE_CHECKING
 
 from p2prc_core.config import Settings
 from p2prc_core.directory import PeerDirectory
-from p2prc_core.hosting import Hosting
 from p2prc_core.identity import NodeIdentity
-from p2prc_core.invites import Invites
-from p2prc_core.my_containers import Tracked
-from p2prc_core.on_peers import ContainersOnPeers
 from p2prc_core.own_node import OwnNode
 from p2prc_core.peertable import PeerTable
 from p2prc_core.plugins import PluginHooks
-from p2prc_core.tasks import Playbooks, Runs, RunService
 from p2prc_core.trust import ServerState, TrustStore
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # each imported where it is built: most commands use one or two
     from p2prc_core.exchange import TableExchange
+    from p2prc_core.hosting import Hosting
+    from p2prc_core.invites import Invites
+    from p2prc_core.my_containers import Tracked
+    from p2prc_core.on_peers import ContainersOnPeers
+    from p2prc_core.tasks import Playbooks, RunService
 
 log = logging.getLogger("p2prc")
 
@@ -95,6 +95,8 @@ class NodeServices:
 
     @cached_property
     def invites(self) -> Invites:
+        from p2prc_core.invites import Invites
+
         return Invites(self.settings, self.hooks, self.state, self.trust, self.peers,
                        lambda: self.own.served_settings, self.own.record, self.own.publishes)
 
@@ -103,26 +105,36 @@ class NodeServices:
     @cached_property
     def hosting(self) -> Hosting:
         """The containers this node hosts for peers."""
+        from p2prc_core.hosting import Hosting
+
         return Hosting(self.settings, self.home, self.hooks, lambda: self.identity.node_id,
                        lambda: self.own.gpus())
 
     @cached_property
     def tracked(self) -> Tracked:
         """Containers this client started, and groups."""
+        from p2prc_core.my_containers import Tracked
+
         return Tracked(self.home)
 
     @cached_property
     def on_peers(self) -> ContainersOnPeers:
         """The containers this node started on peers."""
+        from p2prc_core.on_peers import ContainersOnPeers
+
         return ContainersOnPeers(self.settings, self.home, self.peers, self.tracked)
 
     @cached_property
     def playbooks(self) -> Playbooks:
+        from p2prc_core.tasks import Playbooks
+
         return Playbooks(self.home)
 
     @cached_property
     def runs(self) -> RunService:
         """Playbooks run on containers, and their history."""
+        from p2prc_core.tasks import Runs, RunService
+
         on_peers = self.on_peers
         return RunService(self.playbooks, self.tracked, Runs(self.home), self.hooks.runners,
                           lambda: on_peers.ssh_key()[0], on_peers.check_alive,

@@ -6,11 +6,22 @@ import functools
 import os
 import platform
 import socket
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from p2prc_core import hookimpl
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+@functools.cache
+def _psutil() -> ModuleType:
+    """psutil, imported when specs are first collected (a command that collects none, such
+    as ``p2prc peers ls``, loads this plugin all the same)."""
+    import psutil
+
+    psutil.cpu_percent(interval=None)  # the first call starts the measurement window
+    return psutil
 
 
 @functools.cache
@@ -26,8 +37,8 @@ def _static() -> dict[str, Any]:
         "os": {"name": os_name, "system": uname.system, "release": uname.release,
                "machine": uname.machine},
         "cpu_model": _cpu_model() or uname.processor or uname.machine,
-        "cores": psutil.cpu_count(logical=False) or psutil.cpu_count() or 1,
-        "threads": psutil.cpu_count() or 1,
+        "cores": _psutil().cpu_count(logical=False) or _psutil().cpu_count() or 1,
+        "threads": _psutil().cpu_count() or 1,
     }
 
 
@@ -42,13 +53,10 @@ def _cpu_model() -> str | None:
     return None
 
 
-# The first call of cpu_percent(interval=None) starts the measurement window.
-psutil.cpu_percent(interval=None)
-
-
 @hookimpl(trylast=True)
 def p2prc_collect_specs() -> dict[str, Any]:
     static = _static()
+    psutil = _psutil()
     memory = psutil.virtual_memory()
     disk = psutil.disk_usage(os.path.abspath(os.sep))
     load1, load5, load15 = os.getloadavg()
