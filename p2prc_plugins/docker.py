@@ -278,7 +278,7 @@ class DockerBackend:
         nothing."""
         docker = _docker()
         deadline = time.monotonic() + timeout
-        delay = 0.02
+        delay = 0.005  # a pooled container's sshd starts within a few ms of its key
         key, listening_by = None, deadline
         while time.monotonic() < deadline:
             try:

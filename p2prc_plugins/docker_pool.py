@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from p2prc_core.containers import ContainerError, HandOut
@@ -54,7 +55,9 @@ def handed_out_of(name: str) -> tuple[str, float] | None:
 
 
 def hand_out(client: Any, container_id: str, given: HandOut) -> None:
-    """Give pooled container ``container_id`` to ``given.owner``: limits, name, key.
+    """Give pooled container ``container_id`` to ``given.owner``: limits, name, key. The
+    three are the engine's to do at once (none waits for another: the caller learns of the
+    container only when all are done), so they are asked for together.
 
     :raises ContainerError: it is gone, the engine refused, or the entry script did not
         take the key (the caller then gets a container started for it).
@@ -62,15 +65,24 @@ def hand_out(client: Any, container_id: str, given: HandOut) -> None:
     import docker
     import requests
 
-    try:
-        container = client.containers.get(container_id)
+    def limits() -> None:
         container.update(**cpu_options(given.cpus), mem_limit=given.memory,
                          memswap_limit=given.memory)
-        container.rename(handed_out_name(container.name, given))
-        result = container.exec_run(
+
+    def key() -> Any:
+        return container.exec_run(
             ["timeout", str(HANDOUT_SECONDS), "sh", "-c", WRITE_HANDOUT, "p2prc-hand-out",
              given.ssh_key, f"{given.cpus:g}", str(given.memory),
              str(max(1, math.ceil(given.cpus)))], user="root")
+
+    try:
+        container = client.containers.get(container_id)
+        name = handed_out_name(container.name, given)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            asked = [pool.submit(limits), pool.submit(container.rename, name)]
+            result = key()
+            for done in asked:
+                done.result()
     except (docker.errors.DockerException, requests.exceptions.ConnectionError) as err:
         raise ContainerError(500, "Hand-out failed",
                              f"pooled container {container_id[:12]}: {err}") from None
