@@ -188,8 +188,11 @@ def quick_exit(code: str | int | None) -> NoReturn:
     the modules a command loads, freeing every object one by one takes longer (about 0.1 s)
     than many commands' own work. What an exit must still do is done first: other threads
     finished (else the normal exit waits for them), ``atexit`` callbacks run, standard
-    output and error flushed (a closed pipe is exit status 120, as Python's own)."""
-    if threading.active_count() > 1:
+    output and error flushed (a closed pipe is exit status 120, as Python's own). Under a
+    profiler or a tracer (``python -m cProfile``, a debugger), the usual exit, so that they
+    can report."""
+    if threading.active_count() > 1 or sys.getprofile() is not None \
+            or sys.gettrace() is not None:
         sys.exit(code)
     status = code if isinstance(code, int) else 0 if code is None else 1
     if isinstance(code, str):
