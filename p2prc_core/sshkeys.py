@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from p2prc_core.errors import P2PRCError
 from p2prc_core.storage import atomic_write
 
@@ -25,6 +22,10 @@ def ensure_key(home: Path, configured: str = "") -> tuple[Path, str]:
     if not private.exists():
         if configured:
             raise P2PRCError(f"the configured ssh_key {private} does not exist")
+        # Imported here: the wire's definitions import this module for login_command.
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())

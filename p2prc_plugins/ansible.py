@@ -8,12 +8,13 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2prc_core import hookimpl
 from p2prc_core.errors import P2PRCError
-from p2prc_core.sshkeys import known_hosts_line
-from p2prc_core.tasks import GROUP, Bundle, Event, HostResult, Runner, RunResult, RunTarget
+
+if TYPE_CHECKING:  # loaded where used: every command loads this plugin, few run playbooks
+    from p2prc_core.tasks import Bundle, Event, Runner, RunResult, RunTarget
 
 _EVENT_STATUS = {"runner_on_ok": "ok", "runner_on_failed": "failed",
                  "runner_on_unreachable": "unreachable", "runner_on_skipped": "skipped"}
@@ -25,6 +26,9 @@ def build_inventory(targets: list[RunTarget], run_dir: Path) -> dict[str, Any]:
     address and port one after the other never share one), and each host's ``p2prc_ports``.
     Through the tunnel, each container's one connection is the one ``p2prc ssh`` shares
     (``ssh_args``)."""
+    from p2prc_core.sshkeys import known_hosts_line
+    from p2prc_core.tasks import GROUP
+
     hosts: dict[str, Any] = {}
     run_dir.mkdir(parents=True, exist_ok=True)
     for target in targets:
@@ -73,6 +77,8 @@ class AnsibleRunner:
         except ImportError:
             raise P2PRCError("ansible-runner is not installed: pip install ansible-runner "
                              "ansible-core") from None
+        from p2prc_core.tasks import GROUP, HostResult, RunResult
+
         inventory = build_inventory(targets, run_dir)
         hosts = inventory["all"]["children"][GROUP]["hosts"]
         result = RunResult({t.name: HostResult(t.name, t.container_id) for t in targets})
