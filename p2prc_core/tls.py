@@ -226,10 +226,32 @@ def certificate_key(der: bytes) -> bytes | None:
     tag, start, end = _element(der, at)  # subjectPublicKeyInfo
     if tag != 0x30 or end > tbs_end:
         raise ValueError("not a certificate")
+    _rest_is_a_certificate(der, end, tbs_end)
     info = der[start:end]
     if len(info) != len(_ED25519_INFO) + 32 or not info.startswith(_ED25519_INFO):
         return None
     return bytes(info[len(_ED25519_INFO):])
+
+
+def _rest_is_a_certificate(der: bytes, at: int, tbs_end: int) -> None:
+    """After the key info: the optional issuer and subject unique ids and extensions, in
+    that order, to the signed part's end; then the signature's algorithm and value to the
+    certificate's. (OpenSSL refuses anything else in a handshake; this keeps the walk from
+    taking a key info out of place, were it ever given bytes OpenSSL had not read.)
+
+    :raises ValueError: anything else there.
+    """
+    for optional in (0x81, 0x82, 0xA3):
+        if at < tbs_end and der[at] == optional:
+            at = _element(der, at)[2]
+    if at != tbs_end:
+        raise ValueError("not a certificate")
+    tag, _, at = _element(der, at)
+    if tag != 0x30:
+        raise ValueError("not a certificate")
+    tag, _, at = _element(der, at)
+    if tag != 0x03 or at != len(der):
+        raise ValueError("not a certificate")
 
 
 def _element(der: bytes, at: int) -> tuple[int, int, int]:

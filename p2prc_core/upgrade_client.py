@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import asyncio
 
 _MAX_ANSWER = 64 << 10
-_SWITCHED = b"HTTP/1.1 101 "
+_SWITCHED = b"HTTP/1.1 101"  # then a space and a reason phrase, or the line's end
 
 
 def request_bytes(target: str, host: str, headers: dict[str, str]) -> bytes:
@@ -42,18 +42,30 @@ def request_bytes(target: str, host: str, headers: dict[str, str]) -> bytes:
 def _enough(data: bytes) -> bool:
     """Whether the answer so far can be read: a whole 101 head, a whole error answer (head
     and Content-Length body), or more than any answer may be."""
-    if data.startswith(_SWITCHED) and b"\r\n\r\n" in data:
+    if _switched(data) and b"\r\n\r\n" in data:
         return True
     return len(data) > _MAX_ANSWER or _complete(data)
 
 
+def _switched(data: bytes) -> bool:
+    """Whether ``data`` starts with a 101's status line (``HTTP/1.1 101`` alone on its line,
+    or with a reason phrase)."""
+    return data.startswith(_SWITCHED) and data[len(_SWITCHED):len(_SWITCHED) + 1] in (b" ",
+                                                                                   b"\r")
+
+
 def _complete(data: bytes) -> bool:
     """Whether an error answer (head and Content-Length body) is all here."""
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return False  # a Content-Length seen so far may be followed by more of the head
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length" and value.strip().isdigit():
-            return len(body) >= int(value.strip())
+        if name.strip().lower() == b"content-length":
+            digits = value.strip()
+            if not digits.isdigit() or len(digits) > 20:
+                return True  # no answer's length: h11 says so ("bad Content-Length")
+            return len(body) >= int(digits)
     return False
 
 
@@ -63,7 +75,7 @@ def _answer(data: bytes, closed: bool, where: str, target: str, host: str) -> by
     :raises PeerRefused: the server answered with an error (its title and description).
     :raises PeerError: it did not answer as HTTP, or not at all.
     """
-    if data.startswith(_SWITCHED):
+    if _switched(data):
         head, found, rest = data.partition(b"\r\n\r\n")
         if found:
             return rest

@@ -182,3 +182,15 @@ def test_a_command_whose_threads_still_run_ends_the_usual_way(tmp_path: Path) ->
         "main(sys.argv[2:], prog_name='p2prc')"))
     done = cli(tmp_path, "--help", code=code)
     assert done.returncode == 0 and done.stdout.endswith("the thread finished\n")
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-"])
+def test_a_command_whose_output_was_closed_before_it_started_still_ends_well(
+        tmp_path: Path, closed: str) -> None:
+    """Python gives a command started with its standard output or error closed None for
+    it: nothing to flush, no traceback, exit 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2PRC_")}
+    env["P2PRC_HOME"] = str(tmp_path / "home")
+    done = subprocess.run(["bash", "-c", f"'{sys.executable}' -m p2prc_core --version {closed}"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stdout + done.stderr, done

@@ -5,6 +5,7 @@ against the library it stands in for, and tried with what an attacker would send
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import random
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
@@ -21,7 +23,7 @@ from hypothesis import strategies as st
 from p2prc_core import tls
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.identity import IdentityError, NodeIdentity, _pem
-from p2prc_core.upgrade_client import request_bytes, upgrade_sync
+from p2prc_core.upgrade_client import request_bytes, upgrade_async, upgrade_sync
 
 PKCS8 = (serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
          serialization.NoEncryption())
@@ -118,6 +120,44 @@ def test_a_decoy_key_elsewhere_in_the_certificate_is_not_taken_for_its_key() -> 
     assert tls.certificate_key(cert_der(other, other, extension=decoy)) is None
 
 
+def tlv(tag: int, body: bytes) -> bytes:
+    size = len(body)
+    length = bytes([size]) if size < 128 else \
+        bytes([0x80 | ((size.bit_length() + 7) // 8)]) + size.to_bytes((size.bit_length() + 7) // 8,
+                                                                         "big")
+    return bytes([tag]) + length + body
+
+
+def parts(der: bytes, at: int, end: int) -> list[bytes]:
+    found = []
+    while at < end:
+        _, _, after = tls._element(der, at)
+        found.append(der[at:after])
+        at = after
+    return found
+
+
+def test_a_key_info_out_of_its_place_is_refused() -> None:
+    """Alice's key info put before the real one (or where the subject goes): OpenSSL
+    refuses such a certificate in a handshake, and the walk never takes the decoy."""
+    mallory, alice = NodeIdentity.generate(), NodeIdentity.generate()
+    der = ssl_der(tls.certificate(mallory))
+    _, start, end = tls._element(der, 0)
+    tbs, algorithm, signature = parts(der, start, end)
+    _, start, end = tls._element(tbs, 0)
+    fields = parts(tbs, start, end)  # version, serial, algorithm, issuer, validity, subject, key
+    decoy = tlv(0x30, bytes.fromhex("300506032b6570032100") + alice.public_key)
+    for changed in (fields[:6] + [decoy] + fields[6:], [decoy] + fields[1:]):
+        forged = tlv(0x30, tlv(0x30, b"".join(changed)) + algorithm + signature)
+        with pytest.raises(ValueError):
+            tls.certificate_key(forged)
+    swapped = tlv(0x30, tlv(0x30, b"".join(fields[:5] + [decoy] + fields[6:])) + algorithm
+                  + signature)
+    assert tls.certificate_key(swapped) == mallory.public_key  # the key info's own place
+    with pytest.raises(ValueError):  # bytes after the certificate
+        tls.certificate_key(der + b"\x00")
+
+
 @pytest.mark.parametrize("der", [b"", b"\x30", b"\x30\x80", b"\x30\x05\x02\x01\x01",
                                  b"\x30\x84\xff\xff\xff\xff", b"\x04\x00", b"not a cert"])
 def test_what_is_not_a_certificate_is_refused(der: bytes) -> None:
@@ -147,7 +187,7 @@ def test_a_damaged_certificate_never_yields_another_key(data: st.DataObject) -> 
         return
     try:
         theirs = library_key(bytes(der))
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         return  # the library cannot read it either (a TLS library would not accept it)
     assert ours in (theirs, None)
 
@@ -234,6 +274,46 @@ def test_any_other_answer_is_said_plainly(chunks: list[bytes], error: type[Excep
     with pytest.raises(error) as raised:
         answer(*chunks)
     assert said in str(raised.value) and "\x1b" not in str(raised.value)
+
+
+def answer_async(*chunks: bytes) -> bytes:
+    """What ``upgrade_async`` makes of the same server."""
+    pending = list(chunks)
+
+    class Reader:  # the server's answer, one chunk a read, then the end
+        async def read(self, _: int) -> bytes:
+            return pending.pop(0) if pending else b""
+
+    class Writer:
+        def write(self, data: bytes) -> None:
+            pass
+
+        async def drain(self) -> None:
+            pass
+
+    return asyncio.run(upgrade_async(Reader(), Writer(), "a host",  # type: ignore[arg-type]
+                                     "/v1/x", "127.0.0.1:8088", {}, timeout=5))
+
+
+@pytest.mark.parametrize("read", [answer, answer_async])
+def test_a_refusal_whose_head_arrives_in_two_reads_is_a_refusal(read: Any) -> None:
+    """A Content-Length seen before the head's end: the rest of the head is waited for."""
+    with pytest.raises(PeerRefused, match=r"refused \(403\)"):
+        read(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n", b"Server: x\r\n\r\n")
+
+
+@pytest.mark.parametrize("read", [answer, answer_async])
+def test_a_content_length_of_thousands_of_digits_is_a_peer_error(read: Any) -> None:
+    """Not a ValueError from int(): the dial ladder and the helper handle a PeerError."""
+    with pytest.raises(PeerError):
+        read(b"HTTP/1.1 403 F\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\nhello")
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1 101\r\n\r\n", b"HTTP/1.1 101 \r\n\r\n",
+                                  b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"])
+def test_a_101_with_or_without_its_reason_phrase_switches(head: bytes) -> None:
+    assert answer(head + b"first") == b"first"
+    assert answer_async(head + b"first") == b"first"
 
 
 def test_an_endless_answer_stops_at_its_limit() -> None:

@@ -195,10 +195,12 @@ def quick_exit(code: str | int | None) -> NoReturn:
             or sys.gettrace() is not None:
         sys.exit(code)
     status = code if isinstance(code, int) else 0 if code is None else 1
-    if isinstance(code, str):
+    if isinstance(code, str) and sys.stderr is not None:
         print(code, file=sys.stderr)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # its descriptor was closed when Python started
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):
