@@ -15,6 +15,7 @@ from p2prc_core.errors import P2PRCError
 from p2prc_core.models import Address, Endpoint
 from p2prc_core.own_node import advertised_with_mapping
 from p2prc_core.storage import SERVER_DB
+from p2prc_core.udp_probe import KINDS
 
 if TYPE_CHECKING:
     from p2prc_core.services import NodeServices
@@ -79,7 +80,8 @@ def seen_by_peers(observed: dict[str, dict[str, Any]],
 
 def _reach_state(node: NodeServices) -> dict[str, Any]:
     """What the running server learnt of how others reach it (``reach.ReachState``): the
-    dial-back result, the UPnP mapping, the relay in use; and a one-word summary."""
+    dial-back result, the port mapping (UPnP or NAT-PMP), the relay in use; and a one-word
+    summary."""
     from p2prc_core.reach_state import ReachState
 
     state = ReachState(node.home).read()
@@ -94,8 +96,13 @@ def _reach_state(node: NodeServices) -> dict[str, Any]:
         summary = "unreachable"
     else:
         summary = "unknown"
+    udp = state.get("udp") if isinstance(state.get("udp"), dict) else None
+    if udp is not None and not (udp.get("kind") in KINDS and isinstance(
+            udp.get("detail"), str) and isinstance(udp.get("checked"), int | float)):
+        udp = None  # not as udp_mapping writes it: as if never checked
     return {"summary": summary, "dial_back": checked, "upnp": upnp, "relay": relay,
-            "use_relay": node.settings.use_relay, "relay_offered": node.settings.relay}
+            "use_relay": node.settings.use_relay, "relay_offered": node.settings.relay,
+            "udp": udp}
 
 
 def _server_state(node: NodeServices) -> dict[str, Any]:
@@ -159,7 +166,7 @@ def diagnose(node: NodeServices) -> list[Check]:
     image = _image(node) if engine.result == "ok" else \
         Check("base image", "skip", "no engine to ask (see the container engine's fix)")
     return [engine, image, _server(node, status), _clock(node), _ipv6(),
-            _reach(node, status), _gpu(node)]
+            _reach(node, status), _udp(node), _gpu(node)]
 
 
 def _engine(node: NodeServices) -> Check:
@@ -264,13 +271,14 @@ def _reach(node: NodeServices, status: dict[str, Any]) -> Check:
     if reach["summary"] == "relay":
         return Check("reach", "warn", f"peers cannot dial this node; they reach it through "
                                       f"relay {reach['relay']}",
-                     f"forward port {status['port']} on your router (or enable UPnP on it) "
+                     f"forward port {status['port']} on your router (or enable UPnP or NAT-PMP) "
                      f"for direct, faster connections")
     if reach["summary"] == "unreachable":
         return Check("reach", "fail", f"a peer could not dial this node back at "
                                       f"{reach['dial_back']['address']}, and it has no relay",
                      "add a relay: relays = [\"NODE_ID@ADDRESS:PORT\"] (a friend's node with "
-                     "relay = true), or forward the port on your router, or enable UPnP")
+                     "relay = true), or forward the port on your router, or enable UPnP or "
+                     "NAT-PMP on it")
     if not status["observed"]:
         return Check("reach", "skip", "no peer has told this node how it sees it yet",
                      "p2prc peers update")
@@ -281,6 +289,56 @@ def _reach(node: NodeServices, status: dict[str, Any]) -> Check:
                      f"forward port {status['port']} on your router to this machine and set "
                      f"advertise_addresses = [\"{seen}\"]")
     return Check("reach", "ok", "peers see an address this node advertises")
+
+
+def udp_mapping(node: NodeServices) -> dict[str, Any]:
+    """Ask up to three peers that answer lately, over UDP at their p2prc port, where this
+    node's UDP comes from; what that says of its NAT (``udp_probe.classify``), kept in
+    ``reach.json`` for ``p2prc status``."""
+    from p2prc_core import udp_probe
+    from p2prc_core.reach_state import ReachState
+
+    answering = sorted((e for e in node.peers.entries().values()
+                        if e.measured.last_seen is not None),
+                       key=lambda e: -(e.measured.last_seen or 0))
+    targets: list[tuple[str, int, str]] = []
+    for entry in answering:
+        direct = [e for e in node.peers.endpoints(entry) if not e.relay and _is_ipv4(e.host)]
+        if direct:
+            targets.append((direct[0].host, direct[0].port, entry.node_id))
+        if len(targets) == 3:
+            break
+    local_port, seen = udp_probe.ask(targets, node.identity)
+    ours = {str(a.ip) for a in local_addresses() if a.version == 4} | {"127.0.0.1"}
+    mapping = udp_probe.classify(ours, local_port, len(targets), seen)
+    found = {"kind": mapping.kind, "detail": mapping.detail, "checked": time.time(),
+             "seen": [asdict(s) for s in seen]}
+    ReachState(node.home).update(udp=found)
+    return found
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return Address.parse(host).version == 4
+    except ValueError:
+        return False  # a name: its address may change between asks
+
+
+def _udp(node: NodeServices) -> Check:
+    found = udp_mapping(node)
+    kind, detail = found["kind"], found["detail"]
+    if kind in ("none", "endpoint-independent"):
+        return Check("UDP", "ok", f"{'no NAT' if kind == 'none' else kind}: {detail}")
+    if kind == "symmetric":
+        return Check("UDP", "warn", f"symmetric NAT: {detail}",
+                     "a friend also behind NAT reaches this node through a relay; a router "
+                     "that keeps one mapping per port (most home routers do), or port "
+                     f"{node.settings.port} forwarded, lets peers come direct")
+    if kind == "blocked":
+        return Check("UDP", "warn", detail,
+                     f"allow UDP to and from port {node.settings.port}; meanwhile peers "
+                     f"behind NAT meet this node through a relay")
+    return Check("UDP", "skip", detail, "p2prc peers update (then p2prc doctor again)")
 
 
 def _gpu(node: NodeServices) -> Check:

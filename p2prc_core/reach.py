@@ -2,8 +2,9 @@
 
 One worker at a time (a lock in the home) runs the ``ReachAgent``:
 
-1. **UPnP**: ask the home router to forward the server's port (``upnp``), renew the
-   mapping, remove it on stop; the external address goes into the signed record.
+1. **Port mapping**: ask the home router to forward the server's port (UPnP IGD, else
+   NAT-PMP: ``natpmp.find_gateway``), renew the mapping, remove it on stop; the external
+   address goes into the signed record.
 2. **Relay**: keep a connection to a relay (``relays``, or a peer that offers to relay), so
    that clients can reach this node through it; the relay goes into the signed record.
    If the relay goes away, move to the next one.
@@ -69,6 +70,7 @@ class ReachAgent:
         self._accepting = threading.BoundedSemaphore(self.max_accepting)
         self._lock_fd: int | None = None
         self._mapping: Any = None
+        self._mapper: Any = None  # what made it: upnp.PortMapper or natpmp.NatPmpMapper
         self._relay: Endpoint | None = None
         self.thread: threading.Thread | None = None
 
@@ -79,16 +81,15 @@ class ReachAgent:
         self.thread.start()
 
     def stop(self) -> None:
-        """Stop relaying and remove the UPnP mapping (the server stops)."""
+        """Stop relaying and remove the port mapping (the server stops)."""
         self._stop.set()
         if self._lock_fd is None:
             return
-        if self._mapping is not None:
+        if self._mapping is not None and self._mapper is not None:
             with contextlib.suppress(Exception):
-                from p2prc_core.upnp import PortMapper
-
-                PortMapper().unmap(self._mapping)
-                log.info("removed the UPnP mapping of port %d", self._mapping.external_port)
+                self._mapper.unmap(self._mapping)
+                log.info("removed the mapping of port %d (%s)", self._mapping.external_port,
+                         self._mapping.gateway)
         self.state.update(upnp=None, relay=None)
         os.close(self._lock_fd)
         self._lock_fd = None
@@ -185,19 +186,17 @@ class ReachAgent:
         return False
 
     def _map_port(self) -> None:
-        try:
-            from p2prc_core.upnp import PortMapper
-        except ImportError:
+        from p2prc_core.natpmp import find_gateway
+
+        mapper = find_gateway()  # UPnP IGD, else NAT-PMP
+        if mapper is None:
+            log.info("no UPnP or NAT-PMP gateway answered: the port is not mapped")
             return
-        mapper = PortMapper()
         try:
-            if not mapper.discover():
-                log.info("no UPnP gateway answered: the port is not mapped")
-                return
             mapping = mapper.map(self.settings.port, self.settings.port,
                                  description=f"p2prc {self.identity.node_id[:8]}")
         except P2PRCError as err:
-            log.warning("UPnP: %s", err)
+            log.warning("port mapping: %s", err)
             return
         try:
             kind = Address.parse(mapping.external_ip).kind
@@ -206,23 +205,23 @@ class ReachAgent:
         if kind != "global":
             # A private or shared (carrier-grade NAT) address: a second NAT beyond this
             # router, nobody outside can dial it. Not advertised.
-            log.warning("UPnP: the router's external address %s is not a public one: not "
-                        "advertised", mapping.external_ip)
+            log.warning("%s: the router's external address %s is not a public one: not "
+                        "advertised", mapping.gateway, mapping.external_ip)
             with contextlib.suppress(P2PRCError):
                 mapper.unmap(mapping)
             return
         if mapping.external_port != self.settings.port:
             # The record has one port for all its addresses.
-            log.warning("UPnP gave port %d, not %d: not advertised", mapping.external_port,
-                        self.settings.port)
+            log.warning("%s gave port %d, not %d: not advertised", mapping.gateway,
+                        mapping.external_port, self.settings.port)
             with contextlib.suppress(P2PRCError):
                 mapper.unmap(mapping)
             return
-        self._mapping = mapping
+        self._mapping, self._mapper = mapping, mapper
         self.state.update(upnp={"external_ip": mapping.external_ip,
                                 "external_port": mapping.external_port,
                                 "gateway": mapping.gateway})
-        log.info("UPnP: %s forwards %s:%d to this server", mapping.gateway,
+        log.info("%s forwards %s:%d to this server", mapping.gateway,
                  mapping.external_ip, mapping.external_port)
         threading.Thread(target=self._renew, args=(mapper,), daemon=True).start()
 
@@ -232,7 +231,7 @@ class ReachAgent:
             try:
                 self._mapping = mapper.renew(self._mapping)
             except P2PRCError as err:
-                log.warning("UPnP renewal failed: %s", err)
+                log.warning("port mapping renewal failed: %s", err)
 
     def _candidates(self) -> list[list[Endpoint]]:
         """Relays to use, each as its whole dial ladder (the address that answered last

@@ -34,6 +34,7 @@ from netlab import Host, run
 INTERNET = "11.0.0"  # the internet side's /24; reachable only inside the lab's namespaces
 TOOLS = ("ip", "iptables", "sysctl", "ss")
 UPNP_TOOLS = ("miniupnpd", "upnpc", "iptables-legacy")
+NAT_KINDS = ("cone", "symmetric", "udp-dropped")  # what a lab router does (add_home)
 
 
 def missing(upnp: bool = False) -> str | None:
@@ -102,7 +103,8 @@ class NatLab:
     same internet segment, and ``add_internet_host`` adds public hosts (11.0.0.10, .11 ...).
     """
 
-    def __init__(self, root: Path, upnp: bool = False):
+    def __init__(self, root: Path, upnp: bool = False, nat: str = "cone",
+                 natpmp_only: bool = False):
         self.root = root
         self.tag = secrets.token_hex(3)
         self.hosts: list[Host] = []
@@ -116,7 +118,7 @@ class NatLab:
             self._namespace(self.internet)
             self._in(self.internet, "ip", "link", "add", self.bridge, "type", "bridge")
             self._in(self.internet, "ip", "link", "set", self.bridge, "up")
-            self.home = self.add_home("home", upnp=upnp)
+            self.home = self.add_home("home", upnp=upnp, nat=nat, natpmp_only=natpmp_only)
         except BaseException:
             self.close()
             raise
@@ -155,9 +157,16 @@ class NatLab:
         self._in(namespace, "ip", "link", "set", inside, "up")
         return self._host(name, namespace, address)
 
-    def add_home(self, name: str, upnp: bool = False) -> Host:
+    def add_home(self, name: str, upnp: bool = False, nat: str = "cone",
+                 natpmp_only: bool = False) -> Host:
         """A home behind a router of its own, whose external side is on the internet
-        segment; with ``upnp`` the router runs miniupnpd and answers once this returns."""
+        segment; with ``upnp`` the router runs miniupnpd and answers once this returns.
+        ``nat``: "cone" (plain MASQUERADE, the common home router: one mapping per source
+        port, whatever the destination), "symmetric" (MASQUERADE --random-fully: a mapping
+        per destination) or "udp-dropped" (cone, and no UDP passes either way). With
+        ``natpmp_only`` its miniupnpd speaks NAT-PMP and not UPnP (as many routers do)."""
+        if nat not in NAT_KINDS:
+            raise ValueError(f"nat must be one of {NAT_KINDS}, not {nat!r}")
         used = {r.subnet for r in self.routers.values()}
         subnet = next(s for s in iter(lambda: f"10.199.{secrets.randbelow(250) + 2}", None)
                       if s not in used)
@@ -175,21 +184,24 @@ class NatLab:
         for dev in (ext_if, int_if):
             run(*r("ip", "link", "set", dev, "up"))
         run(*r("sysctl", "-qw", "net.ipv4.ip_forward=1"))
-        nat = [["-t", "nat", "-A", "POSTROUTING", "-o", ext_if, "-j", "MASQUERADE"],
+        masquerade = ["-j", "MASQUERADE", *(["--random-fully"] if nat == "symmetric" else [])]
+        rules = [["-t", "nat", "-A", "POSTROUTING", "-o", ext_if, *masquerade],
                ["-P", "FORWARD", "DROP"],
                ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
                 "-j", "ACCEPT"],
                ["-A", "FORWARD", "-i", int_if, "-o", ext_if, "-j", "ACCEPT"],
                # Without this, traffic that a UPnP mapping DNATs to home is dropped.
                ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT"]]
-        for rule in nat:
+        if nat == "udp-dropped":
+            rules.insert(1, ["-A", "FORWARD", "-p", "udp", "-j", "DROP"])
+        for rule in rules:
             run(*r("iptables", "-w", *rule))
         self._in(home_ns, "ip", "addr", "add", f"{subnet}.2/24", "dev", home_if)
         self._in(home_ns, "ip", "link", "set", home_if, "up")
         self._in(home_ns, "ip", "route", "add", "default", "via", f"{subnet}.1")
         host = self._host(name, home_ns, f"{subnet}.2")
         if upnp:
-            self._start_miniupnpd(router, host)
+            self._start_miniupnpd(router, host, natpmp_only=natpmp_only)
         return host
 
     def close(self) -> None:
@@ -241,7 +253,8 @@ class NatLab:
         self.hosts.append(host)
         return host
 
-    def _start_miniupnpd(self, router: Router, home: Host, timeout: float = 20) -> None:
+    def _start_miniupnpd(self, router: Router, home: Host, timeout: float = 20,
+                         natpmp_only: bool = False) -> None:
         """Run miniupnpd in the foreground in the router's namespace, with the legacy
         iptables chains it expects (made in the router's namespace, so they go with it),
         and wait until it has opened its sockets and answers ``home`` as a gateway."""
@@ -259,7 +272,8 @@ class NatLab:
         conf = folder / "miniupnpd.conf"
         conf.write_text("\n".join([
             f"ext_ifname={ext}", f"listening_ip={router.internal_if}",
-            f"ext_ip={router.external_ip}", "port=0", "enable_upnp=yes", "enable_natpmp=yes",
+            f"ext_ip={router.external_ip}", "port=0",
+            f"enable_upnp={'no' if natpmp_only else 'yes'}", "enable_natpmp=yes",
             "secure_mode=yes", f"uuid={uuid.uuid4()}", f"lease_file={folder / 'leases'}",
             f"allow 1024-65535 {router.subnet}.0/24 1024-65535",
             "deny 0-65535 0.0.0.0/0 0-65535", ""]))
@@ -279,6 +293,8 @@ class NatLab:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"miniupnpd did not start within {timeout} s:\n{log}")
             time.sleep(0.05)
+        if natpmp_only:
+            return  # no UPnP to ask it by
         port = re.search(r"HTTP listening on port (\d+)", log)
         if port is None:
             raise RuntimeError(f"miniupnpd did not say its HTTP port:\n{log}")

@@ -94,10 +94,10 @@ def labs(tmp_path: Path) -> Iterator[Callable[..., NatLab]]:
     """Makes NAT labs (skipping when namespaces or tools are missing); closes them all."""
     made: list[NatLab] = []
 
-    def make(upnp: bool = False) -> NatLab:
+    def make(upnp: bool = False, natpmp_only: bool = False) -> NatLab:
         reason = available() or missing(upnp=upnp)
         require(reason is None, reason or "")
-        lab = NatLab(tmp_path / f"lab{len(made)}", upnp=upnp)
+        lab = NatLab(tmp_path / f"lab{len(made)}", upnp=upnp, natpmp_only=natpmp_only)
         made.append(lab)
         return lab
 
@@ -235,6 +235,32 @@ def test_upnp_maps_the_port_advertises_the_router_and_unmaps_on_stop(
     gone = friend.p2prc("specs", home)
     assert gone.returncode != 0
     assert external in gone.stderr, gone.stderr  # it says where it tried
+
+
+def test_a_router_that_speaks_nat_pmp_only_maps_the_port_and_unmaps_on_stop(
+        labs: Callable[..., NatLab]) -> None:
+    """Many routers offer NAT-PMP (or PCP) and not UPnP: home maps its port with it, and a
+    friend on the internet reaches home at the router's address."""
+    lab = labs(upnp=True, natpmp_only=True)
+    friend = lab.add_internet_host("friend")
+    external = lab.router_external_ip
+    assert dial(friend, external).startswith("FAILED")
+    home = node_id(lab.home)
+    server = serve(lab, lab.home, P2PRC_UPNP="true")
+    wait_for(lambda: ("TCP", PORT) in lab.router.forwarded_ports(),
+             what="home maps its port on the router with NAT-PMP")
+    assert lab.mappings() == []  # UPnP is off: NAT-PMP did it
+    record = record_at(friend, external, listing=external)
+    assert record["node_id"] == home
+    mapping = reach(lab.home)["upnp"]
+    assert (mapping["external_ip"], mapping["external_port"]) == (external, PORT)
+    assert mapping["gateway"] == f"NAT-PMP at {lab.router.internal_ip}"
+    status = cli(lab.home, "status")
+    assert f"NAT-PMP at {lab.router.internal_ip} forwards {external}:{PORT}" in status
+    lab.home.stop(server)
+    assert server.returncode == 0, (lab.home.home / "server.log").read_text()
+    assert lab.router.forwarded_ports() == []
+    assert dial(friend, external).startswith("FAILED")
 
 
 def test_a_home_without_upnp_is_reached_through_a_configured_relay(

@@ -152,9 +152,12 @@ def status(node: CliContext, as_json: bool) -> None:
         "unknown": "not checked yet (the server checks once it runs and knows a peer)",
     }[reach["summary"]]))
     if reach["upnp"]:
-        rows.append(("UPnP", f"{reach['upnp'].get('gateway')} forwards "
+        rows.append(("mapping", f"{reach['upnp'].get('gateway')} forwards "
                              f"{reach['upnp'].get('external_ip')}:"
                              f"{reach['upnp'].get('external_port')} here"))
+    udp = reach["udp"]
+    rows.append(("UDP", f"{udp['kind']}: {udp['detail']} ({format_when(udp['checked'])})"
+                 if udp else "not checked yet ('p2prc doctor' asks peers over UDP)"))
     if reach["relay_offered"]:
         rows.append(("relay", "offered to other nodes (relay = true)"))
     rows.append(("peers", f"{peers['known']} known, {peers['answering']} answering, "

@@ -6,13 +6,14 @@ import errno
 import logging
 import shutil
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from p2prc_core import reach, tls
+from p2prc_core import reach, tls, udp_probe
 from p2prc_core.config import Settings
 from p2prc_core.errors import P2PRCError
 from p2prc_core.periodic import Periodic
@@ -23,6 +24,7 @@ from p2prc_core.server.front import FrontWorker
 from p2prc_core.services import NodeServices
 
 log = logging.getLogger("p2prc.server")
+_UDP: list[socket.socket] = []  # the server's UDP socket (udp_probe), bound before the fork
 
 ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)sms'
 
@@ -125,9 +127,11 @@ def tls_options(home: Path, socket_timeout: float) -> dict[str, Any]:
 
 
 def start_background_jobs(node: NodeServices) -> list[Periodic]:
-    """Reaping expired containers and refreshing the table from peers, each on its own
-    interval; ``Periodic`` lets one worker at a time do a job that is due."""
+    """Reaping expired containers and refreshing the table from peers (then checking what
+    this node's NAT does with UDP), each on its own interval; ``Periodic`` lets one worker
+    at a time do a job that is due."""
     from p2prc_core.discovery import refresh_job
+    from p2prc_core.doctor import udp_mapping
 
     def reap() -> list[str]:
         removed = node.hosting.reap()
@@ -137,9 +141,21 @@ def start_background_jobs(node: NodeServices) -> list[Periodic]:
 
     jobs = [Periodic(node.home, "reap", node.settings.reap_seconds, reap)]
     if node.settings.refresh_seconds:
+        refresh = refresh_job(node.peers.discovery, node.settings.update_hops,
+                              node.peers.bootstrap)
+
+        def refresh_then_udp() -> Any:
+            """The table refreshed, then its answering peers asked what this node's NAT
+            does with UDP (``p2prc status`` shows it)."""
+            found = refresh()
+            try:
+                udp_mapping(node)
+            except Exception:  # noqa: BLE001 - the refresh's result stands
+                log.exception("the UDP check failed; trying again after the next refresh")
+            return found
+
         jobs.append(Periodic(node.home, "refresh", node.settings.refresh_seconds,
-                             refresh_job(node.peers.discovery, node.settings.update_hops,
-                                         node.peers.bootstrap)))
+                             refresh_then_udp))
     for job in jobs:
         job.start()
     return jobs
@@ -149,6 +165,9 @@ def build_app(settings: Settings, home: Path) -> Any:
     """The peer app as each worker builds it (plugins are loaded again after the fork)."""
     node = NodeServices(settings, home, make_plugin_manager(disabled=settings.disable_plugins))
     start_background_jobs(node)
+    for udp in _UDP:  # each worker answers probes on the one socket
+        responder = udp_probe.Responder(udp, node.identity, settings.clock_window_seconds)
+        threading.Thread(target=responder.run, name="p2prc-udp", daemon=True).start()
     reach.start(node.settings, node.home, node.peers)
     return upgrade.Upgrades(create_app(node))
 
@@ -192,6 +211,12 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
                          f"{running.pid}, port {running.port}; stop it first, or give "
                          f"this one another home (--home)")
     sock = bind_socket(settings.host, settings.port)
+    udp = udp_probe.bind(settings.host, sock.getsockname()[1])
+    if udp is None:
+        log.warning("UDP port %d is taken or not allowed: peers cannot tell this node what "
+                    "its NAT does with UDP (p2prc doctor)", sock.getsockname()[1])
+    else:
+        _UDP.append(udp)
     node.own.announce_server()  # commands run beside it learn its real port
     # Relay markers of a server that was killed (not stopped) would count forever.
     shutil.rmtree(node.home / "relay", ignore_errors=True)

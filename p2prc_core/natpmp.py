@@ -1,0 +1,174 @@
+"""Port mapping with NAT-PMP (RFC 6886), which many routers offer instead of UPnP IGD, and
+miniupnpd beside it: the same calls as ``upnp.PortMapper`` (discover, map, renew, unmap), so
+that the server's reach agent uses whichever gateway answers (``find_gateway``).
+
+The gateway is the default route's (IPv4), asked at UDP port 5351, with RFC 6886's
+retransmissions (250 ms, doubling) cut short at ``TRIES``. Its answers are untrusted input:
+taken only from the gateway's address and port, of the exact size and opcode asked for,
+with a success code, and an external address that is IPv4.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from p2prc_core.errors import P2PRCError
+
+if TYPE_CHECKING:  # upnp's module loads its HTTP client: only where a mapping is made
+    from p2prc_core.upnp import Mapping
+
+PORT = 5351
+TRIES = 3  # 0.25 + 0.5 + 1 s: a gateway that speaks NAT-PMP answers within the first
+MAX_LEASE = 604800
+_EXTERNAL, _MAP_TCP = 0, 2  # opcodes; an answer's is the request's + 128
+RESULTS = {1: "unsupported version", 2: "not authorized or refused (is NAT-PMP enabled for "
+           "this host?)", 3: "network failure (the gateway has no external address yet)",
+           4: "out of resources (no port left)", 5: "unsupported opcode"}
+
+
+class NatPmpError(P2PRCError):
+    """The gateway refused, or answered nothing usable."""
+
+
+def default_gateway() -> str | None:
+    """The IPv4 default route's gateway, or None."""
+    import netifaces
+
+    try:
+        routes = netifaces.gateways()
+    except (OSError, ValueError):
+        return None
+    defaults = routes.get("default") if isinstance(routes, dict) else None
+    found = defaults.get(netifaces.AF_INET) if isinstance(defaults, dict) else None
+    return str(found[0]) if found else None
+
+
+class NatPmpMapper:
+    """Maps, renews and removes TCP port forwards on the default gateway with NAT-PMP."""
+
+    def __init__(self, gateway: str | None = None, timeout: float = 0.25, port: int = PORT):
+        self.gateway = gateway
+        self.port = port
+        self.first_wait = timeout  # the first retransmission's; doubled each time
+        self._lock = threading.Lock()
+
+    def discover(self) -> bool:
+        """Whether the default gateway answers NAT-PMP (with its external address)."""
+        self.gateway = self.gateway or default_gateway()
+        if self.gateway is None:
+            return False
+        try:
+            self.external_ip()
+        except NatPmpError:
+            return False
+        return True
+
+    def external_ip(self) -> str:
+        """The gateway's external IPv4 address."""
+        answer = self._ask(struct.pack(">BB", 0, _EXTERNAL), _EXTERNAL, 12)
+        return str(ipaddress.IPv4Address(answer[8:12]))
+
+    def map(self, port: int, external_port: int | None = None, lease_seconds: int = 3600,
+            description: str = "p2prc") -> Mapping:
+        """Forward ``external_port`` (``port`` by default) to ``port`` here; the gateway may
+        give another external port, or a shorter lease (the mapping says which).
+        ``description`` is not sent: NAT-PMP has none."""
+        for value, name in ((port, "port"), (external_port or port, "external_port")):
+            if not 1 <= value <= 65535:
+                raise ValueError(f"{name} must be 1 to 65535, not {value}")
+        if not 1 <= lease_seconds <= MAX_LEASE:
+            raise ValueError(f"lease_seconds must be 1 to {MAX_LEASE}, not {lease_seconds}")
+        external = self.external_ip()
+        answer = self._ask(struct.pack(">BBHHHI", 0, _MAP_TCP, 0, port, external_port or port,
+                                       lease_seconds), _MAP_TCP, 16)
+        from p2prc_core.upnp import Mapping
+
+        internal, given, lease = struct.unpack(">HHI", answer[8:16])
+        if internal != port or not 1 <= given <= 65535:
+            raise NatPmpError(f"the gateway answered a mapping of port {internal} to {given}, "
+                              f"not of port {port}")
+        return Mapping(external, given, self._local_ip(), port, "TCP", lease,
+                       f"NAT-PMP at {self.gateway}")
+
+    def renew(self, mapping: Mapping) -> Mapping:
+        """Ask for the same forward again (NAT-PMP renews by mapping anew)."""
+        return self.map(mapping.internal_port, mapping.external_port,
+                        mapping.lease_seconds or 3600)
+
+    def unmap(self, mapping: Mapping) -> None:
+        """Remove the forward (lifetime 0)."""
+        self._ask(struct.pack(">BBHHHI", 0, _MAP_TCP, 0, mapping.internal_port, 0, 0),
+                  _MAP_TCP, 16)
+
+    def _ask(self, request: bytes, opcode: int, size: int) -> bytes:
+        """``request`` sent to the gateway, again after 0.25, 0.5 ... s; its answer.
+
+        :raises NatPmpError: no answer of ``size`` bytes for ``opcode`` with success, from
+            the gateway, within ``TRIES`` sends; or a refusal (its reason).
+        """
+        if self.gateway is None:
+            raise NatPmpError("no default gateway to ask")
+        where = (self.gateway, self.port)
+        with self._lock, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            wait = self.first_wait
+            for _ in range(TRIES):
+                try:
+                    sock.sendto(request, where)
+                except OSError as err:
+                    raise NatPmpError(f"cannot reach the gateway {self.gateway}: "
+                                      f"{err.strerror}") from None
+                answer = _answer_from(sock, where, opcode, size, time.monotonic() + wait)
+                if answer is not None:
+                    return answer
+                wait *= 2
+        raise NatPmpError(f"the gateway {self.gateway} did not answer NAT-PMP")
+
+    def _local_ip(self) -> str:
+        """This host's address toward the gateway."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((self.gateway or "0.0.0.0", self.port))
+            return str(sock.getsockname()[0])
+
+
+def _answer_from(sock: socket.socket, where: tuple[str, int], opcode: int, size: int,
+                 deadline: float) -> bytes | None:
+    """The gateway's answer to ``opcode`` before ``deadline``; None for none. Whatever
+    comes from elsewhere, or is not that answer, is passed over (and does not move the
+    deadline).
+
+    :raises NatPmpError: the gateway refused (its result code, in words).
+    """
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            data, source = sock.recvfrom(64)
+        except (TimeoutError, OSError):
+            return None
+        if source != where or len(data) != size or data[0] != 0 or data[1] != 128 + opcode:
+            continue
+        result = struct.unpack(">H", data[2:4])[0]
+        if result:
+            raise NatPmpError(f"the gateway {where[0]} refused: "
+                              f"{RESULTS.get(result, f'result {result}')}")
+        return data
+    return None
+
+
+def find_gateway(timeout: float = 3.0) -> Any:
+    """A mapper whose gateway answered, UPnP IGD first (found by SSDP), then NAT-PMP at
+    the default gateway; None when neither did."""
+    try:
+        from p2prc_core.upnp import PortMapper
+    except ImportError:  # its HTTP client missing: NAT-PMP alone
+        pass
+    else:
+        upnp = PortMapper(timeout)
+        if upnp.discover():
+            return upnp
+    natpmp = NatPmpMapper()
+    return natpmp if natpmp.discover() else None

@@ -1,0 +1,292 @@
+"""UDP at the p2prc port, the first step to hole punching (issue 24): a node asks peers where
+its UDP comes from, as each sees it, and so learns what its NAT does with UDP, as
+``tailscale netcheck`` says: nothing (no NAT), one mapping whatever the destination
+(endpoint-independent: a punched path can work), or a mapping per destination (symmetric:
+it takes port prediction, or the relay). The TCP counterpart is a table exchange's
+``observed`` address.
+
+A probe and its answer are binary, of fixed sizes, each signed by its sender's node key:
+
+    probe  (PROBE_SIZE bytes):  MAGIC, PROBE, the target's node id, the prober's key, time,
+                                nonce, zero padding, signature
+    answer (ANSWER_SIZE bytes): MAGIC, ANSWER, the probe's nonce, the address and port the
+                                probe came from, the answering node's key, signature
+
+A host answers only a whole probe signed for it within its clock window, never with more
+bytes than the probe (no amplification), and at most ``RATE`` answers a second to one source
+(an IPv4 address or IPv6 /64) in each server worker; a stranger learns nothing but its own
+address. The prober
+takes an answer only from the address it probed, with its nonce, signed by the node it
+meant to ask.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from p2prc_core.identity import NodeIdentity, is_node_id, node_id_for, verify
+
+MAGIC = b"P2U1"
+PROBE, ANSWER = 1, 2
+PROBE_SIZE = 200
+_PROBE_SIGNED = 136  # the probe's bytes its signature covers (then the signature)
+ANSWER_SIZE = 135
+_ANSWER_SIGNED = 71
+_PROBE_TAG = b"p2prc-udp-probe-v1\0"
+_ANSWER_TAG = b"p2prc-udp-answer-v1\0"
+RATE = 10  # answers a second to one source, at most
+_SOURCES_KEPT = 4096  # sources counted at once (the count starts again past it)
+
+
+class ProbeError(ValueError):
+    """Bytes that are not a probe or answer of this protocol, or not validly signed."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where does my UDP come from? Asked of node ``target``."""
+
+    target: str
+    key: bytes  # the prober's public key
+    time: int
+    nonce: bytes
+
+    def signed(self, identity: NodeIdentity) -> bytes:
+        if not is_node_id(self.target):
+            raise ValueError(f"not a node id: {self.target!r}")
+        head = MAGIC + bytes([PROBE]) + self.target.encode("ascii") + self.key + \
+            struct.pack(">Q", self.time) + self.nonce
+        head += bytes(_PROBE_SIGNED - len(head))
+        return head + identity.sign(_PROBE_TAG + head)
+
+    @classmethod
+    def read(cls, data: bytes) -> Probe:
+        """:raises ProbeError: not a whole probe, or not signed by the key it carries."""
+        if len(data) != PROBE_SIZE or data[:4] != MAGIC or data[4] != PROBE:
+            raise ProbeError("not a probe")
+        if any(data[87:_PROBE_SIGNED]):
+            raise ProbeError("a probe's padding is not zeros")
+        try:
+            target = data[5:31].decode("ascii")
+        except UnicodeDecodeError:
+            raise ProbeError("a probe's target is not a node id") from None
+        key = data[31:63]
+        if not verify(key, data[_PROBE_SIGNED:], _PROBE_TAG + data[:_PROBE_SIGNED]):
+            raise ProbeError("a probe not signed by its key")
+        return cls(target, key, struct.unpack(">Q", data[63:71])[0], data[71:87])
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The address and port a probe came from, as its target saw them."""
+
+    nonce: bytes
+    address: str
+    port: int
+    key: bytes  # the answering node's public key
+
+    def signed(self, identity: NodeIdentity) -> bytes:
+        packed = ipaddress.IPv6Address(_as_v6(self.address)).packed
+        head = MAGIC + bytes([ANSWER]) + self.nonce + packed + struct.pack(">H", self.port) + \
+            self.key
+        return head + identity.sign(_ANSWER_TAG + head)
+
+    @classmethod
+    def read(cls, data: bytes) -> Answer:
+        """:raises ProbeError: not a whole answer, or not signed by the key it carries."""
+        if len(data) != ANSWER_SIZE or data[:4] != MAGIC or data[4] != ANSWER:
+            raise ProbeError("not an answer")
+        key = data[39:71]
+        if not verify(key, data[_ANSWER_SIGNED:], _ANSWER_TAG + data[:_ANSWER_SIGNED]):
+            raise ProbeError("an answer not signed by its key")
+        address = ipaddress.IPv6Address(data[21:37])
+        shown = str(address.ipv4_mapped or address)
+        return cls(data[5:21], shown, struct.unpack(">H", data[37:39])[0], key)
+
+
+def _as_v6(address: str) -> str:
+    parsed = ipaddress.ip_address(address.split("%")[0])
+    return f"::ffff:{parsed}" if parsed.version == 4 else str(parsed)
+
+
+def _source_key(address: str) -> str:
+    """An IPv4 address, or an IPv6 address's /64: one source, for the rate."""
+    parsed = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
+def bind(host: str, port: int) -> socket.socket | None:
+    """The server's UDP socket at ``host``:``port`` (``::`` takes IPv4 too), or None where
+    it cannot be had (the server runs on, over TCP: it says why in its log)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        if host == "::":  # no IPv6 in this kernel
+            return bind("0.0.0.0", port)
+        return None
+    sock.set_inheritable(True)
+    return sock
+
+
+class Responder:
+    """Answers probes that reach ``sock`` (the server's UDP socket at its p2prc port)."""
+
+    def __init__(self, sock: socket.socket, identity: NodeIdentity, window: float,
+                 rate: int = RATE):
+        self.sock = sock
+        self.identity = identity
+        self.window = window
+        self.rate = rate
+        self._counts: dict[str, tuple[int, int]] = {}  # source -> (second, answers in it)
+
+    def answer(self, data: bytes, source: str, port: int, now: float) -> bytes | None:
+        """The answer to ``data`` from ``source``:``port``; None for anything else (not a
+        probe, not for this node, out of the clock window, over the rate)."""
+        try:
+            probe = Probe.read(data)
+        except ProbeError:
+            return None
+        if probe.target != self.identity.node_id or abs(probe.time - now) > self.window:
+            return None
+        if not self._allowed(_source_key(source), int(now)):
+            return None
+        answer = Answer(probe.nonce, source, port, self.identity.public_key).signed(
+            self.identity)
+        return answer if len(answer) <= len(data) else None
+
+    def _allowed(self, source: str, second: int) -> bool:
+        if len(self._counts) >= _SOURCES_KEPT:
+            self._counts.clear()
+        counted_in, count = self._counts.get(source, (second, 0))
+        count = count + 1 if counted_in == second else 1
+        self._counts[source] = (second, count)
+        return count <= self.rate
+
+    def run(self, alive: float = 1.0) -> None:
+        """Answer until the socket is closed (a server worker's daemon thread)."""
+        while True:
+            try:
+                ready, _, _ = select.select([self.sock], [], [], alive)
+                if not ready:
+                    continue
+                data, peer = self.sock.recvfrom(PROBE_SIZE + 1)
+            except (OSError, ValueError):
+                return  # closed: the worker ends
+            answer = self.answer(data, peer[0], peer[1], time.time())
+            if answer is not None:
+                try:
+                    self.sock.sendto(answer, peer)
+                except OSError:
+                    pass  # the prober's problem: it asks again
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What one peer saw of this node's UDP."""
+
+    node_id: str
+    address: str
+    port: int
+
+
+def ask(targets: Iterable[tuple[str, int, str]], identity: NodeIdentity,
+        timeout: float = 1.5, every: float = 0.3) -> tuple[int, list[Seen]]:
+    """Probe each target (address, port, node id) from one socket, again every ``every``
+    seconds for ``timeout`` (a probe or its answer may be lost): this socket's port, and
+    what each target that answered saw. IPv4 targets only (NAT is IPv4's)."""
+    waiting: dict[tuple[str, int], tuple[str, bytes, bytes]] = {}
+    for address, port, node_id in targets:
+        nonce = os.urandom(16)
+        probe = Probe(node_id, identity.public_key, int(time.time()), nonce).signed(identity)
+        waiting[(address, port)] = (node_id, nonce, probe)
+    seen: list[Seen] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", 0))
+        local_port = sock.getsockname()[1]
+        deadline = time.monotonic() + timeout
+        resend = 0.0
+        while waiting and time.monotonic() < deadline:
+            if time.monotonic() >= resend:
+                for target, (_, _, probe) in waiting.items():
+                    try:
+                        sock.sendto(probe, target)
+                    except OSError:
+                        pass  # no route now: the next round, or no answer
+                resend = time.monotonic() + every
+            wait = max(0.0, min(resend, deadline) - time.monotonic())
+            if not select.select([sock], [], [], wait)[0]:
+                continue
+            try:
+                data, source = sock.recvfrom(ANSWER_SIZE + 1)
+            except OSError:
+                continue  # an ICMP error for one target: the others may still answer
+            found = _accepted(data, source, waiting)
+            if found is not None:
+                seen.append(found)
+                del waiting[(source[0], source[1])]
+    return local_port, seen
+
+
+def _accepted(data: bytes, source: tuple[str, int],
+              waiting: dict[tuple[str, int], tuple[str, bytes, bytes]]) -> Seen | None:
+    """The answer in ``data``, when it came from a target still waited for, with that
+    probe's nonce, signed by the node probed there; else None."""
+    expected = waiting.get((source[0], source[1]))
+    if expected is None:
+        return None
+    node_id, nonce, _ = expected
+    try:
+        answer = Answer.read(data)
+    except ProbeError:
+        return None
+    if answer.nonce != nonce or node_id_for(answer.key) != node_id:
+        return None
+    return Seen(node_id, answer.address, answer.port)
+
+
+KINDS = ("none", "endpoint-independent", "symmetric", "blocked", "unknown")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """What this node's NAT does with UDP, with the reason in words."""
+
+    kind: str  # one of KINDS
+    detail: str
+
+
+def classify(local_addresses: set[str], local_port: int, asked: int,
+             seen: list[Seen]) -> Mapping:
+    """What ``seen`` (from ``asked`` peers, probed from ``local_port``) says of the NAT."""
+    if not asked:
+        return Mapping("unknown", "no peer with an IPv4 address to ask over UDP")
+    if not seen:
+        return Mapping("blocked", f"none of {asked} peer(s) answered over UDP: UDP is blocked "
+                                  f"on the way, or their p2prc servers are older")
+    pairs = {(s.address, s.port) for s in seen}
+    shown = ", ".join(f"{s.address}:{s.port}" for s in seen)
+    if len(pairs) == 1 and pairs <= {(address, local_port) for address in local_addresses}:
+        return Mapping("none", f"peers see this node's own address and port ({shown})")
+    if len(seen) < 2:
+        return Mapping("unknown", f"one peer answered ({shown}): it takes two to tell")
+    if len(pairs) == 1:
+        return Mapping("endpoint-independent",
+                       f"{len(seen)} peers see one mapping ({shown}): a punched path can work")
+    return Mapping("symmetric", f"each peer sees another mapping ({shown}): the NAT maps "
+                                f"each destination anew")

@@ -1,0 +1,130 @@
+"""NAT-PMP (RFC 6886) against a gateway made here on loopback, honest and not: what a router
+answers is untrusted input. (The real thing, miniupnpd speaking NAT-PMP only, is in
+test_natlab.py.)"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from p2prc_core.natpmp import NatPmpError, NatPmpMapper
+
+Answer = Callable[[bytes], list[bytes]]  # a request -> the datagrams sent back
+
+
+def honest(request: bytes) -> list[bytes]:
+    if request == b"\0\0":
+        return [struct.pack(">BBHI4s", 0, 128, 0, 7, socket.inet_aton("203.0.113.9"))]
+    _, op, _, internal, external, lease = struct.unpack(">BBHHHI", request)
+    return [struct.pack(">BBHIHHI", 0, 128 + op, 0, 7, internal, external or 0,
+                        min(lease, 1800))]
+
+
+@pytest.fixture
+def gateway() -> Iterator[Callable[[Answer], NatPmpMapper]]:
+    """A fake gateway on 127.0.0.1 that answers each request as it is told; and what it
+    was asked."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    answer: list[Answer] = [honest]
+    asked: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                request, peer = sock.recvfrom(64)
+            except OSError:
+                return
+            asked.append(request)
+            for datagram in answer[0](request):
+                sock.sendto(datagram, peer)
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def make(how: Answer) -> NatPmpMapper:
+        answer[0] = how
+        mapper = NatPmpMapper("127.0.0.1", timeout=0.05, port=sock.getsockname()[1])
+        mapper.asked = asked  # type: ignore[attr-defined]
+        return mapper
+
+    yield make
+    sock.close()
+
+
+def test_an_honest_gateway_maps_renews_and_unmaps(
+        gateway: Callable[[Answer], NatPmpMapper]) -> None:
+    mapper = gateway(honest)
+    assert mapper.discover() and mapper.external_ip() == "203.0.113.9"
+    mapping = mapper.map(8088, lease_seconds=3600)
+    assert (mapping.external_ip, mapping.external_port, mapping.internal_port,
+            mapping.lease_seconds, mapping.internal_ip) == ("203.0.113.9", 8088, 8088, 1800,
+                                                            "127.0.0.1")
+    assert mapping.gateway == "NAT-PMP at 127.0.0.1"
+    assert mapper.renew(mapping).external_port == 8088
+    mapper.unmap(mapping)
+    assert mapper.asked[-1] == struct.pack(">BBHHHI", 0, 2, 0, 8088, 0, 0)  # type: ignore
+
+
+def test_a_gateway_that_says_no_is_said_plainly(
+        gateway: Callable[[Answer], NatPmpMapper]) -> None:
+    def refuses(request: bytes) -> list[bytes]:
+        if request == b"\0\0":
+            return honest(request)
+        return [struct.pack(">BBHIHHI", 0, 130, 2, 7, 8088, 0, 0)]
+
+    with pytest.raises(NatPmpError, match="refused: not authorized"):
+        gateway(refuses).map(8088)
+
+
+@pytest.mark.parametrize("lie", [
+    lambda r: [honest(r)[0][:-1]],                           # one byte short
+    lambda r: [honest(r)[0] + b"\0"],                        # one byte long
+    lambda r: [b"\1" + honest(r)[0][1:]],                    # another version
+    lambda r: [bytes([0, 129]) + honest(r)[0][2:]],          # an answer to another opcode
+    lambda r: [],                                            # silence
+    lambda r: [b"junk"] * 200,                               # a flood of nothing
+])
+def test_a_gateway_that_answers_wrongly_is_not_a_gateway(
+        gateway: Callable[[Answer], NatPmpMapper], lie: Answer) -> None:
+    started = time.monotonic()
+    assert gateway(lie).discover() is False
+    assert time.monotonic() - started < 2  # three tries, then it gives up
+
+
+def test_a_mapping_of_another_port_is_refused(
+        gateway: Callable[[Answer], NatPmpMapper]) -> None:
+    def other(request: bytes) -> list[bytes]:
+        if request == b"\0\0":
+            return honest(request)
+        return [struct.pack(">BBHIHHI", 0, 130, 0, 7, 22, 8088, 3600)]
+
+    with pytest.raises(NatPmpError, match="mapping of port 22"):
+        gateway(other).map(8088)
+
+
+def test_answers_from_elsewhere_are_passed_over() -> None:
+    """A stranger on the LAN races the gateway with a forged answer: not taken."""
+    real = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    real.bind(("127.0.0.1", 0))
+    forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    forger.bind(("127.0.0.1", 0))
+
+    def serve() -> None:
+        request, peer = real.recvfrom(64)
+        forged = struct.pack(">BBHI4s", 0, 128, 0, 7, socket.inet_aton("6.6.6.6"))
+        forger.sendto(forged, peer)
+        time.sleep(0.01)
+        real.sendto(honest(request)[0], peer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        mapper = NatPmpMapper("127.0.0.1", timeout=0.5, port=real.getsockname()[1])
+        assert mapper.external_ip() == "203.0.113.9"
+    finally:
+        real.close()
+        forger.close()
