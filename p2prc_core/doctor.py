@@ -304,8 +304,9 @@ def udp_mapping(node: NodeServices) -> dict[str, Any]:
     targets: list[tuple[str, int, str]] = []
     for entry in answering:
         direct = [e for e in node.peers.endpoints(entry) if not e.relay and _is_ipv4(e.host)]
-        if direct:
-            targets.append((direct[0].host, direct[0].port, entry.node_id))
+        last = [e for e in direct if e.path == entry.measured.address]  # where it answered
+        for endpoint in (last + direct)[:1]:
+            targets.append((endpoint.host, endpoint.port, entry.node_id))
         if len(targets) == 3:
             break
     local_port, seen = udp_probe.ask(targets, node.identity)

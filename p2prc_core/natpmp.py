@@ -98,7 +98,7 @@ class NatPmpMapper:
     def renew(self, mapping: Mapping) -> Mapping:
         """Ask for the same forward again (NAT-PMP renews by mapping anew)."""
         return self.map(mapping.internal_port, mapping.external_port,
-                        mapping.lease_seconds or 3600)
+                        min(mapping.lease_seconds, MAX_LEASE) or 3600)
 
     def unmap(self, mapping: Mapping) -> None:
         """Remove the forward (lifetime 0)."""

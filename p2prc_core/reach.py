@@ -3,8 +3,8 @@
 One worker at a time (a lock in the home) runs the ``ReachAgent``:
 
 1. **Port mapping**: ask the home router to forward the server's port (UPnP IGD, else
-   NAT-PMP: ``natpmp.find_gateway``), renew the mapping, remove it on stop; the external
-   address goes into the signed record.
+   NAT-PMP), renew the mapping, remove it on stop (``router_port.RouterPort``); the
+   external address goes into the signed record.
 2. **Relay**: keep a connection to a relay (``relays``, or a peer that offers to relay), so
    that clients can reach this node through it; the relay goes into the signed record.
    If the relay goes away, move to the next one.
@@ -33,9 +33,10 @@ from p2prc_core.config import Settings
 from p2prc_core.directory import PeerDirectory
 from p2prc_core.errors import P2PRCError, PeerError
 from p2prc_core.identity import NodeIdentity
-from p2prc_core.models import Address, Endpoint, parse_endpoint
+from p2prc_core.models import Endpoint, parse_endpoint
 from p2prc_core.reach_state import ReachState
 from p2prc_core.relayhub import WAIT_SECONDS
+from p2prc_core.router_port import RouterPort
 from p2prc_core.signing import sign_request
 from p2prc_core.splice import no_delay, splice
 from p2prc_core.upgrade_client import upgrade_sync
@@ -69,8 +70,7 @@ class ReachAgent:
                                         * self.settings.workers))
         self._accepting = threading.BoundedSemaphore(self.max_accepting)
         self._lock_fd: int | None = None
-        self._mapping: Any = None
-        self._mapper: Any = None  # what made it: upnp.PortMapper or natpmp.NatPmpMapper
+        self.router = RouterPort(self.state, self._stop)  # the port forwarded by the router
         self._relay: Endpoint | None = None
         self.thread: threading.Thread | None = None
 
@@ -85,11 +85,7 @@ class ReachAgent:
         self._stop.set()
         if self._lock_fd is None:
             return
-        if self._mapping is not None and self._mapper is not None:
-            with contextlib.suppress(Exception):
-                self._mapper.unmap(self._mapping)
-                log.info("removed the mapping of port %d (%s)", self._mapping.external_port,
-                         self._mapping.gateway)
+        self.router.unmap()
         self.state.update(upnp=None, relay=None)
         os.close(self._lock_fd)
         self._lock_fd = None
@@ -121,7 +117,9 @@ class ReachAgent:
         if not self._wait_for_server():
             return
         if self.settings.upnp:  # beside the rest: finding no gateway takes seconds
-            threading.Thread(target=self._map_port, name="p2prc-upnp", daemon=True).start()
+            threading.Thread(target=self.router.map, name="p2prc-router-port", daemon=True,
+                             args=(self.settings.port,
+                                   f"p2prc {self.identity.node_id[:8]}")).start()
         # "auto" needs the answer first; otherwise the relay comes first (time to reachable).
         next_check = 0.0 if self.settings.use_relay == "auto" else time.monotonic() + 2.0
         failures = 0
@@ -184,54 +182,6 @@ class ReachAgent:
             except OSError:
                 self._stop.wait(0.1)
         return False
-
-    def _map_port(self) -> None:
-        from p2prc_core.natpmp import find_gateway
-
-        mapper = find_gateway()  # UPnP IGD, else NAT-PMP
-        if mapper is None:
-            log.info("no UPnP or NAT-PMP gateway answered: the port is not mapped")
-            return
-        try:
-            mapping = mapper.map(self.settings.port, self.settings.port,
-                                 description=f"p2prc {self.identity.node_id[:8]}")
-        except P2PRCError as err:
-            log.warning("port mapping: %s", err)
-            return
-        try:
-            kind = Address.parse(mapping.external_ip).kind
-        except ValueError:
-            kind = "invalid"
-        if kind != "global":
-            # A private or shared (carrier-grade NAT) address: a second NAT beyond this
-            # router, nobody outside can dial it. Not advertised.
-            log.warning("%s: the router's external address %s is not a public one: not "
-                        "advertised", mapping.gateway, mapping.external_ip)
-            with contextlib.suppress(P2PRCError):
-                mapper.unmap(mapping)
-            return
-        if mapping.external_port != self.settings.port:
-            # The record has one port for all its addresses.
-            log.warning("%s gave port %d, not %d: not advertised", mapping.gateway,
-                        mapping.external_port, self.settings.port)
-            with contextlib.suppress(P2PRCError):
-                mapper.unmap(mapping)
-            return
-        self._mapping, self._mapper = mapping, mapper
-        self.state.update(upnp={"external_ip": mapping.external_ip,
-                                "external_port": mapping.external_port,
-                                "gateway": mapping.gateway})
-        log.info("%s forwards %s:%d to this server", mapping.gateway,
-                 mapping.external_ip, mapping.external_port)
-        threading.Thread(target=self._renew, args=(mapper,), daemon=True).start()
-
-    def _renew(self, mapper: Any) -> None:
-        while self._mapping is not None and not self._stop.wait(
-                max(30.0, self._mapping.lease_seconds / 2 or 1800)):
-            try:
-                self._mapping = mapper.renew(self._mapping)
-            except P2PRCError as err:
-                log.warning("port mapping renewal failed: %s", err)
 
     def _candidates(self) -> list[list[Endpoint]]:
         """Relays to use, each as its whole dial ladder (the address that answered last

@@ -28,6 +28,7 @@ import select
 import socket
 import struct
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -42,7 +43,8 @@ _ANSWER_SIGNED = 71
 _PROBE_TAG = b"p2prc-udp-probe-v1\0"
 _ANSWER_TAG = b"p2prc-udp-answer-v1\0"
 RATE = 10  # answers a second to one source, at most
-_SOURCES_KEPT = 4096  # sources counted at once (the count starts again past it)
+CHECKS = 200  # signatures checked a second, at most (a flood costs a worker no more)
+_SOURCES_KEPT = 4096  # sources counted in one second; more wait for the next
 
 
 class ProbeError(ValueError):
@@ -67,8 +69,12 @@ class Probe:
         return head + identity.sign(_PROBE_TAG + head)
 
     @classmethod
-    def read(cls, data: bytes) -> Probe:
-        """:raises ProbeError: not a whole probe, or not signed by the key it carries."""
+    def read(cls, data: bytes, checked: bool = True) -> Probe:
+        """The probe in ``data``; its signature checked unless ``checked`` is False (then
+        ``check_signature`` must follow: a host first drops what costs it nothing to drop).
+
+        :raises ProbeError: not a whole probe, or not signed by the key it carries.
+        """
         if len(data) != PROBE_SIZE or data[:4] != MAGIC or data[4] != PROBE:
             raise ProbeError("not a probe")
         if any(data[87:_PROBE_SIGNED]):
@@ -77,10 +83,16 @@ class Probe:
             target = data[5:31].decode("ascii")
         except UnicodeDecodeError:
             raise ProbeError("a probe's target is not a node id") from None
-        key = data[31:63]
-        if not verify(key, data[_PROBE_SIGNED:], _PROBE_TAG + data[:_PROBE_SIGNED]):
-            raise ProbeError("a probe not signed by its key")
-        return cls(target, key, struct.unpack(">Q", data[63:71])[0], data[71:87])
+        if checked:
+            check_signature(data)
+        return cls(target, data[31:63], struct.unpack(">Q", data[63:71])[0], data[71:87])
+
+
+def check_signature(probe: bytes) -> None:
+    """:raises ProbeError: the probe (whole, as ``Probe.read`` took it) is not signed by the
+    key it carries."""
+    if not verify(probe[31:63], probe[_PROBE_SIGNED:], _PROBE_TAG + probe[:_PROBE_SIGNED]):
+        raise ProbeError("a probe not signed by its key")
 
 
 @dataclass(frozen=True)
@@ -130,16 +142,17 @@ def bind(host: str, port: int) -> socket.socket | None:
     """The server's UDP socket at ``host``:``port`` (``::`` takes IPv4 too), or None where
     it cannot be had (the server runs on, over TCP: it says why in its log)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError:  # no IPv6 in this kernel: the socket cannot even be made
+        return bind("0.0.0.0", port) if host == "::" else None
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
     except OSError:
         sock.close()
-        if host == "::":  # no IPv6 in this kernel
-            return bind("0.0.0.0", port)
-        return None
+        return bind("0.0.0.0", port) if host == "::" else None
     sock.set_inheritable(True)
     return sock
 
@@ -153,30 +166,38 @@ class Responder:
         self.identity = identity
         self.window = window
         self.rate = rate
-        self._counts: dict[str, tuple[int, int]] = {}  # source -> (second, answers in it)
+        self._second = -1  # the second counted now
+        self._counts: dict[str, int] = {}  # source -> answers in it
+        self._checks = 0  # signatures checked in it
 
     def answer(self, data: bytes, source: str, port: int, now: float) -> bytes | None:
         """The answer to ``data`` from ``source``:``port``; None for anything else (not a
         probe, not for this node, out of the clock window, over the rate)."""
-        try:
-            probe = Probe.read(data)
+        try:  # what costs nothing to check first; a signature's check last
+            probe = Probe.read(data, checked=False)
+            if probe.target != self.identity.node_id or abs(probe.time - now) > self.window:
+                return None
+            if not self._allowed(_source_key(source), int(now)):
+                return None
+            self._checks += 1
+            check_signature(data)
         except ProbeError:
-            return None
-        if probe.target != self.identity.node_id or abs(probe.time - now) > self.window:
-            return None
-        if not self._allowed(_source_key(source), int(now)):
             return None
         answer = Answer(probe.nonce, source, port, self.identity.public_key).signed(
             self.identity)
         return answer if len(answer) <= len(data) else None
 
     def _allowed(self, source: str, second: int) -> bool:
-        if len(self._counts) >= _SOURCES_KEPT:
-            self._counts.clear()
-        counted_in, count = self._counts.get(source, (second, 0))
-        count = count + 1 if counted_in == second else 1
-        self._counts[source] = (second, count)
-        return count <= self.rate
+        """One more answer to ``source`` this second: within its rate, with room in this
+        second's table for a source new to it, and within the second's signature checks."""
+        if second != self._second:
+            self._second, self._counts, self._checks = second, {}, 0
+        count = self._counts.get(source, 0)
+        if count >= self.rate or self._checks >= CHECKS or \
+                (not count and len(self._counts) >= _SOURCES_KEPT):
+            return False
+        self._counts[source] = count + 1
+        return True
 
     def run(self, alive: float = 1.0) -> None:
         """Answer until the socket is closed (a server worker's daemon thread)."""
@@ -210,11 +231,11 @@ def ask(targets: Iterable[tuple[str, int, str]], identity: NodeIdentity,
     """Probe each target (address, port, node id) from one socket, again every ``every``
     seconds for ``timeout`` (a probe or its answer may be lost): this socket's port, and
     what each target that answered saw. IPv4 targets only (NAT is IPv4's)."""
-    waiting: dict[tuple[str, int], tuple[str, bytes, bytes]] = {}
+    waiting: dict[tuple[str, int], list[Waiting]] = {}  # several records may name one
     for address, port, node_id in targets:
         nonce = os.urandom(16)
         probe = Probe(node_id, identity.public_key, int(time.time()), nonce).signed(identity)
-        waiting[(address, port)] = (node_id, nonce, probe)
+        waiting.setdefault((address, port), []).append((node_id, nonce, probe))
     seen: list[Seen] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("0.0.0.0", 0))
@@ -223,11 +244,12 @@ def ask(targets: Iterable[tuple[str, int, str]], identity: NodeIdentity,
         resend = 0.0
         while waiting and time.monotonic() < deadline:
             if time.monotonic() >= resend:
-                for target, (_, _, probe) in waiting.items():
-                    try:
-                        sock.sendto(probe, target)
-                    except OSError:
-                        pass  # no route now: the next round, or no answer
+                for target, probes in waiting.items():
+                    for _, _, probe in probes:
+                        try:
+                            sock.sendto(probe, target)
+                        except OSError:
+                            pass  # no route now: the next round, or no answer
                 resend = time.monotonic() + every
             wait = max(0.0, min(resend, deadline) - time.monotonic())
             if not select.select([sock], [], [], wait)[0]:
@@ -236,28 +258,31 @@ def ask(targets: Iterable[tuple[str, int, str]], identity: NodeIdentity,
                 data, source = sock.recvfrom(ANSWER_SIZE + 1)
             except OSError:
                 continue  # an ICMP error for one target: the others may still answer
-            found = _accepted(data, source, waiting)
+            key = (source[0], source[1])
+            found = _accepted(data, waiting.get(key, []))
             if found is not None:
-                seen.append(found)
-                del waiting[(source[0], source[1])]
+                seen.append(found[0])
+                waiting[key].remove(found[1])
+                if not waiting[key]:
+                    del waiting[key]
     return local_port, seen
 
 
-def _accepted(data: bytes, source: tuple[str, int],
-              waiting: dict[tuple[str, int], tuple[str, bytes, bytes]]) -> Seen | None:
-    """The answer in ``data``, when it came from a target still waited for, with that
-    probe's nonce, signed by the node probed there; else None."""
-    expected = waiting.get((source[0], source[1]))
-    if expected is None:
-        return None
-    node_id, nonce, _ = expected
+Waiting = tuple[str, bytes, bytes]  # a probe sent: the node asked, its nonce, its bytes
+
+
+def _accepted(data: bytes, expected: list[Waiting]) -> tuple[Seen, Waiting] | None:
+    """The answer in ``data`` (from where the probes ``expected`` went), when it has one's
+    nonce and is signed by the node that one asked; and that probe. Else None."""
     try:
         answer = Answer.read(data)
     except ProbeError:
         return None
-    if answer.nonce != nonce or node_id_for(answer.key) != node_id:
-        return None
-    return Seen(node_id, answer.address, answer.port)
+    for probe in expected:
+        node_id, nonce, _ = probe
+        if answer.nonce == nonce and node_id_for(answer.key) == node_id:
+            return Seen(node_id, answer.address, answer.port), probe
+    return None
 
 
 KINDS = ("none", "endpoint-independent", "symmetric", "blocked", "unknown")
@@ -279,14 +304,21 @@ def classify(local_addresses: set[str], local_port: int, asked: int,
     if not seen:
         return Mapping("blocked", f"none of {asked} peer(s) answered over UDP: UDP is blocked "
                                   f"on the way, or their p2prc servers are older")
-    pairs = {(s.address, s.port) for s in seen}
     shown = ", ".join(f"{s.address}:{s.port}" for s in seen)
-    if len(pairs) == 1 and pairs <= {(address, local_port) for address in local_addresses}:
+    # A peer on the same network (or a machine with several addresses, no NAT) sees one of
+    # this machine's own addresses and the port: that says nothing of a NAT beyond it.
+    own = {(address, local_port) for address in local_addresses}
+    outside = Counter((s.address, s.port) for s in seen if (s.address, s.port) not in own)
+    if not outside:
         return Mapping("none", f"peers see this node's own address and port ({shown})")
-    if len(seen) < 2:
-        return Mapping("unknown", f"one peer answered ({shown}): it takes two to tell")
-    if len(pairs) == 1:
+    answered = sum(outside.values())
+    if answered < 2:
+        return Mapping("unknown", f"one peer beyond this network answered ({shown}): it "
+                                  f"takes two to tell")
+    agreeing = outside.most_common(1)[0][1]
+    if agreeing * 2 > answered:  # most agree: one that does not is wrong, or lies
         return Mapping("endpoint-independent",
-                       f"{len(seen)} peers see one mapping ({shown}): a punched path can work")
-    return Mapping("symmetric", f"each peer sees another mapping ({shown}): the NAT maps "
+                       f"{agreeing} of {answered} peers see one mapping ({shown}): a "
+                       f"punched path can work")
+    return Mapping("symmetric", f"peers see another mapping each ({shown}): the NAT maps "
                                 f"each destination anew")

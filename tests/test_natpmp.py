@@ -9,10 +9,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from p2prc_core.natpmp import NatPmpError, NatPmpMapper
+from p2prc_core.natpmp import MAX_LEASE, NatPmpError, NatPmpMapper
 
 Answer = Callable[[bytes], list[bytes]]  # a request -> the datagrams sent back
 
@@ -128,3 +130,39 @@ def test_answers_from_elsewhere_are_passed_over() -> None:
     finally:
         real.close()
         forger.close()
+
+
+def test_renewing_a_lease_the_gateway_made_longer_than_allowed_works(
+        gateway: Callable[[Answer], NatPmpMapper]) -> None:
+    def generous(request: bytes) -> list[bytes]:
+        if request == b"\0\0":
+            return honest(request)
+        _, op, _, internal, external, _ = struct.unpack(">BBHHHI", request)
+        return [struct.pack(">BBHIHHI", 0, 128 + op, 0, 7, internal, external, MAX_LEASE + 1)]
+
+    mapper = gateway(generous)
+    mapping = mapper.map(8088)
+    assert mapper.renew(mapping).external_port == 8088  # not a ValueError: asked again
+
+
+def test_a_renewal_that_comes_back_elsewhere_is_not_advertised(tmp_path: Path) -> None:
+    """The router restarted and now forwards another address or port: the record still says
+    the old one, so the forward is given up (and said), not kept silently."""
+    from p2prc_core.reach_state import ReachState
+    from p2prc_core.router_port import RouterPort
+    from p2prc_core.upnp import Mapping
+
+    first = Mapping("203.0.113.9", 8088, "192.168.1.5", 8088, "TCP", 60, "NAT-PMP at gw")
+    moved = Mapping("203.0.113.77", 40001, "192.168.1.5", 8088, "TCP", 60, "NAT-PMP at gw")
+    removed: list[Mapping] = []
+    state = ReachState(tmp_path)
+    stop = threading.Event()
+    router = RouterPort(state, stop)
+    mapper = SimpleNamespace(renew=lambda m: moved, unmap=removed.append)
+    router.mapping, router._mapper = first, mapper
+    state.update(upnp={"external_ip": first.external_ip, "external_port": 8088,
+                       "gateway": first.gateway})
+    waits = iter([False, True])  # one renewal, then stop
+    stop.wait = lambda timeout=None: next(waits)  # type: ignore[method-assign]
+    router._renew(8088)
+    assert router.mapping is None and state.read()["upnp"] is None and removed == [moved]

@@ -5,20 +5,26 @@ router, a symmetric one and one that drops UDP, ``p2prc doctor`` and ``status`` 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import P2PRC, LiveServer, require, start_server
+from p2prc_core import udp_probe
 from p2prc_core.identity import NodeIdentity
+from p2prc_core.models import Endpoint
 from p2prc_core.udp_probe import (
     ANSWER_SIZE,
     PROBE_SIZE,
@@ -89,6 +95,24 @@ def test_random_bytes_are_never_answered(data: bytes) -> None:
     assert responder().answer(data, "192.0.2.7", 1, NOW) is None
 
 
+def test_the_rate_holds_however_many_other_sources_probe() -> None:
+    host = responder()
+    data = probe_for(HOST.node_id)
+    assert all(host.answer(data, "192.0.2.7", 1, NOW) is not None for _ in range(10))
+    for i in range(5000):  # spoofed sources, the same second
+        host.answer(data, f"10.{i >> 8 & 255}.{i & 255}.1", 1, NOW)
+    assert host.answer(data, "192.0.2.7", 1, NOW) is None
+
+
+def test_a_worker_checks_at_most_its_budget_of_signatures_a_second() -> None:
+    host = responder()
+    data = probe_for(HOST.node_id)
+    answered = sum(host.answer(data, f"10.0.{i >> 8}.{i & 255}", 1, NOW) is not None
+                   for i in range(400))
+    assert answered == 200
+    assert host.answer(data, "10.9.9.9", 1, NOW + 1) is not None  # the next second
+
+
 def test_one_source_gets_at_most_the_rate_and_others_are_still_answered() -> None:
     host = responder()
     answered = [host.answer(probe_for(HOST.node_id), "192.0.2.7", 1000 + i, NOW)
@@ -103,20 +127,92 @@ def test_one_source_gets_at_most_the_rate_and_others_are_still_answered() -> Non
 
 def test_the_prober_takes_only_the_answer_it_asked_for() -> None:
     nonce = b"m" * 16
-    waiting = {("192.0.2.1", 8088): (HOST.node_id, nonce, b"")}
+    sent = (HOST.node_id, nonce, b"")
     good = Answer(nonce, "198.51.100.4", 3333, HOST.public_key).signed(HOST)
-    assert _accepted(good, ("192.0.2.1", 8088), waiting) == \
-        Seen(HOST.node_id, "198.51.100.4", 3333)
-    assert _accepted(good, ("192.0.2.66", 8088), waiting) is None  # from elsewhere
-    assert _accepted(good, ("192.0.2.1", 8089), waiting) is None
+    assert _accepted(good, [sent]) == (Seen(HOST.node_id, "198.51.100.4", 3333), sent)
+    assert _accepted(good, []) is None  # from where no probe went
     stale = Answer(b"x" * 16, "198.51.100.4", 3333, HOST.public_key).signed(HOST)
-    assert _accepted(stale, ("192.0.2.1", 8088), waiting) is None  # another nonce
+    assert _accepted(stale, [sent]) is None  # another nonce
     forged = Answer(nonce, "198.51.100.4", 3333, STRANGER.public_key).signed(STRANGER)
-    assert _accepted(forged, ("192.0.2.1", 8088), waiting) is None  # another node
-    assert _accepted(changed(good, 30), ("192.0.2.1", 8088), waiting) is None
-    assert _accepted(good + b"\0", ("192.0.2.1", 8088), waiting) is None
+    assert _accepted(forged, [sent]) is None  # another node
+    assert _accepted(changed(good, 30), [sent]) is None
+    assert _accepted(good + b"\0", [sent]) is None
     with pytest.raises(ProbeError):
         Answer.read(changed(good, 100))
+
+
+def test_answers_from_another_address_than_the_one_probed_are_not_taken() -> None:
+    """A stranger answers in the peer's name from its own address: ``ask`` waits on."""
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind(("127.0.0.2", 0))
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))  # probed, never answers
+
+    def forge() -> None:
+        try:
+            data, prober = peer.recvfrom(PROBE_SIZE)
+        except OSError:
+            return
+        nonce = Probe.read(data).nonce
+        stranger.sendto(Answer(nonce, "6.6.6.6", 1, HOST.public_key).signed(HOST), prober)
+
+    threading.Thread(target=forge, daemon=True).start()
+    try:
+        _, seen = ask([("127.0.0.1", peer.getsockname()[1], HOST.node_id)], PROBER,
+                      timeout=0.8)
+    finally:
+        peer.close()
+        stranger.close()
+    assert seen == []
+
+
+def test_two_records_naming_one_address_do_not_hide_the_node_that_lives_there() -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    threading.Thread(target=Responder(sock, HOST, window=60).run, daemon=True).start()
+    port = sock.getsockname()[1]
+    liar = NodeIdentity.generate().node_id  # its record names HOST's address as its own
+    try:
+        _, seen = ask([("127.0.0.1", port, HOST.node_id), ("127.0.0.1", port, liar)],
+                      PROBER, timeout=1.0)
+    finally:
+        sock.close()
+    assert [s.node_id for s in seen] == [HOST.node_id]
+
+
+def test_no_ipv6_in_the_kernel_the_udp_socket_is_ipv4(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.socket
+
+    def no_six(family: int = socket.AF_INET, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(udp_probe.socket, "socket", no_six)
+    sock = udp_probe.bind("::", 0)  # the TCP socket fell back to 0.0.0.0 the same way
+    assert sock is not None and sock.family == socket.AF_INET
+    sock.close()
+
+
+def test_the_doctor_probes_a_peer_where_it_answered_last(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A peer behind NAT lists its LAN address first; it answered at its router's."""
+    from p2prc_core import doctor
+
+    peer = NodeIdentity.generate().node_id
+    entry = SimpleNamespace(node_id=peer, measured=SimpleNamespace(
+        last_seen=NOW, address="198.51.100.7:8088"))
+    ladder = [Endpoint("192.168.1.10", 8088, peer), Endpoint("198.51.100.7", 8088, peer)]
+    peers = SimpleNamespace(entries=lambda: {peer: entry}, endpoints=lambda e: ladder)
+    asked: list[tuple[str, int, str]] = []
+
+    def recorded(targets: list[tuple[str, int, str]], identity: Any) -> tuple[int, list[Seen]]:
+        asked.extend(targets)
+        return 40000, []
+
+    monkeypatch.setattr(udp_probe, "ask", recorded)
+    doctor.udp_mapping(SimpleNamespace(peers=peers, identity=HOST, home=tmp_path))  # type: ignore[arg-type]
+    assert asked == [("198.51.100.7", 8088, peer)]
 
 
 @pytest.mark.parametrize("asked,seen,kind", [
@@ -128,10 +224,18 @@ def test_the_prober_takes_only_the_answer_it_asked_for() -> None:
     (2, [Seen("a", "11.0.0.1", 4000), Seen("b", "11.0.0.1", 4000)], "endpoint-independent"),
     (2, [Seen("a", "11.0.0.1", 4000), Seen("b", "11.0.0.1", 61234)], "symmetric"),
     (3, [Seen("a", "11.0.0.1", 4000), Seen("b", "11.0.0.2", 4000)], "symmetric"),
+    # No NAT, two addresses of this machine's own (each peer's route leaves by another).
+    (2, [Seen("a", "10.0.0.5", 4000), Seen("b", "10.0.0.6", 4000)], "none"),
+    # A peer on this network sees this machine's address; two beyond it, one mapping.
+    (3, [Seen("lan", "10.0.0.5", 4000), Seen("a", "11.0.0.1", 4000),
+         Seen("b", "11.0.0.1", 4000)], "endpoint-independent"),
+    # One of three lies (or is routed otherwise): most agree.
+    (3, [Seen("a", "11.0.0.1", 4000), Seen("b", "11.0.0.1", 4000),
+         Seen("liar", "11.0.0.1", 9)], "endpoint-independent"),
 ])
 def test_what_the_peers_saw_says_what_the_nat_does(asked: int, seen: list[Seen],
                                                    kind: str) -> None:
-    assert classify({"10.0.0.5", "127.0.0.1"}, 4000, asked, seen).kind == kind
+    assert classify({"10.0.0.5", "10.0.0.6", "127.0.0.1"}, 4000, asked, seen).kind == kind
 
 
 # -- a real server on loopback ---------------------------------------------------------------
@@ -157,6 +261,31 @@ def test_a_server_answers_at_its_port_what_it_saw(
     # Asked as another node than the one there: no answer, and no harm done.
     _, none = ask([("127.0.0.1", server.port, STRANGER.node_id)], PROBER, timeout=0.6)
     assert none == []
+
+
+def udp_taken_and_server(home: Path) -> tuple[socket.socket, LiveServer]:
+    """A UDP socket on some port, and a server started on that port (TCP); another port is
+    tried where TCP's of that number is in use."""
+    for _ in range(10):
+        taken = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        taken.bind(("::", 0))
+        try:
+            return taken, start_server(home, port=taken.getsockname()[1])
+        except RuntimeError:
+            taken.close()
+    raise AssertionError("no port free for both UDP and TCP in 10 tries")
+
+
+def test_a_server_whose_udp_port_is_taken_still_serves_and_says_why(tmp_path: Path) -> None:
+    taken, server = udp_taken_and_server(tmp_path / "host")
+    port = server.port
+    try:
+        assert f"UDP port {port} is taken" in server.output()
+        assert ask([("127.0.0.1", port, server.node_id)], PROBER, timeout=0.5)[1] == []
+    finally:
+        server.stop()
+        taken.close()
 
 
 def p2prc(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -212,11 +212,10 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
                          f"this one another home (--home)")
     sock = bind_socket(settings.host, settings.port)
     udp = udp_probe.bind(settings.host, sock.getsockname()[1])
+    _UDP[:] = [udp] if udp is not None else []
     if udp is None:
         log.warning("UDP port %d is taken or not allowed: peers cannot tell this node what "
                     "its NAT does with UDP (p2prc doctor)", sock.getsockname()[1])
-    else:
-        _UDP.append(udp)
     node.own.announce_server()  # commands run beside it learn its real port
     # Relay markers of a server that was killed (not stopped) would count forever.
     shutil.rmtree(node.home / "relay", ignore_errors=True)

@@ -1,0 +1,104 @@
+"""The server's port forwarded on the home router, kept while the server runs: found by UPnP
+IGD or NAT-PMP (``natpmp.find_gateway``), checked, renewed at half its lease, removed on
+stop; ``reach.json``'s ``upnp`` says where it is, and the signed record advertises it. One of
+the reach agent's jobs (``reach.ReachAgent``), in an object of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+from p2prc_core.errors import P2PRCError
+from p2prc_core.models import Address
+from p2prc_core.reach_state import ReachState
+
+log = logging.getLogger("p2prc")
+
+
+class RouterPort:
+    """Forwards ``port`` on the router to this server, as long as ``stop`` is not set."""
+
+    def __init__(self, state: ReachState, stop: threading.Event):
+        self.state = state
+        self._stop = stop
+        self.mapping: Any = None  # upnp.Mapping, while it is advertised
+        self._mapper: Any = None  # what made it: upnp.PortMapper or natpmp.NatPmpMapper
+
+    def map(self, port: int, description: str) -> None:
+        """Find a gateway, forward ``port`` (the same external port) and keep it renewed.
+        A forward the record cannot advertise (not a public address, another port) is
+        removed again."""
+        from p2prc_core.natpmp import find_gateway
+
+        mapper = find_gateway()  # UPnP IGD, else NAT-PMP
+        if mapper is None:
+            log.info("no UPnP or NAT-PMP gateway answered: the port is not mapped")
+            return
+        try:
+            mapping = mapper.map(port, port, description=description)
+        except P2PRCError as err:
+            log.warning("port mapping: %s", err)
+            return
+        if not self._advertisable(mapping, port, mapper):
+            return
+        self.mapping, self._mapper = mapping, mapper
+        self.state.update(upnp={"external_ip": mapping.external_ip,
+                                "external_port": mapping.external_port,
+                                "gateway": mapping.gateway})
+        log.info("%s forwards %s:%d to this server", mapping.gateway,
+                 mapping.external_ip, mapping.external_port)
+        threading.Thread(target=self._renew, args=(port,), name="p2prc-router-port",
+                         daemon=True).start()
+
+    def unmap(self) -> None:
+        """Remove the forward (the server stops)."""
+        if self.mapping is not None and self._mapper is not None:
+            with contextlib.suppress(Exception):
+                self._mapper.unmap(self.mapping)
+                log.info("removed the mapping of port %d (%s)", self.mapping.external_port,
+                         self.mapping.gateway)
+        self.mapping = None
+
+    def _advertisable(self, mapping: Any, port: int, mapper: Any) -> bool:
+        """Whether the record can say ``mapping``: a public address (not a second NAT's
+        private or shared one, which nobody outside can dial), and ``port`` itself (the
+        record has one port for all its addresses). If not, it is removed again."""
+        try:
+            kind = Address.parse(mapping.external_ip).kind
+        except ValueError:
+            kind = "invalid"
+        if kind != "global":
+            log.warning("%s: the router's external address %s is not a public one: not "
+                        "advertised", mapping.gateway, mapping.external_ip)
+        elif mapping.external_port != port:
+            log.warning("%s gave port %d, not %d: not advertised", mapping.gateway,
+                        mapping.external_port, port)
+        else:
+            return True
+        with contextlib.suppress(P2PRCError):
+            mapper.unmap(mapping)
+        return False
+
+    def _renew(self, port: int) -> None:
+        """Renew at half the lease; a forward that came back otherwise (the router
+        restarted: another address or port) is given up, as the record still says the old
+        one, unless it is the same."""
+        while self.mapping is not None and not self._stop.wait(
+                max(30.0, self.mapping.lease_seconds / 2 or 1800)):
+            try:
+                renewed = self._mapper.renew(self.mapping)
+            except (P2PRCError, ValueError) as err:
+                log.warning("port mapping renewal failed: %s", err)
+                continue
+            if (renewed.external_ip, renewed.external_port) != \
+                    (self.mapping.external_ip, self.mapping.external_port):
+                log.warning("%s now forwards %s:%d: not advertised", renewed.gateway,
+                            renewed.external_ip, renewed.external_port)
+                with contextlib.suppress(P2PRCError):
+                    self._mapper.unmap(renewed)
+                self.mapping = None
+                self.state.update(upnp=None)
+                return
+            self.mapping = renewed
