@@ -227,14 +227,20 @@ def until(check: Callable[[], subprocess.CompletedProcess[str]]
         time.sleep(0.2)
 
 
+def touched_on(friend: LiveServer, me: Path) -> str:
+    """The id of a container ``me`` touched on ``friend``."""
+    touched = subprocess.run([P2PRC, "touch", friend.peer(), "--json"], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "P2PRC_HOME": str(me)})
+    assert touched.returncode == 0, touched.stderr
+    container_id: str = json.loads(touched.stdout)["id"]
+    return container_id
+
+
 def test_a_second_ssh_starts_no_helper_and_opens_no_tunnel(tmp_path: Path,
                                                           friend: LiveServer) -> None:
     me = tmp_path / "me"
     env = {**os.environ, "P2PRC_HOME": str(me)}
-    touched = subprocess.run([P2PRC, "touch", friend.peer(), "--json"], capture_output=True,
-                             text=True, timeout=120, env=env)
-    assert touched.returncode == 0, touched.stderr
-    short = json.loads(touched.stdout)["id"][:12]
+    short = touched_on(friend, me)[:12]
 
     def ssh(*command: str) -> subprocess.CompletedProcess[str]:
         # capture_output: the helper that lives on must not hold our pipes open
@@ -267,11 +273,7 @@ def test_a_second_ssh_starts_no_helper_and_opens_no_tunnel(tmp_path: Path,
 def test_the_helpers_quick_way_reaches_sshd_with_a_lean_start(tmp_path: Path,
                                                                friend: LiveServer) -> None:
     me = tmp_path / "me"
-    env = {**os.environ, "P2PRC_HOME": str(me)}
-    touched = subprocess.run([P2PRC, "touch", friend.peer(), "--json"], capture_output=True,
-                             text=True, timeout=120, env=env)
-    assert touched.returncode == 0, touched.stderr
-    container_id = json.loads(touched.stdout)["id"]
+    container_id = touched_on(friend, me)
     command = helper_command(me, container_id, 22,
                              [Endpoint("127.0.0.1", friend.port, friend.node_id)], timeout=10)
     deadline = time.monotonic() + 15
