@@ -99,7 +99,8 @@ class Settings:
     peer_time_budget: float = _setting(15.0, "seconds an update spends on one peer, all its "
                                        "addresses and pages together", min=0.5)
     upnp: bool = _setting(True, "ask the home router (UPnP IGD, else NAT-PMP) to forward the "
-                          "server's port, and advertise the address it gives")
+                          "server's port (TCP, and UDP where it gives it), and advertise "
+                          "the address it gives")
     use_relay: str = _setting("auto", "'auto': keep a connection to a relay and drop it once "
                               "a peer could dial this node back; 'always'; 'never'",
                               choices=("auto", "always", "never"))

@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # upnp's module loads its HTTP client: only where a mapping i
 PORT = 5351
 TRIES = 3  # 0.25 + 0.5 + 1 s: a gateway that speaks NAT-PMP answers within the first
 MAX_LEASE = 604800
-_EXTERNAL, _MAP_TCP = 0, 2  # opcodes; an answer's is the request's + 128
+_EXTERNAL = 0  # opcodes; an answer's is the request's + 128
+_MAP = {"UDP": 1, "TCP": 2}
 RESULTS = {1: "unsupported version", 2: "not authorized or refused (is NAT-PMP enabled for "
            "this host?)", 3: "network failure (the gateway has no external address yet)",
            4: "out of resources (no port left)", 5: "unsupported opcode"}
@@ -49,7 +50,8 @@ def default_gateway() -> str | None:
 
 
 class NatPmpMapper:
-    """Maps, renews and removes TCP port forwards on the default gateway with NAT-PMP."""
+    """Maps, renews and removes TCP and UDP port forwards on the default gateway with
+    NAT-PMP."""
 
     def __init__(self, gateway: str | None = None, timeout: float = 0.25, port: int = PORT):
         self.gateway = gateway
@@ -74,36 +76,40 @@ class NatPmpMapper:
         return str(ipaddress.IPv4Address(answer[8:12]))
 
     def map(self, port: int, external_port: int | None = None, lease_seconds: int = 3600,
-            description: str = "p2prc") -> Mapping:
-        """Forward ``external_port`` (``port`` by default) to ``port`` here; the gateway may
-        give another external port, or a shorter lease (the mapping says which).
-        ``description`` is not sent: NAT-PMP has none."""
+            description: str = "p2prc", protocol: str = "TCP") -> Mapping:
+        """Forward ``external_port`` (``port`` by default) to ``port`` here, for
+        ``protocol`` (TCP or UDP); the gateway may give another external port, or a shorter
+        lease (the mapping says which). ``description`` is not sent: NAT-PMP has none."""
+        if protocol not in _MAP:
+            raise ValueError(f"protocol must be one of {tuple(_MAP)}, not {protocol!r}")
         for value, name in ((port, "port"), (external_port or port, "external_port")):
             if not 1 <= value <= 65535:
                 raise ValueError(f"{name} must be 1 to 65535, not {value}")
         if not 1 <= lease_seconds <= MAX_LEASE:
             raise ValueError(f"lease_seconds must be 1 to {MAX_LEASE}, not {lease_seconds}")
         external = self.external_ip()
-        answer = self._ask(struct.pack(">BBHHHI", 0, _MAP_TCP, 0, port, external_port or port,
-                                       lease_seconds), _MAP_TCP, 16)
+        opcode = _MAP[protocol]
+        answer = self._ask(struct.pack(">BBHHHI", 0, opcode, 0, port, external_port or port,
+                                       lease_seconds), opcode, 16)
         from p2prc_core.upnp import Mapping
 
         internal, given, lease = struct.unpack(">HHI", answer[8:16])
         if internal != port or not 1 <= given <= 65535:
             raise NatPmpError(f"the gateway answered a mapping of port {internal} to {given}, "
                               f"not of port {port}")
-        return Mapping(external, given, self._local_ip(), port, "TCP", lease,
+        return Mapping(external, given, self._local_ip(), port, protocol, lease,
                        f"NAT-PMP at {self.gateway}")
 
     def renew(self, mapping: Mapping) -> Mapping:
         """Ask for the same forward again (NAT-PMP renews by mapping anew)."""
         return self.map(mapping.internal_port, mapping.external_port,
-                        min(mapping.lease_seconds, MAX_LEASE) or 3600)
+                        min(mapping.lease_seconds, MAX_LEASE) or 3600,
+                        protocol=mapping.protocol)
 
     def unmap(self, mapping: Mapping) -> None:
         """Remove the forward (lifetime 0)."""
-        self._ask(struct.pack(">BBHHHI", 0, _MAP_TCP, 0, mapping.internal_port, 0, 0),
-                  _MAP_TCP, 16)
+        opcode = _MAP[mapping.protocol]
+        self._ask(struct.pack(">BBHHHI", 0, opcode, 0, mapping.internal_port, 0, 0), opcode, 16)
 
     def _ask(self, request: bytes, opcode: int, size: int) -> bytes:
         """``request`` sent to the gateway, again after 0.25, 0.5 ... s; its answer.

@@ -1,7 +1,11 @@
 """The server's port forwarded on the home router, kept while the server runs: found by UPnP
 IGD or NAT-PMP (``natpmp.find_gateway``), checked, renewed at half its lease, removed on
 stop; ``reach.json``'s ``upnp`` says where it is, and the signed record advertises it. One of
-the reach agent's jobs (``reach.ReachAgent``), in an object of its own."""
+the reach agent's jobs (``reach.ReachAgent``), in an object of its own.
+
+TCP is the forward that counts (the record advertises it). UDP at the same port is asked
+for beside it, where the router gives it: peers can then reach this node's UDP (its probe
+answers, issue 24's punched paths) as they reach its TCP; without it, only TCP."""
 
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ class RouterPort:
     def __init__(self, state: ReachState, stop: threading.Event):
         self.state = state
         self._stop = stop
-        self.mapping: Any = None  # upnp.Mapping, while it is advertised
+        self.mapping: Any = None  # upnp.Mapping (TCP), while it is advertised
+        self.udp: Any = None  # the UDP forward of the same port, where the router gave it
         self._mapper: Any = None  # what made it: upnp.PortMapper or natpmp.NatPmpMapper
 
     def map(self, port: int, description: str) -> None:
@@ -44,22 +49,41 @@ class RouterPort:
         if not self._advertisable(mapping, port, mapper):
             return
         self.mapping, self._mapper = mapping, mapper
+        self.udp = self._map_udp(mapping, port, description)
         self.state.update(upnp={"external_ip": mapping.external_ip,
                                 "external_port": mapping.external_port,
-                                "gateway": mapping.gateway})
-        log.info("%s forwards %s:%d to this server", mapping.gateway,
-                 mapping.external_ip, mapping.external_port)
+                                "gateway": mapping.gateway, "udp": self.udp is not None})
+        log.info("%s forwards %s:%d to this server%s", mapping.gateway,
+                 mapping.external_ip, mapping.external_port,
+                 " (TCP and UDP)" if self.udp is not None else " (TCP)")
         threading.Thread(target=self._renew, args=(port,), name="p2prc-router-port",
                          daemon=True).start()
 
     def unmap(self) -> None:
-        """Remove the forward (the server stops)."""
-        if self.mapping is not None and self._mapper is not None:
-            with contextlib.suppress(Exception):
-                self._mapper.unmap(self.mapping)
-                log.info("removed the mapping of port %d (%s)", self.mapping.external_port,
-                         self.mapping.gateway)
-        self.mapping = None
+        """Remove the forwards (the server stops)."""
+        for mapping in (self.mapping, self.udp):
+            if mapping is not None and self._mapper is not None:
+                with contextlib.suppress(Exception):
+                    self._mapper.unmap(mapping)
+                    log.info("removed the %s mapping of port %d (%s)", mapping.protocol,
+                             mapping.external_port, mapping.gateway)
+        self.mapping = self.udp = None
+
+    def _map_udp(self, tcp: Any, port: int, description: str) -> Any:
+        """The UDP forward of ``port``, at the TCP forward's address and port; None where
+        the router does not give it so (it is then removed again)."""
+        try:
+            udp = self._mapper.map(port, port, description=description, protocol="UDP")
+        except (P2PRCError, ValueError) as err:
+            log.info("%s: no UDP forward (%s): peers reach this node's UDP only through "
+                     "its NAT's own mappings", tcp.gateway, err)
+            return None
+        if (udp.external_ip, udp.external_port) == (tcp.external_ip, tcp.external_port):
+            return udp
+        log.info("%s gave UDP port %d, not %d: not used", udp.gateway, udp.external_port, port)
+        with contextlib.suppress(P2PRCError):
+            self._mapper.unmap(udp)
+        return None
 
     def _advertisable(self, mapping: Any, port: int, mapper: Any) -> bool:
         """Whether the record can say ``mapping``: a public address (not a second NAT's
@@ -99,6 +123,29 @@ class RouterPort:
                 with contextlib.suppress(P2PRCError):
                     self._mapper.unmap(renewed)
                 self.mapping = None
+                if self.udp is not None:
+                    with contextlib.suppress(P2PRCError):
+                        self._mapper.unmap(self.udp)
+                    self.udp = None
                 self.state.update(upnp=None)
                 return
             self.mapping = renewed
+            self._renew_udp()
+
+    def _renew_udp(self) -> None:
+        """Renew the UDP forward beside the TCP one; one that cannot be is dropped (TCP, the
+        one the record advertises, stands)."""
+        if self.udp is None:
+            return
+        try:
+            renewed = self._mapper.renew(self.udp)
+        except (P2PRCError, ValueError) as err:
+            log.warning("UDP forward renewal failed: %s", err)
+            return
+        if (renewed.external_ip, renewed.external_port) != \
+                (self.mapping.external_ip, self.mapping.external_port):
+            with contextlib.suppress(P2PRCError):
+                self._mapper.unmap(renewed)
+            renewed = None
+            self.state.update(upnp={**(self.state.read().get("upnp") or {}), "udp": False})
+        self.udp = renewed

@@ -42,7 +42,8 @@ NEEDED_ACTIONS = ("AddPortMapping", "DeletePortMapping", "GetExternalIPAddress")
 MAX_BODY = 256 * 1024  # a gateway's description or answer; real ones are a few KiB
 MAX_LEASE = 604800  # IGD:2's longest lease, one week
 OTHER_PORTS = 3  # random external ports tried when the one asked for is taken
-PROTOCOL = "TCP"
+PROTOCOL = "TCP"  # what is mapped unless asked otherwise
+PROTOCOLS = ("TCP", "UDP")
 UNKNOWN: tuple[str, object] = ("", None)  # a forward's holder, when the gateway cannot say
 
 # The IGD error codes this module acts on.
@@ -62,7 +63,7 @@ class Mapping:
     external_port: int
     internal_ip: str  # this host's address toward the gateway
     internal_port: int
-    protocol: str  # "TCP"
+    protocol: str  # "TCP" or "UDP"
     lease_seconds: int  # what was asked; 0 = the gateway only offers permanent leases
     gateway: str  # a short description for `p2prc status`, e.g. "UPnP IGD at 10.199.1.1"
 
@@ -105,7 +106,8 @@ class PortMapper:
     def __init__(self, timeout: float = 3.0):
         self.timeout = timeout
         self._gateway: _Gateway | None = None
-        self._descriptions: dict[int, str] = {}  # external port -> description, for renew
+        # (protocol, external port) -> description, for renew
+        self._descriptions: dict[tuple[str, int], str] = {}
         self._lock = threading.Lock()
 
     def discover(self) -> bool:
@@ -120,16 +122,19 @@ class PortMapper:
         return self._run(self._external_ip)
 
     def map(self, port: int, external_port: int | None = None, lease_seconds: int = 3600,
-            description: str = "p2prc") -> Mapping:
-        """Forward ``external_port`` (``port`` by default) on the gateway to ``port`` here.
-        When that port already forwards elsewhere, a few random ports are tried. A gateway
-        that only offers permanent leases gets lease 0."""
+            description: str = "p2prc", protocol: str = PROTOCOL) -> Mapping:
+        """Forward ``external_port`` (``port`` by default) on the gateway to ``port`` here,
+        for ``protocol`` (TCP or UDP). When that port already forwards elsewhere, a few
+        random ports are tried. A gateway that only offers permanent leases gets lease 0."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
         _check_port(port, "port")
         preferred = port if external_port is None else external_port
         _check_port(preferred, "external_port")
         if not 0 <= lease_seconds <= MAX_LEASE:
             raise ValueError(f"lease_seconds must be 0 to {MAX_LEASE}, not {lease_seconds}")
-        return self._run(lambda gw: self._map(gw, port, preferred, lease_seconds, description))
+        return self._run(lambda gw: self._map(gw, port, preferred, lease_seconds, description,
+                                              protocol))
 
     def renew(self, mapping: Mapping) -> Mapping:
         """Extend a mapping's lease (asking again for the same forward); if the port went
@@ -140,7 +145,7 @@ class PortMapper:
         """Remove a mapping; nothing happens when it is gone already or the port now
         forwards to someone else."""
         self._run(lambda gw: self._unmap(gw, mapping))
-        self._descriptions.pop(mapping.external_port, None)
+        self._descriptions.pop((mapping.protocol, mapping.external_port), None)
 
     # -- one gateway call each, with rediscovery when the gateway moved ----------------
 
@@ -246,15 +251,15 @@ class PortMapper:
         return _external_address(result.get("NewExternalIPAddress"), gateway)
 
     async def _add(self, gateway: _Gateway, external_port: int, port: int, lease: int,
-                   description: str) -> int:
+                   description: str, protocol: str) -> int:
         """Add (or refresh) one forward; the lease it got."""
         # Gateways (miniupnpd among them) let a host move its own forward to another
         # internal port silently: a port this host forwards elsewhere is a conflict too.
-        holder = await self._holder(gateway, external_port)
+        holder = await self._holder(gateway, external_port, protocol)
         if holder not in (None, UNKNOWN, (gateway.internal_ip, port)):
             raise _Refused(f"{gateway.name} forwards port {external_port} elsewhere", CONFLICT)
         args: dict[str, Any] = {
-            "NewRemoteHost": "", "NewExternalPort": external_port, "NewProtocol": PROTOCOL,
+            "NewRemoteHost": "", "NewExternalPort": external_port, "NewProtocol": protocol,
             "NewInternalPort": port, "NewInternalClient": gateway.internal_ip,
             "NewEnabled": True, "NewPortMappingDescription": description,
             "NewLeaseDuration": lease}
@@ -268,41 +273,43 @@ class PortMapper:
         return lease
 
     async def _map(self, gateway: _Gateway, port: int, preferred: int, lease: int,
-                   description: str) -> Mapping:
+                   description: str, protocol: str) -> Mapping:
         external_ip = await self._external_ip(gateway)
         # IGD:2's AddAnyPortMapping is not used: miniupnpd answers it by moving this host's
         # own forward of that port, as AddPortMapping does.
         others = [1024 + secrets.randbelow(65536 - 1024) for _ in range(OTHER_PORTS)]
         for external in [preferred, *others]:
             try:
-                used = await self._add(gateway, external, port, lease, description)
+                used = await self._add(gateway, external, port, lease, description, protocol)
             except _Refused as err:
                 if err.code == CONFLICT:
                     continue
                 raise
-            self._descriptions[external] = description
-            return Mapping(external_ip, external, gateway.internal_ip, port, PROTOCOL, used,
+            self._descriptions[(protocol, external)] = description
+            return Mapping(external_ip, external, gateway.internal_ip, port, protocol, used,
                            f"UPnP IGD at {gateway.address}")
         raise UpnpError(f"{gateway.name} has port {preferred} and {OTHER_PORTS} others "
                         "forwarded elsewhere")
 
     async def _renew(self, gateway: _Gateway, mapping: Mapping) -> Mapping:
-        description = self._descriptions.get(mapping.external_port, "p2prc")
+        description = self._descriptions.get((mapping.protocol, mapping.external_port),
+                                             "p2prc")
         if mapping.internal_ip == gateway.internal_ip:
             external_ip = await self._external_ip(gateway)
             try:
                 used = await self._add(gateway, mapping.external_port, mapping.internal_port,
-                                       mapping.lease_seconds, description)
+                                       mapping.lease_seconds, description, mapping.protocol)
                 return Mapping(external_ip, mapping.external_port, gateway.internal_ip,
-                               mapping.internal_port, PROTOCOL, used,
+                               mapping.internal_port, mapping.protocol, used,
                                f"UPnP IGD at {gateway.address}")
             except _Refused as err:
                 if err.code != CONFLICT:
                     raise
         return await self._map(gateway, mapping.internal_port, mapping.external_port,
-                               mapping.lease_seconds, description)
+                               mapping.lease_seconds, description, mapping.protocol)
 
-    async def _holder(self, gateway: _Gateway, external_port: int) -> tuple[str, object] | None:
+    async def _holder(self, gateway: _Gateway, external_port: int,
+                      protocol: str) -> tuple[str, object] | None:
         """Where the gateway forwards ``external_port`` now: (internal client, internal
         port), None when nowhere, or UNKNOWN when it cannot say."""
         if "GetSpecificPortMappingEntry" not in gateway.actions:
@@ -310,20 +317,21 @@ class PortMapper:
         try:
             entry = await self._action(gateway, "GetSpecificPortMappingEntry",
                                        NewRemoteHost="", NewExternalPort=external_port,
-                                       NewProtocol=PROTOCOL)
+                                       NewProtocol=protocol)
         except _Refused as err:
             return None if err.code == NO_SUCH_ENTRY else UNKNOWN
         return str(entry.get("NewInternalClient")), entry.get("NewInternalPort")
 
     async def _unmap(self, gateway: _Gateway, mapping: Mapping) -> None:
-        holder = await self._holder(gateway, mapping.external_port)
+        holder = await self._holder(gateway, mapping.external_port, mapping.protocol)
         if holder is None:
             return
         if holder not in (UNKNOWN, (mapping.internal_ip, mapping.internal_port)):
             return  # it expired and the port went to someone else: not ours to remove
         try:
             await self._action(gateway, "DeletePortMapping", NewRemoteHost="",
-                               NewExternalPort=mapping.external_port, NewProtocol=PROTOCOL)
+                               NewExternalPort=mapping.external_port,
+                               NewProtocol=mapping.protocol)
         except _Refused as err:
             if err.code != NO_SUCH_ENTRY:
                 raise

@@ -143,6 +143,28 @@ def serve_relay(lab: NatLab, host: Host) -> str:
     return f"{node_id(host)}@{host.ipv4}:{PORT}"
 
 
+# Asks NODE at ADDRESS:PORT over UDP where this probe came from; prints what it saw.
+UDP_PROBE = r"""
+import json, sys
+from pathlib import Path
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.udp_probe import ask
+_, seen = ask([(sys.argv[1], int(sys.argv[2]), sys.argv[3])],
+              NodeIdentity.load_or_create(Path(sys.argv[4])), timeout=1.5)
+print(json.dumps([s.address for s in seen]))
+"""
+
+
+def udp_seen_by(host: Host, address: str, node: str, port: int = PORT) -> list[str]:
+    """The addresses ``node`` (at ``address``) says ``host``'s UDP probe came from."""
+    result = subprocess.run(host.command(sys.executable, "-c", UDP_PROBE, address, str(port),
+                                         node, str(host.home)),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    seen: list[str] = json.loads(result.stdout)
+    return seen
+
+
 def dial(host: Host, address: str, port: int = PORT) -> str:
     result = subprocess.run(host.command(sys.executable, "-c", DIAL, address, str(port)),
                             capture_output=True, text=True, timeout=30)
@@ -212,13 +234,17 @@ def test_upnp_maps_the_port_advertises_the_router_and_unmaps_on_stop(
 
     # The router forwards 8088 to home, and home's signed record, fetched through that
     # forward from the internet, lists the router's external address.
-    (mapping,) = wait_for(lab.mappings, what="home maps its port on the router")
-    assert (mapping.protocol, mapping.external_port, mapping.internal_ip,
-            mapping.internal_port) == ("TCP", PORT, lab.home.ipv4, PORT)
+    both = wait_for(lambda: len(found := lab.mappings()) == 2 and found,
+                    what="home maps its port on the router, TCP and UDP")
+    assert sorted((m.protocol, m.external_port, m.internal_ip, m.internal_port)
+                  for m in both) == [("TCP", PORT, lab.home.ipv4, PORT),
+                                     ("UDP", PORT, lab.home.ipv4, PORT)]
     record = record_at(friend, external, listing=external)
     assert record["node_id"] == home and record["port"] == PORT
     upnp = reach(lab.home)["upnp"]
     assert (upnp["external_ip"], upnp["external_port"]) == (external, PORT)
+    assert upnp["udp"] is True and ("UDP", PORT) in lab.router.forwarded_ports()
+    assert udp_seen_by(friend, external, home) == [friend.ipv4]
 
     # Friend adds home by the router's address and talks to it by its id.
     added = json.loads(cli(friend, "peers", "add", f"{external}:{PORT}", "--json"))
@@ -256,11 +282,16 @@ def test_a_router_that_speaks_nat_pmp_only_maps_the_port_and_unmaps_on_stop(
     assert (mapping["external_ip"], mapping["external_port"]) == (external, PORT)
     assert mapping["gateway"] == f"NAT-PMP at {lab.router.internal_ip}"
     status = cli(lab.home, "status")
-    assert f"NAT-PMP at {lab.router.internal_ip} forwards {external}:{PORT}" in status
+    assert f"NAT-PMP at {lab.router.internal_ip} forwards {external}:{PORT} here (TCP and " \
+        "UDP)" in status
+    # UDP is forwarded too: the friend's probe of the router's port reaches home's server.
+    assert ("UDP", PORT) in lab.router.forwarded_ports() and mapping["udp"] is True
+    assert udp_seen_by(friend, external, home) == [friend.ipv4]
     lab.home.stop(server)
     assert server.returncode == 0, (lab.home.home / "server.log").read_text()
     assert lab.router.forwarded_ports() == []
     assert dial(friend, external).startswith("FAILED")
+    assert udp_seen_by(friend, external, home) == []
 
 
 def test_a_home_without_upnp_is_reached_through_a_configured_relay(

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -166,3 +167,65 @@ def test_a_renewal_that_comes_back_elsewhere_is_not_advertised(tmp_path: Path) -
     stop.wait = lambda timeout=None: next(waits)  # type: ignore[method-assign]
     router._renew(8088)
     assert router.mapping is None and state.read()["upnp"] is None and removed == [moved]
+
+
+def test_udp_is_mapped_with_its_own_opcode_and_removed_the_same_way(
+        gateway: Callable[[Answer], NatPmpMapper]) -> None:
+    mapper = gateway(honest)
+    mapping = mapper.map(8088, protocol="UDP")
+    assert mapping.protocol == "UDP"
+    assert mapper.asked[-1][:2] == bytes([0, 1])  # type: ignore[attr-defined]
+    assert mapper.renew(mapping).protocol == "UDP"
+    mapper.unmap(mapping)
+    assert mapper.asked[-1] == struct.pack(">BBHHHI", 0, 1, 0, 8088, 0, 0)  # type: ignore
+    with pytest.raises(ValueError, match="protocol"):
+        mapper.map(8088, protocol="SCTP")
+
+
+class Router:
+    """A stand-in mapper: TCP as asked; UDP as ``udp`` says (a mapping, or an error)."""
+
+    def __init__(self, udp: Any):
+        self.udp, self.removed = udp, []
+
+    def map(self, port: int, external_port: int, description: str = "",
+            protocol: str = "TCP") -> Any:
+        from p2prc_core.upnp import Mapping
+
+        if protocol == "UDP":
+            if isinstance(self.udp, Exception):
+                raise self.udp
+            return self.udp
+        return Mapping("11.0.0.9", port, "192.168.1.5", port, "TCP", 3600, "a router")
+
+    def unmap(self, mapping: Any) -> None:
+        self.removed.append(mapping)
+
+
+@pytest.mark.parametrize("udp,kept", [
+    (NatPmpError("the gateway 10.0.0.1 refused: out of resources"), False),
+    ("other port", False),
+    ("same", True),
+])
+def test_the_udp_forward_is_kept_only_at_the_tcp_forwards_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, udp: Any, kept: bool) -> None:
+    from p2prc_core import natpmp
+    from p2prc_core.reach_state import ReachState
+    from p2prc_core.router_port import RouterPort
+    from p2prc_core.upnp import Mapping
+
+    if udp == "same":
+        udp = Mapping("11.0.0.9", 8088, "192.168.1.5", 8088, "UDP", 3600, "a router")
+    elif udp == "other port":
+        udp = Mapping("11.0.0.9", 40000, "192.168.1.5", 8088, "UDP", 3600, "a router")
+    router = Router(udp)
+    monkeypatch.setattr(natpmp, "find_gateway", lambda: router)
+    state = ReachState(tmp_path)
+    port = RouterPort(state, threading.Event())
+    port.map(8088, "p2prc test")
+    assert port.mapping is not None and port.mapping.protocol == "TCP"  # TCP stands
+    assert state.read()["upnp"]["udp"] is kept and (port.udp is not None) is kept
+    assert (udp in router.removed) is (isinstance(udp, Mapping) and not kept)
+    port._stop.set()
+    port.unmap()
+    assert port.mapping is None and port.udp is None

@@ -397,3 +397,16 @@ def test_the_gateway_requester_fetches_from_the_gateway_only_and_bounds_answers(
 def test_mapping_round_trips_as_plain_data() -> None:
     mapping = Mapping("11.0.0.1", 20000, "10.0.0.2", 20000, "TCP", 3600, "UPnP IGD at x")
     assert Mapping(**asdict(mapping)) == mapping
+
+
+def test_udp_is_mapped_when_asked_and_its_holder_asked_for_udp() -> None:
+    gateway = FakeGateway()
+    mapping = gateway.mapper().map(20000, protocol="UDP")
+    assert mapping.protocol == "UDP"
+    assert [a["NewProtocol"] for a in gateway.called("AddPortMapping")] == ["UDP"]
+    assert [a["NewProtocol"] for a in gateway.called("GetSpecificPortMappingEntry")] == ["UDP"]
+    gateway.mapper().unmap(mapping)
+    assert gateway.called("DeletePortMapping") == [] or \
+        gateway.called("DeletePortMapping")[0]["NewProtocol"] == "UDP"
+    with pytest.raises(ValueError, match="protocol"):
+        gateway.mapper().map(20000, protocol="SCTP")

@@ -154,7 +154,8 @@ def status(node: CliContext, as_json: bool) -> None:
     if reach["upnp"]:
         rows.append(("mapping", f"{reach['upnp'].get('gateway')} forwards "
                              f"{reach['upnp'].get('external_ip')}:"
-                             f"{reach['upnp'].get('external_port')} here"))
+                             f"{reach['upnp'].get('external_port')} here ("
+                             f"{'TCP and UDP' if reach['upnp'].get('udp') is True else 'TCP'})"))
     udp = reach["udp"]
     rows.append(("UDP", f"{udp['kind']}: {udp['detail']} ({format_when(udp['checked'])})"
                  if udp else "not checked yet ('p2prc doctor' asks peers over UDP)"))
