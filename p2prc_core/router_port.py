@@ -106,46 +106,44 @@ class RouterPort:
         return False
 
     def _renew(self, port: int) -> None:
-        """Renew at half the lease; a forward that came back otherwise (the router
-        restarted: another address or port) is given up, as the record still says the old
-        one, unless it is the same."""
+        """Renew at half the lease. A TCP forward that came back elsewhere (the router
+        restarted: another address or port) is given up with its UDP one, as the record
+        still says the old place; a UDP forward that did is dropped alone."""
         while self.mapping is not None and not self._stop.wait(
                 max(30.0, self.mapping.lease_seconds / 2 or 1800)):
             try:
-                renewed = self._mapper.renew(self.mapping)
+                renewed = self._renewed(self.mapping)
             except (P2PRCError, ValueError) as err:
                 log.warning("port mapping renewal failed: %s", err)
                 continue
-            if (renewed.external_ip, renewed.external_port) != \
-                    (self.mapping.external_ip, self.mapping.external_port):
-                log.warning("%s now forwards %s:%d: not advertised", renewed.gateway,
-                            renewed.external_ip, renewed.external_port)
-                with contextlib.suppress(P2PRCError):
-                    self._mapper.unmap(renewed)
-                self.mapping = None
-                if self.udp is not None:
-                    with contextlib.suppress(P2PRCError):
-                        self._mapper.unmap(self.udp)
-                    self.udp = None
+            if renewed is None:
+                self.mapping = None  # removed already, where it came back
+                self.unmap()  # the UDP forward, if any
                 self.state.update(upnp=None)
                 return
             self.mapping = renewed
-            self._renew_udp()
+            if self.udp is not None:
+                try:
+                    self.udp = self._renewed(self.udp)
+                except (P2PRCError, ValueError) as err:
+                    log.warning("UDP forward renewal failed: %s", err)
+                    continue
+                if self.udp is None:
+                    self.state.update(upnp={**(self.state.read().get("upnp") or {}),
+                                            "udp": False})
 
-    def _renew_udp(self) -> None:
-        """Renew the UDP forward beside the TCP one; one that cannot be is dropped (TCP, the
-        one the record advertises, stands)."""
-        if self.udp is None:
-            return
-        try:
-            renewed = self._mapper.renew(self.udp)
-        except (P2PRCError, ValueError) as err:
-            log.warning("UDP forward renewal failed: %s", err)
-            return
-        if (renewed.external_ip, renewed.external_port) != \
+    def _renewed(self, mapping: Any) -> Any:
+        """``mapping`` renewed, at the TCP forward's address and port; None where it came
+        back elsewhere (then it is removed again).
+
+        :raises P2PRCError, ValueError: the renewal failed.
+        """
+        renewed = self._mapper.renew(mapping)
+        if (renewed.external_ip, renewed.external_port) == \
                 (self.mapping.external_ip, self.mapping.external_port):
-            with contextlib.suppress(P2PRCError):
-                self._mapper.unmap(renewed)
-            renewed = None
-            self.state.update(upnp={**(self.state.read().get("upnp") or {}), "udp": False})
-        self.udp = renewed
+            return renewed
+        log.warning("%s now forwards %s:%d (%s): not advertised", renewed.gateway,
+                    renewed.external_ip, renewed.external_port, renewed.protocol)
+        with contextlib.suppress(P2PRCError):
+            self._mapper.unmap(renewed)
+        return None

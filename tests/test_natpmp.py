@@ -229,3 +229,27 @@ def test_the_udp_forward_is_kept_only_at_the_tcp_forwards_place(
     port._stop.set()
     port.unmap()
     assert port.mapping is None and port.udp is None
+
+
+def test_a_udp_renewal_that_comes_back_elsewhere_drops_udp_alone(tmp_path: Path) -> None:
+    from p2prc_core.reach_state import ReachState
+    from p2prc_core.router_port import RouterPort
+    from p2prc_core.upnp import Mapping
+
+    tcp = Mapping("11.0.0.9", 8088, "192.168.1.5", 8088, "TCP", 60, "a router")
+    udp = Mapping("11.0.0.9", 8088, "192.168.1.5", 8088, "UDP", 60, "a router")
+    moved = Mapping("11.0.0.9", 40001, "192.168.1.5", 8088, "UDP", 60, "a router")
+    removed: list[Mapping] = []
+    state = ReachState(tmp_path)
+    state.update(upnp={"external_ip": "11.0.0.9", "external_port": 8088, "gateway": "a router",
+                       "udp": True})
+    stop = threading.Event()
+    router = RouterPort(state, stop)
+    router.mapping, router.udp = tcp, udp
+    router._mapper = SimpleNamespace(renew=lambda m: m if m.protocol == "TCP" else moved,
+                                     unmap=removed.append)
+    waits = iter([False, True])  # one renewal, then stop
+    stop.wait = lambda timeout=None: next(waits)  # type: ignore[method-assign]
+    router._renew(8088)
+    assert router.mapping == tcp and router.udp is None and removed == [moved]
+    assert state.read()["upnp"]["udp"] is False and state.read()["upnp"]["external_port"] == 8088
