@@ -103,20 +103,25 @@ def advertisable(addresses: list[Address], settings: Settings) -> list[Address]:
             and why_not_advertised(a, down) is None]
 
 
-def routed_interfaces() -> set[str] | None:
-    """The interfaces that carry a default route; None where this machine has none, or
-    where it cannot tell (then nothing is left out for want of one)."""
+def default_routes() -> dict[int, tuple[str, str]]:
+    """The default routes, by address family: (gateway, interface) each; empty where this
+    machine has none, or where it cannot tell."""
     try:
         import netifaces
 
         defaults = netifaces.gateways().get("default")
     except (AttributeError, OSError, ValueError):
-        return None
+        return {}
     if not isinstance(defaults, dict):
-        return None
-    found = {gateway[1] for gateway in defaults.values()
-             if isinstance(gateway, tuple) and len(gateway) > 1}
-    return found or None
+        return {}
+    return {family: (str(route[0]), str(route[1])) for family, route in defaults.items()
+            if isinstance(route, tuple) and len(route) > 1}
+
+
+def routed_interfaces() -> set[str] | None:
+    """The interfaces that carry a default route; None where this machine has none, or
+    where it cannot tell (then nothing is left out for want of one)."""
+    return {interface for _, interface in default_routes().values()} or None
 
 
 def why_peers_cannot_use(address: Address, routed: set[str] | None,

@@ -15,16 +15,16 @@ from pathlib import Path
 from p2prc_core.storage import SERVER_DB, SharedDB
 
 
-def source_prefix(remote: str | None, ipv6_bits: int = 48) -> str:
-    """The prefix a client address counts under: its /24 (IPv4) or /48 (IPv6; another
-    size with ``ipv6_bits``)."""
+def source_prefix(remote: str | None, ipv6_bits: int = 48, ipv4_bits: int = 24) -> str:
+    """The prefix a client address counts under: its /24 (IPv4) or /48 (IPv6); other sizes
+    with ``ipv4_bits`` and ``ipv6_bits``."""
     try:
         ip = ipaddress.ip_address((remote or "").split("%", 1)[0])
     except ValueError:
         return "unknown"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    prefix = 24 if ip.version == 4 else ipv6_bits  # a customer often holds a /48
+    prefix = ipv4_bits if ip.version == 4 else ipv6_bits  # a customer often holds a /48
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 

@@ -38,15 +38,10 @@ class NatPmpError(P2PRCError):
 
 def default_gateway() -> str | None:
     """The IPv4 default route's gateway, or None."""
-    import netifaces
+    from p2prc_core.addresses import default_routes
 
-    try:
-        routes = netifaces.gateways()
-    except (OSError, ValueError):
-        return None
-    defaults = routes.get("default") if isinstance(routes, dict) else None
-    found = defaults.get(netifaces.AF_INET) if isinstance(defaults, dict) else None
-    return str(found[0]) if found else None
+    route = default_routes().get(socket.AF_INET)
+    return route[0] if route else None
 
 
 class NatPmpMapper:
@@ -91,14 +86,14 @@ class NatPmpMapper:
         opcode = _MAP[protocol]
         answer = self._ask(struct.pack(">BBHHHI", 0, opcode, 0, port, external_port or port,
                                        lease_seconds), opcode, 16)
-        from p2prc_core.upnp import Mapping
+        from p2prc_core.upnp import Mapping, local_address
 
         internal, given, lease = struct.unpack(">HHI", answer[8:16])
         if internal != port or not 1 <= given <= 65535:
             raise NatPmpError(f"the gateway answered a mapping of port {internal} to {given}, "
                               f"not of port {port}")
-        return Mapping(external, given, self._local_ip(), port, protocol, lease,
-                       f"NAT-PMP at {self.gateway}")
+        return Mapping(external, given, local_address(self.gateway or "0.0.0.0"), port,
+                       protocol, lease, f"NAT-PMP at {self.gateway}")
 
     def renew(self, mapping: Mapping) -> Mapping:
         """Ask for the same forward again (NAT-PMP renews by mapping anew)."""
@@ -133,12 +128,6 @@ class NatPmpMapper:
                     return answer
                 wait *= 2
         raise NatPmpError(f"the gateway {self.gateway} did not answer NAT-PMP")
-
-    def _local_ip(self) -> str:
-        """This host's address toward the gateway."""
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect((self.gateway or "0.0.0.0", self.port))
-            return str(sock.getsockname()[0])
 
 
 def _answer_from(sock: socket.socket, where: tuple[str, int], opcode: int, size: int,

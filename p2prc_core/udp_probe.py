@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from p2prc_core.identity import NodeIdentity, is_node_id, node_id_for, verify
+from p2prc_core.intake import source_prefix
 
 MAGIC = b"P2U1"
 PROBE, ANSWER = 1, 2
@@ -128,16 +129,6 @@ def _as_v6(address: str) -> str:
     return f"::ffff:{parsed}" if parsed.version == 4 else str(parsed)
 
 
-def _source_key(address: str) -> str:
-    """An IPv4 address, or an IPv6 address's /64: one source, for the rate."""
-    parsed = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(parsed, ipaddress.IPv6Address):
-        if parsed.ipv4_mapped is not None:
-            return str(parsed.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
-    return str(parsed)
-
-
 def bind(host: str, port: int) -> socket.socket | None:
     """The server's UDP socket at ``host``:``port`` (``::`` takes IPv4 too), or None where
     it cannot be had (the server runs on, over TCP: it says why in its log)."""
@@ -177,7 +168,9 @@ class Responder:
             probe = Probe.read(data, checked=False)
             if probe.target != self.identity.node_id or abs(probe.time - now) > self.window:
                 return None
-            if not self._allowed(_source_key(source), int(now)):
+            # One source: an IPv4 address, or an IPv6 /64.
+            if not self._allowed(source_prefix(source, ipv6_bits=64, ipv4_bits=32),
+                                 int(now)):
                 return None
             self._checks += 1
             check_signature(data)

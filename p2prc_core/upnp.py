@@ -223,7 +223,7 @@ class PortMapper:
         for service_type in WAN_SERVICES:
             service = device.find_service(service_type)
             if service is not None and all(service.has_action(a) for a in NEEDED_ACTIONS):
-                return _Gateway(address, _local_address(address), service,
+                return _Gateway(address, local_address(address), service,
                                 frozenset(service.actions))
         return None
 
@@ -382,8 +382,9 @@ def _gateway_address(location: str, host: str) -> str:
     return host
 
 
-def _local_address(gateway: str) -> str:
-    """This host's address on the route toward the gateway (no packet is sent)."""
+def local_address(gateway: str) -> str:
+    """This host's address on the route toward the gateway (no packet is sent): what the
+    gateway forwards to, by UPnP or NAT-PMP."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect((gateway, 1900))
         address: str = probe.getsockname()[0]

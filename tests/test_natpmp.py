@@ -120,8 +120,7 @@ def test_answers_from_elsewhere_are_passed_over() -> None:
     def serve() -> None:
         request, peer = real.recvfrom(64)
         forged = struct.pack(">BBHI4s", 0, 128, 0, 7, socket.inet_aton("6.6.6.6"))
-        forger.sendto(forged, peer)
-        time.sleep(0.01)
+        forger.sendto(forged, peer)  # first: loopback keeps the order they are sent in
         real.sendto(honest(request)[0], peer)
 
     threading.Thread(target=serve, daemon=True).start()
