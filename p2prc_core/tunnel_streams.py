@@ -26,8 +26,6 @@ from p2prc_core.upgrade_client import upgrade_async
 
 log = logging.getLogger("p2prc")
 
-Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
 
 async def open_stream(endpoints: list[Endpoint], identity: NodeIdentity, path: str,
                       query: str, timeout: float, secure: bool = True,
