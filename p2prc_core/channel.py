@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from p2prc_core import tls
 from p2prc_core.errors import PeerError, PeerRefused, RelayRefused, unreachable
@@ -33,6 +33,14 @@ from p2prc_core.models import Endpoint
 from p2prc_core.signing import sign_request
 from p2prc_core.text import seconds_text
 from p2prc_core.upgrade_client import upgrade_sync
+
+
+class DirectPaths(Protocol):
+    """What opens a direct path to a node met through its relay (``punched.PunchedPaths``):
+    a connected socket to the node's p2prc port, or None (use the relay)."""
+
+    def socket_to(self, endpoint: Endpoint) -> socket.socket | None: ...
+
 
 # The endpoint, the node id it presented, and the IP address actually connected to.
 Contact = Callable[[Endpoint, str, str | None], None]
@@ -45,7 +53,8 @@ class Channel:
     did is used for every later connection."""
 
     def __init__(self, endpoints: Endpoint | list[Endpoint], secure: bool = True,
-                 on_contact: Contact | None = None, identity: NodeIdentity | None = None):
+                 on_contact: Contact | None = None, identity: NodeIdentity | None = None,
+                 paths: DirectPaths | None = None):
         self.candidates = [endpoints] if isinstance(endpoints, Endpoint) else list(endpoints)
         if not self.candidates:
             raise PeerError("no address to dial")
@@ -54,6 +63,14 @@ class Channel:
         self.node_id = self.endpoint.node_id  # expected; on first contact, the one presented
         self.on_contact = on_contact
         self.identity = identity  # signs what a relay is asked (see ``relayed``)
+        self.paths = paths  # a node met through its relay is tried direct first (punched)
+
+    def punched(self, endpoint: Endpoint) -> socket.socket | None:
+        """A connection to the node a relayed ``endpoint`` names over a punched path, or
+        None (no paths, or none punched: the relay, then)."""
+        if self.paths is None or not endpoint.relay:
+            return None
+        return self.paths.socket_to(endpoint)
 
     def dial(self, open_one: Callable[[Endpoint, float], T], timeout: float) -> T:
         """Open a connection, happy-eyeballs style (RFC 8305): to the endpoint that answered
@@ -80,6 +97,7 @@ class Channel:
         deadline = time.monotonic() + timeout
         started = finished = 0
         failures: list[str] = []
+        answered: set[Endpoint] = set()
         while finished < len(order):
             if started < len(order) and started == finished:
                 threading.Thread(target=attempt, args=(order[started],), daemon=True).start()
@@ -95,6 +113,7 @@ class Channel:
                     continue
                 break
             finished += 1
+            answered.add(endpoint)
             if failed is None:
                 self.endpoint = endpoint
                 _close_later(results, started - finished)
@@ -107,6 +126,8 @@ class Channel:
                 raise failed
             failures.append(str(unreachable(endpoint, failed, timeout)))
         _close_later(results, started - finished)  # attempts still under way, if any
+        failures += [f"{e}: no answer within {timeout:g} s" for e in order[:started]
+                     if e not in answered]
         raise PeerError("no path to this peer works: " + "; ".join(failures)
                         if failures else f"no address of this peer answered within "
                         f"{timeout:g} s")
@@ -137,8 +158,9 @@ class Channel:
         except (ssl.SSLError, OSError) as err:
             sock.close()
             raise handshake_failed(self.endpoint, err, timeout) from None
+        peer = wrapped.getpeername() if sock.family != socket.AF_UNIX else None
         try:
-            self.check(wrapped, str(wrapped.getpeername()[0]))
+            self.check(wrapped, str(peer[0]) if peer else None)
         except BaseException:
             wrapped.close()
             raise
@@ -148,7 +170,8 @@ class Channel:
         """A new connection, TLS checked (for the speed test's plain socket)."""
         def open_one(endpoint: Endpoint, wait: float) -> Any:
             if endpoint.relay:
-                return relayed(endpoint, wait, self.secure, self.identity)
+                return self.punched(endpoint) or relayed(endpoint, wait, self.secure,
+                                                         self.identity)
             return socket.create_connection((endpoint.host, endpoint.port), timeout=wait)
 
         sock = self.dial(open_one, timeout)
@@ -349,6 +372,11 @@ class _ChannelBackend(httpcore.NetworkBackend):
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
         def open_one(endpoint: Endpoint, wait: float) -> httpcore.NetworkStream:
             if endpoint.relay:
+                direct = self._channel.punched(endpoint)
+                if direct is not None:
+                    from httpcore._backends.sync import SyncStream
+
+                    return SyncStream(direct)
                 return relayed(endpoint, wait, self._channel.secure, self._channel.identity)
             return self._inner.connect_tcp(endpoint.host, endpoint.port, wait, local_address,
                                            socket_options)

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import msgspec
 
 from p2prc_core import transfer
-from p2prc_core.channel import Channel, Contact, read_capped, within
+from p2prc_core.channel import Channel, Contact, DirectPaths, read_capped, within
 from p2prc_core.errors import PeerError, PeerRefused, unreachable
 from p2prc_core.httplib import httpx
 from p2prc_core.identity import NodeIdentity
@@ -29,6 +29,8 @@ from p2prc_core.wire import (
     JoinAnswer,
     JoinRequest,
     NotJSON,
+    PunchAnswer,
+    PunchOffer,
     ReachAnswer,
     RelayWait,
     Removed,
@@ -68,9 +70,9 @@ class PeerClient:
 
     def __init__(self, endpoint: Endpoint | list[Endpoint], timeout: float = 10.0,
                  identity: NodeIdentity | None = None, secure: bool = True,
-                 on_contact: Contact | None = None):
+                 on_contact: Contact | None = None, paths: DirectPaths | None = None):
         self.identity = identity
-        self.channel = Channel(endpoint, secure, on_contact, identity)
+        self.channel = Channel(endpoint, secure, on_contact, identity, paths)
         self._timeout = timeout
         self._http = self.channel.http(timeout)
 
@@ -162,6 +164,12 @@ class PeerClient:
         if resp.status_code == 204:
             return None
         return self._answer(resp, RelayWait, "the relay wait").token
+
+    def punch(self, offer: PunchOffer) -> PunchAnswer:
+        """Ask the node to punch a UDP path to this one (``wire.PunchAnswer``: where its
+        UDP may be met, checked by the caller with ``punch.parse_candidates``)."""
+        return self._answer(self._signed_fetch("POST", "/v1/punch", encode(offer)),
+                            PunchAnswer, "the punch offer")
 
     def reach_check(self, port: int) -> ReachAnswer:
         """Ask the peer to dial this node back at the address it sees us from, at ``port``

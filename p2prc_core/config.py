@@ -101,6 +101,8 @@ class Settings:
     upnp: bool = _setting(True, "ask the home router (UPnP IGD, else NAT-PMP) to forward the "
                           "server's port (TCP, and UDP where it gives it), and advertise "
                           "the address it gives")
+    punch: bool = _setting(True, "reach a node met through its relay over a punched UDP path "
+                           "(QUIC) when both NATs allow it; the relay otherwise")
     use_relay: str = _setting("auto", "'auto': keep a connection to a relay and drop it once "
                               "a peer could dial this node back; 'always'; 'never'",
                               choices=("auto", "always", "never"))

@@ -24,6 +24,7 @@ from p2prc_core.trust import TrustStore
 if TYPE_CHECKING:  # httpx and what uses it load only where a node talks to peers
     from p2prc_core.client import PeerClient, Transfer
     from p2prc_core.discovery import Discovery, Progress, UpdateSummary
+    from p2prc_core.punched import PunchedPaths
 
 
 def _whole(value: Any) -> int | None:
@@ -42,7 +43,7 @@ class PeerRow:
     node_id: str
     own_name: str  # the name the peer gave itself
     address: str
-    path: str  # direct, relay, or - (never answered)
+    path: str  # direct, punched (met through a relay, reached direct), relay, or -
     relays: tuple[str, ...]
     latency_ms: float | None
     bandwidth_mbps: float | None
@@ -157,12 +158,16 @@ class PeerDirectory:
         trusted = {k: name or k[:8] for k, name in self.trust.names().items()}
         peers = (e.to_peer() for e in entries.values())
         ranked = self.hooks.rank_peers(p for p in peers if not with_gpu or p.free_gpus > 0)
+        from p2prc_core.punched import punched_lately
+
+        direct = punched_lately(self.table.path.parent)
         rows = [self._row(entries[peer.node_id], peer.free_gpus, trusted.get(peer.node_id),
-                          self.hooks.score_peer(peer)) for peer in ranked]
+                          self.hooks.score_peer(peer), peer.node_id in direct)
+                for peer in ranked]
         return sorted(rows, key=lambda row: row.hosting_rank)  # stable: score within each
 
     def _row(self, entry: PeerEntry, free_gpus: int, trusted: str | None,
-             score: float) -> PeerRow:
+             score: float, punched: bool = False) -> PeerRow:
         measured = entry.measured
         endpoints = [] if measured.address else self.discovery.endpoints(entry)
         address = measured.address or (endpoints[0].path if endpoints else "-")
@@ -172,7 +177,7 @@ class PeerDirectory:
         return PeerRow(
             name=entry.local_name or entry.name, node_id=entry.node_id, own_name=entry.name,
             address=address,
-            path="relay" if address.startswith("relay ") else
+            path=("punched" if punched else "relay") if address.startswith("relay ") else
             "direct" if measured.address else "-",
             relays=tuple(r.node_id or "" for r in self.table.relays(entry.record)),
             latency_ms=measured.latency_ms, bandwidth_mbps=measured.bandwidth_mbps,
@@ -266,7 +271,18 @@ class PeerDirectory:
         contact = partial(self._contact, pin=pin)
         return PeerClient(paths, timeout=self.settings.request_timeout,
                           identity=self.identity, secure=self.secure,
-                          on_contact=contact if self.secure else None)
+                          on_contact=contact if self.secure else None,
+                          paths=self.punched)
+
+    @cached_property
+    def punched(self) -> PunchedPaths | None:
+        """Punched paths to nodes met through their relays (``punch = true``)."""
+        if not self.settings.punch:
+            return None
+        from p2prc_core import punched
+
+        return punched.use(punched.PunchedPaths(self.table.path.parent, self.identity,
+                                                self.secure, self.settings.allow_loopback))
 
     # -- changing the table --------------------------------------------------------------------
 

@@ -137,6 +137,7 @@ class ContainersOnPeers:
     def paths_to(self, container: RemoteContainer) -> list[Endpoint]:
         """Every way to reach a container's host: where it was started, then the host's dial
         ladder from the table (its addresses now, and its relays)."""
+        _ = self.peers.punched  # a relay among them: a punched path is tried first
         paths = [container.host_endpoint]
         entry = self.peers.entries().get(container.node_id or "")
         if entry is not None:

@@ -134,6 +134,13 @@ def current_paths(home: Path, node_id: str) -> list[Endpoint]:
         entry = table.load().get(node_id) if table.path.exists() else None
     except (ConfigError, OSError, ValueError):
         return []  # the paths written in the command still stand
+    if settings.punch:  # a relay among the paths: a punched path to the host first
+        from p2prc_core import punched
+        from p2prc_core.identity import NodeIdentity
+
+        punched.use(punched.PunchedPaths(home, NodeIdentity.load_or_create(home),
+                                         settings.transport == "tls",
+                                         settings.allow_loopback))
     if entry is None:
         return []
     found = dial_endpoints(None, table.dial_addresses(entry.record), entry.port,

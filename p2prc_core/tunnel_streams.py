@@ -17,7 +17,7 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable
 
-from p2prc_core import tls
+from p2prc_core import punched, tls
 from p2prc_core.errors import PeerError, PeerRefused, unreachable
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
@@ -61,10 +61,18 @@ async def _open_one(endpoint: Endpoint, identity: NodeIdentity, path: str, query
                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes, Endpoint]:
     context = tls.client_context() if secure else None
     hostname = "" if secure else None
-    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=context,
-                                                   server_hostname=hostname)
+    direct = None
+    if endpoint.relay and (paths := punched.current()) is not None:  # a punched path first
+        direct = await asyncio.get_running_loop().run_in_executor(None, paths.socket_to,
+                                                                  endpoint)
+    if direct is not None:
+        reader, writer = await asyncio.open_connection(sock=direct, ssl=context,
+                                                       server_hostname=hostname)
+    else:
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port,
+                                                       ssl=context, server_hostname=hostname)
     try:
-        if endpoint.relay:
+        if endpoint.relay and direct is None:
             where = f"relay {endpoint.address}"
             if secure:
                 tls.check_peer(writer.get_extra_info("ssl_object"), endpoint.relay, where)

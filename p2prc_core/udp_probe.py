@@ -22,6 +22,7 @@ meant to ask.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import select
@@ -149,11 +150,10 @@ def bind(host: str, port: int) -> socket.socket | None:
 
 
 class Responder:
-    """Answers probes that reach ``sock`` (the server's UDP socket at its p2prc port)."""
+    """Answers probes that reach the server's UDP socket at its p2prc port (the owner of
+    that socket, ``udp_endpoint.UdpEndpoint``, hands them over)."""
 
-    def __init__(self, sock: socket.socket, identity: NodeIdentity, window: float,
-                 rate: int = RATE):
-        self.sock = sock
+    def __init__(self, identity: NodeIdentity, window: float, rate: int = RATE):
         self.identity = identity
         self.window = window
         self.rate = rate
@@ -192,23 +192,6 @@ class Responder:
         self._counts[source] = count + 1
         return True
 
-    def run(self, alive: float = 1.0) -> None:
-        """Answer until the socket is closed (a server worker's daemon thread)."""
-        while True:
-            try:
-                ready, _, _ = select.select([self.sock], [], [], alive)
-                if not ready:
-                    continue
-                data, peer = self.sock.recvfrom(PROBE_SIZE + 1)
-            except (OSError, ValueError):
-                return  # closed: the worker ends
-            answer = self.answer(data, peer[0], peer[1], time.time())
-            if answer is not None:
-                try:
-                    self.sock.sendto(answer, peer)
-                except OSError:
-                    pass  # the prober's problem: it asks again
-
 
 @dataclass(frozen=True)
 class Seen:
@@ -220,18 +203,24 @@ class Seen:
 
 
 def ask(targets: Iterable[tuple[str, int, str]], identity: NodeIdentity,
-        timeout: float = 1.5, every: float = 0.3) -> tuple[int, list[Seen]]:
+        timeout: float = 1.5, every: float = 0.3,
+        sock: socket.socket | None = None) -> tuple[int, list[Seen]]:
     """Probe each target (address, port, node id) from one socket, again every ``every``
     seconds for ``timeout`` (a probe or its answer may be lost): this socket's port, and
-    what each target that answered saw. IPv4 targets only (NAT is IPv4's)."""
+    what each target that answered saw. IPv4 targets only (NAT is IPv4's). ``sock``: an
+    IPv4 UDP socket of the caller's to ask from (a punch's), left open; else one of its
+    own. It returns as soon as every target answered."""
     waiting: dict[tuple[str, int], list[Waiting]] = {}  # several records may name one
     for address, port, node_id in targets:
         nonce = os.urandom(16)
         probe = Probe(node_id, identity.public_key, int(time.time()), nonce).signed(identity)
         waiting.setdefault((address, port), []).append((node_id, nonce, probe))
     seen: list[Seen] = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    own = sock is None
+    if sock is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("0.0.0.0", 0))
+    with sock if own else contextlib.nullcontext(sock):
         local_port = sock.getsockname()[1]
         deadline = time.monotonic() + timeout
         resend = 0.0

@@ -469,6 +469,33 @@ class JoinAnswer(Struct, frozen=True):
                 f"nested deeper than {MAX_JSON_DEPTH} levels")
 
 
+class PunchOffer(Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /v1/punch``: open a direct UDP path with the caller (``punch``). ``token``
+    admits the path at the host's UDP port; ``candidates`` are where the caller's UDP
+    comes from (``ADDRESS:PORT``, at most ``punch.MAX_CANDIDATES``, checked by
+    ``punch.parse_candidates`` where it is used)."""
+
+    token: Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
+    candidates: Annotated[list[Annotated[str, Meta(max_length=64)]],
+                          Meta(min_length=1, max_length=8)]
+
+    HINTS: ClassVar[dict[str, str]] = {
+        "token": "a punch token is 32 lower-case hex characters",
+        "candidates": "candidates are 1 to 8 ADDRESS:PORT of at most 64 characters"}
+
+    def __post_init__(self) -> None:
+        _refuse(len(self.token) != 32, self.HINTS["token"])
+
+
+class PunchAnswer(Struct, frozen=True):
+    """The host's side of a punch: where its UDP comes from (checked by the client with
+    ``punch.parse_candidates``), and how long it punches toward the caller."""
+
+    candidates: Annotated[list[Annotated[str, Meta(max_length=64)]],
+                          Meta(min_length=1, max_length=8)]
+    seconds: Annotated[float, Meta(ge=0, le=10)]
+
+
 # -- open routes and trust ----------------------------------------------------------------
 
 
@@ -498,7 +525,8 @@ class TrustMe(Struct, frozen=True):
 # The messages the OpenAPI document describes, by the name its components use.
 DOCUMENTED: tuple[type[Struct], ...] = (
     ContainerRequest, ContainerReply, ContainerList, Removed, ExchangeRequest, ExchangeAnswer,
-    RelayWait, ReachAnswer, JoinRequest, JoinAnswer, Health, TrustMe, ExecStart)
+    RelayWait, ReachAnswer, JoinRequest, JoinAnswer, Health, TrustMe, ExecStart, PunchOffer,
+    PunchAnswer)
 
 
 def schema_components() -> dict[str, Any]:

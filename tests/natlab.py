@@ -191,7 +191,13 @@ class NatLab:
                 "-j", "ACCEPT"],
                ["-A", "FORWARD", "-i", int_if, "-o", ext_if, "-j", "ACCEPT"],
                # Without this, traffic that a UPnP mapping DNATs to home is dropped.
-               ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT"]]
+               ["-A", "FORWARD", "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT"],
+               # Nothing from the internet side for the router itself, as home routers do
+               # (OpenWrt's wan zone: input REJECT). A packet that arrives before its hole
+               # is punched is dropped, not taken in: it leaves no conntrack entry that
+               # would make the router choose another port for the way out.
+               ["-A", "INPUT", "-i", ext_if, "-m", "conntrack", "!", "--ctstate",
+                "ESTABLISHED,RELATED", "-j", "DROP"]]
         if nat == "udp-dropped":
             rules.insert(1, ["-A", "FORWARD", "-p", "udp", "-j", "DROP"])
         for rule in rules:

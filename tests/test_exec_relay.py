@@ -1,6 +1,7 @@
 """`p2prc exec` on a host that only a relay reaches: the container is started, the inputs go
 in, the command runs and the outputs come back, every byte through the relay (TLS to the
-host inside the relay's stream), as for a friend whose host sits behind a home router."""
+host inside the relay's stream) where punching is off, and over a punched UDP path (QUIC)
+met through the relay where the host sits behind a home router that allows one."""
 
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ __all__ = ["docker_client", "labs"]  # fixtures, used by name
 
 
 def me(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """p2prc as this machine's user, punching off: every byte goes through the relay."""
     return subprocess.run([P2PRC, *args], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "P2PRC_HOME": str(home),
-                               "P2PRC_ALLOW_LOOPBACK": "true"})
+                               "P2PRC_ALLOW_LOOPBACK": "true", "P2PRC_PUNCH": "false"})
 
 
 def test_exec_through_a_relay_runs_with_inputs_and_outputs(tmp_path: Path,
@@ -98,7 +100,8 @@ def test_exec_on_a_friend_behind_a_home_router_through_its_relay(
         tmp_path: Path, docker_client: Any, labs: Callable[..., NatLab]) -> None:
     """The NAT lab: home runs containers behind a router that masquerades; friend, out on
     the lab's internet, knows only the relay; ``p2prc exec`` on home, files in and out,
-    goes through the relay (exec streams need nothing of home but its p2prc port)."""
+    meets home through the relay and goes direct over a punched path (exec streams need
+    nothing of home but its p2prc port)."""
     lab = labs()
     public, friend = lab.add_internet_host("public"), lab.add_internet_host("friend")
     relay = serve_relay(lab, public)
@@ -124,7 +127,7 @@ def test_exec_on_a_friend_behind_a_home_router_through_its_relay(
         assert done.returncode == 3, done.stdout + done.stderr  # the command's own code
         assert done.stdout == "retuor eht dniheb\n" and "to-stderr" in done.stderr
         assert (out / "rev.txt").read_text() == "retuor eht dniheb\n"
-        assert peers(friend)[home]["path"] == "relay"
+        assert peers(friend)[home]["path"] == "punched"  # a cone NAT and none: direct
         wait_for(lambda: not p2prc_containers(docker_client, home), timeout=30,
                  what="home removed the job's container")
     finally:

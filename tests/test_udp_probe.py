@@ -49,7 +49,19 @@ def probe_for(target: str, prober: NodeIdentity = PROBER, at: int = NOW,
 
 
 def responder() -> Responder:
-    return Responder(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), HOST, window=300)
+    return Responder(HOST, window=300)
+
+
+def answer_probes(sock: socket.socket, answering: Responder) -> None:
+    """A host's UDP socket reduced to its probes (``udp_endpoint`` does this and more)."""
+    while True:
+        try:
+            data, peer = sock.recvfrom(PROBE_SIZE + 1)
+        except OSError:
+            return  # closed: the test is over
+        answer = answering.answer(data, peer[0], peer[1], time.time())
+        if answer is not None:
+            sock.sendto(answer, peer)
 
 
 # -- the messages ------------------------------------------------------------------------------
@@ -169,7 +181,8 @@ def test_answers_from_another_address_than_the_one_probed_are_not_taken() -> Non
 def test_two_records_naming_one_address_do_not_hide_the_node_that_lives_there() -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    threading.Thread(target=Responder(sock, HOST, window=60).run, daemon=True).start()
+    threading.Thread(target=answer_probes, args=(sock, Responder(HOST, window=60)),
+                     daemon=True).start()
     port = sock.getsockname()[1]
     liar = NodeIdentity.generate().node_id  # its record names HOST's address as its own
     try:

@@ -105,9 +105,9 @@ def peers_ls(node: CliContext, with_gpu: bool = False, as_json: bool = False) ->
                    node.services.peers.entries() else
                    "The table is empty: add a peer with 'p2prc peers add ADDRESS'.")
         return
-    print_table(("name", "node id", "address", "latency", "bandwidth", "last seen", "gpus",
-                 "hosts you"),
-                [(r.name, r.node_id, _shown_path(r.address),
+    print_table(("name", "node id", "address", "path", "latency", "bandwidth", "last seen",
+                 "gpus", "hosts you"),
+                [(r.name, r.node_id, _shown_path(r.address), r.path,
                   f"{r.latency_ms:.1f} ms" if r.latency_ms is not None else "-",
                   f"{r.bandwidth_mbps:,.0f} Mbit/s" if r.bandwidth_mbps else "-",
                   format_ago(r.last_seen, now) + (f" ({r.failures} failed)"

@@ -16,6 +16,7 @@ from p2prc_core.relayhub import RelayHub
 from p2prc_core.server import errors, exec_stream, openapi, resources, streams
 from p2prc_core.server.auth import RequestAuth
 from p2prc_core.server.bodies import BodySizeLimit
+from p2prc_core.server.punching import PunchResource
 from p2prc_core.server.upgrade import Held
 from p2prc_core.services import NodeServices
 
@@ -92,6 +93,8 @@ def create_app(node: NodeServices) -> falcon.App:
     app.add_route("/v1/relay/connect", streams.RelayConnectResource(settings, hub, clients))
     app.add_route("/v1/reach", streams.ReachCheckResource(
         node.peers.secure, Held(DIAL_BACKS, "dial-backs"), settings.allow_loopback))
+    app.add_route("/v1/punch", PunchResource(node.home, settings.port,
+                                             settings.allow_loopback))
     app.add_route("/v1/trust/me",
                   resources.TrustMeResource(node.trust.is_trusted, settings.trust_mode))
     app.add_route("/v1/trust/join", resources.TrustJoinResource(node.invites.accept))

@@ -6,7 +6,6 @@ import errno
 import logging
 import shutil
 import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -165,9 +164,13 @@ def build_app(settings: Settings, home: Path) -> Any:
     """The peer app as each worker builds it (plugins are loaded again after the fork)."""
     node = NodeServices(settings, home, make_plugin_manager(disabled=settings.disable_plugins))
     start_background_jobs(node)
-    for udp in _UDP:  # each worker answers probes on the one socket
-        responder = udp_probe.Responder(udp, node.identity, settings.clock_window_seconds)
-        threading.Thread(target=responder.run, name="p2prc-udp", daemon=True).start()
+    for udp in _UDP:  # one worker at a time serves it: probes, punches, QUIC
+        from p2prc_core.addresses import own_server
+        from p2prc_core.udp_endpoint import UdpOwner
+
+        cert, key = tls.server_files(home, node.identity)
+        UdpOwner(udp, home, node.identity, cert, key, settings.clock_window_seconds,
+                 own_server(settings), settings.allow_loopback).start()
     reach.start(node.settings, node.home, node.peers)
     return upgrade.Upgrades(create_app(node))
 

@@ -1,0 +1,203 @@
+"""QUIC on a punched path (issue 24): the client's side, and what both sides share.
+
+A ``QuicLink`` is one QUIC connection to a node, made from the UDP socket that punched the
+path, run on an event loop of its own thread. The node presents its own certificate (the
+one its TLS port presents, self-signed by its node key); TLS 1.3 proves it holds that key,
+and the link checks that the key is the node's it meant to reach before it opens a stream,
+as the TLS channel does (``tls.check_peer``).
+
+Each stream stands in for one TCP connection to the node's p2prc port: ``open_socket``
+gives a connected socket, so everything that runs over TCP (the API, with its own TLS
+inside; tunnels; exec streams) runs over a stream unchanged, and the host joins each stream
+to its own server, as it does a relayed client (``udp_endpoint``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from p2prc_core import tls
+from p2prc_core.errors import PeerError
+from p2prc_core.identity import node_id_for
+
+ALPN = "p2prc/1"
+IDLE_SECONDS = 30.0  # a path silent this long is dead (NATs forget UDP in 30 s or more)
+PING_SECONDS = 10.0  # the client keeps the path and its NAT mappings alive
+SEND_AHEAD = 4 << 20  # bytes one stream may have sent and not yet acknowledged
+CHUNK = 1 << 16
+
+
+def configuration(is_client: bool, cert: str | None = None,
+                  key: str | None = None) -> QuicConfiguration:
+    config = QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN],
+                               idle_timeout=IDLE_SECONDS, verify_mode=ssl.CERT_NONE,
+                               max_datagram_frame_size=None)
+    if cert and key:
+        config.load_cert_chain(cert, key)
+    return config
+
+
+def presented_node(protocol: QuicConnectionProtocol) -> str | None:
+    """The node id of the key the other side's certificate holds (its handshake proved it
+    holds that key), or None where there is no such certificate."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    cert = getattr(protocol._quic.tls, "_peer_certificate", None)
+    if cert is None:
+        return None
+    key = tls.certificate_key(cert.public_bytes(Encoding.DER))
+    return node_id_for(key) if key is not None else None
+
+
+async def quic_write(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Write to a QUIC stream, then wait while more than ``SEND_AHEAD`` of it is not yet
+    acknowledged (aioquic's streams buffer without end, and never pause a writer)."""
+    writer.write(data)
+    adapter: Any = writer.transport
+    stream = adapter.protocol._quic._streams.get(adapter.stream_id)
+    while stream is not None and len(stream.sender._buffer) > SEND_AHEAD and \
+            not adapter.protocol._closed.is_set():
+        await asyncio.sleep(0.002)
+
+
+async def join(quic: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+               other: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    """Carry bytes both ways between a QUIC stream and a socket's streams until both ends
+    have finished sending (each end's EOF is passed on), or either breaks."""
+    async def copy(source: asyncio.StreamReader, write: Callable[[bytes], Awaitable[None]],
+                   sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(CHUNK):
+            await write(data)
+        if sink.can_write_eof():
+            sink.write_eof()
+
+    async def to_socket(data: bytes) -> None:
+        other[1].write(data)
+        await other[1].drain()
+
+    tasks = [asyncio.ensure_future(copy(quic[0], to_socket, other[1])),
+             asyncio.ensure_future(copy(other[0], lambda d: quic_write(quic[1], d), quic[1]))]
+    try:
+        for task in asyncio.as_completed(tasks):
+            await task  # either way's failure ends both
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        for task in tasks:
+            task.cancel()
+        for _, writer in (quic, other):
+            writer.close()
+
+
+class QuicLink:
+    """One QUIC connection to node ``node_id`` at ``remote``, from ``sock`` (see the
+    module's docstring). ``connect`` before ``open_socket``; ``close`` when done."""
+
+    def __init__(self, sock: socket.socket, remote: tuple[str, int], node_id: str):
+        self.sock = sock
+        self.remote = remote
+        self.node_id = node_id
+        self._loop = asyncio.new_event_loop()
+        self._protocol: QuicConnectionProtocol | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="p2prc-quic",
+                                        daemon=True)
+        self._thread.start()
+
+    def connect(self, timeout: float) -> None:
+        """The handshake, and the node checked.
+
+        :raises PeerError: no answer within ``timeout``, or another node answered.
+        """
+        future = asyncio.run_coroutine_threadsafe(self._connect(timeout), self._loop)
+        try:
+            future.result(timeout + 1)
+        except PeerError:
+            self.close()
+            raise
+        except BaseException as err:  # noqa: BLE001 - said as one error
+            self.close()
+            raise PeerError(f"QUIC to {self.node_id} at {self.remote[0]}:{self.remote[1]} "
+                            f"did not start: {str(err) or type(err).__name__}") from None
+
+    async def _connect(self, timeout: float) -> None:
+        protocol = QuicConnectionProtocol(QuicConnection(configuration=configuration(True)))
+        await self._loop.create_datagram_endpoint(lambda: protocol, sock=self.sock)
+        remote = self.remote
+        if self.sock.family == socket.AF_INET6 and ":" not in remote[0]:
+            remote = (f"::ffff:{remote[0]}", remote[1])
+        protocol.connect(remote)
+        self._protocol = protocol
+        await asyncio.wait_for(protocol.wait_connected(), timeout)
+        presented = presented_node(protocol)
+        if presented != self.node_id:
+            raise tls.NodeMismatch(f"{remote[0]}:{remote[1]} (punched)", self.node_id,
+                                   presented or "none")
+        self._loop.create_task(self._keep_alive(protocol))
+
+    async def _keep_alive(self, protocol: QuicConnectionProtocol) -> None:
+        with contextlib.suppress(Exception):
+            while not protocol._closed.is_set():
+                await asyncio.sleep(PING_SECONDS)
+                await asyncio.wait_for(protocol.ping(), IDLE_SECONDS)
+
+    @property
+    def alive(self) -> bool:
+        return self._protocol is not None and not self._protocol._closed.is_set() and \
+            self._loop.is_running()
+
+    def open_socket(self, timeout: float = 5.0) -> socket.socket:
+        """A new stream, as a connected socket (one end of a socket pair, the other joined
+        to the stream on the link's thread).
+
+        :raises PeerError: the link is closed.
+        """
+        if not self.alive:
+            raise PeerError(f"the punched path to {self.node_id} is closed")
+        ours, theirs = socket.socketpair()
+        future = asyncio.run_coroutine_threadsafe(self._stream(theirs), self._loop)
+        try:
+            future.result(timeout)
+        except BaseException as err:  # noqa: BLE001 - said as one error
+            ours.close()
+            theirs.close()
+            raise PeerError(f"the punched path to {self.node_id} took no stream: "
+                            f"{str(err) or type(err).__name__}") from None
+        return ours
+
+    async def _stream(self, theirs: socket.socket) -> None:
+        assert self._protocol is not None
+        quic = await self._protocol.create_stream()
+        other = await asyncio.open_connection(sock=theirs)
+        self._loop.create_task(join(quic, other))
+
+    def close(self) -> None:
+        """Close the connection (the node is told) and every stream of it, then the loop."""
+        if self._loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+            with contextlib.suppress(Exception):
+                future.result(2)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(2)
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    async def _shutdown(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
+            self._protocol.transmit()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

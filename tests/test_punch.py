@@ -1,0 +1,329 @@
+"""Hole punching and QUIC on the p2prc port (issue 24), on loopback with real servers: a node
+met through its relay is reached over a punched path, and a stranger cannot use the UDP
+port to open a path, to amplify, or to make a host punch where it should not. (Two real NATs:
+``test_punch_lab.py``.)"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from falcon import testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_reach import named, relayed, start_behind, start_relay, wait_for, waits_at
+
+from conftest import LiveServer, start_server
+from p2prc_core import punch, punched, tls
+from p2prc_core.client import PeerClient
+from p2prc_core.config import Settings
+from p2prc_core.errors import PeerError
+from p2prc_core.identity import NodeIdentity
+from p2prc_core.models import Endpoint
+from p2prc_core.plugins import make_plugin_manager
+from p2prc_core.quic_link import QuicLink
+from p2prc_core.server import create_app
+from p2prc_core.server.punching import own_candidates
+from p2prc_core.services import NodeServices
+from p2prc_core.signing import sign_request
+from p2prc_core.wire import PunchOffer, WireError, decode
+
+ME = NodeIdentity.generate()
+
+
+# -- candidates and packets -------------------------------------------------------------------
+
+def test_good_candidates_are_read_back() -> None:
+    assert punch.parse_candidates(["11.0.0.2:40000", "[2001:db8::5]:8088", "10.1.2.3:1"]) == \
+        [("11.0.0.2", 40000), ("2001:db8::5", 8088), ("10.1.2.3", 1)]
+
+
+@pytest.mark.parametrize(("candidates", "says"), [
+    (["127.0.0.1:8088"], "loopback"),
+    (["[::1]:8088"], "loopback"),
+    (["169.254.169.254:80"], "link-local"),  # a cloud's metadata service
+    (["[fd00:ec2::254]:80"], "metadata"),
+    (["[fe80::1]:80"], "link-local"),
+    (["[fe80::1%eth0]:80"], "never punched"),
+    (["224.0.0.1:5353"], "multicast"),
+    (["255.255.255.255:9"], "broadcast"),
+    (["0.0.0.0:9"], "unspecified"),
+    (["[::ffff:127.0.0.1]:80"], "loopback"),  # an IPv6 spelling of loopback
+    ([f"11.0.0.{i}:8088" for i in range(9)], "at most 8"),
+    (["11.0.0.2:8088", "11.0.0.2:8088"], "twice"),
+    (["11.0.0.2"], "ADDRESS:PORT"),
+    (["11.0.0.2:0"], "ADDRESS:PORT"),
+    (["11.0.0.2:65536"], "ADDRESS:PORT"),
+    (["example.org:8088"], "not an IP address"),
+    (["::1:8088"], "brackets"),
+    (["[[::1]]:8088"], "never punched|not an IP"),
+    (["[11.0.0.2:8088"], "brackets"),
+    ([], "non-empty"),
+    ("11.0.0.2:8088", "non-empty list"),
+    ([8088], "ADDRESS:PORT"),
+    (["1" * 70 + ":80"], "64 characters"),
+])
+def test_hostile_candidate_lists_are_refused_with_the_reason(candidates: Any,
+                                                              says: str) -> None:
+    with pytest.raises(punch.CandidateError, match=says):
+        punch.parse_candidates(candidates)
+
+
+def test_loopback_is_a_candidate_only_where_the_config_allows_it() -> None:
+    assert punch.parse_candidates(["127.0.0.1:9"], allow_loopback=True) == [("127.0.0.1", 9)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=70), st.integers(), st.none()), max_size=12))
+def test_any_candidate_list_is_taken_or_refused_never_crashes(items: list[Any]) -> None:
+    try:
+        found = punch.parse_candidates(items)
+    except punch.CandidateError:
+        return
+    assert 1 <= len(found) <= punch.MAX_CANDIDATES
+    assert all(0 < port < 65536 for _, port in found)
+
+
+def test_a_punch_packet_is_its_token_and_nothing_else_is_one() -> None:
+    token = punch.new_token()
+    assert punch.token_of(punch.packet(token)) == token
+    assert len(punch.packet(token)) == punch.PACKET_SIZE == 20
+    assert punch.token_of(punch.packet(token) + b"x") is None
+    assert punch.token_of(b"P2U1" + token) is None
+
+
+@pytest.mark.parametrize("body", [
+    {"token": "ab" * 16 + "\n", "candidates": ["11.0.0.2:1"]},
+    {"token": "AB" * 16, "candidates": ["11.0.0.2:1"]},
+    {"token": "ab" * 16, "candidates": []},
+    {"token": "ab" * 16, "candidates": ["11.0.0.2:1"] * 9},
+    {"token": "ab" * 16, "candidates": ["1" * 65]},
+    {"token": "ab" * 16, "candidates": ["11.0.0.2:1"], "more": 1},
+])
+def test_an_offer_of_the_wrong_shape_is_refused_by_its_definition(body: dict[str, Any]) -> None:
+    with pytest.raises(WireError):
+        decode(json.dumps(body).encode(), PunchOffer)
+
+
+def test_the_host_offers_where_peers_saw_it_then_its_own_addresses() -> None:
+    from p2prc_core.models import Address
+
+    state = {"reachable": {"address": "11.0.0.1:8088"},
+             "udp": {"seen": [{"address": "11.0.0.1", "port": 40001},
+                              {"address": "127.0.0.1", "port": 1}, "junk"]}}
+    ours = own_candidates(state, [Address.parse("10.199.3.2"), Address.parse("::1"),
+                                  Address.parse("127.0.0.1")], 8088, allow_loopback=False)
+    assert ours == ["11.0.0.1:8088", "10.199.3.2:8088"]
+    assert own_candidates({"reachable": "junk", "udp": ["junk"]}, [], 8088, False) == []
+
+
+# -- the route, in the app -------------------------------------------------------------------
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[testing.TestClient]:
+    node = NodeServices(Settings(allow_loopback=False), tmp_path,
+                        make_plugin_manager(disabled=["nvidia"]))
+    yield testing.TestClient(create_app(node))
+
+
+def offer(client: testing.TestClient, body: Any, caller: NodeIdentity = ME) -> testing.Result:
+    raw = json.dumps(body).encode()
+    target = _app_node(client)
+    return client.simulate_post("/v1/punch", body=raw, headers={
+        **sign_request(caller, "POST", "/v1/punch", "", raw, target),
+        "Content-Type": "application/json"})
+
+
+def _app_node(client: testing.TestClient) -> str:
+    node_id: str = client.simulate_get("/v1/node").json["node_id"]
+    return node_id
+
+
+def test_the_route_refuses_bad_offers_and_says_why(app: testing.TestClient) -> None:
+    token = "ab" * 16
+    for candidates, says in [(["127.0.0.1:5"], "loopback"),
+                             (["169.254.169.254:80"], "link-local"),
+                             (["11.0.0.2:5"] * 9, "candidates")]:
+        result = offer(app, {"token": token, "candidates": candidates})
+        assert result.status_code == 400, result.text
+        assert says in result.json["description"]
+    unsigned = app.simulate_post("/v1/punch", json={"token": token, "candidates": ["1.2.3.4:5"]})
+    assert unsigned.status_code == 401
+
+
+def test_without_a_udp_owner_the_route_says_so_and_a_second_offer_waits(
+        app: testing.TestClient) -> None:
+    body = {"token": "cd" * 16, "candidates": ["11.0.0.2:40000"]}
+    first = offer(app, body)
+    assert first.status_code == 503, first.text  # no server worker serves UDP here
+    assert "relay" in first.json["description"]
+    again = offer(app, body)
+    assert again.status_code == 429, again.text
+    assert offer(app, body, NodeIdentity.generate()).status_code == 503  # another caller
+
+
+# -- real servers over loopback -----------------------------------------------------------------
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[LiveServer]:
+    server = start_server(tmp_path / "host")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def agreed(server: LiveServer) -> tuple[socket.socket, tuple[str, int], bytes]:
+    """A socket whose address ``server`` took an offer from and punched with: the path."""
+    sock = punch.udp_socket()
+    token = punch.new_token()
+    with PeerClient(Endpoint("127.0.0.1", server.port, server.node_id), identity=ME) as client:
+        answer = client.punch(PunchOffer(token=token.hex(),
+                                         candidates=[f"127.0.0.1:{sock.getsockname()[1]}"]))
+    found = punch.punch(sock, punch.parse_candidates(answer.candidates, True), token)
+    assert found == ("127.0.0.1", server.port)
+    return sock, found, token
+
+
+def health_over(link: QuicLink, node_id: str) -> dict[str, Any]:
+    """GET /v1/health over one of the link's streams, with TLS to the node inside it."""
+    from p2prc_core.channel import Channel
+
+    wrapped = Channel(Endpoint("127.0.0.1", 1, node_id)).wrap(link.open_socket(), 5)
+    wrapped.sendall(b"GET /v1/health HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := wrapped.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    answer: dict[str, Any] = json.loads(body)
+    return answer
+
+
+def test_an_agreed_path_carries_streams_to_the_node_checked(host: LiveServer) -> None:
+    sock, found, _ = agreed(host)
+    link = QuicLink(sock, found, host.node_id)
+    link.connect(5)
+    try:
+        for _ in range(3):  # each stream a connection of its own to the node's server
+            assert health_over(link, host.node_id)["status"] == "ok"
+    finally:
+        link.close()
+
+
+def test_an_agreed_path_to_another_node_is_refused_before_any_stream(host: LiveServer) -> None:
+    sock, found, _ = agreed(host)
+    expected = NodeIdentity.generate().node_id
+    with pytest.raises(tls.NodeMismatch, match=f"not {expected}"):
+        QuicLink(sock, found, expected).connect(5)
+
+
+def test_a_stranger_cannot_open_quic_without_an_agreed_path(host: LiveServer) -> None:
+    started = time.monotonic()
+    with pytest.raises(PeerError, match="did not start"):
+        QuicLink(punch.udp_socket(), ("127.0.0.1", host.port), host.node_id).connect(1.5)
+    assert time.monotonic() - started < 4
+    # The host carries on: an agreed path still works.
+    sock, found, _ = agreed(host)
+    link = QuicLink(sock, found, host.node_id)
+    link.connect(5)
+    link.close()
+
+
+def test_punch_packets_are_answered_only_for_a_live_token_and_never_larger(
+        host: LiveServer) -> None:
+    sock, _, token = agreed(host)
+    stranger = punch.udp_socket()
+    sock.settimeout(0.5)
+    stranger.settimeout(0.5)
+    try:
+        stranger.sendto(punch.packet(punch.new_token()), ("127.0.0.1", host.port))
+        stranger.sendto(b"P2H1" + b"x" * 400, ("127.0.0.1", host.port))
+        stranger.sendto(b"\xc0" + b"\0" * 1300, ("127.0.0.1", host.port))  # not QUIC
+        with pytest.raises(TimeoutError):
+            stranger.recvfrom(2048)
+        # The caller's own token: one packet of the same size back for each, at most 40.
+        while True:  # what the punch itself sent back is drained first
+            try:
+                sock.recvfrom(2048)
+            except TimeoutError:
+                break
+        answers = []
+        for _ in range(60):
+            sock.sendto(punch.packet(token), ("127.0.0.1", host.port))
+        while True:
+            try:
+                answers.append(sock.recvfrom(2048)[0])
+            except TimeoutError:
+                break
+        assert answers and all(a == punch.packet(token) for a in answers)
+        assert len(answers) <= punch.ANSWERS_PER_TOKEN
+    finally:
+        sock.close()
+        stranger.close()
+
+
+# -- the client: a node met through its relay -----------------------------------------------------
+
+@pytest.fixture
+def behind(tmp_path: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
+    relay = start_relay(tmp_path, "relay")
+    node = start_behind(tmp_path, "node", named(relay))
+    try:
+        wait_for(lambda: waits_at(relay, node), what="the node waits at its relay")
+        yield relay, node
+    finally:
+        node.stop()
+        relay.stop()
+
+
+def test_a_node_met_through_its_relay_is_reached_over_a_punched_path(
+        tmp_path: Path, behind: tuple[LiveServer, LiveServer]) -> None:
+    relay, node = behind
+    paths = punched.PunchedPaths(tmp_path / "me", ME, allow_loopback=True)
+    (tmp_path / "me").mkdir()
+    try:
+        with PeerClient([relayed(relay, node)], identity=ME, paths=paths) as client:
+            assert client.health().status == "ok"
+            assert client.node()["node_id"] == node.node_id
+        state = punched.remembered(tmp_path / "me")[node.node_id]
+        assert (state["path"], state["why"]) == ("punched", f"127.0.0.1:{node.port}")
+        assert punched.punched_lately(tmp_path / "me") == {node.node_id}
+        # The node's own server took the requests from loopback (its UDP side), and the
+        # relay joined none of them: no connection marker was ever made there.
+        assert not list((relay.home / "relay").glob("c.*"))
+    finally:
+        paths.close()
+
+
+def test_a_failed_try_is_remembered_and_the_relay_is_used_at_once(
+        tmp_path: Path, behind: tuple[LiveServer, LiveServer]) -> None:
+    relay, node = behind
+    home = tmp_path / "me"
+    home.mkdir()
+    # No loopback allowed: the node's candidates (loopback here) are refused, the try fails.
+    paths = punched.PunchedPaths(home, ME, allow_loopback=False)
+    with PeerClient([relayed(relay, node)], identity=ME, paths=paths) as client:
+        assert client.health().status == "ok"  # through the relay
+    first = punched.remembered(home)[node.node_id]
+    assert first["path"] == "relay" and "loopback" in str(first["why"])
+    started = time.monotonic()
+    assert paths.socket_to(relayed(relay, node)) is None
+    assert time.monotonic() - started < 0.1  # remembered: no second try
+    assert punched.remembered(home)[node.node_id] == first
+
+
+@pytest.mark.parametrize("content", ['{"x": {"path": "punched", "why": 1, "at": "now"}}',
+                                     "[1, 2]", "not json", '{"x": 5}'])
+def test_a_damaged_memory_file_is_read_as_empty(tmp_path: Path, content: str) -> None:
+    (tmp_path / punched.STATE_FILE).write_text(content)
+    assert punched.remembered(tmp_path) == {}
+    assert punched.punched_lately(tmp_path) == set()
+    paths = punched.PunchedPaths(tmp_path, ME)
+    paths._remember("n" * 26, "relay", "why")  # what the next try finds: written afresh
+    assert punched.remembered(tmp_path)["n" * 26]["path"] == "relay"
