@@ -28,6 +28,11 @@ MAX_CANDIDATES = 8  # addresses one side may offer
 EVERY = 0.05  # seconds between two rounds of punch packets
 SECONDS = 2.0  # how long each side keeps punching
 ANSWERS_PER_TOKEN = 40  # punch packets a host sends back for one token, at most
+SPREAD_AFTER = 0.5  # seconds of plain punching before the spread (for a symmetric NAT)
+SPREAD_SOCKETS = 256  # sockets each side adds in a spread: new mappings on a symmetric NAT
+SPREAD_PORTS = 1024  # random ports of the other side's address each side sends to
+SPREAD_BATCH = 64  # of those, sent each round (every EVERY seconds)
+_RANDOM = secrets.SystemRandom()
 
 
 class CandidateError(ValueError):
@@ -89,37 +94,85 @@ def parse_candidates(items: object, allow_loopback: bool = False) -> list[tuple[
     return found
 
 
-def punch(sock: socket.socket, candidates: list[tuple[str, int]], token: bytes,
-          seconds: float = SECONDS, every: float = EVERY) -> tuple[str, int] | None:
-    """Send punch packets to every candidate from ``sock`` until one carrying ``token``
-    comes back: the address it came from (where the other side really is), or None after
-    ``seconds``. Other datagrams are left unread only if they are not punch packets of
-    this token; they are dropped."""
-    out = packet(token)
-    deadline = time.monotonic() + seconds
-    resend = 0.0
-    while (now := time.monotonic()) < deadline:
-        if now >= resend:
-            for target in candidates:
-                try:
-                    sock.sendto(out, _target(sock, target))
-                except OSError:
-                    pass  # no route to this one now: the others may do
-            resend = now + every
-        if not select.select([sock], [], [], max(0.0, min(resend, deadline) - now))[0]:
-            continue
-        try:
-            data, source = sock.recvfrom(2048)
-        except OSError:
-            continue  # an ICMP error for one candidate
-        if token_of(data) == token:
-            for _ in range(3):  # so its side learns where we are too, if it missed ours
-                try:
-                    sock.sendto(out, source)
-                except OSError:
-                    break
-            return _plain(source[0]), source[1]
+def spread_ports(count: int = SPREAD_PORTS) -> list[int]:
+    """``count`` distinct random ports above 1023, where a symmetric NAT maps from."""
+    return _RANDOM.sample(range(1024, 65536), count)
+
+
+def spread_target(candidates: list[tuple[str, int]]) -> str | None:
+    """The address a spread goes to: the first public IPv4 address among ``candidates``
+    (the other side's router); None where there is none (a LAN is never sprayed)."""
+    for host, _ in candidates:
+        address = Address.parse(host)
+        if address.version == 4 and address.kind == "global":
+            return host
     return None
+
+
+def punch(sock: socket.socket, candidates: list[tuple[str, int]], token: bytes,
+          seconds: float = SECONDS, every: float = EVERY,
+          spread: bool = True) -> tuple[socket.socket, tuple[str, int]] | None:
+    """Send punch packets to every candidate from ``sock`` until one carrying ``token``
+    comes back; the socket it came to and the address it came from (where the other side
+    really is), or None after ``seconds``.
+
+    After ``SPREAD_AFTER`` seconds without one (a NAT on the way maps per destination), the
+    spread, as the other side does it too (``udp_endpoint``): ``SPREAD_SOCKETS`` more
+    sockets send to the candidates (if this side's NAT is the symmetric one, one of their
+    new mappings may be among the ports the other side sprays), and ``sock`` sends to
+    ``SPREAD_PORTS`` random ports of the other side's public address (if that side is the
+    symmetric one, one may be a mapping of its spread sockets). The winning socket is kept;
+    the others are closed."""
+    out = packet(token)
+    started = time.monotonic()
+    deadline = started + seconds
+    sockets = [sock]
+    sprayed: list[tuple[str, int]] = []
+    resend = 0.0
+    try:
+        while (now := time.monotonic()) < deadline:
+            if now >= resend:
+                if spread and len(sockets) == 1 and now - started >= SPREAD_AFTER:
+                    sockets += _spread_sockets(sock.family)
+                    target = spread_target(candidates)
+                    sprayed = [(target, p) for p in spread_ports()] if target else []
+                for one in sockets:
+                    _send(one, out, candidates)
+                _send(sock, out, sprayed[:SPREAD_BATCH])
+                sprayed = sprayed[SPREAD_BATCH:] + sprayed[:SPREAD_BATCH]
+                resend = now + every
+            ready = select.select(sockets, [], [], max(0.0, min(resend, deadline) - now))[0]
+            for one in ready:
+                try:
+                    data, source = one.recvfrom(2048)
+                except OSError:
+                    continue  # an ICMP error for one candidate
+                if token_of(data) == token:
+                    _send(one, out, [source] * 3)  # so its side learns where we are too
+                    sockets.remove(one)
+                    return one, (_plain(source[0]), source[1])
+        return None
+    finally:
+        for one in sockets[1:]:
+            one.close()
+
+
+def _spread_sockets(family: int) -> list[socket.socket]:
+    made: list[socket.socket] = []
+    try:
+        for _ in range(SPREAD_SOCKETS):
+            made.append(udp_socket(family))
+    except OSError:
+        pass  # out of descriptors: spread with what there is
+    return made
+
+
+def _send(sock: socket.socket, data: bytes, targets: list[tuple[str, int]]) -> None:
+    for target in targets:
+        try:
+            sock.sendto(data, _target(sock, target))
+        except OSError:
+            pass  # no route to this one now: the others may do
 
 
 def _target(sock: socket.socket, target: tuple[str, int]) -> tuple[str, int]:

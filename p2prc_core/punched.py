@@ -155,7 +155,10 @@ class PunchedPaths:
         except BaseException:
             sock.close()
             raise
-        link = QuicLink(sock, found, endpoint.node_id)  # owns the socket from here
+        won, remote = found
+        if won is not sock:  # a spread socket won: the first is not needed
+            sock.close()
+        link = QuicLink(won, remote, endpoint.node_id)  # owns the socket from here
         link.connect(max(0.5, deadline - time.monotonic()))
         return link
 

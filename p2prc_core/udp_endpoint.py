@@ -28,6 +28,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ log = logging.getLogger("p2prc.udp")
 
 OFFER_SECONDS = 10.0  # an offer's token admits a source this long after it came
 MAX_OFFERS = 32  # offers live at once
-MAX_LINKS = 64  # QUIC connections at once
+MAX_LINKS = 64  # QUIC connections at once, on each socket
+MAX_SPREADING = 2  # offers whose spread (punch.SPREAD_SOCKETS sockets each) runs at once
 _CONTROL_MAX = 4096  # the largest offer message between workers
 
 
@@ -72,85 +74,32 @@ class _Offer:
         self.met = False  # a punch packet of its came
 
 
-class UdpEndpoint(asyncio.DatagramProtocol):
-    """What the owner runs on the UDP socket (see the module's docstring)."""
+class QuicSide:
+    """aioquic's server on one UDP socket's transport: a new connection only from a source
+    ``admitted`` says yes to, at most ``MAX_LINKS`` at once; each stream joined to this
+    node's own server at ``local``."""
 
-    def __init__(self, identity: NodeIdentity, cert: str, key: str, window: float,
-                 local: tuple[str, int]):
-        self.responder = udp_probe.Responder(identity, window)
+    def __init__(self, transport: asyncio.DatagramTransport, cert: str, key: str,
+                 local: tuple[str, int], admitted: Callable[[tuple[str, int]], bool]):
         self.local = local
-        self.offers: dict[bytes, _Offer] = {}
-        self.admitted: dict[tuple[str, int], float] = {}  # source -> until
-        self._cert, self._key = cert, key
-        self.transport: asyncio.DatagramTransport | None = None
-        self.quic: QuicServer | None = None
+        self.admitted = admitted
+        self.server = QuicServer(configuration=quic_link.configuration(False, cert, key),
+                                 stream_handler=self._stream)
+        self.server.connection_made(transport)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.quic = QuicServer(configuration=quic_link.configuration(False, self._cert,
-                                                                     self._key),
-                               stream_handler=self._stream)
-        self.quic.connection_made(transport)
+    @property
+    def links(self) -> int:
+        return len(set(self.server._protocols.values()))
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        assert self.transport is not None and self.quic is not None
-        source = (_plain(addr[0]), addr[1])
-        if data[:4] == udp_probe.MAGIC:
-            answer = self.responder.answer(data, addr[0], addr[1], time.time())
-            if answer is not None:
-                self.transport.sendto(answer, addr)
-            return
-        token = punch.token_of(data)
-        if token is not None:
-            self._punched(token, source, addr)
-            return
-        if data[:4] == punch.MAGIC:
-            return
+    def receive(self, data: bytes, addr: Any) -> None:
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
         except ValueError:
             return
-        known = header.destination_cid in self.quic._protocols
-        if not known:
-            now = time.monotonic()
-            if self.admitted.get(source, 0.0) < now or \
-                    len(set(self.quic._protocols.values())) >= MAX_LINKS:
-                return  # a stranger's Initial: no path was agreed with it
-        self.quic.datagram_received(data, addr)
-
-    def _punched(self, token: bytes, source: tuple[str, int], addr: Any) -> None:
-        offer = self.offers.get(token)
-        now = time.monotonic()
-        if offer is None or offer.until < now:
-            return
-        offer.met = True
-        self.admitted[source] = max(self.admitted.get(source, 0.0), offer.until)
-        if offer.answered < punch.ANSWERS_PER_TOKEN:
-            offer.answered += 1
-            assert self.transport is not None
-            self.transport.sendto(punch.packet(token), addr)
-
-    def offer(self, token: bytes, candidates: list[tuple[str, int]]) -> None:
-        """Take an offer: admit its token, and punch toward its candidates."""
-        now = time.monotonic()
-        for token_gone in [t for t, o in self.offers.items() if o.until < now]:
-            del self.offers[token_gone]
-        for source in [s for s, until in self.admitted.items() if until < now]:
-            del self.admitted[source]
-        if token in self.offers or len(self.offers) >= MAX_OFFERS:
-            return
-        offer = _Offer(candidates, now + OFFER_SECONDS)
-        self.offers[token] = offer
-        asyncio.get_running_loop().create_task(self._punch(token, offer))
-
-    async def _punch(self, token: bytes, offer: _Offer) -> None:
-        out = punch.packet(token)
-        deadline = time.monotonic() + punch.SECONDS
-        while not offer.met and time.monotonic() < deadline and self.transport is not None:
-            for host, port in offer.candidates:
-                with contextlib.suppress(OSError):
-                    self.transport.sendto(out, _target(self.transport, host, port))
-            await asyncio.sleep(punch.EVERY)
+        if header.destination_cid not in self.server._protocols and (
+                not self.admitted((_plain(addr[0]), addr[1])) or self.links >= MAX_LINKS):
+            return  # a stranger's Initial: no path was agreed with it
+        self.server.datagram_received(data, addr)
 
     def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         asyncio.get_running_loop().create_task(self._to_server(reader, writer))
@@ -166,6 +115,188 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         local[1].get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
                                                      socket.TCP_NODELAY, 1)
         await quic_link.join((reader, writer), local)
+
+
+class UdpEndpoint(asyncio.DatagramProtocol):
+    """What the owner runs on the UDP socket (see the module's docstring), and the offers
+    it took."""
+
+    def __init__(self, identity: NodeIdentity, cert: str, key: str, window: float,
+                 local: tuple[str, int]):
+        self.responder = udp_probe.Responder(identity, window)
+        self.local = local
+        self.offers: dict[bytes, _Offer] = {}
+        self.admitted: dict[tuple[str, int], float] = {}  # source -> until
+        self.spreading = 0  # offers whose spread runs now
+        self._cert, self._key = cert, key
+        self.transport: asyncio.DatagramTransport | None = None
+        self.quic: QuicSide | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.quic = self.quic_side(self.transport)  # type: ignore[arg-type]
+
+    def quic_side(self, transport: asyncio.DatagramTransport) -> QuicSide:
+        return QuicSide(transport, self._cert, self._key, self.local, self.is_admitted)
+
+    def is_admitted(self, source: tuple[str, int]) -> bool:
+        return self.admitted.get(source, 0.0) >= time.monotonic()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        assert self.transport is not None and self.quic is not None
+        if data[:4] == udp_probe.MAGIC:
+            answer = self.responder.answer(data, addr[0], addr[1], time.time())
+            if answer is not None:
+                self.transport.sendto(answer, addr)
+            return
+        token = punch.token_of(data)
+        if token is not None:
+            if self.punched(token, (_plain(addr[0]), addr[1])):
+                self.transport.sendto(data, addr)
+            return
+        if data[:4] != punch.MAGIC:
+            self.quic.receive(data, addr)
+
+    def punched(self, token: bytes, source: tuple[str, int]) -> bool:
+        """A punch packet with ``token`` came from ``source``: admitted, if its offer is
+        live; whether to answer it (the same packet back, at most ``ANSWERS_PER_TOKEN``)."""
+        offer = self.offers.get(token)
+        now = time.monotonic()
+        if offer is None or offer.until < now:
+            return False
+        offer.met = True
+        self.admitted[source] = max(self.admitted.get(source, 0.0), offer.until)
+        offer.answered += 1
+        return offer.answered <= punch.ANSWERS_PER_TOKEN
+
+    def offer(self, token: bytes, candidates: list[tuple[str, int]]) -> None:
+        """Take an offer: admit its token, and punch toward its candidates."""
+        now = time.monotonic()
+        for token_gone in [t for t, o in self.offers.items() if o.until < now]:
+            del self.offers[token_gone]
+        for source in [s for s, until in self.admitted.items() if until < now]:
+            del self.admitted[source]
+        if token in self.offers or len(self.offers) >= MAX_OFFERS:
+            return
+        offer = _Offer(candidates, now + OFFER_SECONDS)
+        self.offers[token] = offer
+        asyncio.get_running_loop().create_task(self._punch(token, offer))
+
+    async def _punch(self, token: bytes, offer: _Offer) -> None:
+        """Punch toward the offer's candidates; after ``punch.SPREAD_AFTER`` seconds
+        unmet, the spread (``punch.punch`` says why), unless ``MAX_SPREADING`` run."""
+        out = punch.packet(token)
+        started = time.monotonic()
+        deadline = started + punch.SECONDS
+        spread: Spread | None = None
+        sprayed: list[tuple[str, int]] = []
+        try:
+            while not offer.met and time.monotonic() < deadline and self.transport:
+                if spread is None and time.monotonic() - started >= punch.SPREAD_AFTER \
+                        and self.spreading < MAX_SPREADING:
+                    self.spreading += 1
+                    spread = Spread(self, token, offer)
+                    await spread.open()
+                    router = punch.spread_target(offer.candidates)
+                    sprayed = [(router, p) for p in punch.spread_ports()] if router else []
+                for host, port in offer.candidates + sprayed[:punch.SPREAD_BATCH]:
+                    with contextlib.suppress(OSError):
+                        self.transport.sendto(out, _target(self.transport, host, port))
+                sprayed = sprayed[punch.SPREAD_BATCH:] + sprayed[:punch.SPREAD_BATCH]
+                if spread is not None:
+                    spread.send(out)
+                await asyncio.sleep(punch.EVERY)
+        finally:
+            if spread is not None:
+                self.spreading -= 1
+                spread.close_losers()
+
+
+class Spread:
+    """The spread sockets of one offer: each sends its punch packets, from a port of its
+    own (a new mapping on a symmetric NAT). The one a punch packet of the offer reaches
+    first wins: QUIC runs on it (``SpreadSocket``) while it has a connection; the others
+    close when the punch ends."""
+
+    def __init__(self, endpoint: UdpEndpoint, token: bytes, offer: _Offer):
+        self.endpoint = endpoint
+        self.token = token
+        self.offer = offer
+        self.sockets: list[SpreadSocket] = []
+        self.winner: SpreadSocket | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(punch.SPREAD_SOCKETS):
+            try:
+                sock = punch.udp_socket()
+                _, protocol = await loop.create_datagram_endpoint(
+                    lambda: SpreadSocket(self), sock=sock)
+            except OSError:
+                break  # out of descriptors: spread with what there is
+            self.sockets.append(protocol)
+
+    def send(self, data: bytes) -> None:
+        for one in self.sockets:
+            one.send(data, self.offer.candidates)
+
+    def close_losers(self) -> None:
+        for one in self.sockets:
+            if one is not self.winner:
+                one.close()
+        self.sockets = [self.winner] if self.winner else []
+
+
+class SpreadSocket(asyncio.DatagramProtocol):
+    """One socket of a ``Spread``; QUIC runs on it once it has won, until its connection
+    has been gone ``quic_link.IDLE_SECONDS``."""
+
+    def __init__(self, spread: Spread):
+        self.spread = spread
+        self.transport: asyncio.DatagramTransport | None = None
+        self.quic: QuicSide | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes, targets: list[tuple[str, int]]) -> None:
+        for target in targets:
+            if self.transport is not None:
+                with contextlib.suppress(OSError):
+                    self.transport.sendto(data, target)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.transport is None:
+            return
+        token = punch.token_of(data)
+        if token is not None:
+            if token != self.spread.token or \
+                    not self.spread.endpoint.punched(token, (addr[0], addr[1])):
+                return
+            if self.spread.winner in (None, self):
+                self.spread.winner = self
+                self.transport.sendto(data, addr)
+                if self.quic is None:
+                    self.quic = self.spread.endpoint.quic_side(self.transport)
+                    asyncio.get_running_loop().create_task(self._close_when_idle())
+        elif self.quic is not None and data[:4] != punch.MAGIC:
+            self.quic.receive(data, addr)
+
+    async def _close_when_idle(self) -> None:
+        idle_since = time.monotonic()
+        while self.transport is not None:
+            await asyncio.sleep(1.0)
+            if self.quic is not None and self.quic.links:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > quic_link.IDLE_SECONDS:
+                self.close()
+
+    def close(self) -> None:
+        if self.quic is not None:
+            self.quic.server.close()
+        elif self.transport is not None:
+            self.transport.close()
+        self.transport = None
 
 
 def take_offer(endpoint: UdpEndpoint, data: bytes, allow_loopback: bool) -> bool:

@@ -186,8 +186,8 @@ def agreed(server: LiveServer) -> tuple[socket.socket, tuple[str, int], bytes]:
         answer = client.punch(PunchOffer(token=token.hex(),
                                          candidates=[f"127.0.0.1:{sock.getsockname()[1]}"]))
     found = punch.punch(sock, punch.parse_candidates(answer.candidates, True), token)
-    assert found == ("127.0.0.1", server.port)
-    return sock, found, token
+    assert found == (sock, ("127.0.0.1", server.port))
+    return sock, found[1], token
 
 
 def health_over(link: QuicLink, node_id: str) -> dict[str, Any]:

@@ -87,6 +87,26 @@ def test_two_cone_nats_punch_and_a_transfer_skips_the_relay(
           f"{carried} bytes")
 
 
+@pytest.mark.parametrize(("home_nat", "friend_nat"), [("symmetric", "cone"),
+                                                      ("cone", "symmetric")])
+def test_a_symmetric_nat_against_a_cone_punches_with_the_spread(
+        pair: Callable[[str, str], tuple[NatLab, Host, str, str]], home_nat: str,
+        friend_nat: str) -> None:
+    """One side's NAT maps each destination to a new random port: plain punch packets miss
+    it, the spread (many sockets on one side, many ports on the other) meets it."""
+    lab, friend, home, _ = pair(home_nat, friend_nat)
+    started = time.monotonic()
+    specs = json.loads(cli(friend, "specs", home, "--json"))
+    took = time.monotonic() - started
+    assert specs["cpu"]["cores"] >= 1
+    entry = remembered(friend, home)
+    assert entry["path"] == "punched", entry
+    assert str(entry["why"]).startswith(lab.router_external_ip + ":"), entry
+    assert peers(friend)[home]["path"] == "punched"
+    print(f"\n{home_nat}/{friend_nat}: punched at {entry['why']}; the command took "
+          f"{took:.2f} s")
+
+
 @pytest.mark.parametrize(("home_nat", "friend_nat"), [("cone", "udp-dropped"),
                                                       ("symmetric", "symmetric")])
 def test_a_pair_that_cannot_punch_falls_back_to_the_relay_fast_and_remembers(
