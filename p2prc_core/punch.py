@@ -14,6 +14,7 @@ connection only from an address that sent it a live token's punch.
 
 from __future__ import annotations
 
+import re
 import secrets
 import select
 import socket
@@ -33,6 +34,7 @@ SPREAD_SOCKETS = 256  # sockets each side adds in a spread: new mappings on a sy
 SPREAD_PORTS = 1024  # random ports of the other side's address each side sends to
 SPREAD_BATCH = 64  # of those, sent each round (every EVERY seconds)
 _RANDOM = secrets.SystemRandom()
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only ("²".isdigit() is true)
 
 
 class CandidateError(ValueError):
@@ -75,7 +77,7 @@ def parse_candidates(items: object, allow_loopback: bool = False) -> list[tuple[
         if not isinstance(item, str) or len(item) > 64:
             raise CandidateError("a candidate is ADDRESS:PORT, at most 64 characters")
         host, sep, port_text = item.rpartition(":")
-        if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not sep or not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
             raise CandidateError(f"{item!r} is not ADDRESS:PORT with a port from 1 to 65535")
         if host.startswith("[") != host.endswith("]") or \
                 (":" in host and not host.startswith("[")):

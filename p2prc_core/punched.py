@@ -15,10 +15,12 @@ its connections go through the relay at once.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import socket
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,13 @@ MAX_REMEMBERED = 1024  # nodes kept in the file
 
 
 _current: list[PunchedPaths] = []
+_OPEN: weakref.WeakSet[PunchedPaths] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for paths in list(_OPEN):
+        paths.close()
 
 
 def use(paths: PunchedPaths) -> PunchedPaths:
@@ -82,7 +91,9 @@ class PunchedPaths:
         self.allow_loopback = allow_loopback
         self.budget = budget
         self._links: dict[str, Any] = {}  # node id -> quic_link.QuicLink
+        self.last_error = ""  # why this process's last try did not punch
         self._lock = threading.Lock()
+        _OPEN.add(self)  # closed at exit: its links' streams end cleanly, and quietly
 
     def socket_to(self, endpoint: Endpoint) -> socket.socket | None:
         """A connected socket to ``endpoint.node_id`` over a punched path (a relayed
@@ -98,7 +109,8 @@ class PunchedPaths:
                 try:
                     link = self._punch(endpoint)
                 except (P2PRCError, OSError) as err:
-                    self._remember(node, "relay", str(err))
+                    self.last_error = str(err)
+                    self._remember(node, "relay", self.last_error)
                     return None
                 self._links[node] = link
                 self._remember(node, "punched", f"{link.remote[0]}:{link.remote[1]}")

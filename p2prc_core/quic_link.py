@@ -19,10 +19,11 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
@@ -34,7 +35,20 @@ ALPN = "p2prc/1"
 IDLE_SECONDS = 30.0  # a path silent this long is dead (NATs forget UDP in 30 s or more)
 PING_SECONDS = 10.0  # the client keeps the path and its NAT mappings alive
 SEND_AHEAD = 4 << 20  # bytes one stream may have sent and not yet acknowledged
+READ_AHEAD = 16 << 20  # bytes one stream may have received and not yet passed on
 CHUNK = 1 << 16
+
+
+_RUNNING: set[asyncio.Task[Any]] = set()  # asyncio holds tasks weakly: these are held here
+
+
+def keep(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    """A task of the running loop, held until it ends (a task nobody holds may be
+    collected midway, its stream cut)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+    return task
 
 
 def configuration(is_client: bool, cert: str | None = None,
@@ -45,6 +59,49 @@ def configuration(is_client: bool, cert: str | None = None,
     if cert and key:
         config.load_cert_chain(cert, key)
     return config
+
+
+class BoundedProtocol(QuicConnectionProtocol):
+    """aioquic's protocol, with the bounds aioquic lacks (it grants the sender more credit
+    as data arrives, not as it is read): a stream whose reader holds over ``READ_AHEAD``
+    bytes unread is stopped (its reader cannot keep up); a stream nobody reads any more
+    (``end``) is stopped too, and what still comes for it is dropped. A stream the peer
+    reset ends for its reader (aioquic's protocol leaves it waiting)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.ended: set[int] = set()
+        self.joined = 0  # streams joined to a socket now
+
+    def quic_event_received(self, event: events.QuicEvent) -> None:
+        if isinstance(event, events.StreamReset):  # the peer gave up on it, or refused it
+            reader = self._stream_readers.get(event.stream_id)
+            if reader is not None:
+                reader.feed_eof()
+            return
+        if isinstance(event, events.StreamDataReceived):
+            if event.stream_id in self.ended:
+                return
+            reader = self._stream_readers.get(event.stream_id)
+            if reader is not None and \
+                    len(reader._buffer) + len(event.data) > READ_AHEAD:  # type: ignore[attr-defined]
+                self.end(event.stream_id)
+                reader.feed_eof()  # its join ends: the stream is cut, not grown
+                return
+        super().quic_event_received(event)
+
+    def end(self, stream_id: int) -> None:
+        """Nobody reads ``stream_id`` from now on: the peer is asked to stop sending on it
+        (unless it has finished), and its reader is let go."""
+        if stream_id in self.ended:
+            return
+        self.ended.add(stream_id)
+        self._stream_readers.pop(stream_id, None)
+        stream = self._quic._streams.get(stream_id)
+        if stream is not None and not stream.receiver.is_finished:
+            with contextlib.suppress(Exception):  # a stream that ended meanwhile
+                self._quic.stop_stream(stream_id, 0)
+                self.transmit()
 
 
 def presented_node(protocol: QuicConnectionProtocol) -> str | None:
@@ -87,16 +144,20 @@ async def join(quic: tuple[asyncio.StreamReader, asyncio.StreamWriter],
 
     tasks = [asyncio.ensure_future(copy(quic[0], to_socket, other[1])),
              asyncio.ensure_future(copy(other[0], lambda d: quic_write(quic[1], d), quic[1]))]
+    adapter: Any = quic[1].transport
     try:
         for task in asyncio.as_completed(tasks):
             await task  # either way's failure ends both
-    except (ConnectionError, OSError):
+    except (ConnectionError, OSError, ValueError):  # ValueError: the far end reset it
         pass
     finally:
         for task in tasks:
             task.cancel()
         for _, writer in (quic, other):
-            writer.close()
+            with contextlib.suppress(Exception):  # finished, reset, or the loop gone
+                writer.close()
+        if isinstance(adapter.protocol, BoundedProtocol):
+            adapter.protocol.end(adapter.stream_id)
 
 
 class QuicLink:
@@ -130,7 +191,7 @@ class QuicLink:
                             f"did not start: {str(err) or type(err).__name__}") from None
 
     async def _connect(self, timeout: float) -> None:
-        protocol = QuicConnectionProtocol(QuicConnection(configuration=configuration(True)))
+        protocol = BoundedProtocol(QuicConnection(configuration=configuration(True)))
         await self._loop.create_datagram_endpoint(lambda: protocol, sock=self.sock)
         remote = self.remote
         if self.sock.family == socket.AF_INET6 and ":" not in remote[0]:
@@ -142,7 +203,7 @@ class QuicLink:
         if presented != self.node_id:
             raise tls.NodeMismatch(f"{remote[0]}:{remote[1]} (punched)", self.node_id,
                                    presented or "none")
-        self._loop.create_task(self._keep_alive(protocol))
+        keep(self._keep_alive(protocol))
 
     async def _keep_alive(self, protocol: QuicConnectionProtocol) -> None:
         with contextlib.suppress(Exception):
@@ -164,6 +225,7 @@ class QuicLink:
         if not self.alive:
             raise PeerError(f"the punched path to {self.node_id} is closed")
         ours, theirs = socket.socketpair()
+        ours.settimeout(timeout)  # as a TCP connection's: a silent peer is noticed
         future = asyncio.run_coroutine_threadsafe(self._stream(theirs), self._loop)
         try:
             future.result(timeout)
@@ -177,8 +239,11 @@ class QuicLink:
     async def _stream(self, theirs: socket.socket) -> None:
         assert self._protocol is not None
         quic = await self._protocol.create_stream()
+        # aioquic counts a stream as taken at its first write: take its id now, or the next
+        # stream opened before this one writes would get the same id.
+        self._protocol._quic.send_stream_data(quic[1].get_extra_info("stream_id"), b"")
         other = await asyncio.open_connection(sock=theirs)
-        self._loop.create_task(join(quic, other))
+        keep(join(quic, other))
 
     def close(self) -> None:
         """Close the connection (the node is told) and every stream of it, then the loop."""

@@ -4,15 +4,17 @@ One server worker at a time owns the socket (``UdpOwner``, a lock in the home; t
 wait their turn): each QUIC connection's datagrams must reach the one process that holds
 it. What arrives is told apart by its first bytes:
 
-- a UDP probe (``udp_probe.MAGIC``): answered, as ``udp_probe.Responder`` says;
+- a UDP probe (``udp_probe.MAGIC``): answered, as ``udp_probe.Responder`` says; or the
+  answer to this node's own probe of its relay (``own_mapping``);
 - a punch packet (``punch.MAGIC``) with the token of an offer this node took: its source is
-  admitted for QUIC, and a punch packet goes back (at most ``ANSWERS_PER_TOKEN``);
-- anything else is QUIC: a new connection only from an admitted source, at most
-  ``MAX_LINKS`` at once; its streams are joined to this node's own server, as a relayed
-  client's are.
+  admitted for QUIC (at most ``SOURCES_PER_OFFER`` sources for one offer), and the packet
+  goes back (at most ``punch.ANSWERS_PER_TOKEN`` times);
+- anything else is QUIC, within ``quic_server.QuicSide``'s bounds; its streams are joined
+  to this node's own server, as a relayed client's are.
 
-Offers reach the owner from any worker (``POST /v1/punch``, ``send_offer``) over an abstract
-Unix socket whose sender must be this user.
+Offers reach the owner from any worker (``POST /v1/punch``) over ``udp_control``. At most
+``MAX_OFFERS`` are live at once, strangers' at most half of them; only a trusted caller's
+offer gets the spread (hundreds of packets to its router's ports, ``punch.punch``).
 """
 
 from __future__ import annotations
@@ -20,101 +22,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import socket
-import struct
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aioquic.asyncio.server import QuicServer
-from aioquic.buffer import Buffer
-from aioquic.quic.packet import pull_quic_header
-
-from p2prc_core import punch, quic_link, udp_probe
+from p2prc_core import punch, quic_link, udp_control, udp_probe
 from p2prc_core.identity import NodeIdentity
+from p2prc_core.own_mapping import OwnMapping
+from p2prc_core.quic_server import QuicSide
 
 log = logging.getLogger("p2prc.udp")
 
 OFFER_SECONDS = 10.0  # an offer's token admits a source this long after it came
-MAX_OFFERS = 32  # offers live at once
-MAX_LINKS = 64  # QUIC connections at once, on each socket
+MAX_OFFERS = 32  # offers live at once (strangers' at most half)
+SOURCES_PER_OFFER = 4  # addresses one offer's token may admit
 MAX_SPREADING = 2  # offers whose spread (punch.SPREAD_SOCKETS sockets each) runs at once
-_CONTROL_MAX = 4096  # the largest offer message between workers
-
-
-def control_name(home: Path) -> bytes:
-    """The abstract Unix socket the owner takes offers on (one per home)."""
-    digest = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:24]
-    return b"\0p2prc-udp-" + digest.encode()
-
-
-def send_offer(home: Path, token: bytes, candidates: list[tuple[str, int]]) -> bool:
-    """Hand an offer to the worker that owns the UDP socket; False where none listens."""
-    message = json.dumps({"token": token.hex(),
-                          "candidates": [list(c) for c in candidates]}).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(message, control_name(home))
-        except OSError:
-            return False
-    return True
 
 
 class _Offer:
-    def __init__(self, candidates: list[tuple[str, int]], until: float):
+    def __init__(self, candidates: list[tuple[str, int]], until: float, trusted: bool):
         self.candidates = candidates
         self.until = until
+        self.trusted = trusted  # a trusted caller's: it may have the spread
         self.answered = 0
+        self.sources: set[tuple[str, int]] = set()  # the addresses it admitted
         self.met = False  # a punch packet of its came
-
-
-class QuicSide:
-    """aioquic's server on one UDP socket's transport: a new connection only from a source
-    ``admitted`` says yes to, at most ``MAX_LINKS`` at once; each stream joined to this
-    node's own server at ``local``."""
-
-    def __init__(self, transport: asyncio.DatagramTransport, cert: str, key: str,
-                 local: tuple[str, int], admitted: Callable[[tuple[str, int]], bool]):
-        self.local = local
-        self.admitted = admitted
-        self.server = QuicServer(configuration=quic_link.configuration(False, cert, key),
-                                 stream_handler=self._stream)
-        self.server.connection_made(transport)
-
-    @property
-    def links(self) -> int:
-        return len(set(self.server._protocols.values()))
-
-    def receive(self, data: bytes, addr: Any) -> None:
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
-        except ValueError:
-            return
-        if header.destination_cid not in self.server._protocols and (
-                not self.admitted((_plain(addr[0]), addr[1])) or self.links >= MAX_LINKS):
-            return  # a stranger's Initial: no path was agreed with it
-        self.server.datagram_received(data, addr)
-
-    def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        asyncio.get_running_loop().create_task(self._to_server(reader, writer))
-
-    async def _to_server(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
-        try:
-            local = await asyncio.wait_for(asyncio.open_connection(*self.local), 5)
-        except (OSError, TimeoutError) as err:
-            log.warning("a punched stream: our own server does not answer: %s", err)
-            writer.close()
-            return
-        local[1].get_extra_info("socket").setsockopt(socket.IPPROTO_TCP,
-                                                     socket.TCP_NODELAY, 1)
-        await quic_link.join((reader, writer), local)
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
@@ -126,25 +62,41 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.responder = udp_probe.Responder(identity, window)
         self.local = local
         self.offers: dict[bytes, _Offer] = {}
-        self.admitted: dict[tuple[str, int], float] = {}  # source -> until
+        self.admitted: dict[tuple[str, int], tuple[float, bool]] = {}  # -> until, trusted
         self.spreading = 0  # offers whose spread runs now
         self._cert, self._key = cert, key
         self.transport: asyncio.DatagramTransport | None = None
         self.quic: QuicSide | None = None
+        self.mapping: OwnMapping | None = None  # see ``learn_mapping``
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.quic = self.quic_side(self.transport)  # type: ignore[arg-type]
 
-    def quic_side(self, transport: asyncio.DatagramTransport) -> QuicSide:
-        return QuicSide(transport, self._cert, self._key, self.local, self.is_admitted)
+    def learn_mapping(self, home: Path, identity: NodeIdentity) -> None:
+        """Keep ``reach.json``'s ``udp_port`` (``own_mapping``), from now on."""
+        def send(data: bytes, host: str, port: int) -> None:
+            if self.transport is not None:
+                with contextlib.suppress(OSError):
+                    self.transport.sendto(data, _target(self.transport, host, port))
 
-    def is_admitted(self, source: tuple[str, int]) -> bool:
-        return self.admitted.get(source, 0.0) >= time.monotonic()
+        self.mapping = OwnMapping(home, identity, send)
+        quic_link.keep(self.mapping.run())
+
+    def quic_side(self, transport: asyncio.DatagramTransport) -> QuicSide:
+        return QuicSide(transport, self._cert, self._key, self.local, self.admission)
+
+    def admission(self, source: tuple[str, int]) -> tuple[bool, bool]:
+        """Whether a live offer admitted ``source``, and whether a trusted caller's did."""
+        until, trusted = self.admitted.get(source, (0.0, False))
+        return until >= time.monotonic(), trusted
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         assert self.transport is not None and self.quic is not None
         if data[:4] == udp_probe.MAGIC:
+            if len(data) == udp_probe.ANSWER_SIZE and self.mapping is not None:
+                self.mapping.answered(data, (_plain(addr[0]), addr[1]))
+                return
             answer = self.responder.answer(data, addr[0], addr[1], time.time())
             if answer is not None:
                 self.transport.sendto(answer, addr)
@@ -164,27 +116,40 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         now = time.monotonic()
         if offer is None or offer.until < now:
             return False
+        if source not in offer.sources:
+            if len(offer.sources) >= SOURCES_PER_OFFER:
+                return False  # one token does not open a path for the world
+            offer.sources.add(source)
         offer.met = True
-        self.admitted[source] = max(self.admitted.get(source, 0.0), offer.until)
+        until, trusted = self.admitted.get(source, (0.0, False))
+        self.admitted[source] = (max(until, offer.until), trusted or offer.trusted)
         offer.answered += 1
         return offer.answered <= punch.ANSWERS_PER_TOKEN
 
-    def offer(self, token: bytes, candidates: list[tuple[str, int]]) -> None:
-        """Take an offer: admit its token, and punch toward its candidates."""
+    def offer(self, taken: udp_control.Offer) -> bool:
+        """Take an offer (token, candidates, trusted): admit its token, and punch toward
+        its candidates; False when too many are live (strangers': half of them)."""
+        token, candidates, trusted = taken
         now = time.monotonic()
         for token_gone in [t for t, o in self.offers.items() if o.until < now]:
             del self.offers[token_gone]
-        for source in [s for s, until in self.admitted.items() if until < now]:
+        for source in [s for s, (until, _) in self.admitted.items() if until < now]:
             del self.admitted[source]
-        if token in self.offers or len(self.offers) >= MAX_OFFERS:
-            return
-        offer = _Offer(candidates, now + OFFER_SECONDS)
+        strangers = sum(not o.trusted for o in self.offers.values())
+        if token in self.offers or len(self.offers) >= MAX_OFFERS or \
+                (not trusted and strangers >= MAX_OFFERS // 2):
+            return False
+        offer = _Offer(candidates, now + OFFER_SECONDS, trusted)
         self.offers[token] = offer
-        asyncio.get_running_loop().create_task(self._punch(token, offer))
+        if self.mapping is not None and not self.mapping.known:
+            self.mapping.now()  # the caller is told where to aim as soon as it is known
+        quic_link.keep(self._punch(token, offer))
+        return True
 
     async def _punch(self, token: bytes, offer: _Offer) -> None:
         """Punch toward the offer's candidates; after ``punch.SPREAD_AFTER`` seconds
-        unmet, the spread (``punch.punch`` says why), unless ``MAX_SPREADING`` run."""
+        unmet, the spread (``punch.punch`` says why) for a trusted caller's offer, unless
+        ``MAX_SPREADING`` run."""
         out = punch.packet(token)
         started = time.monotonic()
         deadline = started + punch.SECONDS
@@ -192,8 +157,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         sprayed: list[tuple[str, int]] = []
         try:
             while not offer.met and time.monotonic() < deadline and self.transport:
-                if spread is None and time.monotonic() - started >= punch.SPREAD_AFTER \
-                        and self.spreading < MAX_SPREADING:
+                if spread is None and offer.trusted and self.spreading < MAX_SPREADING \
+                        and time.monotonic() - started >= punch.SPREAD_AFTER:
                     self.spreading += 1
                     spread = Spread(self, token, offer)
                     await spread.open()
@@ -271,14 +236,14 @@ class SpreadSocket(asyncio.DatagramProtocol):
         token = punch.token_of(data)
         if token is not None:
             if token != self.spread.token or \
-                    not self.spread.endpoint.punched(token, (addr[0], addr[1])):
+                    not self.spread.endpoint.punched(token, (_plain(addr[0]), addr[1])):
                 return
             if self.spread.winner in (None, self):
                 self.spread.winner = self
                 self.transport.sendto(data, addr)
                 if self.quic is None:
                     self.quic = self.spread.endpoint.quic_side(self.transport)
-                    asyncio.get_running_loop().create_task(self._close_when_idle())
+                    quic_link.keep(self._close_when_idle())
         elif self.quic is not None and data[:4] != punch.MAGIC:
             self.quic.receive(data, addr)
 
@@ -297,27 +262,6 @@ class SpreadSocket(asyncio.DatagramProtocol):
         elif self.transport is not None:
             self.transport.close()
         self.transport = None
-
-
-def take_offer(endpoint: UdpEndpoint, data: bytes, allow_loopback: bool) -> bool:
-    """An offer a worker sent (``send_offer``), checked again, handed to ``endpoint``."""
-    try:
-        message = json.loads(data)
-        token = punch.token_from_hex(message["token"])
-        candidates = punch.parse_candidates(
-            [punch.candidate_text(str(h), int(p)) for h, p in message["candidates"]],
-            allow_loopback)
-    except (ValueError, KeyError, TypeError):
-        return False
-    endpoint.offer(token, candidates)
-    return True
-
-
-def _control_socket(home: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    sock.bind(control_name(home))
-    return sock
 
 
 def _plain(host: str) -> str:
@@ -340,8 +284,10 @@ class UdpOwner:
                  allow_loopback: bool):
         self.sock = sock
         self.home = home
+        self.identity = identity
         self.endpoint = UdpEndpoint(identity, str(cert), str(key), window, local)
         self.allow_loopback = allow_loopback
+        self.control: Any = None  # udp_control's server, once serving
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self._run, name="p2prc-udp", daemon=True)
@@ -351,31 +297,15 @@ class UdpOwner:
     def _run(self) -> None:
         fd = os.open(self.home / "udp.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until this process ends
-        try:
-            control = _control_socket(self.home)
-        except OSError as err:
-            log.warning("UDP: cannot take offers to punch (%s): punching is off", err)
-            control = None
         loop = asyncio.new_event_loop()
-        loop.run_until_complete(self._serve(loop, control))
+        loop.run_until_complete(self._serve(loop))
         loop.run_forever()
 
-    async def _serve(self, loop: asyncio.AbstractEventLoop,
-                     control: socket.socket | None) -> None:
+    async def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
         await loop.create_datagram_endpoint(lambda: self.endpoint, sock=self.sock)
-        if control is not None:
-            loop.add_reader(control.fileno(), self._read_control, control)
-
-    def _read_control(self, control: socket.socket) -> None:
-        try:
-            data, ancillary, _, _ = control.recvmsg(
-                _CONTROL_MAX, socket.CMSG_SPACE(struct.calcsize("3i")))
-        except OSError:
-            return
-        uid = None
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                _, uid, _ = struct.unpack("3i", payload[:struct.calcsize("3i")])
-        if uid != os.getuid():
-            return  # another user's process: not one of this server's workers
-        take_offer(self.endpoint, data, self.allow_loopback)
+        self.endpoint.learn_mapping(self.home, self.identity)
+        self.control = await udp_control.serve(self.home, self.endpoint.offer,
+                                               self.allow_loopback)
+        if self.control is None:
+            log.warning("UDP: another process holds this home's offer socket: punching "
+                        "is off (is a second server running for %s?)", self.home)

@@ -5,10 +5,12 @@ port to open a path, to amplify, or to make a host punch where it should not. (T
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from p2prc_core.server import create_app
 from p2prc_core.server.punching import own_candidates
 from p2prc_core.services import NodeServices
 from p2prc_core.signing import sign_request
+from p2prc_core.trust import TrustStore
 from p2prc_core.wire import PunchOffer, WireError, decode
 
 ME = NodeIdentity.generate()
@@ -59,6 +62,8 @@ def test_good_candidates_are_read_back() -> None:
     (["11.0.0.2"], "ADDRESS:PORT"),
     (["11.0.0.2:0"], "ADDRESS:PORT"),
     (["11.0.0.2:65536"], "ADDRESS:PORT"),
+    (["11.0.0.2:\u00b2"], "ADDRESS:PORT"),  # "²".isdigit() is true; int("²") fails
+    (["11.0.0.2:\u0661\u0662"], "ADDRESS:PORT"),  # Arabic-Indic digits
     (["example.org:8088"], "not an IP address"),
     (["::1:8088"], "brackets"),
     (["[[::1]]:8088"], "never punched|not an IP"),
@@ -120,6 +125,11 @@ def test_the_host_offers_where_peers_saw_it_then_its_own_addresses() -> None:
                                   Address.parse("127.0.0.1")], 8088, allow_loopback=False)
     assert ours == ["11.0.0.1:8088", "10.199.3.2:8088"]
     assert own_candidates({"reachable": "junk", "udp": ["junk"]}, [], 8088, False) == []
+    # A stranger learns nothing of the host's own networks.
+    assert own_candidates(state, [Address.parse("10.199.3.2"), Address.parse("172.17.0.1")],
+                          8088, False, public_only=True) == ["11.0.0.1:8088"]
+    mapped = {"udp_port": {"address": "11.0.0.1", "port": 40222}, **state}
+    assert own_candidates(mapped, [], 8088, False)[0] == "11.0.0.1:40222"  # as the relay saw
 
 
 # -- the route, in the app -------------------------------------------------------------------
@@ -148,7 +158,10 @@ def test_the_route_refuses_bad_offers_and_says_why(app: testing.TestClient) -> N
     token = "ab" * 16
     for candidates, says in [(["127.0.0.1:5"], "loopback"),
                              (["169.254.169.254:80"], "link-local"),
-                             (["11.0.0.2:5"] * 9, "candidates")]:
+                             (["11.0.0.2:5"] * 9, "candidates"),
+                             (["11.0.0.2:\u00b2"], "ADDRESS:PORT"),
+                             # a stranger's: the host does not send into private networks
+                             (["10.1.2.3:5", "192.168.1.9:5"], "public addresses only")]:
         result = offer(app, {"token": token, "candidates": candidates})
         assert result.status_code == 400, result.text
         assert says in result.json["description"]
@@ -171,6 +184,8 @@ def test_without_a_udp_owner_the_route_says_so_and_a_second_offer_waits(
 
 @pytest.fixture
 def host(tmp_path: Path) -> Iterator[LiveServer]:
+    """A server that trusts ME (a friend may punch to private and loopback addresses)."""
+    TrustStore(tmp_path / "host").add(ME.node_id, "me")
     server = start_server(tmp_path / "host")
     try:
         yield server
@@ -212,6 +227,21 @@ def test_an_agreed_path_carries_streams_to_the_node_checked(host: LiveServer) ->
     try:
         for _ in range(3):  # each stream a connection of its own to the node's server
             assert health_over(link, host.node_id)["status"] == "ok"
+    finally:
+        link.close()
+
+
+def test_streams_opened_at_once_each_reach_the_node_on_their_own(host: LiveServer) -> None:
+    """Eight streams opened together (one closed at once), each its own connection: none
+    shares another's stream id."""
+    sock, found, _ = agreed(host)
+    link = QuicLink(sock, found, host.node_id)
+    link.connect(5)
+    try:
+        link.open_socket().close()  # a stream ended before it carried a byte
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: health_over(link, host.node_id), range(8)))
+        assert [a["status"] for a in answers] == ["ok"] * 8
     finally:
         link.close()
 
@@ -273,6 +303,7 @@ def test_punch_packets_are_answered_only_for_a_live_token_and_never_larger(
 @pytest.fixture
 def behind(tmp_path: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
     relay = start_relay(tmp_path, "relay")
+    TrustStore(tmp_path / "node").add(ME.node_id, "me")
     node = start_behind(tmp_path, "node", named(relay))
     try:
         wait_for(lambda: waits_at(relay, node), what="the node waits at its relay")
@@ -327,3 +358,228 @@ def test_a_damaged_memory_file_is_read_as_empty(tmp_path: Path, content: str) ->
     paths = punched.PunchedPaths(tmp_path, ME)
     paths._remember("n" * 26, "relay", "why")  # what the next try finds: written afresh
     assert punched.remembered(tmp_path)["n" * 26]["path"] == "relay"
+
+
+# -- what a stranger cannot do with the UDP port, and the bounds of a punched path -------------
+
+def first_initial(where: tuple[str, int]) -> bytes:
+    """A QUIC client's first Initial to ``where`` (1,200 bytes or more)."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    connection = QuicConnection(configuration=QuicConfiguration(
+        is_client=True, alpn_protocols=["p2prc/1"]))
+    connection.connect(where, now=time.monotonic())
+    return connection.datagrams_to_send(now=time.monotonic())[0][0]
+
+
+def answers(sock: socket.socket, wait: float = 0.5) -> list[bytes]:
+    sock.settimeout(wait)
+    got = []
+    while True:
+        try:
+            got.append(sock.recvfrom(65536)[0])
+        except TimeoutError:
+            return got
+
+
+def test_a_new_connection_first_gets_a_retry_smaller_than_its_initial(
+        host: LiveServer) -> None:
+    """A source an offer admitted may be forged (the punch packet's source is not proven):
+    its first Initial gets only a Retry, so a forged one reflects fewer bytes than it
+    carries, and no certificate goes to the victim."""
+    from aioquic.buffer import Buffer
+    from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+    sock, _, _ = agreed(host)
+    try:
+        answers(sock, 0.2)  # the punch's own packets
+        initial = first_initial(("127.0.0.1", host.port))
+        sock.sendto(initial, ("127.0.0.1", host.port))
+        got = answers(sock)
+        assert len(got) == 1 and len(got[0]) < len(initial), [len(g) for g in got]
+        header = pull_quic_header(Buffer(data=got[0]), host_cid_length=8)
+        assert header.packet_type == QuicPacketType.RETRY
+    finally:
+        sock.close()
+
+
+def test_no_version_negotiation_ever_goes_out(host: LiveServer) -> None:
+    """A packet of a QUIC version the host does not speak, from an admitted source or not,
+    gets nothing (a Version Negotiation would go to whoever the source claims)."""
+    sock, _, _ = agreed(host)
+    stranger = punch.udp_socket()
+    try:
+        answers(sock, 0.2)
+        unknown = bytearray(first_initial(("127.0.0.1", host.port)))
+        unknown[1:5] = b"\x1a\x2a\x3a\x4a"  # a version nobody speaks
+        for one in (sock, stranger):
+            one.sendto(bytes(unknown), ("127.0.0.1", host.port))
+            assert answers(one) == []
+    finally:
+        sock.close()
+        stranger.close()
+
+
+def test_one_token_admits_a_few_sources_not_the_world(host: LiveServer) -> None:
+    token = punch.new_token()
+    with PeerClient(Endpoint("127.0.0.1", host.port, host.node_id), identity=ME) as client:
+        client.punch(PunchOffer(token=token.hex(), candidates=["127.0.0.1:9"]))
+    sources = [punch.udp_socket() for _ in range(6)]
+    try:
+        answered = []
+        for one in sources:
+            one.sendto(punch.packet(token), ("127.0.0.1", host.port))
+            answered.append(bool(answers(one, 0.3)))
+        assert answered == [True] * 4 + [False] * 2
+    finally:
+        for one in sources:
+            one.close()
+
+
+def test_strangers_fill_at_most_half_the_offers_and_are_told_so(tmp_path: Path) -> None:
+    """Keys are free: a stranger offering with many gets 429 past half of the live offers;
+    a trusted caller still gets through. (A stranger is offered public addresses only: this
+    host's mapping, as its relay would have seen it, is written beforehand.)"""
+    TrustStore(tmp_path / "host").add(ME.node_id, "me")
+    (tmp_path / "host" / "reach.json").write_text(json.dumps(
+        {"udp_port": {"address": "11.0.0.1", "port": 40001, "by": "x"}}))
+    host = start_server(tmp_path / "host")
+
+    def offer_as(identity: NodeIdentity) -> int:
+        with PeerClient(Endpoint("127.0.0.1", host.port, host.node_id),
+                        identity=identity) as client:
+            try:
+                client.punch(PunchOffer(token=punch.new_token().hex(),
+                                        candidates=["11.0.0.2:40000"]))
+            except PeerError as err:
+                return int(getattr(err, "status", 0))
+        return 200
+
+    from p2prc_core.udp_endpoint import MAX_OFFERS
+
+    try:
+        statuses = [offer_as(NodeIdentity.generate()) for _ in range(MAX_OFFERS // 2 + 2)]
+        assert statuses == [200] * (MAX_OFFERS // 2) + [429, 429]
+        assert offer_as(ME) == 200  # trusted
+    finally:
+        host.stop()
+
+
+def test_a_link_holds_at_most_its_share_of_streams_to_the_server(host: LiveServer) -> None:
+    """Each stream is a connection to the node's server: one link gets as many at once as
+    one source would (``STREAMS_PER_LINK``); the ones past it are refused at once."""
+    from p2prc_core.channel import Channel
+    from p2prc_core.quic_server import STREAMS_PER_LINK
+
+    sock, found, _ = agreed(host)
+    link = QuicLink(sock, found, host.node_id)
+    link.connect(5)
+    held, refused = [], 0
+    try:
+        for _ in range(STREAMS_PER_LINK + 4):
+            try:  # the TLS handshake needs the node's server at the other end
+                held.append(Channel(Endpoint("127.0.0.1", 1, host.node_id)).wrap(
+                    link.open_socket(), 5))
+            except PeerError:
+                refused += 1
+        assert (len(held), refused) == (STREAMS_PER_LINK, 4)
+        held.pop().close()  # one ends: there is room for one more
+        wait_for(lambda: _one_more(link, host), timeout=10, what="a stream after one ended")
+    finally:
+        for one in held:
+            one.close()
+        link.close()
+
+
+def _one_more(link: QuicLink, host: LiveServer) -> bool:
+    try:
+        health_over(link, host.node_id)
+        return True
+    except (PeerError, AssertionError, OSError):
+        return False
+
+
+def test_a_stream_nobody_reads_is_cut_not_grown() -> None:
+    """aioquic grants credit as data arrives: past ``READ_AHEAD`` unread bytes a stream is
+    stopped, and what comes after is dropped."""
+    from aioquic.quic import events
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from p2prc_core.quic_link import READ_AHEAD, BoundedProtocol
+
+    class Nowhere(asyncio.DatagramTransport):
+        def sendto(self, data: Any, addr: Any = None) -> None:
+            pass  # what the protocol sends goes nowhere: only what it keeps is looked at
+
+    async def run() -> tuple[int, bool, bool]:
+        protocol = BoundedProtocol(QuicConnection(configuration=QuicConfiguration(
+            is_client=True)))
+        protocol.connection_made(Nowhere())
+        protocol.connect(("127.0.0.1", 9))
+        reader, _ = protocol._create_stream(0)
+        chunk = b"x" * (1 << 20)
+        for _ in range(READ_AHEAD // len(chunk) + 8):
+            protocol.quic_event_received(events.StreamDataReceived(chunk, False, 0))
+        return len(reader._buffer), reader._eof, 0 in protocol.ended  # type: ignore[attr-defined]
+
+    held, eof, ended = asyncio.run(run())
+    assert held <= READ_AHEAD and eof and ended
+
+
+def test_streams_of_a_link_outlive_the_garbage_collector(host: LiveServer) -> None:
+    """asyncio holds tasks weakly: a stream's join must be held elsewhere, or a collection
+    cuts an idle ``ssh`` over a punched path."""
+    import gc
+
+    from p2prc_core.channel import Channel
+
+    sock, found, _ = agreed(host)
+    link = QuicLink(sock, found, host.node_id)
+    link.connect(5)
+    try:
+        held = [Channel(Endpoint("127.0.0.1", 1, host.node_id)).wrap(link.open_socket(), 5)
+                for _ in range(10)]
+        for _ in range(3):
+            gc.collect()
+        for wrapped in held:
+            wrapped.sendall(b"GET /v1/health HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+            assert wrapped.recv(12) == b"HTTP/1.1 200"
+            wrapped.close()
+    finally:
+        link.close()
+
+
+def test_offers_go_only_to_a_worker_of_this_user(tmp_path: Path) -> None:
+    """Another local user who takes the offer socket's name first gets nothing: the worker
+    checks who listens, and the route says UDP is not served."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import require
+    from p2prc_core.udp_control import control_name, send_offer
+
+    require(os.getuid() == 0, "needs root, to run a process as another user")
+    # This machine's own Python: another user may not reach the one behind the venv.
+    squatter = subprocess.Popen(
+        [shutil.which("python3", path="/usr/bin:/bin") or sys.executable, "-c",
+         "import socket, sys, time\n"
+         "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+         "s.bind(sys.argv[1].encode('latin-1').replace(b'@', b'\\0', 1)); s.listen(5)\n"
+         "print('ready', flush=True)\n"
+         "c, _ = s.accept(); c.settimeout(2)\n"
+         "print(repr(c.recv(4096)), flush=True)\n",
+         "@" + control_name(tmp_path)[1:]],
+        stdout=subprocess.PIPE, text=True, user=65534)
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == "ready\n"
+        assert send_offer(tmp_path, punch.new_token(), [("11.0.0.2", 40000)], False) is None
+        said = squatter.communicate(timeout=10)[0]
+        assert "11.0.0.2" not in said and "token" not in said
+    finally:
+        if squatter.poll() is None:
+            squatter.kill()
+            squatter.wait()

@@ -19,6 +19,7 @@ from netlab import Host, available, run
 from test_natlab import cli, learn_through, node_id, peers, serve, serve_relay, wait_for
 
 from conftest import require
+from p2prc_core.trust import TrustStore
 
 pytestmark = [pytest.mark.netns, pytest.mark.integration]
 
@@ -26,13 +27,15 @@ FALLBACK_SECONDS = 3.0  # the issue's bound on a try that cannot punch
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Callable[[str, str], tuple[NatLab, Host, str, str]]]:
+def pair(tmp_path: Path) -> Iterator[Callable[..., tuple[NatLab, Host, str, str]]]:
     """Makes a lab: home behind a NAT of kind A, friend behind one of kind B, a public
-    relay; home waits at the relay and friend knows of home through it. Gives the lab,
-    friend, home's node id and the relay (``ID@ADDRESS:PORT``)."""
+    relay; home waits at the relay and friend knows of home through it; with ``trusted``,
+    home trusts friend. Gives the lab, friend, home's node id and the relay
+    (``ID@ADDRESS:PORT``)."""
     made: list[NatLab] = []
 
-    def make(home_nat: str, friend_nat: str) -> tuple[NatLab, Host, str, str]:
+    def make(home_nat: str, friend_nat: str,
+             trusted: bool = False) -> tuple[NatLab, Host, str, str]:
         reason = available() or missing()
         require(reason is None, reason or "")
         lab = NatLab(tmp_path / f"lab{len(made)}", nat=home_nat)
@@ -41,6 +44,8 @@ def pair(tmp_path: Path) -> Iterator[Callable[[str, str], tuple[NatLab, Host, st
         friend = lab.add_home("friend", nat=friend_nat)
         relay = serve_relay(lab, public)
         home = node_id(lab.home)
+        if trusted:
+            TrustStore(lab.home.home).add(node_id(friend), "friend")
         serve(lab, lab.home, P2PRC_RELAYS=relay)
         wait_for(lambda: any((public.home / "relay").glob(f"w.{home}.*")),
                  what="home waits at the relay")
@@ -69,7 +74,7 @@ def remembered(friend: Host, home: str) -> dict[str, object]:
 
 
 def test_two_cone_nats_punch_and_a_transfer_skips_the_relay(
-        pair: Callable[[str, str], tuple[NatLab, Host, str, str]]) -> None:
+        pair: Callable[..., tuple[NatLab, Host, str, str]]) -> None:
     lab, friend, home, _ = pair("cone", "cone")
     before = relay_bytes(lab)
     started = time.monotonic()
@@ -90,11 +95,12 @@ def test_two_cone_nats_punch_and_a_transfer_skips_the_relay(
 @pytest.mark.parametrize(("home_nat", "friend_nat"), [("symmetric", "cone"),
                                                       ("cone", "symmetric")])
 def test_a_symmetric_nat_against_a_cone_punches_with_the_spread(
-        pair: Callable[[str, str], tuple[NatLab, Host, str, str]], home_nat: str,
+        pair: Callable[..., tuple[NatLab, Host, str, str]], home_nat: str,
         friend_nat: str) -> None:
     """One side's NAT maps each destination to a new random port: plain punch packets miss
-    it, the spread (many sockets on one side, many ports on the other) meets it."""
-    lab, friend, home, _ = pair(home_nat, friend_nat)
+    it, the spread (many sockets on one side, many ports on the other) meets it. (Home
+    trusts friend: a host spreads for friends only.)"""
+    lab, friend, home, _ = pair(home_nat, friend_nat, trusted=True)
     started = time.monotonic()
     specs = json.loads(cli(friend, "specs", home, "--json"))
     took = time.monotonic() - started
@@ -108,9 +114,11 @@ def test_a_symmetric_nat_against_a_cone_punches_with_the_spread(
 
 
 @pytest.mark.parametrize(("home_nat", "friend_nat"), [("cone", "udp-dropped"),
-                                                      ("symmetric", "symmetric")])
+                                                      ("symmetric", "symmetric"),
+                                                      # no spread for a stranger
+                                                      ("cone", "symmetric")])
 def test_a_pair_that_cannot_punch_falls_back_to_the_relay_fast_and_remembers(
-        pair: Callable[[str, str], tuple[NatLab, Host, str, str]], home_nat: str,
+        pair: Callable[..., tuple[NatLab, Host, str, str]], home_nat: str,
         friend_nat: str) -> None:
     lab, friend, home, relay = pair(home_nat, friend_nat)
     started = time.monotonic()

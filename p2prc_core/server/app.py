@@ -94,7 +94,7 @@ def create_app(node: NodeServices) -> falcon.App:
     app.add_route("/v1/reach", streams.ReachCheckResource(
         node.peers.secure, Held(DIAL_BACKS, "dial-backs"), settings.allow_loopback))
     app.add_route("/v1/punch", PunchResource(node.home, settings.port,
-                                             settings.allow_loopback))
+                                             settings.allow_loopback, node.trust.is_trusted))
     app.add_route("/v1/trust/me",
                   resources.TrustMeResource(node.trust.is_trusted, settings.trust_mode))
     app.add_route("/v1/trust/join", resources.TrustJoinResource(node.invites.accept))

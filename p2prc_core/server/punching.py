@@ -12,22 +12,29 @@ import falcon
 from p2prc_core import punch
 from p2prc_core.addresses import local_addresses
 from p2prc_core.models import Address
+from p2prc_core.own_mapping import mapping_of
 from p2prc_core.reach_state import ReachState
 from p2prc_core.server.bodies import read_json
 from p2prc_core.server.resources import json_answer, send
-from p2prc_core.udp_endpoint import send_offer
+from p2prc_core.udp_control import send_offer
 from p2prc_core.wire import PunchAnswer, PunchOffer, WireError, convert, schema_ref
 
 OFFER_EVERY = 2.0  # seconds between two offers of one caller, in one worker
+MAPPING_WAIT = 1.0  # seconds an offer waits for this port's mapping to be known
 
 
 def own_candidates(state: dict[str, Any], addresses: list[Address], port: int,
-                   allow_loopback: bool) -> list[str]:
-    """Where this node's UDP at ``port`` may be met: the public addresses peers saw it at
-    (``reach.json``'s dial-back and ``udp``; a home router keeps the port, mostly), then
-    this machine's own IPv4 addresses (a friend on the same network), at most
-    ``punch.MAX_CANDIDATES``."""
+                   allow_loopback: bool, public_only: bool = False) -> list[str]:
+    """Where this node's UDP at ``port`` may be met: its mapping as its relay saw it
+    (``reach.json``'s ``udp_port``, kept by ``own_mapping``), the public addresses peers saw
+    it at with ``port`` (the dial-back's and ``udp``'s; a home router keeps the port,
+    mostly), then this machine's own IPv4 addresses (a friend on the same network), at most
+    ``punch.MAX_CANDIDATES``; ``public_only``: global addresses only (a stranger learns
+    nothing of this host's networks)."""
     found: list[str] = []
+    mapped = mapping_of(state)  # the exact mapping of this port, as the relay saw it
+    if mapped is not None:
+        found.append(punch.candidate_text(*mapped))
     reachable = state.get("reachable")
     if isinstance(reachable, dict) and isinstance(reachable.get("address"), str):
         host = reachable["address"].rpartition(":")[0].strip("[]")  # where a peer saw us
@@ -44,10 +51,11 @@ def own_candidates(state: dict[str, Any], addresses: list[Address], port: int,
     usable: list[str] = []
     for text in dict.fromkeys(found):
         try:
-            punch.parse_candidates([text], allow_loopback)
+            (host, _), = punch.parse_candidates([text], allow_loopback)
         except punch.CandidateError:
             continue
-        usable.append(text)
+        if not public_only or Address.parse(host).kind == "global":
+            usable.append(text)
     return usable[:punch.MAX_CANDIDATES]
 
 
@@ -65,10 +73,12 @@ class PunchResource:
     }}
 
     def __init__(self, home: Path, port: int, allow_loopback: bool,
+                 is_trusted: Callable[[str], bool],
                  addresses: Callable[[], list[Address]] = local_addresses):
         self.home = home
         self.port = port
         self.allow_loopback = allow_loopback
+        self.is_trusted = is_trusted
         self.addresses = addresses
         self._last: dict[str, float] = {}  # caller -> when it last offered
 
@@ -80,6 +90,9 @@ class PunchResource:
             raise falcon.HTTPBadRequest(title="Invalid punch offer",
                                         description=str(err)) from None
         caller, now = str(req.context.caller), time.monotonic()
+        trusted = self.is_trusted(caller)
+        mine = self.addresses()
+        candidates = self._usable(candidates, [] if self.allow_loopback else mine, trusted)
         if now - self._last.get(caller, -OFFER_EVERY) < OFFER_EVERY:
             raise falcon.HTTPTooManyRequests(
                 title="Offered a moment ago",
@@ -87,10 +100,53 @@ class PunchResource:
         if len(self._last) > 4096:
             self._last = {c: t for c, t in self._last.items() if now - t < OFFER_EVERY}
         self._last[caller] = now
-        ours = own_candidates(ReachState(self.home).read(), self.addresses(), self.port,
-                              self.allow_loopback)
-        if not ours or not send_offer(self.home, bytes.fromhex(offer.token), candidates):
+        taken = send_offer(self.home, bytes.fromhex(offer.token), candidates, trusted)
+        if taken is None:
             raise falcon.HTTPServiceUnavailable(
                 title="No UDP here", description="This node does not serve UDP at its "
                                                  "p2prc port now: use its relay.")
+        if taken == "full":
+            raise falcon.HTTPTooManyRequests(
+                title="Too many punches", description="This node punches as many paths as "
+                                                      "it will at once: use its relay.")
+        state = self._mapped_state()
+        ours = own_candidates(state, mine, self.port, self.allow_loopback,
+                              public_only=not trusted)
+        if not ours:
+            raise falcon.HTTPServiceUnavailable(
+                title="No UDP here", description="This node knows no address of its UDP "
+                                                 "port to offer: use its relay.")
         send(resp, PunchAnswer(candidates=ours, seconds=punch.SECONDS))
+
+    @staticmethod
+    def _usable(candidates: list[tuple[str, int]], mine: list[Address],
+                trusted: bool) -> list[tuple[str, int]]:
+        """The candidates this node punches toward: never itself (its addresses ``mine``;
+        none where the config allows loopback: a lab on one machine); for a caller it does
+        not trust, public addresses only (it does not send into its own networks for a
+        stranger: a friend on its LAN is trusted).
+
+        :raises falcon.HTTPBadRequest: none is left.
+        """
+        own = {str(a.ip) for a in mine}
+        usable = [(host, port) for host, port in candidates if host not in own and
+                  (trusted or Address.parse(host).kind == "global")]
+        if not usable:
+            raise falcon.HTTPBadRequest(
+                title="Invalid punch offer",
+                description="No candidate this node punches toward: not its own addresses, "
+                            "and public addresses only for a caller it does not trust.")
+        return usable
+
+    def _mapped_state(self) -> dict[str, Any]:
+        """``reach.json``, once it holds this port's mapping as the relay saw it, or after
+        ``MAPPING_WAIT`` seconds (a server just started probes its relay at once on an
+        offer: ``own_mapping``)."""
+        state = ReachState(self.home)
+        deadline = time.monotonic() + MAPPING_WAIT
+        found = state.read()
+        while mapping_of(found) is None and found.get("relay") and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+            found = state.read()
+        return found
