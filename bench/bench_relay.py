@@ -218,8 +218,10 @@ def node_id(host: Any, home: Path | None = None) -> str:
     return out.stdout.strip().splitlines()[0]
 
 
-def client_run(client: Any, spec: dict[str, Any], timeout: float = 180) -> dict[str, Any]:
-    out = subprocess.run(client.command(sys.executable, str(Path(__file__).resolve()),
+def client_run(client: Any, spec: dict[str, Any], timeout: float = 180,
+               script: str = __file__) -> dict[str, Any]:
+    """``script --task SPEC`` run in ``client``'s namespace; the JSON it printed last."""
+    out = subprocess.run(client.command(sys.executable, str(Path(script).resolve()),
                                         "--task", json.dumps(spec)),
                          capture_output=True, text=True, timeout=timeout, env=client.env())
     if out.returncode != 0:

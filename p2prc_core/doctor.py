@@ -100,9 +100,15 @@ def _reach_state(node: NodeServices) -> dict[str, Any]:
     if udp is not None and not (udp.get("kind") in KINDS and isinstance(
             udp.get("detail"), str) and isinstance(udp.get("checked"), int | float)):
         udp = None  # not as udp_mapping writes it: as if never checked
+    from p2prc_core.own_mapping import mapping_of
+    from p2prc_core.punched import punched_lately
+
+    mapped = mapping_of(state)
     return {"summary": summary, "dial_back": checked, "upnp": upnp, "relay": relay,
             "use_relay": node.settings.use_relay, "relay_offered": node.settings.relay,
-            "udp": udp}
+            "udp": udp, "udp_port": None if mapped is None else
+            {"address": mapped[0], "port": mapped[1]},
+            "punched": sorted(punched_lately(node.home))}
 
 
 def _server_state(node: NodeServices) -> dict[str, Any]:

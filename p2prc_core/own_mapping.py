@@ -4,7 +4,8 @@ The worker that owns the UDP socket (``udp_endpoint``) probes its relay from tha
 every ``MAPPING_SECONDS`` (``udp_probe``'s signed probe): the answer is the mapping a friend's
 punch must aim at (``POST /v1/punch`` offers it first), whatever port the router chose; and
 the probes keep that mapping open on a router that forgets idle UDP in 30 s or more. It is
-kept in ``reach.json`` as ``udp_port``, written when it changes.
+kept in ``reach.json`` as ``udp_port``, written when it changes; ``{"blocked": true}`` when
+the relay answered none of a round's probes (a punch offer is then refused at once).
 """
 
 from __future__ import annotations
@@ -106,7 +107,19 @@ class OwnMapping:
             except TimeoutError:
                 continue
         self._waiting = None
+        known = self.state.read().get("udp_port")
+        if not (isinstance(known, dict) and known.get("blocked") is True and
+                known.get("by") == node_id):  # written when it changes
+            self.state.update(udp_port={"blocked": True, "by": node_id,
+                                        "checked": time.time()})
         return False
+
+
+def blocked(state: dict[str, Any]) -> bool:
+    """Whether ``reach.json``'s ``state`` says this node's UDP did not reach its relay, the
+    last time it was asked (a firewall, or a router that drops UDP)."""
+    found = state.get("udp_port")
+    return isinstance(found, dict) and found.get("blocked") is True
 
 
 def mapping_of(state: dict[str, Any]) -> tuple[str, int] | None:

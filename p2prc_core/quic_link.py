@@ -37,6 +37,10 @@ PING_SECONDS = 10.0  # the client keeps the path and its NAT mappings alive
 SEND_AHEAD = 4 << 20  # bytes one stream may have sent and not yet acknowledged
 READ_AHEAD = 16 << 20  # bytes one stream may have received and not yet passed on
 CHUNK = 1 << 16
+# QUIC's packets: aioquic's default is the least every path carries (1,200 bytes), and each
+# packet costs Python time at both ends. 1,350 (as Chrome's QUIC long used) fits paths with
+# an MTU of 1,400 and more, IPv6 and PPPoE included; 12% fewer packets for a transfer.
+DATAGRAM_SIZE = 1350
 
 
 _RUNNING: set[asyncio.Task[Any]] = set()  # asyncio holds tasks weakly: these are held here
@@ -55,7 +59,8 @@ def configuration(is_client: bool, cert: str | None = None,
                   key: str | None = None) -> QuicConfiguration:
     config = QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN],
                                idle_timeout=IDLE_SECONDS, verify_mode=ssl.CERT_NONE,
-                               max_datagram_frame_size=None)
+                               max_datagram_frame_size=None,
+                               max_datagram_size=DATAGRAM_SIZE)
     if cert and key:
         config.load_cert_chain(cert, key)
     return config
@@ -72,6 +77,11 @@ class BoundedProtocol(QuicConnectionProtocol):
         super().__init__(*args, **kwargs)
         self.ended: set[int] = set()
         self.joined = 0  # streams joined to a socket now
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        self._quic.receive_datagram(data, addr, now=self._loop.time())  # type: ignore[arg-type]
+        self._process_events()
+        self._transmit_soon()  # once for every datagram of one read (``read_in_batches``)
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         if isinstance(event, events.StreamReset):  # the peer gave up on it, or refused it
@@ -102,6 +112,31 @@ class BoundedProtocol(QuicConnectionProtocol):
             with contextlib.suppress(Exception):  # a stream that ended meanwhile
                 self._quic.stop_stream(stream_id, 0)
                 self.transmit()
+
+
+def read_in_batches(sock: socket.socket, protocol: asyncio.DatagramProtocol,
+                    most: int = 64) -> None:
+    """Have the running loop read ``sock`` (a datagram endpoint's, for ``protocol``) up to
+    ``most`` datagrams at each wakeup, not asyncio's one: QUIC then answers a batch of
+    packets with one flight (``BoundedProtocol.datagram_received``), not one each, which
+    is most of its cost at speed."""
+    loop: Any = asyncio.get_running_loop()
+    if not hasattr(loop, "_remove_reader"):
+        return  # not a selector loop: asyncio's own reading stands
+    loop._remove_reader(sock.fileno())  # the transport's, which the public call refuses
+
+    def ready() -> None:
+        for _ in range(most):
+            try:
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # an ICMP error for what was sent
+                protocol.error_received(err)
+                return
+            protocol.datagram_received(data, addr)
+
+    loop._add_reader(sock.fileno(), ready)  # the transport removes it when it closes
 
 
 def presented_node(protocol: QuicConnectionProtocol) -> str | None:
@@ -193,6 +228,7 @@ class QuicLink:
     async def _connect(self, timeout: float) -> None:
         protocol = BoundedProtocol(QuicConnection(configuration=configuration(True)))
         await self._loop.create_datagram_endpoint(lambda: protocol, sock=self.sock)
+        read_in_batches(self.sock, protocol)
         remote = self.remote
         if self.sock.family == socket.AF_INET6 and ":" not in remote[0]:
             remote = (f"::ffff:{remote[0]}", remote[1])

@@ -298,11 +298,16 @@ class UdpOwner:
         fd = os.open(self.home / "udp.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until this process ends
         loop = asyncio.new_event_loop()
-        loop.run_until_complete(self._serve(loop))
+        try:
+            loop.run_until_complete(self._serve(loop))
+        except Exception:  # noqa: BLE001 - the server runs on, over TCP and its relay
+            log.exception("UDP at the p2prc port is not served: no probes, no punching")
+            return
         loop.run_forever()
 
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
         await loop.create_datagram_endpoint(lambda: self.endpoint, sock=self.sock)
+        quic_link.read_in_batches(self.sock, self.endpoint)
         self.endpoint.learn_mapping(self.home, self.identity)
         self.control = await udp_control.serve(self.home, self.endpoint.offer,
                                                self.allow_loopback)

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 from natlab import NatLab, missing
 from netlab import Host, available, run
-from test_natlab import cli, learn_through, node_id, peers, serve, serve_relay, wait_for
+from test_natlab import (
+    cli,
+    learn_through,
+    node_id,
+    peers,
+    reach,
+    serve,
+    serve_relay,
+    wait_for,
+)
 
 from conftest import require
 from p2prc_core.trust import TrustStore
@@ -88,6 +97,10 @@ def test_two_cone_nats_punch_and_a_transfer_skips_the_relay(
     # 40 MiB crossed between friend and home; the relay carried the punch's offer only.
     assert carried < 0.01 * (40 << 20), f"the relay carried {carried} bytes"
     assert peers(friend)[home]["path"] == "punched"
+    assert reach(friend)["punched"] == [home]  # what friend's status says
+    mapped = reach(lab.home)["udp_port"]  # home's: where friends punch to
+    assert mapped == {"address": lab.router_external_ip, "port": 8088}, mapped
+    assert f"punch to {lab.router_external_ip}:8088" in cli(lab.home, "status")
     print(f"\ncone/cone: punched; 2 x 20 MiB in {took:.2f} s, the relay carried "
           f"{carried} bytes")
 
@@ -114,6 +127,7 @@ def test_a_symmetric_nat_against_a_cone_punches_with_the_spread(
 
 
 @pytest.mark.parametrize(("home_nat", "friend_nat"), [("cone", "udp-dropped"),
+                                                      ("udp-dropped", "cone"),
                                                       ("symmetric", "symmetric"),
                                                       # no spread for a stranger
                                                       ("cone", "symmetric")])

@@ -159,6 +159,13 @@ def status(node: CliContext, as_json: bool) -> None:
     udp = reach["udp"]
     rows.append(("UDP", f"{udp['kind']}: {udp['detail']} ({format_when(udp['checked'])})"
                  if udp else "not checked yet ('p2prc doctor' asks peers over UDP)"))
+    if reach["udp_port"] and reach["relay"]:
+        rows.append(("punching", f"peers behind NAT punch to {reach['udp_port']['address']}:"
+                                 f"{reach['udp_port']['port']} (this port's UDP mapping, as "
+                                 f"the relay sees it)"))
+    if reach["punched"]:
+        rows.append(("punched", f"{len(reach['punched'])} peer(s) met through their relays "
+                                f"reached direct lately ('p2prc peers ls': path)"))
     if reach["relay_offered"]:
         rows.append(("relay", "offered to other nodes (relay = true)"))
     rows.append(("peers", f"{peers['known']} known, {peers['answering']} answering, "

@@ -12,7 +12,7 @@ import falcon
 from p2prc_core import punch
 from p2prc_core.addresses import local_addresses
 from p2prc_core.models import Address
-from p2prc_core.own_mapping import mapping_of
+from p2prc_core.own_mapping import blocked, mapping_of
 from p2prc_core.reach_state import ReachState
 from p2prc_core.server.bodies import read_json
 from p2prc_core.server.resources import json_answer, send
@@ -100,6 +100,11 @@ class PunchResource:
         if len(self._last) > 4096:
             self._last = {c: t for c, t in self._last.items() if now - t < OFFER_EVERY}
         self._last[caller] = now
+        if blocked(ReachState(self.home).read()):
+            raise falcon.HTTPServiceUnavailable(
+                title="No UDP here", description="This node's UDP does not reach its relay "
+                                                 "(a firewall, or a router that drops it): "
+                                                 "use its relay.")
         taken = send_offer(self.home, bytes.fromhex(offer.token), candidates, trusted)
         if taken is None:
             raise falcon.HTTPServiceUnavailable(
@@ -145,7 +150,7 @@ class PunchResource:
         state = ReachState(self.home)
         deadline = time.monotonic() + MAPPING_WAIT
         found = state.read()
-        while mapping_of(found) is None and found.get("relay") and \
+        while mapping_of(found) is None and not blocked(found) and found.get("relay") and \
                 time.monotonic() < deadline:
             time.sleep(0.05)
             found = state.read()
