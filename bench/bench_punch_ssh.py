@@ -59,7 +59,8 @@ def main() -> None:
     TrustStore(root / "host").add(identity.node_id)
     relay_port, host_port = free_port(), free_port()
     relay = start_p2prc(root / "relay", relay_port, P2PRC_RELAY="true",
-                        P2PRC_RELAY_OPEN="true", P2PRC_UPNP="false")
+                        P2PRC_RELAY_OPEN="true", P2PRC_UPNP="false",
+                        P2PRC_ALLOW_LOOPBACK="true", P2PRC_ADVERTISE_ADDRESSES="127.0.0.1")
     relay_id = NodeIdentity.load_or_create(root / "relay").node_id
     host = start_p2prc(root / "host", host_port, P2PRC_USE_RELAY="always",
                        P2PRC_RELAYS=f"{relay_id}@127.0.0.1:{relay_port}",
@@ -84,7 +85,9 @@ def main() -> None:
                 break
             time.sleep(0.2)
         touched = subprocess.run([P2PRC, "touch", host_id, "--json"], env=ways["relay"],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+        if touched.returncode != 0:
+            raise SystemExit(f"p2prc touch failed: {touched.stderr}")
         container_id = json.loads(touched.stdout)["id"]
         entry = Tracked(me).find(container_id[:12])
         tunnel = ssh_command(me, entry, private, tunnel=True)

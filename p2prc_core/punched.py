@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from p2prc_core import punch
-from p2prc_core.errors import P2PRCError, PeerError
+from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
 from p2prc_core.storage import atomic_write_json, read_json_file, update_json
@@ -111,7 +111,9 @@ class PunchedPaths:
                     link = self._punch(endpoint)
                 except (P2PRCError, OSError) as err:
                     self.last_error = str(err)
-                    self._remember(node, "relay", self.last_error)
+                    if not (isinstance(err, PeerRefused) and err.status == 429):
+                        # (a 429 is "not now", not "never": the next command tries again)
+                        self._remember(node, "relay", self.last_error)
                     return None
                 self._links[node] = link
                 self._remember(node, "punched", f"{link.remote[0]}:{link.remote[1]}")
@@ -172,7 +174,7 @@ class PunchedPaths:
         if won is not sock:  # a spread socket won: the first is not needed
             sock.close()
         link = QuicLink(won, remote, endpoint.node_id)  # owns the socket from here
-        link.connect(max(0.5, deadline - time.monotonic()))
+        link.connect(max(1.0, deadline - time.monotonic()))  # a Retry costs a round trip
         return link
 
     def _failed_lately(self, node: str) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import threading
@@ -30,6 +31,8 @@ from aioquic.quic.connection import QuicConnection
 from p2prc_core import tls
 from p2prc_core.errors import PeerError
 from p2prc_core.identity import node_id_for
+
+log = logging.getLogger("p2prc.udp")
 
 ALPN = "p2prc/1"
 IDLE_SECONDS = 30.0  # a path silent this long is dead (NATs forget UDP in 30 s or more)
@@ -134,7 +137,10 @@ def read_in_batches(sock: socket.socket, protocol: asyncio.DatagramProtocol,
             except OSError as err:  # an ICMP error for what was sent
                 protocol.error_received(err)
                 return
-            protocol.datagram_received(data, addr)
+            try:
+                protocol.datagram_received(data, addr)
+            except Exception as err:  # noqa: BLE001 - one datagram, not the batch, is lost
+                log.warning("a datagram from %s could not be taken: %r", addr[0], err)
 
     loop._add_reader(sock.fileno(), ready)  # the transport removes it when it closes
 

@@ -13,8 +13,10 @@ it. What arrives is told apart by its first bytes:
   to this node's own server, as a relayed client's are.
 
 Offers reach the owner from any worker (``POST /v1/punch``) over ``udp_control``. At most
-``MAX_OFFERS`` are live at once, strangers' at most half of them; only a trusted caller's
-offer gets the spread (hundreds of packets to its router's ports, ``punch.punch``).
+``MAX_OFFERS`` are live at once, strangers' at most half of them, and of those one toward a
+given address (a stranger cannot make this node knock at a third party's door for long);
+only a trusted caller's offer gets the spread (hundreds of packets to its router's ports,
+``punch.punch``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 from p2prc_core import punch, quic_link, udp_control, udp_probe
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.own_mapping import OwnMapping
-from p2prc_core.quic_server import QuicSide
+from p2prc_core.quic_server import Budget, QuicSide
 
 log = logging.getLogger("p2prc.udp")
 
@@ -64,6 +66,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.offers: dict[bytes, _Offer] = {}
         self.admitted: dict[tuple[str, int], tuple[float, bool]] = {}  # -> until, trusted
         self.spreading = 0  # offers whose spread runs now
+        self.budget = Budget()  # the links and streams of all this node's QUIC
         self._cert, self._key = cert, key
         self.transport: asyncio.DatagramTransport | None = None
         self.quic: QuicSide | None = None
@@ -83,8 +86,15 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.mapping = OwnMapping(home, identity, send)
         quic_link.keep(self.mapping.run())
 
-    def quic_side(self, transport: asyncio.DatagramTransport) -> QuicSide:
-        return QuicSide(transport, self._cert, self._key, self.local, self.admission)
+    def quic_side(self, transport: asyncio.DatagramTransport,
+                  only: set[tuple[str, int]] | None = None) -> QuicSide:
+        """QUIC on ``transport``, within this node's one budget; ``only``: the sources it
+        may take (a spread socket's: those its own offer admitted)."""
+        def admission(source: tuple[str, int]) -> tuple[bool, bool]:
+            admitted, trusted = self.admission(source)
+            return admitted and (only is None or source in only), trusted
+
+        return QuicSide(transport, self._cert, self._key, self.local, admission, self.budget)
 
     def admission(self, source: tuple[str, int]) -> tuple[bool, bool]:
         """Whether a live offer admitted ``source``, and whether a trusted caller's did."""
@@ -135,10 +145,12 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             del self.offers[token_gone]
         for source in [s for s, (until, _) in self.admitted.items() if until < now]:
             del self.admitted[source]
-        strangers = sum(not o.trusted for o in self.offers.values())
-        if token in self.offers or len(self.offers) >= MAX_OFFERS or \
-                (not trusted and strangers >= MAX_OFFERS // 2):
-            return False
+        strangers = [o for o in self.offers.values() if not o.trusted]
+        aimed = {host for o in strangers for host, _ in o.candidates}
+        if token in self.offers or len(self.offers) >= MAX_OFFERS or (not trusted and (
+                len(strangers) >= MAX_OFFERS // 2 or
+                any(host in aimed for host, _ in candidates))):
+            return False  # (strangers: one live offer toward an address, from anyone)
         offer = _Offer(candidates, now + OFFER_SECONDS, trusted)
         self.offers[token] = offer
         if self.mapping is not None and not self.mapping.known:
@@ -242,7 +254,8 @@ class SpreadSocket(asyncio.DatagramProtocol):
                 self.spread.winner = self
                 self.transport.sendto(data, addr)
                 if self.quic is None:
-                    self.quic = self.spread.endpoint.quic_side(self.transport)
+                    self.quic = self.spread.endpoint.quic_side(self.transport,
+                                                               self.spread.offer.sources)
                     quic_link.keep(self._close_when_idle())
         elif self.quic is not None and data[:4] != punch.MAGIC:
             self.quic.receive(data, addr)
@@ -258,7 +271,7 @@ class SpreadSocket(asyncio.DatagramProtocol):
 
     def close(self) -> None:
         if self.quic is not None:
-            self.quic.server.close()
+            self.quic.close()
         elif self.transport is not None:
             self.transport.close()
         self.transport = None

@@ -207,16 +207,19 @@ def learn_through(friend: Host, public: Host, home: str) -> None:
              what=f"{friend.name} learns of home from {public.name}")
 
 
-def reaches_through_relay(friend: Host, home: str, relay: str) -> None:
-    """What a user on ``friend`` checks: specs and a speed test of home, over the relay."""
-    specs = json.loads(cli(friend, "specs", home, "--json"))
+def reaches_through_relay(friend: Host, home: str, relay: str, path: str = "relay",
+                          **env: str) -> None:
+    """What a user on ``friend`` checks: specs and a speed test of home, met through the
+    relay; ``path``: the way ``peers ls`` says they went (``relay``; ``punched`` where the
+    two punched a direct path through their NATs)."""
+    specs = json.loads(cli(friend, "specs", home, "--json", **env))
     assert specs["cpu"]["cores"] >= 1 and specs["memory"]["total"] > 0
-    speed = json.loads(cli(friend, "speedtest", home, "--bytes", "1M", "--json"))
+    speed = json.loads(cli(friend, "speedtest", home, "--bytes", "1M", "--json", **env))
     assert [t["direction"] for t in speed["transfers"]] == ["download", "upload"]
     assert all(t["bytes"] == 1 << 20 for t in speed["transfers"])
     entry = peers(friend)[home]
     assert entry["address"] == f"relay {relay}", entry
-    assert entry["path"] == "relay"
+    assert entry["path"] == path
     assert entry["relays"] == [relay.split("@")[0]]  # home's signed record names it
 
 
@@ -317,7 +320,8 @@ def test_a_home_without_upnp_is_reached_through_a_configured_relay(
     # Friend knows only public; it learns home's record (naming the relay) from public, and
     # reaches home through it, though not directly.
     learn_through(friend, public, home)
-    reaches_through_relay(friend, home, relay)
+    # Punching off: every byte through the relay (test_punch_lab.py has the punched paths).
+    reaches_through_relay(friend, home, relay, P2PRC_PUNCH="false")
     assert dial(friend, str(lab.home.ipv4)).startswith("FAILED")
     assert dial(friend, lab.router_external_ip).startswith("FAILED")
 
@@ -339,7 +343,7 @@ def test_both_behind_nat_home_picks_a_relay_from_its_table(
     assert (state["summary"], state["relay"]) == ("relay", relay)
 
     learn_through(friend, public, home)
-    reaches_through_relay(friend, home, relay)
+    reaches_through_relay(friend, home, relay, path="punched")  # met there, then direct
     assert dial(friend, str(lab.home.ipv4)).startswith("FAILED")
     assert dial(friend, lab.router_external_ip).startswith("FAILED")
 

@@ -169,15 +169,34 @@ def test_the_route_refuses_bad_offers_and_says_why(app: testing.TestClient) -> N
     assert unsigned.status_code == 401
 
 
-def test_without_a_udp_owner_the_route_says_so_and_a_second_offer_waits(
+def test_without_a_udp_owner_the_route_says_so_and_a_caller_offers_a_few_times_only(
         app: testing.TestClient) -> None:
+    from p2prc_core.server.punching import OFFERS_PER_CALLER
+
     body = {"token": "cd" * 16, "candidates": ["11.0.0.2:40000"]}
     first = offer(app, body)
     assert first.status_code == 503, first.text  # no server worker serves UDP here
     assert "relay" in first.json["description"]
-    again = offer(app, body)
-    assert again.status_code == 429, again.text
+    statuses = [offer(app, body).status_code for _ in range(OFFERS_PER_CALLER)]
+    assert statuses == [503] * (OFFERS_PER_CALLER - 1) + [429]
     assert offer(app, body, NodeIdentity.generate()).status_code == 503  # another caller
+
+
+def test_a_refusal_for_now_is_not_remembered_as_a_pair_that_cannot_punch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 429 (this caller offered often lately) says "not now": the next command tries
+    again, rather than taking the relay for ten minutes."""
+    from p2prc_core.errors import PeerRefused
+
+    def busy(self: Any, endpoint: Endpoint) -> Any:
+        raise PeerRefused("offered a moment ago", 429)
+
+    monkeypatch.setattr(punched.PunchedPaths, "_punch", busy)
+    paths = punched.PunchedPaths(tmp_path, ME)
+    where = Endpoint("11.0.0.10", 8088, NodeIdentity.generate().node_id, False,
+                     NodeIdentity.generate().node_id)
+    assert paths.socket_to(where) is None and "moment ago" in paths.last_error
+    assert punched.remembered(tmp_path) == {}
 
 
 # -- real servers over loopback -----------------------------------------------------------------
@@ -446,12 +465,11 @@ def test_strangers_fill_at_most_half_the_offers_and_are_told_so(tmp_path: Path) 
         {"udp_port": {"address": "11.0.0.1", "port": 40001, "by": "x"}}))
     host = start_server(tmp_path / "host")
 
-    def offer_as(identity: NodeIdentity) -> int:
+    def offer_as(identity: NodeIdentity, target: str = "11.0.0.2:40000") -> int:
         with PeerClient(Endpoint("127.0.0.1", host.port, host.node_id),
                         identity=identity) as client:
             try:
-                client.punch(PunchOffer(token=punch.new_token().hex(),
-                                        candidates=["11.0.0.2:40000"]))
+                client.punch(PunchOffer(token=punch.new_token().hex(), candidates=[target]))
             except PeerError as err:
                 return int(getattr(err, "status", 0))
         return 200
@@ -459,8 +477,12 @@ def test_strangers_fill_at_most_half_the_offers_and_are_told_so(tmp_path: Path) 
     from p2prc_core.udp_endpoint import MAX_OFFERS
 
     try:
-        statuses = [offer_as(NodeIdentity.generate()) for _ in range(MAX_OFFERS // 2 + 2)]
-        assert statuses == [200] * (MAX_OFFERS // 2) + [429, 429]
+        # One live stranger's offer toward one address: the host knocks on no door for long.
+        assert offer_as(NodeIdentity.generate(), "11.0.1.1:40000") == 200
+        assert offer_as(NodeIdentity.generate(), "11.0.1.1:40001") == 429
+        statuses = [offer_as(NodeIdentity.generate(), f"11.0.0.{i}:40000")
+                    for i in range(1, MAX_OFFERS // 2 + 2)]
+        assert statuses == [200] * (MAX_OFFERS // 2 - 1) + [429, 429]
         assert offer_as(ME) == 200  # trusted
     finally:
         host.stop()
@@ -583,3 +605,75 @@ def test_offers_go_only_to_a_worker_of_this_user(tmp_path: Path) -> None:
         if squatter.poll() is None:
             squatter.kill()
             squatter.wait()
+
+
+class BareClient:
+    """A QUIC client driven by hand over plain sockets: each datagram it would send can be
+    sent from any socket (what an attacker's own code does)."""
+
+    def __init__(self, sock: socket.socket, host: tuple[str, int]):
+        from aioquic.quic.connection import QuicConnection
+
+        from p2prc_core.quic_link import configuration
+
+        self.sock, self.host = sock, host
+        self.quic = QuicConnection(configuration=configuration(True))
+        self.quic.connect(host, now=time.monotonic())
+
+    def pump(self, seconds: float, sock: socket.socket | None = None) -> int:
+        """Send what is due and read answers on ``sock`` for ``seconds``; bytes received."""
+        sock = sock or self.sock
+        got, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            for data, _ in self.quic.datagrams_to_send(now=time.monotonic()):
+                sock.sendto(data, self.host)
+            sock.settimeout(0.02)
+            try:
+                data, addr = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            got += len(data)
+            self.quic.receive_datagram(data, addr, now=time.monotonic())
+            while self.quic.next_event() is not None:
+                pass
+        return got
+
+
+def test_a_link_does_not_follow_its_packets_to_a_source_nobody_admitted(
+        host: LiveServer) -> None:
+    """QUIC moves a connection to wherever its packets come from (and challenges that
+    address with more bytes than it got): here only to a source an offer admitted, so a
+    forged source is never sent to, and a link cannot leave the address it was counted at."""
+    sock, _, _ = agreed(host)
+    answers(sock, 0.2)
+    client = BareClient(sock, ("127.0.0.1", host.port))
+    assert client.pump(1.0) > 0 and client.quic._handshake_complete
+    elsewhere = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    elsewhere.bind(("127.0.0.2", 0))  # sent no punch packet: nobody admitted it
+    try:
+        client.quic.send_ping(1)
+        assert client.pump(1.0, sock=elsewhere) == 0  # nothing goes there
+        client.quic.send_ping(2)
+        assert client.pump(1.0) > 0  # the link still answers where it was agreed
+    finally:
+        elsewhere.close()
+        sock.close()
+
+
+def test_a_stream_one_way_is_refused_and_the_host_carries_on(host: LiveServer) -> None:
+    sock, _, _ = agreed(host)
+    answers(sock, 0.2)
+    client = BareClient(sock, ("127.0.0.1", host.port))
+    try:
+        assert client.pump(1.0) > 0
+        for _ in range(40):  # one-way streams, past any share of streams
+            one_way = client.quic.get_next_available_stream_id(is_unidirectional=True)
+            client.quic.send_stream_data(one_way, b"x" * 100, end_stream=True)
+        client.pump(1.0)
+        assert "Exception in callback" not in host.output()
+        link = QuicLink(*agreed(host)[:2], host.node_id)  # the host still takes links
+        link.connect(5)
+        assert health_over(link, host.node_id)["status"] == "ok"
+        link.close()
+    finally:
+        sock.close()

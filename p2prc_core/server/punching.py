@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,9 @@ from p2prc_core.server.resources import json_answer, send
 from p2prc_core.udp_control import send_offer
 from p2prc_core.wire import PunchAnswer, PunchOffer, WireError, convert, schema_ref
 
-OFFER_EVERY = 2.0  # seconds between two offers of one caller, in one worker
+OFFERS_PER_CALLER = 5  # offers one caller may make in OFFER_WINDOW seconds, in one worker
+OFFER_WINDOW = 10.0
+STRANGER_CANDIDATES = 2  # candidates of an untrusted caller's offer that are punched toward
 MAPPING_WAIT = 1.0  # seconds an offer waits for this port's mapping to be known
 
 
@@ -68,7 +71,8 @@ class PunchResource:
         "responses": {"200": json_answer(PunchAnswer, "where this node's UDP may be met; "
                                                       "it punches toward the caller now"),
                       "400": {"description": "not an offer, or a candidate never punched"},
-                      "429": {"description": "this caller offered a moment ago"},
+                      "429": {"description": "this caller offered 5 times in 10 s, or too many "
+                                             "punches run now"},
                       "503": {"description": "this node's UDP port is not served"}},
     }}
 
@@ -80,7 +84,7 @@ class PunchResource:
         self.allow_loopback = allow_loopback
         self.is_trusted = is_trusted
         self.addresses = addresses
-        self._last: dict[str, float] = {}  # caller -> when it last offered
+        self._offered: dict[str, list[float]] = {}  # caller -> when it offered lately
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         try:
@@ -93,13 +97,16 @@ class PunchResource:
         trusted = self.is_trusted(caller)
         mine = self.addresses()
         candidates = self._usable(candidates, [] if self.allow_loopback else mine, trusted)
-        if now - self._last.get(caller, -OFFER_EVERY) < OFFER_EVERY:
+        lately = [t for t in self._offered.get(caller, []) if now - t < OFFER_WINDOW]
+        if len(lately) >= OFFERS_PER_CALLER:
             raise falcon.HTTPTooManyRequests(
                 title="Offered a moment ago",
-                description=f"One punch offer every {OFFER_EVERY:g} s per caller.")
-        if len(self._last) > 4096:
-            self._last = {c: t for c, t in self._last.items() if now - t < OFFER_EVERY}
-        self._last[caller] = now
+                description=f"At most {OFFERS_PER_CALLER} punch offers in "
+                            f"{OFFER_WINDOW:g} s per caller.")
+        if len(self._offered) > 4096:
+            self._offered = {c: ts for c, ts in self._offered.items()
+                             if now - ts[-1] < OFFER_WINDOW}
+        self._offered[caller] = lately + [now]
         if blocked(ReachState(self.home).read()):
             raise falcon.HTTPServiceUnavailable(
                 title="No UDP here", description="This node's UDP does not reach its relay "
@@ -128,14 +135,20 @@ class PunchResource:
                 trusted: bool) -> list[tuple[str, int]]:
         """The candidates this node punches toward: never itself (its addresses ``mine``;
         none where the config allows loopback: a lab on one machine); for a caller it does
-        not trust, public addresses only (it does not send into its own networks for a
+        not trust, ``STRANGER_CANDIDATES`` public addresses at most, none in this node's own
+        IPv6 networks (it does not send into its own networks for a
         stranger: a friend on its LAN is trusted).
 
         :raises falcon.HTTPBadRequest: none is left.
         """
         own = {str(a.ip) for a in mine}
+        own_nets = {ipaddress.ip_network(f"{a.ip}/64", strict=False) for a in mine
+                    if a.version == 6}
         usable = [(host, port) for host, port in candidates if host not in own and
-                  (trusted or Address.parse(host).kind == "global")]
+                  (trusted or (Address.parse(host).kind == "global" and
+                               not any(Address.parse(host).ip in net for net in own_nets)))]
+        if not trusted:
+            usable = usable[:STRANGER_CANDIDATES]
         if not usable:
             raise falcon.HTTPBadRequest(
                 title="Invalid punch offer",
