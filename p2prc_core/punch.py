@@ -195,10 +195,6 @@ def udp_socket(family: int = socket.AF_INET) -> socket.socket:
     return sock
 
 
-def token_hex(token: bytes) -> str:
-    return token.hex()
-
-
 def token_from_hex(text: str) -> bytes:
     """:raises CandidateError: not 32 lower-case hex characters."""
     if not isinstance(text, str) or len(text) != 2 * TOKEN_BYTES or \
