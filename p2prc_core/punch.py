@@ -152,7 +152,7 @@ def punch(sock: socket.socket, candidates: list[tuple[str, int]], token: bytes,
                 if token_of(data) == token:
                     _send(one, out, [source] * 3)  # so its side learns where we are too
                     sockets.remove(one)
-                    return one, (_plain(source[0]), source[1])
+                    return one, (plain_host(source[0]), source[1])
         return None
     finally:
         for one in sockets[1:]:
@@ -172,19 +172,21 @@ def _spread_sockets(family: int) -> list[socket.socket]:
 def _send(sock: socket.socket, data: bytes, targets: list[tuple[str, int]]) -> None:
     for target in targets:
         try:
-            sock.sendto(data, _target(sock, target))
+            sock.sendto(data, aimed(sock.family, *target))
         except OSError:
             pass  # no route to this one now: the others may do
 
 
-def _target(sock: socket.socket, target: tuple[str, int]) -> tuple[str, int]:
-    host, port = target
-    if sock.family == socket.AF_INET6 and ":" not in host:
+def aimed(family: int, host: str, port: int) -> tuple[str, int]:
+    """``host``:``port`` as a socket of ``family`` sends to it (IPv4 from a dual-stack
+    socket as ``::ffff:a.b.c.d``)."""
+    if family == socket.AF_INET6 and ":" not in host:
         return f"::ffff:{host}", port
     return host, port
 
 
-def _plain(host: str) -> str:
+def plain_host(host: str) -> str:
+    """An address as a dual-stack socket reports it, IPv4 ones without ``::ffff:``."""
     return host[7:] if host.startswith("::ffff:") else host
 
 

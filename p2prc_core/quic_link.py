@@ -108,6 +108,8 @@ class BoundedProtocol(QuicConnectionProtocol):
         (unless it has finished), and its reader is let go."""
         if stream_id in self.ended:
             return
+        if len(self.ended) >= 1024:  # a long-lived link: forget the streams aioquic forgot
+            self.ended &= set(self._quic._streams)
         self.ended.add(stream_id)
         self._stream_readers.pop(stream_id, None)
         stream = self._quic._streams.get(stream_id)

@@ -36,7 +36,7 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
-from p2prc_core import quic_link
+from p2prc_core import punch, quic_link
 
 log = logging.getLogger("p2prc.udp")
 
@@ -105,7 +105,7 @@ class QuicSide:
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
         except ValueError:
             return
-        source = (_plain(addr[0]), addr[1])
+        source = (punch.plain_host(addr[0]), addr[1])
         known = self.server._protocols.get(header.destination_cid)
         admitted, trusted = self.admission(source)
         if header.packet_type != QuicPacketType.ONE_RTT:  # a long header
@@ -119,6 +119,9 @@ class QuicSide:
             return
         elif not admitted and _address(known) != source:
             return  # a connection moves only to where a path was agreed (no reflection)
+        if known is not None:  # the hot path: a packet of a connection there is
+            self.server.datagram_received(data, addr)
+            return
         before = set(self.server._protocols.values())
         self.server.datagram_received(data, addr)
         for made in set(self.server._protocols.values()) - before:
@@ -164,8 +167,4 @@ class QuicSide:
 def _address(protocol: Any) -> tuple[str, int] | None:
     """Where ``protocol``'s connection now sends (its validated path)."""
     paths = protocol._quic._network_paths
-    return (_plain(paths[0].addr[0]), paths[0].addr[1]) if paths else None
-
-
-def _plain(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") else host
+    return (punch.plain_host(paths[0].addr[0]), paths[0].addr[1]) if paths else None

@@ -105,7 +105,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         assert self.transport is not None and self.quic is not None
         if data[:4] == udp_probe.MAGIC:
             if len(data) == udp_probe.ANSWER_SIZE and self.mapping is not None:
-                self.mapping.answered(data, (_plain(addr[0]), addr[1]))
+                self.mapping.answered(data, (punch.plain_host(addr[0]), addr[1]))
                 return
             answer = self.responder.answer(data, addr[0], addr[1], time.time())
             if answer is not None:
@@ -113,7 +113,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             return
         token = punch.token_of(data)
         if token is not None:
-            if self.punched(token, (_plain(addr[0]), addr[1])):
+            if self.punched(token, (punch.plain_host(addr[0]), addr[1])):
                 self.transport.sendto(data, addr)
             return
         if data[:4] != punch.MAGIC:
@@ -248,7 +248,7 @@ class SpreadSocket(asyncio.DatagramProtocol):
         token = punch.token_of(data)
         if token is not None:
             if token != self.spread.token or \
-                    not self.spread.endpoint.punched(token, (_plain(addr[0]), addr[1])):
+                    not self.spread.endpoint.punched(token, (punch.plain_host(addr[0]), addr[1])):
                 return
             if self.spread.winner in (None, self):
                 self.spread.winner = self
@@ -277,15 +277,9 @@ class SpreadSocket(asyncio.DatagramProtocol):
         self.transport = None
 
 
-def _plain(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") else host
-
-
 def _target(transport: asyncio.DatagramTransport, host: str, port: int) -> tuple[str, int]:
     sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family == socket.AF_INET6 and ":" not in host:
-        return f"::ffff:{host}", port
-    return host, port
+    return punch.aimed(sock.family if sock is not None else socket.AF_INET, host, port)
 
 
 class UdpOwner:

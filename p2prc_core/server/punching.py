@@ -107,11 +107,15 @@ class PunchResource:
             self._offered = {c: ts for c, ts in self._offered.items()
                              if now - ts[-1] < OFFER_WINDOW}
         self._offered[caller] = lately + [now]
-        if blocked(ReachState(self.home).read()):
+        state = ReachState(self.home).read()
+        if blocked(state):
             raise falcon.HTTPServiceUnavailable(
                 title="No UDP here", description="This node's UDP does not reach its relay "
                                                  "(a firewall, or a router that drops it): "
                                                  "use its relay.")
+        if not state.get("relay") and not own_candidates(
+                state, mine, self.port, self.allow_loopback, public_only=not trusted):
+            raise _nothing_to_offer()  # and none will come: no relay to learn it from
         taken = send_offer(self.home, bytes.fromhex(offer.token), candidates, trusted)
         if taken is None:
             raise falcon.HTTPServiceUnavailable(
@@ -125,9 +129,7 @@ class PunchResource:
         ours = own_candidates(state, mine, self.port, self.allow_loopback,
                               public_only=not trusted)
         if not ours:
-            raise falcon.HTTPServiceUnavailable(
-                title="No UDP here", description="This node knows no address of its UDP "
-                                                 "port to offer: use its relay.")
+            raise _nothing_to_offer()
         send(resp, PunchAnswer(candidates=ours, seconds=punch.SECONDS))
 
     @staticmethod
@@ -168,3 +170,9 @@ class PunchResource:
             time.sleep(0.05)
             found = state.read()
         return found
+
+
+def _nothing_to_offer() -> falcon.HTTPServiceUnavailable:
+    return falcon.HTTPServiceUnavailable(
+        title="No UDP here", description="This node knows no address of its UDP port to "
+                                         "offer: use its relay.")
