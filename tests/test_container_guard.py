@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_reach import wait_for
 
 from conftest import P2PRC, LiveServer, require, start_server
 from p2prc_core.identity import NodeIdentity
@@ -263,10 +264,20 @@ def test_a_container_fills_neither_the_hosts_disk_nor_its_log(tmp_path: Path,
         assert "Read-only file system" in out and out.strip().endswith("done")
         [listed] = engine.api.containers(all=True, size=True, filters={"id": reply["id"]})
         assert listed.get("SizeRw", 0) < 1 << 20  # nothing of it on the host's disk
-        log_size = os.path.getsize(engine.api.inspect_container(reply["id"])["LogPath"])
+        log_path = Path(engine.api.inspect_container(reply["id"])["LogPath"])
+        # The engine rotates the log at its limit: for a moment the file may not be there.
+        [log_size] = wait_for(lambda: _size(log_path), what="the container's log file")
         assert log_size <= (1 << 20) + (64 << 10), log_size
         # What it wrote in the limit is still its own to use.
         assert in_container(tmp_path, reply["id"], "ls -s /tmp/fill").split()[0] != "0"
+
+
+def _size(path: Path) -> tuple[int] | None:
+    """``(size,)`` of ``path`` (an empty file too), or None while it is not there."""
+    try:
+        return (path.stat().st_size,)
+    except FileNotFoundError:
+        return None
 
 
 def test_creates_are_refused_while_the_engines_disk_is_low(tmp_path: Path,

@@ -25,6 +25,7 @@ from test_natlab import (
     serve,
     serve_relay,
     wait_for,
+    waits_at,
 )
 
 from conftest import require
@@ -56,8 +57,7 @@ def pair(tmp_path: Path) -> Iterator[Callable[..., tuple[NatLab, Host, str, str]
         if trusted:
             TrustStore(lab.home.home).add(node_id(friend), "friend")
         serve(lab, lab.home, P2PRC_RELAYS=relay)
-        wait_for(lambda: any((public.home / "relay").glob(f"w.{home}.*")),
-                 what="home waits at the relay")
+        wait_for(lambda: waits_at(public, home), what="home waits at the relay")
         learn_through(friend, public, home)
         return lab, friend, home, relay
 
