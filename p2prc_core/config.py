@@ -78,6 +78,9 @@ class Settings:
     refresh_seconds: int = _setting(300, "how often a running server updates its peer table "
                                     "(0: never)", min=0)
     update_hops: int = _setting(3, "hops 'peers update' goes by default", min=0, max=16)
+    update_fanout: int = _setting(4, "peers each hop of an update asks: failing ones first, then "
+                                  "those asked longest ago and some at random (all of them "
+                                  "when the table holds no more)", min=1, max=4096)
     update_concurrency: int = _setting(16, "peers asked at once during an update", min=1,
                                        max=256)
     latency_probes: int = _setting(3, "round trips whose minimum is a peer's latency", min=1,

@@ -118,7 +118,7 @@ class PeerDirectory:
                               max_failures=s.peer_max_failures,
                               max_records=s.max_records_per_response,
                               newcomers_per_peer=s.exchange_newcomers_per_minute,
-                              peer_budget=s.peer_time_budget)
+                              peer_budget=s.peer_time_budget, fanout=s.update_fanout)
         discovery.publish = self.publishes
         discovery.hub = self._own_hub
         return discovery

@@ -8,21 +8,29 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 from p2prc_core.addresses import dial_endpoints
+from p2prc_core.asking import (
+    AskLimits,
+    Outcome,
+    Transport,
+    ask_pages,
+)
 from p2prc_core.channel import Channel, read_capped, within
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal, unreachable
+from p2prc_core.gossip import Versions, choose_peers, tokens_in
 from p2prc_core.httplib import httpx
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint, parse_endpoint
-from p2prc_core.peertable import PeerEntry, PeerTable, TableState, record_token
+from p2prc_core.peertable import PeerEntry, PeerTable, TableState
 from p2prc_core.plugins import PluginHooks
 from p2prc_core.signing import sign_request
 from p2prc_core.tls import NodeMismatch
@@ -32,13 +40,11 @@ from p2prc_core.wire import (
     ExchangeRequest,
     WireError,
     convert,
-    decode,
     encode,
 )
 
 log = logging.getLogger("p2prc.discovery")
 
-MAX_PAGES = 20  # table pages fetched from one peer in one exchange
 
 
 class EmptyTableError(P2PRCError):
@@ -49,20 +55,6 @@ class ExchangeError(Refusal):
     """A malformed exchange request (400); the message says what is wrong."""
 
     title = "Invalid exchange"
-
-
-class Transport(Protocol):
-    def call(self, endpoint: Endpoint, body: bytes, probes: int,
-             timeout: float | None = None) -> tuple[bytes, float | None]:
-        """POST ``body`` to the peer's ``/v1/peers``; return the answer and the latency (ms),
-        the minimum of ``probes`` round trips (None for none). ``timeout`` (seconds) bounds
-        the whole call, when given.
-
-        :raises PeerRefused: the peer answered with an error.
-        :raises PeerError: the peer could not be reached at this endpoint, or another node
-            than ``endpoint.node_id`` answered there.
-        """
-        ...
 
 
 class HttpTransport:
@@ -117,32 +109,6 @@ class HttpTransport:
 
 
 @dataclass
-class Outcome:
-    """What one peer's exchange gave."""
-
-    node_id: str
-    ok: bool
-    endpoint: str = ""
-    latency_ms: float | None = None
-    records: list[Any] = field(default_factory=list)
-    node: Any = None
-    cursor: str | None = None
-    error: str = ""
-    holds_our_seq: Any = None
-    observed: str | None = None  # the address the peer saw our request come from
-    hosts_us: bool | None = None  # whether it says it would start a container for us
-    sent: int = 0
-    received: int = 0
-
-    @property
-    def as_itself(self) -> bool:
-        """Whether the node that answered is the one asked (no record sent counts as yes:
-        it is sent only when it changed). Only without TLS can it be another."""
-        return self.node is None or (isinstance(self.node, dict)
-                                     and self.node.get("node_id") == self.node_id)
-
-
-@dataclass
 class UpdateSummary:
     added: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
@@ -182,7 +148,8 @@ class Discovery:
     def __init__(self, table: PeerTable, hooks: PluginHooks, transport: Transport,
                  own_record: Callable[[], dict[str, Any]], *, concurrency: int = 16,
                  probes: int = 3, max_failures: int = 3, max_records: int = 500,
-                 newcomers_per_peer: int | None = None, peer_budget: float = 15.0):
+                 newcomers_per_peer: int | None = None, peer_budget: float = 15.0,
+                 fanout: int | None = None, rng: random.Random | None = None):
         self.table = table
         self.hooks = hooks
         self.transport = transport
@@ -196,6 +163,8 @@ class Discovery:
         self.max_records = max_records
         self.newcomers_per_peer = newcomers_per_peer  # new peers one answer may bring
         self.peer_budget = peer_budget  # seconds for one peer, all addresses and pages
+        self.fanout = fanout  # peers one hop asks (``gossip.choose_peers``); None: all
+        self.rng = rng or random.Random()
 
     # -- one peer ---------------------------------------------------------------------------
 
@@ -223,11 +192,13 @@ class Discovery:
         return [e for e in found if e.pin_key not in ours
                 or (hub is not None and e.relay == hub.node_id)]
 
-    def contact(self, entry: PeerEntry, own: dict[str, Any], have: str = "") -> Outcome:
-        """Exchange tables with one peer, trying its endpoints in order, and measure it."""
-        record = entry.record
+    def contact(self, entry: PeerEntry, own: dict[str, Any],
+                versions: Versions | None = None) -> Outcome:
+        """Exchange tables with one peer, trying its endpoints in order, and measure it.
+        ``versions``: what this node knows (``TableState.versions``), summed up in a digest
+        so that the peer sends only what it lacks (``gossip``); without, the peer sends
+        what changed since the last exchange with it (the cursor)."""
         node_id = entry.node_id
-        measured = entry.measured
         endpoints = self.endpoints(entry, own)
         if not endpoints:
             return Outcome(node_id, False, error="no address this node may dial")
@@ -237,46 +208,15 @@ class Discovery:
             if time.monotonic() >= deadline:
                 errors.append(f"gave up after {self.peer_budget:g} s")
                 break
-            outcome = Outcome(node_id, False, endpoint=endpoint.path)
-            cursor = measured.cursor
-            # Hand over our record only when the peer does not hold this version of it, and
-            # only when a server of ours runs to be dialled at it.
-            send_own = measured.holds_our_seq != own["seq"] and self.publish()
             try:
-                for page_number in range(MAX_PAGES):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise PeerError(f"{endpoint}: gave up after {self.peer_budget:g} s")
-                    # ``have``: what we hold, which the peer leaves out of its answer
-                    body = encode(ExchangeRequest(
-                        from_=own["node_id"], records=[own] if send_own else [],
-                        since=cursor, known_seq=record["seq"], limit=self.max_records,
-                        have=have))
-                    # Latency is probed with the first page only.
-                    probes = self.probes if page_number == 0 else 0
-                    raw, latency = self.transport.call(endpoint, body, probes, left)
-                    outcome.sent += len(body)
-                    outcome.received += len(raw)
-                    page = parse_answer(raw, self.max_records, str(endpoint))
-                    outcome.records.extend(page.records)
-                    outcome.node = page.node or outcome.node
-                    outcome.holds_our_seq = page.holds_seq
-                    outcome.observed = page.observed or outcome.observed
-                    if page.hosts_you is not None:
-                        outcome.hosts_us = page.hosts_you
-                    send_own = False
-                    cursor = page.cursor
-                    if latency is not None:
-                        outcome.latency_ms = latency
-                    if not page.more:
-                        break
+                outcome = ask_pages(self.transport, endpoint, entry, own, AskLimits(
+                    deadline, self.peer_budget, self.max_records, self.probes,
+                    self.publish()), versions)
             except PeerRefused as err:
                 return Outcome(node_id, False, endpoint=endpoint.path, error=str(err))
             except PeerError as err:
                 errors.append(str(err))
                 continue
-            outcome.ok = True
-            outcome.cursor = cursor
             return outcome
         return Outcome(node_id, False, error="; ".join(errors))
 
@@ -326,8 +266,8 @@ class Discovery:
             raise EmptyTableError("the table is empty: add a peer first with 'p2prc peers "
                                   "add ADDRESS'")
         asked: set[str] = set()
-        frontier = [n for n in (only if only is not None else list(state.peers))
-                    if n in state.peers]
+        frontier = [n for n in only if n in state.peers] if only is not None \
+            else self._choose(state, list(state.peers))
         pruned = False
         for hop in range(1, hops + 1):
             if not frontier:
@@ -335,9 +275,8 @@ class Discovery:
             summary.hops = hop
             entries = [state.peers[n] for n in frontier]
             asked.update(frontier)
-            have = "".join(record_token(e.record) for e in state.peers.values()) \
-                if len(state.peers) <= MAX_HAVE else ""
-            outcomes, stopped = self._contact_all(entries, own, have, hop, progress)
+            outcomes, stopped = self._contact_all(entries, own, state.versions(own), hop,
+                                                  progress)
             summary.asked += len(outcomes)
             if stopped:  # keep what came back; the peers still being asked stay as they were
                 self.table.update(partial(self._apply, outcomes=outcomes, summary=summary))
@@ -346,7 +285,8 @@ class Discovery:
             def merge(current: TableState, outcomes: list[Outcome] = outcomes,
                       last: bool = hop == hops) -> tuple[TableState, list[str], bool]:
                 added = self._apply(current, outcomes, summary)
-                following = [n for n in added if n not in asked and n in current.peers]
+                following = self._choose(current, [n for n in added if n not in asked
+                                                   and n in current.peers])
                 if last or not following:  # the last write of this update also prunes
                     summary.removed = self._prune(current)
                 return current, following, last or not following
@@ -356,8 +296,14 @@ class Discovery:
             summary.removed = self.table.update(self._prune)
         return summary
 
-    def _contact_all(self, entries: list[PeerEntry], own: dict[str, Any], have: str,
-                     hop: int, progress: Progress | None) -> tuple[list[Outcome], bool]:
+    def _choose(self, state: TableState, among: list[str]) -> list[str]:
+        """The peers of ``among`` one hop asks (``gossip.choose_peers``)."""
+        return choose_peers({n: state.peers[n].measured for n in among}, self.fanout,
+                            self.rng)
+
+    def _contact_all(self, entries: list[PeerEntry], own: dict[str, Any],
+                     versions: Versions, hop: int,
+                     progress: Progress | None) -> tuple[list[Outcome], bool]:
         """Ask ``entries`` on up to ``concurrency`` threads; returns their outcomes in the
         order asked, and whether Ctrl-C stopped it (then only those that had come back).
         The threads are daemons: a slow peer holds up neither the stop nor the exit."""
@@ -377,7 +323,7 @@ class Discovery:
                 except queue.Empty:
                     return
                 try:
-                    done.put((index, self.contact(entry, own, have)))
+                    done.put((index, self.contact(entry, own, versions)))
                 except BaseException as err:  # noqa: BLE001 - raised on the asking thread
                     done.put((index, err))
 
@@ -414,6 +360,7 @@ class Discovery:
             if entry is None:
                 continue  # removed meanwhile
             measured = entry.measured
+            measured.asked_at = now
             if not outcome.ok:
                 measured.failures += 1
                 summary.failed[outcome.node_id] = outcome.error
@@ -459,22 +406,9 @@ class Discovery:
     def _prune(self, state: TableState) -> list[str]:
         dead = [n for n, e in state.peers.items() if e.measured.failures >= self.max_failures]
         for node_id in dead:
-            del state.peers[node_id]
+            state.drop(node_id)
+        state.forget_gone(self.table.max_peers)
         return dead
-
-
-def parse_answer(raw: bytes, max_records: int, where: str) -> ExchangeAnswer:
-    """Check an exchange answer (``wire.ExchangeAnswer``); anything else is a refusal, never
-    a crash."""
-    try:
-        answer = decode(raw, ExchangeAnswer)
-    except WireError as err:
-        raise PeerRefused(f"{where} answered the exchange in an unknown form ({err})",
-                          0) from None
-    if len(answer.records) > max_records:
-        raise PeerRefused(f"{where} sent {len(answer.records)} records, over the "
-                          f"{max_records} allowed", 0)
-    return answer
 
 
 def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
@@ -494,16 +428,18 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
     if len(request.records) > max_records:
         raise ExchangeError(f"'records' must be a list of at most {max_records} records")
     records, caller = request.records, request.from_
-    limit = request.limit if request.limit is not None else max_records
-    have = request.tokens()
+    limit = min(request.limit if request.limit is not None else max_records, max_records)
 
     def answer(state: TableState) -> ExchangeAnswer:
         """Merge and answer from one reading of the table."""
         result = table.merge_into(state, records, admit=admit) if records else None
-        changed, cursor, more = state.changes_since(request.since, min(limit, max_records),
-                                                    have)
-        reply = ExchangeAnswer(records=[r for r in changed if r.get("node_id") != caller],
-                               cursor=cursor, more=more)
+        if request.digest or request.want:
+            reply = _by_digest(state, own_record, request, limit, caller)
+        else:  # an older caller: what changed since its cursor, less what it has
+            changed, cursor, more = state.changes_since(request.since, limit,
+                                                        request.have_tokens())
+            reply = ExchangeAnswer(records=changed, cursor=cursor, more=more)
+        reply.records = [r for r in reply.records if r.get("node_id") != caller]
         if request.known_seq != own_record.get("seq"):
             reply.node = own_record
         if result is not None:
@@ -516,6 +452,24 @@ def handle_exchange(table: PeerTable, own_record: dict[str, Any], body: Any,
 
     # Only a request that hands over records takes the table's lock (and may write it).
     return table.update(answer) if records else answer(table.snapshot())
+
+
+def _by_digest(state: TableState, own_record: dict[str, Any], request: ExchangeRequest,
+               limit: int, caller: str | None) -> ExchangeAnswer:
+    """The records the caller wants (by token, at most ``limit``), and the listing of the
+    slices where its digest differs from what this node knows (``gossip``)."""
+    versions = state.versions(own_record)
+    found: list[dict[str, Any]] = []
+    for token in dict.fromkeys(tokens_in(request.want)):
+        node_id = versions.node_for(token)
+        if node_id is None or node_id == caller:
+            continue  # gone meanwhile, never held, or the caller's own
+        found.append(own_record if node_id == own_record.get("node_id")
+                     else state.peers[node_id].record)
+        if len(found) == limit:
+            break
+    tokens, more = versions.listing(request.digest, MAX_HAVE) if request.digest else ("", False)
+    return ExchangeAnswer(records=found, cursor=state.cursor(), more=more, tokens=tokens)
 
 
 def refresh_job(discovery: Discovery, hops: int,

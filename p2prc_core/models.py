@@ -22,6 +22,8 @@ _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1:
           ipaddress.ip_network("::ffff:0:0:0/96"))  # well-known, local-use, SIIT
 _SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
 _V4_COMPATIBLE = ipaddress.ip_network("::/96")
+_UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 NEVER_DIALLED = ("unspecified", "link-local", "multicast", "metadata", "broadcast")
 
 
@@ -56,11 +58,11 @@ class Address:
             return "link-local"
         if ip in _METADATA:
             return "metadata"
-        if ip == ipaddress.IPv4Address("255.255.255.255"):
+        if ip == _BROADCAST:
             return "broadcast"
         if ip.is_multicast:
             return "multicast"
-        if isinstance(ip, ipaddress.IPv6Address) and ip in ipaddress.ip_network("fc00::/7"):
+        if isinstance(ip, ipaddress.IPv6Address) and ip in _UNIQUE_LOCAL:
             return "unique-local"
         if ip.is_private:
             return "private"

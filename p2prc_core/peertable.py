@@ -15,9 +15,8 @@ later answer there with another key is refused.
 
 from __future__ import annotations
 
-import base64
 import bisect
-import hashlib
+import functools
 import secrets
 import time
 from collections import Counter
@@ -26,10 +25,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from p2prc_core import gossip
+from p2prc_core.gossip import Versions
 from p2prc_core.models import Address, Endpoint, KnownPeer, parse_endpoint
 from p2prc_core.records import MergeResult, merge_records, verified_records
 from p2prc_core.storage import read_json_object, update_json
-from p2prc_core.wire import TOKEN_CHARS
 
 PEERS_FILE = "peers.json"
 FORMAT = 1
@@ -37,13 +37,15 @@ FORMAT = 1
 T = TypeVar("T")
 
 
+GONE_SECONDS = 3600  # how long a dropped peer's version still counts in the digest
+
+
 def record_token(record: dict[str, Any]) -> str:
-    """``TOKEN_CHARS`` characters that stand for one version (node id and seq) of a record, so
-    an asker can say what it holds in a few bytes instead of whole records."""
-    digest = hashlib.sha256(f"{record.get('node_id')}:{record.get('seq')}".encode()).digest()
-    return base64.urlsafe_b64encode(digest[:TOKEN_CHARS * 3 // 4]).decode("ascii")
+    """The ``gossip.record_token`` of a record's version."""
+    return gossip.record_token(record.get("node_id"), record.get("seq"))
 
 
+@functools.lru_cache(maxsize=1 << 16)  # every record held is checked on every merge
 def dialable(address_text: str, allow_loopback: bool) -> Address | None:
     """The address, if a table may make us dial it (no loopback unless allowed, no
     link-local, multicast, unspecified, 169.254.169.254, or IPv4-mapped forms of those)."""
@@ -63,7 +65,7 @@ def _whole(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-@dataclass
+@dataclass(slots=True)  # one per peer held: thousands in a large table
 class Measured:
     """What this node measured of a peer, and where the exchange with it stands."""
 
@@ -76,6 +78,7 @@ class Measured:
     holds_our_seq: int | None = None  # the seq of our record it holds
     hosts_us: bool | None = None  # whether it would start a container for us (its word)
     hosts_us_at: float | None = None  # when it last said so (an exchange, a 201 or a 403)
+    asked_at: float | None = None  # when an update last asked it (answered or not)
     extra: dict[str, Any] = field(default_factory=dict)  # what another version wrote
 
     @classmethod
@@ -94,6 +97,7 @@ class Measured:
                    holds_our_seq=_whole(data.get("holds_our_seq")),
                    hosts_us=hosts_us if isinstance(hosts_us, bool) else None,
                    hosts_us_at=_number(data.get("hosts_us_at")),
+                   asked_at=_number(data.get("asked_at")),
                    extra={k: v for k, v in data.items() if k not in _MEASURED_FIELDS},
                    **text)
 
@@ -106,7 +110,7 @@ class Measured:
 _MEASURED_FIELDS = frozenset(f.name for f in fields(Measured))  # (read for every entry)
 
 
-@dataclass
+@dataclass(slots=True)
 class PeerEntry:
     """One peer in the table: its signed record and what was measured of it."""
 
@@ -165,7 +169,13 @@ class TableState:
     pins: dict[str, str] = field(default_factory=dict)  # ADDRESS:PORT -> node id seen there
     # Our own address as peers saw our requests come from it: address -> {"by", "last"}.
     observed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Peers dropped lately (pruned as dead, or forgotten): node id -> [seq, when]. Their
+    # versions count in the digest and are not asked for again (``gossip``); a record of
+    # theirs that arrives anyway is taken as usual.
+    gone: dict[str, list[float]] = field(default_factory=dict)
     _order: list[tuple[int, str]] | None = field(default=None, repr=False, compare=False)
+    _versions: tuple[tuple[str, int], Versions] | None = field(default=None, repr=False,
+                                                                compare=False)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TableState:
@@ -184,13 +194,55 @@ class TableState:
         found_observed = data.get("observed")
         observed = {k: v for k, v in found_observed.items() if isinstance(v, dict)} \
             if isinstance(found_observed, dict) else {}
+        found_gone = data.get("gone")
+        gone = {k: v for k, v in found_gone.items() if isinstance(v, list) and len(v) == 2
+                and all(_number(x) is not None for x in v)} \
+            if isinstance(found_gone, dict) else {}
         return cls(epoch if isinstance(epoch, str) else secrets.token_hex(6), clock, peers,
-                   pins, observed)
+                   pins, observed, gone)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "epoch": self.epoch, "clock": self.clock,
                 "peers": {k: e.to_json() for k, e in self.peers.items()}, "pins": self.pins,
-                "observed": self.observed}
+                "observed": self.observed, "gone": self.gone}
+
+    def drop(self, node_id: str, now: float | None = None) -> bool:
+        """Remove a peer, remembering its version as gone for ``GONE_SECONDS`` (at most as
+        many gone as the table may hold peers is up to the caller: see ``forget_gone``)."""
+        entry = self.peers.pop(node_id, None)
+        if entry is None:
+            return False
+        seq = entry.record.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            self.gone[node_id] = [seq, time.time() if now is None else now]
+        self.changed_records()
+        return True
+
+    def forget_gone(self, keep: int, now: float | None = None) -> None:
+        """Forget versions gone for over ``GONE_SECONDS``, and the oldest beyond ``keep``."""
+        now = time.time() if now is None else now
+        recent = sorted(((when, node_id) for node_id, (_, when) in self.gone.items()
+                         if now - when < GONE_SECONDS), reverse=True)[:keep]
+        if len(recent) != len(self.gone):
+            self.gone = {node_id: self.gone[node_id] for _, node_id in recent}
+            self.changed_records()
+
+    def changed_records(self) -> None:
+        """The records held changed: what was computed from them is stale."""
+        self._order = None
+        self._versions = None
+
+    def versions(self, own: dict[str, Any] | None = None) -> Versions:
+        """The versions this node knows (``gossip.Versions``): its peers', its own record's
+        (``own``), and those gone lately. Kept while the state is."""
+        key = (str(own.get("node_id")), int(own.get("seq", 0))) if own else ("", 0)
+        if self._versions is None or self._versions[0] != key:
+            held = {n: int(e.record.get("seq", 0)) for n, e in self.peers.items()}
+            if own:
+                held[key[0]] = key[1]
+            self._versions = (key, Versions(held, {n: int(v[0]) for n, v in
+                                                   self.gone.items()}))
+        return self._versions[1]
 
     def observe(self, address: str, by: str, now: float) -> None:
         """A peer saw our request come from ``address``: kept for the 8 most recent
@@ -353,6 +405,9 @@ class PeerTable:
             entry = state.peers.setdefault(node_id, PeerEntry(held[node_id]))
             entry.record = held[node_id]
             entry.changed = state.clock
+            state.gone.pop(node_id, None)
+        if result.added or result.updated:
+            state.changed_records()
         return result
 
     def _make_room(self, state: TableState, wanted: int) -> int:
@@ -363,7 +418,7 @@ class PeerTable:
         free = min(self.max_peers - len(state.peers), self.max_unverified - len(unverified))
         evict = max(0, min(wanted - max(free, 0), len(unverified)))
         for _, node_id in unverified[:evict]:
-            del state.peers[node_id]
+            state.drop(node_id)  # gone: not fetched again at once for lack of room
         return max(0, min(wanted, max(free, 0) + evict))
 
     def pin(self, addresses: list[str], node_id: str) -> None:
@@ -381,7 +436,7 @@ class PeerTable:
             pinned = [a for a, n in state.pins.items() if n == node_id]  # every spelling
             for address in pinned:
                 del state.pins[address]
-            return state.peers.pop(node_id, None) is not None or bool(pinned)
+            return state.drop(node_id) or bool(pinned)
 
         return self.update(change)
 

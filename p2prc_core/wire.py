@@ -23,6 +23,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 import msgspec
 from msgspec import Meta, Struct, field
 
+from p2prc_core.gossip import DIGEST_CHARS, TOKEN_CHARS
 from p2prc_core.models import (
     CONTAINER_ID,
     KEY_LINE,
@@ -39,8 +40,7 @@ T = TypeVar("T")
 
 MAX_GPUS = 64  # most GPUs a request may name, and the highest index + 1
 MAX_TIME = 253402300799  # 9999-12-31: any later time a host sends is no time
-TOKEN_CHARS = 8  # one record token in an exchange's ``have``
-MAX_HAVE = 4096  # record tokens an asker may send; with more it sends none
+MAX_HAVE = 4096  # record tokens in one ``have``, ``want`` or listing
 MAX_CURSOR = 64
 MAX_LISTED = 10_000  # containers one list answer may hold
 
@@ -53,6 +53,7 @@ RELAY_TOKEN = re.compile(f"[0-9a-f]{{{2 * RELAY_TOKEN_BYTES}}}")
 _IMAGE_ASKED = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?")
 _IMAGE_RUN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]{0,255}")
 _STATE = re.compile(r"[a-z]{1,20}")
+_TOKENS = re.compile(r"[A-Za-z0-9_-]*")  # record tokens and digests: base64url, no padding
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 Port = Annotated[int, Meta(ge=1, le=65535)]
@@ -318,7 +319,12 @@ class ExchangeRequest(Struct, frozen=True):
     since: Annotated[str, Meta(max_length=MAX_CURSOR)] | None = None
     known_seq: int | None = None  # the seq of our record the caller holds
     limit: Annotated[int, Meta(ge=1)] | None = None
-    have: Annotated[str, Meta(max_length=TOKEN_CHARS * MAX_HAVE)] = ""
+    have: Annotated[str, Meta(max_length=TOKEN_CHARS * MAX_HAVE)] = ""  # (older callers)
+    # ``gossip.Versions.digest`` of what the caller knows: the answer lists the tokens of
+    # the versions held here in the slices that differ (``ExchangeAnswer.tokens``)
+    digest: Annotated[str, Meta(max_length=DIGEST_CHARS)] = ""
+    # tokens from such a listing: the answer carries those records (at most ``limit``)
+    want: Annotated[str, Meta(max_length=TOKEN_CHARS * MAX_HAVE)] = ""
 
     HINTS: ClassVar[dict[str, str]] = {
         "from": "'from' must be the caller's node id",
@@ -328,12 +334,21 @@ class ExchangeRequest(Struct, frozen=True):
         "limit": "'limit' must be a positive whole number",
         "have": f"'have' must be {TOKEN_CHARS}-character record tokens, at most {MAX_HAVE} "
                 f"of them",
+        "digest": f"'digest' must be {DIGEST_CHARS} base64url characters",
+        "want": f"'want' must be {TOKEN_CHARS}-character record tokens, at most {MAX_HAVE} "
+                f"of them",
     }
 
     def __post_init__(self) -> None:
-        _refuse(len(self.have) % TOKEN_CHARS != 0, self.HINTS["have"])
+        for name in ("have", "want"):
+            text = getattr(self, name)
+            _refuse(len(text) % TOKEN_CHARS != 0 or not _TOKENS.fullmatch(text),
+                    self.HINTS[name])
+        _refuse(self.digest != "" and (len(self.digest) != DIGEST_CHARS
+                                       or not _TOKENS.fullmatch(self.digest)),
+                self.HINTS["digest"])
 
-    def tokens(self) -> frozenset[str]:
+    def have_tokens(self) -> frozenset[str]:
         """The record tokens in ``have``."""
         return frozenset(self.have[i:i + TOKEN_CHARS]
                          for i in range(0, len(self.have), TOKEN_CHARS))
@@ -354,16 +369,25 @@ class ExchangeAnswer(Struct, omit_defaults=True):
     # POST /v1/containers answers 403 by. Only the host's word: a host that says yes and
     # then refuses costs the caller one refusal. Absent for an unsigned caller.
     hosts_you: bool | None = None
+    # To a caller that sent a digest: the tokens of the versions held here in the slices
+    # where the digests differ ("" for none: both know the same), and in ``more`` whether
+    # some were left out. Absent from an older node, which pages by cursor instead.
+    tokens: Annotated[str, Meta(max_length=TOKEN_CHARS * MAX_HAVE)] | None = None
 
     HINTS: ClassVar[dict[str, str]] = {
         "records": "its records are not a list",
         "cursor": f"its cursor is not a string of at most {MAX_CURSOR} characters",
         "hosts_you": "its hosts_you is not true or false",
+        "tokens": f"its tokens are not {TOKEN_CHARS}-character record tokens, at most "
+                  f"{MAX_HAVE} of them",
     }
 
     def __post_init__(self) -> None:
         _refuse(json_depth([self.records, self.node]) > MAX_JSON_DEPTH,
                 f"nested deeper than {MAX_JSON_DEPTH} levels")
+        _refuse(self.tokens is not None and (len(self.tokens) % TOKEN_CHARS != 0
+                                             or not _TOKENS.fullmatch(self.tokens)),
+                self.HINTS["tokens"])
         observed = self.observed
         self.observed = None  # a peer's word for our address: an IP address, or nothing
         if isinstance(observed, str) and len(observed) <= 64:

@@ -20,7 +20,7 @@ import pytest
 from rich.console import Console
 
 from conftest import P2PRC, LiveServer, start_server, web
-from p2prc_core.discovery import parse_answer
+from p2prc_core.asking import parse_answer
 from p2prc_core.errors import PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.peertable import Measured, PeerTable, TableState
