@@ -288,12 +288,12 @@ class Discovery:
                 following = self._choose(current, [n for n in added if n not in asked
                                                    and n in current.peers])
                 if last or not following:  # the last write of this update also prunes
-                    summary.removed = self._prune(current)
+                    summary.removed = self._prune(current, summary)
                 return current, following, last or not following
 
             state, frontier, pruned = self.table.update(merge)
         if not pruned:
-            summary.removed = self.table.update(self._prune)
+            summary.removed = self.table.update(partial(self._prune, summary=summary))
         return summary
 
     def _choose(self, state: TableState, among: list[str]) -> list[str]:
@@ -403,11 +403,20 @@ class Discovery:
         limit = self.newcomers_per_peer
         return wanted if limit is None else min(wanted, limit)
 
-    def _prune(self, state: TableState) -> list[str]:
+    def _prune(self, state: TableState, summary: UpdateSummary) -> list[str]:
+        """Drop the peers that failed ``max_failures`` updates in a row. They count as gone
+        (``TableState.drop``: not fetched again for a while) only when some peer answered
+        in this update: when none did, this node's own network is the likelier cause, and
+        the first peer that answers again brings the others back."""
         dead = [n for n, e in state.peers.items() if e.measured.failures >= self.max_failures]
+        answered = summary.asked > len(summary.failed)
         for node_id in dead:
-            state.drop(node_id)
-        state.forget_gone(self.table.max_peers)
+            if answered:
+                state.drop(node_id)
+            else:
+                del state.peers[node_id]
+                state.changed_records()
+        state.forget_gone(self.table.max_gone)
         return dead
 
 

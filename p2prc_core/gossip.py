@@ -63,6 +63,7 @@ class Versions:
         self._digest: list[str] | None = None
         self._known: set[str] | None = None
         self._tokens: dict[str, str] | None = None
+        self._slices: list[list[str]] | None = None
 
     @classmethod
     def of(cls, records: Iterable[dict[str, Any]],
@@ -125,19 +126,24 @@ class Versions:
         slices = self.differing(digest)
         if not slices:
             return "", False
-        by_slice: dict[int, list[str]] = {b: [] for b in slices}
-        for node_id, seq in self.held.items():
-            bucket = by_slice.get(bucket_of(node_id))
-            if bucket is not None:
-                bucket.append(record_token(node_id, seq))
+        if self._slices is None:  # kept with the versions: a server answers many askers
+            self._slices = [[] for _ in range(BUCKETS)]
+            for node_id, seq in self.held.items():
+                self._slices[bucket_of(node_id)].append(record_token(node_id, seq))
+            for tokens in self._slices:
+                tokens.sort()
         # Whole slices, each sorted: an asker that got a cut listing takes what it lacks,
         # its next digest matches there, and the next listing goes on from there. A cut
         # listing starts at a random slice: slices where the asker holds more than this
         # node (nothing to take) cannot keep the others from it for good.
-        if sum(len(t) for t in by_slice.values()) > limit:
+        if sum(len(self._slices[b]) for b in slices) > limit:
             start = random.randrange(len(slices))
             slices = slices[start:] + slices[:start]
-        found = [t for b in slices for t in sorted(by_slice[b])]
+        found: list[str] = []
+        for b in slices:
+            found.extend(self._slices[b])
+            if len(found) > limit:
+                break
         return "".join(found[:limit]), len(found) > limit
 
 
@@ -151,6 +157,7 @@ class Sync:
         self.limit = limit
         self.pending: list[str] = []
         self.asked: set[str] = set()
+        self.wanted: list[str] = []  # the last ``want``
         self.received: list[Any] = []
         self.cut = False  # the last listing left some out
         self.sent_digest = False
@@ -160,6 +167,7 @@ class Sync:
         if self.pending:
             want, self.pending = self.pending[:self.limit], self.pending[self.limit:]
             self.asked.update(want)
+            self.wanted = want
             self.sent_digest = False
             return {"want": "".join(want)}
         if self.received:  # what came since counts as known: the listing goes on
@@ -175,6 +183,13 @@ class Sync:
             self.pending = [t for t in dict.fromkeys(tokens_in(tokens))
                             if t not in self.asked and not self.versions.knows(t)]
             self.cut = more and bool(self.pending)  # a cut listing of known ones: stop
+        elif 0 < len(records) < len(self.wanted):
+            # The peer sends fewer a page than asked (its own limit): ask again for the
+            # rest, that many at a time. (None at all: it holds none of them any more.)
+            got = {record_token(r.get("node_id"), r.get("seq")) for r in records
+                   if isinstance(r, dict)}
+            self.limit = len(records)
+            self.pending = [t for t in self.wanted if t not in got] + self.pending
         return bool(self.pending) or self.cut
 
 
@@ -183,6 +198,7 @@ class Asked(Protocol):
 
     failures: int
     asked_at: float | None
+    last_seen: float | None
 
 
 def choose_peers(measured: Mapping[str, Asked], fanout: int | None,
@@ -190,7 +206,8 @@ def choose_peers(measured: Mapping[str, Asked], fanout: int | None,
     """The peers one hop of an update asks: all of them when there are no more than
     ``fanout`` (or no fan-out is set); else the failing ones (up to ``fanout`` more: a dead
     peer is confirmed and dropped within ``max_failures`` updates, a live one cleared), half
-    the fan-out from those asked longest ago (never asked first), and the rest at random."""
+    the fan-out from those asked longest ago (peers that answered before first), and the rest
+    at random."""
     if fanout is None or len(measured) <= fanout:
         return list(measured)
     rng = rng or random.Random()
@@ -200,7 +217,10 @@ def choose_peers(measured: Mapping[str, Asked], fanout: int | None,
     taken = set(chosen)
     rest = [n for n in measured if n not in taken]
     rng.shuffle(rest)  # ties among the oldest broken at random
-    rest.sort(key=lambda n: measured[n].asked_at or 0.0)
+    # Peers that answered before come first among the oldest, so that newcomers someone
+    # handed over (keys are free) cannot take those places from them; newcomers get theirs
+    # from the random half, or from the oldest when the table holds little else.
+    rest.sort(key=lambda n: (measured[n].last_seen is None, measured[n].asked_at or 0.0))
     oldest = rest[:fanout // 2]
     others = rest[fanout // 2:]
     return chosen + oldest + rng.sample(others, min(fanout - len(oldest), len(others)))

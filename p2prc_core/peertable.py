@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from p2prc_core import gossip
 from p2prc_core.gossip import Versions
 from p2prc_core.models import Address, Endpoint, KnownPeer, parse_endpoint
-from p2prc_core.records import MergeResult, merge_records, verified_records
+from p2prc_core.records import MAX_ADDRESSES, MergeResult, merge_records, verified_records
 from p2prc_core.storage import read_json_object, update_json
 
 PEERS_FILE = "peers.json"
@@ -45,10 +45,20 @@ def record_token(record: dict[str, Any]) -> str:
     return gossip.record_token(record.get("node_id"), record.get("seq"))
 
 
-@functools.lru_cache(maxsize=1 << 16)  # every record held is checked on every merge
 def dialable(address_text: str, allow_loopback: bool) -> Address | None:
     """The address, if a table may make us dial it (no loopback unless allowed, no
-    link-local, multicast, unspecified, 169.254.169.254, or IPv4-mapped forms of those)."""
+    link-local, multicast, unspecified, 169.254.169.254, or IPv4-mapped forms of those).
+    Text longer than any address is none (and is not kept by the cache below)."""
+    if len(address_text) > MAX_ADDRESS_TEXT:
+        return None
+    return _dialable(address_text, allow_loopback)
+
+
+MAX_ADDRESS_TEXT = 64  # as records.verify_record allows
+
+
+@functools.lru_cache(maxsize=1 << 14)  # every record held is checked on every merge
+def _dialable(address_text: str, allow_loopback: bool) -> Address | None:
     try:
         address = Address.parse(address_text)  # maps ::ffff:a.b.c.d to a.b.c.d
     except ValueError:
@@ -299,6 +309,12 @@ class PeerTable:
         self.max_unverified = max_unverified if max_unverified is not None else max_peers
         self._cached: tuple[tuple[int, int, int], TableState] | None = None
 
+    @property
+    def max_gone(self) -> int:
+        """How many dropped peers' versions ``gone`` keeps: twice the table, so that a full
+        table in a network larger than itself does not fetch the rest again and again."""
+        return 2 * self.max_peers
+
     # -- reading ---------------------------------------------------------------------------
 
     def snapshot(self) -> TableState:
@@ -364,7 +380,8 @@ class PeerTable:
                 continue
             addresses = record.get("addresses")
             if check_addresses and isinstance(addresses, list) and not any(
-                    isinstance(a, str) and dialable(a, self.allow_loopback) for a in addresses):
+                    isinstance(a, str) and dialable(a, self.allow_loopback)
+                    for a in addresses[:MAX_ADDRESSES]):  # more: refused when verified
                 dropped_no_address += 1
                 continue
             usable.append(record)
@@ -388,6 +405,13 @@ class PeerTable:
             room = self._make_room(state, len(genuine))
             full = len(genuine) - room
             no_room = set(genuine[room:])
+            # Counted as gone: the digest does not fetch them again and again (they are
+            # genuine: a forged record must not keep the real one out)
+            now = time.time()
+            for record in usable:
+                seq = record.get("seq")
+                if record["node_id"] in no_room and isinstance(seq, int):
+                    state.gone[record["node_id"]] = [seq, now]
             usable = [r for r in usable if r["node_id"] not in no_room]
         held = {node_id: entry.record for node_id, entry in state.peers.items()}
         result = merge_records(held, usable, self.self_id, verified=True)
@@ -406,8 +430,10 @@ class PeerTable:
             entry.record = held[node_id]
             entry.changed = state.clock
             state.gone.pop(node_id, None)
-        if result.added or result.updated:
+        if result.added or result.updated or full:
             state.changed_records()
+        if len(state.gone) > self.max_gone:
+            state.forget_gone(self.max_gone)
         return result
 
     def _make_room(self, state: TableState, wanted: int) -> int:

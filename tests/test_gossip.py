@@ -170,8 +170,8 @@ def test_a_dropped_peer_is_not_fetched_again_and_does_not_make_tables_differ(
     a.table.merge([dead.own])
     b.table.merge([dead.own])
     transport.down.add(Endpoint(dead.address, 8088))
-    for _ in range(3):
-        a.discovery.update(hops=1, only=[dead.node_id])
+    for _ in range(3):  # b answers: the network works, the fault is the dead peer's
+        a.discovery.update(hops=1, only=[dead.node_id, b.node_id])
     assert dead.node_id not in a.table.load()
     assert dead.node_id in a.table.snapshot().gone
     exchange(a, b)
@@ -229,15 +229,35 @@ def test_the_digest_differs_exactly_in_the_slice_that_changed() -> None:
 def test_a_small_table_is_asked_whole_and_a_large_one_a_few_at_a_time() -> None:
     few = {str(i): Measured() for i in range(4)}
     assert choose_peers(few, 4) == list(few)
-    many = {str(i): Measured(asked_at=float(i)) for i in range(100)}
+    many = {str(i): Measured(asked_at=float(i), last_seen=float(i)) for i in range(100)}
     many["new"] = Measured()
-    many["failing"] = Measured(failures=1, asked_at=500.0)
+    many["failing"] = Measured(failures=1, asked_at=500.0, last_seen=400.0)
     chosen = choose_peers(many, 4, random.Random(1))
     assert chosen[0] == "failing"  # confirmed or dropped soon: not left to chance
-    assert "new" in chosen and "0" in chosen  # never asked, then the one asked longest ago
+    assert chosen[1:3] == ["0", "1"]  # then the peers that answered, asked longest ago
     assert len(chosen) == 5 and len(set(chosen)) == 5
     # the random part differs from one update to the next
     assert len({tuple(choose_peers(many, 4, random.Random(s))) for s in range(10)}) > 1
+    only_new = {str(i): Measured() for i in range(10)}  # a fresh table: newcomers only
+    assert len(choose_peers(only_new, 4, random.Random(1))) == 4
+
+
+def test_newcomers_handed_over_in_numbers_cannot_crowd_out_the_peers_that_answered() -> None:
+    """100 peers that answered before, and 1,000 newcomers a hostile peer handed over (keys
+    are free): at least half of every update's places still go to the peers that answered,
+    and every one of them is asked within 100 updates."""
+    rng = random.Random(3)
+    honest = {f"h{i}": Measured(asked_at=float(i), last_seen=float(i)) for i in range(100)}
+    sybils = {f"s{i}": Measured() for i in range(1000)}
+    asked = set()
+    for update in range(100):
+        chosen = choose_peers({**honest, **sybils}, 4, rng)
+        assert sum(n in honest for n in chosen) >= 2
+        for node_id in chosen:
+            if node_id in honest:
+                honest[node_id].asked_at = 1000.0 + update
+                asked.add(node_id)
+    assert len(asked) == 100
 
 
 def test_news_reaches_every_node_within_log2_n_plus_2_rounds(tmp_path: Path) -> None:
@@ -375,3 +395,98 @@ def test_an_answer_from_this_version_always_says_tokens(tmp_path: Path) -> None:
     with pytest.raises(PeerRefused):
         from p2prc_core.asking import parse_answer
         parse_answer(json.dumps({"records": [], "cursor": "c", "tokens": 5}).encode(), 10, "x")
+
+
+def test_peers_update_asks_the_fanout_or_everyone(tmp_path: Path) -> None:
+    """`p2prc peers update` asks `update_fanout` peers of a larger table; `--fanout N`
+    asks N, `--all` every one (here: peers at a closed port, so every ask fails fast)."""
+    import os
+    import socket
+    import subprocess
+
+    from conftest import P2PRC
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]  # bound, never listening: connections are refused
+    home = tmp_path / "me"
+    table = PeerTable(home, NodeIdentity.load_or_create(home).node_id, allow_loopback=True)
+    table.merge([sign_record(NodeIdentity.generate(), {
+        "name": f"p{i}", "addresses": ["127.0.0.1"], "port": port, "seq": 1,
+        "time": int(time.time()), "specs": {}, "metadata": {}, "version": "x"})
+        for i in range(9)])
+    env = {**os.environ, "P2PRC_HOME": str(home), "P2PRC_ALLOW_LOOPBACK": "true",
+           "P2PRC_REQUEST_TIMEOUT": "2"}
+    try:
+        for extra, asked in (([], 4), (["--fanout", "2"], 2), (["--all"], 9)):
+            table.update(lambda s: [setattr(e.measured, "failures", 0)
+                                    for e in s.peers.values()])
+            done = subprocess.run([P2PRC, "peers", "update", "--hops", "1", "--json", *extra],
+                                  capture_output=True, text=True, timeout=120, env=env)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["asked"] == asked, extra
+    finally:
+        closed.close()
+
+
+def test_records_longer_than_any_address_are_not_kept_by_the_address_cache(
+        tmp_path: Path) -> None:
+    """A hostile peer's records with address strings of 100 KB each: none is stored, and
+    none is kept in memory by the cache of checked addresses."""
+    from p2prc_core.peertable import _dialable
+
+    table = PeerTable(tmp_path, "me")
+    before = _dialable.cache_info().currsize
+    junk = [{"node_id": f"n{i}", "seq": 1, "addresses": [f"{i}" + "1" * 100_000]}
+            for i in range(50)]
+    result = table.merge(junk)
+    assert result.dropped["no-address"] == 50 and table.load() == {}
+    assert _dialable.cache_info().currsize == before
+
+
+def test_a_full_table_does_not_fetch_what_it_has_no_room_for_again_and_again(
+        tmp_path: Path) -> None:
+    """A node whose table holds at most 150 peers asks one that holds 400: the first
+    exchange fills it; the next ones cost a few hundred bytes, not the records again."""
+    transport = InProcessTransport()
+    small, big = Node(tmp_path, 0, transport), Node(tmp_path, 1, transport)
+    small.table.max_peers = small.table.max_unverified = 150
+    big.table.merge(records(400))
+    small.table.merge([big.own])
+    first = exchange(small, big)
+    assert len(small.table.load()) == 150 and first.bytes_received > 149 * 400
+    for _ in range(3):
+        again = exchange(small, big)
+        assert again.added == [] and again.bytes_received < 200, again.bytes_received
+    assert len(small.table.snapshot().gone) == 251
+
+
+def test_after_this_nodes_own_outage_one_peer_brings_the_others_back(tmp_path: Path) -> None:
+    """This node's network is down for `peer_max_failures` updates: every peer fails and is
+    removed. Back online, with one peer added again, the next update brings back the rest
+    (they were not counted as gone: no peer at all answered, so the fault was ours)."""
+    transport = InProcessTransport()
+    me = Node(tmp_path, 0, transport)
+    others = [Node(tmp_path, i, transport) for i in range(1, 6)]
+    for node in [me, *others]:
+        node.table.merge([n.own for n in [me, *others] if n is not node])
+    transport.down.update(Endpoint(n.address, 8088) for n in others)
+    for _ in range(3):
+        me.discovery.update(hops=1)
+    assert me.table.load() == {} and me.table.snapshot().gone == {}
+    transport.down.clear()
+    me.table.merge([others[0].own])
+    me.discovery.update(hops=3)
+    assert set(me.table.load()) == {n.node_id for n in others}
+
+
+def test_a_peer_that_sends_fewer_records_a_page_than_asked_still_sends_all(
+        tmp_path: Path) -> None:
+    """A peer whose own limit is 100 records an answer, asked by a node that asks for 500 a
+    page: everything comes in one exchange."""
+    transport = InProcessTransport()
+    transport.max_records = 100
+    a, b = Node(tmp_path, 0, transport), Node(tmp_path, 1, transport)
+    b.table.merge(records(600))
+    a.table.merge([b.own])
+    assert len(exchange(a, b).added) == 600

@@ -139,14 +139,21 @@ def _shown_path(address: str) -> str:
 
 @peers.command("update")
 @click.option("--hops", type=click.IntRange(0, 16), help="How far to go [default: 3].")
+@click.option("--fanout", type=click.IntRange(1, 100_000),
+              help="Peers each hop asks [default: update_fanout, 4].")
+@click.option("--all", "everyone", is_flag=True, help="Ask every known peer.")
 @json_option
 @pass_node
-def peers_update(node: CliContext, hops: int | None = None, as_json: bool = False) -> None:
-    """Ask known peers for their tables, then the peers they told of, HOPS deep."""
+def peers_update(node: CliContext, hops: int | None = None, fanout: int | None = None,
+                 everyone: bool = False, as_json: bool = False) -> None:
+    """Ask a few known peers for what this node lacks, then the peers they told of, HOPS
+    deep."""
     from p2prc_core.discovery import UpdateStopped
 
     hops = node.settings.update_hops if hops is None else hops
     discovery = node.services.peers.discovery
+    if everyone or fanout is not None:
+        discovery.fanout = None if everyone else fanout
     try:
         with _second_interrupt_ends(), update_bar(err_console) as bar:
             task = bar.add_task("update", total=None, hop=1, count="")
