@@ -40,7 +40,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,7 @@ MAX_ROUNDS = 60
 
 
 def simulate(n: int, seed: int, fanout: int, churn: float, churn_rounds: int,
-             quick: bool) -> dict[str, Any]:
+             quick: bool, max_unverified: int | None = None) -> dict[str, Any]:
     import psutil
 
     import p2prc_plugins.address
@@ -74,7 +73,7 @@ def simulate(n: int, seed: int, fanout: int, churn: float, churn_rounds: int,
 
         def __init__(self, self_id: str):
             super().__init__(Path("/nonexistent"), self_id, False, settings.max_table_peers,
-                             settings.max_unverified_peers)
+                             max_unverified or settings.max_unverified_peers)
             self.state = TableState.from_json({})
 
         def snapshot(self) -> TableState:
@@ -216,27 +215,21 @@ def simulate(n: int, seed: int, fanout: int, churn: float, churn_rounds: int,
 def inner(args: argparse.Namespace) -> None:
     for n in args.sizes:
         print(json.dumps(simulate(n, args.seed * 1000 + n, args.fanout, args.churn,
-                                  args.churn_rounds, args.quick)), flush=True)
+                                  args.churn_rounds, args.quick, args.max_unverified)),
+              flush=True)
 
 
 def baseline(ref: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The same simulation with the code of commit ``ref``."""
-    root = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory(prefix="p2prc-baseline-") as where:
-        tree = Path(where) / "tree"
-        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", "-q", str(tree),
-                        ref], check=True)
-        try:
-            out = subprocess.run(
-                [sys.executable, __file__, "--inner", "--sizes",
-                 *map(str, args.baseline_sizes), "--seed", str(args.seed), "--churn",
-                 str(args.churn), "--churn-rounds", str(args.churn_rounds),
-                 *(["--quick"] if args.quick else [])],
-                env={**os.environ, "PYTHONPATH": str(tree)}, check=True,
-                capture_output=True, text=True).stdout
-        finally:
-            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force",
-                            str(tree)], check=False)
+    from common import older_code
+
+    with older_code(ref) as tree:
+        out = subprocess.run(
+            [sys.executable, __file__, "--inner", "--sizes", *map(str, args.baseline_sizes),
+             "--seed", str(args.seed), "--churn", str(args.churn), "--churn-rounds",
+             str(args.churn_rounds), *(["--quick"] if args.quick else [])],
+            env={**os.environ, "PYTHONPATH": str(tree)}, check=True, capture_output=True,
+            text=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
@@ -285,6 +278,8 @@ def main() -> None:
     parser.add_argument("--churn", type=float, default=0.1)
     parser.add_argument("--churn-rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="join, quiet and news only")
+    parser.add_argument("--max-unverified", type=int,
+                        help="each table's max_unverified_peers (default: the setting's)")
     parser.add_argument("--baseline", metavar="REF", help="git commit to compare with")
     parser.add_argument("--baseline-sizes", type=int, nargs="+", default=[100])
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
@@ -297,7 +292,7 @@ def main() -> None:
     for n in args.sizes:
         started = time.monotonic()
         rows.append(simulate(n, args.seed * 1000 + n, args.fanout, args.churn,
-                             args.churn_rounds, args.quick))
+                             args.churn_rounds, args.quick, args.max_unverified))
         print(f"N={n}: simulated in {time.monotonic() - started:.0f} s", file=sys.stderr)
     show(rows, base)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,6 +20,21 @@ from p2prc_core.tls import client_context
 
 ROOT = Path(__file__).resolve().parent.parent
 P2PRC = str(Path(sys.executable).with_name("p2prc"))
+
+
+@contextlib.contextmanager
+def older_code(ref: str) -> Iterator[Path]:
+    """The tree of git commit ``ref`` in a temporary worktree (for ``PYTHONPATH``: a
+    benchmark's baseline that is this project's own earlier code)."""
+    with tempfile.TemporaryDirectory(prefix="p2prc-baseline-") as where:
+        tree = Path(where) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q",
+                        str(tree), ref], check=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(tree)], check=False)
 
 
 def free_port() -> int:

@@ -5,6 +5,7 @@ peer, and the table as ``peers ls`` shows it."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -33,7 +34,7 @@ def _whole(value: Any) -> int | None:
         else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerRow:
     """A peer as ``peers ls``, the dashboard and ``import p2prc`` show it: its names, the path
     that answered last, what was measured, and what its record says of GPUs, memory and
@@ -73,9 +74,12 @@ class PeerRow:
         return 0 if self.can_host and self.reachable else 1
 
     def as_dict(self) -> dict[str, Any]:
-        """The row as ``--json`` prints it."""
-        return {**dataclasses.asdict(self), "relays": list(self.relays),
-                "gpus": list(self.gpus)}
+        """The row as ``--json`` prints it (every field is a plain value, or a tuple)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in _ROW_FIELDS}
+
+
+_ROW_FIELDS = dataclasses.fields(PeerRow)
 
 
 class PeerDirectory:
@@ -157,19 +161,21 @@ class PeerDirectory:
         entries = self.table.load()
         trusted = {k: name or k[:8] for k, name in self.trust.names().items()}
         peers = (e.to_peer() for e in entries.values())
-        ranked = self.hooks.rank_peers(p for p in peers if not with_gpu or p.free_gpus > 0)
+        ranked = self.hooks.ranked(p for p in peers if not with_gpu or p.free_gpus > 0)
         from p2prc_core.punched import punched_lately
 
         direct = punched_lately(self.table.path.parent)
+        hub = functools.cache(self._own_hub)  # (read once, and only if a row needs it)
         rows = [self._row(entries[peer.node_id], peer.free_gpus, trusted.get(peer.node_id),
-                          self.hooks.score_peer(peer), peer.node_id in direct)
-                for peer in ranked]
+                          score, peer.node_id in direct, hub)
+                for peer, score in ranked]
         return sorted(rows, key=lambda row: row.hosting_rank)  # stable: score within each
 
     def _row(self, entry: PeerEntry, free_gpus: int, trusted: str | None,
-             score: float, punched: bool = False) -> PeerRow:
+             score: float, punched: bool,
+             hub: Callable[[], Endpoint | None]) -> PeerRow:
         measured = entry.measured
-        endpoints = [] if measured.address else self.discovery.endpoints(entry)
+        endpoints = [] if measured.address else self.discovery.endpoints(entry, hub=hub())
         address = measured.address or (endpoints[0].path if endpoints else "-")
         specs = entry.record.get("specs")
         specs = specs if isinstance(specs, dict) else {}

@@ -168,8 +168,8 @@ class Discovery:
 
     # -- one peer ---------------------------------------------------------------------------
 
-    def endpoints(self, entry: PeerEntry,
-                  own: dict[str, Any] | None = None) -> list[Endpoint]:
+    def endpoints(self, entry: PeerEntry, own: dict[str, Any] | None = None,
+                  hub: Endpoint | None | bool = True) -> list[Endpoint]:
         """Where to dial a peer (``addresses.dial_endpoints``: its addresses, IPv6 first; then
         the endpoint that answered last time, then its relays). A peer that waits at this
         node's own relay hub is reached through the hub on this machine (``hub``), not at the
@@ -177,11 +177,12 @@ class Discovery:
         ours running, its addresses are left out: a peer's record may list them to make us
         dial ourselves. A node with no server has no address of its own to avoid (another
         node on this machine may serve at them): there the node id checked on every
-        connection is what keeps a node from taking itself for a peer."""
+        connection is what keeps a node from taking itself for a peer. ``hub``: this node's
+        hub as ``self.hub()`` said (when asking for many peers at once); True: ask it."""
         found = dial_endpoints(self.hooks, self.table.dial_addresses(entry.record),
                                entry.port, entry.measured.address, entry.node_id,
                                self.table.relays(entry.record))
-        hub = self.hub()
+        hub = self.hub() if hub is True else hub or None
         if hub is not None and hub.node_id is not None:
             found = list(dict.fromkeys(hub.through(entry.node_id) if e.relay == hub.node_id
                                        else e for e in found))

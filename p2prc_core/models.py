@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -46,7 +47,7 @@ class Address:
     def version(self) -> int:
         return self.ip.version
 
-    @property
+    @functools.cached_property  # (asked several times of each address a table holds)
     def kind(self) -> str:
         """A short word for what sort of address this is."""
         ip = self.ip

@@ -25,10 +25,16 @@ def print_json(data: Any) -> None:
 WHOLE = {"node id", "id", "owner", "container", "host", "run"}  # columns never wrapped
 
 
+LONG_TABLE = 500  # rows from which a table is written as plain columns (rich takes ~1 ms a row)
+
+
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
                 title: str | None = None) -> None:
     """Cells are shown as they are: never read as rich markup (``[fd42::1]:8088`` and a
     peer's ``[bold]`` alike), and cleaned of escape sequences and control characters."""
+    if len(rows) >= LONG_TABLE:
+        _print_long(columns, rows, title)
+        return
     table = Table(title=Text(clean(title)) if title else None, title_justify="left",
                   header_style="bold", box=None, pad_edge=False)
     cells = [[Text("" if cell is None else clean(cell)) for cell in row] for row in rows]
@@ -44,3 +50,29 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
     console.print(table)
 
 
+
+
+def _print_long(columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                title: str | None) -> None:
+    """The same columns as ``print_table`` draws (two spaces apart, each as wide as its
+    widest cell), written directly: a table of 10,000 peers in tens of milliseconds. Cells
+    are not folded to the terminal's width."""
+    from rich.cells import cell_len
+
+    head = [clean(c) for c in columns]
+    cells = [[("" if cell is None else clean(cell)) for cell in row] for row in rows]
+    widths = [cell_len(h) for h in head]
+    for row in cells:
+        for index, cell in enumerate(row[:len(widths)]):
+            width = cell_len(cell)
+            if width > widths[index]:
+                widths[index] = width
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c + " " * (w - cell_len(c)) for c, w in zip(row, widths, strict=False))
+
+    if title:
+        console.print(Text(clean(title)))
+    console.print(Text(line(head), style="bold"))
+    console.file.write("".join(line(row) + "\n" for row in cells))
+    console.file.flush()

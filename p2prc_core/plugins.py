@@ -134,9 +134,13 @@ class PluginHooks:
 
     def rank_peers(self, peers: Iterable[KnownPeer]) -> list[KnownPeer]:
         """Peers best first; ties keep their order."""
+        return [p for p, _ in self.ranked(peers)]
+
+    def ranked(self, peers: Iterable[KnownPeer]) -> list[tuple[KnownPeer, float]]:
+        """Peers best first, each with its score; ties keep their order."""
         scored = [(self.score_peer(p), i, p) for i, p in enumerate(peers)]
         scored.sort(key=lambda item: (-item[0], item[1]))
-        return [p for _, _, p in scored]
+        return [(p, score) for score, _, p in scored]
 
     def collect_specs(self) -> dict[str, Any]:
         """Every plugin's part merged; a plugin called earlier (third-party) wins a clash."""

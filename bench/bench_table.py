@@ -1,0 +1,79 @@
+"""A table of many peers (10,000 by default): how long `p2prc peers ls`, `p2prc peers ls
+--json` and choosing the best peer (`p2prc.Node.peers()[0]`, as `exec` and the dashboard's
+Peers page do) take, each in a fresh process, with this code and with the code of an
+earlier commit (``--baseline REF``, in a temporary git worktree) on the same table.
+
+Run: .venv/bin/python bench/bench_table.py [--peers 10000] [--rounds 3] [--baseline ec6abd3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, median, older_code
+
+BEST = "import p2prc; p2prc.Node.open().peers()[0]"
+STEPS = {"peers ls": ["-m", "p2prc_core", "peers", "ls"],
+         "peers ls --json": ["-m", "p2prc_core", "peers", "ls", "--json"],
+         "best peer": ["-c", BEST]}
+
+
+def make_table(home: Path, count: int) -> None:
+    from p2prc_core.identity import NodeIdentity
+    from p2prc_core.peertable import PeerTable
+    from p2prc_core.records import sign_record
+
+    now = int(time.time())
+    records = [sign_record(NodeIdentity.generate(), {
+        "name": f"peer{i}", "addresses": [f"2001:db8:{i >> 16:x}:{i & 0xffff:x}::1",
+                                          f"198.51.{(i >> 8) & 255}.{i & 255}"],
+        "port": 8088, "seq": 1, "time": now,
+        "specs": {"cpus": 8, "memory": 16 << 30, "gpus": []}, "metadata": {},
+        "version": "0.1.0"}) for i in range(count)]
+    table = PeerTable(home, NodeIdentity.load_or_create(home).node_id, max_peers=count + 1,
+                      max_unverified=count + 1)
+    table.merge(records)
+
+
+def timed(code: Path, home: Path, argv: list[str], rounds: int) -> float:
+    env = {**os.environ, "P2PRC_HOME": str(home), "PYTHONPATH": str(code),
+           "P2PRC_MAX_TABLE_PEERS": "100000", "P2PRC_MAX_UNVERIFIED_PEERS": "100000"}
+    took = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, *argv], env=env, check=True, stdout=subprocess.DEVNULL,
+                       cwd=code)  # (-m and -c put the working folder first on the path)
+        took.append(time.perf_counter() - started)
+    return median(took)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=10_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", metavar="REF", default="ec6abd3")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="p2prc-table-") as where:
+        home = Path(where) / "home"
+        make_table(home, args.peers)
+        size = (home / "peers.json").stat().st_size
+        print(f"{args.peers:,} peers, peers.json {size / 1e6:.1f} MB; median of "
+              f"{args.rounds} fresh processes each\n")
+        print(f"{'':>18} {'ours':>9} {args.baseline:>9} {'ratio':>6}")
+        with older_code(args.baseline) as before:
+            for label, argv in STEPS.items():
+                ours = timed(ROOT, home, argv, args.rounds)
+                theirs = timed(before, home, argv, args.rounds)
+                print(f"{label:>18} {ours:>8.2f}s {theirs:>8.2f}s {ours / theirs:>6.2f}")
+    print("\ngoal: each under 0.3 s at 10,000 peers")
+
+
+if __name__ == "__main__":
+    main()
