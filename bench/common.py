@@ -30,6 +30,9 @@ def older_code(ref: str) -> Iterator[Path]:
         tree = Path(where) / "tree"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q",
                         str(tree), ref], check=True)
+        # compiled as ours is (where PYTHONDONTWRITEBYTECODE is set, nothing else would)
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree)], check=False,
+                       stdout=subprocess.DEVNULL)
         try:
             yield tree
         finally:

@@ -93,7 +93,7 @@ class Settings:
                                     unit="size")
     max_table_peers: int = _setting(5000, "most peers the table holds; new ones beyond are "
                                     "dropped", min=1)
-    max_unverified_peers: int = _setting(1000, "most peers that never answered the table "
+    max_unverified_peers: int = _setting(4000, "most peers that never answered the table "
                                          "holds; the oldest give way to newer ones", min=1)
     exchange_newcomers_per_minute: int = _setting(60, "new peers one source (an IPv4 /24 or "
                                                   "IPv6 /48) may add to the table per minute; "

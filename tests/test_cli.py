@@ -185,6 +185,32 @@ def test_an_ipv6_address_as_a_table_header_is_shown_whole(
     assert "[fd42:7:7::1]:18300" in screen.getvalue()
 
 
+def test_a_long_table_looks_as_a_short_one_and_its_cells_are_cleaned(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """From LONG_TABLE rows on, a table is written as plain columns (rich takes about a
+    millisecond a row): the same columns, widths and spacing, wide characters counted as
+    two, and a peer's escape sequences removed as in a short one."""
+    import io
+
+    from rich.console import Console
+
+    from p2prc_core import output
+
+    rows = [(f"peer{i}", "\u540d\u524d" if i == 3 else "x" * (i % 7), f"2001:db8::{i:x}",
+             None if i == 5 else "\x1b[31mred\x1b[0m") for i in range(output.LONG_TABLE)]
+    columns = ("name", "node id", "address", "gpus")
+    shown = {}
+    for long_from in (10 ** 9, output.LONG_TABLE):
+        screen = io.StringIO()
+        monkeypatch.setattr(output, "console", Console(file=screen, width=200,
+                                                       highlight=False, soft_wrap=False))
+        monkeypatch.setattr(output, "LONG_TABLE", long_from)
+        output.print_table(columns, rows)
+        shown[long_from] = screen.getvalue()
+    assert shown[output.LONG_TABLE] == shown[10 ** 9]
+    assert "\x1b" not in shown[output.LONG_TABLE] and "red" in shown[output.LONG_TABLE]
+
+
 @pytest.mark.parametrize("text, ask", [("all", True), ("", True), ("2", 2), ("0,1", [0, 1]),
                                        ("device=1", [1]), ("1,", [1]), (" 3 , 0 ", [3, 0])])
 def test_gpu_asks_read_as_people_write_them(text: str, ask: object) -> None:
