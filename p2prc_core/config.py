@@ -115,19 +115,24 @@ class Settings:
     relay: bool = _setting(False, "offer to relay for nodes that cannot be dialled (needs an "
                            "address others can reach)")
     relay_open: bool = _setting(False, "relay for any node, not only trusted ones")
-    relay_max_nodes: int = _setting(16, "most nodes this relay holds at once", min=1)
-    relay_max_connections: int = _setting(64, "most connections this relay carries at once",
+    relay_max_nodes: int = _setting(1024, "most nodes this relay holds at once (each listens "
+                                    "on one connection; one thread per worker holds them "
+                                    "all)", min=1)
+    relay_max_connections: int = _setting(512, "most connections this relay carries at once",
                                           min=1)
     relay_mbit: float = _setting(0.0, "bandwidth cap of one relayed connection, each way, in "
                                  "Mbit/s (0: none)", min=0)
     relay_poll_threads: int = _setting(12, "a relay's threads per worker, on top of 'threads', "
                                        "for the polls of waiting nodes; nodes it does not "
                                        "trust get at most half", min=2, max=1024)
-    relay_stream_threads: int = _setting(32, "a relay's threads per worker, on top of "
-                                         "'threads', for relayed streams: half for the "
-                                         "clients' ends, half for the nodes' (each stream "
-                                         "takes one of each); the streams to one node get at "
-                                         "most half", min=2, max=1024)
+    relay_stream_threads: int = _setting(16, "a relay's threads per worker, on top of "
+                                         "'threads', for relayed streams being set up (a "
+                                         "client's connect waits there for the node to "
+                                         "accept); joined streams hold none", min=2,
+                                         max=1024)
+    relay_streams: int = _setting(512, "relayed streams one worker carries at once (one "
+                                  "thread carries them all); the streams to one node get at "
+                                  "most half", min=2, max=65536)
     relay_streams_per_key: int = _setting(3, "relayed streams one client key may hold at once, "
                                           "in each worker", min=1)
     relay_streams_per_network: int = _setting(4, "relayed streams one source network (an IPv4 "

@@ -228,6 +228,16 @@ class TableState:
         self.changed_records()
         return True
 
+    def turned_away(self, records: list[dict[str, Any]]) -> None:
+        """Genuine records the table had no room for count as gone: the digest does not
+        fetch them again and again. (Verified first: a forged record must not keep the
+        real one out.)"""
+        now = time.time()
+        for record in records:
+            seq = record.get("seq")
+            if isinstance(seq, int) and not isinstance(seq, bool):
+                self.gone[record["node_id"]] = [seq, now]
+
     def forget_gone(self, keep: int, now: float | None = None) -> None:
         """Forget versions gone for over ``GONE_SECONDS``, and the oldest beyond ``keep``."""
         now = time.time() if now is None else now
@@ -405,13 +415,7 @@ class PeerTable:
             room = self._make_room(state, len(genuine))
             full = len(genuine) - room
             no_room = set(genuine[room:])
-            # Counted as gone: the digest does not fetch them again and again (they are
-            # genuine: a forged record must not keep the real one out)
-            now = time.time()
-            for record in usable:
-                seq = record.get("seq")
-                if record["node_id"] in no_room and isinstance(seq, int):
-                    state.gone[record["node_id"]] = [seq, now]
+            state.turned_away([r for r in usable if r["node_id"] in no_room])
             usable = [r for r in usable if r["node_id"] not in no_room]
         held = {node_id: entry.record for node_id, entry in state.peers.items()}
         result = merge_records(held, usable, self.self_id, verified=True)

@@ -27,19 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from p2prc_core import tls
 from p2prc_core.addresses import own_server
 from p2prc_core.config import Settings
 from p2prc_core.directory import PeerDirectory
-from p2prc_core.errors import P2PRCError, PeerError
-from p2prc_core.identity import NodeIdentity
+from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
 from p2prc_core.models import Endpoint, parse_endpoint
 from p2prc_core.reach_state import ReachState
+from p2prc_core.relay_client import open_accept, open_listen
 from p2prc_core.relayhub import WAIT_SECONDS
 from p2prc_core.router_port import RouterPort
-from p2prc_core.signing import sign_request
 from p2prc_core.splice import no_delay, splice
-from p2prc_core.upgrade_client import upgrade_sync
 from p2prc_core.wire import to_builtins
 
 log = logging.getLogger("p2prc.reach")
@@ -69,6 +66,7 @@ class ReachAgent:
         self.max_accepting = max(1, min(MAX_ACCEPTING, (self.settings.threads - 2)
                                         * self.settings.workers))
         self._accepting = threading.BoundedSemaphore(self.max_accepting)
+        self._left_waiting = 0  # clients a relay told of while max_accepting were taken
         self._lock_fd: int | None = None
         self.router = RouterPort(self.state, self._stop)  # the port forwarded by the router
         self._relay: Endpoint | None = None
@@ -146,19 +144,15 @@ class ReachAgent:
                 with self.peers.client(ladder) as client:
                     client.health()  # dials the relay's ladder: the address that answers
                     self._use_relay(client.endpoint)
+                    if self._listen(client.endpoint, next_check):
+                        failures = 0
+                        continue
                     while not self._stop.is_set() and self._wants_relay() and \
-                            time.monotonic() < next_check:
+                            time.monotonic() < next_check:  # a relay of an earlier version
                         token = client.relay_wait(WAIT_SECONDS)
                         failures = 0
-                        if token is None:
-                            continue
-                        if not self._accepting.acquire(blocking=False):
-                            log.warning("relay %s hands out more clients than %d at once: "
-                                        "one left waiting", client.endpoint,
-                                        self.max_accepting)
-                            continue
-                        threading.Thread(target=self._accept, args=(client.endpoint, token),
-                                         daemon=True).start()
+                        if token is not None:
+                            self._take(client.endpoint, token)
             except P2PRCError as err:
                 failures += 1
                 log.warning("relay %s: %s", self._relay or _key(ladder), err)
@@ -268,6 +262,40 @@ class ReachAgent:
             return True
         return False
 
+    def _listen(self, relay: Endpoint, until: float) -> bool:
+        """Wait for clients on one stream to ``relay`` (``relay_client.open_listen``) until
+        the next reach check; False when the relay has no such route (an earlier version:
+        then poll it).
+
+        :raises P2PRCError: the relay refused, failed or went silent.
+        """
+        try:
+            tokens = open_listen(relay, self.identity, self.peers.secure,
+                                 self.settings.request_timeout)
+        except PeerRefused as err:
+            if err.status in (404, 405):
+                return False
+            raise
+        with contextlib.closing(tokens):
+            while not self._stop.is_set() and self._wants_relay() and \
+                    time.monotonic() < until:
+                token = tokens.next(1.0)
+                if token is not None:
+                    self._take(relay, token)
+        return True
+
+    def _take(self, relay: Endpoint, token: str) -> None:
+        """Accept the client ``token`` names, on a thread of its own (at most
+        ``max_accepting`` at once)."""
+        if not self._accepting.acquire(blocking=False):
+            self._left_waiting += 1  # said now and then: a relay could send them unending
+            if self._left_waiting in (1, 10, 100) or self._left_waiting % 1000 == 0:
+                log.warning("relay %s hands out more clients than %d at once: one left "
+                            "waiting (%d so far)", relay, self.max_accepting,
+                            self._left_waiting)
+            return
+        threading.Thread(target=self._accept, args=(relay, token), daemon=True).start()
+
     def _accept(self, relay: Endpoint, token: str) -> None:
         """Take the client a relay told us of, and join it to our own server."""
         try:
@@ -290,32 +318,6 @@ class ReachAgent:
             return
         local.settimeout(None)
         splice(outer, local, alive=lambda: not self._stop.is_set())
-
-
-def open_accept(relay: Endpoint, token: str, identity: NodeIdentity, secure: bool,
-                timeout: float) -> socket.socket:
-    """A connection to ``relay`` (checked as its node over TLS), upgraded to carry the
-    relayed client that ``token`` names."""
-    sock = no_delay(socket.create_connection((relay.host, relay.port), timeout=timeout))
-    if secure:
-        try:
-            sock = tls.client_context().wrap_socket(sock)
-            tls.check_peer(sock, relay.node_id, f"relay {relay}")
-        except BaseException:
-            sock.close()
-            raise
-    path, query = "/v1/relay/accept", f"token={token}"
-    headers = sign_request(identity, "POST", path, query, b"", relay.node_id or "")
-    try:
-        leftover = upgrade_sync(lambda: sock.recv(65536), sock.sendall, f"relay {relay}",
-                                f"{path}?{query}", relay.address, headers)
-    except BaseException:
-        sock.close()
-        raise
-    if leftover:
-        sock.close()
-        raise PeerError(f"relay {relay} sent bytes before the client could")
-    return sock
 
 
 def _key(ladder: list[Endpoint]) -> str:

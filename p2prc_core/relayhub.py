@@ -25,7 +25,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from p2prc_core.errors import Refusal
@@ -52,16 +52,18 @@ class RelayHub:
         self.dir = home / "relay"
         self.max_nodes = max_nodes
         self.max_connections = max_connections
+        self._swept = 0.0  # when _seen last forgot the nodes that stopped
 
     # -- the node's poll -----------------------------------------------------------------
 
-    def wait(self, node_id: str, seconds: float = WAIT_SECONDS,
-             alive: Callable[[], bool] = lambda: True,
-             gone: Callable[[], bool] = lambda: False, trusted: bool = False) -> str | None:
-        """Wait for a client for ``node_id``; the token for its ``accept``, or None. Ends
-        at once when ``gone()`` says the node's poll went away (it restarted, say), so no
-        client is handed to a poll nobody reads. A node the relay's owner trusts may wait
-        beyond ``max_nodes``: strangers' keys (free to make) cannot fill the relay for it."""
+    def register(self, node_id: str, trusted: bool = False) -> Waiting:
+        """A place for ``node_id`` to wait at: where connects from any worker find it. A
+        node the relay's owner trusts may wait beyond ``max_nodes``: strangers' keys (free
+        to make) cannot fill the relay for it.
+
+        :raises RelayRefusal: 429 the node waits here ``WAITS_PER_NODE`` times already; 503
+            the relay holds ``max_nodes`` nodes.
+        """
         self.dir.mkdir(exist_ok=True)
         if len(list(self.dir.glob(f"w.{node_id}.*"))) >= WAITS_PER_NODE:
             raise RelayRefusal(f"Node {node_id} already waits here {WAITS_PER_NODE} times: "
@@ -71,30 +73,40 @@ class RelayHub:
             raise RelayRefusal(f"This relay holds {len(waiting)} nodes, its limit: try "
                                f"another relay.", 503, "Relay full")
         name = secrets.token_hex(8)
-        marker = self.dir / f"w.{node_id}.{name}"
         self._seen(node_id)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             listener.bind(_abstract(name))
             listener.listen(8)
-            listener.settimeout(0.5)
-            marker.touch()
-            try:
-                deadline = time.monotonic() + seconds
-                while time.monotonic() < deadline and alive() and not gone():
-                    try:
-                        conn, _ = listener.accept()
-                    except TimeoutError:
-                        continue
-                    with conn:
-                        if not _ours(conn):
-                            continue
-                        token = _read_token(conn)
-                        if token is not None and not gone():
-                            conn.sendall(b"ok")
-                            return token
-                return None
-            finally:
-                marker.unlink(missing_ok=True)
+        except BaseException:
+            listener.close()
+            raise
+        marker = self.dir / f"w.{node_id}.{name}"
+        marker.touch()
+        return Waiting(self, node_id, listener, marker)
+
+    def wait(self, node_id: str, seconds: float = WAIT_SECONDS,
+             alive: Callable[[], bool] = lambda: True,
+             gone: Callable[[], bool] = lambda: False, trusted: bool = False) -> str | None:
+        """Wait (a long poll, in this thread) for a client for ``node_id``; the token for
+        its ``accept``, or None. Ends at once when ``gone()`` says the node's poll went away
+        (it restarted, say), so no client is handed to a poll nobody reads."""
+        waiting = self.register(node_id, trusted)
+        try:
+            waiting.listener.settimeout(0.5)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and alive() and not gone():
+                got = waiting.take()
+                if got is None:
+                    continue
+                conn, token = got
+                with conn:
+                    if not gone():
+                        conn.sendall(b"ok")
+                        return token
+            return None
+        finally:
+            waiting.close()
 
     def waiting_nodes(self) -> set[str]:
         found = set()
@@ -106,14 +118,18 @@ class RelayHub:
         return found
 
     def _seen(self, node_id: str) -> None:
-        """Note that ``node_id`` polled now (see ``known``); forget those that stopped."""
+        """Note that ``node_id`` polled now (see ``known``); forget those that stopped (a
+        look through the folder at most every ``SEEN_SECONDS``: a relay holds many)."""
+        (self.dir / f"s.{node_id}").touch()
         now = time.time()
+        if now - self._swept < SEEN_SECONDS:
+            return
+        self._swept = now
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.dir):
                 if entry.name.startswith("s.") and now - entry.stat().st_mtime > SEEN_SECONDS:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
-        (self.dir / f"s.{node_id}").touch()
 
     def known(self, node_id: str) -> bool:
         """Whether ``node_id`` waits here, or did a moment ago: between two polls (one
@@ -199,16 +215,13 @@ class RelayHub:
 
     # -- the limits ----------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def counted(self) -> Iterator[None]:
-        """Count a joined connection against ``max_connections`` while it lasts."""
+    def count(self) -> Callable[[], None]:
+        """Count a joined connection against ``max_connections`` until the returned
+        function is called (its worker's end counts as called)."""
         self.dir.mkdir(exist_ok=True)
         marker = self.dir / f"c.{os.getpid()}.{secrets.token_hex(8)}"
         marker.touch()
-        try:
-            yield
-        finally:
-            marker.unlink(missing_ok=True)
+        return lambda: marker.unlink(missing_ok=True)
 
     def connections(self) -> int:
         count = 0
@@ -221,6 +234,44 @@ class RelayHub:
                     else:
                         Path(entry.path).unlink(missing_ok=True)  # its worker died
         return count
+
+
+class Waiting:
+    """One node's place at the relay (``RelayHub.register``): the Unix listener where a
+    client's connect, in any worker, hands it a token (``RelayHub._tell``), and the marker
+    that lets them find it. ``close`` gives it up."""
+
+    def __init__(self, hub: RelayHub, node_id: str, listener: socket.socket, marker: Path):
+        self.hub = hub
+        self.node_id = node_id
+        self.listener = listener
+        self.marker = marker
+
+    def take(self) -> tuple[socket.socket, str] | None:
+        """The next connect's connection and the token it brings, if one comes now (within
+        the listener's timeout, or at once when it does not block); the caller answers
+        ``b"ok"`` on it once the node has the token, then closes it."""
+        try:
+            conn, _ = self.listener.accept()
+        except (TimeoutError, BlockingIOError):
+            return None
+        if not _ours(conn):
+            conn.close()
+            return None
+        token = _read_token(conn)  # our own worker writes it at once: a short wait at most
+        if token is None:
+            conn.close()
+            return None
+        return conn, token
+
+    def seen(self) -> None:
+        """The node is still here (``RelayHub.known``)."""
+        with contextlib.suppress(OSError):
+            self.hub._seen(self.node_id)
+
+    def close(self) -> None:
+        self.marker.unlink(missing_ok=True)
+        self.listener.close()
 
 
 def _read_token(conn: socket.socket) -> str | None:

@@ -8,6 +8,7 @@ real NAT.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -388,8 +389,8 @@ def test_one_node_holds_at_most_two_polls(tmp_path: Path) -> None:
 
 
 class TokenFlood(http.server.BaseHTTPRequestHandler):
-    """A hostile relay: every poll gets a token at once, every accept a 101 that then
-    holds the connection open."""
+    """A hostile relay: a listening node hears of a new client all the time, every poll
+    gets a token at once, every accept a 101 that then holds the connection open."""
 
     protocol_version = "HTTP/1.1"
 
@@ -409,7 +410,15 @@ class TokenFlood(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                          b"Upgrade: p2prc-stream/1\r\n\r\n")
         self.wfile.flush()
-        time.sleep(30)
+        if self.path.startswith("/v1/relay/listen"):
+            with contextlib.suppress(OSError):
+                for _ in range(3000):
+                    self.wfile.write(json.dumps({"token": os.urandom(16).hex()}).encode()
+                                     + b"\n")
+                    self.wfile.flush()
+                    time.sleep(0.01)
+        else:
+            time.sleep(30)
         self.close_connection = True
 
     def log_message(self, *args: Any) -> None:

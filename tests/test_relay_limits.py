@@ -319,8 +319,8 @@ def test_one_key_and_one_network_get_429_with_retry_after(tmp_path: Path,
 def test_streams_to_one_node_leave_slots_for_another(tmp_path: Path,
                                                      servers: list[LiveServer],
                                                      attack: Attack) -> None:
-    # Eight stream threads, four for the clients' ends: streams to one node get two.
-    relay = start_relay(tmp_path, "relay", P2PRC_RELAY_STREAM_THREADS="8")
+    # Four streams for the clients' ends in each worker: streams to one node get two.
+    relay = start_relay(tmp_path, "relay", P2PRC_RELAY_STREAMS="4")
     servers.append(relay)
     busy, _ = behind(tmp_path, relay, "busy")
     quiet, me = behind(tmp_path, relay, "quiet")

@@ -13,7 +13,7 @@ from p2prc_core.config import Settings
 from p2prc_core.errors import Refusal
 from p2prc_core.reach_state import ReachedAt
 from p2prc_core.relayhub import RelayHub
-from p2prc_core.server import errors, exec_stream, openapi, resources, streams
+from p2prc_core.server import errors, exec_stream, openapi, relay, resources, streams
 from p2prc_core.server.auth import RequestAuth
 from p2prc_core.server.bodies import BodySizeLimit
 from p2prc_core.server.punching import PunchResource
@@ -84,13 +84,20 @@ def create_app(node: NodeServices) -> falcon.App:
                   exec_stream.ExecResource(node.hosting.service, tunnels))
     hub = RelayHub(node.home, settings.relay_max_nodes, settings.relay_max_connections)
     polls = Held(settings.relay_poll_threads, "relay polls")
-    legs = settings.relay_stream_threads // 2  # a relayed stream holds one for each end
-    clients = Held(legs, "relayed streams")
-    nodes = Held(legs, "relayed streams (the nodes' ends)")
-    app.add_route("/v1/relay/wait", streams.RelayWaitResource(settings, hub,
-                                                              node.trust.is_trusted, polls))
-    app.add_route("/v1/relay/accept", streams.RelayAcceptResource(settings, hub, nodes))
-    app.add_route("/v1/relay/connect", streams.RelayConnectResource(settings, hub, clients))
+    # Joined streams are carried by one loop (relay.relay_loop), not a thread each: their
+    # budget bounds descriptors and memory; setting one up holds a thread for a moment.
+    clients = Held(settings.relay_streams, "relayed streams")
+    nodes = Held(settings.relay_streams, "relayed streams (the nodes' ends)")
+    setups = Held(settings.relay_stream_threads, "relayed streams being set up")
+    app.add_route("/v1/relay/wait", relay.RelayWaitResource(settings, hub,
+                                                            node.trust.is_trusted, polls))
+    # Nodes that listen hold no thread either: one loop per worker holds them all.
+    app.add_route("/v1/relay/listen", relay.RelayListenResource(
+        settings, hub, node.trust.is_trusted, Held(settings.relay_max_nodes,
+                                                   "waiting nodes")))
+    app.add_route("/v1/relay/accept", relay.RelayAcceptResource(settings, hub, nodes))
+    app.add_route("/v1/relay/connect", relay.RelayConnectResource(settings, hub, clients,
+                                                                  setups))
     app.add_route("/v1/reach", streams.ReachCheckResource(
         node.peers.secure, Held(DIAL_BACKS, "dial-backs"), settings.allow_loopback))
     app.add_route("/v1/punch", PunchResource(node.home, settings.port,

@@ -43,6 +43,7 @@ from gunicorn import sock as gsock
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from p2prc_core import tls
+from p2prc_core.server.upgrade import KEPT
 
 log = logging.getLogger("p2prc.server")
 
@@ -147,6 +148,8 @@ class _Conn(TConn):  # type: ignore[misc]
         for the client to close first, which a stranger need never do. The write side is
         shut first, so what was answered is sent whole."""
         try:
+            if getattr(self.sock, KEPT, False):
+                return  # a stream's loop has it now, and closes it when the stream ends
             if graceful:
                 with contextlib.suppress(OSError, ValueError):
                     self.sock.setblocking(False)

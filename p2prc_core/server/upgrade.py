@@ -21,10 +21,14 @@ import falcon
 
 from p2prc_core.models import STREAM_PROTOCOL  # the Upgrade token a client sends, a 101 names
 
-Take = Callable[[socket.socket], None]
+# What a route does with its switched connection. It returns True when it handed the
+# connection on (``keep``: to a loop that closes it, and gives the route's slot back, when
+# the stream ends); else the connection is closed, and the slot given back, on return.
+Take = Callable[[socket.socket], bool | None]
 T = TypeVar("T")
 ENV_KEY = "p2prc.upgrade"
 CLOSE_KEY = "p2prc.close"  # set in the environ: close the connection after this answer
+KEPT = "p2prc_kept"  # set on a socket handed on: gunicorn must not close it (see front)
 RETRY_SECONDS = 2  # the Retry-After of a refusal for want of a slot
 
 
@@ -156,15 +160,22 @@ class Upgrades:
         return _then(take, environ["gunicorn.socket"], environ.get(ENV_KEY + ".release"))
 
 
+def keep(sock: socket.socket) -> None:
+    """Mark a switched connection as handed on: when its request ends, gunicorn's side
+    forgets it without closing it (``front._Conn.close``); whoever took it closes it."""
+    setattr(sock, KEPT, True)
+
+
 def _then(take: Take, sock: socket.socket,
           release: Callable[[], None] | None) -> Iterator[bytes]:
+    kept = False
     try:
         yield b""  # gunicorn sends the 101 and its headers on the first write
         if getattr(sock, "deadline", None) is not None:
             sock.deadline = None  # type: ignore[attr-defined]  # a stream has its own rules
-        take(sock)
+        kept = bool(take(sock))
     finally:  # also when the client left before the 101 went out
-        if release is not None:
+        if release is not None and not kept:
             release()
 
 
