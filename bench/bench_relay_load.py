@@ -2,7 +2,9 @@
 answers timed meanwhile. A real ``p2prc server`` (relay = true, relay_open, 2 workers) on
 loopback; this process plays every node and client, over real TLS with signed requests.
 
-1. ``--nodes`` nodes listen at the relay (``POST /v1/relay/listen``, one connection each);
+1. ``--nodes`` nodes listen at the relay (``POST /v1/relay/listen``, one connection each),
+   nodes the relay trusts (a relay for friends; ``--strangers``: any key, as relay_open
+   allows, which may take half the places);
 2. ``--streams`` of them get a client each, from as many source addresses of loopback (so
    that the per-key and per-network limits are kept, not raised): connect, the token on the
    node's stream, the node's accept, and 1 KiB each way through every stream;
@@ -37,6 +39,7 @@ from p2prc_core.models import Endpoint
 from p2prc_core.relay_client import Tokens, open_accept, open_listen
 from p2prc_core.signing import sign_request
 from p2prc_core.tls import client_context
+from p2prc_core.trust import TrustStore
 from p2prc_core.upgrade_client import request_bytes
 
 
@@ -72,9 +75,17 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--pings", type=int, default=300)
+    parser.add_argument("--strangers", action="store_true",
+                        help="nodes the relay does not trust (relay_open): they may take half "
+                             "of relay_max_nodes, per worker")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="p2prc-relay-load-") as where:
         home = Path(where) / "relay"
+        nodes = [NodeIdentity.generate() for _ in range(args.nodes)]
+        if not args.strangers:  # a relay for friends: it trusts the nodes that wait there
+            trust = TrustStore(home)
+            for node in nodes:
+                trust.add(node.node_id)
         port = free_port()
         proc = start_p2prc(home, port, P2PRC_RELAY="true", P2PRC_RELAY_OPEN="true",
                            P2PRC_WORKERS="2", P2PRC_ALLOW_LOOPBACK="true", P2PRC_UPNP="false",
@@ -87,7 +98,6 @@ def main() -> None:
         try:
             idle = pings(url, args.pings)
             threads0, rss0 = usage(proc.pid)
-            nodes = [NodeIdentity.generate() for _ in range(args.nodes)]
             started = time.monotonic()
             for node in nodes:
                 listening.append(open_listen(relay, node, True, 10))

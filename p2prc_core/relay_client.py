@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections import deque
 
 from p2prc_core import tls
 from p2prc_core.errors import PeerError
@@ -19,6 +20,7 @@ from p2prc_core.wire import RelayWait, WireError, decode
 KEEPALIVE_SECONDS = 15.0  # the relay's empty line comes this often (server.relay_listen)
 SILENCE_SECONDS = 3 * KEEPALIVE_SECONDS  # nothing for this long: the relay is gone
 MAX_LINE = 1024  # a token's line is about 50 bytes
+MAX_EMPTY = 64  # empty lines in one wait: a relay keeps alive with one every 15 s
 
 
 def open_stream(relay: Endpoint, path: str, query: str, identity: NodeIdentity, secure: bool,
@@ -75,31 +77,43 @@ class Tokens:
 
     def __init__(self, sock: socket.socket, leftover: bytes, where: str):
         self.sock = sock
-        self.buffer = bytearray(leftover)
+        self.lines: deque[bytes] = deque()
+        self.partial = b""
         self.where = where
         self.heard = time.monotonic()
+        self._take(leftover)
+
+    def _take(self, data: bytes) -> None:
+        """Split what came into whole lines (each byte looked at once: a relay may send
+        many lines at a time) and the start of the next."""
+        *whole, self.partial = (self.partial + data).split(b"\n")
+        self.lines.extend(whole)
+        if len(self.partial) > MAX_LINE:
+            raise PeerError(f"{self.where} sent a line over {MAX_LINE} bytes")
 
     def next(self, wait: float) -> str | None:
         """The next client's token, or None when none came within ``wait`` seconds.
 
         :raises PeerError: the relay closed the stream, said nothing for
-            ``SILENCE_SECONDS``, or sent something that is not a token's line.
+            ``SILENCE_SECONDS``, sent something that is not a token's line, or empty lines
+            faster than keepalives come.
         """
         deadline = time.monotonic() + wait
+        empty = 0
         while True:
-            line, found, rest = self.buffer.partition(b"\n")
-            if found:
-                self.buffer = bytearray(rest)
+            while self.lines:
+                line = self.lines.popleft()
                 self.heard = time.monotonic()
-                if line.strip():
+                if not line.strip():
+                    empty += 1
+                    if empty > MAX_EMPTY:  # not keepalives: a relay that keeps us busy
+                        raise PeerError(f"{self.where} sends empty lines without end")
+                else:
                     try:
-                        return decode(bytes(line), RelayWait).token
+                        return decode(line, RelayWait).token
                     except WireError as err:
                         raise PeerError(f"{self.where} sent a line that is not a client's "
                                         f"token ({err})") from None
-                continue
-            if len(self.buffer) > MAX_LINE:
-                raise PeerError(f"{self.where} sent a line over {MAX_LINE} bytes")
             if time.monotonic() - self.heard > SILENCE_SECONDS:
                 raise PeerError(f"{self.where} said nothing for {SILENCE_SECONDS:g} s")
             left = deadline - time.monotonic()
@@ -114,7 +128,7 @@ class Tokens:
                 raise PeerError(f"{self.where}: {err}") from None
             if not data:
                 raise PeerError(f"{self.where} closed the listening stream")
-            self.buffer += data
+            self._take(data)
 
     def close(self) -> None:
         self.sock.close()

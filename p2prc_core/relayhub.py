@@ -2,9 +2,11 @@
 
 The flow, all of it on the relay's p2prc port (TLS), in plain HTTP requests:
 
-1. A node behind NAT keeps a signed long poll open: ``GET /v1/relay/wait``.
+1. A node behind NAT keeps one signed stream open, ``POST /v1/relay/listen`` (or, a node
+   of an earlier version, a long poll: ``GET /v1/relay/wait``).
 2. A client asks ``POST /v1/relay/connect?node=ID`` with ``Upgrade``. The relay picks a
-   token, answers the node's poll with it, and holds the client.
+   token, writes it to the node's stream (or answers its poll with it), and holds the
+   client.
 3. The node opens a second connection, ``POST /v1/relay/accept?token=T`` (signed, with
    ``Upgrade``), and the relay switches both to streams and joins them.
 4. The client then speaks TLS to the node through the joined streams, checked against the
@@ -12,8 +14,8 @@ The flow, all of it on the relay's p2prc port (TLS), in plain HTTP requests:
 
 gunicorn runs several worker processes, and each step may land in another one. They meet
 over abstract Unix sockets (Linux; no file, so no stale path and no length limit), found by
-small marker files under ``$P2PRC_HOME/relay``: ``w.NODE.NAME`` for a waiting poll,
-``c.PID.TOKEN`` for a joined connection (counted against the limits while its process
+small marker files under ``$P2PRC_HOME/relay``: ``w.NODE.NAME.PID`` for a waiting node,
+``c.PID.TOKEN`` for a joined connection (each counted against the limits while its process
 lives).
 """
 
@@ -65,7 +67,7 @@ class RelayHub:
             the relay holds ``max_nodes`` nodes.
         """
         self.dir.mkdir(exist_ok=True)
-        if len(list(self.dir.glob(f"w.{node_id}.*"))) >= WAITS_PER_NODE:
+        if len(self._waits(node_id)) >= WAITS_PER_NODE:
             raise RelayRefusal(f"Node {node_id} already waits here {WAITS_PER_NODE} times: "
                                f"one poll at a time.", 429, "Already waiting")
         waiting = self.waiting_nodes()
@@ -81,7 +83,7 @@ class RelayHub:
         except BaseException:
             listener.close()
             raise
-        marker = self.dir / f"w.{node_id}.{name}"
+        marker = self.dir / f"w.{node_id}.{name}.{os.getpid()}"  # (a dead worker's: gone)
         marker.touch()
         return Waiting(self, node_id, listener, marker)
 
@@ -109,12 +111,21 @@ class RelayHub:
             waiting.close()
 
     def waiting_nodes(self) -> set[str]:
-        found = set()
+        return {node_id for node_id, _ in self._waits()}
+
+    def _waits(self, node_id: str | None = None) -> list[tuple[str, str]]:
+        """The places where nodes (or ``node_id``) wait now: (node id, listener name). A
+        place whose worker died (killed, out of memory) is forgotten here."""
+        found = []
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.dir):
                 parts = entry.name.split(".")
-                if len(parts) == 3 and parts[0] == "w":
-                    found.add(parts[1])
+                if len(parts) != 4 or parts[0] != "w" or (node_id and parts[1] != node_id):
+                    continue
+                if parts[3].isdigit() and not _alive(int(parts[3])):
+                    Path(entry.path).unlink(missing_ok=True)
+                    continue
+                found.append((parts[1], parts[2]))
         return found
 
     def _seen(self, node_id: str) -> None:
@@ -179,8 +190,7 @@ class RelayHub:
         between two)."""
         deadline = time.monotonic() + FIND_SECONDS
         while True:
-            for marker in sorted(self.dir.glob(f"w.{node_id}.*")):
-                name = marker.name.split(".")[2]
+            for _, name in sorted(self._waits(node_id)):
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                     conn.settimeout(2.0)
                     try:

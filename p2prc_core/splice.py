@@ -89,7 +89,7 @@ def splice(a: socket.socket, b: socket.socket, idle_seconds: float | None = None
             if alive is not None and not alive():
                 done.reason = "server stopping"
                 return done
-            _wait(selector, sides)
+            _wait(selector, sides, block)
     except (ConnectionError, OSError, ssl.SSLError) as err:
         done.reason = f"broken: {err}"
         return done
@@ -109,7 +109,7 @@ def _ahead(done: Spliced, bytes_per_second: float | None, started: float) -> flo
 def _read(source: _Side, sink: _Side, done: Spliced, forward: bool,
           block: int = _BLOCK) -> bool:
     moved = False
-    while not source.eof and len(sink.outbox) < min(_HIGH_WATER, 4 * block):
+    while not source.eof and len(sink.outbox) < _room(block):
         try:
             data = source.sock.recv(block)
         except _WOULD_BLOCK:
@@ -140,12 +140,19 @@ def _write(side: _Side) -> bool:
     return moved
 
 
-def _wait(selector: selectors.BaseSelector, sides: tuple[_Side, _Side]) -> None:
+def _room(block: int) -> int:
+    """How much may wait for a side before the other is no longer read (``_read``), and
+    so no longer waited on: the same rule for both, or a side that cannot be read is
+    waited on, and wakes the loop, again and again."""
+    return min(_HIGH_WATER, 4 * block)
+
+
+def _wait(selector: selectors.BaseSelector, sides: tuple[_Side, _Side], block: int) -> None:
     if any(side.pending() for side in sides):
         return  # TLS holds decrypted bytes that select() cannot see
     for side, other in ((sides[0], sides[1]), (sides[1], sides[0])):
         events = 0
-        if not side.eof and len(other.outbox) < _HIGH_WATER:
+        if not side.eof and len(other.outbox) < _room(block):
             events |= selectors.EVENT_READ
         if side.outbox:
             events |= selectors.EVENT_WRITE
@@ -229,7 +236,7 @@ class _Pair:
         wanted = []
         for side, other in ((self.sides[0], self.sides[1]), (self.sides[1], self.sides[0])):
             events = 0
-            if not side.eof and len(other.outbox) < _HIGH_WATER and not self.resume_at:
+            if not side.eof and len(other.outbox) < _room(self.block) and not self.resume_at:
                 events |= selectors.EVENT_READ
             if side.outbox:
                 events |= selectors.EVENT_WRITE
@@ -265,11 +272,12 @@ class SpliceLoop:
         for sock in (a, b):
             sock.setblocking(False)
         with self._lock:
+            if self._thread is None:  # (set once started: a thread that could not start
+                thread = threading.Thread(target=self._run, name=self.name,  # is tried
+                                          daemon=True)  # again by the next carry)
+                thread.start()
+                self._thread = thread
             self._new.append(_Pair(a, b, idle_seconds, alive, bytes_per_second, finished))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name,
-                                                daemon=True)
-                self._thread.start()
         try:
             self._wake_w.send(b"x")
         except (BlockingIOError, OSError):
@@ -297,15 +305,16 @@ class SpliceLoop:
                     pair.done.reason = pair.done.reason or "failed"
                     self._end(pair)
             ready = {p for p in self._pairs if any(s.pending() for s in p.sides)}
+            now = time.monotonic()
+            ready.update(p for p in self._pairs if p.resume_at and now >= p.resume_at)
             if now >= next_sweep:
                 next_sweep = now + self.SWEEP_SECONDS
                 for pair in list(self._pairs):
                     if pair.expired(now):
                         self._end(pair)
-                    elif pair.resume_at and now >= pair.resume_at:
-                        ready.add(pair)
-            timeout = 0.0 if ready else max(0.0, min(next_sweep - time.monotonic(),
-                                                     self._soonest_resume() - now))
+                        ready.discard(pair)
+            timeout = 0.0 if ready else max(0.0, min(next_sweep, self._soonest_resume())
+                                            - now)
             for key, _ in self._selector.select(timeout):
                 if key.data is None:
                     with contextlib.suppress(OSError):

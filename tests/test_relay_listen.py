@@ -147,6 +147,7 @@ def test_a_relay_without_the_listen_route_is_polled_and_a_refusal_is_a_failure(
     (b"not json\n", "not a client's token"),
     (b'{"token": "short"}\n', "not a client's token"),
     (b"x" * 2000, "over 1024 bytes"),
+    (b"\n" * 200, "empty lines without end"),
     (b"", "closed the listening stream"),
 ])
 def test_what_a_relay_sends_on_a_listening_stream_is_a_token_or_an_error(
@@ -160,3 +161,46 @@ def test_what_a_relay_sends_on_a_listening_stream_is_a_token_or_an_error(
     with pytest.raises(PeerError, match=words):
         tokens.next(5.0)
     ours.close()
+
+
+def test_the_places_of_a_killed_worker_do_not_keep_its_nodes_out(
+        tmp_path: Path, servers: list[LiveServer]) -> None:
+    """A worker killed (out of memory, say) leaves its nodes' markers behind: the next
+    listen forgets them, and a node that waited there twice is let in again."""
+    import signal
+
+    relay = start_relay(tmp_path, "relay")
+    servers.append(relay)
+    node = NodeIdentity.generate()
+    first, second = (open_listen(endpoint(relay), node, True, 10) for _ in range(2))
+    worker = psutil.Process(relay.proc.pid).children()[0]
+    worker.send_signal(signal.SIGKILL)
+    wait_for(lambda: any(c.pid != worker.pid for c in psutil.Process(relay.proc.pid)
+                         .children()), what="the master starts another worker")
+    third = wait_for(lambda: _listen_or_none(relay, node), timeout=30,
+                     what="the node listens again")
+    assert len(list((relay.home / "relay").glob(f"w.{node.node_id}.*"))) == 1
+    for tokens in (first, second, third):
+        tokens.close()
+
+
+def _listen_or_none(relay: LiveServer, node: NodeIdentity) -> Tokens | None:
+    try:
+        return open_listen(endpoint(relay), node, True, 10)
+    except PeerError:
+        return None
+
+
+def test_a_worker_that_stops_gives_up_its_nodes_places(tmp_path: Path,
+                                                      servers: list[LiveServer]) -> None:
+    relay = start_relay(tmp_path, "relay")
+    servers.append(relay)
+    listening = [open_listen(endpoint(relay), NodeIdentity.generate(), True, 10)
+                 for _ in range(3)]
+    assert len(list((relay.home / "relay").glob("w.*"))) == 3
+    relay.stop()
+    assert not list((relay.home / "relay").glob("w.*"))
+    for tokens in listening:
+        with pytest.raises(PeerError):
+            tokens.next(10.0)
+        tokens.close()

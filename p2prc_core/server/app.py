@@ -84,17 +84,16 @@ def create_app(node: NodeServices) -> falcon.App:
                   exec_stream.ExecResource(node.hosting.service, tunnels))
     hub = RelayHub(node.home, settings.relay_max_nodes, settings.relay_max_connections)
     polls = Held(settings.relay_poll_threads, "relay polls")
-    # Joined streams are carried by one loop (relay.relay_loop), not a thread each: their
-    # budget bounds descriptors and memory; setting one up holds a thread for a moment.
-    clients = Held(settings.relay_streams, "relayed streams")
-    nodes = Held(settings.relay_streams, "relayed streams (the nodes' ends)")
+    # Joined streams and listening nodes are held by loops (relay.relay_loop,
+    # relay_listen), not a thread each: their budgets bound descriptors and memory.
+    waiting, legs = relay.budgets(settings)
+    clients = Held(legs, "relayed streams")
+    nodes = Held(legs, "relayed streams (the nodes' ends)")
     setups = Held(settings.relay_stream_threads, "relayed streams being set up")
     app.add_route("/v1/relay/wait", relay.RelayWaitResource(settings, hub,
                                                             node.trust.is_trusted, polls))
-    # Nodes that listen hold no thread either: one loop per worker holds them all.
     app.add_route("/v1/relay/listen", relay.RelayListenResource(
-        settings, hub, node.trust.is_trusted, Held(settings.relay_max_nodes,
-                                                   "waiting nodes")))
+        settings, hub, node.trust.is_trusted, Held(waiting, "waiting nodes")))
     app.add_route("/v1/relay/accept", relay.RelayAcceptResource(settings, hub, nodes))
     app.add_route("/v1/relay/connect", relay.RelayConnectResource(settings, hub, clients,
                                                                   setups))

@@ -250,11 +250,14 @@ class RelayConnectResource(_RelayStream):
         if not self.hub.known(node_id):  # before it takes a thread's slot
             raise RelayRefusal(f"Node {node_id} does not keep a connection to this relay.",
                                404, "Not relayed here")
-        setting_up = self.setups.acquire("a relayed stream being set up")
+        # The same shares of the set-ups as of the streams: a node that never accepts
+        # holds its connects' threads for ACCEPT_SECONDS, half of them at most.
+        setting_up = self.setups.acquire("a relayed stream being set up",
+                                         self._shares(req, node_id, self.setups))
         try:
             node, release = self.held.opening("a relayed stream",
                                               lambda: self.hub.connect(node_id),
-                                              self._shares(req, node_id))
+                                              self._shares(req, node_id, self.held))
         finally:
             setting_up()
         rate = self.settings.relay_mbit * 125_000 or None
@@ -264,13 +267,36 @@ class RelayConnectResource(_RelayStream):
 
         switch(req, resp, carry, release)
 
-    def _shares(self, req: falcon.Request, node_id: str) -> list[Share]:
+    def _shares(self, req: falcon.Request, node_id: str, held: Held) -> list[Share]:
         """One key, one network (keys are free) and one node (half: streams to one node
-        never take all the others') take each a part only."""
+        never take all the others') take each a part of ``held`` only."""
         return [Share(f"key {req.context.caller}", self.settings.relay_streams_per_key),
                 Share(f"network {caller_network(req)}",
                       self.settings.relay_streams_per_network),
-                Share(f"node {node_id}", max(1, self.held.limit // 2), 503)]
+                Share(f"node {node_id}", max(1, held.limit // 2), 503)]
+
+
+FDS_KEPT = 512  # descriptors a worker keeps for all else when it sizes the relay's budgets
+
+
+def budgets(settings: Settings) -> tuple[int, int]:
+    """The waiting nodes, and the relayed streams (each end), one worker holds at most: the
+    settings' (``relay_max_nodes``, ``relay_streams``), or fewer where this process's limit
+    of open descriptors would not have room. A waiting node takes two (its connection and
+    its Unix listener), a stream's end two (its connection and the Unix socket to the other
+    end); half the room is for nodes, half for both ends of the streams."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    room = (1 << 30) if soft == resource.RLIM_INFINITY else max(0, soft - FDS_KEPT)
+    nodes = min(settings.relay_max_nodes, max(1, room // 4))
+    legs = min(settings.relay_streams, max(2, room // 8))
+    if settings.relay and (nodes, legs) != (settings.relay_max_nodes, settings.relay_streams):
+        log.warning("this process may open %d descriptors: each worker holds %d waiting "
+                    "nodes and %d relayed streams at most (not %d and %d); raise its limit "
+                    "(ulimit -n) to hold more", soft, nodes, legs, settings.relay_max_nodes,
+                    settings.relay_streams)
+    return nodes, legs
 
 
 def strangers(req: falcon.Request, settings: Settings, held: Held) -> list[Share]:

@@ -11,6 +11,7 @@ stays for nodes of earlier versions.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -72,11 +73,11 @@ class ListenLoop:
         sock.setblocking(False)
         waiting.listener.setblocking(False)
         with self._lock:
+            if self._thread is None:  # (set once started: see SpliceLoop.carry)
+                thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                thread.start()
+                self._thread = thread
             self._new.append(_Held(sock, waiting, release, alive, time.monotonic()))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name,
-                                                daemon=True)
-                self._thread.start()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
@@ -91,9 +92,13 @@ class ListenLoop:
                 fresh, self._new = self._new, []
             for held in fresh:
                 self._held.add(held)
-                self._selector.register(held.sock, selectors.EVENT_READ, (held, "node"))
-                self._selector.register(held.waiting.listener, selectors.EVENT_READ,
-                                        (held, "hub"))
+                try:
+                    self._selector.register(held.sock, selectors.EVENT_READ, (held, "node"))
+                    self._selector.register(held.waiting.listener, selectors.EVENT_READ,
+                                            (held, "hub"))
+                except (KeyError, ValueError, OSError) as err:  # closed under it
+                    log.debug("relay listener of %s: %s", held.waiting.node_id, err)
+                    self._end(held)
             for key, events in self._selector.select(1.0):
                 if key.data is None:
                     with contextlib.suppress(OSError):
@@ -178,6 +183,16 @@ class ListenLoop:
             except (OSError, ssl.SSLError, ValueError):
                 self._end(held)
 
+    def end_all(self) -> None:
+        """Give up every node's place (its marker): this worker is ending. Connects in
+        other workers no longer find them; the nodes see the connection close."""
+        with self._lock:
+            everyone = [*self._held, *self._new]
+        for held in everyone:
+            with contextlib.suppress(Exception):
+                held.waiting.close()
+                held.sock.close()
+
     def _end(self, held: _Held) -> None:
         if held not in self._held:
             return
@@ -206,4 +221,7 @@ def listen_loop() -> ListenLoop:
     with _loop_lock:
         if _loop is None or _loop[0] != os.getpid():
             _loop = (os.getpid(), ListenLoop())
+            # A worker that ends (stopped, or restarted by its master) gives up its nodes'
+            # places at once: its loop is a daemon thread, which would just vanish.
+            atexit.register(_loop[1].end_all)
         return _loop[1]

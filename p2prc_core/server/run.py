@@ -113,6 +113,22 @@ class PeerServer(BaseApplication):  # type: ignore[misc]
         return self.app_factory(self.settings, self.home)
 
 
+def raise_open_files() -> int:
+    """Raise this process's (and its workers') limit of open descriptors to the most it may
+    have; the limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def tls_options(home: Path, socket_timeout: float) -> dict[str, Any]:
     """gunicorn's TLS settings: the node key and its certificate, TLS 1.3 only, one context
     for every connection (gunicorn's default builds one per connection), and a timeout on
@@ -222,6 +238,7 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
     node.own.announce_server()  # commands run beside it learn its real port
     # Relay markers of a server that was killed (not stopped) would count forever.
     shutil.rmtree(node.home / "relay", ignore_errors=True)
+    raise_open_files()  # a relay holds two descriptors for each node and stream end
     if announce:
         announce()
     try:

@@ -1,0 +1,38 @@
+"""Short forms of the scale benchmarks, so that CI runs them: the gossip simulation and a
+relay holding many nodes and streams. What is asserted is what the benchmarks exist to
+show and that does not depend on the machine's speed (bytes, rounds, every node and stream
+served); their times are printed in docs/benchmarks.md, not asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_the_gossip_simulation_converges_and_a_quiet_round_costs_under_1_kb_an_exchange(
+        ) -> None:
+    done = subprocess.run([sys.executable, str(BENCH / "bench_gossip.py"), "--inner",
+                           "--sizes", "60", "--churn-rounds", "2"],
+                          capture_output=True, text=True, timeout=600, check=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    goal = math.ceil(math.log2(60)) + 2
+    assert found["gossip"] and found["join_rounds"] is not None
+    assert found["quiet_worst_exchange"] < 1024 and found["quiet_asked"] == 4
+    assert found["news_rounds"] is not None and found["news_rounds"] <= goal
+    assert found["churn_payload"] > found["quiet_payload"]
+
+
+@pytest.mark.integration
+def test_a_relay_holds_two_hundred_listening_nodes_and_a_hundred_streams() -> None:
+    done = subprocess.run([sys.executable, str(BENCH / "bench_relay_load.py"), "--nodes",
+                           "200", "--streams", "100", "--pings", "50"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "200 nodes listening" in done.stderr and "100 streams open" in done.stderr
