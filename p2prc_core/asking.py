@@ -30,7 +30,6 @@ class Transport(Protocol):
         ...
 
 
-
 @dataclass
 class Outcome:
     """What one peer's exchange gave."""
@@ -55,7 +54,6 @@ class Outcome:
         it is sent only when it changed). Only without TLS can it be another."""
         return self.node is None or (isinstance(self.node, dict)
                                      and self.node.get("node_id") == self.node_id)
-
 
 
 @dataclass(frozen=True)

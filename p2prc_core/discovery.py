@@ -46,7 +46,6 @@ from p2prc_core.wire import (
 log = logging.getLogger("p2prc.discovery")
 
 
-
 class EmptyTableError(P2PRCError):
     """An update of a table that holds no peer: there is nobody to ask."""
 
@@ -252,7 +251,8 @@ class Discovery:
 
     def update(self, hops: int, progress: Progress | None = None,
                only: list[str] | None = None) -> UpdateSummary:
-        """Ask every known peer (or ``only`` these), then those just learned of, ``hops`` deep.
+        """Ask ``fanout`` known peers (``gossip.choose_peers``; or ``only`` these), then as
+        many of those just learned of, ``hops`` deep.
 
         The table is read once to start, then read and written once per hop (under its
         lock, merging what that hop learned); pruning is part of the last write.

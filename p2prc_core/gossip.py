@@ -65,11 +65,6 @@ class Versions:
         self._tokens: dict[str, str] | None = None
         self._slices: list[list[str]] | None = None
 
-    @classmethod
-    def of(cls, records: Iterable[dict[str, Any]],
-           gone: Mapping[str, int] | None = None) -> Versions:
-        return cls({str(r["node_id"]): r.get("seq", 0) for r in records}, gone)
-
     def with_records(self, records: Iterable[Any]) -> Versions:
         """These versions and those of ``records`` (newer seqs win): what the asker will know
         once the records it was sent are merged."""

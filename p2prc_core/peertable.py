@@ -206,7 +206,7 @@ class TableState:
             if isinstance(found_observed, dict) else {}
         found_gone = data.get("gone")
         gone = {k: v for k, v in found_gone.items() if isinstance(v, list) and len(v) == 2
-                and all(_number(x) is not None for x in v)} \
+                and _whole(v[0]) is not None and _number(v[1]) is not None} \
             if isinstance(found_gone, dict) else {}
         return cls(epoch if isinstance(epoch, str) else secrets.token_hex(6), clock, peers,
                    pins, observed, gone)
@@ -217,8 +217,8 @@ class TableState:
                 "observed": self.observed, "gone": self.gone}
 
     def drop(self, node_id: str, now: float | None = None) -> bool:
-        """Remove a peer, remembering its version as gone for ``GONE_SECONDS`` (at most as
-        many gone as the table may hold peers is up to the caller: see ``forget_gone``)."""
+        """Remove a peer, remembering its version as gone for ``GONE_SECONDS`` (how many
+        are kept is the table's to say: ``forget_gone``, ``PeerTable.max_gone``)."""
         entry = self.peers.pop(node_id, None)
         if entry is None:
             return False

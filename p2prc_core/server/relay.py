@@ -1,7 +1,9 @@
 """A relay's routes (see ``relayhub`` for the flow): a node that cannot be dialled waits
-(``GET /v1/relay/wait``), a client connects to it (``POST /v1/relay/connect``), the node
-accepts (``POST /v1/relay/accept``). Joined streams are carried by one loop thread per
-worker (``relay_loop``), so a relay carries hundreds of them with a few threads."""
+(``POST /v1/relay/listen``; a node of an earlier version polls, ``GET /v1/relay/wait``), a
+client connects to it (``POST /v1/relay/connect``), the node accepts (``POST
+/v1/relay/accept``). Listening nodes (``relay_listen``) and joined streams
+(``relay_loop``) are each held by one loop thread per worker, so a relay holds a thousand
+nodes and hundreds of streams with a few threads."""
 
 from __future__ import annotations
 
