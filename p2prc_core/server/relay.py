@@ -45,7 +45,34 @@ def relay_loop() -> SpliceLoop:
         return _loop[1]
 
 
-class RelayWaitResource:
+class _Waits:
+    """What the two ways of waiting at the relay share: who may wait, and a place in the
+    budget ``held`` (nodes the relay does not trust: per network, and half of it)."""
+
+    def __init__(self, settings: Settings, hub: RelayHub, is_trusted: Callable[[str], bool],
+                 held: Held):
+        self.settings = settings
+        self.hub = hub
+        self.is_trusted = is_trusted
+        self.held = held
+
+    def admit(self, req: falcon.Request, what: str) -> tuple[str, bool, Callable[[], None]]:
+        """The caller, whether the relay trusts it, and its place (given back by the
+        function); 403 when it may not wait here, 429 or 503 when there is no place."""
+        caller = req.context.caller
+        _relaying(self.settings)
+        trusted = self.is_trusted(caller)
+        if not self.settings.relay_open and not trusted:
+            raise falcon.HTTPForbidden(
+                title="Not relayed",
+                description=f"This relay carries only nodes its owner trusts; node {caller} "
+                            f"is not one ('p2prc trust {caller}' on the relay, or "
+                            f"relay_open = true).")
+        return caller, trusted, self.held.acquire(what, [] if trusted else strangers(
+            req, self.settings, self.held))
+
+
+class RelayWaitResource(_Waits):
     """``GET /v1/relay/wait``: a node that cannot be dialled waits for a client here."""
 
     AUTH = {"get": "signed"}
@@ -63,21 +90,9 @@ class RelayWaitResource:
                                              "may; Retry-After"}},
     }}
 
-    def __init__(self, settings: Settings, hub: RelayHub, is_trusted: Callable[[str], bool],
-                 held: Held):
-        self.settings = settings
-        self.hub = hub
-        self.is_trusted = is_trusted
-        self.held = held
-
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        caller = req.context.caller
-        _relaying(self.settings)
-        trusted = self.is_trusted(caller)
-        _relayed_for(self.settings, caller, trusted)
+        caller, trusted, release = self.admit(req, "a relay poll")
         sock = req.env.get("gunicorn.socket")
-        release = self.held.acquire("a relay poll", [] if trusted else strangers(
-            req, self.settings, self.held))
         try:
             # A polling node sends nothing while it waits: readable means it closed.
             token = self.hub.wait(caller, alive=serving, trusted=trusted,
@@ -91,7 +106,7 @@ class RelayWaitResource:
         send(resp, RelayWait(token))
 
 
-class RelayListenResource:
+class RelayListenResource(_Waits):
     """``POST /v1/relay/listen``: a node that cannot be dialled keeps one connection here,
     switched to a stream; a line for each client that comes (``relay_listen``). It holds no
     thread: one loop per worker holds them all."""
@@ -112,21 +127,10 @@ class RelayListenResource:
                                              "Retry-After"}},
     }}
 
-    def __init__(self, settings: Settings, hub: RelayHub, is_trusted: Callable[[str], bool],
-                 held: Held):
-        self.settings = settings
-        self.hub = hub
-        self.is_trusted = is_trusted
-        self.held = held
-
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        caller = req.context.caller
         _relaying(self.settings)
-        trusted = self.is_trusted(caller)
-        _relayed_for(self.settings, caller, trusted)
         wants_upgrade(req)
-        release = self.held.acquire("a waiting node", [] if trusted else strangers(
-            req, self.settings, self.held))
+        caller, trusted, release = self.admit(req, "a waiting node")
         try:
             waiting = self.hub.register(caller, trusted)
         except BaseException:
@@ -307,15 +311,6 @@ def strangers(req: falcon.Request, settings: Settings, held: Held) -> list[Share
     half of ``held``: the rest is kept for the nodes it trusts."""
     return [Share(f"network {caller_network(req)}", settings.relay_polls_per_network),
             Share(STRANGERS, max(1, held.limit // 2), 503)]
-
-
-def _relayed_for(settings: Settings, caller: str, trusted: bool) -> None:
-    if not settings.relay_open and not trusted:
-        raise falcon.HTTPForbidden(
-            title="Not relayed",
-            description=f"This relay carries only nodes its owner trusts; node {caller} is "
-                        f"not one ('p2prc trust {caller}' on the relay, or relay_open = "
-                        f"true).")
 
 
 def caller_network(req: falcon.Request) -> str:
