@@ -26,11 +26,13 @@ every round, and sends 8 bytes per record it holds (``have``).
 
 Run: .venv/bin/python bench/bench_gossip.py --sizes 100 1000 --baseline ec6abd3 \\
          --baseline-sizes 100
+     .venv/bin/python bench/bench_gossip.py --exchange-sizes 100 1000 10000
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import ipaddress
 import json
@@ -40,6 +42,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -212,6 +215,55 @@ def simulate(n: int, seed: int, fanout: int, churn: float, churn_rounds: int,
     return result
 
 
+def quiet_exchange(n: int) -> dict[str, Any]:
+    """Two nodes that hold the same ``n`` records (and each other's): the payload of one
+    exchange between them, both ways, and how long building the asker's digest takes. A
+    network of 10,000 does not fit one process; what one quiet exchange costs is measured
+    here at that size instead (a quiet round is ``update_fanout`` of them each way)."""
+    import p2prc_plugins.address
+    import p2prc_plugins.scoring
+    from p2prc_core.discovery import Discovery, InProcessTransport
+    from p2prc_core.identity import NodeIdentity
+    from p2prc_core.models import Endpoint
+    from p2prc_core.peertable import PeerTable
+    from p2prc_core.plugins import make_plugin_manager
+    from p2prc_core.records import sign_record
+
+    hooks = make_plugin_manager(load_entrypoints=False, plugins=[
+        ("address", p2prc_plugins.address), ("scoring", p2prc_plugins.scoring)])
+    now = int(time.time())
+
+    def record(identity: NodeIdentity, index: int) -> dict[str, Any]:
+        return sign_record(identity, {
+            "name": f"peer{index}", "addresses": [str(ipaddress.IPv6Address(
+                f"2001:db8:{index >> 16:x}:{index & 0xffff:x}::1"))], "port": 8088,
+            "seq": 1, "time": now, "specs": {"cpus": 8, "memory": 16 << 30, "gpus": []},
+            "metadata": {}, "version": "0.1.0"})
+
+    shared = [record(NodeIdentity.generate(), i) for i in range(n)]
+    transport = InProcessTransport()
+    with tempfile.TemporaryDirectory(prefix="p2prc-quiet-") as where:
+        ids = [NodeIdentity.generate() for _ in range(2)]
+        owns = [record(ids[0], n), record(ids[1], n + 1)]
+        tables = [PeerTable(Path(where) / str(i), ids[i].node_id, max_peers=n + 2,
+                            max_unverified=n + 2) for i in range(2)]
+        for i in range(2):
+            tables[i].merge([*shared, owns[1 - i]])
+            transport.serve(Endpoint(owns[i]["addresses"][0], 8088), tables[i],
+                            functools.partial(dict, owns[i]))
+        asker = Discovery(tables[0], hooks, transport, lambda: owns[0], concurrency=1,
+                          probes=1, max_records=500, fanout=4)
+        asker.update(hops=1, only=[ids[1].node_id])  # first contact: learns b holds a
+        state = tables[0].snapshot()
+        started = time.perf_counter()
+        state.versions(owns[0]).digest()  # once per change of the table: then kept
+        digest_ms = (time.perf_counter() - started) * 1000
+        quiet = asker.update(hops=1, only=[ids[1].node_id])
+    return {"n": n, "exchange": quiet.bytes_sent + quiet.bytes_received,
+            "sent": quiet.bytes_sent, "received": quiet.bytes_received,
+            "digest_ms": digest_ms}
+
+
 def inner(args: argparse.Namespace) -> None:
     for n in args.sizes:
         print(json.dumps(simulate(n, args.seed * 1000 + n, args.fanout, args.churn,
@@ -282,10 +334,26 @@ def main() -> None:
                         help="each table's max_unverified_peers (default: the setting's)")
     parser.add_argument("--baseline", metavar="REF", help="git commit to compare with")
     parser.add_argument("--baseline-sizes", type=int, nargs="+", default=[100])
+    parser.add_argument("--exchange-sizes", type=int, nargs="+", metavar="N",
+                        help="only: one quiet exchange between two nodes that hold the same "
+                             "N records, at each N")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
         inner(args)
+        return
+    if args.exchange_sizes:
+        print(f"{'records held':>13} {'one quiet exchange':>20} {'(sent, received)':>18} "
+              f"{'quiet round/peer':>17} {'digest':>9}")
+        for n in args.exchange_sizes:
+            got = quiet_exchange(n)
+            per_round = 2 * args.fanout * (got["exchange"] + WIRE_OVERHEAD)
+            print(f"{n:>13,} {got['exchange']:>18,} B {got['sent']:>8,}, "
+                  f"{got['received']:>6,} {per_round / 1024:>14.1f} KB "
+                  f"{got['digest_ms']:>7.1f}ms")
+        print(f"\nquiet round per peer: {args.fanout} exchanges asked and as many answered, "
+              f"each with {WIRE_OVERHEAD:,} B of TLS, headers and signature (goal: at most "
+              f"64 KB, and 1 KB of payload an exchange)")
         return
     base = {r["n"]: r for r in baseline(args.baseline, args)} if args.baseline else {}
     rows = []
