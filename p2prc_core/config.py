@@ -138,7 +138,8 @@ class Settings:
     relay_streams_per_network: int = _setting(4, "relayed streams one source network (an IPv4 "
                                               "/24 or IPv6 /64) may hold at once, in each "
                                               "worker", min=1)
-    relay_polls_per_network: int = _setting(4, "polls of nodes the relay does not trust that "
+    relay_polls_per_network: int = _setting(4, "places to wait (listening streams, polls) of "
+                                            "nodes the relay does not trust that "
                                             "one source network may hold at once, in each "
                                             "worker", min=1)
     relay_idle_seconds: int = _setting(300, "a relayed stream with no byte either way for this "
