@@ -15,10 +15,9 @@ from p2prc_core.models import Endpoint
 from p2prc_core.signing import sign_request
 from p2prc_core.splice import no_delay
 from p2prc_core.upgrade_client import upgrade_sync
-from p2prc_core.wire import RelayWait, WireError, decode
+from p2prc_core.wire import LISTEN_KEEPALIVE_SECONDS, RelayWait, WireError, decode
 
-KEEPALIVE_SECONDS = 15.0  # the relay's empty line comes this often (server.relay_listen)
-SILENCE_SECONDS = 3 * KEEPALIVE_SECONDS  # nothing for this long: the relay is gone
+SILENCE_SECONDS = 3 * LISTEN_KEEPALIVE_SECONDS  # nothing for this long: the relay is gone
 MAX_LINE = 1024  # a token's line is about 50 bytes
 MAX_EMPTY = 64  # empty lines in one wait: a relay keeps alive with one every 15 s
 

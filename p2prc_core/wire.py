@@ -431,6 +431,10 @@ class ExecStart(Struct, frozen=True, forbid_unknown_fields=True):
 
 # -- relays -------------------------------------------------------------------------------
 
+# On a listening stream (``POST /v1/relay/listen``) the relay writes a ``RelayWait`` line for
+# each client, and an empty line this often: both ends go by it.
+LISTEN_KEEPALIVE_SECONDS = 15.0
+
 
 class RelayWait(Struct, frozen=True):
     """``GET /v1/relay/wait``: the token to accept a waiting client with (204: none came)."""

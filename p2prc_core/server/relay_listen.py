@@ -2,7 +2,8 @@
 
 A node behind NAT keeps one connection to its relay, switched to a stream (``upgrade``).
 The relay writes a line to it for each client that comes (``wire.RelayWait`` as JSON:
-accept it with ``POST /v1/relay/accept``), and an empty line every ``KEEPALIVE_SECONDS``
+accept it with ``POST /v1/relay/accept``), and an empty line every
+``wire.LISTEN_KEEPALIVE_SECONDS``
 so that each side learns of a dead other. The node sends nothing. One loop thread per
 worker (``ListenLoop``) holds every such connection, and the Unix listener where connects
 from any worker hand it tokens (``relayhub.Waiting``). The long poll (``/v1/relay/wait``)
@@ -22,13 +23,14 @@ import threading
 import time
 from collections.abc import Callable
 
+from p2prc_core import relayhub
 from p2prc_core.relayhub import Waiting
-from p2prc_core.wire import RelayWait, encode
+from p2prc_core.wire import LISTEN_KEEPALIVE_SECONDS, RelayWait, encode
 
 log = logging.getLogger("p2prc.server")
 
-KEEPALIVE_SECONDS = 15.0  # an empty line this often: a node that hears nothing for 3x this
-SEEN_SECONDS = 10.0  # the node is marked as still here this often (``RelayHub.known``)
+# The node is marked as still here (``RelayHub.known``) well within the hub's window.
+SEEN_EVERY = relayhub.SEEN_SECONDS / 3
 MAX_OUTBOX = 16 << 10  # a node that leaves this much unread is dropped
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
                 ssl.SSLWantWriteError)
@@ -45,8 +47,8 @@ class _Held:
         self.alive = alive
         self.outbox = bytearray()
         self.tellers: list[socket.socket] = []  # told "ok" once their line is written
-        self.next_keepalive = now + KEEPALIVE_SECONDS
-        self.next_seen = now + SEEN_SECONDS
+        self.next_keepalive = now + LISTEN_KEEPALIVE_SECONDS
+        self.next_seen = now + SEEN_EVERY
         self.fds = (sock.fileno(), waiting.listener.fileno())
 
 
@@ -174,10 +176,10 @@ class ListenLoop:
                     self._end(held)
                     continue
                 if now >= held.next_seen:
-                    held.next_seen = now + SEEN_SECONDS
+                    held.next_seen = now + SEEN_EVERY
                     held.waiting.seen()
                 if now >= held.next_keepalive:
-                    held.next_keepalive = now + KEEPALIVE_SECONDS
+                    held.next_keepalive = now + LISTEN_KEEPALIVE_SECONDS
                     held.outbox += b"\n"
                     self._flush(held)
             except (OSError, ssl.SSLError, ValueError):
