@@ -3,6 +3,7 @@ engine. No engine is imported here: a backend (the Docker plugin) does the work.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -16,39 +17,36 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from p2prc_core import container_recovery, faults
 from p2prc_core.config import Settings, parse_port_range
 from p2prc_core.errors import Refusal
+from p2prc_core.leases import (
+    LABEL,
+    LABEL_DIRECT,
+    LABEL_EXPIRES,
+    LABEL_GPUS,
+    LABEL_NODE,
+    LABEL_OWNER,
+    LABEL_PLACE,
+    LABEL_PORTS,
+    MIN_MEMORY,
+    PENDING,
+    PENDING_SECONDS,
+    POOL_OWNER,
+    SSH_PORT,
+    STOPPED,
+    BackendContainer,
+    Lease,
+)
 from p2prc_core.models import CONTAINER_ID
 from p2prc_core.storage import SERVER_DB, SharedDB
 from p2prc_core.text import human_bytes, human_duration
 from p2prc_core.wire import (
-    MAX_GPUS,
-    ContainerReply,
     ContainerRequest,
-    PortMapping,
-    SshLogin,
     WireError,
     convert,
     host_key_fingerprint,
 )
-
-LABEL = "org.p2prc"  # every p2prc container carries LABEL=1 and the labels below
-LABEL_OWNER = "org.p2prc.owner"
-LABEL_EXPIRES = "org.p2prc.expires"
-LABEL_PORTS = "org.p2prc.ports"
-LABEL_NODE = "org.p2prc.node"
-LABEL_GPUS = "org.p2prc.gpus"
-LABEL_DIRECT = "org.p2prc.direct"  # "1": published on every host address
-# The owner of a container in the host's warm pool: started before any caller asked, its
-# label says so for good (labels cannot change); the store holds the caller it went to.
-POOL_OWNER = "pool"
-SSH_PORT = 22
-PENDING = "pending-"  # ids of the places held while a container starts
-PENDING_SECONDS = 600
-MIN_MEMORY = 16 << 20  # below this the engine refuses to start a container, or sshd dies
-# What the engine says of a container whose main process ended (it exited, or the kernel
-# killed it for memory), and what a lease's container is when the engine has it no more.
-STOPPED = ("exited", "dead", "gone")
 
 log = logging.getLogger("p2prc.containers")
 
@@ -146,17 +144,6 @@ class HandOut:
     expires: float
 
 
-@dataclass
-class BackendContainer:
-    id: str
-    state: str
-    image: str
-    labels: dict[str, str]
-    # A pooled container handed out: the owner and the end of the lease the backend recorded
-    # on it (its labels still say "pool"), so a restart that lost the store can tell.
-    handed_out: tuple[str, float] | None = None
-
-
 class Backend(Protocol):
     """A virtualization backend, registered through ``p2prc_register_backends``."""
 
@@ -206,42 +193,6 @@ class Backend(Protocol):
         (bytes). Optional: a backend without it, or one that raises ``Refusal``, shows use
         as unknown."""
         ...
-
-
-@dataclass
-class Lease:
-    id: str
-    owner: str
-    image: str
-    ports: list[dict[str, Any]]
-    created: float
-    expires: float
-    host_key: str = ""
-    gpu: bool = False
-    gpus: list[int] = field(default_factory=list)  # the indexes of the GPUs it holds
-    cpus: float = 0
-    memory: int = 0
-    state: str = "running"
-    direct: bool = False  # its ports are published on the host's addresses, not loopback only
-
-    @property
-    def ssh_port(self) -> int:
-        return int(self.ports[0]["external"])
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["host_key_fingerprint"] = fingerprint(self.host_key) if self.host_key else None
-        data["pool"] = self.owner == POOL_OWNER
-        return data
-
-    def reply(self, host: str, node_id: str) -> ContainerReply:
-        """How the host describes it to its owner, who reached the host at ``host``."""
-        return ContainerReply(
-            id=self.id, image=self.image, ports=[PortMapping(**p) for p in self.ports],
-            ssh=SshLogin.of(self.id, host, self.ssh_port, self.host_key, self.direct),
-            created=self.created, expires=self.expires, node_id=node_id, gpu=self.gpu,
-            gpus=self.gpus, direct=self.direct, owner=self.owner, host_key=self.host_key,
-            cpus=self.cpus, memory=self.memory, state=self.state)
 
 
 def _minor(gpu: dict[str, Any]) -> int:
@@ -639,13 +590,14 @@ class ContainerService:
         image, cpus, memory, ttl = granted
         pooled = request is None
         extra, gpu = (0, False) if request is None else (request.ports, request.gpu)
-        token = f"{PENDING}{uuid.uuid4().hex}"
+        token = container_recovery.place_token(uuid.uuid4().hex)
         # Each GPU by its index (a specs plugin that gives none: its place in the list).
         host_gpus = {g["index"] if isinstance(g.get("index"), int) else i: {"index": i, **g}
                      for i, g in enumerate(self.gpus()) if isinstance(g, dict)} \
             if gpu is not False else {}
         ports = self.store.reserve(owner, 1 + extra, per_caller, token, gpu,
                                    sorted(host_gpus), s.gpu_share, s.gpus_per_caller)
+        faults.point("create.reserved")
         gpus = self.store.gpus_of(token)
         now = time.time()
         direct = s.publish_ports == "all"
@@ -659,7 +611,7 @@ class ContainerService:
             ssh_key="" if request is None else request.ssh_key, pool=pooled,
             cpus=cpus, memory=memory, pids=s.container_pids, ports=ports, gpu=bool(gpus),
             labels={LABEL: "1", LABEL_OWNER: owner, LABEL_EXPIRES: str(int(lease.expires)),
-                    LABEL_NODE: self.node_id,
+                    LABEL_NODE: self.node_id, LABEL_PLACE: token,
                     LABEL_PORTS: json.dumps(lease.ports, separators=(",", ":")),
                     **({LABEL_GPUS: json.dumps(gpus)} if gpus else {}),
                     **({LABEL_DIRECT: "1"} if direct else {})},
@@ -670,15 +622,18 @@ class ContainerService:
         try:
             container_id = self.backend.create(spec)
             lease.id = container_id
+            faults.point("create.started")
             wait = getattr(self.backend, "pooled_host_key", None) if pooled else None
             lease.host_key = (wait or self.backend.host_key)(container_id,
                                                              self.host_key_timeout)
+            self.store.settle(token, lease)
         except BaseException:
             if container_id:
                 self._remove_quietly(container_id)
-            self.store.forget(token)
+            with contextlib.suppress(Exception):  # a full disk: the reaper frees it later
+                self.store.forget(token)
             raise
-        self.store.settle(token, lease)
+        faults.point("create.settled")
         return lease
 
     # -- find, list, remove ------------------------------------------------------------------
@@ -740,7 +695,15 @@ class ContainerService:
         for container_id in expired:
             self._remove_quietly(container_id)
             self.store.forget(container_id)
-        for place in self.store.stale_places(now):  # a create that died half-way
+        # A create that died half-way: what it started is adopted or removed, its place
+        # freed (container_recovery).
+        stale = container_recovery.stale_places(self, now, all_pending=False)
+        try:
+            container_recovery.take_on_orphans(self, stale)
+        except Exception as err:  # noqa: BLE001 - no engine now: the places wait for it
+            log.warning("cannot ask the engine for containers left by a create: %s", err)
+            stale = [p for p in stale if p in self.store.stale_places(now)]
+        for place in stale:
             self.store.forget(place)
         self._reap_stopped(now)
         self._reguard()
@@ -778,59 +741,11 @@ class ContainerService:
                      states[container_id], human_duration(now - first_seen))
 
     def reconcile(self) -> dict[str, list[str]]:
-        """Make the leases agree with the engine after a restart: adopt this node's labelled
-        containers that have no lease, drop leases whose container is gone, free ports that
-        nothing holds."""
-        live = {c.id: c for c in self.backend.containers()
-                if c.labels.get(LABEL) == "1" and c.labels.get(LABEL_NODE) == self.node_id}
-        self._empty_pool(live)
-        leased = {lease.id for lease in self.store.leases()}
-        adopted, dropped = [], []
-        for container_id, container in live.items():
-            if container_id in leased:
-                continue
-            try:
-                ports = json.loads(container.labels.get(LABEL_PORTS, "[]"))
-                expires = float(container.labels[LABEL_EXPIRES])
-                owner = container.labels[LABEL_OWNER]
-                if owner == POOL_OWNER:  # handed out: to whom, as the backend recorded
-                    owner, expires = container.handed_out or ("", 0.0)
-                    if not owner:
-                        raise ValueError(container_id)
-                gpus = json.loads(container.labels.get(LABEL_GPUS, "[]"))
-                if not isinstance(gpus, list) or not all(
-                        isinstance(g, int) and 0 <= g < MAX_GPUS for g in gpus):
-                    raise ValueError(gpus)
-            except (ValueError, KeyError):
-                continue
-            self.store.adopt(Lease(id=container_id, owner=owner, image=container.image,
-                                   ports=ports, created=time.time(), expires=expires,
-                                   gpu=bool(gpus), gpus=gpus,
-                                   direct=container.labels.get(LABEL_DIRECT) == "1"))
-            adopted.append(container_id)
-        for container_id in leased - set(live):
-            self.store.forget(container_id)
-            dropped.append(container_id)
-        holders = set(live) | {lease.id for lease in self.store.leases()}
-        for holder in self.store.holders():
-            if holder not in holders and not holder.startswith(PENDING):
-                self.store.forget(holder)
-        return {"adopted": adopted, "dropped": dropped}
-
-    def _empty_pool(self, live: dict[str, BackendContainer]) -> None:
-        """At a start, the warm pool of the last run goes (its containers waited for no one
-        in particular, and the pool is filled again): those with a pool lease, and those
-        labelled for the pool that were never handed out. ``live`` loses them."""
-        pooled = {lease.id for lease in self.store.leases(POOL_OWNER)}
-        leftover = {i for i, c in live.items() if c.labels.get(LABEL_OWNER) == POOL_OWNER
-                    and c.handed_out is None and i not in self.store.lease_ids()}
-        for container_id in pooled | leftover:
-            self._remove_quietly(container_id)
-            self.store.release_pooled(container_id)
-            live.pop(container_id, None)
-        if pooled | leftover:
-            log.info("the warm pool of the last run: %d containers removed",
-                     len(pooled | leftover))
+        """Make the leases agree with the engine after a restart
+        (``container_recovery.reconcile``): adopt this node's labelled containers that have
+        no lease, drop leases whose container is gone, free places and ports that nothing
+        holds."""
+        return container_recovery.reconcile(self)
 
 
 def usage_of(backend: Backend, container_ids: list[str]) -> dict[str, dict[str, float]]:

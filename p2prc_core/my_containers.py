@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import re
+import secrets
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -107,12 +109,47 @@ class RemoteContainer:
         return self.id[:12]
 
 
+ASKED_DAYS = 7  # a create whose host never answered since is forgotten after this
+
+
 class Tracked:
-    """Containers this client started (id -> where and how to reach it), and groups."""
+    """Containers this client started (id -> where and how to reach it), and groups.
+
+    ``asked.json`` holds each create sent whose answer has not come yet: a client killed
+    (or a connection lost) between its create and the host's answer finds what the host
+    started there at its next ``containers ls`` (``ContainersOnPeers.states``)."""
 
     def __init__(self, home: Path):
         self.containers_path = home / "containers.json"
         self.groups_path = home / "groups.json"
+        self.asked_path = home / "asked.json"
+
+    def asking(self, endpoint: str, node_id: str | None) -> str:
+        """Note a create about to be sent to ``endpoint`` (the node ``node_id``); its key."""
+        key = secrets.token_hex(8)
+        update_json(self.asked_path, lambda data: data.update(
+            {key: {"endpoint": endpoint, "node_id": node_id, "at": time.time()}}))
+        return key
+
+    def answered(self, key: str) -> None:
+        update_json(self.asked_path, lambda data: data.pop(key, None))
+
+    def asked(self) -> dict[str, tuple[str, str | None]]:
+        """The creates not answered (key -> endpoint, node id); a damaged entry, or one
+        older than ``ASKED_DAYS``, is dropped."""
+        found: dict[str, tuple[str, str | None]] = {}
+        stale = []
+        for key, entry in read_json_object(self.asked_path).items():
+            if isinstance(entry, dict) and isinstance(entry.get("endpoint"), str) and \
+                    isinstance(entry.get("node_id"), str | None) and \
+                    isinstance(entry.get("at"), int | float) and \
+                    time.time() - entry["at"] < ASKED_DAYS * 86400:
+                found[key] = (entry["endpoint"], entry["node_id"])
+            else:
+                stale.append(key)
+        if stale:
+            update_json(self.asked_path, lambda data: [data.pop(k, None) for k in stale])
+        return found
 
     def containers(self) -> dict[str, RemoteContainer]:
         """The tracked containers; a damaged entry is left out (and left in the file)."""

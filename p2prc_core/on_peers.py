@@ -13,7 +13,7 @@ from typing import Any
 from p2prc_core.config import Settings
 from p2prc_core.directory import PeerDirectory
 from p2prc_core.errors import P2PRCError, PeerError, PeerRefused, Refusal, RelayRefused
-from p2prc_core.models import Endpoint
+from p2prc_core.models import Endpoint, parse_path
 from p2prc_core.my_containers import RemoteContainer, Tracked
 from p2prc_core.sshkeys import ensure_key
 from p2prc_core.wire import ContainerRequest, WireError, convert
@@ -47,14 +47,22 @@ class ContainersOnPeers:
         request = self.request(ports=ports, gpu=gpu, image=image, cpus=cpus, memory=memory,
                                ttl=ttl)
         with self.peers.client(peer) as client:
+            # Kept until the answer is: a create whose answer is lost (this process killed,
+            # the connection cut) is found at the host by the next 'containers ls'.
+            asked = self.tracked.asking(client.endpoint.path, client.node_id)
             try:
                 container = client.create_container(request)
             except PeerRefused as err:
+                self.tracked.answered(asked)  # the host answered: it started nothing
                 if err.status == 403 and not isinstance(err, RelayRefused):  # the host's own
                     self.peers.remember_hosting(client.node_id, False)
                 raise
+            except PeerError as err:  # no answer: the host may have started it all the same
+                raise PeerError(f"{err} (if the host got the request it may have started "
+                                f"the container: 'p2prc containers ls' finds it)") from None
         self.peers.remember_hosting(client.node_id, True)
         self.tracked.add(container)
+        self.tracked.answered(asked)
         return container
 
     def request(self, *, ports: int = 0, gpu: Gpus = False, image: str | None = None,
@@ -78,7 +86,9 @@ class ContainersOnPeers:
 
     def states(self) -> list[tuple[RemoteContainer, str]]:
         """Each tracked container and its state as its host tells (``unreachable`` when the
-        host cannot be asked, ``gone`` when it no longer runs it)."""
+        host cannot be asked, ``gone`` when it no longer runs it). Containers that creates
+        whose answer never came started are tracked first (``find_unanswered``)."""
+        self.find_unanswered()
         found = []
         for members in _by_host(list(self.tracked.containers().values())):
             try:
@@ -90,6 +100,33 @@ class ContainersOnPeers:
                 if state == "gone" and container.expires <= time.time():
                     state = "expired"  # its lease ran out and the host removed it
                 found.append((container, state))
+        return found
+
+    def find_unanswered(self) -> list[RemoteContainer]:
+        """Ask each host that a create went to, whose answer never came, for our
+        containers there, and track those not tracked (checked as a create's answer is).
+        A host that cannot be asked now is asked again next time. Returns those found."""
+        found = []
+        tracked = set(self.tracked.containers())
+        for key, (endpoint, node_id) in self.tracked.asked().items():
+            try:
+                where = parse_path(endpoint, node_id)
+                ways = [where] + [e for e in self._table_ways(node_id) if e != where]
+                with self.peers.client(ways) as client:
+                    listed = client.list_containers()
+                    secure = client.channel.secure
+            except (PeerError, ValueError):
+                continue
+            for reply in listed:
+                if reply.id in tracked:
+                    continue
+                with contextlib.suppress(PeerError):  # one with no host key to pin: its
+                    container = RemoteContainer.from_reply(  # lease ends it
+                        reply, where, node_id if secure else None)
+                    self.tracked.add(container)
+                    tracked.add(container.id)
+                    found.append(container)
+            self.tracked.answered(key)
         return found
 
     def _live(self, container: RemoteContainer) -> dict[str, str]:
@@ -139,10 +176,12 @@ class ContainersOnPeers:
         ladder from the table (its addresses now, and its relays)."""
         _ = self.peers.punched  # a relay among them: a punched path is tried first
         paths = [container.host_endpoint]
-        entry = self.peers.entries().get(container.node_id or "")
-        if entry is not None:
-            paths += [e for e in self.peers.endpoints(entry) if e not in paths]
-        return paths
+        return paths + [e for e in self._table_ways(container.node_id) if e not in paths]
+
+    def _table_ways(self, node_id: str | None) -> list[Endpoint]:
+        """The node's dial ladder from the table (none for a node it does not hold)."""
+        entry = self.peers.entries().get(node_id or "")
+        return [] if entry is None else list(self.peers.endpoints(entry))
 
     def tunnel_command(self, container: RemoteContainer, port: int = 22) -> str:
         """The ProxyCommand that joins OpenSSH to ``port`` of the container."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from p2prc_core import hookimpl
+from p2prc_core import faults, hookimpl
 from p2prc_core.containers import (
     LABEL,
     SSH_PORT,
@@ -111,6 +112,26 @@ def _gone() -> type[BaseException]:
     return requests.exceptions.ConnectionError
 
 
+def _start_or_remove(container: Any) -> None:
+    """Start a created container; one that does not start is removed (an engine that is gone
+    now leaves it to the reaper: it has no lease, and its create no live place).
+
+    :raises ContainerError: 500 the engine refused; 503 the engine is gone.
+    """
+    docker = _docker()
+    try:
+        container.start()
+    except BaseException as err:
+        with contextlib.suppress(Exception):
+            container.remove(force=True)
+        if isinstance(err, docker.errors.APIError):
+            raise ContainerError(500, "Engine refused", f"Docker could not start the "
+                                 f"container: {err.explanation}") from None
+        if isinstance(err, docker.errors.DockerException | _gone()):
+            raise _unavailable(err) from None
+        raise
+
+
 class DockerBackend:
     """Containers through the Docker engine; every one labelled, limited and unprivileged."""
 
@@ -180,13 +201,8 @@ class DockerBackend:
                 from None
         except (docker.errors.DockerException, _gone()) as err:
             raise _unavailable(err) from None
-        try:
-            container.start()
-        except docker.errors.APIError as err:
-            container.remove(force=True)
-            raise ContainerError(500, "Engine refused",
-                                 f"Docker could not start the container: {err.explanation}") \
-                from None
+        faults.point("create.created")
+        _start_or_remove(container)
         return str(container.id)
 
     def check_free_disk(self, floor: int) -> None:

@@ -19,6 +19,7 @@ import click
 
 from p2prc_core import __version__
 from p2prc_core.config import ConfigError, LoadedSettings, Settings, default_home, load_settings
+from p2prc_core.disk import disk_full, full_message
 from p2prc_core.errors import BadAddress, P2PRCError
 from p2prc_core.models import Endpoint, parse_duration, parse_endpoint, parse_size
 
@@ -236,6 +237,8 @@ class P2PRCGroup(click.Group):
         except Exception as err:
             if _reported_in_one_line(err):
                 raise click.ClickException(str(err)) from None
+            if disk_full(err):
+                raise click.ClickException(full_message(err, "p2prc's home")) from None
             raise
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import falcon
 
+from p2prc_core.disk import disk_full, full_message
 from p2prc_core.server.upgrade import CLOSE_KEY
 
 log = logging.getLogger("p2prc.server")
@@ -36,6 +37,13 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
     """A bug must not leak a traceback to a peer; it is logged here instead."""
     if isinstance(ex, falcon.HTTPError):
         raise ex
+    if disk_full(ex):  # the host's to fix, in one line; the peer may come back later
+        log.warning("%s %s answered 503: %s", req.method, req.path,
+                    full_message(ex, "this node's home"))
+        raise falcon.HTTPServiceUnavailable(
+            title="Out of disk space",
+            description="This host's disk is full now; try again later, or another host.",
+            retry_after=60)
     log.exception("error while serving %s %s", req.method, req.path)
     raise falcon.HTTPInternalServerError(
         title="Internal error",
