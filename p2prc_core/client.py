@@ -13,7 +13,7 @@ import msgspec
 
 from p2prc_core import transfer
 from p2prc_core.channel import Channel, Contact, DirectPaths, read_capped, within
-from p2prc_core.errors import PeerError, PeerRefused, unreachable
+from p2prc_core.errors import PeerError, PeerRefused, clocks_apart, unreachable
 from p2prc_core.httplib import httpx
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import CONTAINER_ID, Endpoint, loads_strict
@@ -307,7 +307,8 @@ class PeerClient:
         except (ValueError, KeyError, TypeError):
             raise PeerError(f"{self.endpoint} answered HTTP {resp.status_code}, and not as a "
                             f"p2prc node (is the port right?)") from None
-        raise PeerRefused(f"{self.endpoint} refused ({resp.status_code}): {detail}",
+        clocks = clocks_apart(resp.status_code, resp.headers.get("date"))
+        raise PeerRefused(f"{self.endpoint} refused ({resp.status_code}): {clocks}{detail}",
                           resp.status_code)
 
     def _guard(self, timeout: float) -> _Guard:

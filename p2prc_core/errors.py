@@ -3,7 +3,11 @@ to them."""
 
 from __future__ import annotations
 
-from p2prc_core.text import seconds_text
+import time
+
+from p2prc_core.text import rough_duration, seconds_text
+
+CLOCKS_APART = 60.0  # seconds: past this a refused signed request names the clocks
 
 
 class P2PRCError(Exception):
@@ -39,6 +43,28 @@ class PeerRefused(PeerError):
 
 class RelayRefused(PeerRefused):
     """A relay on the way refused to carry the request (not the peer's own answer)."""
+
+
+def clocks_apart(status: int, date: str | None, now: float | None = None) -> str:
+    """For a peer's 401 (a signed request refused): what to fix when this node's clock and
+    the peer's are over ``CLOCKS_APART`` apart, measured here against the ``Date`` header of
+    the answer; "" when they are not, or the header says nothing usable (it is the peer's
+    say, only ever read as a time)."""
+    if status != 401 or not date or len(date) > 64:
+        return ""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        theirs = parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return ""
+    ahead = (time.time() if now is None else now) - theirs
+    if abs(ahead) <= CLOCKS_APART:
+        return ""
+    side = "ahead of" if ahead > 0 else "behind"
+    return (f"this node's clock is {rough_duration(ahead)} {side} the peer's (signed requests "
+            f"allow about a minute): set the right time on the machine that is wrong ('p2prc "
+            f"doctor' compares clocks). The peer said: ")
 
 
 def unreachable(where: object, err: BaseException, timeout: float | None) -> PeerError:

@@ -19,7 +19,7 @@ from p2prc_core.config import Settings
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.plugins import PluginHooks
 from p2prc_core.reach_state import ReachState, recently_reached
-from p2prc_core.records import RecordPublisher
+from p2prc_core.records import RecordPublisher, dated_ahead
 from p2prc_core.storage import atomic_write, read_json_object
 
 RECORD_SECONDS = 30.0  # how long a built record is served before it is built again
@@ -223,8 +223,8 @@ class OwnNode:
         """This node's signed record, as its server serves it (built again at once when
         the server learnt a new way to reach it, a relay or a mapped port, and when a GPU
         was taken or freed: a record built from what was true before is never served
-        after)."""
+        after), and when this clock went back since it was signed (``dated_ahead``)."""
         built, record = self._record.get()
-        if built != self._stamp():
+        if built != self._stamp() or dated_ahead(record, time.time()):
             built, record = self._record.refresh()
         return record

@@ -20,9 +20,11 @@ from p2prc_core.identity import (
 )
 from p2prc_core.models import json_depth, parse_endpoint
 from p2prc_core.storage import update_json
+from p2prc_core.text import rough_duration
 
 RECORD_STATE_FILE = "record.json"
 MAX_FUTURE_SECONDS = 600  # a record dated further ahead than this is refused
+CLOCK_SLACK = 60  # this node's own record dated further ahead of its clock is signed again
 MAX_ADDRESSES = 16
 MAX_NAME = 64
 MAX_EXTRA_BYTES = 4096  # specs and metadata together, as canonical JSON
@@ -109,9 +111,20 @@ def verify_record(record: Any, now: float | None = None) -> dict[str, Any]:
         raise RecordError("id-mismatch", "node_id does not belong to the record's public key")
     if not verify(public_key, signature, message):
         raise RecordError("bad-signature", "the record's signature does not verify")
-    if record["time"] > (now if now is not None else time.time()) + MAX_FUTURE_SECONDS:
-        raise RecordError("future", "the record is dated in the future")
+    now = time.time() if now is None else now
+    if record["time"] > now + MAX_FUTURE_SECONDS:  # compared, not subtracted: ints are any size
+        ahead = rough_duration(record["time"] - now) if record["time"] < 1 << 53 else "years"
+        raise RecordError("future", f"the record is dated in the future, {ahead} ahead of this "
+                                    f"node's clock: this clock, or that of the node that "
+                                    f"signed it, is wrong")
     return record
+
+
+def dated_ahead(record: dict[str, Any], now: float) -> bool:
+    """Whether this node's own ``record`` is dated more than ``CLOCK_SLACK`` after ``now``
+    (the clock that signed it went back since): it must be signed again."""
+    stamp = record.get("time")
+    return isinstance(stamp, int | float) and stamp > now + CLOCK_SLACK
 
 
 def _is_relay(text: str) -> bool:
@@ -198,20 +211,24 @@ class RecordPublisher:
         self.path = home / RECORD_STATE_FILE
         self.identity = identity
 
-    def current(self, fields: dict[str, Any]) -> dict[str, Any]:
+    def current(self, fields: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         """The signed record for ``fields`` (name, addresses, port, specs, metadata, version).
+        It is signed again (a new seq) when its content changed, and when it is dated ahead
+        of ``now``: this clock went back, and peers drop a record from their future.
 
         Safe across processes: the seq and the last record live in ``record.json``.
         """
         digest = hashlib.sha256(canonical_json(fields)).hexdigest()
+        now = time.time() if now is None else now
 
         def publish(state: dict[str, Any]) -> dict[str, Any]:
             record = state.get("record")
             if (state.get("digest") == digest and isinstance(record, dict)
-                    and record.get("node_id") == self.identity.node_id):
+                    and record.get("node_id") == self.identity.node_id
+                    and not dated_ahead(record, now)):
                 return record
             seq = int(state.get("seq", 0)) + 1
-            record = sign_record(self.identity, {**fields, "seq": seq, "time": int(time.time())})
+            record = sign_record(self.identity, {**fields, "seq": seq, "time": int(now)})
             state.update(seq=seq, digest=digest, record=record)
             return record
 

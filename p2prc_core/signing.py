@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from p2prc_core.identity import NodeIdentity, b64decode, b64encode, is_node_id, node_id_for, verify
+from p2prc_core.text import rough_duration
 
 NODE = "X-P2PRC-Node"
 KEY = "X-P2PRC-Key"
@@ -40,6 +41,14 @@ def sign_request(identity: NodeIdentity, method: str, path: str, query: str, bod
                                               body))
     return {NODE: identity.node_id, KEY: b64encode(identity.public_key), TIME: timestamp,
             NONCE: nonce, SIGNATURE: b64encode(signature), TARGET: target}
+
+
+def outside_window(ahead: float, window: float) -> str:
+    """Why a request dated ``ahead`` seconds after this server's clock is refused, in words
+    that name the clocks (a caller's clock, or this one, was set wrong or jumped)."""
+    side = "ahead of" if ahead > 0 else "behind"
+    return (f"The request is dated {rough_duration(ahead)} {side} this server's clock (signed "
+            f"requests allow {window:g} s): check the clocks of both machines.")
 
 
 class SignatureError(Exception):
@@ -78,6 +87,8 @@ def check_signature(header: Callable[[str], str | None], method: str, path: str,
         public_key = b64decode(key_text)
         signature = b64decode(values[SIGNATURE] or "")
         timestamp = int(time_text)
+        if abs(timestamp) >= 1 << 53:  # no clock says this, and a float cannot hold it
+            raise ValueError(time_text)
     except ValueError:
         raise SignatureError("Malformed signature",
                              "The signature headers cannot be decoded.") from None
@@ -91,11 +102,8 @@ def check_signature(header: Callable[[str], str | None], method: str, path: str,
                              f"this node ({own_node_id}): a request is good only at the node "
                              f"it was signed for.")
     now = now if now is not None else time.time()
-    if abs(now - timestamp) > window:
-        raise SignatureError("Signature expired",
-                             f"The request was signed {now - timestamp:+.0f} s from this "
-                             f"server's clock, outside the {window:g} s window: check the "
-                             f"clocks of both machines.")
+    if abs(timestamp - now) > window:
+        raise SignatureError("Signature expired", outside_window(timestamp - now, window))
     if not verify(public_key, signature, request_message(own_node_id, method, path, query,
                                                          time_text, nonce, body)):
         raise SignatureError("Invalid signature",

@@ -55,6 +55,13 @@ def human_duration(seconds: float) -> str:
     return f"{_short(seconds)} s"
 
 
+def rough_duration(seconds: float) -> str:
+    """How far apart two moments are, roughly, either way round (two clocks, say): ``1 h``
+    (for 3,599 s too), ``5 min``, ``75 s``."""
+    seconds = abs(seconds)
+    return human_duration(round(seconds / 60) * 60 if seconds >= 90 else round(seconds))
+
+
 def format_ago(stamp: float | None, now: float | None = None) -> str:
     """How long ago ``stamp`` was: ``5m ago``, ``never``."""
     if not stamp:
