@@ -679,7 +679,8 @@ class Executor:
         also when the fetch is stopped (a third Ctrl-C) or fails."""
         run.finished = True
         try:
-            settle(run, failure, max(2.0, self.settings.request_timeout), self.say)
+            settle(run, failure, max(2.0, self.settings.request_timeout), self.say,
+                   relayed(run, self.on_peers))
             if fetch and run.job.state != "lost":
                 self.fetch_outputs(run)
         finally:
@@ -801,10 +802,20 @@ class Executor:
         return run
 
 
-def settle(run: JobRun, failure: str, wait: float, say: Callable[[str], None]) -> None:
+def relayed(run: JobRun, on_peers: ContainersOnPeers) -> str:
+    """``through relay NAME`` when the job's command went through a relay, else "": a lost
+    job's line names it, as the relay may be what went away."""
+    path = getattr(run.proc, "path", None)  # an exec stream's; ssh's is not known
+    if path is None or not path.relay:
+        return ""
+    return on_peers.peers.names.path_text(path.path, path.node_id)
+
+
+def settle(run: JobRun, failure: str, wait: float, say: Callable[[str], None],
+           via: str = "") -> None:
     """A job's state and exit code when its ssh ended. ssh's 255 is the command's own when
     its exit file, read over the job's connection (``wait`` seconds at most), says so; with
-    no connection left, the connection was lost."""
+    no connection left, the connection was lost (``via``: how it reached the host)."""
     job, code = run.job, run.proc.returncode if run.proc is not None else None
     lost = getattr(run.proc, "lost", None)  # an exec stream tells; ssh's 255 does not
     if code == LOST and lost is False:
@@ -820,7 +831,8 @@ def settle(run: JobRun, failure: str, wait: float, say: Callable[[str], None]) -
         job.state, job.exit_code = "interrupted", 137  # killed, shell and all
     elif code is None:
         job.state = "lost"
-        job.message = f"lost the connection to {run.label}"
+        job.message = clean(f"lost the connection to {run.label}"
+                            + (f" ({via})" if via else ""), 300)
         say(f"{job.message}: 'p2prc jobs get {job.id}' fetches its outputs once it answers "
             f"again")
     else:

@@ -61,15 +61,16 @@ Write = Callable[[bytes], None]
 async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write, err: Write,
                opened: Callable[[BaseException | None], None],
                stopper: Callable[[Callable[[], None]], None], remove: bool = False,
-               feeders: list[threading.Thread] | None = None) -> int:
+               feeders: list[threading.Thread] | None = None,
+               paths: list[Endpoint] | None = None) -> int:
     """Run ``argv``; its output to ``out`` and ``err``; its exit code (``LOST``: none
     came). ``opened`` is told once the stream stands (or why it did not); ``stopper`` is
-    given what ends the stream early (``kill``)."""
+    given what ends the stream early (``kill``); ``paths`` gets the path that was used."""
     from p2prc_core.tunnel_streams import open_stream
 
     alive = max(0.5, target.timeout / 2)
     try:
-        reader, writer, first, _ = await open_stream(
+        reader, writer, first, used = await open_stream(
             target.endpoints, target.identity, f"/v1/containers/{target.container_id}/exec",
             "", target.timeout, target.secure)
     except PeerRefused as error:
@@ -80,6 +81,8 @@ async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write
     except BaseException as error:
         opened(error)
         raise
+    if paths is not None:
+        paths.append(used)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -165,6 +168,7 @@ class StreamProc:
         self.returncode: int | None = None
         self.lost = True  # no exit code came (yet): the connection, not the command
         self.feeders: list[threading.Thread] = []  # what reads stdin_fd, once it started
+        self.paths: list[Endpoint] = []  # the path to the host that the stream took
         self.remove = remove
         self.stdout: IO[bytes] | None = None
         self.stderr: IO[bytes] | None = None
@@ -194,7 +198,7 @@ class StreamProc:
         def main() -> None:
             try:
                 self.returncode = asyncio.run(_run(target, argv, stdin_fd, out, err, opened,
-                                                   stopper, remove, self.feeders))
+                                                   stopper, remove, self.feeders, self.paths))
             except BaseException as error:  # noqa: BLE001 - kept for whoever waits
                 self.failure = error
                 self.returncode = LOST
@@ -215,6 +219,11 @@ class StreamProc:
         if said and said[0] is not None:
             self._done.wait()
             raise said[0]
+
+    @property
+    def path(self) -> Endpoint | None:
+        """How the stream reached the host (through a relay, or not)."""
+        return self.paths[0] if self.paths else None
 
     @property
     def host_removes(self) -> bool:

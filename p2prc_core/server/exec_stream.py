@@ -97,7 +97,8 @@ def run(sock: socket.socket, lease: Lease, attach: Callable[..., Any], caller: s
         engine = attached.sock
         if not start.stdin:
             early = bytearray()
-        ended = carry(sock, engine, attached.exit_code, early, start.stdin, start.alive)
+        ended = carry(sock, engine, attached.exit_code, early, start.stdin, start.alive,
+                      what=f"exec in {lease.id[:12]} for {caller}")
         if ended and start.remove:
             attached.close()
             sock.close()
@@ -182,11 +183,11 @@ class _Bounds:
 
 
 def carry(caller: socket.socket, engine: socket.socket, exit_code: Callable[[], int | None],
-          inbox: bytearray, stdin: bool, alive: float = 5.0) -> bool:
+          inbox: bytearray, stdin: bool, alive: float = 5.0, what: str = "an exec") -> bool:
     """Caller's STDIN frames to the engine as bytes; the engine's frames to the caller as they
     are (an empty STDOUT frame after ``alive`` seconds without any); then EXIT. The caller
-    leaving ends this (the command runs on, its output lost). Whether the command ended
-    and the caller got its EXIT frame."""
+    leaving ends this (the command runs on, its output lost: logged, as ``what``). Whether
+    the command ended and the caller got its EXIT frame."""
     to_engine, to_caller = bytearray(), bytearray()
     bounds, last_sent = _Bounds(), time.monotonic()
     stdin_open, engine_done, caller_gone, told = stdin, False, False, False
@@ -229,9 +230,15 @@ def carry(caller: socket.socket, engine: socket.socket, exit_code: Callable[[], 
                     moved = True
             if not to_caller and bounds.between() and time.monotonic() - last_sent > alive:
                 to_caller += fr.frame(fr.STDOUT)
-            if _send(caller, to_caller):
-                moved, last_sent = True, time.monotonic()
+            try:
+                if _send(caller, to_caller):
+                    moved, last_sent = True, time.monotonic()
+            except (ConnectionError, ssl.SSLError):
+                caller_gone = True  # reset, or its TLS closed: as gone as a clean close
             moved |= _send(engine, to_engine)
+            if caller_gone and not engine_done:
+                log.info("%s: the caller left before the command ended; it runs on, its "
+                         "output dropped, until it ends or its container's lease does", what)
             if caller_gone or (engine_done and not to_caller):
                 return told and not to_caller and not caller_gone
             if not serving():
