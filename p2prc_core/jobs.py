@@ -4,6 +4,7 @@ one's output, and fetch its outputs later."""
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import shutil
@@ -39,6 +40,7 @@ class Job:
     batch: str = ""  # the first job's id, for a command run on several containers at once
     keep: bool = False  # the container stays when the job ends (started by exec or not)
     message: str = ""  # why it is lost, or what went wrong with its outputs
+    pid: int = field(default_factory=os.getpid)  # the p2prc process that runs it (0: unknown)
 
     @property
     def duration(self) -> float:
@@ -96,7 +98,7 @@ _FIELD_CHECKS: dict[str, Any] = {
     "ended": lambda v: v is None or _is_number(v),
     "outputs": lambda v: isinstance(v, list) and all(_is_output(o) for o in v),
     "out_dir": _is_text, "batch": _is_text, "keep": lambda v: isinstance(v, bool),
-    "message": _is_text,
+    "message": _is_text, "pid": lambda v: isinstance(v, int) and not isinstance(v, bool),
 }  # what each field of a record read from disk must be
 
 
@@ -140,7 +142,7 @@ class JobStore:
             if job is None or job.id != path.name:
                 self.damaged.append(path.name)
                 continue
-            found.append(job)
+            found.append(_as_lost(job) if _runner_died(job) else job)
         return sorted(found, key=lambda j: j.started)
 
     def get(self, text: str) -> Job:
@@ -160,3 +162,26 @@ class JobStore:
     def remove(self, job: Job) -> None:
         """Forget a job (its outputs, wherever they went, stay)."""
         shutil.rmtree(self.root / job.id, ignore_errors=True)
+
+
+def _runner_died(job: Job) -> bool:
+    """A job still starting or running whose p2prc process is gone (killed: it never
+    recorded the end)."""
+    if job.state not in ("starting", "running") or job.pid <= 0:
+        return False
+    try:
+        os.kill(job.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _as_lost(job: Job) -> Job:
+    from dataclasses import replace
+
+    return replace(job, state="lost", message=(
+        "the p2prc process that ran it ended before the job did (killed?); the command may "
+        f"still run: 'p2prc jobs get {job.id}' fetches its outputs once it ends"))
+

@@ -459,14 +459,20 @@ class Runs:
         atomic_write_json(self.root / run_id / "run.json", record)
 
     def all(self) -> list[dict[str, Any]]:
+        """Every run's record; one whose process ended before the run did (killed) reads
+        ``state: killed``."""
         if not self.root.is_dir():
             return []
         records = []
         for path in sorted(self.root.iterdir()):
             record = read_json_file(path / "run.json", None)
             if isinstance(record, dict):
-                records.append(record)
+                records.append(_as_killed(record) if _died(record) else record)
         return records
+
+    def killed(self) -> list[dict[str, Any]]:
+        """The runs whose process died mid-run and that nobody has settled yet."""
+        return [r for r in self.all() if r.get("state") == "killed" and r.get("ports_given")]
 
     def get(self, run_id: str) -> dict[str, Any]:
         """A run by id, a unique start of one, or ``last``."""
@@ -521,7 +527,19 @@ class RunService:
             extravars = {**bundle.variables, **variables}
             private_key = self.private_key()
             alive, gone = self._split_gone(containers)
+            self._settle_killed()
             handed, newly = self.tracked.reserve_ports(alive, bundle.ports, bundle.name)
+            try:  # written before it runs: a run whose process is killed shows as killed,
+                # and the next run gives its ports back (``_settle_killed``)
+                run_id, run_dir = self.history.new()
+                self.history.save(run_id, {
+                    "id": run_id, "playbook": bundle.name, "started": time.time(),
+                    "finished": None, "succeeded": False, "state": "running",
+                    "pid": os.getpid(), "variables": {**bundle.variables, **variables},
+                    "artifacts": str(run_dir), "hosts": {}, "ports_given": newly})
+            except BaseException:
+                self.tracked.release_ports(newly)
+                raise
             targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host,
                                  port=c.ssh_port, user="root", private_key=private_key,
                                  host_key=c.host_key, ports=handed[c.id],
@@ -534,11 +552,12 @@ class RunService:
                 for container in containers:
                     if container.id in gone:
                         event(container.short_id, "", "unreachable")
-                run_id, run_dir = self.history.new()
                 result = runners[runner].run(bundle, targets, extravars, run_dir, event,
                                              confined=not allow_local)
             except BaseException:
                 self.tracked.release_ports(newly)
+                self.history.save(run_id, {**self.history.get(run_id), "state": "failed",
+                                           "finished": time.time(), "ports_given": {}})
                 raise
         failed = {t.container_id: newly[t.container_id] for t in targets
                   if result.hosts.get(t.name, HostResult(t.name, "")).status != "ok"}
@@ -555,6 +574,16 @@ class RunService:
         record = {**record_of(run_id, bundle, result, started, extravars, run_dir), **origin}
         self.history.save(run_id, record)
         return record
+
+    def _settle_killed(self) -> None:
+        """Give back the ports that runs killed mid-way were handed (they never ended to
+        give them back), once."""
+        for record in self.history.killed():
+            given = record["ports_given"]
+            if isinstance(given, dict):
+                self.tracked.release_ports({k: v for k, v in given.items()
+                                            if isinstance(v, list)})
+            self.history.save(record["id"], {**record, "ports_given": {}})
 
     def _bundle(self, playbook: str, scratch: Path) -> tuple[Bundle, dict[str, str]]:
         """The bundle to run, and what the record says of where it came from: ``source``
@@ -624,10 +653,29 @@ def _refuse_code_elsewhere(bundle: Bundle, allow_local: bool) -> None:
                             "it, pass --allow-local")
 
 
+def _died(record: dict[str, Any]) -> bool:
+    """A run still marked running whose process is gone."""
+    pid = record.get("pid")
+    if record.get("state") != "running" or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _as_killed(record: dict[str, Any]) -> dict[str, Any]:
+    return {**record, "state": "killed", "succeeded": False}
+
+
 def record_of(run_id: str, bundle: Bundle, result: RunResult, started: float,
               extravars: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return {"id": run_id, "playbook": bundle.name, "started": started,
             "finished": time.time(), "succeeded": result.succeeded,
+            "state": "ok" if result.succeeded else "failed", "ports_given": {},
             "variables": extravars, "artifacts": str(run_dir),
             "hosts": {name: vars(host) for name, host in result.hosts.items()}}
 

@@ -5,6 +5,7 @@ Ansible against real containers is tested in test_tasks.py."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -394,3 +395,34 @@ def test_a_failed_task_says_the_cause_ansible_gave(res: dict[str, Any], shown: s
     from p2prc_plugins.ansible import _message
 
     assert _message(res, shown) == said
+
+
+def test_a_run_whose_process_is_killed_shows_killed_and_its_ports_come_back(
+        node: NodeServices, runner: FakeRunner) -> None:
+    """A run's record is written before it runs. What a run killed mid-way (SIGKILL: no
+    code of its runs after) leaves is that record, still 'running', naming a process that
+    is gone, and the ports it was handed still marked used: 'runs ls' says killed, and the
+    next run gives those ports back. (tests/test_faults_client.py kills a real one.)"""
+    import subprocess
+    import sys
+
+    record = node.runs.run("http", [container(1).id], {}, "fake")
+    assert record["state"] == "ok" and record["ports_given"] == {}
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    handed, newly = node.tracked.reserve_ports([container(2)], 1, "http")
+    run_id, run_dir = node.runs.history.new()
+    node.runs.history.save(run_id, {
+        "id": run_id, "playbook": "http", "started": 1.0, "finished": None,
+        "succeeded": False, "state": "running", "pid": gone.pid, "variables": {},
+        "artifacts": str(run_dir), "hosts": {}, "ports_given": newly})
+    assert node.tracked.containers()[container(2).id].used_ports == [42021]
+    states = {r["id"]: r["state"] for r in node.runs.history.all()}
+    assert states == {record["id"]: "ok", run_id: "killed"}
+    node.runs.run("http", [container(1).id], {}, "fake")
+    assert node.tracked.containers()[container(2).id].used_ports == []  # given back
+    assert node.runs.history.get(run_id)["ports_given"] == {}  # once
+    # A record of a live process stays running.
+    node.runs.history.save(run_id, {**node.runs.history.get(run_id), "state": "running",
+                                    "pid": os.getpid()})
+    assert node.runs.history.get(run_id)["state"] == "running"

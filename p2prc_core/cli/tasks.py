@@ -164,7 +164,8 @@ def runs_ls(node: CliContext, as_json: bool = False) -> None:
         return
     print_table(("run", "playbook", "started", "hosts", "result"),
                 [(r["id"], r["playbook"], format_when(r["started"]), len(r["hosts"]),
-                  "ok" if r["succeeded"] else "failed") for r in records])
+                  r.get("state") or ("ok" if r["succeeded"] else "failed"))
+                 for r in records])
 
 
 @runs_group.command("show")
