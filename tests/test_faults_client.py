@@ -9,12 +9,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import p2prc, wait_for
 
 from conftest import P2PRC, LiveServer, require, start_server
 from p2prc_core.identity import NodeIdentity
@@ -23,20 +23,8 @@ from p2prc_core.trust import TrustStore
 pytestmark = [pytest.mark.docker, pytest.mark.integration]
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
 
 
-def p2prc(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([P2PRC, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "P2PRC_HOME": str(home)})
 
 
 def spawn(home: Path, *args: str) -> subprocess.Popen[str]:

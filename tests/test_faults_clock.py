@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import wait_for
 
 from conftest import P2PRC, LiveServer, require, start_server, web
 from p2prc_core.client import PeerClient
@@ -65,15 +66,6 @@ time.sleep = _sleep
 '''
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
 
 
 @dataclass

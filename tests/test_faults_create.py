@@ -13,13 +13,14 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import p2prc, wait_for
 
-from conftest import P2PRC, LiveServer, start_server
+from conftest import LiveServer, start_server
 from p2prc_core.containers import ContainerStore
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.storage import SERVER_DB
@@ -33,20 +34,8 @@ RUNS_AFTER = {"create.reserved": False, "create.created": False, "create.started
 FIGURES: list[tuple[str, str, str]] = []  # (point, how, what was found): the closing note's
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.2)
 
 
-def p2prc(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([P2PRC, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "P2PRC_HOME": str(home)})
 
 
 def children(pid: int) -> list[int]:

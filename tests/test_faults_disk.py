@@ -13,17 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faultkit import p2prc
 
-from conftest import P2PRC, LiveServer, require, start_server
+from conftest import LiveServer, require, start_server
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.trust import TrustStore
 
 pytestmark = [pytest.mark.integration]
 
 
-def p2prc(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([P2PRC, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "P2PRC_HOME": str(home)})
 
 
 @pytest.fixture

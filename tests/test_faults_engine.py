@@ -13,12 +13,12 @@ import json
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import p2prc, wait_for
 
 from conftest import P2PRC, LiveServer, require, start_server
 from p2prc_core.containers import ContainerStore
@@ -30,20 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PIDFILE = Path("/var/run/docker.pid")
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.2)
 
 
-def p2prc(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([P2PRC, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "P2PRC_HOME": str(home)})
 
 
 def engine_pid() -> int:
