@@ -36,3 +36,27 @@ def test_a_relay_holds_two_hundred_listening_nodes_and_a_hundred_streams() -> No
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "200 nodes listening" in done.stderr and "100 streams open" in done.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.ansible
+@pytest.mark.integration
+def test_a_three_minute_soak_with_faults_leaks_nothing(tmp_path: Path, engine: object) -> None:
+    """bench/soak.py for 3 minutes (issue 26's CI form): four clients churning against one
+    host, directly and through a relay, with clients' commands, workers, the host and the
+    relay killed at random. Nothing may be left held, no 5xx, no traceback, no failure but
+    those the faults explain, no container that no client tracks; the figures are printed."""
+    figures = tmp_path / "soak.json"
+    done = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--minutes", "3",
+                           "--fault-every", "15", "--json", str(figures)],
+                          capture_output=True, text=True, timeout=900)
+    print(done.stdout)
+    found = json.loads(figures.read_text())
+    assert sum(found["faults"].values()) >= 3, found["faults"]  # faults were injected
+    assert sum(found["ok"].values()) >= 20, found["ok"]  # and the churn went on
+    held = found["end"]["held"]
+    assert held["containers"] == 0 and held["places"] == 0, held
+    assert held.get("server.db ports", 0) == 0 and held.get("server.db leases", 0) == 0, held
+    assert found["five_xx"] == 0 and found["tracebacks"] == 0, found
+    assert not found["unexpected"] and not found["untracked"], found
+    assert done.returncode == 0, done.stdout + done.stderr
