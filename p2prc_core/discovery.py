@@ -199,6 +199,11 @@ class Discovery:
         so that the peer sends only what it lacks (``gossip``); without, the peer sends
         what changed since the last exchange with it (the cursor)."""
         node_id = entry.node_id
+        if versions is not None and entry.measured.rejoined:
+            # A peer lost (it had answered, then failed) and back: the failures were likely
+            # a cut between us, and what was dropped with it may be alive too. What it holds
+            # of those comes back as newcomers, to be asked (and dropped again if dead).
+            versions = versions.without_gone()
         endpoints = self.endpoints(entry, own)
         if not endpoints:
             return Outcome(node_id, False, error="no address this node may dial")
@@ -389,6 +394,7 @@ class Discovery:
                 measured.latency_ms = round(outcome.latency_ms, 3)  # last figure stands
             measured.last_seen = now
             measured.failures = 0
+            measured.rejoined = None
             measured.address = outcome.endpoint
             if outcome.hosts_us is not None:
                 measured.hosts_us, measured.hosts_us_at = outcome.hosts_us, now
@@ -408,12 +414,13 @@ class Discovery:
         """Drop the peers that failed ``max_failures`` updates in a row. They count as gone
         (``TableState.drop``: not fetched again for a while) only when some peer answered
         in this update: when none did, this node's own network is the likelier cause, and
-        the first peer that answers again brings the others back."""
+        the first peer that answers again brings the others back. One that had answered
+        before is lost: if it comes back, it brings back those lost with it (``contact``)."""
         dead = [n for n, e in state.peers.items() if e.measured.failures >= self.max_failures]
         answered = summary.asked > len(summary.failed)
         for node_id in dead:
             if answered:
-                state.drop(node_id)
+                state.drop(node_id, lost=state.peers[node_id].measured.last_seen is not None)
             else:
                 del state.peers[node_id]
                 state.changed_records()

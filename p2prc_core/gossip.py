@@ -65,6 +65,11 @@ class Versions:
         self._tokens: dict[str, str] | None = None
         self._slices: list[list[str]] | None = None
 
+    def without_gone(self) -> Versions:
+        """These versions less those gone: a peer asked with their digest lists what it
+        holds of what this node dropped, and the asker takes those records."""
+        return Versions(self.held)
+
     def with_records(self, records: Iterable[Any]) -> Versions:
         """These versions and those of ``records`` (newer seqs win): what the asker will know
         once the records it was sent are merged."""

@@ -89,6 +89,9 @@ class Measured:
     hosts_us: bool | None = None  # whether it would start a container for us (its word)
     hosts_us_at: float | None = None  # when it last said so (an exchange, a 201 or a 403)
     asked_at: float | None = None  # when an update last asked it (answered or not)
+    # Taken back after it was lost (``TableState.drop``): its next answer in person lists
+    # what it holds of what this node dropped (``discovery.Discovery.contact``).
+    rejoined: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # what another version wrote
 
     @classmethod
@@ -101,6 +104,7 @@ class Measured:
                 for k in ("address", "cursor")}
         hosts_us = data.get("hosts_us")
         return cls(latency_ms=_number(data.get("latency_ms")),
+                   rejoined=True if data.get("rejoined") is True else None,
                    bandwidth_mbps=_number(data.get("bandwidth_mbps")),
                    last_seen=_number(data.get("last_seen")),
                    failures=_whole(data.get("failures")) or 0,
@@ -179,9 +183,10 @@ class TableState:
     pins: dict[str, str] = field(default_factory=dict)  # ADDRESS:PORT -> node id seen there
     # Our own address as peers saw our requests come from it: address -> {"by", "last"}.
     observed: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Peers dropped lately (pruned as dead, or forgotten): node id -> [seq, when]. Their
-    # versions count in the digest and are not asked for again (``gossip``); a record of
-    # theirs that arrives anyway is taken as usual.
+    # Peers dropped lately (pruned as dead, or forgotten): node id -> [seq, when], or
+    # [seq, when, 1] for one lost (it had answered, then failed: maybe a cut, not a death).
+    # Their versions count in the digest and are not asked for again (``gossip``); a record
+    # of theirs that arrives anyway is taken as usual (``taken_back``).
     gone: dict[str, list[float]] = field(default_factory=dict)
     _order: list[tuple[int, str]] | None = field(default=None, repr=False, compare=False)
     _versions: tuple[tuple[str, int], Versions] | None = field(default=None, repr=False,
@@ -205,8 +210,9 @@ class TableState:
         observed = {k: v for k, v in found_observed.items() if isinstance(v, dict)} \
             if isinstance(found_observed, dict) else {}
         found_gone = data.get("gone")
-        gone = {k: v for k, v in found_gone.items() if isinstance(v, list) and len(v) == 2
-                and _whole(v[0]) is not None and _number(v[1]) is not None} \
+        gone = {k: v for k, v in found_gone.items() if isinstance(v, list)
+                and len(v) in (2, 3) and _whole(v[0]) is not None
+                and _number(v[1]) is not None} \
             if isinstance(found_gone, dict) else {}
         return cls(epoch if isinstance(epoch, str) else secrets.token_hex(6), clock, peers,
                    pins, observed, gone)
@@ -216,17 +222,25 @@ class TableState:
                 "peers": {k: e.to_json() for k, e in self.peers.items()}, "pins": self.pins,
                 "observed": self.observed, "gone": self.gone}
 
-    def drop(self, node_id: str, now: float | None = None) -> bool:
+    def drop(self, node_id: str, now: float | None = None, lost: bool = False) -> bool:
         """Remove a peer, remembering its version as gone for ``GONE_SECONDS`` (how many
-        are kept is the table's to say: ``forget_gone``, ``PeerTable.max_gone``)."""
+        are kept is the table's to say: ``forget_gone``, ``PeerTable.max_gone``). ``lost``:
+        it had answered, and failed since."""
         entry = self.peers.pop(node_id, None)
         if entry is None:
             return False
         seq = entry.record.get("seq")
         if isinstance(seq, int) and not isinstance(seq, bool):
-            self.gone[node_id] = [seq, time.time() if now is None else now]
+            when = time.time() if now is None else now
+            self.gone[node_id] = [seq, when, 1] if lost else [seq, when]
         self.changed_records()
         return True
+
+    def taken_back(self, node_id: str) -> bool:
+        """A gone peer's record is held again: it is gone no more. Whether it had been
+        lost (``drop``)."""
+        mark = self.gone.pop(node_id, None)
+        return mark is not None and len(mark) > 2 and mark[2] == 1
 
     def turned_away(self, records: list[dict[str, Any]]) -> None:
         """Genuine records the table had no room for count as gone: the digest does not
@@ -241,8 +255,8 @@ class TableState:
     def forget_gone(self, keep: int, now: float | None = None) -> None:
         """Forget versions gone for over ``GONE_SECONDS``, and the oldest beyond ``keep``."""
         now = time.time() if now is None else now
-        recent = sorted(((when, node_id) for node_id, (_, when) in self.gone.items()
-                         if now - when < GONE_SECONDS), reverse=True)[:keep]
+        recent = sorted(((mark[1], node_id) for node_id, mark in self.gone.items()
+                         if now - mark[1] < GONE_SECONDS), reverse=True)[:keep]
         if len(recent) != len(self.gone):
             self.gone = {node_id: self.gone[node_id] for _, node_id in recent}
             self.changed_records()
@@ -433,7 +447,8 @@ class PeerTable:
             entry = state.peers.setdefault(node_id, PeerEntry(held[node_id]))
             entry.record = held[node_id]
             entry.changed = state.clock
-            state.gone.pop(node_id, None)
+            if state.taken_back(node_id):
+                entry.measured.rejoined = True
         if result.added or result.updated or full:
             state.changed_records()
         if len(state.gone) > self.max_gone:

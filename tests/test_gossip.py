@@ -183,6 +183,50 @@ def test_a_dropped_peer_is_not_fetched_again_and_does_not_make_tables_differ(
     assert dead.node_id not in a.table.snapshot().gone
 
 
+def test_a_peer_back_after_a_cut_brings_back_the_peers_lost_with_it(tmp_path: Path) -> None:
+    """A cut hides b and c from a for ``max_failures`` updates while d still answers (so the
+    fault looks like theirs): a drops both, and counts their versions as gone. Healed, b is
+    added again (a bootstrap peer, or by hand): its answer in person brings c back too. (It
+    did not: d and b hold c at the version a counts as gone, so their digests matched a's
+    and c stayed out for ``GONE_SECONDS``, an hour.)"""
+    transport = InProcessTransport()
+    a, b, c, d = (Node(tmp_path, i, transport) for i in range(4))
+    for node in (a, b, c, d):
+        node.table.merge([n.own for n in (a, b, c, d) if n is not node])
+    a.discovery.update(hops=1)  # each has answered a once
+    transport.down.update(Endpoint(n.address, 8088) for n in (b, c))
+    for _ in range(3):
+        a.discovery.update(hops=1)
+    assert set(a.table.load()) == {d.node_id}
+    assert {b.node_id, c.node_id} <= set(a.table.snapshot().gone)
+    transport.down.clear()
+    assert a.discovery.update(hops=1).added == []  # d's word: c and b stay out
+    a.discovery.add(Endpoint(b.address, 8088), b.own)
+    assert set(a.table.load()) == {b.node_id, c.node_id, d.node_id}
+    assert a.table.snapshot().gone == {}
+    assert a.table.load()[c.node_id].measured.last_seen is None  # b's word: c is to be asked
+    again = a.discovery.update(hops=1)
+    assert again.failed == {} and a.table.load()[c.node_id].measured.last_seen is not None
+
+
+def test_a_peer_dropped_for_another_reason_brings_back_nothing_in_person(
+        tmp_path: Path) -> None:
+    """Only a peer lost to failures (it had answered) marks a cut: one forgotten by hand, or
+    one that never answered, comes back alone, and its exchange stays quiet."""
+    a, b, transport = pair(tmp_path, [])
+    dead = Node(tmp_path, 5, transport)
+    for node in (a, b):
+        node.table.merge([dead.own])
+    transport.down.add(Endpoint(dead.address, 8088))
+    for _ in range(3):  # dead never answered a: dropped, but not lost
+        a.discovery.update(hops=1)
+    assert dead.node_id in a.table.snapshot().gone
+    assert a.table.forget(b.node_id)
+    a.discovery.add(Endpoint(b.address, 8088), b.own)
+    assert dead.node_id not in a.table.load()
+    assert exchange(a, b).bytes_received < 200
+
+
 def test_a_forgotten_peer_is_not_brought_back_by_the_next_exchange(tmp_path: Path) -> None:
     a, b, _ = pair(tmp_path, [])
     other = Node(tmp_path, 3)
