@@ -72,6 +72,15 @@ def limits_environment(cpus: float, memory: int) -> dict[str, str]:
             "OMP_NUM_THREADS": str(max(1, math.ceil(cpus)))}
 
 
+class PortTaken(ContainerError):
+    """The engine found a chosen host port taken after all (another host on this machine,
+    or any program, took it after the port pool checked it): the create is tried again on
+    other ports."""
+
+    def __init__(self, message: str):
+        super().__init__(503, "Ports taken", message)
+
+
 def cannot_run_now(why: str) -> ContainerError:
     """This host's engine does not answer: ``why`` (with its fix) is for the host; a peer
     is told only that this host cannot run containers now (503)."""
@@ -569,8 +578,16 @@ class ContainerService:
             lease = self.pool.take(owner, request, given, image)
             if lease is not None:
                 return lease
-        return self._start(owner, request, (image, cpus, memory, ttl),
-                           self.settings.containers_per_caller)
+        tries = 3
+        while True:
+            try:
+                return self._start(owner, request, (image, cpus, memory, ttl),
+                                   self.settings.containers_per_caller)
+            except PortTaken as err:  # nothing of it is left: other ports, while tries last
+                tries -= 1
+                if not tries:
+                    raise
+                log.info("a port was taken as the container started (%s); trying others", err)
 
     def start_pooled(self, size: int) -> Lease:
         """Start one container for the warm pool (of at most ``size``): the default image

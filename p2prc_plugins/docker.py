@@ -23,6 +23,7 @@ from p2prc_core.containers import (
     ContainerError,
     ContainerSpec,
     HandOut,
+    PortTaken,
     cannot_run_now,
 )
 from p2prc_core.containers import limits_environment as limits_env
@@ -125,6 +126,8 @@ def _start_or_remove(container: Any) -> None:
         with contextlib.suppress(Exception):
             container.remove(force=True)
         if isinstance(err, docker.errors.APIError):
+            if "port is already allocated" in str(err.explanation):
+                raise PortTaken(str(err.explanation)) from None
             raise ContainerError(500, "Engine refused", f"Docker could not start the "
                                  f"container: {err.explanation}") from None
         if isinstance(err, docker.errors.DockerException | _gone()):

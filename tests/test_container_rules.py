@@ -26,6 +26,7 @@ from p2prc_core.containers import (
     BackendContainer,
     ContainerError,
     ContainerSpec,
+    PortTaken,
 )
 from p2prc_core.errors import Refusal
 from p2prc_core.identity import NodeIdentity
@@ -48,6 +49,7 @@ class FakeBackend:
         self.specs: dict[str, ContainerSpec] = {}
         self.gpu_support = False
         self.fail_create: str | None = None
+        self.ports_taken = 0  # creates that find a port taken after all
         self.fail_host_key = False
         self.removed: list[str] = []
         self.built: list[tuple[str, bool]] = []
@@ -55,6 +57,9 @@ class FakeBackend:
     def create(self, spec: ContainerSpec) -> str:
         if self.fail_create:
             raise ContainerError(500, "Engine refused", self.fail_create)
+        if self.ports_taken:
+            self.ports_taken -= 1
+            raise PortTaken(f"Bind for ::1:{spec.ports[0]} failed: port is already allocated")
         container_id = hashlib.sha256(spec.name.encode()).hexdigest()
         self.specs[container_id] = spec
         self.running[container_id] = BackendContainer(container_id, "running", spec.image,
@@ -340,6 +345,20 @@ def test_an_untrusted_or_unsigned_caller_starts_nothing(host: Host) -> None:
     unsigned = host.client.simulate_post("/v1/containers", json={"ssh_key": SSH_KEY})
     assert unsigned.status_code == 401
     assert host.backend.specs == {}
+
+
+def test_a_port_taken_after_the_pool_checked_it_is_tried_again_on_others(host: Host) -> None:
+    """Another host on this machine (or any program) took a chosen port between the pool's
+    check and the engine's start: the create goes on with other ports, up to three tries,
+    and leaves nothing of the failed ones."""
+    host.backend.ports_taken = 2
+    created = host.create(ports=1)
+    assert created.status_code == 201, created.json
+    assert host.held_ports() == {p["external"]: created.json["id"]
+                                 for p in created.json["ports"]}
+    host.backend.ports_taken = 3
+    assert_refused(host.create(ports=1), 503, "port is already allocated")
+    assert len(host.node.hosting.service().store.leases()) == 1
 
 
 def test_a_failed_create_releases_its_place_and_ports(host: Host) -> None:
