@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import math
+import re
 import socket
 import sqlite3
 import time
@@ -75,10 +76,12 @@ def limits_environment(cpus: float, memory: int) -> dict[str, str]:
 class PortTaken(ContainerError):
     """The engine found a chosen host port taken after all (another host on this machine,
     or any program, took it after the port pool checked it): the create is tried again on
-    other ports."""
+    other ports, never that one (``port``, where the engine named it)."""
 
     def __init__(self, message: str):
         super().__init__(503, "Ports taken", message)
+        found = re.search(r":([0-9]{1,5}) failed", message)
+        self.port = int(found.group(1)) if found else None
 
 
 def cannot_run_now(why: str) -> ContainerError:
@@ -252,20 +255,21 @@ class ContainerStore:
 
     def reserve(self, owner: str, count: int, per_caller: int, holder: str,
                 gpu: bool | int | tuple[int, ...] = False, host_gpus: list[int] | None = None,
-                share: bool = False, gpus_per_caller: int = 0) -> list[int]:
+                share: bool = False, gpus_per_caller: int = 0,
+                avoid: set[int] | None = None) -> list[int]:
         """In one transaction (so no two requests or workers can both pass): check that
         ``owner`` holds fewer than ``per_caller`` containers (a create under way counts),
         hold a place for this one, reserve ``count`` host ports that nothing else holds and
         nothing listens on, and the GPUs ``gpu`` asks for among ``host_gpus`` (see
         ``choose_gpus``; ``gpus_of(holder)`` says which), ``owner`` holding no more than
-        ``gpus_per_caller`` in all (0: no limit).
+        ``gpus_per_caller`` in all (0: no limit); never a port in ``avoid``.
 
         :raises ContainerError: 429 over a per-caller limit; 503 too few free ports; 409 or
             422 GPUs that cannot be given.
         """
         with self.shared.transaction() as db:
             _check_places(db, owner, per_caller)
-            taken = {row[0] for row in db.execute("SELECT port FROM ports")}
+            taken = {row[0] for row in db.execute("SELECT port FROM ports")} | (avoid or set())
             chosen: list[int] = []
             for port in range(self.low, self.high + 1):
                 if port not in taken and port_is_free(port):
@@ -408,6 +412,18 @@ class ContainerStore:
 
     def lease_ids(self) -> set[str]:
         return {row[0] for row in self.shared.db().execute("SELECT id FROM leases")}
+
+    def places(self) -> dict[str, bool]:
+        """The places held while containers start: id -> whether it is doomed."""
+        return {row[0]: row[1] == container_recovery.DOOMED for row in self.shared.db().execute(
+            f"SELECT id, data FROM leases WHERE id LIKE '{PENDING}%'")}
+
+    def doom(self, place: str) -> None:
+        """Mark a place doomed (``container_recovery``): it is freed once nothing of its
+        create is left, and it never runs out by time."""
+        with self.shared.transaction() as db:
+            db.execute("UPDATE leases SET data=?, expires=? WHERE id=?",
+                       (container_recovery.DOOMED, float("inf"), place))
 
     def stale_places(self, now: float) -> list[str]:
         rows = self.shared.db().execute(
@@ -578,15 +594,15 @@ class ContainerService:
             lease = self.pool.take(owner, request, given, image)
             if lease is not None:
                 return lease
-        tries = 3
+        avoid: set[int] = set()
         while True:
             try:
                 return self._start(owner, request, (image, cpus, memory, ttl),
-                                   self.settings.containers_per_caller)
+                                   self.settings.containers_per_caller, avoid)
             except PortTaken as err:  # nothing of it is left: other ports, while tries last
-                tries -= 1
-                if not tries:
+                if err.port is None or err.port in avoid or len(avoid) == 2:
                     raise
+                avoid.add(err.port)
                 log.info("a port was taken as the container started (%s); trying others", err)
 
     def start_pooled(self, size: int) -> Lease:
@@ -601,7 +617,8 @@ class ContainerService:
         return self._start(POOL_OWNER, None, granted, size)
 
     def _start(self, owner: str, request: ContainerRequest | None,
-               granted: tuple[str, float, int, int], per_caller: int) -> Lease:
+               granted: tuple[str, float, int, int], per_caller: int,
+               avoid: set[int] | None = None) -> Lease:
         """Start a container (``request`` None: a pooled one) and settle its lease."""
         s = self.settings
         image, cpus, memory, ttl = granted
@@ -613,7 +630,8 @@ class ContainerService:
                      for i, g in enumerate(self.gpus()) if isinstance(g, dict)} \
             if gpu is not False else {}
         ports = self.store.reserve(owner, 1 + extra, per_caller, token, gpu,
-                                   sorted(host_gpus), s.gpu_share, s.gpus_per_caller)
+                                   sorted(host_gpus), s.gpu_share, s.gpus_per_caller,
+                                   avoid or set())
         faults.point("create.reserved")
         gpus = self.store.gpus_of(token)
         now = time.time()
@@ -645,10 +663,7 @@ class ContainerService:
                                                              self.host_key_timeout)
             self.store.settle(token, lease)
         except BaseException:
-            if container_id:
-                self._remove_quietly(container_id)
-            with contextlib.suppress(Exception):  # a full disk: the reaper frees it later
-                self.store.forget(token)
+            self._give_up(token, container_id)
             raise
         faults.point("create.settled")
         return lease
@@ -695,11 +710,25 @@ class ContainerService:
         self.store.forget(lease.id)
         return lease
 
-    def _remove_quietly(self, container_id: str) -> None:
+    def _remove_quietly(self, container_id: str) -> bool:
+        """Remove a container, saying whether it is gone (False: the engine failed)."""
         try:
             self.backend.remove(container_id)
         except Exception:  # noqa: BLE001 - cleaning up after a failure; the first error wins
-            pass
+            return False
+        return True
+
+    def _give_up(self, token: str, container_id: str) -> None:
+        """After a create failed: remove what it started and free its place; where the
+        engine cannot tell that nothing of it is left, the place is doomed instead (the
+        caller was told no: ``container_recovery`` removes it, never adopts it)."""
+        try:
+            gone = (not container_id or self._remove_quietly(container_id)) and \
+                not container_recovery.started_by(self, token)
+        except Exception:  # noqa: BLE001 - the engine cannot be asked: not known to be gone
+            gone = False
+        with contextlib.suppress(Exception):  # a full disk: the place runs out in time
+            (self.store.forget if gone else self.store.doom)(token)
 
     # -- the host's housekeeping -------------------------------------------------------------
 
@@ -714,11 +743,11 @@ class ContainerService:
             self.store.forget(container_id)
         # A create that died half-way: what it started is adopted or removed, its place
         # freed (container_recovery).
-        stale = container_recovery.stale_places(self, now, all_pending=False)
+        stale = container_recovery.stale_places(self, now)
         try:
             container_recovery.take_on_orphans(self, stale)
         except Exception as err:  # noqa: BLE001 - no engine now: the places wait for it
-            log.warning("cannot ask the engine for containers left by a create: %s", err)
+            log.warning("cannot take on the containers left by a create now: %s", err)
             stale = [p for p in stale if p in self.store.stale_places(now)]
         for place in stale:
             self.store.forget(place)

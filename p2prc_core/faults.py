@@ -46,7 +46,7 @@ def parse(text: str) -> dict[str, str]:
         if name not in POINTS:
             raise FaultSpecError(f"{ENV}: no fault point {name!r}; there are "
                                  f"{', '.join(sorted(POINTS))}")
-        if action not in ("kill", "kill-server") and not _seconds(action):
+        if action not in ("kill", "kill-server") and _seconds(action) is None:
             raise FaultSpecError(f"{ENV}: {part!r}: the action is kill, kill-server or "
                                  f"sleep:SECONDS")
         found[name] = action

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from p2prc_core import pids
 from p2prc_core.errors import P2PRCError
 from p2prc_core.storage import atomic_write_json, read_json_file
 
@@ -41,6 +42,7 @@ class Job:
     keep: bool = False  # the container stays when the job ends (started by exec or not)
     message: str = ""  # why it is lost, or what went wrong with its outputs
     pid: int = field(default_factory=os.getpid)  # the p2prc process that runs it (0: unknown)
+    pid_started: int = field(default_factory=lambda: pids.started(os.getpid()))
 
     @property
     def duration(self) -> float:
@@ -99,6 +101,7 @@ _FIELD_CHECKS: dict[str, Any] = {
     "outputs": lambda v: isinstance(v, list) and all(_is_output(o) for o in v),
     "out_dir": _is_text, "batch": _is_text, "keep": lambda v: isinstance(v, bool),
     "message": _is_text, "pid": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "pid_started": lambda v: isinstance(v, int) and not isinstance(v, bool),
 }  # what each field of a record read from disk must be
 
 
@@ -167,15 +170,8 @@ class JobStore:
 def _runner_died(job: Job) -> bool:
     """A job still starting or running whose p2prc process is gone (killed: it never
     recorded the end)."""
-    if job.state not in ("starting", "running") or job.pid <= 0:
-        return False
-    try:
-        os.kill(job.pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return job.state in ("starting", "running") and job.pid > 0 and \
+        not pids.alive(job.pid, job.pid_started)
 
 
 def _as_lost(job: Job) -> Job:

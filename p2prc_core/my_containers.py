@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from p2prc_core import pids
 from p2prc_core.errors import P2PRCError, PeerError
 from p2prc_core.models import PUBLIC_KEY, Endpoint
 from p2prc_core.storage import read_json_object, update_json
@@ -112,6 +114,15 @@ class RemoteContainer:
 ASKED_DAYS = 7  # a create whose host never answered since is forgotten after this
 
 
+@dataclass(frozen=True)
+class Asked:
+    """A create sent whose answer never came: where to, and when."""
+
+    endpoint: str
+    node_id: str | None
+    at: float
+
+
 class Tracked:
     """Containers this client started (id -> where and how to reach it), and groups.
 
@@ -125,31 +136,41 @@ class Tracked:
         self.asked_path = home / "asked.json"
 
     def asking(self, endpoint: str, node_id: str | None) -> str:
-        """Note a create about to be sent to ``endpoint`` (the node ``node_id``); its key."""
+        """Note a create about to be sent to ``endpoint`` (the node ``node_id``) by this
+        process; its key."""
         key = secrets.token_hex(8)
+        pid = os.getpid()
         update_json(self.asked_path, lambda data: data.update(
-            {key: {"endpoint": endpoint, "node_id": node_id, "at": time.time()}}))
+            {key: {"endpoint": endpoint, "node_id": node_id, "at": time.time(), "pid": pid,
+                   "pid_started": pids.started(pid)}}))
         return key
 
     def answered(self, key: str) -> None:
         update_json(self.asked_path, lambda data: data.pop(key, None))
 
-    def asked(self) -> dict[str, tuple[str, str | None]]:
-        """The creates not answered (key -> endpoint, node id); a damaged entry, or one
-        older than ``ASKED_DAYS``, is dropped."""
-        found: dict[str, tuple[str, str | None]] = {}
+    def asked(self) -> dict[str, Asked]:
+        """The creates not answered whose process is gone (a live one settles its own);
+        a damaged entry, or one older than ``ASKED_DAYS``, is dropped."""
+        found: dict[str, Asked] = {}
         stale = []
         for key, entry in read_json_object(self.asked_path).items():
             if isinstance(entry, dict) and isinstance(entry.get("endpoint"), str) and \
                     isinstance(entry.get("node_id"), str | None) and \
                     isinstance(entry.get("at"), int | float) and \
                     time.time() - entry["at"] < ASKED_DAYS * 86400:
-                found[key] = (entry["endpoint"], entry["node_id"])
+                if not pids.alive(entry.get("pid"), entry.get("pid_started", 0)):
+                    found[key] = Asked(entry["endpoint"], entry["node_id"], entry["at"])
             else:
                 stale.append(key)
         if stale:
             update_json(self.asked_path, lambda data: [data.pop(k, None) for k in stale])
         return found
+
+    def add_all(self, containers: list[RemoteContainer]) -> None:
+        """Track several at once (one write)."""
+        if containers:
+            update_json(self.containers_path, lambda data: data.update(
+                {c.id: c.to_json() for c in containers}))
 
     def containers(self) -> dict[str, RemoteContainer]:
         """The tracked containers; a damaged entry is left out (and left in the file)."""

@@ -57,7 +57,10 @@ class ContainersOnPeers:
                 if err.status == 403 and not isinstance(err, RelayRefused):  # the host's own
                     self.peers.remember_hosting(client.node_id, False)
                 raise
-            except PeerError as err:  # no answer: the host may have started it all the same
+            except PeerError as err:
+                if client.node_id is None and client.channel.secure:
+                    self.tracked.answered(asked)  # never reached the node: nothing was sent
+                    raise
                 raise PeerError(f"{err} (if the host got the request it may have started "
                                 f"the container: 'p2prc containers ls' finds it)") from None
         self.peers.remember_hosting(client.node_id, True)
@@ -87,8 +90,10 @@ class ContainersOnPeers:
     def states(self) -> list[tuple[RemoteContainer, str]]:
         """Each tracked container and its state as its host tells (``unreachable`` when the
         host cannot be asked, ``gone`` when it no longer runs it). Containers that creates
-        whose answer never came started are tracked first (``find_unanswered``)."""
-        self.find_unanswered()
+        whose answer never came started are tracked first (``find_unanswered``; where that
+        fails, a full disk say, the listing goes on without them)."""
+        with contextlib.suppress(P2PRCError, OSError):
+            self.find_unanswered()
         found = []
         for members in _by_host(list(self.tracked.containers().values())):
             try:
@@ -103,30 +108,44 @@ class ContainersOnPeers:
         return found
 
     def find_unanswered(self) -> list[RemoteContainer]:
-        """Ask each host that a create went to, whose answer never came, for our
-        containers there, and track those not tracked (checked as a create's answer is).
-        A host that cannot be asked now is asked again next time. Returns those found."""
-        found = []
+        """Ask each host that a create went to, from a process that ended before its answer
+        came, for our containers there, and track for each such create the one it started
+        (ours, not tracked, made since it was sent; checked as a create's answer is). A
+        host that cannot be asked now is asked again next time. Returns those found."""
+        found: list[RemoteContainer] = []
         tracked = set(self.tracked.containers())
-        for key, (endpoint, node_id) in self.tracked.asked().items():
+        by_host: dict[tuple[str, str | None], list[tuple[str, float]]] = {}
+        for key, asked in self.tracked.asked().items():
+            by_host.setdefault((asked.endpoint, asked.node_id), []).append((key, asked.at))
+        mine = self.peers.identity.node_id
+        budget = time.monotonic() + 2 * self.settings.request_timeout  # hosts that are down
+        for (endpoint, node_id), creates in by_host.items():  # are asked again next time
+            if time.monotonic() > budget:
+                break
             try:
                 where = parse_path(endpoint, node_id)
                 ways = [where] + [e for e in self._table_ways(node_id) if e != where]
                 with self.peers.client(ways) as client:
                     listed = client.list_containers()
-                    secure = client.channel.secure
+                    answered_by = client.node_id if client.channel.secure else None
             except (PeerError, ValueError):
                 continue
-            for reply in listed:
-                if reply.id in tracked:
-                    continue
-                with contextlib.suppress(PeerError):  # one with no host key to pin: its
-                    container = RemoteContainer.from_reply(  # lease ends it
-                        reply, where, node_id if secure else None)
-                    self.tracked.add(container)
-                    tracked.add(container.id)
-                    found.append(container)
-            self.tracked.answered(key)
+            candidates = sorted((r for r in listed if r.id not in tracked
+                                 and r.owner in (None, mine)), key=lambda r: r.created)
+            here: list[RemoteContainer] = []
+            for _, at in sorted(creates, key=lambda c: c[1]):
+                # Its host's clock may differ from ours: ten minutes of slack.
+                reply = next((r for r in candidates if r.created >= at - 600), None)
+                if reply is not None:
+                    candidates.remove(reply)
+                    with contextlib.suppress(PeerError):  # no host key to pin: its lease
+                        here.append(RemoteContainer.from_reply(  # ends it
+                            reply, where, answered_by))
+            self.tracked.add_all(here)
+            tracked |= {c.id for c in here}
+            found += here
+            for key, _ in creates:
+                self.tracked.answered(key)
         return found
 
     def _live(self, container: RemoteContainer) -> dict[str, str]:

@@ -28,10 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from p2prc_core import pids
 from p2prc_core.errors import P2PRCError, PeerError
 from p2prc_core.models import Endpoint
 from p2prc_core.my_containers import RemoteContainer, Tracked
-from p2prc_core.storage import atomic_write_json, read_json_file, read_json_object, update_json
+from p2prc_core.storage import (
+    atomic_write_json,
+    locked,
+    read_json_file,
+    read_json_object,
+    update_json,
+)
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -535,7 +542,8 @@ class RunService:
                 self.history.save(run_id, {
                     "id": run_id, "playbook": bundle.name, "started": time.time(),
                     "finished": None, "succeeded": False, "state": "running",
-                    "pid": os.getpid(), "variables": {**bundle.variables, **variables},
+                    "pid": os.getpid(), "pid_started": pids.started(os.getpid()),
+                    "variables": {**bundle.variables, **variables},
                     "artifacts": str(run_dir), "hosts": {}, "ports_given": newly})
             except BaseException:
                 self.tracked.release_ports(newly)
@@ -578,12 +586,13 @@ class RunService:
     def _settle_killed(self) -> None:
         """Give back the ports that runs killed mid-way were handed (they never ended to
         give them back), once."""
-        for record in self.history.killed():
-            given = record["ports_given"]
-            if isinstance(given, dict):
-                self.tracked.release_ports({k: v for k, v in given.items()
-                                            if isinstance(v, list)})
-            self.history.save(record["id"], {**record, "ports_given": {}})
+        with locked(self.history.root.parent / "runs-settle"):  # two runs never give one back twice
+            for record in self.history.killed():
+                given = record["ports_given"]
+                if isinstance(given, dict):
+                    self.tracked.release_ports({k: v for k, v in given.items()
+                                                if isinstance(v, list)})
+                self.history.save(record["id"], {**record, "ports_given": {}})
 
     def _bundle(self, playbook: str, scratch: Path) -> tuple[Bundle, dict[str, str]]:
         """The bundle to run, and what the record says of where it came from: ``source``
@@ -655,16 +664,8 @@ def _refuse_code_elsewhere(bundle: Bundle, allow_local: bool) -> None:
 
 def _died(record: dict[str, Any]) -> bool:
     """A run still marked running whose process is gone."""
-    pid = record.get("pid")
-    if record.get("state") != "running" or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return record.get("state") == "running" and "pid" in record and \
+        not pids.alive(record["pid"], record.get("pid_started", 0))
 
 
 def _as_killed(record: dict[str, Any]) -> dict[str, Any]:

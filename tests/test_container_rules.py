@@ -50,6 +50,8 @@ class FakeBackend:
         self.gpu_support = False
         self.fail_create: str | None = None
         self.ports_taken = 0  # creates that find a port taken after all
+        self.fail_remove = False  # the engine cannot remove now
+        self.refused_specs: list[ContainerSpec] = []
         self.fail_host_key = False
         self.removed: list[str] = []
         self.built: list[tuple[str, bool]] = []
@@ -59,6 +61,7 @@ class FakeBackend:
             raise ContainerError(500, "Engine refused", self.fail_create)
         if self.ports_taken:
             self.ports_taken -= 1
+            self.refused_specs.append(spec)
             raise PortTaken(f"Bind for ::1:{spec.ports[0]} failed: port is already allocated")
         container_id = hashlib.sha256(spec.name.encode()).hexdigest()
         self.specs[container_id] = spec
@@ -72,6 +75,8 @@ class FakeBackend:
         return HOST_KEY
 
     def remove(self, container_id: str) -> None:
+        if self.fail_remove:
+            raise ContainerError(503, "Cannot run containers now", "the engine is away")
         self.removed.append(container_id)
         self.running.pop(container_id, None)
 
@@ -354,11 +359,34 @@ def test_a_port_taken_after_the_pool_checked_it_is_tried_again_on_others(host: H
     host.backend.ports_taken = 2
     created = host.create(ports=1)
     assert created.status_code == 201, created.json
+    taken = [spec.ports[0] for spec in host.backend.refused_specs]
+    assert len(taken) == 2 and created.json["ports"][0]["external"] not in taken
     assert host.held_ports() == {p["external"]: created.json["id"]
                                  for p in created.json["ports"]}
     host.backend.ports_taken = 3
     assert_refused(host.create(ports=1), 503, "port is already allocated")
     assert len(host.node.hosting.service().store.leases()) == 1
+
+
+def test_a_create_that_failed_with_its_container_unsure_is_removed_never_adopted(
+        host: Host) -> None:
+    """The caller was told no, but the engine could not remove what the create started:
+    the place stays (doomed: the caller's room and ports held) until the reaper has
+    removed that container; it is never adopted for the caller."""
+    service = host.node.hosting.service()
+    host.backend.fail_host_key = True  # started, then the create fails
+    host.backend.fail_remove = True  # and the engine cannot remove it now
+    assert_refused(host.create(), 504, "sshd did not start")
+    [place] = service.store.places()
+    assert service.store.places()[place] is True and host.held_ports()
+    assert len(host.backend.running) == 1
+    service.reap()  # still cannot remove it: kept, not adopted
+    assert service.store.leases() == [] and list(service.store.places()) == [place]
+    host.backend.fail_remove = host.backend.fail_host_key = False
+    service.reap()
+    assert host.backend.running == {} and service.store.places() == {}
+    assert host.held_ports() == {} and service.store.leases() == []
+    assert host.create().status_code == 201
 
 
 def test_a_failed_create_releases_its_place_and_ports(host: Host) -> None:

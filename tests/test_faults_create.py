@@ -178,9 +178,9 @@ def test_a_place_of_a_dead_process_is_freed_at_once_and_one_of_a_live_one_is_kep
     store = ContainerStore(host["home"], (40000, 40010))
     dead = subprocess.Popen(["true"])
     dead.wait()
-    store.reserve("someone", 1, 5, f"pending-{dead.pid}-aaaa")
-    store.reserve("someone", 1, 5, f"pending-{server.proc.pid}-bbbb")
-    wait_for(lambda: f"pending-{dead.pid}-aaaa" not in store.lease_ids(),
+    store.reserve("someone", 1, 5, f"pending-{dead.pid}-0-aaaa")
+    store.reserve("someone", 1, 5, f"pending-{server.proc.pid}-0-bbbb")
+    wait_for(lambda: f"pending-{dead.pid}-0-aaaa" not in store.lease_ids(),
              what="the dead process's place freed")
-    assert f"pending-{server.proc.pid}-bbbb" in store.lease_ids()
+    assert f"pending-{server.proc.pid}-0-bbbb" in store.lease_ids()
     assert (host["home"] / SERVER_DB).exists()

@@ -58,10 +58,11 @@ def fill(disk: Path) -> Path:
 
 
 def snapshot(home: Path) -> dict[str, bytes]:
-    """Every file in the home (but the filler, and the empty files that locks are), as
-    bytes."""
+    """Every file in the home (but the filler, the server's log, and the empty files that
+    locks and periodic jobs' stamps are), as bytes."""
     return {str(p.relative_to(home)): p.read_bytes() for p in sorted(home.rglob("*"))
-            if p.is_file() and p.name not in ("filler", "server.log") and p.suffix != ".lock"}
+            if p.is_file() and p.name not in ("filler", "server.log")
+            and p.suffix not in (".lock", ".stamp")}
 
 
 def assert_one_clear_line(done: subprocess.CompletedProcess[str]) -> None:

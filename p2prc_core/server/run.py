@@ -217,6 +217,11 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
     node.trust.all()
     node.state.invites()
     node.table.ensure()
+    running = node.own.running_server()  # before anything of the running one is touched
+    if running is not None:
+        raise P2PRCError(f"a p2prc server already runs for this home ({node.home}): pid "
+                         f"{running.pid}, port {running.port}; stop it first, or give "
+                         f"this one another home (--home)")
     try:  # the leases are squared with what the engine runs
         changes = node.hosting.service().reconcile()
         if changes["adopted"] or changes["dropped"]:
@@ -224,11 +229,6 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
                      len(changes["adopted"]), len(changes["dropped"]))
     except P2PRCError as err:
         log.warning("containers unavailable: %s", err)
-    running = node.own.running_server()
-    if running is not None:
-        raise P2PRCError(f"a p2prc server already runs for this home ({node.home}): pid "
-                         f"{running.pid}, port {running.port}; stop it first, or give "
-                         f"this one another home (--home)")
     sock = bind_socket(settings.host, settings.port)
     udp = udp_probe.bind(settings.host, sock.getsockname()[1])
     _UDP[:] = [udp] if udp is not None else []
