@@ -50,7 +50,8 @@ from p2prc_core.identity import NodeIdentity  # noqa: E402
 from p2prc_core.trust import TrustStore  # noqa: E402
 
 PLAYBOOK = "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: echo soaked\n"
-GRACE = 5.0  # seconds after a fault in which a failed command counts as hit by it
+GRACE = 10.0  # seconds after a fault in which a failed command counts as hit by it (a
+# restarted host or relay is waited at again, and found, within this)
 FIVE_XX = re.compile(rb'" 5\d\d ')
 
 
@@ -132,10 +133,11 @@ class Server:
     def figures(self) -> dict[str, dict[str, int]]:
         """Each process's figures, by role (master, worker 1, ...)."""
         assert self.proc is not None
-        found = {f"{self.name} master": process_figures(self.proc.pid)}
+        found = {f"{self.name} master": {**process_figures(self.proc.pid),
+                                          "pid": self.proc.pid}}
         for i, pid in enumerate(sorted(self.workers()), 1):
             try:
-                found[f"{self.name} worker {i}"] = process_figures(pid)
+                found[f"{self.name} worker {i}"] = {**process_figures(pid), "pid": pid}
             except OSError:
                 pass
         return found
@@ -165,6 +167,7 @@ class Tally:
     hit: dict[str, int] = field(default_factory=dict)  # failed while a fault was under way
     unexpected: list[str] = field(default_factory=list)
     tracebacks: int = 0
+    traceback_samples: list[str] = field(default_factory=list)
     faults: dict[str, int] = field(default_factory=dict)
     fault_windows: list[tuple[float, float]] = field(default_factory=list)
 
@@ -179,6 +182,8 @@ class Tally:
         hit = not ok and (killed or self.in_fault(started, ended))
         with self.lock:
             self.tracebacks += traceback
+            if traceback and len(self.traceback_samples) < 3:
+                self.traceback_samples.append(f"{op}: {output[-2500:]}")
             if ok:
                 self.ok[op] = self.ok.get(op, 0) + 1
             elif hit:
@@ -257,7 +262,7 @@ class Client(threading.Thread):
         name = f"{kind} {'relayed' if relayed else 'direct'}" \
             if kind in ("touch", "exec") else kind
         if kind == "touch":
-            return name, ["touch", where, "--ttl", "10m"]
+            return name, ["touch", where, "--ttl", "2h"]
         if kind == "rm":
             return name, ["rm", self.rng.choice(mine)[:12]]
         if kind == "exec":
@@ -283,8 +288,12 @@ class Soak:
         self.running = threading.Event()  # cleared: clients wait before their next command
         self.running.set()
         self.tally = Tally()
+        # Every client here comes from loopback, one network to the relay: its limit per
+        # network is raised to what four users on four networks would get.
         self.relay = Server("relay", root / "relay", {"P2PRC_RELAY": "true",
                                                       "P2PRC_RELAY_OPEN": "true",
+                                                      "P2PRC_RELAY_STREAMS_PER_NETWORK": "16",
+                                                      "P2PRC_RELAY_POLLS_PER_NETWORK": "16",
                                                       "P2PRC_WORKERS": "2"})
         self.relay.start()
         homes = [root / f"client{i}" for i in range(clients)]
@@ -326,22 +335,26 @@ class Soak:
         kinds = ["client command", "host worker", "host", "relay"]
         while not self.stop.wait(rng.expovariate(1 / every)):
             kind = rng.choice(kinds)
-            began = time.monotonic()
+            with self.tally.lock:  # under way from now: commands that fail meanwhile are its
+                window = len(self.tally.fault_windows)
+                self.tally.fault_windows.append((time.monotonic(), float("inf")))
             if kind == "client command":
-                if not rng.choice(self.clients).kill_current():
-                    continue
+                hit = rng.choice(self.clients).kill_current()
             elif kind == "host worker":
                 workers = self.host.workers()
-                if not workers:
-                    continue
-                os.kill(rng.choice(workers), signal.SIGKILL)
+                hit = bool(workers)
+                if workers:
+                    os.kill(rng.choice(workers), signal.SIGKILL)
             else:
+                hit = True
                 server = self.host if kind == "host" else self.relay
                 server.kill()
                 server.start()
             with self.tally.lock:
-                self.tally.faults[kind] = self.tally.faults.get(kind, 0) + 1
-                self.tally.fault_windows.append((began, time.monotonic()))
+                began = self.tally.fault_windows[window][0]
+                self.tally.fault_windows[window] = (began, time.monotonic() if hit else began)
+                if hit:
+                    self.tally.faults[kind] = self.tally.faults.get(kind, 0) + 1
 
     def held(self) -> dict[str, int]:
         """What the host holds: containers (the engine's, by its label), and rows of
@@ -412,10 +425,13 @@ class Soak:
 def table(start: dict[str, Any], end: dict[str, Any]) -> list[str]:
     lines = [f"{'what':<34} {'start':>10} {'end':>10}  change"]
     for name in sorted(set(start["processes"]) | set(end["processes"])):
+        same = start["processes"].get(name, {}).get("pid") == \
+            end["processes"].get(name, {}).get("pid")
         for key in ("fds", "threads", "rss_kib"):
             a = start["processes"].get(name, {}).get(key)
             b = end["processes"].get(name, {}).get(key)
             change = "" if not a or b is None else f"{(b - a) / a:+.1%}"
+            change += "" if same else " (a new process: the old one was killed)"
             lines.append(f"{name + ' ' + key:<34} {a if a is not None else '-':>10} "
                          f"{b if b is not None else '-':>10}  {change}")
     for key in sorted(set(start["held"]) | set(end["held"])):
@@ -479,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {line}")
     print(f"5xx answers: {five_xx}; tracebacks: {t.tracebacks} in commands, {logged} in logs; "
           f"containers no client tracked: {len(left['untracked'])}")
+    for sample in t.traceback_samples:
+        print(f"a traceback in a command's output: {sample}")
     for server in (soak.host, soak.relay):
         for problem in server.first_problems():
             print(problem)
