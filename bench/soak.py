@@ -231,12 +231,16 @@ class Client(threading.Thread):
             self.current.kill()
             return True
 
-    def tracked(self) -> list[str]:
+    def tracked(self, lasting: float = 0) -> list[str]:
+        """The containers this client tracks (``lasting``: those whose lease has at least
+        that many seconds left: a killed exec's container ends with its short lease)."""
         path = self.home / "containers.json"
         try:
-            return list(json.loads(path.read_text()))
+            found = json.loads(path.read_text())
         except (OSError, ValueError):
             return []
+        return [i for i, c in found.items()
+                if not lasting or c.get("expires", 0) > time.time() + lasting]
 
     def run(self) -> None:
         while not self.soak.stop.is_set():
@@ -255,7 +259,7 @@ class Client(threading.Thread):
         host = self.soak.host
         relayed = self.rng.random() < 0.5
         where = host_id(host) if relayed else f"127.0.0.1:{host.port}"
-        mine = self.tracked()
+        mine = self.tracked(lasting=300)
         kind = self.rng.choices(["touch", "rm", "exec", "run", "update", "ls"],
                                 [3 if len(mine) < 2 else 0, 2 if mine else 0, 3,
                                  2 if mine else 0, 1, 1])[0]
@@ -303,7 +307,7 @@ class Soak:
         self.host = Server("host", host_home, {
             "P2PRC_WORKERS": "2", "P2PRC_DISABLE_PLUGINS": "nvidia",
             "P2PRC_USE_RELAY": "always", "P2PRC_ADVERTISE_ADDRESSES": "127.0.0.1",
-            "P2PRC_ADVERTISE_PORT": str(free_port()), "P2PRC_CONTAINERS_PER_CALLER": "4",
+            "P2PRC_ADVERTISE_PORT": str(free_port()), "P2PRC_CONTAINERS_PER_CALLER": "8",
             "P2PRC_REAP_SECONDS": "2", "P2PRC_CONTAINER_EXITED_GRACE": "5",
             "P2PRC_RELAYS": f"{host_id(self.relay)}@127.0.0.1:{self.relay.port}"})
         self.host.start()
@@ -481,11 +485,12 @@ def main(argv: list[str] | None = None) -> int:
             soak.relay.stop()
         five_xx = sum(s.log_counts()[0] for s in (soak.host, soak.relay))
         logged = sum(s.log_counts()[1] for s in (soak.host, soak.relay))
+        problems = [p for s in (soak.host, soak.relay) for p in s.first_problems()]
         t = soak.tally
         figures = {"minutes": args.minutes, "start": start, "end": end, "ok": t.ok,
                    "hit_by_faults": t.hit, "unexpected": t.unexpected, "faults": t.faults,
                    "five_xx": five_xx, "tracebacks": t.tracebacks + logged,
-                   "untracked": left["untracked"]}
+                   "untracked": left["untracked"], "problems": problems}
     print("\n".join(table(start, end)))
     print(f"commands ok: {t.ok}")
     print(f"failed while a fault was under way: {t.hit}")
@@ -497,10 +502,8 @@ def main(argv: list[str] | None = None) -> int:
           f"containers no client tracked: {len(left['untracked'])}")
     for sample in t.traceback_samples:
         print(f"a traceback in a command's output: {sample}")
-    for server in (soak.host, soak.relay):
-        for problem in server.first_problems():
-            print(problem)
-            figures.setdefault("problems", []).append(problem)  # type: ignore[attr-defined]
+    for problem in problems:
+        print(problem)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     leaked = end["held"]["containers"] + end["held"].get("server.db ports", 0) + \

@@ -77,6 +77,12 @@ class PeerClient:
         self._http = self.channel.http(timeout)
 
     @property
+    def named_host(self) -> str:
+        """The host every request names (its Host header): the first way tried, whichever
+        one connected. A host describes its containers as reached there."""
+        return str(self._http.base_url.host)
+
+    @property
     def endpoint(self) -> Endpoint:
         """Where the peer answered (the first of its addresses that took a connection)."""
         return self.channel.endpoint
@@ -221,7 +227,8 @@ class PeerClient:
         try:
             # The node whose key answered, not its claim (only a plain-HTTP lab has none).
             return RemoteContainer.from_reply(
-                resp.content, self.endpoint, self.node_id if self.channel.secure else None)
+                resp.content, self.endpoint, self.node_id if self.channel.secure else None,
+                self.named_host)
         except PeerError:
             self._remove_described_badly(resp.content)
             raise

@@ -42,11 +42,12 @@ class RemoteContainer:
 
     @classmethod
     def from_reply(cls, reply: bytes | Any, endpoint: Endpoint,
-                   node_id: str | None = None) -> RemoteContainer:
+                   node_id: str | None = None, named_host: str | None = None) -> RemoteContainer:
         """Check a host's answer to a create (``wire.ContainerReply``) before anything of it
         is kept or used: its bytes as they came (decoded and checked in one pass), or the
         same already parsed. ``node_id``: the node whose key answered (the channel's),
-        which wins over the one the reply claims.
+        which wins over the one the reply claims. ``named_host``: the host the request named
+        (its Host header), where it was not ``endpoint``'s (another way connected).
 
         :raises PeerError: the answer is not a container as p2prc describes one.
         """
@@ -56,8 +57,8 @@ class RemoteContainer:
             if not checked.ssh.host_key:
                 raise WireError("it gives no host key to pin")
             ssh = checked.ssh.completed(SshLogin.of(
-                checked.id, endpoint.host, checked.ssh.port, checked.ssh.host_key,
-                checked.direct))
+                checked.id, named_host or endpoint.host, checked.ssh.port,
+                checked.ssh.host_key, checked.direct))
         except WireError as err:
             raise PeerError(f"{endpoint} answered the create with something that is not a "
                             f"container ({err})") from None

@@ -128,6 +128,7 @@ class ContainersOnPeers:
                 with self.peers.client(ways) as client:
                     listed = client.list_containers()
                     answered_by = client.node_id if client.channel.secure else None
+                    named = client.named_host
             except (PeerError, ValueError):
                 continue
             candidates = sorted((r for r in listed if r.id not in tracked
@@ -140,7 +141,7 @@ class ContainersOnPeers:
                     candidates.remove(reply)
                     with contextlib.suppress(PeerError):  # no host key to pin: its lease
                         here.append(RemoteContainer.from_reply(  # ends it
-                            reply, where, answered_by))
+                            reply, where, answered_by, named))
             self.tracked.add_all(here)
             tracked |= {c.id for c in here}
             found += here

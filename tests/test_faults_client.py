@@ -132,3 +132,28 @@ def test_a_client_killed_mid_exec_leaves_a_job_it_can_tell_and_a_container_it_tr
     assert [j["state"] for j in jobs] == ["lost"] and "killed" in jobs[0]["message"], jobs
     assert p2prc(host["me"], "rm", box[:12]).returncode == 0
     assert host_ids(host) == set()
+
+
+def test_a_create_answered_over_another_way_than_the_first_is_checked_and_kept(
+        host: dict[str, Any]) -> None:
+    """The first way to a host does not answer (a restarted relay, an address gone) and the
+    second does: the request still named the first (its Host header), and the host's
+    answer, which names that one, is checked against it, not refused as another address.
+    (The soak found creates through a relay refused so.)"""
+    from conftest import free_port
+    from p2prc_core.client import PeerClient
+    from p2prc_core.models import Endpoint
+    from p2prc_core.sshkeys import ensure_key
+    from p2prc_core.wire import ContainerRequest
+
+    server = serve(host)
+    ways = [Endpoint("127.0.0.2", free_port(), server.node_id),
+            Endpoint("127.0.0.1", server.port, server.node_id)]
+    identity = NodeIdentity.load_or_create(host["me"])
+    _, public_key = ensure_key(host["me"])
+    with PeerClient(ways, 20, identity=identity) as client:
+        box = client.create_container(ContainerRequest(ssh_key=public_key))
+        assert client.endpoint == ways[1] and client.named_host == "127.0.0.2"
+    assert box.ssh is not None and box.ssh["host"] == "127.0.0.2"
+    assert box.host == "127.0.0.1"  # where it was reached
+    assert host_ids(host) == {box.id}

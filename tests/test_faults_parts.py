@@ -126,6 +126,7 @@ class _Host:
         class Client:
             node_id = host.node_id
             channel = SimpleNamespace(secure=True)
+            named_host = "127.0.0.1"
 
             def __enter__(self) -> Any:
                 return self
