@@ -1,5 +1,5 @@
-"""What the fault suite's tests share (tests/test_faults_*.py): waiting for a condition, and
-the p2prc command as a user runs it in a home."""
+"""What the fault suite's tests share (tests/test_faults_*.py, and the warm pool's): waiting
+for a condition, and the p2prc command as a user runs it in a home."""
 
 from __future__ import annotations
 

@@ -10,12 +10,13 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import wait_for
 
 from conftest import P2PRC, LiveServer, require, start_server
 from p2prc_core.identity import NodeIdentity
@@ -30,18 +31,6 @@ CALLERS = ("me", "you")
 def docker_client(engine: Any) -> Any:
     require(shutil.which("ssh") is not None, "the ssh client is missing")
     return engine
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
-    """``condition()``'s first true value, asked again until ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.2)
 
 
 def host_with_pool(tmp_path: Path, size: int) -> LiveServer:
