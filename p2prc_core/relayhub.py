@@ -39,6 +39,7 @@ ACCEPT_SECONDS = 10.0  # how long a client is held for the node to come and acce
 FIND_SECONDS = 3.0  # how long a client waits for the node's next poll to appear
 SEEN_SECONDS = 30.0  # a node that polled this recently is still taken to be here
 WAITS_PER_NODE = 2  # polls one node may hold open at once (one, and the next overlapping)
+RETELLS = 2  # times a token lost with a node's stream is handed to its next one
 
 
 class RelayRefusal(Refusal):
@@ -58,10 +59,12 @@ class RelayHub:
 
     # -- the node's poll -----------------------------------------------------------------
 
-    def register(self, node_id: str, trusted: bool = False) -> Waiting:
+    def register(self, node_id: str, trusted: bool = False, stays: bool = False) -> Waiting:
         """A place for ``node_id`` to wait at: where connects from any worker find it. A
         node the relay's owner trusts may wait beyond ``max_nodes``: strangers' keys (free
-        to make) cannot fill the relay for it.
+        to make) cannot fill the relay for it. ``stays``: a node's stream, which outlives the
+        tokens handed to it (a poll ends with its first), so its end before the accept means
+        the token was lost with it (``connect`` hands it again).
 
         :raises RelayRefusal: 429 the node waits here ``WAITS_PER_NODE`` times already; 503
             the relay holds ``max_nodes`` nodes.
@@ -74,7 +77,7 @@ class RelayHub:
         if not trusted and node_id not in waiting and len(waiting) >= self.max_nodes:
             raise RelayRefusal(f"This relay holds {len(waiting)} nodes, its limit: try "
                                f"another relay.", 503, "Relay full")
-        name = secrets.token_hex(8)
+        name = ("s" if stays else "") + secrets.token_hex(8)
         self._seen(node_id)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -169,25 +172,45 @@ class RelayHub:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
             listener.bind(_abstract(f"t-{node_id}-{token}"))
             listener.listen(1)
-            if not self._tell(node_id, token):
+            told = self._tell(node_id, token)
+            if told is None:
                 raise RelayRefusal(f"Node {node_id} does not keep a connection to this "
                                    f"relay.", 404, "Not relayed here")
             deadline = time.monotonic() + ACCEPT_SECONDS
+            again = RETELLS
             while True:
-                listener.settimeout(max(0.01, deadline - time.monotonic()))
+                listener.settimeout(max(0.01, min(0.5, deadline - time.monotonic())))
                 try:
                     conn, _ = listener.accept()
                 except TimeoutError:
-                    raise RelayRefusal(f"Node {node_id} was told, but did not come to accept "
-                                       f"within {ACCEPT_SECONDS:g} s.", 504,
-                                       "Node did not answer") from None
+                    if time.monotonic() >= deadline:
+                        raise RelayRefusal(f"Node {node_id} was told, but did not come to "
+                                           f"accept within {ACCEPT_SECONDS:g} s.", 504,
+                                           "Node did not answer") from None
+                    if again and self._lost(node_id, told):
+                        # The node's stream ended with the token in it (its process was
+                        # killed, say): its next stream gets it, or the client a 404 now.
+                        again -= 1
+                        told = self._tell(node_id, token)
+                        if told is None:
+                            raise RelayRefusal(f"Node {node_id} was told, but its "
+                                               f"connection to this relay ended before it "
+                                               f"came to accept.", 404,
+                                               "Not relayed here") from None
+                        deadline = max(deadline, time.monotonic() + ACCEPT_SECONDS / 2)
+                    continue
                 if _ours(conn):
                     return conn
                 conn.close()  # another user's process on this machine: not the node
 
-    def _tell(self, node_id: str, token: str) -> bool:
+    def _lost(self, node_id: str, told: str) -> bool:
+        """Whether the stream ``told`` (a name from ``_tell``) ended: a poll ends as it is
+        answered, so only a stream's end says the token went with it."""
+        return told.startswith("s") and told not in {n for _, n in self._waits(node_id)}
+
+    def _tell(self, node_id: str, token: str) -> str | None:
         """Hand ``token`` to one of the node's waiting polls (its next one, if it is just
-        between two)."""
+        between two); the name of the one that took it, or None."""
         deadline = time.monotonic() + FIND_SECONDS
         while True:
             for _, name in sorted(self._waits(node_id)):
@@ -197,11 +220,11 @@ class RelayHub:
                         conn.connect(_abstract(name))
                         conn.sendall(token.encode() + b"\n")
                         if conn.recv(2) == b"ok":
-                            return True
+                            return name
                     except OSError:
                         continue
             if time.monotonic() > deadline:
-                return False
+                return None
             time.sleep(0.05)
 
     # -- the node's accept ---------------------------------------------------------------

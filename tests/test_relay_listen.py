@@ -204,3 +204,49 @@ def test_a_worker_that_stops_gives_up_its_nodes_places(tmp_path: Path,
         with pytest.raises(PeerError):
             tokens.next(10.0)
         tokens.close()
+
+
+def _token_of(tokens: Tokens) -> str:
+    token = None
+    deadline = time.monotonic() + 15
+    while token is None and time.monotonic() < deadline:
+        token = tokens.next(1.0)
+    assert token is not None
+    return token
+
+
+def test_a_token_lost_with_a_nodes_stream_is_handed_to_its_next_stream(
+        tmp_path: Path, servers: list[LiveServer]) -> None:
+    """The node's process is killed after the relay wrote a client's token to its stream,
+    before it came to accept (a host's worker killed, say). The relay hands the same token
+    to the node's next stream, and the client gets through: no 504 after 10 s. Without a
+    next stream the client hears at once (within a few seconds) that the node is gone."""
+    relay = start_relay(tmp_path, "relay")
+    servers.append(relay)
+    node = NodeIdentity.generate()
+    first = open_listen(endpoint(relay), node, True, 10)
+    client = send(relay, "POST", "/v1/relay/connect", f"node={node.node_id}", "127.0.0.1",
+                  NodeIdentity.generate(), upgrade=True)
+    token = _token_of(first)
+    first.close()  # the token goes with it, as with a killed process
+    again = open_listen(endpoint(relay), node, True, 10)
+    assert _token_of(again) == token  # the same client, handed over
+    node_side = open_accept(endpoint(relay), token, node, True, 10)
+    assert answer_of(client).status == 101
+    client.sendall(b"through")
+    node_side.settimeout(10)
+    assert node_side.recv(100) == b"through"
+    client.close()
+    node_side.close()
+
+    # No next stream: a 404 that says so, well before the 10 s of a node that never came.
+    started = time.monotonic()
+    client = send(relay, "POST", "/v1/relay/connect", f"node={node.node_id}", "127.0.0.1",
+                  NodeIdentity.generate(), upgrade=True)
+    _token_of(again)
+    again.close()
+    answer = answer_of(client)
+    assert answer.status == 404, answer
+    assert "ended before it came to accept" in answer.body.decode(), answer
+    assert time.monotonic() - started < 9
+    client.close()

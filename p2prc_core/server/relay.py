@@ -132,7 +132,7 @@ class RelayListenResource(_Waits):
         wants_upgrade(req)
         caller, trusted, release = self.admit(req, "a waiting node")
         try:
-            waiting = self.hub.register(caller, trusted)
+            waiting = self.hub.register(caller, trusted, stays=True)
         except BaseException:
             release()
             raise
