@@ -20,7 +20,9 @@ Printed at the start (after a warm-up) and at the end (after the clients removed
 hold, and the reaper's pass): each server process's open descriptors, threads and resident
 memory; containers, ports, GPUs and places the host holds; rows in server.db; and, over the
 whole run, 5xx answers and tracebacks in every log and command output. Goal (issue 26): all
-flat (within 5%), nothing leaked, no 5xx, no traceback.
+flat (within 5%), nothing leaked, no 5xx, no traceback. A 502, 503 or 504 logged while a
+fault was under way (a relay whose node was killed before it came to accept, say) is that
+fault's answer, counted apart; a 500 never is.
 
 Run: .venv/bin/python bench/soak.py [--minutes 30] [--clients 4] [--seed 1] [--json FILE]
 """
@@ -28,6 +30,7 @@ Run: .venv/bin/python bench/soak.py [--minutes 30] [--clients 4] [--seed 1] [--j
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import random
@@ -53,6 +56,8 @@ PLAYBOOK = "- hosts: all\n  gather_facts: false\n  tasks:\n    - command: echo s
 GRACE = 10.0  # seconds after a fault in which a failed command counts as hit by it (a
 # restarted host or relay is waited at again, and found, within this)
 FIVE_XX = re.compile(rb'" 5\d\d ')
+ACCESS = re.compile(r'^\[([^\]]+)\] .*" (5\d\d) \d+ bytes (\d+)ms$')  # a 5xx line's when
+GATEWAY = {"502", "503", "504"}  # answers about another node or a limit, never our own bug
 
 
 def alive(pid: int) -> bool:
@@ -79,6 +84,21 @@ def process_figures(pid: int) -> dict[str, int]:
     threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
     rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
     return {"fds": len(os.listdir(f"/proc/{pid}/fd")), "threads": threads, "rss_kib": rss}
+
+
+def explained_5xx(line: str, tally: Tally) -> bool:
+    """Whether a 5xx access-log line is a gateway's answer (502, 503, 504: the node it
+    relays to, or a limit) given while a fault was under way; a 500 never is."""
+    found = ACCESS.search(line.strip())
+    if found is None or found.group(2) not in GATEWAY:
+        return False
+    try:
+        ended = datetime.datetime.strptime(found.group(1), "%d/%b/%Y:%H:%M:%S %z").timestamp()
+    except ValueError:
+        return False
+    ended -= time.time() - time.monotonic()  # the fault windows are on the monotonic clock
+    return tally.in_fault(ended - int(found.group(3)) / 1000 - 1, ended + 1)  # (1 s: the
+    # log's times are whole seconds)
 
 
 @dataclass
@@ -142,18 +162,24 @@ class Server:
                 pass
         return found
 
-    def log_counts(self) -> tuple[int, int]:
-        """5xx answers and tracebacks in every log this server wrote."""
+    def log_counts(self, tally: Tally) -> tuple[int, int, int]:
+        """5xx answers that no fault explains, those a fault does, and tracebacks, in every
+        log this server wrote."""
         text = self.log_text()
-        return len(FIVE_XX.findall(text)), text.count(b"Traceback")
+        lines = [line for line in text.decode(errors="replace").splitlines()
+                 if FIVE_XX.search(line.encode())]
+        explained = sum(explained_5xx(line, tally) for line in lines)
+        return len(lines) - explained, explained, text.count(b"Traceback")
 
     def log_text(self) -> bytes:
         return b"".join(log.read_bytes() for log in self.logs if log.exists())
 
-    def first_problems(self) -> list[str]:
-        """The lines around each 5xx answer and traceback (the first five of each)."""
+    def first_problems(self, tally: Tally) -> list[str]:
+        """The lines around each unexplained 5xx answer and traceback (the first five of
+        each)."""
         lines = self.log_text().decode(errors="replace").splitlines()
-        marks = [i for i, line in enumerate(lines) if FIVE_XX.search(line.encode())][:5]
+        marks = [i for i, line in enumerate(lines) if FIVE_XX.search(line.encode())
+                 and not explained_5xx(line, tally)][:5]
         marks += [i for i, line in enumerate(lines) if "Traceback" in line][:5]
         return [f"{self.name}: " + "\n    ".join(lines[max(0, i - 3):i + 25]) for i in marks]
 
@@ -483,13 +509,14 @@ def main(argv: list[str] | None = None) -> int:
             soak.stop.set()
             soak.host.stop()
             soak.relay.stop()
-        five_xx = sum(s.log_counts()[0] for s in (soak.host, soak.relay))
-        logged = sum(s.log_counts()[1] for s in (soak.host, soak.relay))
-        problems = [p for s in (soak.host, soak.relay) for p in s.first_problems()]
         t = soak.tally
+        counts = [s.log_counts(t) for s in (soak.host, soak.relay)]
+        five_xx, five_xx_hit, logged = (sum(c[i] for c in counts) for i in range(3))
+        problems = [p for s in (soak.host, soak.relay) for p in s.first_problems(t)]
         figures = {"minutes": args.minutes, "start": start, "end": end, "ok": t.ok,
                    "hit_by_faults": t.hit, "unexpected": t.unexpected, "faults": t.faults,
-                   "five_xx": five_xx, "tracebacks": t.tracebacks + logged,
+                   "five_xx": five_xx, "five_xx_in_faults": five_xx_hit,
+                   "tracebacks": t.tracebacks + logged,
                    "untracked": left["untracked"], "problems": problems}
     print("\n".join(table(start, end)))
     print(f"commands ok: {t.ok}")
@@ -498,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unexpected failures: {len(t.unexpected)}")
     for line in t.unexpected[:20]:
         print(f"  {line}")
-    print(f"5xx answers: {five_xx}; tracebacks: {t.tracebacks} in commands, {logged} in logs; "
+    print(f"5xx answers no fault explains: {five_xx} (502-504 while a fault was under way: "
+          f"{five_xx_hit}); tracebacks: {t.tracebacks} in commands, {logged} in logs; "
           f"containers no client tracked: {len(left['untracked'])}")
     for sample in t.traceback_samples:
         print(f"a traceback in a command's output: {sample}")

@@ -25,7 +25,7 @@ from p2prc_core.services import NodeServices
 log = logging.getLogger("p2prc.server")
 _UDP: list[socket.socket] = []  # the server's UDP socket (udp_probe), bound before the fork
 
-ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(B)s bytes %(M)sms'
+ACCESS_LOG_FORMAT = '%(t)s %(h)s "%(r)s" %(s)s %(B)s bytes %(M)sms'
 
 
 def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
