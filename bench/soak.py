@@ -24,7 +24,8 @@ flat (within 5%), nothing leaked, no 5xx, no traceback. A 502, 503 or 504 logged
 fault was under way (a relay whose node was killed before it came to accept, say) is that
 fault's answer, counted apart; a 500 never is.
 
-Run: .venv/bin/python bench/soak.py [--minutes 30] [--clients 4] [--seed 1] [--json FILE]
+Run: .venv/bin/python bench/soak.py [--minutes 30] [--clients 4] [--seed 1] [--faults KINDS]
+     [--json FILE]
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ GRACE = 10.0  # seconds after a fault in which a failed command counts as hit by
 # restarted host or relay is waited at again, and found, within this)
 FIVE_XX = re.compile(rb'" 5\d\d ')
 ACCESS = re.compile(r'^\[([^\]]+)\] .*" (5\d\d) \d+ bytes (\d+)ms$')  # a 5xx line's when
+FAULTS = ["client command", "host worker", "host", "relay"]
 GATEWAY = {"502", "503", "504"}  # answers about another node or a limit, never our own bug
 
 
@@ -359,10 +361,9 @@ class Soak:
                     raise SystemExit(f"{client.name} never learnt the host's relay")
                 time.sleep(0.5)
 
-    def inject(self, every: float) -> None:
-        """One fault every ``every`` seconds on average, until ``stop``."""
+    def inject(self, every: float, kinds: list[str]) -> None:
+        """One fault of ``kinds`` every ``every`` seconds on average, until ``stop``."""
         rng = random.Random(self.seed)
-        kinds = ["client command", "host worker", "host", "relay"]
         while not self.stop.wait(rng.expovariate(1 / every)):
             kind = rng.choice(kinds)
             with self.tally.lock:  # under way from now: commands that fail meanwhile are its
@@ -477,10 +478,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fault-every", type=float, default=20, help="seconds, on average")
     parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument("--faults", default=",".join(FAULTS),
+                        help=f"the kinds to inject, comma-separated (default: all: "
+                             f"{', '.join(FAULTS)}); leave 'host' and 'host worker' out to "
+                             f"see whether the host's processes stay flat over the run")
     parser.add_argument("--warm-up", type=float, default=None,
                         help="seconds of churn before the start figures (default: a tenth)")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args(argv)
+    kinds = [k.strip() for k in args.faults.split(",") if k.strip()]
+    if not kinds or set(kinds) - set(FAULTS):
+        parser.error(f"--faults: kinds among {', '.join(FAULTS)}")
     seconds = args.minutes * 60
     with tempfile.TemporaryDirectory(prefix="p2prc-soak-") as tmp:
         soak = Soak(Path(tmp), args.clients, args.seed)
@@ -489,12 +497,12 @@ def main(argv: list[str] | None = None) -> int:
             for client in soak.clients:
                 client.start()
             warm = args.warm_up if args.warm_up is not None else seconds / 10
-            print(f"soak: {args.clients} clients, {args.minutes:g} min, warm-up {warm:.0f} s",
-                  flush=True)
+            print(f"soak: {args.clients} clients, {args.minutes:g} min, warm-up {warm:.0f} s, "
+                  f"faults: {'none' if args.no_faults else ', '.join(kinds)}", flush=True)
             time.sleep(warm)
             start = soak.quiet_snapshot()
             if not args.no_faults:
-                threading.Thread(target=soak.inject, args=(args.fault_every,),
+                threading.Thread(target=soak.inject, args=(args.fault_every, kinds),
                                  daemon=True).start()
             deadline = time.monotonic() + seconds - warm
             while time.monotonic() < deadline:
