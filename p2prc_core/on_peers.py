@@ -92,20 +92,27 @@ class ContainersOnPeers:
         host cannot be asked, ``gone`` when it no longer runs it). Containers that creates
         whose answer never came started are tracked first (``find_unanswered``; where that
         fails, a full disk say, the listing goes on without them)."""
+        return self.states_and_why()[0]
+
+    def states_and_why(self) -> tuple[list[tuple[RemoteContainer, str]], dict[str, str]]:
+        """``states``, and why each host that could not be asked could not (by its
+        endpoint: no answer, a refusal, clocks too far apart)."""
         with contextlib.suppress(P2PRCError, OSError):
             self.find_unanswered()
         found = []
+        why: dict[str, str] = {}
         for members in _by_host(list(self.tracked.containers().values())):
             try:
                 live: dict[str, str] | None = self._live(members[0])
-            except PeerError:
+            except PeerError as err:
                 live = None
+                why[members[0].endpoint] = str(err)
             for container in members:
                 state = "unreachable" if live is None else live.get(container.id, "gone")
                 if state == "gone" and container.expires <= time.time():
                     state = "expired"  # its lease ran out and the host removed it
                 found.append((container, state))
-        return found
+        return found, why
 
     def find_unanswered(self) -> list[RemoteContainer]:
         """Ask each host that a create went to, from a process that ended before its answer

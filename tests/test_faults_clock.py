@@ -193,6 +193,41 @@ def test_a_client_an_hour_off_is_refused_by_name_and_works_once_its_clock_is_rig
     assert "Traceback" not in host.output()
 
 
+@pytest.mark.integration
+def test_containers_ls_says_a_host_is_unreachable_because_of_the_clocks(
+        tmp_path: Path, clock: Clock, servers: list[LiveServer]) -> None:
+    """A host that refuses the listing for the clocks is shown unreachable, and the line
+    under the table (and ``why`` in --json) says it is the clocks, not the network."""
+    from test_host_messages import HOST_KEY
+
+    from p2prc_core.my_containers import RemoteContainer, Tracked
+
+    host = start_server(tmp_path / "host", env={"P2PRC_NAME": "alice"})
+    servers.append(host)
+    me = tmp_path / "me"
+    assert clock.run(me, "peers", "add", host.peer()).returncode == 0
+    now = time.time()
+    Tracked(me).add(RemoteContainer(
+        id="cd" * 32, endpoint=f"127.0.0.1:{host.port}", host="127.0.0.1", ssh_port=40022,
+        host_key=HOST_KEY, ports=[{"name": "ssh", "internal": 22, "external": 40022}],
+        image="p2prc/base:latest", created=now, expires=now + 7200, node_id=host.node_id))
+
+    clock.set("+1h")
+    listed = clock.run(me, "containers", "ls")
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("cdcd"))
+    assert "alice" in row and "unreachable" in row, listed.stdout
+    why = [line for line in listed.stderr.splitlines() if "unreachable" in line]
+    assert len(why) == 1 and why[0].startswith("alice is unreachable: "), listed.stderr
+    assert "this node's clock is 1 h ahead of the peer's" in why[0], why[0]
+    rows = json.loads(clock.run(me, "containers", "ls", "--json").stdout)
+    assert rows[0]["state"] == "unreachable" and "clock" in rows[0]["why"], rows
+
+    clock.set("+0")  # the clocks agree: the host is asked, and no longer runs it
+    rows = json.loads(clock.run(me, "containers", "ls", "--json").stdout)
+    assert rows[0]["state"] == "gone" and "why" not in rows[0], rows
+
+
 # -- a server whose clock jumps, a client whose clock is right ---------------------------------
 
 @pytest.mark.integration

@@ -110,9 +110,12 @@ def containers_group() -> None:
 @json_option
 @pass_node
 def containers_ls(node: CliContext, as_json: bool = False) -> None:
-    """List tracked containers with their live state (asks each host)."""
-    rows = [{**container.as_dict(), "state": state, "peer": host_name(node, container)}
-            for container, state in node.services.on_peers.states()]
+    """List tracked containers with their live state (asks each host); why each host that
+    could not be asked could not follows the table."""
+    states, why = node.services.on_peers.states_and_why()
+    rows = [{**container.as_dict(), "state": state, "peer": host_name(node, container),
+             **({"why": why[container.endpoint]} if container.endpoint in why else {})}
+            for container, state in states]
     if as_json:
         print_json(rows)
         return
@@ -126,6 +129,8 @@ def containers_ls(node: CliContext, as_json: bool = False) -> None:
                   ", ".join(map(str, r["gpus"])) or "-", format_when(r["expires"]),
                   ", ".join(g for g, m in groups.items() if r["id"] in m) or "-")
                  for r in rows])
+    for peer, reason in sorted({(r["peer"], r["why"]) for r in rows if "why" in r}):
+        click.echo(f"{peer} is unreachable: {reason}", err=True)
 
 
 @main.command("rm")
