@@ -80,7 +80,7 @@ def seen_by_peers(observed: dict[str, dict[str, Any]],
 
 def _reach_state(node: NodeServices) -> dict[str, Any]:
     """What the running server learnt of how others reach it (``reach.ReachState``): the
-    dial-back result, the port mapping (UPnP or NAT-PMP), the relay in use; and a one-word
+    dial-back result, the port mapping (UPnP, PCP or NAT-PMP), the relay in use; and a one-word
     summary."""
     from p2prc_core.reach_state import ReachState
 
@@ -277,14 +277,14 @@ def _reach(node: NodeServices, status: dict[str, Any]) -> Check:
     if reach["summary"] == "relay":
         return Check("reach", "warn", f"peers cannot dial this node; they reach it through "
                                       f"relay {reach['relay']}",
-                     f"forward port {status['port']} on your router (or enable UPnP or NAT-PMP) "
-                     f"for direct, faster connections")
+                     f"forward port {status['port']} on your router (or enable UPnP or "
+                     f"NAT-PMP/PCP) for direct, faster connections")
     if reach["summary"] == "unreachable":
         return Check("reach", "fail", f"a peer could not dial this node back at "
                                       f"{reach['dial_back']['address']}, and it has no relay",
                      "add a relay: relays = [\"NODE_ID@ADDRESS:PORT\"] (a friend's node with "
                      "relay = true), or forward the port on your router, or enable UPnP or "
-                     "NAT-PMP on it")
+                     "NAT-PMP/PCP on it")
     if not status["observed"]:
         return Check("reach", "skip", "no peer has told this node how it sees it yet",
                      "p2prc peers update")

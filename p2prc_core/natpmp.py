@@ -1,6 +1,7 @@
 """Port mapping with NAT-PMP (RFC 6886), which many routers offer instead of UPnP IGD, and
 miniupnpd beside it: the same calls as ``upnp.PortMapper`` (discover, map, renew, unmap), so
-that the server's reach agent uses whichever gateway answers (``find_gateway``).
+that the server's reach agent uses whichever gateway answers (``find_gateway``; PCP, its
+successor, is ``pcp``'s and asked first).
 
 The gateway is the default route's (IPv4), asked at UDP port 5351, with RFC 6886's
 retransmissions (250 ms, doubling) cut short at ``TRIES``. Its answers are untrusted input:
@@ -155,8 +156,9 @@ def _answer_from(sock: socket.socket, where: tuple[str, int], opcode: int, size:
 
 
 def find_gateway(timeout: float = 3.0) -> Any:
-    """A mapper whose gateway answered, UPnP IGD first (found by SSDP), then NAT-PMP at
-    the default gateway; None when neither did."""
+    """A mapper whose gateway answered, UPnP IGD first (found by SSDP), then PCP and then
+    NAT-PMP at the default gateway (a gateway that speaks NAT-PMP only says so to PCP's
+    first request at once); None when none did."""
     try:
         from p2prc_core.upnp import PortMapper
     except ImportError:  # its HTTP client missing: NAT-PMP alone
@@ -165,5 +167,10 @@ def find_gateway(timeout: float = 3.0) -> Any:
         upnp = PortMapper(timeout)
         if upnp.discover():
             return upnp
-    natpmp = NatPmpMapper()
+    from p2prc_core.pcp import PcpMapper
+
+    pcp = PcpMapper()
+    if pcp.discover():
+        return pcp
+    natpmp = NatPmpMapper(pcp.gateway)
     return natpmp if natpmp.discover() else None

@@ -3,7 +3,7 @@
 One worker at a time (a lock in the home) runs the ``ReachAgent``:
 
 1. **Port mapping**: ask the home router to forward the server's port (UPnP IGD, else
-   NAT-PMP), renew the mapping, remove it on stop (``router_port.RouterPort``); the
+   NAT-PMP or PCP), renew the mapping, remove it on stop (``router_port.RouterPort``); the
    external address goes into the signed record.
 2. **Relay**: keep a connection to a relay (``relays``, or a peer that offers to relay), so
    that clients can reach this node through it; the relay goes into the signed record.

@@ -1,5 +1,5 @@
 """The server's port forwarded on the home router, kept while the server runs: found by UPnP
-IGD or NAT-PMP (``natpmp.find_gateway``), checked, renewed at half its lease, removed on
+IGD, PCP or NAT-PMP (``natpmp.find_gateway``), checked, renewed at half its lease, removed on
 stop; ``reach.json``'s ``upnp`` says where it is, and the signed record advertises it. One of
 the reach agent's jobs (``reach.ReachAgent``), in an object of its own.
 
@@ -37,9 +37,9 @@ class RouterPort:
         removed again."""
         from p2prc_core.natpmp import find_gateway
 
-        mapper = find_gateway()  # UPnP IGD, else NAT-PMP
+        mapper = find_gateway()  # UPnP IGD, else PCP, else NAT-PMP
         if mapper is None:
-            log.info("no UPnP or NAT-PMP gateway answered: the port is not mapped")
+            log.info("no UPnP, PCP or NAT-PMP gateway answered: the port is not mapped")
             return
         try:
             mapping = mapper.map(port, port, description=description)

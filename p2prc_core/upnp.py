@@ -5,7 +5,7 @@ call runs an event loop of its own for async-upnp-client. The router is on the L
 answers are still untrusted input: every URL it gives must point back at the address it
 answered from, its HTTP answers are bounded and never redirected, and what it reports (its
 external address, where a port forwards) is checked before it is used. UPnP IGD only (found
-by SSDP); NAT-PMP is ``natpmp``'s, and PCP is not spoken.
+by SSDP); NAT-PMP is ``natpmp``'s, and PCP ``pcp``'s.
 """
 
 from __future__ import annotations

@@ -85,6 +85,13 @@ class Router:
         return [PortMap(m[1], int(m[2]), m[3], int(m[4]), m[5], int(m[6]))
                 for m in re.finditer(pattern, out, re.MULTILINE)]
 
+    def block_pcp(self) -> None:
+        """Drop PCP (version 2) at the router's UDP port 5351 and keep NAT-PMP (version 0):
+        a router that speaks NAT-PMP only, as miniupnpd cannot be told to be."""
+        run(*self.command("iptables", "-w", "-I", "INPUT", "-i", self.internal_if, "-p", "udp",
+                          "--dport", "5351", "-m", "u32", "--u32", "0>>22&0x3C@8>>24=2",
+                          "-j", "DROP"))
+
     def forwarded_ports(self) -> list[tuple[str, int]]:
         """(protocol, external port) of each DNAT rule in miniupnpd's nat chain: what the
         kernel forwards, whatever miniupnpd says."""

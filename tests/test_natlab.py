@@ -266,27 +266,34 @@ def test_upnp_maps_the_port_advertises_the_router_and_unmaps_on_stop(
     assert external in gone.stderr, gone.stderr  # it says where it tried
 
 
-def test_a_router_that_speaks_nat_pmp_only_maps_the_port_and_unmaps_on_stop(
-        labs: Callable[..., NatLab]) -> None:
-    """Many routers offer NAT-PMP (or PCP) and not UPnP: home maps its port with it, and a
-    friend on the internet reaches home at the router's address."""
+@pytest.mark.parametrize("protocol", ["PCP", "NAT-PMP"])
+def test_a_router_that_speaks_pcp_or_nat_pmp_only_maps_the_port_and_unmaps_on_stop(
+        labs: Callable[..., NatLab], protocol: str) -> None:
+    """Many routers offer PCP or NAT-PMP and not UPnP: home maps its port with PCP where the
+    router speaks it (miniupnpd does), else NAT-PMP, and a friend on the internet reaches
+    home at the router's address. The mapping is removed on stop: PCP's with the nonce that
+    made it."""
     lab = labs(upnp=True, natpmp_only=True)
+    if protocol == "NAT-PMP":
+        lab.router.block_pcp()
     friend = lab.add_internet_host("friend")
     external = lab.router_external_ip
     assert dial(friend, external).startswith("FAILED")
     home = node_id(lab.home)
     server = serve(lab, lab.home, P2PRC_UPNP="true")
     wait_for(lambda: ("TCP", PORT) in lab.router.forwarded_ports(),
-             what="home maps its port on the router with NAT-PMP")
-    assert lab.mappings() == []  # UPnP is off: NAT-PMP did it
+             what=f"home maps its port on the router with {protocol}")
+    assert lab.mappings() == []  # UPnP is off: PCP or NAT-PMP did it
     record = record_at(friend, external, listing=external)
     assert record["node_id"] == home
     mapping = reach(lab.home)["upnp"]
     assert (mapping["external_ip"], mapping["external_port"]) == (external, PORT)
-    assert mapping["gateway"] == f"NAT-PMP at {lab.router.internal_ip}"
+    assert mapping["gateway"] == f"{protocol} at {lab.router.internal_ip}"
     status = cli(lab.home, "status")
-    assert f"NAT-PMP at {lab.router.internal_ip} forwards {external}:{PORT} here (TCP and " \
-        "UDP)" in status
+    assert f"{protocol} at {lab.router.internal_ip} forwards {external}:{PORT} here (TCP " \
+        "and UDP)" in status
+    said = (lab.router.log or Path()).read_text(errors="replace")
+    assert ("PCP MAP" in said) is (protocol == "PCP"), said
     # UDP is forwarded too: the friend's probe of the router's port reaches home's server.
     assert ("UDP", PORT) in lab.router.forwarded_ports() and mapping["udp"] is True
     assert udp_seen_by(friend, external, home) == [friend.ipv4]
