@@ -103,6 +103,12 @@ def advertisable(addresses: list[Address], settings: Settings) -> list[Address]:
             and why_not_advertised(a, down) is None]
 
 
+def default_gateway() -> str | None:
+    """The IPv4 default route's gateway (where NAT-PMP and PCP are asked), or None."""
+    route = default_routes().get(socket.AF_INET)
+    return route[0] if route else None
+
+
 def default_routes() -> dict[int, tuple[str, str]]:
     """The default routes, by address family: (gateway, interface) each; empty where this
     machine has none, or where it cannot tell."""

@@ -37,14 +37,6 @@ class NatPmpError(P2PRCError):
     """The gateway refused, or answered nothing usable."""
 
 
-def default_gateway() -> str | None:
-    """The IPv4 default route's gateway, or None."""
-    from p2prc_core.addresses import default_routes
-
-    route = default_routes().get(socket.AF_INET)
-    return route[0] if route else None
-
-
 class NatPmpMapper:
     """Maps, renews and removes TCP and UDP port forwards on the default gateway with
     NAT-PMP."""
@@ -57,7 +49,10 @@ class NatPmpMapper:
 
     def discover(self) -> bool:
         """Whether the default gateway answers NAT-PMP (with its external address)."""
-        self.gateway = self.gateway or default_gateway()
+        if self.gateway is None:
+            from p2prc_core.addresses import default_gateway
+
+            self.gateway = default_gateway()
         if self.gateway is None:
             return False
         try:
@@ -167,10 +162,14 @@ def find_gateway(timeout: float = 3.0) -> Any:
         upnp = PortMapper(timeout)
         if upnp.discover():
             return upnp
+    from p2prc_core.addresses import default_gateway
     from p2prc_core.pcp import PcpMapper
 
-    pcp = PcpMapper()
+    gateway = default_gateway()
+    if gateway is None:
+        return None
+    pcp = PcpMapper(gateway)
     if pcp.discover():
         return pcp
-    natpmp = NatPmpMapper(pcp.gateway)
+    natpmp = NatPmpMapper(gateway)
     return natpmp if natpmp.discover() else None

@@ -72,9 +72,10 @@ class PcpMapper:
 
     def discover(self) -> bool:
         """Whether the default gateway answers PCP (an ANNOUNCE, answered with success)."""
-        from p2prc_core.natpmp import default_gateway
+        if self.gateway is None:
+            from p2prc_core.addresses import default_gateway
 
-        self.gateway = self.gateway or default_gateway()
+            self.gateway = default_gateway()
         if self.gateway is None:
             return False
         try:

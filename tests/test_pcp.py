@@ -208,12 +208,12 @@ def test_find_gateway_asks_pcp_then_nat_pmp(monkeypatch: pytest.MonkeyPatch,
                                             gateway: Callable[[Answer], PcpMapper]) -> None:
     """No UPnP: PCP first; a gateway that speaks NAT-PMP only gets a NAT-PMP mapper, and
     the one whose gateway answered neither, none."""
-    from p2prc_core import natpmp, pcp, upnp
+    from p2prc_core import addresses, natpmp, pcp, upnp
     from p2prc_core.natpmp import NatPmpMapper
 
     port = gateway(honest).port
     monkeypatch.setattr(upnp.PortMapper, "discover", lambda self: False)
-    monkeypatch.setattr(natpmp, "default_gateway", lambda: "127.0.0.1")
+    monkeypatch.setattr(addresses, "default_gateway", lambda: "127.0.0.1")
     monkeypatch.setattr(pcp, "PORT", port)
     monkeypatch.setattr(natpmp, "PORT", port)
     monkeypatch.setattr(pcp.PcpMapper.__init__, "__defaults__", (None, 0.05, port))
