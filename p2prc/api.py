@@ -256,7 +256,8 @@ class Node:
             loaded = load_settings(where, settings)
             for warning in loaded.warnings:  # a P2PRC_ variable that sets nothing: a typo?
                 warnings.warn(warning, stacklevel=2)
-            hooks = make_plugin_manager(disabled=loaded.settings.disable_plugins)
+            hooks = make_plugin_manager(disabled=loaded.settings.disable_plugins,
+                                        home=loaded.home)
             return cls(NodeServices(loaded.settings, where, hooks, notice=lambda line: None))
         except ConfigError as err:
             raise P2PRCError(str(err)) from None

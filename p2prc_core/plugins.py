@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
 from p2prc_core import PROJECT_NAME, __version__, hookspecs
+from p2prc_core.entry_points import entry_points
 
 if TYPE_CHECKING:
     import falcon
@@ -63,12 +64,15 @@ def _cause(err: BaseException) -> str:
 
 
 def make_plugin_manager(disabled: Iterable[str] = (), load_entrypoints: bool = True,
-                        plugins: Iterable[tuple[str, object]] = ()) -> PluginHooks:
+                        plugins: Iterable[tuple[str, object]] = (),
+                        home: Path | None = None) -> PluginHooks:
     """Build and check a plugin manager.
 
     :param disabled: plugin names to block (``P2PRC_DISABLE_PLUGINS``).
     :param load_entrypoints: load the ``p2prc`` entry-point group (built-ins included).
     :param plugins: extra ``(name, module_or_object)`` pairs to register, as tests do.
+    :param home: where the entry points found are kept for the next start
+        (``entry_points``).
     :raises PluginLoadError: when a plugin fails to import or to validate.
     """
     pm = pluggy.PluginManager(PROJECT_NAME)
@@ -80,9 +84,8 @@ def make_plugin_manager(disabled: Iterable[str] = (), load_entrypoints: bool = T
 
     candidates: list[tuple[str, str, str, Any]] = []
     if load_entrypoints:
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = ep.dist.metadata["Name"] if ep.dist else "unknown distribution"
-            version = ep.dist.version if ep.dist else "?"
+        for ep in entry_points(ENTRY_POINT_GROUP, home):
+            dist, version = ep.distribution, ep.version
             if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
                 continue
             try:

@@ -194,3 +194,17 @@ def test_a_command_whose_output_was_closed_before_it_started_still_ends_well(
     done = subprocess.run(["bash", "-c", f"'{sys.executable}' -m p2prc_core --version {closed}"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "Traceback" not in done.stdout + done.stderr, done
+
+
+def test_peers_ls_finds_the_plugins_without_importlib_metadata_once_they_were_found(
+        tmp_path: Path) -> None:
+    """The first command on a home reads every distribution's metadata for the plugins'
+    entry points; the next ones read what it kept (tens of milliseconds less each). (A
+    home that does not exist yet is not made for it.)"""
+    (tmp_path / "home").mkdir()
+    first = modules_after(tmp_path, "peers", "ls")
+    assert "importlib.metadata" in first
+    assert (tmp_path / "home" / "entry-points.json").exists()
+    again = modules_after(tmp_path, "peers", "ls")
+    assert "importlib.metadata" not in again
+    assert {"p2prc_plugins.docker", "p2prc_plugins.scoring"} <= again  # the same plugins

@@ -59,7 +59,8 @@ class CliContext:
         if self._hooks is None:
             from p2prc_core.plugins import make_plugin_manager
 
-            self._hooks = make_plugin_manager(disabled=self.settings.disable_plugins)
+            self._hooks = make_plugin_manager(disabled=self.settings.disable_plugins,
+                                              home=self.home)
         return self._hooks
 
     @property

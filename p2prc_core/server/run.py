@@ -178,7 +178,8 @@ def start_background_jobs(node: NodeServices) -> list[Periodic]:
 
 def build_app(settings: Settings, home: Path) -> Any:
     """The peer app as each worker builds it (plugins are loaded again after the fork)."""
-    node = NodeServices(settings, home, make_plugin_manager(disabled=settings.disable_plugins))
+    node = NodeServices(settings, home, make_plugin_manager(disabled=settings.disable_plugins,
+                                                           home=home))
     start_background_jobs(node)
     for udp in _UDP:  # one worker at a time serves it: probes, punches, QUIC
         from p2prc_core.addresses import own_server
