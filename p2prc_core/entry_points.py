@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,29 @@ def installed_key() -> str:
                     continue
                 parts.append(f"{item}:{st.st_size}:{st.st_mtime_ns}")
     return "\n".join(parts)
+
+
+def installed_version(name: str) -> str | None:
+    """The version of distribution ``name`` installed on ``sys.path`` (None: none is), read
+    from its metadata folder's name (``name-version.dist-info``, as wheels install it);
+    ``importlib.metadata`` is asked only where no such folder names it."""
+    wanted = re.sub(r"[-_.]+", "_", name).lower()
+    for folder in sys.path:
+        try:
+            names = [e.name for e in os.scandir(folder or ".") if e.name.endswith(_METADATA)]
+        except OSError:
+            continue
+        for entry in names:
+            dist, _, rest = entry.rpartition(".")[0].partition("-")
+            version = rest.split("-")[0]
+            if re.sub(r"[-_.]+", "_", dist).lower() == wanted and version:
+                return version
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _scan(group: str) -> list[EntryPoint]:

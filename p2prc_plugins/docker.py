@@ -360,6 +360,12 @@ class DockerBackend:
         return [BackendContainer(c.id, c.status, _image_name(c), dict(c.labels),
                                  docker_pool.handed_out_of(c.name)) for c in found]
 
+    def engine_version(self) -> str:
+        """The engine's version (``p2prc version``), without the SDK where it can be."""
+        from p2prc_plugins.docker_version import engine_version
+
+        return engine_version(engine_address(), lambda: self.client, _unavailable)
+
     def images(self) -> list[dict[str, Any]]:
         try:
             found = self.client.images.list()

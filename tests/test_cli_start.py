@@ -34,11 +34,13 @@ finally:
 """
 
 
-def modules_after(tmp_path: Path, *args: str) -> set[str]:
-    """The modules a fresh interpreter holds after 'p2prc ARGS' (on a fresh home)."""
+def modules_after(tmp_path: Path, *args: str, **more: str) -> set[str]:
+    """The modules a fresh interpreter holds after 'p2prc ARGS' (on a fresh home), with the
+    environment variables ``more``."""
     listing = tmp_path / "modules.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("P2PRC_")}
     env["P2PRC_HOME"] = str(tmp_path / "home")
+    env.update(more)
     done = subprocess.run([sys.executable, "-c", RUN_AND_LIST, str(listing), *args],
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
@@ -60,6 +62,17 @@ def test_version_loads_its_own_module_only(tmp_path: Path) -> None:
     modules = modules_after(tmp_path, "version")
     assert modules & COMMAND_MODULES == {"p2prc_core.cli.local"}
     assert not loaded(modules, {"p2prc_core.exec_job"})
+
+
+def test_version_asks_the_engine_without_the_docker_sdk_or_importlib_metadata(
+        tmp_path: Path) -> None:
+    """The engine's version over its socket, the packages' from their metadata folders'
+    names, the plugins' from what the home kept: none of the 0.1 s imports."""
+    (tmp_path / "home").mkdir()
+    engine = {"DOCKER_HOST": f"unix://{tmp_path}/docker.sock"}  # (whether one answers or not)
+    modules_after(tmp_path, "version", **engine)  # (the first finds the plugins)
+    modules = modules_after(tmp_path, "version", **engine)
+    assert not loaded(modules, {"docker", "requests", "urllib3", "importlib.metadata"})
 
 
 def test_peers_ls_loads_its_own_module_only(tmp_path: Path) -> None:

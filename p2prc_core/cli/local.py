@@ -246,19 +246,17 @@ def show_config(node: CliContext, as_json: bool) -> None:
 def version(node: CliContext, as_json: bool) -> None:
     """Versions of p2prc, Python, the Docker engine, Ansible and each plugin."""
     import platform
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
+
+    from p2prc_core.entry_points import installed_version
 
     def package(name: str) -> str:
-        try:
-            return installed(name)
-        except PackageNotFoundError:
-            return "not installed"
+        return installed_version(name) or "not installed"
 
     try:
-        engine = str(node.services.hosting.backend().client.version().get("Version"))  # type: ignore[attr-defined]
+        ask = getattr(node.services.hosting.backend(), "engine_version", None)
+        engine = str(ask()) if ask is not None else "not said by this backend"
     except Exception as err:  # noqa: BLE001 - no engine, or another backend: say why
-        engine = f"unavailable ({str(err).splitlines()[0][:80]})"
+        engine = f"unavailable ({str(err).splitlines()[0][:300]})"
     found = {"p2prc": __version__, "python": platform.python_version(),
              "docker engine": engine, "ansible-core": package("ansible-core"),
              "ansible-runner": package("ansible-runner")}
