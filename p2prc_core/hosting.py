@@ -61,6 +61,14 @@ class Hosting:
                                  f"was disabled: this host runs no containers.")
         return backend
 
+    def let_go(self) -> None:
+        """Close this process's connections to the engine (where the backend keeps any and
+        was built): the server's master does before it forks its workers."""
+        if "backends" in self.__dict__:  # (built: cached_property keeps it there)
+            close = getattr(self.backends.get(self.settings.backend), "close", None)
+            if close is not None:
+                close()
+
     def service(self) -> ContainerService:
         """The host's container service over the configured backend (built on first use)."""
         with self._lock:

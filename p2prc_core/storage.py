@@ -9,6 +9,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,6 +103,16 @@ def locked(path: Path) -> Iterator[None]:
 
 
 SERVER_DB = "server.db"  # the server's shared state: leases, ports, nonces, invites, intake
+_SHARED: weakref.WeakSet[SharedDB] = weakref.WeakSet()
+
+
+def close_shared_dbs() -> None:
+    """Close this thread's connection of every ``SharedDB`` of this process: the server's
+    master does before gunicorn forks its workers, which open their own (an open SQLite
+    connection must not be carried across a fork, and each worker would hold its copy of
+    the descriptors for its whole life)."""
+    for shared in list(_SHARED):
+        shared.close()
 
 
 class SharedDB:
@@ -114,6 +125,13 @@ class SharedDB:
         self._local = threading.local()
         self.db().executescript(schema)
         os.chmod(path, 0o600)
+        _SHARED.add(self)
+
+    def close(self) -> None:
+        """Close this thread's connection (the next ``db`` opens another)."""
+        db, self._local.db = getattr(self._local, "db", None), None
+        if db is not None:
+            db.close()
 
     def db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)

@@ -156,6 +156,12 @@ class DockerBackend:
                 raise _unavailable(err) from None
         return self._client
 
+    def close(self) -> None:
+        """Close this process's connections to the engine (the next call opens others)."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
     def create(self, spec: ContainerSpec) -> str:
         docker = _docker()
         self.check_free_disk(spec.min_free_disk)
@@ -383,17 +389,9 @@ class DockerBackend:
         except docker.errors.DockerException as err:
             raise ContainerError(404, "No such container", f"{container_id[:12]}: {err}") \
                 from None
-        cpu, before = stats.get("cpu_stats") or {}, stats.get("precpu_stats") or {}
-        used = (cpu.get("cpu_usage") or {}).get("total_usage", 0) - \
-            (before.get("cpu_usage") or {}).get("total_usage", 0)
-        system = cpu.get("system_cpu_usage", 0) - before.get("system_cpu_usage", 0)
-        cpus = cpu.get("online_cpus") or len((cpu.get("cpu_usage") or {}).get(
-            "percpu_usage") or []) or 1
-        memory = stats.get("memory_stats") or {}
-        details = memory.get("stats") or {}
-        cache = details.get("inactive_file", details.get("total_inactive_file", 0))
-        return {"cpu_percent": round(used / system * cpus * 100, 1) if system > 0 else 0.0,
-                "memory": max(0, memory.get("usage", 0) - cache)}
+        from p2prc_plugins.docker_stats import usage_of_stats
+
+        return usage_of_stats(stats)
 
     def has_toolkit(self) -> bool:
         """Whether NVIDIA's container toolkit is there for the engine to use."""

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faultkit import wait_for
 
 from conftest import (
     P2PRC,
@@ -278,3 +279,41 @@ def test_commands_beside_a_server_use_its_real_port_and_clients_are_not_servers(
         node.stop()
         peer.stop()
     assert not (node.home / "server.json").exists()  # gone with the server
+
+
+@pytest.mark.docker
+def test_the_master_forks_its_workers_holding_no_engine_or_database_connection(
+        tmp_path: Path, engine: object) -> None:
+    """The master asks the engine (the reconcile) and server.db before it starts serving;
+    it closes those connections before gunicorn forks, so neither it nor any worker holds
+    a dozen idle sockets to the engine and server.db's descriptors for its whole life (it
+    did: a restarted master held 20 to 25 descriptors where one on a new home held 15)."""
+    server = start_server(tmp_path / "host", env={"P2PRC_WORKERS": "2"})
+    try:
+        master = server.proc.pid
+
+        def links(pid: int) -> set[str]:
+            found = set()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                except FileNotFoundError:
+                    pass  # closed meanwhile
+            return found
+
+        def sockets(pid: int) -> set[str]:
+            return {link for link in links(pid) if link.startswith("socket:")}
+
+        def workers() -> list[int]:
+            return [int(p) for task in os.listdir(f"/proc/{master}/task")
+                    for p in open(f"/proc/{master}/task/{task}/children").read().split()]
+
+        files = links(master)
+        assert not [f for f in files if "server.db" in f], files
+        held = sockets(master)
+        assert len(held) == 2, held  # the TCP listener and the UDP socket, nothing else
+        wait_for(lambda: len(workers()) == 2, what="both workers")
+        for worker in workers():  # inherited from the master: those two only
+            assert sockets(worker) & sockets(master) == held
+    finally:
+        server.stop()

@@ -21,6 +21,7 @@ from p2prc_core.server import upgrade
 from p2prc_core.server.app import create_app, worker_threads
 from p2prc_core.server.front import FrontWorker
 from p2prc_core.services import NodeServices
+from p2prc_core.storage import close_shared_dbs
 
 log = logging.getLogger("p2prc.server")
 _UDP: list[socket.socket] = []  # the server's UDP socket (udp_probe), bound before the fork
@@ -242,6 +243,11 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
     raise_open_files()  # a relay holds two descriptors for each node and stream end
     if announce:
         announce()
+    # What the checks and the reconcile opened is closed before the fork: the workers open
+    # their own, and would each hold a copy of these (a dozen sockets to the engine, five
+    # descriptors of server.db) for as long as they live.
+    node.hosting.let_go()
+    close_shared_dbs()
     try:
         PeerServer(settings, node.home, sock).run()
     finally:
