@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import selectors
 import socket
 import ssl
@@ -362,3 +363,18 @@ class SpliceLoop:
                 pair.finished(pair.done)
             except Exception:  # noqa: BLE001 - a callback's fault must not end the loop
                 log.exception("after a stream ended")
+
+
+_loops: dict[str, tuple[int, SpliceLoop]] = {}
+_loops_lock = threading.Lock()
+
+
+def process_loop(name: str) -> SpliceLoop:
+    """This process's loop called ``name`` (made in the process that uses it: a loop made
+    before gunicorn forks would be shared by every worker)."""
+    with _loops_lock:
+        found = _loops.get(name)
+        if found is None or found[0] != os.getpid():
+            found = _loops[name] = (os.getpid(), SpliceLoop(name))
+        return found[1]
+

@@ -667,6 +667,51 @@ def test_a_tunnel_through_a_relay_reaches_the_containers_sshd(
             docker_client.containers.get(container_id).remove(force=True)
 
 
+def test_open_tunnels_hold_no_thread_of_the_host(
+        tmp_path: Path, host: LiveServer, signed_client: PeerClient) -> None:
+    """SSH sessions kept open (ControlPersist, VS Code) are tunnels that last: nine at once
+    (sshd's MaxStartups drops unauthenticated connections beyond ten), more than one
+    worker's threads allowed (its 8 threads, two kept for requests), all reach sshd, the
+    host answers meanwhile, and its threads do not grow with them."""
+    import asyncio
+
+    import psutil
+
+    from p2prc_core.tunnel_streams import open_stream
+
+    mine = signed_client.create_container(ContainerRequest(ssh_key=key(tmp_path)))
+    at = [Endpoint("127.0.0.1", host.port, host.node_id)]
+    me_id = NodeIdentity.load_or_create(tmp_path / "me")
+    process = psutil.Process(host.proc.pid)
+
+    def threads() -> int:
+        return sum(p.num_threads() for p in [process, *process.children(recursive=True)])
+
+    async def hold_nine() -> tuple[list[bytes], int, float]:
+        opened = [await open_stream(at, me_id, f"/v1/containers/{mine.id}/tunnel",
+                                    "port=22", 20) for _ in range(9)]
+        banners = []
+        for reader, _, first, _ in opened:
+            while b"\n" not in first:
+                first += await asyncio.wait_for(reader.read(64), 10)
+            banners.append(first)
+        held = threads()
+        started = time.monotonic()
+        answered = await asyncio.to_thread(signed_client.health)
+        assert answered is not None
+        took = time.monotonic() - started
+        for _, writer, _, _ in opened:
+            writer.close()
+        return banners, held, took
+
+    before = threads()
+    banners, held, took = asyncio.run(hold_nine())
+    assert all(b.startswith(b"SSH-2.0") for b in banners), [b for b in banners
+                                                           if not b.startswith(b"SSH-2.0")]
+    assert held <= before + 2, (before, held)  # (the tunnels' one loop thread)
+    assert took < 2
+
+
 def test_touch_says_when_published_ports_cannot_be_reached(tmp_path: Path) -> None:
     from p2prc_core.cli.containers import published_reachable
     from p2prc_core.my_containers import RemoteContainer

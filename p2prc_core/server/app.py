@@ -72,16 +72,16 @@ def create_app(node: NodeServices) -> falcon.App:
     app.add_route("/v1/containers", resources.ContainersResource(node.hosting.service))
     app.add_route("/v1/containers/{container_id}",
                   resources.ContainerResource(node.hosting.service))
-    # Tunnels, relay polls, relayed streams and dial-backs each hold a thread, each kind
-    # from a budget of its own (gthread's threads are a fixed number per worker): relay
-    # traffic never takes the threads of this host's own tunnels, nor polls the streams'.
-    # Two of 'threads' are always left for the rest; a relay has threads of its own on top
-    # (see worker_threads).
-    tunnels = Held(settings.threads - 2, "tunnels")
-    app.add_route("/v1/containers/{container_id}/tunnel",
-                  streams.TunnelResource(node.hosting.service, tunnels))
-    app.add_route("/v1/containers/{container_id}/exec",
-                  exec_stream.ExecResource(node.hosting.service, tunnels))
+    # Exec streams, relay polls and dial-backs each hold a thread, each kind from a budget
+    # of its own (gthread's threads are a fixed number per worker): relay traffic never
+    # takes the threads of this host's own execs, nor polls the streams'. Two of 'threads'
+    # are always left for the rest; a relay has threads of its own on top (see
+    # worker_threads). Tunnels, as relayed streams, are carried by a loop: a budget of
+    # descriptors, not threads.
+    app.add_route("/v1/containers/{container_id}/tunnel", streams.TunnelResource(
+        node.hosting.service, Held(streams.TUNNELS_PER_WORKER, "tunnels")))
+    app.add_route("/v1/containers/{container_id}/exec", exec_stream.ExecResource(
+        node.hosting.service, Held(settings.threads - 2, "exec streams")))
     hub = RelayHub(node.home, settings.relay_max_nodes, settings.relay_max_connections)
     polls = Held(settings.relay_poll_threads, "relay polls")
     # Joined streams and listening nodes are held by loops (relay.relay_loop,

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import select
 import socket
-import threading
 from collections.abc import Callable
 
 import falcon
@@ -24,25 +22,16 @@ from p2prc_core.relayhub import RelayHub, RelayRefusal
 from p2prc_core.server.relay_listen import listen_loop
 from p2prc_core.server.resources import json_answer, send
 from p2prc_core.server.upgrade import Held, Share, keep, serving, switch, wants_upgrade
-from p2prc_core.splice import Spliced, SpliceLoop, no_delay
+from p2prc_core.splice import Spliced, SpliceLoop, no_delay, process_loop
 from p2prc_core.wire import RelayWait
 
 log = logging.getLogger("p2prc.server")
 
 STRANGERS = "nodes this relay does not trust"  # their polls share half the poll budget
 
-_loop: tuple[int, SpliceLoop] | None = None
-_loop_lock = threading.Lock()
-
-
 def relay_loop() -> SpliceLoop:
-    """This worker process's loop for relayed streams (made in the process that uses it:
-    a loop made before gunicorn forks would be shared by every worker)."""
-    global _loop
-    with _loop_lock:
-        if _loop is None or _loop[0] != os.getpid():
-            _loop = (os.getpid(), SpliceLoop("p2prc-relay"))
-        return _loop[1]
+    """This worker process's loop for relayed streams."""
+    return process_loop("p2prc-relay")
 
 
 class _Waits:

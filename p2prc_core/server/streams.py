@@ -16,13 +16,15 @@ from p2prc_core.containers import ContainerService
 from p2prc_core.models import Address
 from p2prc_core.server.bodies import read_json
 from p2prc_core.server.resources import json_answer, send
-from p2prc_core.server.upgrade import Held, serving, switch, wants_upgrade
-from p2prc_core.splice import no_delay, splice
+from p2prc_core.server.upgrade import Held, Share, keep, serving, switch, wants_upgrade
+from p2prc_core.splice import Spliced, no_delay, process_loop
 from p2prc_core.wire import ReachAnswer
 
 log = logging.getLogger("p2prc.server")
 
 TUNNEL_IDLE_SECONDS = 3600.0  # a tunnel with no byte either way for this long is closed
+TUNNELS_PER_WORKER = 256  # carried by a loop, not a thread each: a bound on descriptors
+# (two each); one caller may hold half of them
 
 
 def _dial_local(port: int, timeout: float = 5.0) -> socket.socket:
@@ -72,20 +74,29 @@ class TunnelResource:
                 title="No such port",
                 description=f"Container {lease.id[:12]} has ports "
                             f"{', '.join(str(p) for p in sorted(external))}, not {port}.")
-        target, release = self.held.opening("a tunnel", lambda: _dial_local(external[port]))
+        share = Share(f"caller {req.context.caller}", max(1, self.held.limit // 2))
+        target, release = self.held.opening("a tunnel", lambda: _dial_local(external[port]),
+                                            [share])
         log.info("tunnel to %s port %d for %s", lease.id[:12], port, req.context.caller)
-        switch(req, resp, lambda sock: _join(sock, target, TUNNEL_IDLE_SECONDS), release)
+        switch(req, resp, lambda sock: _carry(sock, target, release), release)
 
 
-def _join(sock: socket.socket, other: socket.socket, idle: float | None,
-          bytes_per_second: float | None = None) -> None:
-    other.settimeout(None)
-    for each in (sock, other):
+def _carry(sock: socket.socket, target: socket.socket, release: Callable[[], None]) -> bool:
+    """Hand a tunnel's two ends to this worker's loop, which joins them (``SpliceLoop``):
+    a tunnel holds no thread, so SSH sessions kept open (ControlPersist, VS Code) do not
+    take the threads that requests need. ``release`` once it ends."""
+    for each in (sock, target):
         no_delay(each)
-    done = splice(sock, other, idle_seconds=idle, alive=serving,
-                  bytes_per_second=bytes_per_second)
-    log.debug("stream closed (%s): %d bytes in, %d out", done.reason, done.a_to_b,
-              done.b_to_a)
+    keep(sock)
+
+    def finished(done: Spliced) -> None:
+        log.debug("tunnel closed (%s): %d bytes in, %d out", done.reason, done.a_to_b,
+                  done.b_to_a)
+        release()
+
+    process_loop("p2prc-tunnels").carry(sock, target, idle_seconds=TUNNEL_IDLE_SECONDS,
+                                        alive=serving, finished=finished)
+    return True
 
 
 class ReachCheckResource:
