@@ -453,6 +453,31 @@ class Soak:
         return {"untracked": sorted(untracked)}
 
 
+def processes_now(soak: Soak) -> dict[str, dict[str, int]]:
+    """Each server process's figures now (one that is being restarted is left out)."""
+    found: dict[str, dict[str, int]] = {}
+    for server in (soak.relay, soak.host):
+        try:
+            found.update(server.figures())
+        except (OSError, AttributeError):
+            pass
+    return found
+
+
+def trends(samples: list[dict[str, dict[str, int]]]) -> list[str]:
+    """For each process that lived through every sample: its resident memory (MB) and
+    descriptors at each, so a plateau can be told from a climb."""
+    lines = []
+    for name in sorted(samples[0]):
+        pids = {s.get(name, {}).get("pid") for s in samples}
+        if len(pids) != 1 or None in pids:
+            continue
+        rss = " ".join(f"{s[name]['rss_kib'] / 1024:.1f}" for s in samples)
+        fds = " ".join(str(s[name]["fds"]) for s in samples)
+        lines.append(f"{name}, each minute: memory (MB) {rss}; descriptors {fds}")
+    return lines
+
+
 def table(start: dict[str, Any], end: dict[str, Any]) -> list[str]:
     lines = [f"{'what':<34} {'start':>10} {'end':>10}  change"]
     for name in sorted(set(start["processes"]) | set(end["processes"])):
@@ -505,8 +530,10 @@ def main(argv: list[str] | None = None) -> int:
                 threading.Thread(target=soak.inject, args=(args.fault_every, kinds),
                                  daemon=True).start()
             deadline = time.monotonic() + seconds - warm
+            samples = [start["processes"]]  # each minute, under load: the trend of each
             while time.monotonic() < deadline:
                 time.sleep(min(60.0, max(0.0, deadline - time.monotonic())))
+                samples.append(processes_now(soak))
                 print(f"  {sum(soak.tally.ok.values())} commands ok, "
                       f"{len(soak.tally.unexpected)} unexpected failures, faults "
                       f"{soak.tally.faults}", flush=True)
@@ -521,12 +548,14 @@ def main(argv: list[str] | None = None) -> int:
         counts = [s.log_counts(t) for s in (soak.host, soak.relay)]
         five_xx, five_xx_hit, logged = (sum(c[i] for c in counts) for i in range(3))
         problems = [p for s in (soak.host, soak.relay) for p in s.first_problems(t)]
-        figures = {"minutes": args.minutes, "start": start, "end": end, "ok": t.ok,
+        figures = {"minutes": args.minutes, "start": start, "end": end, "samples": samples,
+                   "ok": t.ok,
                    "hit_by_faults": t.hit, "unexpected": t.unexpected, "faults": t.faults,
                    "five_xx": five_xx, "five_xx_in_faults": five_xx_hit,
                    "tracebacks": t.tracebacks + logged,
                    "untracked": left["untracked"], "problems": problems}
     print("\n".join(table(start, end)))
+    print("\n".join(trends(samples)))
     print(f"commands ok: {t.ok}")
     print(f"failed while a fault was under way: {t.hit}")
     print(f"faults injected: {t.faults}")
