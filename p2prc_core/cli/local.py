@@ -7,7 +7,7 @@ import os
 import stat
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -27,12 +27,13 @@ from p2prc_core.config import (
     load_settings,
     settings_as_dict,
 )
-from p2prc_core.containers import POOL_OWNER, STOPPED, ContainerService, Lease, usage_of
-from p2prc_core.doctor import node_status
 from p2prc_core.errors import P2PRCError
 from p2prc_core.output import print_json, print_table
 from p2prc_core.reach_state import ReachState
 from p2prc_core.text import format_ago, format_when, human_bytes, human_duration
+
+if TYPE_CHECKING:  # the host's view needs them; 'version' and 'id' do not load them
+    from p2prc_core.containers import ContainerService, Lease
 
 # -- server ------------------------------------------------------------------------------
 
@@ -119,6 +120,8 @@ def interfaces(node: CliContext, as_json: bool) -> None:
 def status(node: CliContext, as_json: bool) -> None:
     """This node at a glance: id, server, transport, addresses as peers see them, peers,
     the containers it hosts for peers and those you hold on peers, and GPUs."""
+    from p2prc_core.doctor import node_status
+
     state = node_status(node.services)
     if as_json:
         print_json(state)
@@ -252,9 +255,12 @@ def version(node: CliContext, as_json: bool) -> None:
     def package(name: str) -> str:
         return installed_version(name) or "not installed"
 
-    try:
-        ask = getattr(node.services.hosting.backend(), "engine_version", None)
-        engine = str(ask()) if ask is not None else "not said by this backend"
+    try:  # (the plugins' backend itself: the node's services are not needed for this)
+        backend = node.hooks.backends().get(node.settings.backend)
+        ask = getattr(backend, "engine_version", None)
+        engine = str(ask()) if ask is not None else \
+            f"no {node.settings.backend!r} backend" if backend is None else \
+            "not said by this backend"
     except Exception as err:  # noqa: BLE001 - no engine, or another backend: say why
         engine = f"unavailable ({str(err).splitlines()[0][:300]})"
     found = {"p2prc": __version__, "python": platform.python_version(),
@@ -300,6 +306,8 @@ def server_containers_ls(node: CliContext, as_json: bool = False) -> None:
     one with when it is freed, a running one that uses no CPU now as idle."""
     service = _local_service(node)
     leases = service.list_leases()
+    from p2prc_core.containers import POOL_OWNER, STOPPED, usage_of
+
     usage = usage_of(service.backend, [lease.id for lease in leases if lease.state == "running"])
     stopped_now = {lease.id for lease in leases if lease.state in STOPPED}
     stopped = {i: times for i, times in service.freed_at().items() if i in stopped_now}
