@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 CACHE_FILE = "entry-points.json"
-_METADATA = (".dist-info", ".egg-info")
+_METADATA = (".dist-info", ".egg-info", ".egg")  # (an .egg folder has EGG-INFO inside)
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,13 @@ def installed_key() -> str:
         parts.append(f"\0{folder}")
         try:
             names = sorted(e.name for e in os.scandir(folder or ".")
-                           if e.name.endswith(_METADATA))
-        except OSError:  # not a folder: a zip file on the path, say, or nothing
-            with contextlib.suppress(OSError):
-                st = os.stat(folder)
-                parts.append(f"{st.st_size}:{st.st_mtime_ns}")
+                           if e.name.lower().endswith(_METADATA))
+        except OSError:  # not a folder: a zip file on the path (or a folder in one), or
+            parts.append(_file_key(folder))  # nothing
             continue
         for name in names:
-            for item in (name, os.path.join(name, "entry_points.txt")):
+            inside = "EGG-INFO" if name.lower().endswith(".egg") else ""
+            for item in (name, os.path.join(name, inside, "entry_points.txt")):
                 try:
                     st = os.stat(os.path.join(folder or ".", item))
                 except OSError:
@@ -91,7 +90,8 @@ def installed_version(name: str) -> str | None:
     wanted = re.sub(r"[-_.]+", "_", name).lower()
     for folder in sys.path:
         try:
-            names = [e.name for e in os.scandir(folder or ".") if e.name.endswith(_METADATA)]
+            names = [e.name for e in os.scandir(folder or ".")
+                     if e.name.lower().endswith(_METADATA)]
         except OSError:
             continue
         for entry in names:
@@ -105,6 +105,20 @@ def installed_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _file_key(path: str) -> str:
+    """The size and change time of ``path``, or of the nearest existing folder or file
+    above it (a folder inside a zip file: the zip's)."""
+    while path:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return ""
 
 
 def _scan(group: str) -> list[EntryPoint]:

@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2prc_core.errors import P2PRCError
@@ -150,7 +151,7 @@ def _answer_from(sock: socket.socket, where: tuple[str, int], opcode: int, size:
     return None
 
 
-def find_gateway(timeout: float = 3.0) -> Any:
+def find_gateway(timeout: float = 3.0, home: Path | None = None) -> Any:
     """A mapper whose gateway answered, UPnP IGD first (found by SSDP), then PCP and then
     NAT-PMP at the default gateway (a gateway that speaks NAT-PMP only says so to PCP's
     first request at once); None when none did."""
@@ -168,7 +169,7 @@ def find_gateway(timeout: float = 3.0) -> Any:
     gateway = default_gateway()
     if gateway is None:
         return None
-    pcp = PcpMapper(gateway)
+    pcp = PcpMapper(gateway, home=home)  # (its nonces kept in the home)
     if pcp.discover():
         return pcp
     natpmp = NatPmpMapper(gateway)

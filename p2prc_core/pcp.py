@@ -4,9 +4,11 @@ renew, unmap), tried before NAT-PMP (``natpmp.find_gateway``).
 
 Each mapping is a MAP request that names this host's address toward the gateway and a random
 nonce; the gateway renews or removes a mapping only for a request with the same nonce, so
-the nonce stays with the mapper that made it (not in the ``Mapping`` that ``p2prc status``
-shows). A gateway that speaks NAT-PMP only answers a PCP request with NAT-PMP's "unsupported
-version": that is a plain "no PCP here", and NAT-PMP is asked next.
+the nonce is kept with the mapper that made it, and in the node's home (``pcp.json``, 0600:
+a server restarted, or a worker that took the job over, maps with it again, where a gateway
+would refuse a new nonce until the old mapping ran out), not in the ``Mapping`` that
+``p2prc status`` shows. A gateway that speaks NAT-PMP only answers a PCP request with
+NAT-PMP's "unsupported version": that is a plain "no PCP here", and NAT-PMP is asked next.
 
 Answers are untrusted input, as NAT-PMP's are: taken only from the gateway's address and
 port, of the exact size of the answer asked for (no options: none are asked for), with the
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from p2prc_core.errors import P2PRCError
 
@@ -33,6 +38,7 @@ PORT = 5351
 VERSION = 2
 TRIES = 3  # 0.25 + 0.5 + 1 s, as NAT-PMP's: a gateway that speaks PCP answers the first
 MAX_LEASE = 604800
+NONCES_FILE = "pcp.json"  # in the node's home: "PROTOCOL:PORT" -> the mapping's nonce (hex)
 _ANNOUNCE, _MAP = 0, 1  # opcodes; an answer's has the response bit (128) set
 _PROTOCOLS = {"TCP": 6, "UDP": 17}
 _HEADER = 24
@@ -63,12 +69,48 @@ class PcpMapper:
     """Maps, renews and removes TCP and UDP port forwards on the default gateway with
     PCP MAP requests."""
 
-    def __init__(self, gateway: str | None = None, timeout: float = 0.25, port: int = PORT):
+    def __init__(self, gateway: str | None = None, timeout: float = 0.25, port: int = PORT,
+                 home: Path | None = None):
         self.gateway = gateway
         self.port = port
         self.first_wait = timeout  # the first retransmission's; doubled each time
         self._lock = threading.Lock()
-        self._nonces: dict[tuple[str, int], bytes] = {}  # (protocol, internal port) -> nonce
+        self._kept = home / NONCES_FILE if home is not None else None
+
+    def _nonce(self, protocol: str, port: int, new: bool = True) -> bytes | None:
+        """The nonce of this host's mapping of ``protocol`` ``port`` (a new one, kept, when
+        there is none and ``new``)."""
+        from p2prc_core.storage import update_json
+
+        key = f"{protocol}:{port}"
+
+        def take(kept: dict[str, Any]) -> str | None:
+            found = kept.get(key)
+            if not (isinstance(found, str) and re.fullmatch("[0-9a-f]{24}", found)):
+                found = os.urandom(12).hex() if new else None
+                if found is not None:
+                    kept[key] = found
+            return found
+
+        if self._kept is None:
+            found = take(self._memory)
+        else:
+            found = update_json(self._kept, take)
+            os.chmod(self._kept, 0o600)
+        return bytes.fromhex(found) if found else None
+
+    def _forget(self, protocol: str, port: int) -> None:
+        from p2prc_core.storage import update_json
+
+        key = f"{protocol}:{port}"
+        if self._kept is None:
+            self._memory.pop(key, None)
+        else:
+            update_json(self._kept, lambda kept: kept.pop(key, None))
+
+    @cached_property
+    def _memory(self) -> dict[str, Any]:  # the nonces, where no home keeps them
+        return {}
 
     def discover(self) -> bool:
         """Whether the default gateway answers PCP (an ANNOUNCE, answered with success)."""
@@ -96,7 +138,8 @@ class PcpMapper:
                 raise ValueError(f"{name} must be 1 to 65535, not {value}")
         if not 1 <= lease_seconds <= MAX_LEASE:
             raise ValueError(f"lease_seconds must be 1 to {MAX_LEASE}, not {lease_seconds}")
-        nonce = self._nonces.setdefault((protocol, port), os.urandom(12))
+        nonce = self._nonce(protocol, port)
+        assert nonce is not None
         answer = self._send_map(nonce, protocol, port, external_port or port, lease_seconds)
         from p2prc_core.upnp import Mapping, local_address
 
@@ -117,19 +160,24 @@ class PcpMapper:
 
     def unmap(self, mapping: Mapping) -> None:
         """Remove the forward (a MAP with lifetime 0 and the nonce that made it)."""
-        nonce = self._nonces.pop((mapping.protocol, mapping.internal_port), None)
+        nonce = self._nonce(mapping.protocol, mapping.internal_port, new=False)
         if nonce is None:
             raise PcpError(f"no mapping of {mapping.protocol} port {mapping.internal_port} "
                            f"made here to remove")
         self._send_map(nonce, mapping.protocol, mapping.internal_port, 0, 0)
+        self._forget(mapping.protocol, mapping.internal_port)  # (kept until it is gone)
 
     def _header(self, opcode: int, lifetime: int) -> bytes:
         from p2prc_core.upnp import local_address
 
         if self.gateway is None:
             raise PcpError("no default gateway to ask")
-        return struct.pack(">BBHI16s", VERSION, opcode, 0, lifetime,
-                           _mapped(local_address(self.gateway)))
+        try:
+            here = local_address(self.gateway)
+        except OSError as err:  # no route to it now (the network went away)
+            raise PcpError(f"cannot reach the gateway {self.gateway}: {err.strerror}") \
+                from None
+        return struct.pack(">BBHI16s", VERSION, opcode, 0, lifetime, _mapped(here))
 
     def _send_map(self, nonce: bytes, protocol: str, port: int, external_port: int,
                   lifetime: int) -> bytes:

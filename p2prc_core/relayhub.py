@@ -119,6 +119,10 @@ class RelayHub:
     def _waits(self, node_id: str | None = None) -> list[tuple[str, str]]:
         """The places where nodes (or ``node_id``) wait now: (node id, listener name). A
         place whose worker died (killed, out of memory) is forgotten here."""
+        return [(node, name) for node, name, _ in self._places(node_id)]
+
+    def _places(self, node_id: str | None = None) -> list[tuple[str, str, Path]]:
+        """``_waits``, each with its marker."""
         found = []
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.dir):
@@ -128,7 +132,7 @@ class RelayHub:
                 if parts[3].isdigit() and not _alive(int(parts[3])):
                     Path(entry.path).unlink(missing_ok=True)
                     continue
-                found.append((parts[1], parts[2]))
+                found.append((parts[1], parts[2], Path(entry.path)))
         return found
 
     def _seen(self, node_id: str) -> None:
@@ -172,11 +176,12 @@ class RelayHub:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
             listener.bind(_abstract(f"t-{node_id}-{token}"))
             listener.listen(1)
-            told = self._tell(node_id, token)
+            told = self._tell(node_id, token, FIND_SECONDS)
             if told is None:
                 raise RelayRefusal(f"Node {node_id} does not keep a connection to this "
                                    f"relay.", 404, "Not relayed here")
             deadline = time.monotonic() + ACCEPT_SECONDS
+            cap = deadline + ACCEPT_SECONDS / 2  # the most that handing it again may add
             again = RETELLS
             while True:
                 listener.settimeout(max(0.01, min(0.5, deadline - time.monotonic())))
@@ -185,42 +190,43 @@ class RelayHub:
                 except TimeoutError:
                     if time.monotonic() >= deadline:
                         raise RelayRefusal(f"Node {node_id} was told, but did not come to "
-                                           f"accept within {ACCEPT_SECONDS:g} s.", 504,
+                                           f"accept in time ({ACCEPT_SECONDS:g} s).", 504,
                                            "Node did not answer") from None
-                    if again and self._lost(node_id, told):
-                        # The node's stream ended with the token in it (its process was
-                        # killed, say): its next stream gets it, or the client a 404 now.
-                        again -= 1
-                        told = self._tell(node_id, token)
-                        if told is None:
-                            raise RelayRefusal(f"Node {node_id} was told, but its "
-                                               f"connection to this relay ended before it "
-                                               f"came to accept.", 404,
-                                               "Not relayed here") from None
-                        deadline = max(deadline, time.monotonic() + ACCEPT_SECONDS / 2)
+                    if not _lost(told):
+                        continue
+                    # The node's stream ended with the token in it (its process was killed,
+                    # say): its next stream gets it; else, or after RETELLS, a 404 now.
+                    told = self._tell(node_id, token,
+                                      min(FIND_SECONDS, cap - time.monotonic())) \
+                        if again else None
+                    again -= 1
+                    if told is None:
+                        came = _came(listener)  # (it may have come while it was told again)
+                        if came is not None:
+                            return came
+                        raise RelayRefusal(f"Node {node_id} was told, but its connection "
+                                           f"to this relay ended before it came to "
+                                           f"accept.", 404, "Not relayed here") from None
+                    deadline = min(cap, max(deadline, time.monotonic() + ACCEPT_SECONDS / 2))
                     continue
                 if _ours(conn):
                     return conn
                 conn.close()  # another user's process on this machine: not the node
 
-    def _lost(self, node_id: str, told: str) -> bool:
-        """Whether the stream ``told`` (a name from ``_tell``) ended: a poll ends as it is
-        answered, so only a stream's end says the token went with it."""
-        return told.startswith("s") and told not in {n for _, n in self._waits(node_id)}
-
-    def _tell(self, node_id: str, token: str) -> str | None:
+    def _tell(self, node_id: str, token: str, seconds: float) -> Path | None:
         """Hand ``token`` to one of the node's waiting polls (its next one, if it is just
-        between two); the name of the one that took it, or None."""
-        deadline = time.monotonic() + FIND_SECONDS
+        between two), trying for ``seconds``; the marker of the one that took it, or
+        None."""
+        deadline = time.monotonic() + seconds
         while True:
-            for _, name in sorted(self._waits(node_id)):
+            for _, name, marker in sorted(self._places(node_id)):
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                     conn.settimeout(2.0)
                     try:
                         conn.connect(_abstract(name))
                         conn.sendall(token.encode() + b"\n")
                         if conn.recv(2) == b"ok":
-                            return name
+                            return marker
                     except OSError:
                         continue
             if time.monotonic() > deadline:
@@ -305,6 +311,28 @@ class Waiting:
     def close(self) -> None:
         self.marker.unlink(missing_ok=True)
         self.listener.close()
+
+
+def _lost(marker: Path) -> bool:
+    """Whether the node's stream whose ``marker`` took a token ended (its marker gone, or
+    its worker): a poll ends as it is answered, so only a stream's end (a name registered
+    with ``stays``) says the token went with it."""
+    _, _, name, pid = marker.name.split(".")
+    return name.startswith("s") and (not marker.exists() or
+                                     (pid.isdigit() and not _alive(int(pid))))
+
+
+def _came(listener: socket.socket) -> socket.socket | None:
+    """The node's accept, if it is already waiting at ``listener``."""
+    listener.settimeout(0.0)
+    try:
+        conn, _ = listener.accept()
+    except (BlockingIOError, TimeoutError):
+        return None
+    if _ours(conn):
+        return conn
+    conn.close()
+    return None
 
 
 def _read_token(conn: socket.socket) -> str | None:

@@ -37,7 +37,7 @@ class RouterPort:
         removed again."""
         from p2prc_core.natpmp import find_gateway
 
-        mapper = find_gateway()  # UPnP IGD, else PCP, else NAT-PMP
+        mapper = find_gateway(home=self.state.path.parent)  # UPnP IGD, else PCP, else NAT-PMP
         if mapper is None:
             log.info("no UPnP, PCP or NAT-PMP gateway answered: the port is not mapped")
             return
@@ -113,7 +113,7 @@ class RouterPort:
                 max(30.0, self.mapping.lease_seconds / 2 or 1800)):
             try:
                 renewed = self._renewed(self.mapping)
-            except (P2PRCError, ValueError) as err:
+            except (P2PRCError, ValueError, OSError) as err:  # (no network now: next time)
                 log.warning("port mapping renewal failed: %s", err)
                 continue
             if renewed is None:
@@ -125,7 +125,7 @@ class RouterPort:
             if self.udp is not None:
                 try:
                     self.udp = self._renewed(self.udp)
-                except (P2PRCError, ValueError) as err:
+                except (P2PRCError, ValueError, OSError) as err:
                     log.warning("UDP forward renewal failed: %s", err)
                     continue
                 if self.udp is None:

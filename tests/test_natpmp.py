@@ -218,7 +218,7 @@ def test_the_udp_forward_is_kept_only_at_the_tcp_forwards_place(
     elif udp == "other port":
         udp = Mapping("11.0.0.9", 40000, "192.168.1.5", 8088, "UDP", 3600, "a router")
     router = Router(udp)
-    monkeypatch.setattr(natpmp, "find_gateway", lambda: router)
+    monkeypatch.setattr(natpmp, "find_gateway", lambda home=None: router)
     state = ReachState(tmp_path)
     port = RouterPort(state, threading.Event())
     port.map(8088, "p2prc test")

@@ -4,11 +4,13 @@ answers is untrusted input. (The real thing, miniupnpd, is in test_natlab.py.)""
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -93,6 +95,54 @@ def test_an_honest_gateway_maps_renews_and_unmaps_with_one_nonce(
     assert struct.unpack(">I", tcp[-1][4:8])[0] == 0  # removed: lifetime 0
     with pytest.raises(PcpError, match="no mapping of TCP port 8088"):
         mapper.unmap(mapping)  # its nonce went with it
+
+
+def test_the_nonce_is_kept_in_the_home_and_outlives_the_mapper(
+        gateway: Callable[[Answer], PcpMapper], tmp_path: Path) -> None:
+    """A server restarted (or another worker taking the job over) maps with the nonce the
+    gateway knows: a new one would be refused until the old mapping ran out. A removal
+    whose answer was lost keeps it, so it can be asked again."""
+    first = gateway(honest)
+    first._kept = tmp_path / "pcp.json"
+    first.map(8088)
+    kept = json.loads((tmp_path / "pcp.json").read_text())
+    assert list(kept) == ["TCP:8088"] and len(kept["TCP:8088"]) == 24
+    assert (tmp_path / "pcp.json").stat().st_mode & 0o777 == 0o600
+    again = gateway(honest)
+    again._kept = tmp_path / "pcp.json"
+    mapping = again.map(8088)
+    asked = again.asked  # type: ignore[attr-defined]
+    assert asked[-1][24:36] == bytes.fromhex(kept["TCP:8088"])  # the same nonce
+    silent = gateway(lambda r: [])
+    silent._kept = tmp_path / "pcp.json"
+    with pytest.raises(PcpError):
+        silent.unmap(mapping)
+    assert "TCP:8088" in json.loads((tmp_path / "pcp.json").read_text())
+    gateway(honest)  # (the gateway answers again)
+    again.unmap(mapping)
+    assert json.loads((tmp_path / "pcp.json").read_text()) == {}
+    (tmp_path / "pcp.json").write_text('{"TCP:8088": "not hex at all", "UDP:1": 5}')
+    again.map(8088)  # a damaged entry: a new nonce, not a crash
+    assert len(json.loads((tmp_path / "pcp.json").read_text())["TCP:8088"]) == 24
+
+
+def test_no_route_to_the_gateway_is_a_pcp_error_not_a_crash() -> None:
+    """The network went away (a laptop's Wi-Fi): discover says no, map says why; the
+    renewal thread lives on to try again."""
+    mapper = PcpMapper("203.0.113.1")
+    import p2prc_core.upnp as upnp
+
+    def unreachable(gateway: str) -> str:
+        raise OSError(101, "Network is unreachable")
+
+    original = upnp.local_address
+    upnp.local_address = unreachable  # type: ignore[assignment]
+    try:
+        assert mapper.discover() is False
+        with pytest.raises(PcpError, match="Network is unreachable"):
+            mapper.map(8088)
+    finally:
+        upnp.local_address = original  # type: ignore[assignment]
 
 
 def test_a_gateway_may_give_another_port_and_the_mapping_says_so(
@@ -216,7 +266,7 @@ def test_find_gateway_asks_pcp_then_nat_pmp(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(addresses, "default_gateway", lambda: "127.0.0.1")
     monkeypatch.setattr(pcp, "PORT", port)
     monkeypatch.setattr(natpmp, "PORT", port)
-    monkeypatch.setattr(pcp.PcpMapper.__init__, "__defaults__", (None, 0.05, port))
+    monkeypatch.setattr(pcp.PcpMapper.__init__, "__defaults__", (None, 0.05, port, None))
     monkeypatch.setattr(NatPmpMapper.__init__, "__defaults__", (None, 0.05, port))
     assert isinstance(natpmp.find_gateway(), PcpMapper)
     gateway(lambda r: natpmp_only(r) if r[0] == 2 else

@@ -250,3 +250,27 @@ def test_a_token_lost_with_a_nodes_stream_is_handed_to_its_next_stream(
     assert "ended before it came to accept" in answer.body.decode(), answer
     assert time.monotonic() - started < 9
     client.close()
+
+
+def test_a_node_that_had_the_token_still_gets_its_client_after_its_stream_ended(
+        tmp_path: Path, servers: list[LiveServer]) -> None:
+    """The stream ended after the node read the token (it moved to another stream, say),
+    and the node comes to accept while the relay looks for its next stream to hand the
+    token again: the client is joined to it, not refused with a 404."""
+    relay = start_relay(tmp_path, "relay")
+    servers.append(relay)
+    node = NodeIdentity.generate()
+    first = open_listen(endpoint(relay), node, True, 10)
+    client = send(relay, "POST", "/v1/relay/connect", f"node={node.node_id}", "127.0.0.1",
+                  NodeIdentity.generate(), upgrade=True)
+    token = _token_of(first)
+    first.close()
+    wait_for(lambda: not list((relay.home / "relay").glob(f"w.{node.node_id}.*")),
+             what="the relay sees the stream end")
+    node_side = open_accept(endpoint(relay), token, node, True, 10)
+    assert answer_of(client).status == 101
+    client.sendall(b"joined")
+    node_side.settimeout(10)
+    assert node_side.recv(100) == b"joined"
+    client.close()
+    node_side.close()

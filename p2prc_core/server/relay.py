@@ -160,7 +160,6 @@ class _RelayStream:
         ``then``) once the stream ends. True: the connection is the loop's now."""
         for each in (sock, other):
             no_delay(each)
-        keep(sock)
 
         def finished(done: Spliced) -> None:
             log.debug("relayed stream closed (%s): %d bytes in, %d out", done.reason,
@@ -169,9 +168,15 @@ class _RelayStream:
             if then is not None:
                 then()
 
-        relay_loop().carry(sock, other, idle_seconds=float(self.settings.relay_idle_seconds),
-                           alive=serving, bytes_per_second=bytes_per_second,
-                           finished=finished)
+        try:
+            relay_loop().carry(sock, other,
+                               idle_seconds=float(self.settings.relay_idle_seconds),
+                               alive=serving, bytes_per_second=bytes_per_second,
+                               finished=finished)
+        except BaseException:  # not the loop's: the other end is closed here, this one
+            other.close()  # by gunicorn, and the slot given back by switch
+            raise
+        keep(sock)  # the loop's now: gunicorn must not close it
         return True
 
 

@@ -243,12 +243,12 @@ def serve(node: NodeServices, announce: Callable[[], None] | None = None) -> Non
     raise_open_files()  # a relay holds two descriptors for each node and stream end
     if announce:
         announce()
-    # What the checks and the reconcile opened is closed before the fork: the workers open
-    # their own, and would each hold a copy of these (a dozen sockets to the engine, five
-    # descriptors of server.db) for as long as they live.
-    node.hosting.let_go()
-    close_shared_dbs()
     try:
+        # What the checks and the reconcile opened is closed before the fork: the workers
+        # open their own, and would each hold a copy of these (a dozen sockets to the
+        # engine, five descriptors of server.db) for as long as they live.
+        node.hosting.let_go()
+        close_shared_dbs()
         PeerServer(settings, node.home, sock).run()
     finally:
         node.hosting.drain_pool()  # nobody's containers: they go with the server

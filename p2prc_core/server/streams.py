@@ -87,15 +87,19 @@ def _carry(sock: socket.socket, target: socket.socket, release: Callable[[], Non
     take the threads that requests need. ``release`` once it ends."""
     for each in (sock, target):
         no_delay(each)
-    keep(sock)
 
     def finished(done: Spliced) -> None:
         log.debug("tunnel closed (%s): %d bytes in, %d out", done.reason, done.a_to_b,
                   done.b_to_a)
         release()
 
-    process_loop("p2prc-tunnels").carry(sock, target, idle_seconds=TUNNEL_IDLE_SECONDS,
-                                        alive=serving, finished=finished)
+    try:
+        process_loop("p2prc-tunnels").carry(sock, target, idle_seconds=TUNNEL_IDLE_SECONDS,
+                                            alive=serving, finished=finished)
+    except BaseException:  # not the loop's: the container's end is closed here, the
+        target.close()  # caller's by gunicorn, and the slot given back by switch
+        raise
+    keep(sock)  # the loop's now: gunicorn must not close it
     return True
 
 
