@@ -231,6 +231,9 @@ class Client(threading.Thread):
         self.killed = False
         self.lock = threading.Lock()
         self.idle = threading.Event()  # set between commands
+        self.unsure: set[str] = set()  # containers whose rm was killed: the host may have
+        # removed them before the client could forget them; removed again (as a user
+        # would), never run on
 
     def p2prc(self, *args: str, timeout: float = 180) -> tuple[int, str, str]:
         with self.lock:
@@ -282,21 +285,24 @@ class Client(threading.Thread):
             code, out, err = self.p2prc(*args)
             self.soak.tally.count(op, code == 0, started, time.monotonic(), out + err,
                                   self.killed)
+            if op == "rm":
+                (self.unsure.add if self.killed else self.unsure.discard)(args[1])
 
     def choose(self) -> tuple[str, list[str]]:
         host = self.soak.host
         relayed = self.rng.random() < 0.5
         where = host_id(host) if relayed else f"127.0.0.1:{host.port}"
-        mine = self.tracked(lasting=300)
-        kind = self.rng.choices(["touch", "rm", "exec", "run", "update", "ls"],
-                                [3 if len(mine) < 2 else 0, 2 if mine else 0, 3,
-                                 2 if mine else 0, 1, 1])[0]
+        mine = [i for i in self.tracked(lasting=300) if i[:12] not in self.unsure]
+        unsure = [i for i in self.tracked() if i[:12] in self.unsure]
+        kind = "rm" if unsure else self.rng.choices(
+            ["touch", "rm", "exec", "run", "update", "ls"],
+            [3 if len(mine) < 2 else 0, 2 if mine else 0, 3, 2 if mine else 0, 1, 1])[0]
         name = f"{kind} {'relayed' if relayed else 'direct'}" \
             if kind in ("touch", "exec") else kind
         if kind == "touch":
             return name, ["touch", where, "--ttl", "2h"]
         if kind == "rm":
-            return name, ["rm", self.rng.choice(mine)[:12]]
+            return name, ["rm", self.rng.choice(unsure or mine)[:12]]
         if kind == "exec":
             return name, ["exec", "--on", where, "--timeout", "2m", "--", "sh", "-c",
                           "head -c 100000 /dev/urandom | wc -c"]
