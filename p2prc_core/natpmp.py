@@ -4,28 +4,26 @@ that the server's reach agent uses whichever gateway answers (``find_gateway``; 
 successor, is ``pcp``'s and asked first).
 
 The gateway is the default route's (IPv4), asked at UDP port 5351, with RFC 6886's
-retransmissions (250 ms, doubling) cut short at ``TRIES``. Its answers are untrusted input:
-taken only from the gateway's address and port, of the exact size and opcode asked for,
-with a success code, and an external address that is IPv4.
+retransmissions (250 ms, doubling) cut short at ``gateway_udp.TRIES``. Its answers are
+untrusted input: taken only from the gateway's address and port, of the exact size and
+opcode asked for, with a success code, and an external address that is IPv4.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2prc_core.errors import P2PRCError
+from p2prc_core.gateway_udp import ask_gateway
 
 if TYPE_CHECKING:  # upnp's module loads its HTTP client: only where a mapping is made
     from p2prc_core.upnp import Mapping
 
 PORT = 5351
-TRIES = 3  # 0.25 + 0.5 + 1 s: a gateway that speaks NAT-PMP answers within the first
 MAX_LEASE = 604800
 _EXTERNAL = 0  # opcodes; an answer's is the request's + 128
 _MAP = {"UDP": 1, "TCP": 2}
@@ -104,51 +102,28 @@ class NatPmpMapper:
         self._ask(struct.pack(">BBHHHI", 0, opcode, 0, mapping.internal_port, 0, 0), opcode, 16)
 
     def _ask(self, request: bytes, opcode: int, size: int) -> bytes:
-        """``request`` sent to the gateway, again after 0.25, 0.5 ... s; its answer.
+        """``request`` sent to the gateway (``gateway_udp``); its answer of ``size`` bytes
+        for ``opcode``, with success.
 
-        :raises NatPmpError: no answer of ``size`` bytes for ``opcode`` with success, from
-            the gateway, within ``TRIES`` sends; or a refusal (its reason).
+        :raises NatPmpError: no such answer within ``TRIES`` sends; or a refusal (its
+            reason).
         """
         if self.gateway is None:
             raise NatPmpError("no default gateway to ask")
-        where = (self.gateway, self.port)
-        with self._lock, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            wait = self.first_wait
-            for _ in range(TRIES):
-                try:
-                    sock.sendto(request, where)
-                except OSError as err:
-                    raise NatPmpError(f"cannot reach the gateway {self.gateway}: "
-                                      f"{err.strerror}") from None
-                answer = _answer_from(sock, where, opcode, size, time.monotonic() + wait)
-                if answer is not None:
-                    return answer
-                wait *= 2
-        raise NatPmpError(f"the gateway {self.gateway} did not answer NAT-PMP")
+        gateway = self.gateway
 
+        def take(data: bytes) -> bytes | None:
+            if len(data) != size or data[0] != 0 or data[1] != 128 + opcode:
+                return None
+            result = struct.unpack(">H", data[2:4])[0]
+            if result:
+                raise NatPmpError(f"the gateway {gateway} refused: "
+                                  f"{RESULTS.get(result, f'result {result}')}")
+            return data
 
-def _answer_from(sock: socket.socket, where: tuple[str, int], opcode: int, size: int,
-                 deadline: float) -> bytes | None:
-    """The gateway's answer to ``opcode`` before ``deadline``; None for none. Whatever
-    comes from elsewhere, or is not that answer, is passed over (and does not move the
-    deadline).
-
-    :raises NatPmpError: the gateway refused (its result code, in words).
-    """
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            data, source = sock.recvfrom(64)
-        except (TimeoutError, OSError):
-            return None
-        if source != where or len(data) != size or data[0] != 0 or data[1] != 128 + opcode:
-            continue
-        result = struct.unpack(">H", data[2:4])[0]
-        if result:
-            raise NatPmpError(f"the gateway {where[0]} refused: "
-                              f"{RESULTS.get(result, f'result {result}')}")
-        return data
-    return None
+        with self._lock:
+            return ask_gateway(gateway, self.port, request, self.first_wait, take,
+                               NatPmpError, "NAT-PMP")
 
 
 def find_gateway(timeout: float = 3.0, home: Path | None = None) -> Any:

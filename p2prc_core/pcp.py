@@ -21,22 +21,20 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import socket
 import struct
 import threading
-import time
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2prc_core.errors import P2PRCError
+from p2prc_core.gateway_udp import ask_gateway
 
 if TYPE_CHECKING:
     from p2prc_core.upnp import Mapping
 
 PORT = 5351
 VERSION = 2
-TRIES = 3  # 0.25 + 0.5 + 1 s, as NAT-PMP's: a gateway that speaks PCP answers the first
 MAX_LEASE = 604800
 NONCES_FILE = "pcp.json"  # in the node's home: "PROTOCOL:PORT" -> the mapping's nonce (hex)
 _ANNOUNCE, _MAP = 0, 1  # opcodes; an answer's has the response bit (128) set
@@ -189,59 +187,31 @@ class PcpMapper:
         return self._ask(self._header(_MAP, lifetime) + body, _MAP, _MAP_SIZE, echo)
 
     def _ask(self, request: bytes, opcode: int, size: int, echo: tuple[bytes, bytes]) -> bytes:
-        """``request`` sent to the gateway, again after 0.25, 0.5 ... s; its answer.
+        """``request`` sent to the gateway (``gateway_udp``); its answer of ``size`` bytes
+        for ``opcode`` that repeats ``echo``, with success.
 
         :raises NotPcp: the gateway answered in NAT-PMP (it speaks only that).
-        :raises PcpError: no answer of ``size`` bytes for ``opcode`` that repeats ``echo``,
-            from the gateway, within ``TRIES`` sends; or a refusal (its reason).
+        :raises PcpError: no such answer within ``TRIES`` sends; or a refusal (its reason).
         """
         if self.gateway is None:
             raise PcpError("no default gateway to ask")
-        where = (self.gateway, self.port)
-        with self._lock, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            wait = self.first_wait
-            for _ in range(TRIES):
-                try:
-                    sock.sendto(request, where)
-                except OSError as err:
-                    raise PcpError(f"cannot reach the gateway {self.gateway}: "
-                                   f"{err.strerror}") from None
-                answer = _answer_from(sock, where, opcode, size, echo,
-                                      time.monotonic() + wait)
-                if answer is not None:
-                    return answer
-                wait *= 2
-        raise PcpError(f"the gateway {self.gateway} did not answer PCP")
+        gateway = self.gateway
 
+        def take(data: bytes) -> bytes | None:
+            if len(data) in (8, 12, 16) and data[0] == 0 and data[1] >= 128 and \
+                    struct.unpack(">H", data[2:4])[0] == 1:
+                raise NotPcp(f"the gateway {gateway} speaks NAT-PMP, not PCP")
+            if len(data) != size or data[0] != VERSION or data[1] != 128 + opcode or \
+                    not _repeats(data, *echo):
+                return None
+            if data[3]:
+                raise PcpError(f"the gateway {gateway} refused: "
+                               f"{RESULTS.get(data[3], f'result {data[3]}')}")
+            return data
 
-def _answer_from(sock: socket.socket, where: tuple[str, int], opcode: int, size: int,
-                 echo: tuple[bytes, bytes], deadline: float) -> bytes | None:
-    """The gateway's answer to ``opcode`` before ``deadline``; None for none. Whatever
-    comes from elsewhere, or is not that answer, is passed over (and does not move the
-    deadline).
-
-    :raises NotPcp: a NAT-PMP "unsupported version" from the gateway.
-    :raises PcpError: the gateway refused (its result code, in words).
-    """
-    while (left := deadline - time.monotonic()) > 0:
-        sock.settimeout(left)
-        try:
-            data, source = sock.recvfrom(1100)  # PCP's largest message
-        except (TimeoutError, OSError):
-            return None
-        if source != where:
-            continue
-        if len(data) in (8, 12, 16) and data[0] == 0 and data[1] >= 128 and \
-                struct.unpack(">H", data[2:4])[0] == 1:
-            raise NotPcp(f"the gateway {where[0]} speaks NAT-PMP, not PCP")
-        if len(data) != size or data[0] != VERSION or data[1] != 128 + opcode or \
-                not _repeats(data, *echo):
-            continue
-        if data[3]:
-            raise PcpError(f"the gateway {where[0]} refused: "
-                           f"{RESULTS.get(data[3], f'result {data[3]}')}")
-        return data
-    return None
+        with self._lock:
+            return ask_gateway(gateway, self.port, request, self.first_wait, take, PcpError,
+                               "PCP")
 
 
 def _repeats(data: bytes, nonce_protocol: bytes, port: bytes) -> bool:
