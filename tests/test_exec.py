@@ -56,6 +56,16 @@ def ours(engine: Any, host: LiveServer) -> list[str]:
     return [c["Id"] for c in found]
 
 
+def none_left(engine: Any, host: LiveServer, timeout: float = 30) -> list[str]:
+    """The host's containers once none is left, or at ``timeout``: the host removes an
+    exec's container once the caller has its exit (it does not hold the caller for the
+    engine's removal), so the command may return a moment before."""
+    deadline = time.monotonic() + timeout
+    while (left := ours(engine, host)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 def family(pid: int) -> list[int]:
     """``pid`` and every process under it (a server's workers)."""
     parents: dict[int, int] = {}
@@ -95,7 +105,7 @@ def test_a_script_with_an_input_folder_and_an_output_comes_back(
     assert job["state"] == "done" and job["exit_code"] == 0
     assert (Path(job["out_dir"]) / "out" / "result").read_text() == "FORTY-TWO\n"
     assert Path(job["out_dir"]) == tmp_path / "p2prc-out" / job["id"]
-    assert ours(engine, host) == []  # the container is gone
+    assert none_left(engine, host) == []  # the container is gone
 
 
 @pytest.mark.docker
@@ -108,7 +118,7 @@ def test_a_failing_command_gives_its_exit_code_and_its_outputs(
     [job] = jobs(tmp_path)
     assert job["state"] == "failed" and job["exit_code"] == 7
     assert (Path(job["out_dir"]) / "out.txt").read_text() == "partial\n"
-    assert ours(engine, host) == []
+    assert none_left(engine, host) == []
 
 
 @pytest.mark.docker
@@ -125,7 +135,7 @@ def test_ctrl_c_interrupts_the_command_fetches_outputs_and_removes_the_container
     assert job["state"] == "interrupted"
     out = Path(job["out_dir"]) / "out"
     assert (out / "f").read_text() == "before\n" and (out / "g").read_text() == "got-int\n"
-    assert ours(engine, host) == []
+    assert none_left(engine, host) == []
 
 
 @pytest.mark.docker
@@ -168,7 +178,7 @@ def test_a_second_ctrl_c_kills_a_command_that_ignores_the_first(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 137, err
     assert [j["state"] for j in jobs(tmp_path)] == ["interrupted"]
-    assert ours(engine, host) == []
+    assert none_left(engine, host) == []
 
 
 @pytest.mark.docker
@@ -206,7 +216,7 @@ def test_detach_then_logs_follow_and_get(tmp_path: Path, host: LiveServer,
     [job] = jobs(tmp_path)
     assert job["state"] == "failed" and job["exit_code"] == 3
     assert (tmp_path / "p2prc-out" / job_id / "out" / "f").read_text() == "made\n"
-    assert ours(engine, host) == []
+    assert none_left(engine, host) == []
 
 
 @pytest.mark.docker
@@ -248,7 +258,7 @@ def test_bad_inputs_are_refused_before_any_container_starts(
     assert result.returncode == 1 and "exec_max_input" in result.stderr
     result = me(tmp_path, "exec", "--on", host.peer(), "-e", "1BAD=x", "--", "true")
     assert result.returncode == 1 and "1BAD" in result.stderr
-    assert ours(engine, host) == [] and jobs(tmp_path) == []
+    assert none_left(engine, host) == [] and jobs(tmp_path) == []
 
 
 @pytest.mark.docker
@@ -265,7 +275,7 @@ def test_a_hostile_output_archive_is_refused_with_a_clear_error(
     out_dir = Path(job["out_dir"])
     assert not (out_dir / "out").exists() or not (out_dir / "out").is_symlink()
     assert list(outside.iterdir()) == []
-    assert ours(engine, host) == []
+    assert none_left(engine, host) == []
 
 
 # -- without an engine -------------------------------------------------------------------------
@@ -356,7 +366,7 @@ def test_a_command_that_exits_255_is_not_a_lost_connection(
     assert "lost the connection" not in result.stderr
     [job] = jobs(tmp_path)
     assert job["state"] == "failed" and job["exit_code"] == 255  # ended, as exit 7 does
-    assert ours(engine, host) == []
+    assert none_left(engine, host) == []
 
 
 @pytest.mark.docker
@@ -372,7 +382,7 @@ def test_a_quick_second_ctrl_c_still_cleans_up(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 137, err
     assert [j["state"] for j in jobs(tmp_path)] == ["interrupted"]
-    assert ours(engine, host) == []
+    assert none_left(engine, host) == []
 
 
 def test_a_damaged_job_record_is_not_listed(tmp_path: Path) -> None:
@@ -476,7 +486,7 @@ def test_node_exec_captures_the_output_and_brings_the_outputs_back(
     assert [p.read_text() for p in result.output_paths] == ["cba"]
     assert any("none.txt" in note for note in result.notes)  # what exec would have said
     assert result.output_paths[0] == tmp_path / "got" / result.job_id / "out.txt"
-    assert ours(engine, host) == []
+    assert none_left(engine, host) == []
 
 
 @pytest.mark.docker
@@ -518,7 +528,7 @@ def test_a_host_that_stops_answering_leaves_a_lost_job_to_get_later(
     [job] = jobs(tmp_path)
     assert job["state"] == "failed" and job["exit_code"] == 6
     assert (Path(job["out_dir"]) / "out" / "f").read_text() == "kept\n"
-    assert ours(engine, host) == []
+    assert none_left(engine, host) == []
 
 
 @pytest.mark.docker
