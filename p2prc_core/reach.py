@@ -36,7 +36,7 @@ from p2prc_core.reach_state import ReachState
 from p2prc_core.relay_client import open_accept, open_listen
 from p2prc_core.relayhub import WAIT_SECONDS
 from p2prc_core.router_port import RouterPort
-from p2prc_core.splice import no_delay, splice
+from p2prc_core.splice import no_delay, process_loop
 from p2prc_core.wire import to_builtins
 
 log = logging.getLogger("p2prc.reach")
@@ -44,7 +44,9 @@ log = logging.getLogger("p2prc.reach")
 CHECK_SECONDS = 120.0  # how often reachability is asked again
 RETRY_SECONDS = 2.0  # after a relay failed, before the next try
 FAILURES_BEFORE_MOVING = 2  # failed polls in a row before another relay is tried
-MAX_ACCEPTING = 16  # relayed clients this node carries at once
+MAX_SETTING_UP = 16  # relayed clients being accepted at once (a thread each, briefly)
+MAX_CARRIED = 256  # relayed clients joined at once: one loop carries them, four descriptors
+# each (the relay's end and this server's)
 
 
 class ReachAgent:
@@ -58,15 +60,15 @@ class ReachAgent:
         self.state = ReachState(home)
         self._stop = threading.Event()
         # Clients taken from a relay at once: a relay that hands out tokens without end
-        # must not make this node open connections without end. A relayed client holds a
-        # thread of this node's server only while a request of its runs, or a tunnel (whose
-        # budget is threads - 2 per worker): request heads are read without one (see
-        # server.front). So as many as the tunnels' budget, which a relay's per-network
-        # share of streams (relay_streams_per_network) stays well under.
-        self.max_accepting = max(1, min(MAX_ACCEPTING, (self.settings.threads - 2)
-                                        * self.settings.workers))
-        self._accepting = threading.BoundedSemaphore(self.max_accepting)
-        self._left_waiting = 0  # clients a relay told of while max_accepting were taken
+        # must not make this node open connections without end. Each is accepted on a
+        # thread of its own (MAX_SETTING_UP at once), then joined to this node's server by
+        # one loop, as the server carries its tunnels (MAX_CARRIED at once): kept SSH
+        # sessions (ControlPersist) through a relay hold no thread. On this node's server a
+        # relayed client holds a thread only while a request or an exec stream of its runs.
+        self.max_accepting = MAX_CARRIED
+        self._setting_up = threading.BoundedSemaphore(MAX_SETTING_UP)
+        self._carried = threading.BoundedSemaphore(MAX_CARRIED)
+        self._left_waiting = 0  # clients a relay told of while the limits were reached
         self._lock_fd: int | None = None
         self.router = RouterPort(self.state, self._stop)  # the port forwarded by the router
         self._relay: Endpoint | None = None
@@ -286,38 +288,55 @@ class ReachAgent:
 
     def _take(self, relay: Endpoint, token: str) -> None:
         """Accept the client ``token`` names, on a thread of its own (at most
-        ``max_accepting`` at once)."""
-        if not self._accepting.acquire(blocking=False):
-            self._left_waiting += 1  # said now and then: a relay could send them unending
-            if self._left_waiting in (1, 10, 100) or self._left_waiting % 1000 == 0:
-                log.warning("relay %s hands out more clients than %d at once: one left "
-                            "waiting (%d so far)", relay, self.max_accepting,
-                            self._left_waiting)
+        ``MAX_SETTING_UP`` at once, ``MAX_CARRIED`` joined)."""
+        if not self._carried.acquire(blocking=False):
+            self._leave_waiting(relay)
+            return
+        if not self._setting_up.acquire(blocking=False):
+            self._carried.release()
+            self._leave_waiting(relay)
             return
         threading.Thread(target=self._accept, args=(relay, token), daemon=True).start()
 
-    def _accept(self, relay: Endpoint, token: str) -> None:
-        """Take the client a relay told us of, and join it to our own server."""
-        try:
-            self._carry(relay, token)
-        finally:
-            self._accepting.release()
+    def _leave_waiting(self, relay: Endpoint) -> None:
+        self._left_waiting += 1  # said now and then: a relay could send them unending
+        if self._left_waiting in (1, 10, 100) or self._left_waiting % 1000 == 0:
+            log.warning("relay %s hands out more clients than %d at once: one left "
+                        "waiting (%d so far)", relay, self.max_accepting, self._left_waiting)
 
-    def _carry(self, relay: Endpoint, token: str) -> None:
+    def _accept(self, relay: Endpoint, token: str) -> None:
+        """Take the client a relay told us of, and hand it, joined to our own server, to
+        the loop that carries relayed clients (which gives its place back when it ends)."""
+        joined = False
+        try:
+            joined = self._carry(relay, token)
+        finally:
+            self._setting_up.release()
+            if not joined:
+                self._carried.release()
+
+    def _carry(self, relay: Endpoint, token: str) -> bool:
         try:
             outer = open_accept(relay, token, self.identity, self.peers.secure,
                                 self.settings.request_timeout)
         except (P2PRCError, OSError, ssl.SSLError) as err:
             log.warning("relay %s: could not accept a client: %s", relay, err)
-            return
+            return False
         try:
             local = no_delay(socket.create_connection(self._local(), timeout=5))
         except OSError as err:
             outer.close()
             log.warning("relayed client: our own server does not answer: %s", err)
-            return
-        local.settimeout(None)
-        splice(outer, local, alive=lambda: not self._stop.is_set())
+            return False
+        try:
+            process_loop("p2prc-relayed-clients").carry(
+                outer, no_delay(local), alive=lambda: not self._stop.is_set(),
+                finished=lambda done: self._carried.release())
+        except BaseException:
+            outer.close()
+            local.close()
+            raise
+        return True
 
 
 def _key(ladder: list[Endpoint]) -> str:

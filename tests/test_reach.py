@@ -27,6 +27,7 @@ from p2prc_core.client import PeerClient
 from p2prc_core.errors import PeerError, PeerRefused
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint
+from p2prc_core.trust import TrustStore
 from p2prc_core.wire import TrustMe
 
 pytestmark = pytest.mark.integration
@@ -476,3 +477,37 @@ def test_markers_of_a_killed_relay_are_cleared_when_it_starts(
     home = start_behind(tmp_path, "home", named(relay))
     servers.append(home)
     wait_for(lambda: waits_at(relay, home), what="a node waits: the relay is not 'full'")
+
+
+def test_relayed_clients_held_open_take_no_thread_of_the_node(
+        tmp_path: Path, servers: list[LiveServer]) -> None:
+    """Kept SSH sessions through a relay are relayed clients that last. Twelve held open
+    at once, twice what a one-worker node carried (one thread each, six at most, the next
+    left waiting for a 504): each is answered, the node's threads do not grow with them,
+    and one more still gets through."""
+    import psutil
+
+    relay = start_relay(tmp_path, "relay", P2PRC_RELAY_STREAMS_PER_KEY="32",
+                        P2PRC_RELAY_STREAMS_PER_NETWORK="32")
+    servers.append(relay)
+    me = NodeIdentity.load_or_create(tmp_path / "me")
+    TrustStore(tmp_path / "home").add(me.node_id)
+    home = start_behind(tmp_path, "home", named(relay))
+    servers.append(home)
+    wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
+    process = psutil.Process(home.proc.pid)
+
+    def threads() -> int:
+        return sum(p.num_threads() for p in [process, *process.children(recursive=True)])
+
+    before = threads()
+    held = [PeerClient([relayed(relay, home)], timeout=15, identity=me) for _ in range(12)]
+    try:
+        for client in held:
+            assert client.whoami().trusted is True  # each keeps its connection open
+        assert threads() <= before + 3, (before, threads())
+        with PeerClient([relayed(relay, home)], timeout=15, identity=me) as one_more:
+            assert one_more.whoami().trusted is True
+    finally:
+        for client in held:
+            client.close()
