@@ -47,10 +47,17 @@ def test_a_three_minute_soak_with_faults_leaks_nothing(tmp_path: Path, engine: o
     relay killed at random. Nothing may be left held, no 5xx, no traceback, no failure but
     those the faults explain, no container that no client tracks; the figures are printed."""
     figures = tmp_path / "soak.json"
-    done = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--minutes", "3",
-                           "--fault-every", "15", "--json", str(figures)],
-                          capture_output=True, text=True, timeout=900)
-    print(done.stdout)
+    for attempt in (1, 2):
+        done = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--minutes", "3",
+                               "--fault-every", "15", "--json", str(figures)],
+                              capture_output=True, text=True, timeout=900)
+        print(done.stdout)
+        print(done.stderr[-5000:])
+        # A soak that ended before its first figure did not soak anything (once in CI it
+        # printed nothing at all, and its error was not kept): it is said, then run again.
+        if figures.exists() or "soak: " in done.stdout:
+            break
+        print(f"attempt {attempt}: the soak ended before it started (exit {done.returncode})")
     found = json.loads(figures.read_text())
     assert sum(found["faults"].values()) >= 3, found["faults"]  # faults were injected
     assert sum(found["ok"].values()) >= 20, found["ok"]  # and the churn went on
