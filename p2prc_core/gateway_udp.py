@@ -8,10 +8,35 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 TRIES = 3  # 0.25 + 0.5 + 1 s: a gateway that speaks the protocol answers the first
 LARGEST = 1100  # PCP's largest message; NAT-PMP's are smaller
+
+
+def check_map(protocols: Collection[str], protocol: str, port: int, external_port: int | None,
+              lease_seconds: int, max_lease: int) -> None:
+    """A port mapping's arguments, as NAT-PMP and PCP both take them, checked before
+    anything is sent.
+
+    :raises ValueError: naming the argument that is out of its range.
+    """
+    if protocol not in protocols:
+        raise ValueError(f"protocol must be one of {tuple(protocols)}, not {protocol!r}")
+    for value, name in ((port, "port"), (external_port or port, "external_port")):
+        if not 1 <= value <= 65535:
+            raise ValueError(f"{name} must be 1 to 65535, not {value}")
+    if not 1 <= lease_seconds <= max_lease:
+        raise ValueError(f"lease_seconds must be 1 to {max_lease}, not {lease_seconds}")
+
+
+def gateway_or_default(gateway: str | None) -> str | None:
+    """``gateway``, or where none is set, this host's default IPv4 gateway (None without one)."""
+    if gateway is not None:
+        return gateway
+    from p2prc_core.addresses import default_gateway
+
+    return default_gateway()
 
 
 def ask_gateway(gateway: str, port: int, request: bytes, first_wait: float,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2prc_core.errors import P2PRCError
-from p2prc_core.gateway_udp import ask_gateway
+from p2prc_core.gateway_udp import ask_gateway, check_map, gateway_or_default
 
 if TYPE_CHECKING:  # upnp's module loads its HTTP client: only where a mapping is made
     from p2prc_core.upnp import Mapping
@@ -48,10 +48,7 @@ class NatPmpMapper:
 
     def discover(self) -> bool:
         """Whether the default gateway answers NAT-PMP (with its external address)."""
-        if self.gateway is None:
-            from p2prc_core.addresses import default_gateway
-
-            self.gateway = default_gateway()
+        self.gateway = gateway_or_default(self.gateway)
         if self.gateway is None:
             return False
         try:
@@ -70,13 +67,7 @@ class NatPmpMapper:
         """Forward ``external_port`` (``port`` by default) to ``port`` here, for
         ``protocol`` (TCP or UDP); the gateway may give another external port, or a shorter
         lease (the mapping says which). ``description`` is not sent: NAT-PMP has none."""
-        if protocol not in _MAP:
-            raise ValueError(f"protocol must be one of {tuple(_MAP)}, not {protocol!r}")
-        for value, name in ((port, "port"), (external_port or port, "external_port")):
-            if not 1 <= value <= 65535:
-                raise ValueError(f"{name} must be 1 to 65535, not {value}")
-        if not 1 <= lease_seconds <= MAX_LEASE:
-            raise ValueError(f"lease_seconds must be 1 to {MAX_LEASE}, not {lease_seconds}")
+        check_map(_MAP, protocol, port, external_port, lease_seconds, MAX_LEASE)
         external = self.external_ip()
         opcode = _MAP[protocol]
         answer = self._ask(struct.pack(">BBHHHI", 0, opcode, 0, port, external_port or port,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2prc_core.errors import P2PRCError
-from p2prc_core.gateway_udp import ask_gateway
+from p2prc_core.gateway_udp import ask_gateway, check_map, gateway_or_default
 
 if TYPE_CHECKING:
     from p2prc_core.upnp import Mapping
@@ -112,10 +112,7 @@ class PcpMapper:
 
     def discover(self) -> bool:
         """Whether the default gateway answers PCP (an ANNOUNCE, answered with success)."""
-        if self.gateway is None:
-            from p2prc_core.addresses import default_gateway
-
-            self.gateway = default_gateway()
+        self.gateway = gateway_or_default(self.gateway)
         if self.gateway is None:
             return False
         try:
@@ -129,13 +126,7 @@ class PcpMapper:
         """Forward ``external_port`` (``port`` by default, a suggestion the gateway may
         not follow) to ``port`` here, for ``protocol`` (TCP or UDP); the mapping says which
         port and lease the gateway gave. ``description`` is not sent: PCP has none."""
-        if protocol not in _PROTOCOLS:
-            raise ValueError(f"protocol must be one of {tuple(_PROTOCOLS)}, not {protocol!r}")
-        for value, name in ((port, "port"), (external_port or port, "external_port")):
-            if not 1 <= value <= 65535:
-                raise ValueError(f"{name} must be 1 to 65535, not {value}")
-        if not 1 <= lease_seconds <= MAX_LEASE:
-            raise ValueError(f"lease_seconds must be 1 to {MAX_LEASE}, not {lease_seconds}")
+        check_map(_PROTOCOLS, protocol, port, external_port, lease_seconds, MAX_LEASE)
         nonce = self._nonce(protocol, port)
         assert nonce is not None
         answer = self._send_map(nonce, protocol, port, external_port or port, lease_seconds)

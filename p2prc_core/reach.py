@@ -65,7 +65,6 @@ class ReachAgent:
         # one loop, as the server carries its tunnels (MAX_CARRIED at once): kept SSH
         # sessions (ControlPersist) through a relay hold no thread. On this node's server a
         # relayed client holds a thread only while a request or an exec stream of its runs.
-        self.max_accepting = MAX_CARRIED
         self._setting_up = threading.BoundedSemaphore(MAX_SETTING_UP)
         self._carried = threading.BoundedSemaphore(MAX_CARRIED)
         self._left_waiting = 0  # clients a relay told of while the limits were reached
@@ -302,7 +301,7 @@ class ReachAgent:
         self._left_waiting += 1  # said now and then: a relay could send them unending
         if self._left_waiting in (1, 10, 100) or self._left_waiting % 1000 == 0:
             log.warning("relay %s hands out more clients than %d at once: one left "
-                        "waiting (%d so far)", relay, self.max_accepting, self._left_waiting)
+                        "waiting (%d so far)", relay, MAX_CARRIED, self._left_waiting)
 
     def _accept(self, relay: Endpoint, token: str) -> None:
         """Take the client a relay told us of, and hand it, joined to our own server, to

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fake_gateway import Answer, mapper_maker
 
 from p2prc_core.pcp import NotPcp, PcpError, PcpMapper
 
-Answer = Callable[[bytes], list[bytes]]  # a request -> the datagrams sent back
 EXTERNAL = "203.0.113.9"
 
 
@@ -43,33 +43,10 @@ def natpmp_only(request: bytes) -> list[bytes]:
 
 @pytest.fixture
 def gateway() -> Iterator[Callable[[Answer], PcpMapper]]:
-    """A fake gateway on 127.0.0.1 that answers each request as it is told; and what it
-    was asked."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    answer: list[Answer] = [honest]
-    asked: list[bytes] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                request, peer = sock.recvfrom(1100)
-            except OSError:
-                return
-            asked.append(request)
-            for datagram in answer[0](request):
-                sock.sendto(datagram, peer)
-
-    threading.Thread(target=serve, daemon=True).start()
-
-    def make(how: Answer) -> PcpMapper:
-        answer[0] = how
-        mapper = PcpMapper("127.0.0.1", timeout=0.05, port=sock.getsockname()[1])
-        mapper.asked = asked  # type: ignore[attr-defined]
-        return mapper
-
-    yield make
-    sock.close()
+    """A fake gateway on 127.0.0.1 that answers each request as it is told; the mapper
+    it makes has ``asked``, what the gateway was asked."""
+    with mapper_maker(PcpMapper, honest) as make:
+        yield make
 
 
 def test_an_honest_gateway_maps_renews_and_unmaps_with_one_nonce(
