@@ -74,6 +74,19 @@ def waits_at(relay: LiveServer, node: LiveServer) -> bool:
     return any((relay.home / "relay").glob(f"w.{node.node_id}.*"))
 
 
+def home_behind_relay(tmp_path: Path, servers: list[LiveServer],
+                      **relay_env: str) -> tuple[LiveServer, LiveServer, NodeIdentity]:
+    """A relay, and a node "home" that trusts "me" and waits at it: (relay, home, me)."""
+    relay = start_relay(tmp_path, "relay", **relay_env)
+    servers.append(relay)
+    me = NodeIdentity.load_or_create(tmp_path / "me")
+    TrustStore(tmp_path / "home").add(me.node_id)
+    home = start_behind(tmp_path, "home", named(relay))
+    servers.append(home)
+    wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
+    return relay, home, me
+
+
 def test_through_a_relay_end_to_end_and_the_relay_sees_only_ciphertext(
         tmp_path: Path, servers: list[LiveServer]) -> None:
     relay = start_relay(tmp_path, "relay")
@@ -487,14 +500,8 @@ def test_relayed_clients_held_open_take_no_thread_of_the_node(
     and one more still gets through."""
     import psutil
 
-    relay = start_relay(tmp_path, "relay", P2PRC_RELAY_STREAMS_PER_KEY="32",
-                        P2PRC_RELAY_STREAMS_PER_NETWORK="32")
-    servers.append(relay)
-    me = NodeIdentity.load_or_create(tmp_path / "me")
-    TrustStore(tmp_path / "home").add(me.node_id)
-    home = start_behind(tmp_path, "home", named(relay))
-    servers.append(home)
-    wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
+    relay, home, me = home_behind_relay(tmp_path, servers, P2PRC_RELAY_STREAMS_PER_KEY="32",
+                                        P2PRC_RELAY_STREAMS_PER_NETWORK="32")
     process = psutil.Process(home.proc.pid)
 
     def threads() -> int:

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_reach import named, relayed, start_behind, start_relay, wait_for, waits_at
+from test_reach import (
+    home_behind_relay,
+    relayed,
+    start_relay,
+    wait_for,
+)
 from test_relay_limits import answer_of, send
 
 from conftest import LiveServer
@@ -35,13 +40,7 @@ def threads_of(server: LiveServer) -> int:
 
 def test_a_node_behind_a_relay_listens_and_its_clients_get_through(
         tmp_path: Path, servers: list[LiveServer]) -> None:
-    relay = start_relay(tmp_path, "relay")
-    servers.append(relay)
-    me = NodeIdentity.load_or_create(tmp_path / "me")
-    TrustStore(tmp_path / "home").add(me.node_id)
-    home = start_behind(tmp_path, "home", named(relay))
-    servers.append(home)
-    wait_for(lambda: waits_at(relay, home), what="home waits at the relay")
+    relay, home, me = home_behind_relay(tmp_path, servers)
     markers = set((relay.home / "relay").glob(f"w.{home.node_id}.*"))
     for _ in range(5):
         with PeerClient([relayed(relay, home)], timeout=10, identity=me) as client:
