@@ -4,10 +4,7 @@ peer, and the table as ``peers ls`` shows it."""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +14,7 @@ from p2prc_core.errors import BadAddress, P2PRCError, PeerError
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.models import Endpoint, looks_like_address, parse_endpoint, pin_key
 from p2prc_core.names import PeerNames
+from p2prc_core.peer_listing import PeerListing, PeerRow
 from p2prc_core.peertable import PeerEntry, PeerTable
 from p2prc_core.plugins import PluginHooks
 from p2prc_core.tls import NodeMismatch
@@ -26,60 +24,6 @@ if TYPE_CHECKING:  # httpx and what uses it load only where a node talks to peer
     from p2prc_core.client import PeerClient, Transfer
     from p2prc_core.discovery import Discovery, Progress, UpdateSummary
     from p2prc_core.punched import PunchedPaths
-
-
-def _whole(value: Any) -> int | None:
-    """A count or size a peer's record gives: a whole number from 0, else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
-        else None
-
-
-@dataclass(frozen=True, slots=True)
-class PeerRow:
-    """A peer as ``peers ls``, the dashboard and ``import p2prc`` show it: its names, the path
-    that answered last, what was measured, and what its record says of GPUs, memory and
-    CPUs (its own claim, checked for type only)."""
-
-    name: str
-    node_id: str
-    own_name: str  # the name the peer gave itself
-    address: str
-    path: str  # direct, punched (met through a relay, reached direct), relay, or -
-    relays: tuple[str, ...]
-    latency_ms: float | None
-    bandwidth_mbps: float | None
-    last_seen: float | None
-    failures: int
-    gpus: tuple[str, ...]
-    gpus_free: int
-    memory: int | None  # bytes
-    cpus: int | None
-    trusted: str | None  # the name it is trusted under; None: not trusted
-    score: float
-    # Whether it would start a container for this node, as it last said (its answer to a
-    # signed exchange, a 201 or a 403); None: not known yet. Its word, checked for type.
-    can_host: bool | None = None
-    can_host_at: float | None = None  # when it said so
-
-    @property
-    def reachable(self) -> bool:
-        return self.failures == 0 and self.latency_ms is not None
-
-    @property
-    def hosting_rank(self) -> int:
-        """0: answered last time and said it would host us; 2: said it would not; 1: the
-        rest. The best peer to ask for a container is first by this, then by score."""
-        if self.can_host is False:
-            return 2
-        return 0 if self.can_host and self.reachable else 1
-
-    def as_dict(self) -> dict[str, Any]:
-        """The row as ``--json`` prints it (every field is a plain value, or a tuple)."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in _ROW_FIELDS}
-
-
-_ROW_FIELDS = dataclasses.fields(PeerRow)
 
 
 class PeerDirectory:
@@ -154,45 +98,17 @@ class PeerDirectory:
         """Where to dial a peer of the table, in order (the dial ladder)."""
         return self.discovery.endpoints(entry)
 
+    @cached_property
+    def listing(self) -> PeerListing:
+        """The table as it is listed, best first (kept in the home once it is long)."""
+        return PeerListing(self.table, self.trust, self.hooks,
+                           lambda entry, hub: self.discovery.endpoints(entry, hub=hub),
+                           self._own_hub)
+
     def rows(self, with_gpu: bool = False) -> list[PeerRow]:
-        """The table, best first: peers that said they would host us before the others
-        (``PeerRow.hosting_rank``), each part by ``p2prc_score_peer``. ``with_gpu``: only
-        peers with a free GPU."""
-        entries = self.table.load()
-        trusted = {k: name or k[:8] for k, name in self.trust.names().items()}
-        peers = (e.to_peer() for e in entries.values())
-        ranked = self.hooks.ranked(p for p in peers if not with_gpu or p.free_gpus > 0)
-        from p2prc_core.punched import punched_lately
-
-        direct = punched_lately(self.table.path.parent)
-        hub = functools.cache(self._own_hub)  # (read once, and only if a row needs it)
-        rows = [self._row(entries[peer.node_id], peer.free_gpus, trusted.get(peer.node_id),
-                          score, peer.node_id in direct, hub)
-                for peer, score in ranked]
-        return sorted(rows, key=lambda row: row.hosting_rank)  # stable: score within each
-
-    def _row(self, entry: PeerEntry, free_gpus: int, trusted: str | None,
-             score: float, punched: bool,
-             hub: Callable[[], Endpoint | None]) -> PeerRow:
-        measured = entry.measured
-        endpoints = [] if measured.address else self.discovery.endpoints(entry, hub=hub())
-        address = measured.address or (endpoints[0].path if endpoints else "-")
-        specs = entry.record.get("specs")
-        specs = specs if isinstance(specs, dict) else {}
-        gpus = specs.get("gpus")
-        return PeerRow(
-            name=entry.local_name or entry.name, node_id=entry.node_id, own_name=entry.name,
-            address=address,
-            path=("punched" if punched else "relay") if address.startswith("relay ") else
-            "direct" if measured.address else "-",
-            relays=tuple(r.node_id or "" for r in self.table.relays(entry.record)),
-            latency_ms=measured.latency_ms, bandwidth_mbps=measured.bandwidth_mbps,
-            last_seen=measured.last_seen, failures=measured.failures,
-            gpus=tuple(g for g in gpus if isinstance(g, str))[:8]
-            if isinstance(gpus, list) else (),
-            gpus_free=free_gpus, memory=_whole(specs.get("memory")),
-            cpus=_whole(specs.get("cpus")), trusted=trusted, score=round(score, 3),
-            can_host=measured.hosts_us, can_host_at=measured.hosts_us_at)
+        """The table, best first (``PeerListing.rows``). ``with_gpu``: only peers with a
+        free GPU."""
+        return self.listing.rows(with_gpu)
 
     # -- where to dial, and whom to expect -----------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from itertools import zip_longest
 from typing import Any
 
 from rich.console import Console
@@ -59,17 +60,20 @@ def _print_long(columns: Sequence[str], rows: Sequence[Sequence[Any]],
     are not folded to the terminal's width."""
     from rich.cells import cell_len
 
+    def width(cell: str) -> int:
+        return len(cell) if cell.isascii() else cell_len(cell)  # (ASCII: one column each)
+
     head = [clean(c) for c in columns]
     cells = [[("" if cell is None else clean(cell)) for cell in row] for row in rows]
-    widths = [cell_len(h) for h in head]
-    for row in cells:
-        for index, cell in enumerate(row[:len(widths)]):
-            width = cell_len(cell)
-            if width > widths[index]:
-                widths[index] = width
+    widths = [width(h) for h in head]
+    for index, column in enumerate(list(zip_longest(*cells, fillvalue=""))[:len(widths)]):
+        widest = max(map(len, column)) if all(map(str.isascii, column)) else \
+            max(map(width, column))
+        widths[index] = max(widths[index], widest)
 
     def line(row: Sequence[str]) -> str:
-        return "  ".join(c + " " * (w - cell_len(c)) for c, w in zip(row, widths, strict=False))
+        return "  ".join(c.ljust(w) if c.isascii() else c + " " * (w - cell_len(c))
+                         for c, w in zip(row, widths, strict=False))
 
     if title:
         console.print(Text(clean(title)))

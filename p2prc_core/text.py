@@ -16,7 +16,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u206
 def clean(text: object, limit: int = 1000) -> str:
     """``text`` safe to show in a terminal: escape sequences and control characters (and
     bidirectional overrides) removed, at most ``limit`` characters."""
-    shown = _CONTROL.sub(" ", _ESCAPES.sub("", str(text)))
+    shown = str(text)
+    if not (shown.isascii() and shown.isprintable()):  # (printable ASCII: nothing to take out)
+        shown = _CONTROL.sub(" ", _ESCAPES.sub("", shown))
     return shown if len(shown) <= limit else shown[:limit - 1] + "…"
 
 

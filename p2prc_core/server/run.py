@@ -162,12 +162,17 @@ def start_background_jobs(node: NodeServices) -> list[Periodic]:
 
         def refresh_then_udp() -> Any:
             """The table refreshed, then its answering peers asked what this node's NAT
-            does with UDP (``p2prc status`` shows it)."""
+            does with UDP (``p2prc status`` shows it), then the table's rows kept for a
+            listing (``PeerListing``)."""
             found = refresh()
             try:
                 udp_mapping(node)
             except Exception:  # noqa: BLE001 - the refresh's result stands
                 log.exception("the UDP check failed; trying again after the next refresh")
+            try:
+                node.peers.listing.keep()  # a long table's rows, ready for 'peers ls'
+            except Exception:  # noqa: BLE001 - only a view; a listing makes it again
+                log.exception("the table's rows could not be kept; 'peers ls' makes them")
             return found
 
         jobs.append(Periodic(node.home, "refresh", node.settings.refresh_seconds,
