@@ -33,6 +33,10 @@ def p2prc_select_address(candidates: Sequence[Address], purpose: str) -> Address
     private one, and never picks link-local, loopback or unspecified addresses
     unless the config allows loopback.
 
+    Answer from the arguments alone: for a table of 1,000 peers or more, the order
+    this gives each peer's addresses is kept with the table's rows until the table,
+    the trust list or the plugins change (``peer_listing``).
+
     :param candidates: the addresses to choose from, in no particular order.
     :param purpose: ``"advertise"`` (what this node tells others) or ``"dial"``
         (which address of a peer to connect to).
@@ -47,6 +51,10 @@ def p2prc_score_peer(peer: KnownPeer) -> float | None:
     Every plugin may return a number; the host adds them up to rank peers
     (``PluginHooks.score_peer``). The built-in score prefers low latency and
     high bandwidth, and puts unreachable peers last.
+
+    Answer from the peer alone (not the time, nor state of your own): for a table
+    of 1,000 peers or more, scores are kept with the table's rows until the table,
+    the trust list or the plugins change (``peer_listing``).
 
     :param peer: the peer record with what this node measured of it.
     :return: a score contribution, or ``None`` to abstain.

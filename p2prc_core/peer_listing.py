@@ -4,12 +4,14 @@ Peers page, ``Node.peers`` and ``exec``'s choice of peer).
 Making the rows asks the plugins to order each peer's addresses and to score it: about
 0.1 ms a peer, over a second for a table of 10,000. A long table's rows are therefore kept
 in the home (``peers-view.json``, beside ``peers.json``) with a key made of all they are
-made of: the table file, the trust file, the plugins, this node's own server (its relay hub)
-and the view's format. A listing whose key matches reads the rows and makes none; any change
-to one of those makes them again, and keeps them again. The rows are kept after every change
-by whoever lists first; a running server lists once after each refresh, so that a person's
-``peers ls`` seldom pays. What changes with the clock alone, the paths punched lately, is
-applied at each listing, not kept.
+made of: the table file's and the trust file's bytes (a checksum), the plugins, this node's
+own server (its relay hub) and the view's format. A listing whose key matches reads the rows
+and makes none; any change to one of those (any write of the table: a refresh, an exchange
+a peer started, a pin) makes them again, and keeps them again, whoever lists first; a
+running server lists once after each refresh. What changes with the clock alone, the paths
+punched lately, is applied at each listing, not kept. The plugins' answers are kept with
+the rows: ``p2prc_score_peer`` and ``p2prc_select_address`` must answer from their
+arguments alone (docs/writing-plugins.md).
 
 The view is this node's own file, as ``peers.json`` is (0600). It is still checked as it is
 read: a row of the wrong shape or type makes the whole view unusable, and the rows are made
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,14 +167,17 @@ class PeerListing:
     # -- the view in the home ----------------------------------------------------------------
 
     def _key(self, hub: Endpoint | None) -> str:
-        def stat(path: Path) -> list[int] | None:
+        def told(path: Path) -> list[int] | None:
+            """The file's size and a checksum of its bytes (about 10 ms for a table of
+            10,000): its inode and change time would not tell two versions apart that a
+            coarse clock stamps alike, nor the same bytes written again."""
             try:
-                s = path.stat()
+                data = path.read_bytes()
             except OSError:
                 return None
-            return [s.st_ino, s.st_size, s.st_mtime_ns]
+            return [len(data), zlib.crc32(data)]
 
-        parts = [VIEW_FORMAT, __version__, stat(self.table.path), stat(self.trust.path),
+        parts = [VIEW_FORMAT, __version__, told(self.table.path), told(self.trust.path),
                  self.table.allow_loopback,
                  None if hub is None else [hub.host, hub.port, hub.node_id, hub.relay],
                  [i.as_dict() for i in self.hooks.plugin_info()]]
@@ -179,9 +185,11 @@ class PeerListing:
 
     def _kept(self, key: str) -> list[PeerRow] | None:
         try:
+            if not self.path.is_file():  # (a FIFO there would hold the open)
+                return None
             with self.path.open("rb") as f:
                 view = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # (nested past the parser's depth)
             return None
         if not isinstance(view, dict) or view.get("key") != key \
                 or view.get("fields") != _NAMES or not isinstance(view.get("rows"), list):

@@ -181,6 +181,8 @@ def _damaged(view: dict[str, Any]) -> list[tuple[str, Any]]:
         ("latency nan text", changed("latency_ms", "NaN")),
         ("memory negative float", changed("memory", -1.5)),
         ("relays a string", changed("relays", "abc")),
+        ("nested past the parser's depth", "[" * 100_000),
+        ("a FIFO", None),
     ]
 
 
@@ -191,12 +193,30 @@ def test_a_damaged_or_hostile_view_is_never_shown_only_made_again(
     view = json.loads((home / VIEW_FILE).read_text())
     expected = fresh(home)
     for what, data in _damaged(view):
-        text = data if isinstance(data, str) else json.dumps(data)
-        (home / VIEW_FILE).write_text(text)
+        (home / VIEW_FILE).unlink(missing_ok=True)
+        if data is None:
+            os.mkfifo(home / VIEW_FILE, 0o600)  # would hold a reader that opened it
+        else:
+            (home / VIEW_FILE).write_text(data if isinstance(data, str) else json.dumps(data))
         Counted.calls = 0
         assert node(home).peers.rows() == expected, what
         assert Counted.calls > 0, what
         assert json.loads((home / VIEW_FILE).read_text())["key"] == view["key"], what
+
+
+def test_a_table_rewritten_to_the_same_size_and_time_is_not_taken_for_the_last(
+        table: tuple[Path, list[NodeIdentity]]) -> None:
+    """A local name changed to one of the same length, the file stamped with the time it
+    had (a coarse clock, or two writes within one tick): the view does not stand."""
+    home, ids = table
+    services = node(home)
+    services.table.name(ids[1].node_id, "aaaaa")
+    assert {r.node_id: r.name for r in services.peers.rows()}[ids[1].node_id] == "aaaaa"
+    was = (home / "peers.json").stat()
+    services.table.name(ids[1].node_id, "bbbbb")
+    os.utime(home / "peers.json", ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert (home / "peers.json").stat().st_size == was.st_size
+    assert {r.node_id: r.name for r in node(home).peers.rows()}[ids[1].node_id] == "bbbbb"
 
 
 def test_a_view_that_cannot_be_written_costs_only_time(
@@ -245,6 +265,7 @@ def test_peers_ls_on_a_long_table_prints_the_same_rows_from_the_view(tmp_path: P
     assert (home / VIEW_FILE).exists()
     stamp = (home / VIEW_FILE).stat().st_mtime_ns
     assert ls() == first
+    assert (home / VIEW_FILE).stat().st_mtime_ns == stamp  # read, not made and kept again
     assert json.loads(ls("--json")) == [r.as_dict() for r in fresh(home)]
     assert len(first.splitlines()) == peer_listing.VIEW_FROM + 1
     ls()
