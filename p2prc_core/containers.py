@@ -22,6 +22,8 @@ from p2prc_core import container_recovery, faults
 from p2prc_core.config import Settings, parse_port_range
 from p2prc_core.errors import Refusal
 from p2prc_core.leases import (
+    ENDING_OWNER,
+    ENDING_SECONDS,
     LABEL,
     LABEL_DIRECT,
     LABEL_EXPIRES,
@@ -338,6 +340,22 @@ class ContainerStore:
                     db.execute(f"DELETE FROM {table} WHERE holder=?", (container_id,))
                 db.execute("DELETE FROM stopped WHERE id=?", (container_id,))
             return bool(gone)
+
+    def end(self, container_id: str, owner: str, now: float) -> bool:
+        """``owner``'s place of a container given back at once: the store holds it for
+        ``ENDING_OWNER`` (the lease still names ``owner``, for the host to see), running out
+        ``ENDING_SECONDS`` from ``now``; its ports and GPUs stay held until it is forgotten.
+        Whether it was ``owner``'s."""
+        with self.shared.transaction() as db:
+            row = db.execute("SELECT data FROM leases WHERE id=? AND owner=?",
+                             (container_id, owner)).fetchone()
+            if row is None:
+                return False
+            lease = Lease(**json.loads(row[0]))
+            lease.expires = now + ENDING_SECONDS
+            db.execute("UPDATE leases SET owner=?, expires=?, data=? WHERE id=?",
+                       (ENDING_OWNER, lease.expires, json.dumps(asdict(lease)), container_id))
+            return True
 
     def pool_places(self) -> int:
         """The warm pool's containers, those being started included."""
@@ -710,6 +728,16 @@ class ContainerService:
         self.store.forget(lease.id)
         return lease
 
+    def give_back(self, container_id: str, owner: str) -> None:
+        """``owner``'s place of a container it is done with given back now
+        (``ContainerStore.end``), before the container is removed (``remove`` with the
+        host as owner): a caller told of the end once this is done may start its next
+        container at once, not after the engine's removal. Where the removal fails, the
+        reaper removes it once its lease has run out (``ENDING_SECONDS``)."""
+        if not self.store.end(container_id, owner, time.time()):
+            raise ContainerError(404, "No such container",
+                                 "No p2prc container of yours has that id on this host.")
+
     def _remove_quietly(self, container_id: str) -> bool:
         """Remove a container, saying whether it is gone (False: the engine failed)."""
         try:
@@ -738,8 +766,10 @@ class ContainerService:
         their ports, GPUs and places are free again."""
         now = now if now is not None else time.time()
         expired = [lease.id for lease in self.store.leases() if lease.expires <= now]
+        ending = {lease.id for lease in self.store.leases(ENDING_OWNER)}
         for container_id in expired:
-            self._remove_quietly(container_id)
+            if not self._remove_quietly(container_id) and container_id in ending:
+                continue  # tried again next pass: never forgotten, to be adopted by its caller
             self.store.forget(container_id)
         # A create that died half-way: what it started is adopted or removed, its place
         # freed (container_recovery).

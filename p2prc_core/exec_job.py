@@ -649,7 +649,8 @@ class Executor:
             script = command_script(spec.command, self.env_of(run, runs, spec), spec.workdir,
                                     spec.timeout, run.job.id)
             # Nothing to fetch after it and nothing kept: its host removes the container
-            # once the command ended (exec streams; we do not wait for that).
+            # once the command ended (exec streams; we wait only until it gave our place
+            # back, not for the engine's removal, but for a GPU container's).
             last = run.owned and not run.job.keep and not run.outputs
             run.proc = run.shell.start(script, tty, piped=(sink or lines) is not None,
                                        remove=last)

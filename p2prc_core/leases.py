@@ -23,6 +23,12 @@ LABEL_PLACE = "org.p2prc.place"
 # The owner of a container in the host's warm pool: started before any caller asked, its
 # label says so for good (labels cannot change); the store holds the caller it went to.
 POOL_OWNER = "pool"
+# The owner (in the store; the lease itself still names its caller) of an exec's container
+# while the host removes it: its caller, who asked for that and has the exit, holds no place
+# of it any more. Its ports and GPUs stay held until it is gone; its lease runs out
+# ENDING_SECONDS later, when the reaper removes it if the host's own removal did not.
+ENDING_OWNER = "ending"
+ENDING_SECONDS = 60
 SSH_PORT = 22
 PENDING = "pending-"  # ids of the places held while a container starts
 PENDING_SECONDS = 600

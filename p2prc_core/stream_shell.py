@@ -110,6 +110,8 @@ async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write
                     if text.isascii() and text.isdigit() and len(text) <= 3 \
                             and int(text) <= 255:
                         opened(None)  # (again) the command's own end: not lost
+                        if remove:  # the host gives our place back, then closes
+                            await _closed(reader, max(CLOSE_WAIT, target.timeout))
                         return int(text)
                     return LOST
                 elif kind == fr.ERROR:
@@ -126,6 +128,25 @@ async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write
         return LOST  # not this protocol: as good as lost
     finally:
         writer.close()
+
+
+# Seconds at least a caller waits, after the exit, for the host to close the stream (at
+# most its request timeout, when that is longer: a GPU container is removed before the close).
+CLOSE_WAIT = 5.0
+
+
+async def _closed(reader: asyncio.StreamReader, most: float) -> None:
+    """Until the host closes the stream (what else comes is dropped), or ``most`` seconds:
+    a host closes it once the caller's place is given back (and a GPU container removed:
+    ``exec_stream.run``), so a caller that starts its next container after this is not
+    refused for the last one."""
+    deadline = asyncio.get_running_loop().time() + most
+    try:
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            if not await asyncio.wait_for(reader.read(1 << 16), left):
+                return
+    except (TimeoutError, ConnectionError, OSError):
+        return
 
 
 def _feed(fd: int, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop

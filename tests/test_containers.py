@@ -26,6 +26,7 @@ from p2prc_core.containers import (
 )
 from p2prc_core.errors import PeerRefused
 from p2prc_core.identity import NodeIdentity
+from p2prc_core.leases import ENDING_SECONDS
 from p2prc_core.models import Endpoint
 from p2prc_core.plugins import make_plugin_manager
 from p2prc_core.sshkeys import ensure_key
@@ -441,6 +442,52 @@ def test_the_host_sees_a_stopped_container_and_when_it_will_be_freed(
         svc.reap(now=time.time() + 601)
         assert stopped.id not in p2prc_containers(docker_client, svc.node_id)
         assert set(svc.store.held_ports().values()) == {running.id}
+    finally:
+        for container_id in p2prc_containers(docker_client, svc.node_id):
+            docker_client.containers.get(container_id).remove(force=True)
+
+
+def test_a_place_given_back_frees_the_caller_at_once_and_the_reaper_removes_what_is_left(
+        tmp_path: Path, docker_client: Any) -> None:
+    """``give_back`` (what an exec's end does before the host removes its container): the
+    caller, who may hold one container here, may start the next at once; the container it
+    gave back keeps its port until it is removed, so the next never gets that port; and if
+    its removal never comes (the engine failed, the process died), the reaper removes it
+    once ENDING_SECONDS have passed, and frees the port; while the engine fails, it keeps
+    the lease (a container with none would be adopted back by its caller at a restart).
+    Another caller cannot give back what is not theirs."""
+    svc = service(tmp_path, containers_per_caller=1)
+    owner = "a" * 26
+    first = svc.create(owner, ContainerRequest(ssh_key=key(tmp_path), ports=1))
+    try:
+        with pytest.raises(ContainerError) as refused:
+            svc.create(owner, ContainerRequest(ssh_key=key(tmp_path)))
+        assert refused.value.status == 429
+        with pytest.raises(ContainerError) as other:
+            svc.give_back(first.id, "b" * 26)
+        assert other.value.status == 404
+        svc.give_back(first.id, owner)
+        assert svc.list_leases(owner) == []  # the caller holds nothing here now
+        second = svc.create(owner, ContainerRequest(ssh_key=key(tmp_path), ports=1))
+        held = svc.store.held_ports()
+        mine = {int(p["external"]) for p in first.ports}
+        assert {held[p] for p in mine} == {first.id}  # still its own
+        assert not mine & {int(p["external"]) for p in second.ports}
+        assert first.id in p2prc_containers(docker_client, svc.node_id)
+        assert first.id not in svc.reap()  # its removal has ENDING_SECONDS to come first
+        later = time.time() + ENDING_SECONDS + 1
+        remove = svc.backend.remove
+
+        def engine_fails(container_id: str) -> None:
+            raise ContainerError(500, "Engine error", "the engine failed")
+
+        svc.backend.remove = engine_fails  # type: ignore[method-assign]
+        svc.reap(now=later)  # the engine fails: the lease is kept to try again, never left
+        assert first.id in {lease.id for lease in svc.store.leases()}  # for its caller to adopt
+        svc.backend.remove = remove  # type: ignore[method-assign]
+        assert first.id in svc.reap(now=later)
+        assert first.id not in p2prc_containers(docker_client, svc.node_id)
+        assert set(svc.store.held_ports().values()) == {second.id}
     finally:
         for container_id in p2prc_containers(docker_client, svc.node_id):
             docker_client.containers.get(container_id).remove(force=True)

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import wait_for
 
 from conftest import P2PRC, LiveServer, friend_with, require
+from p2prc_core.containers import ContainerStore
 from p2prc_core.directory import PeerRow
 from p2prc_core.errors import P2PRCError, PeerRefused
 from p2prc_core.exec_job import ExecSpec, Placement, command_script, missing_on, why_chosen
@@ -487,6 +489,28 @@ def test_node_exec_captures_the_output_and_brings_the_outputs_back(
     assert any("none.txt" in note for note in result.notes)  # what exec would have said
     assert result.output_paths[0] == tmp_path / "got" / result.job_id / "out.txt"
     assert none_left(engine, host) == []
+
+
+@pytest.mark.docker
+@pytest.mark.integration
+def test_execs_one_after_another_are_not_refused_for_the_one_before(
+        tmp_path: Path, engine: Any) -> None:
+    """A host that lets each caller hold one container, and four execs in a row from one
+    process, each starting as soon as the one before returned: none is refused with a 429
+    for the container before, which the host removes after its caller has the exit (the
+    caller's place is given back before it hears the end). That container is gone soon
+    after, and nothing is left held."""
+    from p2prc.api import Node
+
+    with friend_with(tmp_path, engine, P2PRC_CONTAINERS_PER_CALLER="1") as host:
+        node = Node.open(tmp_path / "me")
+        for i in range(4):
+            result = node.exec(["sh", "-c", f"echo {i}"], on=host.peer())
+            assert (result.exit_code, result.stdout) == (0, f"{i}\n")
+        assert none_left(engine, host) == []
+        store = ContainerStore(host.home, (1, 65535))
+        wait_for(lambda: not store.leases() and not store.held_ports(),
+                 what="the host holds no lease or port")
 
 
 @pytest.mark.docker

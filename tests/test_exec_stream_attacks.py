@@ -459,6 +459,46 @@ def test_heartbeats_alone_keep_a_stream_but_not_its_output(tmp_path: Path) -> No
     assert (code, out) == (0, b"ok") and took > 3
 
 
+def test_after_the_exit_a_removing_caller_waits_for_the_close_but_not_for_ever(
+        tmp_path: Path) -> None:
+    """With ``remove``, the caller waits after EXIT for the host to close (the host gives
+    its place back first): it returns at the close, and a host that never closes, or keeps
+    sending after EXIT, holds it at most ``CLOSE_WAIT`` (its request timeout is shorter
+    here); without ``remove`` it returns at EXIT."""
+    from p2prc_core.stream_shell import CLOSE_WAIT
+
+    def closes_after(seconds: float, chatter: bool = False) -> Script:
+        def script(conn: socket.socket, done: threading.Event) -> None:
+            conn.sendall(fr.frame(fr.EXIT, b"3"))
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and not done.is_set():
+                if chatter:
+                    conn.sendall(fr.frame(fr.STDOUT, b"x" * 1000))
+                done.wait(0.05)
+        return script
+
+    def ran(script: Script, remove: bool) -> tuple[int, float]:
+        fake = HostileHost(script)
+        try:
+            began = time.monotonic()
+            proc = StreamProc(fake.target(tmp_path, 1), ["true"], None, piped=True,
+                              remove=remove)
+            assert proc.stdout is not None
+            proc.stdout.read()
+            return proc.wait(60), time.monotonic() - began
+        finally:
+            fake.close()
+
+    code, took = ran(closes_after(1.5), remove=True)
+    assert code == 3 and 1.5 <= took < CLOSE_WAIT
+    code, took = ran(closes_after(60), remove=True)
+    assert code == 3 and CLOSE_WAIT <= took < CLOSE_WAIT + 3
+    code, took = ran(closes_after(60, chatter=True), remove=True)
+    assert code == 3 and CLOSE_WAIT <= took < CLOSE_WAIT + 3
+    code, took = ran(closes_after(60), remove=False)
+    assert code == 3 and took < 1.5
+
+
 def _tar_of(name: str, data: bytes) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:

@@ -78,7 +78,10 @@ class ExecResource:
 def run(sock: socket.socket, lease: Lease, attach: Callable[..., Any], caller: str,
         service: ContainerService) -> None:
     """The stream, once switched: read START, run the command, carry its streams; then,
-    if asked and the caller got the EXIT frame, remove the container."""
+    if asked and the caller got the EXIT frame, remove the container: the caller's place
+    given back before the stream is closed (a caller waits for that close, and may then
+    start its next container at once), the container removed after; one that holds GPUs is
+    removed before the close too, so that the caller's next GPU container finds them free."""
     attached = None
     try:
         no_delay(sock)
@@ -101,8 +104,12 @@ def run(sock: socket.socket, lease: Lease, attach: Callable[..., Any], caller: s
                       what=f"exec in {lease.id[:12]} for {caller}")
         if ended and start.remove:
             attached.close()
+            service.give_back(lease.id, caller)  # before the caller hears the stream end
+            if lease.gpus:  # GPUs are the host's to share: free before the caller's next
+                service.remove(lease.id, None)
             sock.close()
-            service.remove(lease.id, caller)
+            if not lease.gpus:
+                service.remove(lease.id, None)
             log.info("removed %s after its exec, as %s asked", lease.id[:12], caller)
     except (OSError, ssl.SSLError, TimeoutError) as err:
         log.debug("exec stream in %s broke: %s", lease.id[:12], err)
