@@ -3,15 +3,18 @@ Peers page, ``Node.peers`` and ``exec``'s choice of peer).
 
 Making the rows asks the plugins to order each peer's addresses and to score it: about
 0.1 ms a peer, over a second for a table of 10,000. A long table's rows are therefore kept
-in the home (``peers-view.json``, beside ``peers.json``) with a key made of all they are
-made of: the table file's and the trust file's bytes (a checksum), the plugins, this node's
-own server (its relay hub) and the view's format. A listing whose key matches reads the rows
-and makes none; any change to one of those (any write of the table: a refresh, an exchange
-a peer started, a pin) makes them again, and keeps them again, whoever lists first; a
-running server lists once after each refresh. What changes with the clock alone, the paths
-punched lately, is applied at each listing, not kept. The plugins' answers are kept with
-the rows: ``p2prc_score_peer`` and ``p2prc_select_address`` must answer from their
-arguments alone (docs/writing-plugins.md).
+in the home (``peers-view.json``, beside ``peers.json``), with what they were made from:
+the table file (its size and a checksum of its bytes), and the context, which is the
+plugins, this node's own server (its relay hub) and the view's format. A listing of the
+same table in the same context reads the rows and makes none. After a change of the table
+(a refresh, an exchange a peer started, a name), only the rows of the peers whose entries
+changed are made again (each entry has a mark: its record's signature, its local name, what
+was measured of it), and the rest taken; in another context, every row is made again.
+Whoever lists first keeps the result; a running server lists once after each refresh. What
+the table does not hold, the trust list's names and the paths punched lately, is applied at
+each listing, never kept. The plugins' answers are kept with the rows: ``p2prc_score_peer``
+and ``p2prc_select_address`` must answer from their arguments alone
+(docs/writing-plugins.md).
 
 The view is this node's own file, as ``peers.json`` is (0600). It is still checked as it is
 read: a row of the wrong shape or type makes the whole view unusable, and the rows are made
@@ -37,7 +40,7 @@ from p2prc_core.plugins import PluginHooks
 from p2prc_core.trust import TrustStore
 
 VIEW_FILE = "peers-view.json"
-VIEW_FORMAT = 1  # raised whenever PeerRow's fields or their meaning change
+VIEW_FORMAT = 2  # raised whenever PeerRow's fields or their meaning change
 VIEW_FROM = 1000  # rows from which they are kept: below it, making them takes under 0.1 s
 
 
@@ -127,6 +130,63 @@ def _row_from(values: Any) -> PeerRow | None:
                    can_host, can_host_at)
 
 
+def _told(path: Path) -> list[int] | None:
+    """A file's size and a checksum of its bytes (about 10 ms for a table of 10,000): its
+    inode and change time would not tell two versions apart that a coarse clock stamps
+    alike."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return [len(data), zlib.crc32(data)]
+
+
+def _mark(entry: PeerEntry) -> int:
+    """What a peer's row is made of, of its entry, in one number: its signed record (by its
+    signature), its local name, and what was measured of it that a row shows."""
+    m = entry.measured
+    return zlib.crc32(repr((entry.record.get("signature"), entry.local_name, m.latency_ms,
+                            m.bandwidth_mbps, m.last_seen, m.failures, m.address,
+                            m.hosts_us, m.hosts_us_at)).encode())
+
+
+@dataclass
+class _View:
+    """What ``peers-view.json`` holds: the rows, best first, with the context and the table
+    they were made from, and each row's entry mark and score (unrounded, as ranked)."""
+
+    context: str
+    table: list[int] | None
+    rows: list[PeerRow]
+    marks: list[int]
+    scores: list[float]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"context": self.context, "table": self.table, "fields": _NAMES,
+                "rows": [[getattr(r, n) for n in _NAMES] for r in self.rows],
+                "marks": self.marks, "scores": self.scores}
+
+    @classmethod
+    def from_json(cls, data: Any) -> _View | None:
+        """The view, or None where any part of it is not what ``as_json`` writes."""
+        if not isinstance(data, dict) or data.get("fields") != _NAMES:
+            return None
+        context, table = data.get("context"), data.get("table")
+        values, marks, scores = data.get("rows"), data.get("marks"), data.get("scores")
+        if not (isinstance(context, str) and isinstance(values, list)
+                and isinstance(marks, list) and isinstance(scores, list)
+                and len(values) == len(marks) == len(scores)
+                and (table is None or (type(table) is list and len(table) == 2
+                                       and all(type(t) is int for t in table)))
+                and all(type(m) is int for m in marks)
+                and all(type(v) in (int, float) for v in scores)):
+            return None
+        rows = [_row_from(v) for v in values]
+        if None in rows:
+            return None
+        return cls(context, table, rows, marks, scores)  # type: ignore[arg-type]
+
+
 class PeerListing:
     """The rows of one node's table, kept in its home once the table is long (see the
     module's docstring). ``endpoints(entry, hub)`` is where to dial a peer, in order (the
@@ -148,16 +208,29 @@ class PeerListing:
         (``PeerRow.hosting_rank``), each part by ``p2prc_score_peer``. ``with_gpu``: only
         peers with a free GPU."""
         hub = self.hub()
-        key = self._key(hub)  # before the rows: a table changed meanwhile is not kept as this
-        rows = self._kept(key)
-        if rows is None:
-            rows = self._made(hub)
-            self._keep(key, rows)
+        context = self._context(hub)
+        table = _told(self.table.path)  # before the rows: a table changed meanwhile is not
+        view = self._view()              # kept as this one
+        if view is not None and view.context == context and view.table == table:
+            rows = view.rows
+        else:
+            rows, marks, scores = self._made(hub, view if view and view.context == context
+                                             else None)
+            self._keep(_View(context, table, rows, marks, scores))
         from p2prc_core.punched import punched_lately
 
         direct = punched_lately(self.table.path.parent)
-        return [dataclasses.replace(r, path="punched") if r.path == "relay"
-                and r.node_id in direct else r for r in rows if not with_gpu or r.gpus_free > 0]
+        trusted = {k: name or k[:8] for k, name in self.trust.names().items()}
+        shown = []
+        for row in rows:
+            if with_gpu and row.gpus_free <= 0:
+                continue
+            path = "punched" if row.path == "relay" and row.node_id in direct else row.path
+            name = trusted.get(row.node_id)
+            if path != row.path or name != row.trusted:
+                row = dataclasses.replace(row, path=path, trusted=name)
+            shown.append(row)
+        return shown
 
     def keep(self) -> None:
         """Make and keep the rows now if the table is long and they are not kept (a
@@ -166,39 +239,26 @@ class PeerListing:
 
     # -- the view in the home ----------------------------------------------------------------
 
-    def _key(self, hub: Endpoint | None) -> str:
-        def told(path: Path) -> list[int] | None:
-            """The file's size and a checksum of its bytes (about 10 ms for a table of
-            10,000): its inode and change time would not tell two versions apart that a
-            coarse clock stamps alike, nor the same bytes written again."""
-            try:
-                data = path.read_bytes()
-            except OSError:
-                return None
-            return [len(data), zlib.crc32(data)]
-
-        parts = [VIEW_FORMAT, __version__, told(self.table.path), told(self.trust.path),
-                 self.table.allow_loopback,
+    def _context(self, hub: Endpoint | None) -> str:
+        """What the rows are made with besides the table: where the plugins' answers and
+        the dial ladder may differ, no row of the view is taken."""
+        parts = [VIEW_FORMAT, __version__, self.table.allow_loopback,
                  None if hub is None else [hub.host, hub.port, hub.node_id, hub.relay],
                  [i.as_dict() for i in self.hooks.plugin_info()]]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
-    def _kept(self, key: str) -> list[PeerRow] | None:
+    def _view(self) -> _View | None:
         try:
             if not self.path.is_file():  # (a FIFO there would hold the open)
                 return None
             with self.path.open("rb") as f:
-                view = json.load(f)
+                data = json.load(f)
         except (OSError, ValueError, RecursionError):  # (nested past the parser's depth)
             return None
-        if not isinstance(view, dict) or view.get("key") != key \
-                or view.get("fields") != _NAMES or not isinstance(view.get("rows"), list):
-            return None
-        rows = [_row_from(values) for values in view["rows"]]
-        return None if None in rows else rows  # type: ignore[return-value]
+        return _View.from_json(data)
 
-    def _keep(self, key: str, rows: list[PeerRow]) -> None:
-        if len(rows) < self.keep_from:
+    def _keep(self, view: _View) -> None:
+        if len(view.rows) < self.keep_from:
             try:
                 self.path.unlink()  # a table grown short again keeps no view
             except OSError:
@@ -206,22 +266,36 @@ class PeerListing:
             return
         from p2prc_core.storage import atomic_write
 
-        view = {"key": key, "fields": _NAMES,
-                "rows": [[getattr(r, n) for n in _NAMES] for r in rows]}
         try:
-            atomic_write(self.path, json.dumps(view, separators=(",", ":")).encode())
+            atomic_write(self.path, json.dumps(view.as_json(), separators=(",", ":")).encode())
         except OSError:
             pass  # only a cache: the next listing makes the rows again
 
     # -- making the rows -----------------------------------------------------------------------
 
-    def _made(self, hub: Endpoint | None) -> list[PeerRow]:
+    def _made(self, hub: Endpoint | None, before: _View | None
+              ) -> tuple[list[PeerRow], list[int], list[float]]:
+        """The rows, their entries' marks and their scores; a row of ``before`` (made in
+        the same context) whose entry's mark is the same is taken, not made again."""
         entries = self.table.load() if self.table.path.exists() else {}
         trusted = {k: name or k[:8] for k, name in self.trust.names().items()}
-        ranked = self.hooks.ranked(e.to_peer() for e in entries.values())
-        rows = [self._row(entries[peer.node_id], peer.free_gpus, trusted.get(peer.node_id),
-                          score, hub) for peer, score in ranked]
-        return sorted(rows, key=lambda row: row.hosting_rank)  # stable: score within each
+        had = {} if before is None else \
+            {row.node_id: (mark, row, score)
+             for row, mark, score in zip(before.rows, before.marks, before.scores, strict=True)}
+        made: list[tuple[float, int, PeerRow, int]] = []
+        for index, entry in enumerate(entries.values()):
+            mark = _mark(entry)
+            kept = had.get(entry.node_id)
+            if kept is not None and kept[0] == mark:
+                made.append((kept[2], index, kept[1], mark))
+                continue
+            peer = entry.to_peer()
+            score = self.hooks.score_peer(peer)
+            made.append((score, index, self._row(entry, peer.free_gpus,
+                                                 trusted.get(entry.node_id), score, hub), mark))
+        made.sort(key=lambda item: (-item[0], item[1]))  # as PluginHooks.ranked orders them
+        made.sort(key=lambda item: item[2].hosting_rank)  # stable: score within each
+        return [m[2] for m in made], [m[3] for m in made], [m[0] for m in made]
 
     def _row(self, entry: PeerEntry, free_gpus: int, trusted: str | None, score: float,
              hub: Endpoint | None) -> PeerRow:
