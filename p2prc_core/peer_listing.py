@@ -90,44 +90,44 @@ class PeerRow:
         return 0 if self.can_host and self.reachable else 1
 
     def as_dict(self) -> dict[str, Any]:
-        """The row as ``--json`` prints it (every field is a plain value, or a tuple)."""
-        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in _ROW_FIELDS}
+        """The row as ``--json`` prints it (every field is a plain value, or a list)."""
+        found = {name: getattr(self, name) for name in _NAMES}
+        found["relays"], found["gpus"] = list(self.relays), list(self.gpus)
+        return found
 
 
-_ROW_FIELDS = dataclasses.fields(PeerRow)
-_NAMES = [f.name for f in _ROW_FIELDS]
+_NAMES = [f.name for f in dataclasses.fields(PeerRow)]
 
 
-def _texts(value: Any) -> bool:
-    return type(value) is list and (not value or all(type(v) is str for v in value))
+_NONE = type(None)
+# The types each field of a kept row may have, in ``_NAMES``' order ("texts": a list of
+# strings, made a tuple). A bool is not a number here.
+_TYPES: list[Any] = [{str}, {str}, {str}, {str}, {str}, "texts", {int, float, _NONE},
+                     {int, float, _NONE}, {int, float, _NONE}, {int}, "texts", {int},
+                     {int, _NONE}, {int, _NONE}, {str, _NONE}, {int, float}, {bool, _NONE},
+                     {int, float, _NONE}]
 
 
-def _number(value: Any, may_be_none: bool = True) -> bool:
-    return type(value) in (int, float) or (may_be_none and value is None)
-
-
-def _count(value: Any) -> bool:
-    return value is None or type(value) is int
-
-
-def _row_from(values: Any) -> PeerRow | None:
-    """A kept row (its fields in ``_NAMES``' order) as a PeerRow, or None where it is not
-    one: another length, or a field of another type (a bool is not a number here)."""
-    if type(values) is not list or len(values) != len(_NAMES):
+def _rows_from(values: Any) -> list[PeerRow] | None:
+    """Kept rows (each a list of its fields in ``_NAMES``' order) as PeerRows, or None
+    where any is not one: another length, or a field of another type. Checked a column at
+    a time (10,000 rows in a few milliseconds)."""
+    if type(values) is not list or not all(type(v) is list and len(v) == len(_NAMES)
+                                           for v in values):
         return None
-    (name, node_id, own_name, address, path, relays, latency, bandwidth, seen, failures, gpus,
-     gpus_free, memory, cpus, trusted, score, can_host, can_host_at) = values
-    if not (type(name) is type(node_id) is type(own_name) is type(address) is type(path) is str
-            and _texts(relays) and _number(latency) and _number(bandwidth) and _number(seen)
-            and type(failures) is int and _texts(gpus) and type(gpus_free) is int
-            and _count(memory) and _count(cpus) and (trusted is None or type(trusted) is str)
-            and _number(score, may_be_none=False)
-            and (can_host is None or type(can_host) is bool) and _number(can_host_at)):
-        return None
-    return PeerRow(name, node_id, own_name, address, path, tuple(relays), latency, bandwidth,
-                   seen, failures, tuple(gpus), gpus_free, memory, cpus, trusted, score,
-                   can_host, can_host_at)
+    if not values:
+        return []
+    columns: list[Any] = list(zip(*values, strict=True))
+    for index, allowed in enumerate(_TYPES):
+        column = columns[index]
+        if allowed == "texts":
+            if set(map(type, column)) != {list} or \
+                    not all(type(t) is str for texts in column for t in texts):
+                return None
+            columns[index] = map(tuple, column)
+        elif not set(map(type, column)) <= allowed:
+            return None
+    return list(map(PeerRow, *columns))
 
 
 def _told(path: Path) -> list[int] | None:
@@ -181,10 +181,8 @@ class _View:
                 and all(type(m) is int for m in marks)
                 and all(type(v) in (int, float) for v in scores)):
             return None
-        rows = [_row_from(v) for v in values]
-        if None in rows:
-            return None
-        return cls(context, table, rows, marks, scores)  # type: ignore[arg-type]
+        rows = _rows_from(values)
+        return None if rows is None else cls(context, table, rows, marks, scores)
 
 
 class PeerListing:

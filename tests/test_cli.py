@@ -211,6 +211,22 @@ def test_a_long_table_looks_as_a_short_one_and_its_cells_are_cleaned(
     assert "\x1b" not in shown[output.LONG_TABLE] and "red" in shown[output.LONG_TABLE]
 
 
+def test_a_long_json_list_is_the_same_json_an_item_a_line(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """From LONG_TABLE items on, ``--json`` writes an item a line (the C encoder; indenting
+    takes the pure-Python one): the same data when read, text and escapes kept exactly."""
+    from p2prc_core import output
+
+    data = [{"name": f"peer{i}", "gpus": ["H200"] * (i % 3), "latency_ms": i / 7 or None,
+             "said": "\x1b[31m\u540d\"q\"\n"} for i in range(output.LONG_TABLE)]
+    output.print_json(data)
+    shown = capsys.readouterr().out
+    assert json.loads(shown) == data
+    assert len(shown.splitlines()) == len(data) + 2
+    output.print_json(data[:3])  # a short one is indented as before
+    assert capsys.readouterr().out == json.dumps(data[:3], indent=2) + "\n"
+
+
 @pytest.mark.parametrize("text, ask", [("all", True), ("", True), ("2", 2), ("0,1", [0, 1]),
                                        ("device=1", [1]), ("1,", [1]), (" 3 , 0 ", [3, 0])])
 def test_gpu_asks_read_as_people_write_them(text: str, ask: object) -> None:
