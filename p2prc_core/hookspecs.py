@@ -34,8 +34,8 @@ def p2prc_select_address(candidates: Sequence[Address], purpose: str) -> Address
     unless the config allows loopback.
 
     Answer from the arguments alone: for a table of 1,000 peers or more, the order
-    this gives each peer's addresses is kept with the table's rows until the table,
-    the trust list or the plugins change (``peer_listing``).
+    this gives a peer's addresses is kept with the table's rows until its entry,
+    the plugins or this node's own server change (``peer_listing``).
 
     :param candidates: the addresses to choose from, in no particular order.
     :param purpose: ``"advertise"`` (what this node tells others) or ``"dial"``
@@ -53,8 +53,8 @@ def p2prc_score_peer(peer: KnownPeer) -> float | None:
     high bandwidth, and puts unreachable peers last.
 
     Answer from the peer alone (not the time, nor state of your own): for a table
-    of 1,000 peers or more, scores are kept with the table's rows until the table,
-    the trust list or the plugins change (``peer_listing``).
+    of 1,000 peers or more, a peer's score is kept with the table's rows until its
+    entry, the plugins or this node's own server change (``peer_listing``).
 
     :param peer: the peer record with what this node measured of it.
     :return: a score contribution, or ``None`` to abstain.

@@ -82,8 +82,13 @@ def _print_long(columns: Sequence[str], rows: Sequence[Sequence[Any]],
     head = [clean(c) for c in columns]
     texts = [["" if cell is None else cell if type(cell) is str else str(cell)
               for cell in column] for column in zip_longest(*rows, fillvalue="")]
-    shown = [padded([h, *column]) for h, column in zip(head, texts, strict=False)]
-    lines = ["  ".join(row) for row in zip(*shown, strict=True)]
+    texts = (texts + [[""] * len(rows)] * len(head))[:len(head)]  # a column each heading
+    shown = [padded([h, *column]) for h, column in zip(head, texts, strict=True)]
+    lines = ["  ".join(row) for row in zip(*shown, strict=True)] if shown else \
+        [""] * (len(rows) + 1)
+    if any(len(row) < len(head) for row in rows):  # a short row: only the cells it has
+        lines[1:] = ["  ".join(cells[:len(row)]) for row, cells in
+                     zip(rows, list(zip(*shown, strict=True))[1:], strict=True)]
     if title:
         console.print(Text(clean(title)))
     console.print(Text(lines[0], style="bold"))

@@ -40,7 +40,7 @@ from p2prc_core.plugins import PluginHooks
 from p2prc_core.trust import TrustStore
 
 VIEW_FILE = "peers-view.json"
-VIEW_FORMAT = 2  # raised whenever PeerRow's fields or their meaning change
+VIEW_FORMAT = 3  # raised whenever PeerRow's fields or their meaning change
 VIEW_FROM = 1000  # rows from which they are kept: below it, making them takes under 0.1 s
 
 
@@ -101,11 +101,12 @@ _NAMES = [f.name for f in dataclasses.fields(PeerRow)]
 
 _NONE = type(None)
 # The types each field of a kept row may have, in ``_NAMES``' order ("texts": a list of
-# strings, made a tuple). A bool is not a number here.
-_TYPES: list[Any] = [{str}, {str}, {str}, {str}, {str}, "texts", {int, float, _NONE},
-                     {int, float, _NONE}, {int, float, _NONE}, {int}, "texts", {int},
-                     {int, _NONE}, {int, _NONE}, {str, _NONE}, {int, float}, {bool, _NONE},
-                     {int, float, _NONE}]
+# strings, made a tuple): those a row is made with (measures and scores are floats). A bool
+# is not a number here, and no number is NaN or infinite (``_view`` refuses them).
+_TYPES: list[Any] = [{str}, {str}, {str}, {str}, {str}, "texts", {float, _NONE},
+                     {float, _NONE}, {float, _NONE}, {int}, "texts", {int},
+                     {int, _NONE}, {int, _NONE}, {str, _NONE}, {float}, {bool, _NONE},
+                     {float, _NONE}]
 
 
 def _rows_from(values: Any) -> list[PeerRow] | None:
@@ -130,24 +131,31 @@ def _rows_from(values: Any) -> list[PeerRow] | None:
     return list(map(PeerRow, *columns))
 
 
+def _not_finite(word: str) -> Any:
+    raise ValueError(f"{word} is no number a row holds")
+
+
 def _told(path: Path) -> list[int] | None:
-    """A file's size and a checksum of its bytes (about 10 ms for a table of 10,000): its
-    inode and change time would not tell two versions apart that a coarse clock stamps
-    alike."""
+    """A file's size and two checksums of its bytes, 64 bits in all (about 10 ms for a
+    table of 10,000): its inode and change time would not tell two versions apart that a
+    coarse clock stamps alike."""
     try:
         data = path.read_bytes()
     except OSError:
         return None
-    return [len(data), zlib.crc32(data)]
+    return [len(data), zlib.crc32(data), zlib.adler32(data)]
 
 
-def _mark(entry: PeerEntry) -> int:
-    """What a peer's row is made of, of its entry, in one number: its signed record (by its
-    signature), its local name, and what was measured of it that a row shows."""
+def _mark(entry: PeerEntry) -> str:
+    """What a peer's row is made of, of its entry, in 128 bits: its signed record (by its
+    signature), its local name, and what was measured of it that a row shows. (A 32-bit
+    checksum here would take a changed entry for the same one about once in 4 billion
+    changes, and a server changes thousands an hour.)"""
     m = entry.measured
-    return zlib.crc32(repr((entry.record.get("signature"), entry.local_name, m.latency_ms,
-                            m.bandwidth_mbps, m.last_seen, m.failures, m.address,
-                            m.hosts_us, m.hosts_us_at)).encode())
+    return hashlib.blake2b(repr((entry.record.get("signature"), entry.local_name,
+                                 m.latency_ms, m.bandwidth_mbps, m.last_seen, m.failures,
+                                 m.address, m.hosts_us, m.hosts_us_at)).encode(),
+                           digest_size=16).hexdigest()
 
 
 @dataclass
@@ -158,7 +166,7 @@ class _View:
     context: str
     table: list[int] | None
     rows: list[PeerRow]
-    marks: list[int]
+    marks: list[str]
     scores: list[float]
 
     def as_json(self) -> dict[str, Any]:
@@ -176,10 +184,10 @@ class _View:
         if not (isinstance(context, str) and isinstance(values, list)
                 and isinstance(marks, list) and isinstance(scores, list)
                 and len(values) == len(marks) == len(scores)
-                and (table is None or (type(table) is list and len(table) == 2
+                and (table is None or (type(table) is list and len(table) == 3
                                        and all(type(t) is int for t in table)))
-                and all(type(m) is int for m in marks)
-                and all(type(v) in (int, float) for v in scores)):
+                and all(type(m) is str for m in marks)
+                and all(type(v) is float for v in scores)):
             return None
         rows = _rows_from(values)
         return None if rows is None else cls(context, table, rows, marks, scores)
@@ -250,7 +258,7 @@ class PeerListing:
             if not self.path.is_file():  # (a FIFO there would hold the open)
                 return None
             with self.path.open("rb") as f:
-                data = json.load(f)
+                data = json.load(f, parse_constant=_not_finite)
         except (OSError, ValueError, RecursionError):  # (nested past the parser's depth)
             return None
         return _View.from_json(data)
@@ -272,7 +280,7 @@ class PeerListing:
     # -- making the rows -----------------------------------------------------------------------
 
     def _made(self, hub: Endpoint | None, before: _View | None
-              ) -> tuple[list[PeerRow], list[int], list[float]]:
+              ) -> tuple[list[PeerRow], list[str], list[float]]:
         """The rows, their entries' marks and their scores; a row of ``before`` (made in
         the same context) whose entry's mark is the same is taken, not made again."""
         entries = self.table.load() if self.table.path.exists() else {}
@@ -280,7 +288,7 @@ class PeerListing:
         had = {} if before is None else \
             {row.node_id: (mark, row, score)
              for row, mark, score in zip(before.rows, before.marks, before.scores, strict=True)}
-        made: list[tuple[float, int, PeerRow, int]] = []
+        made: list[tuple[float, int, PeerRow, str]] = []
         for index, entry in enumerate(entries.values()):
             mark = _mark(entry)
             kept = had.get(entry.node_id)

@@ -211,6 +211,27 @@ def test_a_long_table_looks_as_a_short_one_and_its_cells_are_cleaned(
     assert "\x1b" not in shown[output.LONG_TABLE] and "red" in shown[output.LONG_TABLE]
 
 
+def test_a_long_table_with_a_short_row_keeps_its_header_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row with fewer cells than the table has columns shows the cells it has; the
+    header still names every column, and a table with no rows but its header prints."""
+    import io
+
+    from rich.console import Console
+
+    from p2prc_core import output
+
+    screen = io.StringIO()
+    monkeypatch.setattr(output, "console", Console(file=screen, width=200, highlight=False,
+                                                   soft_wrap=False))
+    rows = [("a", "b", "c")] * (output.LONG_TABLE - 1) + [("short",)]
+    output.print_table(("one", "two", "three"), rows)
+    lines = screen.getvalue().splitlines()
+    assert lines[0].split() == ["one", "two", "three"]
+    assert lines[-1] == "short" and lines[1].split() == ["a", "b", "c"]
+    assert len(lines) == output.LONG_TABLE + 1
+
+
 def test_a_long_json_list_is_the_same_json_an_item_a_line(
         capsys: pytest.CaptureFixture[str]) -> None:
     """From LONG_TABLE items on, ``--json`` writes an item a line (the C encoder; indenting

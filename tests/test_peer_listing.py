@@ -1,8 +1,9 @@
-"""A long table's rows kept in the home (``peers-view.json``, ``PeerListing``): a listing that
-finds them made for the same table, trust, plugins and own server reads them and asks no
-plugin; a change to any of those makes them again; what changes with the clock (punched
-paths) is applied at each listing; a damaged or hostile view is never shown, only made
-again; and a view that cannot be written costs only time."""
+"""A long table's rows kept in the home (``peers-view.json``, ``PeerListing``): a listing
+that finds them made for the same table, plugins and own server reads them and asks no
+plugin; after a change of the table only the changed peers' rows are made again, and after
+a change of plugins or server all of them; trust names and punched paths are applied at
+each listing; a damaged or hostile view is never shown, only made again; and a view that
+cannot be written costs only time."""
 
 from __future__ import annotations
 
@@ -185,9 +186,12 @@ def _damaged(view: dict[str, Any]) -> list[tuple[str, Any]]:
         ("not an object", [view]),
         ("no rows", {**view, "rows": None}),
         ("another context", {**view, "context": "0" * 64}),
-        ("another table", {**view, "table": [1, 2]}),
-        ("a table of three", {**view, "table": [1, 2, 3]}),
-        ("marks of text", {**view, "marks": [str(m) for m in view["marks"]]}),
+        ("another table", {**view, "table": [1, 2, 3]}),
+        ("a table of two", {**view, "table": [1, 2]}),
+        ("marks of numbers", {**view, "marks": list(range(len(view["marks"])))}),
+        ("a score NaN", {**view, "scores": [float("nan"), *view["scores"][1:]]}),
+        ("last seen infinite", changed("last_seen", float("inf"))),
+        ("latency a whole number", changed("latency_ms", 5)),
         ("a score missing", {**view, "scores": view["scores"][1:]}),
         ("a score true", {**view, "scores": [True, *view["scores"][1:]]}),
         ("other fields", {**view, "fields": [*fields[:-1], "extra"]}),
