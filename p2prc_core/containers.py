@@ -769,7 +769,7 @@ class ContainerService:
         ending = {lease.id for lease in self.store.leases(ENDING_OWNER)}
         for container_id in expired:
             if not self._remove_quietly(container_id) and container_id in ending:
-                continue  # tried again next pass: never forgotten, to be adopted by its caller
+                continue  # kept to try again: with no lease, a restart would adopt it back
             self.store.forget(container_id)
         # A create that died half-way: what it started is adopted or removed, its place
         # freed (container_recovery).

@@ -130,8 +130,8 @@ async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write
         writer.close()
 
 
-# Seconds at least a caller waits, after the exit, for the host to close the stream (at
-# most its request timeout, when that is longer: a GPU container is removed before the close).
+# The longest a caller waits, after the exit, for the host to close the stream: this, or its
+# request timeout where that is longer (a GPU container is removed before the close).
 CLOSE_WAIT = 5.0
 
 
