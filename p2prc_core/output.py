@@ -94,4 +94,3 @@ def _print_long(columns: Sequence[str], rows: Sequence[Sequence[Any]],
     console.print(Text(lines[0], style="bold"))
     console.file.write("".join(line + "\n" for line in lines[1:]))
     console.file.flush()
-

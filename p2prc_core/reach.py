@@ -300,8 +300,9 @@ class ReachAgent:
     def _leave_waiting(self, relay: Endpoint) -> None:
         self._left_waiting += 1  # said now and then: a relay could send them unending
         if self._left_waiting in (1, 10, 100) or self._left_waiting % 1000 == 0:
-            log.warning("relay %s hands out more clients than %d at once: one left "
-                        "waiting (%d so far)", relay, MAX_CARRIED, self._left_waiting)
+            log.warning("relay %s hands out more clients than this node takes at once "
+                        "(%d being set up, %d joined): one left waiting (%d so far)", relay,
+                        MAX_SETTING_UP, MAX_CARRIED, self._left_waiting)
 
     def _accept(self, relay: Endpoint, token: str) -> None:
         """Take the client a relay told us of, and hand it, joined to our own server, to
