@@ -11,6 +11,7 @@ code, as decimal text) or ``ERROR`` (why it could not run, as text), and the str
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 STDIN, STDOUT, STDERR, EXIT, START, STDIN_END, ERROR = 0, 1, 2, 3, 4, 5, 6
 HEADER = 8
@@ -35,19 +36,38 @@ def frames(data: bytearray, kinds: frozenset[int], limit: int = MAX_PAYLOAD,
         ``limit``.
     """
     taken: list[tuple[int, bytes]] = []
+
+    def keep(kind: int, payload: memoryview) -> bool:
+        taken.append((kind, bytes(payload)))
+        return len(taken) >= most
+
+    each(data, kinds, keep, limit)
+    return taken
+
+
+def each(data: bytearray, kinds: frozenset[int], handle: Callable[[int, memoryview], bool],
+         limit: int = MAX_PAYLOAD) -> None:
+    """Hand each whole frame at the front of ``data`` to ``handle`` (its kind, and a view of
+    its payload that is good only during the call: no copy is made), then cut them off
+    ``data`` at once; ``handle`` returning True stops after that frame.
+
+    :raises FrameError: as ``frames``; the frames handled before it are cut off.
+    """
     at = 0  # one cut at the end: a cut per frame would move the rest each time
+    view = memoryview(data)
     try:
-        while len(data) - at >= HEADER and len(taken) < most:
-            kind, pad = data[at], bytes(data[at + 1:at + 4])
-            size = int.from_bytes(data[at + 4:at + 8], "big")
-            if kind not in kinds or pad != b"\0\0\0":
+        while len(data) - at >= HEADER:
+            kind, size = data[at], int.from_bytes(data[at + 4:at + 8], "big")
+            if kind not in kinds or data[at + 1:at + 4] != b"\0\0\0":
                 raise FrameError(f"a frame of unknown kind {kind}")
             if size > limit:
                 raise FrameError(f"a frame of {size} bytes (at most {limit})")
             if len(data) - at < HEADER + size:
                 break
-            taken.append((kind, bytes(data[at + HEADER:at + HEADER + size])))
-            at += HEADER + size
+            with view[at + HEADER:at + HEADER + size] as payload:
+                at += HEADER + size
+                if handle(kind, payload):
+                    break
     finally:
+        view.release()
         del data[:at]
-    return taken

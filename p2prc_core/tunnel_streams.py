@@ -25,6 +25,10 @@ from p2prc_core.signing import sign_request
 from p2prc_core.upgrade_client import upgrade_async
 
 log = logging.getLogger("p2prc")
+# What a stream's reader holds before it stops reading the socket (asyncio's default is 64 KiB):
+# bulk output (an exec's -o) then comes in a few large reads, not many small ones, which
+# took a tenth off a 512 MiB fetch's time here (bench/bench_exec.py).
+READ_LIMIT = 1 << 18
 
 
 async def open_stream(endpoints: list[Endpoint], identity: NodeIdentity, path: str,
@@ -67,10 +71,12 @@ async def _open_one(endpoint: Endpoint, identity: NodeIdentity, path: str, query
                                                                   endpoint)
     if direct is not None:
         reader, writer = await asyncio.open_connection(sock=direct, ssl=context,
-                                                       server_hostname=hostname)
+                                                       server_hostname=hostname,
+                                                       limit=READ_LIMIT)
     else:
         reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port,
-                                                       ssl=context, server_hostname=hostname)
+                                                       ssl=context, server_hostname=hostname,
+                                                       limit=READ_LIMIT)
     try:
         if endpoint.relay and direct is None:
             where = f"relay {endpoint.address}"

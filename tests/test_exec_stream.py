@@ -207,6 +207,38 @@ def test_frames_refuse_unknown_kinds_padding_and_oversized_payloads() -> None:
             fr.frames(bytearray(bad), frozenset({1, 2}))
 
 
+def test_each_frame_is_handed_out_in_place_then_cut_off_at_once() -> None:
+    """What the exec client uses for output: a view of each payload (no copy), the frames
+    handled cut off together, a part frame kept, and a stop when the handler says so."""
+    part = fr.frame(fr.STDOUT, b"efg")[:10]
+    data = bytearray(fr.frame(fr.STDOUT, b"a") + fr.frame(fr.EXIT, b"0") +
+                     fr.frame(fr.STDOUT, b"d") + part)
+    seen: list[tuple[int, bytes]] = []
+
+    def note(kind: int, payload: memoryview) -> bool:
+        seen.append((kind, bytes(payload)))
+        return kind == fr.EXIT
+
+    fr.each(data, frozenset({fr.STDOUT, fr.EXIT}), note)
+    assert seen == [(fr.STDOUT, b"a"), (fr.EXIT, b"0")]  # stopped after the EXIT
+    assert data == fr.frame(fr.STDOUT, b"d") + part
+    fr.each(data, frozenset({fr.STDOUT}), note)
+    assert seen[-1] == (fr.STDOUT, b"d") and data == part  # the part frame waits
+    data = bytearray(fr.frame(fr.STDOUT, b"x") + fr.frame(9, b"y"))
+    with pytest.raises(fr.FrameError):
+        fr.each(data, frozenset({fr.STDOUT}), note)
+    assert seen[-1] == (fr.STDOUT, b"x") and data == fr.frame(9, b"y")  # handled, then cut
+    kept: list[memoryview] = []
+
+    def keep(kind: int, payload: memoryview) -> bool:
+        kept.append(payload)
+        return False
+
+    fr.each(bytearray(fr.frame(fr.STDOUT, b"z")), frozenset({fr.STDOUT}), keep)
+    with pytest.raises(ValueError):  # a view kept past its call is released: never stale
+        bytes(kept[0])
+
+
 def test_exec_start_is_checked_where_it_arrives() -> None:
     assert decode(encode(ExecStart(argv=("true",))), ExecStart).argv == ("true",)
     for body in (b'{"argv": ["true"], "stdin": "yes"}', b'{"argv": ["true"] , "x": 1}',

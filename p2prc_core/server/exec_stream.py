@@ -27,7 +27,7 @@ from p2prc_core.wire import ExecStart, WireError, decode
 log = logging.getLogger("p2prc.server")
 
 START_WITHIN = 10.0  # seconds the caller has to send its START frame after the 101
-_BLOCK = 256 << 10
+_BLOCK = 64 << 10  # a read: bigger buffers go back to the kernel and fault in again
 _HIGH_WATER = 1 << 20
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
                 ssl.SSLWantWriteError)
@@ -201,15 +201,20 @@ def carry(caller: socket.socket, engine: socket.socket, exit_code: Callable[[], 
     if not stdin:
         _shut_write(engine)
     selector = selectors.DefaultSelector()
+
+    def take(kind: int, payload: memoryview) -> bool:
+        nonlocal stdin_open
+        if kind == fr.STDIN and stdin_open:
+            to_engine.extend(payload)  # the one copy: from the caller's frame
+        elif kind == fr.STDIN_END:
+            stdin_open = False
+        return False
+
     for each in (caller, engine):
         each.setblocking(False)
     try:
         while True:
-            for kind, payload in fr.frames(inbox, _FROM_CALLER):
-                if kind == fr.STDIN and stdin_open:
-                    to_engine += payload
-                elif kind == fr.STDIN_END and stdin_open:
-                    stdin_open = False
+            fr.each(inbox, _FROM_CALLER, take)
             if not stdin_open and stdin and not to_engine:
                 _shut_write(engine)
                 stdin = False
