@@ -76,6 +76,7 @@ class JobShell:
     alive_seconds: float  # a host silent this long is taken as lost
     job_id: str  # names the job's files in the container (``job_file``)
     errors: list[str] = field(default_factory=list)
+    host_removed = False  # (over SSH, never: see ``StreamShell.host_removed``)
 
     def command(self, remote: str, *flags: str) -> list[str]:
         every = max(1, round(self.alive_seconds / 2))  # the first value of an option wins
@@ -161,8 +162,9 @@ class JobShell:
         """SIGINT to the command's process group (SIGKILL when ``force``)."""
         self.quick(interrupt_script(self.job_id, force), timeout=10)
 
-    def fetch(self, output: Output, max_bytes: int) -> list[Path]:
-        """Bring ``output.remote`` back into ``output.local`` through ``safe_extract``.
+    def fetch(self, output: Output, max_bytes: int, remove: bool = False) -> list[Path]:
+        """Bring ``output.remote`` back into ``output.local`` through ``safe_extract``
+        (``remove`` is for exec streams: over SSH the container is removed by a request).
 
         :raises ArchiveError: the archive was refused (its reason); P2PRCError: it is not
             there, or could not be read.
@@ -694,10 +696,13 @@ class Executor:
         """Bring each output back; a third Ctrl-C (while attached) stops this, and the job is
         ``interrupted``."""
         try:
-            for output in run.outputs:
+            for at, output in enumerate(run.outputs, 1):
                 if self.ctrl_c is not None and self.ctrl_c.count >= 3:
                     raise FetchStopped()
-                self.fetch_one(run, output)
+                # The last fetch of a container nothing keeps: its host removes it once the
+                # archive is sent (as a command with no outputs does), unwaited for.
+                self.fetch_one(run, output, remove=at == len(run.outputs) and run.owned
+                               and not run.job.keep)
         except FetchStopped:
             run.job.state = "interrupted"
             run.job.message = clean(f"outputs from {run.label} not fetched: Ctrl-C", 300)
@@ -717,11 +722,12 @@ class Executor:
                 run.output_errors.append(run.job.message)
                 self.say(f"error: {run.job.message}")
 
-    def fetch_one(self, run: JobRun, output: Output) -> None:
+    def fetch_one(self, run: JobRun, output: Output, remove: bool = False) -> None:
         try:
             if self.ctrl_c is not None:
                 self.ctrl_c.fetching = True
-            run.written += run.shell.fetch(output, self.settings.exec_max_output)
+            run.written += run.shell.fetch(output, self.settings.exec_max_output,
+                                           remove=remove)
         except P2PRCError as err:
             run.job.message = clean(f"from {run.label}: {err}", 600)
             run.output_errors.append(run.job.message)
@@ -733,7 +739,7 @@ class Executor:
     def release(self, run: JobRun) -> None:
         if run.job.keep:
             return
-        if getattr(run.proc, "host_removes", False):
+        if getattr(run.proc, "host_removes", False) or run.shell.host_removed:
             self.on_peers.forget(run.container)
             return
         try:

@@ -112,6 +112,26 @@ def test_a_script_with_an_input_folder_and_an_output_comes_back(
 
 @pytest.mark.docker
 @pytest.mark.integration
+def test_the_last_output_s_stream_has_the_host_remove_the_container(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    """With outputs, the container goes with the last one's stream: its host removes it once
+    the archive is sent, as after a command with no outputs, and the caller does not wait
+    for the engine's removal (half a second for a container that wrote 512 MiB)."""
+    result = me(tmp_path, "exec", "--on", host.peer(), "-o", "a", "-o", "b", "--",
+                "sh", "-c", "echo one > a; echo two > b")
+    assert result.returncode == 0, result.stderr
+    [job] = jobs(tmp_path)
+    out_dir = Path(job["out_dir"])
+    assert (out_dir / "a").read_text() == "one\n" and (out_dir / "b").read_text() == "two\n"
+    assert none_left(engine, host) == []
+    assert json.loads(me(tmp_path, "containers", "ls", "--json").stdout) == []  # forgotten
+    short = job["container_id"][:12]
+    wait_for(lambda: f"removed {short} after its exec" in host.output(), 10)
+    assert f"DELETE /v1/containers/{job['container_id']}" not in host.output()
+
+
+@pytest.mark.docker
+@pytest.mark.integration
 def test_a_failing_command_gives_its_exit_code_and_its_outputs(
         tmp_path: Path, host: LiveServer, engine: Any) -> None:
     result = me(tmp_path, "exec", "--on", host.peer(), "-o", "out.txt", "--",
@@ -432,8 +452,9 @@ def test_a_third_ctrl_c_stops_the_fetch_but_not_the_cleanup(tmp_path: Path) -> N
 
     class Shell:
         closed = False
+        host_removed = False
 
-        def fetch(self, output: Output, max_bytes: int) -> list[Path]:
+        def fetch(self, output: Output, max_bytes: int, remove: bool = False) -> list[Path]:
             for _ in range(1000):  # Ctrl-C pressed again and again while outputs come back
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.01)

@@ -87,7 +87,8 @@ def test_exec_through_a_relay_runs_with_inputs_and_outputs(tmp_path: Path,
         assert (out / "sum.txt").read_text().strip() == "6"
         rows = {r["node_id"]: r for r in json.loads(me(home, "peers", "ls", "--json").stdout)}
         assert rows[host.node_id]["path"] == "relay", rows[host.node_id]
-        assert not p2prc_containers(docker_client, host.node_id)  # removed at the end
+        wait_for(lambda: not p2prc_containers(docker_client, host.node_id), timeout=30,
+                 what="the host removed the job's container")  # at the end, unwaited for
     finally:
         host.stop()
         relay.stop()

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from falcon import testing
+from faultkit import wait_for
 
 from conftest import BUILTINS, P2PRC, LiveServer, friend_with, require
 from p2prc_core.config import Settings, load_settings
@@ -197,8 +198,9 @@ def test_a_detached_jobs_live_log_then_kill_removes_its_container(
     assert "container is removed" in get(board, killed.headers["Location"]).text
     job = JobStore(home).get(job_id)
     assert job.state == "interrupted" and job.ended is not None
-    assert engine.api.containers(all=True, filters={
-        "label": f"org.p2prc.node={host.node_id}"}) == []
+    # The last output's stream had the host remove it: gone a moment later, unwaited for.
+    wait_for(lambda: engine.api.containers(all=True, filters={
+        "label": f"org.p2prc.node={host.node_id}"}) == [], 30, "the container removed")
     after = get(board, f"/jobs/{job_id}")
     assert "started" in after.text and "http-equiv" not in after.text  # the log it kept
     assert get(board, f"/jobs/{job_id}/files/out/f").text == "made\n"
