@@ -231,9 +231,9 @@ class Client(threading.Thread):
         self.killed = False
         self.lock = threading.Lock()
         self.idle = threading.Event()  # set between commands
-        self.unsure: set[str] = set()  # containers whose rm was killed: the host may have
-        # removed them before the client could forget them; removed again (as a user
-        # would), never run on
+        self.unsure: set[str] = set()  # containers whose rm, or whose exec, was killed: the
+        # host may have removed them before the client could forget them; removed again (as
+        # a user would), never run on
 
     def p2prc(self, *args: str, timeout: float = 180) -> tuple[int, str, str]:
         with self.lock:
@@ -281,12 +281,15 @@ class Client(threading.Thread):
             if self.soak.stop.is_set():
                 break
             op, args = self.choose()
+            before = set(self.tracked())
             started = time.monotonic()
             code, out, err = self.p2prc(*args)
             self.soak.tally.count(op, code == 0, started, time.monotonic(), out + err,
                                   self.killed)
             if op == "rm":
                 (self.unsure.add if self.killed else self.unsure.discard)(args[1])
+            elif op.startswith("exec") and self.killed:  # its host may remove what it made
+                self.unsure.update(i[:12] for i in set(self.tracked()) - before)
 
     def choose(self) -> tuple[str, list[str]]:
         host = self.soak.host
