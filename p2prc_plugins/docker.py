@@ -39,7 +39,7 @@ DEFAULT_TAG = "p2prc/base:latest"
 # change: an image with an older version is built again.
 DEBOOTSTRAP_PACKAGES = ["openssh-server", "python3", "python3-pip", "sudo", "ca-certificates",
                         "curl", "git", "rsync"]
-IMAGE_VERSION = "3"  # 3: the warm pool's wait for a key, an empty /job
+IMAGE_VERSION = "4"  # 3: the warm pool's wait for a key, an empty /job; 4: read from stdin
 VERSION_LABEL = "org.p2prc.image.version"
 HOST_KEY_MARK = "P2PRC-HOSTKEY "
 SSHD_LISTENING = "Server listening on"  # what sshd -e says once it takes connections
@@ -180,7 +180,8 @@ class DockerBackend:
             "pids_limit": spec.pids, "mem_limit": spec.memory, "memswap_limit": spec.memory,
             **(docker_pool.cpu_options(spec.cpus) if spec.pool else
                {"nano_cpus": int(spec.cpus * 1e9)}), "network": self.network(spec.reach_lan),
-            "ipc_mode": "private", "init": False, "stdin_open": False, "tty": False,
+            "ipc_mode": "private", "init": False, "tty": False,
+            "stdin_open": spec.pool,  # a pooled one reads its caller there (docker_pool)
             # What the engine keeps of its output: one file, at most log_bytes.
             "log_config": docker.types.LogConfig(type="json-file", config={
                 "max-size": str(spec.log_bytes), "max-file": "1"}),

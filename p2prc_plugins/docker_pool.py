@@ -1,11 +1,12 @@
 """Handing a pooled container out, with Docker (see ``p2prc_core.warm_pool``).
 
-A pooled container's entry script made its host key and waits, without sshd, on a pipe in
-/run (a tmpfs where the root is read-only). To hand it to its one caller the host sets the
-caller's CPU and memory limits (``docker update``), records the owner and the lease's end in
-the container's name (its labels cannot change, and keep saying "pool"), and writes the
-caller's key and limits into the pipe with ``docker exec`` (as root; nothing of the caller's
-is put in a shell command: they are the script's arguments). Then sshd starts with that key.
+A pooled container's entry script made its host key and waits, without sshd, reading its
+standard input (the container is made with stdin open, and nothing but the host's engine
+can write there). To hand it to its one caller the host sets the caller's CPU and memory
+limits (``docker update``), records the owner and the lease's end in the container's name
+(its labels cannot change, and keep saying "pool"), and writes the caller's key and limits,
+one a line, to that input through the engine's attach (2 ms, where a ``docker exec`` that
+wrote them took 60). Then sshd starts with that key, its input /dev/null.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 from p2prc_core.containers import ContainerError, HandOut
 
 WAITING = "P2PRC-POOL-WAITING"  # what the entry script says once it waits for its caller
-HANDOUT_PIPE = "/run/p2prc-handout"
+# ... and this, where it reads its caller from its input (an image built before says only
+# the first, and waits on a pipe that nothing here writes to: its containers are not used).
+WAITING_ON_STDIN = f"{WAITING} stdin"
 CPU_PERIOD = 100_000  # microseconds: a pooled container's CPUs are a quota of this period
-WRITE_HANDOUT = (f'test -p {HANDOUT_PIPE} && printf "%s\\n" "$1" "$2" "$3" "$4" '
-                 f'> {HANDOUT_PIPE}')
-HANDOUT_SECONDS = 10  # the entry script reads at once; this bounds a broken one
+_LINE = re.compile(r"[\x20-\x7e]{1,16384}")  # one line of the hand-out: printable, no break
 # The name a handed-out container gets: its owner and the end of its lease.
 HANDED_NAME = re.compile(r"p2prc-([0-9a-f]{12})-for-([a-z2-7]{26})-until-([0-9]{1,12})")
 POOLED_NAME = re.compile(r"p2prc-pool-([0-9a-f]{12})")
@@ -57,37 +58,54 @@ def handed_out_of(name: str) -> tuple[str, float] | None:
 def hand_out(client: Any, container_id: str, given: HandOut) -> None:
     """Give pooled container ``container_id`` to ``given.owner``: limits, name, key. The
     three are the engine's to do at once (none waits for another: the caller learns of the
-    container only when all are done), so they are asked for together.
+    container only when all are done), so they are asked for together. Whether the entry
+    script took the key shows when its sshd starts (``DockerBackend.host_key``).
 
-    :raises ContainerError: it is gone, the engine refused, or the entry script did not
-        take the key (the caller then gets a container started for it).
+    :raises ContainerError: it is gone, the engine refused, it does not read its input (made
+        by an earlier p2prc, or from an earlier image), or a line that is not one line (the
+        caller then gets a container started for it).
     """
     import docker
     import requests
+
+    lines = [given.ssh_key, f"{given.cpus:g}", str(given.memory),
+             str(max(1, math.ceil(given.cpus)))]
+    if not all(_LINE.fullmatch(line) for line in lines):
+        raise ContainerError(500, "Hand-out refused", "a hand-out line is not one printable "
+                                                      "line")
 
     def limits() -> None:
         container.update(**cpu_options(given.cpus), mem_limit=given.memory,
                          memswap_limit=given.memory)
 
-    def key() -> Any:
-        return container.exec_run(
-            ["timeout", str(HANDOUT_SECONDS), "sh", "-c", WRITE_HANDOUT, "p2prc-hand-out",
-             given.ssh_key, f"{given.cpus:g}", str(given.memory),
-             str(max(1, math.ceil(given.cpus)))], user="root")
-
     try:
         container = client.containers.get(container_id)
         name = handed_out_name(container.name, given)
+        if not container.attrs.get("Config", {}).get("OpenStdin") or \
+                WAITING_ON_STDIN not in container.logs().decode(errors="replace"):
+            raise ContainerError(500, "Hand-out failed",
+                                 f"pooled container {container_id[:12]} does not read its "
+                                 f"caller from its input (an earlier image or p2prc made "
+                                 f"it: 'scripts/docker-engine --force' builds the image "
+                                 f"again)")
         with ThreadPoolExecutor(max_workers=2) as pool:
             asked = [pool.submit(limits), pool.submit(container.rename, name)]
-            result = key()
+            _write_input(client, container_id, ("\n".join(lines) + "\n").encode("ascii"))
             for done in asked:
                 done.result()
-    except (docker.errors.DockerException, requests.exceptions.ConnectionError) as err:
+    except (docker.errors.DockerException, requests.exceptions.ConnectionError,
+            OSError) as err:
         raise ContainerError(500, "Hand-out failed",
                              f"pooled container {container_id[:12]}: {err}") from None
-    if result.exit_code != 0:
-        raise ContainerError(500, "Hand-out failed",
-                             f"pooled container {container_id[:12]} did not take its key "
-                             f"(exit {result.exit_code}): "
-                             f"{bytes(result.output or b'').decode(errors='replace')[-200:]}")
+
+
+def _write_input(client: Any, container_id: str, data: bytes) -> None:
+    """``data`` to the container's standard input, through the engine's attach (its stdin
+    only: nothing is read back); closed once written, which its input outlives."""
+    attached = client.api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
+    sock = getattr(attached, "_sock", attached)
+    try:
+        sock.sendall(data)
+    finally:
+        for each in (sock, attached):
+            each.close()

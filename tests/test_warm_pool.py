@@ -323,3 +323,64 @@ def test_exec_in_a_pooled_container_sees_the_callers_limits(
         env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0.5", str(300 << 20), "1", "1"], result.stdout
+
+
+def test_the_hand_out_writes_the_caller_to_the_waiting_entry_script_and_nothing_else(
+        tmp_path: Path, docker_client: Any) -> None:
+    """``docker_pool.hand_out`` against real containers: one that waits on its input takes
+    the caller's key and limits, then its sshd starts; one made by an earlier p2prc (stdin
+    closed) or from an earlier image (it waits on a pipe) is refused at once, never left
+    waiting for a key that cannot come; a line break in a line is refused before anything."""
+    from p2prc_core.containers import ContainerError, HandOut
+    from p2prc_plugins.docker import SSHD_LISTENING, DockerBackend
+    from p2prc_plugins.docker_pool import hand_out
+
+    key = ensure_key(tmp_path)[1]
+    given = HandOut(owner="a" * 26, ssh_key=key, cpus=0.5, memory=256 << 20,
+                    expires=time.time() + 600)
+    made: list[Any] = []
+
+    def pooled(stdin: bool, command: list[str] | None = None) -> Any:
+        container = docker_client.containers.run(
+            "p2prc/base:latest", command, detach=True, stdin_open=stdin,
+            name=f"p2prc-pool-{os.urandom(6).hex()}", environment={"P2PRC_POOL": "1"},
+            labels={"org.p2prc.test": "hand-out"}, cpu_period=100_000, cpu_quota=100_000)
+        made.append(container)
+        wait_for(lambda: b"P2PRC-POOL-WAITING" in container.logs(), 30, "it waits")
+        return container
+
+    try:
+        waiting = pooled(True)
+        started = time.monotonic()
+        hand_out(docker_client, waiting.id, given)
+        assert time.monotonic() - started < 5
+        wait_for(lambda: SSHD_LISTENING in waiting.logs().decode(), 30, "sshd starts")
+        waiting.reload()
+        assert waiting.name.startswith("p2prc-") and f"-for-{'a' * 26}-until-" in waiting.name
+        assert waiting.attrs["HostConfig"]["Memory"] == 256 << 20
+        authorized = waiting.exec_run(["cat", "/root/.ssh/authorized_keys"]).output.decode()
+        assert authorized == key.strip() + "\n"  # the key, and nothing of the other lines
+        sshd = " ".join(row[-1] for row in waiting.top()["Processes"])  # its limits reach
+        assert f"P2PRC_CPUS=0.5 P2PRC_MEMORY={256 << 20} OMP_NUM_THREADS=1" in sshd  # sessions
+        assert DockerBackend().host_key(waiting.id, 10) in waiting.logs().decode()
+
+        for earlier in (pooled(False),  # by an earlier p2prc: its input is closed
+                        pooled(True, ["sh", "-c", "echo P2PRC-POOL-WAITING; sleep 60"])):
+            started = time.monotonic()
+            with pytest.raises(ContainerError, match="does not read its caller"):
+                hand_out(docker_client, earlier.id, given)
+            assert time.monotonic() - started < 5
+            earlier.reload()
+            assert earlier.name.startswith("p2prc-pool-")  # nothing changed on it
+
+        fresh = pooled(True)
+        for bad in (key.strip() + "\nssh-ed25519 AAAA other", "ssh-ed25519 AAAA\rx"):
+            with pytest.raises(ContainerError, match="not one printable line"):
+                hand_out(docker_client, fresh.id, HandOut(
+                    owner="a" * 26, ssh_key=bad, cpus=1, memory=256 << 20, expires=0))
+        fresh.reload()
+        assert fresh.name.startswith("p2prc-pool-") and \
+            SSHD_LISTENING not in fresh.logs().decode()
+    finally:
+        for container in made:
+            container.remove(force=True)
