@@ -264,6 +264,38 @@ class CtrlC:
             raise FetchStopped()
 
 
+class TouchInterrupt:
+    """Ctrl-C while a container is being started for a job (main thread only): the first is
+    held until the host has answered (within the request's timeout), so that the container
+    can be removed, not left running untracked until its lease ends; a second gives up at
+    once, and leaves it to the host, which removes it when its lease ends."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.old: Any = None
+        self.installed = False
+
+    def __enter__(self) -> TouchInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self.handle)
+            self.installed = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.old)
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        try:  # straight to the descriptor: a handler must not re-enter a buffered stream
+            os.write(2, b"interrupted: the container being started is removed once its host "
+                        b"answers (Ctrl-C again leaves it to the host until its lease ends)\n")
+        except OSError:
+            pass
+
+
 def pump(proc: subprocess.Popen[bytes], label: str, sink: Sink) -> list[threading.Thread]:
     """Threads that carry the command's stdout and stderr into ``sink`` as they come."""
     def carry(stream: IO[bytes] | None, name: str) -> None:
@@ -465,9 +497,21 @@ class Placement:
         return self.choose(spec, max(1, spec.spread))
 
     def touch(self, peer: str, spec: ExecSpec) -> RemoteContainer:
-        return self.on_peers.touch(peer, gpu=spec.gpu if spec.gpu is not None else False,
-                                   image=spec.image, cpus=spec.cpus, memory=spec.memory,
-                                   ttl=spec.timeout + MARGIN)
+        """A container started on ``peer``; a Ctrl-C meanwhile waits for it, removes it,
+        and is raised then (``TouchInterrupt``)."""
+        with TouchInterrupt() as interrupt:
+            try:
+                container = self.on_peers.touch(
+                    peer, gpu=spec.gpu if spec.gpu is not None else False, image=spec.image,
+                    cpus=spec.cpus, memory=spec.memory, ttl=spec.timeout + MARGIN)
+            except P2PRCError:
+                if interrupt.pressed:  # not the next peer: the user asked to stop
+                    raise KeyboardInterrupt from None
+                raise
+        if interrupt.pressed:
+            self.on_peers.remove(container)
+            raise KeyboardInterrupt
+        return container
 
     def choose(self, spec: ExecSpec, count: int) -> list[tuple[RemoteContainer, bool]]:
         """Containers on the ``count`` best peers that fit, asked in order; each refusal is

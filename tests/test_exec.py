@@ -348,6 +348,44 @@ def test_the_best_peer_that_fits_is_chosen_and_a_refusal_falls_to_the_next(
     assert said[1] == "on bob: will host you, 1 free GPU, 12 ms"
 
 
+class SlowPeers(FakePeers):
+    """A host that takes its time to start a container, and the user's Ctrl-C (``presses``
+    of them, real SIGINTs) meanwhile."""
+
+    def __init__(self, rows: list[PeerRow], refusing: set[str], presses: int):
+        super().__init__(rows, refusing)
+        self.presses = presses
+
+    def touch(self, peer: str, **kwargs: Any) -> str:
+        for _ in range(self.presses):
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().touch(peer, **kwargs)
+
+
+def test_a_ctrl_c_while_a_container_starts_waits_for_it_and_removes_it(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    before = signal.getsignal(signal.SIGINT)
+    fake = SlowPeers([row("alice")], set(), presses=1)
+    with pytest.raises(KeyboardInterrupt):
+        Placement(fake, lambda line: None).touch(  # type: ignore[arg-type]
+            "alice", ExecSpec(command=["true"], on="alice"))
+    assert fake.touched == ["alice"] and fake.removed == ["container-on-alice"]
+    assert "removed once its host answers" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
+    # A second Ctrl-C gives up at once: nothing is known to remove (its host reaps it).
+    fake = SlowPeers([row("alice")], set(), presses=2)
+    with pytest.raises(KeyboardInterrupt):
+        Placement(fake, lambda line: None).touch(  # type: ignore[arg-type]
+            "alice", ExecSpec(command=["true"], on="alice"))
+    assert fake.removed == [] and signal.getsignal(signal.SIGINT) is before
+    # A refusal after a Ctrl-C does not go on to the next peer.
+    fake = SlowPeers([row("alice"), row("bob")], refusing={"alice" * 4}, presses=1)
+    with pytest.raises(KeyboardInterrupt):
+        Placement(fake, lambda line: None).choose(  # type: ignore[arg-type]
+            ExecSpec(command=["true"]), 1)
+    assert fake.touched == ["alice" * 4] and fake.removed == []
+
+
 def test_when_no_peer_fits_the_error_names_what_each_lacked(tmp_path: Path) -> None:
     fake = FakePeers([row("small", memory=1 << 30), row("no", can_host=False)],
                      refusing={"no" * 4})
