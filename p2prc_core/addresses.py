@@ -13,6 +13,7 @@ from p2prc_core.models import Address, Endpoint, parse_path
 
 if TYPE_CHECKING:  # types only: the tunnel helper imports this module, and must start fast
     from p2prc_core.config import Settings
+    from p2prc_core.peertable import PeerEntry, PeerTable
     from p2prc_core.plugins import PluginHooks
 
 # (kind, IP version) -> rank: lower is better. Kinds not listed are never chosen. The
@@ -203,6 +204,20 @@ def dial_endpoints(hooks: PluginHooks | None, addresses: list[Address], port: in
             found.insert(0, endpoint)
         elif not endpoint.relay and endpoint not in found:
             found.append(endpoint)
+    return found
+
+
+def table_endpoints(hooks: PluginHooks | None, table: PeerTable, entry: PeerEntry,
+                    hub: Endpoint | None = None) -> list[Endpoint]:
+    """Where to dial a peer of the table, in order (``dial_endpoints`` of its record and of
+    what answered last); a peer that waits at this node's own relay hub (``hub``: this
+    node's server as this machine dials it) is reached through the hub, not at the address
+    its record gives for us, which this machine may not be able to dial."""
+    found = dial_endpoints(hooks, table.dial_addresses(entry.record), entry.port,
+                           entry.measured.address, entry.node_id, table.relays(entry.record))
+    if hub is not None and hub.node_id is not None:
+        found = list(dict.fromkeys(hub.through(entry.node_id) if e.relay == hub.node_id
+                                   else e for e in found))
     return found
 
 

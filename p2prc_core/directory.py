@@ -8,7 +8,7 @@ from collections.abc import Callable
 from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
-from p2prc_core.addresses import own_server
+from p2prc_core.addresses import own_server, table_endpoints
 from p2prc_core.config import Settings
 from p2prc_core.errors import BadAddress, P2PRCError, PeerError
 from p2prc_core.identity import NodeIdentity
@@ -95,14 +95,16 @@ class PeerDirectory:
         return self.names.node_id_of(text)
 
     def endpoints(self, entry: PeerEntry) -> list[Endpoint]:
-        """Where to dial a peer of the table, in order (the dial ladder)."""
-        return self.discovery.endpoints(entry)
+        """Where to dial a peer of the table, in order (the dial ladder; no discovery is
+        made for it, nor its HTTP client loaded)."""
+        return table_endpoints(self.hooks, self.table, entry, self._own_hub())
 
     @cached_property
     def listing(self) -> PeerListing:
         """The table as it is listed, best first (kept in the home once it is long)."""
         return PeerListing(self.table, self.trust, self.hooks,
-                           lambda entry, hub: self.discovery.endpoints(entry, hub=hub),
+                           lambda entry, hub: table_endpoints(self.hooks, self.table, entry,
+                                                              hub),
                            self._own_hub)
 
     def rows(self, with_gpu: bool = False) -> list[PeerRow]:

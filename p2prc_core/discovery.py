@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from p2prc_core.addresses import dial_endpoints
+from p2prc_core.addresses import table_endpoints
 from p2prc_core.asking import (
     AskLimits,
     Outcome,
@@ -178,13 +178,8 @@ class Discovery:
         node on this machine may serve at them): there the node id checked on every
         connection is what keeps a node from taking itself for a peer. ``hub``: this node's
         hub as ``self.hub()`` said (when asking for many peers at once); True: ask it."""
-        found = dial_endpoints(self.hooks, self.table.dial_addresses(entry.record),
-                               entry.port, entry.measured.address, entry.node_id,
-                               self.table.relays(entry.record))
         hub = self.hub() if hub is True else hub or None
-        if hub is not None and hub.node_id is not None:
-            found = list(dict.fromkeys(hub.through(entry.node_id) if e.relay == hub.node_id
-                                       else e for e in found))
+        found = table_endpoints(self.hooks, self.table, entry, hub)
         if own is None or not self.publish():
             return found
         ours = {Endpoint(a, own["port"]).pin_key for a in own.get("addresses", [])

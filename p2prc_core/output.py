@@ -6,17 +6,34 @@ import json
 import sys
 from collections.abc import Sequence
 from itertools import zip_longest
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from p2prc_core.text import clean
 
-# Piped output is not folded at 80 columns: tables stay one row a line.
-console = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+def get_console(stderr: bool = False) -> Console:
+    """The console of stdout (or stderr), made at first use: rich takes 20 ms to load, which
+    ``--json`` does not need. Kept as this module's ``console`` (``err_console``), which a
+    test may set."""
+    name = "err_console" if stderr else "console"
+    found: Console | None = globals().get(name)
+    if found is None:
+        from rich.console import Console
+
+        # Piped output is not folded at 80 columns: tables stay one row a line.
+        found = Console(stderr=True, highlight=False) if stderr else \
+            Console(highlight=False, soft_wrap=False,
+                    width=None if sys.stdout.isatty() else 200)
+        globals()[name] = found
+    return found
+
+
+def __getattr__(name: str) -> Console:
+    if name in ("console", "err_console"):
+        return get_console(stderr=name == "err_console")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def print_json(data: Any) -> None:
@@ -44,6 +61,9 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
     if len(rows) >= LONG_TABLE:
         _print_long(columns, rows, title)
         return
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=Text(clean(title)) if title else None, title_justify="left",
                   header_style="bold", box=None, pad_edge=False)
     cells = [[Text("" if cell is None else clean(cell)) for cell in row] for row in rows]
@@ -56,7 +76,7 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]],
             table.add_column(header, overflow="fold")
     for row in cells:
         table.add_row(*row)
-    console.print(table)
+    get_console().print(table)
 
 
 def _print_long(columns: Sequence[str], rows: Sequence[Sequence[Any]],
@@ -89,6 +109,9 @@ def _print_long(columns: Sequence[str], rows: Sequence[Sequence[Any]],
     if any(len(row) < len(head) for row in rows):  # a short row: only the cells it has
         lines[1:] = ["  ".join(cells[:len(row)]) for row, cells in
                      zip(rows, list(zip(*shown, strict=True))[1:], strict=True)]
+    from rich.text import Text
+
+    console = get_console()
     if title:
         console.print(Text(clean(title)))
     console.print(Text(lines[0], style="bold"))

@@ -16,11 +16,13 @@ later answer there with another key is refused.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
+import gc
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,6 +68,20 @@ def _dialable(address_text: str, allow_loopback: bool) -> Address | None:
     return address if address.usable(allow_loopback) else None
 
 
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """No cyclic garbage collection while a table is read: its tens of thousands of new
+    objects would each time start collections that find nothing (a fifth of a 10,000-peer
+    read)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
         else None
@@ -100,20 +116,18 @@ class Measured:
         does not know are kept as they are."""
         if not isinstance(data, dict):
             return cls()
-        text = {k: data.get(k) if isinstance(data.get(k), str) else None
-                for k in ("address", "cursor")}
-        hosts_us = data.get("hosts_us")
-        return cls(latency_ms=_number(data.get("latency_ms")),
-                   rejoined=True if data.get("rejoined") is True else None,
-                   bandwidth_mbps=_number(data.get("bandwidth_mbps")),
-                   last_seen=_number(data.get("last_seen")),
-                   failures=_whole(data.get("failures")) or 0,
-                   holds_our_seq=_whole(data.get("holds_our_seq")),
-                   hosts_us=hosts_us if isinstance(hosts_us, bool) else None,
-                   hosts_us_at=_number(data.get("hosts_us_at")),
-                   asked_at=_number(data.get("asked_at")),
-                   extra={k: v for k, v in data.items() if k not in _MEASURED_FIELDS},
-                   **text)
+        get = data.get  # (read for every peer of the table: kept to plain calls)
+        address, cursor, hosts_us = get("address"), get("cursor"), get("hosts_us")
+        return cls(_number(get("latency_ms")), _number(get("bandwidth_mbps")),
+                   _number(get("last_seen")), _whole(get("failures")) or 0,
+                   address if isinstance(address, str) else None,
+                   cursor if isinstance(cursor, str) else None,
+                   _whole(get("holds_our_seq")),
+                   hosts_us if isinstance(hosts_us, bool) else None,
+                   _number(get("hosts_us_at")), _number(get("asked_at")),
+                   True if get("rejoined") is True else None,
+                   {} if _MEASURED_FIELDS.issuperset(data) else
+                   {k: v for k, v in data.items() if k not in _MEASURED_FIELDS})
 
     def to_json(self) -> dict[str, Any]:
         known = {f.name: getattr(self, f.name) for f in fields(self)
@@ -122,6 +136,9 @@ class Measured:
 
 
 _MEASURED_FIELDS = frozenset(f.name for f in fields(Measured))  # (read for every entry)
+
+
+_ENTRY_FIELDS = frozenset({"record", "changed", "measured", "local_name"})
 
 
 @dataclass(slots=True)
@@ -150,8 +167,8 @@ class PeerEntry:
     def from_json(cls, data: dict[str, Any]) -> PeerEntry:
         changed = _whole(data.get("changed")) or 0
         local = data.get("local_name")
-        extra = {k: v for k, v in data.items()
-                 if k not in ("record", "changed", "measured", "local_name")}
+        extra = {} if _ENTRY_FIELDS.issuperset(data) else \
+            {k: v for k, v in data.items() if k not in _ENTRY_FIELDS}
         return cls(data["record"], changed, Measured.from_json(data.get("measured")),
                    local if isinstance(local, str) else None, extra)
 
@@ -355,7 +372,8 @@ class PeerTable:
         settled = time.time() - stat.st_mtime > 2.0
         if settled and cached is not None and cached[0] == key:
             return cached[1]
-        state = TableState.from_json(read_json_object(self.path))
+        with _no_collection():
+            state = TableState.from_json(read_json_object(self.path))
         self._cached = (key, state) if settled else None
         return state
 

@@ -81,9 +81,14 @@ def test_peers_ls_loads_its_own_module_only(tmp_path: Path) -> None:
     assert not loaded(modules, {"docker", "p2prc_core.exec_job"})
 
 
-@pytest.mark.parametrize("args", [("version",), ("peers", "ls")])
+@pytest.mark.parametrize("args", [("version",), ("peers", "ls"), ("peers", "ls", "--json")])
 def test_version_and_peers_ls_load_no_http_client(tmp_path: Path, args: tuple[str, ...]) -> None:
     assert not loaded(modules_after(tmp_path, *args), HTTP | {"rich.progress"})
+
+
+def test_peers_ls_json_loads_no_rich(tmp_path: Path) -> None:
+    """What a program reads needs no terminal tables (rich: 20 ms of a command's start)."""
+    assert not loaded(modules_after(tmp_path, "peers", "ls", "--json"), {"rich"})
 
 
 def test_the_table_of_commands_is_the_commands() -> None:

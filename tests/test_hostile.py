@@ -640,3 +640,24 @@ def test_a_lying_relay_is_refused_in_one_line(tmp_path: Path, mode: str, said: s
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_hand_edited_table_entry_is_read_leniently_and_keeps_what_it_does_not_know() -> None:
+    """``peers.json`` read field by field (it is read for every peer of a large table):
+    each field of the wrong type is as if absent, what this version does not know is kept
+    and written back, and every field this version writes reads back the same."""
+    from p2prc_core.peertable import Measured, PeerEntry
+
+    full = Measured(latency_ms=1.5, bandwidth_mbps=9.0, last_seen=3.0, failures=2,
+                    address="[2001:db8::1]:8088", cursor="c1", holds_our_seq=4, hosts_us=True,
+                    hosts_us_at=5.0, asked_at=6.0, rejoined=True, extra={"future": [1]})
+    assert Measured.from_json(full.to_json()) == full
+    odd = Measured.from_json({"latency_ms": "fast", "bandwidth_mbps": True, "failures": 1.5,
+                              "address": 7, "cursor": None, "hosts_us": "yes",
+                              "rejoined": 1, "asked_at": [], "new": {"x": 1}})
+    assert odd == Measured(extra={"new": {"x": 1}})
+    assert Measured.from_json(["not", "an", "object"]) == Measured()
+    entry = PeerEntry.from_json({"record": {"node_id": "n"}, "changed": "1", "measured": 3,
+                                 "local_name": 5, "kept": True})
+    assert (entry.changed, entry.measured, entry.local_name) == (0, Measured(), None)
+    assert entry.to_json()["kept"] is True

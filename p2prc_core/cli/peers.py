@@ -25,7 +25,7 @@ from p2prc_core.cli.base import (
 from p2prc_core.errors import P2PRCError
 from p2prc_core.models import LOCAL_NAME, looks_like_address
 from p2prc_core.names import errors_named
-from p2prc_core.output import err_console, print_json, print_table
+from p2prc_core.output import get_console, print_json, print_table
 from p2prc_core.text import format_ago, human_bytes, two_places
 
 if TYPE_CHECKING:  # httpx, what uses it and the bars load only for the commands that use them
@@ -155,7 +155,7 @@ def peers_update(node: CliContext, hops: int | None = None, fanout: int | None =
     if everyone or fanout is not None:
         discovery.fanout = None if everyone else fanout
     try:
-        with _second_interrupt_ends(), update_bar(err_console) as bar:
+        with _second_interrupt_ends(), update_bar(get_console(stderr=True)) as bar:
             task = bar.add_task("update", total=None, hop=1, count="")
 
             def progress(done: int, total: int, hop: int) -> None:
