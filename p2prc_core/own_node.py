@@ -84,12 +84,19 @@ def record_fields(settings: Settings, hooks: PluginHooks, specs: dict[str, Any],
     address its router maps for it, and the relay it waits at."""
     reach = reach or {}
     addresses = advertised_with_mapping(settings, hooks, reach)
+    upnp = reach.get("upnp")
+    external = upnp.get("external_ip") if isinstance(upnp, dict) else None
+    # Which address is the router's mapping (metadata: a field of its own would make nodes
+    # of an earlier version drop the record), so that a peer that reached it there can say
+    # so ('peers ls': path "mapped").
+    metadata = {"mapped": external} if isinstance(external, str) and \
+        external in addresses[:16] else {}
     short = {"cpus": specs.get("cpu", {}).get("threads", 0),
              "memory": specs.get("memory", {}).get("total", 0),
              "gpus": [str(g.get("name", "")) for g in specs.get("gpus", [])][:8]}
     fields = {"name": settings.display_name[:64], "addresses": addresses[:16],
-              "port": settings.advertise_port or settings.port, "specs": short, "metadata": {},
-              "version": version}
+              "port": settings.advertise_port or settings.port, "specs": short,
+              "metadata": metadata, "version": version}
     if isinstance(reach.get("relay"), str):
         fields["relays"] = [reach["relay"]]
     if settings.relay:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import zlib
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from p2prc_core.plugins import PluginHooks
 from p2prc_core.trust import TrustStore
 
 VIEW_FILE = "peers-view.json"
-VIEW_FORMAT = 3  # raised whenever PeerRow's fields or their meaning change
+VIEW_FORMAT = 4  # raised whenever PeerRow's fields or their meaning change (4: mapped)
 VIEW_FROM = 1000  # rows from which they are kept: below it, making them takes under 0.1 s
 
 
@@ -60,7 +61,8 @@ class PeerRow:
     node_id: str
     own_name: str  # the name the peer gave itself
     address: str
-    path: str  # direct, punched (met through a relay, reached direct), relay, or -
+    path: str  # direct, mapped (at its router's port mapping), punched (met through a relay,
+    # reached direct), relay, or -
     relays: tuple[str, ...]
     latency_ms: float | None
     bandwidth_mbps: float | None
@@ -144,6 +146,22 @@ def _told(path: Path) -> list[int] | None:
     except OSError:
         return None
     return [len(data), zlib.crc32(data), zlib.adler32(data)]
+
+
+def _at_mapping(address: str, record: dict[str, Any]) -> bool:
+    """Whether ``address`` (HOST:PORT, what answered) is at the address the peer's record
+    says its router maps for it (``metadata.mapped``: a peer's word, only ever shown; one
+    that is not an IP address is as if absent)."""
+    metadata = record.get("metadata")
+    mapped = metadata.get("mapped") if isinstance(metadata, dict) else None
+    if not isinstance(mapped, str) or len(mapped) > 45:
+        return False
+    try:
+        wanted = ipaddress.ip_address(mapped)
+        host = address.rpartition(":")[0].strip("[]")
+        return ipaddress.ip_address(host) == wanted
+    except ValueError:
+        return False
 
 
 def _mark(entry: PeerEntry) -> str:
@@ -315,7 +333,8 @@ class PeerListing:
             name=entry.local_name or entry.name, node_id=entry.node_id, own_name=entry.name,
             address=address,
             path="relay" if address.startswith("relay ") else
-            "direct" if measured.address else "-",
+            ("mapped" if _at_mapping(measured.address, entry.record) else "direct")
+            if measured.address else "-",
             relays=tuple(r.node_id or "" for r in self.table.relays(entry.record)),
             latency_ms=measured.latency_ms, bandwidth_mbps=measured.bandwidth_mbps,
             last_seen=measured.last_seen, failures=measured.failures,

@@ -244,6 +244,7 @@ def test_upnp_maps_the_port_advertises_the_router_and_unmaps_on_stop(
                                      ("UDP", PORT, lab.home.ipv4, PORT)]
     record = record_at(friend, external, listing=external)
     assert record["node_id"] == home and record["port"] == PORT
+    assert record["metadata"] == {"mapped": external}  # which address is the mapping
     upnp = reach(lab.home)["upnp"]
     assert (upnp["external_ip"], upnp["external_port"]) == (external, PORT)
     assert upnp["udp"] is True and ("UDP", PORT) in lab.router.forwarded_ports()
@@ -254,6 +255,9 @@ def test_upnp_maps_the_port_advertises_the_router_and_unmaps_on_stop(
     assert added["node_id"] == home and added["address"] == f"{external}:{PORT}"
     specs = json.loads(cli(friend, "specs", home, "--json"))
     assert specs["cpu"]["cores"] >= 1
+    cli(friend, "peers", "update")
+    shown = peers(friend)[home]
+    assert (shown["address"], shown["path"]) == (f"{external}:{PORT}", "mapped"), shown
 
     # Stopped (SIGTERM), home takes its mapping away: the router forwards nothing more.
     lab.home.stop(server)

@@ -172,6 +172,50 @@ def test_a_punched_path_is_applied_at_each_listing_not_kept(
     assert {r.node_id: r.path for r in node(home).peers.rows()}[behind] == "relay"
 
 
+def test_a_peer_reached_at_its_routers_mapping_is_shown_as_mapped_and_a_lie_as_direct(
+        tmp_path: Path) -> None:
+    """The record's ``metadata.mapped`` (the peer's word, ``own_node.record_fields``) names
+    the address its router maps for it: reached there, the path is ``mapped``; reached
+    elsewhere, ``direct``; a value that is no IP address is as if absent, and never
+    crashes a listing, kept or made."""
+    home = tmp_path / "home"
+    says = ["198.51.0.1", "2001:db8:2::1", "203.0.113.9", 5, "x" * 1000, "198.51.2.1\n",
+            "::ffff:198.51.3.1%eth0", "", None]
+    ids = [NodeIdentity.generate() for _ in says]
+    records = [record(p, i, metadata={} if said is None else {"mapped": said})
+               for i, (p, said) in enumerate(zip(ids, says, strict=True))]
+    reached = ["198.51.0.1:8088", "[2001:db8:2::1]:8088", "198.51.2.1:8088",
+               "198.51.3.1:8088", "198.51.4.1:8088", "198.51.5.1:8088", "198.51.6.1:8088",
+               "198.51.7.1:8088", "198.51.8.1:8088"]
+    services = node(home)
+    table = services.table
+
+    def measure(state: Any) -> None:
+        table.merge_into(state, records, check_addresses=False)
+        for identity, address in zip(ids, reached, strict=True):
+            state.peers[identity.node_id].measured.address = address
+
+    table.update(measure)
+    made = {r.node_id: r.path for r in node(home).peers.rows()}
+    kept = {r.node_id: r.path for r in node(home).peers.rows()}
+    assert made == kept
+    assert [made[i.node_id] for i in ids] == ["mapped", "mapped"] + ["direct"] * 7
+    assert (home / VIEW_FILE).exists()
+
+
+def test_a_nodes_record_says_which_address_is_its_routers_mapping() -> None:
+    from p2prc_core.own_node import record_fields
+
+    hooks = make_plugin_manager(load_entrypoints=False, plugins=list(BUILTINS))
+    upnp = {"upnp": {"external_ip": "203.0.113.9", "external_port": 8088}}
+    fields = record_fields(Settings(), hooks, {}, "0.1.0", upnp)
+    assert fields["addresses"][0] == "203.0.113.9"
+    assert fields["metadata"] == {"mapped": "203.0.113.9"}
+    assert record_fields(Settings(), hooks, {}, "0.1.0", {})["metadata"] == {}
+    chosen = Settings(advertise_addresses=["192.0.2.4"])  # the user's own list: as it is
+    assert record_fields(chosen, hooks, {}, "0.1.0", upnp)["metadata"] == {}
+
+
 def _damaged(view: dict[str, Any]) -> list[tuple[str, Any]]:
     row = view["rows"][0]
     fields = view["fields"]
