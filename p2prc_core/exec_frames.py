@@ -10,6 +10,7 @@ code, as decimal text) or ``ERROR`` (why it could not run, as text), and the str
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable
 
@@ -68,6 +69,12 @@ def each(data: bytearray, kinds: frozenset[int], handle: Callable[[int, memoryvi
                 at += HEADER + size
                 if handle(kind, payload):
                     break
-    finally:
+    except BaseException:
         view.release()
-        del data[:at]
+        # A handler's error may hold a view of ``data`` in its traceback (a write that
+        # failed): ``data`` cannot be cut then, and the error, not that, is what is said.
+        with contextlib.suppress(BufferError):
+            del data[:at]
+        raise
+    view.release()
+    del data[:at]

@@ -253,8 +253,9 @@ class CtrlC:
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self.old)
+        if self.installed:  # (None: a handler not set from Python, which cannot be put back)
+            signal.signal(signal.SIGINT, self.old if self.old is not None
+                          else signal.default_int_handler)
 
     def handle(self, signum: int, frame: object) -> None:
         self.count += 1
@@ -282,8 +283,9 @@ class TouchInterrupt:
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self.old)
+        if self.installed:  # (None: a handler not set from Python, which cannot be put back)
+            signal.signal(signal.SIGINT, self.old if self.old is not None
+                          else signal.default_int_handler)
 
     def handle(self, signum: int, frame: object) -> None:
         if self.pressed:
@@ -509,7 +511,11 @@ class Placement:
                     raise KeyboardInterrupt from None
                 raise
         if interrupt.pressed:
-            self.on_peers.remove(container)
+            try:
+                self.on_peers.remove(container)
+            except P2PRCError as err:  # still a Ctrl-C: no next peer is asked
+                self.say(f"could not remove {container.short_id} from its host "
+                         f"({clean(err, 300)}): 'p2prc rm {container.short_id}' later")
             raise KeyboardInterrupt
         return container
 

@@ -38,7 +38,7 @@ from p2prc_core.wire import ExecStart, encode
 LOST = 255  # no exit code came: the connection, not the command
 _FROM_HOST = frozenset({fr.STDOUT, fr.STDERR, fr.EXIT, fr.ERROR})
 _BLOCK = 1 << 16
-_READ = 1 << 18  # what the stream's reader gives at a time (it holds less than that)
+_READ = 1 << 18  # the most one read of the stream takes (its reader holds up to twice its limit)
 
 
 class NoExecRoute(P2PRCError):
@@ -323,7 +323,6 @@ class StreamShell:
         if not inputs:
             done = self.quick(remote)
         else:
-            _keep_freed_memory()
             read_end, write_end = _wide_pipe()
             proc, code = None, LOST
             try:
@@ -367,12 +366,11 @@ class StreamShell:
             not be read.
         """
         remote, name = fetch_script(output.remote)
-        _keep_freed_memory()
         proc = StreamProc(self.target, _sh(remote), None, piped=True, remove=remove)
         try:
             return self._extract(proc, output, max_bytes, name)
         finally:
-            if proc.poll() is not None and proc.host_removes:
+            if proc.host_removes:
                 self.host_removed = True
 
     def _extract(self, proc: StreamProc, output: Output, max_bytes: int,
@@ -420,12 +418,15 @@ class StreamShell:
 _HEAP_KEPT = False
 
 
-def _keep_freed_memory() -> None:
-    """Before a bulk copy: glibc hands freed memory back to the kernel once a little lies free
-    at the top of a heap (its trim threshold, 128 KiB to start with), and the copy's next
+def keep_freed_memory() -> None:
+    """For a command's own process (``p2prc exec`` with files, ``jobs get``), before it
+    copies in bulk: glibc hands freed memory back to the kernel once a little lies free at
+    the top of a heap (its trim threshold, 128 KiB to start with), and the copy's next
     buffers then fault their pages in again. A 512 MiB fetch took 300,000 page faults that
     way, a third of its time. The copy's buffers are reused at once, so keep what is freed
-    (up to 64 MiB) for the rest of this command. Nothing where the C library is not glibc."""
+    (up to 64 MiB) for the rest of the process. It is the whole process's setting: not for
+    a library's caller (``import p2prc``), whose program it would change. Nothing where the
+    C library is not glibc."""
     global _HEAP_KEPT
     if _HEAP_KEPT:
         return

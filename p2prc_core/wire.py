@@ -39,6 +39,7 @@ from p2prc_core.text import clean
 T = TypeVar("T")
 
 MAX_GPUS = 64  # most GPUs a request may name, and the highest index + 1
+MAX_KEY_LINE = 8192  # characters of an SSH key line (a 16,384-bit RSA key takes 2,800)
 MAX_TIME = 253402300799  # 9999-12-31: any later time a host sends is no time
 MAX_HAVE = 4096  # record tokens in one ``have``, ``want`` or listing
 MAX_CURSOR = 64
@@ -182,7 +183,8 @@ class ContainerRequest(Struct, frozen=True, forbid_unknown_fields=True):
     }
 
     def __post_init__(self) -> None:
-        _refuse(not KEY_LINE.fullmatch(self.ssh_key.strip()), self.HINTS["ssh_key"])
+        _refuse(len(self.ssh_key) > MAX_KEY_LINE or
+                not KEY_LINE.fullmatch(self.ssh_key.strip()), self.HINTS["ssh_key"])
         msgspec.structs.force_setattr(self, "ssh_key", self.ssh_key.strip())
         _refuse(self.image is not None and not _IMAGE_ASKED.fullmatch(self.image),
                 self.HINTS["image"])

@@ -18,7 +18,7 @@ from faultkit import wait_for
 from conftest import P2PRC, LiveServer, friend_with, require
 from p2prc_core.containers import ContainerStore
 from p2prc_core.directory import PeerRow
-from p2prc_core.errors import P2PRCError, PeerRefused
+from p2prc_core.errors import P2PRCError, PeerError, PeerRefused
 from p2prc_core.exec_job import ExecSpec, Placement, command_script, missing_on, why_chosen
 from p2prc_core.jobs import Job, JobStore
 
@@ -378,6 +378,25 @@ def test_a_ctrl_c_while_a_container_starts_waits_for_it_and_removes_it(
         Placement(fake, lambda line: None).touch(  # type: ignore[arg-type]
             "alice", ExecSpec(command=["true"], on="alice"))
     assert fake.removed == [] and signal.getsignal(signal.SIGINT) is before
+    # A removal that fails after the Ctrl-C: said, and still no next peer.
+    fake = SlowPeers([row("alice"), row("bob")], set(), presses=1)
+    started = type("Started", (), {"short_id": "c0ffee123456"})()
+
+    def unreachable(container: Any) -> None:
+        assert container is started
+        raise PeerError("alice: no answer within 10 s")
+
+    def starts(peer: str, **_: Any) -> Any:
+        fake.touched.append(peer)
+        os.kill(os.getpid(), signal.SIGINT)
+        return started
+
+    fake.touch = starts  # type: ignore[assignment]
+    fake.remove = unreachable  # type: ignore[assignment]
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        Placement(fake, said.append).choose(ExecSpec(command=["true"]), 1)  # type: ignore[arg-type]
+    assert fake.touched == ["alice" * 4] and "could not remove" in said[-1]
     # A refusal after a Ctrl-C does not go on to the next peer.
     fake = SlowPeers([row("alice"), row("bob")], refusing={"alice" * 4}, presses=1)
     with pytest.raises(KeyboardInterrupt):

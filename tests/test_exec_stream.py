@@ -228,6 +228,14 @@ def test_each_frame_is_handed_out_in_place_then_cut_off_at_once() -> None:
     with pytest.raises(fr.FrameError):
         fr.each(data, frozenset({fr.STDOUT}), note)
     assert seen[-1] == (fr.STDOUT, b"x") and data == fr.frame(9, b"y")  # handled, then cut
+
+    def fail(kind: int, payload: memoryview) -> bool:  # a write that failed: its view
+        rest = payload[1:]  # stays in the traceback, and the buffer cannot be cut
+        raise BrokenPipeError(f"reader gone with {len(rest)} bytes left")
+
+    data = bytearray(fr.frame(fr.STDOUT, b"abc") + fr.frame(fr.STDOUT, b"d"))
+    with pytest.raises(BrokenPipeError):  # the handler's error is what is said
+        fr.each(data, frozenset({fr.STDOUT}), fail)
     kept: list[memoryview] = []
 
     def keep(kind: int, payload: memoryview) -> bool:

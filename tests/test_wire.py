@@ -87,6 +87,7 @@ def test_the_server_builds_the_reply_the_client_checks() -> None:
     ({"ssh_key": HOST_KEY, "gpu": [1, 1]}, "distinct GPU indexes"),
     ({"ssh_key": HOST_KEY, "cpus": "2"}, "cpus must be a number"),
     ({}, "ssh_key must be one OpenSSH public key line"),
+    ({"ssh_key": "ssh-ed25519 " + "A" * 9000}, "ssh_key must be one OpenSSH public key line"),
     ([], "Expected a JSON object"),
 ])
 def test_a_malformed_request_names_its_field(body: Any, words: str) -> None:

@@ -82,6 +82,10 @@ def exec_command(node: CliContext, on: str | None, spread: int | None,
                     env=parse_env(env), workdir=workdir, timeout=timeout, gpu=gpu, cpus=cpus,
                     memory=memory, image=image, on=on, spread=spread or 0, keep=keep,
                     detach=detach, out_root=Path("p2prc-out"))
+    if inputs or outputs:  # files to copy: this process's own memory setting (not a library's)
+        from p2prc_core.stream_shell import keep_freed_memory
+
+        keep_freed_memory()
     runs = executor(node).execute(spec)
     if detach:
         for run in runs:
@@ -181,6 +185,9 @@ def jobs_logs(node: CliContext, job_id: str, follow: bool) -> None:
 def jobs_get(node: CliContext, job_id: str, keep: bool) -> None:
     """Bring a detached (or lost) job's outputs back, with its exit code, then remove its
     container."""
+    from p2prc_core.stream_shell import keep_freed_memory
+
+    keep_freed_memory()
     run = executor(node).get(JobStore(node.home).get(job_id), keep)
     job = run.job
     click.echo(f"job {job.id} exited {job.exit_code if job.exit_code is not None else '?'}; "
