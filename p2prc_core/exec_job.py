@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, Protocol, cast
+from typing import IO, Any, BinaryIO, Protocol, Self, cast
 
 from p2prc_core.archive import (
     ArchiveError,
@@ -234,28 +234,40 @@ class FetchStopped(KeyboardInterrupt):
     """A third Ctrl-C while outputs come back: the fetch stops, the cleanup does not."""
 
 
-class CtrlC:
-    """Ctrl-C while a job runs, counted by a SIGINT handler (set in the main thread only,
-    the old one back on exit) so that nothing is done in a handler or an ``except``: the
-    waiting loop passes each on. A third one while outputs come back stops the fetch."""
+class _Sigint:
+    """A SIGINT handler of ours (``handle``) while in the block, set in the main thread only;
+    the old one back after (one set from C, which cannot be put back, becomes Python's
+    default)."""
 
     def __init__(self) -> None:
-        self.count = 0
-        self.wake = threading.Event()  # a Ctrl-C, or a command that ended
-        self.fetching = False
         self.old: Any = None
         self.installed = False
 
-    def __enter__(self) -> CtrlC:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             self.old = signal.signal(signal.SIGINT, self.handle)
             self.installed = True
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self.installed:  # (None: a handler not set from Python, which cannot be put back)
+        if self.installed:
             signal.signal(signal.SIGINT, self.old if self.old is not None
                           else signal.default_int_handler)
+
+    def handle(self, signum: int, frame: object) -> None:
+        raise NotImplementedError
+
+
+class CtrlC(_Sigint):
+    """Ctrl-C while a job runs, counted by a SIGINT handler so that nothing is done in a
+    handler or an ``except``: the waiting loop passes each on. A third one while outputs
+    come back stops the fetch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.wake = threading.Event()  # a Ctrl-C, or a command that ended
+        self.fetching = False
 
     def handle(self, signum: int, frame: object) -> None:
         self.count += 1
@@ -265,27 +277,15 @@ class CtrlC:
             raise FetchStopped()
 
 
-class TouchInterrupt:
-    """Ctrl-C while a container is being started for a job (main thread only): the first is
-    held until the host has answered (within the request's timeout), so that the container
-    can be removed, not left running untracked until its lease ends; a second gives up at
-    once, and leaves it to the host, which removes it when its lease ends."""
+class TouchInterrupt(_Sigint):
+    """Ctrl-C while a container is being started for a job: the first is held until the
+    host has answered (within the request's timeout), so that the container can be removed,
+    not left running untracked until its lease ends; a second gives up at once, and leaves
+    it to the host, which removes it when its lease ends."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.pressed = False
-        self.old: Any = None
-        self.installed = False
-
-    def __enter__(self) -> TouchInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, self.handle)
-            self.installed = True
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self.installed:  # (None: a handler not set from Python, which cannot be put back)
-            signal.signal(signal.SIGINT, self.old if self.old is not None
-                          else signal.default_int_handler)
 
     def handle(self, signum: int, frame: object) -> None:
         if self.pressed:
