@@ -86,8 +86,7 @@ def hand_out(client: Any, container_id: str, given: HandOut) -> None:
             raise ContainerError(500, "Hand-out failed",
                                  f"pooled container {container_id[:12]} does not read its "
                                  f"caller from its input (an earlier image or p2prc made "
-                                 f"it: 'scripts/docker-engine --force' builds the image "
-                                 f"again)")
+                                 f"it: 'p2prc image build' builds the current image)")
         with ThreadPoolExecutor(max_workers=2) as pool:
             asked = [pool.submit(limits), pool.submit(container.rename, name)]
             _write_input(client, container_id, ("\n".join(lines) + "\n").encode("ascii"))

@@ -360,8 +360,10 @@ def test_the_hand_out_writes_the_caller_to_the_waiting_entry_script_and_nothing_
         assert waiting.attrs["HostConfig"]["Memory"] == 256 << 20
         authorized = waiting.exec_run(["cat", "/root/.ssh/authorized_keys"]).output.decode()
         assert authorized == key.strip() + "\n"  # the key, and nothing of the other lines
-        sshd = " ".join(row[-1] for row in waiting.top()["Processes"])  # its limits reach
-        assert f"P2PRC_CPUS=0.5 P2PRC_MEMORY={256 << 20} OMP_NUM_THREADS=1" in sshd  # sessions
+        # Its limits reach every session through sshd's command line (ps's own width cut).
+        shown = waiting.top(ps_args="-eo pid,args --cols 4000")["Processes"]
+        sshd = " ".join(row[-1] for row in shown)
+        assert f"P2PRC_CPUS=0.5 P2PRC_MEMORY={256 << 20} OMP_NUM_THREADS=1" in sshd, shown
         assert DockerBackend().host_key(waiting.id, 10) in waiting.logs().decode()
 
         for earlier in (pooled(False),  # by an earlier p2prc: its input is closed
