@@ -56,7 +56,7 @@ def main() -> None:
                                  check=True, capture_output=True, text=True).stdout
             ids.append(json.loads(out)["id"][:12])
         print(f"{'containers':>10} {'p2prc run':>11} {'ansible-playbook':>17} {'ratio':>6}"
-              f"   (median of {args.rounds}, seconds; target ratio <= 1.2)")
+              f"   (median of {args.rounds}, seconds; target ratio <= 1.1)")
         for size in args.sizes:
             targets = [arg for cid in ids[:size] for arg in ("--on", cid)]
             ours_argv = [P2PRC, "run", "twotasks", *targets, "--json"]

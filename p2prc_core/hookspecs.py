@@ -96,7 +96,9 @@ def p2prc_register_runners(register: Callable[[str, Runner], None]) -> None:
     run_dir, on_event)`` runs the bundle's playbook on every ``RunTarget`` (address, SSH
     port, user, key, pinned host key, handed ports) at once, calls
     ``on_event(host, task, status)`` as it goes, and returns each target's result.
-    ``p2prc run --runner NAME`` picks one.
+    ``p2prc run --runner NAME`` picks one. A runner may also offer ``start`` (same
+    arguments, ``p2prc_core.tasks.EarlyRunner``): started at once, it logs in nowhere until
+    ``finish()``, so its start-up overlaps p2prc's last check of the targets.
 
     :param register: call ``register(name, runner)`` once for each runner.
     """

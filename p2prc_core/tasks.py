@@ -450,6 +450,31 @@ class Runner(Protocol):
         ...
 
 
+class NothingToRun(P2PRCError):
+    """Not one of a run's containers still runs: there is nothing to run, and no record."""
+
+
+class StartedRun(Protocol):
+    """A run a runner has started but holds before it logs in anywhere."""
+
+    def finish(self) -> RunResult:
+        """Let it log in and run; its result, as ``Runner.run`` returns it."""
+        ...
+
+    def cancel(self) -> None:
+        """End it before it logged in anywhere."""
+        ...
+
+
+class EarlyRunner(Runner, Protocol):
+    """A runner that may also start before the last check of its targets (optional): its
+    start-up then overlaps that check, and ``finish`` lets it go on."""
+
+    def start(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
+              run_dir: Path, on_event: Event, confined: bool = True) -> StartedRun:
+        ...
+
+
 class Runs:
     """Each run's record and artifacts: ``$P2PRC_HOME/runs/RUN``."""
 
@@ -464,6 +489,10 @@ class Runs:
 
     def save(self, run_id: str, record: dict[str, Any]) -> None:
         atomic_write_json(self.root / run_id / "run.json", record)
+
+    def discard(self, run_id: str) -> None:
+        """Forget a run that never ran, and its folder."""
+        shutil.rmtree(self.root / run_id, ignore_errors=True)
 
     def all(self) -> list[dict[str, Any]]:
         """Every run's record; one whose process ended before the run did (killed) reads
@@ -533,42 +562,31 @@ class RunService:
                                  f"{', '.join(runners) or 'none'})")
             extravars = {**bundle.variables, **variables}
             private_key = self.private_key()
-            alive, gone = self._split_gone(containers)
+            early = hasattr(runners[runner], "start")  # then it checks while that starts up
+            alive, gone = (containers, {}) if early else self._split_gone(containers)
             self._settle_killed()
             handed, newly = self.tracked.reserve_ports(alive, bundle.ports, bundle.name)
-            try:  # written before it runs: a run whose process is killed shows as killed,
-                # and the next run gives its ports back (``_settle_killed``)
-                run_id, run_dir = self.history.new()
-                self.history.save(run_id, {
-                    "id": run_id, "playbook": bundle.name, "started": time.time(),
-                    "finished": None, "succeeded": False, "state": "running",
-                    "pid": os.getpid(), "pid_started": pids.started(os.getpid()),
-                    "variables": {**bundle.variables, **variables},
-                    "artifacts": str(run_dir), "hosts": {}, "ports_given": newly})
-            except BaseException:
-                self.tracked.release_ports(newly)
-                raise
+            run_id, run_dir = self._open_record(bundle, variables, newly)
             targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host,
                                  port=c.ssh_port, user="root", private_key=private_key,
                                  host_key=c.host_key, ports=handed[c.id],
                                  proxy_command=self.proxy(c)) for c in alive]
-            event = on_event or (lambda host, task, status: None)
             started = time.time()
             try:
-                for target in targets:
-                    event(target.name, "", "waiting")
-                for container in containers:
-                    if container.id in gone:
-                        event(container.short_id, "", "unreachable")
-                result = runners[runner].run(bundle, targets, extravars, run_dir, event,
-                                             confined=not allow_local)
+                result, alive, gone = self._launch(
+                    runners[runner], bundle, containers, targets, gone, extravars, run_dir,
+                    on_event or (lambda host, task, status: None), not allow_local, newly)
+            except NothingToRun:
+                self.tracked.release_ports(newly)
+                self.history.discard(run_id)
+                raise
             except BaseException:
                 self.tracked.release_ports(newly)
                 self.history.save(run_id, {**self.history.get(run_id), "state": "failed",
                                            "finished": time.time(), "ports_given": {}})
                 raise
-        failed = {t.container_id: newly[t.container_id] for t in targets
-                  if result.hosts.get(t.name, HostResult(t.name, "")).status != "ok"}
+        failed = {c.id: newly[c.id] for c in alive
+                  if result.hosts.get(c.short_id, HostResult(c.short_id, "")).status != "ok"}
         if failed:
             self.tracked.release_ports(failed)
         for container in alive:  # where each host's ports can be reached
@@ -582,6 +600,65 @@ class RunService:
         record = {**record_of(run_id, bundle, result, started, extravars, run_dir), **origin}
         self.history.save(run_id, record)
         return record
+
+    def _open_record(self, bundle: Bundle, variables: dict[str, Any],
+                     newly: dict[str, list[dict[str, int]]]) -> tuple[str, Path]:
+        """The run's record, written before it runs: a run whose process is killed shows as
+        killed, and the next run gives its ports back (``_settle_killed``)."""
+        try:
+            run_id, run_dir = self.history.new()
+            self.history.save(run_id, {
+                "id": run_id, "playbook": bundle.name, "started": time.time(),
+                "finished": None, "succeeded": False, "state": "running",
+                "pid": os.getpid(), "pid_started": pids.started(os.getpid()),
+                "variables": {**bundle.variables, **variables},
+                "artifacts": str(run_dir), "hosts": {}, "ports_given": newly})
+        except BaseException:
+            self.tracked.release_ports(newly)
+            raise
+        return run_id, run_dir
+
+    def _launch(self, chosen: Runner, bundle: Bundle, containers: list[RemoteContainer],
+                targets: list[RunTarget], gone: dict[str, str], extravars: dict[str, Any],
+                run_dir: Path, event: Event, confined: bool,
+                newly: dict[str, list[dict[str, int]]]
+                ) -> tuple[RunResult, list[RemoteContainer], dict[str, str]]:
+        """Run on the targets; the result, the containers run on and why the others were
+        not. A runner that can start early (``EarlyRunner``) starts before the targets are
+        checked, and goes on once all still run; one that cannot, ran after the check."""
+        start = getattr(chosen, "start", None)
+        begun = start(bundle, targets, extravars, run_dir, event, confined=confined) \
+            if start else None
+        for target in targets:
+            event(target.name, "", "waiting")
+        alive = [c for c in containers if c.id not in gone]
+        if begun is not None:
+            result, alive, gone = self._checked(begun, containers, newly)
+            if result is not None:
+                return result, alive, gone
+            targets = [t for t in targets if t.container_id not in gone]
+        for container in containers:
+            if container.id in gone:
+                event(container.short_id, "", "unreachable")
+        return chosen.run(bundle, targets, extravars, run_dir, event, confined=confined), \
+            alive, gone
+
+    def _checked(self, begun: StartedRun, containers: list[RemoteContainer],
+                 newly: dict[str, list[dict[str, int]]]
+                 ) -> tuple[RunResult | None, list[RemoteContainer], dict[str, str]]:
+        """Check the targets while ``begun`` starts up: all still run, and it goes on (its
+        result); some are gone, and it is ended before it logged in anywhere (no result: the
+        caller runs the rest), the ports they were handed given back."""
+        try:
+            alive, gone = self._split_gone(containers)
+        except BaseException:
+            begun.cancel()
+            raise
+        if not gone:
+            return begun.finish(), alive, gone
+        begun.cancel()
+        self.tracked.release_ports({cid: newly.pop(cid) for cid in gone if cid in newly})
+        return None, alive, gone
 
     def _settle_killed(self) -> None:
         """Give back the ports that runs killed mid-way were handed (they never ended to
@@ -644,7 +721,7 @@ class RunService:
         alive = [c for c in containers if c.id not in gone]
         if not alive:
             reasons = [gone[c.id] for c in containers]
-            raise P2PRCError(reasons[0] + (f" (and the other {len(reasons) - 1} cannot be "
+            raise NothingToRun(reasons[0] + (f" (and the other {len(reasons) - 1} cannot be "
                                            f"run on either)" if len(reasons) > 1 else ""))
         return alive, gone
 

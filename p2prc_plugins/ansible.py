@@ -1,4 +1,5 @@
-"""The Ansible task runner (ansible-runner): one playbook on many containers at once."""
+"""The Ansible task runner: one playbook on many containers at once (ansible-playbook, with
+p2prc's callback for live results: ``ansible_process``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2prc_core import hookimpl
-from p2prc_core.errors import P2PRCError
 
 if TYPE_CHECKING:  # loaded where used: every command loads this plugin, few run playbooks
     from p2prc_core.tasks import Bundle, Event, Runner, RunResult, RunTarget
@@ -72,46 +72,53 @@ def ssh_args(target: RunTarget) -> dict[str, str]:
 class AnsibleRunner:
     def run(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
             run_dir: Path, on_event: Event, confined: bool = True) -> RunResult:
-        try:
-            import ansible_runner
-        except ImportError:
-            raise P2PRCError("ansible-runner is not installed: pip install ansible-runner "
-                             "ansible-core") from None
+        return self.start(bundle, targets, extravars, run_dir, on_event, confined,
+                          gated=False).finish()
+
+    def start(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
+              run_dir: Path, on_event: Event, confined: bool = True,
+              gated: bool = True) -> AnsibleRun:
+        """ansible-playbook started, held before its first play (so before any login) until
+        ``finish``: its start-up (about half a second of imports) overlaps the caller's last
+        checks."""
+        return AnsibleRun(bundle, targets, extravars, run_dir, on_event, confined, gated)
+
+
+class AnsibleRun:
+    """One run of a bundle by ansible-playbook: its results per host, as they come."""
+
+    def __init__(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
+                 run_dir: Path, on_event: Event, confined: bool, gated: bool) -> None:
         from p2prc_core.tasks import GROUP, HostResult, RunResult
+        from p2prc_plugins.ansible_process import Playbook
 
         inventory = build_inventory(targets, run_dir)
         hosts = inventory["all"]["children"][GROUP]["hosts"]
-        result = RunResult({t.name: HostResult(t.name, t.container_id) for t in targets})
-
-        def handle(event: dict[str, Any]) -> bool:
-            status = _EVENT_STATUS.get(event.get("event", ""))
-            data = event.get("event_data", {})
-            host = data.get("host")
-            if status and host in result.hosts:
-                task = data.get("task", "")
-                if status in ("failed", "unreachable") and not data.get("ignore_errors"):
-                    result.hosts[host].message = _message(data.get("res", {}),
-                                                          str(event.get("stdout") or ""))
-                    result.hosts[host].task = str(task)[:200]
-                on_event(host, task, status)
-            return True
-
-        # ansible-runner starts ansible-playbook: the one beside this Python comes first.
-        bin_dir = str(Path(sys.executable).parent)
+        self.result = RunResult({t.name: HostResult(t.name, t.container_id) for t in targets})
+        self.on_event = on_event
         if confined:
             # Extra vars outrank everything a bundle can set (group_vars, set_fact, play
             # vars, the connection keyword), and the limit drops plays for any other host.
             extravars = {**extravars, "ansible_connection": "ssh"}
-        runner = ansible_runner.run(
-            private_data_dir=str(run_dir), project_dir=str(bundle.path), playbook=bundle.playbook,
-            inventory=inventory, extravars=extravars, forks=max(1, len(hosts)), quiet=True,
-            event_handler=handle, limit=GROUP if confined else None,
-            envvars={"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                     "ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_TIMEOUT": "20",
-                     "ANSIBLE_RETRY_FILES_ENABLED": "False", "LC_ALL": "C.UTF-8",
-                     "ANSIBLE_NOCOLOR": "1"})
-        stats = runner.stats or {}
-        for name, host in result.hosts.items():
+        # ansible-playbook runs ssh: the ProxyCommand helper beside this Python comes first.
+        bin_dir = str(Path(sys.executable).parent)
+        self.playbook = Playbook(
+            bundle.path, bundle.playbook, inventory, extravars, run_dir, self._handle,
+            forks=len(hosts), limit=GROUP if confined else None, gated=gated,
+            env={"PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+                 "ANSIBLE_HOST_KEY_CHECKING": "True", "ANSIBLE_TIMEOUT": "20",
+                 "ANSIBLE_RETRY_FILES_ENABLED": "False", "LC_ALL": "C.UTF-8",
+                 "ANSIBLE_NOCOLOR": "1"})
+
+    def cancel(self) -> None:
+        """End it before its first play: nothing was logged in to."""
+        self.playbook.cancel()
+
+    def finish(self) -> RunResult:
+        """Let the play begin, and wait for its end: each host's counts and state."""
+        end = self.playbook.wait()
+        stats = end.stats
+        for name, host in self.result.hosts.items():
             host.ok = stats.get("ok", {}).get(name, 0)
             host.changed = stats.get("changed", {}).get(name, 0)
             host.failed = stats.get("failures", {}).get(name, 0)
@@ -123,9 +130,23 @@ class AnsibleRunner:
                 host.status = "ok"
             else:
                 host.status = "failed"
-                host.message = host.message or f"ansible-runner ended {runner.status}: see " \
-                                               f"{run_dir}"
-        return result
+                host.message = host.message or (
+                    f"ansible-playbook ended with exit {end.rc}"
+                    + (f": {end.last_line}" if end.last_line else "") + f" (see {end.output})")
+        return self.result
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        status = _EVENT_STATUS.get(event.get("event", ""))
+        data = event.get("event_data", {})
+        host = data.get("host")
+        if status and isinstance(host, str) and host in self.result.hosts:
+            task = data.get("task", "")
+            res = data.get("res")
+            if status in ("failed", "unreachable") and not data.get("ignore_errors"):
+                self.result.hosts[host].message = _message(res if isinstance(res, dict) else {},
+                                                           str(event.get("stdout") or ""))
+                self.result.hosts[host].task = str(task)[:200]
+            self.on_event(host, str(task), status)
 
 
 def _message(res: dict[str, Any], shown: str = "") -> str:

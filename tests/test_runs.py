@@ -54,13 +54,40 @@ class FakeRunner:
         return result
 
 
+class EarlyFakeRunner(FakeRunner):
+    """Also starts early (``EarlyRunner``): what it was told, in order, with whether the
+    hosts had been asked by then."""
+
+    def __init__(self, asked: list[list[str]]) -> None:
+        super().__init__()
+        self.asked = asked  # the hosts' answers, as the test's check_alive records them
+        self.log: list[tuple[str, int]] = []
+
+    def start(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
+              run_dir: Path, on_event: Event, confined: bool = True) -> Any:
+        self.log.append(("start", len(self.asked)))
+        runner = self
+
+        class Started:
+            def finish(self) -> RunResult:
+                runner.log.append(("finish", len(runner.asked)))
+                return runner.run(bundle, targets, extravars, run_dir, on_event, confined)
+
+            def cancel(self) -> None:
+                runner.log.append(("cancel", len(runner.asked)))
+
+        return Started()
+
+
 class FakeRunnerPlugin:
-    def __init__(self, runner: FakeRunner):
+    def __init__(self, runner: FakeRunner, early: EarlyFakeRunner | None = None):
         self.runner = runner
+        self.early = early or EarlyFakeRunner([])
 
     @hookimpl
     def p2prc_register_runners(self, register: Callable[[str, Any], None]) -> None:
         register("fake", self.runner)
+        register("early", self.early)
 
 
 def container(index: int, extra_ports: int = 2) -> RemoteContainer:
@@ -81,14 +108,18 @@ def runner() -> FakeRunner:
 
 @pytest.fixture
 def node(tmp_path: Path, runner: FakeRunner) -> NodeServices:
-    hooks = make_plugin_manager(load_entrypoints=False,
-                                plugins=[*BUILTINS, ("fake-runner", FakeRunnerPlugin(runner))])
+    asked: list[list[str]] = []
+    early = EarlyFakeRunner(asked)
+    hooks = make_plugin_manager(load_entrypoints=False, plugins=[
+        *BUILTINS, ("fake-runner", FakeRunnerPlugin(runner, early))])
     services = NodeServices(Settings(), tmp_path / "home", hooks)
+    services.early = early  # type: ignore[attr-defined]
     # Whether the hosts still run these containers is asked over the network; here every
     # one runs, but those named in `gone` (the real check is tested against real hosts).
     services.gone = set()  # type: ignore[attr-defined]
 
     def check_alive(containers: list[RemoteContainer]) -> None:
+        asked.append([c.short_id for c in containers])
         for c in containers:
             if c.id in services.gone:  # type: ignore[attr-defined]
                 raise P2PRCError(f"{c.short_id} is gone from {c.endpoint}")
@@ -169,7 +200,7 @@ def test_a_runner_that_crashes_gives_every_port_back(node: NodeServices,
 @pytest.mark.parametrize("playbook, on, runner_name, words", [
     ("nope", ["web"], "fake", "no playbook 'nope'"),
     ("http", ["nobody"], "fake", "no tracked container 'nobody'"),
-    ("http", ["web"], "chef", "no task runner 'chef' (have: fake)"),
+    ("http", ["web"], "chef", "no task runner 'chef' (have: fake, early)"),
 ])
 def test_what_cannot_run_is_a_clear_error(node: NodeServices, runner: FakeRunner,
                                           playbook: str, on: list[str], runner_name: str,
@@ -204,6 +235,45 @@ def test_a_container_that_is_gone_is_not_run_on(node: NodeServices, runner: Fake
     with pytest.raises(P2PRCError, match=f"{container(1).short_id} is gone.*and the other 1"):
         node.runs.run("http", ["web"], {}, "fake")
     assert len(runner.calls) == 1
+
+
+@pytest.fixture
+def early(node: NodeServices) -> EarlyFakeRunner:
+    return node.early  # type: ignore[attr-defined, no-any-return]
+
+
+def test_a_runner_that_starts_early_goes_on_only_once_the_hosts_said_yes(
+        node: NodeServices, early: EarlyFakeRunner) -> None:
+    record = node.runs.run("http", ["web"], {}, "early")
+    # Started before the hosts were asked, let go after: never the other way round.
+    assert early.log == [("start", 0), ("finish", 1)]
+    assert record["succeeded"] and len(early.calls) == 1
+
+
+def test_a_runner_that_started_early_is_ended_when_one_is_gone(
+        node: NodeServices, early: EarlyFakeRunner) -> None:
+    """The early start is cancelled before it logs in; the rest run as before, and what was
+    handed to the gone one is given back."""
+    node.gone = {container(2).id}  # type: ignore[attr-defined]
+    events: list[tuple[str, str, str]] = []
+    record = node.runs.run("http", ["web"], {}, "early", lambda *event: events.append(event))
+    assert [step for step, _ in early.log] == ["start", "cancel"]
+    [(_, targets, _)] = early.calls  # the later run, on what still runs
+    assert [t.container_id for t in targets] == [container(1).id]
+    assert record["hosts"][container(2).short_id]["status"] == "unreachable"
+    assert (container(2).short_id, "", "unreachable") in events
+    tracked = node.tracked.containers()
+    assert tracked[container(1).id].used_ports == [42011]
+    assert tracked[container(2).id].used_ports == []
+    # None left: the start is ended, one clear error, no record, nothing kept taken.
+    node.gone = {container(1).id, container(2).id}  # type: ignore[attr-defined]
+    early.log.clear()
+    with pytest.raises(P2PRCError, match="is gone.*and the other 1"):
+        node.runs.run("http", ["web"], {}, "early")
+    assert [step for step, _ in early.log] == ["start", "cancel"] and len(early.calls) == 1
+    assert node.runs.history.get("last") == record
+    assert len(list(node.runs.history.root.iterdir())) == 1
+    assert node.tracked.containers()[container(1).id].used_ports == [42011]  # its own run's
 
 
 def test_a_host_that_cannot_be_asked_marks_its_containers_unreachable(

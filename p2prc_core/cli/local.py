@@ -264,8 +264,7 @@ def version(node: CliContext, as_json: bool) -> None:
     except Exception as err:  # noqa: BLE001 - no engine, or another backend: say why
         engine = f"unavailable ({str(err).splitlines()[0][:300]})"
     found = {"p2prc": __version__, "python": platform.python_version(),
-             "docker engine": engine, "ansible-core": package("ansible-core"),
-             "ansible-runner": package("ansible-runner")}
+             "docker engine": engine, "ansible-core": package("ansible-core")}
     plugins_found = {i.name: i.version for i in node.hooks.plugin_info()}
     if as_json:
         print_json({**found, "plugins": plugins_found})

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from p2prc_core.cli.base import CliContext, ListingGroup, json_option, main, pass_node
-from p2prc_core.output import err_console, print_json, print_table
+from p2prc_core.output import get_console, print_json, print_table
 from p2prc_core.tasks import parse_variables
 from p2prc_core.text import clean, format_when
+
+if TYPE_CHECKING:  # Rich loads at the first event: a run's start-up does not wait for it
+    from rich.live import Live
+    from rich.table import Table
 
 # -- playbooks and runs --------------------------------------------------------------------------
 
@@ -82,21 +83,27 @@ def run_playbook(node: CliContext, playbook: str, targets: tuple[str, ...], pair
     progress = RunProgress()
     # Shown from the first event (an error before it is one line, not under a table), and
     # redrawn on each event rather than by a timer thread, which would hold up the end.
-    live = Live(console=err_console, auto_refresh=False)
+    shown: list[Live] = []
 
     def on_event(host: str, task: str, status: str) -> None:
         progress.update(host, task, status)
-        if not live.is_started:
-            live.start()
-        live.update(progress.table(), refresh=True)
+        if not shown:
+            from rich.live import Live
+
+            shown.append(Live(console=get_console(stderr=True), auto_refresh=False))
+            shown[0].start()
+        shown[0].update(progress.table(), refresh=True)
 
     try:
         record = node.services.runs.run(playbook, list(targets), parse_variables(pairs),
                                         runner, on_event, allow_local)
     finally:
-        live.stop()
+        if shown:
+            shown[0].stop()
     if record.get("note"):
-        err_console.print(Text(clean(record["note"])))
+        from rich.text import Text
+
+        get_console(stderr=True).print(Text(clean(record["note"])))
     if as_json:
         print_json(record)
     else:
@@ -119,6 +126,9 @@ class RunProgress:
             counts[0 if status in ("ok", "skipped") else 1] += 1
 
     def table(self) -> Table:
+        from rich.table import Table
+        from rich.text import Text
+
         table = Table(box=None, header_style="bold")
         for column in ("host", "state", "task", "done", "failed"):
             table.add_column(column)
