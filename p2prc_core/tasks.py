@@ -26,7 +26,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from p2prc_core import pids
 from p2prc_core.errors import P2PRCError, PeerError
@@ -562,10 +562,9 @@ class RunService:
                                  f"{', '.join(runners) or 'none'})")
             extravars = {**bundle.variables, **variables}
             private_key = self.private_key()
-            early = hasattr(runners[runner], "start")  # then it checks while that starts up
-            alive, gone = (containers, {}) if early else self._split_gone(containers)
             self._settle_killed()
-            handed, newly = self.tracked.reserve_ports(alive, bundle.ports, bundle.name)
+            early, alive, gone, (handed, newly) = self._take_ports(runners[runner], containers,
+                                                                   bundle)
             run_id, run_dir = self._open_record(bundle, variables, newly)
             targets = [RunTarget(name=c.short_id, container_id=c.id, address=c.host,
                                  port=c.ssh_port, user="root", private_key=private_key,
@@ -574,8 +573,9 @@ class RunService:
             started = time.time()
             try:
                 result, alive, gone = self._launch(
-                    runners[runner], bundle, containers, targets, gone, extravars, run_dir,
-                    on_event or (lambda host, task, status: None), not allow_local, newly)
+                    runners[runner], early, bundle, containers, targets, gone, extravars,
+                    run_dir, on_event or (lambda host, task, status: None), not allow_local,
+                    (run_id, newly))
             except NothingToRun:
                 self.tracked.release_ports(newly)
                 self.history.discard(run_id)
@@ -618,47 +618,62 @@ class RunService:
             raise
         return run_id, run_dir
 
-    def _launch(self, chosen: Runner, bundle: Bundle, containers: list[RemoteContainer],
-                targets: list[RunTarget], gone: dict[str, str], extravars: dict[str, Any],
-                run_dir: Path, event: Event, confined: bool,
-                newly: dict[str, list[dict[str, int]]]
+    def _take_ports(self, chosen: Runner, containers: list[RemoteContainer], bundle: Bundle
+                    ) -> tuple[bool, list[RemoteContainer], dict[str, str],
+                               tuple[dict[str, list[dict[str, int]]],
+                                     dict[str, list[dict[str, int]]]]]:
+        """Whether ``chosen`` starts early (before the check of its targets, ``_launch``),
+        the containers to run on and why the others are not, and their ports (handed, and
+        newly taken). A runner that cannot start early, or a container with too few ports
+        (it may be gone: the check says so), has the targets checked first."""
+        if hasattr(chosen, "start"):
+            try:
+                return True, containers, {}, self.tracked.reserve_ports(
+                    containers, bundle.ports, bundle.name)
+            except P2PRCError:
+                pass
+        alive, gone = self._split_gone(containers)
+        return False, alive, gone, self.tracked.reserve_ports(alive, bundle.ports, bundle.name)
+
+    def _launch(self, chosen: Runner, early: bool, bundle: Bundle,
+                containers: list[RemoteContainer], targets: list[RunTarget],
+                gone: dict[str, str], extravars: dict[str, Any], run_dir: Path, event: Event,
+                confined: bool, given: tuple[str, dict[str, list[dict[str, int]]]]
                 ) -> tuple[RunResult, list[RemoteContainer], dict[str, str]]:
         """Run on the targets; the result, the containers run on and why the others were
-        not. A runner that can start early (``EarlyRunner``) starts before the targets are
-        checked, and goes on once all still run; one that cannot, ran after the check."""
-        start = getattr(chosen, "start", None)
-        begun = start(bundle, targets, extravars, run_dir, event, confined=confined) \
-            if start else None
-        for target in targets:
-            event(target.name, "", "waiting")
-        alive = [c for c in containers if c.id not in gone]
+        not. ``early``: ``chosen`` (an ``EarlyRunner``) starts before the targets are
+        checked, goes on once all still run, and is ended, before it logged in anywhere,
+        when one is gone (the rest then run as with any runner: checked first)."""
+        begun = cast(EarlyRunner, chosen).start(bundle, targets, extravars, run_dir, event,
+                                                confined=confined) if early else None
+        try:
+            for target in targets:
+                event(target.name, "", "waiting")
+            if begun is not None:
+                alive, gone = self._split_gone(containers)
+        except BaseException:
+            if begun is not None:
+                begun.cancel()
+            raise
         if begun is not None:
-            result, alive, gone = self._checked(begun, containers, newly)
-            if result is not None:
-                return result, alive, gone
+            if not gone:
+                return begun.finish(), alive, gone
+            begun.cancel()
+            self._give_back(gone, *given)
             targets = [t for t in targets if t.container_id not in gone]
         for container in containers:
             if container.id in gone:
                 event(container.short_id, "", "unreachable")
+        alive = [c for c in containers if c.id not in gone]
         return chosen.run(bundle, targets, extravars, run_dir, event, confined=confined), \
             alive, gone
 
-    def _checked(self, begun: StartedRun, containers: list[RemoteContainer],
-                 newly: dict[str, list[dict[str, int]]]
-                 ) -> tuple[RunResult | None, list[RemoteContainer], dict[str, str]]:
-        """Check the targets while ``begun`` starts up: all still run, and it goes on (its
-        result); some are gone, and it is ended before it logged in anywhere (no result: the
-        caller runs the rest), the ports they were handed given back."""
-        try:
-            alive, gone = self._split_gone(containers)
-        except BaseException:
-            begun.cancel()
-            raise
-        if not gone:
-            return begun.finish(), alive, gone
-        begun.cancel()
+    def _give_back(self, gone: dict[str, str], run_id: str,
+                   newly: dict[str, list[dict[str, int]]]) -> None:
+        """The ports handed to containers found gone, given back, and off the run's record
+        (a run killed later must not give them back a second time)."""
         self.tracked.release_ports({cid: newly.pop(cid) for cid in gone if cid in newly})
-        return None, alive, gone
+        self.history.save(run_id, {**self.history.get(run_id), "ports_given": newly})
 
     def _settle_killed(self) -> None:
         """Give back the ports that runs killed mid-way were handed (they never ended to

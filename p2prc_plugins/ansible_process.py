@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,27 +81,34 @@ class Playbook:
         self.artifacts = run_dir / "artifacts"
         (self.artifacts / "job_events").mkdir(parents=True, exist_ok=True)
         argv = [binary, "-i", str(hosts), *(["--limit", limit] if limit else []),
-                "-e", f"@{variables}", "--forks", str(max(1, forks)), playbook]
+                "-e", f"@{variables}", "--forks", str(max(1, forks)), "--", playbook]
         (self.artifacts / "command").write_text(json.dumps({"command": argv,
                                                             "cwd": str(project)}))
         self.events = _Events(self.artifacts / "job_events", on_event)
         base = {**os.environ, **(env or {})}
-        child = {**base,
+        child = {**base, "ANSIBLE_STDOUT_CALLBACK": "p2prc_events",
                  "ANSIBLE_CALLBACK_PLUGINS": _joined(str(CALLBACKS),
                                                      base.get("ANSIBLE_CALLBACK_PLUGINS"),
-                                                     os.pathsep),
-                 "ANSIBLE_CALLBACKS_ENABLED": _joined("p2prc_events",
-                                                      base.get("ANSIBLE_CALLBACKS_ENABLED"), ",")}
-        self.read_end, write_end = os.pipe()
-        gate_read, self.gate = os.pipe() if gated else (-1, -1)
-        passed = (write_end, gate_read) if gated else (write_end,)
-        child["P2PRC_EVENTS_FD"] = str(write_end)
-        child["P2PRC_GATE_FD"] = str(gate_read) if gated else ""
+                                                     os.pathsep)}
+        self.read_end = self.gate = -1
+        passed: list[int] = []
         try:
+            self.read_end, write_end = os.pipe()
+            passed.append(write_end)
+            child["P2PRC_EVENTS_FD"] = str(write_end)
+            child["P2PRC_GATE_FD"] = ""
+            if gated:
+                gate_read, self.gate = os.pipe()
+                passed.append(gate_read)
+                child["P2PRC_GATE_FD"] = str(gate_read)
             with open(self.artifacts / "stdout", "wb") as output:
+                # A session of its own: a Ctrl-C at p2prc's terminal is p2prc's to pass on
+                # (``_stop``), once, and a kill of p2prc's group leaves it to see its pipe
+                # broken and end.
                 self.proc = subprocess.Popen(argv, cwd=project, stdin=subprocess.DEVNULL,
                                              stdout=output, stderr=subprocess.STDOUT,
-                                             pass_fds=passed, env=child)
+                                             pass_fds=passed, env=child,
+                                             start_new_session=True)
         except BaseException:
             self._close()
             raise
@@ -121,23 +129,25 @@ class Playbook:
     def wait(self) -> PlaybookEnd:
         """Hand on its results until it ends (an exception, a Ctrl-C, stops it: SIGINT, then
         a kill after ``_STOP_SECONDS``, and the exception goes on)."""
-        self.go()
         try:
+            self.go()
             stats = self.events.read(self.read_end, self.proc)
             rc = self.proc.wait()
         except BaseException:
-            _stop(self.proc)
+            _stop(self.proc, self.read_end)
             raise
         finally:
             self._close()
-        (self.artifacts / "rc").write_text(str(rc))
+            if self.proc.returncode is not None:
+                (self.artifacts / "rc").write_text(str(self.proc.returncode))
         return PlaybookEnd(rc, stats, self.artifacts / "stdout",
                            _last_line(self.artifacts / "stdout"))
 
     def cancel(self) -> None:
-        """End it; gated and not let go, it has logged in nowhere."""
+        """End it; gated and not let go, it has logged in nowhere (and has no workers)."""
         try:
-            self.proc.kill()
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.wait()
         finally:
             self._close()
@@ -225,16 +235,34 @@ def _stats(data: Any) -> dict[str, dict[str, int]]:
     return found
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Ask Ansible to end its play, as a Ctrl-C at its terminal does; kill it if it does not
-    within ``_STOP_SECONDS``, or at a second Ctrl-C."""
+def _stop(proc: subprocess.Popen[bytes], events: int) -> None:
+    """End Ansible: SIGINT, as a Ctrl-C at its terminal (it ends its play), then SIGTERM (its
+    workers, each in a session of its own, get it from it), then SIGKILL; meanwhile what it
+    still says is read and dropped, so a full pipe holds nothing up. A second Ctrl-C goes
+    straight to the kill."""
     try:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(_STOP_SECONDS)
-    except BaseException:  # the time ran out, or a second Ctrl-C (the first goes on)
+        for signal_number, seconds in ((signal.SIGINT, _STOP_SECONDS), (signal.SIGTERM, 2.0)):
+            if proc.poll() is not None:
+                return
+            proc.send_signal(signal_number)
+            _drain_until_ended(proc, events, seconds)
+    except BaseException:  # noqa: BLE001 - a second Ctrl-C: the first one goes on
+        pass
+    if proc.poll() is None:
         proc.kill()
-        proc.wait()
+    proc.wait()
+
+
+def _drain_until_ended(proc: subprocess.Popen[bytes], fd: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    with selectors.DefaultSelector() as selector:
+        if fd >= 0:
+            selector.register(fd, selectors.EVENT_READ)
+        while proc.poll() is None and (left := deadline - time.monotonic()) > 0:
+            if not selector.get_map():
+                time.sleep(min(left, 0.05))
+            elif selector.select(min(left, 0.1)) and not os.read(fd, 1 << 16):
+                selector.unregister(fd)  # every writer gone: only the exit is left
 
 
 def _private(path: Path, text: str) -> Path:

@@ -228,3 +228,56 @@ def test_a_stream_cut_mid_line_loses_only_that_line(tmp_path: Path) -> None:
 def test_an_end_without_a_recap_is_an_end(tmp_path: Path) -> None:
     end = PlaybookEnd(4)
     assert end.stats == {} and end.last_line == ""
+
+
+# -- the callback fails closed ------------------------------------------------------------------
+
+def by_hand(tmp_path: Path, site: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """ansible-playbook with p2prc's callback, as ``Playbook`` starts it, but with ``env``."""
+    folder = project(tmp_path, site)
+    (tmp_path / "hosts.json").write_text(json.dumps(LOCAL))
+    return subprocess.run(
+        [ansible_process.ansible_playbook(), "-i", str(tmp_path / "hosts.json"), "site.yml"],
+        cwd=folder, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "ANSIBLE_STDOUT_CALLBACK": "p2prc_events",
+             "ANSIBLE_CALLBACK_PLUGINS": str(ansible_process.CALLBACKS), **env})
+
+
+@pytest.mark.ansible
+@pytest.mark.parametrize("events, gate", [
+    ("999", ""),  # no such descriptor: the callback cannot load
+    ("1", "999"),  # a gate that is not there
+    ("1", "x"),  # a gate that is not a descriptor
+])
+def test_a_callback_that_cannot_hold_the_play_ends_it_before_any_task(
+        tmp_path: Path, events: str, gate: str) -> None:
+    needs_ansible()
+    marker = tmp_path / "ran"
+    done = by_hand(tmp_path, touching(marker), P2PRC_EVENTS_FD=events, P2PRC_GATE_FD=gate)
+    assert done.returncode != 0 and not marker.exists(), done.stdout + done.stderr
+    if gate:
+        assert done.returncode == 75
+
+
+@pytest.mark.ansible
+def test_ansible_ends_when_p2prc_is_gone(tmp_path: Path) -> None:
+    """p2prc killed mid-play (its end of the pipe closed): Ansible ends at its next result,
+    as it did when its terminal hung up, and runs no further task."""
+    needs_ansible()
+    first, second = tmp_path / "first", tmp_path / "second"
+    site = touching(first, f"    - ansible.builtin.file: path={second} state=touch\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [ansible_process.ansible_playbook(), "-i", "localhost,", "-c", "local", "site.yml"],
+            cwd=project(tmp_path, site), capture_output=True, text=True, timeout=300,
+            pass_fds=(write_end,),
+            env={**os.environ, "ANSIBLE_STDOUT_CALLBACK": "p2prc_events",
+                 "ANSIBLE_CALLBACK_PLUGINS": str(ansible_process.CALLBACKS),
+                 "P2PRC_EVENTS_FD": str(write_end),
+                 "ANSIBLE_PYTHON_INTERPRETER": sys.executable})
+    finally:
+        os.close(write_end)
+    assert done.returncode == 75, done.stdout + done.stderr
+    assert first.exists() and not second.exists()

@@ -62,6 +62,12 @@ class EarlyFakeRunner(FakeRunner):
         super().__init__()
         self.asked = asked  # the hosts' answers, as the test's check_alive records them
         self.log: list[tuple[str, int]] = []
+        self.records: list[dict[str, Any]] = []
+
+    def run(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
+            run_dir: Path, on_event: Event, confined: bool = True) -> RunResult:
+        self.records.append(json.loads((run_dir / "run.json").read_text()))  # as it ran
+        return super().run(bundle, targets, extravars, run_dir, on_event, confined)
 
     def start(self, bundle: Bundle, targets: list[RunTarget], extravars: dict[str, Any],
               run_dir: Path, on_event: Event, confined: bool = True) -> Any:
@@ -265,6 +271,8 @@ def test_a_runner_that_started_early_is_ended_when_one_is_gone(
     tracked = node.tracked.containers()
     assert tracked[container(1).id].used_ports == [42011]
     assert tracked[container(2).id].used_ports == []
+    # What it gave back is off the record at once: a kill now would not give it back again.
+    assert list(early.records[0]["ports_given"]) == [container(1).id]
     # None left: the start is ended, one clear error, no record, nothing kept taken.
     node.gone = {container(1).id, container(2).id}  # type: ignore[attr-defined]
     early.log.clear()
@@ -274,6 +282,33 @@ def test_a_runner_that_started_early_is_ended_when_one_is_gone(
     assert node.runs.history.get("last") == record
     assert len(list(node.runs.history.root.iterdir())) == 1
     assert node.tracked.containers()[container(1).id].used_ports == [42011]  # its own run's
+
+
+def test_a_runner_started_early_is_ended_when_the_caller_stops(
+        node: NodeServices, early: EarlyFakeRunner) -> None:
+    """A Ctrl-C (or an error in the caller's progress display) before the hosts answered:
+    the early start is ended, never left waiting."""
+    def interrupt(*event: Any) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        node.runs.run("http", ["web"], {}, "early", interrupt)
+    assert [step for step, _ in early.log] == ["start", "cancel"] and not early.calls
+    assert all(c.used_ports == [] for c in node.tracked.containers().values())
+    assert node.runs.history.get("last")["state"] == "failed"
+
+
+def test_a_container_short_of_ports_is_checked_before_anything_starts(
+        node: NodeServices, early: EarlyFakeRunner) -> None:
+    """Too few ports left on one (it may be gone): no early start; the check comes first,
+    and a gone one is reported as such, the rest run."""
+    short = container(3, extra_ports=0)
+    node.tracked.add(short)
+    node.gone = {short.id}  # type: ignore[attr-defined]
+    record = node.runs.run("http", [container(1).id, short.id], {}, "early")
+    assert early.log == []  # not started early
+    assert [t.container_id for t in early.calls[0][1]] == [container(1).id]
+    assert f"{short.short_id} is gone" in record["hosts"][short.short_id]["message"]
 
 
 def test_a_host_that_cannot_be_asked_marks_its_containers_unreachable(
