@@ -20,6 +20,7 @@ from typing import IO, Any, BinaryIO, cast
 from p2prc_core import exec_frames as fr
 from p2prc_core.archive import ArchiveError, Input, Output, pack, safe_extract
 from p2prc_core.errors import P2PRCError, PeerRefused
+from p2prc_core.handoff import Handoff
 from p2prc_core.identity import NodeIdentity
 from p2prc_core.job_scripts import (
     MISSING,
@@ -56,10 +57,11 @@ class Target:
     secure: bool = True
 
 
-Write = Callable[[bytes | memoryview], None]
+Write = Callable[[bytes | memoryview], object]
 
 
-async def _run(target: Target, argv: list[str], stdin_fd: int | None, out: Write, err: Write,
+async def _run(target: Target, argv: list[str], stdin_fd: int | Handoff | None, out: Write,
+               err: Write,
                opened: Callable[[BaseException | None], None],
                stopper: Callable[[Callable[[], None]], None], remove: bool = False,
                feeders: list[threading.Thread] | None = None,
@@ -159,21 +161,29 @@ async def _closed(reader: asyncio.StreamReader, most: float) -> None:
         return
 
 
-def _feed(fd: int, writer: asyncio.StreamWriter, loop: asyncio.AbstractEventLoop
-          ) -> threading.Thread:
-    """Our stdin (``fd``) to the command, in a thread of its own: a daemon, which a stdin
-    nobody closes never holds up our exit. Each frame waits for room (back pressure)."""
+def _feed(source: int | Handoff, writer: asyncio.StreamWriter,
+          loop: asyncio.AbstractEventLoop) -> threading.Thread:
+    """Our stdin (``source``: a descriptor, or what this process hands over) to the command,
+    in a thread of its own: a daemon, which a stdin nobody closes never holds up our exit.
+    Each frame waits for room (back pressure). A handoff is closed when the stream ends, so
+    its writer stops at once."""
     async def send(data: bytes) -> None:
         writer.write(data)
         await writer.drain()
 
+    read = source.read if isinstance(source, Handoff) else \
+        (lambda size: os.read(source, size))
+
     def carry() -> None:
         try:
-            while data := os.read(fd, fr.MAX_PAYLOAD // 4):
+            while data := read(fr.MAX_PAYLOAD // 4):
                 asyncio.run_coroutine_threadsafe(send(fr.frame(fr.STDIN, data)), loop).result()
             asyncio.run_coroutine_threadsafe(send(fr.frame(fr.STDIN_END)), loop).result()
         except (OSError, RuntimeError, ConnectionError):
             pass  # the stream ended first
+        finally:
+            if isinstance(source, Handoff):
+                source.close()
 
     thread = threading.Thread(target=carry, daemon=True)
     thread.start()
@@ -193,9 +203,9 @@ class StreamProc:
     ``Executor`` uses: ``stdout``/``stderr`` (pipes, when asked), ``poll``, ``wait``,
     ``kill``, ``returncode``. Made once the stream stands (else it raises)."""
 
-    def __init__(self, target: Target, argv: list[str], stdin_fd: int | None = None,
+    def __init__(self, target: Target, argv: list[str], stdin_fd: int | Handoff | None = None,
                  out_fd: int | None = 1, err_fd: int | None = 2, piped: bool = False,
-                 remove: bool = False):
+                 remove: bool = False, handed: bool = False):
         self.returncode: int | None = None
         self.lost = True  # no exit code came (yet): the connection, not the command
         self.feeders: list[threading.Thread] = []  # what reads stdin_fd, once it started
@@ -205,11 +215,19 @@ class StreamProc:
         self.stderr: IO[bytes] | None = None
         self.failure: BaseException | None = None
         ends: list[int] = []
+        handoff = Handoff() if piped and handed else None  # stdout with no pipe: ``fetch``
         if piped:
-            (r_out, out_fd), (r_err, err_fd) = _wide_pipe(), os.pipe()
-            self.stdout, self.stderr = open(r_out, "rb", 0), open(r_err, "rb", 0)
-            ends = [out_fd, err_fd]
-        out = _writer(out_fd) if out_fd is not None else (lambda _: None)
+            r_err, err_fd = os.pipe()
+            self.stderr = open(r_err, "rb", 0)
+            ends = [err_fd]
+            if handoff is not None:
+                self.stdout, out_fd = cast(IO[bytes], handoff), None
+            else:
+                r_out, out_fd = _wide_pipe()
+                self.stdout = open(r_out, "rb", 0)
+                ends.append(out_fd)
+        out: Write = handoff.write if handoff is not None else \
+            _writer(out_fd) if out_fd is not None else (lambda _: None)
         err = _writer(err_fd) if err_fd is not None else (lambda _: None)
         self._done = threading.Event()
         self._stop: Callable[[], None] = lambda: None
@@ -243,6 +261,8 @@ class StreamProc:
             finally:
                 for end in ends:
                     os.close(end)
+                if handoff is not None:
+                    handoff.end()
                 self._done.set()
 
         threading.Thread(target=main, daemon=True).start()
@@ -323,27 +343,33 @@ class StreamShell:
         if not inputs:
             done = self.quick(remote)
         else:
-            read_end, write_end = _wide_pipe()
+            source = Handoff()  # the archive, packed here, to the stream's thread: no pipe
             proc, code = None, LOST
             try:
-                proc = StreamProc(self.target, _sh(remote), read_end, piped=True)
+                proc = StreamProc(self.target, _sh(remote), source, piped=True)
                 assert proc.stderr is not None and proc.stdout is not None
                 said, _ = _Drained(proc.stderr), _Drained(proc.stdout)
-                with open(write_end, "wb", closefd=False) as sink:
-                    try:
-                        pack(inputs, cast(BinaryIO, sink))
-                    except BrokenPipeError:
-                        pass  # the exit code and stderr say why
+                try:
+                    pack(inputs, cast(BinaryIO, source))
+                except BrokenPipeError:
+                    pass  # the stream ended first: the exit code and stderr say why
             finally:
-                os.close(write_end)  # the end of the inputs (cut short, on an error)
+                source.end()  # the end of the inputs (cut short, on an error)
                 if proc is not None:
                     code = proc.wait()
-                    for feeder in proc.feeders:  # at the pipe's end now: it stops at once
+                    for feeder in proc.feeders:  # at the end of its input now: it stops
                         feeder.join(10)
-                os.close(read_end)
+                source.close()
             done = subprocess.CompletedProcess([], code, b"", said.result())
         if done.returncode != 0:
             text = clean(done.stderr.decode(errors="replace").strip()[-300:], 300)
+            if not text:  # no word from tar: the stream, or the container, ended first
+                raise P2PRCError(
+                    "the inputs did not get into the container: " + (
+                        "its stream ended first (the container was removed, or its host "
+                        "stopped answering)" if done.returncode == LOST else
+                        f"the unpacking ended with exit {done.returncode} (the container "
+                        f"was stopped, or ran out of memory)"))
             raise P2PRCError(f"the inputs could not be unpacked in the container ({text})")
 
     def start(self, script: str, tty: bool, piped: bool, remove: bool = False) -> StreamProc:
@@ -366,7 +392,8 @@ class StreamShell:
             not be read.
         """
         remote, name = fetch_script(output.remote)
-        proc = StreamProc(self.target, _sh(remote), None, piped=True, remove=remove)
+        proc = StreamProc(self.target, _sh(remote), None, piped=True, remove=remove,
+                          handed=True)
         try:
             return self._extract(proc, output, max_bytes, name)
         finally:

@@ -189,6 +189,36 @@ def test_ctrl_c_while_the_inputs_upload_stops_and_removes_the_container(
 
 @pytest.mark.docker
 @pytest.mark.integration
+def test_a_container_killed_by_its_host_during_the_upload_ends_the_exec(
+        tmp_path: Path, host: LiveServer, engine: Any) -> None:
+    """The host's person kills the container while its inputs are sent: the exec says the
+    inputs did not get there and ends, within seconds (it waited forever before: the archive
+    was packed into a pipe that nobody read any more)."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as out:
+        out.truncate(2 << 30)
+    proc = subprocess.Popen([P2PRC, "exec", "--on", host.peer(), "--memory", "3G", "-i",
+                             str(big), "--", "sh", "-c", "echo ran"], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            env={**os.environ, "P2PRC_HOME": str(tmp_path / "me")})
+    deadline = time.monotonic() + 60
+    while not (ours(engine, host) and jobs(tmp_path)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    [container] = ours(engine, host)
+    killed = subprocess.run([P2PRC, "server", "containers", "kill", container[:12]],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "P2PRC_HOME": str(host.home)})
+    assert killed.returncode == 0, killed.stderr
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and b"ran" not in out, (out, err)
+    assert b"the inputs did not get into the container" in err, err
+    assert none_left(engine, host) == []
+
+
+@pytest.mark.docker
+@pytest.mark.integration
 def test_a_second_ctrl_c_kills_a_command_that_ignores_the_first(
         tmp_path: Path, host: LiveServer, engine: Any) -> None:
     proc = exec_started(tmp_path, host, "trap '' INT; echo started; sleep 60")
