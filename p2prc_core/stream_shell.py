@@ -9,6 +9,7 @@ job goes over SSH (``NoExecRoute``). A command on a terminal (a TTY) goes over S
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import subprocess
 import threading
@@ -179,7 +180,7 @@ def _feed(source: int | Handoff, writer: asyncio.StreamWriter,
             while data := read(fr.MAX_PAYLOAD // 4):
                 asyncio.run_coroutine_threadsafe(send(fr.frame(fr.STDIN, data)), loop).result()
             asyncio.run_coroutine_threadsafe(send(fr.frame(fr.STDIN_END)), loop).result()
-        except (OSError, RuntimeError, ConnectionError):
+        except (OSError, RuntimeError, ConnectionError, concurrent.futures.CancelledError):
             pass  # the stream ended first
         finally:
             if isinstance(source, Handoff):
@@ -263,6 +264,8 @@ class StreamProc:
                     os.close(end)
                 if handoff is not None:
                     handoff.end()
+                if isinstance(stdin_fd, Handoff):  # its writer stops, fed or not
+                    stdin_fd.close()
                 self._done.set()
 
         threading.Thread(target=main, daemon=True).start()
@@ -298,6 +301,24 @@ class StreamProc:
             self._stop()
         except RuntimeError:
             pass  # its loop closed meanwhile: it ended by itself
+
+
+def _not_taken(inputs: bool, code: int, said: bytes) -> P2PRCError:
+    """Why the container did not take the inputs (or make the work folder): what the
+    command said, else what its exit code tells."""
+    what = "the inputs could not be unpacked in the container" if inputs else \
+        "the work folder could not be made in the container"
+    text = clean(said.decode(errors="replace").strip()[-300:], 300)
+    if text:
+        return P2PRCError(f"{what} ({text})")
+    if code == LOST:  # no exit code came
+        why = ("its stream ended before it was done: the container removed, or the "
+               "connection to its host lost")
+    elif code >= 128:
+        why = f"it was ended by signal {code - 128} (the container stopped, or out of memory)"
+    else:
+        why = f"it ended with exit {code} and said nothing"
+    return P2PRCError(f"{what}: {why}")
 
 
 def _sh(line: str) -> list[str]:
@@ -362,15 +383,7 @@ class StreamShell:
                 source.close()
             done = subprocess.CompletedProcess([], code, b"", said.result())
         if done.returncode != 0:
-            text = clean(done.stderr.decode(errors="replace").strip()[-300:], 300)
-            if not text:  # no word from tar: the stream, or the container, ended first
-                raise P2PRCError(
-                    "the inputs did not get into the container: " + (
-                        "its stream ended first (the container was removed, or its host "
-                        "stopped answering)" if done.returncode == LOST else
-                        f"the unpacking ended with exit {done.returncode} (the container "
-                        f"was stopped, or ran out of memory)"))
-            raise P2PRCError(f"the inputs could not be unpacked in the container ({text})")
+            raise _not_taken(bool(inputs), done.returncode, done.stderr)
 
     def start(self, script: str, tty: bool, piped: bool, remove: bool = False) -> StreamProc:
         """The command, running, its output on ours or (``piped``) in pipes for a Sink; our
@@ -407,8 +420,10 @@ class StreamShell:
         try:
             written = safe_extract(cast(BinaryIO, proc.stdout), output.local, max_bytes,
                                    only=name)
-        except (ArchiveError, OSError, EOFError) as error:
+        except BaseException as error:
             proc.stdout.close()  # what the host still sends goes nowhere: its end
+            if not isinstance(error, ArchiveError | OSError | EOFError):
+                raise  # a Ctrl-C, say: the stream's thread is not left waiting on us
             if _ended(proc) == MISSING:
                 raise P2PRCError(f"{output.remote} is not there: the command did not "
                                  f"make it (-o)") from None

@@ -36,16 +36,19 @@ def test_a_block_read_whole_is_not_copied() -> None:
 
 
 def test_the_writer_waits_for_room_and_goes_on_once_there_is() -> None:
-    handoff = Handoff(held=10)
-    handoff.write(b"x" * 10)
+    handoff = Handoff(held=8192)
+    handoff.write(b"x" * 8192)
     wrote = threading.Event()
     thread = threading.Thread(target=lambda: (handoff.write(b"y"), wrote.set()), daemon=True)
     thread.start()
     thread.join(0.2)
-    assert not wrote.is_set()  # held: 10 bytes wait
-    assert handoff.read(4) == b"xxxx"
+    assert not wrote.is_set()  # held: 8 KiB wait
+    assert handoff.read(4096) == b"x" * 4096
+    thread.join(0.2)
+    assert not wrote.is_set()  # a block frees its room once read whole
+    assert handoff.read(4096) == b"x" * 4096
     wait_for(wrote.is_set, 10, "the write once there was room")
-    assert handoff.read(-1) == b"xxxxxxy"
+    assert handoff.read(-1) == b"y"
 
 
 def test_a_reader_that_stops_stops_a_waiting_writer() -> None:
@@ -80,3 +83,35 @@ def test_a_reader_waits_until_the_writer_ends() -> None:
     handoff.end()
     thread.join(10)
     assert got == [b""]
+
+
+def test_a_read_of_nothing_is_answered_at_once() -> None:
+    """As a pipe's: gzip asks for 0 bytes at times (an empty extra field a host may send)."""
+    handoff = Handoff()
+    assert handoff.read(0) == b""  # nothing written yet: no wait
+    handoff.write(b"abc")
+    assert handoff.read(0) == b"" and handoff.read(3) == b"abc"
+
+
+def test_tiny_blocks_cannot_hold_much_more_than_the_limit() -> None:
+    """A host that sends one byte a frame: each block counts as at least 1 KiB, so the
+    writer waits after about held / 1 KiB of them, not after a million."""
+    handoff = Handoff(held=64 << 10)
+    written = 0
+
+    def write() -> None:
+        nonlocal written
+        try:
+            while True:
+                handoff.write(b"x")
+                written += 1
+        except BrokenPipeError:
+            pass  # the reader closed: the end
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    wait_for(lambda: written >= 64, 10, "64 writes")
+    thread.join(0.3)  # it waits for room now
+    assert 64 <= written <= 65
+    assert handoff.read(-1) == b"x" * written
+    handoff.close()
