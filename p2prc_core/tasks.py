@@ -737,7 +737,7 @@ class RunService:
         if not alive:
             reasons = [gone[c.id] for c in containers]
             raise NothingToRun(reasons[0] + (f" (and the other {len(reasons) - 1} cannot be "
-                                           f"run on either)" if len(reasons) > 1 else ""))
+                                             f"run on either)" if len(reasons) > 1 else ""))
         return alive, gone
 
 
