@@ -231,7 +231,7 @@ class Client(threading.Thread):
         self.killed = False
         self.lock = threading.Lock()
         self.idle = threading.Event()  # set between commands
-        self.unsure: set[str] = set()  # containers whose rm, or whose exec, was killed: the
+        self.unsure: set[str] = set()  # containers whose rm was killed, or whose exec failed: the
         # host may have removed them before the client could forget them; removed again (as
         # a user would), never run on
 
@@ -288,7 +288,9 @@ class Client(threading.Thread):
                                   self.killed)
             if op == "rm":
                 (self.unsure.add if self.killed else self.unsure.discard)(args[1])
-            elif op.startswith("exec") and self.killed:  # its host may remove what it made
+            elif op.startswith("exec") and code != 0:  # killed, or cut off by a fault: its
+                # host may remove what it made (a command with no outputs is removed once it
+                # ends, whether or not its caller still listens)
                 self.unsure.update(i[:12] for i in set(self.tracked()) - before)
 
     def choose(self) -> tuple[str, list[str]]:

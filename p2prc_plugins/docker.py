@@ -346,17 +346,7 @@ class DockerBackend:
             raise _unavailable(err) from None
 
     def remove(self, container_id: str) -> None:
-        docker = _docker()
-        try:
-            self.client.containers.get(container_id).remove(force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as err:
-            raise ContainerError(500, "Engine refused",
-                                 f"Docker could not remove {container_id[:12]}: "
-                                 f"{err.explanation}") from None
-        except _gone() as err:
-            raise _unavailable(err) from None
+        remove_container(self.client, container_id)
 
     def containers(self) -> list[BackendContainer]:
         try:
@@ -433,6 +423,42 @@ class DockerBackend:
     def build_image(self, tag: str, from_debootstrap: bool, force: bool,
                     say: Callable[[str], None]) -> bool:
         return build_image(tag, from_debootstrap, force, say)
+
+
+REMOVAL_WAIT = 30.0  # seconds a removal waits for one already under way elsewhere
+
+
+def remove_container(client: Any, container_id: str, wait: float = REMOVAL_WAIT) -> None:
+    """Remove the container (gone already: done). One that another removal is taking away
+    (the host's ``server containers kill``, the reaper, ``docker rm``) is waited for: its end
+    is this one's, not an error.
+
+    :raises ContainerError: the engine refused, or that removal did not end within ``wait``.
+    """
+    docker = _docker()
+    try:
+        client.containers.get(container_id).remove(force=True)
+        return
+    except docker.errors.NotFound:
+        return
+    except docker.errors.APIError as err:
+        if err.status_code != 409 or "in progress" not in str(err.explanation):
+            raise ContainerError(500, "Engine refused",
+                                 f"Docker could not remove {container_id[:12]}: "
+                                 f"{err.explanation}") from None
+    except _gone() as err:
+        raise _unavailable(err) from None
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            client.containers.get(container_id)
+        except docker.errors.NotFound:
+            return
+        except _gone() as err:
+            raise _unavailable(err) from None
+        time.sleep(0.1)
+    raise ContainerError(500, "Engine refused", f"Docker is still removing "
+                                                f"{container_id[:12]} after {wait:g} s.")
 
 
 def limits_environment(spec: ContainerSpec) -> dict[str, str]:
