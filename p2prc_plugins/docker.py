@@ -454,6 +454,10 @@ def remove_container(client: Any, container_id: str, wait: float = REMOVAL_WAIT)
             client.containers.get(container_id)
         except docker.errors.NotFound:
             return
+        except docker.errors.APIError as err:
+            raise ContainerError(500, "Engine refused",
+                                 f"Docker could not say whether {container_id[:12]} is "
+                                 f"removed: {err.explanation}") from None
         except _gone() as err:
             raise _unavailable(err) from None
         time.sleep(0.1)

@@ -36,6 +36,13 @@ def project(tmp_path: Path, site: str) -> Path:
     return folder
 
 
+def gated(tmp_path: Path, marker: Path, run_dir: Path,
+          on_event: Any = lambda event: None) -> Playbook:
+    """A play that touches ``marker``, started and held at its gate."""
+    return Playbook(project(tmp_path, touching(marker)), "site.yml", LOCAL, {}, run_dir,
+                    on_event, gated=True)
+
+
 def at_the_gate(pid: int) -> bool:
     """The process is blocked reading the gate's pipe (the descriptor in its P2PRC_GATE_FD)."""
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -87,8 +94,7 @@ def test_a_play_hands_on_each_result_as_it_comes_and_keeps_its_artifacts(tmp_pat
 def test_a_gated_play_logs_in_nowhere_until_it_is_let_go(tmp_path: Path) -> None:
     needs_ansible()
     marker = tmp_path / "ran"
-    held = Playbook(project(tmp_path, touching(marker)), "site.yml", LOCAL, {}, tmp_path / "a",
-                    lambda event: None, gated=True)
+    held = gated(tmp_path, marker, tmp_path / "a")
     try:  # it read the playbook and the inventory, and waits at the gate:
         wait_for(lambda: at_the_gate(held.proc.pid), 120, "ansible-playbook at its gate")
         assert not marker.exists()
@@ -97,9 +103,7 @@ def test_a_gated_play_logs_in_nowhere_until_it_is_let_go(tmp_path: Path) -> None
     assert held.proc.returncode is not None and not marker.exists()
 
     events: list[dict[str, Any]] = []
-    held = Playbook(project(tmp_path, touching(marker)), "site.yml", LOCAL, {}, tmp_path / "b",
-                    events.append, gated=True)
-    end = held.wait()  # lets it go
+    end = gated(tmp_path, marker, tmp_path / "b", events.append).wait()  # lets it go
     assert end.rc == 0 and marker.exists() and events[0]["event"] == "runner_on_ok"
 
 
@@ -108,8 +112,7 @@ def test_a_play_whose_gate_closes_without_a_word_ends_before_any_task(tmp_path: 
     """p2prc killed while Ansible waits at the gate: Ansible ends there, having run nothing."""
     needs_ansible()
     marker = tmp_path / "ran"
-    held = Playbook(project(tmp_path, touching(marker)), "site.yml", LOCAL, {}, tmp_path / "run",
-                    lambda event: None, gated=True)
+    held = gated(tmp_path, marker, tmp_path / "run")
     os.close(held.gate)  # the write end gone, as when p2prc dies
     held.gate = -1
     end = held.wait()

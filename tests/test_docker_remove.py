@@ -23,12 +23,18 @@ def api_error(status: int, explanation: str) -> docker.errors.APIError:
 
 class Engine:
     """The SDK's ``containers`` as the engine answers while another removal runs: the
-    container is there for ``left`` more looks, then gone."""
+    container is there for ``left`` more looks, then gone (or, with ``looking``, each look
+    after the first fails so)."""
 
-    def __init__(self, refusal: docker.errors.APIError, left: int) -> None:
-        self.refusal, self.left, self.containers = refusal, left, self
+    def __init__(self, refusal: docker.errors.APIError, left: int,
+                 looking: docker.errors.APIError | None = None) -> None:
+        self.refusal, self.left, self.looking, self.containers = refusal, left, looking, self
+        self.looks = 0
 
     def get(self, container_id: str) -> Any:
+        self.looks += 1
+        if self.looking is not None and self.looks > 1:
+            raise self.looking
         if self.left <= 0:
             raise docker.errors.NotFound("gone")
         self.left -= 1
@@ -51,6 +57,12 @@ def test_a_removal_elsewhere_that_never_ends_is_an_error_in_time() -> None:
     with pytest.raises(ContainerError, match="still removing abcabcabcabc after 0.3 s"):
         remove_container(Engine(api_error(409, IN_PROGRESS), left=10**6), "abc" * 21 + "d",
                          wait=0.3)
+
+
+def test_an_engine_that_fails_while_the_other_removal_runs_is_a_clear_error() -> None:
+    engine = Engine(api_error(409, IN_PROGRESS), left=10, looking=api_error(500, "disk I/O"))
+    with pytest.raises(ContainerError, match="whether abcabcabcabc is removed: disk I/O"):
+        remove_container(engine, "abc" * 21 + "d")
 
 
 @pytest.mark.parametrize("status, said", [(409, "You cannot remove a running container"),
